@@ -1,0 +1,36 @@
+"""The sidecar's exceptions. Foreign exceptions are translated at the boundary into the most specific one here.
+
+    SidecarError
+    ├── ConfigError          the config file is unusable; `.errors` holds every `FILE:LINE: key.path: message`
+    ├── StoreError           a store operation failed
+    │   └── StoreUnavailable Redis/Valkey cannot be reached or timed out (→ 503 store_unavailable, fail closed)
+    └── EmbeddedStoreError   the bundled Valkey could not be started
+
+Signature failures are not here: they belong to the providers (`sidecar.providers.base.VerificationError`).
+"""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    """Base of every error the sidecar raises on purpose."""
+
+
+class ConfigError(SidecarError):
+    """Raised by `config.load` when the file has errors; every error is listed, not only the first."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class StoreError(SidecarError):
+    """Raised by `store` when a Redis command or script fails for a reason other than reachability."""
+
+
+class StoreUnavailable(StoreError):
+    """Raised by `store` when Redis cannot be reached or does not answer in time."""
+
+
+class EmbeddedStoreError(SidecarError):
+    """Raised when `redis.url: embedded` cannot start the bundled Valkey server."""
