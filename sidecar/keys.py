@@ -1,0 +1,68 @@
+"""Every Redis key name the sidecar uses, built here and nowhere else.
+
+Layout (`P` is `redis.prefix`, `s` the shard number):
+
+    P:{s}:ev:<route>:<dedupe id>   HASH   one event: claim + stored request + attempt history
+    P:{s}:sched                    ZSET   the shard's retry schedule; member `<route>:<dedupe id>`,
+                                          score = due time (ms), or lease deadline while in flight
+    P:{dlq}:items                  ZSET   every dead letter, score = dead_at (ms)
+    P:{dlq}:data                   HASH   dead-letter id -> item JSON (route, event, history, …)
+    P:{dlq}:body                   HASH   dead-letter id -> raw body bytes
+    P:{dlq}:r:<route>              ZSET   the route's dead letters, score = dead_at (ms)
+    P:{dlq}:evicted                HASH   route -> dead letters evicted by the cap (a counter)
+
+Why the braces: every multi-key script touches keys of one hash tag only, so the same scripts run on a single
+Redis and on a Redis/Valkey Cluster. The shard of an event is a stable hash of (route, dedupe id), so its claim,
+its payload and its schedule entry always share a slot. Route names are `[a-z0-9_-]+` (validated in config), so
+the first `:` after the route in a schedule member separates it from the dedupe id, which may contain anything.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    prefix: str
+    shards: int
+
+    def shard_of(self, route: str, dedupe_id: str) -> int:
+        return zlib.crc32(f"{route}\x00{dedupe_id}".encode()) % self.shards
+
+    def member(self, route: str, dedupe_id: str) -> str:
+        return f"{route}:{dedupe_id}"
+
+    def event(self, shard: int, member: str) -> str:
+        return f"{self.prefix}:{{{shard}}}:ev:{member}"
+
+    def event_prefix(self, shard: int) -> str:
+        return f"{self.prefix}:{{{shard}}}:ev:"
+
+    def schedule(self, shard: int) -> str:
+        return f"{self.prefix}:{{{shard}}}:sched"
+
+    def dlq_items(self) -> str:
+        return f"{self.prefix}:{{dlq}}:items"
+
+    def dlq_data(self) -> str:
+        return f"{self.prefix}:{{dlq}}:data"
+
+    def dlq_body(self) -> str:
+        return f"{self.prefix}:{{dlq}}:body"
+
+    def dlq_route_prefix(self) -> str:
+        return f"{self.prefix}:{{dlq}}:r:"
+
+    def dlq_route(self, route: str) -> str:
+        return f"{self.dlq_route_prefix()}{route}"
+
+    def dlq_evicted(self) -> str:
+        return f"{self.prefix}:{{dlq}}:evicted"
+
+
+def split_member(member: str) -> tuple[str, str]:
+    """`<route>:<dedupe id>` -> (route, dedupe id)."""
+    route, _, dedupe_id = member.partition(":")
+    return route, dedupe_id

@@ -1,0 +1,20 @@
+-- Claim an event and persist it, atomically, before any forward.
+-- Why one script: a SET NX followed by a separate write would let a crash between the two answer the provider's
+-- retry "duplicate" for an event nobody holds. Here the claim, the stored request and the schedule entry (with a
+-- short lease, so a replica retries it if this process dies mid-forward) appear together or not at all.
+-- KEYS[1] - the event hash
+-- KEYS[2] - the shard's schedule zset
+-- ARGV[1] - now (ms)
+-- ARGV[2] - lease deadline (ms): when another replica may take the event if this one never reports back
+-- ARGV[3] - schedule member (`<route>:<dedupe id>`)
+-- ARGV[4] - request metadata (JSON: method, path, headers, forwarding context, event id)
+-- ARGV[5] - raw body
+-- ARGV[6] - public event id
+-- returns {1} when claimed (attempt 1 is ours), or {0, state} for a duplicate (state: f|p|d|x)
+local st = redis.call('HGET', KEYS[1], 'st')
+if st then
+  return {0, st}
+end
+redis.call('HSET', KEYS[1], 'st', 'f', 'n', 1, 'first', ARGV[1], 'eid', ARGV[6], 'meta', ARGV[4], 'body', ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+return {1}

@@ -1,0 +1,45 @@
+-- Add (or overwrite) a dead letter and enforce the cap, returning what the cap evicted so the caller can count
+-- and log it: a cap never drops anything silently.
+-- All keys share the {dlq} hash tag. The evicted items' per-route index is named from ARGV[6] + the item's route
+-- (not knowable before the pop); it is in the same slot, so this stays a single-slot script on a cluster.
+-- KEYS[1] - all dead letters zset (score dead_at ms)
+-- KEYS[2] - item data hash (id -> JSON)
+-- KEYS[3] - item body hash (id -> raw body)
+-- KEYS[4] - this item's route zset
+-- KEYS[5] - evictions counter hash (route -> count)
+-- ARGV[1] - item id
+-- ARGV[2] - dead_at (ms)
+-- ARGV[3] - item JSON (must carry "route" and "event_id")
+-- ARGV[4] - raw body
+-- ARGV[5] - max length
+-- ARGV[6] - route zset key prefix
+-- returns a flat list {evicted id, route, event id, ...}
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+local out = {}
+local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[5])
+if over > 0 then
+  local popped = redis.call('ZPOPMIN', KEYS[1], over)
+  for i = 1, #popped, 2 do
+    local id = popped[i]
+    local item = redis.call('HGET', KEYS[2], id)
+    local route, eid = '', ''
+    if item then
+      local ok, decoded = pcall(cjson.decode, item)
+      if ok then
+        route = decoded['route'] or ''
+        eid = decoded['event_id'] or ''
+      end
+    end
+    redis.call('ZREM', ARGV[6] .. route, id)
+    redis.call('HDEL', KEYS[2], id)
+    redis.call('HDEL', KEYS[3], id)
+    redis.call('HINCRBY', KEYS[5], route, 1)
+    table.insert(out, id)
+    table.insert(out, route)
+    table.insert(out, eid)
+  end
+end
+return out

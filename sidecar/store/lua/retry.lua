@@ -1,0 +1,24 @@
+-- Put an event back on the schedule after a retryable failure.
+-- Fenced by the attempt number: only the holder of the latest attempt may reschedule, so a slow attempt whose
+-- lease ran out (and whose event another replica has taken since) cannot pull that newer attempt's lease.
+-- KEYS[1] - the event hash
+-- KEYS[2] - the shard's schedule zset
+-- ARGV[1] - next due time (ms)
+-- ARGV[2] - schedule member
+-- ARGV[3] - attempt number this caller holds
+-- ARGV[4] - history entry (JSON object)
+-- ARGV[5] - last status ('' when none)
+-- ARGV[6] - last error ('' when none)
+-- returns 1 when rescheduled, 0 when stale
+local v = redis.call('HMGET', KEYS[1], 'st', 'n', 'hist')
+if v[1] ~= 'f' and v[1] ~= 'p' then
+  return 0
+end
+if v[2] ~= ARGV[3] then
+  return 0
+end
+local h = v[3]
+if h and h ~= '' then h = h .. ',' .. ARGV[4] else h = ARGV[4] end
+redis.call('HSET', KEYS[1], 'st', 'p', 'due', ARGV[1], 'ls', ARGV[5], 'le', ARGV[6], 'hist', h)
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+return 1

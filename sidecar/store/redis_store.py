@@ -1,0 +1,242 @@
+"""RedisStore: the only code that talks to Redis/Valkey.
+
+Every state change of an event is one Lua script on one hash slot (see `sidecar.keys`), registered once and run by
+EVALSHA. Redis client errors are translated here: unreachable or timed out -> `StoreUnavailable` (the ingress
+answers 503 and the provider retries), anything else -> `StoreError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from sidecar.errors import StoreError, StoreUnavailable
+from sidecar.keys import KeySpace, split_member
+from sidecar.store.records import (
+    STATE_NAMES,
+    AttemptRecord,
+    ClaimResult,
+    EventRecord,
+    Evicted,
+    Taken,
+    parse_history,
+)
+
+T = TypeVar("T")
+
+_UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, ConnectionError, TimeoutError, OSError)
+
+
+def _script(name: str) -> str:
+    return resources.files("sidecar.store").joinpath("lua", f"{name}.lua").read_text()
+
+
+def dead_letter_id(route: str, dedupe_id: str) -> str:
+    """Deterministic, so burying the same event twice (a crash between the two bury steps) overwrites."""
+    return hashlib.sha256(f"{route}\x00{dedupe_id}".encode()).hexdigest()[:24]
+
+
+def _connect(url: str, timeout: float, max_connections: int) -> Any:
+    retry = Retry(ExponentialBackoff(cap=0.05, base=0.01), 1)
+    common: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": retry,
+        "decode_responses": False,
+    }
+    if url.startswith("redis+cluster://"):
+        nodes = []
+        for hostport in urlsplit(url.replace("redis+cluster://", "redis://", 1)).netloc.split(","):
+            host, _, port = hostport.rpartition(":")
+            nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
+        return RedisCluster(startup_nodes=nodes, max_connections=max_connections, **common)
+    return aioredis.from_url(url, max_connections=max_connections, **common)
+
+
+class RedisStore:
+    def __init__(self, client: Any, keys: KeySpace, dedupe_ttl: float, dlq_max_length: int) -> None:
+        self._r = client
+        self.keys = keys
+        self._ttl_ms = int(dedupe_ttl * 1000)
+        self._dlq_max = dlq_max_length
+        self._claim = client.register_script(_script("claim"))
+        self._take = client.register_script(_script("take"))
+        self._ack = client.register_script(_script("ack"))
+        self._retry = client.register_script(_script("retry"))
+        self._dead = client.register_script(_script("dead"))
+        self._dlq_add = client.register_script(_script("dlq_add"))
+
+    @classmethod
+    def connect(
+        cls,
+        url: str,
+        keys: KeySpace,
+        *,
+        dedupe_ttl: float,
+        dlq_max_length: int,
+        timeout: float = 2.0,
+        max_connections: int = 200,
+    ) -> RedisStore:
+        return cls(_connect(url, timeout, max_connections), keys, dedupe_ttl, dlq_max_length)
+
+    @property
+    def client(self) -> Any:
+        """The raw client, for tests and the admin's read-only inspection."""
+        return self._r
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except rexc.NoScriptError as exc:  # pragma: no cover - Script handles NOSCRIPT itself
+            raise StoreError(str(exc)) from exc
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"store unreachable: {type(exc).__name__}") from exc
+        except rexc.RedisError as exc:
+            raise StoreError(f"store error: {exc}") from exc
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._call(self._r.ping))
+        except StoreError:
+            return False
+
+    def _loc(self, route: str, dedupe_id: str) -> tuple[str, str, str]:
+        shard = self.keys.shard_of(route, dedupe_id)
+        member = self.keys.member(route, dedupe_id)
+        return self.keys.event(shard, member), self.keys.schedule(shard), member
+
+    # -- the hot path ---------------------------------------------------------------------------------------------
+
+    async def claim(self, rec: EventRecord, now_ms: int, lease_ms: int) -> ClaimResult:
+        ev, sched, member = self._loc(rec.route, rec.dedupe_id)
+        args = [now_ms, now_ms + lease_ms, member, rec.meta_json(), rec.body, rec.event_id]
+        res = await self._call(lambda: self._claim(keys=[ev, sched], args=args))
+        if int(res[0]) == 1:
+            return ClaimResult(True)
+        return ClaimResult(False, STATE_NAMES.get(res[1].decode(), "pending"))
+
+    async def ack(self, route: str, dedupe_id: str, entry: AttemptRecord, now_ms: int) -> bool:
+        ev, sched, member = self._loc(route, dedupe_id)
+        args = [now_ms, self._ttl_ms, member, entry.to_json(), entry.status or ""]
+        return bool(await self._call(lambda: self._ack(keys=[ev, sched], args=args)))
+
+    async def retry(
+        self, route: str, dedupe_id: str, attempt: int, due_ms: int, entry: AttemptRecord
+    ) -> bool:
+        ev, sched, member = self._loc(route, dedupe_id)
+        args = [due_ms, member, attempt, entry.to_json(), entry.status or "", entry.error or ""]
+        return bool(await self._call(lambda: self._retry(keys=[ev, sched], args=args)))
+
+    async def bury(
+        self,
+        rec: EventRecord,
+        attempt: int,
+        entry: AttemptRecord,
+        history: list[dict[str, Any]],
+        now_ms: int,
+        reason: str,
+    ) -> tuple[str, list[Evicted]]:
+        """Dead-letter an event: write the dead letter first, then mark the event dead (see dead.lua)."""
+        item_id = dead_letter_id(rec.route, rec.dedupe_id)
+        full_history = [*history, json.loads(entry.to_json())]
+        item = {
+            "id": item_id,
+            "route": rec.route,
+            "event_id": rec.event_id,
+            "dedupe_id": rec.dedupe_id,
+            "attempts": attempt,
+            "last_status": entry.status,
+            "last_error": entry.error,
+            "reason": reason,
+            "first_seen_ms": rec.first_seen_ms,
+            "dead_ms": now_ms,
+            "meta": json.loads(rec.meta_json()),
+            "history": full_history,
+        }
+        k = self.keys
+        dlq_keys = [k.dlq_items(), k.dlq_data(), k.dlq_body(), k.dlq_route(rec.route), k.dlq_evicted()]
+        dlq_args = [item_id, now_ms, json.dumps(item), rec.body, self._dlq_max, k.dlq_route_prefix()]
+        raw = await self._call(lambda: self._dlq_add(keys=dlq_keys, args=dlq_args))
+        evicted = [
+            Evicted(raw[i].decode(), raw[i + 1].decode(), raw[i + 2].decode()) for i in range(0, len(raw), 3)
+        ]
+        ev, sched, member = self._loc(rec.route, rec.dedupe_id)
+        dead_args = [now_ms, self._ttl_ms, member, attempt, entry.to_json(), entry.status or "", entry.error or ""]
+        await self._call(lambda: self._dead(keys=[ev, sched], args=dead_args))
+        return item_id, evicted
+
+    # -- the retry worker -----------------------------------------------------------------------------------------
+
+    async def due_members(self, shard: int, now_ms: int, limit: int) -> list[str]:
+        sched = self.keys.schedule(shard)
+        raw = await self._call(
+            lambda: self._r.zrangebyscore(sched, "-inf", now_ms, start=0, num=limit)
+        )
+        return [m.decode() for m in raw]
+
+    async def take(self, shard: int, member: str, now_ms: int, lease_ms: int) -> Taken | None:
+        ev, sched = self.keys.event(shard, member), self.keys.schedule(shard)
+        res = await self._call(lambda: self._take(keys=[ev, sched], args=[now_ms, now_ms + lease_ms, member]))
+        if not res:
+            return None
+        attempt, meta, body, first, eid, hist = res
+        route, dedupe_id = split_member(member)
+        rec = EventRecord.from_stored(route, dedupe_id, eid.decode(), meta, body, int(first))
+        return Taken(rec, int(attempt), parse_history(hist))
+
+    async def take_due(self, shard: int, now_ms: int, lease_ms: int, limit: int) -> list[Taken]:
+        members = await self.due_members(shard, now_ms, limit)
+        if not members:
+            return []
+        results = await asyncio.gather(*(self.take(shard, m, now_ms, lease_ms) for m in members))
+        return [t for t in results if t is not None]
+
+    # -- inspection -----------------------------------------------------------------------------------------------
+
+    async def get_event(self, route: str, dedupe_id: str) -> dict[str, Any] | None:
+        ev, sched, member = self._loc(route, dedupe_id)
+        raw = await self._call(lambda: self._r.hgetall(ev))
+        if not raw:
+            return None
+        f = {k.decode(): v for k, v in raw.items()}
+        score = await self._call(lambda: self._r.zscore(sched, member))
+        return {
+            "route": route,
+            "dedupe_id": dedupe_id,
+            "event_id": f.get("eid", b"").decode(),
+            "state": STATE_NAMES.get(f.get("st", b"").decode(), "unknown"),
+            "raw_state": f.get("st", b"").decode(),
+            "attempts": int(f.get("n", b"0")),
+            "first_seen_ms": int(f.get("first", b"0")),
+            "scheduled_ms": score,
+            "last_status": f.get("ls", b"").decode() or None,
+            "last_error": f.get("le", b"").decode() or None,
+            "history": parse_history(f.get("hist")),
+            "body": f.get("body"),
+            "meta": json.loads(f["meta"]) if "meta" in f else None,
+        }
+
+    async def dlq_length(self, route: str | None = None) -> int:
+        key = self.keys.dlq_route(route) if route else self.keys.dlq_items()
+        return int(await self._call(lambda: self._r.zcard(key)))
+
+    async def dlq_evicted(self) -> dict[str, int]:
+        raw = await self._call(lambda: self._r.hgetall(self.keys.dlq_evicted()))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def schedule_length(self, shard: int) -> int:
+        return int(await self._call(lambda: self._r.zcard(self.keys.schedule(shard))))
