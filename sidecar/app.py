@@ -1,0 +1,113 @@
+"""create_app(config) -> the inbound web.Application; long-lived resources live in cleanup_ctx generators.
+
+    store     RedisStore (one client/pool per process)
+    session   the shared aiohttp ClientSession (keep-alive to the upstream)
+    worker    the RetryWorker task
+
+`create_admin_app(app)` builds the admin application (health, readiness) that shares the same runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from sidecar.config import Config
+from sidecar.dispatch import Dispatcher
+from sidecar.forwarder import Forwarder
+from sidecar.ingress import Ingress
+from sidecar.keys import KeySpace
+from sidecar.store import RedisStore
+from sidecar.worker import RetryWorker
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Everything a running sidecar process holds; set up by `runtime_ctx`, read by handlers."""
+
+    config: Config
+    store: RedisStore
+    session: aiohttp.ClientSession
+    dispatcher: Dispatcher
+    ingress: Ingress
+    worker: RetryWorker
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+CONFIG = web.AppKey("config", Config)
+REDIS_URL = web.AppKey("redis_url", str)
+RUN_WORKER = web.AppKey("run_worker", bool)
+
+
+def make_store(config: Config, url: str) -> RedisStore:
+    return RedisStore.connect(
+        url,
+        KeySpace(config.redis.prefix, config.redis.shards),
+        dedupe_ttl=config.dedupe.ttl,
+        dlq_max_length=config.dlq.max_length,
+        timeout=config.redis.timeout,
+    )
+
+
+async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    store = make_store(config, app[REDIS_URL])
+    connector = aiohttp.TCPConnector(limit=config.upstream.max_connections, limit_per_host=0)
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    dispatcher = Dispatcher(config, store, Forwarder(session, config.upstream.timeout))
+    worker = RetryWorker(store, dispatcher, concurrency=config.upstream.max_connections)
+    runtime = Runtime(config, store, session, dispatcher, Ingress(config, dispatcher), worker)
+    app[RUNTIME] = runtime
+    task = asyncio.create_task(worker.run(), name="retry-worker") if app[RUN_WORKER] else None
+    try:
+        yield
+    finally:
+        worker.stop()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, timeout=config.server.shutdown_grace)
+        await session.close()
+        await store.close()
+
+
+async def _ingress(request: web.Request) -> web.StreamResponse:
+    return await request.app[RUNTIME].ingress.handle(request)
+
+
+def create_app(config: Config, *, redis_url: str | None = None, run_worker: bool = True) -> web.Application:
+    """The inbound application. `redis_url` overrides `redis.url` (the CLI passes the embedded server's URL)."""
+    app = web.Application(client_max_size=config.server.max_body_bytes + 1)
+    app[CONFIG] = config
+    app[REDIS_URL] = redis_url or config.redis.url
+    app[RUN_WORKER] = run_worker
+    app.cleanup_ctx.append(runtime_ctx)
+    app.router.add_route("*", "/{tail:.*}", _ingress)
+    return app
+
+
+def create_admin_app(main: web.Application) -> web.Application:
+    admin = web.Application()
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        runtime = main.get(RUNTIME)
+        if runtime is None:
+            return web.json_response({"ready": False, "reason": "starting"}, status=503)
+        if not await runtime.store.ping():
+            return web.json_response({"ready": False, "reason": "store_unavailable"}, status=503)
+        stale = time.monotonic() - runtime.worker.last_beat
+        if main[RUN_WORKER] and stale > 60:
+            return web.json_response({"ready": False, "reason": "worker_stalled"}, status=503)
+        return web.json_response({"ready": True})
+
+    admin.router.add_get("/healthz", healthz)
+    admin.router.add_get("/readyz", readyz)
+    return admin

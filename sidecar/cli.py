@@ -1,0 +1,148 @@
+"""`sidecar run | check-config` (console script `sidecar`, also `python -m sidecar`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from sidecar.app import create_admin_app, create_app
+from sidecar.config import Config, check_config, load
+from sidecar.errors import ConfigError, SidecarError
+
+log = logging.getLogger("sidecar")
+
+DEFAULT_CONFIG = "config/sidecar.yaml"
+
+
+def _config_path(arg: str | None) -> str:
+    return arg or os.environ.get("SIDECAR_CONFIG") or DEFAULT_CONFIG
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def serve(config: Config, redis_url: str, stop: asyncio.Event | None = None) -> None:
+    """Serve the inbound and admin listeners until SIGTERM/SIGINT (or `stop`), then drain gracefully."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = create_app(config, redis_url=redis_url)
+    runner = web.AppRunner(
+        app,
+        auto_decompress=False,  # forward exactly the bytes the provider signed
+        shutdown_timeout=config.server.shutdown_grace,
+        access_log=None,
+        handle_signals=False,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=True)
+    await site.start()
+    admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
+    await admin_runner.setup()
+    await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
+    log.info(
+        "sidecar listening on %s (admin %s), %d route(s)", config.server.listen, config.admin.listen,
+        len(config.routes),
+    )
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: draining in-flight requests for up to %ss", config.server.shutdown_grace)
+        await admin_runner.cleanup()
+        await runner.cleanup()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    path = _config_path(args.config)
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{path}: cannot read config: {exc.strerror}", file=sys.stderr)
+        return 1
+    if not _is_loopback(config.admin.host) and not config.admin.token:
+        print(f"{path}: admin.token: required when admin.listen ({config.admin.listen}) is not loopback",
+              file=sys.stderr)
+        return 1
+    embedded = None
+    url = config.redis.url
+    try:
+        if url == "embedded":
+            from sidecar.store.embedded import EmbeddedValkey
+
+            embedded = EmbeddedValkey(config.redis.data_dir, config.redis.appendfsync)
+            url = embedded.start()
+        _run_loop(serve(config, url))
+    except SidecarError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"sidecar: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def _run_loop(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        errors = check_config(args.path)
+    except OSError as exc:
+        print(f"{args.path}: cannot read config: {exc.strerror}", file=sys.stderr)
+        return 1
+    for line in errors:
+        print(line, file=sys.stderr)
+    if errors:
+        return 1
+    print(f"{args.path}: OK")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecar", description="Webhook reliability sidecar.")
+    parser.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve")
+    run.add_argument("--config", help=f"config file (default: $SIDECAR_CONFIG, then {DEFAULT_CONFIG})")
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("path")
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    return int(args.func(args))

@@ -1,0 +1,140 @@
+"""One forward attempt of a stored event, and what it means for the event: delivered, rescheduled or dead.
+
+The ingress makes attempt 1 right after the claim; the retry worker makes every later one (and replays). Both go
+through `Dispatcher.attempt`, so there is one code path from "we hold the event" to its next state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sidecar.backoff import next_delay, parse_retry_after
+from sidecar.config import Config, RouteConfig
+from sidecar.errors import StoreError
+from sidecar.forwarder import Forwarder, Outcome, RetryPolicy, upstream_headers
+from sidecar.store import AttemptRecord, EventRecord, RedisStore
+
+log = logging.getLogger("sidecar.dispatch")
+
+
+@dataclass(frozen=True, slots=True)
+class Disposition:
+    kind: Literal["delivered", "queued", "dead"]
+    outcome: Outcome
+    next_attempt_ms: int | None = None
+    dead_letter_id: str | None = None
+
+
+def target_url(config: Config, route: RouteConfig, path_qs: str) -> str:
+    """Where the event goes: the route's `upstream` (plus the original query), else upstream.url + path + query."""
+    if route.upstream:
+        _, sep, query = path_qs.partition("?")
+        if sep and "?" not in route.upstream:
+            return f"{route.upstream}?{query}"
+        return route.upstream
+    return config.upstream.url.rstrip("/") + path_qs
+
+
+class Dispatcher:
+    def __init__(self, config: Config, store: RedisStore, forwarder: Forwarder) -> None:
+        self.config = config
+        self.store = store
+        self.forwarder = forwarder
+        self._policies = {r.name: RetryPolicy.parse(r.retry.retry_on) for r in config.routes}
+        self._routes = {r.name: r for r in config.routes}
+
+    def lease_ms(self, route: RouteConfig) -> int:
+        """How long an in-flight attempt holds its event before another replica may take it.
+
+        Longer than the forward can take (upstream timeout), so a live attempt is never doubled; short enough that
+        an event held by a killed process comes back soon.
+        """
+        lease = route.retry.lease or (self.config.upstream.timeout + 20.0)
+        return int(lease * 1000)
+
+    def route(self, name: str) -> RouteConfig | None:
+        return self._routes.get(name)
+
+    async def attempt(
+        self, rec: EventRecord, attempt: int, history: list[dict[str, Any]] | None = None
+    ) -> Disposition:
+        route = self._routes.get(rec.route)
+        if route is None:
+            # The route was removed from config while the event waited: keep it visible for operators.
+            outcome = Outcome("permanent", None, "route_removed", 0.0)
+            return await self._bury(rec, attempt, outcome, history or [], "route_removed")
+        url = target_url(self.config, route, rec.path_qs)
+        outcome = await self.forwarder.send(
+            url, rec.method, upstream_headers(rec, attempt, rec.traceparent), rec.body, self._policies[route.name]
+        )
+        return await self.settle(route, rec, attempt, outcome, history or [])
+
+    async def settle(
+        self,
+        route: RouteConfig,
+        rec: EventRecord,
+        attempt: int,
+        outcome: Outcome,
+        history: list[dict[str, Any]],
+    ) -> Disposition:
+        now = time.time()
+        now_ms = int(now * 1000)
+        entry = AttemptRecord(now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000)
+        if outcome.kind == "delivered":
+            try:
+                await self.store.ack(rec.route, rec.dedupe_id, entry, now_ms)
+            except StoreError as exc:
+                # The event stays in flight under its lease: a replica re-delivers it later (at-least-once).
+                log.warning("could not mark %s/%s delivered: %s", rec.route, rec.event_id, exc)
+            return Disposition("delivered", outcome)
+        if outcome.kind == "permanent":
+            return await self._bury(rec, attempt, outcome, history, "rejected", entry)
+        retry = route.retry
+        age = now - rec.first_seen_ms / 1000
+        if attempt >= retry.max_attempts:
+            return await self._bury(rec, attempt, outcome, history, "exhausted", entry)
+        wait = next_delay(
+            attempt,
+            parse_retry_after(outcome.retry_after, now),
+            base=retry.base_delay,
+            multiplier=retry.multiplier,
+            max_delay=retry.max_delay,
+            jitter=retry.jitter,
+        )
+        if age + wait > retry.max_age:
+            return await self._bury(rec, attempt, outcome, history, "expired", entry)
+        due_ms = now_ms + int(wait * 1000)
+        await self.store.retry(rec.route, rec.dedupe_id, attempt, due_ms, entry)
+        return Disposition("queued", outcome, next_attempt_ms=due_ms)
+
+    async def _bury(
+        self,
+        rec: EventRecord,
+        attempt: int,
+        outcome: Outcome,
+        history: list[dict[str, Any]],
+        reason: str,
+        entry: AttemptRecord | None = None,
+    ) -> Disposition:
+        now_ms = int(time.time() * 1000)
+        entry = entry or AttemptRecord(now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000)
+        item_id, evicted = await self.store.bury(rec, attempt, entry, history, now_ms, reason)
+        log.warning(
+            "dead-lettered %s/%s after %d attempt(s): %s (status %s, error %s)",
+            rec.route,
+            rec.event_id,
+            attempt,
+            reason,
+            outcome.status,
+            outcome.error,
+        )
+        for ev in evicted:
+            log.error("dead-letter cap evicted %s/%s (item %s)", ev.route, ev.event_id, ev.id)
+        self.on_evicted(evicted)
+        return Disposition("dead", outcome, dead_letter_id=item_id)
+
+    def on_evicted(self, evicted: list[Any]) -> None:
+        """Hook for telemetry (counts `sidecar_dlq_evicted_total`)."""

@@ -1,0 +1,149 @@
+"""The only aiohttp client user: sends a stored event upstream byte-for-byte and classifies what came back.
+
+Outcomes: `delivered` (2xx), `retryable` (connection error, timeout, or a status in the route's `retry_on`:
+408, 425, 429, 5xx by default), `permanent` (any other status: the upstream rejected the event and asking
+again will not change its mind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiohttp
+
+from sidecar.store.records import EventRecord
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus the ones the client recomputes for the new hop.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Dropped from what is stored and forwarded: the new hop has its own host and length; Expect belongs to the
+# provider's connection to us, which we already answered.
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
+
+
+def end_to_end(headers: Iterable[tuple[str, str]], connection: str | None = None) -> list[tuple[str, str]]:
+    """Headers minus hop-by-hop ones, including any the Connection header names."""
+    extra = {t.strip().lower() for t in connection.split(",")} if connection else set()
+    return [(k, v) for k, v in headers if k.lower() not in NOT_FORWARDED and k.lower() not in extra]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Which upstream statuses are worth another attempt (`retry.retry_on`: "429", "5xx", …)."""
+
+    codes: frozenset[int] = frozenset({408, 425, 429})
+    classes: frozenset[int] = frozenset({5})
+
+    @classmethod
+    def parse(cls, retry_on: Iterable[str]) -> RetryPolicy:
+        codes, classes = set(), set()
+        for item in retry_on:
+            item = item.strip().lower()
+            if item.endswith("xx"):
+                classes.add(int(item[0]))
+            else:
+                codes.add(int(item))
+        return cls(frozenset(codes), frozenset(classes))
+
+    def retryable(self, status: int) -> bool:
+        return status in self.codes or status // 100 in self.classes
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: Literal["delivered", "retryable", "permanent"]
+    status: int | None
+    error: str | None
+    duration: float
+    retry_after: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+
+
+def upstream_headers(rec: EventRecord, attempt: int, traceparent: str | None) -> list[tuple[str, str]]:
+    """What the upstream receives besides the original end-to-end headers (CONTRACT: 'What the upstream receives')."""
+    headers = [(k, v) for k, v in rec.headers if not k.lower().startswith("x-sidecar-")]
+    prior_xff = [v for k, v in headers if k.lower() == "x-forwarded-for"]
+    headers = [(k, v) for k, v in headers if k.lower() not in _REPLACED]
+    xff = ", ".join([*prior_xff, rec.client_ip]) if rec.client_ip else ", ".join(prior_xff)
+    headers += [
+        ("X-Sidecar-Event-Id", rec.event_id),
+        ("X-Sidecar-Attempt", str(attempt)),
+        ("X-Sidecar-Route", rec.route),
+        ("X-Forwarded-Proto", rec.proto),
+    ]
+    if rec.host:
+        headers.append(("X-Forwarded-Host", rec.host))
+    if xff:
+        headers.append(("X-Forwarded-For", xff))
+    if traceparent:
+        headers.append(("traceparent", traceparent))
+    return headers
+
+
+_REPLACED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "traceparent"})
+
+
+class Forwarder:
+    def __init__(self, session: aiohttp.ClientSession, timeout: float) -> None:
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def send(
+        self,
+        url: str,
+        method: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        policy: RetryPolicy,
+    ) -> Outcome:
+        start = time.perf_counter()
+        try:
+            async with self._session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+                skip_auto_headers=("Content-Type", "Accept-Encoding", "User-Agent"),
+            ) as resp:
+                payload = await resp.read()
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+                relay = end_to_end(resp.headers.items(), resp.headers.get("Connection"))
+        except TimeoutError:
+            return Outcome("retryable", None, "timeout", time.perf_counter() - start)
+        except (aiohttp.ClientError, OSError) as exc:
+            return Outcome("retryable", None, _describe(exc), time.perf_counter() - start)
+        duration = time.perf_counter() - start
+        if 200 <= status < 300:
+            return Outcome("delivered", status, None, duration, retry_after, relay, payload)
+        kind: Literal["retryable", "permanent"] = "retryable" if policy.retryable(status) else "permanent"
+        return Outcome(kind, status, None, duration, retry_after, relay, payload)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect_error"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return "disconnected"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout"
+    return type(exc).__name__

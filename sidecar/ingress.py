@@ -1,0 +1,282 @@
+"""The hot path: route -> bounded body -> verify -> event id -> claim -> forward | schedule.
+
+One store round trip before the forward (the claim, which also persists the event and leases it), at most one
+after (delivered / rescheduled; a dead letter takes two). Nothing is answered 2xx before the claim succeeded, so
+a 2xx always means the event is delivered, scheduled or dead-lettered.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sidecar.config import Config, RouteConfig
+from sidecar.dispatch import Dispatcher, target_url
+from sidecar.errors import StoreError, StoreUnavailable
+from sidecar.forwarder import Outcome, RetryPolicy, end_to_end, upstream_headers
+from sidecar.providers.base import Handshake, Inbound, TimestampError, VerificationError, Verified, Verifier
+from sidecar.providers.registry import build_verifier
+from sidecar.store import EventRecord
+
+log = logging.getLogger("sidecar.ingress")
+
+EVENT_ID_HEADER = "X-Sidecar-Event-Id"
+MAX_EVENT_ID_LEN = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A configured route with what it needs at request time, built once per config load."""
+
+    cfg: RouteConfig
+    verifier: Verifier
+    policy: RetryPolicy
+
+    @classmethod
+    def build(cls, cfg: RouteConfig) -> Route:
+        return cls(
+            cfg,
+            build_verifier(cfg.provider, cfg.secrets, cfg.tolerance, cfg.signature),
+            RetryPolicy.parse(cfg.retry.retry_on),
+        )
+
+
+def build_routes(config: Config) -> dict[str, Route]:
+    return {r.path: Route.build(r) for r in config.routes}
+
+
+def json_error(status: int, error: str, event_id: str | None = None, **extra: Any) -> web.Response:
+    headers = {EVENT_ID_HEADER: event_id} if event_id else None
+    return web.json_response({"error": error, **extra}, status=status, headers=headers)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_bounded(request: web.Request, limit: int) -> bytes:
+    """Read the body, refusing it as soon as it passes `limit` (not after buffering all of it)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def public_url(request: web.Request, route: RouteConfig) -> str:
+    """The URL the provider called, for the schemes that sign it (Twilio, Square, HubSpot)."""
+    if route.public_url:
+        query = request.query_string
+        if query and "?" not in route.public_url:
+            return f"{route.public_url}?{query}"
+        return route.public_url
+    proto = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
+    host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
+    return f"{proto}://{host}{request.path_qs}"
+
+
+def _json_path(body: bytes, path: str) -> Any:
+    try:
+        node: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    for part in path.split("."):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _printable(value: str) -> bool:
+    return 0 < len(value) <= MAX_EVENT_ID_LEN and value.isascii() and value.isprintable()
+
+
+def resolve_event_id(route: RouteConfig, verified: Verified, inbound: Inbound) -> tuple[str, str] | None:
+    """(public event id, dedupe id), or None when no usable id can be had.
+
+    The dedupe id is the public id when the signature covers it. When it does not (a header id), it is the digest
+    of the signed bytes instead: a captured request replayed under another id then hits its own digest (a
+    duplicate, not a second delivery), and cannot occupy the other event's id.
+    """
+    src = route.event_id
+    signed = True
+    raw: Any
+    if src.kind == "auto":
+        raw, signed = verified.event_id, verified.id_signed
+    elif src.kind == "header":
+        name = src.value or ""
+        raw = inbound.headers.get(name)
+        signed = name.lower() in verified.signed_headers
+    elif src.kind == "json":
+        raw = _json_path(inbound.body, src.value or "")
+    else:  # body_sha256
+        raw = hashlib.sha256(inbound.body).hexdigest()
+    if route.provider == "none":
+        signed = True  # nothing is signed on an unverified route; the id is taken at its word
+    if isinstance(raw, bool) or raw is None:
+        return None
+    event_id = str(raw) if isinstance(raw, int | str) else None
+    if event_id is None or not _printable(event_id):
+        return None
+    dedupe_id = event_id if signed else "sha256:" + hashlib.sha256(inbound.body).hexdigest()
+    return event_id, dedupe_id
+
+
+def type_allowed(route: RouteConfig, event_type: str | None) -> bool:
+    if route.types is None:
+        return True
+    return event_type is not None and any(fnmatch.fnmatchcase(event_type, p) for p in route.types)
+
+
+def relay(outcome: Outcome, event_id: str | None) -> web.Response:
+    headers = CIMultiDict(outcome.headers)
+    headers.popall("Content-Length", None)
+    if event_id:
+        headers[EVENT_ID_HEADER] = event_id
+    assert outcome.status is not None
+    return web.Response(status=outcome.status, body=outcome.body, headers=headers)
+
+
+def answer_handshake(hs: Handshake) -> web.Response:
+    return web.Response(status=hs.status, body=hs.body or None, content_type=hs.content_type if hs.body else None)
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+class Ingress:
+    """The inbound handler. Holds the current routes; `reload` swaps them atomically (a dict assignment)."""
+
+    def __init__(self, config: Config, dispatcher: Dispatcher) -> None:
+        self.config = config
+        self.routes = build_routes(config)
+        self.dispatcher = dispatcher
+        self.store = dispatcher.store
+        self.forwarder = dispatcher.forwarder
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        route = self.routes.get(request.path)
+        if route is None:
+            return json_error(404, "no_route")
+        cfg = route.cfg
+        try:
+            body = await read_bounded(request, self.config.server.max_body_bytes)
+        except BodyTooLarge:
+            return json_error(413, "body_too_large")
+        inbound = Inbound(request.method, body, request.headers, public_url(request, cfg), time.time())
+        handshake = route.verifier.unsigned_handshake(inbound)
+        if handshake is not None:
+            return answer_handshake(handshake)
+        if request.method != "POST":
+            return await self._pass_through(request, route, body, None)
+        try:
+            verified = route.verifier.verify(inbound)
+        except TimestampError as exc:
+            log.info("route %s: timestamp out of tolerance: %s", cfg.name, exc.detail)
+            return json_error(401, "timestamp_out_of_tolerance", detail=exc.detail)
+        except VerificationError as exc:
+            log.info("route %s: invalid signature (%s): %s", cfg.name, exc.reason, exc.detail)
+            return json_error(401, "invalid_signature", detail=exc.detail)
+        if verified.handshake is not None:
+            if cfg.handshake == "pass":
+                return await self._pass_through(request, route, body, None)
+            return answer_handshake(verified.handshake)
+        if not type_allowed(cfg, verified.event_type):
+            return web.json_response({"filtered": True})
+        ids = resolve_event_id(cfg, verified, inbound)
+        if not cfg.dedupe:
+            return await self._pass_through(request, route, body, ids[0] if ids else None)
+        if ids is None:
+            return json_error(400, "no_event_id")
+        event_id, dedupe_id = ids
+        rec = self._record(request, cfg, event_id, dedupe_id, body, inbound.now)
+        try:
+            claim = await self.store.claim(rec, rec.first_seen_ms, self.dispatcher.lease_ms(cfg))
+        except StoreUnavailable:
+            resp = json_error(503, "store_unavailable", event_id)
+            resp.headers["Retry-After"] = "5"
+            return resp
+        except StoreError:
+            log.exception("route %s: claim failed for %s", cfg.name, event_id)
+            resp = json_error(503, "store_unavailable", event_id)
+            resp.headers["Retry-After"] = "5"
+            return resp
+        if not claim.claimed:
+            return web.json_response(
+                {"duplicate": True, "event_id": event_id, "state": claim.state},
+                headers={EVENT_ID_HEADER: event_id},
+            )
+        return await self._first_attempt(rec)
+
+    async def _first_attempt(self, rec: EventRecord) -> web.StreamResponse:
+        try:
+            disp = await self.dispatcher.attempt(rec, 1)
+        except StoreError as exc:
+            # The event is stored and leased since the claim: a replica picks it up when the lease runs out.
+            log.warning("route %s: settling %s failed, left to the lease: %s", rec.route, rec.event_id, exc)
+            return web.json_response(
+                {"queued": True, "event_id": rec.event_id, "next_attempt_at": None},
+                status=202,
+                headers={EVENT_ID_HEADER: rec.event_id},
+            )
+        if disp.kind == "delivered":
+            return relay(disp.outcome, rec.event_id)
+        headers = {EVENT_ID_HEADER: rec.event_id}
+        if disp.kind == "queued":
+            assert disp.next_attempt_ms is not None
+            body = {"queued": True, "event_id": rec.event_id, "next_attempt_at": _iso(disp.next_attempt_ms)}
+            return web.json_response(body, status=202, headers=headers)
+        return web.json_response({"dead_lettered": True, "event_id": rec.event_id}, status=202, headers=headers)
+
+    def _record(
+        self, request: web.Request, cfg: RouteConfig, event_id: str, dedupe_id: str, body: bytes, now: float
+    ) -> EventRecord:
+        headers = end_to_end(request.headers.items(), request.headers.get("Connection"))
+        return EventRecord(
+            route=cfg.name,
+            dedupe_id=dedupe_id,
+            event_id=event_id,
+            method=request.method,
+            path_qs=request.raw_path,
+            headers=tuple(headers),
+            body=body,
+            client_ip=request.remote or "",
+            proto=request.scheme,
+            host=request.host,
+            traceparent=request.headers.get("traceparent"),
+            first_seen_ms=int(now * 1000),
+        )
+
+    async def _pass_through(
+        self, request: web.Request, route: Route, body: bytes, event_id: str | None
+    ) -> web.StreamResponse:
+        """Synchronous proxying, no claim and no retry: non-POST requests, handshakes in `pass` mode, dedupe: false."""
+        rec = self._record(request, route.cfg, event_id or "", "", body, time.time())
+        headers = upstream_headers(rec, 1, rec.traceparent)
+        if not event_id:
+            headers = [(k, v) for k, v in headers if k != EVENT_ID_HEADER]
+        url = target_url(self.config, route.cfg, rec.path_qs)
+        outcome = await self.forwarder.send(url, request.method, headers, body, route.policy)
+        if outcome.status is None:
+            return json_error(502, "upstream_unavailable", event_id, detail=outcome.error)
+        return relay(outcome, event_id)

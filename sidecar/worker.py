@@ -1,0 +1,81 @@
+"""RetryWorker: take due (with a lease) -> forward -> ack | reschedule | bury.
+
+Runs inside every `sidecar run` process. Any number of replicas may walk the same shards: `take.lua` re-checks
+each event's due time inside the script, so every due event is taken by exactly one of them, and an event whose
+taker died is due again when its lease runs out. `run_once()` drains what is due now and returns, for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from sidecar.dispatch import Dispatcher
+from sidecar.errors import StoreError
+from sidecar.store import RedisStore, Taken
+
+log = logging.getLogger("sidecar.worker")
+
+
+class RetryWorker:
+    def __init__(
+        self,
+        store: RedisStore,
+        dispatcher: Dispatcher,
+        *,
+        batch: int = 100,
+        concurrency: int = 50,
+        poll_interval: float = 0.25,
+    ) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.batch = batch
+        self.poll_interval = poll_interval
+        self._limit = asyncio.Semaphore(concurrency)
+        self.last_beat = time.monotonic()
+        self._stopping = asyncio.Event()
+
+    async def run_once(self) -> int:
+        """Attempt every event due now, across all shards; return how many attempts were made."""
+        self.last_beat = time.monotonic()
+        done = 0
+        for shard in range(self.store.keys.shards):
+            while True:
+                now_ms = int(time.time() * 1000)
+                taken = await self.store.take_due(shard, now_ms, self._lease_ms(), self.batch)
+                if not taken:
+                    break
+                await asyncio.gather(*(self._attempt(t) for t in taken))
+                done += len(taken)
+                if len(taken) < self.batch:
+                    break
+        return done
+
+    def _lease_ms(self) -> int:
+        # One lease for the whole batch: the longest any route needs (routes only differ by retry.lease).
+        return max(self.dispatcher.lease_ms(r) for r in self.dispatcher.config.routes)
+
+    async def _attempt(self, taken: Taken) -> None:
+        async with self._limit:
+            try:
+                await self.dispatcher.attempt(taken.record, taken.attempt, taken.history)
+            except StoreError as exc:
+                log.warning("attempt %d of %s/%s not settled (lease will bring it back): %s",
+                            taken.attempt, taken.record.route, taken.record.event_id, exc)
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                done = await self.run_once()
+            except StoreError as exc:
+                log.warning("retry worker: store unavailable: %s", exc)
+                done = 0
+            if done == 0:
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
+                except TimeoutError:
+                    pass
+
+    def stop(self) -> None:
+        self._stopping.set()

