@@ -1,0 +1,361 @@
+"""The ingest path end to end: real sidecar, real Valkey, real upstream on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from sidecar.keys import KeySpace
+from tests.conftest import Upstream
+
+STRIPE_SECRET = "whsec_test_secret"
+STRIPE_OLD = "whsec_old_secret"
+GITHUB_SECRET = "It's a Secret to Everybody"
+KEYS = KeySpace("sidecar", 4)
+
+ROUTES = f"""
+- name: stripe
+  path: /webhooks/stripe
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}", "{STRIPE_OLD}"]
+- name: stripe2
+  path: /webhooks/stripe2
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+- name: github
+  path: /webhooks/github
+  provider: github
+  secrets: ["{GITHUB_SECRET}"]
+- name: typed
+  path: /webhooks/typed
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+  types: ["invoice.*"]
+- name: passthru
+  path: /webhooks/passthru
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+  dedupe: false
+- name: slack
+  path: /webhooks/slack
+  provider: slack
+  secrets: ["slack-signing-secret"]
+- name: slackpass
+  path: /webhooks/slackpass
+  provider: slack
+  secrets: ["slack-signing-secret"]
+  handshake: pass
+- name: plain
+  path: /webhooks/plain
+  provider: none
+  event_id: {{header: X-Event-Id}}
+"""
+
+
+def stripe_headers(body: bytes, secret: str = STRIPE_SECRET, t: int | None = None) -> dict[str, str]:
+    t = int(time.time()) if t is None else t
+    sig = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return {"Stripe-Signature": f"t={t},v1={sig}", "Content-Type": "application/json"}
+
+
+def stripe_body(event_id: str, type_: str = "invoice.paid") -> bytes:
+    return json.dumps({"id": event_id, "object": "event", "type": type_, "data": {"x": "é ü"}}).encode()
+
+
+def github_headers(body: bytes, delivery: str) -> dict[str, str]:
+    sig = hmac.new(GITHUB_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    return {
+        "X-Hub-Signature-256": f"sha256={sig}",
+        "X-GitHub-Delivery": delivery,
+        "X-GitHub-Event": "push",
+        "Content-Type": "application/json",
+    }
+
+
+def slack_headers(body: bytes, secret: str = "slack-signing-secret") -> dict[str, str]:
+    ts = str(int(time.time()))
+    sig = hmac.new(secret.encode(), f"v0:{ts}:".encode() + body, hashlib.sha256).hexdigest()
+    return {"X-Slack-Signature": f"v0={sig}", "X-Slack-Request-Timestamp": ts, "Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def client(sidecar_factory: Any) -> Any:
+    return await sidecar_factory(ROUTES)
+
+
+def stored_keys(rdb: redis.Redis) -> list[bytes]:
+    return sorted(rdb.keys("*"))
+
+
+async def test_ingress_forwards_new_event_byte_for_byte(client: Any, upstream: Upstream) -> None:
+    body = stripe_body("evt_1")
+    headers = {**stripe_headers(body), "X-Custom": "kept", "Connection": "keep-alive, X-Hop", "X-Hop": "dropped"}
+    resp = await client.post("/webhooks/stripe?a=1&b=2", data=body, headers=headers)
+    assert resp.status == 200
+    assert await resp.json() == {"ok": True}
+    assert resp.headers["X-Upstream"] == "yes"  # upstream's headers come back
+    assert resp.headers["X-Sidecar-Event-Id"] == "evt_1"
+    [got] = upstream.received
+    assert got.body == body
+    assert got.path_qs == "/webhooks/stripe?a=1&b=2"
+    assert got.headers["stripe-signature"] == headers["Stripe-Signature"]
+    assert got.headers["x-custom"] == "kept"
+    assert "x-hop" not in got.headers
+    assert got.headers["x-sidecar-event-id"] == "evt_1"
+    assert got.headers["x-sidecar-attempt"] == "1"
+    assert got.headers["x-sidecar-route"] == "stripe"
+    assert got.headers["x-forwarded-for"] == "127.0.0.1"
+    assert got.headers["x-forwarded-proto"] == "http"
+    assert got.headers["x-forwarded-host"].startswith("127.0.0.1:")
+
+
+async def test_ingress_duplicate_after_delivery_reports_delivered(client: Any, upstream: Upstream) -> None:
+    body = stripe_body("evt_dup")
+    assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 200
+    resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert resp.status == 200
+    assert await resp.json() == {"duplicate": True, "event_id": "evt_dup", "state": "delivered"}
+    assert resp.headers["X-Sidecar-Event-Id"] == "evt_dup"
+    assert len(upstream.received) == 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error"),
+    [
+        ("tamper", "invalid_signature"),
+        ("wrong_secret", "invalid_signature"),
+        ("stale", "timestamp_out_of_tolerance"),
+        ("missing", "invalid_signature"),
+    ],
+)
+async def test_ingress_rejects_bad_signature_without_claim_or_forward(
+    client: Any, upstream: Upstream, rdb: redis.Redis, mutate: str, error: str
+) -> None:
+    body = stripe_body("evt_bad")
+    headers = stripe_headers(body)
+    if mutate == "tamper":
+        body = body.replace(b"evt_bad", b"evt_bae")
+    elif mutate == "wrong_secret":
+        headers = stripe_headers(body, secret="whsec_wrong")
+    elif mutate == "stale":
+        headers = stripe_headers(body, t=int(time.time()) - 3600)
+    else:
+        del headers["Stripe-Signature"]
+    resp = await client.post("/webhooks/stripe", data=body, headers=headers)
+    assert resp.status == 401
+    assert (await resp.json())["error"] == error
+    assert upstream.received == []
+    assert stored_keys(rdb) == []
+
+
+async def test_ingress_accepts_second_configured_secret(client: Any, upstream: Upstream) -> None:
+    body = stripe_body("evt_rot")
+    resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body, secret=STRIPE_OLD))
+    assert resp.status == 200
+    assert upstream.ids() == ["evt_rot"]
+
+
+async def test_ingress_50_concurrent_copies_forward_once(client: Any, upstream: Upstream) -> None:
+    upstream.delay = 0.05  # keep the first forward in flight while the copies arrive
+    body = stripe_body("evt_race")
+    resps = await asyncio.gather(
+        *(client.post("/webhooks/stripe", data=body, headers=stripe_headers(body)) for _ in range(50))
+    )
+    statuses = sorted(r.status for r in resps)
+    assert statuses == [200] * 50
+    payloads = [await r.json() for r in resps]
+    assert sum(1 for p in payloads if p.get("duplicate")) == 49
+    assert upstream.ids() == ["evt_race"]
+
+
+async def test_ingress_interleaved_distinct_events_each_forwarded_once(client: Any, upstream: Upstream) -> None:
+    bodies = [stripe_body(f"evt_{i}") for i in range(20)]
+    sends = [client.post("/webhooks/stripe", data=b, headers=stripe_headers(b)) for _ in range(10) for b in bodies]
+    resps = await asyncio.gather(*sends)
+    assert all(r.status == 200 for r in resps)
+    assert sorted(upstream.ids()) == sorted(f"evt_{i}" for i in range(20))
+
+
+async def test_ingress_same_event_id_on_two_routes_is_two_events(client: Any, upstream: Upstream) -> None:
+    body = stripe_body("evt_shared")
+    r1 = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    r2 = await client.post("/webhooks/stripe2", data=body, headers=stripe_headers(body))
+    assert (r1.status, r2.status) == (200, 200)
+    assert [r.headers["x-sidecar-route"] for r in upstream.received] == ["stripe", "stripe2"]
+
+
+async def test_ingress_replay_under_forged_header_id_neither_blocks_nor_duplicates(
+    client: Any, upstream: Upstream
+) -> None:
+    body_a = b'{"ref":"refs/heads/main","after":"aaa"}'
+    body_b = b'{"ref":"refs/heads/main","after":"bbb"}'
+    # The real delivery A.
+    assert (await client.post("/webhooks/github", data=body_a, headers=github_headers(body_a, "id-A"))).status == 200
+    # An attacker replays A's signed bytes under B's id before B arrives: not forwarded again.
+    replay = await client.post("/webhooks/github", data=body_a, headers=github_headers(body_a, "id-B"))
+    assert replay.status == 200
+    assert (await replay.json())["duplicate"] is True
+    # The real B still gets through.
+    real_b = await client.post("/webhooks/github", data=body_b, headers=github_headers(body_b, "id-B"))
+    assert real_b.status == 200
+    assert "duplicate" not in await real_b.json()
+    assert [r.body for r in upstream.received] == [body_a, body_b]
+    assert upstream.ids() == ["id-A", "id-B"]
+
+
+async def test_ingress_retryable_failure_queues_and_resend_is_pending(client: Any, upstream: Upstream) -> None:
+    upstream.respond(503)
+    body = stripe_body("evt_q")
+    resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert resp.status == 202
+    payload = await resp.json()
+    assert payload["queued"] is True and payload["event_id"] == "evt_q"
+    assert payload["next_attempt_at"].endswith("Z")
+    again = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert await again.json() == {"duplicate": True, "event_id": "evt_q", "state": "pending"}
+
+
+async def test_ingress_unreachable_upstream_queues(sidecar_factory: Any, upstream: Upstream) -> None:
+    upstream.url = "http://127.0.0.1:1"  # nothing listens on port 1
+    client = await sidecar_factory(ROUTES)
+    body = stripe_body("evt_down")
+    resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert resp.status == 202
+    assert (await resp.json())["queued"] is True
+
+
+async def test_ingress_permanent_rejection_dead_letters(client: Any, upstream: Upstream, rdb: redis.Redis) -> None:
+    upstream.respond(400)
+    body = stripe_body("evt_400")
+    resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert resp.status == 202
+    assert await resp.json() == {"dead_lettered": True, "event_id": "evt_400"}
+    assert rdb.zcard("sidecar:{dlq}:items") == 1
+    again = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert (await again.json())["state"] == "dead"
+
+
+async def test_ingress_no_route_is_404(client: Any) -> None:
+    resp = await client.post("/nowhere", data=b"{}")
+    assert resp.status == 404
+    assert await resp.json() == {"error": "no_route"}
+
+
+async def test_ingress_body_too_large_is_413_with_and_without_length(client: Any, upstream: Upstream) -> None:
+    big = b"x" * 70_000
+    resp = await client.post("/webhooks/stripe", data=big, headers=stripe_headers(big))
+    assert resp.status == 413
+    assert await resp.json() == {"error": "body_too_large"}
+
+    async def chunks():
+        for _ in range(70):
+            yield b"y" * 1000
+
+    resp = await client.post("/webhooks/stripe", data=chunks(), headers={"Stripe-Signature": "t=1,v1=00"})
+    assert resp.status == 413
+    assert upstream.received == []
+
+
+async def test_ingress_signed_body_without_id_is_400(client: Any, upstream: Upstream, rdb: redis.Redis) -> None:
+    body = b'{"object":"event","type":"invoice.paid"}'
+    resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert resp.status == 400
+    assert await resp.json() == {"error": "no_event_id"}
+    assert upstream.received == [] and stored_keys(rdb) == []
+
+
+async def test_ingress_store_unreachable_is_503_fail_closed(sidecar_factory: Any, upstream: Upstream) -> None:
+    from sidecar.app import create_app
+    from tests.conftest import make_config
+
+    config = make_config(ROUTES, upstream_url=upstream.url, redis_url="redis://127.0.0.1:1")
+    app = create_app(config, redis_url="redis://127.0.0.1:1", run_worker=False)
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async with TestClient(TestServer(app)) as client:
+        body = stripe_body("evt_503")
+        resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        assert resp.status == 503
+        assert (await resp.json())["error"] == "store_unavailable"
+        assert int(resp.headers["Retry-After"]) > 0
+    assert upstream.received == []
+
+
+async def test_ingress_types_filter_answers_filtered(client: Any, upstream: Upstream, rdb: redis.Redis) -> None:
+    body = stripe_body("evt_t1", type_="customer.created")
+    resp = await client.post("/webhooks/typed", data=body, headers=stripe_headers(body))
+    assert resp.status == 200
+    assert await resp.json() == {"filtered": True}
+    ok = stripe_body("evt_t2", type_="invoice.paid")
+    assert (await client.post("/webhooks/typed", data=ok, headers=stripe_headers(ok))).status == 200
+    assert upstream.ids() == ["evt_t2"]
+
+
+async def test_ingress_dedupe_false_passes_through_synchronously(
+    client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    upstream.respond(500, body=b"upstream broke")
+    body = stripe_body("evt_pt")
+    resp = await client.post("/webhooks/passthru", data=body, headers=stripe_headers(body))
+    assert resp.status == 500
+    assert await resp.read() == b"upstream broke"
+    assert stored_keys(rdb) == []  # never claimed, never scheduled
+    again = await client.post("/webhooks/passthru", data=body, headers=stripe_headers(body))
+    assert again.status == 200  # no dedupe: forwarded again
+    assert len(upstream.received) == 2
+
+
+async def test_ingress_non_post_passes_through_untouched(client: Any, upstream: Upstream, rdb: redis.Redis) -> None:
+    resp = await client.get("/webhooks/stripe?probe=1")
+    assert resp.status == 200
+    [got] = upstream.received
+    assert (got.method, got.path_qs) == ("GET", "/webhooks/stripe?probe=1")
+    assert stored_keys(rdb) == []
+
+
+async def test_ingress_slack_url_verification_answered_not_claimed(
+    client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    body = json.dumps({"token": "t", "challenge": "c-123", "type": "url_verification"}).encode()
+    resp = await client.post("/webhooks/slack", data=body, headers=slack_headers(body))
+    assert resp.status == 200
+    assert (await resp.json())["challenge"] == "c-123"
+    assert upstream.received == [] and stored_keys(rdb) == []
+    forged = await client.post("/webhooks/slack", data=body, headers=slack_headers(body, secret="nope"))
+    assert forged.status == 401
+
+
+async def test_ingress_handshake_pass_mode_relays_upstream(client: Any, upstream: Upstream, rdb: redis.Redis) -> None:
+    upstream.respond(200, body=b'{"challenge":"from-upstream"}', headers={"Content-Type": "application/json"})
+    body = json.dumps({"token": "t", "challenge": "c-9", "type": "url_verification"}).encode()
+    resp = await client.post("/webhooks/slackpass", data=body, headers=slack_headers(body))
+    assert resp.status == 200
+    assert await resp.json() == {"challenge": "from-upstream"}
+    assert len(upstream.received) == 1 and stored_keys(rdb) == []
+
+
+async def test_ingress_unverified_route_uses_configured_header_id(client: Any, upstream: Upstream) -> None:
+    r1 = await client.post("/webhooks/plain", data=b"one", headers={"X-Event-Id": "e-1"})
+    r2 = await client.post("/webhooks/plain", data=b"one", headers={"X-Event-Id": "e-1"})
+    r3 = await client.post("/webhooks/plain", data=b"one")
+    assert (r1.status, r2.status, r3.status) == (200, 200, 400)
+    assert (await r2.json())["duplicate"] is True
+    assert upstream.ids() == ["e-1"]
+
+
+async def test_ingress_hostile_event_id_is_rejected_not_500(client: Any, upstream: Upstream) -> None:
+    for bad in ["", "a\nb", "x" * 300, "é"]:
+        body = json.dumps({"id": bad, "type": "invoice.paid"}).encode()
+        resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        assert resp.status == 400, bad
+    body = json.dumps({"id": 12345, "type": "invoice.paid"}).encode()
+    resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert resp.status in (200, 400)  # a numeric id is usable or cleanly refused, never a 500
+    assert upstream.ids() in ([], ["12345"])

@@ -1,0 +1,149 @@
+"""RedisStore against a real Valkey: the claim, take, ack, retry, dead-letter scripts and their guarantees."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+
+from sidecar.errors import StoreUnavailable
+from sidecar.keys import KeySpace
+from sidecar.store import AttemptRecord, EventRecord, RedisStore
+
+KEYS = KeySpace("sidecar", 4)
+
+
+def record(event_id: str = "evt_1", route: str = "stripe", body: bytes = b'{"id":"evt_1"}') -> EventRecord:
+    return EventRecord(
+        route=route,
+        dedupe_id=event_id,
+        event_id=event_id,
+        method="POST",
+        path_qs="/webhooks/stripe?x=1",
+        headers=(("Content-Type", "application/json"), ("Stripe-Signature", "t=1,v1=ab")),
+        body=body,
+        client_ip="127.0.0.1",
+        proto="http",
+        host="hooks.example.com",
+        first_seen_ms=int(time.time() * 1000),
+    )
+
+
+@pytest.fixture
+async def store(redis_url: str, rdb: redis.Redis):
+    s = RedisStore.connect(redis_url, KEYS, dedupe_ttl=3600, dlq_max_length=3)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def entry(attempt: int, status: int | None = 503, error: str | None = None) -> AttemptRecord:
+    return AttemptRecord(int(time.time() * 1000), attempt, status, error, 12.5)
+
+
+async def test_store_claim_persists_event_and_leases_it(store: RedisStore, rdb: redis.Redis) -> None:
+    rec = record()
+    now = int(time.time() * 1000)
+    assert (await store.claim(rec, now, 30_000)).claimed
+    shard = KEYS.shard_of("stripe", "evt_1")
+    stored = rdb.hgetall(KEYS.event(shard, "stripe:evt_1"))
+    assert stored[b"body"] == rec.body
+    assert stored[b"st"] == b"f"
+    assert rdb.zscore(KEYS.schedule(shard), "stripe:evt_1") == now + 30_000
+    assert rdb.ttl(KEYS.event(shard, "stripe:evt_1")) == -1  # never expires while pending
+
+
+async def test_store_claim_second_is_duplicate_with_state(store: RedisStore) -> None:
+    rec = record()
+    now = int(time.time() * 1000)
+    assert (await store.claim(rec, now, 30_000)).claimed
+    dup = await store.claim(rec, now, 30_000)
+    assert not dup.claimed and dup.state == "pending"
+    await store.ack("stripe", "evt_1", entry(1, 200), now)
+    dup = await store.claim(rec, now, 30_000)
+    assert not dup.claimed and dup.state == "delivered"
+
+
+async def test_store_concurrent_claims_exactly_one_wins(store: RedisStore) -> None:
+    rec = record()
+    now = int(time.time() * 1000)
+    results = await asyncio.gather(*(store.claim(rec, now, 30_000) for _ in range(50)))
+    assert sum(r.claimed for r in results) == 1
+
+
+async def test_store_ack_drops_body_sets_ttl_and_unschedules(store: RedisStore, rdb: redis.Redis) -> None:
+    now = int(time.time() * 1000)
+    await store.claim(record(), now, 30_000)
+    assert await store.ack("stripe", "evt_1", entry(1, 200), now)
+    shard = KEYS.shard_of("stripe", "evt_1")
+    key = KEYS.event(shard, "stripe:evt_1")
+    assert not rdb.hexists(key, "body")
+    assert 3500 < rdb.ttl(key) <= 3600
+    assert rdb.zscore(KEYS.schedule(shard), "stripe:evt_1") is None
+    ev = await store.get_event("stripe", "evt_1")
+    assert ev is not None and ev["state"] == "delivered" and ev["history"][0]["status"] == 200
+
+
+async def test_store_take_only_when_due_and_only_once(store: RedisStore) -> None:
+    now = int(time.time() * 1000)
+    rec = record()
+    await store.claim(rec, now, 30_000)
+    shard = KEYS.shard_of("stripe", "evt_1")
+    assert await store.take_due(shard, now, 30_000, 10) == []  # leased, not due
+    assert await store.retry("stripe", "evt_1", 1, now - 1, entry(1))
+    taken = await asyncio.gather(*(store.take(shard, "stripe:evt_1", now, 30_000) for _ in range(10)))
+    winners = [t for t in taken if t is not None]
+    assert len(winners) == 1
+    assert winners[0].attempt == 2
+    assert winners[0].record.body == rec.body
+    assert winners[0].record.headers == rec.headers
+    assert winners[0].history[0]["status"] == 503
+
+
+async def test_store_expired_lease_makes_event_takeable_again(store: RedisStore) -> None:
+    now = int(time.time() * 1000)
+    await store.claim(record(), now, 1_000)
+    shard = KEYS.shard_of("stripe", "evt_1")
+    assert await store.take_due(shard, now, 30_000, 10) == []
+    later = await store.take_due(shard, now + 1_001, 30_000, 10)
+    assert [t.attempt for t in later] == [2]
+
+
+async def test_store_retry_is_fenced_by_attempt_number(store: RedisStore, rdb: redis.Redis) -> None:
+    now = int(time.time() * 1000)
+    await store.claim(record(), now, 1_000)
+    shard = KEYS.shard_of("stripe", "evt_1")
+    [taken] = await store.take_due(shard, now + 2_000, 30_000, 10)  # a replica took over: attempt 2
+    # attempt 1 reports late: it must not pull attempt 2's lease
+    assert not await store.retry("stripe", "evt_1", 1, now, entry(1))
+    assert rdb.zscore(KEYS.schedule(shard), "stripe:evt_1") == now + 2_000 + 30_000
+    assert await store.retry("stripe", "evt_1", taken.attempt, now + 5, entry(2))
+
+
+async def test_store_bury_keeps_history_and_caps_with_evictions(store: RedisStore, rdb: redis.Redis) -> None:
+    now = int(time.time() * 1000)
+    for i in range(5):
+        rec = record(f"evt_{i}")
+        await store.claim(rec, now, 30_000)
+        item_id, evicted = await store.bury(rec, 1, entry(1, 400), [], now + i, "rejected")
+        assert len(evicted) == (1 if i >= 3 else 0)
+        if evicted:
+            assert evicted[0].route == "stripe" and evicted[0].event_id == f"evt_{i - 3}"
+    assert await store.dlq_length() == 3
+    assert await store.dlq_length("stripe") == 3
+    assert await store.dlq_evicted() == {"stripe": 2}
+    ev = await store.get_event("stripe", "evt_4")
+    assert ev is not None and ev["state"] == "dead" and ev["scheduled_ms"] is None
+
+
+async def test_store_unreachable_raises_store_unavailable() -> None:
+    s = RedisStore.connect("redis://127.0.0.1:1", KEYS, dedupe_ttl=10, dlq_max_length=3, timeout=0.5)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await s.claim(record(), int(time.time() * 1000), 1000)
+        assert not await s.ping()
+    finally:
+        await s.close()
