@@ -1,0 +1,1009 @@
+"""The sidecar's configuration: frozen dataclasses, loaded from YAML and validated in one pass.
+
+    config = load("config/sidecar.yaml")          # raises ConfigError listing every problem at once
+    errors = check_config("config/sidecar.yaml")  # the same lines, for `sidecar check-config`
+
+Each error reads `FILE:LINE: dotted.key.path: message`. Messages never repeat a configured value: a value may
+be a secret, an env var's content, or a URL with a password in it. Secrets are also kept out of every `repr`.
+
+Loading goes YAML text -> node tree (yaml's composer, which keeps line numbers) -> `_Item` tree with `${VAR}`
+interpolated -> typed sections. Working from nodes rather than `yaml.safe_load` output is what lets every
+error name its line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+
+from sidecar.durations import parse_duration
+from sidecar.errors import ConfigError
+
+__all__ = [
+    "AdminConfig",
+    "Config",
+    "ConfigError",
+    "DedupeConfig",
+    "DlqConfig",
+    "EventIdSource",
+    "RedisConfig",
+    "RetryConfig",
+    "RouteConfig",
+    "ServerConfig",
+    "SignUpstream",
+    "UpstreamConfig",
+    "check_config",
+    "load",
+    "load_text",
+    "parse_listen",
+    "redact_url",
+]
+
+HOUR = 3600.0
+
+
+# ------------------------------------------------------------------------------------------- the dataclasses
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`host:port`, `[v6addr]:port` or `:port` (every interface) -> (host, port). Raises ValueError."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep:
+        raise ValueError('expected host:port, like "0.0.0.0:8080" or "[::1]:8080"')
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError('an IPv6 address needs closing brackets, like "[::1]:8080"')
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("the bracketed host is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError('an IPv6 address needs brackets, like "[::1]:8080"')
+    elif not host:
+        host = "0.0.0.0"
+    elif not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+        raise ValueError("the host is not a hostname or IP address")
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or int(port_text) > 65535:
+        raise ValueError("the port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by `***`, for reprs and logs."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hosts}"
+
+
+def _set_listen(obj: ServerConfig | AdminConfig) -> None:
+    host, port = parse_listen(obj.listen)
+    # Frozen dataclass: host and port are derived once here so they can never disagree with `listen`.
+    object.__setattr__(obj, "host", host)
+    object.__setattr__(obj, "port", port)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: str = "0.0.0.0:8080"
+    host: str = field(init=False)
+    port: int = field(init=False)
+    workers: int = 1  # 0 = one per core
+    max_body_bytes: int = 1048576
+    read_timeout: float = 10.0
+    shutdown_grace: float = 20.0
+
+    def __post_init__(self) -> None:
+        _set_listen(self)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: str = "127.0.0.1:9090"
+    host: str = field(init=False)
+    port: int = field(init=False)
+    token: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        _set_listen(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = "embedded"
+    prefix: str = "sidecar"
+    shards: int = 16
+    data_dir: str = "data"
+    appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    timeout: float = 2.0
+
+    def __repr__(self) -> str:
+        # A redis URL often carries the password; show everything else.
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["url"] = redact_url(self.url)
+        return f"RedisConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str = "http://127.0.0.1:3000"
+    timeout: float = 10.0
+    max_connections: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class DedupeConfig:
+    ttl: float = 72 * HOUR
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    max_attempts: int = 8
+    base_delay: float = 5.0
+    multiplier: float = 3.0
+    max_delay: float = 6 * HOUR
+    jitter: float = 0.2
+    retry_on: tuple[str, ...] = ("408", "425", "429", "5xx")
+    max_age: float = 72 * HOUR
+    lease: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DlqConfig:
+    max_length: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class EventIdSource:
+    """Where a route's event id comes from: the provider's (`auto`), a header, a JSON path or the body."""
+
+    kind: Literal["auto", "header", "json", "body_sha256"]
+    value: str | None = None  # header name (lowercase) or dotted JSON path
+
+
+@dataclass(frozen=True, slots=True)
+class SignUpstream:
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    path: str
+    provider: str
+    # `secrets` plus the contents of `secret_files`, empty entries dropped.
+    secrets: tuple[str, ...] = field(repr=False)
+    secret_files: tuple[str, ...] = ()
+    tolerance: float | None = None
+    upstream: str | None = None
+    event_id: EventIdSource = EventIdSource("auto")
+    dedupe: bool = True
+    types: tuple[str, ...] | None = None
+    sign_upstream: SignUpstream | None = None
+    public_url: str | None = None
+    retry: RetryConfig = RetryConfig()  # the global retry section with this route's overrides merged in
+    handshake: Literal["answer", "pass"] = "answer"
+    # The generic `hmac` provider's spec, as written; a dict cannot be hashed, so it stays out of __hash__.
+    signature: Mapping[str, Any] | None = field(default=None, hash=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    dlq: DlqConfig = field(default_factory=DlqConfig)
+    routes: tuple[RouteConfig, ...] = ()
+    source: str = "<defaults>"
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Load and validate the config file at `path`. Raises ConfigError with every problem found."""
+    source = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{source}:1: <file>: cannot read the config file ({exc.strerror})"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{source}:1: <file>: the config file is not UTF-8 text"]) from exc
+    return load_text(text, source, env)
+
+
+def load_text(text: str, source: str = "<string>", env: Mapping[str, str] | None = None) -> Config:
+    """Validate YAML `text`; `source` names it in error lines, `env` (default os.environ) feeds `${VAR}`."""
+    ctx = _Ctx(source, os.environ if env is None else env)
+    config = _load(ctx, text)
+    if ctx.errors or config is None:
+        raise ConfigError(ctx.lines())
+    return config
+
+
+def check_config(path: str | os.PathLike[str]) -> list[str]:
+    """The error lines for the config at `path`; empty when it is valid (`sidecar check-config`)."""
+    try:
+        load(path)
+    except ConfigError as exc:
+        return list(exc.errors)
+    return []
+
+
+# ------------------------------------------------------------------------------------- error collection
+
+
+class _Bad:
+    """The sentinel for a value whose error has already been reported; callers skip it silently."""
+
+    def __repr__(self) -> str:
+        return "<bad>"
+
+
+BAD: Any = _Bad()
+
+
+class _Ctx:
+    def __init__(self, source: str, env: Mapping[str, str]) -> None:
+        self.source = source
+        self.env = env
+        self.errors: list[tuple[int, str, str]] = []
+        self.secrets: set[str] = set()
+
+    def error(self, line: int, path: str, message: str) -> None:
+        self.errors.append((line, path or "<root>", message))
+
+    def bad(self, item: _Item, path: str, message: str) -> Any:
+        self.error(item.line, path, message)
+        return BAD
+
+    def lines(self) -> list[str]:
+        # Our messages never hold values, but a provider's message is foreign text: scrub every line anyway.
+        # Short secrets are left alone: redacting "ab" would shred every message and hide next to nothing.
+        secrets = sorted((s for s in self.secrets if len(s) >= 4), key=len, reverse=True)
+        out = []
+        for line, path, message in sorted(self.errors, key=lambda e: e[0]):
+            for secret in secrets:
+                message = message.replace(secret, "[redacted]")
+            out.append(f"{self.source}:{line}: {path}: {message}")
+        return out
+
+
+# ----------------------------------------------------------------------------- YAML nodes -> _Item tree
+
+
+@dataclass(slots=True)
+class _Item:
+    """One YAML value with the line errors about it are reported at (its key's line inside a mapping)."""
+
+    value: Any  # str | int | float | bool | None | dict[str, _Item] | list[_Item] | BAD | other YAML scalars
+    line: int
+    raw: str | None = None  # source text of a plain non-string scalar, so `appendfsync: no` can stay "no"
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_VAR = re.compile(r"\$(\$|\{([^}]*)\}|\{)")
+_VAR_BODY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)(.*))?", re.DOTALL)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _build(ctx: _Ctx, ctor: yaml.constructor.SafeConstructor, node: yaml.Node, path: str, line: int) -> _Item:
+    if isinstance(node, yaml.ScalarNode):
+        return _scalar(ctx, ctor, node, path, line)
+    if isinstance(node, yaml.SequenceNode):
+        items = [
+            _build(ctx, ctor, child, f"{path}[{i}]", child.start_mark.line + 1)
+            for i, child in enumerate(node.value)
+        ]
+        return _Item(items, line)
+    assert isinstance(node, yaml.MappingNode)
+    entries: dict[str, _Item] = {}
+    first_line: dict[str, int] = {}
+    merged: dict[str, _Item] = {}
+    for key_node, value_node in node.value:
+        key_line = key_node.start_mark.line + 1
+        if key_node.tag == _MERGE_TAG:
+            _merge(ctx, ctor, value_node, path, key_line, merged)
+            continue
+        if not isinstance(key_node, yaml.ScalarNode):
+            ctx.error(key_line, path, "a key must be a plain string, not a list or mapping")
+            continue
+        key = key_node.value  # the key's source text: `on:` stays "on", not True
+        if key in first_line:
+            ctx.error(key_line, _join(path, key), f"duplicate key (first set at line {first_line[key]})")
+            continue
+        first_line[key] = key_line
+        entries[key] = _build(ctx, ctor, value_node, _join(path, key), key_line)
+    # YAML merge keys (`<<: *defaults`): keys written in the mapping itself win over merged ones.
+    return _Item({**merged, **entries}, line)
+
+
+def _merge(
+    ctx: _Ctx,
+    ctor: yaml.constructor.SafeConstructor,
+    node: yaml.Node,
+    path: str,
+    line: int,
+    into: dict[str, _Item],
+) -> None:
+    sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    for src in sources:
+        if not isinstance(src, yaml.MappingNode):
+            ctx.error(line, _join(path, "<<"), "a merge key needs a mapping or a list of mappings")
+            continue
+        built = _build(ctx, ctor, src, path, src.start_mark.line + 1)
+        for key, item in built.value.items():
+            into.setdefault(key, item)  # the first source that sets a key wins, as in YAML's merge spec
+
+
+def _scalar(
+    ctx: _Ctx, ctor: yaml.constructor.SafeConstructor, node: yaml.ScalarNode, path: str, line: int
+) -> _Item:
+    if node.tag == _STR_TAG:
+        return _Item(_interpolate(ctx, node.value, path, line), line)
+    try:
+        value = ctor.construct_object(node)
+    except yaml.YAMLError:
+        ctx.error(line, path, f"unsupported YAML tag {node.tag}")
+        return _Item(BAD, line)
+    return _Item(value, line, node.value if node.style is None else None)
+
+
+def _interpolate(ctx: _Ctx, text: str, path: str, line: int) -> Any:
+    """`${VAR}`, `${VAR:-default}` (unset or empty), `${VAR-default}` (unset only), `$$` -> `$`."""
+    out: list[str] = []
+    pos = 0
+    ok = True
+    for match in _VAR.finditer(text):
+        out.append(text[pos : match.start()])
+        pos = match.end()
+        if match.group(1) == "$":
+            out.append("$")
+            continue
+        if match.group(1) == "{":
+            ctx.error(line, path, "unterminated ${ (write $$ for a literal $)")
+            ok = False
+            continue
+        body = _VAR_BODY.fullmatch(match.group(2))
+        if body is None:
+            ctx.error(line, path, "${…} must hold a variable name, like ${NAME} or ${NAME:-default}")
+            ok = False
+            continue
+        name, op, default = body.groups()
+        value = ctx.env.get(name)
+        if (op == ":-" and not value) or (op == "-" and value is None):
+            value = default
+        if value is None:
+            hint = f"write ${{{name}:-default}} for a default"
+            ctx.error(line, path, f"environment variable {name} is not set ({hint})")
+            ok = False
+            continue
+        out.append(value)
+    out.append(text[pos:])
+    return "".join(out) if ok else BAD
+
+
+def _compose(ctx: _Ctx, text: str) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        # Only `problem`/`context`: str(exc) quotes the offending source line, which may hold a secret.
+        mark = exc.problem_mark or exc.context_mark
+        message = "; ".join(part for part in (exc.context, exc.problem) if part)
+        ctx.error(mark.line + 1 if mark else 1, "<yaml>", f"invalid YAML: {message}")
+    except yaml.YAMLError:
+        ctx.error(1, "<yaml>", "invalid YAML")
+    return None
+
+
+# ------------------------------------------------------------------------------------------ converters
+# A converter takes (ctx, item, path) and returns the typed value, or BAD after reporting an error.
+
+Conv = Callable[[_Ctx, _Item, str], Any]
+
+_KINDS: list[tuple[type, str]] = [
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a number"),
+    (str, "a string"),
+    (list, "a list"),
+    (dict, "a mapping"),
+    (type(None), "nothing (null)"),
+]
+
+
+def _kind(value: Any) -> str:
+    return next((name for cls, name in _KINDS if isinstance(value, cls)), f"a {type(value).__name__}")
+
+
+def _text(ctx: _Ctx, item: _Item, path: str) -> Any:
+    value = item.value
+    if value is BAD or isinstance(value, str):
+        return value
+    if item.raw is not None and value is not None:
+        return item.raw  # YAML read `no`, `0123` or `2024-01-01` as a non-string; the field wants the text
+    return ctx.bad(item, path, f"expected a string, got {_kind(value)}")
+
+
+def _nonempty(ctx: _Ctx, item: _Item, path: str) -> Any:
+    value = _text(ctx, item, path)
+    if value is BAD:
+        return BAD
+    if not value.strip():
+        return ctx.bad(item, path, "must not be empty")
+    return value
+
+
+def _integer(low: int, high: int | None = None) -> Conv:
+    def conv(ctx: _Ctx, item: _Item, path: str) -> Any:
+        value = item.value
+        if value is BAD:
+            return BAD
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+            value = int(value)  # e.g. "${WORKERS:-4}"
+        if isinstance(value, bool) or not isinstance(value, int):
+            return ctx.bad(item, path, f"expected an integer, got {_kind(value)}")
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            return ctx.bad(item, path, f"must be {bounds}")
+        return value
+
+    return conv
+
+
+def _number(low: float, high: float | None = None) -> Conv:
+    def conv(ctx: _Ctx, item: _Item, path: str) -> Any:
+        value = item.value
+        if value is BAD:
+            return BAD
+        if isinstance(value, str) and _FLOAT.fullmatch(value):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return ctx.bad(item, path, f"expected a number, got {_kind(value)}")
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
+            return ctx.bad(item, path, f"must be {bounds}")
+        return float(value)
+
+    return conv
+
+
+def _duration(*, zero_ok: bool = False) -> Conv:
+    def conv(ctx: _Ctx, item: _Item, path: str) -> Any:
+        if item.value is BAD:
+            return BAD
+        try:
+            seconds = parse_duration(item.value)
+        except ValueError as exc:
+            return ctx.bad(item, path, str(exc))
+        if seconds == 0 and not zero_ok:
+            return ctx.bad(item, path, "must be longer than 0")
+        return seconds
+
+    return conv
+
+
+_FLOAT = re.compile(r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _boolean(ctx: _Ctx, item: _Item, path: str) -> Any:
+    value = item.value
+    if value is BAD or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE  # e.g. "${DEDUPE:-true}"
+    return ctx.bad(item, path, f"expected true or false, got {_kind(value)}")
+
+
+def _choice(*choices: str) -> Conv:
+    def conv(ctx: _Ctx, item: _Item, path: str) -> Any:
+        value = _text(ctx, item, path)
+        if value is BAD or value in choices:
+            return value
+        return ctx.bad(item, path, f"expected one of: {', '.join(choices)}")
+
+    return conv
+
+
+def _optional(conv: Conv) -> Conv:
+    """null, or an empty string (e.g. `${PUBLIC_URL:-}`), means "not set"."""
+
+    def optional(ctx: _Ctx, item: _Item, path: str) -> Any:
+        if item.value is None or item.value == "":
+            return None
+        return conv(ctx, item, path)
+
+    return optional
+
+
+def _list_of(conv: Conv, *, empty_ok: bool = True) -> Conv:
+    """A list; a single scalar counts as a one-item list (`retry_on: 5xx`)."""
+
+    def as_list(ctx: _Ctx, item: _Item, path: str) -> Any:
+        if item.value is BAD:
+            return BAD
+        if isinstance(item.value, dict) or item.value is None:
+            return ctx.bad(item, path, f"expected a list, got {_kind(item.value)}")
+        children = item.value if isinstance(item.value, list) else [_Item(item.value, item.line, item.raw)]
+        if not children and not empty_ok:
+            return ctx.bad(item, path, "must not be an empty list")
+        values = [conv(ctx, child, f"{path}[{i}]") for i, child in enumerate(children)]
+        return BAD if any(v is BAD for v in values) else tuple(values)
+
+    return as_list
+
+
+def _listen(ctx: _Ctx, item: _Item, path: str) -> Any:
+    value = _text(ctx, item, path)
+    if value is BAD:
+        return BAD
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        return ctx.bad(item, path, str(exc))
+    return value
+
+
+def _http_url(ctx: _Ctx, item: _Item, path: str) -> Any:
+    value = _text(ctx, item, path)
+    if value is BAD:
+        return BAD
+    problem = _url_problem(value, ("http", "https"))
+    return ctx.bad(item, path, problem) if problem else value
+
+
+def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        return "not a valid URL"
+    if parts.scheme not in schemes:
+        return f"expected an {' or '.join(s + '://' for s in schemes)} URL"
+    if not parts.hostname:
+        return "the URL has no host"
+    if parts.fragment:
+        return "the URL must not have a #fragment"
+    return None
+
+
+def _redis_url(ctx: _Ctx, item: _Item, path: str) -> Any:
+    value = _text(ctx, item, path)
+    if value is BAD or value == "embedded":
+        return value
+    scheme = value.partition("://")[0] if "://" in value else ""
+    if scheme in ("redis", "rediss"):
+        problem = _url_problem(value, (scheme,))
+        if problem is None and not re.fullmatch(r"/?|/[0-9]+", urlsplit(value).path):
+            problem = "the database must be a number, like redis://host:6379/0"
+    elif scheme == "redis+cluster":
+        problem = _cluster_problem(value)
+    elif scheme == "unix":
+        problem = None if urlsplit(value).path else "expected a socket path, like unix:///run/redis.sock"
+    else:
+        problem = "expected embedded, or a redis://, rediss://, redis+cluster:// or unix:// URL"
+    return ctx.bad(item, path, problem) if problem else value
+
+
+def _cluster_problem(url: str) -> str | None:
+    netloc = url.partition("://")[2].split("/", 1)[0].rpartition("@")[2]
+    for node in netloc.split(","):
+        host, _, port = node.rpartition(":")
+        if not host.strip("[]") or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+            return "expected redis+cluster://host:port[,host:port…]"
+    return None
+
+
+_STATUS_CLASSES = ("4xx", "5xx")
+
+
+def _status(ctx: _Ctx, item: _Item, path: str) -> Any:
+    value = item.value
+    if value is BAD:
+        return BAD
+    text = str(value).strip().lower() if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    if text in _STATUS_CLASSES or (re.fullmatch(r"[0-9]{3}", text) and 400 <= int(text) <= 599):
+        return text
+    return ctx.bad(item, path, 'expected a status code 400-599 like "429", or a class "4xx" or "5xx"')
+
+
+def _secret(ctx: _Ctx, item: _Item, path: str) -> Any:
+    value = _text(ctx, item, path)
+    if isinstance(value, str):
+        ctx.secrets.add(value)
+    return value
+
+
+def _plain(item: _Item) -> Any:
+    """The _Item tree as plain Python values (as `yaml.safe_load` would give, after interpolation)."""
+    if isinstance(item.value, dict):
+        values = {key: _plain(child) for key, child in item.value.items()}
+        return BAD if any(v is BAD for v in values.values()) else values
+    if isinstance(item.value, list):
+        items = [_plain(child) for child in item.value]
+        return BAD if any(v is BAD for v in items) else items
+    return item.value
+
+
+def _signature(ctx: _Ctx, item: _Item, path: str) -> Any:
+    if item.value is BAD:
+        return BAD
+    if not isinstance(item.value, dict):
+        return ctx.bad(item, path, f"expected a mapping (the generic hmac spec), got {_kind(item.value)}")
+    return _plain(item)
+
+
+# -------------------------------------------------------------------------------------------- sections
+
+
+def _section(
+    ctx: _Ctx, item: _Item | None, path: str, spec: Mapping[str, Conv]
+) -> tuple[dict[str, Any], bool]:
+    """The keys present in a mapping, converted; reports unknown keys and bad values (then ok is False)."""
+    if item is None or item.value is None:
+        return {}, True  # `server:` with nothing under it means defaults
+    if item.value is BAD:
+        return {}, False
+    if not isinstance(item.value, dict):
+        ctx.error(item.line, path, f"expected a mapping, got {_kind(item.value)}")
+        return {}, False
+    values: dict[str, Any] = {}
+    ok = True
+    for key, child in item.value.items():
+        conv = spec.get(key)
+        if conv is None:
+            ctx.error(child.line, _join(path, key), _unknown_key(key, spec))
+            ok = False
+            continue
+        value = conv(ctx, child, _join(path, key))
+        if value is BAD:
+            ok = False
+        else:
+            values[key] = value
+    return values, ok
+
+
+def _unknown_key(key: str, known: Mapping[str, object]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    if close:
+        return f"unknown key (did you mean {close[0]}?)"
+    return f"unknown key (expected one of: {', '.join(known)})"
+
+
+def _build_dc(
+    ctx: _Ctx, item: _Item | None, path: str, cls: Callable[..., Any], values: dict[str, Any]
+) -> Any:
+    try:
+        return cls(**values)
+    except ValueError as exc:  # only parse_listen raises here, and it was already checked
+        ctx.error(item.line if item else 1, path, str(exc))
+        return BAD
+
+
+_SERVER: dict[str, Conv] = {
+    "listen": _listen,
+    "workers": _integer(0),
+    "max_body_bytes": _integer(1),
+    "read_timeout": _duration(),
+    "shutdown_grace": _duration(zero_ok=True),
+}
+_ADMIN: dict[str, Conv] = {"listen": _listen, "token": _optional(_secret)}
+_REDIS: dict[str, Conv] = {
+    "url": _redis_url,
+    "prefix": _nonempty,  # further checked in _check_prefix
+    "shards": _integer(1, 16384),
+    "data_dir": _nonempty,
+    "appendfsync": _choice("always", "everysec", "no"),
+    "timeout": _duration(),
+}
+_UPSTREAM: dict[str, Conv] = {"url": _http_url, "timeout": _duration(), "max_connections": _integer(1)}
+_DEDUPE: dict[str, Conv] = {"ttl": _duration()}
+_DLQ: dict[str, Conv] = {"max_length": _integer(1)}
+_RETRY: dict[str, Conv] = {
+    "max_attempts": _integer(1),
+    "base_delay": _duration(zero_ok=True),
+    "multiplier": _number(1.0),
+    "max_delay": _duration(),
+    "jitter": _number(0.0, 1.0),
+    "retry_on": _list_of(_status),
+    "max_age": _duration(),
+    "lease": _optional(_duration()),
+}
+_SECTIONS = ("server", "admin", "redis", "upstream", "dedupe", "retry", "dlq", "routes")
+
+
+def _load(ctx: _Ctx, text: str) -> Config | None:
+    node = _compose(ctx, text)
+    if ctx.errors:
+        return None
+    root = _Item({}, 1) if node is None else _build(ctx, yaml.constructor.SafeConstructor(), node, "", 1)
+    if not isinstance(root.value, dict):
+        sections = ", ".join(_SECTIONS)
+        ctx.error(
+            root.line, "<root>", f"expected a mapping of sections ({sections}), got {_kind(root.value)}"
+        )
+        return None
+    top = root.value
+    for key, item in top.items():
+        if key not in _SECTIONS:
+            ctx.error(item.line, key, _unknown_key(key, dict.fromkeys(_SECTIONS)))
+
+    server = _simple(ctx, top.get("server"), "server", _SERVER, ServerConfig)
+    admin = _simple(ctx, top.get("admin"), "admin", _ADMIN, AdminConfig)
+    redis = _simple(ctx, top.get("redis"), "redis", _REDIS, RedisConfig)
+    upstream = _simple(ctx, top.get("upstream"), "upstream", _UPSTREAM, UpstreamConfig)
+    dedupe = _simple(ctx, top.get("dedupe"), "dedupe", _DEDUPE, DedupeConfig)
+    dlq = _simple(ctx, top.get("dlq"), "dlq", _DLQ, DlqConfig)
+    retry_values, retry_ok = _section(ctx, top.get("retry"), "retry", _RETRY)
+    retry_items = _items(top.get("retry"))
+    retry = _make_retry(ctx, retry_values, retry_items, {}, {}, "retry") if retry_ok else BAD
+    _check_prefix(ctx, top.get("redis"), redis)
+    _check_listen_clash(ctx, top.get("admin"), server, admin)
+    routes = _routes(ctx, top.get("routes"), root, retry_values if retry_ok else None, retry_items)
+
+    parts = (server, admin, redis, upstream, dedupe, retry, dlq, routes)
+    if ctx.errors or any(part is BAD for part in parts):
+        return None
+    return Config(server, admin, redis, upstream, dedupe, retry, dlq, routes, ctx.source)
+
+
+def _simple(
+    ctx: _Ctx, item: _Item | None, path: str, spec: Mapping[str, Conv], cls: Callable[..., Any]
+) -> Any:
+    values, ok = _section(ctx, item, path, spec)
+    return _build_dc(ctx, item, path, cls, values) if ok else BAD
+
+
+def _items(item: _Item | None) -> dict[str, _Item]:
+    return item.value if item is not None and isinstance(item.value, dict) else {}
+
+
+def _check_prefix(ctx: _Ctx, item: _Item | None, redis: Any) -> None:
+    # Braces would smuggle a second hash tag into every key and break the one-slot-per-shard layout.
+    if redis is not BAD and not re.fullmatch(r"[A-Za-z0-9_.:-]+", redis.prefix):
+        line = _items(item)["prefix"].line
+        ctx.error(line, "redis.prefix", "may only hold letters, digits and _ . : - (no braces or spaces)")
+
+
+def _check_listen_clash(ctx: _Ctx, item: _Item | None, server: Any, admin: Any) -> None:
+    if server is BAD or admin is BAD or server.port != admin.port or server.port == 0:
+        return
+    wildcard = {"0.0.0.0", "::"}
+    if server.host == admin.host or server.host in wildcard or admin.host in wildcard:
+        line = _items(item)["listen"].line if "listen" in _items(item) else (item.line if item else 1)
+        ctx.error(line, "admin.listen", "must not use the same port as server.listen")
+
+
+def _make_retry(
+    ctx: _Ctx,
+    base: dict[str, Any],
+    base_items: dict[str, _Item],
+    override: dict[str, Any],
+    override_items: dict[str, _Item],
+    path: str,
+) -> Any:
+    """The global retry values with a route's overrides on top; `path` is where the overrides live."""
+    retry = RetryConfig(**{**base, **override})
+    if retry.max_delay >= retry.base_delay:
+        return retry
+    if path != "retry" and not override_items.keys() & {"max_delay", "base_delay"}:
+        return BAD  # the global section alone is at fault, and was reported there
+    items, where = (base_items, "retry") if path == "retry" else (override_items, path)
+    key = "max_delay" if "max_delay" in items else "base_delay"
+    ctx.error(items[key].line, f"{where}.{key}", "max_delay must not be shorter than base_delay")
+    return BAD
+
+
+# ------------------------------------------------------------------------------------------------- routes
+
+_NAME = re.compile(r"[a-z0-9_-]+")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _name(ctx: _Ctx, item: _Item, path: str) -> Any:
+    value = _text(ctx, item, path)
+    if value is BAD or _NAME.fullmatch(value):
+        return value
+    return ctx.bad(item, path, "must match [a-z0-9_-]+ (it is used in Redis keys, metrics and the admin API)")
+
+
+def _path(ctx: _Ctx, item: _Item, path: str) -> Any:
+    value = _text(ctx, item, path)
+    if value is BAD:
+        return BAD
+    if not value.startswith("/") or any(c in value for c in "?# \t"):
+        return ctx.bad(item, path, "must start with / and hold no query, fragment or spaces")
+    return value
+
+
+def _event_id(ctx: _Ctx, item: _Item, path: str) -> Any:
+    expected = "expected auto, body_sha256, {header: NAME} or {json: dotted.path}"
+    value = item.value
+    if value is BAD:
+        return BAD
+    if isinstance(value, str):
+        return EventIdSource(value) if value in ("auto", "body_sha256") else ctx.bad(item, path, expected)
+    if not isinstance(value, dict):
+        return ctx.bad(item, path, expected)
+    values, ok = _section(ctx, item, path, {"header": _nonempty, "json": _nonempty})
+    if not ok:
+        return BAD
+    if len(values) != 1:
+        return ctx.bad(item, path, f"{expected}; give exactly one of header or json")
+    ((kind, source),) = values.items()
+    if kind == "header":
+        if not _HEADER_NAME.fullmatch(source):
+            return ctx.bad(value["header"], _join(path, "header"), "not a valid HTTP header name")
+        return EventIdSource("header", source.lower())
+    if any(not part for part in source.split(".")):
+        return ctx.bad(value["json"], _join(path, "json"), "expected a dotted path like data.object.id")
+    return EventIdSource("json", source)
+
+
+def _sign_upstream(ctx: _Ctx, item: _Item, path: str) -> Any:
+    values, ok = _section(ctx, item, path, {"secret": _secret})
+    if not ok:
+        return BAD
+    secret = values.get("secret")
+    if not secret:
+        return ctx.bad(item, path + ".secret", "required (the upstream verifies the added headers with it)")
+    if secret.startswith("whsec_") and not _is_base64(secret[len("whsec_") :]):
+        return ctx.bad(item.value["secret"], path + ".secret", "a whsec_ secret must be base64 after whsec_")
+    return SignUpstream(secret)
+
+
+def _is_base64(text: str) -> bool:
+    try:
+        return bool(base64.b64decode(text + "=" * (-len(text) % 4), validate=True))
+    except (binascii.Error, ValueError):
+        return False
+
+
+_ROUTE: dict[str, Conv] = {
+    "name": _name,
+    "path": _path,
+    "provider": _nonempty,
+    "secrets": _list_of(_secret),
+    "secret_files": _list_of(_nonempty),
+    "tolerance": _optional(_duration()),
+    "upstream": _optional(_http_url),
+    "event_id": _event_id,
+    "dedupe": _boolean,
+    "types": _optional(_list_of(_nonempty, empty_ok=False)),
+    "sign_upstream": _optional(_sign_upstream),
+    "public_url": _optional(_http_url),
+    "retry": lambda ctx, item, path: item,  # merged with the global section in _route
+    "handshake": _choice("answer", "pass"),
+    "signature": _optional(_signature),
+}
+_REQUIRED = ("name", "path", "provider")
+
+
+def _routes(
+    ctx: _Ctx,
+    item: _Item | None,
+    root: _Item,
+    retry_base: dict[str, Any] | None,
+    retry_items: dict[str, _Item],
+) -> Any:
+    if item is None:
+        ctx.error(root.line, "routes", "required: a list with at least one route")
+        return BAD
+    if not isinstance(item.value, list) or not item.value:
+        what = "an empty list" if item.value == [] else _kind(item.value)
+        return ctx.bad(item, "routes", f"expected a list with at least one route, got {what}")
+    routes: list[RouteConfig] = []
+    provider_lines: list[tuple[str, int]] = []
+    seen: dict[tuple[str, str], int] = {}
+    for i, child in enumerate(item.value):
+        path = f"routes[{i}]"
+        route = _route(ctx, child, path, retry_base, retry_items)
+        if route is BAD:
+            continue
+        for key in ("name", "path"):
+            line = child.value[key].line
+            first = seen.setdefault((key, getattr(route, key)), line)
+            if first != line:
+                ctx.error(line, f"{path}.{key}", f"duplicate route {key} (first used at line {first})")
+        routes.append(route)
+        provider_lines.append((f"{path}.provider", child.value["provider"].line))
+    _check_providers(ctx, routes, provider_lines)
+    return tuple(routes)
+
+
+def _route(
+    ctx: _Ctx, item: _Item, path: str, retry_base: dict[str, Any] | None, retry_items: dict[str, _Item]
+) -> Any:
+    if item.value is BAD or not isinstance(item.value, dict):
+        return ctx.bad(item, path, f"expected a mapping (name, path, provider, …), got {_kind(item.value)}")
+    values, ok = _section(ctx, item, path, _ROUTE)
+    for key in _REQUIRED:
+        if key not in item.value:
+            ctx.error(item.line, f"{path}.{key}", "required key is missing")
+            ok = False
+    retry_item = values.pop("retry", None)
+    override, retry_ok = _section(ctx, retry_item, f"{path}.retry", _RETRY)
+    file_secrets, files_ok = _read_secret_files(
+        ctx, item.value.get("secret_files"), path, values.get("secret_files")
+    )
+    if not (ok and retry_ok and files_ok) or retry_base is None:
+        return BAD
+    retry = _make_retry(ctx, retry_base, retry_items, override, _items(retry_item), f"{path}.retry")
+    secrets = tuple(s for s in values.get("secrets", ()) if s) + file_secrets
+    provider = values["provider"]
+    if provider != "none" and not secrets:
+        where = next((item.value[k] for k in ("secrets", "secret_files") if k in item.value), item)
+        return ctx.bad(where, f"{path}.secrets", f"provider {provider} needs at least one non-empty secret")
+    if provider == "hmac" and values.get("signature") is None:
+        return ctx.bad(item, f"{path}.signature", "required for provider hmac (the generic signature spec)")
+    if retry is BAD:
+        return BAD
+    return RouteConfig(**{**values, "secrets": secrets, "retry": retry})
+
+
+def _read_secret_files(
+    ctx: _Ctx, entries: _Item | None, path: str, files: tuple[str, ...] | None
+) -> tuple[tuple[str, ...], bool]:
+    """Each file's stripped content; relative paths are from the working directory, like redis.data_dir."""
+    if not files or entries is None:
+        return (), True
+    secrets: list[str] = []
+    ok = True
+    for i, name in enumerate(files):
+        where = entries.value[i] if isinstance(entries.value, list) else entries
+        try:
+            content = Path(name).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            problem = f"cannot read secret file {name} ({exc.strerror})"
+        except UnicodeDecodeError:
+            problem = f"secret file {name} is not UTF-8 text"
+        else:
+            if content:
+                ctx.secrets.add(content)
+                secrets.append(content)
+            continue
+        ctx.error(where.line, f"{path}.secret_files[{i}]", problem)
+        ok = False
+    return tuple(secrets), ok
+
+
+def _check_providers(ctx: _Ctx, routes: list[RouteConfig], where: list[tuple[str, int]]) -> None:
+    """Build each route's verifier once, so a bad key or missing public_url fails the load, not a request."""
+    try:
+        from sidecar.providers.base import ProviderConfigError
+        from sidecar.providers.registry import build_verifier
+    except ImportError:  # the registry is optional at this layer; the ingress builds verifiers again anyway
+        return
+    for route, (path, line) in zip(routes, where, strict=True):
+        try:
+            build_verifier(route.provider, route.secrets, route.tolerance, route.signature)
+        except ProviderConfigError as exc:
+            ctx.error(line, path, str(exc) or "invalid provider settings")
+        except Exception as exc:
+            # A foreign message could quote key material; the type is enough to start looking.
+            ctx.error(line, path, f"the verifier could not be built ({type(exc).__name__})")

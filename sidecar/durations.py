@@ -1,0 +1,45 @@
+"""Durations as operators write them: `500ms`, `30s`, `5m`, `72h`, `1d`, `1h30m`; a bare number is seconds."""
+
+from __future__ import annotations
+
+import math
+import re
+
+EXPECTED = "expected a duration like 500ms, 30s, 5m, 72h"
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_PART = re.compile(rf"({_NUMBER})(ms|s|m|h|d)")
+# `ms` comes before `m` in the alternation so that "500ms" is not read as 500 minutes followed by garbage.
+_DURATION = re.compile(rf"(?:{_NUMBER}(?:ms|s|m|h|d))+")
+_BARE = re.compile(_NUMBER)
+
+
+def parse_duration(value: object) -> float:
+    """Seconds for a duration given as text or as a number of seconds. Raises ValueError saying what is wrong.
+
+    The error message never repeats the value: a mistyped key can put a secret where a duration belongs.
+    """
+    if isinstance(value, bool):  # bool is an int; `true` is never a duration
+        raise ValueError(EXPECTED)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = _parse_text(value.strip())
+    else:
+        raise ValueError(EXPECTED)
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(EXPECTED)
+    if seconds < 0:
+        raise ValueError(f"{EXPECTED}; a duration cannot be negative")
+    return seconds
+
+
+def _parse_text(text: str) -> float:
+    if text.startswith("-") and (_BARE.fullmatch(text[1:]) or _DURATION.fullmatch(text[1:])):
+        raise ValueError(f"{EXPECTED}; a duration cannot be negative")
+    if _BARE.fullmatch(text):
+        return float(text)
+    if not _DURATION.fullmatch(text):
+        raise ValueError(EXPECTED)
+    return sum(float(number) * _UNITS[unit] for number, unit in _PART.findall(text))
