@@ -106,7 +106,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     up = Upstream()
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", up.handle)
-    runner = web.AppRunner(app, access_log=None, auto_decompress=False)
+    runner = web.AppRunner(app, access_log=None, auto_decompress=False, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -118,14 +118,22 @@ async def upstream() -> AsyncIterator[Upstream]:
         await runner.cleanup()
 
 
-def make_config(routes_yaml: str, *, upstream_url: str, redis_url: str, extra: str = "", env=None) -> Config:
+def make_config(
+    routes_yaml: str,
+    *,
+    upstream_url: str,
+    redis_url: str,
+    extra: str = "",
+    retry: str = "{base_delay: 1s, multiplier: 2, max_delay: 10s, jitter: 0}",
+    env=None,
+) -> Config:
     """A Config from real YAML through the real loader. `routes_yaml` is the `routes:` list body."""
     text = f"""
 server: {{listen: "127.0.0.1:0", max_body_bytes: 65536}}
 admin: {{listen: "127.0.0.1:0", token: "test-admin-token"}}
 redis: {{url: "{redis_url}", shards: 4}}
 upstream: {{url: "{upstream_url}", timeout: 2s}}
-retry: {{base_delay: 1s, multiplier: 2, max_delay: 10s, jitter: 0}}
+retry: {retry}
 {textwrap.dedent(extra)}
 routes:
 {textwrap.indent(textwrap.dedent(routes_yaml).strip(), "  ")}
@@ -137,8 +145,10 @@ routes:
 def sidecar_factory(aiohttp_client: Any, upstream: Upstream, redis_url: str, rdb: redis.Redis):
     """Build and start a sidecar for the given routes YAML; returns an aiohttp test client bound to it."""
 
-    async def start(routes_yaml: str, *, extra: str = "", run_worker: bool = False, env=None) -> Any:
-        config = make_config(routes_yaml, upstream_url=upstream.url, redis_url=redis_url, extra=extra, env=env)
+    async def start(routes_yaml: str, *, extra: str = "", retry: str | None = None, run_worker: bool = False,
+                    env=None) -> Any:
+        kw = {"retry": retry} if retry else {}
+        config = make_config(routes_yaml, upstream_url=upstream.url, redis_url=redis_url, extra=extra, env=env, **kw)
         app = create_app(config, redis_url=redis_url, run_worker=run_worker)
         return await aiohttp_client(app, server_kwargs={"auto_decompress": False})
 

@@ -1,0 +1,40 @@
+"""backoff: pure timing rules."""
+
+from __future__ import annotations
+
+import random
+from email.utils import formatdate
+
+import pytest
+
+from sidecar.backoff import delay, next_delay, parse_retry_after
+
+POLICY = {"base": 5.0, "multiplier": 3.0, "max_delay": 3600.0}
+
+
+@pytest.mark.parametrize(("attempt", "expected"), [(1, 5.0), (2, 15.0), (3, 45.0), (4, 135.0), (9, 3600.0)])
+def test_backoff_exponential_and_capped_without_jitter(attempt: int, expected: float) -> None:
+    assert delay(attempt, jitter=0.0, **POLICY) == expected
+
+
+def test_backoff_jitter_stays_within_band_and_cap() -> None:
+    rng = random.Random(7)
+    values = [delay(2, jitter=0.2, rng=rng, **POLICY) for _ in range(500)]
+    assert min(values) >= 15.0 * 0.8 and max(values) <= 15.0 * 1.2
+    assert len({round(v, 6) for v in values}) > 100  # actually spread
+    capped = [delay(20, jitter=0.5, rng=rng, **POLICY) for _ in range(100)]
+    assert max(capped) <= 3600.0
+
+
+def test_backoff_retry_after_seconds_and_http_date() -> None:
+    assert parse_retry_after("2", now=1000.0) == 2.0
+    assert parse_retry_after(formatdate(1030.0, usegmt=True), now=1000.0) == pytest.approx(30.0)
+    assert parse_retry_after(formatdate(900.0, usegmt=True), now=1000.0) == 0.0
+    assert parse_retry_after("soon", now=1000.0) is None
+    assert parse_retry_after(None, now=1000.0) is None
+
+
+def test_backoff_retry_after_wins_but_is_clamped() -> None:
+    assert next_delay(1, 2.0, jitter=0.2, **POLICY) == 2.0
+    assert next_delay(1, 99999.0, jitter=0.2, **POLICY) == 3600.0
+    assert next_delay(2, None, jitter=0.0, **POLICY) == 15.0

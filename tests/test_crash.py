@@ -1,0 +1,160 @@
+"""Crash safety with real processes: `sidecar run` SIGKILLed between the claim and the upstream's answer."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis
+
+from sidecar.keys import KeySpace
+from tests.conftest import REPO, Upstream
+
+SECRET = "whsec_crash_test"
+KEYS = KeySpace("sidecar", 4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, *, redis_url: str, upstream_url: str, port: int, admin_port: int) -> None:
+    path.write_text(
+        f"""
+server: {{listen: "127.0.0.1:{port}", shutdown_grace: 1s}}
+admin: {{listen: "127.0.0.1:{admin_port}", token: "t"}}
+redis: {{url: "{redis_url}", shards: 4}}
+upstream: {{url: "{upstream_url}", timeout: 30s}}
+retry: {{base_delay: 1s, jitter: 0, lease: 2s}}
+routes:
+  - name: stripe
+    path: /webhooks/stripe
+    provider: stripe
+    secrets: ["{SECRET}"]
+"""
+    )
+
+
+class SidecarProcess:
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, port: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(self.config)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sidecar exited: {self.proc.stderr.read().decode()}")  # type: ignore[union-attr]
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise AssertionError("sidecar did not start listening within 20 s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[SidecarProcess]]:
+    started: list[SidecarProcess] = []
+    try:
+        yield started
+    finally:
+        for p in started:
+            p.stop()
+
+
+def signed(body: bytes) -> dict[str, str]:
+    t = int(time.time())
+    sig = hmac.new(SECRET.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return {"Stripe-Signature": f"t={t},v1={sig}", "Content-Type": "application/json"}
+
+
+@pytest.mark.slow
+async def test_crash_sigkill_mid_forward_leaves_event_stored_and_scheduled_then_delivered(
+    tmp_path: Path, upstream: Upstream, redis_url: str, rdb: redis.Redis, processes: list[SidecarProcess]
+) -> None:
+    hang = asyncio.Event()
+
+    async def hold(_: object) -> None:
+        await hang.wait()  # the upstream never answers the first attempt
+
+    upstream.behaviour = hold
+    port, admin_port = free_port(), free_port()
+    cfg = tmp_path / "sidecar.yaml"
+    write_config(cfg, redis_url=redis_url, upstream_url=upstream.url, port=port, admin_port=admin_port)
+    first = SidecarProcess(cfg)
+    processes.append(first)
+    first.start(port)
+
+    body = json.dumps({"id": "evt_crash", "type": "invoice.paid"}).encode()
+    async with aiohttp.ClientSession() as client:
+        send = asyncio.create_task(
+            client.post(f"http://127.0.0.1:{port}/webhooks/stripe", data=body, headers=signed(body))
+        )
+        await asyncio.wait_for(upstream.arrived.wait(), timeout=10)  # claimed, forward in flight
+        first.kill()
+        with pytest.raises(aiohttp.ClientError):
+            await asyncio.wait_for(send, timeout=10)
+
+    shard = KEYS.shard_of("stripe", "evt_crash")
+    stored = rdb.hgetall(KEYS.event(shard, "stripe:evt_crash"))
+    assert stored[b"body"] == body
+    assert stored[b"st"] == b"f"  # in flight under a lease
+    lease_deadline = rdb.zscore(KEYS.schedule(shard), "stripe:evt_crash")
+    assert lease_deadline is not None and lease_deadline > stored_first(stored)
+    meta = json.loads(stored[b"meta"])
+    assert meta["m"] == "POST" and meta["p"] == "/webhooks/stripe"
+
+    # A new process (a restart, or any replica) delivers it once the lease runs out.
+    upstream.behaviour = None
+    hang.set()
+    second = SidecarProcess(cfg)
+    processes.append(second)
+    second.start(port)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(upstream.received) < 2:
+        await asyncio.sleep(0.1)
+    assert upstream.ids() == ["evt_crash", "evt_crash"]
+    assert upstream.received[1].headers["x-sidecar-attempt"] == "2"
+    assert upstream.received[1].body == body
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and rdb.hget(KEYS.event(shard, "stripe:evt_crash"), "st") != b"d":
+        await asyncio.sleep(0.05)
+    assert rdb.hget(KEYS.event(shard, "stripe:evt_crash"), "st") == b"d"
+
+
+def stored_first(stored: dict[bytes, bytes]) -> int:
+    return int(stored[b"first"])

@@ -1,0 +1,103 @@
+"""The retry worker with a real store and upstream: schedules, Retry-After, exhaustion, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import redis
+
+from sidecar.app import RUNTIME
+from tests.conftest import Upstream
+from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
+
+ROUTE = f"""
+- name: stripe
+  path: /webhooks/stripe
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+"""
+FAST = "{base_delay: 100ms, multiplier: 1, max_delay: 1s, jitter: 0}"
+
+
+async def drain(client: Any, until: float = 5.0, want: int | None = None, upstream: Upstream | None = None) -> None:
+    """Run the worker's drain pass repeatedly (bounded) until the upstream saw `want` requests."""
+    worker = client.server.app[RUNTIME].worker
+    deadline = time.monotonic() + until
+    while time.monotonic() < deadline:
+        await worker.run_once()
+        if upstream is not None and want is not None and len(upstream.received) >= want:
+            return
+        await asyncio.sleep(0.02)
+
+
+async def send(client: Any, event_id: str) -> Any:
+    body = stripe_body(event_id)
+    return await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+
+
+async def test_worker_retries_until_delivered_then_duplicate(sidecar_factory: Any, upstream: Upstream) -> None:
+    client = await sidecar_factory(ROUTE, retry=FAST)
+    upstream.respond(503, 503)
+    resp = await send(client, "evt_3rd")
+    assert resp.status == 202 and (await resp.json())["queued"] is True
+    await drain(client, want=3, upstream=upstream)
+    assert [r.headers["x-sidecar-attempt"] for r in upstream.received] == ["1", "2", "3"]
+    again = await send(client, "evt_3rd")
+    assert await again.json() == {"duplicate": True, "event_id": "evt_3rd", "state": "delivered"}
+    ev = await client.server.app[RUNTIME].store.get_event("stripe", "evt_3rd")
+    assert [h["status"] for h in ev["history"]] == [503, 503, 200]
+
+
+async def test_worker_honours_retry_after(sidecar_factory: Any, upstream: Upstream) -> None:
+    client = await sidecar_factory(ROUTE, retry="{base_delay: 100ms, multiplier: 1, max_delay: 10s, jitter: 0}")
+    upstream.respond(429, headers={"Retry-After": "2"})
+    t0 = time.monotonic()
+    assert (await send(client, "evt_429")).status == 202
+    await drain(client, until=6, want=2, upstream=upstream)
+    assert len(upstream.received) == 2
+    assert time.monotonic() - t0 >= 2.0
+
+
+async def test_worker_exhausts_after_max_attempts_into_dlq(
+    sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    client = await sidecar_factory(
+        ROUTE.rstrip() + "\n  retry: {max_attempts: 3}\n", retry=FAST
+    )
+    upstream.respond(*([503] * 10))
+    assert (await send(client, "evt_dead")).status == 202
+    await drain(client, until=3)
+    assert len(upstream.received) == 3
+    store = client.server.app[RUNTIME].store
+    ev = await store.get_event("stripe", "evt_dead")
+    assert ev["state"] == "dead" and len(ev["history"]) == 3
+    assert await store.dlq_length("stripe") == 1
+    again = await send(client, "evt_dead")
+    assert (await again.json())["state"] == "dead"
+
+
+async def test_worker_dlq_cap_evicts_and_counts(sidecar_factory: Any, upstream: Upstream) -> None:
+    client = await sidecar_factory(ROUTE, extra="dlq: {max_length: 3}")
+    upstream.respond(*([400] * 5))
+    for i in range(5):
+        resp = await send(client, f"evt_cap_{i}")
+        assert (await resp.json())["dead_lettered"] is True
+    store = client.server.app[RUNTIME].store
+    assert await store.dlq_length() == 3
+    assert await store.dlq_evicted() == {"stripe": 2}
+
+
+async def test_worker_two_workers_take_each_event_once(sidecar_factory: Any, upstream: Upstream) -> None:
+    a = await sidecar_factory(ROUTE, retry=FAST)
+    b = await sidecar_factory(ROUTE, retry=FAST)
+    upstream.respond(*([503] * 40))
+    for i in range(40):
+        assert (await send(a, f"evt_pair_{i}")).status == 202
+    await asyncio.sleep(0.15)
+    wa, wb = a.server.app[RUNTIME].worker, b.server.app[RUNTIME].worker
+    done = await asyncio.gather(wa.run_once(), wb.run_once())
+    assert sum(done) == 40
+    attempts = [r.headers["x-sidecar-event-id"] for r in upstream.received if r.headers["x-sidecar-attempt"] == "2"]
+    assert sorted(attempts) == sorted(f"evt_pair_{i}" for i in range(40))
