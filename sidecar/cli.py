@@ -56,7 +56,9 @@ async def serve(config: Config, redis_url: str, stop: asyncio.Event | None = Non
     await admin_runner.setup()
     await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
     log.info(
-        "sidecar listening on %s (admin %s), %d route(s)", config.server.listen, config.admin.listen,
+        "sidecar listening on %s (admin %s), %d route(s)",
+        config.server.listen,
+        config.admin.listen,
         len(config.routes),
     )
     try:
@@ -79,8 +81,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{path}: cannot read config: {exc.strerror}", file=sys.stderr)
         return 1
     if not _is_loopback(config.admin.host) and not config.admin.token:
-        print(f"{path}: admin.token: required when admin.listen ({config.admin.listen}) is not loopback",
-              file=sys.stderr)
+        print(
+            f"{path}: admin.token: required when admin.listen ({config.admin.listen}) is not loopback",
+            file=sys.stderr,
+        )
         return 1
     embedded = None
     url = config.redis.url
@@ -143,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     return int(args.func(args))

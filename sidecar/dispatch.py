@@ -68,7 +68,11 @@ class Dispatcher:
             return await self._bury(rec, attempt, outcome, history or [], "route_removed")
         url = target_url(self.config, route, rec.path_qs)
         outcome = await self.forwarder.send(
-            url, rec.method, upstream_headers(rec, attempt, rec.traceparent), rec.body, self._policies[route.name]
+            url,
+            rec.method,
+            upstream_headers(rec, attempt, rec.traceparent),
+            rec.body,
+            self._policies[route.name],
         )
         return await self.settle(route, rec, attempt, outcome, history or [])
 
@@ -120,7 +124,9 @@ class Dispatcher:
         entry: AttemptRecord | None = None,
     ) -> Disposition:
         now_ms = int(time.time() * 1000)
-        entry = entry or AttemptRecord(now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000)
+        entry = entry or AttemptRecord(
+            now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000
+        )
         item_id, evicted = await self.store.bury(rec, attempt, entry, history, now_ms, reason)
         log.warning(
             "dead-lettered %s/%s after %d attempt(s): %s (status %s, error %s)",

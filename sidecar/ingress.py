@@ -157,7 +157,9 @@ def relay(outcome: Outcome, event_id: str | None) -> web.Response:
 
 
 def answer_handshake(hs: Handshake) -> web.Response:
-    return web.Response(status=hs.status, body=hs.body or None, content_type=hs.content_type if hs.body else None)
+    return web.Response(
+        status=hs.status, body=hs.body or None, content_type=hs.content_type if hs.body else None
+    )
 
 
 def _iso(ms: int) -> str:
@@ -246,7 +248,9 @@ class Ingress:
             assert disp.next_attempt_ms is not None
             body = {"queued": True, "event_id": rec.event_id, "next_attempt_at": _iso(disp.next_attempt_ms)}
             return web.json_response(body, status=202, headers=headers)
-        return web.json_response({"dead_lettered": True, "event_id": rec.event_id}, status=202, headers=headers)
+        return web.json_response(
+            {"dead_lettered": True, "event_id": rec.event_id}, status=202, headers=headers
+        )
 
     def _record(
         self, request: web.Request, cfg: RouteConfig, event_id: str, dedupe_id: str, body: bytes, now: float

@@ -8,6 +8,7 @@ taker died is due again when its lease runs out. `run_once()` drains what is due
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -61,8 +62,13 @@ class RetryWorker:
             try:
                 await self.dispatcher.attempt(taken.record, taken.attempt, taken.history)
             except StoreError as exc:
-                log.warning("attempt %d of %s/%s not settled (lease will bring it back): %s",
-                            taken.attempt, taken.record.route, taken.record.event_id, exc)
+                log.warning(
+                    "attempt %d of %s/%s not settled (lease will bring it back): %s",
+                    taken.attempt,
+                    taken.record.route,
+                    taken.record.event_id,
+                    exc,
+                )
 
     async def run(self) -> None:
         while not self._stopping.is_set():
@@ -72,10 +78,8 @@ class RetryWorker:
                 log.warning("retry worker: store unavailable: %s", exc)
                 done = 0
             if done == 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
-                except TimeoutError:
-                    pass
 
     def stop(self) -> None:
         self._stopping.set()

@@ -82,7 +82,11 @@ def github_headers(body: bytes, delivery: str) -> dict[str, str]:
 def slack_headers(body: bytes, secret: str = "slack-signing-secret") -> dict[str, str]:
     ts = str(int(time.time()))
     sig = hmac.new(secret.encode(), f"v0:{ts}:".encode() + body, hashlib.sha256).hexdigest()
-    return {"X-Slack-Signature": f"v0={sig}", "X-Slack-Request-Timestamp": ts, "Content-Type": "application/json"}
+    return {
+        "X-Slack-Signature": f"v0={sig}",
+        "X-Slack-Request-Timestamp": ts,
+        "Content-Type": "application/json",
+    }
 
 
 @pytest.fixture
@@ -96,7 +100,12 @@ def stored_keys(rdb: redis.Redis) -> list[bytes]:
 
 async def test_ingress_forwards_new_event_byte_for_byte(client: Any, upstream: Upstream) -> None:
     body = stripe_body("evt_1")
-    headers = {**stripe_headers(body), "X-Custom": "kept", "Connection": "keep-alive, X-Hop", "X-Hop": "dropped"}
+    headers = {
+        **stripe_headers(body),
+        "X-Custom": "kept",
+        "Connection": "keep-alive, X-Hop",
+        "X-Hop": "dropped",
+    }
     resp = await client.post("/webhooks/stripe?a=1&b=2", data=body, headers=headers)
     assert resp.status == 200
     assert await resp.json() == {"ok": True}
@@ -175,9 +184,13 @@ async def test_ingress_50_concurrent_copies_forward_once(client: Any, upstream: 
     assert upstream.ids() == ["evt_race"]
 
 
-async def test_ingress_interleaved_distinct_events_each_forwarded_once(client: Any, upstream: Upstream) -> None:
+async def test_ingress_interleaved_distinct_events_each_forwarded_once(
+    client: Any, upstream: Upstream
+) -> None:
     bodies = [stripe_body(f"evt_{i}") for i in range(20)]
-    sends = [client.post("/webhooks/stripe", data=b, headers=stripe_headers(b)) for _ in range(10) for b in bodies]
+    sends = [
+        client.post("/webhooks/stripe", data=b, headers=stripe_headers(b)) for _ in range(10) for b in bodies
+    ]
     resps = await asyncio.gather(*sends)
     assert all(r.status == 200 for r in resps)
     assert sorted(upstream.ids()) == sorted(f"evt_{i}" for i in range(20))
@@ -197,7 +210,9 @@ async def test_ingress_replay_under_forged_header_id_neither_blocks_nor_duplicat
     body_a = b'{"ref":"refs/heads/main","after":"aaa"}'
     body_b = b'{"ref":"refs/heads/main","after":"bbb"}'
     # The real delivery A.
-    assert (await client.post("/webhooks/github", data=body_a, headers=github_headers(body_a, "id-A"))).status == 200
+    assert (
+        await client.post("/webhooks/github", data=body_a, headers=github_headers(body_a, "id-A"))
+    ).status == 200
     # An attacker replays A's signed bytes under B's id before B arrives: not forwarded again.
     replay = await client.post("/webhooks/github", data=body_a, headers=github_headers(body_a, "id-B"))
     assert replay.status == 200
@@ -210,7 +225,9 @@ async def test_ingress_replay_under_forged_header_id_neither_blocks_nor_duplicat
     assert upstream.ids() == ["id-A", "id-B"]
 
 
-async def test_ingress_retryable_failure_queues_and_resend_is_pending(client: Any, upstream: Upstream) -> None:
+async def test_ingress_retryable_failure_queues_and_resend_is_pending(
+    client: Any, upstream: Upstream
+) -> None:
     upstream.respond(503)
     body = stripe_body("evt_q")
     resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
@@ -231,7 +248,9 @@ async def test_ingress_unreachable_upstream_queues(sidecar_factory: Any, upstrea
     assert (await resp.json())["queued"] is True
 
 
-async def test_ingress_permanent_rejection_dead_letters(client: Any, upstream: Upstream, rdb: redis.Redis) -> None:
+async def test_ingress_permanent_rejection_dead_letters(
+    client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
     upstream.respond(400)
     body = stripe_body("evt_400")
     resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
@@ -263,7 +282,9 @@ async def test_ingress_body_too_large_is_413_with_and_without_length(client: Any
     assert upstream.received == []
 
 
-async def test_ingress_signed_body_without_id_is_400(client: Any, upstream: Upstream, rdb: redis.Redis) -> None:
+async def test_ingress_signed_body_without_id_is_400(
+    client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
     body = b'{"object":"event","type":"invoice.paid"}'
     resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
     assert resp.status == 400
@@ -288,7 +309,9 @@ async def test_ingress_store_unreachable_is_503_fail_closed(sidecar_factory: Any
     assert upstream.received == []
 
 
-async def test_ingress_types_filter_answers_filtered(client: Any, upstream: Upstream, rdb: redis.Redis) -> None:
+async def test_ingress_types_filter_answers_filtered(
+    client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
     body = stripe_body("evt_t1", type_="customer.created")
     resp = await client.post("/webhooks/typed", data=body, headers=stripe_headers(body))
     assert resp.status == 200
@@ -312,7 +335,9 @@ async def test_ingress_dedupe_false_passes_through_synchronously(
     assert len(upstream.received) == 2
 
 
-async def test_ingress_non_post_passes_through_untouched(client: Any, upstream: Upstream, rdb: redis.Redis) -> None:
+async def test_ingress_non_post_passes_through_untouched(
+    client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
     resp = await client.get("/webhooks/stripe?probe=1")
     assert resp.status == 200
     [got] = upstream.received
@@ -332,7 +357,9 @@ async def test_ingress_slack_url_verification_answered_not_claimed(
     assert forged.status == 401
 
 
-async def test_ingress_handshake_pass_mode_relays_upstream(client: Any, upstream: Upstream, rdb: redis.Redis) -> None:
+async def test_ingress_handshake_pass_mode_relays_upstream(
+    client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
     upstream.respond(200, body=b'{"challenge":"from-upstream"}', headers={"Content-Type": "application/json"})
     body = json.dumps({"token": "t", "challenge": "c-9", "type": "url_verification"}).encode()
     resp = await client.post("/webhooks/slackpass", data=body, headers=slack_headers(body))

@@ -128,7 +128,7 @@ async def test_store_bury_keeps_history_and_caps_with_evictions(store: RedisStor
     for i in range(5):
         rec = record(f"evt_{i}")
         await store.claim(rec, now, 30_000)
-        item_id, evicted = await store.bury(rec, 1, entry(1, 400), [], now + i, "rejected")
+        _, evicted = await store.bury(rec, 1, entry(1, 400), [], now + i, "rejected")
         assert len(evicted) == (1 if i >= 3 else 0)
         if evicted:
             assert evicted[0].route == "stripe" and evicted[0].event_id == f"evt_{i - 3}"

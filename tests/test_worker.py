@@ -21,7 +21,9 @@ ROUTE = f"""
 FAST = "{base_delay: 100ms, multiplier: 1, max_delay: 1s, jitter: 0}"
 
 
-async def drain(client: Any, until: float = 5.0, want: int | None = None, upstream: Upstream | None = None) -> None:
+async def drain(
+    client: Any, until: float = 5.0, want: int | None = None, upstream: Upstream | None = None
+) -> None:
     """Run the worker's drain pass repeatedly (bounded) until the upstream saw `want` requests."""
     worker = client.server.app[RUNTIME].worker
     deadline = time.monotonic() + until
@@ -37,7 +39,9 @@ async def send(client: Any, event_id: str) -> Any:
     return await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
 
 
-async def test_worker_retries_until_delivered_then_duplicate(sidecar_factory: Any, upstream: Upstream) -> None:
+async def test_worker_retries_until_delivered_then_duplicate(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
     client = await sidecar_factory(ROUTE, retry=FAST)
     upstream.respond(503, 503)
     resp = await send(client, "evt_3rd")
@@ -51,7 +55,9 @@ async def test_worker_retries_until_delivered_then_duplicate(sidecar_factory: An
 
 
 async def test_worker_honours_retry_after(sidecar_factory: Any, upstream: Upstream) -> None:
-    client = await sidecar_factory(ROUTE, retry="{base_delay: 100ms, multiplier: 1, max_delay: 10s, jitter: 0}")
+    client = await sidecar_factory(
+        ROUTE, retry="{base_delay: 100ms, multiplier: 1, max_delay: 10s, jitter: 0}"
+    )
     upstream.respond(429, headers={"Retry-After": "2"})
     t0 = time.monotonic()
     assert (await send(client, "evt_429")).status == 202
@@ -63,9 +69,7 @@ async def test_worker_honours_retry_after(sidecar_factory: Any, upstream: Upstre
 async def test_worker_exhausts_after_max_attempts_into_dlq(
     sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
 ) -> None:
-    client = await sidecar_factory(
-        ROUTE.rstrip() + "\n  retry: {max_attempts: 3}\n", retry=FAST
-    )
+    client = await sidecar_factory(ROUTE.rstrip() + "\n  retry: {max_attempts: 3}\n", retry=FAST)
     upstream.respond(*([503] * 10))
     assert (await send(client, "evt_dead")).status == 202
     await drain(client, until=3)
@@ -99,5 +103,7 @@ async def test_worker_two_workers_take_each_event_once(sidecar_factory: Any, ups
     wa, wb = a.server.app[RUNTIME].worker, b.server.app[RUNTIME].worker
     done = await asyncio.gather(wa.run_once(), wb.run_once())
     assert sum(done) == 40
-    attempts = [r.headers["x-sidecar-event-id"] for r in upstream.received if r.headers["x-sidecar-attempt"] == "2"]
+    attempts = [
+        r.headers["x-sidecar-event-id"] for r in upstream.received if r.headers["x-sidecar-attempt"] == "2"
+    ]
     assert sorted(attempts) == sorted(f"evt_pair_{i}" for i in range(40))

@@ -44,7 +44,9 @@ class EmbeddedValkey:
         try:
             self._server.start(timeout=30.0)
         except (ValkeyServerError, OSError) as exc:
-            raise EmbeddedStoreError(f"could not start the embedded Valkey in {self.data_dir}: {exc}") from exc
+            raise EmbeddedStoreError(
+                f"could not start the embedded Valkey in {self.data_dir}: {exc}"
+            ) from exc
         log.info("embedded valkey started at %s (data in %s)", self.url, self.data_dir)
         return self.url
 

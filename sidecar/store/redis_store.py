@@ -175,7 +175,15 @@ class RedisStore:
             Evicted(raw[i].decode(), raw[i + 1].decode(), raw[i + 2].decode()) for i in range(0, len(raw), 3)
         ]
         ev, sched, member = self._loc(rec.route, rec.dedupe_id)
-        dead_args = [now_ms, self._ttl_ms, member, attempt, entry.to_json(), entry.status or "", entry.error or ""]
+        dead_args = [
+            now_ms,
+            self._ttl_ms,
+            member,
+            attempt,
+            entry.to_json(),
+            entry.status or "",
+            entry.error or "",
+        ]
         await self._call(lambda: self._dead(keys=[ev, sched], args=dead_args))
         return item_id, evicted
 
@@ -183,9 +191,7 @@ class RedisStore:
 
     async def due_members(self, shard: int, now_ms: int, limit: int) -> list[str]:
         sched = self.keys.schedule(shard)
-        raw = await self._call(
-            lambda: self._r.zrangebyscore(sched, "-inf", now_ms, start=0, num=limit)
-        )
+        raw = await self._call(lambda: self._r.zrangebyscore(sched, "-inf", now_ms, start=0, num=limit))
         return [m.decode() for m in raw]
 
     async def take(self, shard: int, member: str, now_ms: int, lease_ms: int) -> Taken | None:
