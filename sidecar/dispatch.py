@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sidecar.backoff import next_delay, parse_retry_after
+from sidecar.breaker import Breaker, Breakers
 from sidecar.config import Config, RouteConfig
 from sidecar.errors import StoreError
 from sidecar.forwarder import Forwarder, Outcome, RetryPolicy, upstream_headers
@@ -45,6 +46,7 @@ class Dispatcher:
         self.forwarder = forwarder
         self._policies = {r.name: RetryPolicy.parse(r.retry.retry_on) for r in config.routes}
         self._routes = {r.name: r for r in config.routes}
+        self.breakers = Breakers()
 
     def lease_ms(self, route: RouteConfig) -> int:
         """How long an in-flight attempt holds its event before another replica may take it.
@@ -74,7 +76,16 @@ class Dispatcher:
             rec.body,
             self._policies[route.name],
         )
+        self.breakers.for_url(url).record(outcome.kind != "retryable")
         return await self.settle(route, rec, attempt, outcome, history or [])
+
+    def breaker(self, route: RouteConfig, path_qs: str) -> Breaker:
+        return self.breakers.for_url(target_url(self.config, route, path_qs))
+
+    async def defer(self, rec: EventRecord, attempt: int, wait: float) -> None:
+        """Put a taken event back without attempting it (its upstream's circuit is open)."""
+        due_ms = int((time.time() + wait) * 1000)
+        await self.store.defer(rec.route, rec.dedupe_id, attempt, due_ms)
 
     async def settle(
         self,

@@ -166,6 +166,15 @@ def _iso(ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
 
 
+def queued(event_id: str, next_attempt_ms: int | None) -> web.Response:
+    body = {
+        "queued": True,
+        "event_id": event_id,
+        "next_attempt_at": _iso(next_attempt_ms) if next_attempt_ms is not None else None,
+    }
+    return web.json_response(body, status=202, headers={EVENT_ID_HEADER: event_id})
+
+
 class Ingress:
     """The inbound handler. Holds the current routes; `reload` swaps them atomically (a dict assignment)."""
 
@@ -212,22 +221,28 @@ class Ingress:
             return json_error(400, "no_event_id")
         event_id, dedupe_id = ids
         rec = self._record(request, cfg, event_id, dedupe_id, body, inbound.now)
+        breaker = self.dispatcher.breaker(cfg, rec.path_qs)
+        forward_now = breaker.allow()
+        # With the upstream's circuit open the event is claimed straight onto the schedule: one round trip and
+        # a 202, instead of every provider request waiting out the forward timeout.
+        schedule_at = None if forward_now else rec.first_seen_ms + int(breaker.retry_at() * 1000)
         try:
-            claim = await self.store.claim(rec, rec.first_seen_ms, self.dispatcher.lease_ms(cfg))
-        except StoreUnavailable:
-            resp = json_error(503, "store_unavailable", event_id)
-            resp.headers["Retry-After"] = "5"
-            return resp
-        except StoreError:
-            log.exception("route %s: claim failed for %s", cfg.name, event_id)
+            claim = await self.store.claim(rec, rec.first_seen_ms, self.dispatcher.lease_ms(cfg), schedule_at)
+        except StoreError as exc:
+            breaker.release(forward_now)
+            if not isinstance(exc, StoreUnavailable):
+                log.error("route %s: claim failed for %s: %s", cfg.name, event_id, exc)
             resp = json_error(503, "store_unavailable", event_id)
             resp.headers["Retry-After"] = "5"
             return resp
         if not claim.claimed:
+            breaker.release(forward_now)
             return web.json_response(
                 {"duplicate": True, "event_id": event_id, "state": claim.state},
                 headers={EVENT_ID_HEADER: event_id},
             )
+        if schedule_at is not None:
+            return queued(event_id, schedule_at)
         return await self._first_attempt(rec)
 
     async def _first_attempt(self, rec: EventRecord) -> web.StreamResponse:
@@ -236,18 +251,12 @@ class Ingress:
         except StoreError as exc:
             # The event is stored and leased since the claim: a replica picks it up when the lease runs out.
             log.warning("route %s: settling %s failed, left to the lease: %s", rec.route, rec.event_id, exc)
-            return web.json_response(
-                {"queued": True, "event_id": rec.event_id, "next_attempt_at": None},
-                status=202,
-                headers={EVENT_ID_HEADER: rec.event_id},
-            )
+            return queued(rec.event_id, None)
         if disp.kind == "delivered":
             return relay(disp.outcome, rec.event_id)
-        headers = {EVENT_ID_HEADER: rec.event_id}
         if disp.kind == "queued":
-            assert disp.next_attempt_ms is not None
-            body = {"queued": True, "event_id": rec.event_id, "next_attempt_at": _iso(disp.next_attempt_ms)}
-            return web.json_response(body, status=202, headers=headers)
+            return queued(rec.event_id, disp.next_attempt_ms)
+        headers = {EVENT_ID_HEADER: rec.event_id}
         return web.json_response(
             {"dead_lettered": True, "event_id": rec.event_id}, status=202, headers=headers
         )

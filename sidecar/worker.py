@@ -40,6 +40,8 @@ class RetryWorker:
     async def run_once(self) -> int:
         """Attempt every event due now, across all shards; return how many attempts were made."""
         self.last_beat = time.monotonic()
+        if self.dispatcher.breakers.all_open():
+            return 0  # every upstream is known down: leave the schedule alone until a probe is due
         done = 0
         for shard in range(self.store.keys.shards):
             while True:
@@ -58,15 +60,21 @@ class RetryWorker:
         return max(self.dispatcher.lease_ms(r) for r in self.dispatcher.config.routes)
 
     async def _attempt(self, taken: Taken) -> None:
+        rec = taken.record
+        route = self.dispatcher.route(rec.route)
+        breaker = self.dispatcher.breaker(route, rec.path_qs) if route is not None else None
         async with self._limit:
             try:
-                await self.dispatcher.attempt(taken.record, taken.attempt, taken.history)
+                if breaker is not None and not breaker.allow():
+                    await self.dispatcher.defer(rec, taken.attempt, max(breaker.retry_at(), 0.5))
+                    return
+                await self.dispatcher.attempt(rec, taken.attempt, taken.history)
             except StoreError as exc:
                 log.warning(
-                    "attempt %d of %s/%s not settled (lease will bring it back): %s",
+                    "attempt %d of %s/%s not settled (its lease brings it back): %s",
                     taken.attempt,
-                    taken.record.route,
-                    taken.record.event_id,
+                    rec.route,
+                    rec.event_id,
                     exc,
                 )
 

@@ -76,6 +76,7 @@ class RedisStore:
         self._retry = client.register_script(_script("retry"))
         self._dead = client.register_script(_script("dead"))
         self._dlq_add = client.register_script(_script("dlq_add"))
+        self._defer = client.register_script(_script("defer"))
 
     @classmethod
     def connect(
@@ -121,9 +122,13 @@ class RedisStore:
 
     # -- the hot path ---------------------------------------------------------------------------------------------
 
-    async def claim(self, rec: EventRecord, now_ms: int, lease_ms: int) -> ClaimResult:
+    async def claim(
+        self, rec: EventRecord, now_ms: int, lease_ms: int, schedule_at_ms: int | None = None
+    ) -> ClaimResult:
+        """Claim and persist `rec`. Leased for an attempt now, or (`schedule_at_ms`) just scheduled."""
         ev, sched, member = self._loc(rec.route, rec.dedupe_id)
-        args = [now_ms, now_ms + lease_ms, member, rec.meta_json(), rec.body, rec.event_id]
+        score, mode = (now_ms + lease_ms, "f") if schedule_at_ms is None else (schedule_at_ms, "p")
+        args = [now_ms, score, member, rec.meta_json(), rec.body, rec.event_id, mode]
         res = await self._call(lambda: self._claim(keys=[ev, sched], args=args))
         if int(res[0]) == 1:
             return ClaimResult(True)
@@ -140,6 +145,11 @@ class RedisStore:
         ev, sched, member = self._loc(route, dedupe_id)
         args = [due_ms, member, attempt, entry.to_json(), entry.status or "", entry.error or ""]
         return bool(await self._call(lambda: self._retry(keys=[ev, sched], args=args)))
+
+    async def defer(self, route: str, dedupe_id: str, attempt: int, due_ms: int) -> bool:
+        """Give a taken event back unattempted (see defer.lua)."""
+        ev, sched, member = self._loc(route, dedupe_id)
+        return bool(await self._call(lambda: self._defer(keys=[ev, sched], args=[due_ms, member, attempt])))
 
     async def bury(
         self,

@@ -10,11 +10,15 @@
 -- ARGV[4] - request metadata (JSON: method, path, headers, forwarding context, event id)
 -- ARGV[5] - raw body
 -- ARGV[6] - public event id
+-- ARGV[7] - 'f': attempt 1 is being made now (score = lease deadline), or 'p': no attempt now, the upstream's
+--           circuit is open (score = due time of attempt 1)
 -- returns {1} when claimed (attempt 1 is ours), or {0, state} for a duplicate (state: f|p|d|x)
 local st = redis.call('HGET', KEYS[1], 'st')
 if st then
   return {0, st}
 end
-redis.call('HSET', KEYS[1], 'st', 'f', 'n', 1, 'first', ARGV[1], 'eid', ARGV[6], 'meta', ARGV[4], 'body', ARGV[5])
+local n = 1
+if ARGV[7] == 'p' then n = 0 end
+redis.call('HSET', KEYS[1], 'st', ARGV[7], 'n', n, 'first', ARGV[1], 'eid', ARGV[6], 'meta', ARGV[4], 'body', ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 return {1}

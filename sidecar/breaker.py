@@ -1,0 +1,102 @@
+"""A per-upstream circuit breaker, so a dead receiver costs one Redis round trip per event, not one timeout.
+
+    closed     forwards flow; `threshold` consecutive retryable failures open it
+    open       no forwards: the ingress schedules new events at once (202) and the worker leaves the schedule
+               alone, until `cooldown` has passed
+    half-open  one probe forward is let through; success closes the breaker, failure opens it again with the
+               cooldown doubled (capped at `max_cooldown`)
+
+Per process, in memory: each replica learns the upstream's health from its own forwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+State = Literal["closed", "open", "half_open"]
+
+
+@dataclass
+class Breaker:
+    threshold: int = 5
+    cooldown: float = 2.0
+    max_cooldown: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    failures: int = 0
+    opened_at: float | None = None
+    _current_cooldown: float = field(default=0.0, init=False)
+    _probe_out: bool = field(default=False, init=False)
+
+    @property
+    def state(self) -> State:
+        if self.opened_at is None:
+            return "closed"
+        if self.clock() - self.opened_at >= self._current_cooldown:
+            return "half_open"
+        return "open"
+
+    def retry_at(self) -> float:
+        """Seconds from now until the breaker lets a probe through (0 when it is not open)."""
+        if self.opened_at is None:
+            return 0.0
+        return max(0.0, self.opened_at + self._current_cooldown - self.clock())
+
+    def allow(self) -> bool:
+        """May a forward go out now? In half-open state only one probe at a time is allowed."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half_open" and not self._probe_out:
+            self._probe_out = True
+            return True
+        return False
+
+    def release(self, allowed: bool) -> None:
+        """Give back a probe slot that `allow()` granted when no forward was made after all."""
+        if allowed:
+            self._probe_out = False
+
+    def record(self, ok: bool) -> None:
+        """Report a forward's result: ok = the upstream answered at all with a non-retryable status."""
+        self._probe_out = False
+        if ok:
+            self.failures = 0
+            self.opened_at = None
+            self._current_cooldown = 0.0
+            return
+        self.failures += 1
+        if self.opened_at is not None:  # a failed probe: open again, for longer
+            self._current_cooldown = min(self.max_cooldown, self._current_cooldown * 2)
+            self.opened_at = self.clock()
+        elif self.failures >= self.threshold:
+            self._current_cooldown = self.cooldown
+            self.opened_at = self.clock()
+
+
+@dataclass
+class Breakers:
+    """One breaker per upstream origin (scheme://host:port)."""
+
+    threshold: int = 5
+    cooldown: float = 2.0
+    max_cooldown: float = 60.0
+    _by_origin: dict[str, Breaker] = field(default_factory=dict)
+
+    def for_url(self, url: str) -> Breaker:
+        origin = _origin(url)
+        breaker = self._by_origin.get(origin)
+        if breaker is None:
+            breaker = Breaker(self.threshold, self.cooldown, self.max_cooldown)
+            self._by_origin[origin] = breaker
+        return breaker
+
+    def all_open(self) -> bool:
+        return bool(self._by_origin) and all(b.state == "open" for b in self._by_origin.values())
+
+
+def _origin(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0].split('?', 1)[0]}"
