@@ -1,0 +1,676 @@
+"""sidecar.config: defaults, interpolation, durations, every error at once with FILE:LINE, secrets kept out of text.
+
+Pure tests: no event loop, no Redis. The provider registry is hidden (as if not installed) unless a test installs
+one, so these tests pin the config module's behaviour and not the providers'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import textwrap
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.config import (
+    AdminConfig,
+    Config,
+    EventIdSource,
+    RedisConfig,
+    RetryConfig,
+    ServerConfig,
+    SignUpstream,
+    check_config,
+    load,
+    load_text,
+)
+from sidecar.durations import parse_duration
+from sidecar.errors import ConfigError, SidecarError
+from sidecar.providers.base import ProviderConfigError
+
+REGISTRY = "sidecar.providers.registry"
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "sidecar.yaml"
+
+ROUTE = """\
+routes:
+  - name: stripe
+    path: /webhooks/stripe
+    provider: stripe
+    secrets: ["whsec_test"]
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes `import sidecar.providers.registry` raise ImportError.
+    monkeypatch.setitem(sys.modules, REGISTRY, None)
+
+
+def fake_registry(monkeypatch: pytest.MonkeyPatch, build_verifier: Any) -> None:
+    module = types.ModuleType(REGISTRY)
+    module.build_verifier = build_verifier  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, REGISTRY, module)
+
+
+def errors_of(text: str, env: dict[str, str] | None = None, source: str = "cfg.yaml") -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_text(textwrap.dedent(text), source, env={} if env is None else env)
+    return info.value.errors
+
+
+def one_route(extra: str = "", env: dict[str, str] | None = None, head: str = "") -> Config:
+    text = textwrap.dedent(head) + ROUTE + textwrap.indent(textwrap.dedent(extra), "    ")
+    return load_text(text, env={} if env is None else env)
+
+
+# ------------------------------------------------------------------------------------------------- defaults
+
+
+def test_load_text_defaults_for_everything_but_routes() -> None:
+    config = one_route()
+    assert config.server == ServerConfig()
+    assert (config.server.host, config.server.port, config.server.workers) == ("0.0.0.0", 8080, 1)
+    assert config.server.max_body_bytes == 1048576
+    assert (config.server.read_timeout, config.server.shutdown_grace) == (10.0, 20.0)
+    assert (config.admin.host, config.admin.port, config.admin.token) == ("127.0.0.1", 9090, None)
+    assert config.redis == RedisConfig("embedded", "sidecar", 16, "data", "everysec", 2.0)
+    assert (config.upstream.url, config.upstream.timeout, config.upstream.max_connections) == (
+        "http://127.0.0.1:3000",
+        10.0,
+        100,
+    )
+    assert config.dedupe.ttl == 72 * 3600
+    assert config.retry == RetryConfig(
+        8, 5.0, 3.0, 6 * 3600, 0.2, ("408", "425", "429", "5xx"), 72 * 3600, None
+    )
+    assert config.dlq.max_length == 10000
+    assert config.source == "<string>"
+
+
+def test_load_text_route_defaults() -> None:
+    (route,) = one_route().routes
+    assert (route.name, route.path, route.provider, route.secrets) == (
+        "stripe",
+        "/webhooks/stripe",
+        "stripe",
+        ("whsec_test",),
+    )
+    assert route.event_id == EventIdSource("auto")
+    assert route.dedupe is True and route.handshake == "answer"
+    assert route.tolerance is None and route.upstream is None and route.public_url is None
+    assert route.types is None and route.sign_upstream is None and route.signature is None
+    assert route.retry == RetryConfig()
+
+
+def test_config_dataclasses_are_frozen() -> None:
+    config = one_route()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.server.workers = 2  # type: ignore[misc]
+    assert hash(config.routes[0]) == hash(dataclasses.replace(config.routes[0]))
+
+
+def test_load_text_full_route() -> None:
+    (route,) = one_route("""\
+        secret_files: []
+        tolerance: 300
+        upstream: "https://app.internal:8443/stripe"
+        event_id: {header: X-Event-Id}
+        dedupe: false
+        types: ["invoice.*"]
+        sign_upstream: {secret: "whsec_ZGV2LW9ubHktdXBzdHJlYW0tc2lnbmluZy1rZXkhISE="}
+        public_url: "https://hooks.example.com/webhooks/stripe"
+        handshake: pass
+        """).routes
+    assert route.tolerance == 300.0
+    assert route.upstream == "https://app.internal:8443/stripe"
+    assert route.event_id == EventIdSource("header", "x-event-id")
+    assert route.dedupe is False and route.handshake == "pass"
+    assert route.types == ("invoice.*",)
+    assert route.sign_upstream == SignUpstream("whsec_ZGV2LW9ubHktdXBzdHJlYW0tc2lnbmluZy1rZXkhISE=")
+    assert route.public_url == "https://hooks.example.com/webhooks/stripe"
+
+
+def test_listen_parses_ipv4_ipv6_and_port_only() -> None:
+    config = one_route(head='server: {listen: "[::1]:8081"}\nadmin: {listen: ":9999"}\n')
+    assert (config.server.host, config.server.port) == ("::1", 8081)
+    assert (config.admin.host, config.admin.port) == ("0.0.0.0", 9999)
+    assert (AdminConfig("localhost:1").host, ServerConfig("127.0.0.1:0").port) == ("localhost", 0)
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("8080", "expected host:port"),
+        ("::1:8080", "IPv6 address needs brackets"),
+        ("[nope]:8080", "not an IPv6 address"),
+        ("0.0.0.0:http", "port must be a number"),
+        ("0.0.0.0:70000", "port must be a number"),
+    ],
+)
+def test_listen_rejects_bad_addresses(listen: str, message: str) -> None:
+    (error,) = errors_of(f'server: {{listen: "{listen}"}}\n' + ROUTE)
+    assert error.startswith("cfg.yaml:1: server.listen: ") and message in error
+
+
+def test_listen_admin_clashing_with_server_is_an_error() -> None:
+    errors = errors_of('server: {listen: "0.0.0.0:8080"}\nadmin:\n  listen: "127.0.0.1:8080"\n' + ROUTE)
+    assert errors == ["cfg.yaml:3: admin.listen: must not use the same port as server.listen"]
+
+
+def test_event_id_accepts_every_form() -> None:
+    sources = [
+        one_route(f"event_id: {form}").routes[0].event_id
+        for form in ("auto", "body_sha256", "{header: X-GitHub-Delivery}", "{json: data.object.id}")
+    ]
+    assert sources == [
+        EventIdSource("auto"),
+        EventIdSource("body_sha256"),
+        EventIdSource("header", "x-github-delivery"),
+        EventIdSource("json", "data.object.id"),
+    ]
+
+
+@pytest.mark.parametrize("form", ["sha256", "{header: a, json: b}", "{jsn: id}", "{json: a..b}", "[auto]"])
+def test_event_id_rejects_other_forms(form: str) -> None:
+    errors = errors_of(ROUTE + f"    event_id: {form}\n")
+    assert errors and all(e.startswith("cfg.yaml:6: routes[0].event_id") for e in errors)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "embedded",
+        "redis://localhost:6379/0",
+        "rediss://:pw@redis.example.com:6380",
+        "redis+cluster://10.0.0.1:7000,10.0.0.2:7000",
+        "unix:///run/redis.sock",
+    ],
+)
+def test_redis_url_accepts_supported_schemes(url: str) -> None:
+    assert one_route(head=f'redis: {{url: "{url}"}}\n').redis.url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://db", "localhost:6379", "redis://", "redis://h:6379/zero", "redis+cluster://h1,h2", "unix://"],
+)
+def test_redis_url_rejects_others(url: str) -> None:
+    (error,) = errors_of(f'redis: {{url: "{url}"}}\n' + ROUTE)
+    assert error.startswith("cfg.yaml:1: redis.url: ")
+
+
+def test_redis_repr_hides_the_url_password() -> None:
+    config = one_route(head='redis: {url: "redis://user:hunter2pw@db:6379/0"}\n')
+    assert "hunter2pw" not in repr(config) and "redis://user:***@db:6379/0" in repr(config.redis)
+
+
+def test_appendfsync_no_is_the_word_not_a_boolean() -> None:
+    # YAML 1.1 reads a bare `no` as false; the field wants the word.
+    assert one_route(head="redis: {appendfsync: no}\n").redis.appendfsync == "no"
+
+
+@pytest.mark.parametrize(
+    ("http_url", "message"),
+    [
+        ("ftp://x", "expected an http:// or https:// URL"),
+        ("http://", "the URL has no host"),
+        ("http://h:99999", "not a valid URL"),
+        ("http://h/#frag", "the URL must not have a #fragment"),
+    ],
+)
+def test_upstream_url_must_be_http_with_host(http_url: str, message: str) -> None:
+    errors = errors_of(f'upstream: {{url: "{http_url}"}}\n' + ROUTE + f'    public_url: "{http_url}"\n')
+    assert errors == [f"cfg.yaml:1: upstream.url: {message}", f"cfg.yaml:7: routes[0].public_url: {message}"]
+
+
+# ---------------------------------------------------------------------------------------------- interpolation
+
+
+def test_interpolation_uses_set_variables() -> None:
+    config = one_route(head='upstream: {url: "${UPSTREAM}"}\n', env={"UPSTREAM": "http://app:9000"})
+    assert config.upstream.url == "http://app:9000"
+
+
+def test_interpolation_default_when_unset_or_empty() -> None:
+    head = 'upstream: {url: "${UPSTREAM:-http://fallback:1}"}\nadmin: {token: "${TOKEN-unset-only}"}\n'
+    assert one_route(head=head, env={}).upstream.url == "http://fallback:1"
+    assert one_route(head=head, env={"UPSTREAM": ""}).upstream.url == "http://fallback:1"
+    assert one_route(head=head, env={}).admin.token == "unset-only"
+    assert one_route(head=head, env={"TOKEN": ""}).admin.token is None  # `-` keeps the empty value: no token
+
+
+def test_interpolation_unset_without_default_is_an_error_naming_the_variable() -> None:
+    errors = errors_of(ROUTE.replace("whsec_test", "${STRIPE_SECRET}"), env={"OTHER": "x"})
+    assert errors == [
+        "cfg.yaml:5: routes[0].secrets[0]: environment variable STRIPE_SECRET is not set "
+        "(write ${STRIPE_SECRET:-default} for a default)"
+    ]
+
+
+def test_interpolation_dollar_dollar_is_a_literal_dollar() -> None:
+    config = one_route(head='admin: {token: "pa$$word-$${NOT_A_VAR}-$5"}\n')
+    assert config.admin.token == "pa$word-${NOT_A_VAR}-$5"
+
+
+def test_interpolation_does_not_expand_inside_values() -> None:
+    assert one_route(head='admin: {token: "${T}"}\n', env={"T": "${X}"}).admin.token == "${X}"
+
+
+def test_interpolation_converts_after_substitution() -> None:
+    head = 'server: {workers: "${WORKERS:-4}", read_timeout: "${RT:-500ms}"}\nretry: {jitter: "${J:-0.5}"}\n'
+    config = one_route(
+        "dedupe: ${DEDUPE:-false}\ntolerance: ${TOL:-}\npublic_url: ${URL:-}\n",
+        head=head,
+        env={"WORKERS": "0"},
+    )
+    assert (config.server.workers, config.server.read_timeout, config.retry.jitter) == (0, 0.5, 0.5)
+    assert config.routes[0].dedupe is False
+    # An empty interpolation leaves an optional key unset.
+    assert config.routes[0].tolerance is None and config.routes[0].public_url is None
+
+
+@pytest.mark.parametrize(("value", "message"), [("${", "unterminated ${"), ("${1BAD}", "variable name")])
+def test_interpolation_rejects_malformed_references(value: str, message: str) -> None:
+    (error,) = errors_of(f'admin: {{token: "{value}"}}\n' + ROUTE)
+    assert error.startswith("cfg.yaml:1: admin.token: ") and message in error
+
+
+# ------------------------------------------------------------------------------------------------- durations
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("72h", 259200.0),
+        ("1d", 86400.0),
+        ("1h30m", 5400.0),
+        ("1.5s", 1.5),
+        (" 2m ", 120.0),
+        ("10", 10.0),
+        ("0", 0.0),
+        (10, 10.0),
+        (2.5, 2.5),
+    ],
+)
+def test_parse_duration_accepts(value: str | float, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["5x", "", "s", "5 m", "5M", "1e3s", "nan", "inf", "5m-", True, None, [5]])
+def test_parse_duration_rejects_garbage(value: object) -> None:
+    with pytest.raises(ValueError, match=r"^expected a duration like 500ms, 30s, 5m, 72h$"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize("value", ["-5s", "-1", -1, -0.5])
+def test_parse_duration_rejects_negatives(value: object) -> None:
+    with pytest.raises(ValueError, match="cannot be negative"):
+        parse_duration(value)
+
+
+def test_durations_in_config_use_every_unit() -> None:
+    config = one_route(
+        "tolerance: 500ms\n",
+        head="upstream: {timeout: 30s}\ndedupe: {ttl: 1d}\nretry: {max_delay: 5m, lease: 90}\n",
+    )
+    assert (config.upstream.timeout, config.dedupe.ttl) == (30.0, 86400.0)
+    assert (config.retry.max_delay, config.retry.lease, config.routes[0].tolerance) == (300.0, 90.0, 0.5)
+
+
+def test_durations_zero_timeout_is_an_error() -> None:
+    assert errors_of("upstream: {timeout: 0s}\n" + ROUTE) == [
+        "cfg.yaml:1: upstream.timeout: must be longer than 0"
+    ]
+
+
+# ------------------------------------------------------------------------------------------- error reporting
+
+BROKEN = """\
+server:
+  listen: "0.0.0.0:8080"
+  workers: many
+redis:
+  url: "mysql://db"
+retry:
+  jitter: 1.5
+routes:
+  - name: Stripe
+    path: webhooks/stripe
+    provider: stripe
+    secrets: ["whsec_test"]
+  - name: github
+    path: /webhooks/github
+    provider: github
+    secrets: ["${GITHUB_SECRET}"]
+    tolerance: soon
+    tolernce: 5m
+  - path: /webhooks/slack
+    secrets: ["x"]
+"""
+
+
+def test_load_text_reports_every_error_with_file_line_and_path() -> None:
+    assert errors_of(BROKEN, source="config/sidecar.yaml") == [
+        "config/sidecar.yaml:3: server.workers: expected an integer, got a string",
+        "config/sidecar.yaml:5: redis.url: expected embedded, or a redis://, rediss://, redis+cluster:// or unix:// URL",
+        "config/sidecar.yaml:7: retry.jitter: must be from 0 to 1",
+        "config/sidecar.yaml:9: routes[0].name: must match [a-z0-9_-]+ (it is used in Redis keys, metrics and the "
+        "admin API)",
+        "config/sidecar.yaml:10: routes[0].path: must start with / and hold no query, fragment or spaces",
+        "config/sidecar.yaml:16: routes[1].secrets[0]: environment variable GITHUB_SECRET is not set "
+        "(write ${GITHUB_SECRET:-default} for a default)",
+        "config/sidecar.yaml:17: routes[1].tolerance: expected a duration like 500ms, 30s, 5m, 72h",
+        "config/sidecar.yaml:18: routes[1].tolernce: unknown key (did you mean tolerance?)",
+        "config/sidecar.yaml:19: routes[2].name: required key is missing",
+        "config/sidecar.yaml:19: routes[2].provider: required key is missing",
+    ]
+
+
+def test_config_error_str_joins_the_lines_and_is_a_sidecar_error() -> None:
+    with pytest.raises(SidecarError) as info:
+        load_text(BROKEN, "b.yaml", env={})
+    assert isinstance(info.value, ConfigError)
+    assert str(info.value) == "\n".join(info.value.errors) and len(info.value.errors) == 10
+
+
+def test_load_reports_the_file_path(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("routes: []\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.errors == [
+        f"{path}:1: routes: expected a list with at least one route, got an empty list"
+    ]
+
+
+def test_load_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing\.yaml:1: <file>: cannot read the config file"):
+        load(tmp_path / "missing.yaml")
+
+
+def test_load_text_yaml_syntax_error_names_the_line() -> None:
+    (error,) = errors_of("server:\n  listen: [unclosed\nroutes: []\n")
+    assert error.startswith("cfg.yaml:3: <yaml>: invalid YAML: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "cfg.yaml:1: routes: required: a list with at least one route"),
+        ("- a\n", "cfg.yaml:1: <root>: expected a mapping of sections"),
+        ("server: 5\n" + ROUTE, "cfg.yaml:1: server: expected a mapping, got an integer"),
+        ("routes: {name: x}\n", "cfg.yaml:1: routes: expected a list with at least one route, got a mapping"),
+    ],
+)
+def test_load_text_structure_errors(text: str, expected: str) -> None:
+    (error,) = errors_of(text)
+    assert error.startswith(expected)
+
+
+def test_load_text_duplicate_keys_are_errors() -> None:
+    errors = errors_of("dlq: {max_length: 5}\ndlq: {max_length: 6}\n" + ROUTE)
+    assert errors == ["cfg.yaml:2: dlq: duplicate key (first set at line 1)"]
+
+
+def test_load_text_duplicate_route_names_and_paths() -> None:
+    errors = errors_of(ROUTE + ROUTE.replace("routes:\n", ""))
+    assert errors == [
+        "cfg.yaml:6: routes[1].name: duplicate route name (first used at line 2)",
+        "cfg.yaml:7: routes[1].path: duplicate route path (first used at line 3)",
+    ]
+
+
+def test_load_text_type_errors_name_expected_types() -> None:
+    errors = errors_of(
+        "server: {workers: true, max_body_bytes: 1.5}\nretry: {multiplier: [3], retry_on: {a: 1}}\n"
+        + ROUTE
+        + "    dedupe: maybe\n    provider2: x\n"
+    )
+    assert errors == [
+        "cfg.yaml:1: server.workers: expected an integer, got a boolean",
+        "cfg.yaml:1: server.max_body_bytes: expected an integer, got a number",
+        "cfg.yaml:2: retry.multiplier: expected a number, got a list",
+        "cfg.yaml:2: retry.retry_on: expected a list, got a mapping",
+        "cfg.yaml:8: routes[0].dedupe: expected true or false, got a string",
+        "cfg.yaml:9: routes[0].provider2: unknown key (did you mean provider?)",
+    ]
+
+
+def test_unknown_key_hint_suggests_the_closest_key() -> None:
+    errors = errors_of("upstreams: {url: 'http://x'}\nserver: {lisen: ':1'}\nredis: {zzz: 1}\n" + ROUTE)
+    assert errors == [
+        "cfg.yaml:1: upstreams: unknown key (did you mean upstream?)",
+        "cfg.yaml:2: server.lisen: unknown key (did you mean listen?)",
+        "cfg.yaml:3: redis.zzz: unknown key (expected one of: url, prefix, shards, data_dir, appendfsync, timeout)",
+    ]
+
+
+def test_retry_on_accepts_codes_and_classes() -> None:
+    config = one_route("retry: {retry_on: [500, '503', 5XX]}\n", head="retry: {retry_on: 4xx}\n")
+    assert config.retry.retry_on == ("4xx",)
+    assert config.routes[0].retry.retry_on == ("500", "503", "5xx")
+
+
+@pytest.mark.parametrize("entry", ["200", "6xx", "42", "x"])
+def test_retry_on_rejects_other_entries(entry: str) -> None:
+    (error,) = errors_of(f"retry: {{retry_on: ['{entry}']}}\n" + ROUTE)
+    assert error.startswith("cfg.yaml:1: retry.retry_on[0]: expected a status code")
+
+
+def test_route_provider_other_than_none_needs_a_secret() -> None:
+    errors = errors_of(ROUTE.replace('"whsec_test"', '"${OLD:-}"'))
+    assert errors == ["cfg.yaml:5: routes[0].secrets: provider stripe needs at least one non-empty secret"]
+    config = load_text(
+        ROUTE.replace("provider: stripe", "provider: none").replace('"whsec_test"', ""), env={}
+    )
+    assert config.routes[0].secrets == ()
+
+
+def test_route_hmac_provider_needs_a_signature_spec() -> None:
+    errors = errors_of(ROUTE.replace("provider: stripe", "provider: hmac"))
+    assert errors == [
+        "cfg.yaml:2: routes[0].signature: required for provider hmac (the generic signature spec)"
+    ]
+    spec = "signature: {sig_name: x-sig, dedup_id: ['json:id'], tolerance_s: 300}\n"
+    route = one_route(spec).routes[0]
+    assert route.signature == {"sig_name": "x-sig", "dedup_id": ["json:id"], "tolerance_s": 300}
+
+
+def test_retry_max_delay_shorter_than_base_delay_is_an_error() -> None:
+    errors = errors_of(
+        "retry:\n  base_delay: 10m\n  max_delay: 1m\n" + ROUTE + "    retry: {base_delay: 2h}\n"
+    )
+    assert errors == [
+        "cfg.yaml:3: retry.max_delay: max_delay must not be shorter than base_delay",
+        "cfg.yaml:9: routes[0].retry.base_delay: max_delay must not be shorter than base_delay",
+    ]
+
+
+# ------------------------------------------------------------------------------------------- route retry merge
+
+
+def test_route_retry_overrides_merge_over_the_global_section() -> None:
+    text = (
+        "retry: {max_attempts: 5, base_delay: 1s, jitter: 0}\n"
+        + ROUTE
+        + "    retry: {max_attempts: 3, retry_on: ['500'], max_age: 1h}\n"
+        + ROUTE.replace("routes:\n", "").replace("stripe", "other")
+    )
+    config = load_text(text, env={})
+    merged, inherited = config.routes[0].retry, config.routes[1].retry
+    assert merged == RetryConfig(3, 1.0, 3.0, 6 * 3600, 0.0, ("500",), 3600.0, None)
+    assert inherited == config.retry == RetryConfig(5, 1.0, 3.0, 6 * 3600, 0.0, max_age=72 * 3600)
+
+
+def test_route_retry_unknown_key_is_reported_under_the_route() -> None:
+    errors = errors_of(ROUTE + "    retry: {max_attempt: 3}\n")
+    assert errors == ["cfg.yaml:6: routes[0].retry.max_attempt: unknown key (did you mean max_attempts?)"]
+
+
+def test_yaml_merge_keys_share_settings_between_routes() -> None:
+    text = """\
+    routes:
+      - &base
+        name: a
+        path: /a
+        provider: stripe
+        secrets: ["whsec_a"]
+        tolerance: 1m
+      - <<: *base
+        name: b
+        path: /b
+    """
+    a, b = load_text(textwrap.dedent(text), env={}).routes
+    assert (b.name, b.path, b.provider, b.secrets, b.tolerance) == ("b", "/b", "stripe", ("whsec_a",), 60.0)
+    assert a.name == "a"
+
+
+# ------------------------------------------------------------------------------------------------ secret files
+
+
+def test_secret_files_are_read_stripped_and_merged(tmp_path: Path) -> None:
+    (tmp_path / "new").write_text("  whsec_from_file_new\n")
+    (tmp_path / "old").write_text("whsec_from_file_old\n\n")
+    (tmp_path / "empty").write_text("\n")
+    files = [str(tmp_path / name) for name in ("new", "empty", "old")]
+    route = one_route(f"secret_files: {files}\n").routes[0]
+    assert route.secrets == ("whsec_test", "whsec_from_file_new", "whsec_from_file_old")
+    assert route.secret_files == tuple(files)
+
+
+def test_secret_files_alone_satisfy_a_provider(tmp_path: Path) -> None:
+    (tmp_path / "s").write_text("whsec_file_only")
+    text = ROUTE.replace('secrets: ["whsec_test"]', f"secret_files: [{tmp_path / 's'}]")
+    assert load_text(text, env={}).routes[0].secrets == ("whsec_file_only",)
+
+
+def test_secret_files_unreadable_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    errors = errors_of(ROUTE + f"    secret_files:\n      - {missing}\n")
+    assert errors == [
+        f"cfg.yaml:7: routes[0].secret_files[0]: cannot read secret file {missing} (No such file or directory)"
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------- secrets
+
+SECRET = "whsec_TOPSECRET_route_value_1234"
+TOKEN = "admin_TOPSECRET_token_5678"
+FILE_SECRET = "file_TOPSECRET_content_9012"
+UPSTREAM_SECRET = "upstream_TOPSECRET_signing_3456"
+
+
+def test_secrets_never_in_repr_or_str(tmp_path: Path) -> None:
+    (tmp_path / "s").write_text(FILE_SECRET + "\n")
+    text = (
+        f'admin: {{token: "{TOKEN}"}}\n'
+        + ROUTE.replace("whsec_test", "${STRIPE_SECRET}")
+        + f"    secret_files: ['{tmp_path / 's'}']\n"
+        + f"    sign_upstream: {{secret: '{UPSTREAM_SECRET}'}}\n"
+    )
+    config = load_text(text, env={"STRIPE_SECRET": SECRET})
+    route = config.routes[0]
+    assert route.secrets == (SECRET, FILE_SECRET) and config.admin.token == TOKEN
+    for shown in (repr(config), str(config), repr(route), repr(config.admin), repr(route.sign_upstream)):
+        for secret in (SECRET, TOKEN, FILE_SECRET, UPSTREAM_SECRET):
+            assert secret not in shown
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a secret that fails validation itself
+        ROUTE + f"    sign_upstream: {{secret: 'whsec_!!{SECRET}'}}\n",
+        # a secret put where a duration belongs, through the environment
+        ROUTE + "    tolerance: ${STRIPE_SECRET}\n",
+        # a secret next to an invalid list entry
+        ROUTE.replace('"whsec_test"', f'"{SECRET}", {{bad: 1}}'),
+        # a secret in a URL and in an unknown key's value
+        f'upstream: {{url: "ftp://u:{SECRET}@h"}}\nadmin: {{tokn: "{SECRET}"}}\n' + ROUTE,
+        # a YAML syntax error on the line holding the secret (yaml's own message quotes the line)
+        ROUTE.replace('"whsec_test"]', f'"{SECRET}"'),
+    ],
+)
+def test_secrets_never_in_error_text(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_text(text, "cfg.yaml", env={"STRIPE_SECRET": SECRET})
+    assert info.value.errors
+    assert SECRET not in str(info.value) and SECRET not in repr(info.value)
+    assert all(SECRET not in line for line in info.value.errors)
+
+
+def test_secrets_from_a_provider_error_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    def build_verifier(provider: str, secrets: Any, tolerance: Any, signature: Any) -> None:
+        raise ProviderConfigError(f"cannot decode key {secrets[0]!r}")
+
+    fake_registry(monkeypatch, build_verifier)
+    errors = errors_of(ROUTE.replace("whsec_test", SECRET))
+    assert errors == ["cfg.yaml:4: routes[0].provider: cannot decode key '[redacted]'"]
+
+
+# ------------------------------------------------------------------------------------------ provider registry
+
+
+def test_provider_errors_are_reported_at_the_provider_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def build_verifier(provider: str, secrets: Any, tolerance: Any, signature: Any) -> object:
+        calls.append((provider, tuple(secrets), tolerance, signature))
+        if provider != "stripe":
+            raise ProviderConfigError(f"unknown provider {provider}")
+        return object()
+
+    fake_registry(monkeypatch, build_verifier)
+    text = ROUTE + "    tolerance: 5m\n" + ROUTE.replace("routes:\n", "").replace("stripe", "strype")
+    errors = errors_of(text)
+    assert errors == ["cfg.yaml:9: routes[1].provider: unknown provider strype"]
+    assert calls == [("stripe", ("whsec_test",), 300.0, None), ("strype", ("whsec_test",), None, None)]
+
+
+def test_provider_unexpected_exception_is_reported_without_its_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def build_verifier(provider: str, secrets: Any, tolerance: Any, signature: Any) -> object:
+        raise KeyError(secrets[0])
+
+    fake_registry(monkeypatch, build_verifier)
+    assert errors_of(ROUTE) == ["cfg.yaml:4: routes[0].provider: the verifier could not be built (KeyError)"]
+
+
+def test_provider_registry_missing_is_skipped() -> None:
+    assert load_text(ROUTE.replace("provider: stripe", "provider: no-such-provider"), env={}).routes
+
+
+# ----------------------------------------------------------------------------------- example file, check_config
+
+
+def test_example_config_loads_with_an_empty_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, REGISTRY)  # the real registry, when it is there
+    config = load(EXAMPLE, env={})
+    assert [r.name for r in config.routes] == ["stripe", "github", "slack", "svix"]
+    assert config.redis.url == "embedded" and config.admin.token == "dev-admin-token-change-me"
+    assert all(r.secrets for r in config.routes)
+
+
+def test_example_config_takes_secrets_from_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, REGISTRY)
+    env = {"STRIPE_SECRET": "whsec_new", "STRIPE_SECRET_OLD": "whsec_old", "REDIS_URL": "redis://r:6379/0"}
+    config = load(EXAMPLE, env=env)
+    assert config.routes[0].secrets == ("whsec_new", "whsec_old") and config.redis.url == "redis://r:6379/0"
+
+
+def test_check_config_returns_error_lines(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(ROUTE)
+    bad.write_text(ROUTE + "    tolerance: soon\n")
+    assert check_config(good) == []
+    assert check_config(bad) == [
+        f"{bad}:6: routes[0].tolerance: expected a duration like 500ms, 30s, 5m, 72h"
+    ]
+    assert check_config(tmp_path / "missing.yaml")[0].startswith(f"{tmp_path / 'missing.yaml'}:1: <file>: ")
