@@ -159,3 +159,14 @@ def sidecar_factory(aiohttp_client: Any, upstream: Upstream, redis_url: str, rdb
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Any]]:
+    """Sidecar processes a test starts (tests.procs.SidecarProcess); every one is stopped afterwards."""
+    started: list[Any] = []
+    try:
+        yield started
+    finally:
+        for p in started:
+            p.stop()

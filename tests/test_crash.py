@@ -6,12 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -19,81 +14,11 @@ import pytest
 import redis
 
 from sidecar.keys import KeySpace
-from tests.conftest import REPO, Upstream
+from tests.conftest import Upstream
+from tests.procs import SidecarProcess, free_port, write_config
 
 SECRET = "whsec_crash_test"
 KEYS = KeySpace("sidecar", 4)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_config(path: Path, *, redis_url: str, upstream_url: str, port: int, admin_port: int) -> None:
-    path.write_text(
-        f"""
-server: {{listen: "127.0.0.1:{port}", shutdown_grace: 1s}}
-admin: {{listen: "127.0.0.1:{admin_port}", token: "t"}}
-redis: {{url: "{redis_url}", shards: 4}}
-upstream: {{url: "{upstream_url}", timeout: 30s}}
-retry: {{base_delay: 1s, jitter: 0, lease: 2s}}
-routes:
-  - name: stripe
-    path: /webhooks/stripe
-    provider: stripe
-    secrets: ["{SECRET}"]
-"""
-    )
-
-
-class SidecarProcess:
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, port: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(self.config)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"sidecar exited: {self.proc.stderr.read().decode()}")  # type: ignore[union-attr]
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.1)
-        raise AssertionError("sidecar did not start listening within 20 s")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-
-@pytest.fixture
-def processes() -> Iterator[list[SidecarProcess]]:
-    started: list[SidecarProcess] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            p.stop()
 
 
 def signed(body: bytes) -> dict[str, str]:
@@ -114,7 +39,9 @@ async def test_crash_sigkill_mid_forward_leaves_event_stored_and_scheduled_then_
     upstream.behaviour = hold
     port, admin_port = free_port(), free_port()
     cfg = tmp_path / "sidecar.yaml"
-    write_config(cfg, redis_url=redis_url, upstream_url=upstream.url, port=port, admin_port=admin_port)
+    write_config(
+        cfg, redis_url=redis_url, upstream_url=upstream.url, port=port, admin_port=admin_port, secret=SECRET
+    )
     first = SidecarProcess(cfg)
     processes.append(first)
     first.start(port)

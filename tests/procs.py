@@ -1,0 +1,83 @@
+"""Real sidecar processes for crash and fault tests: start, SIGKILL, stop; free loopback ports; config files."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(
+    path: Path,
+    *,
+    redis_url: str,
+    upstream_url: str,
+    port: int,
+    admin_port: int,
+    secret: str,
+    upstream_timeout: str = "30s",
+    retry: str = "{base_delay: 1s, jitter: 0, lease: 2s}",
+) -> None:
+    path.write_text(
+        f"""
+server: {{listen: "127.0.0.1:{port}", shutdown_grace: 1s}}
+admin: {{listen: "127.0.0.1:{admin_port}", token: "t"}}
+redis: {{url: "{redis_url}", shards: 4}}
+upstream: {{url: "{upstream_url}", timeout: {upstream_timeout}}}
+retry: {retry}
+routes:
+  - name: stripe
+    path: /webhooks/stripe
+    provider: stripe
+    secrets: ["{secret}"]
+"""
+    )
+
+
+class SidecarProcess:
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, port: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(self.config)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sidecar exited: {self.proc.stderr.read().decode()}")  # type: ignore[union-attr]
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise AssertionError("sidecar did not start listening within 20 s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
