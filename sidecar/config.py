@@ -60,6 +60,8 @@ HOUR = 3600.0
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """`host:port`, `[v6addr]:port` or `:port` (every interface) -> (host, port). Raises ValueError."""
+    if not isinstance(listen, str):
+        raise ValueError('expected host:port, like "0.0.0.0:8080" or "[::1]:8080"')
     host, sep, port_text = listen.rpartition(":")
     if not sep:
         raise ValueError('expected host:port, like "0.0.0.0:8080" or "[::1]:8080"')
@@ -393,6 +395,10 @@ def _interpolate(ctx: _Ctx, text: str, path: str, line: int) -> Any:
             ok = False
             continue
         name, op, default = body.groups()
+        if default and "${" in default:
+            ctx.error(line, path, "a ${…} default cannot hold another ${…}")
+            ok = False
+            continue
         value = ctx.env.get(name)
         if (op == ":-" and not value) or (op == "-" and value is None):
             value = default
@@ -457,12 +463,16 @@ def _nonempty(ctx: _Ctx, item: _Item, path: str) -> Any:
     return value
 
 
+_FLOAT = re.compile(r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
+_INT = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
 def _integer(low: int, high: int | None = None) -> Conv:
     def conv(ctx: _Ctx, item: _Item, path: str) -> Any:
         value = item.value
         if value is BAD:
             return BAD
-        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+        if isinstance(value, str) and _INT.fullmatch(value):
             value = int(value)  # e.g. "${WORKERS:-4}"
         if isinstance(value, bool) or not isinstance(value, int):
             return ctx.bad(item, path, f"expected an integer, got {_kind(value)}")
@@ -506,7 +516,6 @@ def _duration(*, zero_ok: bool = False) -> Conv:
     return conv
 
 
-_FLOAT = re.compile(r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -763,7 +772,7 @@ def _load(ctx: _Ctx, text: str) -> Config | None:
     retry_items = _items(top.get("retry"))
     retry = _make_retry(ctx, retry_values, retry_items, {}, {}, "retry") if retry_ok else BAD
     _check_prefix(ctx, top.get("redis"), redis)
-    _check_listen_clash(ctx, top.get("admin"), server, admin)
+    _check_listen_clash(ctx, top, server, admin)
     routes = _routes(ctx, top.get("routes"), root, retry_values if retry_ok else None, retry_items)
 
     parts = (server, admin, redis, upstream, dedupe, retry, dlq, routes)
@@ -790,13 +799,17 @@ def _check_prefix(ctx: _Ctx, item: _Item | None, redis: Any) -> None:
         ctx.error(line, "redis.prefix", "may only hold letters, digits and _ . : - (no braces or spaces)")
 
 
-def _check_listen_clash(ctx: _Ctx, item: _Item | None, server: Any, admin: Any) -> None:
+def _check_listen_clash(ctx: _Ctx, top: dict[str, _Item], server: Any, admin: Any) -> None:
     if server is BAD or admin is BAD or server.port != admin.port or server.port == 0:
         return
     wildcard = {"0.0.0.0", "::"}
     if server.host == admin.host or server.host in wildcard or admin.host in wildcard:
-        line = _items(item)["listen"].line if "listen" in _items(item) else (item.line if item else 1)
-        ctx.error(line, "admin.listen", "must not use the same port as server.listen")
+        # Point at whichever listen the file sets (the other is a default), preferring admin's.
+        for section, other in (("admin", "server"), ("server", "admin")):
+            if "listen" in _items(top.get(section)):
+                line = _items(top.get(section))["listen"].line
+                ctx.error(line, f"{section}.listen", f"must not use the same port as {other}.listen")
+                return
 
 
 def _make_retry(

@@ -160,6 +160,11 @@ def test_listen_admin_clashing_with_server_is_an_error() -> None:
     assert errors == ["cfg.yaml:3: admin.listen: must not use the same port as server.listen"]
 
 
+def test_listen_server_on_the_default_admin_port_is_an_error() -> None:
+    errors = errors_of('server:\n  listen: "0.0.0.0:9090"\n' + ROUTE)
+    assert errors == ["cfg.yaml:2: server.listen: must not use the same port as admin.listen"]
+
+
 def test_event_id_accepts_every_form() -> None:
     sources = [
         one_route(f"event_id: {form}").routes[0].event_id
@@ -272,7 +277,10 @@ def test_interpolation_converts_after_substitution() -> None:
     assert config.routes[0].tolerance is None and config.routes[0].public_url is None
 
 
-@pytest.mark.parametrize(("value", "message"), [("${", "unterminated ${"), ("${1BAD}", "variable name")])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("${", "unterminated ${"), ("${1BAD}", "variable name"), ("${A:-${B}}", "cannot hold another")],
+)
 def test_interpolation_rejects_malformed_references(value: str, message: str) -> None:
     (error,) = errors_of(f'admin: {{token: "{value}"}}\n' + ROUTE)
     assert error.startswith("cfg.yaml:1: admin.token: ") and message in error
