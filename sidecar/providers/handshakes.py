@@ -1,0 +1,109 @@
+"""Provider handshakes (providers.md §24): recognise one and compute the answer the provider expects.
+
+Signed handshakes (Slack url_verification, Discord PING, Zoom endpoint.url_validation) are recognised only after
+the signature has passed, and get the key that verified them. Unsigned ones (Slack ssl_check, X CRC GET) are
+recognised before any verification and must never raise: anything odd is simply "not a handshake".
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from typing import Any
+
+from sidecar.providers.base import Handshake, VerificationError
+from sidecar.providers.crypto import HmacKey, Key
+from sidecar.providers.request import Request
+
+SignedHandshake = Callable[[Request, Key], Handshake | None]
+UnsignedHandshake = Callable[[Request, tuple[Key, ...]], Handshake | None]
+
+
+def _json_answer(payload: dict[str, Any], status: int = 200) -> Handshake:
+    return Handshake(status=status, body=json.dumps(payload, separators=(",", ":")).encode())
+
+
+def slack_url_verification(req: Request, key: Key) -> Handshake | None:
+    """Events API `url_verification`: answer `{"challenge": …}` as JSON, as Bolt does."""
+    body = req.json()
+    if isinstance(body, dict) and body.get("type") == "url_verification":
+        challenge = body.get("challenge")
+        if isinstance(challenge, str):
+            return _json_answer({"challenge": challenge})
+    return None
+
+
+def _discord_type(req: Request) -> tuple[int | None, bool]:
+    body = req.json()
+    if not isinstance(body, dict):
+        return None, False
+    kind = body.get("type")
+    return (kind if isinstance(kind, int) and not isinstance(kind, bool) else None), "event" in body
+
+
+def discord_interactions(req: Request, key: Key) -> Handshake | None:
+    """Interactions PING (type 1) → 200 `{"type":1}` (PONG)."""
+    kind, has_event = _discord_type(req)
+    return _json_answer({"type": 1}) if kind == 1 and not has_event else None
+
+
+def discord_events(req: Request, key: Key) -> Handshake | None:
+    """Webhook Events PING (type 0) → 204, empty body."""
+    kind, _ = _discord_type(req)
+    return Handshake(status=204, body=b"") if kind == 0 else None
+
+
+def discord(req: Request, key: Key) -> Handshake | None:
+    """One endpoint for both kinds. Type 1 means PING for interactions but "event" for Webhook Events; only the
+    latter carries an `event` object, which is how the two are told apart."""
+    return discord_events(req, key) or discord_interactions(req, key)
+
+
+def zoom_url_validation(req: Request, key: Key) -> Handshake | None:
+    """`endpoint.url_validation` → `{"plainToken": p, "encryptedToken": hex(HMAC-SHA256(secret, p))}`, computed
+    with the secret that verified the request."""
+    body = req.json()
+    if not isinstance(body, dict) or body.get("event") != "endpoint.url_validation":
+        return None
+    payload = body.get("payload")
+    token = payload.get("plainToken") if isinstance(payload, dict) else None
+    if not isinstance(token, str) or not isinstance(key, HmacKey):
+        raise VerificationError("malformed", "endpoint.url_validation without a string payload.plainToken")
+    encrypted = HmacKey(key.material).sign(token.encode("utf-8", "surrogatepass")).hex()
+    return _json_answer({"plainToken": token, "encryptedToken": encrypted})
+
+
+def slack_ssl_check(req: Request, keys: tuple[Key, ...]) -> Handshake | None:
+    """A slash-command URL's `ssl_check=1` form POST: Bolt answers 200 with an empty body and verifies nothing."""
+    inbound = req.inbound
+    if inbound.method.upper() != "POST" or b"ssl_check" not in inbound.body or not req.is_form():
+        return None
+    if req.form().get("ssl_check") == ["1"]:
+        return Handshake(status=200, body=b"", content_type="text/plain")
+    return None
+
+
+def x_crc(req: Request, keys: tuple[Key, ...]) -> Handshake | None:
+    """X (Twitter) CRC: a GET with `crc_token` → `{"response_token": "sha256=" + base64(HMAC-SHA256(secret, t))}`.
+    The first configured secret (the current consumer secret) answers."""
+    if req.inbound.method.upper() != "GET" or not keys or not isinstance(keys[0], HmacKey):
+        return None
+    tokens = req.query().get("crc_token")
+    if not tokens:
+        return None
+    mac = HmacKey(keys[0].material).sign(tokens[0].encode("utf-8", "surrogatepass"))
+    return _json_answer({"response_token": "sha256=" + base64.b64encode(mac).decode()})
+
+
+SIGNED: dict[str, SignedHandshake] = {
+    "slack": slack_url_verification,
+    "discord_interactions": discord_interactions,
+    "discord_events": discord_events,
+    "discord": discord,
+    "zoom": zoom_url_validation,
+}
+UNSIGNED: dict[str, UnsignedHandshake] = {
+    "slack": slack_ssl_check,
+    "x_crc": x_crc,
+}
