@@ -1,0 +1,241 @@
+"""providers.md §25's negative list, run against every provider through its independent signer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from provider_cases import CASES, NOW, Case
+
+from sidecar.providers.base import TimestampError, VerificationError
+
+ALL = sorted(CASES)
+WITH_PREFIX = [n for n in ALL if CASES[n].prefix]
+WITH_WINDOW = [n for n in ALL if CASES[n].window]
+BOTH_WAYS = [n for n in WITH_WINDOW if CASES[n].both]
+PAST_ONLY = [n for n in WITH_WINDOW if not CASES[n].both]
+LISTS = [n for n in ALL if CASES[n].list_bad_good]
+JSON_BODIES = [n for n in ALL if CASES[n].json_body]
+HEADER_SIGS = [n for n in ALL if CASES[n].sig_header]
+CASE_SENSITIVE = [n for n in HEADER_SIGS if CASES[n].case_sensitive]
+
+
+def _rejects(case: Case, body: bytes, headers: dict[str, str] | list[tuple[str, str]], **kw: object) -> str:
+    with pytest.raises(VerificationError) as info:
+        case.verify(body, headers, **kw)
+    return info.value.reason
+
+
+def _with_ts(case: Case, offset: float) -> tuple[bytes, dict[str, str]]:
+    return case.request(ts=int(NOW + offset))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_provider_valid_request_verifies(name: str) -> None:
+    case = CASES[name]
+    assert case.verify(*case.request()) is not None
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_provider_second_secret_accepted(name: str) -> None:
+    case = CASES[name]
+    assert case.verify(*case.request("good"), secrets=[case.other, case.good]) is not None
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_provider_wrong_secret_rejected(name: str) -> None:
+    case = CASES[name]
+    assert _rejects(case, *case.request("other")) == "mismatch"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_provider_one_body_byte_changed_rejected(name: str) -> None:
+    case = CASES[name]
+    body, headers = case.request()
+    assert _rejects(case, case.tampered(body), headers) == "mismatch"
+
+
+@pytest.mark.parametrize("name", JSON_BODIES)
+def test_provider_reserialised_body_rejected(name: str) -> None:
+    case = CASES[name]
+    body, headers = case.request()
+    pretty = json.dumps(json.loads(body), indent=1).encode()
+    assert pretty != body
+    assert _rejects(case, pretty, headers) == "mismatch"
+
+
+@pytest.mark.parametrize("name", WITH_PREFIX)
+def test_provider_prefix_removed_rejected(name: str) -> None:
+    case = CASES[name]
+    body, headers = case.request()
+    header = next(k for k in headers if k.lower() == case.sig_header)
+    headers[header] = headers[header].replace(case.prefix or "", "")
+    _rejects(case, body, headers)
+
+
+@pytest.mark.parametrize("name", WITH_PREFIX)
+def test_provider_prefix_case_changed_rejected(name: str) -> None:
+    case = CASES[name]
+    body, headers = case.request()
+    header = next(k for k in headers if k.lower() == case.sig_header)
+    prefix = case.prefix or ""
+    headers[header] = headers[header].replace(prefix, prefix.upper())
+    _rejects(case, body, headers)
+
+
+@pytest.mark.parametrize("name", CASE_SENSITIVE)
+def test_provider_signature_case_changed_rejected(name: str) -> None:
+    case = CASES[name]
+    body, headers = case.request()
+    header = next(k for k in headers if k.lower() == case.sig_header)
+    value = headers[header]
+    cut = value.rfind(case.prefix) + len(case.prefix) if case.prefix and case.prefix in value else 0
+    flipped = value[:cut] + value[cut:].swapcase()
+    assert flipped != value
+    headers[header] = flipped
+    _rejects(case, body, headers)
+
+
+def test_provider_discord_hex_case_is_not_significant() -> None:
+    """Discord's SDK decodes the hex signature (`bytes.fromhex`), so upper-case hex verifies there too."""
+    case = CASES["discord"]
+    body, headers = case.request()
+    headers["X-Signature-Ed25519"] = headers["X-Signature-Ed25519"].upper()
+    assert case.verify(body, headers) is not None
+
+
+@pytest.mark.parametrize("name", WITH_WINDOW)
+def test_provider_timestamp_just_outside_past_rejected(name: str) -> None:
+    case = CASES[name]
+    with pytest.raises(TimestampError):
+        case.verify(*_with_ts(case, -(case.window or 0) - 1))
+
+
+@pytest.mark.parametrize("name", WITH_WINDOW)
+def test_provider_timestamp_just_inside_past_accepted(name: str) -> None:
+    case = CASES[name]
+    assert case.verify(*_with_ts(case, -(case.window or 0) + 1)) is not None
+
+
+@pytest.mark.parametrize("name", BOTH_WAYS)
+def test_provider_timestamp_just_outside_future_rejected(name: str) -> None:
+    case = CASES[name]
+    with pytest.raises(TimestampError):
+        case.verify(*_with_ts(case, (case.window or 0) + 1))
+
+
+@pytest.mark.parametrize("name", BOTH_WAYS)
+def test_provider_timestamp_just_inside_future_accepted(name: str) -> None:
+    case = CASES[name]
+    assert case.verify(*_with_ts(case, (case.window or 0) - 1)) is not None
+
+
+@pytest.mark.parametrize("name", PAST_ONLY)
+def test_provider_timestamp_far_future_accepted_like_sdk(name: str) -> None:
+    case = CASES[name]
+    assert case.verify(*_with_ts(case, 10 * 86400)) is not None
+
+
+@pytest.mark.parametrize("name", WITH_WINDOW)
+def test_provider_route_tolerance_replaces_sdk_default(name: str) -> None:
+    case = CASES[name]
+    body, headers = _with_ts(case, -4)
+    assert case.verify(body, headers, tolerance=5) is not None
+    with pytest.raises(TimestampError):
+        case.verify(body, headers, tolerance=3)
+
+
+@pytest.mark.parametrize("name", WITH_WINDOW)
+def test_provider_tolerance_zero_disables_the_check(name: str) -> None:
+    case = CASES[name]
+    assert case.verify(*_with_ts(case, -10 * 86400), tolerance=0) is not None
+
+
+@pytest.mark.parametrize("name", ["discord", "sendgrid"])
+def test_provider_no_sdk_window_unless_configured(name: str) -> None:
+    case = CASES[name]
+    body, headers = _with_ts(case, -10 * 86400)
+    assert case.verify(body, headers) is not None
+    with pytest.raises(TimestampError):
+        case.verify(body, headers, tolerance=300)
+    assert case.verify(*_with_ts(case, 86400), tolerance=300) is not None  # past only
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if CASES[n].ts_header])
+def test_provider_timestamp_not_digits_rejected(name: str) -> None:
+    case = CASES[name]
+    body, headers = case.request()
+    header = next(k for k in headers if k.lower() == case.ts_header)
+    for bad in (" " + headers[header], headers[header] + ".5", "+" + headers[header], "1" * 40, "", "١٢٣"):
+        headers[header] = bad
+        _rejects(case, body, headers)
+
+
+@pytest.mark.parametrize("name", HEADER_SIGS)
+def test_provider_duplicate_signature_header_rejected(name: str) -> None:
+    case = CASES[name]
+    body, headers = case.request()
+    items = list(headers.items())
+    items += [(k, v) for k, v in headers.items() if k.lower() == case.sig_header]
+    assert _rejects(case, body, items) == "duplicate_header"
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if CASES[n].ts_header])
+def test_provider_duplicate_timestamp_header_rejected(name: str) -> None:
+    case = CASES[name]
+    body, headers = case.request()
+    items = list(headers.items())
+    items += [(k, v) for k, v in headers.items() if k.lower() == case.ts_header]
+    assert _rejects(case, body, items) == "duplicate_header"
+
+
+@pytest.mark.parametrize(
+    "garbage", ["é" * 40, "\udcff\udcfe", "sha256=\x00\x01\u2028", "v1,\udc80 v1=é", "😀"]
+)
+@pytest.mark.parametrize("name", HEADER_SIGS)
+def test_provider_non_ascii_garbage_header_rejected(name: str, garbage: str) -> None:
+    case = CASES[name]
+    body, headers = case.request()
+    header = next(k for k in headers if k.lower() == case.sig_header)
+    headers[header] = (case.prefix or "") + garbage
+    _rejects(case, body, headers)
+    headers[header] = garbage
+    _rejects(case, body, headers)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if CASES[n].ts_header])
+def test_provider_non_ascii_garbage_timestamp_rejected(name: str) -> None:
+    case = CASES[name]
+    body, headers = case.request()
+    header = next(k for k in headers if k.lower() == case.ts_header)
+    headers[header] = "\udcff17000000é"
+    _rejects(case, body, headers)
+
+
+@pytest.mark.parametrize("name", HEADER_SIGS)
+def test_provider_missing_signature_rejected(name: str) -> None:
+    case = CASES[name]
+    body, headers = case.request()
+    del headers[next(k for k in headers if k.lower() == case.sig_header)]
+    assert _rejects(case, body, headers) == "missing"
+
+
+@pytest.mark.parametrize("name", LISTS)
+def test_provider_list_one_bad_one_good_entry_passes(name: str) -> None:
+    case = CASES[name]
+    body, headers = case.request()
+    header = next(k for k in headers if k.lower() == case.sig_header)
+    combine = case.list_bad_good
+    assert combine is not None
+    headers[header] = combine(headers[header])
+    assert case.verify(body, headers) is not None
+
+
+@pytest.mark.parametrize("name", LISTS)
+def test_provider_list_only_bad_entries_rejected(name: str) -> None:
+    case = CASES[name]
+    bad_body, bad_headers = case.request("other")
+    header = next(k for k in bad_headers if k.lower() == case.sig_header)
+    combine = case.list_bad_good
+    assert combine is not None
+    _rejects(case, bad_body, {**bad_headers, header: combine(bad_headers[header])})
