@@ -16,7 +16,14 @@ from functools import partial
 from typing import Any
 
 from sidecar.providers import discord, hubspot, mailgun, sendgrid, standardwebhooks, table, twilio
-from sidecar.providers.base import Handshake, Inbound, ProviderConfigError, Verified, Verifier
+from sidecar.providers.base import (
+    Handshake,
+    Inbound,
+    ProviderConfigError,
+    VerificationError,
+    Verified,
+    Verifier,
+)
 from sidecar.providers.crypto import (
     EcdsaKey,
     Ed25519Key,
@@ -30,6 +37,34 @@ from sidecar.providers.engine import SpecVerifier
 from sidecar.providers.spec import SigSpec, spec_from_mapping
 
 Builder = Callable[[Sequence[str], "float | None"], Verifier]
+
+
+class Guarded:
+    """The boundary every verifier sits behind: whatever a client sends, `verify` ends in a `Verified` or a
+    `VerificationError` (→ 401), never another exception (→ 500), and `unsigned_handshake` never raises at all.
+    An exception reaching this point is a bug; it is reported with reason `internal` so it shows in the metrics."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Verifier) -> None:
+        self.inner = inner
+
+    def __repr__(self) -> str:
+        return f"Guarded({self.inner!r})"
+
+    def verify(self, req: Inbound) -> Verified:
+        try:
+            return self.inner.verify(req)
+        except VerificationError:
+            raise
+        except Exception as exc:
+            raise VerificationError("internal", f"unverifiable request ({type(exc).__name__})") from None
+
+    def unsigned_handshake(self, req: Inbound) -> Handshake | None:
+        try:
+            return self.inner.unsigned_handshake(req)
+        except Exception:
+            return None
 
 
 class Unverified:
@@ -81,8 +116,8 @@ def build_verifier(
         return Unverified()
     keys = _secrets(secrets, provider)
     if provider == "hmac":
-        return _generic(keys, tolerance, signature)
-    return _BUILDERS[provider](keys, tolerance)
+        return Guarded(_generic(keys, tolerance, signature))
+    return Guarded(_BUILDERS[provider](keys, tolerance))
 
 
 def _check_tolerance(tolerance: float | None) -> None:

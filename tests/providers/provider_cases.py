@@ -171,11 +171,20 @@ STRIPE = Case(
     list_bad_good=lambda v: v.replace(",v1=", ",v1=" + "0" * 64 + ",v1="),
 )
 
+
+def _github(secrets: dict[str, str]) -> Signer:
+    def sign(which: str, body: bytes, ts: int) -> tuple[bytes, dict[str, str]]:
+        sig = "sha256=" + _hex(secrets[which], body)
+        return body, {"X-Hub-Signature-256": sig, "X-GitHub-Delivery": "d-1", "X-GitHub-Event": "push"}
+
+    return sign
+
+
 GITHUB = Case(
     "github",
     "gh-good",
     "gh-other",
-    _kv(S("gh-good", "gh-other"), "X-Hub-Signature-256", lambda k, b, t: "sha256=" + _hex(k, b)),
+    _github(S("gh-good", "gh-other")),
     "x-hub-signature-256",
     prefix="sha256=",
 )

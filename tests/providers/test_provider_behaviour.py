@@ -1,0 +1,608 @@
+"""Handshakes (§24), event ids and types, the UTF-8 rule, JSON parsed at most once, config-load errors."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from provider_cases import CASES, NOW, URL, b64, inbound, mac, verify
+
+from sidecar.providers import request as request_module
+from sidecar.providers.base import ProviderConfigError, VerificationError
+from sidecar.providers.registry import PROVIDERS, build_verifier
+
+
+def _slack_headers(body: bytes, secret: str = "slack-good", ts: int = NOW) -> dict[str, str]:
+    return {
+        "X-Slack-Signature": "v0=" + mac(secret, b"v0:%d:" % ts + body).hex(),
+        "X-Slack-Request-Timestamp": str(ts),
+    }
+
+
+# ---- handshakes ---------------------------------------------------------------------------------------------------
+
+
+def test_slack_url_verification_verified_then_answered() -> None:
+    body = b'{"token":"t","challenge":"3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P","type":"url_verification"}'
+    got = verify("slack", ["slack-good"], body, _slack_headers(body))
+    assert got.handshake is not None
+    assert (got.handshake.status, got.handshake.content_type) == (200, "application/json")
+    assert json.loads(got.handshake.body) == {
+        "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"
+    }
+    assert got.event_id is None
+    with pytest.raises(VerificationError):
+        verify("slack", ["slack-good"], body, _slack_headers(body, "slack-other"))
+
+
+def test_slack_event_id_and_type() -> None:
+    body = b'{"type":"event_callback","event_id":"Ev08MFMKH6","event":{"type":"app_mention"}}'
+    got = verify("slack", ["slack-good"], body, _slack_headers(body))
+    assert (got.event_id, got.id_signed, got.event_type, got.handshake) == (
+        "Ev08MFMKH6",
+        True,
+        "app_mention",
+        None,
+    )
+
+
+def test_slack_ssl_check_is_unsigned_handshake() -> None:
+    verifier = build_verifier("slack", ["slack-good"], None, None)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    answer = verifier.unsigned_handshake(inbound(b"ssl_check=1&token=abc", form))
+    assert answer is not None
+    assert (answer.status, answer.body) == (200, b"")
+    assert verifier.unsigned_handshake(inbound(b"ssl_check=0&token=abc", form)) is None
+    assert (
+        verifier.unsigned_handshake(inbound(b'{"ssl_check":"1"}', {"Content-Type": "application/json"}))
+        is None
+    )
+    assert verifier.unsigned_handshake(inbound(b"ssl_check=1", form, method="GET")) is None
+    duplicate = [("Content-Type", form["Content-Type"])] * 2
+    assert verifier.unsigned_handshake(inbound(b"ssl_check=1", duplicate)) is None
+
+
+def _discord(body: bytes) -> dict[str, str]:
+    return CASES["discord"].sign("good", body, NOW)[1]
+
+
+def test_discord_interactions_ping_answered_with_pong() -> None:
+    body = b'{"type":1,"id":"123","application_id":"9","token":"tok","version":1}'
+    got = CASES["discord"].verify(body, _discord(body))
+    assert got.handshake is not None
+    assert (got.handshake.status, got.handshake.body) == (200, b'{"type":1}')
+
+
+def test_discord_webhook_events_ping_answered_204() -> None:
+    body = b'{"version":1,"application_id":"1234560123453231555","type":0}'
+    got = CASES["discord"].verify(body, _discord(body))
+    assert got.handshake is not None
+    assert (got.handshake.status, got.handshake.body) == (204, b"")
+
+
+def test_discord_webhook_event_is_not_a_handshake() -> None:
+    body = b'{"version":1,"application_id":"1","type":1,"event":{"type":"APPLICATION_AUTHORIZED","data":{}}}'
+    got = CASES["discord"].verify(body, _discord(body))
+    assert (got.handshake, got.event_id, got.event_type) == (None, None, "APPLICATION_AUTHORIZED")
+
+
+def test_discord_interaction_id() -> None:
+    body = b'{"type":2,"id":"1122334455","token":"t"}'
+    got = CASES["discord"].verify(body, _discord(body))
+    assert (got.handshake, got.event_id, got.id_signed) == (None, "1122334455", True)
+
+
+def test_discord_ping_with_bad_signature_rejected() -> None:
+    body = b'{"type":1}'
+    headers = _discord(body)
+    headers["X-Signature-Ed25519"] = "00" * 64
+    with pytest.raises(VerificationError):
+        CASES["discord"].verify(body, headers)
+
+
+def test_zoom_url_validation_answered_with_the_verifying_secret() -> None:
+    body = b'{"payload":{"plainToken":"qgg8vlvZRS6UYooatFL8Aw"},"event_ts":1654503849680,"event":"endpoint.url_validation"}'
+    headers = {
+        "x-zm-signature": "v0=" + mac("zoom_secret_token", b"v0:%d:" % NOW + body).hex(),
+        "x-zm-request-timestamp": str(NOW),
+    }
+    got = verify("zoom", ["another-token", "zoom_secret_token"], body, headers)
+    assert got.handshake is not None
+    assert json.loads(got.handshake.body) == {
+        "plainToken": "qgg8vlvZRS6UYooatFL8Aw",
+        "encryptedToken": "bd48235863f4a6323ccc4963c594908b7c97f88b4a6a95278f4f093690b12726",
+    }
+
+
+def test_zoom_event_composite_id() -> None:
+    body = (
+        b'{"event":"meeting.started","event_ts":1700000000123,'
+        b'"payload":{"account_id":"acc","object":{"uuid":"u==","id":"85"}}}'
+    )
+    headers = {
+        "x-zm-signature": "v0=" + mac("z", b"v0:%d:" % NOW + body).hex(),
+        "x-zm-request-timestamp": str(NOW),
+    }
+    got = verify("zoom", ["z"], body, headers)
+    assert (got.event_id, got.id_signed, got.event_type) == (
+        "meeting.started:1700000000123:acc:u==",
+        True,
+        "meeting.started",
+    )
+
+
+@pytest.mark.parametrize("provider", ["x", "twitter"])
+def test_x_crc_only_on_get_with_token(provider: str) -> None:
+    verifier = build_verifier(provider, ["first", "second"], None, None)
+    url = URL + "&crc_token=abc"
+    answer = verifier.unsigned_handshake(inbound(b"", {}, url=url, method="GET"))
+    assert answer is not None
+    expected = "sha256=" + base64.b64encode(mac("first", b"abc")).decode()
+    assert json.loads(answer.body) == {"response_token": expected}
+    assert verifier.unsigned_handshake(inbound(b"", {}, url=url, method="POST")) is None
+    assert verifier.unsigned_handshake(inbound(b"", {}, url=URL, method="GET")) is None
+
+
+def test_github_ping_is_a_normal_event() -> None:
+    body = b'{"zen":"Design for failure.","hook_id":1}'
+    headers = {
+        "X-Hub-Signature-256": "sha256=" + mac("gh", body).hex(),
+        "X-GitHub-Event": "ping",
+        "X-GitHub-Delivery": "d-1",
+    }
+    got = verify("github", ["gh"], body, headers)
+    assert (got.handshake, got.event_type, got.event_id) == (None, "ping", "d-1")
+
+
+def test_unsigned_handshake_is_none_for_other_providers() -> None:
+    for name in sorted(PROVIDERS - {"hmac", "none", "x", "twitter", "slack"}):
+        case = next((c for c in CASES.values() if c.provider == name), None)
+        secrets = [case.good] if case else ["whsec_" + b64(bytes(24))]
+        verifier = build_verifier(name, secrets, None, None)
+        assert (
+            verifier.unsigned_handshake(inbound(b"ssl_check=1", {}, url=URL + "&crc_token=1", method="GET"))
+            is None
+        )
+
+
+# ---- event ids and types ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "expected"),
+    [
+        ("stripe", b'{"id":"evt_9","type":"invoice.paid"}', ("evt_9", True, "invoice.paid")),
+        ("workos", b'{"id":"event_01","event":"user.created"}', ("event_01", True, "user.created")),
+        (
+            "paddle",
+            b'{"event_id":"evt_p","event_type":"transaction.paid"}',
+            ("evt_p", True, "transaction.paid"),
+        ),
+        (
+            "intercom",
+            b'{"id":"notif_1","topic":"conversation.user.created"}',
+            ("notif_1", True, "conversation.user.created"),
+        ),
+        ("square", b'{"event_id":"uuid-1","type":"payment.created"}', ("uuid-1", True, "payment.created")),
+        ("typeform", b'{"event_id":"01H","event_type":"form_response"}', ("01H", True, "form_response")),
+        (
+            "calendly",
+            b'{"event":"invitee.created","created_at":"2024-01-01T00:00:00Z","payload":{"uri":"https://api.calendly.com/i/1"}}',
+            ("invitee.created:https://api.calendly.com/i/1:2024-01-01T00:00:00Z", True, "invitee.created"),
+        ),
+        ("x", b'{"for_user_id":"1","tweet_create_events":[]}', (None, False, None)),
+        ("hubspot", b'[{"eventId":1,"subscriptionId":2,"portalId":3}]', (None, False, None)),
+        ("sendgrid", b'[{"sg_event_id":"a"}]\r\n', (None, False, None)),
+        ("hmac", b'{"id":"acme-1"}', ("acme-1", True, None)),
+    ],
+)
+def test_provider_event_id_and_type(name: str, body: bytes, expected: tuple[Any, ...]) -> None:
+    case = CASES[name]
+    got = case.verify(*case.request(body=body))
+    assert (got.event_id, got.id_signed, got.event_type) == expected
+
+
+def test_pagerduty_header_id_then_signed_body_id() -> None:
+    case = CASES["pagerduty"]
+    body = b'{"event":{"id":"01DEN","event_type":"incident.triggered"}}'
+    signed_body, headers = case.request(body=body)
+    got = case.verify(signed_body, headers)
+    assert (got.event_id, got.id_signed, got.event_type) == ("pd-1", False, "incident.triggered")
+    del headers["X-Webhook-Id"]
+    got = case.verify(signed_body, headers)
+    assert (got.event_id, got.id_signed) == ("01DEN", True)
+
+
+def test_linear_header_id_then_signed_composite() -> None:
+    case = CASES["linear"]
+    body = (
+        b'{"action":"create","type":"Issue","organizationId":"org","createdAt":"2024-01-01T00:00:00.000Z",'
+        b'"data":{"id":"i1"}}'
+    )
+    signed_body, headers = case.request(body=body)
+    assert case.verify(signed_body, headers).event_id == "del-1"
+    del headers["Linear-Delivery"]
+    got = case.verify(signed_body, headers)
+    assert (got.event_id, got.id_signed, got.event_type) == (
+        "org:Issue:create:i1:2024-01-01T00:00:00.000Z",
+        True,
+        "Issue",
+    )
+
+
+def test_linear_unparsable_body_timestamp_rejected() -> None:
+    case = CASES["linear"]
+    body = b'{"type":"Issue","webhookTimestamp":"soon"}'
+    with pytest.raises(VerificationError):
+        case.verify(*case.request(body=body))
+
+
+def test_twilio_without_idempotency_token_has_no_id() -> None:
+    case = CASES["twilio"]
+    body, headers = case.request()
+    del headers["I-Twilio-Idempotency-Token"]
+    assert case.verify(body, headers).event_id is None
+
+
+def test_standardwebhooks_type_from_body() -> None:
+    case = CASES["svix"]
+    got = case.verify(*case.request(body=b'{"type":"user.created","data":{}}'))
+    assert (got.event_id, got.id_signed, got.event_type) == ("msg_1", True, "user.created")
+    assert got.signed_headers == {"svix-id", "svix-timestamp"}
+
+
+def test_none_provider_is_always_verified_without_id() -> None:
+    verifier = build_verifier("none", [], None, None)
+    got = verifier.verify(inbound(b"\xff\xfe", {"X-Anything": "é"}))
+    assert (got.event_id, got.handshake) == (None, None)
+    assert verifier.unsigned_handshake(inbound(b"", {}, method="GET")) is None
+
+
+def test_body_that_is_not_json_has_no_body_id() -> None:
+    case = CASES["stripe"]
+    got = case.verify(*case.request(body=b"not json at all"))
+    assert (got.event_id, got.event_type) == (None, None)
+
+
+# ---- the UTF-8 rule and the single JSON parse ---------------------------------------------------------------------
+
+UTF8_STRICT = ["stripe", "slack", "standardwebhooks", "svix", "workos", "paddle"]
+
+
+@pytest.mark.parametrize("name", UTF8_STRICT)
+def test_provider_non_utf8_body_rejected_like_sdk(name: str) -> None:
+    case = CASES[name]
+    with pytest.raises(VerificationError) as info:
+        case.verify(*case.request(body=b'{"id":"\xff\xfe"}'))
+    assert info.value.reason == "malformed"
+
+
+def test_twilio_json_non_utf8_body_rejected() -> None:
+    body = b'{"a":"\xff"}'
+    url = "https://example.com/t?bodySHA256=" + hashlib.sha256(body).hexdigest()
+    headers = {"X-Twilio-Signature": b64(mac("12345", url.encode(), "sha1"))}
+    with pytest.raises(VerificationError):
+        verify("twilio", ["12345"], body, headers, url=url)
+
+
+def test_github_non_utf8_body_verifies_on_bytes() -> None:
+    case = CASES["github"]
+    assert case.verify(*case.request(body=b"\xff\xfe\x00binary")).event_id == "d-1"
+
+
+def test_provider_json_parsed_at_most_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    real = request_module.json.loads
+
+    def counting(data: Any, *args: Any, **kw: Any) -> Any:
+        calls.append(data)
+        return real(data, *args, **kw)
+
+    monkeypatch.setattr(request_module.json, "loads", counting)
+    body = b'{"type":"event_callback","event_id":"Ev1","event":{"type":"message"}}'
+    verify("slack", ["slack-good"], body, _slack_headers(body))
+    assert len(calls) == 1
+    calls.clear()
+    case = CASES["github"]
+    case.verify(*case.request())
+    assert calls == []  # header id and header type: no parse at all
+    calls.clear()
+    case = CASES["mailgun"]
+    case.verify(*case.request())
+    assert len(calls) == 1
+
+
+# ---- HubSpot URL and Twilio details -------------------------------------------------------------------------------
+
+
+def test_hubspot_url_selectively_decoded() -> None:
+    url = "https://h.example.com/hook%3Fa%3Ab%2Fc?email=x%40y.com&name=a%20b&q=%2a%2C"
+    signed_url = "https://h.example.com/hook?a:b/c?email=x@y.com&name=a%20b&q=*,"
+    body = b'[{"eventId":1}]'
+    ts = b"%d" % (NOW * 1000)
+    headers = {
+        "X-HubSpot-Signature-v3": b64(mac("hs", b"POST" + signed_url.encode() + body + ts)),
+        "X-HubSpot-Request-Timestamp": ts.decode(),
+    }
+    assert verify("hubspot", ["hs"], body, headers, url=url) is not None
+    headers["X-HubSpot-Signature-v3"] = b64(mac("hs", b"POST" + url.encode() + body + ts))
+    with pytest.raises(VerificationError):
+        verify("hubspot", ["hs"], body, headers, url=url)
+
+
+def test_hubspot_timestamp_boundary_is_the_sdks() -> None:
+    case = CASES["hubspot"]
+    body, headers = case.request(ts=NOW - 300)  # now - floor(ts) == 300 → rejected by the SDK's "< 300"
+    with pytest.raises(VerificationError):
+        case.verify(body, headers)
+    body, headers = case.request(ts=NOW - 299)
+    assert case.verify(body, headers) is not None
+
+
+def test_twilio_repeated_params_sorted_and_deduplicated() -> None:
+    pairs = [("b", "2"), ("a", "z"), ("a", "y"), ("a", "z"), ("c", "")]
+    body = urlencode(pairs).encode()
+    string = b"https://t.example.com/sms" + b"ayazb2c"
+    headers = {
+        "X-Twilio-Signature": b64(mac("tok", string, "sha1")),
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+    assert verify("twilio", ["tok"], body, headers, url="https://t.example.com/sms") is not None
+
+
+def test_twilio_fragment_in_public_url_tried_both_ways() -> None:
+    headers = {"X-Twilio-Signature": b64(mac("tok", b"https://t.example.com/sms", "sha1"))}
+    assert verify("twilio", ["tok"], b"", headers, url="https://t.example.com/sms#rc=2&rp=all") is not None
+
+
+def test_twilio_bad_port_in_url_rejected_not_raised() -> None:
+    headers = {"X-Twilio-Signature": "abc="}
+    with pytest.raises(VerificationError):
+        verify("twilio", ["tok"], b"", headers, url="https://t.example.com:99999999/sms")
+    with pytest.raises(VerificationError):
+        verify("twilio", ["tok"], b"", headers, url="http://[::1/sms")
+
+
+def test_twilio_body_hash_mismatch_rejected() -> None:
+    url = "https://t.example.com/j?bodySHA256=" + "0" * 64
+    headers = {"X-Twilio-Signature": b64(mac("tok", url.encode(), "sha1"))}
+    with pytest.raises(VerificationError) as info:
+        verify("twilio", ["tok"], b"{}", headers, url=url)
+    assert info.value.reason == "mismatch"
+
+
+# ---- the generic engine -------------------------------------------------------------------------------------------
+
+
+def test_generic_kv_list_with_json_id_and_handshake() -> None:
+    spec = {
+        "sig_name": "x-sig",
+        "sig_format": "kv_list",
+        "item_sep": ";",
+        "sig_keys": ["s1", "s2"],
+        "ts_key": "ts",
+        "ts_source": "sig:ts",
+        "template": "{ts}|{body}",
+        "tolerance_s": 60,
+        "tolerance_mode": "past_only",
+        "dedup_id": ["json:meta.id"],
+        "handshake": "slack",
+    }
+    body = b'{"meta":{"id":42}}'
+    header = f"ts={NOW};s9=zz;s2={mac('k', b'%d|' % NOW + body).hex()}"
+    got = verify("hmac", ["k"], body, {"x-sig": header}, signature=spec)
+    assert (got.event_id, got.id_signed) == ("42", True)
+    with pytest.raises(VerificationError):
+        verify("hmac", ["k"], body, {"x-sig": header}, signature=spec, now=NOW + 61)
+
+
+def test_generic_versioned_list_with_base64_key_and_id_header() -> None:
+    key = bytes(range(32))
+    spec = {
+        "sig_name": "sig",
+        "sig_format": "versioned_list",
+        "accepted_versions": ["v2"],
+        "encoding": "base64",
+        "compare_on": "decoded",
+        "key_decoding": "strip_prefix_then_base64",
+        "key_prefix": "key_",
+        "template": "{id}:{body}",
+        "id_header": "msg-id",
+        "dedup_id": ["header:msg-id"],
+    }
+    body = b"payload"
+    sig = b64(mac(key, b"m1:" + body))
+    got = verify(
+        "hmac", ["key_" + b64(key)], body, {"sig": f"v1,{sig} v2,{sig}", "msg-id": "m1"}, signature=spec
+    )
+    assert (got.event_id, got.id_signed, got.signed_headers) == ("m1", True, {"msg-id"})
+
+
+def test_generic_ed25519_hex() -> None:
+    from provider_cases import ED_GOOD, ed_public_raw
+
+    spec = {
+        "sig_name": "x-ed",
+        "scheme": "ed25519",
+        "key_decoding": "hex",
+        "template": "{method}{body}",
+        "dedup_id": ["header:x-id"],
+    }
+    body = b"hello"
+    headers = {"x-ed": ED_GOOD.sign(b"POST" + body).hex(), "x-id": "7"}
+    got = verify("hmac", [ed_public_raw(ED_GOOD).hex()], body, headers, signature=spec)
+    assert (got.event_id, got.id_signed) == ("7", False)
+
+
+def test_generic_form_body_location() -> None:
+    spec = {"sig_location": "form_body", "sig_name": "sig", "template": "{url}", "dedup_id": ["header:x-id"]}
+    body = b"a=1&sig=" + mac("k", URL.encode()).hex().encode()
+    assert verify("hmac", ["k"], body, {}, signature=spec) is not None
+
+
+# ---- configuration errors -----------------------------------------------------------------------------------------
+
+SECRET = "do-not-leak-this-secret"
+
+
+@pytest.mark.parametrize(
+    ("provider", "secrets", "signature", "needle"),
+    [
+        ("stripee", [SECRET], None, "unknown provider"),
+        ("stripe", [], None, "secret"),
+        ("stripe", ["  ", ""], None, "secret"),
+        ("svix", ["whsec_" + SECRET + "!!"], None, "base64"),
+        ("svix", ["whsec_" + b64(b"short")], None, "24 to 64"),
+        ("svix", ["whsk_" + b64(bytes(32))], None, "whpk_"),
+        ("svix", ["whpk_" + b64(bytes(31))], None, "32 bytes"),
+        ("discord", [SECRET], None, "hex"),
+        ("discord", ["ab" * 31], None, "32 bytes"),
+        ("sendgrid", [SECRET], None, "public key"),
+        ("sendgrid", [b64(b"\x30\x03\x02\x01\x01")], None, "public key"),
+        ("github", [SECRET], {"sig_name": "x"}, "only provider hmac"),
+        ("hmac", [SECRET], None, "signature"),
+        ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["json:id"], "colour": "red"}, "signature.colour"),
+        ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["json:id"], "digest": "md5"}, "signature.digest"),
+        ("hmac", [SECRET], {"sig_name": "", "dedup_id": ["json:id"]}, "signature.sig_name"),
+        ("hmac", [SECRET], {"sig_name": "x"}, "signature.dedup_id"),
+        ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["body:id"]}, "signature.dedup_id"),
+        ("hmac", [SECRET], {"sig_name": "x", "dedup_id": "json:id"}, "signature.dedup_id"),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "template": "{bdy}"},
+            "signature.template",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "template": "{token}"},
+            "signature.template",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "template": "{ts}{body}"},
+            "signature.ts_source",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "template": "{ts}{body}", "ts_source": "header:t"},
+            "signature.tolerance_s",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "ts_source": "query:t"},
+            "signature.ts_source",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "template": "{id}"},
+            "signature.id_header",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "handshake": "teams"},
+            "signature.handshake",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "tolerance_s": -1},
+            "signature.tolerance_s",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "prefix": "v1=", "sig_format": "kv_list"},
+            "signature.prefix",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "include_prefix_in_compare": "yes"},
+            "signature.include_prefix_in_compare",
+        ),
+        ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["json:id"], "key_decoding": "hex"}, "secrets[0]"),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "scheme": "ed25519"},
+            "signature.key_decoding",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {
+                "sig_name": "x",
+                "dedup_id": ["json:id"],
+                "scheme": "ed25519",
+                "key_decoding": "hex",
+                "handshake": "zoom",
+            },
+            "signature.handshake",
+        ),
+    ],
+)
+def test_registry_config_errors_name_the_problem_never_the_secret(
+    provider: str, secrets: list[str], signature: dict[str, Any] | None, needle: str
+) -> None:
+    with pytest.raises(ProviderConfigError) as info:
+        build_verifier(provider, secrets, None, signature)
+    message = str(info.value)
+    assert needle in message
+    assert SECRET not in message
+    assert info.value.__cause__ is None or SECRET not in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("tolerance", [-1, float("nan"), float("inf"), True])
+def test_registry_bad_tolerance_rejected(tolerance: Any) -> None:
+    with pytest.raises(ProviderConfigError):
+        build_verifier("stripe", ["whsec_x"], tolerance, None)
+
+
+def test_registry_secrets_must_be_a_list() -> None:
+    with pytest.raises(ProviderConfigError):
+        build_verifier("stripe", "whsec_x", None, None)
+
+
+def test_registry_secrets_are_stripped() -> None:
+    case = CASES["github"]
+    assert case.verify(*case.request(), secrets=[" gh-good\n", ""]) is not None
+
+
+def test_registry_provider_names() -> None:
+    expected = {
+        "stripe", "github", "shopify", "slack", "standardwebhooks", "svix", "clerk", "resend", "twilio", "workos",
+        "paddle", "linear", "zoom", "intercom", "square", "hubspot", "discord", "mailgun", "sendgrid", "pagerduty",
+        "typeform", "calendly", "x", "hmac", "none",
+    }  # fmt: skip
+    assert expected <= PROVIDERS
+
+
+def test_registry_repr_hides_secrets() -> None:
+    for name in ("stripe", "twilio", "github", "mailgun"):
+        verifier = build_verifier(name, [SECRET], None, None)
+        assert SECRET not in repr(verifier)
+        assert SECRET not in repr(getattr(verifier, "keys", ""))
+
+
+def test_sendgrid_rejects_non_p256_key() -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    der = (
+        ec.generate_private_key(ec.SECP384R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(ProviderConfigError, match="P-256"):
+        build_verifier("sendgrid", [b64(der)], None, None)
