@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import re
 from collections.abc import Sequence
@@ -88,7 +87,7 @@ class HmacKey:
         return f"HmacKey({self.digest}, {self.encoding}, <secret>)"
 
     def sign(self, message: bytes) -> bytes:
-        return hmac.new(self.material, message, self.digest).digest()
+        return hmac.digest(self.material, message, self.digest)
 
     def matches(self, signed: bytes, candidates: Sequence[Candidate]) -> bool:
         raw = self.sign(signed)
@@ -222,7 +221,3 @@ def p256_public(text: str, where: str) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise ProviderConfigError(f"{where}: is not a P-256 (secp256r1) public key")
     return key
-
-
-def digest_hex(body: bytes) -> bytes:
-    return hashlib.sha256(body).hexdigest().encode()

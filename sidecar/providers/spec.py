@@ -8,7 +8,6 @@ extractors, the `{token}` source, HubSpot's URL rewriting and timestamp rule.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -125,11 +124,9 @@ def _coerce(name: str, value: Any) -> Any:
             raise _bad(name, "must be true or false")
         return value
     # tolerance_s
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0
-    ):
-        raise _bad(name, "must be a non-negative number of seconds or null")
-    return None if value is None else int(value)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise _bad(name, "must be a non-negative whole number of seconds (0 disables) or null")
+    return value
 
 
 def spec_from_mapping(signature: Mapping[str, Any]) -> SigSpec:
