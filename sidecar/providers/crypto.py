@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -206,7 +206,10 @@ def secret_bytes(text: str, decoding: str, prefix: str, where: str) -> bytes:
 def ed25519_public(raw: bytes, where: str) -> Ed25519PublicKey:
     if len(raw) != 32:
         raise ProviderConfigError(f"{where}: an Ed25519 public key is 32 bytes, got {len(raw)}")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    try:
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except (ValueError, UnsupportedAlgorithm):
+        raise ProviderConfigError(f"{where}: is not a usable Ed25519 public key") from None
 
 
 def p256_public(text: str, where: str) -> ec.EllipticCurvePublicKey:
@@ -216,7 +219,7 @@ def p256_public(text: str, where: str) -> ec.EllipticCurvePublicKey:
             key = load_pem_public_key(text.encode("ascii"))
         else:
             key = load_der_public_key(base64.b64decode(text, validate=True))
-    except (binascii.Error, ValueError, TypeError, UnicodeEncodeError):
+    except (binascii.Error, ValueError, TypeError, UnicodeEncodeError, UnsupportedAlgorithm):
         raise ProviderConfigError(f"{where}: is not a base64 DER (or PEM) public key") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise ProviderConfigError(f"{where}: is not a P-256 (secp256r1) public key")
