@@ -34,6 +34,7 @@ from sidecar.errors import ConfigError
 
 __all__ = [
     "AdminConfig",
+    "BreakerConfig",
     "Config",
     "ConfigError",
     "DedupeConfig",
@@ -143,10 +144,21 @@ class RedisConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """The per-upstream circuit breaker: `threshold` consecutive retryable failures open it for `cooldown`,
+    doubled after each failed probe up to `max_cooldown`."""
+
+    threshold: int = 5
+    cooldown: float = 2.0
+    max_cooldown: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     url: str = "http://127.0.0.1:3000"
     timeout: float = 10.0
     max_connections: int = 100
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -730,7 +742,19 @@ _REDIS: dict[str, Conv] = {
     "appendfsync": _choice("always", "everysec", "no"),
     "timeout": _duration(),
 }
-_UPSTREAM: dict[str, Conv] = {"url": _http_url, "timeout": _duration(), "max_connections": _integer(1)}
+_BREAKER: dict[str, Conv] = {"threshold": _integer(1), "cooldown": _duration(), "max_cooldown": _duration()}
+
+
+def _breaker(ctx: _Ctx, item: _Item, path: str) -> Any:
+    return _simple(ctx, item, path, _BREAKER, BreakerConfig)
+
+
+_UPSTREAM: dict[str, Conv] = {
+    "url": _http_url,
+    "timeout": _duration(),
+    "max_connections": _integer(1),
+    "breaker": _breaker,
+}
 _DEDUPE: dict[str, Conv] = {"ttl": _duration()}
 _DLQ: dict[str, Conv] = {"max_length": _integer(1)}
 _RETRY: dict[str, Conv] = {

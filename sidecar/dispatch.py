@@ -46,7 +46,8 @@ class Dispatcher:
         self.forwarder = forwarder
         self._policies = {r.name: RetryPolicy.parse(r.retry.retry_on) for r in config.routes}
         self._routes = {r.name: r for r in config.routes}
-        self.breakers = Breakers()
+        b = config.upstream.breaker
+        self.breakers = Breakers(b.threshold, b.cooldown, b.max_cooldown)
 
     def lease_ms(self, route: RouteConfig) -> int:
         """How long an in-flight attempt holds its event before another replica may take it.

@@ -49,8 +49,7 @@ class RetryWorker:
                 taken = await self.store.take_due(shard, now_ms, self._lease_ms(), self.batch)
                 if not taken:
                     break
-                await asyncio.gather(*(self._attempt(t) for t in taken))
-                done += len(taken)
+                done += sum(await asyncio.gather(*(self._attempt(t) for t in taken)))
                 if len(taken) < self.batch:
                     break
         return done
@@ -59,7 +58,8 @@ class RetryWorker:
         # One lease for the whole batch: the longest any route needs (routes only differ by retry.lease).
         return max(self.dispatcher.lease_ms(r) for r in self.dispatcher.config.routes)
 
-    async def _attempt(self, taken: Taken) -> None:
+    async def _attempt(self, taken: Taken) -> bool:
+        """Forward one taken event, or give it back while its upstream's circuit is open. True if attempted."""
         rec = taken.record
         route = self.dispatcher.route(rec.route)
         breaker = self.dispatcher.breaker(route, rec.path_qs) if route is not None else None
@@ -67,7 +67,7 @@ class RetryWorker:
             try:
                 if breaker is not None and not breaker.allow():
                     await self.dispatcher.defer(rec, taken.attempt, max(breaker.retry_at(), 0.5))
-                    return
+                    return False
                 await self.dispatcher.attempt(rec, taken.attempt, taken.history)
             except StoreError as exc:
                 log.warning(
@@ -77,6 +77,7 @@ class RetryWorker:
                     rec.event_id,
                     exc,
                 )
+        return True
 
     async def run(self) -> None:
         while not self._stopping.is_set():

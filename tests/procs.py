@@ -28,13 +28,14 @@ def write_config(
     secret: str,
     upstream_timeout: str = "30s",
     retry: str = "{base_delay: 1s, jitter: 0, lease: 2s}",
+    breaker: str = "{}",
 ) -> None:
     path.write_text(
         f"""
 server: {{listen: "127.0.0.1:{port}", shutdown_grace: 1s}}
 admin: {{listen: "127.0.0.1:{admin_port}", token: "t"}}
 redis: {{url: "{redis_url}", shards: 4}}
-upstream: {{url: "{upstream_url}", timeout: {upstream_timeout}}}
+upstream: {{url: "{upstream_url}", timeout: {upstream_timeout}, breaker: {breaker}}}
 retry: {retry}
 routes:
   - name: stripe
@@ -46,21 +47,29 @@ routes:
 
 
 class SidecarProcess:
+    """`python -m sidecar run` as a real child process. Its log goes to a file (an unread pipe would fill up and
+    block the sidecar mid-test)."""
+
     def __init__(self, config: Path) -> None:
         self.config = config
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = config.with_suffix(f".{id(self)}.log")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self, port: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(self.config)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar", "run", "--config", str(self.config)],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"sidecar exited: {self.proc.stderr.read().decode()}")  # type: ignore[union-attr]
+                raise AssertionError(f"sidecar exited: {self.log()}")
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     return
@@ -79,5 +88,3 @@ class SidecarProcess:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()

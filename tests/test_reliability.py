@@ -71,6 +71,7 @@ def start_pair(
             secret=SECRET,
             upstream_timeout="5s",
             retry=retry,
+            breaker="{max_cooldown: 1s}",  # the all-down phase must not push probes far out
         )
         proc = SidecarProcess(cfg)
         processes.append(proc)
@@ -103,9 +104,9 @@ async def test_reliability_two_replicas_flapping_upstream_deliver_every_event_on
     )
     assert Counter(s for group in statuses for s in group) == {202: 1000}  # every event scheduled
     mode["down"] = False
-    assert await wait_until(lambda: len(delivered) == 1000, timeout=120), (
-        f"{len(delivered)} of 1000 delivered"
-    )
+
+    ok = await wait_until(lambda: len(delivered) == 1000, timeout=90)
+    assert ok, f"{len(delivered)} of 1000 delivered"
     assert set(delivered) == set(ids)
     assert max(delivered.values()) == 1  # no event delivered twice
     per_attempt = Counter(
@@ -183,6 +184,8 @@ async def test_reliability_valkey_sigkill_and_aof_restart_loses_nothing(
                 body = body_for(f"evt_v{i}")
                 resp = await client.post("/webhooks/stripe", data=body, headers=signed(body))
                 assert resp.status == 202
+            upstream.planned.clear()  # the upstream recovers; events the open circuit held back never saw a 503
+            before = len(upstream.received)
             server.terminate()  # SIGKILL: only what the append-only file holds survives
             server.start(timeout=30)
             worker = client.server.app[RUNTIME].worker
@@ -192,7 +195,7 @@ async def test_reliability_valkey_sigkill_and_aof_restart_loses_nothing(
             while time.monotonic() < deadline and len(delivered) < 50:
                 with contextlib.suppress(StoreError):  # the client reconnects on its next command
                     await worker.run_once()
-                delivered = {r.headers["x-sidecar-event-id"] for r in upstream.received[50:]}
+                delivered = {r.headers["x-sidecar-event-id"] for r in upstream.received[before:]}
                 await asyncio.sleep(0.1)
         assert delivered == {f"evt_v{i}" for i in range(50)}
     finally:
@@ -228,12 +231,14 @@ async def test_reliability_open_circuit_answers_without_waiting_for_timeouts(
     for _ in range(20):
         await store.ping()
     round_trip = (time.perf_counter() - t0) / 20
-    results = await asyncio.gather(*(send(f"evt_fast_{i}") for i in range(200)))
+    results = [await send(f"evt_fast_{i}") for i in range(200)]  # one at a time: latency, not queueing
     hang.set()
     assert all(status == 202 for status, _ in results)
-    slowest = max(took for _, took in results)
+    took = sorted(t for _, t in results)
+    slowest, median = took[-1], took[len(took) // 2]
     assert slowest < timeout / 4, f"slowest {slowest:.3f}s vs forward timeout {timeout}s"
     assert len(upstream.received) == 5  # nothing waited on the dead upstream once the circuit opened
     print(
-        f"\n[figures] breaker: 200 events, slowest {slowest * 1000:.1f} ms, redis rtt {round_trip * 1000:.2f} ms"
+        f"\n[figures] breaker open: 200 events, median {median * 1000:.2f} ms = {median / round_trip:.1f} redis"
+        f" round trips ({round_trip * 1000:.2f} ms), slowest {slowest * 1000:.1f} ms, forward timeout {timeout:.0f} s"
     )
