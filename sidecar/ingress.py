@@ -197,6 +197,8 @@ class Ingress:
         inbound = Inbound(request.method, body, request.headers, public_url(request, cfg), time.time())
         handshake = route.verifier.unsigned_handshake(inbound)
         if handshake is not None:
+            if cfg.handshake == "pass":
+                return await self._pass_through(request, route, body, None)
             return answer_handshake(handshake)
         if request.method != "POST":
             return await self._pass_through(request, route, body, None)
