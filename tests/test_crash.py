@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -85,3 +86,34 @@ async def test_crash_sigkill_mid_forward_leaves_event_stored_and_scheduled_then_
 
 def stored_first(stored: dict[bytes, bytes]) -> int:
     return int(stored[b"first"])
+
+
+@pytest.mark.slow
+async def test_crash_sigterm_lets_in_flight_forward_finish(
+    tmp_path: Path, upstream: Upstream, redis_url: str, rdb: redis.Redis, processes: list[SidecarProcess]
+) -> None:
+    upstream.delay = 1.0  # the forward is in flight when SIGTERM arrives
+    port = free_port()
+    cfg = tmp_path / "sidecar.yaml"
+    write_config(
+        cfg, redis_url=redis_url, upstream_url=upstream.url, port=port, admin_port=free_port(), secret=SECRET
+    )
+    proc = SidecarProcess(cfg)
+    processes.append(proc)
+    proc.start(port)
+    body = json.dumps({"id": "evt_term", "type": "invoice.paid"}).encode()
+    async with aiohttp.ClientSession() as client:
+        send = asyncio.create_task(
+            client.post(f"http://127.0.0.1:{port}/webhooks/stripe", data=body, headers=signed(body))
+        )
+        await asyncio.wait_for(upstream.arrived.wait(), timeout=10)
+        assert proc.proc is not None
+        proc.proc.terminate()  # SIGTERM mid-forward
+        resp = await asyncio.wait_for(send, timeout=10)
+        assert resp.status == 200  # the provider got the upstream's answer, not a dropped connection
+        assert await resp.json() == {"ok": True}
+    assert proc.proc.wait(timeout=10) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()  # no longer accepting
+    shard = KEYS.shard_of("stripe", "evt_term")
+    assert rdb.hget(KEYS.event(shard, "stripe:evt_term"), "st") == b"d"
