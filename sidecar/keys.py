@@ -3,8 +3,11 @@
 Layout (`P` is `redis.prefix`, `s` the shard number):
 
     P:{s}:ev:<route>:<dedupe id>   HASH   one event: claim + stored request + attempt history
+    P:{s}:stats                    HASH   `<route>:pending|delivered|dead|duplicates` counters, kept by the
+                                          same scripts that change an event's state (no extra round trip)
     P:{s}:sched                    ZSET   the shard's retry schedule; member `<route>:<dedupe id>`,
                                           score = due time (ms), or lease deadline while in flight
+    P:{stats}:rejected             HASH   route -> requests refused for their signature (flushed in batches)
     P:{dlq}:items                  ZSET   every dead letter, score = dead_at (ms)
     P:{dlq}:data                   HASH   dead-letter id -> item JSON (route, event, history, …)
     P:{dlq}:body                   HASH   dead-letter id -> raw body bytes
@@ -42,6 +45,12 @@ class KeySpace:
 
     def schedule(self, shard: int) -> str:
         return f"{self.prefix}:{{{shard}}}:sched"
+
+    def stats(self, shard: int) -> str:
+        return f"{self.prefix}:{{{shard}}}:stats"
+
+    def rejected(self) -> str:
+        return f"{self.prefix}:{{stats}}:rejected"
 
     def dlq_items(self) -> str:
         return f"{self.prefix}:{{dlq}}:items"

@@ -147,3 +147,17 @@ async def test_store_unreachable_raises_store_unavailable() -> None:
         assert not await s.ping()
     finally:
         await s.close()
+
+
+async def test_store_route_stats_follow_every_state_change(store: RedisStore) -> None:
+    now = int(time.time() * 1000)
+    for i in range(3):
+        await store.claim(record(f"evt_s{i}"), now, 30_000)
+    await store.claim(record("evt_s0"), now, 30_000)  # a duplicate
+    await store.ack("stripe", "evt_s0", entry(1, 200), now)
+    await store.bury(record("evt_s1"), 1, entry(1, 400), [], now, "rejected")
+    await store.count_rejected({"stripe": 4})
+    await store.count_rejected({"stripe": 1})
+    assert await store.route_stats() == {
+        "stripe": {"pending": 1, "delivered": 1, "dead": 1, "duplicates": 1, "rejected": 5}
+    }

@@ -120,6 +120,9 @@ class RedisStore:
         member = self.keys.member(route, dedupe_id)
         return self.keys.event(shard, member), self.keys.schedule(shard), member
 
+    def _stats_key(self, route: str, dedupe_id: str) -> str:
+        return self.keys.stats(self.keys.shard_of(route, dedupe_id))
+
     # -- the hot path ---------------------------------------------------------------------------------------------
 
     async def claim(
@@ -128,16 +131,18 @@ class RedisStore:
         """Claim and persist `rec`. Leased for an attempt now, or (`schedule_at_ms`) just scheduled."""
         ev, sched, member = self._loc(rec.route, rec.dedupe_id)
         score, mode = (now_ms + lease_ms, "f") if schedule_at_ms is None else (schedule_at_ms, "p")
-        args = [now_ms, score, member, rec.meta_json(), rec.body, rec.event_id, mode]
-        res = await self._call(lambda: self._claim(keys=[ev, sched], args=args))
+        args = [now_ms, score, member, rec.meta_json(), rec.body, rec.event_id, mode, rec.route]
+        stats = self._stats_key(rec.route, rec.dedupe_id)
+        res = await self._call(lambda: self._claim(keys=[ev, sched, stats], args=args))
         if int(res[0]) == 1:
             return ClaimResult(True)
         return ClaimResult(False, STATE_NAMES.get(res[1].decode(), "pending"))
 
     async def ack(self, route: str, dedupe_id: str, entry: AttemptRecord, now_ms: int) -> bool:
         ev, sched, member = self._loc(route, dedupe_id)
-        args = [now_ms, self._ttl_ms, member, entry.to_json(), entry.status or ""]
-        return bool(await self._call(lambda: self._ack(keys=[ev, sched], args=args)))
+        args = [now_ms, self._ttl_ms, member, entry.to_json(), entry.status or "", route]
+        stats = self._stats_key(route, dedupe_id)
+        return bool(await self._call(lambda: self._ack(keys=[ev, sched, stats], args=args)))
 
     async def retry(
         self, route: str, dedupe_id: str, attempt: int, due_ms: int, entry: AttemptRecord
@@ -193,8 +198,10 @@ class RedisStore:
             entry.to_json(),
             entry.status or "",
             entry.error or "",
+            rec.route,
         ]
-        await self._call(lambda: self._dead(keys=[ev, sched], args=dead_args))
+        stats = self._stats_key(rec.route, rec.dedupe_id)
+        await self._call(lambda: self._dead(keys=[ev, sched, stats], args=dead_args))
         return item_id, evicted
 
     # -- the retry worker -----------------------------------------------------------------------------------------
@@ -245,6 +252,33 @@ class RedisStore:
             "body": f.get("body"),
             "meta": json.loads(f["meta"]) if "meta" in f else None,
         }
+
+    async def route_stats(self) -> dict[str, dict[str, int]]:
+        """Per route: pending, delivered, dead, duplicates (summed over shards) and rejected."""
+        keys = [self.keys.stats(shard) for shard in range(self.keys.shards)]
+        hashes = await asyncio.gather(*(self._call(lambda k=k: self._r.hgetall(k)) for k in keys))
+        totals: dict[str, dict[str, int]] = {}
+        for h in hashes:
+            for field, value in h.items():
+                route, _, counter = field.decode().partition(":")
+                bucket = totals.setdefault(route, {})
+                bucket[counter] = bucket.get(counter, 0) + int(value)
+        rejected = await self._call(lambda: self._r.hgetall(self.keys.rejected()))
+        for route, value in rejected.items():
+            totals.setdefault(route.decode(), {})["rejected"] = int(value)
+        return totals
+
+    async def count_rejected(self, counts: dict[str, int]) -> None:
+        """Add a batch of signature rejections per route (batched by the caller: no round trip per forgery)."""
+        key = self.keys.rejected()
+
+        async def flush() -> None:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for route, n in counts.items():
+                    pipe.hincrby(key, route, n)
+                await pipe.execute()
+
+        await self._call(flush)
 
     async def dlq_length(self, route: str | None = None) -> int:
         key = self.keys.dlq_route(route) if route else self.keys.dlq_items()

@@ -4,6 +4,7 @@
 -- short lease, so a replica retries it if this process dies mid-forward) appear together or not at all.
 -- KEYS[1] - the event hash
 -- KEYS[2] - the shard's schedule zset
+-- KEYS[3] - the shard's stats hash (`<route>:pending|delivered|dead|duplicates` counters)
 -- ARGV[1] - now (ms)
 -- ARGV[2] - lease deadline (ms): when another replica may take the event if this one never reports back
 -- ARGV[3] - schedule member (`<route>:<dedupe id>`)
@@ -12,13 +13,16 @@
 -- ARGV[6] - public event id
 -- ARGV[7] - 'f': attempt 1 is being made now (score = lease deadline), or 'p': no attempt now, the upstream's
 --           circuit is open (score = due time of attempt 1)
+-- ARGV[8] - route name (for the stats counters)
 -- returns {1} when claimed (attempt 1 is ours), or {0, state} for a duplicate (state: f|p|d|x)
 local st = redis.call('HGET', KEYS[1], 'st')
 if st then
+  redis.call('HINCRBY', KEYS[3], ARGV[8] .. ':duplicates', 1)
   return {0, st}
 end
 local n = 1
 if ARGV[7] == 'p' then n = 0 end
 redis.call('HSET', KEYS[1], 'st', ARGV[7], 'n', n, 'first', ARGV[1], 'eid', ARGV[6], 'meta', ARGV[4], 'body', ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HINCRBY', KEYS[3], ARGV[8] .. ':pending', 1)
 return {1}

@@ -2,6 +2,7 @@
 -- between, the event is still scheduled and gets buried again, idempotently, rather than vanishing).
 -- KEYS[1] - the event hash
 -- KEYS[2] - the shard's schedule zset
+-- KEYS[3] - the shard's stats hash
 -- ARGV[1] - now (ms)
 -- ARGV[2] - dedupe ttl (ms)
 -- ARGV[3] - schedule member
@@ -9,6 +10,7 @@
 -- ARGV[5] - history entry (JSON object)
 -- ARGV[6] - last status ('' when none)
 -- ARGV[7] - last error ('' when none)
+-- ARGV[8] - route name (stats)
 -- returns 1 when marked, 0 when stale
 local v = redis.call('HMGET', KEYS[1], 'st', 'n', 'hist')
 if v[1] ~= 'f' and v[1] ~= 'p' then
@@ -23,4 +25,6 @@ redis.call('HSET', KEYS[1], 'st', 'x', 'done', ARGV[1], 'ls', ARGV[6], 'le', ARG
 redis.call('HDEL', KEYS[1], 'body')
 redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('HINCRBY', KEYS[3], ARGV[8] .. ':pending', -1)
+redis.call('HINCRBY', KEYS[3], ARGV[8] .. ':dead', 1)
 return 1
