@@ -4,14 +4,13 @@
     session   the shared aiohttp ClientSession (keep-alive to the upstream)
     worker    the RetryWorker task
 
-`create_admin_app(app)` builds the admin application (health, readiness) that shares the same runtime.
+The admin application (`sidecar.admin.create_admin_app`) shares the same runtime.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -89,25 +88,3 @@ def create_app(config: Config, *, redis_url: str | None = None, run_worker: bool
     app.cleanup_ctx.append(runtime_ctx)
     app.router.add_route("*", "/{tail:.*}", _ingress)
     return app
-
-
-def create_admin_app(main: web.Application) -> web.Application:
-    admin = web.Application()
-
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(_: web.Request) -> web.Response:
-        runtime = main.get(RUNTIME)
-        if runtime is None:
-            return web.json_response({"ready": False, "reason": "starting"}, status=503)
-        if not await runtime.store.ping():
-            return web.json_response({"ready": False, "reason": "store_unavailable"}, status=503)
-        stale = time.monotonic() - runtime.worker.last_beat
-        if main[RUN_WORKER] and stale > 60:
-            return web.json_response({"ready": False, "reason": "worker_stalled"}, status=503)
-        return web.json_response({"ready": True})
-
-    admin.router.add_get("/healthz", healthz)
-    admin.router.add_get("/readyz", readyz)
-    return admin

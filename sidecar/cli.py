@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from sidecar.app import create_admin_app, create_app
+from sidecar.admin import create_admin_app
+from sidecar.app import create_app
 from sidecar.config import Config, check_config, load
 from sidecar.errors import ConfigError, SidecarError
 

@@ -3,6 +3,7 @@
 Layout (`P` is `redis.prefix`, `s` the shard number):
 
     P:{s}:ev:<route>:<dedupe id>   HASH   one event: claim + stored request + attempt history
+    P:{s'}:alias:<route>:<event id> STRING  dedupe id, when it differs from the public id (s' = shard of the id)
     P:{s}:stats                    HASH   `<route>:pending|delivered|dead|duplicates` counters, kept by the
                                           same scripts that change an event's state (no extra round trip)
     P:{s}:sched                    ZSET   the shard's retry schedule; member `<route>:<dedupe id>`,
@@ -45,6 +46,10 @@ class KeySpace:
 
     def schedule(self, shard: int) -> str:
         return f"{self.prefix}:{{{shard}}}:sched"
+
+    def alias(self, route: str, event_id: str) -> str:
+        """Public event id -> dedupe id, for routes that dedupe on a digest (admin lookups by the provider's id)."""
+        return f"{self.prefix}:{{{self.shard_of(route, event_id)}}}:alias:{route}:{event_id}"
 
     def stats(self, shard: int) -> str:
         return f"{self.prefix}:{{{shard}}}:stats"

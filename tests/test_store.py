@@ -161,3 +161,21 @@ async def test_store_route_stats_follow_every_state_change(store: RedisStore) ->
     assert await store.route_stats() == {
         "stripe": {"pending": 1, "delivered": 1, "dead": 1, "duplicates": 1, "rejected": 5}
     }
+
+
+async def test_store_digest_claims_are_findable_by_the_public_id(store: RedisStore) -> None:
+    digest_rec = EventRecord(
+        route="github",
+        dedupe_id="sha256:abc",
+        event_id="gh-delivery-1",
+        method="POST",
+        path_qs="/gh",
+        headers=(),
+        body=b"{}",
+        first_seen_ms=int(time.time() * 1000),
+    )
+    assert (await store.claim(digest_rec, int(time.time() * 1000), 30_000)).claimed
+    assert await store.resolve("github", "gh-delivery-1") == "sha256:abc"
+    assert await store.resolve("stripe", "evt_plain") == "evt_plain"
+    ev = await store.get_event("github", await store.resolve("github", "gh-delivery-1"))
+    assert ev is not None and ev["event_id"] == "gh-delivery-1"

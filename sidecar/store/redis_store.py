@@ -99,6 +99,15 @@ class RedisStore:
     async def close(self) -> None:
         await self._r.aclose()
 
+    async def guard(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run a client call with errors translated (StoreUnavailable / StoreError); for store-side modules."""
+        return await self._call(fn)
+
+    async def resolve(self, route: str, event_id: str) -> str:
+        """The dedupe id behind a public event id (the id itself unless the route dedupes on a digest)."""
+        alias = await self._call(lambda: self._r.get(self.keys.alias(route, event_id)))
+        return alias.decode() if alias else event_id
+
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         try:
             return await fn()
@@ -133,7 +142,19 @@ class RedisStore:
         score, mode = (now_ms + lease_ms, "f") if schedule_at_ms is None else (schedule_at_ms, "p")
         args = [now_ms, score, member, rec.meta_json(), rec.body, rec.event_id, mode, rec.route]
         stats = self._stats_key(rec.route, rec.dedupe_id)
-        res = await self._call(lambda: self._claim(keys=[ev, sched, stats], args=args))
+        if rec.dedupe_id == rec.event_id:
+            res = await self._call(lambda: self._claim(keys=[ev, sched, stats], args=args))
+        else:
+            # The claim is on a digest: index the provider's id for operators, in the same round trip.
+            alias = self.keys.alias(rec.route, rec.event_id)
+
+            async def claim_and_alias() -> Any:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    await self._claim(keys=[ev, sched, stats], args=args, client=pipe)
+                    pipe.set(alias, rec.dedupe_id, px=self._ttl_ms * 2)
+                    return (await pipe.execute())[0]
+
+            res = await self._call(claim_and_alias)
         if int(res[0]) == 1:
             return ClaimResult(True)
         return ClaimResult(False, STATE_NAMES.get(res[1].decode(), "pending"))
