@@ -23,6 +23,7 @@ from sidecar.forwarder import Forwarder
 from sidecar.ingress import Ingress
 from sidecar.keys import KeySpace
 from sidecar.store import RedisStore
+from sidecar.telemetry import Telemetry
 from sidecar.worker import RetryWorker
 
 
@@ -36,12 +37,14 @@ class Runtime:
     dispatcher: Dispatcher
     ingress: Ingress
     worker: RetryWorker
+    telemetry: Telemetry
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
 CONFIG = web.AppKey("config", Config)
 REDIS_URL = web.AppKey("redis_url", str)
 RUN_WORKER = web.AppKey("run_worker", bool)
+TELEMETRY = web.AppKey("telemetry", Telemetry)
 
 
 def make_store(config: Config, url: str) -> RedisStore:
@@ -59,9 +62,12 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     store = make_store(config, app[REDIS_URL])
     connector = aiohttp.TCPConnector(limit=config.upstream.max_connections, limit_per_host=0)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-    dispatcher = Dispatcher(config, store, Forwarder(session, config.upstream.timeout))
+    telemetry = app[TELEMETRY]
+    dispatcher = Dispatcher(config, store, Forwarder(session, config.upstream.timeout), telemetry)
+    ingress = Ingress(config, dispatcher, telemetry)
     worker = RetryWorker(store, dispatcher, concurrency=config.upstream.max_connections)
-    runtime = Runtime(config, store, session, dispatcher, Ingress(config, dispatcher), worker)
+    worker.periodic.append(ingress.flush_rejections)
+    runtime = Runtime(config, store, session, dispatcher, ingress, worker, telemetry)
     app[RUNTIME] = runtime
     task = asyncio.create_task(worker.run(), name="retry-worker") if app[RUN_WORKER] else None
     try:
@@ -71,6 +77,7 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=config.server.shutdown_grace)
+        await ingress.flush_rejections()
         await session.close()
         await store.close()
 
@@ -79,10 +86,17 @@ async def _ingress(request: web.Request) -> web.StreamResponse:
     return await request.app[RUNTIME].ingress.handle(request)
 
 
-def create_app(config: Config, *, redis_url: str | None = None, run_worker: bool = True) -> web.Application:
+def create_app(
+    config: Config,
+    *,
+    redis_url: str | None = None,
+    run_worker: bool = True,
+    telemetry: Telemetry | None = None,
+) -> web.Application:
     """The inbound application. `redis_url` overrides `redis.url` (the CLI passes the embedded server's URL)."""
     app = web.Application(client_max_size=config.server.max_body_bytes + 1)
     app[CONFIG] = config
+    app[TELEMETRY] = telemetry or Telemetry()
     app[REDIS_URL] = redis_url or config.redis.url
     app[RUN_WORKER] = run_worker
     app.cleanup_ctx.append(runtime_ctx)

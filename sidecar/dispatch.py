@@ -11,12 +11,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from opentelemetry.trace import Span
+
 from sidecar.backoff import next_delay, parse_retry_after
 from sidecar.breaker import Breaker, Breakers
 from sidecar.config import Config, RouteConfig
 from sidecar.errors import StoreError
 from sidecar.forwarder import Forwarder, Outcome, RetryPolicy, upstream_headers
 from sidecar.store import AttemptRecord, EventRecord, RedisStore
+from sidecar.telemetry import Telemetry
 
 log = logging.getLogger("sidecar.dispatch")
 
@@ -40,8 +43,9 @@ def target_url(config: Config, route: RouteConfig, path_qs: str) -> str:
 
 
 class Dispatcher:
-    def __init__(self, config: Config, store: RedisStore, forwarder: Forwarder) -> None:
+    def __init__(self, config: Config, store: RedisStore, forwarder: Forwarder, telemetry: Telemetry) -> None:
         self.config = config
+        self.tel = telemetry
         self.store = store
         self.forwarder = forwarder
         self._policies = {r.name: RetryPolicy.parse(r.retry.retry_on) for r in config.routes}
@@ -62,23 +66,52 @@ class Dispatcher:
         return self._routes.get(name)
 
     async def attempt(
-        self, rec: EventRecord, attempt: int, history: list[dict[str, Any]] | None = None
+        self,
+        rec: EventRecord,
+        attempt: int,
+        history: list[dict[str, Any]] | None = None,
+        parent: Span | None = None,
     ) -> Disposition:
+        """Forward `rec` once and settle the result. `parent` is the inbound span (attempt 1 in the ingress);
+        the worker's attempts have none: they start a trace linked to the one the event arrived with."""
         route = self._routes.get(rec.route)
         if route is None:
             # The route was removed from config while the event waited: keep it visible for operators.
             outcome = Outcome("permanent", None, "route_removed", 0.0)
             return await self._bury(rec, attempt, outcome, history or [], "route_removed")
         url = target_url(self.config, route, rec.path_qs)
+        span = self.tel.start_forward(rec.route, rec.event_id, attempt, parent, rec.traceparent)
         outcome = await self.forwarder.send(
             url,
             rec.method,
-            upstream_headers(rec, attempt, rec.traceparent),
+            upstream_headers(rec, attempt, self.tel.traceparent(span)),
             rec.body,
             self._policies[route.name],
         )
+        self.tel.end(span, outcome.error, outcome.status)
         self.breakers.for_url(url).record(outcome.kind != "retryable")
-        return await self.settle(route, rec, attempt, outcome, history or [])
+        self.tel.forward_attempts[(rec.route, outcome.kind)] += 1
+        self.tel.forward_duration.record(outcome.duration, {"route": rec.route})
+        disposition = await self.settle(route, rec, attempt, outcome, history or [])
+        if disposition.kind == "delivered":
+            self.tel.delivery_lag.record(
+                max(0.0, time.time() - rec.first_seen_ms / 1000), {"route": rec.route}
+            )
+        if parent is None and log.isEnabledFor(logging.INFO):
+            log.info(
+                "attempt",
+                extra={
+                    "route": rec.route,
+                    "event_id": rec.event_id,
+                    "outcome": disposition.kind,
+                    "status": outcome.status,
+                    "attempt": attempt,
+                    "duration_ms": round(outcome.duration * 1000, 3),
+                    "trace_id": self.tel.trace_id(span),
+                    "error": outcome.error,
+                },
+            )
+        return disposition
 
     def breaker(self, route: RouteConfig, path_qs: str) -> Breaker:
         return self.breakers.for_url(target_url(self.config, route, path_qs))
@@ -151,8 +184,5 @@ class Dispatcher:
         )
         for ev in evicted:
             log.error("dead-letter cap evicted %s/%s (item %s)", ev.route, ev.event_id, ev.id)
-        self.on_evicted(evicted)
+            self.tel.dlq_evicted[ev.route] += 1
         return Disposition("dead", outcome, dead_letter_id=item_id)
-
-    def on_evicted(self, evicted: list[Any]) -> None:
-        """Hook for telemetry (counts `sidecar_dlq_evicted_total`)."""

@@ -12,11 +12,13 @@ import hashlib
 import json
 import logging
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
+from opentelemetry.trace import Span
 
 from sidecar.config import Config, RouteConfig
 from sidecar.dispatch import Dispatcher, target_url
@@ -25,6 +27,7 @@ from sidecar.forwarder import Outcome, RetryPolicy, end_to_end, upstream_headers
 from sidecar.providers.base import Handshake, Inbound, TimestampError, VerificationError, Verified, Verifier
 from sidecar.providers.registry import build_verifier
 from sidecar.store import EventRecord
+from sidecar.telemetry import Telemetry
 
 log = logging.getLogger("sidecar.ingress")
 
@@ -175,54 +178,98 @@ def queued(event_id: str, next_attempt_ms: int | None) -> web.Response:
     return web.json_response(body, status=202, headers={EVENT_ID_HEADER: event_id})
 
 
+@dataclass(slots=True)
+class Result:
+    """What one inbound request came to; recorded once (counter, span, log line) when the handler returns."""
+
+    outcome: str = "error"
+    event_id: str | None = None
+    attempt: int | None = None
+    status: int | None = None
+    error: str | None = None
+
+
 class Ingress:
     """The inbound handler. Holds the current routes; `reload` swaps them atomically (a dict assignment)."""
 
-    def __init__(self, config: Config, dispatcher: Dispatcher) -> None:
+    def __init__(self, config: Config, dispatcher: Dispatcher, telemetry: Telemetry) -> None:
         self.config = config
         self.routes = build_routes(config)
         self.dispatcher = dispatcher
         self.store = dispatcher.store
         self.forwarder = dispatcher.forwarder
+        self.tel = telemetry
+        self.rejections: defaultdict[str, int] = defaultdict(int)  # flushed to the store's stats in batches
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = self.routes.get(request.path)
         if route is None:
+            self.tel.requests[("", "no_route")] += 1
             return json_error(404, "no_route")
+        started = time.perf_counter()
+        span = self.tel.start_inbound(route.cfg.name, request.method, request.headers.get("traceparent"))
+        result = Result()
+        try:
+            response = await self._handle(request, route, span, result)
+            result.status = response.status
+            return response
+        finally:
+            name = route.cfg.name
+            self.tel.requests[(name, result.outcome)] += 1
+            self.tel.end(span, result.error, result.status)
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "request",
+                    extra={
+                        "route": name,
+                        "event_id": result.event_id,
+                        "outcome": result.outcome,
+                        "status": result.status,
+                        "attempt": result.attempt,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                        "trace_id": self.tel.trace_id(span),
+                        "error": result.error,
+                    },
+                )
+
+    async def _handle(
+        self, request: web.Request, route: Route, span: Span, result: Result
+    ) -> web.StreamResponse:
         cfg = route.cfg
         try:
             body = await read_bounded(request, self.config.server.max_body_bytes)
         except BodyTooLarge:
+            result.outcome = "body_too_large"
             return json_error(413, "body_too_large")
         inbound = Inbound(request.method, body, request.headers, public_url(request, cfg), time.time())
         handshake = route.verifier.unsigned_handshake(inbound)
+        if handshake is None and request.method != "POST":
+            result.outcome = "passthrough"
+            return await self._pass_through(request, route, body, None, span, result)
+        if handshake is None:
+            try:
+                verified = route.verifier.verify(inbound)
+            except VerificationError as exc:
+                return self._rejected(cfg.name, exc, result)
+            handshake = verified.handshake
         if handshake is not None:
+            result.outcome = "handshake"
             if cfg.handshake == "pass":
-                return await self._pass_through(request, route, body, None)
+                return await self._pass_through(request, route, body, None, span, result)
             return answer_handshake(handshake)
-        if request.method != "POST":
-            return await self._pass_through(request, route, body, None)
-        try:
-            verified = route.verifier.verify(inbound)
-        except TimestampError as exc:
-            log.info("route %s: timestamp out of tolerance: %s", cfg.name, exc.detail)
-            return json_error(401, "timestamp_out_of_tolerance", detail=exc.detail)
-        except VerificationError as exc:
-            log.info("route %s: invalid signature (%s): %s", cfg.name, exc.reason, exc.detail)
-            return json_error(401, "invalid_signature", detail=exc.detail)
-        if verified.handshake is not None:
-            if cfg.handshake == "pass":
-                return await self._pass_through(request, route, body, None)
-            return answer_handshake(verified.handshake)
         if not type_allowed(cfg, verified.event_type):
+            result.outcome = "filtered"
             return web.json_response({"filtered": True})
         ids = resolve_event_id(cfg, verified, inbound)
         if not cfg.dedupe:
-            return await self._pass_through(request, route, body, ids[0] if ids else None)
+            result.outcome, result.event_id = "passthrough", ids[0] if ids else None
+            return await self._pass_through(request, route, body, result.event_id, span, result)
         if ids is None:
+            result.outcome = "no_event_id"
             return json_error(400, "no_event_id")
         event_id, dedupe_id = ids
-        rec = self._record(request, cfg, event_id, dedupe_id, body, inbound.now)
+        result.event_id = event_id
+        rec = self._record(request, cfg, event_id, dedupe_id, body, inbound.now, self.tel.traceparent(span))
         breaker = self.dispatcher.breaker(cfg, rec.path_qs)
         forward_now = breaker.allow()
         # With the upstream's circuit open the event is claimed straight onto the schedule: one round trip and
@@ -232,6 +279,7 @@ class Ingress:
             claim = await self.store.claim(rec, rec.first_seen_ms, self.dispatcher.lease_ms(cfg), schedule_at)
         except StoreError as exc:
             breaker.release(forward_now)
+            result.outcome, result.error = "store_unavailable", str(exc)
             if not isinstance(exc, StoreUnavailable):
                 log.error("route %s: claim failed for %s: %s", cfg.name, event_id, exc)
             resp = json_error(503, "store_unavailable", event_id)
@@ -239,32 +287,66 @@ class Ingress:
             return resp
         if not claim.claimed:
             breaker.release(forward_now)
+            result.outcome = "duplicate"
             return web.json_response(
                 {"duplicate": True, "event_id": event_id, "state": claim.state},
                 headers={EVENT_ID_HEADER: event_id},
             )
         if schedule_at is not None:
+            result.outcome, result.error = "queued", "circuit_open"
             return queued(event_id, schedule_at)
-        return await self._first_attempt(rec)
+        return await self._first_attempt(rec, span, result)
 
-    async def _first_attempt(self, rec: EventRecord) -> web.StreamResponse:
+    def _rejected(self, route: str, exc: VerificationError, result: Result) -> web.Response:
+        result.outcome, result.error = "rejected_signature", exc.reason
+        self.tel.signature_failures[(route, exc.reason)] += 1
+        self.rejections[route] += 1
+        if isinstance(exc, TimestampError):
+            return json_error(401, "timestamp_out_of_tolerance", detail=exc.detail)
+        return json_error(401, "invalid_signature", detail=exc.detail)
+
+    async def flush_rejections(self) -> None:
+        """Move the rejection counts into the store's per-route stats (one pipelined call per flush)."""
+        if not self.rejections:
+            return
+        counts, self.rejections = dict(self.rejections), defaultdict(int)
         try:
-            disp = await self.dispatcher.attempt(rec, 1)
+            await self.store.count_rejected(counts)
+        except StoreError:
+            for route, n in counts.items():  # keep them for the next flush
+                self.rejections[route] += n
+
+    async def _first_attempt(self, rec: EventRecord, span: Span, result: Result) -> web.StreamResponse:
+        result.attempt = 1
+        try:
+            disp = await self.dispatcher.attempt(rec, 1, parent=span)
         except StoreError as exc:
             # The event is stored and leased since the claim: a replica picks it up when the lease runs out.
             log.warning("route %s: settling %s failed, left to the lease: %s", rec.route, rec.event_id, exc)
+            result.outcome, result.error = "queued", "store_error"
             return queued(rec.event_id, None)
+        result.error = disp.outcome.error
         if disp.kind == "delivered":
+            result.outcome = "forwarded"
             return relay(disp.outcome, rec.event_id)
         if disp.kind == "queued":
+            result.outcome = "queued"
             return queued(rec.event_id, disp.next_attempt_ms)
+        result.outcome = "dead_lettered"
         headers = {EVENT_ID_HEADER: rec.event_id}
         return web.json_response(
             {"dead_lettered": True, "event_id": rec.event_id}, status=202, headers=headers
         )
 
     def _record(
-        self, request: web.Request, cfg: RouteConfig, event_id: str, dedupe_id: str, body: bytes, now: float
+        self,
+        request: web.Request,
+        cfg: RouteConfig,
+        event_id: str,
+        dedupe_id: str,
+        body: bytes,
+        now: float,
+        traceparent: str | None,
     ) -> EventRecord:
         headers = end_to_end(request.headers.items(), request.headers.get("Connection"))
         return EventRecord(
@@ -278,20 +360,31 @@ class Ingress:
             client_ip=request.remote or "",
             proto=request.scheme,
             host=request.host,
-            traceparent=request.headers.get("traceparent"),
+            traceparent=traceparent,
             first_seen_ms=int(now * 1000),
         )
 
     async def _pass_through(
-        self, request: web.Request, route: Route, body: bytes, event_id: str | None
+        self,
+        request: web.Request,
+        route: Route,
+        body: bytes,
+        event_id: str | None,
+        span: Span,
+        result: Result,
     ) -> web.StreamResponse:
         """Synchronous proxying, no claim and no retry: non-POST requests, handshakes in `pass` mode, dedupe: false."""
-        rec = self._record(request, route.cfg, event_id or "", "", body, time.time())
+        forward = self.tel.start_forward(route.cfg.name, event_id or "", 1, span, None)
+        rec = self._record(
+            request, route.cfg, event_id or "", "", body, time.time(), self.tel.traceparent(forward)
+        )
         headers = upstream_headers(rec, 1, rec.traceparent)
         if not event_id:
             headers = [(k, v) for k, v in headers if k != EVENT_ID_HEADER]
         url = target_url(self.config, route.cfg, rec.path_qs)
         outcome = await self.forwarder.send(url, request.method, headers, body, route.policy)
+        self.tel.end(forward, outcome.error, outcome.status)
         if outcome.status is None:
+            result.error = outcome.error
             return json_error(502, "upstream_unavailable", event_id, detail=outcome.error)
         return relay(outcome, event_id)

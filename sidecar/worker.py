@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from sidecar.dispatch import Dispatcher
 from sidecar.errors import StoreError
@@ -36,6 +37,8 @@ class RetryWorker:
         self._limit = asyncio.Semaphore(concurrency)
         self.last_beat = time.monotonic()
         self._stopping = asyncio.Event()
+        # Housekeeping run once per loop (e.g. flushing batched counters to the store).
+        self.periodic: list[Callable[[], Awaitable[None]]] = []
 
     async def run_once(self) -> int:
         """Attempt every event due now, across all shards; return how many attempts were made."""
@@ -86,6 +89,8 @@ class RetryWorker:
             except StoreError as exc:
                 log.warning("retry worker: store unavailable: %s", exc)
                 done = 0
+            for task in self.periodic:
+                await task()
             if done == 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.poll_interval)

@@ -305,6 +305,11 @@ class RedisStore:
         key = self.keys.dlq_route(route) if route else self.keys.dlq_items()
         return int(await self._call(lambda: self._r.zcard(key)))
 
+    async def dlq_oldest_ms(self, route: str) -> float | None:
+        """When the route's oldest dead letter died (ms), or None when it has none."""
+        raw = await self._call(lambda: self._r.zrange(self.keys.dlq_route(route), 0, 0, withscores=True))
+        return float(raw[0][1]) if raw else None
+
     async def dlq_evicted(self) -> dict[str, int]:
         raw = await self._call(lambda: self._r.hgetall(self.keys.dlq_evicted()))
         return {k.decode(): int(v) for k, v in raw.items()}
