@@ -17,6 +17,7 @@ from sidecar.admin import create_admin_app
 from sidecar.app import create_app
 from sidecar.config import Config, check_config, load
 from sidecar.errors import ConfigError, SidecarError
+from sidecar.telemetry import setup_logging
 
 log = logging.getLogger("sidecar")
 
@@ -81,6 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"{path}: cannot read config: {exc.strerror}", file=sys.stderr)
         return 1
+    setup_logging(args.log_level or config.logging.level, config.logging.format)
     if not _is_loopback(config.admin.host) and not config.admin.token:
         print(
             f"{path}: admin.token: required when admin.listen ({config.admin.listen}) is not loopback",
@@ -133,7 +135,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description="Webhook reliability sidecar.")
-    parser.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", help="debug|info|warning|error (default: config, then info)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve")
     run.add_argument("--config", help=f"config file (default: $SIDECAR_CONFIG, then {DEFAULT_CONFIG})")
@@ -147,9 +149,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level or "info", "auto")
     return int(args.func(args))

@@ -40,6 +40,7 @@ __all__ = [
     "DedupeConfig",
     "DlqConfig",
     "EventIdSource",
+    "LoggingConfig",
     "RedisConfig",
     "RetryConfig",
     "RouteConfig",
@@ -184,6 +185,14 @@ class DlqConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """`format: auto` is text on a terminal, JSON lines otherwise. SIDECAR_LOG_LEVEL / SIDECAR_LOG_FORMAT win."""
+
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
 class EventIdSource:
     """Where a route's event id comes from: the provider's (`auto`), a header, a JSON path or the body."""
 
@@ -228,6 +237,7 @@ class Config:
     dlq: DlqConfig = field(default_factory=DlqConfig)
     routes: tuple[RouteConfig, ...] = ()
     source: str = "<defaults>"
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -767,7 +777,11 @@ _RETRY: dict[str, Conv] = {
     "max_age": _duration(),
     "lease": _optional(_duration()),
 }
-_SECTIONS = ("server", "admin", "redis", "upstream", "dedupe", "retry", "dlq", "routes")
+_LOGGING: dict[str, Conv] = {
+    "level": _choice("debug", "info", "warning", "error"),
+    "format": _choice("auto", "json", "text"),
+}
+_SECTIONS = ("server", "admin", "redis", "upstream", "dedupe", "retry", "dlq", "logging", "routes")
 
 
 def _load(ctx: _Ctx, text: str) -> Config | None:
@@ -792,6 +806,7 @@ def _load(ctx: _Ctx, text: str) -> Config | None:
     upstream = _simple(ctx, top.get("upstream"), "upstream", _UPSTREAM, UpstreamConfig)
     dedupe = _simple(ctx, top.get("dedupe"), "dedupe", _DEDUPE, DedupeConfig)
     dlq = _simple(ctx, top.get("dlq"), "dlq", _DLQ, DlqConfig)
+    logging_ = _simple(ctx, top.get("logging"), "logging", _LOGGING, LoggingConfig)
     retry_values, retry_ok = _section(ctx, top.get("retry"), "retry", _RETRY)
     retry_items = _items(top.get("retry"))
     retry = _make_retry(ctx, retry_values, retry_items, {}, {}, "retry") if retry_ok else BAD
@@ -799,10 +814,10 @@ def _load(ctx: _Ctx, text: str) -> Config | None:
     _check_listen_clash(ctx, top, server, admin)
     routes = _routes(ctx, top.get("routes"), root, retry_values if retry_ok else None, retry_items)
 
-    parts = (server, admin, redis, upstream, dedupe, retry, dlq, routes)
+    parts = (server, admin, redis, upstream, dedupe, retry, dlq, routes, logging_)
     if ctx.errors or any(part is BAD for part in parts):
         return None
-    return Config(server, admin, redis, upstream, dedupe, retry, dlq, routes, ctx.source)
+    return Config(server, admin, redis, upstream, dedupe, retry, dlq, routes, ctx.source, logging_)
 
 
 def _simple(
