@@ -7,6 +7,7 @@ import time
 from aiohttp import web
 
 from sidecar.app import RUN_WORKER, RUNTIME
+from sidecar.telemetry import metrics_handler
 
 
 def create_admin_app(main: web.Application) -> web.Application:
@@ -28,4 +29,5 @@ def create_admin_app(main: web.Application) -> web.Application:
 
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", readyz)
+    admin.router.add_get("/metrics", metrics_handler(main))
     return admin

@@ -14,6 +14,7 @@ ingress span. With no span exporter configured the sampler is off: context still
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -297,3 +298,22 @@ def setup_logging(level: str = "info", fmt: str = "auto", stream: Any = None) ->
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+
+
+def metrics_handler(main: Any) -> Any:
+    """GET /metrics for the admin app: refresh the store gauges (bounded by the store timeout), then render."""
+    from aiohttp import web
+
+    from sidecar.app import RUNTIME
+    from sidecar.errors import StoreError
+
+    async def metrics(_: web.Request) -> web.Response:
+        runtime = main.get(RUNTIME)
+        if runtime is None:
+            return web.Response(status=503, text="starting\n")
+        # On a store error, serve the counters with the last gauge snapshot; /readyz reports the store.
+        with contextlib.suppress(StoreError):
+            await runtime.telemetry.refresh(runtime.store, [r.name for r in runtime.config.routes])
+        return web.Response(body=runtime.telemetry.render(), content_type="text/plain", charset="utf-8")
+
+    return metrics

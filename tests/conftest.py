@@ -146,13 +146,19 @@ def sidecar_factory(aiohttp_client: Any, upstream: Upstream, redis_url: str, rdb
     """Build and start a sidecar for the given routes YAML; returns an aiohttp test client bound to it."""
 
     async def start(
-        routes_yaml: str, *, extra: str = "", retry: str | None = None, run_worker: bool = False, env=None
+        routes_yaml: str,
+        *,
+        extra: str = "",
+        retry: str | None = None,
+        run_worker: bool = False,
+        env=None,
+        telemetry=None,
     ) -> Any:
         kw = {"retry": retry} if retry else {}
         config = make_config(
             routes_yaml, upstream_url=upstream.url, redis_url=redis_url, extra=extra, env=env, **kw
         )
-        app = create_app(config, redis_url=redis_url, run_worker=run_worker)
+        app = create_app(config, redis_url=redis_url, run_worker=run_worker, telemetry=telemetry)
         return await aiohttp_client(app, server_kwargs={"auto_decompress": False})
 
     return start

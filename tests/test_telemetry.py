@@ -1,0 +1,191 @@
+"""Observability: /metrics after known traffic, spans and traceparent propagation, JSON logs without secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar.admin import create_admin_app
+from sidecar.app import RUNTIME
+from sidecar.telemetry import METRIC_NAMES, Telemetry, setup_logging
+from tests.conftest import Upstream
+from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
+
+ROUTES = f"""
+- name: stripe
+  path: /webhooks/stripe
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+- name: typed
+  path: /webhooks/typed
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+  types: ["invoice.*"]
+"""
+
+
+async def send(client: Any, path: str, event_id: str, type_: str = "invoice.paid", **kw: Any) -> Any:
+    body = stripe_body(event_id, type_=type_)
+    headers = {**stripe_headers(body, **kw)}
+    return await client.post(path, data=body, headers=headers)
+
+
+async def scrape(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics on the admin app of `client`'s sidecar, as {(sample name, sorted labels): value}."""
+    admin = create_admin_app(client.server.app)
+    async with TestClient(TestServer(admin)) as admin_client:
+        resp = await admin_client.get("/metrics")
+        assert resp.status == 200
+        text = await resp.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if not k.startswith("otel_scope")))
+            samples[(s.name, labels)] = s.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_telemetry_metrics_count_every_outcome_by_route(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    client = await sidecar_factory(ROUTES, extra="dlq: {max_length: 1}")
+    assert (await send(client, "/webhooks/stripe", "evt_1")).status == 200  # forwarded
+    assert (await send(client, "/webhooks/stripe", "evt_2")).status == 200  # forwarded
+    assert (await send(client, "/webhooks/stripe", "evt_1")).status == 200  # duplicate
+    upstream.respond(503)
+    assert (await send(client, "/webhooks/stripe", "evt_3")).status == 202  # queued
+    upstream.respond(400, 400)
+    assert (await send(client, "/webhooks/stripe", "evt_4")).status == 202  # dead_lettered
+    assert (await send(client, "/webhooks/stripe", "evt_5")).status == 202  # dead_lettered, evicts evt_4
+    assert (await send(client, "/webhooks/stripe", "evt_6", secret="whsec_wrong")).status == 401
+    assert (await send(client, "/webhooks/stripe", "evt_7", t=int(time.time()) - 3600)).status == 401
+    assert (
+        await send(client, "/webhooks/typed", "evt_8", type_="customer.created")
+    ).status == 200  # filtered
+
+    m = await scrape(client)
+    total = "sidecar_requests_total"
+    assert value(m, total, route="stripe", outcome="forwarded") == 2
+    assert value(m, total, route="stripe", outcome="duplicate") == 1
+    assert value(m, total, route="stripe", outcome="queued") == 1
+    assert value(m, total, route="stripe", outcome="dead_lettered") == 2
+    assert value(m, total, route="stripe", outcome="rejected_signature") == 2
+    assert value(m, total, route="typed", outcome="filtered") == 1
+    assert value(m, "sidecar_signature_failures_total", route="stripe", reason="mismatch") == 1
+    assert value(m, "sidecar_signature_failures_total", route="stripe", reason="timestamp") == 1
+    assert value(m, "sidecar_forward_attempts_total", route="stripe", result="delivered") == 2
+    assert value(m, "sidecar_forward_attempts_total", route="stripe", result="retryable") == 1
+    assert value(m, "sidecar_forward_attempts_total", route="stripe", result="permanent") == 2
+    assert value(m, "sidecar_forward_duration_seconds_count", route="stripe") == 5
+    assert value(m, "sidecar_delivery_lag_seconds_count", route="stripe") == 2
+    assert value(m, "sidecar_dlq_evicted_total", route="stripe") == 1
+    assert value(m, "sidecar_dlq_length", route="stripe") == 1
+    assert value(m, "sidecar_retry_scheduled", route="stripe") == 1  # evt_3 waits for its retry
+    assert value(m, "sidecar_dlq_oldest_age_seconds", route="stripe") >= 0
+    exported = {name for name, _ in m}
+    for name in METRIC_NAMES:
+        assert any(e == name or e.startswith(name + "_") for e in exported), name
+
+
+@pytest.fixture
+def spans() -> Iterator[tuple[Telemetry, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    tel = Telemetry(span_processors=[SimpleSpanProcessor(exporter)])
+    try:
+        yield tel, exporter
+    finally:
+        tel.shutdown()
+
+
+async def test_telemetry_spans_continue_incoming_trace_and_reach_upstream(
+    sidecar_factory: Any, upstream: Upstream, spans: tuple[Telemetry, InMemorySpanExporter]
+) -> None:
+    tel, exporter = spans
+    client = await sidecar_factory(
+        ROUTES, telemetry=tel, retry="{base_delay: 50ms, multiplier: 1, jitter: 0}"
+    )
+    incoming_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    body = stripe_body("evt_trace")
+    headers = {**stripe_headers(body), "traceparent": f"00-{incoming_trace}-00f067aa0ba902b7-01"}
+    upstream.respond(503)
+    assert (await client.post("/webhooks/stripe", data=body, headers=headers)).status == 202
+    time.sleep(0.06)
+    assert await client.server.app[RUNTIME].worker.run_once() == 1
+
+    finished = exporter.get_finished_spans()
+    receive = [s for s in finished if s.name == "webhook.receive"]
+    forwards = sorted((s for s in finished if s.name == "webhook.forward"), key=lambda s: s.start_time)
+    assert len(receive) == 1 and len(forwards) == 2
+    assert receive[0].kind == SpanKind.SERVER
+    assert f"{receive[0].context.trace_id:032x}" == incoming_trace  # continued, not restarted
+    first, retry = forwards
+    assert first.kind == SpanKind.CLIENT and first.parent.span_id == receive[0].context.span_id
+    # What the upstream got: a traceparent naming the forward span of the same trace.
+    sent = [r.headers["traceparent"] for r in upstream.received]
+    assert sent[0] == f"00-{incoming_trace}-{first.context.span_id:016x}-01"
+    # The retry is its own trace, linked back to the request that brought the event in.
+    assert retry.context.trace_id != receive[0].context.trace_id
+    assert [link.context.span_id for link in retry.links] == [receive[0].context.span_id]
+    assert sent[1].startswith(f"00-{retry.context.trace_id:032x}-{retry.context.span_id:016x}-")
+    assert int(sent[1][-2:], 16) & 1  # sampled
+
+
+async def test_telemetry_traceparent_propagates_without_a_span_exporter(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    client = await sidecar_factory(ROUTES)
+    body = stripe_body("evt_tp")
+    trace = "0af7651916cd43dd8448eb211c80319c"
+    headers = {**stripe_headers(body), "traceparent": f"00-{trace}-b7ad6b7169203331-01"}
+    assert (await client.post("/webhooks/stripe", data=body, headers=headers)).status == 200
+    sent = upstream.received[0].headers["traceparent"]
+    assert sent.startswith(f"00-{trace}-") and not sent.endswith("b7ad6b7169203331-01")
+
+
+async def test_telemetry_json_logs_carry_outcomes_and_never_secrets_or_bodies(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    stream = io.StringIO()
+    setup_logging("info", "json", stream=stream)
+    try:
+        client = await sidecar_factory(ROUTES, retry="{base_delay: 10ms, multiplier: 1, jitter: 0}")
+        marker = "BODY-MARKER-7f3c"
+        for i, (status, secret) in enumerate(
+            [(200, STRIPE_SECRET), (503, STRIPE_SECRET), (200, "whsec_nope")]
+        ):
+            upstream.respond(status)
+            body = json.dumps({"id": f"evt_log{i}", "type": "invoice.paid", "note": marker}).encode()
+            await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body, secret=secret))
+        time.sleep(0.02)
+        await client.server.app[RUNTIME].worker.run_once()
+    finally:
+        setup_logging("warning", "text")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+    text = stream.getvalue()
+    assert STRIPE_SECRET not in text and "whsec_nope" not in text
+    assert marker not in text
+    outcomes = [(e.get("event_id"), e.get("outcome")) for e in lines if e["msg"] in ("request", "attempt")]
+    assert ("evt_log0", "forwarded") in outcomes
+    assert ("evt_log1", "queued") in outcomes
+    assert ("evt_log1", "delivered") in outcomes  # the worker's attempt 2
+    assert (None, "rejected_signature") in outcomes
+    request_lines = [e for e in lines if e["msg"] == "request" and e.get("event_id") == "evt_log0"]
+    assert request_lines[0]["route"] == "stripe" and request_lines[0]["status"] == 200
+    assert len(request_lines[0]["trace_id"]) == 32 and request_lines[0]["attempt"] == 1
+    assert all(isinstance(e["duration_ms"], float) for e in lines if e["msg"] == "request")
+    logging.getLogger().handlers[0].flush()
