@@ -64,7 +64,7 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     telemetry = app[TELEMETRY]
     dispatcher = Dispatcher(config, store, Forwarder(session, config.upstream.timeout), telemetry)
-    ingress = Ingress(config, dispatcher, telemetry)
+    ingress = Ingress(dispatcher, telemetry)
     worker = RetryWorker(store, dispatcher, concurrency=config.upstream.max_connections)
     worker.periodic.append(ingress.flush_rejections)
     runtime = Runtime(config, store, session, dispatcher, ingress, worker, telemetry)

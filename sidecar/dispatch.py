@@ -17,7 +17,8 @@ from sidecar.backoff import next_delay, parse_retry_after
 from sidecar.breaker import Breaker, Breakers
 from sidecar.config import Config, RouteConfig
 from sidecar.errors import StoreError
-from sidecar.forwarder import Forwarder, Outcome, RetryPolicy, upstream_headers
+from sidecar.forwarder import Forwarder, Outcome, upstream_headers
+from sidecar.routes import RouteTable, target_url
 from sidecar.store import AttemptRecord, EventRecord, RedisStore
 from sidecar.telemetry import Telemetry
 
@@ -32,24 +33,12 @@ class Disposition:
     dead_letter_id: str | None = None
 
 
-def target_url(config: Config, route: RouteConfig, path_qs: str) -> str:
-    """Where the event goes: the route's `upstream` (plus the original query), else upstream.url + path + query."""
-    if route.upstream:
-        _, sep, query = path_qs.partition("?")
-        if sep and "?" not in route.upstream:
-            return f"{route.upstream}?{query}"
-        return route.upstream
-    return config.upstream.url.rstrip("/") + path_qs
-
-
 class Dispatcher:
     def __init__(self, config: Config, store: RedisStore, forwarder: Forwarder, telemetry: Telemetry) -> None:
-        self.config = config
+        self.table = RouteTable.build(config)  # swapped whole by a reload
         self.tel = telemetry
         self.store = store
         self.forwarder = forwarder
-        self._policies = {r.name: RetryPolicy.parse(r.retry.retry_on) for r in config.routes}
-        self._routes = {r.name: r for r in config.routes}
         b = config.upstream.breaker
         self.breakers = Breakers(b.threshold, b.cooldown, b.max_cooldown)
 
@@ -62,8 +51,13 @@ class Dispatcher:
         lease = route.retry.lease or (self.config.upstream.timeout + 20.0)
         return int(lease * 1000)
 
+    @property
+    def config(self) -> Config:
+        return self.table.config
+
     def route(self, name: str) -> RouteConfig | None:
-        return self._routes.get(name)
+        route = self.table.by_name.get(name)
+        return route.cfg if route is not None else None
 
     async def attempt(
         self,
@@ -74,19 +68,21 @@ class Dispatcher:
     ) -> Disposition:
         """Forward `rec` once and settle the result. `parent` is the inbound span (attempt 1 in the ingress);
         the worker's attempts have none: they start a trace linked to the one the event arrived with."""
-        route = self._routes.get(rec.route)
-        if route is None:
+        table = self.table
+        found = table.by_name.get(rec.route)
+        if found is None:
             # The route was removed from config while the event waited: keep it visible for operators.
             outcome = Outcome("permanent", None, "route_removed", 0.0)
             return await self._bury(rec, attempt, outcome, history or [], "route_removed")
-        url = target_url(self.config, route, rec.path_qs)
+        route = found.cfg
+        url = target_url(table.config, route, rec.path_qs)
         span = self.tel.start_forward(rec.route, rec.event_id, attempt, parent, rec.traceparent)
         outcome = await self.forwarder.send(
             url,
             rec.method,
             upstream_headers(rec, attempt, self.tel.traceparent(span)),
             rec.body,
-            self._policies[route.name],
+            found.policy,
         )
         self.tel.end(span, outcome.error, outcome.status)
         self.breakers.for_url(url).record(outcome.kind != "retryable")

@@ -20,12 +20,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry.trace import Span
 
-from sidecar.config import Config, RouteConfig
-from sidecar.dispatch import Dispatcher, target_url
+from sidecar.config import RouteConfig
+from sidecar.dispatch import Dispatcher
 from sidecar.errors import StoreError, StoreUnavailable
-from sidecar.forwarder import Outcome, RetryPolicy, end_to_end, upstream_headers
-from sidecar.providers.base import Handshake, Inbound, TimestampError, VerificationError, Verified, Verifier
-from sidecar.providers.registry import build_verifier
+from sidecar.forwarder import Outcome, end_to_end, upstream_headers
+from sidecar.providers.base import Handshake, Inbound, TimestampError, VerificationError, Verified
+from sidecar.routes import Route, target_url
 from sidecar.store import EventRecord
 from sidecar.telemetry import Telemetry
 
@@ -33,27 +33,6 @@ log = logging.getLogger("sidecar.ingress")
 
 EVENT_ID_HEADER = "X-Sidecar-Event-Id"
 MAX_EVENT_ID_LEN = 256
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """A configured route with what it needs at request time, built once per config load."""
-
-    cfg: RouteConfig
-    verifier: Verifier
-    policy: RetryPolicy
-
-    @classmethod
-    def build(cls, cfg: RouteConfig) -> Route:
-        return cls(
-            cfg,
-            build_verifier(cfg.provider, cfg.secrets, cfg.tolerance, cfg.signature),
-            RetryPolicy.parse(cfg.retry.retry_on),
-        )
-
-
-def build_routes(config: Config) -> dict[str, Route]:
-    return {r.path: Route.build(r) for r in config.routes}
 
 
 def json_error(status: int, error: str, event_id: str | None = None, **extra: Any) -> web.Response:
@@ -190,11 +169,9 @@ class Result:
 
 
 class Ingress:
-    """The inbound handler. Holds the current routes; `reload` swaps them atomically (a dict assignment)."""
+    """The inbound handler. Routes come from the dispatcher's current `RouteTable` (swapped by reloads)."""
 
-    def __init__(self, config: Config, dispatcher: Dispatcher, telemetry: Telemetry) -> None:
-        self.config = config
-        self.routes = build_routes(config)
+    def __init__(self, dispatcher: Dispatcher, telemetry: Telemetry) -> None:
         self.dispatcher = dispatcher
         self.store = dispatcher.store
         self.forwarder = dispatcher.forwarder
@@ -202,7 +179,7 @@ class Ingress:
         self.rejections: defaultdict[str, int] = defaultdict(int)  # flushed to the store's stats in batches
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        route = self.routes.get(request.path)
+        route = self.dispatcher.table.by_path.get(request.path)
         if route is None:
             self.tel.requests[("", "no_route")] += 1
             return json_error(404, "no_route")
@@ -237,7 +214,7 @@ class Ingress:
     ) -> web.StreamResponse:
         cfg = route.cfg
         try:
-            body = await read_bounded(request, self.config.server.max_body_bytes)
+            body = await read_bounded(request, self.dispatcher.config.server.max_body_bytes)
         except BodyTooLarge:
             result.outcome = "body_too_large"
             return json_error(413, "body_too_large")
@@ -381,7 +358,7 @@ class Ingress:
         headers = upstream_headers(rec, 1, rec.traceparent)
         if not event_id:
             headers = [(k, v) for k, v in headers if k != EVENT_ID_HEADER]
-        url = target_url(self.config, route.cfg, rec.path_qs)
+        url = target_url(self.dispatcher.config, route.cfg, rec.path_qs)
         outcome = await self.forwarder.send(url, request.method, headers, body, route.policy)
         self.tel.end(forward, outcome.error, outcome.status)
         if outcome.status is None:
