@@ -22,6 +22,7 @@ from sidecar.dispatch import Dispatcher
 from sidecar.forwarder import Forwarder
 from sidecar.ingress import Ingress
 from sidecar.keys import KeySpace
+from sidecar.reload import Reloader
 from sidecar.store import RedisStore
 from sidecar.telemetry import Telemetry
 from sidecar.worker import RetryWorker
@@ -38,6 +39,7 @@ class Runtime:
     ingress: Ingress
     worker: RetryWorker
     telemetry: Telemetry
+    reloader: Reloader | None = None
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -45,6 +47,7 @@ CONFIG = web.AppKey("config", Config)
 REDIS_URL = web.AppKey("redis_url", str)
 RUN_WORKER = web.AppKey("run_worker", bool)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
+CONFIG_PATH = web.AppKey("config_path", str)
 
 
 def make_store(config: Config, url: str) -> RedisStore:
@@ -70,9 +73,18 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = Runtime(config, store, session, dispatcher, ingress, worker, telemetry)
     app[RUNTIME] = runtime
     task = asyncio.create_task(worker.run(), name="retry-worker") if app[RUN_WORKER] else None
+    watch = None
+    if app.get(CONFIG_PATH):
+        runtime.reloader = Reloader(
+            app[CONFIG_PATH], dispatcher, telemetry, interval=config.server.reload_interval
+        )
+        watch = asyncio.create_task(runtime.reloader.run(), name="config-watch")
     try:
         yield
     finally:
+        if runtime.reloader is not None and watch is not None:
+            runtime.reloader.stop()
+            await watch
         worker.stop()
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -92,11 +104,15 @@ def create_app(
     redis_url: str | None = None,
     run_worker: bool = True,
     telemetry: Telemetry | None = None,
+    config_path: str | None = None,
 ) -> web.Application:
-    """The inbound application. `redis_url` overrides `redis.url` (the CLI passes the embedded server's URL)."""
+    """The inbound application. `redis_url` overrides `redis.url` (the CLI passes the embedded server's URL);
+    with `config_path` the config is reloaded when that file or a secret file changes."""
     app = web.Application(client_max_size=config.server.max_body_bytes + 1)
     app[CONFIG] = config
     app[TELEMETRY] = telemetry or Telemetry()
+    if config_path:
+        app[CONFIG_PATH] = config_path
     app[REDIS_URL] = redis_url or config.redis.url
     app[RUN_WORKER] = run_worker
     app.cleanup_ctx.append(runtime_ctx)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from sidecar.admin import create_admin_app
-from sidecar.app import create_app
+from sidecar.app import RUNTIME, create_app
 from sidecar.config import Config, check_config, load
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.telemetry import setup_logging
@@ -37,13 +37,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def serve(config: Config, redis_url: str, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    config: Config, redis_url: str, stop: asyncio.Event | None = None, config_path: str | None = None
+) -> None:
     """Serve the inbound and admin listeners until SIGTERM/SIGINT (or `stop`), then drain gracefully."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = create_app(config, redis_url=redis_url)
+    app = create_app(config, redis_url=redis_url, config_path=config_path)
     runner = web.AppRunner(
         app,
         auto_decompress=False,  # forward exactly the bytes the provider signed
@@ -52,6 +54,9 @@ async def serve(config: Config, redis_url: str, stop: asyncio.Event | None = Non
         handle_signals=False,
     )
     await runner.setup()
+    reloader = app[RUNTIME].reloader
+    if reloader is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reloader.reload("SIGHUP")))
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=True)
     await site.start()
     admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
@@ -97,7 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             embedded = EmbeddedValkey(config.redis.data_dir, config.redis.appendfsync)
             url = embedded.start()
-        _run_loop(serve(config, url))
+        _run_loop(serve(config, url, config_path=path))
     except SidecarError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1

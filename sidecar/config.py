@@ -112,6 +112,7 @@ class ServerConfig:
     max_body_bytes: int = 1048576
     read_timeout: float = 10.0
     shutdown_grace: float = 20.0
+    reload_interval: float = 1.0  # how often the config and secret files are checked for changes
 
     def __post_init__(self) -> None:
         _set_listen(self)
@@ -742,6 +743,7 @@ _SERVER: dict[str, Conv] = {
     "max_body_bytes": _integer(1),
     "read_timeout": _duration(),
     "shutdown_grace": _duration(zero_ok=True),
+    "reload_interval": _duration(),
 }
 _ADMIN: dict[str, Conv] = {"listen": _listen, "token": _optional(_secret)}
 _REDIS: dict[str, Conv] = {

@@ -47,6 +47,7 @@ DLQ_EVICTED = "sidecar_dlq_evicted_total"
 SIGNATURE_FAILURES = "sidecar_signature_failures_total"
 DELIVERY_LAG = "sidecar_delivery_lag_seconds"
 DLQ_OLDEST_AGE = "sidecar_dlq_oldest_age_seconds"
+CONFIG_RELOADS = "sidecar_config_reloads_total"  # added by the hot-reload work (issue 7)
 METRIC_NAMES = (
     REQUESTS,
     FORWARD_ATTEMPTS,
@@ -57,6 +58,7 @@ METRIC_NAMES = (
     SIGNATURE_FAILURES,
     DELIVERY_LAG,
     DLQ_OLDEST_AGE,
+    CONFIG_RELOADS,
 )
 SPAN_INBOUND = "webhook.receive"
 SPAN_FORWARD = "webhook.forward"
@@ -105,6 +107,7 @@ class Telemetry:
         self.forward_attempts: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.signature_failures: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.dlq_evicted: defaultdict[str, int] = defaultdict(int)
+        self.config_reloads: defaultdict[str, int] = defaultdict(int)
         self.snapshot: dict[str, dict[str, float]] = {}
 
         meter.create_observable_counter(
@@ -122,6 +125,11 @@ class Telemetry:
         )
         meter.create_observable_counter(
             DLQ_EVICTED, [self._evicted], description="Dead letters pushed out by dlq.max_length"
+        )
+        meter.create_observable_counter(
+            CONFIG_RELOADS,
+            [lambda _: [Observation(n, {"result": r}) for r, n in list(self.config_reloads.items())]],
+            description="Config reloads, applied or rejected",
         )
         meter.create_observable_gauge(
             RETRY_SCHEDULED,
