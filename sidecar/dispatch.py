@@ -80,7 +80,7 @@ class Dispatcher:
         outcome = await self.forwarder.send(
             url,
             rec.method,
-            upstream_headers(rec, attempt, self.tel.traceparent(span)),
+            upstream_headers(rec, attempt, self.tel.traceparent(span), found.upstream_key),
             rec.body,
             found.policy,
         )

@@ -8,6 +8,9 @@ again will not change its mind).
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -76,9 +79,27 @@ class Outcome:
     body: bytes = b""
 
 
-def upstream_headers(rec: EventRecord, attempt: int, traceparent: str | None) -> list[tuple[str, str]]:
-    """What the upstream receives besides the original end-to-end headers (CONTRACT: 'What the upstream receives')."""
+def standard_webhooks_headers(key: bytes, msg_id: str, body: bytes, now: int) -> list[tuple[str, str]]:
+    """`webhook-id`, `webhook-timestamp`, `webhook-signature` (v1: HMAC-SHA256 over `id.ts.body`, base64)."""
+    mac = hmac.new(key, f"{msg_id}.{now}.".encode() + body, hashlib.sha256).digest()
+    return [
+        ("webhook-id", msg_id),
+        ("webhook-timestamp", str(now)),
+        ("webhook-signature", "v1," + base64.b64encode(mac).decode()),
+    ]
+
+
+def upstream_headers(
+    rec: EventRecord, attempt: int, traceparent: str | None, sign_key: bytes | None = None
+) -> list[tuple[str, str]]:
+    """What the upstream receives besides the original end-to-end headers (CONTRACT: 'What the upstream receives').
+
+    With `sign_key` (route `sign_upstream`), Standard Webhooks headers signed now, at this attempt, replace any the
+    provider sent: a receiver verifies a retry hours later within its own timestamp tolerance.
+    """
     headers = [(k, v) for k, v in rec.headers if not k.lower().startswith("x-sidecar-")]
+    if sign_key is not None:
+        headers = [(k, v) for k, v in headers if k.lower() not in _STANDARD_WEBHOOKS]
     prior_xff = [v for k, v in headers if k.lower() == "x-forwarded-for"]
     headers = [(k, v) for k, v in headers if k.lower() not in _REPLACED]
     xff = ", ".join([*prior_xff, rec.client_ip]) if rec.client_ip else ", ".join(prior_xff)
@@ -94,10 +115,13 @@ def upstream_headers(rec: EventRecord, attempt: int, traceparent: str | None) ->
         headers.append(("X-Forwarded-For", xff))
     if traceparent:
         headers.append(("traceparent", traceparent))
+    if sign_key is not None:
+        headers += standard_webhooks_headers(sign_key, rec.event_id, rec.body, int(time.time()))
     return headers
 
 
 _REPLACED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "traceparent"})
+_STANDARD_WEBHOOKS = frozenset({"webhook-id", "webhook-timestamp", "webhook-signature"})
 
 
 class Forwarder:

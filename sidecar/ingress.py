@@ -355,7 +355,7 @@ class Ingress:
         rec = self._record(
             request, route.cfg, event_id or "", "", body, time.time(), self.tel.traceparent(forward)
         )
-        headers = upstream_headers(rec, 1, rec.traceparent)
+        headers = upstream_headers(rec, 1, rec.traceparent, route.upstream_key)
         if not event_id:
             headers = [(k, v) for k, v in headers if k != EVENT_ID_HEADER]
         url = target_url(self.dispatcher.config, route.cfg, rec.path_qs)

@@ -7,6 +7,8 @@ in flight keep the `Route` they started with, new ones see the new table.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 
 from sidecar.config import Config, RouteConfig
@@ -20,6 +22,7 @@ class Route:
     cfg: RouteConfig
     verifier: Verifier
     policy: RetryPolicy
+    upstream_key: bytes | None = None  # sign_upstream's HMAC key, decoded once
 
     @classmethod
     def build(cls, cfg: RouteConfig) -> Route:
@@ -27,6 +30,7 @@ class Route:
             cfg,
             build_verifier(cfg.provider, cfg.secrets, cfg.tolerance, cfg.signature),
             RetryPolicy.parse(cfg.retry.retry_on),
+            signing_key(cfg.sign_upstream.secret) if cfg.sign_upstream else None,
         )
 
 
@@ -40,6 +44,16 @@ class RouteTable:
     def build(cls, config: Config) -> RouteTable:
         routes = [Route.build(r) for r in config.routes]
         return cls(config, {r.cfg.path: r for r in routes}, {r.cfg.name: r for r in routes})
+
+
+def signing_key(secret: str) -> bytes:
+    """Standard Webhooks key bytes: `whsec_<base64>` decodes (as the receiver's SDK will); anything else is UTF-8."""
+    if secret.startswith("whsec_"):
+        try:
+            return base64.b64decode(secret[6:] + "=" * (-len(secret[6:]) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            pass  # config validation refuses these; keep the raw bytes rather than fail at request time
+    return secret.encode()
 
 
 def target_url(config: Config, route: RouteConfig, path_qs: str) -> str:

@@ -1,0 +1,82 @@
+"""sign_upstream: the receiver verifies every attempt with the Standard Webhooks SDK, retries included."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+from aiohttp import web
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from sidecar.app import RUNTIME
+from tests.conftest import Received, Upstream
+from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
+
+UPSTREAM_SECRET = "whsec_" + base64.b64encode(b"upstream-signing-key-32-bytes!!!").decode()
+
+
+async def test_sign_upstream_headers_verify_with_the_standard_webhooks_sdk_on_every_attempt(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    receiver = Webhook(UPSTREAM_SECRET)
+    verdicts: list[str] = []
+    stamps: list[int] = []
+
+    def verify(rec: Received) -> web.Response | None:
+        try:
+            receiver.verify(rec.body, rec.headers)
+        except WebhookVerificationError as exc:
+            verdicts.append(f"rejected: {exc}")
+            return web.Response(status=400)
+        verdicts.append("ok")
+        stamps.append(int(rec.headers["webhook-timestamp"]))
+        return web.Response(status=503) if len(verdicts) == 1 else None  # fail the first attempt
+
+    upstream.behaviour = verify
+    client = await sidecar_factory(
+        f"""
+- name: stripe
+  path: /webhooks/stripe
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+  sign_upstream: {{secret: "{UPSTREAM_SECRET}"}}
+""",
+        retry="{base_delay: 1100ms, multiplier: 1, jitter: 0}",
+    )
+    body = stripe_body("evt_signed")
+    assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 202
+    time.sleep(1.2)
+    assert await client.server.app[RUNTIME].worker.run_once() == 1
+    assert verdicts == ["ok", "ok"]
+    first, second = upstream.received
+    assert (
+        first.headers["webhook-id"] == second.headers["webhook-id"] == "evt_signed"
+    )  # stable across retries
+    assert stamps[1] > stamps[0]  # re-signed at each attempt, so a late retry is still fresh
+    assert abs(stamps[1] - time.time()) < 5
+    assert second.headers["stripe-signature"] == first.headers["stripe-signature"]  # provider's own kept
+
+
+async def test_sign_upstream_replaces_provider_sent_standard_webhooks_headers(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    client = await sidecar_factory(
+        f"""
+- name: plain
+  path: /webhooks/plain
+  provider: none
+  event_id: {{header: X-Event-Id}}
+  sign_upstream: {{secret: "{UPSTREAM_SECRET}"}}
+"""
+    )
+    forged = {
+        "X-Event-Id": "e1",
+        "webhook-id": "spoof",
+        "webhook-timestamp": "1",
+        "webhook-signature": "v1,AAAA",
+    }
+    assert (await client.post("/webhooks/plain", data=b'{"a":1}', headers=forged)).status == 200
+    [got] = upstream.received
+    assert [k for k, _ in got.raw_headers].count("webhook-signature") == 1
+    Webhook(UPSTREAM_SECRET).verify(got.body, got.headers)  # raises if the spoofed values had survived
