@@ -138,6 +138,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(_: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+
+    return run_demo()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description="Webhook reliability sidecar.")
     parser.add_argument("--log-level", help="debug|info|warning|error (default: config, then info)")
@@ -145,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve")
     run.add_argument("--config", help=f"config file (default: $SIDECAR_CONFIG, then {DEFAULT_CONFIG})")
     run.set_defaults(func=cmd_run)
+    demo = sub.add_parser("demo", help="a one-minute tour: embedded store, demo receiver, sample events")
+    demo.set_defaults(func=cmd_demo)
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("path")
     check.set_defaults(func=cmd_check_config)
