@@ -1,17 +1,585 @@
-"""The admin application on `admin.listen`: health, readiness (and, under /admin/, the operator API)."""
+"""The admin application on `admin.listen`: health, readiness, metrics and, under /admin/, the operator API.
+
+    GET    /healthz /readyz /metrics                 no auth
+    GET    /admin/openapi.json                       this API as an OpenAPI 3.1 document (sidecar.admin_spec)
+    GET    /admin/dlq                                page through dead letters (cursor, filters)
+    GET    /admin/dlq/{id}                           one dead letter with headers, body and history
+    DELETE /admin/dlq/{id}
+    POST   /admin/dlq/replay                         back onto the retry schedule (the worker delivers)
+    POST   /admin/dlq/drain                          stream the items out as NDJSON, removing each once sent
+    GET    /admin/events/{route}/{event_id}          an event's state and history
+    DELETE /admin/events/{route}/{event_id}          forget a delivered/dead event's claim
+    GET    /admin/stats                              per-route counters
+
+Everything under /admin/ needs `Authorization: Bearer <admin.token>`; with no token configured it is closed.
+Every error is `{"error": code, "detail": text}` (never a traceback); every mutation is logged on `sidecar.admin`
+with its reason, ids, route and counts, never a body or a secret. Add a route: register it in
+`create_admin_app` and describe it in `sidecar.admin_spec` (tests/test_admin.py keeps the two in sync).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import fcntl
+import hmac
+import json
+import logging
+import re
+import socket
+import struct
+import termios
 import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
-from sidecar.app import RUN_WORKER, RUNTIME
+from sidecar.admin_spec import document
+from sidecar.app import CONFIG, RUN_WORKER, RUNTIME, Runtime
+from sidecar.errors import StoreError, StoreUnavailable
+from sidecar.store.dead_letters import Cursor, DeadLetter, DeadLetters, StatusFilter
+from sidecar.store.records import STATE_NAMES
+from sidecar.store.redis_store import dead_letter_id
 from sidecar.telemetry import metrics_handler
+
+log = logging.getLogger("sidecar.admin")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+MAX_REASON = 1000
+MAX_IDS = 10000
+REPLAY_BATCH = 100
+DRAIN_BATCH = 50
+# How long a drain waits for the client to take one line before it gives up (the item stays in the DLQ).
+DRAIN_LINE_TIMEOUT = 30.0
+
+_ID = re.compile(r"[0-9a-f]{1,64}")
+_ROUTE = re.compile(r"[a-z0-9_-]{1,100}")
+_CURSOR = re.compile(r"([0-9]{1,16})-([0-9a-f]{1,64})")
+_EPOCH = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
+_STATUS_CLASS = re.compile(r"([1-5])xx")
+_MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z
+
+
+class ApiError(Exception):
+    """An answer other than success; rendered as `{"error": code, "detail": detail, **extra}`."""
+
+    def __init__(self, status: int, error: str, detail: str | None = None, **extra: Any) -> None:
+        super().__init__(detail or error)
+        self.status, self.error, self.detail, self.extra = status, error, detail, extra
+
+    def response(self) -> web.Response:
+        body: dict[str, Any] = {"error": self.error}
+        if self.detail:
+            body["detail"] = self.detail
+        return web.json_response({**body, **self.extra}, status=self.status)
+
+
+def bad_request(detail: str) -> ApiError:
+    return ApiError(400, "bad_request", detail)
+
+
+def not_found(detail: str, **extra: Any) -> ApiError:
+    return ApiError(404, "not_found", detail, **extra)
+
+
+# -- middlewares --------------------------------------------------------------------------------------------------
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
+        resp = ApiError(exc.status, code, exc.reason).response()
+        if "Allow" in exc.headers:
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
+    except StoreUnavailable as exc:
+        resp = ApiError(503, "store_unavailable", str(exc)).response()
+        resp.headers["Retry-After"] = "1"
+        return resp
+    except StoreError as exc:
+        log.warning("admin %s %s: %s", request.method, request.path, exc)
+        return ApiError(503, "store_error", "the store refused the operation; see the sidecar log").response()
+    except Exception:
+        log.exception("admin %s %s failed", request.method, request.path)
+        return ApiError(500, "internal", "unexpected error; see the sidecar log").response()
+
+
+def auth_middleware(main: web.Application) -> Any:
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/admin" or request.path.startswith("/admin/"):
+            check_token(request, configured_token(main))
+        return await handler(request)
+
+    return auth
+
+
+def configured_token(main: web.Application) -> str | None:
+    runtime = main.get(RUNTIME)
+    config = runtime.config if runtime is not None else main.get(CONFIG)
+    return config.admin.token if config is not None else None
+
+
+def check_token(request: web.Request, token: str | None) -> None:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if not token:
+        raise ApiError(401, "unauthorized", "admin.token is not configured: the admin API is closed")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+
+
+# -- request parsing ----------------------------------------------------------------------------------------------
+
+
+def parse_limit(value: str | None) -> int:
+    if value is None:
+        return DEFAULT_LIMIT
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+        raise bad_request(f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return int(value)
+
+
+def parse_time(name: str, value: str | None) -> int | None:
+    """RFC 3339 (with an offset) or epoch seconds -> epoch ms."""
+    if value is None:
+        return None
+    problem = f"{name} must be an RFC 3339 time with an offset (2024-05-01T12:00:00Z) or epoch seconds"
+    if _EPOCH.fullmatch(value):
+        seconds = float(value)
+    else:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise bad_request(problem) from None
+        if parsed.tzinfo is None:
+            raise bad_request(problem)
+        try:
+            seconds = parsed.timestamp()
+        except (OverflowError, ValueError):
+            raise bad_request(problem) from None
+    if not 0 <= seconds <= _MAX_EPOCH:
+        raise bad_request(f"{name} is out of range")
+    return int(seconds * 1000)
+
+
+def parse_status(value: str | None) -> StatusFilter | None:
+    if value is None:
+        return None
+    text = value.lower()
+    if text == "error":
+        return StatusFilter("none")
+    if m := _STATUS_CLASS.fullmatch(text):
+        return StatusFilter("class", int(m.group(1)))
+    if text.isascii() and text.isdigit() and 100 <= int(text) <= 599:
+        return StatusFilter("eq", int(text))
+    raise bad_request("status must be a code (503), a class (5xx) or `error` (no status: the request failed)")
+
+
+def parse_cursor(value: str | None) -> Cursor | None:
+    if value is None:
+        return None
+    m = _CURSOR.fullmatch(value)
+    if not m:
+        raise bad_request("cursor is not one this API returned")
+    return Cursor(int(m.group(1)), m.group(2))
+
+
+def format_cursor(cursor: Cursor | None) -> str | None:
+    return f"{cursor.dead_ms}-{cursor.id}" if cursor else None
+
+
+async def json_object(request: web.Request, *, empty_ok: bool = False) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip() and empty_ok:
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise bad_request("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object")
+    return body
+
+
+def only_fields(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise bad_request(
+            f"unknown field(s): {', '.join(unknown)[:200]}; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def parse_reason(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > MAX_REASON:
+        raise bad_request(f"reason must be a string of at most {MAX_REASON} characters")
+    return value
+
+
+# -- rendering ----------------------------------------------------------------------------------------------------
+
+
+def rfc3339(ms: int | float | None) -> str | None:
+    if not ms:
+        return None
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def render_history(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for h in entries:
+        if "replayed_at_ms" in h:
+            out.append({"replayed_at": rfc3339(h["replayed_at_ms"]), "reason": h.get("reason") or None})
+        else:
+            out.append(
+                {
+                    "at": rfc3339(h.get("at_ms")),
+                    "attempt": h.get("attempt"),
+                    "status": h.get("status"),
+                    "error": h.get("error"),
+                    "duration_ms": h.get("duration_ms"),
+                }
+            )
+    return out
+
+
+def render_item(item: DeadLetter) -> dict[str, Any]:
+    d = item.data
+    return {
+        "id": item.id,
+        "route": item.route,
+        "event_id": item.event_id,
+        "attempts": d.get("attempts"),
+        "last_status": d.get("last_status"),
+        "last_error": d.get("last_error"),
+        "first_seen_at": rfc3339(d.get("first_seen_ms")),
+        "dead_at": rfc3339(item.dead_ms),
+        "reason": d.get("reason"),
+    }
+
+
+def render_full(item: DeadLetter) -> dict[str, Any]:
+    meta = item.data.get("meta") or {}
+    out = render_item(item)
+    out["method"] = meta.get("m")
+    out["path"] = meta.get("p")
+    out["headers"] = [[k, v] for k, v in item.headers]
+    try:
+        out["body"] = (item.body or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        out["body_base64"] = base64.b64encode(item.body or b"").decode("ascii")
+    out["history"] = render_history(item.history)
+    return out
+
+
+def log_ids(ids: list[str]) -> str:
+    shown = ",".join(ids[:20])
+    return shown + (f",… ({len(ids)} in all)" if len(ids) > 20 else "")
+
+
+# -- drain flow control -------------------------------------------------------------------------------------------
+
+_TCP_LIVE = {1, 8}  # ESTABLISHED, CLOSE_WAIT: the peer has not reset the connection
+
+
+def _unacked(sock: Any) -> int | None:
+    """Bytes written to `sock` that the peer's TCP has not acknowledged yet (Linux SIOCOUTQ); None elsewhere."""
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    except (OSError, AttributeError, ValueError):
+        return None
+    if state not in _TCP_LIVE:
+        return -1  # reset: the kernel dropped what was queued, and a count of 0 would mean nothing
+    return int(struct.unpack("i", buf)[0])
+
+
+async def peer_took_everything(request: web.Request, timeout: float) -> bool:
+    """Wait until everything written so far left our buffers and the peer acknowledged it; False if it went away.
+
+    Why: an item may leave the DLQ only once its line reached the client. Handing the bytes to the kernel is not
+    enough (a client that closes early would lose whatever sat in the buffers); the peer's TCP acknowledgement is
+    the nearest evidence the server can get. What remains is the client's own receive buffer.
+    """
+    transport = request.transport
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while transport is not None and not transport.is_closing():
+        if transport.get_write_buffer_size() == 0:
+            unacked = _unacked(transport.get_extra_info("socket"))
+            if unacked is None or unacked == 0:
+                return True
+            if unacked < 0:
+                return False
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return False
+
+
+# -- the API ------------------------------------------------------------------------------------------------------
+
+
+class AdminApi:
+    """Handlers for /admin/*. The runtime is read per request: it exists once the main app has started."""
+
+    def __init__(self, main: web.Application) -> None:
+        self.main = main
+        self._dead_letters: DeadLetters | None = None
+
+    def runtime(self) -> Runtime:
+        runtime = self.main.get(RUNTIME)
+        if runtime is None:
+            raise ApiError(503, "starting", "the sidecar is still starting")
+        return runtime
+
+    def dead_letters(self) -> DeadLetters:
+        store = self.runtime().store
+        if self._dead_letters is None or self._dead_letters.store is not store:
+            self._dead_letters = DeadLetters(store)
+        return self._dead_letters
+
+    def configured_routes(self) -> list[str]:
+        # The dispatcher holds the live config: routes change on reload (admin.* only at a restart).
+        return [r.name for r in self.runtime().dispatcher.config.routes]
+
+    async def known_route(self, route: Any) -> str:
+        """A configured route, or one that still has dead letters (its config was removed); else 404."""
+        if not isinstance(route, str) or not _ROUTE.fullmatch(route):
+            raise not_found(f"no route {str(route)[:100]!r}")
+        if route not in self.configured_routes() and not await self.dead_letters().count(route):
+            raise not_found(f"no route {route!r}")
+        return route
+
+    # -- dead letters ---------------------------------------------------------------------------------------------
+
+    async def list_dlq(self, request: web.Request) -> web.Response:
+        q = request.query
+        unknown = sorted(set(q) - {"route", "limit", "cursor", "since", "until", "status"})
+        if unknown:
+            raise bad_request(f"unknown query parameter(s): {', '.join(unknown)[:200]}")
+        limit = parse_limit(q.get("limit"))
+        cursor = parse_cursor(q.get("cursor"))
+        since, until = parse_time("since", q.get("since")), parse_time("until", q.get("until"))
+        if since is not None and until is not None and since > until:
+            raise bad_request("since is after until")
+        status = parse_status(q.get("status"))
+        route = await self.known_route(q["route"]) if "route" in q else None
+        page = await self.dead_letters().page(
+            route=route, after=cursor, since_ms=since, until_ms=until, status=status, limit=limit
+        )
+        return web.json_response(
+            {
+                "items": [render_item(i) for i in page.items],
+                "next_cursor": format_cursor(page.next),
+                "total": page.total,
+            }
+        )
+
+    async def item_or_404(self, request: web.Request) -> DeadLetter:
+        item_id = request.match_info["id"]
+        item = await self.dead_letters().get(item_id) if _ID.fullmatch(item_id) else None
+        if item is None:
+            raise not_found(f"no dead letter {item_id[:100]!r}")
+        return item
+
+    async def show_dlq(self, request: web.Request) -> web.Response:
+        return web.json_response(render_full(await self.item_or_404(request)))
+
+    async def delete_dlq(self, request: web.Request) -> web.Response:
+        reason = parse_reason(request.query.get("reason"))
+        item = await self.item_or_404(request)
+        if not await self.dead_letters().remove(item):
+            raise not_found(f"dead letter {item.id} was removed or replaced meanwhile")
+        log.info(
+            "dlq delete: id=%s route=%s event_id=%s reason=%r", item.id, item.route, item.event_id, reason
+        )
+        return web.json_response({"deleted": True, "id": item.id})
+
+    async def replay(self, request: web.Request) -> web.Response:
+        body = await json_object(request)
+        only_fields(body, {"ids", "route", "all", "dry_run", "reason"})
+        selectors = [k for k in ("ids", "route", "all") if k in body]
+        if len(selectors) != 1:
+            raise bad_request('give exactly one of "ids", "route" or "all"')
+        dry_run = body.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise bad_request("dry_run must be true or false")
+        reason = parse_reason(body.get("reason"))
+        dl = self.dead_letters()
+        selector, ids = await self.selection(body, selectors[0])
+        if dry_run:
+            log.info("dlq replay dry run: %s would_replay=%d reason=%r", selector, len(ids), reason)
+            return web.json_response({"would_replay": len(ids)})
+        counts = {"replayed": 0, "pending": 0, "delivered": 0}
+        now_ms = int(time.time() * 1000)
+        for start in range(0, len(ids), REPLAY_BATCH):
+            items = await dl.get_many(ids[start : start + REPLAY_BATCH])
+            for outcome in await asyncio.gather(*(dl.replay(i, now_ms, reason) for i in items)):
+                counts[outcome] += 1
+        log.info(
+            "dlq replay: %s replayed=%d skipped_pending=%d obsolete_removed=%d reason=%r",
+            selector,
+            counts["replayed"],
+            counts["pending"],
+            counts["delivered"],
+            reason,
+        )
+        skipped = {"pending": counts["pending"], "delivered": counts["delivered"]}
+        return web.json_response({"replayed": counts["replayed"], "skipped": skipped})
+
+    async def selection(self, body: dict[str, Any], selector: str) -> tuple[str, list[str]]:
+        """(what to log, the ids) for a replay body's `ids` | `route` | `all`."""
+        dl = self.dead_letters()
+        if selector == "all":
+            if body["all"] is not True:
+                raise bad_request('"all" must be true')
+            return "all", await dl.ids()
+        if selector == "route":
+            route = await self.known_route(body["route"])
+            return f"route={route}", await dl.ids(route)
+        ids = body["ids"]
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            raise bad_request('"ids" must be a non-empty list of dead-letter ids')
+        if len(ids) > MAX_IDS:
+            raise bad_request(f'at most {MAX_IDS} "ids" per request')
+        ids = list(dict.fromkeys(ids))
+        found = {i.id for i in await dl.get_many([i for i in ids if _ID.fullmatch(i)])}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise not_found(f"{len(missing)} unknown dead-letter id(s)", ids=[m[:100] for m in missing[:100]])
+        return f"ids={log_ids(ids)}", ids
+
+    async def drain(self, request: web.Request) -> web.StreamResponse:
+        body = await json_object(request, empty_ok=True)
+        only_fields(body, {"route", "reason"})
+        reason = parse_reason(body.get("reason"))
+        route = await self.known_route(body["route"]) if "route" in body else None
+        dl = self.dead_letters()
+        ids = await dl.ids(route)  # a snapshot: items dead-lettered meanwhile wait for the next drain
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        drained, outcome = 0, "complete"
+        try:
+            for start in range(0, len(ids), DRAIN_BATCH):
+                for item in await dl.get_many(ids[start : start + DRAIN_BATCH]):
+                    line = json.dumps(render_full(item), separators=(",", ":")) + "\n"
+                    await resp.write(line.encode())
+                    if not await peer_took_everything(request, DRAIN_LINE_TIMEOUT):
+                        raise ConnectionResetError("the client stopped reading")
+                    drained += await dl.remove(item)
+            await resp.write_eof()
+        except ConnectionError:
+            outcome = "client went away"
+        except StoreError as exc:
+            # The status line is long gone: cut the stream short so the client cannot take it for complete.
+            outcome = f"store error: {exc}"
+            if request.transport is not None:
+                request.transport.abort()
+        finally:
+            log.info(
+                "dlq drain: route=%s drained=%d of %d (%s) reason=%r",
+                route or "*",
+                drained,
+                len(ids),
+                outcome,
+                reason,
+            )
+        return resp
+
+    # -- events and stats -----------------------------------------------------------------------------------------
+
+    async def event_location(self, request: web.Request) -> tuple[str, str, str]:
+        route, event_id = request.match_info["route"], request.match_info["event_id"]
+        if not _ROUTE.fullmatch(route) or len(event_id) > 1024:
+            raise not_found(f"no event {event_id[:100]!r} on route {route[:100]!r}")
+        return route, event_id, await self.runtime().store.resolve(route, event_id)
+
+    async def show_event(self, request: web.Request) -> web.Response:
+        route, event_id, dedupe_id = await self.event_location(request)
+        ev = await self.runtime().store.get_event(route, dedupe_id)
+        if ev is None:
+            raise not_found(
+                f"no event {event_id[:100]!r} on route {route!r} (never seen, or past the dedupe ttl)"
+            )
+        raw = ev["raw_state"]
+        scheduled = ev["scheduled_ms"]
+        dead_id = dead_letter_id(route, dedupe_id) if raw == "x" else None
+        in_dlq = bool(dead_id and await self.dead_letters().get(dead_id))
+        return web.json_response(
+            {
+                "route": route,
+                "event_id": ev["event_id"] or event_id,
+                "dedupe_id": dedupe_id,
+                "state": STATE_NAMES.get(raw, "unknown"),
+                "in_flight": raw == "f",
+                "attempts": ev["attempts"],
+                "first_seen_at": rfc3339(ev["first_seen_ms"]),
+                "next_attempt_at": rfc3339(scheduled) if raw == "p" and scheduled else None,
+                "lease_until": rfc3339(scheduled) if raw == "f" and scheduled else None,
+                "last_status": int(ev["last_status"]) if (ev["last_status"] or "").isdigit() else None,
+                "last_error": ev["last_error"],
+                "dead_letter_id": dead_id if in_dlq else None,
+                "history": render_history(ev["history"]),
+            }
+        )
+
+    async def forget_event(self, request: web.Request) -> web.Response:
+        reason = parse_reason(request.query.get("reason"))
+        route, event_id, dedupe_id = await self.event_location(request)
+        outcome = await self.dead_letters().forget(route, dedupe_id)
+        if outcome == "missing":
+            raise not_found(f"no event {event_id[:100]!r} on route {route!r}")
+        if outcome == "pending":
+            raise ApiError(
+                409,
+                "event_pending",
+                "the event is pending or in flight: its stored request is the only copy; wait until it is "
+                "delivered or dead-lettered",
+            )
+        log.info("event forget: route=%s event_id=%s reason=%r", route, event_id, reason)
+        return web.json_response({"forgotten": True, "route": route, "event_id": event_id})
+
+    async def stats(self, _: web.Request) -> web.Response:
+        routes = self.configured_routes()
+        counters = await self.runtime().store.route_stats()
+        dead = await self.dead_letters().counts(routes)
+        out = {}
+        for name in routes:
+            c = counters.get(name, {})
+            out[name] = {
+                "pending": c.get("pending", 0),
+                "dead": dead[name],
+                "delivered": c.get("delivered", 0),
+                "duplicates": c.get("duplicates", 0),
+                "rejected": c.get("rejected", 0),
+            }
+        return web.json_response({"routes": out, "dlq_total": await self.dead_letters().count()})
+
+    async def openapi(self, _: web.Request) -> web.Response:
+        return web.json_response(document())
 
 
 def create_admin_app(main: web.Application) -> web.Application:
-    admin = web.Application()
+    admin = web.Application(middlewares=[errors_middleware, auth_middleware(main)])
+    api = AdminApi(main)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -27,7 +595,17 @@ def create_admin_app(main: web.Application) -> web.Application:
             return web.json_response({"ready": False, "reason": "worker_stalled"}, status=503)
         return web.json_response({"ready": True})
 
-    admin.router.add_get("/healthz", healthz)
-    admin.router.add_get("/readyz", readyz)
-    admin.router.add_get("/metrics", metrics_handler(main))
+    get = {"allow_head": False}
+    admin.router.add_get("/healthz", healthz, **get)
+    admin.router.add_get("/readyz", readyz, **get)
+    admin.router.add_get("/metrics", metrics_handler(main), **get)
+    admin.router.add_get("/admin/openapi.json", api.openapi, **get)
+    admin.router.add_get("/admin/dlq", api.list_dlq, **get)
+    admin.router.add_post("/admin/dlq/replay", api.replay)
+    admin.router.add_post("/admin/dlq/drain", api.drain)
+    admin.router.add_get("/admin/dlq/{id}", api.show_dlq, **get)
+    admin.router.add_delete("/admin/dlq/{id}", api.delete_dlq)
+    admin.router.add_get("/admin/events/{route}/{event_id:.+}", api.show_event, **get)
+    admin.router.add_delete("/admin/events/{route}/{event_id:.+}", api.forget_event)
+    admin.router.add_get("/admin/stats", api.stats, **get)
     return admin

@@ -1,0 +1,325 @@
+"""The admin API as an OpenAPI 3.1 document, served at /admin/openapi.json (behind the bearer token, like the
+rest of /admin/). tests/test_admin.py checks it against the routes `sidecar.admin` registers, both ways."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar import __version__
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_AUTH = {"401": _error("missing or wrong bearer token (`unauthorized`)")}
+_STORE = {"503": _error("the store is unreachable (`store_unavailable`, with Retry-After) or starting")}
+
+
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+def _path(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+_REASON = _query("reason", "why (logged with the mutation)", {"type": "string", "maxLength": 1000})
+_ID = _path("id", "dead-letter id")
+_EVENT = [_path("route", "route name"), _path("event_id", "the provider's event id (may contain `/`)")]
+
+_TIME = {"type": ["string", "null"], "format": "date-time"}
+_NULLABLE_INT = {"type": ["integer", "null"]}
+_NULLABLE_STR = {"type": ["string", "null"]}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+    },
+    "HistoryEntry": {
+        "description": "one attempt (at, attempt, status or error, duration_ms) or a replay marker "
+        "(replayed_at, reason)",
+        "type": "object",
+        "properties": {
+            "at": _TIME,
+            "attempt": _NULLABLE_INT,
+            "status": _NULLABLE_INT,
+            "error": _NULLABLE_STR,
+            "duration_ms": {"type": ["number", "null"]},
+            "replayed_at": _TIME,
+            "reason": _NULLABLE_STR,
+        },
+    },
+    "DeadLetter": {
+        "type": "object",
+        "required": [
+            "id",
+            "route",
+            "event_id",
+            "attempts",
+            "last_status",
+            "last_error",
+            "first_seen_at",
+            "dead_at",
+        ],
+        "properties": {
+            "id": {"type": "string"},
+            "route": {"type": "string"},
+            "event_id": {"type": "string"},
+            "attempts": _NULLABLE_INT,
+            "last_status": _NULLABLE_INT,
+            "last_error": _NULLABLE_STR,
+            "first_seen_at": _TIME,
+            "dead_at": _TIME,
+            "reason": {"description": "rejected | exhausted | expired | route_removed", **_NULLABLE_STR},
+        },
+    },
+    "DeadLetterFull": {
+        "allOf": [
+            _ref("DeadLetter"),
+            {
+                "type": "object",
+                "required": ["headers", "history"],
+                "properties": {
+                    "method": _NULLABLE_STR,
+                    "path": _NULLABLE_STR,
+                    "headers": {
+                        "type": "array",
+                        "items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2},
+                    },
+                    "body": {"type": "string", "description": "the raw body, when it is UTF-8"},
+                    "body_base64": {"type": "string", "description": "the raw body, when it is not UTF-8"},
+                    "history": {"type": "array", "items": _ref("HistoryEntry")},
+                },
+            },
+        ]
+    },
+    "Page": {
+        "type": "object",
+        "required": ["items", "next_cursor", "total"],
+        "properties": {
+            "items": {"type": "array", "items": _ref("DeadLetter")},
+            "next_cursor": _NULLABLE_STR,
+            "total": {"type": "integer", "description": "items matching the filters, across all pages"},
+        },
+    },
+    "ReplayRequest": {
+        "type": "object",
+        "description": 'exactly one of "ids", "route", "all"',
+        "additionalProperties": False,
+        "properties": {
+            "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10000},
+            "route": {"type": "string"},
+            "all": {"const": True},
+            "dry_run": {"type": "boolean"},
+            "reason": {"type": "string", "maxLength": 1000},
+        },
+    },
+    "ReplayResult": {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["replayed"],
+                "properties": {
+                    "replayed": {"type": "integer"},
+                    "skipped": {
+                        "type": "object",
+                        "description": "items left alone: their event is already pending (kept in the DLQ) "
+                        "or was delivered meanwhile (item removed as obsolete)",
+                        "properties": {"pending": {"type": "integer"}, "delivered": {"type": "integer"}},
+                    },
+                },
+            },
+            {
+                "type": "object",
+                "required": ["would_replay"],
+                "properties": {"would_replay": {"type": "integer"}},
+            },
+        ]
+    },
+    "DrainRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"route": {"type": "string"}, "reason": {"type": "string", "maxLength": 1000}},
+    },
+    "Event": {
+        "type": "object",
+        "required": ["route", "event_id", "state", "history"],
+        "properties": {
+            "route": {"type": "string"},
+            "event_id": {"type": "string"},
+            "dedupe_id": {
+                "type": "string",
+                "description": "the claim's id (a digest for header-id providers)",
+            },
+            "state": {"enum": ["pending", "delivered", "dead", "unknown"]},
+            "in_flight": {"type": "boolean"},
+            "attempts": {"type": "integer"},
+            "first_seen_at": _TIME,
+            "next_attempt_at": _TIME,
+            "lease_until": _TIME,
+            "last_status": _NULLABLE_INT,
+            "last_error": _NULLABLE_STR,
+            "dead_letter_id": _NULLABLE_STR,
+            "history": {"type": "array", "items": _ref("HistoryEntry")},
+        },
+    },
+    "RouteStats": {
+        "type": "object",
+        "required": ["pending", "dead", "delivered", "duplicates", "rejected"],
+        "properties": {
+            k: {"type": "integer"} for k in ("pending", "dead", "delivered", "duplicates", "rejected")
+        },
+    },
+    "Stats": {
+        "type": "object",
+        "required": ["routes", "dlq_total"],
+        "properties": {
+            "routes": {"type": "object", "additionalProperties": _ref("RouteStats")},
+            "dlq_total": {"type": "integer"},
+        },
+    },
+}
+
+
+def _op(summary: str, responses: dict[str, Any], *, auth: bool = True, **extra: Any) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, **extra, "responses": {**responses, **(_AUTH if auth else {})}}
+    if not auth:
+        op["security"] = []
+    return op
+
+
+PATHS: dict[str, Any] = {
+    "/healthz": {"get": _op("liveness", {"200": _json({"type": "object"}, "alive")}, auth=False)},
+    "/readyz": {
+        "get": _op(
+            "readiness: store reachable, worker heartbeat fresh",
+            {"200": _json({"type": "object"}, "ready"), "503": _json({"type": "object"}, "not ready")},
+            auth=False,
+        )
+    },
+    "/metrics": {
+        "get": _op(
+            "Prometheus metrics",
+            {
+                "200": {
+                    "description": "text exposition format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+            auth=False,
+        )
+    },
+    "/admin/openapi.json": {"get": _op("this document", {"200": _json({"type": "object"}, "OpenAPI 3.1")})},
+    "/admin/dlq": {
+        "get": _op(
+            "page through dead letters, ordered by dead_at then id",
+            {
+                "200": _json(_ref("Page"), "one page"),
+                "400": _error("bad filter, limit or cursor"),
+                "404": _error("unknown route"),
+                **_STORE,
+            },
+            parameters=[
+                _query("route", "only this route's", {"type": "string"}),
+                _query(
+                    "limit", "page size", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
+                ),
+                _query("cursor", "next_cursor of the previous page", {"type": "string"}),
+                _query("since", "dead_at >= (RFC 3339 or epoch seconds)", {"type": "string"}),
+                _query("until", "dead_at <= (RFC 3339 or epoch seconds)", {"type": "string"}),
+                _query(
+                    "status", "last_status: a code (503), a class (5xx) or `error` (none)", {"type": "string"}
+                ),
+            ],
+        )
+    },
+    "/admin/dlq/{id}": {
+        "parameters": [_ID],
+        "get": _op(
+            "one dead letter with headers, body and history",
+            {"200": _json(_ref("DeadLetterFull"), "the item"), "404": _error("unknown id"), **_STORE},
+        ),
+        "delete": _op(
+            "delete one dead letter",
+            {"200": _json({"type": "object"}, "deleted"), "404": _error("unknown id"), **_STORE},
+            parameters=[_REASON],
+        ),
+    },
+    "/admin/dlq/replay": {
+        "post": _op(
+            "put dead letters back on the retry schedule (the worker delivers them; attempts start at 1)",
+            {
+                "200": _json(_ref("ReplayResult"), "replayed, or what would be"),
+                "400": _error("bad body"),
+                "404": _error("unknown ids (none replayed) or route"),
+                **_STORE,
+            },
+            requestBody={"required": True, "content": {JSON: {"schema": _ref("ReplayRequest")}}},
+        )
+    },
+    "/admin/dlq/drain": {
+        "post": _op(
+            "remove dead letters, streaming each (full item) as one NDJSON line before it is removed",
+            {
+                "200": {
+                    "description": "one DeadLetterFull per line",
+                    "content": {"application/x-ndjson": {"schema": _ref("DeadLetterFull")}},
+                },
+                "400": _error("bad body"),
+                "404": _error("unknown route"),
+                **_STORE,
+            },
+            requestBody={"required": False, "content": {JSON: {"schema": _ref("DrainRequest")}}},
+        )
+    },
+    "/admin/events/{route}/{event_id}": {
+        "parameters": _EVENT,
+        "get": _op(
+            "an event's state and history",
+            {"200": _json(_ref("Event"), "the event"), "404": _error("unknown route or event"), **_STORE},
+        ),
+        "delete": _op(
+            "forget a delivered or dead event's claim, so the provider's next send is processed again",
+            {
+                "200": _json({"type": "object"}, "forgotten"),
+                "404": _error("unknown route or event"),
+                "409": _error("`event_pending`: pending or in flight, refused"),
+                **_STORE,
+            },
+            parameters=[_REASON],
+        ),
+    },
+    "/admin/stats": {"get": _op("per-route counters", {"200": _json(_ref("Stats"), "counters"), **_STORE})},
+}
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "webhook sidecar admin API", "version": __version__},
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": PATHS,
+    }

@@ -1,0 +1,229 @@
+"""DeadLetters: the operator's side of the dead-letter list (list, read, replay, remove) and of event claims.
+
+Built from a RedisStore and its client; every multi-key step is one Lua script on one hash slot, like the hot
+path's. The ordering guarantees that make the admin API crash-safe live here:
+
+- replay: `replay.lua` puts the event back on its shard's schedule first, and the dead letter is removed after
+  (`dlq_remove.lua`, only if it is still the version that was read). A crash in between leaves the item in the
+  DLQ; replaying it again is a no-op because the event is pending by then.
+- drain / delete: the caller removes an item only after it has handed the item on (`remove`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal
+
+from sidecar.store.redis_store import RedisStore
+
+ReplayOutcome = Literal["replayed", "pending", "delivered"]
+ForgetOutcome = Literal["forgotten", "pending", "missing"]
+
+# Reading many items: one HMGET per this many ids (bounded replies, no huge single command).
+_CHUNK = 200
+
+
+def _script(name: str) -> str:
+    return resources.files("sidecar.store").joinpath("lua", f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a page ends: the (dead_at, id) of its last item. Items are ordered by dead_at, then id."""
+
+    dead_ms: int
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatusFilter:
+    """`last_status` filter: an exact code (`eq`), a class like 5xx (`class`, 5) or no status at all (`none`)."""
+
+    kind: Literal["eq", "class", "none"]
+    value: int = 0
+
+    def arg(self) -> str:
+        return "none" if self.kind == "none" else f"{self.kind}:{self.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead letter as stored by `RedisStore.bury` (`data` is its JSON); `body` only when asked for."""
+
+    id: str
+    dead_ms: int
+    data: dict[str, Any]
+    body: bytes | None = None
+
+    @property
+    def route(self) -> str:
+        return str(self.data.get("route", ""))
+
+    @property
+    def event_id(self) -> str:
+        return str(self.data.get("event_id", ""))
+
+    @property
+    def dedupe_id(self) -> str:
+        return str(self.data.get("dedupe_id") or self.event_id)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return list(self.data.get("history") or [])
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        return [(str(k), str(v)) for k, v in (self.data.get("meta") or {}).get("h", [])]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[DeadLetter]
+    next: Cursor | None
+    total: int
+
+
+class DeadLetters:
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.keys = store.keys
+        register = store.client.register_script
+        self._page = register(_script("dlq_page"))
+        self._remove = register(_script("dlq_remove"))
+        self._replay = register(_script("replay"))
+        self._forget = register(_script("forget"))
+
+    def _index(self, route: str | None) -> str:
+        return self.keys.dlq_route(route) if route else self.keys.dlq_items()
+
+    # -- reading --------------------------------------------------------------------------------------------------
+
+    async def page(
+        self,
+        *,
+        route: str | None = None,
+        after: Cursor | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        status: StatusFilter | None = None,
+        limit: int = 100,
+    ) -> Page:
+        args = [
+            after.dead_ms if after else "",
+            after.id if after else "",
+            since_ms if since_ms is not None else "-inf",
+            until_ms if until_ms is not None else "+inf",
+            limit,
+            status.arg() if status else "",
+        ]
+        keys = [self._index(route), self.keys.dlq_data()]
+        raw = await self.store.guard(lambda: self._page(keys=keys, args=args))
+        total, more, flat = int(raw[0]), int(raw[1]), raw[2:]
+        items = [
+            DeadLetter(flat[i].decode(), int(float(flat[i + 1])), json.loads(flat[i + 2]))
+            for i in range(0, len(flat), 3)
+            if flat[i + 2]
+        ]
+        cursor = Cursor(items[-1].dead_ms, items[-1].id) if more and items else None
+        return Page(items, cursor, total)
+
+    async def get(self, item_id: str) -> DeadLetter | None:
+        found = await self.get_many([item_id])
+        return found[0] if found else None
+
+    async def get_many(self, ids: list[str]) -> list[DeadLetter]:
+        """The items (with bodies) that exist among `ids`, in the order asked."""
+        found: list[DeadLetter] = []
+        for i in range(0, len(ids), _CHUNK):
+            found.extend(await self._read(ids[i : i + _CHUNK]))
+        return found
+
+    async def _read(self, ids: list[str]) -> list[DeadLetter]:
+        k = self.keys
+
+        async def read() -> list[Any]:
+            async with self.store.client.pipeline(transaction=False) as pipe:
+                pipe.hmget(k.dlq_data(), ids)
+                pipe.hmget(k.dlq_body(), ids)
+                pipe.zmscore(k.dlq_items(), ids)
+                return list(await pipe.execute())
+
+        data, bodies, scores = await self.store.guard(read)
+        return [
+            DeadLetter(item_id, int(score), json.loads(d), b or b"")
+            for item_id, d, b, score in zip(ids, data, bodies, scores, strict=True)
+            if d is not None and score is not None
+        ]
+
+    async def ids(self, route: str | None = None) -> list[str]:
+        """Every dead letter's id (a route's, or all), oldest first: a snapshot to work through in batches."""
+        raw = await self.store.guard(lambda: self.store.client.zrange(self._index(route), 0, -1))
+        return [m.decode() for m in raw]
+
+    async def count(self, route: str | None = None) -> int:
+        return await self.store.dlq_length(route)
+
+    async def counts(self, routes: Iterable[str]) -> dict[str, int]:
+        names = list(routes)
+        lengths = await asyncio.gather(*(self.count(r) for r in names))
+        return dict(zip(names, lengths, strict=True))
+
+    # -- changing -------------------------------------------------------------------------------------------------
+
+    async def remove(self, item: DeadLetter) -> bool:
+        """Remove `item` if it is still the version read (see dlq_remove.lua). False when gone or replaced."""
+        k = self.keys
+        keys = [k.dlq_items(), k.dlq_data(), k.dlq_body(), k.dlq_route(item.route)]
+        return bool(await self.store.guard(lambda: self._remove(keys=keys, args=[item.id, item.dead_ms])))
+
+    async def replay(self, item: DeadLetter, now_ms: int, reason: str) -> ReplayOutcome:
+        """Schedule the item's event due now, then remove the item. See the module docstring.
+
+        An event already pending or in flight keeps its dead letter (it may be one being buried right now, between
+        dlq_add.lua and dead.lua); one already delivered makes the item obsolete, so it is removed.
+        """
+        state = await self.schedule(item, now_ms, reason)
+        if state in ("replayed", "delivered"):
+            await self.remove(item)
+        return state
+
+    async def schedule(self, item: DeadLetter, now_ms: int, reason: str) -> ReplayOutcome:
+        """Step 1 of a replay alone (replay.lua): the event back on its shard's schedule, due now."""
+        route, dedupe_id = item.route, item.dedupe_id
+        shard = self.keys.shard_of(route, dedupe_id)
+        member = self.keys.member(route, dedupe_id)
+        marker = json.dumps({"replayed_at_ms": now_ms, "reason": reason}, separators=(",", ":"))
+        history = ",".join(json.dumps(h, separators=(",", ":")) for h in item.history)
+        status = item.data.get("last_status")
+        args = [
+            now_ms,
+            member,
+            json.dumps(item.data.get("meta") or {}, separators=(",", ":")),
+            item.body or b"",
+            item.event_id,
+            int(item.data.get("first_seen_ms") or now_ms),
+            history,
+            marker,
+            "" if status is None else status,
+            item.data.get("last_error") or "",
+            route,
+        ]
+        keys = [self.keys.event(shard, member), self.keys.schedule(shard), self.keys.stats(shard)]
+        res = await self.store.guard(lambda: self._replay(keys=keys, args=args))
+        if int(res[0]) == 1:
+            return "replayed"
+        return "delivered" if res[1] == b"d" else "pending"
+
+    async def forget(self, route: str, dedupe_id: str) -> ForgetOutcome:
+        """Drop a delivered or dead event's claim (forget.lua); refused ("pending") while it is pending."""
+        shard = self.keys.shard_of(route, dedupe_id)
+        member = self.keys.member(route, dedupe_id)
+        keys = [self.keys.event(shard, member), self.keys.schedule(shard)]
+        st = (await self.store.guard(lambda: self._forget(keys=keys, args=[member]))).decode()
+        if st in ("f", "p"):
+            return "pending"
+        return "missing" if st == "" else "forgotten"

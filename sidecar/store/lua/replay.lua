@@ -1,0 +1,34 @@
+-- Put a dead-lettered event back on its shard's schedule, due now, for the retry worker: replay takes the same
+-- path as every retry. The caller removes the dead letter only after this returned, so a crash in between leaves
+-- the item in the DLQ (a second replay is then a no-op) rather than losing the event.
+-- No-op unless the event is dead or gone (expired, forgotten): an event that is pending, in flight or delivered
+-- is never scheduled twice, so concurrent replays of one item deliver it once.
+-- KEYS[1] - the event hash
+-- KEYS[2] - the shard's schedule zset
+-- KEYS[3] - the shard's stats hash
+-- ARGV[1] - now (ms): the due time
+-- ARGV[2] - schedule member (`<route>:<dedupe id>`)
+-- ARGV[3] - request metadata JSON (from the dead letter)
+-- ARGV[4] - raw body (from the dead letter)
+-- ARGV[5] - public event id
+-- ARGV[6] - first seen (ms)
+-- ARGV[7] - the attempt history so far (comma-joined JSON objects, '' when none)
+-- ARGV[8] - replay marker entry (JSON object: replayed_at_ms, reason)
+-- ARGV[9] - last status ('' when none)
+-- ARGV[10] - last error ('' when none)
+-- ARGV[11] - route name (stats)
+-- returns {1} when scheduled, {0, state} when left alone (state: f|p|d)
+local st = redis.call('HGET', KEYS[1], 'st')
+if st == 'f' or st == 'p' or st == 'd' then
+  return {0, st}
+end
+local h = ARGV[7]
+if h ~= '' then h = h .. ',' .. ARGV[8] else h = ARGV[8] end
+-- DEL first: no field of the dead incarnation survives, and the new hash has no TTL (pending never expires).
+redis.call('DEL', KEYS[1])
+-- n = 0: take.lua makes it 1, so the replay starts a fresh run of attempts.
+redis.call('HSET', KEYS[1], 'st', 'p', 'n', 0, 'first', ARGV[6], 'eid', ARGV[5], 'meta', ARGV[3],
+  'body', ARGV[4], 'hist', h, 'due', ARGV[1], 'ls', ARGV[9], 'le', ARGV[10])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[3], ARGV[11] .. ':pending', 1)
+return {1}

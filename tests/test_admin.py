@@ -1,0 +1,869 @@
+"""The admin API against a real Valkey and a real upstream: auth, the dead-letter list (paging, filters, replay,
+drain, delete), events, stats, the OpenAPI document, and a property run that never sees a 5xx."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import logging
+import re
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sidecar.admin import create_admin_app
+from sidecar.admin_spec import document
+from sidecar.app import RUNTIME, create_app
+from sidecar.config import AdminConfig
+from sidecar.keys import KeySpace
+from sidecar.store import AttemptRecord, EventRecord, RedisStore
+from sidecar.store.dead_letters import DeadLetters
+from tests.conftest import Upstream, make_config
+from tests.test_ingress import GITHUB_SECRET, STRIPE_SECRET, github_headers, stripe_body, stripe_headers
+
+TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+KEYS = KeySpace("sidecar", 4)
+FAST = "{base_delay: 100ms, multiplier: 1, max_delay: 1s, jitter: 0}"
+ROUTES = f"""
+- name: stripe
+  path: /webhooks/stripe
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+  retry: {{max_attempts: 2}}
+- name: stripe2
+  path: /webhooks/stripe2
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+- name: github
+  path: /webhooks/github
+  provider: github
+  secrets: ["{GITHUB_SECRET}"]
+"""
+SEED_HEADERS = (("Content-Type", "application/json"), ("Stripe-Signature", "t=1,v1=ab"))
+
+
+@dataclass
+class Admin:
+    main: Any  # test client of the inbound app
+    http: Any  # test client of the admin app
+
+    @property
+    def store(self) -> RedisStore:
+        return self.main.server.app[RUNTIME].store
+
+    @property
+    def worker(self) -> Any:
+        return self.main.server.app[RUNTIME].worker
+
+    async def get(self, path: str, **kw: Any) -> Any:
+        return await self.http.get(path, headers=AUTH, **kw)
+
+    async def post(self, path: str, body: Any = None, **kw: Any) -> Any:
+        return await self.http.post(path, json=body, headers=AUTH, **kw)
+
+    async def delete(self, path: str, **kw: Any) -> Any:
+        return await self.http.delete(path, headers=AUTH, **kw)
+
+
+@pytest.fixture
+async def admin(sidecar_factory: Any, aiohttp_client: Any) -> Admin:
+    main = await sidecar_factory(ROUTES, retry=FAST)
+    http = await aiohttp_client(create_admin_app(main.server.app))
+    return Admin(main, http)
+
+
+async def bury_many(
+    store: RedisStore,
+    n: int,
+    *,
+    route: str = "stripe",
+    prefix: str = "evt",
+    status: int | None = 503,
+    error: str | None = None,
+    dead_ms: int | None = None,
+    same_ms: int = 1,
+    body: bytes | None = None,
+) -> list[str]:
+    """Dead letters the fast way: claim + bury through the store, as the dispatcher does. `same_ms` items share
+    each dead_at millisecond (ties are ordered by id)."""
+    base = dead_ms or int(time.time() * 1000) - 60_000
+
+    async def one(i: int) -> str:
+        eid = f"{prefix}_{i:05d}"
+        rec = EventRecord(
+            route, eid, eid, "POST", f"/webhooks/{route}", SEED_HEADERS, body or stripe_body(eid),
+            first_seen_ms=base - 5_000,
+        )  # fmt: skip
+        await store.claim(rec, base - 5_000, 30_000)
+        entry = AttemptRecord(base - 4_000, 1, status, error, 5.0)
+        item_id, _ = await store.bury(rec, 1, entry, [], base + i // same_ms, "rejected")
+        return item_id
+
+    ids: list[str] = []
+    for start in range(0, n, 200):
+        ids += await asyncio.gather(*(one(i) for i in range(start, min(start + 200, n))))
+    return ids
+
+
+async def deliver(admin: Admin, upstream: Upstream, want: int, until: float = 10.0) -> None:
+    """Drive the retry worker (bounded) until the upstream has `want` requests."""
+    deadline = time.monotonic() + until
+    while time.monotonic() < deadline and len(upstream.received) < want:
+        await admin.worker.run_once()
+        await asyncio.sleep(0.01)
+
+
+async def dead_via_ingress(admin: Admin, upstream: Upstream, event_id: str, route: str = "stripe") -> str:
+    """A real dead letter: the upstream answers 400 (permanent) to the ingress's first attempt."""
+    upstream.respond(400)
+    body = stripe_body(event_id)
+    resp = await admin.main.post(f"/webhooks/{route}", data=body, headers=stripe_headers(body))
+    assert (await resp.json())["dead_lettered"] is True
+    [item] = (await (await admin.get(f"/admin/dlq?route={route}")).json())["items"][-1:]
+    assert item["event_id"] == event_id
+    return str(item["id"])
+
+
+# -- auth, health, errors ---------------------------------------------------------------------------------------
+
+PROTECTED = [
+    ("GET", "/admin/dlq"),
+    ("GET", "/admin/dlq/abc"),
+    ("DELETE", "/admin/dlq/abc"),
+    ("POST", "/admin/dlq/replay"),
+    ("POST", "/admin/dlq/drain"),
+    ("GET", "/admin/events/stripe/evt_1"),
+    ("DELETE", "/admin/events/stripe/evt_1"),
+    ("GET", "/admin/stats"),
+    ("GET", "/admin/openapi.json"),
+    ("GET", "/admin/nonexistent"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), PROTECTED)
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}],
+    ids=["none", "wrong", "no-scheme", "basic"],
+)
+async def test_admin_auth_401_without_or_with_wrong_token(
+    admin: Admin, rdb: redis.Redis, method: str, path: str, headers: dict[str, str]
+) -> None:
+    await bury_many(admin.store, 1)
+    resp = await admin.http.request(method, path, headers=headers, json={"all": True})
+    assert resp.status == 401
+    assert (await resp.json())["error"] == "unauthorized"
+    assert rdb.zcard(KEYS.dlq_items()) == 1  # nothing was replayed, drained or deleted
+
+
+async def test_admin_closed_when_no_token_configured(
+    aiohttp_client: Any, upstream: Upstream, redis_url: str, rdb: redis.Redis
+) -> None:
+    config = make_config(ROUTES, upstream_url=upstream.url, redis_url=redis_url)
+    config = dataclasses.replace(config, admin=AdminConfig("127.0.0.1:0"))
+    main = await aiohttp_client(create_app(config, redis_url=redis_url, run_worker=False))
+    http = await aiohttp_client(create_admin_app(main.server.app))
+    resp = await http.get("/admin/stats", headers={"Authorization": "Bearer "})
+    assert resp.status == 401
+    assert "not configured" in (await resp.json())["detail"]
+
+
+async def test_admin_health_ready_metrics_need_no_token(admin: Admin) -> None:
+    assert (await admin.http.get("/healthz")).status == 200
+    ready = await admin.http.get("/readyz")
+    assert ready.status == 200 and (await ready.json()) == {"ready": True}
+    assert (await admin.http.get("/metrics")).status == 200
+
+
+async def test_admin_errors_are_json_for_unknown_paths_and_methods(admin: Admin) -> None:
+    for resp, status, error in [
+        (await admin.get("/admin/nope"), 404, "not_found"),
+        (await admin.http.get("/nope"), 404, "not_found"),
+        (await admin.http.put("/admin/dlq", headers=AUTH), 405, "method_not_allowed"),
+        (await admin.post("/admin/dlq/replay", data=b"{not json"), 400, "bad_request"),
+        (await admin.post("/admin/dlq/replay", data=io.BytesIO(b"x" * (2 << 20))), 413, "body_too_large"),
+    ]:
+        assert resp.status == status
+        assert resp.content_type == "application/json"
+        assert (await resp.json())["error"] == error
+
+
+# -- listing and paging -----------------------------------------------------------------------------------------
+
+
+async def test_admin_dlq_list_items_have_contract_fields(admin: Admin, upstream: Upstream) -> None:
+    item_id = await dead_via_ingress(admin, upstream, "evt_fields")
+    page = await (await admin.get("/admin/dlq")).json()
+    assert page["total"] == 1 and page["next_cursor"] is None
+    [item] = page["items"]
+    assert item["id"] == item_id
+    assert item["route"] == "stripe" and item["event_id"] == "evt_fields"
+    assert item["attempts"] == 1 and item["last_status"] == 400 and item["last_error"] is None
+    assert item["reason"] == "rejected"
+    rfc3339 = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    assert re.fullmatch(rfc3339, item["first_seen_at"]) and re.fullmatch(rfc3339, item["dead_at"])
+    assert item["first_seen_at"] <= item["dead_at"]
+
+
+async def test_admin_dlq_list_1000_items_pages_of_100_each_seen_once(admin: Admin) -> None:
+    ids = await bury_many(admin.store, 1000, same_ms=7)  # ties on dead_at: ordered by id
+    seen: list[str] = []
+    cursor = None
+    for _ in range(20):  # bounded: 10 pages expected
+        query = "limit=100" + (f"&cursor={cursor}" if cursor else "")
+        page = await (await admin.get(f"/admin/dlq?{query}")).json()
+        assert page["total"] == 1000
+        seen += [i["id"] for i in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == 1000 and set(seen) == set(ids)
+    assert cursor is None
+
+
+async def test_admin_dlq_list_cursor_stays_valid_while_items_come_and_go(admin: Admin) -> None:
+    base = int(time.time() * 1000) - 60_000
+    await bury_many(admin.store, 30, dead_ms=base, same_ms=3)
+    first = await (await admin.get("/admin/dlq?limit=10")).json()
+    seen = [i["id"] for i in first["items"]]
+    # The page's last item and an unseen one are removed, and new items arrive later than all.
+    assert (await admin.delete(f"/admin/dlq/{seen[-1]}")).status == 200
+    rest = await (await admin.get(f"/admin/dlq?limit=30&cursor={first['next_cursor']}")).json()
+    unseen_victim = rest["items"][5]["id"]
+    assert (await admin.delete(f"/admin/dlq/{unseen_victim}")).status == 200
+    await bury_many(admin.store, 5, prefix="late", dead_ms=base + 1000)
+    cursor = first["next_cursor"]
+    for _ in range(10):
+        page = await (await admin.get(f"/admin/dlq?limit=7&cursor={cursor}")).json()
+        seen += [i["id"] for i in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 30 - 1 + 5
+    assert unseen_victim not in seen
+
+
+async def test_admin_dlq_list_filters_route_since_until_status(admin: Admin) -> None:
+    base = 1_700_000_000_000
+    many = 100  # every group shares one dead_at
+    await bury_many(admin.store, 4, status=503, dead_ms=base, same_ms=many)
+    await bury_many(admin.store, 3, prefix="e429", status=429, dead_ms=base + 10_000, same_ms=many)
+    await bury_many(
+        admin.store, 2, prefix="econn", status=None, error="refused", dead_ms=base + 20_000, same_ms=many
+    )
+    await bury_many(
+        admin.store, 5, route="stripe2", prefix="o", status=500, dead_ms=base + 30_000, same_ms=many
+    )
+
+    async def total(query: str) -> int:
+        resp = await admin.get(f"/admin/dlq?{query}")
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        assert len(body["items"]) == body["total"]
+        return int(body["total"])
+
+    assert await total("") == 14
+    assert await total("route=stripe") == 9
+    assert await total("route=stripe2") == 5
+    assert await total("status=503") == 4
+    assert await total("status=5xx") == 9
+    assert await total("status=4XX") == 3
+    assert await total("status=error") == 2
+    assert await total("route=stripe&status=5xx") == 4
+    assert await total("since=1700000010") == 10  # epoch seconds, inclusive
+    assert await total("since=2023-11-14T22:13:30Z&until=2023-11-14T22:13:40.000Z") == 5
+    assert await total("until=2023-11-14T23:13:20%2B01:00") == 4  # an offset other than Z
+    page = await (await admin.get("/admin/dlq?status=5xx&limit=3")).json()
+    assert page["total"] == 9 and len(page["items"]) == 3 and page["next_cursor"]
+    rest = await (await admin.get(f"/admin/dlq?status=5xx&limit=100&cursor={page['next_cursor']}")).json()
+    assert len(rest["items"]) == 6 and rest["next_cursor"] is None
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=1001",
+        "limit=abc",
+        "limit=-1",
+        "limit=%C2%B2",
+        "cursor=garbage",
+        "cursor=1-XYZ",
+        "since=yesterday",
+        "since=2024-01-01T00:00:00",  # no offset
+        "until=99999999999999",
+        "since=2024-01-02T00:00:00Z&until=2024-01-01T00:00:00Z",
+        "status=600",
+        "status=5x",
+        "status=",
+        "colour=red",
+    ],
+)
+async def test_admin_dlq_list_bad_filters_400(admin: Admin, query: str) -> None:
+    resp = await admin.get(f"/admin/dlq?{query}")
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["error"] == "bad_request" and body["detail"]
+
+
+async def test_admin_dlq_list_unknown_route_404(admin: Admin) -> None:
+    for route in ("nosuch", "BAD/route"):
+        resp = await admin.get("/admin/dlq", params={"route": route})
+        assert resp.status == 404 and (await resp.json())["error"] == "not_found"
+
+
+# -- one item ---------------------------------------------------------------------------------------------------
+
+
+async def test_admin_dlq_show_item_with_headers_body_history(admin: Admin, upstream: Upstream) -> None:
+    upstream.respond(503, 503)
+    body = stripe_body("evt_show")
+    resp = await admin.main.post("/webhooks/stripe?x=1", data=body, headers=stripe_headers(body))
+    assert resp.status == 202
+    await asyncio.sleep(0.15)
+    await deliver(admin, upstream, 2)
+    [summary] = (await (await admin.get("/admin/dlq")).json())["items"]
+    item = await (await admin.get(f"/admin/dlq/{summary['id']}")).json()
+    assert {k: item[k] for k in summary} == summary
+    assert item["body"] == body.decode() and "body_base64" not in item
+    assert item["method"] == "POST" and item["path"] == "/webhooks/stripe?x=1"
+    names = [h[0].lower() for h in item["headers"]]
+    assert "stripe-signature" in names and all(len(h) == 2 for h in item["headers"])
+    assert [h["attempt"] for h in item["history"]] == [1, 2]
+    assert [h["status"] for h in item["history"]] == [503, 503]
+    assert all(h["duration_ms"] >= 0 and h["at"].endswith("Z") for h in item["history"])
+    assert item["reason"] == "exhausted" and item["attempts"] == 2
+
+
+async def test_admin_dlq_show_binary_body_as_base64(admin: Admin) -> None:
+    [item_id] = await bury_many(admin.store, 1, body=b"\xff\xfe\x00binary")
+    item = await (await admin.get(f"/admin/dlq/{item_id}")).json()
+    assert item["body_base64"] == "//4AYmluYXJ5" and "body" not in item
+
+
+@pytest.mark.parametrize("item_id", ["0123456789abcdef01234567", "not-hex", "x" * 300])
+async def test_admin_dlq_show_and_delete_unknown_id_404(admin: Admin, item_id: str) -> None:
+    for resp in (await admin.get(f"/admin/dlq/{item_id}"), await admin.delete(f"/admin/dlq/{item_id}")):
+        assert resp.status == 404
+        assert (await resp.json())["error"] == "not_found"
+
+
+async def test_admin_dlq_delete_removes_item_and_logs_reason(
+    admin: Admin, rdb: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    keep, gone = await bury_many(admin.store, 2)
+    with caplog.at_level(logging.INFO, logger="sidecar.admin"):
+        resp = await admin.delete(f"/admin/dlq/{gone}", params={"reason": "bogus test event"})
+    assert resp.status == 200 and (await resp.json()) == {"deleted": True, "id": gone}
+    assert rdb.zrange(KEYS.dlq_items(), 0, -1) == [keep.encode()]
+    assert not rdb.hexists(KEYS.dlq_body(), gone) and not rdb.hexists(KEYS.dlq_data(), gone)
+    assert rdb.zrange(KEYS.dlq_route("stripe"), 0, -1) == [keep.encode()]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "sidecar.admin"]
+    assert gone in line and "bogus test event" in line and "evt_00001" in line
+
+
+# -- replay -----------------------------------------------------------------------------------------------------
+
+
+async def test_admin_dlq_replay_by_id_goes_through_worker_attempt_1_history_kept(
+    admin: Admin, upstream: Upstream, rdb: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    item_id = await dead_via_ingress(admin, upstream, "evt_replay")
+    pending_before = (await admin.store.route_stats())["stripe"].get("pending", 0)
+    with caplog.at_level(logging.INFO, logger="sidecar.admin"):
+        resp = await admin.post("/admin/dlq/replay", {"ids": [item_id], "reason": "receiver fixed"})
+    assert (await resp.json()) == {"replayed": 1, "skipped": {"pending": 0, "delivered": 0}}
+    assert rdb.zcard(KEYS.dlq_items()) == 0
+    ev = await (await admin.get("/admin/events/stripe/evt_replay")).json()
+    assert ev["state"] == "pending" and ev["attempts"] == 0 and ev["next_attempt_at"]
+    shard = KEYS.shard_of("stripe", "evt_replay")
+    assert rdb.ttl(KEYS.event(shard, "stripe:evt_replay")) == -1  # no TTL while pending
+    assert (await admin.store.route_stats())["stripe"]["pending"] == pending_before + 1
+    await deliver(admin, upstream, 2)
+    assert upstream.ids() == ["evt_replay", "evt_replay"]
+    again = upstream.received[1]
+    assert again.headers["x-sidecar-attempt"] == "1"  # attempts start again
+    assert again.body == upstream.received[0].body
+    assert again.headers["stripe-signature"] == upstream.received[0].headers["stripe-signature"]
+    ev = await (await admin.get("/admin/events/stripe/evt_replay")).json()
+    assert ev["state"] == "delivered"
+    assert [h.get("status") for h in ev["history"]] == [400, None, 200]
+    assert ev["history"][1]["reason"] == "receiver fixed" and ev["history"][1]["replayed_at"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "sidecar.admin"]
+    assert item_id in line and "receiver fixed" in line and "replayed=1" in line
+
+
+async def test_admin_dlq_replay_500_by_route_each_delivered_once(
+    admin: Admin, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    await bury_many(admin.store, 500)
+    await bury_many(admin.store, 3, route="stripe2", prefix="keep")
+    resp = await admin.post("/admin/dlq/replay", {"route": "stripe", "reason": "upstream back"})
+    assert (await resp.json())["replayed"] == 500
+    await deliver(admin, upstream, 500, until=20)
+    for _ in range(3):  # a few more passes: nothing else may arrive
+        await admin.worker.run_once()
+    counts: dict[str, int] = {}
+    for event_id in upstream.ids():
+        counts[event_id] = counts.get(event_id, 0) + 1
+    assert len(counts) == 500 and set(counts.values()) == {1}
+    assert rdb.zcard(KEYS.dlq_route("stripe")) == 0
+    assert rdb.zcard(KEYS.dlq_route("stripe2")) == 3
+    stats = await (await admin.get("/admin/stats")).json()
+    assert stats["routes"]["stripe"]["dead"] == 0 and stats["routes"]["stripe"]["pending"] == 0
+
+
+async def test_admin_dlq_replay_same_item_twice_concurrently_delivers_once(
+    admin: Admin, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    ids = await bury_many(admin.store, 20)
+    resps = await asyncio.gather(
+        *(admin.post("/admin/dlq/replay", {"ids": ids}) for _ in range(2)),
+        admin.post("/admin/dlq/replay", {"route": "stripe"}),
+    )
+    replayed = [(await r.json()).get("replayed", 0) for r in resps]
+    assert sum(replayed) == 20
+    await deliver(admin, upstream, 20)
+    for _ in range(3):
+        await admin.worker.run_once()
+    assert sorted(upstream.ids()) == sorted(f"evt_{i:05d}" for i in range(20))
+    assert rdb.zcard(KEYS.dlq_items()) == 0
+
+
+async def test_dead_letters_replay_twice_concurrently_schedules_once(admin: Admin, rdb: redis.Redis) -> None:
+    [item_id] = await bury_many(admin.store, 1)
+    dl = DeadLetters(admin.store)
+    item = await dl.get(item_id)
+    assert item is not None
+    now = int(time.time() * 1000)
+    outcomes = await asyncio.gather(*(dl.replay(item, now, "twice") for _ in range(10)))
+    assert sorted(outcomes) == ["pending"] * 9 + ["replayed"]
+    shard = KEYS.shard_of("stripe", "evt_00000")
+    assert rdb.zcard(KEYS.schedule(shard)) == 1
+    assert (await admin.store.route_stats())["stripe"]["pending"] == 1
+
+
+async def test_admin_dlq_replay_crash_between_schedule_and_remove_loses_nothing(
+    admin: Admin, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """The replay script ran but the process died before removing the dead letter: the item is still there, a
+    second replay leaves it (the event is pending), and once the event is delivered a replay clears it."""
+    [item_id] = await bury_many(admin.store, 1)
+    dl = DeadLetters(admin.store)
+    item = await dl.get(item_id)
+    assert item is not None
+    assert await dl.schedule(item, int(time.time() * 1000), "crash") == "replayed"  # step 1 only: the "crash"
+    assert rdb.zcard(KEYS.dlq_items()) == 1
+    second = await admin.post("/admin/dlq/replay", {"ids": [item_id]})
+    assert (await second.json()) == {"replayed": 0, "skipped": {"pending": 1, "delivered": 0}}
+    assert rdb.zcard(KEYS.dlq_items()) == 1  # kept while the event is pending
+    await deliver(admin, upstream, 1)
+    third = await admin.post("/admin/dlq/replay", {"ids": [item_id]})
+    assert (await third.json()) == {"replayed": 0, "skipped": {"pending": 0, "delivered": 1}}
+    assert rdb.zcard(KEYS.dlq_items()) == 0
+    for _ in range(3):
+        await admin.worker.run_once()
+    assert upstream.ids() == ["evt_00000"]
+
+
+async def test_admin_dlq_replay_keeps_a_newer_dead_letter_of_the_same_event(
+    admin: Admin, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """Replayed, failed again and re-buried (same id, later dead_at) before the first replay removed the old
+    version: the removal must not take the new one."""
+    [item_id] = await bury_many(admin.store, 1)
+    dl = DeadLetters(admin.store)
+    old = await dl.get(item_id)
+    assert old is not None
+    assert (await (await admin.post("/admin/dlq/replay", {"ids": [item_id]})).json())["replayed"] == 1
+    upstream.respond(400)
+    await deliver(admin, upstream, 1)
+    new = await dl.get(item_id)
+    assert new is not None and new.dead_ms > old.dead_ms
+    assert not await dl.remove(old)
+    assert rdb.zscore(KEYS.dlq_items(), item_id) == new.dead_ms
+    shown = await (await admin.get(f"/admin/dlq/{item_id}")).json()
+    assert [("replayed_at" in h) for h in shown["history"]] == [False, True, False]
+
+
+async def test_admin_dlq_replay_dry_run_counts_and_changes_nothing(admin: Admin, rdb: redis.Redis) -> None:
+    ids = await bury_many(admin.store, 7)
+    await bury_many(admin.store, 2, route="stripe2", prefix="o")
+    for body, want in [
+        ({"all": True, "dry_run": True}, 9),
+        ({"route": "stripe", "dry_run": True}, 7),
+        ({"ids": ids[:3], "dry_run": True, "reason": "check"}, 3),
+    ]:
+        resp = await admin.post("/admin/dlq/replay", body)
+        assert (await resp.json()) == {"would_replay": want}
+    assert rdb.zcard(KEYS.dlq_items()) == 9
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,
+        [],
+        "all",
+        {},
+        {"all": False},
+        {"all": "yes"},
+        {"ids": []},
+        {"ids": "abc"},
+        {"ids": [1, 2]},
+        {"ids": ["a"], "route": "stripe"},
+        {"all": True, "dry_run": "yes"},
+        {"all": True, "reason": 5},
+        {"all": True, "reason": "x" * 1001},
+        {"all": True, "dryrun": True},
+    ],
+)
+async def test_admin_dlq_replay_bad_body_400(admin: Admin, rdb: redis.Redis, body: Any) -> None:
+    await bury_many(admin.store, 1)
+    resp = await admin.post("/admin/dlq/replay", body)
+    assert resp.status == 400 and (await resp.json())["error"] == "bad_request"
+    assert rdb.zcard(KEYS.dlq_items()) == 1
+
+
+async def test_admin_dlq_replay_unknown_ids_or_route_404_and_nothing_replayed(
+    admin: Admin, rdb: redis.Redis
+) -> None:
+    [known] = await bury_many(admin.store, 1)
+    resp = await admin.post("/admin/dlq/replay", {"ids": [known, "0123456789abcdef01234567", "nope"]})
+    assert resp.status == 404
+    body = await resp.json()
+    assert body["error"] == "not_found" and body["ids"] == ["0123456789abcdef01234567", "nope"]
+    resp = await admin.post("/admin/dlq/replay", {"route": "nosuch"})
+    assert resp.status == 404
+    assert rdb.zcard(KEYS.dlq_items()) == 1
+
+
+# -- drain ------------------------------------------------------------------------------------------------------
+
+
+async def test_admin_dlq_drain_100_streams_ndjson_and_empties_store(
+    admin: Admin, rdb: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids = await bury_many(admin.store, 100)
+    with caplog.at_level(logging.INFO, logger="sidecar.admin"):
+        resp = await admin.post("/admin/dlq/drain", {"reason": "archive"})
+        assert resp.status == 200 and resp.content_type == "application/x-ndjson"
+        text = await resp.text()
+    lines = text.splitlines()
+    assert len(lines) == 100
+    items = [json.loads(line) for line in lines]
+    assert sorted(i["id"] for i in items) == sorted(ids)
+    assert all(i["body"] and i["headers"] and i["history"] for i in items)
+    assert (
+        rdb.zcard(KEYS.dlq_items()) == 0 and rdb.hlen(KEYS.dlq_data()) == 0 and rdb.hlen(KEYS.dlq_body()) == 0
+    )
+    [line] = [r.getMessage() for r in caplog.records if r.name == "sidecar.admin"]
+    assert "drained=100" in line and "archive" in line and "evt_" not in line
+
+
+async def test_admin_dlq_drain_by_route_leaves_other_routes(admin: Admin, rdb: redis.Redis) -> None:
+    await bury_many(admin.store, 5)
+    await bury_many(admin.store, 4, route="stripe2", prefix="o")
+    resp = await admin.post("/admin/dlq/drain", {"route": "stripe2"})
+    lines = (await resp.text()).splitlines()
+    assert len(lines) == 4 and all(json.loads(x)["route"] == "stripe2" for x in lines)
+    assert rdb.zcard(KEYS.dlq_items()) == 5 and rdb.zcard(KEYS.dlq_route("stripe2")) == 0
+    empty = await admin.post("/admin/dlq/drain", {"route": "stripe2"})
+    assert empty.status == 200 and await empty.text() == ""
+    for body, status in [({"route": "nosuch"}, 404), ({"route": "stripe", "x": 1}, 400), ([1], 400)]:
+        resp = await admin.post("/admin/dlq/drain", body)
+        assert resp.status == status
+    assert rdb.zcard(KEYS.dlq_items()) == 5
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("closed")
+        out += chunk
+    return out
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    out = b""
+    while not out.endswith(b"\r\n"):
+        out += _read_exactly(sock, 1)
+    return out
+
+
+def read_drain_lines(port: int, n: int) -> list[bytes]:
+    """A client that reads exactly `n` NDJSON lines off a drain and nothing beyond (byte-exact chunked reads,
+    small receive buffer), then waits a moment (its last ACK goes out) and closes."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    try:
+        sock.connect(("127.0.0.1", port))
+        request = (
+            "POST /admin/dlq/drain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Length: 2\r\n\r\n{{}}"
+        )
+        sock.sendall(request.encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += _read_exactly(sock, 1)
+        assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
+        lines: list[bytes] = []
+        pending = b""
+        while len(lines) < n:
+            size = int(_read_line(sock).strip(), 16)
+            pending += _read_exactly(sock, size)
+            _read_exactly(sock, 2)
+            while b"\n" in pending and len(lines) < n:
+                line, pending = pending.split(b"\n", 1)
+                lines.append(line)
+        time.sleep(0.3)
+        return lines
+    finally:
+        sock.close()
+
+
+async def test_admin_dlq_drain_cut_off_after_10_lines_leaves_90(admin: Admin, rdb: redis.Redis) -> None:
+    # Items bigger than the client's receive buffer, so the server is never more than one line ahead of it.
+    await bury_many(admin.store, 100, body=json.dumps({"pad": "x" * 32_000}).encode())
+    port = admin.http.server.port
+    lines = await asyncio.to_thread(read_drain_lines, port, 10)
+    assert len(lines) == 10 and all(json.loads(line)["body"] for line in lines)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and rdb.zcard(KEYS.dlq_items()) != 90:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)  # and it stays there: the server stopped
+    assert rdb.zcard(KEYS.dlq_items()) == 90
+    left = {m.decode() for m in rdb.zrange(KEYS.dlq_items(), 0, -1)}
+    assert not left & {json.loads(line)["id"] for line in lines}
+
+
+# -- events -----------------------------------------------------------------------------------------------------
+
+
+async def test_admin_events_show_state_and_history(admin: Admin, upstream: Upstream) -> None:
+    upstream.respond(503)
+    body = stripe_body("evt_ev")
+    assert (await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 202
+    ev = await (await admin.get("/admin/events/stripe/evt_ev")).json()
+    assert ev["state"] == "pending" and ev["in_flight"] is False and ev["attempts"] == 1
+    assert ev["last_status"] == 503 and ev["next_attempt_at"] and ev["dead_letter_id"] is None
+    assert [h["status"] for h in ev["history"]] == [503]
+    await asyncio.sleep(0.15)
+    await deliver(admin, upstream, 2)
+    ev = await (await admin.get("/admin/events/stripe/evt_ev")).json()
+    assert ev["state"] == "delivered" and [h["status"] for h in ev["history"]] == [503, 200]
+    item_id = await dead_via_ingress(admin, upstream, "evt_dead")
+    ev = await (await admin.get("/admin/events/stripe/evt_dead")).json()
+    assert ev["state"] == "dead" and ev["dead_letter_id"] == item_id
+
+
+async def test_admin_events_found_by_provider_id_on_digest_route(admin: Admin, upstream: Upstream) -> None:
+    body = json.dumps({"ref": "refs/heads/main"}).encode()
+    resp = await admin.main.post("/webhooks/github", data=body, headers=github_headers(body, "delivery/1"))
+    assert resp.status == 200
+    ev = await (await admin.get("/admin/events/github/delivery/1")).json()
+    assert ev["state"] == "delivered" and ev["event_id"] == "delivery/1" and ev["dedupe_id"] != "delivery/1"
+    forgot = await admin.delete("/admin/events/github/delivery/1")
+    assert forgot.status == 200
+
+
+async def test_admin_events_forget_lets_the_provider_send_again(
+    admin: Admin, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = stripe_body("evt_again")
+    assert (await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 200
+    dup = await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert (await dup.json())["duplicate"] is True
+    with caplog.at_level(logging.INFO, logger="sidecar.admin"):
+        resp = await admin.delete("/admin/events/stripe/evt_again", params={"reason": "receiver lost it"})
+    assert resp.status == 200 and (await resp.json())["forgotten"] is True
+    assert any("receiver lost it" in r.getMessage() for r in caplog.records)
+    assert (await admin.get("/admin/events/stripe/evt_again")).status == 404
+    again = await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert again.status == 200 and "duplicate" not in await again.json()
+    assert upstream.ids() == ["evt_again", "evt_again"]
+
+
+async def test_admin_events_forget_pending_is_409_and_keeps_event(admin: Admin, upstream: Upstream) -> None:
+    upstream.respond(503)
+    body = stripe_body("evt_wait")
+    assert (await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 202
+    resp = await admin.delete("/admin/events/stripe/evt_wait")
+    assert resp.status == 409 and (await resp.json())["error"] == "event_pending"
+    assert (await (await admin.get("/admin/events/stripe/evt_wait")).json())["state"] == "pending"
+
+
+@pytest.mark.parametrize("path", ["stripe/evt_never", "nosuch/evt_1", "BAD/evt_1", "stripe/" + "x" * 2000])
+async def test_admin_events_unknown_404(admin: Admin, path: str) -> None:
+    for resp in (await admin.get(f"/admin/events/{path}"), await admin.delete(f"/admin/events/{path}")):
+        assert resp.status == 404 and (await resp.json())["error"] == "not_found"
+
+
+# -- stats ------------------------------------------------------------------------------------------------------
+
+
+async def test_admin_stats_per_configured_route(admin: Admin, upstream: Upstream) -> None:
+    body = stripe_body("evt_s1")
+    await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))  # duplicate
+    await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body, secret="whsec_wrong"))
+    upstream.respond(503)
+    body2 = stripe_body("evt_s2")
+    await admin.main.post("/webhooks/stripe", data=body2, headers=stripe_headers(body2))
+    await dead_via_ingress(admin, upstream, "evt_s3", route="stripe2")
+    await admin.main.server.app[RUNTIME].ingress.flush_rejections()
+    stats = await (await admin.get("/admin/stats")).json()
+    assert set(stats["routes"]) == {"stripe", "stripe2", "github"}
+    assert stats["routes"]["stripe"] == {
+        "pending": 1,
+        "dead": 0,
+        "delivered": 1,
+        "duplicates": 1,
+        "rejected": 1,
+    }
+    assert stats["routes"]["stripe2"] == {
+        "pending": 0,
+        "dead": 1,
+        "delivered": 0,
+        "duplicates": 0,
+        "rejected": 0,
+    }
+    assert stats["routes"]["github"]["dead"] == 0 and stats["dlq_total"] == 1
+
+
+# -- the OpenAPI document ---------------------------------------------------------------------------------------
+
+
+def _registered(app: web.Application) -> set[tuple[str, str]]:
+    out = set()
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource else {}
+        path = info.get("path") or info.get("formatter", "")
+        out.add((route.method.lower(), re.sub(r"\{(\w+):[^}]*\}", r"{\1}", path)))
+    return out
+
+
+def test_admin_openapi_lists_exactly_the_registered_routes() -> None:
+    app = create_admin_app(web.Application())
+    doc = document()
+    documented = {
+        (method, path)
+        for path, ops in doc["paths"].items()
+        for method in ops
+        if method in {"get", "post", "put", "patch", "delete", "head", "options"}
+    }
+    assert documented == _registered(app)
+
+
+def test_admin_openapi_is_a_valid_3_1_document() -> None:
+    from openapi_spec_validator import validate
+
+    doc = document()
+    assert doc["openapi"].startswith("3.1")
+    validate(doc)
+
+
+async def test_admin_openapi_served_behind_auth(admin: Admin) -> None:
+    assert (await admin.http.get("/admin/openapi.json")).status == 401
+    resp = await admin.get("/admin/openapi.json")
+    assert resp.status == 200 and (await resp.json()) == json.loads(json.dumps(document()))
+
+
+# -- property: no 5xx, errors are JSON --------------------------------------------------------------------------
+
+_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
+_SEGMENT = st.one_of(
+    st.sampled_from(
+        ["dlq", "replay", "drain", "events", "stats", "stripe", "openapi.json", "..", "%2F", "0"]
+    ),
+    st.from_regex(r"[0-9a-f]{24}", fullmatch=True),
+    _TEXT.map(lambda s: "".join(c for c in s if c not in "/?#") or "x"),
+)
+_PATHS = st.one_of(
+    st.sampled_from(
+        [
+            "/admin/dlq",
+            "/admin/dlq/replay",
+            "/admin/dlq/drain",
+            "/admin/stats",
+            "/admin/openapi.json",
+            "/healthz",
+            "/readyz",
+        ]
+    ),
+    st.lists(_SEGMENT, min_size=1, max_size=4).map(lambda segs: "/admin/" + "/".join(segs)),
+    st.tuples(_SEGMENT, _SEGMENT).map(lambda t: f"/admin/events/{t[0]}/{t[1]}"),
+)
+_QUERY = st.dictionaries(
+    st.sampled_from(["route", "limit", "cursor", "since", "until", "status", "reason", "x"]),
+    st.one_of(
+        _TEXT,
+        st.integers(-(10**20), 10**20).map(str),
+        st.sampled_from(["5xx", "error", "503", "stripe", "1700000000", "2024-01-01T00:00:00Z", "1-abc"]),
+    ),
+    max_size=4,
+)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+_BODY = st.one_of(
+    st.none(),
+    _JSON,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "ids": st.lists(st.one_of(_TEXT, st.integers()), max_size=3) | _JSON,
+            "route": st.sampled_from(["stripe", "nosuch", ""]) | _JSON,
+            "all": st.booleans() | _JSON,
+            "dry_run": st.just(True) | _JSON,
+            "reason": _TEXT | _JSON,
+        },
+    ),
+    st.binary(max_size=40),
+)
+
+
+@settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    method=st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH"]),
+    path=_PATHS,
+    query=_QUERY,
+    body=_BODY,
+    authed=st.booleans(),
+)
+async def test_admin_property_no_5xx_and_errors_are_json(
+    admin: Admin, method: str, path: str, query: dict[str, str], body: Any, authed: bool
+) -> None:
+    if await admin.store.dlq_length() < 3:
+        await bury_many(admin.store, 3, prefix=f"p{time.monotonic_ns()}")
+    kw: dict[str, Any] = {"params": query, "headers": AUTH if authed else {}}
+    if isinstance(body, bytes):
+        kw["data"] = body
+    elif body is not None:
+        kw["json"] = body
+    resp = await admin.http.request(method, path, **kw)
+    assert resp.status < 500, (resp.status, await resp.text())
+    if resp.status >= 400:
+        payload = await resp.json()
+        assert isinstance(payload["error"], str)
+    else:
+        await resp.read()
