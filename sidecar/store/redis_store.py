@@ -23,6 +23,7 @@ from redis.backoff import ExponentialBackoff
 
 from sidecar.errors import StoreError, StoreUnavailable
 from sidecar.keys import KeySpace, split_member
+from sidecar.store.pipeline import FastScript, PipelinedClient, ReplyError
 from sidecar.store.records import (
     STATE_NAMES,
     AttemptRecord,
@@ -65,18 +66,34 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
 
 
 class RedisStore:
-    def __init__(self, client: Any, keys: KeySpace, dedupe_ttl: float, dlq_max_length: int) -> None:
+    """Events, schedules and dead letters. `fast` (the pipelined transport) runs the state-change scripts, the
+    hot path; `client` (redis-py) serves everything else: inspection, admin, paging."""
+
+    def __init__(
+        self,
+        client: Any,
+        keys: KeySpace,
+        dedupe_ttl: float,
+        dlq_max_length: int,
+        fast: PipelinedClient | None = None,
+    ) -> None:
         self._r = client
+        self._fast = fast
         self.keys = keys
         self._ttl_ms = int(dedupe_ttl * 1000)
         self._dlq_max = dlq_max_length
-        self._claim = client.register_script(_script("claim"))
-        self._take = client.register_script(_script("take"))
-        self._ack = client.register_script(_script("ack"))
-        self._retry = client.register_script(_script("retry"))
-        self._dead = client.register_script(_script("dead"))
-        self._dlq_add = client.register_script(_script("dlq_add"))
-        self._defer = client.register_script(_script("defer"))
+
+        def script(name: str) -> Any:
+            source = _script(name)
+            return FastScript(fast, source) if fast is not None else client.register_script(source)
+
+        self._claim = script("claim")
+        self._take = script("take")
+        self._ack = script("ack")
+        self._retry = script("retry")
+        self._dead = script("dead")
+        self._dlq_add = script("dlq_add")
+        self._defer = script("defer")
 
     @classmethod
     def connect(
@@ -89,7 +106,8 @@ class RedisStore:
         timeout: float = 2.0,
         max_connections: int = 200,
     ) -> RedisStore:
-        return cls(_connect(url, timeout, max_connections), keys, dedupe_ttl, dlq_max_length)
+        fast = None if url.startswith("rediss://") else PipelinedClient(url, timeout)
+        return cls(_connect(url, timeout, max_connections), keys, dedupe_ttl, dlq_max_length, fast)
 
     @property
     def client(self) -> Any:
@@ -97,6 +115,8 @@ class RedisStore:
         return self._r
 
     async def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         await self._r.aclose()
 
     async def guard(self, fn: Callable[[], Awaitable[T]]) -> T:
@@ -115,7 +135,7 @@ class RedisStore:
             raise StoreError(str(exc)) from exc
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"store unreachable: {type(exc).__name__}") from exc
-        except rexc.RedisError as exc:
+        except (rexc.RedisError, ReplyError) as exc:
             raise StoreError(f"store error: {exc}") from exc
 
     async def ping(self) -> bool:
@@ -149,9 +169,15 @@ class RedisStore:
             alias = self.keys.alias(rec.route, rec.event_id)
 
             async def claim_and_alias() -> Any:
+                index = ("SET", alias, rec.dedupe_id, "PX", self._ttl_ms * 2)
+                if self._fast is not None:  # issued in the same tick: one write to the server
+                    claimed, _ = await asyncio.gather(
+                        self._claim(keys=[ev, sched, stats], args=args), self._fast.execute(index, key=alias)
+                    )
+                    return claimed
                 async with self._r.pipeline(transaction=False) as pipe:
                     await self._claim(keys=[ev, sched, stats], args=args, client=pipe)
-                    pipe.set(alias, rec.dedupe_id, px=self._ttl_ms * 2)
+                    pipe.execute_command(*index)
                     return (await pipe.execute())[0]
 
             res = await self._call(claim_and_alias)

@@ -1,0 +1,266 @@
+"""An auto-pipelining Redis transport for the hot path: every command issued in one event-loop tick goes out in
+one write, and replies are parsed by hiredis' C reader.
+
+Why not a general client: measured on the sidecar's real claim script (docs/performance.md), one redis.asyncio
+call costs ~85 µs of Python per request, valkey-glide ~65 µs, coredis ~150 µs; this transport ~9 µs. The store
+uses it only for its Lua scripts and a few simple commands; everything else keeps redis-py's full client.
+
+    conn     one TCP connection; a FIFO of futures matches replies to commands (Redis answers in order)
+    watchdog a request older than `timeout` means the server is stuck (paused, partitioned): the connection is
+             aborted and every waiting request fails with TimeoutError, so callers fail closed in bounded time
+    client   single node, or a Redis Cluster: keys are routed by hash slot, MOVED/ASK refresh the slot map
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+from redis.crc import key_slot
+
+
+class ReplyError(Exception):
+    """The server answered with an error (a script error, a wrong type, …). Not a reachability problem."""
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._reader = hiredis.Reader(replyError=ReplyError)
+        self._pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    # ---- asyncio.Protocol ----------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        pending = self._pending
+        while True:
+            reply = self._reader.gets()
+            if reply is False:
+                return
+            if not pending:  # a reply nobody asked for: the stream is out of sync, start over
+                self._fail(ConnectionError("unexpected reply from the store"))
+                return
+            fut, _ = pending.popleft()
+            if not fut.done():
+                if isinstance(reply, ReplyError):
+                    fut.set_exception(reply)
+                else:
+                    fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or ConnectionError("store connection closed"))
+
+    # ---- commands ------------------------------------------------------------------------------------------------
+    def execute(self, args: Sequence[Any]) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        if self.closed:
+            fut.set_exception(ConnectionError("store connection closed"))
+            return fut
+        self._out.append(hiredis.pack_command(tuple(args)))
+        self._pending.append((fut, time.monotonic()))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(self.timeout, self._check)
+        return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if self._transport is not None and not self.closed:
+            self._transport.writelines(out)
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if not self._pending:
+            return
+        waited = time.monotonic() - self._pending[0][1]
+        if waited >= self.timeout:
+            self._fail(TimeoutError(f"store did not answer within {self.timeout}s"))
+        else:
+            self._watchdog = self._loop.call_later(self.timeout - waited, self._check)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._transport is not None:
+            self._transport.abort()
+        while self._pending:
+            fut, _ = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(exc if isinstance(exc, Exception) else ConnectionError(str(exc)))
+
+    def close(self) -> None:
+        if not self.closed:
+            self._fail(ConnectionError("store connection closed"))
+
+
+class Node:
+    """One server address: a lazily (re)connected Connection, with AUTH/SELECT from the URL."""
+
+    def __init__(
+        self, host: str, port: int, timeout: float, password: str | None, username: str | None, db: int
+    ):
+        self.host, self.port, self.timeout = host, port, timeout
+        self._auth = (username, password)
+        self._db = db
+        self._conn: Connection | None = None
+        self._connecting: asyncio.Future[Connection] | None = None
+
+    async def connection(self) -> Connection:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        if self._connecting is None:  # one connect attempt shared by every caller waiting for it
+            self._connecting = asyncio.ensure_future(self._connect())
+        try:
+            return await asyncio.shield(self._connecting)
+        finally:
+            if self._connecting is not None and self._connecting.done():
+                self._connecting = None
+
+    async def _connect(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: Connection(self.timeout), self.host, self.port), self.timeout
+        )
+        username, password = self._auth
+        if password:
+            auth = ("AUTH", username, password) if username else ("AUTH", password)
+            await conn.execute(auth)
+        if self._db:
+            await conn.execute(("SELECT", self._db))
+        self._conn = conn
+        return conn
+
+    async def execute(self, args: Sequence[Any]) -> Any:
+        conn = await self.connection()
+        return await conn.execute(args)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+class PipelinedClient:
+    """`await client.execute(args, key=…)`; `key` routes the command on a cluster (ignored on a single node)."""
+
+    def __init__(self, url: str, timeout: float = 2.0) -> None:
+        self.timeout = timeout
+        self.cluster = url.startswith("redis+cluster://")
+        parts = urlsplit(url.replace("redis+cluster://", "redis://", 1))
+        if parts.scheme == "rediss":
+            raise ValueError("the pipelined transport does not speak TLS")
+        self._password = unquote(parts.password) if parts.password else None
+        self._username = unquote(parts.username) if parts.username else None
+        db = int(parts.path.lstrip("/") or 0) if not self.cluster else 0
+        self._seeds: list[tuple[str, int]] = []
+        for hostport in parts.netloc.rpartition("@")[2].split(","):
+            host, _, port = hostport.rpartition(":")
+            self._seeds.append((host or "127.0.0.1", int(port or 6379)))
+        self._db = db
+        self._nodes: dict[tuple[str, int], Node] = {}
+        self._slots: list[tuple[str, int] | None] = [None] * 16384
+        self._refreshing: asyncio.Future[None] | None = None
+
+    def _node(self, addr: tuple[str, int]) -> Node:
+        node = self._nodes.get(addr)
+        if node is None:
+            node = Node(addr[0], addr[1], self.timeout, self._password, self._username, self._db)
+            self._nodes[addr] = node
+        return node
+
+    async def execute(self, args: Sequence[Any], key: str | bytes | None = None) -> Any:
+        if not self.cluster:
+            return await self._node(self._seeds[0]).execute(args)
+        slot = key_slot(key.encode() if isinstance(key, str) else key) if key is not None else 0
+        for _ in range(3):
+            addr = self._slots[slot]
+            if addr is None:
+                await self.refresh_slots()
+                addr = self._slots[slot] or self._seeds[0]
+            try:
+                return await self._node(addr).execute(args)
+            except ReplyError as exc:
+                text = str(exc)
+                if text.startswith("MOVED"):
+                    await self.refresh_slots()
+                    continue
+                if text.startswith("ASK"):
+                    target = text.split()[2]
+                    host, _, port = target.rpartition(":")
+                    node = self._node((host, int(port)))
+                    conn = await node.connection()
+                    asking, reply = conn.execute(("ASKING",)), conn.execute(args)
+                    await asking
+                    return await reply
+                raise
+        raise ConnectionError("cluster slot map keeps moving")
+
+    async def refresh_slots(self) -> None:
+        if self._refreshing is None:
+            self._refreshing = asyncio.ensure_future(self._load_slots())
+        try:
+            await asyncio.shield(self._refreshing)
+        finally:
+            if self._refreshing is not None and self._refreshing.done():
+                self._refreshing = None
+
+    async def _load_slots(self) -> None:
+        last: Exception | None = None
+        for addr in [*self._seeds, *self._nodes]:
+            try:
+                ranges = await self._node(addr).execute(("CLUSTER", "SLOTS"))
+            except (ConnectionError, OSError, TimeoutError, ReplyError) as exc:
+                last = exc
+                continue
+            for start, end, primary, *_ in ranges:
+                host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
+                target = (host or addr[0], int(primary[1]))
+                for slot in range(int(start), int(end) + 1):
+                    self._slots[slot] = target
+            return
+        raise ConnectionError(f"no cluster node answered CLUSTER SLOTS: {last}")
+
+    def close(self) -> None:
+        for node in self._nodes.values():
+            node.close()
+
+
+class FastScript:
+    """A Lua script run by EVALSHA over the pipelined client, loaded on demand (NOSCRIPT → SCRIPT LOAD, retry)."""
+
+    def __init__(self, client: PipelinedClient, source: str) -> None:
+        import hashlib
+
+        self.client = client
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        route_key = keys[0] if keys else None
+        command = ("EVALSHA", self.sha, len(keys), *keys, *args)
+        try:
+            return await self.client.execute(command, key=route_key)
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        await self.client.execute(("SCRIPT", "LOAD", self.source), key=route_key)
+        return await self.client.execute(command, key=route_key)
