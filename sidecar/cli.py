@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from sidecar.admin import create_admin_app
+from sidecar.admin_client import add_dlq_parser
 from sidecar.app import RUNTIME, create_app
 from sidecar.config import Config, check_config, load
 from sidecar.errors import ConfigError, SidecarError
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("path")
     check.set_defaults(func=cmd_check_config)
+    add_dlq_parser(sub)
     return parser
 
 
