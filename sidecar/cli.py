@@ -18,6 +18,7 @@ from sidecar.admin_client import add_dlq_parser
 from sidecar.app import RUNTIME, create_app
 from sidecar.config import Config, check_config, load
 from sidecar.errors import ConfigError, SidecarError
+from sidecar.supervisor import Supervisor, resolve_workers
 from sidecar.telemetry import setup_logging
 
 log = logging.getLogger("sidecar")
@@ -39,7 +40,11 @@ def _is_loopback(host: str) -> bool:
 
 
 async def serve(
-    config: Config, redis_url: str, stop: asyncio.Event | None = None, config_path: str | None = None
+    config: Config,
+    redis_url: str,
+    stop: asyncio.Event | None = None,
+    config_path: str | None = None,
+    admin: bool = True,
 ) -> None:
     """Serve the inbound and admin listeners until SIGTERM/SIGINT (or `stop`), then drain gracefully."""
     stop = stop or asyncio.Event()
@@ -62,7 +67,8 @@ async def serve(
     await site.start()
     admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
     await admin_runner.setup()
-    await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
+    if admin:
+        await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
     log.info(
         "sidecar listening on %s (admin %s), %d route(s)",
         config.server.listen,
@@ -96,14 +102,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return 1
     embedded = None
-    url = config.redis.url
+    url = args.redis_url or config.redis.url
+    workers = 1 if args.worker_index is not None else resolve_workers(config.server.workers)
     try:
         if url == "embedded":
             from sidecar.store.embedded import EmbeddedValkey
 
             embedded = EmbeddedValkey(config.redis.data_dir, config.redis.appendfsync)
             url = embedded.start()
-        _run_loop(serve(config, url, config_path=path))
+        if workers > 1:
+            supervisor = Supervisor(path, url, workers, config.server.shutdown_grace, args.log_level)
+            return supervisor.run()
+        _run_loop(serve(config, url, config_path=path, admin=not args.worker_index))
     except SidecarError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1
@@ -151,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve")
     run.add_argument("--config", help=f"config file (default: $SIDECAR_CONFIG, then {DEFAULT_CONFIG})")
+    # Set by the supervisor for its children (server.workers > 1); not for people.
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--redis-url", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="a one-minute tour: embedded store, demo receiver, sample events")
     demo.set_defaults(func=cmd_demo)

@@ -1,0 +1,109 @@
+"""`server.workers: N` — N serving processes on one port (SO_REUSEPORT), each with its own event loop, client
+session and retry worker; one embedded store for all, started by this parent.
+
+The parent only supervises: it starts the children (`sidecar run --worker-index i --redis-url URL`), passes
+SIGTERM/SIGINT/SIGHUP on to them, restarts a child that dies unexpectedly (at most `MAX_RESTARTS` a minute, so a
+child that cannot start does not spin), and on shutdown waits for every child to drain. Worker 0 also serves the
+admin listener; the others serve webhooks only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+
+log = logging.getLogger("sidecar.supervisor")
+
+MAX_RESTARTS = 5
+
+
+def resolve_workers(workers: int) -> int:
+    return workers if workers > 0 else (os.cpu_count() or 1)
+
+
+class Supervisor:
+    def __init__(
+        self, config_path: str, redis_url: str, workers: int, grace: float, log_level: str | None
+    ) -> None:
+        self.config_path = config_path
+        self.redis_url = redis_url
+        self.workers = workers
+        self.grace = grace
+        self.log_level = log_level
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self._restarts: deque[float] = deque()
+        self._stopping = False
+        self._signal: int | None = None
+
+    def _command(self, index: int) -> list[str]:
+        cmd = [sys.executable, "-m", "sidecar"]
+        if self.log_level:
+            cmd += ["--log-level", self.log_level]
+        return [
+            *cmd,
+            "run",
+            "--config",
+            self.config_path,
+            "--worker-index",
+            str(index),
+            "--redis-url",
+            self.redis_url,
+        ]
+
+    def _spawn(self, index: int) -> None:
+        self.children[index] = subprocess.Popen(self._command(index))
+        log.info("worker %d started (pid %d)", index, self.children[index].pid)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            for child in self.children.values():
+                child.send_signal(signal.SIGHUP)
+            return
+        self._stopping = True
+        self._signal = signum
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        for index in range(self.workers):
+            self._spawn(index)
+        try:
+            while not self._stopping:
+                time.sleep(0.2)
+                for index, child in list(self.children.items()):
+                    code = child.poll()
+                    if code is None or self._stopping:
+                        continue
+                    if not self._may_restart():
+                        log.error("worker %d exited with %s; too many restarts, stopping", index, code)
+                        self._stopping = True
+                        break
+                    log.error("worker %d exited with %s; restarting it", index, code)
+                    self._spawn(index)
+        finally:
+            self._shutdown()
+        return 0 if self._signal is not None else 1
+
+    def _may_restart(self) -> bool:
+        now = time.monotonic()
+        while self._restarts and now - self._restarts[0] > 60:
+            self._restarts.popleft()
+        self._restarts.append(now)
+        return len(self._restarts) <= MAX_RESTARTS
+
+    def _shutdown(self) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace + 5
+        for child in self.children.values():
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(timeout=5)

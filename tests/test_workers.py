@@ -1,0 +1,81 @@
+"""server.workers: N serving processes share the port, one store; the supervisor restarts a dead one and drains
+them all on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Upstream
+from tests.procs import SidecarProcess, free_port, write_config
+from tests.test_crash import SECRET
+from tests.test_reliability import post_all
+
+pytestmark = pytest.mark.slow
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+async def test_workers_two_processes_share_the_port_and_supervise(
+    tmp_path: Path, upstream: Upstream, redis_url: str, rdb: Any, processes: list[Any]
+) -> None:
+    port = free_port()
+    cfg = tmp_path / "sidecar.yaml"
+    write_config(
+        cfg, redis_url=redis_url, upstream_url=upstream.url, port=port, admin_port=free_port(), secret=SECRET
+    )
+    cfg.write_text(cfg.read_text().replace("shutdown_grace: 1s}", "shutdown_grace: 1s, workers: 2}"))
+    parent = SidecarProcess(cfg)
+    processes.append(parent)
+    parent.start(port)
+    assert parent.proc is not None
+    deadline = time.monotonic() + 20
+    while len(children(parent.proc.pid)) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    kids = children(parent.proc.pid)
+    assert len(kids) == 2
+    before = {pid: cpu_ticks(pid) for pid in kids}
+
+    ids = [f"evt_w{i}" for i in range(600)]
+    statuses = await post_all(f"http://127.0.0.1:{port}/webhooks/stripe", ids, concurrency=64)
+    assert set(statuses) == {200}
+    assert sorted(upstream.ids()) == sorted(ids)  # every event once, whichever process took it
+    assert all(cpu_ticks(pid) > before[pid] for pid in kids)  # both processes served
+
+    # A worker that dies is replaced.
+    os.kill(kids[1], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        now = children(parent.proc.pid)
+        if len(now) == 2 and kids[1] not in now:
+            break
+        await asyncio.sleep(0.1)
+    assert len(children(parent.proc.pid)) == 2 and kids[1] not in children(parent.proc.pid)
+    body_ids = ["evt_after_restart"]
+    assert await post_all(f"http://127.0.0.1:{port}/webhooks/stripe", body_ids) == [200]
+
+    parent.proc.send_signal(signal.SIGTERM)
+    assert parent.proc.wait(timeout=20) == 0
+    assert children(parent.proc.pid) == []
+    assert "worker 1 exited" in parent.log()
