@@ -334,6 +334,13 @@ async def peer_took_everything(request: web.Request, timeout: float) -> bool:
     return False
 
 
+def cut_short(request: web.Request) -> None:
+    """End a stream without its terminating chunk: the status line is long gone, and a clean end would let the
+    client take a partial drain for a complete one."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
 # -- the API ------------------------------------------------------------------------------------------------------
 
 
@@ -483,16 +490,15 @@ class AdminApi:
                     line = json.dumps(render_full(item), separators=(",", ":")) + "\n"
                     await resp.write(line.encode())
                     if not await peer_took_everything(request, DRAIN_LINE_TIMEOUT):
-                        raise ConnectionResetError("the client stopped reading")
+                        raise ConnectionResetError("the client went away or stopped reading")
                     drained += await dl.remove(item)
             await resp.write_eof()
-        except ConnectionError:
-            outcome = "client went away"
+        except ConnectionError as exc:
+            outcome = f"stopped: {exc}"
+            cut_short(request)
         except StoreError as exc:
-            # The status line is long gone: cut the stream short so the client cannot take it for complete.
             outcome = f"store error: {exc}"
-            if request.transport is not None:
-                request.transport.abort()
+            cut_short(request)
         finally:
             log.info(
                 "dlq drain: route=%s drained=%d of %d (%s) reason=%r",

@@ -289,6 +289,23 @@ async def test_admin_dlq_list_filters_route_since_until_status(admin: Admin) -> 
     assert len(rest["items"]) == 6 and rest["next_cursor"] is None
 
 
+async def test_admin_dlq_list_status_filter_pages_across_scan_steps(admin: Admin) -> None:
+    base = int(time.time() * 1000) - 60_000
+    want = set(await bury_many(admin.store, 400, prefix="a", status=503, dead_ms=base, same_ms=5))
+    await bury_many(admin.store, 400, prefix="b", status=404, dead_ms=base, same_ms=5)  # interleaved by id
+    seen: list[str] = []
+    query = "status=5xx&limit=90"
+    for _ in range(10):
+        page = await (await admin.get(f"/admin/dlq?{query}")).json()
+        assert page["total"] == 400
+        assert all(i["last_status"] == 503 for i in page["items"])
+        seen += [i["id"] for i in page["items"]]
+        if page["next_cursor"] is None:
+            break
+        query = f"status=5xx&limit=90&cursor={page['next_cursor']}"
+    assert len(seen) == 400 and set(seen) == want
+
+
 @pytest.mark.parametrize(
     "query",
     [

@@ -25,6 +25,10 @@ ForgetOutcome = Literal["forgotten", "pending", "missing"]
 
 # Reading many items: one HMGET per this many ids (bounded replies, no huge single command).
 _CHUNK = 200
+# A status-filtered listing decodes every item of its window, this many per script call: Redis is never busy
+# with it for more than a few milliseconds at a time (dlq.max_length bounds the number of steps).
+_SCAN_STEP = 250
+_MAX_SCAN_STEPS = 100_000
 
 
 def _script(name: str) -> str:
@@ -87,12 +91,26 @@ class Page:
     total: int
 
 
+def _bound(ms: int | None, unbounded: str) -> int | str:
+    return unbounded if ms is None else ms
+
+
+def _items(flat: list[Any]) -> list[DeadLetter]:
+    """Script replies `id, dead_at, JSON, ...` -> items (an id whose data vanished is skipped)."""
+    return [
+        DeadLetter(flat[i].decode(), int(float(flat[i + 1])), json.loads(flat[i + 2]))
+        for i in range(0, len(flat), 3)
+        if flat[i + 2]
+    ]
+
+
 class DeadLetters:
     def __init__(self, store: RedisStore) -> None:
         self.store = store
         self.keys = store.keys
         register = store.client.register_script
         self._page = register(_script("dlq_page"))
+        self._scan_step = register(_script("dlq_scan"))
         self._remove = register(_script("dlq_remove"))
         self._replay = register(_script("replay"))
         self._forget = register(_script("forget"))
@@ -112,23 +130,54 @@ class DeadLetters:
         status: StatusFilter | None = None,
         limit: int = 100,
     ) -> Page:
+        """Up to `limit` items after `after`, in (dead_at, id) order; `total` counts the whole filtered window."""
+        if status is not None:
+            return await self._scan(route, after, since_ms, until_ms, status, limit)
         args = [
             after.dead_ms if after else "",
             after.id if after else "",
-            since_ms if since_ms is not None else "-inf",
-            until_ms if until_ms is not None else "+inf",
+            _bound(since_ms, "-inf"),
+            _bound(until_ms, "+inf"),
             limit,
-            status.arg() if status else "",
         ]
         keys = [self._index(route), self.keys.dlq_data()]
         raw = await self.store.guard(lambda: self._page(keys=keys, args=args))
-        total, more, flat = int(raw[0]), int(raw[1]), raw[2:]
-        items = [
-            DeadLetter(flat[i].decode(), int(float(flat[i + 1])), json.loads(flat[i + 2]))
-            for i in range(0, len(flat), 3)
-            if flat[i + 2]
-        ]
-        cursor = Cursor(items[-1].dead_ms, items[-1].id) if more and items else None
+        items = _items(raw[2:])
+        cursor = Cursor(items[-1].dead_ms, items[-1].id) if int(raw[1]) and items else None
+        return Page(items, cursor, int(raw[0]))
+
+    async def _scan(
+        self,
+        route: str | None,
+        after: Cursor | None,
+        since_ms: int | None,
+        until_ms: int | None,
+        status: StatusFilter,
+        limit: int,
+    ) -> Page:
+        """A status-filtered page, in bounded steps (dlq_scan.lua) over the whole window: the total needs them all."""
+        keys = [self._index(route), self.keys.dlq_data()]
+        position: tuple[Any, Any] = ("", "")
+        total, found = 0, []
+        for _ in range(_MAX_SCAN_STEPS):
+            args = [
+                *position,
+                _bound(since_ms, "-inf"),
+                _bound(until_ms, "+inf"),
+                status.arg(),
+                after.dead_ms if after else "",
+                after.id if after else "",
+                max(limit + 1 - len(found), 0),  # one past the page tells whether more follow
+                _SCAN_STEP,
+            ]
+            raw = await self.store.guard(lambda args=args: self._scan_step(keys=keys, args=args))
+            total += int(raw[0])
+            found += _items(raw[3:])
+            if not raw[2]:
+                break
+            position = (raw[1], raw[2])
+        items = found[:limit]
+        cursor = Cursor(items[-1].dead_ms, items[-1].id) if len(found) > limit else None
         return Page(items, cursor, total)
 
     async def get(self, item_id: str) -> DeadLetter | None:

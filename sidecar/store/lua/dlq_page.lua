@@ -9,12 +9,11 @@
 -- ARGV[3] - lowest dead_at to include (ms, or '-inf')
 -- ARGV[4] - highest dead_at to include (ms, or '+inf')
 -- ARGV[5] - page size (>= 1)
--- ARGV[6] - last_status filter: '' (none), 'eq:<code>', 'class:<digit>' (e.g. 5 for 5xx) or 'none' (no status)
--- returns {total, more, id, dead_at, item JSON, id, dead_at, item JSON, ...}: `total` counts every item matching
--- the filters (not only those after the cursor); `more` is 1 when items follow the page.
+-- returns {total, more, id, dead_at, item JSON, id, dead_at, item JSON, ...}: `total` counts every item in the
+-- dead_at window (not only those after the cursor); `more` is 1 when items follow the page.
+-- (A last_status filter needs each item's JSON: dlq_scan.lua does that in bounded steps.)
 local key, data = KEYS[1], KEYS[2]
 local limit = tonumber(ARGV[5])
-local status = ARGV[6]
 
 -- Bytewise less-or-equal (Lua's `<=` on strings follows the server's locale; the zset does not).
 local function le(a, b)
@@ -44,57 +43,15 @@ local stop = redis.call('ZCOUNT', key, '-inf', ARGV[4])  -- exclusive end rank
 local start = first
 if ARGV[1] ~= '' then start = math.max(first, rank_after(ARGV[1], ARGV[2])) end
 
-local function matches(item)
-  if status == '' then return true end
-  local ok, decoded = pcall(cjson.decode, item)
-  if not ok then return false end
-  local s = decoded['last_status']
-  if type(s) ~= 'number' then return status == 'none' end
-  if string.sub(status, 1, 3) == 'eq:' then return s == tonumber(string.sub(status, 4)) end
-  if string.sub(status, 1, 6) == 'class:' then return math.floor(s / 100) == tonumber(string.sub(status, 7)) end
-  return false
-end
-
-local out = {0, 0}
-if status == '' then
-  out[1] = math.max(stop - first, 0)
-  local last = math.min(start + limit, stop) - 1
-  if last >= start then
-    local page = redis.call('ZRANGE', key, start, last, 'WITHSCORES')
-    for i = 1, #page, 2 do
-      table.insert(out, page[i])
-      table.insert(out, page[i + 1])
-      table.insert(out, redis.call('HGET', data, page[i]) or '')
-    end
+local out = {math.max(stop - first, 0), 0}
+local last = math.min(start + limit, stop) - 1
+if last >= start then
+  local page = redis.call('ZRANGE', key, start, last, 'WITHSCORES')
+  for i = 1, #page, 2 do
+    table.insert(out, page[i])
+    table.insert(out, page[i + 1])
+    table.insert(out, redis.call('HGET', data, page[i]) or '')
   end
-  if start + limit < stop then out[2] = 1 end
-  return out
 end
-
--- With a status filter every item in the dead_at window is looked at (the total needs them all); the DLQ is
--- capped by dlq.max_length, which bounds this scan.
-local total, taken = 0, 0
-local rank = first
-while rank < stop do
-  local last = math.min(rank + 200, stop) - 1
-  local chunk = redis.call('ZRANGE', key, rank, last, 'WITHSCORES')
-  for i = 1, #chunk, 2 do
-    local item = redis.call('HGET', data, chunk[i])
-    if item and matches(item) then
-      total = total + 1
-      if rank + (i - 1) / 2 >= start then
-        if taken < limit then
-          taken = taken + 1
-          table.insert(out, chunk[i])
-          table.insert(out, chunk[i + 1])
-          table.insert(out, item)
-        else
-          out[2] = 1
-        end
-      end
-    end
-  end
-  rank = last + 1
-end
-out[1] = total
+if start + limit < stop then out[2] = 1 end
 return out
