@@ -529,6 +529,15 @@ def test_shipped_config_loads_with_what_the_pod_provides(objs: Objects, tmp_path
     assert config.admin.token
 
 
+def test_sidecar_container_runs_the_image_command_on_the_mounted_config(objs: Objects) -> None:
+    _, stages = parse_dockerfile(DOCKERFILE.read_text(encoding="utf-8"))
+    cmd = stages[-1].last("CMD")
+    sidecar = objs.container("sidecar")
+    assert "command" not in sidecar, "keep the image's ENTRYPOINT (sidecar)"
+    assert cmd is not None and sidecar["args"] == cmd.exec_form()
+    assert IMAGE_CONFIG in objs.volume_files(sidecar)
+
+
 def test_service_targets_the_sidecar_never_the_receiver(objs: Objects, tmp_path: Path) -> None:
     config = shipped_config(objs, tmp_path)
     sidecar, receiver = objs.container("sidecar"), objs.container("legacy-receiver")
