@@ -28,6 +28,7 @@ from sidecar.keys import KeySpace
 from sidecar.store import AttemptRecord, EventRecord, RedisStore
 from sidecar.store.dead_letters import DeadLetters
 from tests.conftest import Upstream, make_config
+from tests.procs import free_port
 from tests.test_ingress import GITHUB_SECRET, STRIPE_SECRET, github_headers, stripe_body, stripe_headers
 
 TOKEN = "test-admin-token"
@@ -856,7 +857,7 @@ _BODY = st.one_of(
 
 
 @settings(
-    max_examples=250,
+    max_examples=400,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -884,3 +885,16 @@ async def test_admin_property_no_5xx_and_errors_are_json(
         assert isinstance(payload["error"], str)
     else:
         await resp.read()
+
+
+async def test_admin_store_unreachable_is_503_json_not_a_traceback(
+    aiohttp_client: Any, upstream: Upstream
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}"
+    config = make_config(ROUTES, upstream_url=upstream.url, redis_url=dead)
+    main = await aiohttp_client(create_app(config, redis_url=dead, run_worker=False))
+    http = await aiohttp_client(create_admin_app(main.server.app))
+    for method, path in [("GET", "/admin/stats"), ("GET", "/admin/dlq"), ("POST", "/admin/dlq/drain")]:
+        resp = await http.request(method, path, headers=AUTH)
+        assert resp.status == 503, await resp.text()
+        assert (await resp.json())["error"] == "store_unavailable" and resp.headers["Retry-After"]
