@@ -149,6 +149,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from sidecar.bench import run_bench
+
+    setup_logging("error", "text")
+    figures = run_bench(args.duration, args.connections)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(figures, f, indent=2)
+    return 0
+
+
 def cmd_demo(_: argparse.Namespace) -> int:
     from sidecar.demo import run_demo
 
@@ -165,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     run.add_argument("--redis-url", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
+    bench = sub.add_parser("bench", help="measure the sidecar against a plain pass-through proxy on loopback")
+    bench.add_argument("--duration", type=float, default=8.0, help="seconds per scenario (default 8)")
+    bench.add_argument("--connections", type=int, default=64, help="concurrent connections (default 64)")
+    bench.add_argument("--json", dest="json_out", help="also write the figures as JSON to this file")
+    bench.set_defaults(func=cmd_bench)
     demo = sub.add_parser("demo", help="a one-minute tour: embedded store, demo receiver, sample events")
     demo.set_defaults(func=cmd_demo)
     check = sub.add_parser("check-config", help="validate a config file")

@@ -191,6 +191,9 @@ class LoggingConfig:
 
     level: str = "info"
     format: str = "auto"
+    # `notable`: queued, dead-lettered, rejected, store errors… at INFO, routine forwards and duplicates at DEBUG
+    # (a log line per webhook costs more CPU than verifying it). `all`: every request at INFO.
+    requests: str = "notable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -782,6 +785,7 @@ _RETRY: dict[str, Conv] = {
 _LOGGING: dict[str, Conv] = {
     "level": _choice("debug", "info", "warning", "error"),
     "format": _choice("auto", "json", "text"),
+    "requests": _choice("notable", "all"),
 }
 _SECTIONS = ("server", "admin", "redis", "upstream", "dedupe", "retry", "dlq", "logging", "routes")
 

@@ -11,8 +11,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from opentelemetry.trace import Span
-
 from sidecar.backoff import next_delay, parse_retry_after
 from sidecar.breaker import Breaker, Breakers
 from sidecar.config import Config, RouteConfig
@@ -20,7 +18,7 @@ from sidecar.errors import StoreError
 from sidecar.forwarder import Forwarder, Outcome, upstream_headers
 from sidecar.routes import RouteTable, target_url
 from sidecar.store import AttemptRecord, EventRecord, RedisStore
-from sidecar.telemetry import Telemetry
+from sidecar.telemetry import AnySpan, Telemetry
 
 log = logging.getLogger("sidecar.dispatch")
 
@@ -64,7 +62,7 @@ class Dispatcher:
         rec: EventRecord,
         attempt: int,
         history: list[dict[str, Any]] | None = None,
-        parent: Span | None = None,
+        parent: AnySpan | None = None,
     ) -> Disposition:
         """Forward `rec` once and settle the result. `parent` is the inbound span (attempt 1 in the ingress);
         the worker's attempts have none: they start a trace linked to the one the event arrived with."""

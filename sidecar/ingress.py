@@ -18,7 +18,6 @@ from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
-from opentelemetry.trace import Span
 
 from sidecar.config import RouteConfig
 from sidecar.dispatch import Dispatcher
@@ -27,11 +26,14 @@ from sidecar.forwarder import Outcome, end_to_end, upstream_headers
 from sidecar.providers.base import Handshake, Inbound, TimestampError, VerificationError, Verified
 from sidecar.routes import Route, target_url
 from sidecar.store import EventRecord
-from sidecar.telemetry import Telemetry
+from sidecar.telemetry import AnySpan, Telemetry
 
 log = logging.getLogger("sidecar.ingress")
 
 EVENT_ID_HEADER = "X-Sidecar-Event-Id"
+ROUTINE = frozenset(
+    {"forwarded", "duplicate", "filtered", "handshake", "passthrough"}
+)  # DEBUG unless requests: all
 MAX_EVENT_ID_LEN = 256
 
 
@@ -194,8 +196,11 @@ class Ingress:
             name = route.cfg.name
             self.tel.requests[(name, result.outcome)] += 1
             self.tel.end(span, result.error, result.status)
-            if log.isEnabledFor(logging.INFO):
-                log.info(
+            log_all = self.dispatcher.table.config.logging.requests == "all"  # follows reloads
+            level = logging.INFO if log_all or result.outcome not in ROUTINE else logging.DEBUG
+            if log.isEnabledFor(level):
+                log.log(
+                    level,
                     "request",
                     extra={
                         "route": name,
@@ -210,7 +215,7 @@ class Ingress:
                 )
 
     async def _handle(
-        self, request: web.Request, route: Route, span: Span, result: Result
+        self, request: web.Request, route: Route, span: AnySpan, result: Result
     ) -> web.StreamResponse:
         cfg = route.cfg
         try:
@@ -293,7 +298,7 @@ class Ingress:
             for route, n in counts.items():  # keep them for the next flush
                 self.rejections[route] += n
 
-    async def _first_attempt(self, rec: EventRecord, span: Span, result: Result) -> web.StreamResponse:
+    async def _first_attempt(self, rec: EventRecord, span: AnySpan, result: Result) -> web.StreamResponse:
         result.attempt = 1
         try:
             disp = await self.dispatcher.attempt(rec, 1, parent=span)
@@ -347,7 +352,7 @@ class Ingress:
         route: Route,
         body: bytes,
         event_id: str | None,
-        span: Span,
+        span: AnySpan,
         result: Result,
     ) -> web.StreamResponse:
         """Synchronous proxying, no claim and no retry: non-POST requests, handshakes in `pass` mode, dedupe: false."""

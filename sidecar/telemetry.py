@@ -18,6 +18,8 @@ import contextlib
 import json
 import logging
 import os
+import random
+import re
 import sys
 import time
 from collections import defaultdict
@@ -159,6 +161,8 @@ class Telemetry:
         for processor in processors:
             self.tracer_provider.add_span_processor(processor)
         self.tracer = self.tracer_provider.get_tracer("sidecar")
+        # With nothing to export, spans are not built at all: context still propagates (LightSpan), for ~1 µs.
+        self.recording = bool(processors)
 
     # ---- metrics ---------------------------------------------------------------------------------------------------
 
@@ -198,7 +202,9 @@ class Telemetry:
 
     # ---- traces ----------------------------------------------------------------------------------------------------
 
-    def start_inbound(self, route: str, method: str, traceparent: str | None) -> Span:
+    def start_inbound(self, route: str, method: str, traceparent: str | None) -> AnySpan:
+        if not self.recording:
+            return LightSpan.continue_from(traceparent)
         ctx = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
         return self.tracer.start_span(
             SPAN_INBOUND,
@@ -208,14 +214,16 @@ class Telemetry:
         )
 
     def start_forward(
-        self, route: str, event_id: str, attempt: int, parent: Span | None, origin: str | None
-    ) -> Span:
+        self, route: str, event_id: str, attempt: int, parent: AnySpan | None, origin: str | None
+    ) -> AnySpan:
         """A forward attempt: a child of the inbound span, or (a retry) a new trace linked to where it began."""
+        if not self.recording:
+            return parent.child() if isinstance(parent, LightSpan) else LightSpan.continue_from(None)
         attributes = {"sidecar.route": route, "sidecar.event_id": event_id, "sidecar.attempt": attempt}
         if parent is not None:
             return self.tracer.start_span(
                 SPAN_FORWARD,
-                context=trace.set_span_in_context(parent),
+                context=trace.set_span_in_context(parent),  # type: ignore[arg-type]
                 kind=SpanKind.CLIENT,
                 attributes=attributes,
             )
@@ -231,20 +239,26 @@ class Telemetry:
         )
 
     @staticmethod
-    def traceparent(span: Span) -> str | None:
+    def traceparent(span: AnySpan) -> str | None:
+        if isinstance(span, LightSpan):
+            return span.traceparent
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
         return carrier.get("traceparent")
 
     @staticmethod
-    def trace_id(span: Span | None) -> str | None:
+    def trace_id(span: AnySpan | None) -> str | None:
         if span is None:
             return None
+        if isinstance(span, LightSpan):
+            return span.trace_id
         ctx = span.get_span_context()
         return f"{ctx.trace_id:032x}" if ctx.is_valid else None
 
     @staticmethod
-    def end(span: Span, error: str | None = None, status: int | None = None) -> None:
+    def end(span: AnySpan, error: str | None = None, status: int | None = None) -> None:
+        if isinstance(span, LightSpan):
+            return
         if status is not None:
             span.set_attribute("http.response.status_code", status)
         if error:
@@ -254,6 +268,34 @@ class Telemetry:
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+
+
+class LightSpan:
+    """W3C trace context without a span: continue an incoming trace (or start one) and mint span ids."""
+
+    __slots__ = ("flags", "span_id", "trace_id")
+
+    def __init__(self, trace_id: str, span_id: str, flags: str) -> None:
+        self.trace_id, self.span_id, self.flags = trace_id, span_id, flags
+
+    @classmethod
+    def continue_from(cls, traceparent: str | None) -> LightSpan:
+        if traceparent and len(traceparent) == 55 and traceparent[2] == "-" and traceparent[35] == "-":
+            version, trace_id, _, flags = traceparent.split("-")
+            if version != "ff" and _HEX.fullmatch(trace_id + flags) and trace_id != "0" * 32:
+                return cls(trace_id, f"{random.getrandbits(64) or 1:016x}", flags)
+        return cls(f"{random.getrandbits(128) or 1:032x}", f"{random.getrandbits(64) or 1:016x}", "00")
+
+    def child(self) -> LightSpan:
+        return LightSpan(self.trace_id, f"{random.getrandbits(64) or 1:016x}", self.flags)
+
+    @property
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
+
+
+AnySpan = Span | LightSpan
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 # ---- logs -----------------------------------------------------------------------------------------------------------

@@ -163,7 +163,9 @@ async def test_telemetry_json_logs_carry_outcomes_and_never_secrets_or_bodies(
     stream = io.StringIO()
     setup_logging("info", "json", stream=stream)
     try:
-        client = await sidecar_factory(ROUTES, retry="{base_delay: 10ms, multiplier: 1, jitter: 0}")
+        client = await sidecar_factory(
+            ROUTES, extra="logging: {requests: all}", retry="{base_delay: 10ms, multiplier: 1, jitter: 0}"
+        )
         marker = "BODY-MARKER-7f3c"
         for i, (status, secret) in enumerate(
             [(200, STRIPE_SECRET), (503, STRIPE_SECRET), (200, "whsec_nope")]
@@ -189,3 +191,19 @@ async def test_telemetry_json_logs_carry_outcomes_and_never_secrets_or_bodies(
     assert len(request_lines[0]["trace_id"]) == 32 and request_lines[0]["attempt"] == 1
     assert all(isinstance(e["duration_ms"], float) for e in lines if e["msg"] == "request")
     logging.getLogger().handlers[0].flush()
+
+
+async def test_telemetry_default_logs_only_notable_requests_at_info(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    stream = io.StringIO()
+    setup_logging("info", "json", stream=stream)
+    try:
+        client = await sidecar_factory(ROUTES)
+        assert (await send(client, "/webhooks/stripe", "evt_quiet")).status == 200
+        upstream.respond(503)
+        assert (await send(client, "/webhooks/stripe", "evt_loud")).status == 202
+    finally:
+        setup_logging("warning", "text")
+    events = [json.loads(line).get("event_id") for line in stream.getvalue().splitlines() if line.strip()]
+    assert "evt_loud" in events and "evt_quiet" not in events

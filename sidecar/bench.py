@@ -1,0 +1,475 @@
+"""`sidecar bench`: the sidecar's overhead, measured side by side in one run on loopback.
+
+Scenarios (each process under test pinned to core 0 when there are two or more cores; load generator, upstream
+and Valkey on the other, as in PERFORMANCE.md):
+
+    upstream      the upstream alone (aiohttp + uvloop answering 200)
+    passthrough   a plain aiohttp pass-through proxy in front of it (shared session, keep-alive, no verify/store)
+    new           the sidecar, every request a new signed event (verify + claim + forward + delivered mark)
+    duplicate     the sidecar, every request a duplicate of an already delivered event
+    failing       the sidecar with the upstream answering 503 (claim + circuit breaker -> 202 queued)
+    p99@35%       passthrough and sidecar-new at ~35 % of the pass-through's saturation rate
+    workers       `server.workers: 2` vs `1` (both unpinned)
+
+Load comes from wrk with a Lua script when wrk is installed, else from a built-in aiohttp generator (slower: its
+figures are lower bounds). Ratios from one run are what count; absolute numbers move with the machine's noise.
+
+Helper roles run as `python -m sidecar.bench upstream|passthrough PORT [TARGET]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SECRET = "whsec_bench_secret"
+BODY_SIZE = 1500
+WRK_SCRIPT = r"""
+local lines, idx, prefix, suffix, path, delay_ms = {}, 0, "", "", "/", 0
+function init(args)
+  path = args[1]
+  local f = assert(io.open(args[2], "r"))
+  prefix = f:read("*l"); suffix = f:read("*l")
+  for line in f:lines() do lines[#lines + 1] = line end
+  f:close()
+  delay_ms = tonumber(args[3] or "0")
+end
+function delay() return delay_ms end
+function request()
+  idx = idx + 1
+  if idx > #lines then idx = 1 end
+  local id, sig = lines[idx]:match("([^\t]+)\t(.+)")
+  return wrk.format("POST", path, {["Content-Type"] = "application/json", ["Stripe-Signature"] = sig},
+                    prefix .. id .. suffix)
+end
+"""
+
+
+# ---- helper roles ---------------------------------------------------------------------------------------------------
+
+
+def _serve_upstream(port: int) -> None:
+    import uvloop
+    from aiohttp import web
+
+    state = {"status": 200}
+    ok = json.dumps({"ok": True}).encode()
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=state["status"], body=ok, content_type="application/json")
+
+    async def mode(request: web.Request) -> web.Response:
+        state["status"] = int(await request.text())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/__mode", mode)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    uvloop.install()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def _serve_passthrough(port: int, target: str) -> None:
+    import aiohttp
+    import uvloop
+    from aiohttp import web
+
+    hop = {"host", "content-length", "connection", "keep-alive", "transfer-encoding"}
+
+    async def session_ctx(app: web.Application) -> Any:
+        app["session"] = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=100), auto_decompress=False
+        )
+        yield
+        await app["session"].close()
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in hop]
+        async with request.app["session"].request(
+            request.method, target + request.path_qs, data=body, headers=headers
+        ) as resp:
+            payload = await resp.read()
+            out = {k: v for k, v in resp.headers.items() if k.lower() not in hop}
+            return web.Response(status=resp.status, body=payload, headers=out)
+
+    app = web.Application()
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    uvloop.install()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+# ---- the run --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non2xx: int = 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def _pin(core: int | None) -> list[str]:
+    if core is None or shutil.which("taskset") is None:
+        return []
+    return ["taskset", "-c", str(core)]
+
+
+def _body_parts() -> tuple[str, str]:
+    prefix = '{"id":"'
+    suffix_head = '","object":"event","type":"invoice.paid","data":{"pad":"'
+    pad = "x" * max(0, BODY_SIZE - len(prefix) - len(suffix_head) - 20)
+    return prefix, suffix_head + pad + '"}}'
+
+
+def write_requests(path: Path, ids: list[str]) -> None:
+    """One line per request: `<event id>\\t<Stripe-Signature>`; the body is prefix + id + suffix (lines 1, 2)."""
+    prefix, suffix = _body_parts()
+    t = int(time.time())
+    key = SECRET.encode()
+    with open(path, "w") as f:
+        f.write(prefix + "\n" + suffix + "\n")
+        for event_id in ids:
+            body = (prefix + event_id + suffix).encode()
+            sig = hmac.new(key, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+            f.write(f"{event_id}\tt={t},v1={sig}\n")
+
+
+def _parse_wrk(name: str, out: str) -> Result:
+    def latency(label: str) -> float:
+        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return Result(
+        name,
+        float(rps.group(1)) if rps else 0.0,
+        latency("50"),
+        latency("99"),
+        int(total.group(1)) if total else 0,
+        int(non2xx.group(1)) if non2xx else 0,
+    )
+
+
+class Bench:
+    def __init__(
+        self, duration: float, connections: int, core_sut: int | None, core_load: int | None
+    ) -> None:
+        self.duration = duration
+        self.connections = connections
+        self.core_sut = core_sut
+        self.core_load = core_load
+        self.tmp = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.wrk = shutil.which("wrk")
+        self.counter = 0
+
+    # processes
+    def spawn(self, args: list[str], core: int | None, port: int) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"proc-{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([*_pin(core), *args], stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        _wait_port(port)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            self.stop(proc)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def upstream(self, core: int | None) -> int:
+        port = _free_port()
+        self.spawn([sys.executable, "-m", "sidecar.bench", "upstream", str(port)], core, port)
+        return port
+
+    def passthrough(self, target_port: int) -> tuple[int, subprocess.Popen[bytes]]:
+        port = _free_port()
+        args = [
+            sys.executable,
+            "-m",
+            "sidecar.bench",
+            "passthrough",
+            str(port),
+            f"http://127.0.0.1:{target_port}",
+        ]
+        return port, self.spawn(args, self.core_sut, port)
+
+    def sidecar(self, redis_url: str, upstream_port: int, workers: int, pinned: bool) -> tuple[int, Any]:
+        port = _free_port()
+        cfg = self.tmp / f"sidecar-{port}.yaml"
+        cfg.write_text(
+            f"""
+server: {{listen: "127.0.0.1:{port}", workers: {workers}, shutdown_grace: 2s}}
+admin: {{listen: "127.0.0.1:{_free_port()}", token: "bench"}}
+redis: {{url: "{redis_url}"}}
+upstream: {{url: "http://127.0.0.1:{upstream_port}", timeout: 5s}}
+routes:
+  - name: stripe
+    path: /webhooks/stripe
+    provider: stripe
+    secrets: ["{SECRET}"]
+"""
+        )
+        args = [sys.executable, "-m", "sidecar", "run", "--config", str(cfg)]
+        return port, self.spawn(args, self.core_sut if pinned else None, port)
+
+    # load
+    def fresh_ids(self, n: int) -> list[str]:
+        start = self.counter
+        self.counter += n
+        return [f"evt_bench_{os.getpid()}_{i}" for i in range(start, start + n)]
+
+    def load(
+        self, name: str, port: int, ids: list[str], connections: int | None = None, delay_ms: float = 0
+    ) -> Result:
+        reqs = self.tmp / f"{name}.tsv"
+        write_requests(reqs, ids)
+        url = f"http://127.0.0.1:{port}"
+        conns = connections or self.connections
+        if self.wrk:
+            script = self.tmp / "bench.lua"
+            script.write_text(WRK_SCRIPT)
+            cmd = [
+                *_pin(self.core_load),
+                self.wrk,
+                "-t1",
+                f"-c{conns}",
+                f"-d{max(1, round(self.duration))}s",
+                "--latency",
+                "-s",
+                str(script),
+                url,
+                "--",
+                "/webhooks/stripe",
+                str(reqs),
+                str(delay_ms),
+            ]
+            out = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=self.duration + 120, check=False
+            )
+            return _parse_wrk(name, out.stdout)
+        return asyncio.run(_builtin_load(name, url, reqs, conns, self.duration, delay_ms))
+
+    def estimate(self) -> int:
+        return int(30_000 * self.duration)  # more ids than any scenario can send: every request is new
+
+
+async def _builtin_load(
+    name: str, url: str, reqs: Path, conns: int, duration: float, delay_ms: float
+) -> Result:
+    import aiohttp
+
+    lines = reqs.read_text().splitlines()
+    prefix, suffix, rows = lines[0], lines[1], lines[2:]
+    latencies: list[float] = []
+    non2xx = 0
+    idx = 0
+    stop = time.monotonic() + duration
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal idx, non2xx
+        while time.monotonic() < stop:
+            event_id, sig = rows[idx % len(rows)].split("\t")
+            idx += 1
+            body = (prefix + event_id + suffix).encode()
+            t0 = time.perf_counter()
+            async with session.post(
+                url + "/webhooks/stripe",
+                data=body,
+                headers={"Content-Type": "application/json", "Stripe-Signature": sig},
+            ) as resp:
+                await resp.read()
+                non2xx += resp.status >= 300
+            latencies.append(time.perf_counter() - t0)
+            if delay_ms:
+                await asyncio.sleep(delay_ms / 1000)
+
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conns)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(conns)))
+    elapsed = time.monotonic() - t0
+    latencies.sort()
+    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0.0  # noqa: E731
+    return Result(name, len(latencies) / elapsed, pct(0.5), pct(0.99), len(latencies), non2xx)
+
+
+def run_bench(duration: float, connections: int, out: Any = print) -> dict[str, Any]:
+    from sidecar.store.embedded import EmbeddedValkey
+
+    cores = os.cpu_count() or 1
+    core_sut, core_load = (0, 1) if cores >= 2 else (None, None)
+    bench = Bench(duration, connections, core_sut, core_load)
+    store = EmbeddedValkey(bench.tmp / "valkey")
+    results: dict[str, Result] = {}
+    try:
+        redis_url = store.start()
+        if core_load is not None and store.pid:
+            subprocess.run(
+                ["taskset", "-pc", str(core_load), str(store.pid)], capture_output=True, check=False
+            )
+        out(
+            f"sidecar bench: {cores} cores, {'wrk' if bench.wrk else 'built-in generator'}, {duration:g}s per run, "
+            f"{connections} connections, {BODY_SIZE} B bodies"
+        )
+        up_sut = bench.upstream(core_sut)
+        results["upstream"] = bench.load("upstream", up_sut, bench.fresh_ids(200_000))
+        up = bench.upstream(core_load)
+        pt_port, pt = bench.passthrough(up)
+        results["passthrough"] = bench.load("passthrough", pt_port, bench.fresh_ids(200_000))
+        sc_port, sc = bench.sidecar(redis_url, up, workers=1, pinned=True)
+        results["new"] = bench.load("new", sc_port, bench.fresh_ids(bench.estimate()))
+        dup_ids = bench.fresh_ids(2_000)
+        _prime(sc_port, dup_ids)
+        results["duplicate"] = bench.load("duplicate", sc_port, dup_ids)
+        rate = 0.35 * results["passthrough"].rps
+        conns = 16
+        # wrk waits `delay` after each response: rate ~= conns / (delay + latency), latency ~1 ms when lightly loaded
+        delay = max(0.0, conns / rate * 1000 - 1.0) if rate else 0.0
+        results["passthrough@35%"] = bench.load(
+            "passthrough35", pt_port, bench.fresh_ids(200_000), conns, delay
+        )
+        results["new@35%"] = bench.load("new35", sc_port, bench.fresh_ids(bench.estimate()), conns, delay)
+        _set_mode(up, 503)
+        results["failing"] = bench.load("failing", sc_port, bench.fresh_ids(bench.estimate()))
+        _set_mode(up, 200)
+        bench.stop(sc)
+        bench.stop(pt)
+        w1_port, w1 = bench.sidecar(redis_url, up, workers=1, pinned=False)
+        results["workers=1"] = bench.load("w1", w1_port, bench.fresh_ids(bench.estimate()))
+        bench.stop(w1)
+        w2_port, w2 = bench.sidecar(redis_url, up, workers=2, pinned=False)
+        results["workers=2"] = bench.load("w2", w2_port, bench.fresh_ids(bench.estimate()))
+        bench.stop(w2)
+    finally:
+        bench.close()
+        store.stop()
+    return report(results, cores, bool(bench.wrk), out)
+
+
+def _prime(port: int, ids: list[str]) -> None:
+    """Deliver the duplicate scenario's events once, so every request of the run is a duplicate."""
+    import urllib.request
+
+    prefix, suffix = _body_parts()
+    t = int(time.time())
+    for event_id in ids:
+        body = (prefix + event_id + suffix).encode()
+        sig = hmac.new(SECRET.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/webhooks/stripe",
+            data=body,
+            headers={"Content-Type": "application/json", "Stripe-Signature": f"t={t},v1={sig}"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+
+
+def _set_mode(port: int, status: int) -> None:
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/__mode", data=str(status).encode())
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        resp.read()
+
+
+def report(results: dict[str, Result], cores: int, wrk: bool, out: Any = print) -> dict[str, Any]:
+    pt = results["passthrough"]
+    up = results["upstream"]
+    out("")
+    out(
+        f"{'scenario':<18}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'/ pass':>8}{'/ upstream':>11}"
+    )
+    for name, r in results.items():
+        out(
+            f"{name:<18}{r.rps:>10,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>9}"
+            f"{r.rps / pt.rps if pt.rps else 0:>8.2f}{r.rps / up.rps if up.rps else 0:>11.2f}"
+        )
+    ratios = {
+        "new_vs_passthrough": results["new"].rps / pt.rps if pt.rps else 0.0,
+        "duplicate_vs_passthrough": results["duplicate"].rps / pt.rps if pt.rps else 0.0,
+        "failing_vs_passthrough": results["failing"].rps / pt.rps if pt.rps else 0.0,
+        "p99_at_35pct_delta_ms": results["new@35%"].p99_ms - results["passthrough@35%"].p99_ms,
+        "workers2_vs_workers1": (
+            results["workers=2"].rps / results["workers=1"].rps if results["workers=1"].rps else 0.0
+        ),
+    }
+    out("")
+    out(f"cores: {cores}; load generator: {'wrk' if wrk else 'built-in (figures are lower bounds)'}")
+    out(f"new events / pass-through:   {ratios['new_vs_passthrough']:.2f}  (target >= 0.85)")
+    out(f"duplicates / pass-through:   {ratios['duplicate_vs_passthrough']:.2f}  (target >= 1.5)")
+    out(f"upstream failing / pass:     {ratios['failing_vs_passthrough']:.2f}")
+    out(
+        f"p99 at ~35% load, sidecar - pass-through: {ratios['p99_at_35pct_delta_ms']:+.2f} ms  (target <= +1 ms)"
+    )
+    out(f"workers 2 / workers 1:       {ratios['workers2_vs_workers1']:.2f}  (target >= 1.4)")
+    return {"cores": cores, "wrk": wrk, "results": {k: vars(v) for k, v in results.items()}, "ratios": ratios}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sidecar.bench")
+    sub = parser.add_subparsers(dest="role", required=True)
+    up = sub.add_parser("upstream")
+    up.add_argument("port", type=int)
+    pt = sub.add_parser("passthrough")
+    pt.add_argument("port", type=int)
+    pt.add_argument("target")
+    args = parser.parse_args(argv)
+    if args.role == "upstream":
+        _serve_upstream(args.port)
+    else:
+        _serve_passthrough(args.port, args.target)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
