@@ -28,7 +28,7 @@ def build_cluster(root: Path) -> list[ValkeyServer]:
     servers = []
     for i in range(3):
         server = ValkeyServer(
-            port=free_port(),
+            port=free_port(below=55536),  # the cluster bus listens on port + 10000
             data_dir=root / f"node{i}",
             config={
                 "cluster-enabled": "yes",
