@@ -16,6 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -31,6 +32,8 @@ from sidecar.telemetry import AnySpan, Telemetry
 log = logging.getLogger("sidecar.ingress")
 
 EVENT_ID_HEADER = "X-Sidecar-Event-Id"
+# Providers that sign the URL (or read it, like X's CRC): only they need the public URL rebuilt per request.
+URL_SIGNING = frozenset({"twilio", "square", "hubspot", "x", "twitter", "hmac"})
 ROUTINE = frozenset(
     {"forwarded", "duplicate", "filtered", "handshake", "passthrough"}
 )  # DEBUG unless requests: all
@@ -223,7 +226,8 @@ class Ingress:
         except BodyTooLarge:
             result.outcome = "body_too_large"
             return json_error(413, "body_too_large")
-        inbound = Inbound(request.method, body, request.headers, public_url(request, cfg), time.time())
+        url = public_url(request, cfg) if cfg.provider in URL_SIGNING or cfg.public_url else ""
+        inbound = Inbound(request.method, body, request.headers, url, time.time())
         handshake = route.verifier.unsigned_handshake(inbound)
         if handshake is None and request.method != "POST":
             result.outcome = "passthrough"
@@ -270,9 +274,12 @@ class Ingress:
         if not claim.claimed:
             breaker.release(forward_now)
             result.outcome = "duplicate"
-            return web.json_response(
-                {"duplicate": True, "event_id": event_id, "state": claim.state},
-                headers={EVENT_ID_HEADER: event_id},
+            body = b'{"duplicate": true, "event_id": %s, "state": "%s"}' % (
+                orjson.dumps(event_id),
+                claim.state.encode(),
+            )
+            return web.Response(
+                body=body, content_type="application/json", headers={EVENT_ID_HEADER: event_id}
             )
         if schedule_at is not None:
             result.outcome, result.error = "queued", "circuit_open"

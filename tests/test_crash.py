@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from sidecar.keys import KeySpace
+from sidecar.store.records import parse_meta
 from tests.conftest import Upstream
 from tests.procs import SidecarProcess, free_port, write_config
 
@@ -63,7 +64,7 @@ async def test_crash_sigkill_mid_forward_leaves_event_stored_and_scheduled_then_
     assert stored[b"st"] == b"f"  # in flight under a lease
     lease_deadline = rdb.zscore(KEYS.schedule(shard), "stripe:evt_crash")
     assert lease_deadline is not None and lease_deadline > stored_first(stored)
-    meta = json.loads(stored[b"meta"])
+    meta = parse_meta(stored[b"meta"])
     assert meta["m"] == "POST" and meta["p"] == "/webhooks/stripe"
 
     # A new process (a restart, or any replica) delivers it once the lease runs out.

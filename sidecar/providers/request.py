@@ -12,6 +12,8 @@ import re
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
+import orjson
+
 from sidecar.providers.base import Inbound, VerificationError
 
 # A ms timestamp has 13 digits; longer is garbage (and int() refuses very long strings with a ValueError).
@@ -97,9 +99,12 @@ class Request:
         """The parsed JSON body, or None when the body is not JSON. Parsed once per request."""
         if self._json is None:
             try:
-                self._json = json.loads(self.inbound.body)
-            except (ValueError, RecursionError):
-                self._json = _INVALID
+                self._json = orjson.loads(self.inbound.body)  # ~5x the stdlib's speed on a webhook body
+            except orjson.JSONDecodeError:
+                try:  # what orjson refuses but the stdlib takes (integers past 64 bits, NaN…)
+                    self._json = json.loads(self.inbound.body)
+                except (ValueError, RecursionError):
+                    self._json = _INVALID
         return None if self._json is _INVALID else self._json
 
     def form(self) -> dict[str, list[str]]:

@@ -27,25 +27,34 @@ class EventRecord:
     traceparent: str | None = None
     first_seen_ms: int = 0
 
-    def meta_json(self) -> str:
-        return json.dumps(
-            {
-                "m": self.method,
-                "p": self.path_qs,
-                "h": self.headers,
-                "ip": self.client_ip,
-                "pr": self.proto,
-                "ho": self.host,
-                "tp": self.traceparent,
-            },
-            separators=(",", ":"),
-        )
+    def meta(self) -> str:
+        """The request's metadata as stored with the event: compact lines, cheap to write on every claim.
+
+        `v1`, method, path+query, client ip, proto, host, traceparent, then one `name:value` line per header.
+        HTTP forbids CR/LF in all of these and ':' in header names, so the lines split back unambiguously.
+        """
+        head = f"v1\n{self.method}\n{self.path_qs}\n{self.client_ip}\n{self.proto}\n{self.host}\n{self.traceparent or ''}"
+        if not self.headers:
+            return head
+        return head + "\n" + "\n".join([f"{k}:{v}" for k, v in self.headers])
+
+    def meta_dict(self) -> dict[str, Any]:
+        """The same metadata as a JSON-able dict (dead letters, admin views)."""
+        return {
+            "m": self.method,
+            "p": self.path_qs,
+            "h": [list(h) for h in self.headers],
+            "ip": self.client_ip,
+            "pr": self.proto,
+            "ho": self.host,
+            "tp": self.traceparent,
+        }
 
     @classmethod
     def from_stored(
         cls, route: str, dedupe_id: str, event_id: str, meta: str | bytes, body: bytes, first_seen_ms: int
     ) -> EventRecord:
-        m = json.loads(meta)
+        m = parse_meta(meta)
         return cls(
             route=route,
             dedupe_id=dedupe_id,
@@ -57,9 +66,28 @@ class EventRecord:
             client_ip=m.get("ip", ""),
             proto=m.get("pr", "http"),
             host=m.get("ho", ""),
-            traceparent=m.get("tp"),
+            traceparent=m.get("tp") or None,
             first_seen_ms=first_seen_ms,
         )
+
+
+def parse_meta(meta: str | bytes) -> dict[str, Any]:
+    """Stored metadata back to a dict: the compact v1 lines, or JSON (what a replay writes back)."""
+    text = meta.decode() if isinstance(meta, bytes) else meta
+    if text.startswith("{"):
+        parsed: dict[str, Any] = json.loads(text)
+        return parsed
+    lines = text.split("\n")
+    headers = [line.split(":", 1) for line in lines[7:]]
+    return {
+        "m": lines[1],
+        "p": lines[2],
+        "ip": lines[3],
+        "pr": lines[4],
+        "ho": lines[5],
+        "tp": lines[6] or None,
+        "h": [[k, v] for k, v in headers],
+    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from sidecar.store.records import (
     Evicted,
     Taken,
     parse_history,
+    parse_meta,
 )
 
 T = TypeVar("T")
@@ -160,7 +161,7 @@ class RedisStore:
         """Claim and persist `rec`. Leased for an attempt now, or (`schedule_at_ms`) just scheduled."""
         ev, sched, member = self._loc(rec.route, rec.dedupe_id)
         score, mode = (now_ms + lease_ms, "f") if schedule_at_ms is None else (schedule_at_ms, "p")
-        args = [now_ms, score, member, rec.meta_json(), rec.body, rec.event_id, mode, rec.route]
+        args = [now_ms, score, member, rec.meta(), rec.body, rec.event_id, mode, rec.route]
         stats = self._stats_key(rec.route, rec.dedupe_id)
         if rec.dedupe_id == rec.event_id:
             res = await self._call(lambda: self._claim(keys=[ev, sched, stats], args=args))
@@ -226,7 +227,7 @@ class RedisStore:
             "reason": reason,
             "first_seen_ms": rec.first_seen_ms,
             "dead_ms": now_ms,
-            "meta": json.loads(rec.meta_json()),
+            "meta": rec.meta_dict(),
             "history": full_history,
         }
         k = self.keys
@@ -297,7 +298,7 @@ class RedisStore:
             "last_error": f.get("le", b"").decode() or None,
             "history": parse_history(f.get("hist")),
             "body": f.get("body"),
-            "meta": json.loads(f["meta"]) if "meta" in f else None,
+            "meta": parse_meta(f["meta"]) if "meta" in f else None,
         }
 
     async def route_stats(self) -> dict[str, dict[str, int]]:

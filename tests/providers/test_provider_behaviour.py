@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlencode
 
@@ -296,13 +297,19 @@ def test_github_non_utf8_body_verifies_on_bytes() -> None:
 
 def test_provider_json_parsed_at_most_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
-    real = request_module.json.loads
+    real, real_fast = request_module.json.loads, request_module.orjson.loads
 
     def counting(data: Any, *args: Any, **kw: Any) -> Any:
         calls.append(data)
         return real(data, *args, **kw)
 
+    def counting_fast(data: Any) -> Any:
+        calls.append(data)
+        return real_fast(data)
+
     monkeypatch.setattr(request_module.json, "loads", counting)
+    fast = SimpleNamespace(loads=counting_fast, JSONDecodeError=request_module.orjson.JSONDecodeError)
+    monkeypatch.setattr(request_module, "orjson", fast)
     body = b'{"type":"event_callback","event_id":"Ev1","event":{"type":"message"}}'
     verify("slack", ["slack-good"], body, _slack_headers(body))
     assert len(calls) == 1
