@@ -84,9 +84,18 @@ class Breakers:
     cooldown: float = 2.0
     max_cooldown: float = 60.0
     _by_origin: dict[str, Breaker] = field(default_factory=dict)
+    _by_url: dict[str, Breaker] = field(default_factory=dict)
 
     def for_url(self, url: str) -> Breaker:
-        origin = _origin(url)
+        cached = self._by_url.get(url)
+        if cached is not None:
+            return cached
+        if len(self._by_url) > 10_000:  # URLs carry query strings: keep the cache bounded
+            self._by_url.clear()
+        self._by_url[url] = breaker = self._for_origin(_origin(url))
+        return breaker
+
+    def _for_origin(self, origin: str) -> Breaker:
         breaker = self._by_origin.get(origin)
         if breaker is None:
             breaker = Breaker(self.threshold, self.cooldown, self.max_cooldown)

@@ -85,12 +85,11 @@ class Dispatcher:
         self.tel.end(span, outcome.error, outcome.status)
         self.breakers.for_url(url).record(outcome.kind != "retryable")
         self.tel.forward_attempts[(rec.route, outcome.kind)] += 1
-        self.tel.forward_duration.record(outcome.duration, {"route": rec.route})
+        labels = self.tel.route_labels(rec.route)
+        self.tel.forward_duration.record(outcome.duration, labels)
         disposition = await self.settle(route, rec, attempt, outcome, history or [])
         if disposition.kind == "delivered":
-            self.tel.delivery_lag.record(
-                max(0.0, time.time() - rec.first_seen_ms / 1000), {"route": rec.route}
-            )
+            self.tel.delivery_lag.record(max(0.0, time.time() - rec.first_seen_ms / 1000), labels)
         if parent is None and log.isEnabledFor(logging.INFO):
             log.info(
                 "attempt",

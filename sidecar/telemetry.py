@@ -111,6 +111,7 @@ class Telemetry:
         self.dlq_evicted: defaultdict[str, int] = defaultdict(int)
         self.config_reloads: defaultdict[str, int] = defaultdict(int, {"applied": 0, "rejected": 0})
         self.snapshot: dict[str, dict[str, float]] = {}
+        self._route_labels: dict[str, dict[str, str]] = {}
 
         meter.create_observable_counter(
             REQUESTS, [self._counter(self.requests, ("route", "outcome"))], description="Inbound requests"
@@ -165,6 +166,13 @@ class Telemetry:
         self.recording = bool(processors)
 
     # ---- metrics ---------------------------------------------------------------------------------------------------
+
+    def route_labels(self, route: str) -> dict[str, str]:
+        """The `{"route": …}` attribute dict, made once per route (instruments read it on every record)."""
+        labels = self._route_labels.get(route)
+        if labels is None:
+            labels = self._route_labels[route] = {"route": route}
+        return labels
 
     @staticmethod
     def _counter(counts: Mapping[tuple[str, str], int], labels: tuple[str, str]) -> Any:

@@ -179,6 +179,7 @@ class PipelinedClient:
         self._nodes: dict[tuple[str, int], Node] = {}
         self._slots: list[tuple[str, int] | None] = [None] * 16384
         self._refreshing: asyncio.Future[None] | None = None
+        self._single: Connection | None = None  # single-node fast path: the live connection, no lookups
 
     def _node(self, addr: tuple[str, int]) -> Node:
         node = self._nodes.get(addr)
@@ -189,7 +190,10 @@ class PipelinedClient:
 
     async def execute(self, args: Sequence[Any], key: str | bytes | None = None) -> Any:
         if not self.cluster:
-            return await self._node(self._seeds[0]).execute(args)
+            conn = self._single
+            if conn is None or conn.closed:
+                conn = self._single = await self._node(self._seeds[0]).connection()
+            return await conn.execute(args)
         slot = key_slot(key.encode() if isinstance(key, str) else key) if key is not None else 0
         for _ in range(3):
             addr = self._slots[slot]

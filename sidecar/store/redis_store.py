@@ -44,6 +44,13 @@ def _script(name: str) -> str:
     return resources.files("sidecar.store").joinpath("lua", f"{name}.lua").read_text()
 
 
+def _translate(exc: BaseException) -> StoreError:
+    """A client error as the store's own: unreachable / timed out -> StoreUnavailable, the rest -> StoreError."""
+    if isinstance(exc, _UNAVAILABLE):
+        return StoreUnavailable(f"store unreachable: {type(exc).__name__}")
+    return StoreError(f"store error: {exc}")
+
+
 def dead_letter_id(route: str, dedupe_id: str) -> str:
     """Deterministic, so burying the same event twice (a crash between the two bury steps) overwrites."""
     return hashlib.sha256(f"{route}\x00{dedupe_id}".encode()).hexdigest()[:24]
@@ -132,18 +139,26 @@ class RedisStore:
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         try:
             return await fn()
-        except rexc.NoScriptError as exc:  # pragma: no cover - Script handles NOSCRIPT itself
-            raise StoreError(str(exc)) from exc
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"store unreachable: {type(exc).__name__}") from exc
-        except (rexc.RedisError, ReplyError) as exc:
-            raise StoreError(f"store error: {exc}") from exc
+        except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
+            raise _translate(exc) from exc
 
     async def ping(self) -> bool:
         try:
             return bool(await self._call(self._r.ping))
         except StoreError:
             return False
+
+    def _where(self, route: str, dedupe_id: str) -> tuple[str, str, str, str]:
+        """(event key, schedule key, stats key, schedule member): one shard computation for the hot path."""
+        shard = self.keys.shard_of(route, dedupe_id)
+        member = f"{route}:{dedupe_id}"
+        prefix = self.keys.prefix
+        return (
+            f"{prefix}:{{{shard}}}:ev:{member}",
+            f"{prefix}:{{{shard}}}:sched",
+            f"{prefix}:{{{shard}}}:stats",
+            member,
+        )
 
     def _loc(self, route: str, dedupe_id: str) -> tuple[str, str, str]:
         shard = self.keys.shard_of(route, dedupe_id)
@@ -159,12 +174,14 @@ class RedisStore:
         self, rec: EventRecord, now_ms: int, lease_ms: int, schedule_at_ms: int | None = None
     ) -> ClaimResult:
         """Claim and persist `rec`. Leased for an attempt now, or (`schedule_at_ms`) just scheduled."""
-        ev, sched, member = self._loc(rec.route, rec.dedupe_id)
+        ev, sched, stats, member = self._where(rec.route, rec.dedupe_id)
         score, mode = (now_ms + lease_ms, "f") if schedule_at_ms is None else (schedule_at_ms, "p")
         args = [now_ms, score, member, rec.meta(), rec.body, rec.event_id, mode, rec.route]
-        stats = self._stats_key(rec.route, rec.dedupe_id)
         if rec.dedupe_id == rec.event_id:
-            res = await self._call(lambda: self._claim(keys=[ev, sched, stats], args=args))
+            try:  # inline rather than through _call: this is the one call every request makes
+                res = await self._claim(keys=[ev, sched, stats], args=args)
+            except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
+                raise _translate(exc) from exc
         else:
             # The claim is on a digest: index the provider's id for operators, in the same round trip.
             alias = self.keys.alias(rec.route, rec.event_id)
@@ -187,10 +204,12 @@ class RedisStore:
         return ClaimResult(False, STATE_NAMES.get(res[1].decode(), "pending"))
 
     async def ack(self, route: str, dedupe_id: str, entry: AttemptRecord, now_ms: int) -> bool:
-        ev, sched, member = self._loc(route, dedupe_id)
+        ev, sched, stats, member = self._where(route, dedupe_id)
         args = [now_ms, self._ttl_ms, member, entry.to_json(), entry.status or "", route]
-        stats = self._stats_key(route, dedupe_id)
-        return bool(await self._call(lambda: self._ack(keys=[ev, sched, stats], args=args)))
+        try:
+            return bool(await self._ack(keys=[ev, sched, stats], args=args))
+        except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
+            raise _translate(exc) from exc
 
     async def retry(
         self, route: str, dedupe_id: str, attempt: int, due_ms: int, entry: AttemptRecord
