@@ -20,6 +20,7 @@ from aiohttp import web
 from sidecar.config import Config
 from sidecar.dispatch import Dispatcher
 from sidecar.forwarder import Forwarder
+from sidecar.http1 import Http1Client
 from sidecar.ingress import Ingress
 from sidecar.keys import KeySpace
 from sidecar.reload import Reloader
@@ -66,7 +67,9 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=config.upstream.max_connections, limit_per_host=0)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     telemetry = app[TELEMETRY]
-    dispatcher = Dispatcher(config, store, Forwarder(session, config.upstream.timeout), telemetry)
+    http1 = Http1Client(config.upstream.max_connections)
+    forwarder = Forwarder(session, config.upstream.timeout, http1)
+    dispatcher = Dispatcher(config, store, forwarder, telemetry)
     ingress = Ingress(dispatcher, telemetry)
     worker = RetryWorker(store, dispatcher, concurrency=config.upstream.max_connections)
     worker.periodic.append(ingress.flush_rejections)
@@ -90,6 +93,7 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=config.server.shutdown_grace)
         await ingress.flush_rejections()
+        http1.close()
         await session.close()
         await store.close()
 

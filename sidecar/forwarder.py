@@ -18,6 +18,7 @@ from typing import Literal
 
 import aiohttp
 
+from sidecar.http1 import Http1Client, UpstreamError
 from sidecar.store.records import EventRecord
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the ones the client recomputes for the new hop.
@@ -125,8 +126,15 @@ _STANDARD_WEBHOOKS = frozenset({"webhook-id", "webhook-timestamp", "webhook-sign
 
 
 class Forwarder:
-    def __init__(self, session: aiohttp.ClientSession, timeout: float) -> None:
+    """POSTs (every event) go through the lean keep-alive client in `http1`; other methods (pass-through of
+    GET/HEAD/…, whose semantics aiohttp handles fully) through the shared aiohttp session."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, timeout: float, http1: Http1Client | None = None
+    ) -> None:
         self._session = session
+        self._http1 = http1
+        self._total = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def send(
@@ -138,6 +146,17 @@ class Forwarder:
         policy: RetryPolicy,
     ) -> Outcome:
         start = time.perf_counter()
+        if method == "POST" and self._http1 is not None:
+            try:
+                resp = await self._http1.post(url, headers, body, self._total)
+            except UpstreamError as exc:
+                return Outcome("retryable", None, exc.kind, time.perf_counter() - start)
+            status, payload = resp.status, resp.body
+            retry_after = next((v for k, v in resp.headers if k.lower() == "retry-after"), None)
+            connection = next((v for k, v in resp.headers if k.lower() == "connection"), None)
+            return _classify(
+                status, payload, end_to_end(resp.headers, connection), retry_after, policy, start
+            )
         try:
             async with self._session.request(
                 method,
@@ -156,11 +175,22 @@ class Forwarder:
             return Outcome("retryable", None, "timeout", time.perf_counter() - start)
         except (aiohttp.ClientError, OSError) as exc:
             return Outcome("retryable", None, _describe(exc), time.perf_counter() - start)
-        duration = time.perf_counter() - start
-        if 200 <= status < 300:
-            return Outcome("delivered", status, None, duration, retry_after, relay, payload)
-        kind: Literal["retryable", "permanent"] = "retryable" if policy.retryable(status) else "permanent"
-        return Outcome(kind, status, None, duration, retry_after, relay, payload)
+        return _classify(status, payload, relay, retry_after, policy, start)
+
+
+def _classify(
+    status: int,
+    payload: bytes,
+    relay: list[tuple[str, str]],
+    retry_after: str | None,
+    policy: RetryPolicy,
+    start: float,
+) -> Outcome:
+    duration = time.perf_counter() - start
+    if 200 <= status < 300:
+        return Outcome("delivered", status, None, duration, retry_after, relay, payload)
+    kind: Literal["retryable", "permanent"] = "retryable" if policy.retryable(status) else "permanent"
+    return Outcome(kind, status, None, duration, retry_after, relay, payload)
 
 
 def _describe(exc: BaseException) -> str:
