@@ -1,0 +1,221 @@
+"""The forwarding client against real servers that behave, and servers that do not: keep-alive reuse, chunked and
+close-delimited bodies, interim answers, timeouts, refused connections, mid-response disconnects, the keep-alive
+race, oversized answers, non-ASCII header bytes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+from sidecar.http1 import Http1Client, Origin, UpstreamError
+from tests.procs import free_port
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        ),
+        0,
+    )
+    return head, await reader.readexactly(length)
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
+    """Start a raw TCP server on 127.0.0.1 with a scripted handler; returns its URL."""
+    servers: list[asyncio.base_events.Server] = []
+    writers: list[asyncio.StreamWriter] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def start(handler: Handler) -> str:
+        async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)
+            task = asyncio.current_task()
+            assert task is not None
+            tasks.add(task)
+            try:
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                tasks.discard(task)
+
+        server = await asyncio.start_server(tracked, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook?x=1"
+
+    yield start
+    for task in list(tasks):  # handlers still sleeping (the hanging upstream): stop them
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for writer in writers:
+        writer.close()
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+    await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[Http1Client]:
+    c = Http1Client(max_connections=10)
+    yield c
+    c.close()
+
+
+async def test_http1_posts_exact_bytes_and_reuses_one_connection(upstream, client: Http1Client) -> None:
+    body = b'{"id":"evt_1","note":"\xc3\xa9"}'
+    for _ in range(5):
+        resp = await client.post(
+            upstream.url + "/in?a=1", [("X-Custom", "v"), ("Content-Type", "application/json")], body, 2.0
+        )
+        assert resp.status == 200 and resp.body == b'{"ok": true}'
+        assert ("X-Upstream", "yes") in resp.headers
+    assert [r.body for r in upstream.received] == [body] * 5
+    first = upstream.received[0]
+    assert first.path_qs == "/in?a=1"
+    assert first.headers["x-custom"] == "v" and first.headers["host"].startswith("127.0.0.1:")
+    idle = sum(len(q) for q in client._idle.values())
+    assert idle == 1  # five sequential requests, one kept-alive connection
+
+
+async def test_http1_concurrent_requests_each_get_their_own_answer(client: Http1Client) -> None:
+    async def echo(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.01)
+        return web.Response(body=await request.read())
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        results = await asyncio.gather(
+            *(client.post(f"http://127.0.0.1:{port}/e", [], f"body-{i}".encode(), 2.0) for i in range(50))
+        )
+        assert [r.body for r in results] == [f"body-{i}".encode() for i in range(50)]
+    finally:
+        await runner.cleanup()
+
+
+async def test_http1_chunked_and_close_delimited_bodies(raw_server, client: Http1Client) -> None:
+    async def chunked(reader, writer):
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    async def until_close(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 201 Created\r\nX-A: 1\r\n\r\npartial-then-")
+        await writer.drain()
+        writer.write(b"close")
+        await writer.drain()
+        writer.close()
+
+    resp = await client.post(await raw_server(chunked), [], b"x", 2.0)
+    assert (resp.status, resp.body) == (200, b"hello world")
+    resp = await client.post(await raw_server(until_close), [], b"x", 2.0)
+    assert (resp.status, resp.body) == (201, b"partial-then-close")
+
+
+async def test_http1_skips_interim_answers(raw_server, client: Http1Client) -> None:
+    async def early_hints(reader, writer):
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\nok"
+        )
+        await writer.drain()
+
+    resp = await client.post(await raw_server(early_hints), [], b"x", 2.0)
+    assert (resp.status, resp.body) == (202, b"ok")
+
+
+async def test_http1_timeout_refused_and_mid_response_disconnect(raw_server, client: Http1Client) -> None:
+    async def hang(reader, writer):
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    async def cut(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-part")
+        await writer.drain()
+        writer.close()
+
+    with pytest.raises(UpstreamError) as exc:
+        await client.post(await raw_server(hang), [], b"x", 0.3)
+    assert exc.value.kind == "timeout"
+    with pytest.raises(UpstreamError) as exc:
+        await client.post(f"http://127.0.0.1:{free_port()}/", [], b"x", 1.0)
+    assert exc.value.kind == "connect_error"
+    with pytest.raises(UpstreamError) as exc:
+        await client.post(await raw_server(cut), [], b"x", 1.0)
+    assert exc.value.kind == "disconnected"
+
+
+async def test_http1_retries_once_when_a_kept_alive_connection_was_closed(
+    raw_server, client: Http1Client
+) -> None:
+    served: list[int] = []
+
+    async def one_then_close(reader, writer):
+        await read_request(reader)
+        served.append(1)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # says keep-alive, then closes
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    url = await raw_server(one_then_close)
+    assert (await client.post(url, [], b"a", 1.0)).body == b"ok"
+    await asyncio.sleep(0.15)  # the server has closed the idle connection
+    assert (await client.post(url, [], b"b", 1.0)).body == b"ok"  # transparently on a new connection
+    assert len(served) == 2
+
+
+async def test_http1_refuses_oversized_answers(raw_server, client: Http1Client, monkeypatch) -> None:
+    monkeypatch.setattr("sidecar.http1.MAX_RESPONSE_BYTES", 1000)
+
+    async def huge(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"z" * 5000)
+        await writer.drain()
+
+    with pytest.raises(UpstreamError) as exc:
+        await client.post(await raw_server(huge), [], b"x", 1.0)
+    assert exc.value.kind == "response_too_large"
+
+
+async def test_http1_header_bytes_pass_through_unchanged(raw_server, client: Http1Client) -> None:
+    seen: list[bytes] = []
+
+    async def capture(reader, writer):
+        head, _ = await read_request(reader)
+        seen.append(head)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Back: caf\xc3\xa9\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    value = b"caf\xc3\xa9 \xff".decode("utf-8", "surrogateescape")  # how aiohttp hands us odd header bytes
+    resp = await client.post(await raw_server(capture), [("X-Odd", value)], b"", 1.0)
+    assert b"X-Odd: caf\xc3\xa9 \xff\r\n" in seen[0]
+    assert ("X-Back", "café") in resp.headers
+
+
+def test_http1_origin_parsing() -> None:
+    assert Origin.parse("http://h:80/p?q=1") == Origin("http", "h", 80, "h", "/p?q=1")
+    assert Origin.parse("https://h/").host_header == "h"
+    assert Origin.parse("http://[::1]:8080").host_header == "[::1]:8080"
+    with pytest.raises(ValueError):
+        Origin.parse("ftp://h/")
