@@ -127,6 +127,7 @@ class Result:
     p99_ms: float
     requests: int
     non2xx: int = 0
+    cpu_us: float = 0.0  # CPU of the process under test (and its children) per request
 
 
 def _free_port() -> int:
@@ -143,6 +144,20 @@ def _wait_port(port: int, timeout: float = 20.0) -> None:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of `pid` and its direct children (a supervisor's workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def _pin(core: int | None) -> list[str]:
@@ -270,10 +285,23 @@ routes:
         return [f"evt_bench_{os.getpid()}_{i}" for i in range(start, start + n)]
 
     def load(
-        self, name: str, port: int, ids: list[str], connections: int | None = None, delay_ms: float = 0
+        self,
+        name: str,
+        port: int,
+        ids: list[str],
+        connections: int | None = None,
+        delay_ms: float = 0,
+        pid: int | None = None,
     ) -> Result:
         reqs = self.tmp / f"{name}.tsv"
         write_requests(reqs, ids)
+        cpu0 = _cpu_seconds(pid) if pid and Path("/proc").exists() else None
+        result = self._run_load(name, port, reqs, connections, delay_ms)
+        if cpu0 is not None and pid and result.requests:
+            result.cpu_us = (_cpu_seconds(pid) - cpu0) / result.requests * 1e6
+        return result
+
+    def _run_load(self, name: str, port: int, reqs: Path, connections: int | None, delay_ms: float) -> Result:
         url = f"http://127.0.0.1:{port}"
         conns = connections or self.connections
         if self.wrk:
@@ -362,33 +390,37 @@ def run_bench(duration: float, connections: int, out: Any = print) -> dict[str, 
             f"{connections} connections, {BODY_SIZE} B bodies"
         )
         up_sut = bench.upstream(core_sut)
-        results["upstream"] = bench.load("upstream", up_sut, bench.fresh_ids(200_000))
+        results["upstream"] = bench.load(
+            "upstream", up_sut, bench.fresh_ids(200_000), pid=bench.procs[-1].pid
+        )
         up = bench.upstream(core_load)
         pt_port, pt = bench.passthrough(up)
-        results["passthrough"] = bench.load("passthrough", pt_port, bench.fresh_ids(200_000))
+        results["passthrough"] = bench.load("passthrough", pt_port, bench.fresh_ids(200_000), pid=pt.pid)
         sc_port, sc = bench.sidecar(redis_url, up, workers=1, pinned=True)
-        results["new"] = bench.load("new", sc_port, bench.fresh_ids(bench.estimate()))
+        results["new"] = bench.load("new", sc_port, bench.fresh_ids(bench.estimate()), pid=sc.pid)
         dup_ids = bench.fresh_ids(2_000)
         _prime(sc_port, dup_ids)
-        results["duplicate"] = bench.load("duplicate", sc_port, dup_ids)
+        results["duplicate"] = bench.load("duplicate", sc_port, dup_ids, pid=sc.pid)
         rate = 0.35 * results["passthrough"].rps
         conns = 16
         # wrk waits `delay` after each response: rate ~= conns / (delay + latency), latency ~1 ms when lightly loaded
         delay = max(0.0, conns / rate * 1000 - 1.0) if rate else 0.0
         results["passthrough@35%"] = bench.load(
-            "passthrough35", pt_port, bench.fresh_ids(200_000), conns, delay
+            "passthrough35", pt_port, bench.fresh_ids(200_000), conns, delay, pid=pt.pid
         )
-        results["new@35%"] = bench.load("new35", sc_port, bench.fresh_ids(bench.estimate()), conns, delay)
+        results["new@35%"] = bench.load(
+            "new35", sc_port, bench.fresh_ids(bench.estimate()), conns, delay, pid=sc.pid
+        )
         _set_mode(up, 503)
-        results["failing"] = bench.load("failing", sc_port, bench.fresh_ids(bench.estimate()))
+        results["failing"] = bench.load("failing", sc_port, bench.fresh_ids(bench.estimate()), pid=sc.pid)
         _set_mode(up, 200)
         bench.stop(sc)
         bench.stop(pt)
         w1_port, w1 = bench.sidecar(redis_url, up, workers=1, pinned=False)
-        results["workers=1"] = bench.load("w1", w1_port, bench.fresh_ids(bench.estimate()))
+        results["workers=1"] = bench.load("w1", w1_port, bench.fresh_ids(bench.estimate()), pid=w1.pid)
         bench.stop(w1)
         w2_port, w2 = bench.sidecar(redis_url, up, workers=2, pinned=False)
-        results["workers=2"] = bench.load("w2", w2_port, bench.fresh_ids(bench.estimate()))
+        results["workers=2"] = bench.load("w2", w2_port, bench.fresh_ids(bench.estimate()), pid=w2.pid)
         bench.stop(w2)
     finally:
         bench.close()
@@ -427,17 +459,19 @@ def report(results: dict[str, Result], cores: int, wrk: bool, out: Any = print) 
     up = results["upstream"]
     out("")
     out(
-        f"{'scenario':<18}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'/ pass':>8}{'/ upstream':>11}"
+        f"{'scenario':<18}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'CPU us/req':>12}"
+        f"{'/ pass':>8}{'/ upstream':>11}"
     )
     for name, r in results.items():
         out(
-            f"{name:<18}{r.rps:>10,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>9}"
+            f"{name:<18}{r.rps:>10,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>9}{r.cpu_us:>12.0f}"
             f"{r.rps / pt.rps if pt.rps else 0:>8.2f}{r.rps / up.rps if up.rps else 0:>11.2f}"
         )
     ratios = {
         "new_vs_passthrough": results["new"].rps / pt.rps if pt.rps else 0.0,
         "duplicate_vs_passthrough": results["duplicate"].rps / pt.rps if pt.rps else 0.0,
         "failing_vs_passthrough": results["failing"].rps / pt.rps if pt.rps else 0.0,
+        "new_cpu_us_over_passthrough": results["new"].cpu_us - pt.cpu_us,
         "p99_at_35pct_delta_ms": results["new@35%"].p99_ms - results["passthrough@35%"].p99_ms,
         "workers2_vs_workers1": (
             results["workers=2"].rps / results["workers=1"].rps if results["workers=1"].rps else 0.0
@@ -446,6 +480,9 @@ def report(results: dict[str, Result], cores: int, wrk: bool, out: Any = print) 
     out("")
     out(f"cores: {cores}; load generator: {'wrk' if wrk else 'built-in (figures are lower bounds)'}")
     out(f"new events / pass-through:   {ratios['new_vs_passthrough']:.2f}  (target >= 0.85)")
+    out(
+        f"new events CPU - pass-through CPU: {ratios['new_cpu_us_over_passthrough']:+.0f} us/request  (target <= +20)"
+    )
     out(f"duplicates / pass-through:   {ratios['duplicate_vs_passthrough']:.2f}  (target >= 1.5)")
     out(f"upstream failing / pass:     {ratios['failing_vs_passthrough']:.2f}")
     out(
