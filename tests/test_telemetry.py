@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -207,3 +208,47 @@ async def test_telemetry_default_logs_only_notable_requests_at_info(
         setup_logging("warning", "text")
     events = [json.loads(line).get("event_id") for line in stream.getvalue().splitlines() if line.strip()]
     assert "evt_loud" in events and "evt_quiet" not in events
+
+
+async def test_telemetry_exports_over_otlp_when_the_standard_variables_are_set(
+    monkeypatch: pytest.MonkeyPatch, sidecar_factory: Any, upstream: Upstream
+) -> None:
+    from aiohttp import web
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: dict[str, list[bytes]] = {"/v1/metrics": [], "/v1/traces": []}
+
+    async def collect(request: web.Request) -> web.Response:
+        received[request.path].append(await request.read())
+        return web.Response(status=200)
+
+    collector = web.Application()
+    collector.router.add_post("/v1/metrics", collect)
+    collector.router.add_post("/v1/traces", collect)
+    runner = web.AppRunner(collector)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    tel = Telemetry()
+    try:
+        client = await sidecar_factory(ROUTES, telemetry=tel)
+        assert (await send(client, "/webhooks/stripe", "evt_otlp")).status == 200
+        # the exporters run in their own threads: flush them without blocking the loop the collector runs on
+        await asyncio.to_thread(tel.meter_provider.force_flush)
+        await asyncio.to_thread(tel.tracer_provider.force_flush)
+    finally:
+        await asyncio.to_thread(tel.shutdown)
+        await runner.cleanup()
+    names = set()
+    for raw in received["/v1/metrics"]:
+        msg = ExportMetricsServiceRequest.FromString(raw)
+        names |= {m.name for rm in msg.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    assert {"sidecar_requests_total", "sidecar_forward_duration_seconds"} <= names
+    spans = set()
+    for raw in received["/v1/traces"]:
+        msg = ExportTraceServiceRequest.FromString(raw)
+        spans |= {s.name for rs in msg.resource_spans for ss in rs.scope_spans for s in ss.spans}
+    assert {"webhook.receive", "webhook.forward"} <= spans
