@@ -166,3 +166,37 @@ async def test_cluster_ingest_retry_dead_letter_flow(cluster_url: str, upstream:
         stats = await runtime.store.route_stats()
         assert stats["stripe"]["delivered"] == 41 and stats["stripe"]["dead"] == 1
         assert stats["stripe"]["duplicates"] == 81
+
+
+async def test_cluster_dead_letters_replay_through_the_same_schedule(
+    cluster_url: str, upstream: Upstream
+) -> None:
+    from sidecar.store.dead_letters import DeadLetters
+
+    config = make_config(ROUTES, upstream_url=upstream.url, redis_url=cluster_url)
+    app = create_app(config, redis_url=cluster_url, run_worker=False)
+    async with TestClient(TestServer(app)) as client:
+        runtime = app[RUNTIME]
+        upstream.respond(400, 400, 400, 400, 400)
+        ids = [f"evt_rp{i}" for i in range(5)]
+        for event_id in ids:
+            body = stripe_body(event_id)
+            assert (
+                await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+            ).status == 202
+        dlq = DeadLetters(runtime.store)
+        assert await dlq.count("stripe") == 5
+        items = await dlq.get_many(await dlq.ids("stripe"))
+        outcomes = await asyncio.gather(
+            *(dlq.replay(item, int(time.time() * 1000), "cluster test") for item in items)
+        )
+        assert set(outcomes) == {"replayed"}
+        assert await dlq.count("stripe") == 0
+        assert (
+            await runtime.worker.run_once() == 5
+        )  # the ordinary worker delivers them, from every node's shards
+        delivered = [r.headers["x-sidecar-event-id"] for r in upstream.received[5:]]
+        assert sorted(delivered) == sorted(ids)
+        assert {r.headers["x-sidecar-attempt"] for r in upstream.received[5:]} == {
+            "1"
+        }  # attempts start again
