@@ -237,8 +237,7 @@ async def test_telemetry_exports_over_otlp_when_the_standard_variables_are_set(
         client = await sidecar_factory(ROUTES, telemetry=tel)
         assert (await send(client, "/webhooks/stripe", "evt_otlp")).status == 200
         # the exporters run in their own threads: flush them without blocking the loop the collector runs on
-        await asyncio.to_thread(tel.meter_provider.force_flush)
-        await asyncio.to_thread(tel.tracer_provider.force_flush)
+        await asyncio.to_thread(tel.force_flush)
     finally:
         await asyncio.to_thread(tel.shutdown)
         await runner.cleanup()
@@ -252,3 +251,25 @@ async def test_telemetry_exports_over_otlp_when_the_standard_variables_are_set(
         msg = ExportTraceServiceRequest.FromString(raw)
         spans |= {s.name for rs in msg.resource_spans for ss in rs.scope_spans for s in ss.spans}
     assert {"webhook.receive", "webhook.forward"} <= spans
+
+
+def test_telemetry_route_histogram_buckets_are_cumulative_and_inclusive() -> None:
+    tel = Telemetry()
+    try:
+        for v in (0.001, 0.0011, 0.3, 99.0):
+            tel.forward_duration.record(v, {"route": "r"})
+        samples = {
+            (s.name, s.labels.get("le")): s.value
+            for family in text_string_to_metric_families(tel.render().decode())
+            if family.name == "sidecar_forward_duration_seconds"
+            for s in family.samples
+        }
+    finally:
+        tel.shutdown()
+    assert samples[("sidecar_forward_duration_seconds_bucket", "0.001")] == 1  # le is "<=": 0.001 counts here
+    assert samples[("sidecar_forward_duration_seconds_bucket", "0.0025")] == 2
+    assert samples[("sidecar_forward_duration_seconds_bucket", "0.5")] == 3
+    assert samples[("sidecar_forward_duration_seconds_bucket", "60.0")] == 3
+    assert samples[("sidecar_forward_duration_seconds_bucket", "+Inf")] == 4
+    assert samples[("sidecar_forward_duration_seconds_count", None)] == 4
+    assert samples[("sidecar_forward_duration_seconds_sum", None)] == pytest.approx(99.3021)
