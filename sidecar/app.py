@@ -64,6 +64,7 @@ def make_store(config: Config, url: str) -> RedisStore:
 async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = make_store(config, app[REDIS_URL])
+    await store.preload()
     connector = aiohttp.TCPConnector(limit=config.upstream.max_connections, limit_per_host=0)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     telemetry = app[TELEMETRY]
@@ -92,6 +93,7 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=config.server.shutdown_grace)
+        await dispatcher.drain_marks(timeout=config.server.shutdown_grace)
         await ingress.flush_rejections()
         http1.close()
         await session.close()

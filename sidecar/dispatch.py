@@ -6,6 +6,7 @@ through `Dispatcher.attempt`, so there is one code path from "we hold the event"
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class Dispatcher:
     def __init__(self, config: Config, store: RedisStore, forwarder: Forwarder, telemetry: Telemetry) -> None:
         self.table = RouteTable.build(config)  # swapped whole by a reload
         self.tel = telemetry
+        self.pending_marks: set[asyncio.Future[None]] = set()
         self.store = store
         self.forwarder = forwarder
         b = config.upstream.breaker
@@ -87,7 +89,9 @@ class Dispatcher:
         self.tel.forward_attempts[(rec.route, outcome.kind)] += 1
         labels = self.tel.route_labels(rec.route)
         self.tel.forward_duration.record(outcome.duration, labels)
-        disposition = await self.settle(route, rec, attempt, outcome, history or [])
+        disposition = await self.settle(
+            route, rec, attempt, outcome, history or [], background=parent is not None
+        )
         if disposition.kind == "delivered":
             self.tel.delivery_lag.record(max(0.0, time.time() - rec.first_seen_ms / 1000), labels)
         if parent is None and log.isEnabledFor(logging.INFO):
@@ -106,6 +110,18 @@ class Dispatcher:
             )
         return disposition
 
+    async def _mark_delivered(self, rec: EventRecord, entry: AttemptRecord, now_ms: int) -> None:
+        try:
+            await self.store.ack(rec.route, rec.dedupe_id, entry, now_ms)
+        except StoreError as exc:
+            # The event stays in flight under its lease: a replica re-delivers it later (at-least-once).
+            log.warning("could not mark %s/%s delivered: %s", rec.route, rec.event_id, exc)
+
+    async def drain_marks(self, timeout: float) -> None:
+        """Wait (bounded) for delivered marks still on their way; for shutdown."""
+        if self.pending_marks:
+            await asyncio.wait(set(self.pending_marks), timeout=timeout)
+
     def breaker(self, route: RouteConfig, path_qs: str) -> Breaker:
         return self.breakers.for_url(target_url(self.config, route, path_qs))
 
@@ -121,16 +137,22 @@ class Dispatcher:
         attempt: int,
         outcome: Outcome,
         history: list[dict[str, Any]],
+        background: bool = False,
     ) -> Disposition:
         now = time.time()
         now_ms = int(now * 1000)
         entry = AttemptRecord(now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000)
         if outcome.kind == "delivered":
-            try:
-                await self.store.ack(rec.route, rec.dedupe_id, entry, now_ms)
-            except StoreError as exc:
-                # The event stays in flight under its lease: a replica re-delivers it later (at-least-once).
-                log.warning("could not mark %s/%s delivered: %s", rec.route, rec.event_id, exc)
+            mark = self._mark_delivered(rec, entry, now_ms)
+            if background:
+                # The provider's answer need not wait for this round trip: the event has been durable since the
+                # claim, and if this process dies before the mark lands, the lease brings the event back
+                # (at-least-once, as for any crash mid-forward). Shutdown waits for marks still on their way.
+                task = asyncio.ensure_future(mark)
+                self.pending_marks.add(task)
+                task.add_done_callback(self.pending_marks.discard)
+            else:
+                await mark
             return Disposition("delivered", outcome)
         if outcome.kind == "permanent":
             return await self._bury(rec, attempt, outcome, history, "rejected", entry)

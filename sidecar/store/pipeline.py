@@ -243,6 +243,15 @@ class PipelinedClient:
             return
         raise ConnectionError(f"no cluster node answered CLUSTER SLOTS: {last}")
 
+    async def load_script(self, source: str) -> None:
+        """SCRIPT LOAD on the node, or on every primary of a cluster (scripts are cached per server)."""
+        if not self.cluster:
+            await self.execute(("SCRIPT", "LOAD", source))
+            return
+        await self.refresh_slots()
+        for addr in {a for a in self._slots if a is not None}:
+            await self._node(addr).execute(("SCRIPT", "LOAD", source))
+
     def close(self) -> None:
         for node in self._nodes.values():
             node.close()

@@ -73,7 +73,8 @@ class EventRecord:
 
 def parse_meta(meta: str | bytes) -> dict[str, Any]:
     """Stored metadata back to a dict: the compact v1 lines, or JSON (what a replay writes back)."""
-    text = meta.decode() if isinstance(meta, bytes) else meta
+    # surrogateescape: a header value that is not UTF-8 is stored as its raw bytes (see RedisStore.claim)
+    text = meta.decode("utf-8", "surrogateescape") if isinstance(meta, bytes) else meta
     if text.startswith("{"):
         parsed: dict[str, Any] = json.loads(text)
         return parsed

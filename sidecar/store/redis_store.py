@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, TypeVar
@@ -36,6 +37,7 @@ from sidecar.store.records import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("sidecar.store")
 
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, ConnectionError, TimeoutError, OSError)
 
@@ -127,6 +129,19 @@ class RedisStore:
             self._fast.close()
         await self._r.aclose()
 
+    async def preload(self) -> None:
+        """Load every hot-path script into the server before traffic, so a first use never answers NOSCRIPT (the
+        re-sent command would fall behind commands issued after it on the same connection). Best effort: a store
+        that is down now gets its scripts on first use, as after any restart."""
+        if self._fast is None:
+            return
+        scripts = (self._claim, self._take, self._ack, self._retry, self._dead, self._dlq_add, self._defer)
+        try:
+            for script in scripts:
+                await self._fast.load_script(script.source)
+        except (*_UNAVAILABLE, ReplyError) as exc:
+            log.warning("could not preload the store's scripts (they load on first use): %s", exc)
+
     async def guard(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run a client call with errors translated (StoreUnavailable / StoreError); for store-side modules."""
         return await self._call(fn)
@@ -176,7 +191,9 @@ class RedisStore:
         """Claim and persist `rec`. Leased for an attempt now, or (`schedule_at_ms`) just scheduled."""
         ev, sched, stats, member = self._where(rec.route, rec.dedupe_id)
         score, mode = (now_ms + lease_ms, "f") if schedule_at_ms is None else (schedule_at_ms, "p")
-        args = [now_ms, score, member, rec.meta(), rec.body, rec.event_id, mode, rec.route]
+        # aiohttp hands non-UTF-8 header bytes over as surrogates; store those bytes as they came, not a 500.
+        meta = rec.meta().encode("utf-8", "surrogateescape")
+        args = [now_ms, score, member, meta, rec.body, rec.event_id, mode, rec.route]
         if rec.dedupe_id == rec.event_id:
             try:  # inline rather than through _call: this is the one call every request makes
                 res = await self._claim(keys=[ev, sched, stats], args=args)
