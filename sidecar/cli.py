@@ -56,6 +56,9 @@ async def serve(
         app,
         auto_decompress=False,  # forward exactly the bytes the provider signed
         shutdown_timeout=config.server.shutdown_grace,
+        # server.read_timeout also bounds the wait for a request's headers (a client dribbling them, or sitting
+        # idle on a keep-alive connection); the body's part is enforced in the ingress (408 read_timeout).
+        keepalive_timeout=config.server.read_timeout,
         access_log=None,
         handle_signals=False,
     )
@@ -65,7 +68,12 @@ async def serve(
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reloader.reload("SIGHUP")))
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=True)
     await site.start()
-    admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
+    admin_runner = web.AppRunner(
+        create_admin_app(app),
+        keepalive_timeout=config.server.read_timeout,
+        access_log=None,
+        handle_signals=False,
+    )
     await admin_runner.setup()
     if admin:
         await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()

@@ -296,6 +296,8 @@ class _Ctx:
         self.env = env
         self.errors: list[tuple[int, str, str]] = []
         self.secrets: set[str] = set()
+        self.values = 0  # YAML values built so far, and how deep the current one is (see _build)
+        self.depth = 0
 
     def error(self, line: int, path: str, message: str) -> None:
         self.errors.append((line, path or "<root>", message))
@@ -338,7 +340,30 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+# Aliases let a few lines of YAML stand for a cyclic or exponentially large tree (`a: &a [*a]`, "billion laughs");
+# no real config comes near these limits, so past them the file is refused instead of hanging or overflowing.
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+
+
 def _build(ctx: _Ctx, ctor: yaml.constructor.SafeConstructor, node: yaml.Node, path: str, line: int) -> _Item:
+    ctx.values += 1
+    if ctx.depth >= MAX_DEPTH or ctx.values > MAX_VALUES:
+        if ctx.values <= MAX_VALUES + 1:  # one error line, not one per value left
+            ctx.values = MAX_VALUES + 2
+            what = f"nested more than {MAX_DEPTH} levels deep" if ctx.depth >= MAX_DEPTH else "too large"
+            ctx.error(line, path, f"the config is {what} (YAML aliases that repeat or contain themselves?)")
+        return _Item(BAD, line)
+    ctx.depth += 1
+    try:
+        return _build_node(ctx, ctor, node, path, line)
+    finally:
+        ctx.depth -= 1
+
+
+def _build_node(
+    ctx: _Ctx, ctor: yaml.constructor.SafeConstructor, node: yaml.Node, path: str, line: int
+) -> _Item:
     if isinstance(node, yaml.ScalarNode):
         return _scalar(ctx, ctor, node, path, line)
     if isinstance(node, yaml.SequenceNode):
@@ -448,6 +473,8 @@ def _compose(ctx: _Ctx, text: str) -> yaml.Node | None:
         ctx.error(mark.line + 1 if mark else 1, "<yaml>", f"invalid YAML: {message}")
     except yaml.YAMLError:
         ctx.error(1, "<yaml>", "invalid YAML")
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        ctx.error(1, "<yaml>", "invalid YAML: nested too deeply")
     return None
 
 

@@ -7,6 +7,7 @@ a 2xx always means the event is delivered, scheduled or dead-lettered.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import hashlib
 import json
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web, web_urldispatcher
 from multidict import CIMultiDict
 
 from sidecar.config import RouteConfig
@@ -45,14 +46,47 @@ def json_error(status: int, error: str, event_id: str | None = None, **extra: An
     return web.json_response({"error": error, **extra}, status=status, headers=headers)
 
 
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """The `Expect` handler: `100-continue` as aiohttp does it; anything else a 417 that does not echo the value.
+    (aiohttp's default handler echoes it into its 417 text, and a value that is not UTF-8 makes that a 500.)"""
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the answer's size
+        return None
+    return json_error(417, "expectation_failed")
+
+
+# Installed as aiohttp's default, not per route: the 404/405 "system" routes aiohttp makes for requests that match
+# no route (a CONNECT, `OPTIONS *`, any path on the admin app) read the default when they are made.
+web_urldispatcher._default_expect_handler = expect_continue  # type: ignore[assignment]
+
+
 class BodyTooLarge(Exception):
     pass
 
 
-async def read_bounded(request: web.Request, limit: int) -> bytes:
-    """Read the body, refusing it as soon as it passes `limit` (not after buffering all of it)."""
+class ReadTimeout(Exception):
+    pass
+
+
+async def read_bounded(request: web.Request, limit: int, timeout: float | None = None) -> bytes:
+    """Read the body, refusing it as soon as it passes `limit` (not after buffering all of it), and giving up
+    after `timeout` seconds (`server.read_timeout`): a client dribbling its body cannot hold a handler forever."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge
+    # The whole body is usually here already (it came with the headers): no timer then.
+    if timeout is None or request.content.is_eof():
+        return await _read_body(request, limit)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise ReadTimeout from None
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -222,10 +256,14 @@ class Ingress:
     ) -> web.StreamResponse:
         cfg = route.cfg
         try:
-            body = await read_bounded(request, self.dispatcher.config.server.max_body_bytes)
+            server = self.dispatcher.config.server
+            body = await read_bounded(request, server.max_body_bytes, server.read_timeout)
         except BodyTooLarge:
             result.outcome = "body_too_large"
             return json_error(413, "body_too_large")
+        except ReadTimeout:
+            result.outcome = "read_timeout"
+            return json_error(408, "read_timeout")
         url = public_url(request, cfg) if cfg.provider in URL_SIGNING or cfg.public_url else ""
         inbound = Inbound(request.method, body, request.headers, url, time.time())
         handshake = route.verifier.unsigned_handshake(inbound)

@@ -57,10 +57,26 @@ def signing_key(secret: str) -> bytes:
 
 
 def target_url(config: Config, route: RouteConfig, path_qs: str) -> str:
-    """Where the event goes: the route's `upstream` (plus the original query), else upstream.url + path + query."""
+    """Where the event goes: the route's `upstream` (plus the original query), else upstream.url + path + query.
+
+    Only the configured URL chooses the host: an absolute-form request target (`POST http://elsewhere/p`, which
+    RFC 9112 §3.2.2 makes servers accept) contributes its path and query only.
+    """
+    if not path_qs.startswith("/"):
+        path_qs = origin_form(path_qs)
     if route.upstream:
         _, sep, query = path_qs.partition("?")
         if sep and "?" not in route.upstream:
             return f"{route.upstream}?{query}"
         return route.upstream
     return config.upstream.url.rstrip("/") + path_qs
+
+
+def origin_form(target: str) -> str:
+    """`http://host:port/p?q` -> `/p?q`: what an absolute-form request target asks of this server."""
+    _, sep, rest = target.partition("://")
+    if not sep:
+        return "/" + target
+    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
+    tail = rest[min(ends) :] if ends else ""
+    return tail if tail.startswith("/") else "/" + tail

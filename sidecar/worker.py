@@ -80,6 +80,14 @@ class RetryWorker:
                     rec.event_id,
                     exc,
                 )
+            except Exception:
+                # A bug met by one event must not take the batch (and the worker task) down with it.
+                log.exception(
+                    "attempt %d of %s/%s failed unexpectedly (its lease brings it back)",
+                    taken.attempt,
+                    rec.route,
+                    rec.event_id,
+                )
         return True
 
     async def run(self) -> None:
@@ -88,6 +96,10 @@ class RetryWorker:
                 done = await self.run_once()
             except StoreError as exc:
                 log.warning("retry worker: store unavailable: %s", exc)
+                done = 0
+            except Exception:
+                # Left unhandled this would end the task silently: no retry in this process would run again.
+                log.exception("retry worker: unexpected error; carrying on")
                 done = 0
             for task in self.periodic:
                 await task()
