@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import RUNTIME
 from tests.conftest import Upstream
@@ -91,6 +92,13 @@ async def test_worker_dlq_cap_evicts_and_counts(sidecar_factory: Any, upstream: 
     store = client.server.app[RUNTIME].store
     assert await store.dlq_length() == 3
     assert await store.dlq_evicted() == {"stripe": 2}
+    evicted = [
+        s.value
+        for family in text_string_to_metric_families(client.server.app[RUNTIME].telemetry.render().decode())
+        for s in family.samples
+        if s.name == "sidecar_dlq_evicted_total" and s.labels.get("route") == "stripe"
+    ]
+    assert evicted == [2.0]  # the eviction metric, as an operator scrapes it
 
 
 async def test_worker_two_workers_take_each_event_once(sidecar_factory: Any, upstream: Upstream) -> None:
