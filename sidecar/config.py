@@ -314,8 +314,13 @@ class _Ctx:
         for line, path, message in sorted(self.errors, key=lambda e: e[0]):
             for secret in secrets:
                 message = message.replace(secret, "[redacted]")
-            out.append(f"{self.source}:{line}: {path}: {message}")
+            out.append(f"{self.source}:{line}: {_one_line(path)}: {_one_line(message)}")
         return out
+
+
+def _one_line(text: str) -> str:
+    """Control characters escaped (a YAML key may hold any), so each error stays one `FILE:LINE:` line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 # ----------------------------------------------------------------------------- YAML nodes -> _Item tree
