@@ -33,8 +33,10 @@ _figures_file: Path | None = None
 
 
 def set_figures_dir(path: Path) -> None:
+    """Once per session: the figures file starts empty, so it holds exactly one run's figures."""
     global _figures_file
     _figures_file = Path(os.environ.get("SIDECAR_FIGURES") or path / "figures.jsonl")
+    _figures_file.write_text("")
 
 
 def figures_file() -> Path | None:

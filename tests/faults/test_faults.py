@@ -333,7 +333,9 @@ async def test_fault_unexpected_error_in_one_attempt_does_not_stop_the_retry_wor
         "worker_unexpected_error",
         fault="exception injected into one retry attempt",
         events=3,
+        answered_2xx=3,
         lost=0,
         duplicated=0,
+        in_flight=1,
         worker_alive=1,
     )
