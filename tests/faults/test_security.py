@@ -28,7 +28,9 @@ from tests.faults import logcheck
 from tests.faults.harness import (
     ADMIN_TOKEN,
     STRIPE_SECRET,
+    build_request,
     event_body,
+    raw_http,
     stripe_headers,
     stripe_route,
     wait_until,
@@ -284,3 +286,16 @@ async def test_security_oversized_admin_request_is_413_json(
     )
     assert resp.status in (400, 413)
     assert "error" in await resp.json()
+
+
+async def test_security_admin_unknown_expect_is_417_not_500(
+    aiohttp_client: Any, upstream: Upstream, redis_url: str, rdb: redis.Redis
+) -> None:
+    """aiohttp's default Expect handler answered a non-UTF-8 value with a 500, before auth; ours answers 417."""
+    http = await admin_client(aiohttp_client, upstream, redis_url, ADMIN_TOKEN)
+    for path in ("/admin/stats", "/healthz", "/nowhere"):
+        data = build_request("GET", path, [("Host", "h"), ("Expect", b"\xff\xfe")])
+        answer = await raw_http(http.server.port, data)
+        assert answer.status == 417 and answer.json() == {"error": "expectation_failed"}, (path, answer)
+    data = build_request("POST", "/admin/dlq/drain", [("Host", "h"), ("Expect", "100-continue")], b"{}")
+    assert (await raw_http(http.server.port, data)).status == 401  # 100 Continue, then the real answer
