@@ -855,9 +855,43 @@ def _perturbed(draw: st.DrawFn) -> str:
     return yaml.safe_dump(config, allow_unicode=True)
 
 
+VALID_VALUES = {
+    ("server", "read_timeout"): ["1s", "500ms", 3, "2m"],
+    ("server", "workers"): [0, 1, 4],
+    ("server", "max_body_bytes"): [1, 65536],
+    ("upstream", "timeout"): ["1s", "30s"],
+    ("retry", "max_attempts"): [1, 20],
+    ("retry", "jitter"): [0, 0.5, 1],
+    ("retry", "retry_on"): [["429"], ["5xx", "408"]],
+    ("dlq", "max_length"): [1, 100000],
+    ("logging", "level"): ["debug", "error"],
+    ("logging", "requests"): ["all", "notable"],
+    ("route", "tolerance"): ["5m", "30s"],
+    ("route", "dedupe"): [True, False],
+    ("route", "types"): [["invoice.*"], ["a", "b.*"]],
+    ("route", "handshake"): ["answer", "pass"],
+    ("route", "event_id"): ["auto", "body_sha256", {"header": "X-Id"}, {"json": "data.id"}],
+    ("route", "upstream"): ["http://127.0.0.1:1/x", "https://example.com/hook?a=1"],
+}
+
+
+def _valid_variant(draw: st.DrawFn) -> str:
+    """A valid config with a few valid values changed: the paths that end in `OK`."""
+    import copy
+
+    config = copy.deepcopy(VALID)
+    for section, key in draw(st.lists(st.sampled_from(sorted(VALID_VALUES)), max_size=4, unique=True)):
+        value = draw(st.sampled_from(VALID_VALUES[(section, key)]))
+        target = config["routes"][0] if section == "route" else config.setdefault(section, {})
+        target[key] = value
+    return yaml.safe_dump(config, allow_unicode=True)
+
+
 @st.composite
 def fuzzed_yaml(draw: st.DrawFn) -> str:
-    kind = draw(st.sampled_from(["perturbed", "perturbed", "tree", "raw", "mixed"]))
+    kind = draw(st.sampled_from(["valid", "perturbed", "perturbed", "tree", "raw", "mixed"]))
+    if kind == "valid":
+        return _valid_variant(draw)
     if kind == "perturbed":
         return _perturbed(draw)
     if kind == "tree":
