@@ -176,6 +176,7 @@ async def test_store_digest_claims_are_findable_by_the_public_id(store: RedisSto
         first_seen_ms=int(time.time() * 1000),
     )
     assert (await store.claim(digest_rec, int(time.time() * 1000), 30_000)).claimed
+    await asyncio.sleep(0.05)  # the index write is off the critical path
     assert await store.resolve("github", "gh-delivery-1") == "sha256:abc"
     assert await store.resolve("stripe", "evt_plain") == "evt_plain"
     ev = await store.get_event("github", await store.resolve("github", "gh-delivery-1"))
@@ -202,3 +203,15 @@ def test_store_meta_round_trips_exactly() -> None:
     assert EventRecord.from_stored("r", "d", "e", bare.meta(), b"", 0) == bare
     legacy = json.dumps(rec.meta_dict())  # what a replay writes back
     assert EventRecord.from_stored("r", "d", "e", legacy, b"", 0) == rec
+
+
+async def test_store_alias_is_written_only_for_a_claim_that_won(store: RedisStore, rdb: redis.Redis) -> None:
+    def digest_rec(public_id: str) -> EventRecord:
+        return EventRecord("github", "sha256:same-bytes", public_id, "POST", "/gh", (), b"{}", first_seen_ms=1)
+
+    assert (await store.claim(digest_rec("d-1"), int(time.time() * 1000), 30_000)).claimed
+    for i in range(20):  # the same signed bytes replayed under fresh delivery ids
+        assert not (await store.claim(digest_rec(f"forged-{i}"), int(time.time() * 1000), 30_000)).claimed
+    await asyncio.sleep(0.05)  # the index write is off the critical path
+    assert await store.resolve("github", "d-1") == "sha256:same-bytes"
+    assert rdb.keys("*alias*") == [KEYS.alias("github", "d-1").encode()]  # no key per replay

@@ -89,6 +89,7 @@ class RedisStore:
     ) -> None:
         self._r = client
         self._fast = fast
+        self._background: set[asyncio.Future[None]] = set()
         self.keys = keys
         self._ttl_ms = int(dedupe_ttl * 1000)
         self._dlq_max = dlq_max_length
@@ -125,6 +126,8 @@ class RedisStore:
         return self._r
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=5)
         if self._fast is not None:
             self._fast.close()
         await self._r.aclose()
@@ -194,31 +197,33 @@ class RedisStore:
         # aiohttp hands non-UTF-8 header bytes over as surrogates; store those bytes as they came, not a 500.
         meta = rec.meta().encode("utf-8", "surrogateescape")
         args = [now_ms, score, member, meta, rec.body, rec.event_id, mode, rec.route]
-        if rec.dedupe_id == rec.event_id:
-            try:  # inline rather than through _call: this is the one call every request makes
-                res = await self._claim(keys=[ev, sched, stats], args=args)
-            except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
-                raise _translate(exc) from exc
-        else:
-            # The claim is on a digest: index the provider's id for operators, in the same round trip.
-            alias = self.keys.alias(rec.route, rec.event_id)
-
-            async def claim_and_alias() -> Any:
-                index = ("SET", alias, rec.dedupe_id, "PX", self._ttl_ms * 2)
-                if self._fast is not None:  # issued in the same tick: one write to the server
-                    claimed, _ = await asyncio.gather(
-                        self._claim(keys=[ev, sched, stats], args=args), self._fast.execute(index, key=alias)
-                    )
-                    return claimed
-                async with self._r.pipeline(transaction=False) as pipe:
-                    await self._claim(keys=[ev, sched, stats], args=args, client=pipe)
-                    pipe.execute_command(*index)
-                    return (await pipe.execute())[0]
-
-            res = await self._call(claim_and_alias)
+        try:  # inline rather than through _call: this is the one call every request makes
+            res = await self._claim(keys=[ev, sched, stats], args=args)
+        except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
+            raise _translate(exc) from exc
+        if int(res[0]) == 1 and rec.dedupe_id != rec.event_id:
+            # The claim is on a digest: index the provider's id for operators. Only for a claim that won — a
+            # replay under fresh ids must not grow the store — and off the critical path (admin lookups only).
+            self._index_alias(rec)
         if int(res[0]) == 1:
             return ClaimResult(True)
         return ClaimResult(False, STATE_NAMES.get(res[1].decode(), "pending"))
+
+    def _index_alias(self, rec: EventRecord) -> None:
+        index = ("SET", self.keys.alias(rec.route, rec.event_id), rec.dedupe_id, "PX", self._ttl_ms * 2)
+
+        async def write() -> None:
+            try:
+                if self._fast is not None:
+                    await self._fast.execute(index, key=index[1])
+                else:
+                    await self._r.execute_command(*index)
+            except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
+                log.warning("could not index %s/%s for lookups: %s", rec.route, rec.event_id, exc)
+
+        task = asyncio.ensure_future(write())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def ack(self, route: str, dedupe_id: str, entry: AttemptRecord, now_ms: int) -> bool:
         ev, sched, stats, member = self._where(route, dedupe_id)
