@@ -328,8 +328,77 @@ routes:
             return _parse_wrk(name, out.stdout)
         return asyncio.run(_builtin_load(name, url, reqs, conns, self.duration, delay_ms))
 
+    def open_loop(self, name: str, port: int, n_ids: int, rate: float, pid: int | None = None) -> Result:
+        """Fixed-rate load from a helper process on the load core (`python -m sidecar.bench openloop`)."""
+        reqs = self.tmp / f"{name}.tsv"
+        ids = self.fresh_ids(min(n_ids, int(rate * self.duration) + 1000))
+        write_requests(reqs, ids)
+        cpu0 = _cpu_seconds(pid) if pid and Path("/proc").exists() else None
+        cmd = [
+            *_pin(self.core_load),
+            sys.executable,
+            "-m",
+            "sidecar.bench",
+            "openloop",
+            f"http://127.0.0.1:{port}",
+            str(reqs),
+            str(rate),
+            str(self.duration),
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.duration + 120, check=False)
+        try:
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            return Result(name, 0.0, float("nan"), float("nan"), 0)
+        result = Result(name, r["rps"], r["p50_ms"], r["p99_ms"], r["requests"], r["non2xx"])
+        if cpu0 is not None and pid and result.requests:
+            result.cpu_us = (_cpu_seconds(pid) - cpu0) / result.requests * 1e6
+        return result
+
     def estimate(self) -> int:
         return int(30_000 * self.duration)  # more ids than any scenario can send: every request is new
+
+
+async def _open_loop(url: str, reqs: Path, rate: float, duration: float) -> dict[str, Any]:
+    import aiohttp
+
+    lines = reqs.read_text().splitlines()
+    prefix, suffix, rows = lines[0], lines[1], lines[2:]
+    latencies: list[float] = []
+    non2xx = 0
+    clock = time.perf_counter  # uvloop's loop.time() ticks in whole milliseconds: too coarse for latency
+    start = clock() + 0.2
+    total = int(rate * duration)
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        nonlocal non2xx
+        scheduled = start + i / rate
+        await asyncio.sleep(max(0.0, scheduled - clock()))
+        event_id, sig = rows[i % len(rows)].split("\t")
+        body = (prefix + event_id + suffix).encode()
+        headers = {"Content-Type": "application/json", "Stripe-Signature": sig}
+        async with session.post(url + "/webhooks/stripe", data=body, headers=headers) as resp:
+            await resp.read()
+            non2xx += resp.status >= 300
+        latencies.append(clock() - scheduled)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
+        await asyncio.gather(*(one(session, i) for i in range(total)))
+    elapsed = clock() - start
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return (
+            latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+        )
+
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": pct(0.5),
+        "p99_ms": pct(0.99),
+        "requests": len(latencies),
+        "non2xx": non2xx,
+    }
 
 
 async def _builtin_load(
@@ -401,16 +470,11 @@ def run_bench(duration: float, connections: int, out: Any = print) -> dict[str, 
         dup_ids = bench.fresh_ids(2_000)
         _prime(sc_port, dup_ids)
         results["duplicate"] = bench.load("duplicate", sc_port, dup_ids, pid=sc.pid)
+        # Open loop at a fixed rate: requests start on schedule whatever the answers do, and latency counts from
+        # the scheduled start, so a slower server shows up as latency, not as a lower offered rate.
         rate = 0.35 * results["passthrough"].rps
-        conns = 16
-        # wrk waits `delay` after each response: rate ~= conns / (delay + latency), latency ~1 ms when lightly loaded
-        delay = max(0.0, conns / rate * 1000 - 1.0) if rate else 0.0
-        results["passthrough@35%"] = bench.load(
-            "passthrough35", pt_port, bench.fresh_ids(200_000), conns, delay, pid=pt.pid
-        )
-        results["new@35%"] = bench.load(
-            "new35", sc_port, bench.fresh_ids(bench.estimate()), conns, delay, pid=sc.pid
-        )
+        results["passthrough@35%"] = bench.open_loop("passthrough35", pt_port, 200_000, rate, pid=pt.pid)
+        results["new@35%"] = bench.open_loop("new35", sc_port, bench.estimate(), rate, pid=sc.pid)
         _set_mode(up, 503)
         results["failing"] = bench.load("failing", sc_port, bench.fresh_ids(bench.estimate()), pid=sc.pid)
         _set_mode(up, 200)
@@ -500,11 +564,20 @@ def main(argv: list[str] | None = None) -> int:
     pt = sub.add_parser("passthrough")
     pt.add_argument("port", type=int)
     pt.add_argument("target")
+    ol = sub.add_parser("openloop")
+    ol.add_argument("url")
+    ol.add_argument("requests")
+    ol.add_argument("rate", type=float)
+    ol.add_argument("duration", type=float)
     args = parser.parse_args(argv)
     if args.role == "upstream":
         _serve_upstream(args.port)
-    else:
+    elif args.role == "passthrough":
         _serve_passthrough(args.port, args.target)
+    else:
+        import uvloop
+
+        print(json.dumps(uvloop.run(_open_loop(args.url, Path(args.requests), args.rate, args.duration))))
     return 0
 
 
