@@ -98,11 +98,15 @@ def upstream_headers(
     With `sign_key` (route `sign_upstream`), Standard Webhooks headers signed now, at this attempt, replace any the
     provider sent: a receiver verifies a retry hours later within its own timestamp tolerance.
     """
-    headers = [(k, v) for k, v in rec.headers if not k.lower().startswith("x-sidecar-")]
-    if sign_key is not None:
-        headers = [(k, v) for k, v in headers if k.lower() not in _STANDARD_WEBHOOKS]
-    prior_xff = [v for k, v in headers if k.lower() == "x-forwarded-for"]
-    headers = [(k, v) for k, v in headers if k.lower() not in _REPLACED]
+    dropped = _REPLACED | _STANDARD_WEBHOOKS if sign_key is not None else _REPLACED
+    headers: list[tuple[str, str]] = []
+    prior_xff: list[str] = []
+    for k, v in rec.headers:  # one pass: keep the end-to-end headers, remember the proxies before us
+        name = k.lower()
+        if name == "x-forwarded-for":
+            prior_xff.append(v)
+        elif name not in dropped and not name.startswith("x-sidecar-"):
+            headers.append((k, v))
     xff = ", ".join([*prior_xff, rec.client_ip]) if rec.client_ip else ", ".join(prior_xff)
     headers += [
         ("X-Sidecar-Event-Id", rec.event_id),

@@ -41,8 +41,12 @@ class KeySpace:
     def event(self, shard: int, member: str) -> str:
         return f"{self.prefix}:{{{shard}}}:ev:{member}"
 
-    def event_prefix(self, shard: int) -> str:
-        return f"{self.prefix}:{{{shard}}}:ev:"
+    def locate(self, route: str, dedupe_id: str) -> tuple[str, str, str, str]:
+        """(event key, schedule key, stats key, schedule member) of one event: one shard computation, for the hot
+        path, which needs all four on every claim."""
+        shard = self.shard_of(route, dedupe_id)
+        member = f"{route}:{dedupe_id}"
+        return self.event(shard, member), self.schedule(shard), self.stats(shard), member
 
     def schedule(self, shard: int) -> str:
         return f"{self.prefix}:{{{shard}}}:sched"

@@ -166,33 +166,13 @@ class RedisStore:
         except StoreError:
             return False
 
-    def _where(self, route: str, dedupe_id: str) -> tuple[str, str, str, str]:
-        """(event key, schedule key, stats key, schedule member): one shard computation for the hot path."""
-        shard = self.keys.shard_of(route, dedupe_id)
-        member = f"{route}:{dedupe_id}"
-        prefix = self.keys.prefix
-        return (
-            f"{prefix}:{{{shard}}}:ev:{member}",
-            f"{prefix}:{{{shard}}}:sched",
-            f"{prefix}:{{{shard}}}:stats",
-            member,
-        )
-
-    def _loc(self, route: str, dedupe_id: str) -> tuple[str, str, str]:
-        shard = self.keys.shard_of(route, dedupe_id)
-        member = self.keys.member(route, dedupe_id)
-        return self.keys.event(shard, member), self.keys.schedule(shard), member
-
-    def _stats_key(self, route: str, dedupe_id: str) -> str:
-        return self.keys.stats(self.keys.shard_of(route, dedupe_id))
-
     # -- the hot path ---------------------------------------------------------------------------------------------
 
     async def claim(
         self, rec: EventRecord, now_ms: int, lease_ms: int, schedule_at_ms: int | None = None
     ) -> ClaimResult:
         """Claim and persist `rec`. Leased for an attempt now, or (`schedule_at_ms`) just scheduled."""
-        ev, sched, stats, member = self._where(rec.route, rec.dedupe_id)
+        ev, sched, stats, member = self.keys.locate(rec.route, rec.dedupe_id)
         score, mode = (now_ms + lease_ms, "f") if schedule_at_ms is None else (schedule_at_ms, "p")
         # aiohttp hands non-UTF-8 header bytes over as surrogates; store those bytes as they came, not a 500.
         meta = rec.meta().encode("utf-8", "surrogateescape")
@@ -226,7 +206,7 @@ class RedisStore:
         task.add_done_callback(self._background.discard)
 
     async def ack(self, route: str, dedupe_id: str, entry: AttemptRecord, now_ms: int) -> bool:
-        ev, sched, stats, member = self._where(route, dedupe_id)
+        ev, sched, stats, member = self.keys.locate(route, dedupe_id)
         args = [now_ms, self._ttl_ms, member, entry.to_json(), entry.status or "", route]
         try:
             return bool(await self._ack(keys=[ev, sched, stats], args=args))
@@ -236,13 +216,13 @@ class RedisStore:
     async def retry(
         self, route: str, dedupe_id: str, attempt: int, due_ms: int, entry: AttemptRecord
     ) -> bool:
-        ev, sched, member = self._loc(route, dedupe_id)
+        ev, sched, _, member = self.keys.locate(route, dedupe_id)
         args = [due_ms, member, attempt, entry.to_json(), entry.status or "", entry.error or ""]
         return bool(await self._call(lambda: self._retry(keys=[ev, sched], args=args)))
 
     async def defer(self, route: str, dedupe_id: str, attempt: int, due_ms: int) -> bool:
         """Give a taken event back unattempted (see defer.lua)."""
-        ev, sched, member = self._loc(route, dedupe_id)
+        ev, sched, _, member = self.keys.locate(route, dedupe_id)
         return bool(await self._call(lambda: self._defer(keys=[ev, sched], args=[due_ms, member, attempt])))
 
     async def bury(
@@ -278,7 +258,7 @@ class RedisStore:
         evicted = [
             Evicted(raw[i].decode(), raw[i + 1].decode(), raw[i + 2].decode()) for i in range(0, len(raw), 3)
         ]
-        ev, sched, member = self._loc(rec.route, rec.dedupe_id)
+        ev, sched, stats, member = self.keys.locate(rec.route, rec.dedupe_id)
         dead_args = [
             now_ms,
             self._ttl_ms,
@@ -289,7 +269,6 @@ class RedisStore:
             entry.error or "",
             rec.route,
         ]
-        stats = self._stats_key(rec.route, rec.dedupe_id)
         await self._call(lambda: self._dead(keys=[ev, sched, stats], args=dead_args))
         return item_id, evicted
 
@@ -320,7 +299,7 @@ class RedisStore:
     # -- inspection -----------------------------------------------------------------------------------------------
 
     async def get_event(self, route: str, dedupe_id: str) -> dict[str, Any] | None:
-        ev, sched, member = self._loc(route, dedupe_id)
+        ev, sched, _, member = self.keys.locate(route, dedupe_id)
         raw = await self._call(lambda: self._r.hgetall(ev))
         if not raw:
             return None
@@ -381,6 +360,3 @@ class RedisStore:
     async def dlq_evicted(self) -> dict[str, int]:
         raw = await self._call(lambda: self._r.hgetall(self.keys.dlq_evicted()))
         return {k.decode(): int(v) for k, v in raw.items()}
-
-    async def schedule_length(self, shard: int) -> int:
-        return int(await self._call(lambda: self._r.zcard(self.keys.schedule(shard))))
