@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import REPO
 
@@ -93,3 +94,14 @@ class SidecarProcess:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def start_sidecar(cfg: Path, processes: list[SidecarProcess], **config: Any) -> tuple[SidecarProcess, int]:
+    """Write a config (write_config's keywords, ports chosen here), start `sidecar run` on it, register it for
+    cleanup in `processes`; returns the process and its inbound port."""
+    port = free_port()
+    write_config(cfg, port=port, admin_port=free_port(), **config)
+    proc = SidecarProcess(cfg)
+    processes.append(proc)
+    proc.start(port)
+    return proc, port

@@ -17,7 +17,7 @@ import redis
 from sidecar.keys import KeySpace
 from sidecar.store.records import parse_meta
 from tests.conftest import Upstream
-from tests.procs import SidecarProcess, free_port, write_config
+from tests.procs import SidecarProcess, start_sidecar
 
 SECRET = "whsec_crash_test"
 KEYS = KeySpace("sidecar", 4)
@@ -39,14 +39,8 @@ async def test_crash_sigkill_mid_forward_leaves_event_stored_and_scheduled_then_
         await hang.wait()  # the upstream never answers the first attempt
 
     upstream.behaviour = hold
-    port, admin_port = free_port(), free_port()
     cfg = tmp_path / "sidecar.yaml"
-    write_config(
-        cfg, redis_url=redis_url, upstream_url=upstream.url, port=port, admin_port=admin_port, secret=SECRET
-    )
-    first = SidecarProcess(cfg)
-    processes.append(first)
-    first.start(port)
+    first, port = start_sidecar(cfg, processes, redis_url=redis_url, upstream_url=upstream.url, secret=SECRET)
 
     body = json.dumps({"id": "evt_crash", "type": "invoice.paid"}).encode()
     async with aiohttp.ClientSession() as client:
@@ -94,14 +88,9 @@ async def test_crash_sigterm_lets_in_flight_forward_finish(
     tmp_path: Path, upstream: Upstream, redis_url: str, rdb: redis.Redis, processes: list[SidecarProcess]
 ) -> None:
     upstream.delay = 1.0  # the forward is in flight when SIGTERM arrives
-    port = free_port()
-    cfg = tmp_path / "sidecar.yaml"
-    write_config(
-        cfg, redis_url=redis_url, upstream_url=upstream.url, port=port, admin_port=free_port(), secret=SECRET
+    proc, port = start_sidecar(
+        tmp_path / "sidecar.yaml", processes, redis_url=redis_url, upstream_url=upstream.url, secret=SECRET
     )
-    proc = SidecarProcess(cfg)
-    processes.append(proc)
-    proc.start(port)
     body = json.dumps({"id": "evt_term", "type": "invoice.paid"}).encode()
     async with aiohttp.ClientSession() as client:
         send = asyncio.create_task(

