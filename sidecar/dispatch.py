@@ -32,11 +32,71 @@ class Disposition:
     dead_letter_id: str | None = None
 
 
+class DeliveredMarks:
+    """The delivered marks of attempt 1, written in batches after the provider has its answer.
+
+    The marks queued during one loop tick (or `window` seconds, when set) go to the store in one script call: under
+    load that is one call per tick instead of one per event, each call with its own command packing, future and
+    reply. The default window of one tick keeps the order a client sees: the mark is on the store connection
+    before any request that could follow the provider's answer is read, so a resend right after a 200 finds the
+    event delivered. (A 2 ms window, tried for light load, did not measurably lower CPU per request there and
+    answered such resends "pending".) The event has been durable since its claim: if this process dies before its
+    mark lands, the lease brings the event back (at-least-once, as for any crash mid-forward), and shutdown flushes
+    and waits for the marks still queued.
+    """
+
+    def __init__(self, store: RedisStore, window: float = 0.0, batch: int = 256) -> None:
+        self.store = store
+        self.window = window
+        self.batch = batch
+        self._queued: list[tuple[str, str, AttemptRecord]] = []
+        self._timer: asyncio.Handle | None = None
+        self._writes: set[asyncio.Future[None]] = set()
+
+    def add(self, rec: EventRecord, entry: AttemptRecord) -> None:
+        self._queued.append((rec.route, rec.dedupe_id, entry))
+        if len(self._queued) >= self.batch:
+            self.flush()
+        elif self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = (
+                loop.call_later(self.window, self.flush) if self.window else loop.call_soon(self.flush)
+            )
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._queued:
+            return
+        marks, self._queued = self._queued, []
+        task = asyncio.ensure_future(self._write(marks))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, marks: list[tuple[str, str, AttemptRecord]]) -> None:
+        try:
+            await self.store.ack_many(marks, int(time.time() * 1000))
+        except StoreError as exc:
+            # Those events stay in flight under their leases: a replica re-delivers them later (at-least-once).
+            log.warning("could not mark %d event(s) delivered (left to their leases): %s", len(marks), exc)
+
+    @property
+    def pending(self) -> int:
+        return len(self._queued) + len(self._writes)
+
+    async def drain(self, timeout: float) -> None:
+        """Write what is queued and wait (bounded) for the marks on their way; for shutdown."""
+        self.flush()
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=timeout)
+
+
 class Dispatcher:
     def __init__(self, config: Config, store: RedisStore, forwarder: Forwarder, telemetry: Telemetry) -> None:
         self.table = RouteTable.build(config)  # swapped whole by a reload
         self.tel = telemetry
-        self.pending_marks: set[asyncio.Future[None]] = set()
+        self.marks = DeliveredMarks(store)
         self.store = store
         self.forwarder = forwarder
         b = config.upstream.breaker
@@ -110,17 +170,9 @@ class Dispatcher:
             )
         return disposition
 
-    async def _mark_delivered(self, rec: EventRecord, entry: AttemptRecord, now_ms: int) -> None:
-        try:
-            await self.store.ack(rec.route, rec.dedupe_id, entry, now_ms)
-        except StoreError as exc:
-            # The event stays in flight under its lease: a replica re-delivers it later (at-least-once).
-            log.warning("could not mark %s/%s delivered: %s", rec.route, rec.event_id, exc)
-
     async def drain_marks(self, timeout: float) -> None:
-        """Wait (bounded) for delivered marks still on their way; for shutdown."""
-        if self.pending_marks:
-            await asyncio.wait(set(self.pending_marks), timeout=timeout)
+        """Write the queued delivered marks and wait (bounded) for them; for shutdown."""
+        await self.marks.drain(timeout)
 
     def breaker(self, route: RouteConfig, path_qs: str) -> Breaker:
         return self.breakers.for_url(target_url(self.config, route, path_qs))
@@ -143,16 +195,15 @@ class Dispatcher:
         now_ms = int(now * 1000)
         entry = AttemptRecord(now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000)
         if outcome.kind == "delivered":
-            mark = self._mark_delivered(rec, entry, now_ms)
             if background:
-                # The provider's answer need not wait for this round trip: the event has been durable since the
-                # claim, and if this process dies before the mark lands, the lease brings the event back
-                # (at-least-once, as for any crash mid-forward). Shutdown waits for marks still on their way.
-                task = asyncio.ensure_future(mark)
-                self.pending_marks.add(task)
-                task.add_done_callback(self.pending_marks.discard)
+                # The provider's answer need not wait for this round trip: see DeliveredMarks.
+                self.marks.add(rec, entry)
             else:
-                await mark
+                try:
+                    await self.store.ack(rec.route, rec.dedupe_id, entry, now_ms)
+                except StoreError as exc:
+                    # The event stays in flight under its lease: a replica re-delivers it later (at-least-once).
+                    log.warning("could not mark %s/%s delivered: %s", rec.route, rec.event_id, exc)
             return Disposition("delivered", outcome)
         if outcome.kind == "permanent":
             return await self._bury(rec, attempt, outcome, history, "rejected", entry)

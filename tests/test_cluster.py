@@ -200,3 +200,25 @@ async def test_cluster_dead_letters_replay_through_the_same_schedule(
         assert {r.headers["x-sidecar-attempt"] for r in upstream.received[5:]} == {
             "1"
         }  # attempts start again
+
+
+async def test_cluster_delivered_marks_batch_splits_by_shard(cluster_url: str) -> None:
+    from sidecar.store import AttemptRecord, RedisStore
+    from tests.test_store import record
+
+    keys = KeySpace("sidecar", 16)
+    store = RedisStore.connect(cluster_url, keys, dedupe_ttl=3600, dlq_max_length=10)
+    try:
+        now = int(time.time() * 1000)
+        ids = [f"evt_cm{i}" for i in range(40)]
+        for event_id in ids:
+            assert (await store.claim(record(event_id), now, 30_000)).claimed
+        assert len({keys.shard_of("stripe", i) for i in ids}) > 8
+        entry = AttemptRecord(now, 1, 200, None, 1.0)
+        done = await store.ack_many([("stripe", i, entry) for i in [*ids, "evt_unknown"]], now)
+        assert done == [True] * 40 + [False]
+        assert (await store.route_stats())["stripe"]["delivered"] == 40
+        states = [(await store.get_event("stripe", i))["state"] for i in ids]
+        assert states == ["delivered"] * 40
+    finally:
+        await store.close()

@@ -207,7 +207,9 @@ def test_store_meta_round_trips_exactly() -> None:
 
 async def test_store_alias_is_written_only_for_a_claim_that_won(store: RedisStore, rdb: redis.Redis) -> None:
     def digest_rec(public_id: str) -> EventRecord:
-        return EventRecord("github", "sha256:same-bytes", public_id, "POST", "/gh", (), b"{}", first_seen_ms=1)
+        return EventRecord(
+            "github", "sha256:same-bytes", public_id, "POST", "/gh", (), b"{}", first_seen_ms=1
+        )
 
     assert (await store.claim(digest_rec("d-1"), int(time.time() * 1000), 30_000)).claimed
     for i in range(20):  # the same signed bytes replayed under fresh delivery ids
@@ -215,3 +217,66 @@ async def test_store_alias_is_written_only_for_a_claim_that_won(store: RedisStor
     await asyncio.sleep(0.05)  # the index write is off the critical path
     assert await store.resolve("github", "d-1") == "sha256:same-bytes"
     assert rdb.keys("*alias*") == [KEYS.alias("github", "d-1").encode()]  # no key per replay
+
+
+def evalsha_calls(rdb: redis.Redis) -> int:
+    return int(rdb.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_store_ack_many_marks_a_batch_across_shards_in_one_call(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    now = int(time.time() * 1000)
+    ids = [f"evt_b{i}" for i in range(12)]
+    for event_id in ids:
+        assert (await store.claim(record(event_id), now, 30_000)).claimed
+    assert len({KEYS.shard_of("stripe", i) for i in ids}) > 1  # the batch mixes shards
+    assert await store.ack("stripe", "evt_b3", entry(1, 200), now)  # already final before the batch
+    before = evalsha_calls(rdb)
+    marks = [("stripe", i, entry(1, 200)) for i in ids] + [("stripe", "evt_never_claimed", entry(1, 200))]
+    done = await store.ack_many(marks, now)
+    assert evalsha_calls(rdb) - before == 1
+    assert done == [i != "evt_b3" for i in ids] + [False]  # results in the order of the marks
+    for event_id in ids:
+        ev = await store.get_event("stripe", event_id)
+        assert ev is not None and ev["state"] == "delivered" and len(ev["history"]) == 1
+        shard = KEYS.shard_of("stripe", event_id)
+        assert rdb.zscore(KEYS.schedule(shard), f"stripe:{event_id}") is None
+    stats = await store.route_stats()
+    assert stats["stripe"]["delivered"] == 12 and stats["stripe"]["pending"] == 0
+
+
+async def test_delivered_marks_of_one_tick_go_in_one_call_and_drain_on_shutdown(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    from sidecar.dispatch import DeliveredMarks
+
+    now = int(time.time() * 1000)
+    recs = [record(f"evt_m{i}") for i in range(30)]
+    for rec in recs:
+        await store.claim(rec, now, 30_000)
+    marks = DeliveredMarks(store)
+    before = evalsha_calls(rdb)
+    for rec in recs:  # all in one tick, as many answers sent in one loop iteration
+        marks.add(rec, entry(1, 200))
+    assert marks.pending == 30
+    await marks.drain(timeout=5)
+    assert marks.pending == 0
+    assert evalsha_calls(rdb) - before == 1
+    assert (await store.route_stats())["stripe"]["delivered"] == 30
+
+
+async def test_delivered_marks_a_failed_write_leaves_events_to_their_lease(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from sidecar.dispatch import DeliveredMarks
+
+    s = RedisStore.connect("redis://127.0.0.1:1", KEYS, dedupe_ttl=3600, dlq_max_length=3, timeout=0.5)
+    try:
+        marks = DeliveredMarks(s)
+        marks.add(record("evt_lost_mark"), entry(1, 200))
+        await marks.drain(timeout=5)
+        assert marks.pending == 0
+        assert "could not mark 1 event(s) delivered" in caplog.text
+    finally:
+        await s.close()

@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -89,6 +89,10 @@ class RedisStore:
     ) -> None:
         self._r = client
         self._fast = fast
+        # A script's keys must share a slot on a cluster: batched scripts are then split by shard.
+        self._cluster = fast.cluster if fast is not None else isinstance(client, RedisCluster)
+        self._ready = not isinstance(client, RedisCluster)
+        self._init_lock = asyncio.Lock()
         self._background: set[asyncio.Future[None]] = set()
         self.keys = keys
         self._ttl_ms = int(dedupe_ttl * 1000)
@@ -156,9 +160,19 @@ class RedisStore:
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         try:
+            if not self._ready:
+                await self._initialize()
             return await fn()
         except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
             raise _translate(exc) from exc
+
+    async def _initialize(self) -> None:
+        """redis-py's async cluster client discovers the cluster on first use, and concurrent first uses race (a
+        gather of 16 HGETALLs on a fresh client fails with "handler is closed"): discover once, under a lock."""
+        async with self._init_lock:
+            if not self._ready:
+                await self._r.initialize()
+                self._ready = True
 
     async def ping(self) -> bool:
         try:
@@ -206,12 +220,32 @@ class RedisStore:
         task.add_done_callback(self._background.discard)
 
     async def ack(self, route: str, dedupe_id: str, entry: AttemptRecord, now_ms: int) -> bool:
-        ev, sched, stats, member = self.keys.locate(route, dedupe_id)
-        args = [now_ms, self._ttl_ms, member, entry.to_json(), entry.status or "", route]
+        """Mark one event delivered; False when it was already final or gone."""
+        return (await self.ack_many([(route, dedupe_id, entry)], now_ms))[0]
+
+    async def ack_many(self, marks: Sequence[tuple[str, str, AttemptRecord]], now_ms: int) -> list[bool]:
+        """Mark events delivered, in one script call (one per shard on a cluster). Results in `marks`' order."""
+        groups: dict[str, tuple[list[int], list[str], list[Any]]] = {}
+        for i, (route, dedupe_id, entry) in enumerate(marks):
+            ev, sched, stats, member = self.keys.locate(route, dedupe_id)
+            index, keys, args = groups.setdefault(
+                sched if self._cluster else "", ([], [], [now_ms, self._ttl_ms])
+            )
+            index.append(i)
+            keys += (ev, sched, stats)
+            args += (member, entry.to_json(), entry.status or "", route)
+        calls = [self._ack(keys=keys, args=args) for _, keys, args in groups.values()]
         try:
-            return bool(await self._ack(keys=[ev, sched, stats], args=args))
+            replies = await (calls[0] if len(calls) == 1 else asyncio.gather(*calls))
         except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
             raise _translate(exc) from exc
+        done = [False] * len(marks)
+        for (index, _, _), reply in zip(
+            groups.values(), [replies] if len(calls) == 1 else replies, strict=True
+        ):
+            for i, marked in zip(index, reply, strict=True):
+                done[i] = bool(marked)
+        return done
 
     async def retry(
         self, route: str, dedupe_id: str, attempt: int, due_ms: int, entry: AttemptRecord

@@ -1,25 +1,35 @@
--- Mark an event delivered: off the schedule, payload dropped, claim kept for the dedupe window.
+-- Mark events delivered: off the schedule, payload dropped, claim kept for the dedupe window.
 -- Applies whoever made the delivering attempt (delivered is the truth even from a stale attempt).
--- KEYS[1] - the event hash
--- KEYS[2] - the shard's schedule zset
--- KEYS[3] - the shard's stats hash
+-- Several events per call: the delivered marks of one flush go in one script call (one call per shard on a
+-- cluster, where a script's keys must share a slot; any mix of shards on a single server).
+-- For event i (1-based):
+--   KEYS[3i-2] - the event hash
+--   KEYS[3i-1] - its shard's schedule zset
+--   KEYS[3i]   - its shard's stats hash
+--   ARGV[4i-1] - schedule member
+--   ARGV[4i]   - history entry (JSON object)
+--   ARGV[4i+1] - upstream status
+--   ARGV[4i+2] - route name (stats)
 -- ARGV[1] - now (ms)
 -- ARGV[2] - dedupe ttl (ms)
--- ARGV[3] - schedule member
--- ARGV[4] - history entry (JSON object)
--- ARGV[5] - upstream status
--- ARGV[6] - route name (stats)
--- returns 1 when marked, 0 when the event is gone or already final
-local st = redis.call('HGET', KEYS[1], 'st')
-if not st or st == 'd' or st == 'x' then
-  return 0
+-- returns, per event, 1 when marked, 0 when the event is gone or already final
+local out = {}
+for i = 1, #KEYS / 3 do
+  local ev, sched, stats = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local a = 4 * i - 1
+  local st = redis.call('HGET', ev, 'st')
+  if not st or st == 'd' or st == 'x' then
+    out[i] = 0
+  else
+    local h = redis.call('HGET', ev, 'hist')
+    if h and h ~= '' then h = h .. ',' .. ARGV[a + 1] else h = ARGV[a + 1] end
+    redis.call('HSET', ev, 'st', 'd', 'done', ARGV[1], 'ls', ARGV[a + 2], 'le', '', 'hist', h)
+    redis.call('HDEL', ev, 'body')
+    redis.call('ZREM', sched, ARGV[a])
+    redis.call('PEXPIRE', ev, ARGV[2])
+    redis.call('HINCRBY', stats, ARGV[a + 3] .. ':pending', -1)
+    redis.call('HINCRBY', stats, ARGV[a + 3] .. ':delivered', 1)
+    out[i] = 1
+  end
 end
-local h = redis.call('HGET', KEYS[1], 'hist')
-if h and h ~= '' then h = h .. ',' .. ARGV[4] else h = ARGV[4] end
-redis.call('HSET', KEYS[1], 'st', 'd', 'done', ARGV[1], 'ls', ARGV[5], 'le', '', 'hist', h)
-redis.call('HDEL', KEYS[1], 'body')
-redis.call('ZREM', KEYS[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('HINCRBY', KEYS[3], ARGV[6] .. ':pending', -1)
-redis.call('HINCRBY', KEYS[3], ARGV[6] .. ':delivered', 1)
-return 1
+return out

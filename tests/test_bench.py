@@ -1,0 +1,113 @@
+"""`sidecar bench`: its parts against real servers, and one short end-to-end run of the whole command."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from sidecar import bench
+from tests.conftest import Upstream
+
+WRK_OUTPUT = """Running 8s test @ http://127.0.0.1:40123
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    11.02ms    3.10ms  45.21ms   80.00%
+    Req/Sec     5.83k   310.22     6.40k    71.25%
+  Latency Distribution
+     50%  850.00us
+     75%   12.10ms
+     90%   14.50ms
+     99%    1.20s
+  46414 requests in 8.00s, 9.88MB read
+  Non-2xx or 3xx responses: 17
+Requests/sec:   5801.12
+Transfer/sec:      1.23MB
+"""
+
+
+def test_bench_parses_wrk_output_with_every_latency_unit() -> None:
+    r = bench._parse_wrk("new", WRK_OUTPUT)
+    assert r.rps == 5801.12 and r.requests == 46414 and r.non2xx == 17
+    assert r.p50_ms == 0.85 and r.p99_ms == 1200.0
+
+
+def test_bench_request_file_carries_valid_stripe_signatures(tmp_path: Path) -> None:
+    import hashlib
+    import hmac
+
+    path = tmp_path / "reqs.tsv"
+    bench.write_requests(path, ["evt_a", "evt_b"])
+    prefix, suffix, *rows = path.read_text().splitlines()
+    assert [row.split("\t")[0] for row in rows] == ["evt_a", "evt_b"]
+    for row in rows:
+        event_id, header = row.split("\t")
+        t, v1 = (part.split("=", 1)[1] for part in header.split(","))
+        body = (prefix + event_id + suffix).encode()
+        assert len(body) >= 1400  # the ~1.5 KB bodies the figures are quoted for
+        expected = hmac.new(bench.SECRET.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(v1, expected)
+        assert json.loads(body)["id"] == event_id
+
+
+async def test_bench_open_loop_sends_every_scheduled_request_once(tmp_path: Path, upstream: Upstream) -> None:
+    path = tmp_path / "reqs.tsv"
+    ids = [f"evt_ol{i}" for i in range(150)]
+    bench.write_requests(path, ids)
+    result = await bench._open_loop(upstream.url, path, rate=300.0, duration=0.5)
+    assert result["requests"] == 150 and result["non2xx"] == 0
+    assert sorted(json.loads(r.body)["id"] for r in upstream.received) == sorted(ids)
+    assert {r.path_qs for r in upstream.received} == {"/webhooks/stripe"}
+    assert 0 < result["p50_ms"] <= result["p99_ms"] and math.isfinite(result["lag_p99_ms"])
+
+
+async def test_bench_open_loop_counts_failed_requests(tmp_path: Path, upstream: Upstream) -> None:
+    path = tmp_path / "reqs.tsv"
+    bench.write_requests(path, [f"evt_f{i}" for i in range(20)])
+    upstream.respond(*([503] * 5))
+    result = await bench._open_loop(upstream.url, path, rate=200.0, duration=0.1)
+    assert result["requests"] == 20 and result["non2xx"] == 5
+
+
+def test_bench_command_runs_every_scenario_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "bench",
+            "--duration",
+            "1",
+            "--connections",
+            "8",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    results = data["results"]
+    assert set(results) == {
+        "upstream",
+        "passthrough",
+        "new",
+        "duplicate",
+        "passthrough@35%",
+        "new@35%",
+        "failing",
+        "workers=1",
+        "workers=2",
+    }
+    for name, r in results.items():
+        assert r["requests"] > 0 and r["rps"] > 0, name
+        assert r["non2xx"] == 0, name  # the failing upstream's events are answered 202 queued, a 2xx
+    assert results["new"]["cpu_us"] > 0 and results["passthrough"]["cpu_us"] > 0
+    assert set(data["ratios"]) >= {"new_vs_passthrough", "p99_at_35pct_delta_ms", "workers2_vs_workers1"}
+    assert "new events / pass-through" in proc.stdout and f"cores: {data['cores']}" in proc.stdout
