@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,17 +36,16 @@ class Disposition:
 class DeliveredMarks:
     """The delivered marks of attempt 1, written in batches after the provider has its answer.
 
-    The marks queued during one loop tick (or `window` seconds, when set) go to the store in one script call: under
-    load that is one call per tick instead of one per event, each call with its own command packing, future and
-    reply. The default window of one tick keeps the order a client sees: the mark is on the store connection
-    before any request that could follow the provider's answer is read, so a resend right after a 200 finds the
-    event delivered. (A 2 ms window, tried for light load, did not measurably lower CPU per request there and
-    answered such resends "pending".) The event has been durable since its claim: if this process dies before its
-    mark lands, the lease brings the event back (at-least-once, as for any crash mid-forward), and shutdown flushes
-    and waits for the marks still queued.
+    A mark is queued, then sent with the others in one script call: by the next claim (`flush` before it), or when
+    `window` seconds have passed, or when `batch` are queued. Under load that is one call per loop tick instead of
+    one per event; at light load the marks ride in the same write as the next claim, so the store sees one command
+    batch per event instead of two. The order a client sees is kept: `flush` puts the marks on the store connection
+    before the claim that follows it, so a resend right after a 200 finds its event delivered. The event has been
+    durable since its claim: if this process dies before its mark lands, the lease brings the event back
+    (at-least-once, as for any crash mid-forward), and shutdown flushes and waits for the marks still queued.
     """
 
-    def __init__(self, store: RedisStore, window: float = 0.0, batch: int = 256) -> None:
+    def __init__(self, store: RedisStore, window: float = 0.002, batch: int = 256) -> None:
         self.store = store
         self.window = window
         self.batch = batch
@@ -64,22 +64,24 @@ class DeliveredMarks:
             )
 
     def flush(self) -> None:
+        """Send what is queued now (the store connection has it before this returns); the outcome comes later."""
+        if not self._queued:
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._queued:
-            return
         marks, self._queued = self._queued, []
-        task = asyncio.ensure_future(self._write(marks))
+        sent = self.store.send_acks(marks, int(time.time() * 1000))
+        task = asyncio.ensure_future(self._outcome(sent, len(marks)))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _write(self, marks: list[tuple[str, str, AttemptRecord]]) -> None:
+    async def _outcome(self, sent: Awaitable[list[bool]], count: int) -> None:
         try:
-            await self.store.ack_many(marks, int(time.time() * 1000))
+            await sent
         except StoreError as exc:
             # Those events stay in flight under their leases: a replica re-delivers them later (at-least-once).
-            log.warning("could not mark %d event(s) delivered (left to their leases): %s", len(marks), exc)
+            log.warning("could not mark %d event(s) delivered (left to their leases): %s", count, exc)
 
     @property
     def pending(self) -> int:

@@ -121,3 +121,29 @@ async def test_pipeline_fails_closed_when_server_is_paused(server: ValkeyServer)
                 await asyncio.sleep(0.1)
     finally:
         client.close()
+
+
+async def test_pipeline_execute_nowait_sends_in_call_order_once_connected(server: ValkeyServer) -> None:
+    client = PipelinedClient(server.connection_url, timeout=2.0)
+    try:
+        assert client.execute_nowait(("SET", "k", "first")) is None  # not connected yet: use execute()
+        await client.execute(("PING",))
+        sent = client.execute_nowait(("SET", "k", "nowait"))
+        assert sent is not None
+        later = client.execute(("GET", "k"))  # issued after: must see the nowait write
+        assert await later == b"nowait" and await sent == b"OK"
+    finally:
+        client.close()
+
+
+async def test_pipeline_script_started_without_load_finishes_after_noscript(server: ValkeyServer) -> None:
+    client = PipelinedClient(server.connection_url, timeout=2.0)
+    try:
+        await client.execute(("PING",))
+        script = FastScript(client, "return redis.call('INCRBY', KEYS[1], ARGV[1])")
+        sent = script.start(["counter"], [5])  # the server has never seen the script: NOSCRIPT comes back
+        assert sent is not None
+        assert await script.finish(sent, ["counter"], [5]) == 5  # loaded and run once, not twice
+        assert await client.execute(("GET", "counter")) == b"5"
+    finally:
+        client.close()

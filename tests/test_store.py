@@ -280,3 +280,21 @@ async def test_delivered_marks_a_failed_write_leaves_events_to_their_lease(
         assert "could not mark 1 event(s) delivered" in caplog.text
     finally:
         await s.close()
+
+
+async def test_delivered_marks_flush_runs_before_a_later_claim_of_the_same_event(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    from sidecar.dispatch import DeliveredMarks
+
+    now = int(time.time() * 1000)
+    rec = record("evt_order")
+    await store.claim(rec, now, 30_000)
+    marks = DeliveredMarks(store, window=60.0)  # the timer would not fire during this test
+    marks.add(rec, entry(1, 200))
+    before = evalsha_calls(rdb)
+    marks.flush()  # what the ingress does before every claim
+    resend = await store.claim(rec, now, 30_000)
+    assert not resend.claimed and resend.state == "delivered"  # the mark ran first, on the same connection
+    await marks.drain(timeout=5)
+    assert evalsha_calls(rdb) - before == 2  # one call for the marks, one for the claim

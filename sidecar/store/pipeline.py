@@ -154,6 +154,10 @@ class Node:
         conn = await self.connection()
         return await conn.execute(args)
 
+    @property
+    def live(self) -> Connection | None:
+        return self._conn
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -218,6 +222,22 @@ class PipelinedClient:
                 raise
         raise ConnectionError("cluster slot map keeps moving")
 
+    def execute_nowait(
+        self, args: Sequence[Any], key: str | bytes | None = None
+    ) -> asyncio.Future[Any] | None:
+        """Put the command on its connection now, in call order, when that connection is up and (on a cluster) the
+        slot's node known; None otherwise (use `execute`). A MOVED or ASK reply is the caller's to retry."""
+        if not self.cluster:
+            conn = self._single
+        else:
+            slot = key_slot(key.encode() if isinstance(key, str) else key) if key is not None else 0
+            addr = self._slots[slot]
+            node = self._nodes.get(addr) if addr is not None else None
+            conn = node.live if node is not None else None
+        if conn is None or conn.closed:
+            return None
+        return conn.execute(args)
+
     async def refresh_slots(self) -> None:
         if self._refreshing is None:
             self._refreshing = asyncio.ensure_future(self._load_slots())
@@ -277,3 +297,20 @@ class FastScript:
                 raise
         await self.client.execute(("SCRIPT", "LOAD", self.source), key=route_key)
         return await self.client.execute(command, key=route_key)
+
+    def start(self, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any] | None:
+        """Send the call now, ordered before any command issued after it (see `execute_nowait`); `finish` it."""
+        return self.client.execute_nowait(
+            ("EVALSHA", self.sha, len(keys), *keys, *args), keys[0] if keys else None
+        )
+
+    async def finish(
+        self, started: asyncio.Future[Any] | None, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        if started is not None:
+            try:
+                return await started
+            except ReplyError as exc:
+                if not str(exc).startswith(("NOSCRIPT", "MOVED", "ASK")):
+                    raise
+        return await self(keys, args)  # not sent yet, or sent where it could not run: the full path

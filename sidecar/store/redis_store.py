@@ -225,6 +225,13 @@ class RedisStore:
 
     async def ack_many(self, marks: Sequence[tuple[str, str, AttemptRecord]], now_ms: int) -> list[bool]:
         """Mark events delivered, in one script call (one per shard on a cluster). Results in `marks`' order."""
+        return await self.send_acks(marks, now_ms)
+
+    def send_acks(
+        self, marks: Sequence[tuple[str, str, AttemptRecord]], now_ms: int
+    ) -> Awaitable[list[bool]]:
+        """`ack_many`, with the calls put on the store connection before this returns, so any command issued
+        afterwards (a resend's claim) runs after them; await the result for the outcome."""
         groups: dict[str, tuple[list[int], list[str], list[Any]]] = {}
         for i, (route, dedupe_id, entry) in enumerate(marks):
             ev, sched, stats, member = self.keys.locate(route, dedupe_id)
@@ -234,18 +241,28 @@ class RedisStore:
             index.append(i)
             keys += (ev, sched, stats)
             args += (member, entry.to_json(), entry.status or "", route)
-        calls = [self._ack(keys=keys, args=args) for _, keys, args in groups.values()]
-        try:
-            replies = await (calls[0] if len(calls) == 1 else asyncio.gather(*calls))
-        except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
-            raise _translate(exc) from exc
-        done = [False] * len(marks)
-        for (index, _, _), reply in zip(
-            groups.values(), [replies] if len(calls) == 1 else replies, strict=True
-        ):
-            for i, marked in zip(index, reply, strict=True):
-                done[i] = bool(marked)
-        return done
+        fast = isinstance(self._ack, FastScript)
+        started = [
+            (index, keys, args, self._ack.start(keys, args) if fast else None)
+            for index, keys, args in groups.values()
+        ]
+
+        def one(keys: list[str], args: list[Any], sent: asyncio.Future[Any] | None) -> Awaitable[Any]:
+            return self._ack.finish(sent, keys, args) if fast else self._ack(keys=keys, args=args)
+
+        async def finish() -> list[bool]:
+            calls = [one(keys, args, sent) for _, keys, args, sent in started]
+            try:
+                replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
+            except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
+                raise _translate(exc) from exc
+            done = [False] * len(marks)
+            for (index, _, _, _), reply in zip(started, replies, strict=True):
+                for i, marked in zip(index, reply, strict=True):
+                    done[i] = bool(marked)
+            return done
+
+        return finish()
 
     async def retry(
         self, route: str, dedupe_id: str, attempt: int, due_ms: int, entry: AttemptRecord
