@@ -127,7 +127,9 @@ class Result:
     non2xx: int = 0
     cpu_us: float = 0.0  # CPU of the process under test (and its children) per request
     lag_p99_ms: float = 0.0  # open loop only: how late the generator itself started its requests (p99)
-    p99_runs_ms: list[float] = field(default_factory=list)  # open loop only: p99 of every run (this one is the median)
+    p99_runs_ms: list[float] = field(
+        default_factory=list
+    )  # open loop only: p99 of every run (this one is the median)
 
 
 def _free_port() -> int:
@@ -136,14 +138,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_port(port: int, timeout: float = 20.0) -> None:
+def _listeners(port: int) -> int | None:
+    """How many sockets listen on `port` (SO_REUSEPORT lets several), from /proc/net/tcp; None without /proc."""
+    try:
+        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    local = f":{port:04X}"
+    return sum(1 for row in table if row.split()[1].endswith(local) and row.split()[3] == "0A")
+
+
+def _wait_port(port: int, timeout: float = 20.0, listeners: int = 1) -> None:
+    """Until `listeners` processes accept on the port: a load generator that connects while only the first of
+    several workers listens would put every keep-alive connection of the run on that one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+            up = s.connect_ex(("127.0.0.1", port)) == 0
+        if up and (listeners == 1 or (_listeners(port) or listeners) >= listeners):
+            return
         time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+    raise RuntimeError(f"not {listeners} listener(s) on 127.0.0.1:{port} after {timeout}s")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -221,11 +236,13 @@ class Bench:
         self.counter = 0
 
     # processes
-    def spawn(self, args: list[str], core: int | None, port: int) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, args: list[str], core: int | None, port: int, listeners: int = 1
+    ) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"proc-{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen([*_pin(core), *args], stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
-        _wait_port(port)
+        _wait_port(port, listeners=listeners)
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
@@ -276,7 +293,7 @@ routes:
 """
         )
         args = [sys.executable, "-m", "sidecar", "run", "--config", str(cfg)]
-        return port, self.spawn(args, self.core_sut if pinned else None, port)
+        return port, self.spawn(args, self.core_sut if pinned else None, port, listeners=workers)
 
     # load
     def fresh_ids(self, n: int) -> list[str]:
@@ -434,9 +451,7 @@ async def _open_loop(url: str, reqs: Path, rate: float, duration: float) -> dict
     }
 
 
-async def _builtin_load(
-    name: str, url: str, reqs: Path, conns: int, duration: float
-) -> Result:
+async def _builtin_load(name: str, url: str, reqs: Path, conns: int, duration: float) -> Result:
     import aiohttp
 
     lines = reqs.read_text().splitlines()

@@ -111,3 +111,25 @@ def test_bench_command_runs_every_scenario_end_to_end(tmp_path: Path) -> None:
     assert results["new"]["cpu_us"] > 0 and results["passthrough"]["cpu_us"] > 0
     assert set(data["ratios"]) >= {"new_vs_passthrough", "p99_at_35pct_delta_ms", "workers2_vs_workers1"}
     assert "new events / pass-through" in proc.stdout and f"cores: {data['cores']}" in proc.stdout
+
+
+def test_bench_counts_every_listener_sharing_a_port() -> None:
+    import socket
+
+    socks = []
+    try:
+        for _ in range(2):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("127.0.0.1", socks[0].getsockname()[1] if socks else 0))
+            socks.append(s)
+        port = socks[0].getsockname()[1]
+        assert bench._listeners(port) == 0  # bound, not listening yet
+        socks[0].listen()
+        assert bench._listeners(port) == 1
+        socks[1].listen()
+        assert bench._listeners(port) == 2
+        bench._wait_port(port, timeout=5, listeners=2)
+    finally:
+        for s in socks:
+            s.close()
