@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 # Internal event states (one byte in Redis) and the names the contract shows.
 STATE_NAMES = {"f": "pending", "p": "pending", "d": "delivered", "x": "dead"}
 
@@ -102,16 +104,17 @@ class AttemptRecord:
     duration_ms: float
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "at_ms": self.at_ms,
-                "attempt": self.attempt,
-                "status": self.status,
-                "error": self.error,
-                "duration_ms": round(self.duration_ms, 3),
-            },
-            separators=(",", ":"),
-        )
+        entry = {
+            "at_ms": self.at_ms,
+            "attempt": self.attempt,
+            "status": self.status,
+            "error": self.error,
+            "duration_ms": round(self.duration_ms, 3),
+        }
+        try:  # every delivered event writes one: orjson ~0.5 µs, json.dumps with separators ~5 µs
+            return orjson.dumps(entry).decode()
+        except TypeError:  # a lone surrogate in an error text: the stdlib escapes it
+            return json.dumps(entry, separators=(",", ":"))
 
 
 def parse_history(raw: str | bytes | None) -> list[dict[str, Any]]:
