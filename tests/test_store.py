@@ -302,6 +302,13 @@ async def test_delivered_marks_flush_runs_before_a_later_claim_of_the_same_event
 
 def test_attempt_record_json_is_compact_and_survives_any_error_text() -> None:
     plain = AttemptRecord(1700000000000, 2, 503, None, 12.34567)
-    assert plain.to_json() == '{"at_ms":1700000000000,"attempt":2,"status":503,"error":null,"duration_ms":12.346}'
-    for error in ("timeout", "connexion refusée", "bad \udcff byte"):  # the last: a surrogate-escaped header byte
+    assert (
+        plain.to_json()
+        == '{"at_ms":1700000000000,"attempt":2,"status":503,"error":null,"duration_ms":12.346}'
+    )
+    for error in (
+        "timeout",
+        "connexion refusée",
+        "bad \udcff byte",
+    ):  # the last: a surrogate-escaped header byte
         assert json.loads(AttemptRecord(1, 1, None, error, 0.5).to_json())["error"] == error
