@@ -372,7 +372,7 @@ routes:
         except (IndexError, ValueError):
             return Result(name, 0.0, float("nan"), float("nan"), 0)
         result = Result(
-            name, r["rps"], r["p50_ms"], r["p99_ms"], r["requests"], r["non2xx"], 0.0, r["lag_p99_ms"]
+            name, r["rps"], r["p50_ms"], r["p99_ms"], r["requests"], r["non2xx"], lag_p99_ms=r["lag_p99_ms"]
         )
         if cpu0 is not None and pid and result.requests:
             result.cpu_us = (_cpu_seconds(pid) - cpu0) / result.requests * 1e6

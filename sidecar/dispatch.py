@@ -6,10 +6,8 @@ through `Dispatcher.attempt`, so there is one code path from "we hold the event"
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,72 +31,10 @@ class Disposition:
     dead_letter_id: str | None = None
 
 
-class DeliveredMarks:
-    """The delivered marks of attempt 1, written in batches after the provider has its answer.
-
-    A mark is queued, then sent with the others in one script call: by the next claim (`flush` before it), or when
-    `window` seconds have passed, or when `batch` are queued. Under load that is one call per loop tick instead of
-    one per event; at light load the marks ride in the same write as the next claim, so the store sees one command
-    batch per event instead of two. The order a client sees is kept: `flush` puts the marks on the store connection
-    before the claim that follows it, so a resend right after a 200 finds its event delivered. The event has been
-    durable since its claim: if this process dies before its mark lands, the lease brings the event back
-    (at-least-once, as for any crash mid-forward), and shutdown flushes and waits for the marks still queued.
-    """
-
-    def __init__(self, store: RedisStore, window: float = 0.002, batch: int = 256) -> None:
-        self.store = store
-        self.window = window
-        self.batch = batch
-        self._queued: list[tuple[str, str, AttemptRecord]] = []
-        self._timer: asyncio.Handle | None = None
-        self._writes: set[asyncio.Future[None]] = set()
-
-    def add(self, rec: EventRecord, entry: AttemptRecord) -> None:
-        self._queued.append((rec.route, rec.dedupe_id, entry))
-        if len(self._queued) >= self.batch:
-            self.flush()
-        elif self._timer is None:
-            loop = asyncio.get_running_loop()
-            self._timer = (
-                loop.call_later(self.window, self.flush) if self.window else loop.call_soon(self.flush)
-            )
-
-    def flush(self) -> None:
-        """Send what is queued now (the store connection has it before this returns); the outcome comes later."""
-        if not self._queued:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        marks, self._queued = self._queued, []
-        sent = self.store.send_acks(marks, int(time.time() * 1000))
-        task = asyncio.ensure_future(self._outcome(sent, len(marks)))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    async def _outcome(self, sent: Awaitable[list[bool]], count: int) -> None:
-        try:
-            await sent
-        except StoreError as exc:
-            # Those events stay in flight under their leases: a replica re-delivers them later (at-least-once).
-            log.warning("could not mark %d event(s) delivered (left to their leases): %s", count, exc)
-
-    @property
-    def pending(self) -> int:
-        return len(self._queued) + len(self._writes)
-
-    async def drain(self, timeout: float) -> None:
-        """Write what is queued and wait (bounded) for the marks on their way; for shutdown."""
-        self.flush()
-        if self._writes:
-            await asyncio.wait(set(self._writes), timeout=timeout)
-
-
 class Dispatcher:
     def __init__(self, config: Config, store: RedisStore, forwarder: Forwarder, telemetry: Telemetry) -> None:
         self.table = RouteTable.build(config)  # swapped whole by a reload
         self.tel = telemetry
-        self.marks = DeliveredMarks(store)
         self.store = store
         self.forwarder = forwarder
         b = config.upstream.breaker
@@ -172,10 +108,6 @@ class Dispatcher:
             )
         return disposition
 
-    async def drain_marks(self, timeout: float) -> None:
-        """Write the queued delivered marks and wait (bounded) for them; for shutdown."""
-        await self.marks.drain(timeout)
-
     def breaker(self, route: RouteConfig, path_qs: str) -> Breaker:
         return self.breakers.for_url(target_url(self.config, route, path_qs))
 
@@ -198,8 +130,8 @@ class Dispatcher:
         entry = AttemptRecord(now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000)
         if outcome.kind == "delivered":
             if background:
-                # The provider's answer need not wait for this round trip: see DeliveredMarks.
-                self.marks.add(rec, entry)
+                # The provider's answer need not wait for this round trip: see store/marks.py.
+                self.store.marks.add(rec, entry)
             else:
                 try:
                     await self.store.ack(rec.route, rec.dedupe_id, entry, now_ms)

@@ -299,7 +299,6 @@ class Ingress:
         # With the upstream's circuit open the event is claimed straight onto the schedule: one round trip and
         # a 202, instead of every provider request waiting out the forward timeout.
         schedule_at = None if forward_now else rec.first_seen_ms + int(breaker.retry_at() * 1000)
-        self.dispatcher.marks.flush()  # queued delivered marks ride in this claim's write, and run before it
         try:
             claim = await self.store.claim(rec, rec.first_seen_ms, self.dispatcher.lease_ms(cfg), schedule_at)
         except StoreError as exc:

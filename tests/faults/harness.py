@@ -344,12 +344,3 @@ class FaultUpstream:
         self.release.set()
         if self._runner is not None:
             await self._runner.cleanup()
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(interval)
-    return bool(predicate())

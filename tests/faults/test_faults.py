@@ -29,10 +29,9 @@ from tests.faults.harness import (
     report,
     stripe_headers,
     stripe_route,
-    wait_until,
     write_sidecar_config,
 )
-from tests.procs import SidecarProcess, free_port
+from tests.procs import SidecarProcess, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -40,11 +40,10 @@ from tests.faults.harness import (
     build_request,
     raw_http,
     report,
-    wait_until,
     write_sidecar_config,
 )
 from tests.faults.logcheck import BODY_MARKER
-from tests.procs import SidecarProcess, free_port
+from tests.procs import SidecarProcess, free_port, wait_until
 
 SECRETS = {
     "stripe": "whsec_hostile_stripe_5d21",

@@ -33,11 +33,10 @@ from tests.faults.harness import (
     raw_http,
     stripe_headers,
     stripe_route,
-    wait_until,
     write_sidecar_config,
 )
 from tests.faults.logcheck import BODY_MARKER
-from tests.procs import SidecarProcess, free_port
+from tests.procs import SidecarProcess, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
