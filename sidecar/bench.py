@@ -151,7 +151,7 @@ def _listeners(port: int) -> int | None:
     except OSError:
         return None
     local = f":{port:04X}"
-    return sum(1 for row in table if row.split()[1].endswith(local) and row.split()[3] == "0A")
+    return sum(1 for cols in map(str.split, table) if cols[1].endswith(local) and cols[3] == "0A")
 
 
 def _wait_port(port: int, timeout: float = 20.0, listeners: int = 1) -> None:
