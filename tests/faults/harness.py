@@ -322,9 +322,13 @@ class FaultUpstream:
             return resp
         if mode == "slow":
             delay = self.rng.uniform(0.1, self.timeout * 1.5)
-            if delay >= self.timeout:
-                self.abandoned += 1
             await asyncio.sleep(delay)
+            # Given up on: the sidecar aborted the connection (its deadline started before the request got here,
+            # so a delay just under `timeout` can miss it too), or the answer lands at the deadline's edge, where
+            # the sidecar's timer may fire before it reads the bytes.
+            transport = request.transport
+            if delay >= self.timeout * 0.9 or transport is None or transport.is_closing():
+                self.abandoned += 1
         elif self.delay:
             await asyncio.sleep(self.delay)
         self.delivered[event_id] += 1
