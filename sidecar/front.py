@@ -1,0 +1,361 @@
+"""The inbound front: a lean HTTP/1.1 protocol for the webhook POSTs, aiohttp's server for everything else.
+
+aiohttp's server is the largest single share of the sidecar's CPU (docs/performance.md): a request object, a
+stream reader, a response object and its writer per request. A webhook delivery needs none of that. This front
+takes a connection first and serves, itself, the requests that are plainly a signed POST to a configured route:
+
+    HTTP/1.1, POST, an origin-form path with no `%` or dot segment that names a route, a `Host`, a
+    `Content-Length` within `server.max_body_bytes`, no `Transfer-Encoding`, `Expect` or `Upgrade`, and a route
+    whose provider does not sign the public URL.
+
+Their heads are parsed by llhttp (`httptools`, the parser aiohttp's own C parser is built on); the body is the
+next `Content-Length` bytes. They go through the same `Ingress.handle` as any other request, with the body
+already read. The first request on a connection that is anything else (a GET handshake, a chunked body, a head
+llhttp refuses, an oversized head or body, HTTP/1.0, …) hands the connection to aiohttp from that request's first
+byte on: aiohttp answers it and every later request on that connection, exactly as before this front existed.
+
+Requests on one connection are answered in order, one at a time (HTTP/1.1 pipelining is honoured by buffering).
+`server.read_timeout` bounds the wait for a head and for a body (408 `read_timeout`) and the idle time of a
+keep-alive connection, checked by one sweep per second rather than a timer per request. Shutdown closes idle
+connections, lets busy ones finish within `server.shutdown_grace`, then closes the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any
+
+import httptools
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.ingress import URL_SIGNING, json_error
+
+if TYPE_CHECKING:
+    from sidecar.ingress import Ingress
+
+log = logging.getLogger("sidecar.front")
+
+MAX_HEAD = 8190  # aiohttp's max_line_size: a head this small passes every limit aiohttp's parser has
+SWEEP_S = 1.0
+_REFUSED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+_NOT_COPIED = frozenset({"content-length", "transfer-encoding", "connection", "date", "server"})
+
+# (second, "Date" header line), recomputed once a second
+_date: list[Any] = [0, b""]
+
+
+def _date_line() -> bytes:
+    now = int(time.time())
+    if _date[0] != now:
+        _date[0], _date[1] = now, b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+    return _date[1]
+
+
+class FastRequest:
+    """The parts of an aiohttp request that the ingress reads, for a request this front parsed itself."""
+
+    __slots__ = ("headers", "host", "method", "path", "raw_path", "remote", "scheme", "version")
+
+    def __init__(
+        self, path: str, raw_path: str, headers: CIMultiDictProxy[str], host: str, remote: str
+    ) -> None:
+        self.method = "POST"
+        self.scheme = "http"
+        self.version = (1, 1)
+        self.path, self.raw_path, self.headers, self.host, self.remote = path, raw_path, headers, host, remote
+
+
+class _Head:
+    """httptools callbacks for one request head."""
+
+    __slots__ = ("headers", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+
+def serialize(resp: web.StreamResponse, close: bool) -> bytes:
+    """The response as bytes on the wire: what aiohttp would send, minus its `Server` header."""
+    body = resp.body if isinstance(resp, web.Response) else None
+    if not isinstance(body, bytes | bytearray):
+        body = b""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason.encode("latin-1", "replace"))]
+    content_type = False
+    for name, value in resp.headers.items():
+        lower = name.lower()
+        if lower in _NOT_COPIED or "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            continue
+        content_type = content_type or lower == "content-type"
+        lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("utf-8", "surrogateescape")))
+    if not content_type:
+        lines.append(b"Content-Type: application/octet-stream\r\n")
+    lines.append(b"Content-Length: %d\r\n" % len(body))
+    lines.append(_date_line())
+    if close:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    lines.append(body)
+    return b"".join(lines)
+
+
+class Front:
+    """The protocol factory the listening socket uses; wraps aiohttp's `web.Server` and takes its place in the
+    runner, so sites, the test server and the runner's shutdown all go through it."""
+
+    def __init__(self, inner: web.Server, ingress: Ingress) -> None:
+        self.inner = inner
+        self.ingress = ingress
+        self.conns: set[FastProtocol] = set()
+        self.closing = False
+        self.fast_requests = 0  # served here rather than by aiohttp (tests read it)
+        self.handed_over = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._busy = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> FastProtocol:
+        return FastProtocol(self)
+
+    # what a runner and its sites use of web.Server
+    @property
+    def connections(self) -> list[Any]:
+        return [*self.inner.connections, *self.conns]
+
+    @property
+    def requests_count(self) -> int:
+        return self.inner.requests_count + self.fast_requests
+
+    def pre_shutdown(self) -> None:
+        self.closing = True
+        for conn in list(self.conns):
+            if not conn.busy:
+                conn.close()
+        self.inner.pre_shutdown()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        self.closing = True
+        await asyncio.gather(self._drain(timeout), self.inner.shutdown(timeout))
+
+    async def _drain(self, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.warning("shutdown: %d request(s) still in flight after %ss, cancelled", self._busy, timeout)
+        for conn in list(self.conns):
+            conn.close()
+            if conn.task is not None:
+                conn.task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    # bookkeeping
+    def started(self) -> None:
+        self._busy += 1
+        self._idle.clear()
+
+    def finished(self) -> None:
+        self._busy -= 1
+        if not self._busy:
+            self._idle.set()
+
+    def added(self, conn: FastProtocol) -> None:
+        self.conns.add(conn)
+        if self._sweeper is None:
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(SWEEP_S, self._sweep)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.conns):
+            if conn.deadline and now >= conn.deadline:
+                conn.timed_out()
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep) if self.conns else None
+
+
+class FastProtocol(asyncio.Protocol):
+    __slots__ = ("buf", "busy", "deadline", "front", "remote", "task", "transport")
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.busy = False
+        self.task: asyncio.Task[None] | None = None
+        self.deadline = 0.0  # monotonic; 0 while a request is being handled
+        self.remote = ""
+
+    def _timeout(self) -> float:
+        return self.front.ingress.dispatcher.config.server.read_timeout
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple | list) and peer else ""
+        self.deadline = time.monotonic() + self._timeout()
+        self.front.added(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.front.conns.discard(self)
+        # a request being handled runs to its end: the event is claimed, it must be settled
+
+    def data_received(self, data: bytes) -> None:
+        if not self.buf and not self.busy:  # a request's first bytes: its head and body have read_timeout
+            self.deadline = time.monotonic() + self._timeout()
+        self.buf += data
+        if not self.busy:
+            self._next()
+        elif len(self.buf) > MAX_HEAD + self.front.ingress.dispatcher.config.server.max_body_bytes:
+            # a client pipelining far ahead of the answers: stop reading until this request is answered
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too, as aiohttp does; a request being handled still settles its event
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def timed_out(self) -> None:
+        """The sweep found `server.read_timeout` passed while waiting for a head, a body or the next request."""
+        if self.transport is None:
+            return
+        head_end = self.buf.find(b"\r\n\r\n")
+        if head_end >= 0:  # a head in, its body not: the same answer aiohttp's path gives
+            self.transport.write(serialize(json_error(408, "read_timeout"), close=True))
+        self.transport.close()
+
+    # ---- one request at a time ----------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Start on the next request in the buffer, if all of it is here."""
+        buf, transport = self.buf, self.transport
+        if transport is None or not buf:
+            return
+        head_end = buf.find(b"\r\n\r\n")
+        if head_end < 0:
+            if len(buf) > MAX_HEAD:
+                self._hand_over()
+            return
+        head_len = head_end + 4
+        if head_len > MAX_HEAD:
+            self._hand_over()
+            return
+        head = _Head()
+        parser = httptools.HttpRequestParser(head)
+        try:
+            parser.feed_data(bytes(buf[:head_len]))
+        except (
+            httptools.HttpParserError,
+            httptools.HttpParserUpgrade,
+        ):  # a CONNECT, an Upgrade, or malformed
+            self._hand_over()
+            return
+        if parser.get_http_version() != "1.1" or parser.get_method() != b"POST":
+            self._hand_over()
+            return
+        url = head.url
+        if url[:1] != b"/" or b"%" in url or b"/." in url or b"#" in url:
+            self._hand_over()
+            return
+        path_end = url.find(b"?")
+        path = (url if path_end < 0 else url[:path_end]).decode("latin-1")
+        ingress = self.front.ingress
+        route = ingress.dispatcher.table.by_path.get(path)
+        if route is None or route.cfg.provider in URL_SIGNING or route.cfg.public_url:
+            self._hand_over()
+            return
+        length, has_length = 0, False
+        host = None
+        headers: CIMultiDict[str] = CIMultiDict()
+        for raw_name, raw_value in head.headers:
+            lname = raw_name.lower()
+            if lname in _REFUSED:
+                self._hand_over()
+                return
+            name = raw_name.decode("utf-8", "surrogateescape")
+            value = raw_value.decode("utf-8", "surrogateescape")
+            if lname == b"content-length":
+                if not raw_value.isdigit() or has_length:
+                    self._hand_over()
+                    return
+                length, has_length = int(raw_value), True
+            elif lname == b"host":
+                host = value
+            headers.add(name, value)
+        if host is None or length > ingress.dispatcher.config.server.max_body_bytes:
+            self._hand_over()
+            return
+        end = head_len + length
+        if len(buf) < end:
+            return  # the body is on its way; the sweep answers 408 if it is not all here by the deadline
+        body = bytes(buf[head_len:end])
+        del buf[:end]
+        request = FastRequest(path, url.decode("latin-1"), CIMultiDictProxy(headers), host, self.remote)
+        self.busy = True
+        self.deadline = 0.0
+        self.front.started()
+        self.front.fast_requests += 1
+        close = not parser.should_keep_alive() or self.front.closing
+        self.task = asyncio.get_running_loop().create_task(self._serve(request, body, close))
+
+    async def _serve(self, request: FastRequest, body: bytes, close: bool) -> None:
+        try:
+            try:
+                response = await self.front.ingress.handle(request, body)  # type: ignore[arg-type]
+            except Exception:
+                log.exception("error handling %s", request.path)
+                response, close = json_error(500, "internal_error"), True
+            close = close or self.front.closing
+            transport = self.transport
+            if transport is not None:
+                transport.write(serialize(response, close))
+                if close:
+                    transport.close()
+        finally:
+            self.busy = False
+            self.task = None
+            self.front.finished()
+        if self.transport is not None and not close:
+            self.deadline = time.monotonic() + self._timeout()  # idle, or the next request's, already in
+            self.transport.resume_reading()
+            self._next()
+
+    def _hand_over(self) -> None:
+        """Give the connection, from the current request's first byte on, to aiohttp's own protocol."""
+        transport = self.transport
+        assert transport is not None
+        self.front.conns.discard(self)
+        self.front.handed_over += 1
+        self.transport = None
+        transport.resume_reading()
+        handler = self.front.inner()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        data, self.buf = bytes(self.buf), bytearray()
+        if data:
+            handler.data_received(data)
+
+
+class FrontRunner(web.AppRunner):
+    """An `AppRunner` for the inbound app (`create_app`) whose sites listen through the `Front`."""
+
+    async def _make_server(self) -> web.Server:
+        from sidecar.app import RUNTIME
+
+        inner = await super()._make_server()
+        return Front(inner, self.app[RUNTIME].ingress)  # type: ignore[return-value]

@@ -1,0 +1,300 @@
+"""The inbound front (sidecar/front.py) on the wire: raw sockets against a real sidecar, Valkey and upstream.
+
+What it serves itself (plain signed POSTs) and what it hands to aiohttp must both be answered correctly, on the
+same keep-alive connection, in order; a slow or idle client is cut off by server.read_timeout; shutdown lets a
+request in flight finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from sidecar.front import Front
+from tests.conftest import Upstream
+from tests.test_ingress import KEYS, ROUTES, stripe_body, stripe_headers
+
+Response = tuple[int, dict[str, str], bytes]
+
+
+def front_of(client: Any) -> Front:
+    front = client.server.runner.server
+    assert isinstance(front, Front)
+    return front
+
+
+def post(path: str, body: bytes, headers: dict[str, str], extra: str = "", version: str = "1.1") -> bytes:
+    lines = [f"POST {path} HTTP/{version}", "Host: sidecar.test", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    head = "\r\n".join(lines) + "\r\n" + extra + "\r\n"
+    return head.encode() + body
+
+
+def signed(event_id: str, path: str = "/webhooks/stripe", extra: str = "") -> bytes:
+    body = stripe_body(event_id)
+    return post(path, body, stripe_headers(body), extra)
+
+
+async def read_response(reader: asyncio.StreamReader) -> Response:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body += chunk[:-2]
+    else:
+        body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 10)
+    return int(status_line.split()[1]), headers, body
+
+
+async def connect(client: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", client.port)
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """True when the server closes the connection (EOF) within `seconds`, with no further bytes."""
+    try:
+        rest = await asyncio.wait_for(reader.read(), seconds)
+    except TimeoutError:
+        return False
+    return rest == b""
+
+
+@pytest.fixture
+async def client(sidecar_factory: Any) -> Any:
+    return await sidecar_factory(ROUTES, server="read_timeout: 1s")
+
+
+async def test_front_serves_signed_posts_on_one_keep_alive_connection(
+    client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    front = front_of(client)
+    reader, writer = await connect(client)
+    try:
+        writer.write(signed("evt_f1"))
+        status, headers, body = await read_response(reader)
+        assert (status, body) == (200, b'{"ok": true}')
+        assert headers["x-upstream"] == "yes" and headers["x-sidecar-event-id"] == "evt_f1"
+        assert headers["content-type"].startswith("application/json") and "date" in headers
+        writer.write(signed("evt_f1"))  # the same event again: a duplicate, on the same connection
+        status, headers, body = await read_response(reader)
+        assert status == 200 and b'"duplicate": true' in body and b'"state": "delivered"' in body
+    finally:
+        writer.close()
+    assert (front.fast_requests, front.handed_over) == (2, 0)
+    assert upstream.ids() == ["evt_f1"]
+    assert upstream.received[0].body == stripe_body("evt_f1")
+    assert rdb.hget(KEYS.event(KEYS.shard_of("stripe", "evt_f1"), "stripe:evt_f1"), "st") == b"d"
+
+
+async def test_front_pipelined_requests_are_answered_in_order(client: Any, upstream: Upstream) -> None:
+    upstream.delay = 0.05
+    reader, writer = await connect(client)
+    try:
+        writer.write(signed("evt_p1") + signed("evt_p2") + signed("evt_p1"))  # one write, three requests
+        answers = [await read_response(reader) for _ in range(3)]
+    finally:
+        writer.close()
+    assert [a[1]["x-sidecar-event-id"] for a in answers] == ["evt_p1", "evt_p2", "evt_p1"]
+    assert [a[0] for a in answers] == [200, 200, 200]
+    assert b"duplicate" not in answers[0][2] and b"duplicate" not in answers[1][2]
+    assert b'"duplicate": true' in answers[2][2]
+    assert upstream.ids() == ["evt_p1", "evt_p2"]
+    assert front_of(client).fast_requests == 3
+
+
+async def test_front_request_split_across_many_writes(client: Any, upstream: Upstream) -> None:
+    raw = signed("evt_split")
+    cut = raw.index(b"\r\n\r\n")
+    pieces = [raw[:7], raw[7:40], raw[40 : cut + 2], raw[cut + 2 : cut + 10], raw[cut + 10 : -5], raw[-5:]]
+    reader, writer = await connect(client)
+    try:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        status, _, _ = await read_response(reader)
+    finally:
+        writer.close()
+    assert status == 200
+    assert upstream.ids() == ["evt_split"]
+    assert upstream.received[0].body == stripe_body("evt_split")
+    assert (front_of(client).fast_requests, front_of(client).handed_over) == (1, 0)
+
+
+async def test_front_hands_the_connection_to_aiohttp_mid_connection(client: Any, upstream: Upstream) -> None:
+    """A fast POST, then a GET (a pass-through aiohttp serves), then a POST again: all answered, in order."""
+    front = front_of(client)
+    reader, writer = await connect(client)
+    try:
+        writer.write(signed("evt_h1"))
+        assert (await read_response(reader))[0] == 200
+        writer.write(
+            b"GET /webhooks/stripe?check=1 HTTP/1.1\r\nHost: sidecar.test\r\n\r\n" + signed("evt_h2")
+        )
+        get_status, _, get_body = await read_response(reader)
+        post_status, post_headers, _ = await read_response(reader)
+    finally:
+        writer.close()
+    assert (get_status, get_body) == (200, b'{"ok": true}')  # the GET passed through to the upstream
+    assert post_status == 200 and post_headers["x-sidecar-event-id"] == "evt_h2"
+    assert [r.method for r in upstream.received] == ["POST", "GET", "POST"]
+    assert upstream.ids()[2] == "evt_h2"
+    assert (front.fast_requests, front.handed_over) == (1, 1)
+
+
+CHUNKED_BODY = stripe_body("evt_chunked")
+
+
+HANDED_OVER = [
+    (
+        "chunked body",
+        (
+            b"POST /webhooks/stripe HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n"
+            + b"".join(f"{k}: {v}\r\n".encode() for k, v in stripe_headers(CHUNKED_BODY).items())
+            + b"\r\n%x\r\n" % len(CHUNKED_BODY)
+            + CHUNKED_BODY
+            + b"\r\n0\r\n\r\n"
+        ),
+        200,
+    ),
+    ("HTTP/1.0", post("/webhooks/stripe", CHUNKED_BODY, stripe_headers(CHUNKED_BODY), version="1.0"), 200),
+    ("percent-encoded path", signed("evt_pct", path="/webhooks/%73tripe"), 200),
+    ("dot segment", signed("evt_dot", path="/webhooks/x/../stripe"), 404),  # aiohttp does not resolve it
+    ("body over max_body_bytes", post("/webhooks/stripe", b"x" * 70000, {}), 413),
+    ("no route", signed("evt_none", path="/nowhere"), 404),
+    ("malformed head", b"POST /webhooks/stripe HTTP/1.1\r\nHost: s\r\nBad Header\r\n\r\n", 400),
+    ("absolute-form target", signed("evt_abs", path="http://elsewhere.test/webhooks/stripe"), None),
+]
+
+
+@pytest.mark.parametrize(("name", "raw", "status"), HANDED_OVER, ids=[case[0] for case in HANDED_OVER])
+async def test_front_hands_what_it_does_not_serve_to_aiohttp(
+    client: Any, upstream: Upstream, name: str, raw: bytes, status: int | None
+) -> None:
+    reader, writer = await connect(client)
+    try:
+        writer.write(raw)
+        got, _, body = await read_response(reader)
+    finally:
+        writer.close()
+    front = front_of(client)
+    assert (front.fast_requests, front.handed_over) == (0, 1), name
+    if status is not None:
+        assert got == status, (name, body)
+    else:  # absolute-form: aiohttp routes it by path; whatever it answers, nothing went anywhere but the upstream
+        assert got < 500, (name, body)
+    if name == "chunked body":
+        assert upstream.received[0].body == CHUNKED_BODY
+
+
+async def test_front_expect_continue_goes_to_aiohttp(client: Any, upstream: Upstream) -> None:
+    body = stripe_body("evt_expect")
+    raw = post("/webhooks/stripe", body, stripe_headers(body), "Expect: 100-continue\r\n")
+    reader, writer = await connect(client)
+    try:
+        writer.write(raw[: -len(body)])  # the head alone: the body waits for the 100
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim.startswith(b"HTTP/1.1 100")
+        writer.write(body)
+        status, headers, _ = await read_response(reader)
+    finally:
+        writer.close()
+    assert status == 200 and headers["x-sidecar-event-id"] == "evt_expect"
+    assert "evt_expect" in upstream.ids()
+
+
+async def test_front_connection_close_is_honoured(client: Any) -> None:
+    reader, writer = await connect(client)
+    try:
+        writer.write(signed("evt_close", extra="Connection: close\r\n"))
+        status, headers, _ = await read_response(reader)
+        assert status == 200 and headers["connection"] == "close"
+        assert await closed_within(reader, 5)
+    finally:
+        writer.close()
+
+
+async def test_front_body_dribble_gets_408_after_read_timeout(client: Any, upstream: Upstream) -> None:
+    raw = signed("evt_dribble")
+    reader, writer = await connect(client)
+    started = time.monotonic()
+    try:
+        writer.write(raw[:-100])
+        for i in range(40):  # a byte every 0.1 s does not extend the deadline
+            writer.write(raw[-100 + i : -99 + i])
+            await writer.drain()
+            if reader.at_eof() or len(reader._buffer):  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.1)
+        status, _, body = await read_response(reader)
+        elapsed = time.monotonic() - started
+        assert await closed_within(reader, 5)
+    finally:
+        writer.close()
+    assert (status, body) == (408, b'{"error": "read_timeout"}')
+    assert 0.9 <= elapsed <= 3.5, elapsed  # read_timeout 1 s, checked once a second
+    assert upstream.received == []
+
+
+@pytest.mark.parametrize("what", ["idle", "half a head"])
+async def test_front_idle_or_dribbling_connection_is_closed(client: Any, what: str) -> None:
+    reader, writer = await connect(client)
+    started = time.monotonic()
+    try:
+        if what == "half a head":
+            writer.write(signed("evt_half")[:30])
+        assert await closed_within(reader, 5)
+    finally:
+        writer.close()
+    assert 0.9 <= time.monotonic() - started <= 3.5
+
+
+async def test_front_client_gone_mid_forward_still_settles_the_event(
+    client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    upstream.delay = 0.3
+    _reader, writer = await connect(client)
+    writer.write(signed("evt_gone"))
+    await asyncio.wait_for(upstream.arrived.wait(), 10)
+    writer.transport.abort()  # the provider gave up on the answer
+    key = KEYS.event(KEYS.shard_of("stripe", "evt_gone"), "stripe:evt_gone")
+    for _ in range(100):
+        if rdb.hget(key, "st") == b"d":
+            break
+        await asyncio.sleep(0.05)
+    assert rdb.hget(key, "st") == b"d"
+    assert upstream.ids() == ["evt_gone"]
+
+
+async def test_front_shutdown_lets_the_request_in_flight_finish(client: Any, upstream: Upstream) -> None:
+    upstream.delay = 0.3
+    busy_reader, busy_writer = await connect(client)
+    idle_reader, idle_writer = await connect(client)
+    try:
+        busy_writer.write(signed("evt_shutdown"))
+        await asyncio.wait_for(upstream.arrived.wait(), 10)
+        front = front_of(client)
+        front.pre_shutdown()  # what the runner's cleanup does first
+        assert await closed_within(idle_reader, 2)  # an idle connection is closed at once
+        drained = asyncio.create_task(front.shutdown(5))
+        status, headers, body = await read_response(busy_reader)
+        assert status == 200 and body == b'{"ok": true}'
+        assert headers["connection"] == "close"  # shutting down: no keep-alive
+        await asyncio.wait_for(drained, 5)
+        assert await closed_within(busy_reader, 2)
+    finally:
+        busy_writer.close()
+        idle_writer.close()
