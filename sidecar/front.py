@@ -40,9 +40,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.front")
 
 MAX_HEAD = 8190  # aiohttp's max_line_size: a head this small passes every limit aiohttp's parser has
+MAX_HEADERS = 128  # aiohttp's max_headers: more is its 400
 SWEEP_S = 1.0
-_REFUSED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
-_NOT_COPIED = frozenset({"content-length", "transfer-encoding", "connection", "date", "server"})
+# Sec-WebSocket-Key1 (the old WebSocket handshake) is a 400 in aiohttp's parser.
+_REFUSED = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"sec-websocket-key1"})
+# What aiohttp's parser answers 400 when repeated (its SINGLETON_HEADERS; Content-Length llhttp refuses itself).
+_SINGLETONS = frozenset(
+    {
+        b"content-location",
+        b"content-range",
+        b"content-type",
+        b"etag",
+        b"host",
+        b"max-forwards",
+        b"server",
+        b"user-agent",
+    }
+)
+_NOT_COPIED = frozenset({"content-length", "transfer-encoding", "connection"})
 
 # (second, "Date" header line), recomputed once a second
 _date: list[Any] = [0, b""]
@@ -68,6 +83,16 @@ class FastRequest:
         self.version = (1, 1)
         self.path, self.raw_path, self.headers, self.host, self.remote = path, raw_path, headers, host, remote
 
+    # Read only for the providers that sign the URL, which this front hands to aiohttp; a reload can still make a
+    # route one of them between the front's check and the ingress's.
+    @property
+    def path_qs(self) -> str:
+        return self.raw_path
+
+    @property
+    def query_string(self) -> str:
+        return self.raw_path.partition("?")[2]
+
 
 class _Head:
     """httptools callbacks for one request head."""
@@ -91,17 +116,23 @@ def serialize(resp: web.StreamResponse, close: bool) -> bytes:
     if not isinstance(body, bytes | bytearray):
         body = b""
     lines = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason.encode("latin-1", "replace"))]
-    content_type = False
+    content_type = date = False
     for name, value in resp.headers.items():
         lower = name.lower()
         if lower in _NOT_COPIED or "\r" in value or "\n" in value or "\r" in name or "\n" in name:
             continue
         content_type = content_type or lower == "content-type"
-        lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("utf-8", "surrogateescape")))
-    if not content_type:
-        lines.append(b"Content-Type: application/octet-stream\r\n")
-    lines.append(b"Content-Length: %d\r\n" % len(body))
-    lines.append(_date_line())
+        date = date or lower == "date"  # an upstream's Date (and Server) are relayed, as aiohttp does
+        # aiohttp's writer drops what UTF-8 cannot carry (the surrogates undecodable upstream bytes became)
+        lines.append(b"%s: %s\r\n" % (name.encode("utf-8", "ignore"), value.encode("utf-8", "ignore")))
+    if resp.status in (204, 304) or 100 <= resp.status < 200:
+        body = b""  # no body and no Content-Length (RFC 9110 §8.6), as aiohttp sends them
+    else:
+        if body and not content_type:  # aiohttp's default, only for a non-empty body
+            lines.append(b"Content-Type: application/octet-stream\r\n")
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+    if not date:
+        lines.append(_date_line())
     if close:
         lines.append(b"Connection: close\r\n")
     lines.append(b"\r\n")
@@ -118,6 +149,7 @@ class Front:
         self.ingress = ingress
         self.conns: set[FastProtocol] = set()
         self.closing = False
+        self.tasks: set[asyncio.Task[None]] = set()  # requests being served, their clients gone or not
         self.fast_requests = 0  # served here rather than by aiohttp (tests read it)
         self.handed_over = 0
         self._idle = asyncio.Event()
@@ -155,8 +187,13 @@ class Front:
             log.warning("shutdown: %d request(s) still in flight after %ss, cancelled", self._busy, timeout)
         for conn in list(self.conns):
             conn.close()
-            if conn.task is not None:
-                conn.task.cancel()
+        tasks = list(
+            self.tasks
+        )  # a connection its client closed is out of `conns`, its request may not be done
+        for task in tasks:
+            task.cancel()
+        if tasks:  # they finish (settle their bookkeeping) before the runner closes the store and the session
+            await asyncio.wait(tasks, timeout=timeout)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -186,7 +223,7 @@ class Front:
 
 
 class FastProtocol(asyncio.Protocol):
-    __slots__ = ("buf", "busy", "deadline", "front", "remote", "task", "transport")
+    __slots__ = ("buf", "busy", "deadline", "front", "need", "remote", "task", "transport")
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -195,6 +232,7 @@ class FastProtocol(asyncio.Protocol):
         self.busy = False
         self.task: asyncio.Task[None] | None = None
         self.deadline = 0.0  # monotonic; 0 while a request is being handled
+        self.need = 0  # bytes the buffered request needs (head + Content-Length) once its head is parsed
         self.remote = ""
 
     def _timeout(self) -> float:
@@ -217,7 +255,8 @@ class FastProtocol(asyncio.Protocol):
             self.deadline = time.monotonic() + self._timeout()
         self.buf += data
         if not self.busy:
-            self._next()
+            if len(self.buf) >= self.need:  # not a parse of the head again for every piece of its body
+                self._next()
         elif len(self.buf) > MAX_HEAD + self.front.ingress.dispatcher.config.server.max_body_bytes:
             # a client pipelining far ahead of the answers: stop reading until this request is answered
             assert self.transport is not None
@@ -281,16 +320,23 @@ class FastProtocol(asyncio.Protocol):
             return
         length, has_length = 0, False
         host = None
+        if len(head.headers) > MAX_HEADERS:
+            self._hand_over()
+            return
         headers: CIMultiDict[str] = CIMultiDict()
         for raw_name, raw_value in head.headers:
             lname = raw_name.lower()
-            if lname in _REFUSED:
+            name = raw_name.decode("utf-8", "surrogateescape")
+            if lname in _REFUSED or (lname in _SINGLETONS and name in headers):
                 self._hand_over()
                 return
-            name = raw_name.decode("utf-8", "surrogateescape")
+            raw_value = raw_value.rstrip(
+                b" \t"
+            )  # llhttp keeps the whitespace after a value, aiohttp strips it
             value = raw_value.decode("utf-8", "surrogateescape")
             if lname == b"content-length":
-                if not raw_value.isdigit() or has_length:
+                # more digits than any length we serve has: aiohttp answers it (and int() refuses 4300 digits)
+                if not raw_value.isdigit() or has_length or len(raw_value) > 18:
                     self._hand_over()
                     return
                 length, has_length = int(raw_value), True
@@ -302,9 +348,11 @@ class FastProtocol(asyncio.Protocol):
             return
         end = head_len + length
         if len(buf) < end:
+            self.need = end
             return  # the body is on its way; the sweep answers 408 if it is not all here by the deadline
         body = bytes(buf[head_len:end])
         del buf[:end]
+        self.need = 0
         request = FastRequest(path, url.decode("latin-1"), CIMultiDictProxy(headers), host, self.remote)
         self.busy = True
         self.deadline = 0.0
@@ -312,18 +360,22 @@ class FastProtocol(asyncio.Protocol):
         self.front.fast_requests += 1
         close = not parser.should_keep_alive() or self.front.closing
         self.task = asyncio.get_running_loop().create_task(self._serve(request, body, close))
+        self.front.tasks.add(self.task)
+        self.task.add_done_callback(self.front.tasks.discard)
 
     async def _serve(self, request: FastRequest, body: bytes, close: bool) -> None:
         try:
             try:
                 response = await self.front.ingress.handle(request, body)  # type: ignore[arg-type]
-            except Exception:
+                close = close or self.front.closing
+                data = serialize(response, close)
+            except Exception:  # answered and closed all the same: a connection left waiting is never swept
                 log.exception("error handling %s", request.path)
-                response, close = json_error(500, "internal_error"), True
-            close = close or self.front.closing
+                close = True
+                data = serialize(json_error(500, "internal_error"), close)
             transport = self.transport
             if transport is not None:
-                transport.write(serialize(response, close))
+                transport.write(data)
                 if close:
                     transport.close()
         finally:

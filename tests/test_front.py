@@ -11,10 +11,13 @@ import asyncio
 import time
 from typing import Any
 
+import httptools
 import pytest
 import redis
+from aiohttp import web
 
-from sidecar.front import Front
+from sidecar import front as front_module
+from sidecar.front import Front, serialize
 from tests.conftest import Upstream
 from tests.test_ingress import KEYS, ROUTES, stripe_body, stripe_headers
 
@@ -177,6 +180,18 @@ HANDED_OVER = [
     ("no route", signed("evt_none", path="/nowhere"), 404),
     ("malformed head", b"POST /webhooks/stripe HTTP/1.1\r\nHost: s\r\nBad Header\r\n\r\n", 400),
     ("absolute-form target", signed("evt_abs", path="http://elsewhere.test/webhooks/stripe"), None),
+    # what aiohttp's parser refuses though llhttp takes it: served here, they were forwarded and claimed
+    ("repeated Host", signed("evt_2host", extra="Host: other.test\r\n"), 400),
+    ("repeated Content-Type", signed("evt_2ct", extra="Content-Type: text/plain\r\n"), 400),
+    ("over 128 headers", signed("evt_many", extra="".join(f"X-Pad-{i}: y\r\n" for i in range(129))), 400),
+    ("Sec-WebSocket-Key1", signed("evt_key1", extra="Sec-WebSocket-Key1: x\r\n"), 400),
+    # aiohttp's own answer (its int() refuses the value too); the front's int() raised in data_received, which
+    # dropped the connection without one
+    (
+        "Content-Length of 4400 digits",
+        signed("evt_cl").replace(b"Content-Length: ", b"Content-Length: " + b"0" * 4400),
+        500,
+    ),
 ]
 
 
@@ -298,3 +313,125 @@ async def test_front_shutdown_lets_the_request_in_flight_finish(client: Any, ups
     finally:
         busy_writer.close()
         idle_writer.close()
+
+
+async def test_front_whitespace_after_a_header_value_is_not_part_of_it(
+    client: Any, upstream: Upstream
+) -> None:
+    """llhttp keeps it, aiohttp's parser strips it: a signature followed by a space verified only through aiohttp."""
+    body = stripe_body("evt_ows")
+    headers = stripe_headers(body)
+    raw = post("/webhooks/stripe", body, {**headers, "Stripe-Signature": headers["Stripe-Signature"] + " \t"})
+    raw = raw.replace(b"Host: sidecar.test\r\n", b"Host: sidecar.test  \r\n")
+    reader, writer = await connect(client)
+    try:
+        writer.write(raw)
+        status, _, answer = await read_response(reader)
+    finally:
+        writer.close()
+    assert (status, answer) == (200, b'{"ok": true}')
+    assert upstream.received[0].headers["stripe-signature"] == headers["Stripe-Signature"]
+    assert upstream.received[0].headers["x-forwarded-host"] == "sidecar.test"
+    assert (front_of(client).fast_requests, front_of(client).handed_over) == (1, 0)
+
+
+async def test_front_relays_the_upstream_answer_as_aiohttp_does(client: Any, upstream: Upstream) -> None:
+    """A 204 has no Content-Length or Content-Type; an empty body no default Content-Type; the upstream's Date and
+    Server go through. Answers on one keep-alive connection, so a framing mistake shows in the next one."""
+    date = "Mon, 01 Jan 2001 00:00:00 GMT"
+    upstream.respond(204)
+    upstream.respond(200)
+    upstream.respond(200, headers={"Server": "upstream/1", "Date": date}, body=b"done")
+    reader, writer = await connect(client)
+    try:
+        answers = []
+        for event_id in ("evt_r1", "evt_r2", "evt_r3"):
+            writer.write(signed(event_id))
+            answers.append(await read_response(reader))
+    finally:
+        writer.close()
+    (s1, h1, b1), (s2, h2, b2), (s3, h3, b3) = answers
+    assert (s1, b1) == (204, b"") and "content-length" not in h1 and "content-type" not in h1
+    assert (s2, b2) == (200, b"") and h2["content-length"] == "0" and "content-type" not in h2
+    assert (s3, b3) == (200, b"done") and h3["server"] == "upstream/1" and h3["date"] == date
+    assert front_of(client).fast_requests == 3
+
+
+def test_front_serialize_drops_what_utf8_cannot_carry() -> None:
+    """Undecodable upstream bytes reach a header as surrogates: aiohttp's writer drops them; so does the front
+    (a name it once encoded as Latin-1 raised, and the connection was never answered)."""
+    resp = web.Response(body=b"x", headers={"X-Raw": "caf\udce9", "X-\udcff": "v"})
+    wire = serialize(resp, close=False)
+    assert b"\r\nX-Raw: caf\r\n" in wire and b"\r\nX-: v\r\n" in wire
+
+
+async def test_front_body_in_pieces_parses_the_head_once(
+    client: Any, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each piece of a body re-parsed the whole head (up to 8 KiB through llhttp and a multidict): a client
+    dribbling a large body one byte per segment cost a parse per byte."""
+    made = []
+    real = httptools.HttpRequestParser
+
+    def counting(protocol: Any) -> Any:
+        made.append(protocol)
+        return real(protocol)
+
+    monkeypatch.setattr(front_module.httptools, "HttpRequestParser", counting)
+    raw = signed("evt_pieces")
+    body_at = raw.index(b"\r\n\r\n") + 4
+    reader, writer = await connect(client)
+    try:
+        writer.write(raw[:body_at])
+        for i in range(body_at, len(raw), 9):  # ten pieces of the body, each its own segment
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(raw[i : i + 9])
+        status, _, _ = await read_response(reader)
+    finally:
+        writer.close()
+    assert status == 200 and upstream.ids() == ["evt_pieces"]
+    assert len(made) <= 2, len(made)  # the head alone, then the head with all of its body
+
+
+async def test_front_answers_500_and_closes_when_the_answer_cannot_be_written(
+    client: Any, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception after the ingress returned escaped `_serve` and left the connection open, never answered and
+    never swept (its deadline was 0 while busy)."""
+    real = front_module.serialize
+
+    def failing(resp: web.StreamResponse, close: bool) -> bytes:
+        if resp.status == 200:
+            raise ValueError("cannot serialize")
+        return real(resp, close)
+
+    monkeypatch.setattr(front_module, "serialize", failing)
+    reader, writer = await connect(client)
+    try:
+        writer.write(signed("evt_unwritable"))
+        status, headers, body = await read_response(reader)
+        assert await closed_within(reader, 5)
+    finally:
+        writer.close()
+    assert (status, body) == (500, b'{"error": "internal_error"}') and headers["connection"] == "close"
+    assert upstream.ids() == ["evt_unwritable"]
+
+
+async def test_front_shutdown_cancels_a_request_whose_client_is_gone(client: Any, upstream: Upstream) -> None:
+    """A connection its client closed leaves `conns`; its request still runs. Past the grace it must be cancelled
+    and finished like the others, not left running while the runner closes the store and the session."""
+    upstream.delay = 1.5
+    _reader, writer = await connect(client)
+    writer.write(signed("evt_orphan"))
+    await asyncio.wait_for(upstream.arrived.wait(), 10)
+    writer.transport.abort()
+    front = front_of(client)
+    for _ in range(100):  # the abort reaches the server
+        if not front.conns:
+            break
+        await asyncio.sleep(0.01)
+    front.pre_shutdown()
+    await asyncio.wait_for(front.shutdown(0.2), 5)
+    serving = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "FastProtocol._serve"]  # type: ignore[union-attr]
+    assert serving == []
