@@ -172,7 +172,7 @@ class Front:
     def pre_shutdown(self) -> None:
         self.closing = True
         for conn in list(self.conns):
-            if not conn.busy:
+            if not conn.busy and not conn.buf:  # a request partly in may still finish within the grace
                 conn.close()
         self.inner.pre_shutdown()
 

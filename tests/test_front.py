@@ -435,3 +435,31 @@ async def test_front_shutdown_cancels_a_request_whose_client_is_gone(client: Any
     await asyncio.wait_for(front.shutdown(0.2), 5)
     serving = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "FastProtocol._serve"]  # type: ignore[union-attr]
     assert serving == []
+
+
+async def test_front_shutdown_lets_a_request_still_arriving_finish(client: Any, upstream: Upstream) -> None:
+    """A request whose body is still on its way at shutdown is served (and its connection closed), as aiohttp
+    serves a request it has started reading."""
+    raw = signed("evt_arriving")
+    upstream.delay = 0.3
+    reader, writer = await connect(client)
+    busy_reader, busy_writer = await connect(client)
+    try:
+        busy_writer.write(signed("evt_busy"))  # keeps the drain waiting while the other body arrives
+        await asyncio.wait_for(upstream.arrived.wait(), 10)
+        writer.write(raw[:-10])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        front = front_of(client)
+        front.pre_shutdown()
+        drained = asyncio.create_task(front.shutdown(5))
+        writer.write(raw[-10:])
+        status, headers, _ = await read_response(reader)
+        assert status == 200 and headers["x-sidecar-event-id"] == "evt_arriving"
+        assert headers["connection"] == "close"
+        assert (await read_response(busy_reader))[0] == 200
+        await asyncio.wait_for(drained, 5)
+    finally:
+        writer.close()
+        busy_writer.close()
+    assert sorted(upstream.ids()) == ["evt_arriving", "evt_busy"]
