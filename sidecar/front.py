@@ -223,7 +223,7 @@ class Front:
 
 
 class FastProtocol(asyncio.Protocol):
-    __slots__ = ("buf", "busy", "deadline", "front", "need", "remote", "task", "transport")
+    __slots__ = ("buf", "busy", "deadline", "front", "need", "remote", "route", "task", "transport")
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -233,6 +233,7 @@ class FastProtocol(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.deadline = 0.0  # monotonic; 0 while a request is being handled
         self.need = 0  # bytes the buffered request needs (head + Content-Length) once its head is parsed
+        self.route = ""  # that request's route
         self.remote = ""
 
     def _timeout(self) -> float:
@@ -273,8 +274,9 @@ class FastProtocol(asyncio.Protocol):
         """The sweep found `server.read_timeout` passed while waiting for a head, a body or the next request."""
         if self.transport is None:
             return
-        head_end = self.buf.find(b"\r\n\r\n")
-        if head_end >= 0:  # a head in, its body not: the same answer aiohttp's path gives
+        if self.route:  # a head in, its body not: the same answer, count and log line aiohttp's path gives
+            self.front.ingress.tel.requests[(self.route, "read_timeout")] += 1
+            log.info("request", extra={"route": self.route, "outcome": "read_timeout", "status": 408})
             self.transport.write(serialize(json_error(408, "read_timeout"), close=True))
         self.transport.close()
 
@@ -348,11 +350,11 @@ class FastProtocol(asyncio.Protocol):
             return
         end = head_len + length
         if len(buf) < end:
-            self.need = end
+            self.need, self.route = end, route.cfg.name
             return  # the body is on its way; the sweep answers 408 if it is not all here by the deadline
         body = bytes(buf[head_len:end])
         del buf[:end]
-        self.need = 0
+        self.need, self.route = 0, ""
         request = FastRequest(path, url.decode("latin-1"), CIMultiDictProxy(headers), host, self.remote)
         self.busy = True
         self.deadline = 0.0

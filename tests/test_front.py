@@ -262,6 +262,9 @@ async def test_front_body_dribble_gets_408_after_read_timeout(client: Any, upstr
     assert (status, body) == (408, b'{"error": "read_timeout"}')
     assert 0.9 <= elapsed <= 3.5, elapsed  # read_timeout 1 s, checked once a second
     assert upstream.received == []
+    assert (
+        front_of(client).ingress.tel.requests[("stripe", "read_timeout")] == 1
+    )  # counted as aiohttp's path does
 
 
 @pytest.mark.parametrize("what", ["idle", "half a head"])
