@@ -66,6 +66,16 @@ async def connect(client: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWrit
     return await asyncio.open_connection("127.0.0.1", client.port)
 
 
+async def exchange(client: Any, raw: bytes) -> Response:
+    """One request on a new connection, and its answer."""
+    reader, writer = await connect(client)
+    try:
+        writer.write(raw)
+        return await read_response(reader)
+    finally:
+        writer.close()
+
+
 async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
     """True when the server closes the connection (EOF) within `seconds`, with no further bytes."""
     try:
@@ -199,12 +209,7 @@ HANDED_OVER = [
 async def test_front_hands_what_it_does_not_serve_to_aiohttp(
     client: Any, upstream: Upstream, name: str, raw: bytes, status: int | None
 ) -> None:
-    reader, writer = await connect(client)
-    try:
-        writer.write(raw)
-        got, _, body = await read_response(reader)
-    finally:
-        writer.close()
+    got, _, body = await exchange(client, raw)
     front = front_of(client)
     assert (front.fast_requests, front.handed_over) == (0, 1), name
     if status is not None:
@@ -326,12 +331,7 @@ async def test_front_whitespace_after_a_header_value_is_not_part_of_it(
     headers = stripe_headers(body)
     raw = post("/webhooks/stripe", body, {**headers, "Stripe-Signature": headers["Stripe-Signature"] + " \t"})
     raw = raw.replace(b"Host: sidecar.test\r\n", b"Host: sidecar.test  \r\n")
-    reader, writer = await connect(client)
-    try:
-        writer.write(raw)
-        status, _, answer = await read_response(reader)
-    finally:
-        writer.close()
+    status, _, answer = await exchange(client, raw)
     assert (status, answer) == (200, b'{"ok": true}')
     assert upstream.received[0].headers["stripe-signature"] == headers["Stripe-Signature"]
     assert upstream.received[0].headers["x-forwarded-host"] == "sidecar.test"
