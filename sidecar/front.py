@@ -332,9 +332,8 @@ class FastProtocol(asyncio.Protocol):
             if lname in _REFUSED or (lname in _SINGLETONS and name in headers):
                 self._hand_over()
                 return
-            raw_value = raw_value.rstrip(
-                b" \t"
-            )  # llhttp keeps the whitespace after a value, aiohttp strips it
+            # llhttp keeps the whitespace after a value, aiohttp strips it
+            raw_value = raw_value.rstrip(b" \t")
             value = raw_value.decode("utf-8", "surrogateescape")
             if lname == b"content-length":
                 # more digits than any length we serve has: aiohttp answers it (and int() refuses 4300 digits)

@@ -146,13 +146,14 @@ def make_config(
     retry: str = "{base_delay: 1s, multiplier: 2, max_delay: 10s, jitter: 0}",
     env=None,
     server: str = "",
+    redis: str = "",
 ) -> Config:
-    """A Config from real YAML through the real loader. `routes_yaml` is the `routes:` list body; `server` adds
-    keys to the `server:` mapping (`"read_timeout: 1s"`)."""
+    """A Config from real YAML through the real loader. `routes_yaml` is the `routes:` list body; `server` and
+    `redis` add keys to those mappings (`"read_timeout: 1s"`, `"prefix: other"`)."""
     text = f"""
 server: {{listen: "127.0.0.1:0", max_body_bytes: 65536{", " + server if server else ""}}}
 admin: {{listen: "127.0.0.1:0", token: "test-admin-token"}}
-redis: {{url: "{redis_url}", shards: 4}}
+redis: {{url: "{redis_url}", shards: 4{", " + redis if redis else ""}}}
 upstream: {{url: "{upstream_url}", timeout: 2s}}
 retry: {retry}
 {textwrap.dedent(extra)}
