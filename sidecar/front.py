@@ -187,9 +187,8 @@ class Front:
             log.warning("shutdown: %d request(s) still in flight after %ss, cancelled", self._busy, timeout)
         for conn in list(self.conns):
             conn.close()
-        tasks = list(
-            self.tasks
-        )  # a connection its client closed is out of `conns`, its request may not be done
+        # a connection its client closed is out of `conns`, but its request may not be done
+        tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
         if tasks:  # they finish (settle their bookkeeping) before the runner closes the store and the session
@@ -300,10 +299,7 @@ class FastProtocol(asyncio.Protocol):
         parser = httptools.HttpRequestParser(head)
         try:
             parser.feed_data(bytes(buf[:head_len]))
-        except (
-            httptools.HttpParserError,
-            httptools.HttpParserUpgrade,
-        ):  # a CONNECT, an Upgrade, or malformed
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # malformed, a CONNECT, an Upgrade
             self._hand_over()
             return
         if parser.get_http_version() != "1.1" or parser.get_method() != b"POST":
