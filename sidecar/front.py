@@ -32,7 +32,7 @@ import httptools
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.ingress import URL_SIGNING, json_error
+from sidecar.ingress import URL_SIGNING, Result, json_error
 
 if TYPE_CHECKING:
     from sidecar.ingress import Ingress
@@ -73,14 +73,13 @@ def _date_line() -> bytes:
 class FastRequest:
     """The parts of an aiohttp request that the ingress reads, for a request this front parsed itself."""
 
-    __slots__ = ("headers", "host", "method", "path", "raw_path", "remote", "scheme", "version")
+    __slots__ = ("headers", "host", "method", "path", "raw_path", "remote", "scheme")
 
     def __init__(
         self, path: str, raw_path: str, headers: CIMultiDictProxy[str], host: str, remote: str
     ) -> None:
         self.method = "POST"
         self.scheme = "http"
-        self.version = (1, 1)
         self.path, self.raw_path, self.headers, self.host, self.remote = path, raw_path, headers, host, remote
 
     # Read only for the providers that sign the URL, which this front hands to aiohttp; a reload can still make a
@@ -152,23 +151,12 @@ class Front:
         self.tasks: set[asyncio.Task[None]] = set()  # requests being served, their clients gone or not
         self.fast_requests = 0  # served here rather than by aiohttp (tests read it)
         self.handed_over = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._busy = 0
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def __call__(self) -> FastProtocol:
+    def __call__(self) -> FastProtocol:  # the protocol factory a site listens with
         return FastProtocol(self)
 
-    # what a runner and its sites use of web.Server
-    @property
-    def connections(self) -> list[Any]:
-        return [*self.inner.connections, *self.conns]
-
-    @property
-    def requests_count(self) -> int:
-        return self.inner.requests_count + self.fast_requests
-
+    # what the runner's cleanup calls on web.Server
     def pre_shutdown(self) -> None:
         self.closing = True
         for conn in list(self.conns):
@@ -181,31 +169,26 @@ class Front:
         await asyncio.gather(self._drain(timeout), self.inner.shutdown(timeout))
 
     async def _drain(self, timeout: float | None) -> None:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            log.warning("shutdown: %d request(s) still in flight after %ss, cancelled", self._busy, timeout)
+        # Requests in flight (a connection its client closed is out of `conns`, its request may not be done), and
+        # those that start meanwhile (their bodies were arriving), get the grace.
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self.tasks and (deadline is None or loop.time() < deadline):
+            await asyncio.wait(set(self.tasks), timeout=None if deadline is None else deadline - loop.time())
         for conn in list(self.conns):
             conn.close()
-        # a connection its client closed is out of `conns`, but its request may not be done
-        tasks = list(self.tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:  # they finish (settle their bookkeeping) before the runner closes the store and the session
+        if self.tasks:
+            log.warning(
+                "shutdown: %d request(s) still in flight after %ss, cancelled", len(self.tasks), timeout
+            )
+            tasks = list(self.tasks)
+            for task in tasks:
+                task.cancel()
+            # they finish (settle their bookkeeping) before the runner closes the store and the session
             await asyncio.wait(tasks, timeout=timeout)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-
-    # bookkeeping
-    def started(self) -> None:
-        self._busy += 1
-        self._idle.clear()
-
-    def finished(self) -> None:
-        self._busy -= 1
-        if not self._busy:
-            self._idle.set()
 
     def added(self, conn: FastProtocol) -> None:
         self.conns.add(conn)
@@ -222,18 +205,21 @@ class Front:
 
 
 class FastProtocol(asyncio.Protocol):
-    __slots__ = ("buf", "busy", "deadline", "front", "need", "remote", "route", "task", "transport")
+    __slots__ = ("buf", "deadline", "front", "need", "remote", "route", "task", "transport")
 
     def __init__(self, front: Front) -> None:
         self.front = front
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.busy = False
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # the request being served
         self.deadline = 0.0  # monotonic; 0 while a request is being handled
         self.need = 0  # bytes the buffered request needs (head + Content-Length) once its head is parsed
         self.route = ""  # that request's route
         self.remote = ""
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None
 
     def _timeout(self) -> float:
         return self.front.ingress.dispatcher.config.server.read_timeout
@@ -273,9 +259,10 @@ class FastProtocol(asyncio.Protocol):
         """The sweep found `server.read_timeout` passed while waiting for a head, a body or the next request."""
         if self.transport is None:
             return
-        if self.route:  # a head in, its body not: the same answer, count and log line aiohttp's path gives
-            self.front.ingress.tel.requests[(self.route, "read_timeout")] += 1
-            log.info("request", extra={"route": self.route, "outcome": "read_timeout", "status": 408})
+        if self.route:  # a head in, its body not: the same answer, count, span and log line as aiohttp's path
+            ingress = self.front.ingress
+            span = ingress.tel.start_inbound(self.route, "POST", None)
+            ingress.record(self.route, Result(outcome="read_timeout", status=408), span, self._timeout())
             self.transport.write(serialize(json_error(408, "read_timeout"), close=True))
         self.transport.close()
 
@@ -351,9 +338,7 @@ class FastProtocol(asyncio.Protocol):
         del buf[:end]
         self.need, self.route = 0, ""
         request = FastRequest(path, url.decode("latin-1"), CIMultiDictProxy(headers), host, self.remote)
-        self.busy = True
         self.deadline = 0.0
-        self.front.started()
         self.front.fast_requests += 1
         close = not parser.should_keep_alive() or self.front.closing
         self.task = asyncio.get_running_loop().create_task(self._serve(request, body, close))
@@ -376,9 +361,7 @@ class FastProtocol(asyncio.Protocol):
                 if close:
                     transport.close()
         finally:
-            self.busy = False
             self.task = None
-            self.front.finished()
         if self.transport is not None and not close:
             self.deadline = time.monotonic() + self._timeout()  # idle, or the next request's, already in
             self.transport.resume_reading()

@@ -231,26 +231,29 @@ class Ingress:
             result.status = response.status
             return response
         finally:
-            name = route.cfg.name
-            self.tel.requests[(name, result.outcome)] += 1
-            self.tel.end(span, result.error, result.status)
-            log_all = self.dispatcher.table.config.logging.requests == "all"  # follows reloads
-            level = logging.INFO if log_all or result.outcome not in ROUTINE else logging.DEBUG
-            if log.isEnabledFor(level):
-                log.log(
-                    level,
-                    "request",
-                    extra={
-                        "route": name,
-                        "event_id": result.event_id,
-                        "outcome": result.outcome,
-                        "status": result.status,
-                        "attempt": result.attempt,
-                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                        "trace_id": self.tel.trace_id(span),
-                        "error": result.error,
-                    },
-                )
+            self.record(route.cfg.name, result, span, time.perf_counter() - started)
+
+    def record(self, route: str, result: Result, span: AnySpan, seconds: float) -> None:
+        """Count, end the span of, and log what one inbound request came to."""
+        self.tel.requests[(route, result.outcome)] += 1
+        self.tel.end(span, result.error, result.status)
+        log_all = self.dispatcher.table.config.logging.requests == "all"  # follows reloads
+        level = logging.INFO if log_all or result.outcome not in ROUTINE else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "request",
+                extra={
+                    "route": route,
+                    "event_id": result.event_id,
+                    "outcome": result.outcome,
+                    "status": result.status,
+                    "attempt": result.attempt,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "trace_id": self.tel.trace_id(span),
+                    "error": result.error,
+                },
+            )
 
     async def _handle(
         self, request: web.Request, route: Route, span: AnySpan, result: Result, body: bytes | None

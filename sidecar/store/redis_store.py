@@ -247,7 +247,7 @@ class RedisStore:
 
         async def finish() -> list[bool]:
             calls = [
-                self._ack.finish(sent, keys, args) if sent is not None else self._ack(keys=keys, args=args)
+                self._ack.finish(sent, keys, args) if fast else self._ack(keys=keys, args=args)
                 for _, keys, args, sent in started
             ]
             try:
