@@ -3,20 +3,24 @@
 Scenarios (each process under test pinned to core 0 when there are two or more cores; load generator, upstream
 and Valkey on the other, as in PERFORMANCE.md):
 
-    upstream      the upstream alone (aiohttp + uvloop answering 200)
+    upstream      the upstream alone (a lean llhttp + uvloop receiver answering 200; `--upstream aiohttp` for an
+                  aiohttp + uvloop one, as in PERFORMANCE.md)
     passthrough   a plain aiohttp pass-through proxy in front of it (shared session, keep-alive, no verify/store)
     new           the sidecar, every request a new signed event (verify + claim + forward + delivered mark)
     duplicate     the sidecar, every request a duplicate of an already delivered event
     failing       the sidecar with the upstream answering 503 (claim + circuit breaker -> 202 queued)
     p99@35%       passthrough and sidecar-new at ~35 % of the pass-through's saturation rate, open loop
-    workers       `server.workers: 2` vs `1` (both unpinned)
+    workers       `server.workers: 2` vs `1` (both unpinned), with the most two could reach here: the rate
+                  workers=2 had, scaled to every core busy (the load shares the cores with the workers)
 
 Load comes from wrk with a Lua script when wrk is installed, else from a built-in aiohttp generator (slower: its
 figures are lower bounds); the 35 % scenario from a fixed-rate generator (`openloop`). Scenarios that are compared
 run in alternating rounds within one run, and every ratio is the median of its per-round values: absolute numbers
 move with the machine's noise, ratios taken side by side much less.
 
-Helper roles run as `python -m sidecar.bench upstream|passthrough PORT [TARGET]` and
+Every run also reports how many of the machine's cores were busy (/proc/stat).
+
+Helper roles run as `python -m sidecar.bench upstream|aiohttp-upstream|passthrough PORT [TARGET]` and
 `python -m sidecar.bench openloop URL REQUESTS RATE DURATION`.
 """
 
@@ -67,7 +71,8 @@ end
 # ---- helper roles ---------------------------------------------------------------------------------------------------
 
 
-def _serve_upstream(port: int) -> None:
+def _serve_aiohttp_upstream(port: int) -> None:
+    """The upstream of earlier figures (and of ../shared/PERFORMANCE.md): an aiohttp + uvloop server."""
     import uvloop
     from aiohttp import web
 
@@ -87,6 +92,77 @@ def _serve_upstream(port: int) -> None:
     app.router.add_route("*", "/{tail:.*}", handle)
     uvloop.install()
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+class _LeanUpstream(asyncio.Protocol):
+    """The bench's receiver: answers every request at once, on llhttp and a raw transport (~10 µs a request).
+
+    It shares the load core with the generator and Valkey, so whatever it costs is taken from the core a second
+    sidecar worker would use; an aiohttp server there costs ~50 µs a request, as much as Valkey and wrk together.
+    `POST /__mode` with a status code as the body sets the status every later answer carries."""
+
+    state = {"status": 200}
+    answers: dict[int, bytes] = {}
+
+    def connection_made(self, transport: Any) -> None:
+        import httptools
+
+        self.transport = transport
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.body: list[bytes] = []
+
+    def data_received(self, data: bytes) -> None:
+        import httptools
+
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            self.transport.close()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_body(self, body: bytes) -> None:
+        if self.url == b"/__mode":
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        status = self.state["status"]
+        if self.url == b"/__mode":
+            self.state["status"] = int(b"".join(self.body))
+            self.body.clear()
+            status = 200
+        self.url = b""
+        answer = self.answers.get(status)
+        if answer is None:
+            import http
+
+            payload = json.dumps({"ok": status < 300}).encode()
+            answer = self.answers[status] = (
+                f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\n\r\n"
+            ).encode() + payload
+        self.transport.write(answer)
+
+
+def _serve_upstream(port: int) -> None:
+    import uvloop
+
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(
+            _LeanUpstream, "127.0.0.1", port, backlog=1024
+        )
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+        await stop.wait()
+        server.close()
+
+    uvloop.run(serve())
 
 
 def _serve_passthrough(port: int, target: str) -> None:
@@ -132,6 +208,9 @@ class Result:
     requests: int
     non2xx: int = 0
     cpu_us: float = 0.0  # CPU of the process under test (and its children) per request
+    busy_cores: float = (
+        0.0  # how many of the machine's cores were busy during the run, on average (/proc/stat)
+    )
     lag_p99_ms: float = 0.0  # open loop only: how late the generator itself started its requests (p99)
     p99_runs_ms: list[float] = field(
         default_factory=list
@@ -179,6 +258,17 @@ def _cpu_seconds(pid: int) -> float:
         if int(stat.parent.name) == pid or int(fields[1]) == pid:
             total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def _machine_ticks() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat; None without /proc."""
+    try:
+        cols = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = cols[3] + (cols[4] if len(cols) > 4 else 0)  # idle + iowait
+    total = sum(cols[:8])  # guest time is already counted in user
+    return total - idle, total
 
 
 def _pin(core: int | None) -> list[str]:
@@ -265,9 +355,9 @@ class Bench:
             self.stop(proc)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def upstream(self, core: int | None) -> int:
+    def upstream(self, core: int | None, role: str = "upstream") -> int:
         port = _free_port()
-        self.spawn([sys.executable, "-m", "sidecar.bench", "upstream", str(port)], core, port)
+        self.spawn([sys.executable, "-m", "sidecar.bench", role, str(port)], core, port)
         return port
 
     def passthrough(self, target_port: int) -> tuple[int, subprocess.Popen[bytes]]:
@@ -317,10 +407,19 @@ routes:
     ) -> Result:
         reqs = self.tmp / f"{name}.tsv"
         write_requests(reqs, ids)
+        return self.measured(pid, lambda: self._run_load(name, port, reqs, connections))
+
+    def measured(self, pid: int | None, run: Callable[[], Result]) -> Result:
+        """Run one load, adding the process under test's CPU per request and the machine's busy cores."""
         cpu0 = _cpu_seconds(pid) if pid and Path("/proc").exists() else None
-        result = self._run_load(name, port, reqs, connections)
+        ticks0 = _machine_ticks()
+        result = run()
+        ticks1 = _machine_ticks()
         if cpu0 is not None and pid and result.requests:
             result.cpu_us = (_cpu_seconds(pid) - cpu0) / result.requests * 1e6
+        if ticks0 and ticks1 and ticks1[1] > ticks0[1]:
+            busy = (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1])
+            result.busy_cores = busy * (os.cpu_count() or 1)
         return result
 
     def _run_load(self, name: str, port: int, reqs: Path, connections: int | None) -> Result:
@@ -354,7 +453,9 @@ routes:
         reqs = self.tmp / f"{name}.tsv"
         ids = self.fresh_ids(min(n_ids, int(rate * self.duration) + 1000))
         write_requests(reqs, ids)
-        cpu0 = _cpu_seconds(pid) if pid and Path("/proc").exists() else None
+        return self.measured(pid, lambda: self._run_open_loop(name, port, reqs, rate))
+
+    def _run_open_loop(self, name: str, port: int, reqs: Path, rate: float) -> Result:
         cmd = [
             *_pin(self.core_load),
             sys.executable,
@@ -371,12 +472,9 @@ routes:
             r = json.loads(out.stdout.strip().splitlines()[-1])
         except (IndexError, ValueError):
             return Result(name, 0.0, float("nan"), float("nan"), 0)
-        result = Result(
+        return Result(
             name, r["rps"], r["p50_ms"], r["p99_ms"], r["requests"], r["non2xx"], lag_p99_ms=r["lag_p99_ms"]
         )
-        if cpu0 is not None and pid and result.requests:
-            result.cpu_us = (_cpu_seconds(pid) - cpu0) / result.requests * 1e6
-        return result
 
     def estimate(self) -> int:
         return int(30_000 * self.duration)  # more ids than any scenario can send: every request is new
@@ -492,13 +590,27 @@ async def _builtin_load(name: str, url: str, reqs: Path, conns: int, duration: f
     return Result(name, len(latencies) / elapsed, pct(0.5), pct(0.99), len(latencies), non2xx)
 
 
-def run_bench(duration: float, connections: int, out: Any = print) -> dict[str, Any]:
+UPSTREAMS = {"lean": "upstream", "aiohttp": "aiohttp-upstream"}
+
+
+def run_bench(
+    duration: float,
+    connections: int,
+    out: Any = print,
+    upstream: str = "lean",
+    store_dir: Path | None = None,
+) -> dict[str, Any]:
+    """`upstream`: the receiver every scenario forwards to, `lean` (default) or `aiohttp` (the upstream of
+    ../shared/PERFORMANCE.md, which takes ~3x the CPU of the lean one from the load core). `store_dir`: where the
+    embedded Valkey keeps its append-only file (default: a temporary directory, on whatever disk holds it)."""
     from sidecar.store.embedded import EmbeddedValkey
 
     cores = os.cpu_count() or 1
     core_sut, core_load = (0, 1) if cores >= 2 else (None, None)
     bench = Bench(duration, connections, core_sut, core_load)
-    store = EmbeddedValkey(bench.tmp / "valkey")
+    role = UPSTREAMS[upstream]
+    data_dir = Path(tempfile.mkdtemp(prefix="sidecar-bench-valkey-", dir=store_dir)) if store_dir else None
+    store = EmbeddedValkey(data_dir or bench.tmp / "valkey")
     results: dict[str, Result] = {}
     try:
         redis_url = store.start()
@@ -508,13 +620,13 @@ def run_bench(duration: float, connections: int, out: Any = print) -> dict[str, 
             )
         out(
             f"sidecar bench: {cores} cores, {'wrk' if bench.wrk else 'built-in generator'}, {duration:g}s per run, "
-            f"{connections} connections, {BODY_SIZE} B bodies"
+            f"{connections} connections, {BODY_SIZE} B bodies, {upstream} upstream, store in {store.data_dir}"
         )
-        up_sut = bench.upstream(core_sut)
+        up_sut = bench.upstream(core_sut, role)
         results["upstream"] = bench.load(
             "upstream", up_sut, bench.fresh_ids(200_000), pid=bench.procs[-1].pid
         )
-        up = bench.upstream(core_load)
+        up = bench.upstream(core_load, role)
         pt_port, pt = bench.passthrough(up)
         sc_port, sc = bench.sidecar(redis_url, up, workers=1, pinned=True)
         dup_ids = bench.fresh_ids(2_000)
@@ -559,6 +671,8 @@ def run_bench(duration: float, connections: int, out: Any = print) -> dict[str, 
     finally:
         bench.close()
         store.stop()
+        if data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
     return report(results, cores, bool(bench.wrk), out, runs)
 
 
@@ -618,12 +732,12 @@ def report(
     out("")
     out(
         f"{'scenario':<18}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'CPU us/req':>12}"
-        f"{'/ pass':>8}{'/ upstream':>11}"
+        f"{'/ pass':>8}{'/ upstream':>11}{'busy cores':>12}"
     )
     for name, r in results.items():
         out(
             f"{name:<18}{r.rps:>10,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>9}{r.cpu_us:>12.0f}"
-            f"{r.rps / pt.rps if pt.rps else 0:>8.2f}{r.rps / up.rps if up.rps else 0:>11.2f}"
+            f"{r.rps / pt.rps if pt.rps else 0:>8.2f}{r.rps / up.rps if up.rps else 0:>11.2f}{r.busy_cores:>12.2f}"
         )
     ratio = lambda x, y: x.rps / y.rps if y.rps else 0.0  # noqa: E731
     per_round = {
@@ -637,6 +751,14 @@ def report(
             runs, "new@35%", "passthrough@35%", lambda x, y: x.p99_ms - y.p99_ms
         ),
         "workers2_vs_workers1": _per_round(runs, "workers=2", "workers=1", ratio),
+        # What workers=2 would reach if it kept every core busy at the CPU per request it had: the load generator,
+        # upstream and Valkey share the machine's cores with the workers, so this is the most two can do here.
+        "workers2_ceiling": _per_round(
+            runs,
+            "workers=2",
+            "workers=1",
+            lambda x, y: x.rps * cores / x.busy_cores / y.rps if x.busy_cores and y.rps else 0.0,
+        ),
     }
     ratios = {name: statistics.median(values) if values else 0.0 for name, values in per_round.items()}
     out("")
@@ -655,7 +777,10 @@ def report(
     out(f"median of {max(len(v) for v in per_round.values())} alternating rounds; each round's value:")
     for name, values in per_round.items():
         out(f"  {name:<30}" + "  ".join(f"{v:.2f}" for v in values))
-    out(f"workers 2 / workers 1:       {ratios['workers2_vs_workers1']:.2f}  (target >= 1.4)")
+    out(
+        f"workers 2 / workers 1:       {ratios['workers2_vs_workers1']:.2f}  (target >= 1.4; at most "
+        f"{ratios['workers2_ceiling']:.2f} here, with every core busy at the same CPU per request)"
+    )
     return {
         "cores": cores,
         "wrk": wrk,
@@ -670,6 +795,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="role", required=True)
     up = sub.add_parser("upstream")
     up.add_argument("port", type=int)
+    aio = sub.add_parser("aiohttp-upstream")
+    aio.add_argument("port", type=int)
     pt = sub.add_parser("passthrough")
     pt.add_argument("port", type=int)
     pt.add_argument("target")
@@ -681,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.role == "upstream":
         _serve_upstream(args.port)
+    elif args.role == "aiohttp-upstream":
+        _serve_aiohttp_upstream(args.port)
     elif args.role == "passthrough":
         _serve_passthrough(args.port, args.target)
     else:

@@ -109,7 +109,19 @@ def test_bench_command_runs_every_scenario_end_to_end(tmp_path: Path) -> None:
         assert r["requests"] > 0 and r["rps"] > 0, name
         assert r["non2xx"] == 0, name  # the failing upstream's events are answered 202 queued, a 2xx
     assert results["new"]["cpu_us"] > 0 and results["passthrough"]["cpu_us"] > 0
-    assert set(data["ratios"]) >= {"new_vs_passthrough", "p99_at_35pct_delta_ms", "workers2_vs_workers1"}
+    assert set(data["ratios"]) >= {
+        "new_vs_passthrough",
+        "p99_at_35pct_delta_ms",
+        "workers2_vs_workers1",
+        "workers2_ceiling",
+    }
+    for name, r in results.items():
+        assert 0 < r["busy_cores"] <= data["cores"] + 0.01, name
+    # Scaled to every core busy, workers=2 can only go faster than it went.
+    for got, ceiling in zip(
+        data["per_round"]["workers2_vs_workers1"], data["per_round"]["workers2_ceiling"], strict=True
+    ):
+        assert ceiling >= got > 0
     assert "new events / pass-through" in proc.stdout and f"cores: {data['cores']}" in proc.stdout
 
 
@@ -133,3 +145,78 @@ def test_bench_counts_every_listener_sharing_a_port() -> None:
     finally:
         for s in socks:
             s.close()
+
+
+async def _exchange(port: int, raw: bytes, answers: int) -> list[bytes]:
+    """Send `raw` on one connection and read `answers` complete HTTP/1.1 answers (Content-Length framed)."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        out = []
+        for _ in range(answers):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            out.append(head + await asyncio.wait_for(reader.readexactly(length), 5))
+        return out
+    finally:
+        writer.close()
+
+
+def _post(path: str, body: bytes) -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+async def test_bench_lean_upstream_answers_pipelined_requests_and_switches_status() -> None:
+    import asyncio
+
+    bench._LeanUpstream.state["status"] = 200
+    server = await asyncio.get_running_loop().create_server(bench._LeanUpstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        # Three pipelined requests, the second body split across the mode switch's neighbours.
+        raw = _post("/webhooks/stripe", b'{"id":"evt_1"}') + _post("/__mode", b"503") + _post("/x", b"{}")
+        first, mode, after = await _exchange(port, raw, 3)
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b'{"ok": true}')
+        assert mode.startswith(b"HTTP/1.1 200 OK\r\n")  # the switch itself is always answered 200
+        assert after.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and after.endswith(b'{"ok": false}')
+        (back,) = await _exchange(port, _post("/__mode", b"200") + _post("/y", b"{}")[:20], 1)
+        assert back.startswith(b"HTTP/1.1 200 OK\r\n")
+        (bad,) = await _exchange(port, b"NOT HTTP\r\n\r\n", 1)
+        assert bad.startswith(b"HTTP/1.1 400 ")
+    finally:
+        bench._LeanUpstream.state["status"] = 200
+        server.close()
+        await server.wait_closed()
+
+
+def test_bench_machine_ticks_count_busy_time_within_total() -> None:
+    import time
+
+    first = bench._machine_ticks()
+    assert first is not None
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:  # bounded spin: some busy time to count
+        pass
+    second = bench._machine_ticks()
+    assert second is not None
+    busy, total = second[0] - first[0], second[1] - first[1]
+    assert total > 0 and 0 < busy <= total
+
+
+def test_bench_command_refuses_a_store_dir_that_is_not_a_directory(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "bench", "--store-dir", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "--store-dir" in proc.stderr and "not a directory" in proc.stderr
