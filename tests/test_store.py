@@ -12,6 +12,7 @@ import redis
 from sidecar.errors import StoreUnavailable
 from sidecar.keys import KeySpace
 from sidecar.store import AttemptRecord, EventRecord, RedisStore
+from sidecar.store.records import parse_history
 
 KEYS = KeySpace("sidecar", 4)
 
@@ -86,6 +87,47 @@ async def test_store_ack_drops_body_sets_ttl_and_unschedules(store: RedisStore, 
     assert rdb.zscore(KEYS.schedule(shard), "stripe:evt_1") is None
     ev = await store.get_event("stripe", "evt_1")
     assert ev is not None and ev["state"] == "delivered" and ev["history"][0]["status"] == 200
+
+
+async def test_store_delivered_event_keeps_only_a_compact_record(store: RedisStore, rdb: redis.Redis) -> None:
+    """Kept for the whole dedupe window: no payload, no metadata, Redis's compact hash encoding."""
+    now = int(time.time() * 1000)
+    rec = record("evt_small", body=b'{"id":"evt_small","pad":"' + b"x" * 1500 + b'"}')
+    await store.claim(rec, now - 5, 30_000)
+    shard = KEYS.shard_of("stripe", "evt_small")
+    key = KEYS.event(shard, "stripe:evt_small")
+    assert rdb.object("encoding", key) == b"hashtable"  # while it holds the 1.5 KB body
+    assert await store.ack("stripe", "evt_small", entry(1, 200), now)
+    stored = rdb.hgetall(key)
+    assert set(stored) == {b"st", b"n", b"first", b"eid", b"done", b"ls", b"hist"}
+    assert stored[b"st"] == b"d" and stored[b"n"] == b"1" and stored[b"first"] == str(now - 5).encode()
+    assert rdb.object("encoding", key) == b"listpack"
+    assert rdb.memory_usage(key) < 300  # ~1 KB as the body-less remains of the claim's hash
+    assert 3500 < rdb.ttl(key) <= 3600
+    ev = await store.get_event("stripe", "evt_small")
+    assert ev is not None and ev["event_id"] == rec.event_id and ev["state"] == "delivered"
+    assert ev["attempts"] == 1 and ev["last_status"] == "200" and ev["last_error"] is None
+
+
+async def test_store_delivered_after_retries_keeps_counts_and_the_whole_history(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    now = int(time.time() * 1000)
+    rec = record("evt_retried")
+    await store.claim(rec, now - 5, 30_000)
+    assert await store.retry("stripe", "evt_retried", 1, now - 1, entry(1, 503, "upstream 503"))
+    shard = KEYS.shard_of("stripe", "evt_retried")
+    taken = await store.take(shard, "stripe:evt_retried", now, 30_000)
+    assert taken is not None and taken.attempt == 2
+    assert await store.ack("stripe", "evt_retried", entry(2, 200), now)
+    assert not rdb.hexists(KEYS.event(shard, "stripe:evt_retried"), "meta")
+    ev = await store.get_event("stripe", "evt_retried")
+    assert ev is not None and ev["event_id"] == rec.event_id and ev["attempts"] == 2
+    assert ev["first_seen_ms"] == now - 5
+    assert [(h["attempt"], h["status"], h["error"]) for h in ev["history"]] == [
+        (1, 503, "upstream 503"),
+        (2, 200, None),
+    ]
 
 
 async def test_store_take_only_when_due_and_only_once(store: RedisStore) -> None:
@@ -296,13 +338,29 @@ async def test_delivered_marks_flush_runs_before_a_later_claim_of_the_same_event
 
 def test_attempt_record_json_is_compact_and_survives_any_error_text() -> None:
     plain = AttemptRecord(1700000000000, 2, 503, None, 12.34567)
-    assert (
-        plain.to_json()
-        == '{"at_ms":1700000000000,"attempt":2,"status":503,"error":null,"duration_ms":12.346}'
-    )
+    assert plain.to_json() == "[1700000000000,2,503,null,12.346]"
+    assert parse_history(plain.to_json()) == [plain.as_dict()]
+    assert plain.as_dict() == {
+        "at_ms": 1700000000000,
+        "attempt": 2,
+        "status": 503,
+        "error": None,
+        "duration_ms": 12.346,
+    }
     for error in (
         "timeout",
         "connexion refusée",
         "bad \udcff byte",
     ):  # the last: a surrogate-escaped header byte
-        assert json.loads(AttemptRecord(1, 1, None, error, 0.5).to_json())["error"] == error
+        assert parse_history(AttemptRecord(1, 1, None, error, 0.5).to_json())[0]["error"] == error
+
+
+def test_history_reads_entries_stored_as_objects_before_the_arrays() -> None:
+    old = '{"at_ms":1,"attempt":1,"status":503,"error":null,"duration_ms":2.5}'
+    marker = '{"replayed_at_ms":5,"reason":"fixed"}'
+    new = AttemptRecord(9, 2, 200, None, 1.0).to_json()
+    assert parse_history(f"{old},{marker},{new}") == [
+        {"at_ms": 1, "attempt": 1, "status": 503, "error": None, "duration_ms": 2.5},
+        {"replayed_at_ms": 5, "reason": "fixed"},
+        {"at_ms": 9, "attempt": 2, "status": 200, "error": None, "duration_ms": 1.0},
+    ]

@@ -103,27 +103,40 @@ class AttemptRecord:
     error: str | None
     duration_ms: float
 
-    def to_json(self) -> str:
-        entry = {
+    def as_dict(self) -> dict[str, Any]:
+        return {
             "at_ms": self.at_ms,
             "attempt": self.attempt,
             "status": self.status,
             "error": self.error,
             "duration_ms": round(self.duration_ms, 3),
         }
+
+    def to_json(self) -> str:
+        """The stored form: a JSON array in `HISTORY_FIELDS` order, ~35 bytes for a delivery.
+
+        Every delivered event keeps its history for the whole dedupe window, so the entry is kept short enough
+        (with the event's other fields) for Redis's compact hash encoding (values up to 64 bytes by default)."""
+        entry = [self.at_ms, self.attempt, self.status, self.error, round(self.duration_ms, 3)]
         try:  # every delivered event writes one: orjson ~0.5 µs, json.dumps with separators ~5 µs
             return orjson.dumps(entry).decode()
         except TypeError:  # a lone surrogate in an error text: the stdlib escapes it
             return json.dumps(entry, separators=(",", ":"))
 
 
+HISTORY_FIELDS = ("at_ms", "attempt", "status", "error", "duration_ms")
+
+
 def parse_history(raw: str | bytes | None) -> list[dict[str, Any]]:
-    """The scripts append history entries comma-joined (cheap in Lua); this turns them back into a list."""
+    """The scripts append history entries comma-joined (cheap in Lua); this turns them back into a list of dicts.
+
+    Attempts are stored as arrays (`AttemptRecord.to_json`); replay markers, and attempts stored before the
+    arrays, as objects."""
     if not raw:
         return []
     text = raw.decode() if isinstance(raw, bytes) else raw
-    result: list[dict[str, Any]] = json.loads(f"[{text}]")
-    return result
+    entries: list[Any] = json.loads(f"[{text}]")
+    return [dict(zip(HISTORY_FIELDS, e, strict=False)) if isinstance(e, list) else e for e in entries]
 
 
 @dataclass(frozen=True, slots=True)

@@ -285,7 +285,7 @@ class RedisStore:
     ) -> tuple[str, list[Evicted]]:
         """Dead-letter an event: write the dead letter first, then mark the event dead (see dead.lua)."""
         item_id = dead_letter_id(rec.route, rec.dedupe_id)
-        full_history = [*history, json.loads(entry.to_json())]
+        full_history = [*history, entry.as_dict()]
         item = {
             "id": item_id,
             "route": rec.route,
