@@ -208,9 +208,10 @@ class Result:
     requests: int
     non2xx: int = 0
     cpu_us: float = 0.0  # CPU of the process under test (and its children) per request
-    busy_cores: float = (
-        0.0  # how many of the machine's cores were busy during the run, on average (/proc/stat)
-    )
+    # how many of the machine's cores were busy during the run, on average (/proc/stat)
+    busy_cores: float = 0.0
+    # AOF rewrites of the embedded Valkey that ran during the run (begun in it, or still going when it began)
+    store_rewrites: int = 0
     lag_p99_ms: float = 0.0  # open loop only: how late the generator itself started its requests (p99)
     p99_runs_ms: list[float] = field(
         default_factory=list
@@ -330,6 +331,7 @@ class Bench:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.wrk = shutil.which("wrk")
         self.counter = 0
+        self.store_url: str | None = None  # the embedded Valkey, for its AOF rewrite count
 
     # processes
     def spawn(
@@ -413,14 +415,34 @@ routes:
         """Run one load, adding the process under test's CPU per request and the machine's busy cores."""
         cpu0 = _cpu_seconds(pid) if pid and Path("/proc").exists() else None
         ticks0 = _machine_ticks()
+        rewrites0 = self.rewrites()
         result = run()
+        rewrites1 = self.rewrites()
         ticks1 = _machine_ticks()
+        if rewrites0 and rewrites1:
+            result.store_rewrites = rewrites1[0] - rewrites0[0] + rewrites0[1]
         if cpu0 is not None and pid and result.requests:
             result.cpu_us = (_cpu_seconds(pid) - cpu0) / result.requests * 1e6
         if ticks0 and ticks1 and ticks1[1] > ticks0[1]:
             busy = (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1])
             result.busy_cores = busy * (os.cpu_count() or 1)
         return result
+
+    def rewrites(self) -> tuple[int, int] | None:
+        """(AOF rewrites begun so far, 1 if one is running now) from the store's INFO; None without a store.
+
+        A rewrite forks Valkey and writes the whole data set anew; on this bench's two cores the child runs beside
+        the load, so a run it overlaps shows it in its tail latency."""
+        if self.store_url is None:
+            return None
+        import redis
+
+        try:
+            with redis.Redis.from_url(self.store_url, socket_timeout=5) as r:
+                info = r.info("persistence")
+        except redis.RedisError:
+            return None
+        return int(info.get("aof_rewrites", 0)), int(info.get("aof_rewrite_in_progress", 0))
 
     def _run_load(self, name: str, port: int, reqs: Path, connections: int | None) -> Result:
         url = f"http://127.0.0.1:{port}"
@@ -613,7 +635,7 @@ def run_bench(
     store = EmbeddedValkey(data_dir or bench.tmp / "valkey")
     results: dict[str, Result] = {}
     try:
-        redis_url = store.start()
+        redis_url = bench.store_url = store.start()
         if core_load is not None and store.pid:
             subprocess.run(
                 ["taskset", "-pc", str(core_load), str(store.pid)], capture_output=True, check=False
@@ -732,12 +754,13 @@ def report(
     out("")
     out(
         f"{'scenario':<18}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'CPU us/req':>12}"
-        f"{'/ pass':>8}{'/ upstream':>11}{'busy cores':>12}"
+        f"{'/ pass':>8}{'/ upstream':>11}{'busy cores':>12}{'rewrites':>10}"
     )
     for name, r in results.items():
         out(
             f"{name:<18}{r.rps:>10,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>9}{r.cpu_us:>12.0f}"
             f"{r.rps / pt.rps if pt.rps else 0:>8.2f}{r.rps / up.rps if up.rps else 0:>11.2f}{r.busy_cores:>12.2f}"
+            f"{r.store_rewrites:>10}"
         )
     ratio = lambda x, y: x.rps / y.rps if y.rps else 0.0  # noqa: E731
     per_round = {
@@ -773,6 +796,8 @@ def report(
         f"p99 at ~35% load, sidecar - pass-through: {ratios['p99_at_35pct_delta_ms']:+.2f} ms  (target <= +1 ms; "
         f"generator's own lag p99 {results['passthrough@35%'].lag_p99_ms:.2f} / {results['new@35%'].lag_p99_ms:.2f} ms)"
     )
+    rewrites = [r.store_rewrites for r in runs.get("new@35%", [])]
+    out(f"  store AOF rewrites during each sidecar run at ~35%: {' '.join(map(str, rewrites)) or '-'}")
     out("")
     out(f"median of {max(len(v) for v in per_round.values())} alternating rounds; each round's value:")
     for name, values in per_round.items():
@@ -787,6 +812,7 @@ def report(
         "results": {k: vars(v) for k, v in results.items()},
         "ratios": ratios,
         "per_round": per_round,
+        "store_rewrites_at_35pct": rewrites,
     }
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from sidecar import bench
@@ -118,6 +119,9 @@ def test_bench_command_runs_every_scenario_end_to_end(tmp_path: Path) -> None:
     for name, r in results.items():
         assert 0 < r["busy_cores"] <= data["cores"] + 0.01, name
     assert all(v > 0 for v in data["per_round"]["workers2_ceiling"])
+    assert len(data["store_rewrites_at_35pct"]) == 3
+    assert all(r["store_rewrites"] >= 0 for r in results.values())
+    assert "store AOF rewrites during each sidecar run" in proc.stdout
     assert "new events / pass-through" in proc.stdout and f"cores: {data['cores']}" in proc.stdout
 
 
@@ -204,6 +208,33 @@ def test_bench_machine_ticks_count_busy_time_within_total() -> None:
     assert second is not None
     busy, total = second[0] - first[0], second[1] - first[1]
     assert total > 0 and 0 < busy <= total
+
+
+def test_bench_counts_the_store_rewrites_a_run_overlaps(tmp_path: Path) -> None:
+    import redis
+
+    from sidecar.store.embedded import EmbeddedValkey
+
+    store = EmbeddedValkey(tmp_path / "valkey")
+    b = bench.Bench(1, 1, None, None)
+    try:
+        assert b.rewrites() is None  # no store: nothing to count
+        b.store_url = store.start()
+        with redis.Redis.from_url(b.store_url) as r:
+            r.set("k", "v" * 1000)
+
+            def run() -> bench.Result:
+                r.bgrewriteaof()
+                deadline = time.monotonic() + 20
+                while r.info("persistence")["aof_rewrite_in_progress"] and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                return bench.Result("rewrite", 1.0, 1.0, 1.0, 1)
+
+            assert b.measured(None, run).store_rewrites == 1
+            assert b.measured(None, lambda: bench.Result("quiet", 1.0, 1.0, 1.0, 1)).store_rewrites == 0
+    finally:
+        b.close()
+        store.stop()
 
 
 def test_bench_command_refuses_a_store_dir_that_is_not_a_directory(tmp_path: Path) -> None:
