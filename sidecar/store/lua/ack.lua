@@ -7,7 +7,7 @@
 --   KEYS[3i-1] - its shard's schedule zset
 --   KEYS[3i]   - its shard's stats hash
 --   ARGV[4i-1] - schedule member
---   ARGV[4i]   - history entry (JSON object)
+--   ARGV[4i]   - history entry (JSON array, `AttemptRecord.to_json`)
 --   ARGV[4i+1] - upstream status
 --   ARGV[4i+2] - route name (stats)
 -- ARGV[1] - now (ms)

@@ -7,7 +7,7 @@
 -- ARGV[2] - dedupe ttl (ms)
 -- ARGV[3] - schedule member
 -- ARGV[4] - attempt number this caller holds (fence, as in retry.lua)
--- ARGV[5] - history entry (JSON object)
+-- ARGV[5] - history entry (JSON array, `AttemptRecord.to_json`)
 -- ARGV[6] - last status ('' when none)
 -- ARGV[7] - last error ('' when none)
 -- ARGV[8] - route name (stats)

@@ -12,7 +12,7 @@
 -- ARGV[4] - raw body (from the dead letter)
 -- ARGV[5] - public event id
 -- ARGV[6] - first seen (ms)
--- ARGV[7] - the attempt history so far (comma-joined JSON objects, '' when none)
+-- ARGV[7] - the attempt history so far (comma-joined JSON entries, '' when none)
 -- ARGV[8] - replay marker entry (JSON object: replayed_at_ms, reason)
 -- ARGV[9] - last status ('' when none)
 -- ARGV[10] - last error ('' when none)

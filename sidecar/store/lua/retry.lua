@@ -6,7 +6,7 @@
 -- ARGV[1] - next due time (ms)
 -- ARGV[2] - schedule member
 -- ARGV[3] - attempt number this caller holds
--- ARGV[4] - history entry (JSON object)
+-- ARGV[4] - history entry (JSON array, `AttemptRecord.to_json`)
 -- ARGV[5] - last status ('' when none)
 -- ARGV[6] - last error ('' when none)
 -- returns 1 when rescheduled, 0 when stale
