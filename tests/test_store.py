@@ -364,3 +364,24 @@ def test_history_reads_entries_stored_as_objects_before_the_arrays() -> None:
         {"replayed_at_ms": 5, "reason": "fixed"},
         {"at_ms": 9, "attempt": 2, "status": 200, "error": None, "duration_ms": 1.0},
     ]
+
+
+def test_dead_letter_history_reads_array_entries_a_replica_of_an_earlier_version_copied() -> None:
+    """An earlier version parsed an event's history without knowing arrays, and copied the raw entries into the
+    dead letter it wrote: this version reads them as the usual dicts."""
+    from sidecar.store.dead_letters import DeadLetter
+
+    item = DeadLetter(
+        "x",
+        0,
+        {
+            "history": [
+                [1, 1, 503, None, 2.5],
+                {"at_ms": 2, "attempt": 2, "status": None, "error": "timeout", "duration_ms": 5000.0},
+            ],
+        },
+    )
+    assert item.history == [
+        {"at_ms": 1, "attempt": 1, "status": 503, "error": None, "duration_ms": 2.5},
+        {"at_ms": 2, "attempt": 2, "status": None, "error": "timeout", "duration_ms": 5000.0},
+    ]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
 
+from sidecar.store.records import history_dicts
 from sidecar.store.redis_store import RedisStore
 
 ReplayOutcome = Literal["replayed", "pending", "delivered"]
@@ -77,7 +78,7 @@ class DeadLetter:
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        return list(self.data.get("history") or [])
+        return history_dicts(self.data.get("history") or [])
 
     @property
     def headers(self) -> list[tuple[str, str]]:

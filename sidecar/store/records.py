@@ -135,7 +135,12 @@ def parse_history(raw: str | bytes | None) -> list[dict[str, Any]]:
     if not raw:
         return []
     text = raw.decode() if isinstance(raw, bytes) else raw
-    entries: list[Any] = json.loads(f"[{text}]")
+    return history_dicts(json.loads(f"[{text}]"))
+
+
+def history_dicts(entries: list[Any]) -> list[dict[str, Any]]:
+    """History entries as dicts, whichever form each was stored in (an array in `HISTORY_FIELDS` order or an
+    object); a dead letter written by a replica of an earlier version may carry either."""
     return [dict(zip(HISTORY_FIELDS, e, strict=False)) if isinstance(e, list) else e for e in entries]
 
 
