@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--upstream",
         choices=("lean", "aiohttp"),
         default="lean",
-        help="the receiver behind every scenario: lean (default, ~15 us a request) or aiohttp (~50 us)",
+        help="the receiver behind every scenario: lean (default, ~10-15 us of CPU a request) or aiohttp (~40-50 us)",
     )
     bench.add_argument(
         "--store-dir",
