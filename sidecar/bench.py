@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import http
 import json
 import os
 import re
@@ -46,6 +47,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import httptools
 
 SECRET = "whsec_bench_secret"
 BODY_SIZE = 1500
@@ -105,16 +108,12 @@ class _LeanUpstream(asyncio.Protocol):
     answers: dict[int, bytes] = {}
 
     def connection_made(self, transport: Any) -> None:
-        import httptools
-
         self.transport = transport
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.body: list[bytes] = []
 
     def data_received(self, data: bytes) -> None:
-        import httptools
-
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -139,8 +138,6 @@ class _LeanUpstream(asyncio.Protocol):
         self.url = b""
         answer = self.answers.get(status)
         if answer is None:
-            import http
-
             payload = json.dumps({"ok": status < 300}).encode()
             answer = self.answers[status] = (
                 f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"

@@ -32,7 +32,7 @@ import httptools
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.ingress import URL_SIGNING, Result, json_error
+from sidecar.ingress import Result, json_error, needs_public_url
 
 if TYPE_CHECKING:
     from sidecar.ingress import Ingress
@@ -73,13 +73,13 @@ def _date_line() -> bytes:
 class FastRequest:
     """The parts of an aiohttp request that the ingress reads, for a request this front parsed itself."""
 
-    __slots__ = ("headers", "host", "method", "path", "raw_path", "remote", "scheme")
+    __slots__ = ("headers", "host", "path", "raw_path", "remote")
+    method = "POST"
+    scheme = "http"
 
     def __init__(
         self, path: str, raw_path: str, headers: CIMultiDictProxy[str], host: str, remote: str
     ) -> None:
-        self.method = "POST"
-        self.scheme = "http"
         self.path, self.raw_path, self.headers, self.host, self.remote = path, raw_path, headers, host, remote
 
     # Read only for the providers that sign the URL, which this front hands to aiohttp; a reload can still make a
@@ -107,6 +107,60 @@ class _Head:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+
+
+class _Parsed:
+    """A request head this front serves: its request, route and where its body ends in the buffer."""
+
+    __slots__ = ("close", "end", "head_len", "request", "route")
+
+    def __init__(self, request: FastRequest, route: str, head_len: int, end: int, close: bool) -> None:
+        self.request, self.route, self.head_len, self.end, self.close = request, route, head_len, end, close
+
+
+def _parse(head_bytes: bytes, ingress: Ingress, remote: str) -> _Parsed | None:
+    """The head (`\r\n\r\n` included) as a request this front serves, or None when aiohttp is to answer it."""
+    head = _Head()
+    parser = httptools.HttpRequestParser(head)
+    try:
+        parser.feed_data(head_bytes)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # malformed, a CONNECT, an Upgrade
+        return None
+    if parser.get_http_version() != "1.1" or parser.get_method() != b"POST":
+        return None
+    url = head.url
+    if url[:1] != b"/" or b"%" in url or b"/." in url or b"#" in url:
+        return None
+    path_end = url.find(b"?")
+    path = (url if path_end < 0 else url[:path_end]).decode("latin-1")
+    route = ingress.dispatcher.table.by_path.get(path)
+    if route is None or needs_public_url(route.cfg) or len(head.headers) > MAX_HEADERS:
+        return None
+    length: int | None = None
+    host = None
+    headers: CIMultiDict[str] = CIMultiDict()
+    for raw_name, raw_value in head.headers:
+        lname = raw_name.lower()
+        name = raw_name.decode("utf-8", "surrogateescape")
+        if lname in _REFUSED or (lname in _SINGLETONS and name in headers):
+            return None
+        # llhttp keeps the whitespace after a value, aiohttp strips it
+        raw_value = raw_value.rstrip(b" \t")
+        value = raw_value.decode("utf-8", "surrogateescape")
+        if lname == b"content-length":
+            # more digits than any length we serve has: aiohttp answers it (and int() refuses 4300 digits)
+            if not raw_value.isdigit() or length is not None or len(raw_value) > 18:
+                return None
+            length = int(raw_value)
+        elif lname == b"host":
+            host = value
+        headers.add(name, value)
+    length = length or 0
+    if host is None or length > ingress.dispatcher.config.server.max_body_bytes:
+        return None
+    request = FastRequest(path, url.decode("latin-1"), CIMultiDictProxy(headers), host, remote)
+    head_len = len(head_bytes)
+    return _Parsed(request, route.cfg.name, head_len, head_len + length, not parser.should_keep_alive())
 
 
 def serialize(resp: web.StreamResponse, close: bool) -> bytes:
@@ -205,7 +259,7 @@ class Front:
 
 
 class FastProtocol(asyncio.Protocol):
-    __slots__ = ("buf", "deadline", "front", "need", "remote", "route", "task", "transport")
+    __slots__ = ("buf", "deadline", "front", "pending", "remote", "task", "transport")
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -213,8 +267,7 @@ class FastProtocol(asyncio.Protocol):
         self.buf = bytearray()
         self.task: asyncio.Task[None] | None = None  # the request being served
         self.deadline = 0.0  # monotonic; 0 while a request is being handled
-        self.need = 0  # bytes the buffered request needs (head + Content-Length) once its head is parsed
-        self.route = ""  # that request's route
+        self.pending: _Parsed | None = None  # the buffered request's head, parsed, while its body arrives
         self.remote = ""
 
     @property
@@ -241,7 +294,7 @@ class FastProtocol(asyncio.Protocol):
             self.deadline = time.monotonic() + self._timeout()
         self.buf += data
         if not self.busy:
-            if len(self.buf) >= self.need:  # not a parse of the head again for every piece of its body
+            if self.pending is None or len(self.buf) >= self.pending.end:  # not for every piece of a body
                 self._next()
         elif len(self.buf) > MAX_HEAD + self.front.ingress.dispatcher.config.server.max_body_bytes:
             # a client pipelining far ahead of the answers: stop reading until this request is answered
@@ -259,10 +312,12 @@ class FastProtocol(asyncio.Protocol):
         """The sweep found `server.read_timeout` passed while waiting for a head, a body or the next request."""
         if self.transport is None:
             return
-        if self.route:  # a head in, its body not: the same answer, count, span and log line as aiohttp's path
-            ingress = self.front.ingress
-            span = ingress.tel.start_inbound(self.route, "POST", None)
-            ingress.record(self.route, Result(outcome="read_timeout", status=408), span, self._timeout())
+        if (
+            self.pending
+        ):  # a head in, its body not: the same answer, count, span and log line as aiohttp's path
+            ingress, route = self.front.ingress, self.pending.route
+            span = ingress.tel.start_inbound(route, "POST", None)
+            ingress.record(route, Result(outcome="read_timeout", status=408), span, self._timeout())
             self.transport.write(serialize(json_error(408, "read_timeout"), close=True))
         self.transport.close()
 
@@ -270,78 +325,29 @@ class FastProtocol(asyncio.Protocol):
 
     def _next(self) -> None:
         """Start on the next request in the buffer, if all of it is here."""
-        buf, transport = self.buf, self.transport
-        if transport is None or not buf:
+        buf = self.buf
+        if self.transport is None or not buf:
             return
-        head_end = buf.find(b"\r\n\r\n")
-        if head_end < 0:
-            if len(buf) > MAX_HEAD:
-                self._hand_over()
-            return
-        head_len = head_end + 4
-        if head_len > MAX_HEAD:
-            self._hand_over()
-            return
-        head = _Head()
-        parser = httptools.HttpRequestParser(head)
-        try:
-            parser.feed_data(bytes(buf[:head_len]))
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # malformed, a CONNECT, an Upgrade
-            self._hand_over()
-            return
-        if parser.get_http_version() != "1.1" or parser.get_method() != b"POST":
-            self._hand_over()
-            return
-        url = head.url
-        if url[:1] != b"/" or b"%" in url or b"/." in url or b"#" in url:
-            self._hand_over()
-            return
-        path_end = url.find(b"?")
-        path = (url if path_end < 0 else url[:path_end]).decode("latin-1")
-        ingress = self.front.ingress
-        route = ingress.dispatcher.table.by_path.get(path)
-        if route is None or route.cfg.provider in URL_SIGNING or route.cfg.public_url:
-            self._hand_over()
-            return
-        length, has_length = 0, False
-        host = None
-        if len(head.headers) > MAX_HEADERS:
-            self._hand_over()
-            return
-        headers: CIMultiDict[str] = CIMultiDict()
-        for raw_name, raw_value in head.headers:
-            lname = raw_name.lower()
-            name = raw_name.decode("utf-8", "surrogateescape")
-            if lname in _REFUSED or (lname in _SINGLETONS and name in headers):
+        parsed = self.pending
+        if parsed is None:
+            head_end = buf.find(b"\r\n\r\n")
+            if head_end < 0 and len(buf) <= MAX_HEAD:
+                return  # the head is on its way
+            if 0 <= head_end <= MAX_HEAD - 4:
+                parsed = _parse(bytes(buf[: head_end + 4]), self.front.ingress, self.remote)
+            if parsed is None:
                 self._hand_over()
                 return
-            # llhttp keeps the whitespace after a value, aiohttp strips it
-            raw_value = raw_value.rstrip(b" \t")
-            value = raw_value.decode("utf-8", "surrogateescape")
-            if lname == b"content-length":
-                # more digits than any length we serve has: aiohttp answers it (and int() refuses 4300 digits)
-                if not raw_value.isdigit() or has_length or len(raw_value) > 18:
-                    self._hand_over()
-                    return
-                length, has_length = int(raw_value), True
-            elif lname == b"host":
-                host = value
-            headers.add(name, value)
-        if host is None or length > ingress.dispatcher.config.server.max_body_bytes:
-            self._hand_over()
-            return
-        end = head_len + length
-        if len(buf) < end:
-            self.need, self.route = end, route.cfg.name
+            self.pending = parsed
+        if len(buf) < parsed.end:
             return  # the body is on its way; the sweep answers 408 if it is not all here by the deadline
-        body = bytes(buf[head_len:end])
-        del buf[:end]
-        self.need, self.route = 0, ""
-        request = FastRequest(path, url.decode("latin-1"), CIMultiDictProxy(headers), host, self.remote)
+        body = bytes(buf[parsed.head_len : parsed.end])
+        del buf[: parsed.end]
+        self.pending = None
         self.deadline = 0.0
         self.front.fast_requests += 1
-        close = not parser.should_keep_alive() or self.front.closing
-        self.task = asyncio.get_running_loop().create_task(self._serve(request, body, close))
+        close = parsed.close or self.front.closing
+        self.task = asyncio.get_running_loop().create_task(self._serve(parsed.request, body, close))
         self.front.tasks.add(self.task)
         self.task.add_done_callback(self.front.tasks.discard)
 

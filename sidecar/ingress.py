@@ -100,6 +100,12 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def needs_public_url(route: RouteConfig) -> bool:
+    """Whether this route's verification reads the URL the provider called (a URL-signing provider, or a
+    configured `public_url`)."""
+    return route.provider in URL_SIGNING or bool(route.public_url)
+
+
 def public_url(request: web.Request, route: RouteConfig) -> str:
     """The URL the provider called, for the schemes that sign it (Twilio, Square, HubSpot)."""
     if route.public_url:
@@ -269,7 +275,7 @@ class Ingress:
             except ReadTimeout:
                 result.outcome = "read_timeout"
                 return json_error(408, "read_timeout")
-        url = public_url(request, cfg) if cfg.provider in URL_SIGNING or cfg.public_url else ""
+        url = public_url(request, cfg) if needs_public_url(cfg) else ""
         inbound = Inbound(request.method, body, request.headers, url, time.time())
         handshake = route.verifier.unsigned_handshake(inbound)
         if handshake is None and request.method != "POST":

@@ -87,9 +87,8 @@ def stored_first(stored: dict[bytes, bytes]) -> int:
 async def test_crash_sigterm_lets_in_flight_forward_finish(
     tmp_path: Path, upstream: Upstream, redis_url: str, rdb: redis.Redis, processes: list[SidecarProcess]
 ) -> None:
-    upstream.delay = (
-        0.5  # the forward is in flight when SIGTERM arrives, and ends within shutdown_grace (1 s)
-    )
+    # the forward is in flight when SIGTERM arrives, and ends within shutdown_grace (1 s)
+    upstream.delay = 0.5
     proc, port = start_sidecar(
         tmp_path / "sidecar.yaml", processes, redis_url=redis_url, upstream_url=upstream.url, secret=SECRET
     )

@@ -17,18 +17,18 @@ local out = {}
 for i = 1, #KEYS / 3 do
   local ev, sched, stats = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
   local a = 4 * i - 1
-  local st = redis.call('HGET', ev, 'st')
+  local f = redis.call('HMGET', ev, 'st', 'n', 'first', 'eid', 'hist')
+  local st = f[1]
   if not st or st == 'd' or st == 'x' then
     out[i] = 0
   else
     -- The event is rewritten with only what the dedupe window needs (state, counts, times, history): no
     -- payload, no request metadata. A hash that once held the body keeps Redis's large encoding even after
     -- HDEL; recreated small, it takes the compact one (~4x less memory for every delivered event kept).
-    local f = redis.call('HMGET', ev, 'n', 'first', 'eid', 'hist')
-    local h = f[4]
+    local h = f[5]
     if h and h ~= '' then h = h .. ',' .. ARGV[a + 1] else h = ARGV[a + 1] end
     redis.call('DEL', ev)
-    redis.call('HSET', ev, 'st', 'd', 'n', f[1] or 0, 'first', f[2] or ARGV[1], 'eid', f[3] or '', 'done', ARGV[1],
+    redis.call('HSET', ev, 'st', 'd', 'n', f[2] or 0, 'first', f[3] or ARGV[1], 'eid', f[4] or '', 'done', ARGV[1],
                'ls', ARGV[a + 2], 'hist', h)
     redis.call('ZREM', sched, ARGV[a])
     redis.call('PEXPIRE', ev, ARGV[2])
