@@ -8,8 +8,8 @@ crash, `no` leaves flushing to the OS.
 Valkey compacts the append-only file in a forked child that rewrites the whole data set, a full core for as long as
 it takes. The sidecar usually shares its cores with the store, so that child runs at the lowest CPU priority
 (nice 19): it still gets every idle cycle, but it no longer holds a core while Valkey's own thread, the one that
-answers the sidecar, waits behind it. On the project's 2-core bench this took the p99 of a run that overlaps a
-rewrite from 9-32 ms to 3-16 ms (docs/performance.md).
+answers the sidecar, waits behind it. On the project's 2-core bench, a run at ~35 % load that overlaps a rewrite
+went from 14-18 ms over a plain proxy's p99 to 1-3 ms over it (docs/performance.md, "Latency at 35 %").
 """
 
 from __future__ import annotations
