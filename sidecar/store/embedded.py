@@ -30,6 +30,10 @@ CHILD_NICE = 19
 WATCH_INTERVAL = 0.01  # seconds between looks for a new child: a rewrite of any size lasts far longer
 
 
+def demote(pid: int) -> None:
+    os.setpriority(os.PRIO_PROCESS, pid, CHILD_NICE)
+
+
 class EmbeddedValkey:
     def __init__(self, data_dir: str | Path, appendfsync: str = "everysec", port: int | None = None) -> None:
         self.data_dir = Path(data_dir)
@@ -81,7 +85,7 @@ class EmbeddedValkey:
                 return  # the server is gone
             for child in current - known:
                 try:
-                    os.setpriority(os.PRIO_PROCESS, child, CHILD_NICE)
+                    demote(child)
                 except OSError:  # it exited in between
                     continue
                 self.demoted = [*self.demoted[-99:], child]
