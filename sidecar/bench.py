@@ -150,12 +150,11 @@ def _serve_upstream(port: int) -> None:
     import uvloop
 
     async def serve() -> None:
-        server = await asyncio.get_running_loop().create_server(
-            _LeanUpstream, "127.0.0.1", port, backlog=1024
-        )
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_LeanUpstream, "127.0.0.1", port, backlog=1024)
         stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
         await stop.wait()
         server.close()
 

@@ -312,9 +312,8 @@ class FastProtocol(asyncio.Protocol):
         """The sweep found `server.read_timeout` passed while waiting for a head, a body or the next request."""
         if self.transport is None:
             return
-        if (
-            self.pending
-        ):  # a head in, its body not: the same answer, count, span and log line as aiohttp's path
+        # a head in, its body not: the same answer, count, span and log line as aiohttp's path
+        if self.pending is not None:
             ingress, route = self.front.ingress, self.pending.route
             span = ingress.tel.start_inbound(route, "POST", None)
             ingress.record(route, Result(outcome="read_timeout", status=408), span, self._timeout())

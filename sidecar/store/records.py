@@ -93,6 +93,9 @@ def parse_meta(meta: str | bytes) -> dict[str, Any]:
     }
 
 
+HISTORY_FIELDS = ("at_ms", "attempt", "status", "error", "duration_ms")
+
+
 @dataclass(frozen=True, slots=True)
 class AttemptRecord:
     """One forward attempt in an event's history: when, which, what came back, how long it took."""
@@ -103,28 +106,22 @@ class AttemptRecord:
     error: str | None
     duration_ms: float
 
+    def _values(self) -> list[Any]:  # in HISTORY_FIELDS order
+        return [self.at_ms, self.attempt, self.status, self.error, round(self.duration_ms, 3)]
+
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "at_ms": self.at_ms,
-            "attempt": self.attempt,
-            "status": self.status,
-            "error": self.error,
-            "duration_ms": round(self.duration_ms, 3),
-        }
+        return dict(zip(HISTORY_FIELDS, self._values(), strict=True))
 
     def to_json(self) -> str:
         """The stored form: a JSON array in `HISTORY_FIELDS` order, ~35 bytes for a delivery.
 
         Every delivered event keeps its history for the whole dedupe window, so the entry is kept short enough
         (with the event's other fields) for Redis's compact hash encoding (values up to 64 bytes by default)."""
-        entry = [self.at_ms, self.attempt, self.status, self.error, round(self.duration_ms, 3)]
+        entry = self._values()
         try:  # every delivered event writes one: orjson ~0.5 µs, json.dumps with separators ~5 µs
             return orjson.dumps(entry).decode()
         except TypeError:  # a lone surrogate in an error text: the stdlib escapes it
             return json.dumps(entry, separators=(",", ":"))
-
-
-HISTORY_FIELDS = ("at_ms", "attempt", "status", "error", "duration_ms")
 
 
 def parse_history(raw: str | bytes | None) -> list[dict[str, Any]]:
