@@ -8,7 +8,8 @@ uses it only for its Lua scripts and a few simple commands; everything else keep
     conn     one TCP connection; a FIFO of futures matches replies to commands (Redis answers in order)
     watchdog a request older than `timeout` means the server is stuck (paused, partitioned): the connection is
              aborted and every waiting request fails with TimeoutError, so callers fail closed in bounded time
-    client   single node, or a Redis Cluster: keys are routed by hash slot, MOVED/ASK refresh the slot map
+    client   single node, or a Redis Cluster: keys are routed by hash slot, MOVED/ASK refresh the slot map, and
+             so does a lost or refused connection (a primary died: its replica may be taking over its slots)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -29,8 +30,9 @@ class ReplyError(Exception):
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, on_lost: Callable[[], None] | None = None) -> None:
         self.timeout = timeout
+        self._on_lost = on_lost
         self._reader = hiredis.Reader(replyError=ReplyError)
         self._pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._out: list[bytes] = []
@@ -95,7 +97,9 @@ class Connection(asyncio.Protocol):
         else:
             self._watchdog = self._loop.call_later(self.timeout - waited, self._check)
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, lost: bool = True) -> None:
+        if lost and not self.closed and self._on_lost is not None:
+            self._on_lost()
         self.closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -109,16 +113,24 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed:
-            self._fail(ConnectionError("store connection closed"))
+            self._fail(ConnectionError("store connection closed"), lost=False)
 
 
 class Node:
     """One server address: a lazily (re)connected Connection, with AUTH/SELECT from the URL."""
 
     def __init__(
-        self, host: str, port: int, timeout: float, password: str | None, username: str | None, db: int
+        self,
+        host: str,
+        port: int,
+        timeout: float,
+        password: str | None,
+        username: str | None,
+        db: int,
+        on_lost: Callable[[], None] | None = None,
     ):
         self.host, self.port, self.timeout = host, port, timeout
+        self._on_lost = on_lost
         self._auth = (username, password)
         self._db = db
         self._conn: Connection | None = None
@@ -138,9 +150,15 @@ class Node:
 
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: Connection(self.timeout), self.host, self.port), self.timeout
-        )
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: Connection(self.timeout, self._on_lost), self.host, self.port),
+                self.timeout,
+            )
+        except (OSError, TimeoutError):
+            if self._on_lost is not None:
+                self._on_lost()
+            raise
         username, password = self._auth
         if password:
             auth = ("AUTH", username, password) if username else ("AUTH", password)
@@ -163,6 +181,9 @@ class Node:
             self._conn.close()
 
 
+REFRESH_INTERVAL = 0.25  # seconds between slot map reloads triggered by lost cluster connections
+
+
 class PipelinedClient:
     """`await client.execute(args, key=…)`; `key` routes the command on a cluster (ignored on a single node)."""
 
@@ -183,12 +204,14 @@ class PipelinedClient:
         self._nodes: dict[tuple[str, int], Node] = {}
         self._slots: list[tuple[str, int] | None] = [None] * 16384
         self._refreshing: asyncio.Future[None] | None = None
+        self._refreshed_at = -REFRESH_INTERVAL
         self._single: Connection | None = None  # single-node fast path: the live connection, no lookups
 
     def _node(self, addr: tuple[str, int]) -> Node:
         node = self._nodes.get(addr)
         if node is None:
-            node = Node(addr[0], addr[1], self.timeout, self._password, self._username, self._db)
+            on_lost = self._slots_stale if self.cluster else None
+            node = Node(addr[0], addr[1], self.timeout, self._password, self._username, self._db, on_lost)
             self._nodes[addr] = node
         return node
 
@@ -237,6 +260,24 @@ class PipelinedClient:
         if conn is None or conn.closed:
             return None
         return conn.execute(args)
+
+    def _slots_stale(self) -> None:
+        """A cluster node's connection was lost or refused. If the node died, a replica takes its slots over (in
+        `cluster-node-timeout`, or at once on a manual failover): reload the map in the background, at most every
+        REFRESH_INTERVAL, so the commands after this one go where the slots now are. The command that met the
+        failure is not re-sent: it may have run before the connection broke, and its caller fails closed."""
+        now = time.monotonic()
+        if self._refreshing is not None or now - self._refreshed_at < REFRESH_INTERVAL:
+            return
+        self._refreshed_at = now
+        self._refreshing = refresh = asyncio.ensure_future(self._load_slots())
+        refresh.add_done_callback(self._refresh_done)
+
+    def _refresh_done(self, refresh: asyncio.Future[None]) -> None:
+        if self._refreshing is refresh:
+            self._refreshing = None
+        if not refresh.cancelled():
+            refresh.exception()  # no node answered: the next lost connection tries again
 
     async def refresh_slots(self) -> None:
         if self._refreshing is None:

