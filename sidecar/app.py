@@ -58,6 +58,8 @@ def make_store(config: Config, url: str) -> RedisStore:
         dedupe_ttl=config.dedupe.ttl,
         dlq_max_length=config.dlq.max_length,
         timeout=config.redis.timeout,
+        wait_replicas=config.redis.wait_replicas,
+        wait_timeout=config.redis.wait_timeout,
     )
 
 

@@ -137,6 +137,8 @@ class RedisConfig:
     data_dir: str = "data"
     appendfsync: Literal["always", "everysec", "no"] = "everysec"
     timeout: float = 2.0
+    wait_replicas: int = 0  # replicas that must acknowledge a claim (WAIT) before the provider is answered
+    wait_timeout: float = 0.5
 
     def __repr__(self) -> str:
         # A redis URL often carries the password; show everything else.
@@ -788,6 +790,8 @@ _REDIS: dict[str, Conv] = {
     "data_dir": _nonempty,
     "appendfsync": _choice("always", "everysec", "no"),
     "timeout": _duration(),
+    "wait_replicas": _integer(0),
+    "wait_timeout": _duration(),
 }
 _BREAKER: dict[str, Conv] = {"threshold": _integer(1), "cooldown": _duration(), "max_cooldown": _duration()}
 
@@ -849,6 +853,7 @@ def _load(ctx: _Ctx, text: str) -> Config | None:
     retry_items = _items(top.get("retry"))
     retry = _make_retry(ctx, retry_values, retry_items, {}, {}, "retry") if retry_ok else BAD
     _check_prefix(ctx, top.get("redis"), redis)
+    _check_wait(ctx, top.get("redis"), redis)
     _check_listen_clash(ctx, top, server, admin)
     routes = _routes(ctx, top.get("routes"), root, retry_values if retry_ok else None, retry_items)
 
@@ -874,6 +879,19 @@ def _check_prefix(ctx: _Ctx, item: _Item | None, redis: Any) -> None:
     if redis is not BAD and not re.fullmatch(r"[A-Za-z0-9_.:-]+", redis.prefix):
         line = _items(item)["prefix"].line
         ctx.error(line, "redis.prefix", "may only hold letters, digits and _ . : - (no braces or spaces)")
+
+
+def _check_wait(ctx: _Ctx, item: _Item | None, redis: Any) -> None:
+    if redis is BAD or redis.wait_replicas == 0:
+        return
+    items = _items(item)
+    if redis.url == "embedded":
+        ctx.error(
+            items["wait_replicas"].line, "redis.wait_replicas", "the embedded store has no replicas; use 0"
+        )
+    if redis.wait_timeout >= redis.timeout:
+        line = items["wait_timeout"].line if "wait_timeout" in items else items["wait_replicas"].line
+        ctx.error(line, "redis.wait_timeout", f"must be shorter than redis.timeout ({redis.timeout:g}s)")
 
 
 def _check_listen_clash(ctx: _Ctx, top: dict[str, _Item], server: Any, admin: Any) -> None:

@@ -29,6 +29,16 @@ class ReplyError(Exception):
     """The server answered with an error (a script error, a wrong type, …). Not a reachability problem."""
 
 
+class NotReplicated(ConnectionError):
+    """A write ran on the primary, but fewer replicas than asked acknowledged it in time (`WAIT`): a failover now
+    could lose it, so it must not be acknowledged to anyone yet."""
+
+
+Wait = tuple[
+    int, int
+]  # (replicas, timeout ms): after a write, `WAIT` for that many replicas to acknowledge it
+
+
 class Connection(asyncio.Protocol):
     def __init__(self, timeout: float, on_lost: Callable[[], None] | None = None) -> None:
         self.timeout = timeout
@@ -40,6 +50,7 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._unsent_wait: asyncio.Future[Any] | None = None
         self.closed = False
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------------------------
@@ -81,8 +92,22 @@ class Connection(asyncio.Protocol):
             self._watchdog = self._loop.call_later(self.timeout, self._check)
         return fut
 
+    async def replicated(self, reply: Any, wait: Wait) -> Any:
+        """`reply`, once `wait[0]` replicas have acknowledged every write this connection made so far.
+
+        `WAIT` covers all of a connection's earlier writes, so the callers of one tick share one: a `WAIT` not yet
+        written out is queued behind every reply already received, theirs included (group commit)."""
+        fut = self._unsent_wait
+        if fut is None:
+            fut = self._unsent_wait = self.execute(("WAIT", wait[0], wait[1]))
+        acked = await fut
+        if acked < wait[0]:
+            raise NotReplicated(f"{acked} of {wait[0]} replicas acknowledged the write within {wait[1]} ms")
+        return reply
+
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._unsent_wait = None
         out, self._out = self._out, []
         if self._transport is not None and not self.closed:
             self._transport.writelines(out)
@@ -168,9 +193,10 @@ class Node:
         self._conn = conn
         return conn
 
-    async def execute(self, args: Sequence[Any]) -> Any:
+    async def execute(self, args: Sequence[Any], wait: Wait | None = None) -> Any:
         conn = await self.connection()
-        return await conn.execute(args)
+        reply = await conn.execute(args)
+        return reply if wait is None else await conn.replicated(reply, wait)
 
     @property
     def live(self) -> Connection | None:
@@ -215,12 +241,17 @@ class PipelinedClient:
             self._nodes[addr] = node
         return node
 
-    async def execute(self, args: Sequence[Any], key: str | bytes | None = None) -> Any:
+    async def execute(
+        self, args: Sequence[Any], key: str | bytes | None = None, wait: Wait | None = None
+    ) -> Any:
+        """`wait`: after the reply, `WAIT` on the same connection for that many replicas (NotReplicated if fewer
+        acknowledged in time). A connection lost in between fails the call: a new one's `WAIT` covers nothing."""
         if not self.cluster:
             conn = self._single
             if conn is None or conn.closed:
                 conn = self._single = await self._node(self._seeds[0]).connection()
-            return await conn.execute(args)
+            reply = await conn.execute(args)
+            return reply if wait is None else await conn.replicated(reply, wait)
         slot = key_slot(key.encode() if isinstance(key, str) else key) if key is not None else 0
         for _ in range(3):
             addr = self._slots[slot]
@@ -228,7 +259,7 @@ class PipelinedClient:
                 await self.refresh_slots()
                 addr = self._slots[slot] or self._seeds[0]
             try:
-                return await self._node(addr).execute(args)
+                return await self._node(addr).execute(args, wait)
             except ReplyError as exc:
                 text = str(exc)
                 if text.startswith("MOVED"):
@@ -239,9 +270,10 @@ class PipelinedClient:
                     host, _, port = target.rpartition(":")
                     node = self._node((host, int(port)))
                     conn = await node.connection()
-                    asking, reply = conn.execute(("ASKING",)), conn.execute(args)
+                    asking, pending = conn.execute(("ASKING",)), conn.execute(args)
                     await asking
-                    return await reply
+                    reply = await pending
+                    return reply if wait is None else await conn.replicated(reply, wait)
                 raise
         raise ConnectionError("cluster slot map keeps moving")
 
@@ -328,16 +360,16 @@ class FastScript:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def __call__(self, keys: Sequence[str], args: Sequence[Any], wait: Wait | None = None) -> Any:
         route_key = keys[0] if keys else None
         command = ("EVALSHA", self.sha, len(keys), *keys, *args)
         try:
-            return await self.client.execute(command, key=route_key)
+            return await self.client.execute(command, key=route_key, wait=wait)
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         await self.client.execute(("SCRIPT", "LOAD", self.source), key=route_key)
-        return await self.client.execute(command, key=route_key)
+        return await self.client.execute(command, key=route_key, wait=wait)
 
     def start(self, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any] | None:
         """Send the call now, ordered before any command issued after it (see `execute_nowait`); `finish` it."""

