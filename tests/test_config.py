@@ -455,7 +455,8 @@ def test_unknown_key_hint_suggests_the_closest_key() -> None:
     assert errors == [
         "cfg.yaml:1: upstreams: unknown key (did you mean upstream?)",
         "cfg.yaml:2: server.lisen: unknown key (did you mean listen?)",
-        "cfg.yaml:3: redis.zzz: unknown key (expected one of: url, prefix, shards, data_dir, appendfsync, timeout)",
+        "cfg.yaml:3: redis.zzz: unknown key (expected one of: url, prefix, shards, data_dir, appendfsync, timeout,"
+        " wait_replicas, wait_timeout)",
     ]
 
 

@@ -519,6 +519,7 @@ def test_shipped_config_loads_with_what_the_pod_provides(objs: Objects, tmp_path
     assert config.routes, "no routes"
     assert config.redis.url != "embedded", "pods are ephemeral: the store must be external"
     assert config.redis.url == objs.env(objs.container("sidecar"))["REDIS_URL"]
+    assert config.redis.wait_timeout < config.redis.timeout
     assert config.upstream.url == "http://127.0.0.1:3000"
     # Every route's secrets come from the mounted Secret files (read above), and at least one is non-empty.
     for route in config.routes:
@@ -684,6 +685,7 @@ def test_valkey_statefulset_is_append_only_on_a_claim(valkey_objs: Objects, tmp_
     assert service["spec"]["clusterIP"] == "None", "the StatefulSet's Service must be headless"
     # REDIS_URL names the StatefulSet's pod through that headless Service, on its port.
     config = shipped_config(valkey_objs, tmp_path)
+    assert config.redis.wait_replicas == 0, "this Valkey has no replica: WAIT would never be satisfied"
     host, port = re.fullmatch(r"redis://([^:/]+):(\d+)(?:/\d+)?", config.redis.url).groups()  # type: ignore[union-attr]
     assert host in {
         f"{statefulset['metadata']['name']}-0.{service['metadata']['name']}",
@@ -700,6 +702,8 @@ def test_redis_cluster_overlay_points_at_the_cluster(
     config = shipped_config(objs, tmp_path)
     assert config.redis.url.startswith("redis+cluster://redis-cluster-0.redis-cluster:6379,")
     assert not objs.all("StatefulSet"), "the cluster is external to this overlay"
+    # a cluster fails over to replicas: a claim is answered 2xx only once one holds it
+    assert (config.redis.wait_replicas, config.redis.wait_timeout) == (1, 0.5)
 
 
 def test_overlays_differ_only_where_they_should(rendered: dict[str, list[dict[str, Any]]]) -> None:

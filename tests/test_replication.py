@@ -164,3 +164,37 @@ routes: [{name: a, path: /a, provider: none}]
     )
     assert (ok.redis.wait_replicas, ok.redis.wait_timeout) == (2, 0.25)
     assert load_text(base, source="<t>", env={}).redis.wait_replicas == 0  # off by default
+
+
+@pytest.mark.parametrize("transport", ["pipelined", "redis-py"])
+async def test_store_claim_waits_for_the_replica_on_either_transport(
+    pair: tuple[ValkeyServer, ValkeyServer], transport: str
+) -> None:
+    """`rediss://` stores run their scripts through redis-py: there the claim and its WAIT share one pipeline (one
+    connection), as they share the pipelined transport's connection otherwise."""
+    from sidecar.errors import StoreUnavailable
+    from sidecar.keys import KeySpace
+    from sidecar.store import RedisStore
+    from sidecar.store.redis_store import _connect
+    from tests.test_store import record
+
+    primary, replica = pair
+    url = primary.connection_url
+    keys = KeySpace("sidecar", 4)
+    fast = PipelinedClient(url, 2.0) if transport == "pipelined" else None
+    store = RedisStore(_connect(url, 2.0, 10), keys, 3600, 10, fast, wait=(1, 300))
+    try:
+        now = int(time.time() * 1000)
+        assert (await store.claim(record("evt_s1"), now, 30_000)).claimed
+        with redis.Redis(port=replica.port) as r:
+            assert r.hget(keys.locate("stripe", "evt_s1")[0], "st") == b"f"
+        _pause(replica, True)
+        with pytest.raises(StoreUnavailable):
+            await store.claim(record("evt_s2"), now, 30_000)
+        with pytest.raises(StoreUnavailable):  # the duplicate's answer waits too
+            await store.claim(record("evt_s1"), now, 30_000)
+        _pause(replica, False)
+        result = await store.claim(record("evt_s2"), now, 30_000)
+        assert (result.claimed, result.state) == (False, "pending")  # the first claim stood on the primary
+    finally:
+        await store.close()

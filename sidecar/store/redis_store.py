@@ -225,7 +225,7 @@ class RedisStore:
         if self._fast is not None:
             return await self._claim(keys=keys, args=args, wait=wait)
         async with self._r.pipeline(transaction=False) as pipe:  # one connection: WAIT covers the claim
-            self._claim(keys=keys, args=args, client=pipe)
+            await self._claim(keys=keys, args=args, client=pipe)  # queued on the pipeline, not yet sent
             pipe.execute_command("WAIT", *wait)
             res, acked = await pipe.execute()
         if acked < wait[0]:
