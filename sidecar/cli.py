@@ -123,6 +123,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     embedded = None
     url = args.redis_url or config.redis.url
     workers = 1 if args.worker_index is not None else resolve_workers(config.server.workers)
+    if url == "embedded" and config.redis.wait_replicas:  # --redis-url embedded: the config could not know
+        print("sidecar: redis.wait_replicas: the embedded store has no replicas; use 0", file=sys.stderr)
+        return 1
     try:
         if url == "embedded":
             from sidecar.store.embedded import EmbeddedValkey

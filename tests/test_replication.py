@@ -102,6 +102,37 @@ async def test_replica_that_does_not_acknowledge_fails_the_write_in_bounded_time
         client.close()
 
 
+async def test_one_wait_at_a_time_holds_the_connection(pair: tuple[ValkeyServer, ValkeyServer]) -> None:
+    """While a WAIT is out, later callers share the next one instead of queueing a WAIT each: with the replica
+    stalled, three ticks of writes cost two WAITs, and a command behind them waits for one WAIT, not three."""
+    primary, replica = pair
+    client = PipelinedClient(primary.connection_url, timeout=2.0)
+    try:
+        assert await client.execute(("PING",)) == b"PONG"
+        with redis.Redis(port=primary.port) as p:
+            p.config_resetstat()
+            _pause(replica, True)
+            t0 = time.monotonic()
+            batches = []
+            for tick in range(3):
+                batches += [
+                    asyncio.ensure_future(client.execute(("SET", f"t{tick}-{i}", i), wait=(1, 400)))
+                    for i in range(10)
+                ]
+                await asyncio.sleep(0.05)
+            ping = await client.execute(("PING",))  # written behind the first WAIT only
+            ping_waited = time.monotonic() - t0
+            results = await asyncio.gather(*batches, return_exceptions=True)
+            elapsed = time.monotonic() - t0
+            assert ping == b"PONG" and ping_waited < 0.7
+            assert all(isinstance(r, NotReplicated) for r in results), results
+            assert 0.7 <= elapsed < 1.6  # two WAITs of 400 ms in turn, not three
+            assert p.info("commandstats")["cmdstat_wait"]["calls"] == 2
+        _pause(replica, False)
+    finally:
+        client.close()
+
+
 async def test_sidecar_answers_2xx_only_once_the_replica_holds_the_claim(
     pair: tuple[ValkeyServer, ValkeyServer], upstream: Upstream
 ) -> None:
@@ -198,3 +229,18 @@ async def test_store_claim_waits_for_the_replica_on_either_transport(
         assert (result.claimed, result.state) == (False, "pending")  # the first claim stood on the primary
     finally:
         await store.close()
+
+
+def test_run_refuses_wait_replicas_with_an_embedded_store_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sidecar.cli import main
+
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(
+        'redis: {url: "redis://127.0.0.1:1", wait_replicas: 1}\n'
+        'upstream: {url: "http://127.0.0.1:3000"}\n'
+        "routes: [{name: a, path: /a, provider: none}]\n"
+    )
+    assert main(["run", "--config", str(cfg), "--redis-url", "embedded"]) == 1
+    assert "redis.wait_replicas: the embedded store has no replicas" in capsys.readouterr().err

@@ -34,9 +34,8 @@ class NotReplicated(ConnectionError):
     could lose it, so it must not be acknowledged to anyone yet."""
 
 
-Wait = tuple[
-    int, int
-]  # (replicas, timeout ms): after a write, `WAIT` for that many replicas to acknowledge it
+# (replicas, timeout ms): after a write, `WAIT` for that many replicas to acknowledge it. A client asks with one.
+Wait = tuple[int, int]
 
 
 class Connection(asyncio.Protocol):
@@ -50,7 +49,9 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._watchdog: asyncio.TimerHandle | None = None
-        self._unsent_wait: asyncio.Future[Any] | None = None
+        self._unsent_wait: asyncio.Future[Any] | None = None  # a WAIT queued in this tick, not yet written
+        self._wait_sent: asyncio.Future[Any] | None = None  # the WAIT written and not yet answered
+        self._wait_next: asyncio.Future[Any] | None = None  # callers that came during it: the next WAIT's
         self.closed = False
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------------------------
@@ -95,15 +96,50 @@ class Connection(asyncio.Protocol):
     async def replicated(self, reply: Any, wait: Wait) -> Any:
         """`reply`, once `wait[0]` replicas have acknowledged every write this connection made so far.
 
-        `WAIT` covers all of a connection's earlier writes, so the callers of one tick share one: a `WAIT` not yet
-        written out is queued behind every reply already received, theirs included (group commit)."""
-        fut = self._unsent_wait
+        `WAIT` covers all of a connection's earlier writes, and any `WAIT` written after a caller's reply arrived
+        covers that caller: so callers share one (group commit). One is queued in a tick and shared by that tick's
+        callers; while one is out, later callers share the next, written when it answers. So at most one `WAIT`
+        holds the connection at a time, and a command behind it waits at most `wait[1]` (< the watchdog's
+        timeout) for it."""
+        fut = self._unsent_wait or self._wait_next
         if fut is None:
-            fut = self._unsent_wait = self.execute(("WAIT", wait[0], wait[1]))
-        acked = await fut
+            if self._wait_sent is None:
+                fut = self._unsent_wait = self._send_wait(wait)
+            else:
+                fut = self._wait_next = self._loop.create_future()
+                self._wait_sent.add_done_callback(lambda _: self._send_next(wait))
+        acked = await asyncio.shield(fut)  # shared: one caller cancelled must not cancel the others' WAIT
         if acked < wait[0]:
             raise NotReplicated(f"{acked} of {wait[0]} replicas acknowledged the write within {wait[1]} ms")
         return reply
+
+    def _send_wait(self, wait: Wait) -> asyncio.Future[Any]:
+        fut = self._wait_sent = self.execute(("WAIT", wait[0], wait[1]))
+        fut.add_done_callback(self._wait_answered)
+        return fut
+
+    def _wait_answered(self, fut: asyncio.Future[Any]) -> None:
+        if self._wait_sent is fut:
+            self._wait_sent = None
+
+    def _send_next(self, wait: Wait) -> None:
+        waiting, self._wait_next = self._wait_next, None
+        if waiting is None or waiting.done():
+            return
+        sent = self._send_wait(wait)
+        self._unsent_wait = waiting  # until it is written, callers of this tick are covered by it too
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            if waiting.done():
+                return
+            if done.cancelled():
+                waiting.cancel()
+            elif done.exception() is not None:
+                waiting.set_exception(done.exception())  # type: ignore[arg-type]
+            else:
+                waiting.set_result(done.result())
+
+        sent.add_done_callback(settle)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -123,8 +159,7 @@ class Connection(asyncio.Protocol):
             self._watchdog = self._loop.call_later(self.timeout - waited, self._check)
 
     def _fail(self, exc: BaseException, lost: bool = True) -> None:
-        if lost and not self.closed and self._on_lost is not None:
-            self._on_lost()
+        notify = lost and not self.closed and self._on_lost is not None
         self.closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -135,6 +170,8 @@ class Connection(asyncio.Protocol):
             fut, _ = self._pending.popleft()
             if not fut.done():
                 fut.set_exception(exc if isinstance(exc, Exception) else ConnectionError(str(exc)))
+        if notify:
+            self._on_lost()  # type: ignore[misc]
 
     def close(self) -> None:
         if not self.closed:
@@ -231,6 +268,7 @@ class PipelinedClient:
         self._slots: list[tuple[str, int] | None] = [None] * 16384
         self._refreshing: asyncio.Future[None] | None = None
         self._refreshed_at = -REFRESH_INTERVAL
+        self._closed = False
         self._single: Connection | None = None  # single-node fast path: the live connection, no lookups
 
     def _node(self, addr: tuple[str, int]) -> Node:
@@ -299,7 +337,7 @@ class PipelinedClient:
         REFRESH_INTERVAL, so the commands after this one go where the slots now are. The command that met the
         failure is not re-sent: it may have run before the connection broke, and its caller fails closed."""
         now = time.monotonic()
-        if self._refreshing is not None or now - self._refreshed_at < REFRESH_INTERVAL:
+        if self._closed or self._refreshing is not None or now - self._refreshed_at < REFRESH_INTERVAL:
             return
         self._refreshed_at = now
         self._refreshing = refresh = asyncio.ensure_future(self._load_slots())
@@ -346,6 +384,9 @@ class PipelinedClient:
             await self._node(addr).execute(("SCRIPT", "LOAD", source))
 
     def close(self) -> None:
+        self._closed = True
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         for node in self._nodes.values():
             node.close()
 

@@ -49,6 +49,8 @@ def _script(name: str) -> str:
 
 def _translate(exc: BaseException) -> StoreError:
     """A client error as the store's own: unreachable / timed out -> StoreUnavailable, the rest -> StoreError."""
+    if isinstance(exc, NotReplicated):
+        return StoreUnavailable(f"store replicas behind: {exc}")
     if isinstance(exc, _UNAVAILABLE):
         return StoreUnavailable(f"store unreachable: {type(exc).__name__}")
     return StoreError(f"store error: {exc}")
@@ -91,9 +93,8 @@ class RedisStore:
     ) -> None:
         self._r = client
         self._fast = fast
-        self._wait = (
-            wait  # (replicas, timeout ms) every claim must reach before it is acknowledged; None: none
-        )
+        # (replicas, timeout ms) that every claim must reach before it is acknowledged; None: no waiting
+        self._wait = wait
         # A script's keys must share a slot on a cluster: batched scripts are then split by shard.
         self._cluster = isinstance(client, RedisCluster)
         self._ready = not self._cluster
