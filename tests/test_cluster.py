@@ -222,3 +222,38 @@ async def test_cluster_delivered_marks_batch_splits_by_shard(cluster_url: str) -
         assert states == ["delivered"] * 40
     finally:
         await store.close()
+
+
+async def test_cluster_lost_connections_reload_the_slot_map_at_most_every_interval(
+    cluster: list[ValkeyServer], cluster_url: str
+) -> None:
+    """Every lost or refused node connection asks for a reload; a burst of them makes one, and another only once
+    REFRESH_INTERVAL has passed (counted on the servers, from CLUSTER SLOTS calls)."""
+    from sidecar.store.pipeline import REFRESH_INTERVAL, PipelinedClient
+
+    def reloads() -> int:
+        total = 0
+        for server in cluster:
+            with redis.Redis(host="127.0.0.1", port=server.port) as c:
+                total += c.info("commandstats").get("cmdstat_cluster|slots", {}).get("calls", 0)
+        return total
+
+    client = PipelinedClient(cluster_url, timeout=2.0)
+    try:
+        assert await client.execute(("SET", "k", 1), key="k") == b"OK"  # the first map
+        start = reloads()
+        for _ in range(20):
+            client._slots_stale()
+        await asyncio.sleep(0.1)
+        assert reloads() - start == 1
+        await asyncio.sleep(REFRESH_INTERVAL)
+        for _ in range(20):
+            client._slots_stale()
+        await asyncio.sleep(0.1)
+        assert reloads() - start == 2
+        client.close()
+        client._slots_stale()  # a closed client reloads nothing
+        await asyncio.sleep(0.1)
+        assert reloads() - start == 2
+    finally:
+        client.close()

@@ -155,6 +155,9 @@ async def test_cluster_primary_killed_replica_takes_over_sidecar_follows(
         ]
         assert on_first, "no event landed on the node that is killed"
         _wait("replication catching up", lambda: _caught_up(primaries[0], replicas[0]), timeout=10)
+        shas = [runtime.store._claim.sha, runtime.store._ack.sha, runtime.store._take.sha]
+        with redis.Redis(host="127.0.0.1", port=replicas[0].port) as r:
+            assert r.script_exists(*shas) == [False] * 3  # a server's script cache is not replicated
 
         primaries[0].terminate()  # SIGKILL
         # Before any takeover the dead node's slots fail closed: 503, never a 2xx for an unstored event.
@@ -178,6 +181,9 @@ async def test_cluster_primary_killed_replica_takes_over_sidecar_follows(
         # 503s only while the slot map was stale (failing closed), not all along
         assert refused <= 10, refused
 
+        # the sidecar loaded its scripts on the new primary when it saw it in the slot map
+        with redis.Redis(host="127.0.0.1", port=replicas[0].port) as r:
+            assert r.script_exists(*shas) == [True] * 3
         # nothing answered 2xx is missing, on the promoted replica too; each event reached the receiver once
         for event_id in [*before, *after]:
             event = await runtime.store.get_event("stripe", event_id)

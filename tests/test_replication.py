@@ -4,6 +4,7 @@ failover to a replica cannot lose an event answered 2xx. A real primary and repl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -224,9 +225,18 @@ async def test_store_claim_waits_for_the_replica_on_either_transport(
             await store.claim(record("evt_s2"), now, 30_000)
         with pytest.raises(StoreUnavailable):  # the duplicate's answer waits too
             await store.claim(record("evt_s1"), now, 30_000)
+        # a won claim on a digest still indexes the provider's id (its resends will be duplicates, which do not)
+        digest = dataclasses.replace(record("d-1"), dedupe_id="sha256:abc")
+        with pytest.raises(StoreUnavailable, match="replicas behind: 0 of 1 replicas"):
+            await store.claim(digest, now, 30_000)
         _pause(replica, False)
         result = await store.claim(record("evt_s2"), now, 30_000)
         assert (result.claimed, result.state) == (False, "pending")  # the first claim stood on the primary
+        for _ in range(50):  # the index is written off the critical path
+            if await store.resolve("stripe", "d-1") == "sha256:abc":
+                break
+            await asyncio.sleep(0.02)
+        assert await store.resolve("stripe", "d-1") == "sha256:abc"
     finally:
         await store.close()
 

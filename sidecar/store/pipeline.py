@@ -31,7 +31,11 @@ class ReplyError(Exception):
 
 class NotReplicated(ConnectionError):
     """A write ran on the primary, but fewer replicas than asked acknowledged it in time (`WAIT`): a failover now
-    could lose it, so it must not be acknowledged to anyone yet."""
+    could lose it, so it must not be acknowledged to anyone yet. `reply` is what the write itself answered."""
+
+    def __init__(self, message: str, reply: Any = None) -> None:
+        super().__init__(message)
+        self.reply = reply
 
 
 # (replicas, timeout ms): after a write, `WAIT` for that many replicas to acknowledge it. A client asks with one.
@@ -110,7 +114,9 @@ class Connection(asyncio.Protocol):
                 self._wait_sent.add_done_callback(lambda _: self._send_next(wait))
         acked = await asyncio.shield(fut)  # shared: one caller cancelled must not cancel the others' WAIT
         if acked < wait[0]:
-            raise NotReplicated(f"{acked} of {wait[0]} replicas acknowledged the write within {wait[1]} ms")
+            raise NotReplicated(
+                f"{acked} of {wait[0]} replicas acknowledged the write within {wait[1]} ms", reply
+            )
         return reply
 
     def _send_wait(self, wait: Wait) -> asyncio.Future[Any]:
@@ -269,6 +275,7 @@ class PipelinedClient:
         self._refreshing: asyncio.Future[None] | None = None
         self._refreshed_at = -REFRESH_INTERVAL
         self._closed = False
+        self._scripts: set[str] = set()  # sources loaded by load_script, for primaries that appear later
         self._single: Connection | None = None  # single-node fast path: the live connection, no lookups
 
     def _node(self, addr: tuple[str, int]) -> Node:
@@ -360,28 +367,49 @@ class PipelinedClient:
 
     async def _load_slots(self) -> None:
         last: Exception | None = None
-        for addr in [*self._seeds, *self._nodes]:
+        # Nodes with a live connection first: a seed that died (or hangs) would cost a refused connect, or a whole
+        # timeout, on every reload.
+        live = [a for a, n in self._nodes.items() if n.live is not None and not n.live.closed]
+        for addr in dict.fromkeys([*live, *self._seeds, *self._nodes]):
             try:
                 ranges = await self._node(addr).execute(("CLUSTER", "SLOTS"))
             except (ConnectionError, OSError, TimeoutError, ReplyError) as exc:
                 last = exc
                 continue
+            before = set(self._slots)
             for start, end, primary, *_ in ranges:
                 host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
                 target = (host or addr[0], int(primary[1]))
                 for slot in range(int(start), int(end) + 1):
                     self._slots[slot] = target
+            if self._scripts and None not in before:  # not the first load: preload() covers that one
+                await self._load_scripts(set(self._slots) - before)
             return
         raise ConnectionError(f"no cluster node answered CLUSTER SLOTS: {last}")
 
+    async def _load_scripts(self, primaries: set[tuple[str, int] | None]) -> None:
+        """A replica promoted to primary has not got the scripts: a server's script cache is not replicated. Load
+        them before traffic reaches it, as `preload` did on the first primaries: an EVALSHA answered NOSCRIPT is
+        sent again behind commands issued after it. Best effort: NOSCRIPT still loads on first use."""
+        for addr in primaries:
+            if addr is None:
+                continue
+            for source in self._scripts:
+                try:
+                    await self._node(addr).execute(("SCRIPT", "LOAD", source))
+                except (ConnectionError, OSError, TimeoutError, ReplyError):
+                    break
+
     async def load_script(self, source: str) -> None:
-        """SCRIPT LOAD on the node, or on every primary of a cluster (scripts are cached per server)."""
+        """SCRIPT LOAD on the node, or on every primary of a cluster (scripts are cached per server); a cluster
+        client also loads it on primaries that appear later."""
         if not self.cluster:
             await self.execute(("SCRIPT", "LOAD", source))
             return
         await self.refresh_slots()
         for addr in {a for a in self._slots if a is not None}:
             await self._node(addr).execute(("SCRIPT", "LOAD", source))
+        self._scripts.add(source)
 
     def close(self) -> None:
         self._closed = True

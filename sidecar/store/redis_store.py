@@ -208,12 +208,11 @@ class RedisStore:
             else:
                 res = await self._claim_replicated([ev, sched, stats], args, self._wait)
         except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
+            if isinstance(exc, NotReplicated) and exc.reply is not None and int(exc.reply[0]) == 1:
+                self._index_alias(rec)  # the claim won and stands on the primary: its resends are duplicates
             raise _translate(exc) from exc
-        if int(res[0]) == 1 and rec.dedupe_id != rec.event_id:
-            # The claim is on a digest: index the provider's id for operators. Only for a claim that won — a
-            # replay under fresh ids must not grow the store — and off the critical path (admin lookups only).
-            self._index_alias(rec)
         if int(res[0]) == 1:
+            self._index_alias(rec)
             return ClaimResult(True)
         return ClaimResult(False, STATE_NAMES.get(res[1].decode(), "pending"))
 
@@ -225,15 +224,31 @@ class RedisStore:
         once the replicas have it, and the lease hands the event to the retry worker either way."""
         if self._fast is not None:
             return await self._claim(keys=keys, args=args, wait=wait)
-        async with self._r.pipeline(transaction=False) as pipe:  # one connection: WAIT covers the claim
-            await self._claim(keys=keys, args=args, client=pipe)  # queued on the pipeline, not yet sent
-            pipe.execute_command("WAIT", *wait)
-            res, acked = await pipe.execute()
+        try:
+            res, acked = await self._pipelined_claim(keys, args, wait)
+        except rexc.NoScriptError:
+            await self._r.script_load(self._claim.script)
+            res, acked = await self._pipelined_claim(keys, args, wait)
         if acked < wait[0]:
-            raise NotReplicated(f"{acked} of {wait[0]} replicas acknowledged the claim within {wait[1]} ms")
+            raise NotReplicated(
+                f"{acked} of {wait[0]} replicas acknowledged the claim within {wait[1]} ms", res
+            )
         return res
 
+    async def _pipelined_claim(self, keys: list[str], args: list[Any], wait: Wait) -> tuple[Any, int]:
+        # One pipeline is one connection, so the WAIT covers the claim. EVALSHA is queued by hand: a script
+        # registered on the pipeline costs a SCRIPT EXISTS round trip before every claim.
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.evalsha(self._claim.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", *wait)
+            res, acked = await pipe.execute()
+        return res, acked
+
     def _index_alias(self, rec: EventRecord) -> None:
+        """When the claim is on a digest, index the provider's id for operators. Only for a claim that won (a
+        replay under fresh ids must not grow the store), and off the critical path (admin lookups only)."""
+        if rec.dedupe_id == rec.event_id:
+            return
         index = ("SET", self.keys.alias(rec.route, rec.event_id), rec.dedupe_id, "PX", self._ttl_ms * 2)
 
         async def write() -> None:

@@ -92,12 +92,19 @@ async def settle(ledger: Ledger, delivered: Counter[str], client: redis.Redis, t
 
 
 def check(
-    kind: str, fault: str, ledger: Ledger, up: FaultUpstream, client: redis.Redis, in_flight: int
+    kind: str,
+    fault: str,
+    ledger: Ledger,
+    up: FaultUpstream,
+    client: redis.Redis,
+    in_flight: int,
+    unmarked: int = 0,
 ) -> dict:
-    figures = ledger.figures(up.delivered, dead_ids(client), in_flight)
+    """`unmarked`: events already answered whose delivered marks could die with the store (see marks.py)."""
+    figures = ledger.figures(up.delivered, dead_ids(client), in_flight + unmarked)
     report(kind, fault=fault, **figures, upstream_receipts=sum(up.receipts.values()))
     assert figures["lost"] == 0, figures
-    assert figures["duplicated"] <= in_flight, figures
+    assert figures["duplicated"] <= in_flight + unmarked, figures
     return figures
 
 
@@ -160,8 +167,17 @@ async def test_fault_valkey_sigkill_and_restart_loses_nothing(
         aof_valkey.start()  # same port, same data dir
         assert all(await sending)
     assert await settle(ledger, up.delivered, client)
+    # Besides the requests in flight, a killed store takes the delivered marks it had not yet written: marks are
+    # batched (sidecar/store/marks.py) and ride with the next claims, so up to one per provider connection can be
+    # on their way. Those events come back by lease: delivered again, never lost.
     figures = check(
-        "valkey_sigkill", "Valkey SIGKILL + restart (AOF, fsync always)", ledger, up, client, in_flight
+        "valkey_sigkill",
+        "Valkey SIGKILL + restart (AOF, fsync always)",
+        ledger,
+        up,
+        client,
+        in_flight,
+        unmarked=20,  # the provider's concurrency
     )
     assert figures["answered_503"] + figures["connection_errors"] > 0  # the outage was felt, and answered
     assert all(stored(client, e) for e in ledger.accepted())  # every 2xx names an event the store holds
