@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -67,6 +68,8 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = make_store(config, app[REDIS_URL])
     await store.preload()
+    for warning in await store.settings_warnings():
+        logging.getLogger("sidecar.store").warning("%s", warning)
     connector = aiohttp.TCPConnector(limit=config.upstream.max_connections, limit_per_host=0)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     telemetry = app[TELEMETRY]

