@@ -98,6 +98,7 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=config.server.shutdown_grace)
+        await ingress.drain(timeout=config.server.shutdown_grace)
         await store.marks.drain(timeout=config.server.shutdown_grace)
         await ingress.flush_rejections()
         http1.close()

@@ -228,6 +228,9 @@ class RouteConfig:
     public_url: str | None = None
     retry: RetryConfig = RetryConfig()  # the global retry section with this route's overrides merged in
     handshake: Literal["answer", "pass"] = "answer"
+    # How long the provider's request waits for the first attempt before it is answered 202 (the attempt goes
+    # on); None: the provider's known deadline (ANSWER_WITHIN), else as long as the attempt takes.
+    answer_within: float | None = None
     # The generic `hmac` provider's spec, as written; a dict cannot be hashed, so it stays out of __hash__.
     signature: Mapping[str, Any] | None = field(default=None, hash=False)
 
@@ -1007,6 +1010,7 @@ _ROUTE: dict[str, Conv] = {
     "public_url": _optional(_http_url),
     "retry": lambda ctx, item, path: item,  # merged with the global section in _route
     "handshake": _choice("answer", "pass"),
+    "answer_within": _optional(_duration(zero_ok=True)),
     "signature": _optional(_signature),
 }
 _REQUIRED = ("name", "path", "provider")

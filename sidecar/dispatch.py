@@ -22,6 +22,10 @@ from sidecar.telemetry import AnySpan, Telemetry
 
 log = logging.getLogger("sidecar.dispatch")
 
+# Seconds a provider waits for an answer (providers.md) less ~0.5 s for the network: Slack, Discord and Zoom give
+# 3 s, PagerDuty 5 s. Routes of other providers wait for the attempt unless they set `answer_within`.
+ANSWER_WITHIN = {"slack": 2.5, "discord": 2.5, "zoom": 2.5, "x": 2.5, "pagerduty": 4.5}
+
 
 @dataclass(frozen=True, slots=True)
 class Disposition:
@@ -48,6 +52,13 @@ class Dispatcher:
         """
         lease = route.retry.lease or (self.config.upstream.timeout + 20.0)
         return int(lease * 1000)
+
+    def answer_within(self, route: RouteConfig) -> float | None:
+        """How long a provider's request may wait for the first attempt; None: as long as the attempt takes
+        (`upstream.timeout` at most). The route's `answer_within`, else its provider's known deadline less a
+        margin: a provider that gives up first counts a failure and sends again, whatever we did with it."""
+        within = route.answer_within if route.answer_within is not None else ANSWER_WITHIN.get(route.provider)
+        return within if within is not None and within < self.config.upstream.timeout else None
 
     @property
     def config(self) -> Config:

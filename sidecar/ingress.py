@@ -222,6 +222,9 @@ class Ingress:
         self.forwarder = dispatcher.forwarder
         self.tel = telemetry
         self.rejections: defaultdict[str, int] = defaultdict(int)  # flushed to the store's stats in batches
+        self.late: set[asyncio.Future[Any]] = (
+            set()
+        )  # first attempts still running after their 202 (answer_within)
 
     async def handle(self, request: web.Request, body: bytes | None = None) -> web.StreamResponse:
         """Answer one inbound request. `body` is given when the caller has read it already (sidecar/front.py)."""
@@ -333,7 +336,7 @@ class Ingress:
         if schedule_at is not None:
             result.outcome, result.error = "queued", "circuit_open"
             return queued(event_id, schedule_at)
-        return await self._first_attempt(rec, span, result)
+        return await self._first_attempt(rec, span, result, self.dispatcher.answer_within(cfg))
 
     def _rejected(self, route: str, exc: VerificationError, result: Result) -> web.Response:
         result.outcome, result.error = "rejected_signature", exc.reason
@@ -342,6 +345,21 @@ class Ingress:
         if isinstance(exc, TimestampError):
             return json_error(401, "timestamp_out_of_tolerance", detail=exc.detail)
         return json_error(401, "invalid_signature", detail=exc.detail)
+
+    def _late_done(self, attempt: asyncio.Future[Any]) -> None:
+        self.late.discard(attempt)
+        if attempt.cancelled():
+            return
+        exc = attempt.exception()
+        if isinstance(exc, StoreError):
+            log.warning("a first attempt answered 202 could not be settled, left to the lease: %s", exc)
+        elif exc is not None:
+            log.error("a first attempt answered 202 failed, left to the lease", exc_info=exc)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (bounded) for first attempts still running after their 202; for shutdown."""
+        if self.late:
+            await asyncio.wait(set(self.late), timeout=timeout)
 
     async def flush_rejections(self) -> None:
         """Move the rejection counts into the store's per-route stats (one pipelined call per flush)."""
@@ -354,10 +372,24 @@ class Ingress:
             for route, n in counts.items():  # keep them for the next flush
                 self.rejections[route] += n
 
-    async def _first_attempt(self, rec: EventRecord, span: AnySpan, result: Result) -> web.StreamResponse:
+    async def _first_attempt(
+        self, rec: EventRecord, span: AnySpan, result: Result, within: float | None
+    ) -> web.StreamResponse:
         result.attempt = 1
         try:
-            disp = await self.dispatcher.attempt(rec, 1, parent=span)
+            if within is None:
+                disp = await self.dispatcher.attempt(rec, 1, parent=span)
+            else:
+                attempt = asyncio.ensure_future(self.dispatcher.attempt(rec, 1, parent=span))
+                done, _ = await asyncio.wait((attempt,), timeout=within)
+                if not done:
+                    # The provider's deadline comes first: answer now, and let the attempt run on. It settles the
+                    # event as usual (delivered mark, or the retry schedule); the claim's lease covers a crash.
+                    self.late.add(attempt)
+                    attempt.add_done_callback(self._late_done)
+                    result.outcome, result.error = "queued", "answer_within"
+                    return queued(rec.event_id, None)
+                disp = attempt.result()
         except StoreError as exc:
             # The event is stored and leased since the claim: a replica picks it up when the lease runs out.
             log.warning("route %s: settling %s failed, left to the lease: %s", rec.route, rec.event_id, exc)

@@ -386,3 +386,135 @@ async def test_ingress_hostile_event_id_is_rejected_not_500(client: Any, upstrea
     resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
     assert resp.status in (200, 400)  # a numeric id is usable or cleanly refused, never a 500
     assert upstream.ids() in ([], ["12345"])
+
+
+ANSWER_ROUTES = f"""
+- name: quick
+  path: /webhooks/quick
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+  answer_within: 200ms
+- name: slack
+  path: /webhooks/slack
+  provider: slack
+  secrets: ["slack-signing-secret"]
+- name: always202
+  path: /webhooks/always202
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+  answer_within: 0s
+"""
+
+
+async def _state(
+    rdb: redis.Redis, route: str, event_id: str, want: bytes, timeout: float = 3.0
+) -> bytes | None:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = rdb.hget(KEYS.locate(route, event_id)[0], "st")
+        if state == want or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.05)
+
+
+async def test_ingress_answer_within_answers_202_and_the_attempt_goes_on(
+    sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    client = await sidecar_factory(ANSWER_ROUTES)
+    upstream.delay = 0.8  # slower than the route's answer_within (200 ms)
+    body = stripe_body("evt_aw1")
+    t0 = time.monotonic()
+    resp = await client.post("/webhooks/quick", data=body, headers=stripe_headers(body))
+    assert resp.status == 202
+    assert await resp.json() == {"queued": True, "event_id": "evt_aw1", "next_attempt_at": None}
+    assert time.monotonic() - t0 < 0.7
+    # the provider sends again while the attempt is still on its way: a duplicate, not a second forward
+    dup = await client.post("/webhooks/quick", data=body, headers=stripe_headers(body))
+    assert (await dup.json())["state"] == "pending"
+    assert await _state(rdb, "quick", "evt_aw1", b"d") == b"d"  # the attempt went on and delivered it
+    assert upstream.ids() == ["evt_aw1"]
+    dup = await client.post("/webhooks/quick", data=body, headers=stripe_headers(body))
+    assert (await dup.json())["state"] == "delivered"
+
+
+async def test_ingress_answer_within_relays_an_upstream_that_answers_in_time(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    client = await sidecar_factory(ANSWER_ROUTES)
+    body = stripe_body("evt_aw2")
+    resp = await client.post("/webhooks/quick", data=body, headers=stripe_headers(body))
+    assert resp.status == 200 and resp.headers["X-Upstream"] == "yes" and await resp.json() == {"ok": True}
+    # answer_within 0: always answered 202 at once, the forward made all the same
+    body = stripe_body("evt_aw3")
+    resp = await client.post("/webhooks/always202", data=body, headers=stripe_headers(body))
+    assert resp.status == 202 and (await resp.json())["queued"] is True
+    for _ in range(60):
+        if "evt_aw3" in upstream.ids():
+            break
+        await asyncio.sleep(0.05)
+    assert upstream.ids() == ["evt_aw2", "evt_aw3"]
+
+
+async def test_ingress_answer_within_slow_failure_is_scheduled_for_retry(
+    sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    client = await sidecar_factory(ANSWER_ROUTES)
+    upstream.delay = 0.5
+    upstream.respond(503)
+    body = stripe_body("evt_aw4")
+    resp = await client.post("/webhooks/quick", data=body, headers=stripe_headers(body))
+    assert resp.status == 202 and (await resp.json())["next_attempt_at"] is None
+    await asyncio.sleep(0.6)
+    assert (
+        rdb.hget(KEYS.locate("quick", "evt_aw4")[0], "st") == b"p"
+    )  # on the retry schedule, attempt 1 failed
+    ev, sched, _, member = KEYS.locate("quick", "evt_aw4")
+    assert rdb.zscore(sched, member) is not None
+    assert rdb.hget(ev, "n") == b"1"
+
+
+async def test_ingress_answer_within_defaults_and_shutdown_waits_for_the_attempt(
+    upstream: Upstream, redis_url: str, rdb: redis.Redis
+) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sidecar.app import RUNTIME, create_app
+    from tests.conftest import make_config
+
+    config = make_config(ANSWER_ROUTES, upstream_url=upstream.url, redis_url=redis_url)
+    app = create_app(config, redis_url=redis_url, run_worker=False)
+    upstream.delay = 0.5
+    async with TestClient(TestServer(app)) as client:
+        dispatcher = app[RUNTIME].dispatcher
+        within = {r.name: dispatcher.answer_within(r) for r in config.routes}
+        # Slack's own 2.5 s default is moot under this test's 2 s upstream.timeout: the attempt ends first anyway
+        assert within == {"quick": 0.2, "slack": None, "always202": 0.0}
+        body = stripe_body("evt_aw5")
+        resp = await client.post("/webhooks/quick", data=body, headers=stripe_headers(body))
+        assert resp.status == 202
+    # the app has shut down: it waited for the attempt, and the event is delivered, not left to its lease
+    assert rdb.hget(KEYS.locate("quick", "evt_aw5")[0], "st") == b"d"
+    assert upstream.ids() == ["evt_aw5"]
+
+
+def test_answer_within_provider_defaults() -> None:
+    """Providers with a known deadline get it less a margin; a route's own value wins; none beyond the upstream
+    timeout (the attempt ends first anyway)."""
+    from sidecar.config import load_text
+    from sidecar.dispatch import Dispatcher
+    from sidecar.telemetry import Telemetry
+
+    text = """
+upstream: {url: "http://127.0.0.1:3000", timeout: 10s}
+routes:
+  - {name: s, path: /s, provider: slack, secrets: [x]}
+  - {name: z, path: /z, provider: zoom, secrets: [x]}
+  - {name: p, path: /p, provider: pagerduty, secrets: [x]}
+  - {name: t, path: /t, provider: stripe, secrets: [x]}
+  - {name: o, path: /o, provider: slack, secrets: [x], answer_within: 1s}
+  - {name: l, path: /l, provider: stripe, secrets: [x], answer_within: 12s}
+"""
+    config = load_text(text, source="<t>", env={})
+    dispatcher = Dispatcher(config, None, None, Telemetry())  # type: ignore[arg-type]  # only the config is read
+    within = {r.name: dispatcher.answer_within(r) for r in config.routes}
+    assert within == {"s": 2.5, "z": 2.5, "p": 4.5, "t": None, "o": 1.0, "l": None}
