@@ -23,8 +23,10 @@ from sidecar.telemetry import AnySpan, Telemetry
 log = logging.getLogger("sidecar.dispatch")
 
 # Seconds a provider waits for an answer (providers.md) less ~0.5 s for the network: Slack, Discord and Zoom give
-# 3 s, PagerDuty 5 s. Routes of other providers wait for the attempt unless they set `answer_within`.
-ANSWER_WITHIN = {"slack": 2.5, "discord": 2.5, "zoom": 2.5, "x": 2.5, "pagerduty": 4.5}
+# 3 s, PagerDuty 5 s. Routes of other providers wait for the attempt unless they set `answer_within`. (GitHub
+# gives 10 s, the default upstream.timeout, and does not resend by itself; X's 3 s is for its CRC handshake,
+# which the sidecar answers itself.)
+ANSWER_WITHIN = {"slack": 2.5, "discord": 2.5, "zoom": 2.5, "pagerduty": 4.5}
 
 
 @dataclass(frozen=True, slots=True)

@@ -193,12 +193,16 @@ def _iso(ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
 
 
-def queued(event_id: str, next_attempt_ms: int | None) -> web.Response:
-    body = {
+def queued(event_id: str, next_attempt_ms: int | None, in_flight: bool = False) -> web.Response:
+    """202 for an event the sidecar holds. `in_flight`: answered before its first attempt ended (`answer_within`);
+    `next_attempt_at` is then when the event is attempted again if that attempt never settles it."""
+    body: dict[str, Any] = {
         "queued": True,
         "event_id": event_id,
         "next_attempt_at": _iso(next_attempt_ms) if next_attempt_ms is not None else None,
     }
+    if in_flight:
+        body["in_flight"] = True
     return web.json_response(body, status=202, headers={EVENT_ID_HEADER: event_id})
 
 
@@ -336,7 +340,8 @@ class Ingress:
         if schedule_at is not None:
             result.outcome, result.error = "queued", "circuit_open"
             return queued(event_id, schedule_at)
-        return await self._first_attempt(rec, span, result, self.dispatcher.answer_within(cfg))
+        lease_end = rec.first_seen_ms + self.dispatcher.lease_ms(cfg)
+        return await self._first_attempt(rec, span, result, self.dispatcher.answer_within(cfg), lease_end)
 
     def _rejected(self, route: str, exc: VerificationError, result: Result) -> web.Response:
         result.outcome, result.error = "rejected_signature", exc.reason
@@ -346,20 +351,46 @@ class Ingress:
             return json_error(401, "timestamp_out_of_tolerance", detail=exc.detail)
         return json_error(401, "invalid_signature", detail=exc.detail)
 
-    def _late_done(self, attempt: asyncio.Future[Any]) -> None:
+    def _hand_over(self, attempt: asyncio.Task[Any], rec: EventRecord) -> None:
+        """A first attempt goes on without its request: kept (for shutdown to wait for) and its end logged."""
+        self.late.add(attempt)
+        attempt.add_done_callback(lambda task: self._late_done(task, rec.route, rec.event_id))
+
+    def _late_done(self, attempt: asyncio.Task[Any], route: str, event_id: str) -> None:
         self.late.discard(attempt)
         if attempt.cancelled():
+            log.warning("route %s: first attempt of %s cut short, left to the lease", route, event_id)
             return
         exc = attempt.exception()
         if isinstance(exc, StoreError):
-            log.warning("a first attempt answered 202 could not be settled, left to the lease: %s", exc)
+            log.warning(
+                "route %s: first attempt of %s not settled, left to the lease: %s", route, event_id, exc
+            )
         elif exc is not None:
-            log.error("a first attempt answered 202 failed, left to the lease", exc_info=exc)
+            log.error(
+                "route %s: first attempt of %s failed, left to the lease", route, event_id, exc_info=exc
+            )
+        else:
+            disp = attempt.result()
+            log.info(
+                "route %s: first attempt of %s ended after its 202: %s (status %s)",
+                route,
+                event_id,
+                disp.kind,
+                disp.outcome.status,
+            )
 
     async def drain(self, timeout: float) -> None:
-        """Wait (bounded) for first attempts still running after their 202; for shutdown."""
+        """For shutdown: wait (bounded) for first attempts still running after their 202, then cut the rest short
+        (their events are leased: attempted again when the lease runs out), so none runs on against a closed
+        session or store."""
         if self.late:
             await asyncio.wait(set(self.late), timeout=timeout)
+        left = set(self.late)
+        for attempt in left:
+            attempt.cancel()
+        if left:
+            await asyncio.wait(left, timeout=1.0)
 
     async def flush_rejections(self) -> None:
         """Move the rejection counts into the store's per-route stats (one pipelined call per flush)."""
@@ -373,28 +404,35 @@ class Ingress:
                 self.rejections[route] += n
 
     async def _first_attempt(
-        self, rec: EventRecord, span: AnySpan, result: Result, within: float | None
+        self, rec: EventRecord, span: AnySpan, result: Result, within: float | None, lease_end: int
     ) -> web.StreamResponse:
+        """`lease_end`: when the claim's lease runs out, so when the event is attempted again if this attempt
+        never settles it (the `next_attempt_at` of a 202 given before the attempt ended)."""
         result.attempt = 1
         try:
             if within is None:
                 disp = await self.dispatcher.attempt(rec, 1, parent=span)
             else:
-                attempt = asyncio.ensure_future(self.dispatcher.attempt(rec, 1, parent=span))
-                done, _ = await asyncio.wait((attempt,), timeout=within)
+                attempt = asyncio.create_task(
+                    self.dispatcher.attempt(rec, 1, parent=span), name="first-attempt"
+                )
+                try:
+                    done, _ = await asyncio.wait((attempt,), timeout=within)
+                except asyncio.CancelledError:  # the handler is cut short (shutdown): the attempt is not
+                    self._hand_over(attempt, rec)
+                    raise
                 if not done:
                     # The provider's deadline comes first: answer now, and let the attempt run on. It settles the
                     # event as usual (delivered mark, or the retry schedule); the claim's lease covers a crash.
-                    self.late.add(attempt)
-                    attempt.add_done_callback(self._late_done)
-                    result.outcome, result.error = "queued", "answer_within"
-                    return queued(rec.event_id, None)
+                    self._hand_over(attempt, rec)
+                    result.outcome = "queued"
+                    return queued(rec.event_id, lease_end, in_flight=True)
                 disp = attempt.result()
         except StoreError as exc:
             # The event is stored and leased since the claim: a replica picks it up when the lease runs out.
             log.warning("route %s: settling %s failed, left to the lease: %s", rec.route, rec.event_id, exc)
             result.outcome, result.error = "queued", "store_error"
-            return queued(rec.event_id, None)
+            return queued(rec.event_id, lease_end)
         result.error = disp.outcome.error
         if disp.kind == "delivered":
             result.outcome = "forwarded"

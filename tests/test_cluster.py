@@ -260,17 +260,40 @@ async def test_cluster_lost_connections_reload_the_slot_map_at_most_every_interv
 
 
 async def test_cluster_settings_warnings_name_each_primary(
-    cluster: list[ValkeyServer], cluster_url: str
+    cluster: list[ValkeyServer], cluster_url: str, tmp_path: Path
 ) -> None:
     from sidecar.store import RedisStore
 
-    store = RedisStore.connect(cluster_url, KeySpace("sidecar", 16), dedupe_ttl=60, dlq_max_length=10)
-    try:
-        warnings = await store.settings_warnings()
-    finally:
-        await store.close()
+    async def warnings_of(url: str) -> list[str]:
+        store = RedisStore.connect(url, KeySpace("sidecar", 16), dedupe_ttl=60, dlq_max_length=10)
+        try:
+            return await store.settings_warnings()
+        finally:
+            await store.close()
+
     # these test nodes run without an AOF: each primary is named
-    assert sorted(w.split(":")[0] + ":" + w.split(":")[1] for w in warnings) == sorted(
+    warnings = await warnings_of(cluster_url)
+    assert sorted(w.split(": ", 1)[0] for w in warnings) == sorted(
         f"store node 127.0.0.1:{s.port}" for s in cluster
     )
     assert all("appendonly is off" in w for w in warnings)
+    # a cluster of one primary (redis-py answers a single node's INFO unwrapped)
+    single = ValkeyServer(
+        port=free_port(below=55536),
+        data_dir=tmp_path / "single",
+        config={"cluster-enabled": "yes", "cluster-config-file": "nodes.conf", "appendonly": "no"},
+    )
+    single.start(timeout=30)
+    try:
+        with redis.Redis(host="127.0.0.1", port=single.port) as c:
+            c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            deadline = time.monotonic() + 10
+            while c.cluster("INFO")["cluster_state"] != "ok":
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        warnings = await warnings_of(f"redis+cluster://127.0.0.1:{single.port}")
+        assert [w.split(": ", 1)[0] for w in warnings] == [f"store node 127.0.0.1:{single.port}"]
+    finally:
+        single.stop()
+    # a cluster that is not there: nothing to say, and no error in the way of starting
+    assert await warnings_of(f"redis+cluster://127.0.0.1:{free_port(below=55536)}") == []

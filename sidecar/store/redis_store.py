@@ -160,36 +160,42 @@ class RedisStore:
             log.warning("could not preload the store's scripts (they load on first use): %s", exc)
 
     async def settings_warnings(self) -> list[str]:
-        """What in the store server's own settings can lose accepted events, for a warning at startup. Best
-        effort: a store that is down, or a managed one that refuses INFO, yields nothing."""
+        """What in the store servers' own settings can lose accepted events, for warnings at startup. Best effort:
+        a store that is down, or a managed one that refuses INFO, yields nothing (and a debug line)."""
         try:
-            if self._cluster:
-                await self._call(lambda: asyncio.sleep(0))  # discover the cluster once, under the lock
-                primaries = RedisCluster.PRIMARIES
-                memory = await self._r.info("memory", target_nodes=primaries)
-                persistence = await self._r.info("persistence", target_nodes=primaries)
-            else:
-                memory = {"": await self._r.info("memory")}
-                persistence = {"": await self._r.info("persistence")}
-        except (*_UNAVAILABLE, rexc.RedisError, StoreError):
+            servers = await self._server_infos()
+        except Exception as exc:  # never in the way of starting: the store may come up later
+            log.debug("store settings not checked: %s", exc)
             return []
         warnings = []
-        for node, info in sorted(memory.items()):
-            where = f"store node {node}: " if node else "store: "
+        for where, info in servers:
             policy = info.get("maxmemory_policy", "noeviction")
-            if policy != "noeviction":
+            if policy != "noeviction" and int(info.get("maxmemory", 0) or 0) > 0:
                 warnings.append(
                     f"{where}maxmemory-policy is {policy}: under memory pressure Redis deletes keys, so stored events "
                     "and scheduled retries can vanish and evicted claims let duplicates through; set noeviction"
                 )
-        for node, info in sorted(persistence.items()):
-            where = f"store node {node}: " if node else "store: "
             if str(info.get("aof_enabled", "1")) == "0" and self._wait is None:
                 warnings.append(
                     f"{where}appendonly is off: a restart forgets every claim and scheduled retry written since "
                     "its last snapshot; run it append-only, or with replicas and redis.wait_replicas"
                 )
         return warnings
+
+    async def _server_infos(self) -> list[tuple[str, dict[str, Any]]]:
+        """(label, INFO memory + persistence) of the server, or of each cluster primary."""
+        if not self._cluster:
+            return [("store: ", {**await self._r.info("memory"), **await self._r.info("persistence")})]
+        await self._call(lambda: asyncio.sleep(0))  # discover the cluster once, under the lock
+        out = []
+        for node in sorted(self._r.get_primaries(), key=lambda n: n.name):
+            # one target node: redis-py answers with that node's INFO itself, not a dict keyed by node
+            info = {
+                **await self._r.info("memory", target_nodes=node),
+                **await self._r.info("persistence", target_nodes=node),
+            }
+            out.append((f"store node {node.name}: ", info))
+        return out
 
     async def guard(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run a client call with errors translated (StoreUnavailable / StoreError); for store-side modules."""
