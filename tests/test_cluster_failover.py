@@ -20,16 +20,10 @@ from sidecar.errors import StoreError
 from tests.conftest import Upstream, make_config
 from tests.procs import free_port
 from tests.test_cluster import RANGES
-from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
+from tests.test_ingress import stripe_body, stripe_headers
+from tests.test_replication import ROUTES
 
 pytestmark = pytest.mark.slow
-
-ROUTES = f"""
-- name: stripe
-  path: /webhooks/stripe
-  provider: stripe
-  secrets: ["{STRIPE_SECRET}"]
-"""
 
 
 def _node(root: Path, name: str) -> ValkeyServer:
