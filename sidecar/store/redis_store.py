@@ -88,7 +88,7 @@ class RedisStore:
         keys: KeySpace,
         dedupe_ttl: float,
         dlq_max_length: int,
-        fast: PipelinedClient | None = None,
+        fast: PipelinedClient,
         wait: Wait | None = None,
     ) -> None:
         self._r = client
@@ -105,17 +105,13 @@ class RedisStore:
         self._dlq_max = dlq_max_length
         self.marks = DeliveredMarks(self.ack_many)
 
-        def script(name: str) -> Any:
-            source = _script(name)
-            return FastScript(fast, source) if fast is not None else client.register_script(source)
-
-        self._claim = script("claim")
-        self._take = script("take")
-        self._ack = script("ack")
-        self._retry = script("retry")
-        self._dead = script("dead")
-        self._dlq_add = script("dlq_add")
-        self._defer = script("defer")
+        self._claim = FastScript(fast, _script("claim"))
+        self._take = FastScript(fast, _script("take"))
+        self._ack = FastScript(fast, _script("ack"))
+        self._retry = FastScript(fast, _script("retry"))
+        self._dead = FastScript(fast, _script("dead"))
+        self._dlq_add = FastScript(fast, _script("dlq_add"))
+        self._defer = FastScript(fast, _script("defer"))
 
     @classmethod
     def connect(
@@ -130,7 +126,7 @@ class RedisStore:
         wait_replicas: int = 0,
         wait_timeout: float = 0.5,
     ) -> RedisStore:
-        fast = None if url.startswith("rediss://") else PipelinedClient(url, timeout)
+        fast = PipelinedClient(url, timeout)
         wait = (wait_replicas, max(1, int(wait_timeout * 1000))) if wait_replicas > 0 else None
         return cls(_connect(url, timeout, max_connections), keys, dedupe_ttl, dlq_max_length, fast, wait)
 
@@ -142,16 +138,13 @@ class RedisStore:
     async def close(self) -> None:
         if self._background:
             await asyncio.wait(set(self._background), timeout=5)
-        if self._fast is not None:
-            self._fast.close()
+        self._fast.close()
         await self._r.aclose()
 
     async def preload(self) -> None:
         """Load every hot-path script into the server before traffic, so a first use never answers NOSCRIPT (the
         re-sent command would fall behind commands issued after it on the same connection). Best effort: a store
         that is down now gets its scripts on first use, as after any restart."""
-        if self._fast is None:
-            return
         scripts = (self._claim, self._take, self._ack, self._retry, self._dead, self._dlq_add, self._defer)
         try:
             for script in scripts:
@@ -240,11 +233,13 @@ class RedisStore:
         meta = rec.meta().encode("utf-8", "surrogateescape")
         args = [now_ms, score, member, meta, rec.body, rec.event_id, mode, rec.route]
         self.marks.flush()  # queued delivered marks ride in this claim's write and run before it
+        # With `redis.wait_replicas`, the claim is answered once that many replicas hold it: a claim acknowledged to
+        # a provider must survive a failover. A duplicate's claim waits too (its counter write comes after the
+        # original claim in the replication stream). When the replicas lag, the claim stands on the primary, leased
+        # as usual, and the caller answers 503: the provider's resend is answered once the replicas have it, and
+        # the lease hands the event to the retry worker either way.
         try:  # inline rather than through _call: this is the one call every request makes
-            if self._wait is None:
-                res = await self._claim(keys=[ev, sched, stats], args=args)
-            else:
-                res = await self._claim_replicated([ev, sched, stats], args, self._wait)
+            res = await self._claim(keys=[ev, sched, stats], args=args, wait=self._wait)
         except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
             if isinstance(exc, NotReplicated) and exc.reply is not None and int(exc.reply[0]) == 1:
                 self._index_alias(rec)  # the claim won and stands on the primary: its resends are duplicates
@@ -253,34 +248,6 @@ class RedisStore:
             self._index_alias(rec)
             return ClaimResult(True)
         return ClaimResult(False, STATE_NAMES.get(res[1].decode(), "pending"))
-
-    async def _claim_replicated(self, keys: list[str], args: list[Any], wait: Wait) -> Any:
-        """The claim, answered once `wait` replicas hold it (`redis.wait_replicas`): a claim acknowledged to a
-        provider must survive a failover to a replica. Both a new event's claim and a duplicate's (its counter
-        write comes after the original claim in the replication stream) wait. When the replicas lag, the claim
-        stands on the primary, leased as usual, and the caller answers 503: the provider's resend is answered
-        once the replicas have it, and the lease hands the event to the retry worker either way."""
-        if self._fast is not None:
-            return await self._claim(keys=keys, args=args, wait=wait)
-        try:
-            res, acked = await self._pipelined_claim(keys, args, wait)
-        except rexc.NoScriptError:
-            await self._r.script_load(self._claim.script)
-            res, acked = await self._pipelined_claim(keys, args, wait)
-        if acked < wait[0]:
-            raise NotReplicated(
-                f"{acked} of {wait[0]} replicas acknowledged the claim within {wait[1]} ms", res
-            )
-        return res
-
-    async def _pipelined_claim(self, keys: list[str], args: list[Any], wait: Wait) -> tuple[Any, int]:
-        # One pipeline is one connection, so the WAIT covers the claim. EVALSHA is queued by hand: a script
-        # registered on the pipeline costs a SCRIPT EXISTS round trip before every claim.
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.evalsha(self._claim.sha, len(keys), *keys, *args)
-            pipe.execute_command("WAIT", *wait)
-            res, acked = await pipe.execute()
-        return res, acked
 
     def _index_alias(self, rec: EventRecord) -> None:
         """When the claim is on a digest, index the provider's id for operators. Only for a claim that won (a
@@ -291,10 +258,7 @@ class RedisStore:
 
         async def write() -> None:
             try:
-                if self._fast is not None:
-                    await self._fast.execute(index, key=index[1])
-                else:
-                    await self._r.execute_command(*index)
+                await self._fast.execute(index, key=index[1])
             except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
                 log.warning("could not index %s/%s for lookups: %s", rec.route, rec.event_id, exc)
 
@@ -319,17 +283,10 @@ class RedisStore:
             index.append(i)
             keys += (ev, sched, stats)
             args += (member, entry.to_json(), entry.status or "", route)
-        fast = isinstance(self._ack, FastScript)
-        started = [
-            (index, keys, args, self._ack.start(keys, args) if fast else None)
-            for index, keys, args in groups.values()
-        ]
+        started = [(index, keys, args, self._ack.start(keys, args)) for index, keys, args in groups.values()]
 
         async def finish() -> list[bool]:
-            calls = [
-                self._ack.finish(sent, keys, args) if fast else self._ack(keys=keys, args=args)
-                for _, keys, args, sent in started
-            ]
+            calls = [self._ack.finish(sent, keys, args) for _, keys, args, sent in started]
             try:
                 replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
             except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
