@@ -285,3 +285,24 @@ async def test_pipeline_over_a_unix_socket_selects_the_db_of_the_url(tmp_path) -
     finally:
         client.close()
         s.stop()
+
+
+async def test_pipeline_reaches_an_ipv6_literal(tmp_path) -> None:
+    """`redis://[::1]:port`: the brackets are URL syntax, not part of the address."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    s = ValkeyServer(
+        port=free_port(), data_dir=tmp_path / "v6", config={"bind": "127.0.0.1 ::1", "appendonly": "no"}
+    )
+    s.start(timeout=30)
+    client = PipelinedClient(f"redis://[::1]:{s.port}/0", timeout=2.0)
+    try:
+        assert await client.execute(("PING",)) == b"PONG"
+    finally:
+        client.close()
+        s.stop()

@@ -307,7 +307,7 @@ class PipelinedClient:
         self._seeds: list[tuple[str, int]] = []
         for hostport in parts.netloc.rpartition("@")[2].split(","):
             host, _, port = hostport.rpartition(":")
-            self._seeds.append((host or "127.0.0.1", int(port or 6379)))
+            self._seeds.append((host.strip("[]") or "127.0.0.1", int(port or 6379)))  # [::1]:6379 -> ::1
         self._nodes: dict[tuple[str, int], Node] = {}
         self._slots: list[tuple[str, int] | None] = [None] * 16384
         self._refreshing: asyncio.Future[None] | None = None
