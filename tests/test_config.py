@@ -683,3 +683,31 @@ def test_check_config_returns_error_lines(tmp_path: Path) -> None:
         f"{bad}:6: routes[0].tolerance: expected a duration like 500ms, 30s, 5m, 72h"
     ]
     assert check_config(tmp_path / "missing.yaml")[0].startswith(f"{tmp_path / 'missing.yaml'}:1: <file>: ")
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (
+            "rediss://h:6380?ssl_cert_reqs=maybe",
+            "ssl_cert_reqs must be none, optional or required, not 'maybe'",
+        ),
+        ("rediss://h:6380?ssl_ca_certs=/nonexistent/ca.pem", "No such file or directory"),
+        ("rediss://h:6380?ssl_keyfile=/k.pem", "ssl_keyfile needs ssl_certfile"),
+        ("unix:///run/redis.sock?db=x", "the database must be a number, like unix:///run/redis.sock?db=0"),
+    ],
+)
+def test_store_url_tls_and_socket_settings_are_checked_at_load(url: str, problem: str) -> None:
+    errors = errors_of(f'redis: {{url: "{url}"}}\n' + ROUTE)
+    assert len(errors) == 1 and errors[0].startswith("cfg.yaml:1: redis.url: ") and problem in errors[0], (
+        errors
+    )
+
+
+def test_store_url_tls_and_socket_forms_that_load() -> None:
+    for url in (
+        "rediss://h:6380/0?ssl_cert_reqs=none",
+        "unix:///run/redis.sock?db=2",
+        "redis://[::1]:6379/1",
+    ):
+        assert load_text(f'redis: {{url: "{url}"}}\n' + ROUTE, env={}).redis.url == url

@@ -276,7 +276,9 @@ def tls_context(query: dict[str, str]) -> ssl.SSLContext:
     check = query.get("ssl_check_hostname", "true").lower() not in ("false", "0", "no", "n", "f")
     context.check_hostname = check and reqs != "none"
     context.verify_mode = modes[reqs]
-    if query.get("ssl_certfile") or query.get("ssl_keyfile"):
+    if query.get("ssl_keyfile") and not query.get("ssl_certfile"):
+        raise ValueError("ssl_keyfile needs ssl_certfile (the client certificate it belongs to)")
+    if query.get("ssl_certfile"):
         context.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile"))
     if query.get("ssl_ca_certs") or query.get("ssl_ca_path"):
         context.load_verify_locations(cafile=query.get("ssl_ca_certs"), capath=query.get("ssl_ca_path"))
@@ -297,7 +299,7 @@ class PipelinedClient:
         parts = urlsplit(url.replace("redis+cluster://", "redis://", 1))
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         self._tls = tls_context(query) if parts.scheme == "rediss" else None
-        self._unix_path = parts.path if parts.scheme == "unix" else None
+        self._unix_path = unquote(parts.path) if parts.scheme == "unix" else None
         self._password = unquote(parts.password) if parts.password else query.get("password")
         self._username = unquote(parts.username) if parts.username else query.get("username")
         if self._unix_path is not None:
