@@ -21,7 +21,6 @@ import ipaddress
 import math
 import os
 import re
-import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +87,9 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by `***`, for reprs and logs."""
+    """The URL with any password (in the user info, or a `password` / `ssl_password` query value) replaced by
+    `***`, for reprs and logs."""
+    url = re.sub(r"([?&](?:ssl_)?password=)[^&#]*", r"\1***", url)
     scheme, sep, rest = url.partition("://")
     userinfo, at, hosts = rest.rpartition("@")
     if not sep or not at or ":" not in userinfo:
@@ -676,12 +677,20 @@ def _redis_url(ctx: _Ctx, item: _Item, path: str) -> Any:
             problem = "the database must be a number, like redis://host:6379/0"
         if problem is None and scheme == "rediss":
             problem = _tls_problem(value)
+        if problem is None and scheme == "redis" and "ssl_" in urlsplit(value).query:
+            problem = "TLS parameters need rediss://"
+        if problem is None and not re.fullmatch(
+            r"[0-9]*", parse_qs(urlsplit(value).query).get("db", [""])[0]
+        ):
+            problem = "the database must be a number, like redis://host:6379/0"
     elif scheme == "redis+cluster":
         problem = _cluster_problem(value)
+        if problem is None and "ssl_" in urlsplit(value).query:
+            problem = "a cluster is reached over plain TCP here: no TLS parameters (rediss:// is single-node)"
     elif scheme == "unix":
         problem = None if urlsplit(value).path else "expected a socket path, like unix:///run/redis.sock"
-        db = parse_qs(urlsplit(value).query).get("db", ["0"])[-1]
-        if problem is None and not db.isdigit():
+        db = parse_qs(urlsplit(value).query).get("db", ["0"])[0]
+        if problem is None and not re.fullmatch(r"[0-9]+", db):
             problem = "the database must be a number, like unix:///run/redis.sock?db=0"
     else:
         problem = "expected embedded, or a redis://, rediss://, redis+cluster:// or unix:// URL"
@@ -690,18 +699,17 @@ def _redis_url(ctx: _Ctx, item: _Item, path: str) -> Any:
 
 def _tls_problem(url: str) -> str | None:
     """The `ssl_*` query parameters of a rediss:// URL, tried as the store will use them (files read)."""
-    from sidecar.store.pipeline import tls_context
+    from sidecar.store.tls import tls_context
 
-    query = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
     try:
-        tls_context(query)
-    except (ValueError, OSError, ssl.SSLError) as exc:
+        tls_context({k: v[0] for k, v in parse_qs(urlsplit(url).query).items()})
+    except ValueError as exc:
         return f"TLS settings: {exc}"
     return None
 
 
 def _cluster_problem(url: str) -> str | None:
-    netloc = url.partition("://")[2].split("/", 1)[0].rpartition("@")[2]
+    netloc = url.partition("://")[2].split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
     for node in netloc.split(","):
         host, _, port = node.rpartition(":")
         if not host.strip("[]") or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:

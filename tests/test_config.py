@@ -695,6 +695,11 @@ def test_check_config_returns_error_lines(tmp_path: Path) -> None:
         ("rediss://h:6380?ssl_ca_certs=/nonexistent/ca.pem", "No such file or directory"),
         ("rediss://h:6380?ssl_keyfile=/k.pem", "ssl_keyfile needs ssl_certfile"),
         ("unix:///run/redis.sock?db=x", "the database must be a number, like unix:///run/redis.sock?db=0"),
+        ("rediss://h:6380?ssl_cert_reqs=NONE", "not 'NONE'"),  # redis-py reads it case-sensitively
+        ("rediss://h:6380?ssl_min_version=2", "unsupported TLS parameter(s): ssl_min_version"),
+        ("redis://h:6379?ssl_ca_certs=/ca.pem", "TLS parameters need rediss://"),
+        ("redis+cluster://h:7000,h:7001?ssl_cert_reqs=none", "no TLS parameters (rediss:// is single-node)"),
+        ("redis://h:6379?db=²", "the database must be a number"),
     ],
 )
 def test_store_url_tls_and_socket_settings_are_checked_at_load(url: str, problem: str) -> None:

@@ -194,8 +194,6 @@ def _certificate(tmp_path) -> tuple[str, str]:
 @pytest.fixture
 async def tls_store(server: ValkeyServer, tmp_path) -> AsyncIterator[tuple[int, str]]:
     """(port, CA file) of a TLS endpoint in front of `server`."""
-    import ssl
-
     cert, key = _certificate(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
@@ -210,15 +208,27 @@ async def tls_store(server: ValkeyServer, tmp_path) -> AsyncIterator[tuple[int, 
         finally:
             writer.close()
 
+    writers: set[asyncio.StreamWriter] = set()
+    tasks: set[asyncio.Task[None]] = set()
+
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", server.port)
-        await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
+        tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+        writers.add(writer)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writers.add(up_writer)
+            await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
+        finally:
+            writer.close()
 
     proxy = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=context)
     try:
         yield proxy.sockets[0].getsockname()[1], cert
     finally:
         proxy.close()
+        for w in writers:  # Python 3.11's wait_closed does not wait for the connections' handlers
+            w.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await proxy.wait_closed()
 
 
@@ -306,3 +316,31 @@ async def test_pipeline_reaches_an_ipv6_literal(tmp_path) -> None:
     finally:
         client.close()
         s.stop()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h:6379/1?db=2",
+        "redis://myhost/0",
+        "rediss://myhost?ssl_cert_reqs=none",
+        "redis://[::1]/3",
+        "redis://:s%40cret@h:7000/4",
+        "redis://user:pw@h:7000",
+        "redis://h/?db=1&db=2",
+        "unix:///run/redis.sock?db=5&password=pw",
+        "unix://:pw@/tmp/my%20dir/redis.sock?db=1",
+    ],
+)
+def test_pipeline_reads_a_url_as_redis_py_does(url: str) -> None:
+    """Both of the store's clients must reach the same server and database with the same credentials."""
+    from redis.asyncio.connection import parse_url
+
+    theirs = parse_url(url)
+    ours = PipelinedClient(url)
+    assert ours._db == theirs.get("db", 0)
+    assert ours._password == theirs.get("password") and ours._username == theirs.get("username")
+    if url.startswith("unix"):
+        assert ours._unix_path == theirs["path"]
+    else:
+        assert ours._seeds == [(theirs.get("host", "localhost").strip("[]"), theirs.get("port", 6379))]

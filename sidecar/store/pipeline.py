@@ -25,6 +25,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import hiredis
 from redis.crc import key_slot
 
+from sidecar.store.tls import tls_context
+
 
 class ReplyError(Exception):
     """The server answered with an error (a script error, a wrong type, …). Not a reachability problem."""
@@ -264,27 +266,6 @@ class Node:
             self._conn.close()
 
 
-def tls_context(query: dict[str, str]) -> ssl.SSLContext:
-    """TLS for a rediss:// URL from the query parameters redis-py reads (`ssl_cert_reqs`, `ssl_ca_certs`,
-    `ssl_ca_path`, `ssl_certfile`, `ssl_keyfile`, `ssl_check_hostname`), so both of the store's clients trust the
-    same server: the system's CAs and a matching host name unless told otherwise."""
-    context = ssl.create_default_context()
-    reqs = query.get("ssl_cert_reqs", "required").lower()
-    modes = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
-    if reqs not in modes:
-        raise ValueError(f"ssl_cert_reqs must be none, optional or required, not {reqs!r}")
-    check = query.get("ssl_check_hostname", "true").lower() not in ("false", "0", "no", "n", "f")
-    context.check_hostname = check and reqs != "none"
-    context.verify_mode = modes[reqs]
-    if query.get("ssl_keyfile") and not query.get("ssl_certfile"):
-        raise ValueError("ssl_keyfile needs ssl_certfile (the client certificate it belongs to)")
-    if query.get("ssl_certfile"):
-        context.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile"))
-    if query.get("ssl_ca_certs") or query.get("ssl_ca_path"):
-        context.load_verify_locations(cafile=query.get("ssl_ca_certs"), capath=query.get("ssl_ca_path"))
-    return context
-
-
 REFRESH_INTERVAL = 0.25  # seconds between slot map reloads triggered by lost cluster connections
 
 
@@ -297,19 +278,21 @@ class PipelinedClient:
         self.timeout = timeout
         self.cluster = url.startswith("redis+cluster://")
         parts = urlsplit(url.replace("redis+cluster://", "redis://", 1))
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}  # the first of repeated keys, as redis-py
         self._tls = tls_context(query) if parts.scheme == "rediss" else None
         self._unix_path = unquote(parts.path) if parts.scheme == "unix" else None
         self._password = unquote(parts.password) if parts.password else query.get("password")
         self._username = unquote(parts.username) if parts.username else query.get("username")
-        if self._unix_path is not None:
-            self._db = int(query.get("db", 0))
-        else:
-            self._db = int(parts.path.lstrip("/") or query.get("db", 0)) if not self.cluster else 0
+        # redis-py: `?db=` first, then the path (not for a socket, whose path is the socket's)
+        path_db = parts.path.lstrip("/") if self._unix_path is None else ""
+        self._db = int(query.get("db") or path_db or 0) if not self.cluster else 0
         self._seeds: list[tuple[str, int]] = []
-        for hostport in parts.netloc.rpartition("@")[2].split(","):
-            host, _, port = hostport.rpartition(":")
-            self._seeds.append((host.strip("[]") or "127.0.0.1", int(port or 6379)))  # [::1]:6379 -> ::1
+        if self.cluster:
+            for hostport in parts.netloc.rpartition("@")[2].split(","):
+                host, _, port = hostport.rpartition(":")
+                self._seeds.append((host.strip("[]") or "127.0.0.1", int(port or 6379)))  # [::1]:6379 -> ::1
+        else:
+            self._seeds.append((parts.hostname or "127.0.0.1", parts.port or 6379))
         self._nodes: dict[tuple[str, int], Node] = {}
         self._slots: list[tuple[str, int] | None] = [None] * 16384
         self._refreshing: asyncio.Future[None] | None = None

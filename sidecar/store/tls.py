@@ -1,0 +1,71 @@
+"""TLS for a rediss:// store URL, read from the query parameters redis-py reads, so that both of the store's
+clients (the pipelined transport and redis-py) trust the same server the same way. No redis import: the config
+checks a URL's settings with it at load time."""
+
+from __future__ import annotations
+
+import ssl
+
+MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+SUPPORTED = {
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_ca_data",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_password",
+    "ssl_ciphers",
+}
+SECRET_PARAMS = ("password", "ssl_password")  # query values that reprs and logs must not show
+
+
+def tls_context(query: dict[str, str]) -> ssl.SSLContext:
+    """The system's CAs and a matching host name unless told otherwise. Raises ValueError (or OSError /
+    ssl.SSLError for unreadable files) naming the problem."""
+    unknown = sorted(k for k in query if k.startswith("ssl_") and k not in SUPPORTED)
+    if unknown:
+        raise ValueError(
+            f"unsupported TLS parameter(s): {', '.join(unknown)} (supported: {', '.join(sorted(SUPPORTED))})"
+        )
+    reqs = query.get("ssl_cert_reqs", "required")  # case-sensitive, as redis-py reads it
+    if reqs not in MODES:
+        raise ValueError(f"ssl_cert_reqs must be none, optional or required, not {reqs!r}")
+    context = ssl.create_default_context()
+    check = query.get("ssl_check_hostname", "true").lower() not in ("false", "0", "no", "n", "f", "")
+    context.check_hostname = check and reqs != "none"
+    context.verify_mode = MODES[reqs]
+    if query.get("ssl_keyfile") and not query.get("ssl_certfile"):
+        raise ValueError("ssl_keyfile needs ssl_certfile (the client certificate it belongs to)")
+    if query.get("ssl_certfile"):
+        password = query.get("ssl_password")
+
+        def no_prompt() -> str:  # an encrypted key without ssl_password must fail, not wait at a prompt
+            raise ValueError("ssl_keyfile is encrypted: give its ssl_password")
+
+        _load(
+            "ssl_certfile / ssl_keyfile",
+            lambda: context.load_cert_chain(
+                query["ssl_certfile"], query.get("ssl_keyfile"), password or no_prompt
+            ),
+        )
+    if query.get("ssl_ca_certs") or query.get("ssl_ca_path") or query.get("ssl_ca_data"):
+        _load(
+            "ssl_ca_certs / ssl_ca_path / ssl_ca_data",
+            lambda: context.load_verify_locations(
+                cafile=query.get("ssl_ca_certs"),
+                capath=query.get("ssl_ca_path"),
+                cadata=query.get("ssl_ca_data"),
+            ),
+        )
+    if query.get("ssl_ciphers"):
+        _load("ssl_ciphers", lambda: context.set_ciphers(query["ssl_ciphers"]))
+    return context
+
+
+def _load(what: str, load: object) -> None:
+    try:
+        load()  # type: ignore[operator]
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"{what}: {exc}") from exc
