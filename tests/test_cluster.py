@@ -297,3 +297,41 @@ async def test_cluster_settings_warnings_name_each_primary(
         single.stop()
     # a cluster that is not there: nothing to say, and no error in the way of starting
     assert await warnings_of(f"redis+cluster://127.0.0.1:{free_port(below=55536)}") == []
+
+
+async def test_cluster_password_in_the_url_reaches_both_clients(tmp_path: Path) -> None:
+    """`redis+cluster://:pw@host:port`: the hot path's transport and redis-py's cluster client (inspection, the
+    worker's paging) both authenticate."""
+    from sidecar.store import RedisStore
+    from tests.test_store import record
+
+    node = ValkeyServer(
+        port=free_port(below=55536),
+        data_dir=tmp_path / "auth",
+        config={"cluster-enabled": "yes", "cluster-config-file": "nodes.conf", "appendonly": "no"},
+    )
+    node.start(timeout=30)
+    try:
+        with redis.Redis(host="127.0.0.1", port=node.port) as c:
+            c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            deadline = time.monotonic() + 10
+            while c.cluster("INFO")["cluster_state"] != "ok":
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            c.config_set("requirepass", "s3 cret")
+        store = RedisStore.connect(
+            f"redis+cluster://:s3%20cret@127.0.0.1:{node.port}",
+            KeySpace("sidecar", 16),
+            dedupe_ttl=60,
+            dlq_max_length=10,
+        )
+        try:
+            await store.preload()
+            assert (await store.claim(record("evt_auth"), int(time.time() * 1000), 30_000)).claimed
+            event = await store.get_event("stripe", "evt_auth")  # through redis-py's cluster client
+            assert event is not None and event["state"] == "pending"
+            assert (await store.route_stats())["stripe"]["pending"] == 1
+        finally:
+            await store.close()
+    finally:
+        node.stop()

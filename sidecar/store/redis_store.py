@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
@@ -70,11 +70,21 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
         "decode_responses": False,
     }
     if url.startswith("redis+cluster://"):
+        parts = urlsplit(url.replace("redis+cluster://", "redis://", 1))
         nodes = []
-        for hostport in urlsplit(url.replace("redis+cluster://", "redis://", 1)).netloc.split(","):
+        for hostport in parts.netloc.rpartition("@")[2].split(","):
             host, _, port = hostport.rpartition(":")
-            nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
-        return RedisCluster(startup_nodes=nodes, max_connections=max_connections, **common)
+            nodes.append(ClusterNode(host.strip("[]") or "127.0.0.1", int(port or 6379)))
+        # the user info holds for every node, as it does for the pipelined transport
+        password = unquote(parts.password) if parts.password else None
+        username = unquote(parts.username) if parts.username else None
+        return RedisCluster(
+            startup_nodes=nodes,
+            max_connections=max_connections,
+            password=password,
+            username=username,
+            **common,
+        )
     return aioredis.from_url(url, max_connections=max_connections, **common)
 
 
