@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -667,45 +667,40 @@ def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
 
 
 def _redis_url(ctx: _Ctx, item: _Item, path: str) -> Any:
+    from sidecar.store.tls import tls_context, url_query  # lazily: the store package imports redis
+
     value = _text(ctx, item, path)
     if value is BAD or value == "embedded":
         return value
     scheme = value.partition("://")[0] if "://" in value else ""
+    parts = urlsplit(value)
+    query = url_query(parts.query)
+    tls_params = any(k.startswith("ssl_") for k in query)
+    problem: str | None = None
     if scheme in ("redis", "rediss"):
         problem = _url_problem(value, (scheme,))
-        if problem is None and not re.fullmatch(r"/?|/[0-9]+", urlsplit(value).path):
+        numeric = re.fullmatch(r"/?|/[0-9]+", parts.path) and re.fullmatch(r"[0-9]*", query.get("db", ""))
+        if problem is None and not numeric:
             problem = "the database must be a number, like redis://host:6379/0"
         if problem is None and scheme == "rediss":
-            problem = _tls_problem(value)
-        if problem is None and scheme == "redis" and "ssl_" in urlsplit(value).query:
+            try:  # tried as the store will use them (files read)
+                tls_context(query)
+            except ValueError as exc:
+                problem = f"TLS settings: {exc}"
+        if problem is None and scheme == "redis" and tls_params:
             problem = "TLS parameters need rediss://"
-        if problem is None and not re.fullmatch(
-            r"[0-9]*", parse_qs(urlsplit(value).query).get("db", [""])[0]
-        ):
-            problem = "the database must be a number, like redis://host:6379/0"
     elif scheme == "redis+cluster":
         problem = _cluster_problem(value)
-        if problem is None and "ssl_" in urlsplit(value).query:
+        if problem is None and tls_params:
             problem = "a cluster is reached over plain TCP here: no TLS parameters (rediss:// is single-node)"
     elif scheme == "unix":
-        problem = None if urlsplit(value).path else "expected a socket path, like unix:///run/redis.sock"
-        db = parse_qs(urlsplit(value).query).get("db", ["0"])[0]
-        if problem is None and not re.fullmatch(r"[0-9]+", db):
+        if not parts.path:
+            problem = "expected a socket path, like unix:///run/redis.sock"
+        elif not re.fullmatch(r"[0-9]+", query.get("db", "0")):
             problem = "the database must be a number, like unix:///run/redis.sock?db=0"
     else:
         problem = "expected embedded, or a redis://, rediss://, redis+cluster:// or unix:// URL"
     return ctx.bad(item, path, problem) if problem else value
-
-
-def _tls_problem(url: str) -> str | None:
-    """The `ssl_*` query parameters of a rediss:// URL, tried as the store will use them (files read)."""
-    from sidecar.store.tls import tls_context
-
-    try:
-        tls_context({k: v[0] for k, v in parse_qs(urlsplit(url).query).items()})
-    except ValueError as exc:
-        return f"TLS settings: {exc}"
-    return None
 
 
 def _cluster_problem(url: str) -> str | None:

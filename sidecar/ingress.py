@@ -226,9 +226,8 @@ class Ingress:
         self.forwarder = dispatcher.forwarder
         self.tel = telemetry
         self.rejections: defaultdict[str, int] = defaultdict(int)  # flushed to the store's stats in batches
-        self.late: set[asyncio.Future[Any]] = (
-            set()
-        )  # first attempts still running after their 202 (answer_within)
+        # first attempts still running after their 202 (answer_within)
+        self.late: set[asyncio.Future[Any]] = set()
 
     async def handle(self, request: web.Request, body: bytes | None = None) -> web.StreamResponse:
         """Answer one inbound request. `body` is given when the caller has read it already (sidecar/front.py)."""
@@ -317,8 +316,9 @@ class Ingress:
         # With the upstream's circuit open the event is claimed straight onto the schedule: one round trip and
         # a 202, instead of every provider request waiting out the forward timeout.
         schedule_at = None if forward_now else rec.first_seen_ms + int(breaker.retry_at() * 1000)
+        lease_ms = self.dispatcher.lease_ms(cfg)  # the claim's lease, and the 202's next_attempt_at
         try:
-            claim = await self.store.claim(rec, rec.first_seen_ms, self.dispatcher.lease_ms(cfg), schedule_at)
+            claim = await self.store.claim(rec, rec.first_seen_ms, lease_ms, schedule_at)
         except StoreError as exc:
             breaker.release(forward_now)
             result.outcome, result.error = "store_unavailable", str(exc)
@@ -340,7 +340,7 @@ class Ingress:
         if schedule_at is not None:
             result.outcome, result.error = "queued", "circuit_open"
             return queued(event_id, schedule_at)
-        lease_end = rec.first_seen_ms + self.dispatcher.lease_ms(cfg)
+        lease_end = rec.first_seen_ms + lease_ms
         return await self._first_attempt(rec, span, result, self.dispatcher.answer_within(cfg), lease_end)
 
     def _rejected(self, route: str, exc: VerificationError, result: Result) -> web.Response:

@@ -4,6 +4,7 @@ CLUSTER MEET from Python, then the ingest -> retry -> dead letter flow through `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,27 @@ def build_cluster(root: Path) -> list[ValkeyServer]:
     for c in clients:
         c.close()
     return servers
+
+
+@contextlib.contextmanager
+def one_node_cluster(data_dir: Path) -> Iterator[ValkeyServer]:
+    """A cluster of one primary holding every slot, stopped on exit."""
+    node = ValkeyServer(
+        port=free_port(below=55536),
+        data_dir=data_dir,
+        config={"cluster-enabled": "yes", "cluster-config-file": "nodes.conf", "appendonly": "no"},
+    )
+    node.start(timeout=30)
+    try:
+        with redis.Redis(host="127.0.0.1", port=node.port) as c:
+            c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            deadline = time.monotonic() + 10
+            while c.cluster("INFO")["cluster_state"] != "ok":
+                assert time.monotonic() < deadline, "the one-node cluster did not come up within 10 s"
+                time.sleep(0.1)
+        yield node
+    finally:
+        node.stop()
 
 
 @pytest.fixture(scope="module")
@@ -278,23 +300,9 @@ async def test_cluster_settings_warnings_name_each_primary(
     )
     assert all("appendonly is off" in w for w in warnings)
     # a cluster of one primary (redis-py answers a single node's INFO unwrapped)
-    single = ValkeyServer(
-        port=free_port(below=55536),
-        data_dir=tmp_path / "single",
-        config={"cluster-enabled": "yes", "cluster-config-file": "nodes.conf", "appendonly": "no"},
-    )
-    single.start(timeout=30)
-    try:
-        with redis.Redis(host="127.0.0.1", port=single.port) as c:
-            c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-            deadline = time.monotonic() + 10
-            while c.cluster("INFO")["cluster_state"] != "ok":
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+    with one_node_cluster(tmp_path / "single") as single:
         warnings = await warnings_of(f"redis+cluster://127.0.0.1:{single.port}")
         assert [w.split(": ", 1)[0] for w in warnings] == [f"store node 127.0.0.1:{single.port}"]
-    finally:
-        single.stop()
     # a cluster that is not there: nothing to say, and no error in the way of starting
     assert await warnings_of(f"redis+cluster://127.0.0.1:{free_port(below=55536)}") == []
 
@@ -302,36 +310,12 @@ async def test_cluster_settings_warnings_name_each_primary(
 async def test_cluster_password_in_the_url_reaches_both_clients(tmp_path: Path) -> None:
     """`redis+cluster://:pw@host:port`: the hot path's transport and redis-py's cluster client (inspection, the
     worker's paging) both authenticate."""
-    from sidecar.store import RedisStore
-    from tests.test_store import record
+    from tests.test_store import claim_and_read_back
 
-    node = ValkeyServer(
-        port=free_port(below=55536),
-        data_dir=tmp_path / "auth",
-        config={"cluster-enabled": "yes", "cluster-config-file": "nodes.conf", "appendonly": "no"},
-    )
-    node.start(timeout=30)
-    try:
+    with one_node_cluster(tmp_path / "auth") as node:
         with redis.Redis(host="127.0.0.1", port=node.port) as c:
-            c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-            deadline = time.monotonic() + 10
-            while c.cluster("INFO")["cluster_state"] != "ok":
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
             c.config_set("requirepass", "s3 cret")
-        store = RedisStore.connect(
-            f"redis+cluster://:s3%20cret@127.0.0.1:{node.port}",
-            KeySpace("sidecar", 16),
-            dedupe_ttl=60,
-            dlq_max_length=10,
-        )
-        try:
-            await store.preload()
-            assert (await store.claim(record("evt_auth"), int(time.time() * 1000), 30_000)).claimed
-            event = await store.get_event("stripe", "evt_auth")  # through redis-py's cluster client
-            assert event is not None and event["state"] == "pending"
-            assert (await store.route_stats())["stripe"]["pending"] == 1
-        finally:
-            await store.close()
-    finally:
-        node.stop()
+        url = f"redis+cluster://:s3%20cret@127.0.0.1:{node.port}"
+        event, stats = await claim_and_read_back(url, 16, "evt_auth")  # read back through redis-py's client
+        assert event is not None and event["state"] == "pending"
+        assert stats["stripe"]["pending"] == 1

@@ -260,23 +260,12 @@ async def test_store_over_tls_uses_the_pipelined_transport_and_redis_py_alike(
     import redis
 
     from sidecar.keys import KeySpace
-    from sidecar.store import RedisStore
-    from tests.test_store import record
+    from tests.test_store import claim_and_read_back
 
     port, ca = tls_store
-    store = RedisStore.connect(
-        f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}",
-        KeySpace("sidecar", 4),
-        dedupe_ttl=60,
-        dlq_max_length=10,
-    )
-    try:
-        await store.preload()
-        assert (await store.claim(record("evt_tls"), int(time.time() * 1000), 30_000)).claimed
-        event = await store.get_event("stripe", "evt_tls")  # read back through redis-py's TLS connection
-        assert event is not None and event["state"] == "pending"
-    finally:
-        await store.close()
+    # claimed through the pipelined transport's TLS connection, read back through redis-py's
+    event, _ = await claim_and_read_back(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}", 4, "evt_tls")
+    assert event is not None and event["state"] == "pending"
     with redis.Redis(port=server.port) as plain:  # it is the server behind the proxy that holds it
         assert plain.exists(KeySpace("sidecar", 4).locate("stripe", "evt_tls")[0]) == 1
 

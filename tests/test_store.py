@@ -33,6 +33,18 @@ def record(event_id: str = "evt_1", route: str = "stripe", body: bytes = b'{"id"
     )
 
 
+async def claim_and_read_back(url: str, shards: int, event_id: str) -> tuple[dict | None, dict]:
+    """Through a store on `url`: claim `event_id` (on the pipelined transport), then read the event and the route
+    stats back (through redis-py). For checking that both of the store's clients reach the same server."""
+    store = RedisStore.connect(url, KeySpace("sidecar", shards), dedupe_ttl=60, dlq_max_length=10)
+    try:
+        await store.preload()
+        assert (await store.claim(record(event_id), int(time.time() * 1000), 30_000)).claimed
+        return await store.get_event("stripe", event_id), await store.route_stats()
+    finally:
+        await store.close()
+
+
 @pytest.fixture
 async def store(redis_url: str, rdb: redis.Redis):
     s = RedisStore.connect(redis_url, KEYS, dedupe_ttl=3600, dlq_max_length=3)

@@ -20,12 +20,12 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import hiredis
 from redis.crc import key_slot
 
-from sidecar.store.tls import tls_context
+from sidecar.store.tls import tls_context, url_query
 
 
 class ReplyError(Exception):
@@ -269,6 +269,15 @@ class Node:
 REFRESH_INTERVAL = 0.25  # seconds between slot map reloads triggered by lost cluster connections
 
 
+def cluster_seeds(netloc: str) -> list[tuple[str, int]]:
+    """The (host, port) seeds of a redis+cluster:// URL's netloc: user info dropped, `[::1]` unbracketed."""
+    seeds = []
+    for hostport in netloc.rpartition("@")[2].split(","):
+        host, _, port = hostport.rpartition(":")
+        seeds.append((host.strip("[]") or "127.0.0.1", int(port or 6379)))
+    return seeds
+
+
 class PipelinedClient:
     """`await client.execute(args, key=…)`; `key` routes the command on a cluster (ignored on a single node)."""
 
@@ -278,7 +287,7 @@ class PipelinedClient:
         self.timeout = timeout
         self.cluster = url.startswith("redis+cluster://")
         parts = urlsplit(url.replace("redis+cluster://", "redis://", 1))
-        query = {k: v[0] for k, v in parse_qs(parts.query).items()}  # the first of repeated keys, as redis-py
+        query = url_query(parts.query)
         self._tls = tls_context(query) if parts.scheme == "rediss" else None
         self._unix_path = unquote(parts.path) if parts.scheme == "unix" else None
         self._password = unquote(parts.password) if parts.password else query.get("password")
@@ -286,13 +295,11 @@ class PipelinedClient:
         # redis-py: `?db=` first, then the path (not for a socket, whose path is the socket's)
         path_db = parts.path.lstrip("/") if self._unix_path is None else ""
         self._db = int(query.get("db") or path_db or 0) if not self.cluster else 0
-        self._seeds: list[tuple[str, int]] = []
-        if self.cluster:
-            for hostport in parts.netloc.rpartition("@")[2].split(","):
-                host, _, port = hostport.rpartition(":")
-                self._seeds.append((host.strip("[]") or "127.0.0.1", int(port or 6379)))  # [::1]:6379 -> ::1
-        else:
-            self._seeds.append((parts.hostname or "127.0.0.1", parts.port or 6379))
+        self._seeds = (
+            cluster_seeds(parts.netloc)
+            if self.cluster
+            else [(parts.hostname or "127.0.0.1", parts.port or 6379)]
+        )
         self._nodes: dict[tuple[str, int], Node] = {}
         self._slots: list[tuple[str, int] | None] = [None] * 16384
         self._refreshing: asyncio.Future[None] | None = None
@@ -379,23 +386,23 @@ class PipelinedClient:
         if self._closed or self._refreshing is not None or now - self._refreshed_at < REFRESH_INTERVAL:
             return
         self._refreshed_at = now
-        self._refreshing = refresh = asyncio.ensure_future(self._load_slots())
-        refresh.add_done_callback(self._refresh_done)
+        self._start_refresh()
+
+    def _start_refresh(self) -> asyncio.Future[None]:
+        """The slot map reload under way, or a new one: one at a time, shared by whoever waits for it."""
+        if self._refreshing is None:
+            self._refreshing = refresh = asyncio.ensure_future(self._load_slots())
+            refresh.add_done_callback(self._refresh_done)
+        return self._refreshing
 
     def _refresh_done(self, refresh: asyncio.Future[None]) -> None:
         if self._refreshing is refresh:
             self._refreshing = None
         if not refresh.cancelled():
-            refresh.exception()  # no node answered: the next lost connection tries again
+            refresh.exception()  # retrieved here; an awaiting caller gets it too, a background one tries again
 
     async def refresh_slots(self) -> None:
-        if self._refreshing is None:
-            self._refreshing = asyncio.ensure_future(self._load_slots())
-        try:
-            await asyncio.shield(self._refreshing)
-        finally:
-            if self._refreshing is not None and self._refreshing.done():
-                self._refreshing = None
+        await asyncio.shield(self._start_refresh())
 
     async def _load_slots(self) -> None:
         last: Exception | None = None

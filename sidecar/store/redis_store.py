@@ -25,7 +25,14 @@ from redis.backoff import ExponentialBackoff
 from sidecar.errors import StoreError, StoreUnavailable
 from sidecar.keys import KeySpace, split_member
 from sidecar.store.marks import DeliveredMarks, Mark
-from sidecar.store.pipeline import FastScript, NotReplicated, PipelinedClient, ReplyError, Wait
+from sidecar.store.pipeline import (
+    FastScript,
+    NotReplicated,
+    PipelinedClient,
+    ReplyError,
+    Wait,
+    cluster_seeds,
+)
 from sidecar.store.records import (
     STATE_NAMES,
     AttemptRecord,
@@ -71,10 +78,7 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
     }
     if url.startswith("redis+cluster://"):
         parts = urlsplit(url.replace("redis+cluster://", "redis://", 1))
-        nodes = []
-        for hostport in parts.netloc.rpartition("@")[2].split(","):
-            host, _, port = hostport.rpartition(":")
-            nodes.append(ClusterNode(host.strip("[]") or "127.0.0.1", int(port or 6379)))
+        nodes = [ClusterNode(host, port) for host, port in cluster_seeds(parts.netloc)]
         # the user info holds for every node, as it does for the pipelined transport
         password = unquote(parts.password) if parts.password else None
         username = unquote(parts.username) if parts.username else None
@@ -189,7 +193,8 @@ class RedisStore:
         """(label, INFO memory + persistence) of the server, or of each cluster primary."""
         if not self._cluster:
             return [("store: ", {**await self._r.info("memory"), **await self._r.info("persistence")})]
-        await self._call(lambda: asyncio.sleep(0))  # discover the cluster once, under the lock
+        if not self._ready:
+            await self._initialize()
         out = []
         for node in sorted(self._r.get_primaries(), key=lambda n: n.name):
             # one target node: redis-py answers with that node's INFO itself, not a dict keyed by node

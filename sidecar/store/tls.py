@@ -5,6 +5,8 @@ checks a URL's settings with it at load time."""
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
+from urllib.parse import parse_qs
 
 MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 SUPPORTED = {
@@ -18,7 +20,11 @@ SUPPORTED = {
     "ssl_password",
     "ssl_ciphers",
 }
-SECRET_PARAMS = ("password", "ssl_password")  # query values that reprs and logs must not show
+
+
+def url_query(query: str) -> dict[str, str]:
+    """A URL's query parameters as redis-py reads them: the first of repeated keys counts."""
+    return {k: v[0] for k, v in parse_qs(query).items()}
 
 
 def tls_context(query: dict[str, str]) -> ssl.SSLContext:
@@ -64,8 +70,8 @@ def tls_context(query: dict[str, str]) -> ssl.SSLContext:
     return context
 
 
-def _load(what: str, load: object) -> None:
+def _load(what: str, load: Callable[[], object]) -> None:
     try:
-        load()  # type: ignore[operator]
+        load()
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"{what}: {exc}") from exc
