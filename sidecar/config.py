@@ -682,24 +682,26 @@ def _redis_url(ctx: _Ctx, item: _Item, path: str) -> Any:
         numeric = re.fullmatch(r"/?|/[0-9]+", parts.path) and re.fullmatch(r"[0-9]*", query.get("db", ""))
         if problem is None and not numeric:
             problem = "the database must be a number, like redis://host:6379/0"
-        if problem is None and scheme == "rediss":
-            try:  # tried as the store will use them (files read)
-                tls_context(query)
-            except ValueError as exc:
-                problem = f"TLS settings: {exc}"
         if problem is None and scheme == "redis" and tls_params:
             problem = "TLS parameters need rediss://"
-    elif scheme == "redis+cluster":
+    elif scheme in ("redis+cluster", "rediss+cluster"):
         problem = _cluster_problem(value)
-        if problem is None and tls_params:
-            problem = "a cluster is reached over plain TCP here: no TLS parameters (rediss:// is single-node)"
+        if problem is None and scheme == "redis+cluster" and tls_params:
+            problem = "TLS parameters need rediss+cluster:// (TLS to every node)"
     elif scheme == "unix":
         if not parts.path:
             problem = "expected a socket path, like unix:///run/redis.sock"
         elif not re.fullmatch(r"[0-9]+", query.get("db", "0")):
             problem = "the database must be a number, like unix:///run/redis.sock?db=0"
     else:
-        problem = "expected embedded, or a redis://, rediss://, redis+cluster:// or unix:// URL"
+        problem = (
+            "expected embedded, or a redis://, rediss://, redis+cluster://, rediss+cluster:// or unix:// URL"
+        )
+    if problem is None and scheme in ("rediss", "rediss+cluster"):
+        try:  # tried as the store will use them (files read)
+            tls_context(query, cluster=scheme == "rediss+cluster")
+        except ValueError as exc:
+            problem = f"TLS settings: {exc}"
     return ctx.bad(item, path, problem) if problem else value
 
 
@@ -708,7 +710,7 @@ def _cluster_problem(url: str) -> str | None:
     for node in netloc.split(","):
         host, _, port = node.rpartition(":")
         if not host.strip("[]") or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
-            return "expected redis+cluster://host:port[,host:port…]"
+            return f"expected {url.partition('://')[0]}://host:port[,host:port…]"
     return None
 
 

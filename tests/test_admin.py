@@ -891,10 +891,13 @@ async def test_admin_property_no_5xx_and_errors_are_json(
         await resp.read()
 
 
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
 async def test_admin_store_unreachable_is_503_json_not_a_traceback(
-    aiohttp_client: Any, upstream: Upstream
+    aiohttp_client: Any, upstream: Upstream, scheme: str
 ) -> None:
-    dead = f"redis://127.0.0.1:{free_port()}"
+    """redis+cluster://: redis-py's cluster client says "no node reachable" with an exception outside RedisError;
+    it too is 503 store_unavailable."""
+    dead = f"{scheme}://127.0.0.1:{free_port(below=55536)}"
     config = make_config(ROUTES, upstream_url=upstream.url, redis_url=dead)
     main = await aiohttp_client(create_app(config, redis_url=dead, run_worker=False))
     http = await aiohttp_client(create_admin_app(main.server.app))

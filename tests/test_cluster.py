@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -25,19 +25,24 @@ pytestmark = pytest.mark.slow
 RANGES = ((0, 5460), (5461, 10922), (10923, 16383))
 
 
-def build_cluster(root: Path) -> list[ValkeyServer]:
+def build_cluster(root: Path, announce: Sequence[int] = ()) -> list[ValkeyServer]:
+    """Three primaries. `announce`: the client port each node tells clients of (CLUSTER SLOTS, MOVED) instead of
+    its own, as a node behind a TLS endpoint does."""
     servers = []
     for i in range(3):
-        server = ValkeyServer(
-            port=free_port(below=55536),  # the cluster bus listens on port + 10000
-            data_dir=root / f"node{i}",
-            config={
-                "cluster-enabled": "yes",
-                "cluster-config-file": "nodes.conf",
-                "cluster-node-timeout": "5000",
-                "appendonly": "no",
-            },
-        )
+        port = free_port(below=55536)  # the cluster bus listens on port + 10000
+        config = {
+            "cluster-enabled": "yes",
+            "cluster-config-file": "nodes.conf",
+            "cluster-node-timeout": "5000",
+            "appendonly": "no",
+        }
+        if announce:
+            config |= {
+                "cluster-announce-port": str(announce[i]),
+                "cluster-announce-bus-port": str(port + 10000),
+            }
+        server = ValkeyServer(port=port, data_dir=root / f"node{i}", config=config)
         server.start(timeout=30)
         servers.append(server)
     clients = [redis.Redis(host="127.0.0.1", port=s.port) for s in servers]
@@ -319,3 +324,71 @@ async def test_cluster_password_in_the_url_reaches_both_clients(tmp_path: Path) 
         event, stats = await claim_and_read_back(url, 16, "evt_auth")  # read back through redis-py's client
         assert event is not None and event["state"] == "pending"
         assert stats["stripe"]["pending"] == 1
+
+
+async def test_tls_cluster_serves_both_clients_over_tls(tmp_path: Path, upstream: Upstream) -> None:
+    """`rediss+cluster://`: every node behind a TLS endpoint that the cluster announces (CLUSTER SLOTS, MOVED), as
+    a managed cluster with in-transit encryption does. The hot path's transport and redis-py's cluster client (the
+    worker's paging, stats) reach all three nodes through TLS alone, trusting the URL's CA; without it, the store
+    refuses the nodes' certificate."""
+    from sidecar.errors import StoreUnavailable
+    from sidecar.store.redis_store import _connect
+    from tests.test_pipeline import _certificate, tls_proxy
+    from tests.test_store import claim_and_read_back
+
+    cert, key = _certificate(tmp_path)
+    announced = [free_port(below=55536) for _ in range(3)]
+    servers = await asyncio.to_thread(build_cluster, tmp_path / "tls", announced)
+    try:
+        async with contextlib.AsyncExitStack() as proxies:
+            for server, port in zip(servers, announced, strict=True):
+                await proxies.enter_async_context(tls_proxy(server.port, cert, key, port))
+            with redis.Redis(host="127.0.0.1", port=servers[0].port) as plain:
+                slots = plain.execute_command("CLUSTER", "SLOTS")
+            assert sorted(entry[2][1] for entry in slots) == sorted(announced)  # only TLS ports are named
+            url = f"rediss+cluster://127.0.0.1:{announced[0]}?ssl_ca_certs={cert}"
+            config = make_config(ROUTES, upstream_url=upstream.url, redis_url=url, retry="{base_delay: 50ms}")
+            app = create_app(config, redis_url=url, run_worker=False)
+            async with TestClient(TestServer(app)) as client:
+                runtime = app[RUNTIME]
+                bodies = [stripe_body(f"evt_t{i}") for i in range(30)]
+                resps = await asyncio.gather(
+                    *(
+                        client.post("/webhooks/stripe", data=b, headers=stripe_headers(b))
+                        for _ in range(2)
+                        for b in bodies
+                    )
+                )
+                assert [r.status for r in resps] == [200] * 60
+                assert sorted(upstream.ids()) == sorted(f"evt_t{i}" for i in range(30))
+                upstream.respond(503)
+                body = stripe_body("evt_t_retry")
+                first = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+                assert first.status == 202
+                await asyncio.sleep(0.1)
+                assert await runtime.worker.run_once() == 1  # paged through redis-py's cluster client
+                assert upstream.ids().count("evt_t_retry") == 2
+                stats = await runtime.store.route_stats()
+                assert stats["stripe"]["duplicates"] == 30
+            for server in servers:  # the 16 shards were spread over every node
+                with redis.Redis(host="127.0.0.1", port=server.port) as plain:
+                    assert plain.dbsize() > 0
+            # the same cluster without the URL's CA: the certificate is refused by both clients
+            untrusted = f"rediss+cluster://127.0.0.1:{announced[1]}"
+            with pytest.raises(StoreUnavailable):
+                await claim_and_read_back(untrusted, 16, "evt_t_untrusted")
+            # redis-py's cluster client as the store builds it: refused without the CA, and connected with
+            # ssl_cert_reqs=none, as the hot path's transport would be
+            refused = _connect(untrusted, 2.0, 4)
+            with pytest.raises((redis.exceptions.RedisClusterException, redis.exceptions.ConnectionError)):
+                await refused.initialize()
+            await refused.aclose()
+            unverified = _connect(untrusted + "?ssl_cert_reqs=none", 2.0, 4)
+            try:
+                assert await unverified.ping() is True
+                assert len(unverified.get_primaries()) == 3
+            finally:
+                await unverified.aclose()
+    finally:
+        for server in servers:
+            server.stop()

@@ -4,6 +4,7 @@ bounded time when the server stops answering (SIGSTOP)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import ssl
@@ -191,10 +192,9 @@ def _certificate(tmp_path) -> tuple[str, str]:
     return str(cert_path), str(key_path)
 
 
-@pytest.fixture
-async def tls_store(server: ValkeyServer, tmp_path) -> AsyncIterator[tuple[int, str]]:
-    """(port, CA file) of a TLS endpoint in front of `server`."""
-    cert, key = _certificate(tmp_path)
+@contextlib.asynccontextmanager
+async def tls_proxy(target_port: int, cert: str, key: str, port: int = 0) -> AsyncIterator[int]:
+    """A TLS endpoint on 127.0.0.1:`port` (0: any) relaying to the plain server on `target_port`; yields its port."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
 
@@ -215,21 +215,29 @@ async def tls_store(server: ValkeyServer, tmp_path) -> AsyncIterator[tuple[int, 
         tasks.add(asyncio.current_task())  # type: ignore[arg-type]
         writers.add(writer)
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", server.port)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
             writers.add(up_writer)
             await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
         finally:
             writer.close()
 
-    proxy = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=context)
+    proxy = await asyncio.start_server(accept, "127.0.0.1", port, ssl=context)
     try:
-        yield proxy.sockets[0].getsockname()[1], cert
+        yield proxy.sockets[0].getsockname()[1]
     finally:
         proxy.close()
         for w in writers:  # Python 3.11's wait_closed does not wait for the connections' handlers
             w.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         await proxy.wait_closed()
+
+
+@pytest.fixture
+async def tls_store(server: ValkeyServer, tmp_path) -> AsyncIterator[tuple[int, str]]:
+    """(port, CA file) of a TLS endpoint in front of `server`."""
+    cert, key = _certificate(tmp_path)
+    async with tls_proxy(server.port, cert, key) as port:
+        yield port, cert
 
 
 async def test_pipeline_speaks_tls_with_the_ca_of_the_url(tls_store: tuple[int, str]) -> None:

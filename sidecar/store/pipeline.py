@@ -20,7 +20,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import hiredis
 from redis.crc import key_slot
@@ -269,8 +269,21 @@ class Node:
 REFRESH_INTERVAL = 0.25  # seconds between slot map reloads triggered by lost cluster connections
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # and the scheme of each node
+
+
+def split_url(url: str) -> tuple[SplitResult, bool]:
+    """(the URL split as one node's URL, whether it names a cluster): `rediss+cluster://` is read as `rediss://`
+    (TLS to every node), `redis+cluster://` as `redis://`."""
+    scheme, sep, rest = url.partition("://")
+    node_scheme = CLUSTER_SCHEMES.get(scheme)
+    if sep and node_scheme is not None:
+        return urlsplit(f"{node_scheme}://{rest}"), True
+    return urlsplit(url), False
+
+
 def cluster_seeds(netloc: str) -> list[tuple[str, int]]:
-    """The (host, port) seeds of a redis+cluster:// URL's netloc: user info dropped, `[::1]` unbracketed."""
+    """The (host, port) seeds of a redis+cluster:// or rediss+cluster:// URL's netloc: user info dropped, `[::1]` unbracketed."""
     seeds = []
     for hostport in netloc.rpartition("@")[2].split(","):
         host, _, port = hostport.rpartition(":")
@@ -283,12 +296,11 @@ class PipelinedClient:
 
     def __init__(self, url: str, timeout: float = 2.0) -> None:
         """`url` as redis-py reads it: redis://, rediss:// (TLS, with redis-py's `ssl_*` query parameters),
-        unix:///path?db=N, or redis+cluster://host:port[,host:port…]."""
+        unix:///path?db=N, or redis+cluster://host:port[,host:port…] (rediss+cluster:// for TLS to every node)."""
         self.timeout = timeout
-        self.cluster = url.startswith("redis+cluster://")
-        parts = urlsplit(url.replace("redis+cluster://", "redis://", 1))
+        parts, self.cluster = split_url(url)
         query = url_query(parts.query)
-        self._tls = tls_context(query) if parts.scheme == "rediss" else None
+        self._tls = tls_context(query, self.cluster) if parts.scheme == "rediss" else None
         self._unix_path = unquote(parts.path) if parts.scheme == "unix" else None
         self._password = unquote(parts.password) if parts.password else query.get("password")
         self._username = unquote(parts.username) if parts.username else query.get("username")

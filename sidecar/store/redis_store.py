@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
@@ -32,6 +32,7 @@ from sidecar.store.pipeline import (
     ReplyError,
     Wait,
     cluster_seeds,
+    split_url,
 )
 from sidecar.store.records import (
     STATE_NAMES,
@@ -43,11 +44,21 @@ from sidecar.store.records import (
     parse_history,
     parse_meta,
 )
+from sidecar.store.tls import cluster_tls, url_query
 
 T = TypeVar("T")
 log = logging.getLogger("sidecar.store")
 
-_UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, ConnectionError, TimeoutError, OSError)
+# redis-py's cluster client says "no node reachable" / "slot not covered" with RedisClusterException, which is
+# not a RedisError
+_UNAVAILABLE = (
+    rexc.ConnectionError,
+    rexc.TimeoutError,
+    rexc.RedisClusterException,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
 
 
 def _script(name: str) -> str:
@@ -76,12 +87,14 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
         "retry": retry,
         "decode_responses": False,
     }
-    if url.startswith("redis+cluster://"):
-        parts = urlsplit(url.replace("redis+cluster://", "redis://", 1))
+    parts, cluster = split_url(url)
+    if cluster:
         nodes = [ClusterNode(host, port) for host, port in cluster_seeds(parts.netloc)]
         # the user info holds for every node, as it does for the pipelined transport
         password = unquote(parts.password) if parts.password else None
         username = unquote(parts.username) if parts.username else None
+        if parts.scheme == "rediss":
+            common.update(cluster_tls(url_query(parts.query)))
         return RedisCluster(
             startup_nodes=nodes,
             max_connections=max_connections,

@@ -1,4 +1,4 @@
-"""TLS for a rediss:// store URL, read from the query parameters redis-py reads, so that both of the store's
+"""TLS for a rediss:// or rediss+cluster:// store URL, read from the query parameters redis-py reads, so that both of the store's
 clients (the pipelined transport and redis-py) trust the same server the same way. No redis import: the config
 checks a URL's settings with it at load time."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs
 
 MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
@@ -27,20 +28,45 @@ def url_query(query: str) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(query).items()}
 
 
-def tls_context(query: dict[str, str]) -> ssl.SSLContext:
-    """The system's CAs and a matching host name unless told otherwise. Raises ValueError (or OSError /
-    ssl.SSLError for unreadable files) naming the problem."""
-    unknown = sorted(k for k in query if k.startswith("ssl_") and k not in SUPPORTED)
+# redis-py's cluster client takes no ssl_ca_path or ssl_password: on a cluster they would hold for the hot path's
+# connections only, so they are refused there
+NOT_ON_A_CLUSTER = ("ssl_ca_path", "ssl_password")
+
+
+def _modes(query: dict[str, str], cluster: bool) -> tuple[str, bool]:
+    """(ssl_cert_reqs, whether the host name is checked), after refusing what cannot be honoured."""
+    allowed = SUPPORTED.difference(NOT_ON_A_CLUSTER) if cluster else SUPPORTED
+    unknown = sorted(k for k in query if k.startswith("ssl_") and k not in allowed)
     if unknown:
+        where = " on a cluster" if cluster and set(unknown) & set(NOT_ON_A_CLUSTER) else ""
         raise ValueError(
-            f"unsupported TLS parameter(s): {', '.join(unknown)} (supported: {', '.join(sorted(SUPPORTED))})"
+            f"unsupported TLS parameter(s){where}: {', '.join(unknown)} (supported: {', '.join(sorted(allowed))})"
         )
     reqs = query.get("ssl_cert_reqs", "required")  # case-sensitive, as redis-py reads it
     if reqs not in MODES:
         raise ValueError(f"ssl_cert_reqs must be none, optional or required, not {reqs!r}")
-    context = ssl.create_default_context()
     check = query.get("ssl_check_hostname", "true").lower() not in ("false", "0", "no", "n", "f", "")
-    context.check_hostname = check and reqs != "none"
+    return reqs, check and reqs != "none"
+
+
+def cluster_tls(query: dict[str, str]) -> dict[str, Any]:
+    """redis-py cluster client keyword arguments for the TLS that `tls_context(query, cluster=True)` sets up for the
+    hot path, so both clients trust every node the same way."""
+    reqs, check = _modes(query, cluster=True)
+    options: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": reqs, "ssl_check_hostname": check}
+    for key in ("ssl_ca_certs", "ssl_ca_data", "ssl_certfile", "ssl_keyfile", "ssl_ciphers"):
+        if query.get(key):
+            options[key] = query[key]
+    return options
+
+
+def tls_context(query: dict[str, str], cluster: bool = False) -> ssl.SSLContext:
+    """The system's CAs and a matching host name unless told otherwise. Raises ValueError (or OSError /
+    ssl.SSLError for unreadable files) naming the problem. `cluster`: for every node of a rediss+cluster:// URL,
+    where redis-py's cluster client cannot take ssl_ca_path or ssl_password."""
+    reqs, check = _modes(query, cluster)
+    context = ssl.create_default_context()
+    context.check_hostname = check
     context.verify_mode = MODES[reqs]
     if query.get("ssl_keyfile") and not query.get("ssl_certfile"):
         raise ValueError("ssl_keyfile needs ssl_certfile (the client certificate it belongs to)")
