@@ -37,12 +37,15 @@ def write_config(
     upstream_timeout: str = "30s",
     retry: str = "{base_delay: 1s, jitter: 0, lease: 2s}",
     breaker: str = "{}",
+    data_dir: Path | None = None,
 ) -> None:
+    """`data_dir`: where an `embedded` store keeps its append-only file."""
+    store = f", data_dir: {str(data_dir)!r}" if data_dir is not None else ""
     path.write_text(
         f"""
 server: {{listen: "127.0.0.1:{port}", shutdown_grace: 1s}}
 admin: {{listen: "127.0.0.1:{admin_port}", token: "t"}}
-redis: {{url: "{redis_url}", shards: 4}}
+redis: {{url: "{redis_url}", shards: 4{store}}}
 upstream: {{url: "{upstream_url}", timeout: {upstream_timeout}, breaker: {breaker}}}
 retry: {retry}
 routes:

@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ import redis
 from sidecar.keys import KeySpace
 from sidecar.store.records import parse_meta
 from tests.conftest import Upstream
-from tests.procs import SidecarProcess, start_sidecar
+from tests.procs import SidecarProcess, start_sidecar, wait_until
 
 SECRET = "whsec_crash_test"
 KEYS = KeySpace("sidecar", 4)
@@ -108,3 +110,54 @@ async def test_crash_sigterm_lets_in_flight_forward_finish(
         socket.create_connection(("127.0.0.1", port), timeout=1).close()  # no longer accepting
     shard = KEYS.shard_of("stripe", "evt_term")
     assert rdb.hget(KEYS.event(shard, "stripe:evt_term"), "st") == b"d"
+
+
+@pytest.mark.slow
+async def test_embedded_store_killed_under_a_running_sidecar_comes_back_with_its_events(
+    tmp_path: Path, upstream: Upstream, processes: list[SidecarProcess]
+) -> None:
+    """`redis.url: embedded`, the store SIGKILLed (an OOM kill, say) while `sidecar run` serves: until it is back
+    the sidecar answers 503 (never a 2xx, never a 500); then it is started again from its append-only file, so a
+    resend of an event accepted before the kill is a duplicate, and new events are delivered."""
+    proc, port = start_sidecar(
+        tmp_path / "sidecar.yaml",
+        processes,
+        redis_url="embedded",
+        upstream_url=upstream.url,
+        secret=SECRET,
+        data_dir=tmp_path / "data",
+    )
+    assert proc.proc is not None
+    url = f"http://127.0.0.1:{port}/webhooks/stripe"
+    before = json.dumps({"id": "evt_before", "type": "invoice.paid"}).encode()
+    during = json.dumps({"id": "evt_during", "type": "invoice.paid"}).encode()
+    async with aiohttp.ClientSession() as client:
+
+        async def send(body: bytes) -> tuple[int, dict]:
+            async with client.post(url, data=body, headers=signed(body)) as resp:
+                return resp.status, await resp.json()
+
+        assert (await send(before))[0] == 200
+        deadline = time.monotonic() + 10
+        while (await send(before))[1].get("state") != "delivered":  # its batched delivered mark is written
+            assert time.monotonic() < deadline, "evt_before was not marked delivered within 10 s"
+            await asyncio.sleep(0.05)
+        pid = proc.proc.pid
+        (valkey,) = (int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+        os.kill(valkey, signal.SIGKILL)
+        statuses = []
+        deadline = time.monotonic() + 30
+        while True:
+            status, answer = await send(during)
+            statuses.append(status)
+            if status == 200:
+                break
+            assert status == 503 and answer["error"] == "store_unavailable", (status, answer)
+            assert time.monotonic() < deadline, "the embedded store did not come back within 30 s"
+            await asyncio.sleep(0.05)
+        status, answer = await send(before)
+        assert status == 200 and answer["duplicate"] is True and answer["state"] == "delivered"
+    assert sorted(upstream.ids()) == ["evt_before", "evt_during"]
+    assert "embedded valkey exited (killed by SIGKILL)" in proc.log()
+    # said once its start returns, which can be after the sidecar's clients reconnected
+    assert await wait_until(lambda: "embedded valkey is back at" in proc.log(), timeout=10)

@@ -1,8 +1,10 @@
-"""The embedded Valkey: its AOF rewrite child yields the CPU to the server that answers the sidecar."""
+"""The embedded Valkey: its AOF rewrite child yields the CPU to the server that answers the sidecar, and a server
+that dies is started again with its data."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -75,3 +77,79 @@ def test_stop_ends_the_child_watch(tmp_path: Path) -> None:
         store.stop()
     assert not watcher.is_alive()
     assert store._watcher is None
+
+
+def _wait_restarted(store: EmbeddedValkey, restarts: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while store.restarts < restarts:
+        assert time.monotonic() < deadline, f"the store was not started again within {timeout} s"
+        time.sleep(0.02)
+
+
+def test_a_store_that_dies_is_started_again_on_its_port_with_its_data(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = EmbeddedValkey(tmp_path / "valkey")
+    url = store.start()
+    first = store.pid
+    try:
+        with redis.Redis.from_url(url) as client:
+            client.set("accepted", "before the kill")
+        assert first is not None
+        with caplog.at_level("WARNING", logger="sidecar.store"):
+            os.kill(first, signal.SIGKILL)
+            _wait_restarted(store, 1)
+        assert store.url == url and store.pid not in (None, first)
+        with redis.Redis.from_url(url) as client:  # replayed from its append-only file
+            assert client.get("accepted") == b"before the kill"
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("embedded valkey exited (killed by SIGKILL)" in m for m in messages), messages
+        assert any("embedded valkey is back at" in m for m in messages), messages
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)  # reaped, not left a zombie
+        second = store.pid
+    finally:
+        store.stop()
+    with pytest.raises(ProcessLookupError):
+        os.kill(second or 0, 0)  # stop() stops the server that was started again
+
+
+def test_a_restart_that_fails_is_tried_again_until_the_store_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The append-only manifest is unreadable when the server dies (Valkey reads it only at startup): the first
+    restarts fail and are tried again, backing off; once it is readable again, the store comes back whole."""
+    store = EmbeddedValkey(tmp_path / "valkey")
+    url = store.start()
+    try:
+        with redis.Redis.from_url(url) as client:
+            client.set("accepted", "yes")
+        (manifest,) = (tmp_path / "valkey").rglob("*.manifest")
+        good = manifest.read_bytes()
+        manifest.write_bytes(b"not a manifest\n")
+        with caplog.at_level("WARNING", logger="sidecar.store"):
+            os.kill(store.pid or 0, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while not any("did not start again" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, "no failed restart was logged within 20 s"
+                time.sleep(0.02)
+            assert store.restarts == 0
+            manifest.write_bytes(good)
+            _wait_restarted(store, 1)
+        with redis.Redis.from_url(url) as client:
+            assert client.get("accepted") == b"yes"
+    finally:
+        store.stop()
+
+
+def test_stop_during_failing_restarts_returns(tmp_path: Path) -> None:
+    store = EmbeddedValkey(tmp_path / "valkey")
+    store.start()
+    (manifest,) = (tmp_path / "valkey").rglob("*.manifest")
+    manifest.write_bytes(b"not a manifest\n")
+    os.kill(store.pid or 0, signal.SIGKILL)
+    time.sleep(0.5)  # a few failed restarts
+    started = time.monotonic()
+    store.stop()
+    assert time.monotonic() - started < 15
+    assert store.restarts == 0 and store._watcher is None

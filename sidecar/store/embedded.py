@@ -11,12 +11,18 @@ it takes. The sidecar usually shares its cores with the store, so that child run
 answers the sidecar, waits behind it. In `sidecar bench` on the project's 2-core machine, a run at ~35 % load that
 overlaps a rewrite went from +20..+119 ms over a plain proxy's p99 to +0.3..+5 ms (docs/performance.md, "Latency at
 35 %").
+
+A server that dies under the sidecar (killed, out of memory) is started again on the same port, from its
+append-only file, within WATCH_INTERVAL; meanwhile the sidecar answers 503 and its store clients reconnect by
+themselves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import threading
 from collections import deque
 from pathlib import Path
@@ -29,23 +35,27 @@ from sidecar.errors import EmbeddedStoreError
 log = logging.getLogger("sidecar.store")
 
 CHILD_NICE = 19
-WATCH_INTERVAL = 0.01  # seconds between looks for a new child: a rewrite of any size lasts far longer
+WATCH_INTERVAL = 0.01  # seconds between looks at the server: a rewrite of any size lasts far longer
+START_TIMEOUT = 30.0  # a large append-only file takes seconds to load (7.2 s for 619 MB here)
+RESTART_BACKOFF = (0.1, 10.0)  # first and longest wait between failed restarts
 
 
 class EmbeddedValkey:
     def __init__(self, data_dir: str | Path, appendfsync: str = "everysec", port: int | None = None) -> None:
         self.data_dir = Path(data_dir)
-        self._server = ValkeyServer(
-            port=port,
-            data_dir=self.data_dir,
-            persist=True,
-            appendonly="yes",
-            appendfsync=appendfsync,
-            save="",
-        )
+        self._options = {
+            "data_dir": self.data_dir,
+            "persist": True,
+            "appendonly": "yes",
+            "appendfsync": appendfsync,
+            "save": "",
+        }
+        self._server = ValkeyServer(port=port, **self._options)
         self.demoted: deque[int] = deque(maxlen=100)  # the last children given CHILD_NICE, oldest first
+        self.restarts = 0  # times the server died under the sidecar and was started again
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._port: int | None = port
 
     @property
     def url(self) -> str:
@@ -58,42 +68,79 @@ class EmbeddedValkey:
 
     def start(self) -> str:
         try:
-            self._server.start(timeout=30.0)
+            self._server.start(timeout=START_TIMEOUT)
         except (ValkeyServerError, OSError) as exc:
             raise EmbeddedStoreError(
                 f"could not start the embedded Valkey in {self.data_dir}: {exc}"
             ) from exc
+        self._port = self._server.port  # a restart takes the same one: the sidecar's clients know only it
         log.info("embedded valkey started at %s (data in %s)", self.url, self.data_dir)
-        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-        if self.pid is not None and children.exists():
-            self._watch_stop.clear()
-            self._watcher = threading.Thread(
-                target=self._watch, args=(children,), name="valkey-child-nice", daemon=True
-            )
-            self._watcher.start()
+        self._watch_stop.clear()
+        self._watcher = threading.Thread(target=self._watch, name="valkey-watch", daemon=True)
+        self._watcher.start()
         return self.url
 
-    def _watch(self, children: Path) -> None:
-        """Give every child the server forks (its AOF rewrites) the lowest CPU priority, within WATCH_INTERVAL."""
+    def _watch(self) -> None:
+        """Every WATCH_INTERVAL: start the server again if it died (the sidecar answers 503 meanwhile, and its
+        clients reconnect by themselves), and give every child it forks (its AOF rewrites) the lowest CPU
+        priority."""
         known: set[int] = set()
         while not self._watch_stop.wait(WATCH_INTERVAL):
+            proc = self._server._process
+            if proc is None or proc.poll() is not None:
+                self._restart(proc.returncode if proc is not None else None)
+                known = set()
+                continue
+            known = self._demote_children(proc.pid, known)
+
+    def _demote_children(self, pid: int, known: set[int]) -> set[int]:
+        try:
+            current = {int(field) for field in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+        except (OSError, ValueError):  # no such file on this system, or the server is just gone
+            return known
+        for child in current - known:
             try:
-                current = {int(field) for field in children.read_text().split()}
-            except (OSError, ValueError):
-                return  # the server is gone
-            for child in current - known:
-                try:
-                    os.setpriority(os.PRIO_PROCESS, child, CHILD_NICE)
-                except OSError:  # it exited in between
-                    continue
-                self.demoted.append(child)
-                log.debug("embedded valkey child %d runs at nice %d", child, CHILD_NICE)
-            known = current
+                os.setpriority(os.PRIO_PROCESS, child, CHILD_NICE)
+            except OSError:  # it exited in between
+                continue
+            self.demoted.append(child)
+            log.debug("embedded valkey child %d runs at nice %d", child, CHILD_NICE)
+        return current
+
+    def _restart(self, returncode: int | None) -> None:
+        """Start the server again on the same port and data: it replays its append-only file, so every event
+        accepted before it died is there again. Failed starts are tried again, backing off, until stop()."""
+        port = self._port
+        how = f"exit code {returncode}"
+        if returncode is not None and returncode < 0:
+            with contextlib.suppress(ValueError):
+                how = f"killed by {signal.Signals(-returncode).name}"
+        log.error(
+            "embedded valkey exited (%s); the store is unavailable until it is back: restarting it on port %s "
+            "from its append-only file in %s",
+            how,
+            port,
+            self.data_dir,
+        )
+        delay = RESTART_BACKOFF[0]
+        while not self._watch_stop.is_set():
+            server = ValkeyServer(port=port, **self._options)
+            try:
+                server.start(timeout=START_TIMEOUT)
+            except (ValkeyServerError, OSError) as exc:
+                log.error("embedded valkey did not start again: %s; next try in %.1fs", exc, delay)
+                self._watch_stop.wait(delay)
+                delay = min(delay * 2, RESTART_BACKOFF[1])
+                continue
+            self._server = server
+            self.restarts += 1
+            log.warning("embedded valkey is back at %s (restart %d)", self.url, self.restarts)
+            return
 
     def stop(self) -> None:
         self._watch_stop.set()
         if self._watcher is not None:
-            self._watcher.join(timeout=1.0)
+            self._watcher.join(timeout=START_TIMEOUT + 5)  # a restart under way finishes first
             self._watcher = None
         if self._server.is_running():
             self._server.stop(timeout=10.0)
