@@ -115,7 +115,9 @@ class EmbeddedValkey:
         if returncode is not None and returncode < 0:
             with contextlib.suppress(ValueError):
                 how = f"killed by {signal.Signals(-returncode).name}"
-        log.error(
+        # exit code 0: it was told to shut down (Ctrl-C reaches the whole process group), the sidecar draining
+        log.log(
+            logging.WARNING if returncode == 0 else logging.ERROR,
             "embedded valkey exited (%s); the store is unavailable until it is back: restarting it on port %s "
             "from its append-only file in %s",
             how,
