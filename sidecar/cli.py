@@ -79,6 +79,7 @@ async def serve(
     await site.start()
     admin_runner = web.AppRunner(
         create_admin_app(app),
+        shutdown_timeout=config.server.shutdown_grace,  # aiohttp's default is 60 s
         keepalive_timeout=config.server.read_timeout,
         access_log=None,
         handle_signals=False,
@@ -96,8 +97,9 @@ async def serve(
         await stop.wait()
     finally:
         log.info("shutting down: draining in-flight requests for up to %ss", config.server.shutdown_grace)
-        await admin_runner.cleanup()
-        await runner.cleanup()
+        app[RUNTIME].begin_shutdown(config.server.shutdown_grace)
+        # together: an admin call still running must not hold the front's drain back (the pod's grace is one)
+        await asyncio.gather(admin_runner.cleanup(), runner.cleanup())
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -19,7 +20,7 @@ import redis
 from sidecar.keys import KeySpace
 from sidecar.store.records import parse_meta
 from tests.conftest import Upstream
-from tests.procs import SidecarProcess, start_sidecar, wait_until
+from tests.procs import SidecarProcess, free_port, start_sidecar, wait_until
 
 SECRET = "whsec_crash_test"
 KEYS = KeySpace("sidecar", 4)
@@ -161,3 +162,57 @@ async def test_embedded_store_killed_under_a_running_sidecar_comes_back_with_its
     assert "embedded valkey exited (killed by SIGKILL)" in proc.log()
     # said once its start returns, which can be after the sidecar's clients reconnected
     assert await wait_until(lambda: "embedded valkey is back at" in proc.log(), timeout=10)
+
+
+@pytest.mark.slow
+async def test_crash_sigterm_steps_share_one_shutdown_grace(
+    tmp_path: Path, upstream: Upstream, redis_url: str, rdb: redis.Redis, processes: list[SidecarProcess]
+) -> None:
+    """Shutdown's steps (the front's drain, the retry worker, first attempts still running after their 202, the
+    delivered marks) share one `server.shutdown_grace` from SIGTERM, so the pod's termination grace period has
+    to cover it once. Here the upstream never answers: one request is in flight in the front and one attempt runs
+    on after its 202, each of which used to get the whole grace in turn (2 s + 2 s)."""
+    hang = asyncio.Event()
+
+    async def hold(_: object) -> None:
+        await hang.wait()
+
+    upstream.behaviour = hold
+    port, grace = free_port(), 2.0
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(
+        f"""
+server: {{listen: "127.0.0.1:{port}", shutdown_grace: {grace}s}}
+admin: {{listen: "127.0.0.1:{free_port()}", token: "t"}}
+redis: {{url: "{redis_url}", shards: 4}}
+upstream: {{url: "{upstream.url}", timeout: 30s}}
+retry: {{base_delay: 1s, jitter: 0, lease: 60s}}
+routes:
+  - {{name: quick, path: /webhooks/quick, provider: stripe, secrets: ["{SECRET}"], answer_within: 100ms}}
+  - {{name: stripe, path: /webhooks/stripe, provider: stripe, secrets: ["{SECRET}"]}}
+"""
+    )
+    proc = SidecarProcess(cfg)
+    processes.append(proc)
+    proc.start(port)
+    assert proc.proc is not None
+    late = json.dumps({"id": "evt_late", "type": "invoice.paid"}).encode()
+    held = json.dumps({"id": "evt_held", "type": "invoice.paid"}).encode()
+    async with aiohttp.ClientSession() as client:
+        base = f"http://127.0.0.1:{port}/webhooks"
+        async with client.post(f"{base}/quick", data=late, headers=signed(late)) as resp:
+            assert resp.status == 202 and (await resp.json())["in_flight"] is True  # its attempt goes on
+        in_front = asyncio.create_task(client.post(f"{base}/stripe", data=held, headers=signed(held)))
+        assert await wait_until(lambda: len(upstream.received) == 2, timeout=10)
+        started = time.monotonic()
+        proc.proc.terminate()
+        code = await asyncio.to_thread(proc.proc.wait, 15)
+        took = time.monotonic() - started
+        with contextlib.suppress(aiohttp.ClientError):
+            (await in_front).release()
+    hang.set()
+    assert code == 0
+    assert took < grace + 1.5, f"shutdown took {took:.2f}s with a grace of {grace}s"
+    for event in ("quick:evt_late", "stripe:evt_held"):  # both still leased: attempted again after the lease
+        route = event.split(":")[0]
+        assert rdb.hget(KEYS.event(KEYS.shard_of(route, event.split(":")[1]), event), "st") == b"f"
