@@ -42,7 +42,9 @@ class Runtime:
     worker: RetryWorker
     telemetry: Telemetry
     reloader: Reloader | None = None
-    shutdown_deadline: float | None = None  # loop time by which shutdown should be done; None: not shutting down
+    shutdown_deadline: float | None = (
+        None  # loop time by which shutdown should be done; None: not shutting down
+    )
 
     def begin_shutdown(self, grace: float) -> None:
         """On SIGTERM, before the front drains: every shutdown step after it shares what is left of `grace` (the
@@ -63,6 +65,7 @@ REDIS_URL = web.AppKey("redis_url", str)
 RUN_WORKER = web.AppKey("run_worker", bool)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 CONFIG_PATH = web.AppKey("config_path", str)
+WARN_SETTINGS = web.AppKey("warn_settings", bool)
 MARKS_GRACE = 1.0  # seconds the delivered marks get at shutdown even when the grace is spent
 
 
@@ -82,8 +85,9 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = make_store(config, app[REDIS_URL])
     await store.preload()
-    for warning in await store.settings_warnings():
-        logging.getLogger("sidecar.store").warning("%s", warning)
+    if app[WARN_SETTINGS]:
+        for warning in await store.settings_warnings():
+            logging.getLogger("sidecar.store").warning("%s", warning)
     connector = aiohttp.TCPConnector(limit=config.upstream.max_connections, limit_per_host=0)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     telemetry = app[TELEMETRY]
@@ -132,6 +136,7 @@ def create_app(
     run_worker: bool = True,
     telemetry: Telemetry | None = None,
     config_path: str | None = None,
+    warn_settings: bool = True,
 ) -> web.Application:
     """The inbound application. `redis_url` overrides `redis.url` (the CLI passes the embedded server's URL);
     with `config_path` the config is reloaded when that file or a secret file changes."""
@@ -142,6 +147,7 @@ def create_app(
         app[CONFIG_PATH] = config_path
     app[REDIS_URL] = redis_url or config.redis.url
     app[RUN_WORKER] = run_worker
+    app[WARN_SETTINGS] = warn_settings  # the store's settings, checked by one process of several
     app.cleanup_ctx.append(runtime_ctx)
     app.router.add_route("*", "/{tail:.*}", _ingress)
     return app

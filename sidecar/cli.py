@@ -60,7 +60,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = create_app(config, redis_url=redis_url, config_path=config_path)
+    # worker 0 of `server.workers: N` (the one with the admin listener) speaks for all about the store's settings
+    app = create_app(config, redis_url=redis_url, config_path=config_path, warn_settings=admin)
     runner = FrontRunner(
         app,
         auto_decompress=False,  # forward exactly the bytes the provider signed

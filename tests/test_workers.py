@@ -62,6 +62,8 @@ async def test_workers_two_processes_share_the_port_and_supervise(
     assert set(statuses) == {200}
     assert sorted(upstream.ids()) == sorted(ids)  # every event once, whichever process took it
     assert all(cpu_ticks(pid) > before[pid] for pid in kids)  # both processes served
+    # the test store runs without AOF: one process of the two says so, not each
+    assert parent.log().count("appendonly is off") == 1, parent.log()
 
     # A worker that dies is replaced.
     os.kill(kids[1], signal.SIGKILL)
