@@ -392,3 +392,83 @@ async def test_tls_cluster_serves_both_clients_over_tls(tmp_path: Path, upstream
     finally:
         for server in servers:
             server.stop()
+
+
+async def test_cluster_claims_wait_out_a_slot_migration(tmp_path: Path) -> None:
+    """Resharding a live cluster (adding a node, say) moves a slot's keys one by one. While a shard's slot is half
+    moved, a claim's keys are split between the two nodes (a new event's own key is on neither) and Redis answers
+    TRYAGAIN without running it: the claim waits and is tried again (up to 0.5 s), and lands on the new owner once
+    the migration ends. One that outlasts the wait fails closed as StoreUnavailable (503; the provider resends)."""
+    from redis.crc import key_slot
+
+    from sidecar.errors import StoreUnavailable
+    from sidecar.store.redis_store import RedisStore
+    from tests.test_store import record
+
+    def tryagains(client: redis.Redis) -> int:
+        return int(client.info("errorstats").get("errorstat_TRYAGAIN", {}).get("count", 0))
+
+    servers = await asyncio.to_thread(build_cluster, tmp_path / "reshard")
+    clients = [redis.Redis(host="127.0.0.1", port=s.port) for s in servers]
+    keys = KeySpace("sidecar", 16)
+    store = RedisStore.connect(
+        f"redis+cluster://127.0.0.1:{servers[0].port}", keys, dedupe_ttl=60, dlq_max_length=10
+    )
+    try:
+        ids = [c.execute_command("CLUSTER", "MYID") for c in clients]
+
+        def half_move(event_id: str) -> tuple[int, int, int]:
+            """Start moving the slot of `event_id`'s shard to the next node, its schedule already moved."""
+            _, sched, _, _ = keys.locate("stripe", event_id)
+            slot = key_slot(sched.encode())
+            src = next(i for i, (a, b) in enumerate(RANGES) if a <= slot <= b)
+            dst = (src + 1) % 3
+            clients[dst].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
+            clients[src].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])
+            clients[src].execute_command("MIGRATE", "127.0.0.1", servers[dst].port, sched, 0, 5000)
+            return slot, src, dst
+
+        def same_shard(event_id: str, n: int) -> list[str]:
+            shard = keys.shard_of("stripe", event_id)
+            return [e for e in (f"evt_m{i}" for i in range(2000)) if keys.shard_of("stripe", e) == shard][:n]
+
+        now = int(time.time() * 1000)
+        first, second = same_shard("evt_m0", 2)
+        assert (await store.claim(record(first), now, 30_000)).claimed  # the shard's keys are on its node
+        slot, src, dst = half_move(first)
+        before = tryagains(clients[src])
+        claim = asyncio.create_task(store.claim(record(second), now, 30_000))
+        await asyncio.sleep(0.15)
+        assert not claim.done() and tryagains(clients[src]) > before  # waiting out the migration
+        for key in clients[src].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+            clients[src].execute_command("MIGRATE", "127.0.0.1", servers[dst].port, key, 0, 5000)
+        for client in clients:
+            client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[dst])
+        assert (await asyncio.wait_for(claim, 5)).claimed
+        ev, sched, _, member = keys.locate("stripe", second)
+        assert clients[dst].exists(ev) == 1 and clients[dst].zscore(sched, member) is not None
+        assert (await store.get_event("stripe", first))[
+            "state"
+        ] == "pending"  # moved along, read on its new node
+
+        # a migration that does not end within the wait
+        other = next(
+            e
+            for e in (f"evt_n{i}" for i in range(2000))
+            if keys.shard_of("stripe", e) != keys.shard_of("stripe", first)
+        )
+        late = next(
+            e
+            for e in (f"evt_o{i}" for i in range(4000))
+            if keys.shard_of("stripe", e) == keys.shard_of("stripe", other)
+        )
+        assert (await store.claim(record(other), now, 30_000)).claimed
+        half_move(other)
+        with pytest.raises(StoreUnavailable, match="TRYAGAIN"):
+            await store.claim(record(late), now, 30_000)
+    finally:
+        await store.close()
+        for client in clients:
+            client.close()
+        for server in servers:
+            server.stop()

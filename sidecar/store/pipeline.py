@@ -9,7 +9,8 @@ uses it only for its Lua scripts and a few simple commands; everything else keep
     watchdog a request older than `timeout` means the server is stuck (paused, partitioned): the connection is
              aborted and every waiting request fails with TimeoutError, so callers fail closed in bounded time
     client   single node, or a Redis Cluster: keys are routed by hash slot, MOVED/ASK refresh the slot map, and
-             so does a lost or refused connection (a primary died: its replica may be taking over its slots)
+             so does a lost or refused connection (a primary died: its replica may be taking over its slots);
+             TRYAGAIN (a slot mid-migration) is waited out for up to 0.5 s
 """
 
 from __future__ import annotations
@@ -267,6 +268,8 @@ class Node:
 
 
 REFRESH_INTERVAL = 0.25  # seconds between slot map reloads triggered by lost cluster connections
+MAX_REDIRECTS = 2  # MOVED replies followed (with a slot map reload each) before a call fails
+TRYAGAIN_TRIES, TRYAGAIN_DELAY = 10, 0.05  # a call meeting a slot migration waits up to 0.5 s for its end
 
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # and the scheme of each node
@@ -349,29 +352,43 @@ class PipelinedClient:
             reply = await conn.execute(args)
             return reply if wait is None else await conn.replicated(reply, wait)
         slot = key_slot(key.encode() if isinstance(key, str) else key) if key is not None else 0
-        for _ in range(3):
+        moved = tryagain = 0
+        while True:
             addr = self._slots[slot]
             if addr is None:
                 await self.refresh_slots()
                 addr = self._slots[slot] or self._seeds[0]
             try:
-                return await self._node(addr).execute(args, wait)
+                return await self._on_node(addr, args, wait)
             except ReplyError as exc:
                 text = str(exc)
-                if text.startswith("MOVED"):
+                if text.startswith("MOVED") and moved < MAX_REDIRECTS:
+                    moved += 1
                     await self.refresh_slots()
                     continue
-                if text.startswith("ASK"):
-                    target = text.split()[2]
-                    host, _, port = target.rpartition(":")
-                    node = self._node((host, int(port)))
-                    conn = await node.connection()
-                    asking, pending = conn.execute(("ASKING",)), conn.execute(args)
-                    await asking
-                    reply = await pending
-                    return reply if wait is None else await conn.replicated(reply, wait)
+                # The slot is being migrated and the script's keys are split between the two nodes (a new event's
+                # key is on neither): not run. Short migrations end within the wait; longer ones fail closed.
+                if text.startswith("TRYAGAIN") and tryagain < TRYAGAIN_TRIES:
+                    tryagain += 1
+                    await asyncio.sleep(TRYAGAIN_DELAY)
+                    continue
+                if text.startswith("MOVED"):
+                    raise ConnectionError("cluster slot map keeps moving") from exc
                 raise
-        raise ConnectionError("cluster slot map keeps moving")
+
+    async def _on_node(self, addr: tuple[str, int], args: Sequence[Any], wait: Wait | None) -> Any:
+        """Run on `addr`, following one ASK redirect (a slot being migrated, its keys already at the target)."""
+        try:
+            return await self._node(addr).execute(args, wait)
+        except ReplyError as exc:
+            if not str(exc).startswith("ASK"):
+                raise
+            host, _, port = str(exc).split()[2].rpartition(":")
+        conn = await self._node((host, int(port))).connection()
+        asking, pending = conn.execute(("ASKING",)), conn.execute(args)
+        await asking
+        reply = await pending
+        return reply if wait is None else await conn.replicated(reply, wait)
 
     def execute_nowait(
         self, args: Sequence[Any], key: str | bytes | None = None
@@ -504,6 +521,6 @@ class FastScript:
             try:
                 return await started
             except ReplyError as exc:
-                if not str(exc).startswith(("NOSCRIPT", "MOVED", "ASK")):
+                if not str(exc).startswith(("NOSCRIPT", "MOVED", "ASK", "TRYAGAIN")):
                     raise
         return await self(keys, args)  # not sent yet, or sent where it could not run: the full path

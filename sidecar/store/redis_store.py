@@ -61,6 +61,10 @@ _UNAVAILABLE = (
 )
 
 
+# a cluster's passing states: a slot mid-migration (that outlasted the transport's wait), a failover under way
+_PASSING = ("TRYAGAIN", "CLUSTERDOWN")
+
+
 def _script(name: str) -> str:
     return resources.files("sidecar.store").joinpath("lua", f"{name}.lua").read_text()
 
@@ -71,6 +75,10 @@ def _translate(exc: BaseException) -> StoreError:
         return StoreUnavailable(f"store replicas behind: {exc}")
     if isinstance(exc, _UNAVAILABLE):
         return StoreUnavailable(f"store unreachable: {type(exc).__name__}")
+    if isinstance(exc, rexc.TryAgainError | rexc.ClusterDownError) or (
+        isinstance(exc, ReplyError) and str(exc).startswith(_PASSING)
+    ):
+        return StoreUnavailable(f"store busy: {exc}")
     return StoreError(f"store error: {exc}")
 
 
