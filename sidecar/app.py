@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -42,9 +43,9 @@ class Runtime:
     worker: RetryWorker
     telemetry: Telemetry
     reloader: Reloader | None = None
-    shutdown_deadline: float | None = (
-        None  # loop time by which shutdown should be done; None: not shutting down
-    )
+    # loop time by which shutdown should be done; None: not shutting down
+    shutdown_deadline: float | None = None
+    admin_closing: asyncio.Future[Any] | None = None  # the admin listener's own drain, run beside the front's
 
     def begin_shutdown(self, grace: float) -> None:
         """On SIGTERM, before the front drains: every shutdown step after it shares what is left of `grace` (the
@@ -113,16 +114,21 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
             runtime.reloader.stop()
             await watch
         worker.stop()
-        if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(task, timeout=runtime.grace_left())
-        await ingress.drain(timeout=runtime.grace_left())
-        # marks take milliseconds unless the store is down; one not written means one more delivery later
-        await store.marks.drain(timeout=max(runtime.grace_left(), MARKS_GRACE))
-        await ingress.flush_rejections()
-        http1.close()
-        await session.close()
-        await store.close()
+        try:
+            if task is not None:
+                # attempts still running when the grace is spent are cut short: leased, attempted again later
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(task, timeout=runtime.grace_left())
+            await ingress.drain(timeout=runtime.grace_left())
+        finally:
+            # marks take milliseconds unless the store is down; one not written means one more delivery later
+            await store.marks.drain(timeout=max(runtime.grace_left(), MARKS_GRACE))
+            await ingress.flush_rejections()
+            if runtime.admin_closing is not None:  # admin calls still running use the store and the session
+                await asyncio.wait({runtime.admin_closing}, timeout=max(runtime.grace_left(), MARKS_GRACE))
+            http1.close()
+            await session.close()
+            await store.close()
 
 
 async def _ingress(request: web.Request) -> web.StreamResponse:

@@ -98,9 +98,14 @@ async def serve(
         await stop.wait()
     finally:
         log.info("shutting down: draining in-flight requests for up to %ss", config.server.shutdown_grace)
-        app[RUNTIME].begin_shutdown(config.server.shutdown_grace)
-        # together: an admin call still running must not hold the front's drain back (the pod's grace is one)
-        await asyncio.gather(admin_runner.cleanup(), runner.cleanup())
+        runtime = app[RUNTIME]
+        runtime.begin_shutdown(config.server.shutdown_grace)
+        # Both listeners drain at once, so an admin call still running does not hold the front's drain back (the
+        # pod's grace is one); the store and the session are closed once both are done.
+        runtime.admin_closing = asyncio.ensure_future(admin_runner.cleanup())
+        for failed in await asyncio.gather(runner.cleanup(), runtime.admin_closing, return_exceptions=True):
+            if isinstance(failed, BaseException):
+                log.error("shutdown: %s", failed, exc_info=failed)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

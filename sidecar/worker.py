@@ -48,6 +48,8 @@ class RetryWorker:
         done = 0
         for shard in range(self.store.keys.shards):
             while True:
+                if self._stopping.is_set():  # shutting down: take nothing more (what is taken is attempted)
+                    return done
                 now_ms = int(time.time() * 1000)
                 taken = await self.store.take_due(shard, now_ms, self._lease_ms(), self.batch)
                 if not taken:

@@ -337,12 +337,17 @@ async def test_tls_cluster_serves_both_clients_over_tls(tmp_path: Path, upstream
     from tests.test_store import claim_and_read_back
 
     cert, key = _certificate(tmp_path)
-    announced = [free_port(below=55536) for _ in range(3)]
-    servers = await asyncio.to_thread(build_cluster, tmp_path / "tls", announced)
-    try:
-        async with contextlib.AsyncExitStack() as proxies:
-            for server, port in zip(servers, announced, strict=True):
-                await proxies.enter_async_context(tls_proxy(server.port, cert, key, port))
+    servers: list[ValkeyServer] = []
+    async with contextlib.AsyncExitStack() as proxies:
+        # the TLS endpoints listen first (the cluster announces their ports), relaying to nodes started after
+        announced = [
+            await proxies.enter_async_context(
+                tls_proxy(lambda i=i: servers[i].port, cert, key)  # type: ignore[misc]
+            )
+            for i in range(3)
+        ]
+        servers.extend(await asyncio.to_thread(build_cluster, tmp_path / "tls", announced))
+        try:
             with redis.Redis(host="127.0.0.1", port=servers[0].port) as plain:
                 slots = plain.execute_command("CLUSTER", "SLOTS")
             assert sorted(entry[2][1] for entry in slots) == sorted(announced)  # only TLS ports are named
@@ -389,12 +394,14 @@ async def test_tls_cluster_serves_both_clients_over_tls(tmp_path: Path, upstream
                 assert len(unverified.get_primaries()) == 3
             finally:
                 await unverified.aclose()
-    finally:
-        for server in servers:
-            server.stop()
+        finally:
+            for server in servers:
+                server.stop()
 
 
-async def test_cluster_claims_wait_out_a_slot_migration(tmp_path: Path) -> None:
+async def test_cluster_claims_wait_out_a_slot_migration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Resharding a live cluster (adding a node, say) moves a slot's keys one by one. While a shard's slot is half
     moved, a claim's keys are split between the two nodes (a new event's own key is on neither) and Redis answers
     TRYAGAIN without running it: the claim waits and is tried again (up to 0.5 s), and lands on the new owner once
@@ -402,6 +409,7 @@ async def test_cluster_claims_wait_out_a_slot_migration(tmp_path: Path) -> None:
     from redis.crc import key_slot
 
     from sidecar.errors import StoreUnavailable
+    from sidecar.store import pipeline
     from sidecar.store.redis_store import RedisStore
     from tests.test_store import record
 
@@ -437,6 +445,10 @@ async def test_cluster_claims_wait_out_a_slot_migration(tmp_path: Path) -> None:
         assert (await store.claim(record(first), now, 30_000)).claimed  # the shard's keys are on its node
         slot, src, dst = half_move(first)
         before = tryagains(clients[src])
+        default_tries = pipeline.TRYAGAIN_TRIES
+        monkeypatch.setattr(
+            pipeline, "TRYAGAIN_TRIES", 400
+        )  # a stall of this machine must not outlast the wait
         claim = asyncio.create_task(store.claim(record(second), now, 30_000))
         await asyncio.sleep(0.15)
         assert not claim.done() and tryagains(clients[src]) > before  # waiting out the migration
@@ -451,7 +463,8 @@ async def test_cluster_claims_wait_out_a_slot_migration(tmp_path: Path) -> None:
             "state"
         ] == "pending"  # moved along, read on its new node
 
-        # a migration that does not end within the wait
+        # a migration that does not end within the (default) wait
+        monkeypatch.setattr(pipeline, "TRYAGAIN_TRIES", default_tries)
         other = next(
             e
             for e in (f"evt_n{i}" for i in range(2000))
@@ -472,3 +485,24 @@ async def test_cluster_claims_wait_out_a_slot_migration(tmp_path: Path) -> None:
             client.close()
         for server in servers:
             server.stop()
+
+
+async def test_cluster_moved_reply_sends_the_call_to_the_owner_it_names(cluster_url: str) -> None:
+    """A MOVED reply names the slot's owner: the call goes there at once and the map keeps that owner (the rest of
+    the map is reloaded in the background)."""
+    from redis.crc import key_slot
+
+    from sidecar.store.pipeline import PipelinedClient
+
+    client = PipelinedClient(cluster_url)
+    try:
+        assert await client.execute(("SET", "{moved}k", "v"), key="{moved}k") == b"OK"
+        slot = key_slot(b"{moved}k")
+        owner = client._slots[slot]
+        wrong = next(addr for addr in set(client._slots) if addr not in (owner, None))
+        client._slots[slot] = wrong  # as after a migration the client has not heard of
+        client._refreshed_at = time.monotonic() + 3600  # and no background reload to fix it first
+        assert await client.execute(("GET", "{moved}k"), key="{moved}k") == b"v"
+        assert client._slots[slot] == owner
+    finally:
+        client.close()

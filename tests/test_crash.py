@@ -216,3 +216,44 @@ routes:
     for event in ("quick:evt_late", "stripe:evt_held"):  # both still leased: attempted again after the lease
         route = event.split(":")[0]
         assert rdb.hget(KEYS.event(KEYS.shard_of(route, event.split(":")[1]), event), "st") == b"f"
+
+
+@pytest.mark.slow
+async def test_crash_sigterm_with_a_retry_attempt_hanging_still_shuts_down_cleanly(
+    tmp_path: Path, upstream: Upstream, redis_url: str, rdb: redis.Redis, processes: list[SidecarProcess]
+) -> None:
+    """The retry worker is mid-attempt (the upstream never answers) when SIGTERM comes: once the grace is spent
+    the attempt is cut short (its lease brings it back) and shutdown goes on to the marks and the store's close,
+    exiting 0. It used to stop at the worker's timeout and exit 1 ("cannot listen")."""
+    hang = asyncio.Event()
+
+    async def hold(_: object) -> None:
+        await hang.wait()
+
+    proc, port = start_sidecar(
+        tmp_path / "sidecar.yaml",
+        processes,
+        redis_url=redis_url,
+        upstream_url=upstream.url,
+        secret=SECRET,
+        retry="{base_delay: 200ms, jitter: 0, lease: 60s}",
+    )
+    assert proc.proc is not None
+    upstream.respond(503)
+    body = json.dumps({"id": "evt_retrying", "type": "invoice.paid"}).encode()
+    async with aiohttp.ClientSession() as client:
+        url = f"http://127.0.0.1:{port}/webhooks/stripe"
+        async with client.post(url, data=body, headers=signed(body)) as resp:
+            assert resp.status == 202
+    upstream.behaviour = hold  # the retry worker's attempt will hang
+    assert await wait_until(lambda: len(upstream.received) == 2, timeout=10)
+    started = time.monotonic()
+    proc.proc.terminate()
+    code = await asyncio.to_thread(proc.proc.wait, 15)
+    took = time.monotonic() - started
+    hang.set()
+    assert code == 0, proc.log()
+    assert "cannot listen" not in proc.log() and "Traceback" not in proc.log()
+    assert took < 1.0 + 3.0, f"shutdown took {took:.2f}s with a grace of 1s"
+    shard = KEYS.shard_of("stripe", "evt_retrying")
+    assert rdb.hget(KEYS.event(shard, "stripe:evt_retrying"), "st") == b"f"  # leased: attempted again later

@@ -14,7 +14,7 @@ import redis
 
 from sidecar.store.embedded import CHILD_NICE, EmbeddedValkey
 
-pytestmark = pytest.mark.skipif(
+needs_children_file = pytest.mark.skipif(
     not sys.platform.startswith("linux")
     or not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
     reason="the child watch reads /proc/<pid>/task/<pid>/children (Linux)",
@@ -30,6 +30,7 @@ def _fill(client: redis.Redis, keys: int, size: int) -> None:
         pipe.execute()
 
 
+@needs_children_file
 def test_rewrite_child_runs_at_lowest_priority(tmp_path: Path) -> None:
     store = EmbeddedValkey(tmp_path / "valkey")
     url = store.start()
@@ -153,3 +154,15 @@ def test_stop_during_failing_restarts_returns(tmp_path: Path) -> None:
     store.stop()
     assert time.monotonic() - started < 15
     assert store.restarts == 0 and store._watcher is None
+
+
+def test_a_store_that_keeps_dying_young_is_restarted_after_a_growing_backoff(tmp_path: Path) -> None:
+    store = EmbeddedValkey(tmp_path / "valkey")
+    store.start()
+    try:
+        for restarts, backoff in ((1, 0.1), (2, 0.2), (3, 0.4)):  # each dies within STABLE_AFTER of its start
+            os.kill(store.pid or 0, signal.SIGKILL)
+            _wait_restarted(store, restarts)
+            assert store._backoff == pytest.approx(backoff)
+    finally:
+        store.stop()

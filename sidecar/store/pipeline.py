@@ -363,8 +363,12 @@ class PipelinedClient:
             except ReplyError as exc:
                 text = str(exc)
                 if text.startswith("MOVED") and moved < MAX_REDIRECTS:
+                    # the reply names the slot's owner: go there now (a reloaded map could come from a node that
+                    # has not heard of the move yet), and reload the rest of the map in the background
                     moved += 1
-                    await self.refresh_slots()
+                    host, _, port = text.split()[2].rpartition(":")
+                    self._slots[slot] = (host.strip("[]") or addr[0], int(port))
+                    self._slots_stale()
                     continue
                 # The slot is being migrated and the script's keys are split between the two nodes (a new event's
                 # key is on neither): not run. Short migrations end within the wait; longer ones fail closed.

@@ -49,20 +49,16 @@ from sidecar.store.tls import cluster_tls, url_query
 T = TypeVar("T")
 log = logging.getLogger("sidecar.store")
 
-# redis-py's cluster client says "no node reachable" / "slot not covered" with RedisClusterException, which is
-# not a RedisError
-_UNAVAILABLE = (
-    rexc.ConnectionError,
-    rexc.TimeoutError,
-    rexc.RedisClusterException,
-    ConnectionError,
-    TimeoutError,
-    OSError,
-)
+_UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, ConnectionError, TimeoutError, OSError)
+# redis-py's cluster client says "no node reachable" and "slots not covered" with RedisClusterException, which is
+# not a RedisError; the same class also reports mistakes in the calls themselves (keys across slots), which stay
+# store errors
+_CLUSTER_UNREACHABLE = ("cannot be connected", "slots are not covered", "could not agree")
 
 
-# a cluster's passing states: a slot mid-migration (that outlasted the transport's wait), a failover under way
-_PASSING = ("TRYAGAIN", "CLUSTERDOWN")
+# passing states: a slot mid-migration (that outlasted the transport's wait), a cluster failover under way, a
+# server (re)loading its data set, a replica whose primary is gone
+_PASSING = ("TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN")
 
 
 def _script(name: str) -> str:
@@ -75,8 +71,12 @@ def _translate(exc: BaseException) -> StoreError:
         return StoreUnavailable(f"store replicas behind: {exc}")
     if isinstance(exc, _UNAVAILABLE):
         return StoreUnavailable(f"store unreachable: {type(exc).__name__}")
+    if isinstance(exc, rexc.SlotNotCoveredError) or (
+        isinstance(exc, rexc.RedisClusterException) and any(m in str(exc) for m in _CLUSTER_UNREACHABLE)
+    ):
+        return StoreUnavailable(f"store unreachable: {exc}")
     if isinstance(exc, rexc.TryAgainError | rexc.ClusterDownError) or (
-        isinstance(exc, ReplyError) and str(exc).startswith(_PASSING)
+        isinstance(exc, ReplyError | rexc.ResponseError) and str(exc).startswith(_PASSING)
     ):
         return StoreUnavailable(f"store busy: {exc}")
     return StoreError(f"store error: {exc}")
@@ -240,7 +240,7 @@ class RedisStore:
             if not self._ready:
                 await self._initialize()
             return await fn()
-        except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
+        except (*_UNAVAILABLE, rexc.RedisError, rexc.RedisClusterException, ReplyError) as exc:
             raise _translate(exc) from exc
 
     async def _initialize(self) -> None:
@@ -276,7 +276,7 @@ class RedisStore:
         # the lease hands the event to the retry worker either way.
         try:  # inline rather than through _call: this is the one call every request makes
             res = await self._claim(keys=[ev, sched, stats], args=args, wait=self._wait)
-        except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
+        except (*_UNAVAILABLE, rexc.RedisError, rexc.RedisClusterException, ReplyError) as exc:
             if isinstance(exc, NotReplicated) and exc.reply is not None and int(exc.reply[0]) == 1:
                 self._index_alias(rec)  # the claim won and stands on the primary: its resends are duplicates
             raise _translate(exc) from exc
@@ -295,7 +295,7 @@ class RedisStore:
         async def write() -> None:
             try:
                 await self._fast.execute(index, key=index[1])
-            except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
+            except (*_UNAVAILABLE, rexc.RedisError, rexc.RedisClusterException, ReplyError) as exc:
                 log.warning("could not index %s/%s for lookups: %s", rec.route, rec.event_id, exc)
 
         task = asyncio.ensure_future(write())
@@ -325,7 +325,7 @@ class RedisStore:
             calls = [self._ack.finish(sent, keys, args) for _, keys, args, sent in started]
             try:
                 replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
-            except (*_UNAVAILABLE, rexc.RedisError, ReplyError) as exc:
+            except (*_UNAVAILABLE, rexc.RedisError, rexc.RedisClusterException, ReplyError) as exc:
                 raise _translate(exc) from exc
             done = [False] * len(marks)
             for (index, _, _, _), reply in zip(started, replies, strict=True):
