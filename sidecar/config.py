@@ -87,9 +87,9 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password (in the user info, or a `password` / `ssl_password` query value) replaced by
-    `***`, for reprs and logs."""
-    url = re.sub(r"([?&](?:ssl_)?password=)[^&#]*", r"\1***", url)
+    """The URL with any password (in the user info, or a `password` / `ssl_password` / `sentinel_password` query
+    value) replaced by `***`, for reprs and logs."""
+    url = re.sub(r"([?&](?:ssl_|sentinel_)?password=)[^&#]*", r"\1***", url)
     scheme, sep, rest = url.partition("://")
     userinfo, at, hosts = rest.rpartition("@")
     if not sep or not at or ":" not in userinfo:
@@ -688,6 +688,13 @@ def _redis_url(ctx: _Ctx, item: _Item, path: str) -> Any:
         problem = _cluster_problem(value)
         if problem is None and scheme == "redis+cluster" and tls_params:
             problem = "TLS parameters need rediss+cluster:// (TLS to every node)"
+    elif scheme == "redis+sentinel":
+        from sidecar.store.pipeline import SentinelSpec
+
+        try:
+            SentinelSpec.parse(value)
+        except ValueError as exc:
+            problem = str(exc)
     elif scheme == "unix":
         if not parts.path:
             problem = "expected a socket path, like unix:///run/redis.sock"
@@ -695,7 +702,8 @@ def _redis_url(ctx: _Ctx, item: _Item, path: str) -> Any:
             problem = "the database must be a number, like unix:///run/redis.sock?db=0"
     else:
         problem = (
-            "expected embedded, or a redis://, rediss://, redis+cluster://, rediss+cluster:// or unix:// URL"
+            "expected embedded, or a redis://, rediss://, redis+cluster://, rediss+cluster://, redis+sentinel:// "
+            "or unix:// URL"
         )
     if problem is None and scheme in ("rediss", "rediss+cluster"):
         try:  # tried as the store will use them (files read)

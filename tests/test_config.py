@@ -192,6 +192,7 @@ def test_event_id_rejects_other_forms(form: str) -> None:
         "rediss://:pw@redis.example.com:6380",
         "redis+cluster://10.0.0.1:7000,10.0.0.2:7000",
         "rediss+cluster://:pw@10.0.0.1:7000,10.0.0.2:7000",
+        "redis+sentinel://:pw@sentinel-0,sentinel-1:26380/mymaster/1?sentinel_password=sp",
         "unix:///run/redis.sock",
     ],
 )
@@ -219,6 +220,13 @@ def test_redis_url_rejects_others(url: str) -> None:
 def test_redis_repr_hides_the_url_password() -> None:
     config = one_route(head='redis: {url: "redis://user:hunter2pw@db:6379/0"}\n')
     assert "hunter2pw" not in repr(config) and "redis://user:***@db:6379/0" in repr(config.redis)
+
+
+def test_redis_repr_hides_the_sentinels_password() -> None:
+    url = "redis+sentinel://:datapw@s1,s2/mymaster?sentinel_password=sentinelpw"
+    shown = repr(one_route(head=f'redis: {{url: "{url}"}}\n').redis)
+    assert "datapw" not in shown and "sentinelpw" not in shown
+    assert "redis+sentinel://:***@s1,s2/mymaster?sentinel_password=***" in shown
 
 
 def test_appendfsync_no_is_the_word_not_a_boolean() -> None:
@@ -375,8 +383,8 @@ routes:
 def test_load_text_reports_every_error_with_file_line_and_path() -> None:
     assert errors_of(BROKEN, source="config/sidecar.yaml") == [
         "config/sidecar.yaml:3: server.workers: expected an integer, got a string",
-        "config/sidecar.yaml:5: redis.url: expected embedded, or a redis://, rediss://, redis+cluster://, rediss+cluster:// or unix:// "
-        "URL",
+        "config/sidecar.yaml:5: redis.url: expected embedded, or a redis://, rediss://, redis+cluster://, rediss+cluster://, "
+        "redis+sentinel:// or unix:// URL",
         "config/sidecar.yaml:7: retry.jitter: must be from 0 to 1",
         "config/sidecar.yaml:9: routes[0].name: must match [a-z0-9_-]+ (it is used in Redis keys, metrics and the "
         "admin API)",
@@ -716,6 +724,8 @@ def test_check_config_returns_error_lines(tmp_path: Path) -> None:
         ("rediss+cluster://h:7000?ssl_password=x", "ssl_password"),
         ("rediss+cluster://h1,h2", "expected rediss+cluster://host:port[,host:port…]"),
         ("redis://h:6379?db=²", "the database must be a number"),
+        ("redis+sentinel://s1:26379", "no service name"),
+        ("redis+sentinel://s1:26379/mymaster?ssl_cert_reqs=none", "unsupported parameter(s): ssl_cert_reqs"),
     ],
 )
 def test_store_url_tls_and_socket_settings_are_checked_at_load(url: str, problem: str) -> None:

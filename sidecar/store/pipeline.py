@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
@@ -245,11 +248,15 @@ class Node:
                 self._on_lost()
             raise
         username, password = self._auth
-        if password:
-            auth = ("AUTH", username, password) if username else ("AUTH", password)
-            await conn.execute(auth)
-        if self._db:
-            await conn.execute(("SELECT", self._db))
+        try:
+            if password:
+                auth = ("AUTH", username, password) if username else ("AUTH", password)
+                await conn.execute(auth)
+            if self._db:
+                await conn.execute(("SELECT", self._db))
+        except BaseException:  # refused, or cancelled: not left open behind the caller's back
+            conn.close()
+            raise
         self._conn = conn
         return conn
 
@@ -265,7 +272,12 @@ class Node:
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
+        connecting = self._connecting
+        if connecting is not None and not connecting.done():  # a connection that lands after this: closed too
+            connecting.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().close())
 
+
+log = logging.getLogger("sidecar.store")
 
 REFRESH_INTERVAL = 0.25  # seconds between slot map reloads triggered by lost cluster connections
 MAX_REDIRECTS = 2  # MOVED replies followed (with a slot map reload each) before a call fails
@@ -285,13 +297,73 @@ def split_url(url: str) -> tuple[SplitResult, bool]:
     return urlsplit(url), False
 
 
-def cluster_seeds(netloc: str) -> list[tuple[str, int]]:
-    """The (host, port) seeds of a redis+cluster:// or rediss+cluster:// URL's netloc: user info dropped, `[::1]` unbracketed."""
+def cluster_seeds(netloc: str, default_port: int = 6379) -> list[tuple[str, int]]:
+    """The (host, port) seeds of a redis+cluster://, rediss+cluster:// or redis+sentinel:// URL's netloc: user info
+    dropped, `[::1]` unbracketed."""
     seeds = []
     for hostport in netloc.rpartition("@")[2].split(","):
-        host, _, port = hostport.rpartition(":")
-        seeds.append((host.strip("[]") or "127.0.0.1", int(port or 6379)))
+        if hostport.startswith("["):  # [::1] or [::1]:port
+            host, _, port = hostport[1:].partition("]")
+            port = port.removeprefix(":")
+        elif ":" in hostport:
+            host, _, port = hostport.rpartition(":")
+        else:
+            host, port = hostport, ""
+        seeds.append((host or "127.0.0.1", int(port or default_port)))
     return seeds
+
+
+SENTINEL_PORT = 26379
+SENTINEL_CHECK = 1.0  # seconds between asking the sentinels which server is the primary
+
+
+@dataclass(frozen=True)
+class SentinelSpec:
+    """redis+sentinel://[[user]:password@]host:port[,host:port…]/service[/db][?sentinel_password=…]: the user info
+    is the data servers', `sentinel_username` / `sentinel_password` the sentinels' own (if they have any)."""
+
+    service: str
+    sentinels: list[tuple[str, int]]
+    db: int
+    username: str | None
+    password: str | None
+    sentinel_username: str | None
+    sentinel_password: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelSpec:
+        """Raises ValueError naming the problem."""
+        parts = urlsplit("redis://" + url.partition("://")[2])
+        query = url_query(parts.query)
+        unknown = sorted(set(query) - {"sentinel_username", "sentinel_password", "db"})
+        if unknown:
+            raise ValueError(
+                f"unsupported parameter(s): {', '.join(unknown)} (sentinels are reached over plain TCP here; "
+                "supported: sentinel_username, sentinel_password, db)"
+            )
+        service, _, db = parts.path.strip("/").partition("/")
+        db = query.get("db") or db
+        if not service:
+            raise ValueError("no service name: redis+sentinel://host:26379[,host:port…]/SERVICE[/db]")
+        if not re.fullmatch(r"[0-9]*", db):
+            raise ValueError("the database must be a number, like redis+sentinel://host:26379/mymaster/0")
+        try:
+            sentinels = cluster_seeds(parts.netloc, SENTINEL_PORT)
+        except ValueError:
+            sentinels = []
+        if not sentinels or not all(0 < port < 65536 for _, port in sentinels):
+            raise ValueError(
+                "expected redis+sentinel://host[:port][,host[:port]…]/service (port 26379 if none)"
+            )
+        return cls(
+            service=unquote(service),
+            sentinels=sentinels,
+            db=int(db or 0),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            sentinel_username=query.get("sentinel_username"),
+            sentinel_password=query.get("sentinel_password"),
+        )
 
 
 class PipelinedClient:
@@ -301,6 +373,15 @@ class PipelinedClient:
         """`url` as redis-py reads it: redis://, rediss:// (TLS, with redis-py's `ssl_*` query parameters),
         unix:///path?db=N, or redis+cluster://host:port[,host:port…] (rediss+cluster:// for TLS to every node)."""
         self.timeout = timeout
+        self.sentinel: SentinelSpec | None = None
+        self._primary: tuple[str, int] | None = None  # the sentinels' last answer
+        self._sentinel_nodes: dict[tuple[str, int], Node] = {}
+        self._watch: asyncio.Task[None] | None = None
+        if url.startswith("redis+sentinel://"):
+            self.sentinel = SentinelSpec.parse(url)
+            url = (
+                "redis://"  # a data server's URL: its address comes from the sentinels, its auth and db below
+            )
         parts, self.cluster = split_url(url)
         query = url_query(parts.query)
         self._tls = tls_context(query, self.cluster) if parts.scheme == "rediss" else None
@@ -315,6 +396,9 @@ class PipelinedClient:
             if self.cluster
             else [(parts.hostname or "127.0.0.1", parts.port or 6379)]
         )
+        if self.sentinel is not None:
+            self._username, self._password = self.sentinel.username, self.sentinel.password
+            self._db = self.sentinel.db
         self._nodes: dict[tuple[str, int], Node] = {}
         self._slots: list[tuple[str, int] | None] = [None] * 16384
         self._refreshing: asyncio.Future[None] | None = None
@@ -326,7 +410,7 @@ class PipelinedClient:
     def _node(self, addr: tuple[str, int]) -> Node:
         node = self._nodes.get(addr)
         if node is None:
-            on_lost = self._slots_stale if self.cluster else None
+            on_lost = self._slots_stale if self.cluster else self._primary_lost if self.sentinel else None
             node = Node(
                 *addr,
                 self.timeout,
@@ -348,7 +432,7 @@ class PipelinedClient:
         if not self.cluster:
             conn = self._single
             if conn is None or conn.closed:
-                conn = self._single = await self._node(self._seeds[0]).connection()
+                conn = self._single = await self._single_connection()
             reply = await conn.execute(args)
             return reply if wait is None else await conn.replicated(reply, wait)
         slot = key_slot(key.encode() if isinstance(key, str) else key) if key is not None else 0
@@ -409,6 +493,76 @@ class PipelinedClient:
         if conn is None or conn.closed:
             return None
         return conn.execute(args)
+
+    async def _single_connection(self) -> Connection:
+        if self.sentinel is None:
+            return await self._node(self._seeds[0]).connection()
+        addr = self._primary or await self._ask_sentinels()
+        node = self._node(addr)
+        fresh = node.live is None or node.live.closed
+        try:
+            conn = await node.connection()
+            if fresh:  # the sentinels' answer can lag a failover: a demoted primary accepts writes no more
+                role = await conn.execute(("ROLE",))
+                if role[0] != b"master":
+                    conn.close()
+                    raise ConnectionError(f"{addr[0]}:{addr[1]} is no primary now ({role[0]!r})")
+                if self._scripts and self._primary != addr:
+                    await self._load_scripts({addr})
+        except (ConnectionError, OSError, TimeoutError):
+            self._primary = None  # ask the sentinels again next time
+            raise
+        self._primary = addr
+        if self._watch is None and not self._closed:
+            self._watch = asyncio.ensure_future(self._watch_primary())
+        return conn
+
+    async def _ask_sentinels(self) -> tuple[str, int]:
+        spec = self.sentinel
+        assert spec is not None
+        last: Exception | None = None
+        for addr in spec.sentinels:
+            node = self._sentinel_nodes.get(addr)
+            if node is None:
+                node = self._sentinel_nodes[addr] = Node(
+                    *addr, self.timeout, spec.sentinel_password, spec.sentinel_username, 0
+                )
+            try:
+                reply = await node.execute(("SENTINEL", "GET-MASTER-ADDR-BY-NAME", spec.service))
+            except (ConnectionError, OSError, TimeoutError, ReplyError) as exc:
+                last = exc
+                continue
+            if reply:
+                host, port = reply
+                return (host.decode() if isinstance(host, bytes) else host), int(port)
+            last = ConnectionError(f"sentinel {addr[0]}:{addr[1]} knows no {spec.service!r}")
+        raise ConnectionError(f"no sentinel named the primary of {spec.service!r}: {last}")
+
+    def _primary_lost(self) -> None:
+        self._primary = None
+
+    async def _watch_primary(self) -> None:
+        """Ask the sentinels every SENTINEL_CHECK which server is the primary. After a failover the old primary may
+        stay up, still taking writes, until the sentinels turn it into a replica (seconds, or never if it is cut
+        off from them): its connection is closed at once, and calls go to the new primary. Writes that reached the
+        old one in between are lost with it unless `redis.wait_replicas` held their answers back."""
+        while not self._closed:
+            await asyncio.sleep(SENTINEL_CHECK)
+            try:
+                addr = await self._ask_sentinels()
+            except ConnectionError as exc:
+                log.debug("sentinels not reached: %s", exc)
+                continue
+            current = self._primary
+            if current is not None and addr != current:
+                log.warning(
+                    "store: the sentinels name %s:%d the primary of %r now (was %s:%d)",
+                    *addr,
+                    self.sentinel.service if self.sentinel else "",
+                    *current,
+                )
+                self._primary = addr
+                self._node(current).close()
 
     def _slots_stale(self) -> None:
         """A cluster node's connection was lost or refused. If the node died, a replica takes its slots over (in
@@ -474,8 +628,10 @@ class PipelinedClient:
 
     async def load_script(self, source: str) -> None:
         """SCRIPT LOAD on the node, or on every primary of a cluster (scripts are cached per server); a cluster
-        client also loads it on primaries that appear later."""
+        client also loads it on primaries that appear later, a sentinel-managed one on a new primary."""
         if not self.cluster:
+            if self.sentinel is not None:
+                self._scripts.add(source)
             await self.execute(("SCRIPT", "LOAD", source))
             return
         await self.refresh_slots()
@@ -487,7 +643,9 @@ class PipelinedClient:
         self._closed = True
         if self._refreshing is not None:
             self._refreshing.cancel()
-        for node in self._nodes.values():
+        if self._watch is not None:
+            self._watch.cancel()
+        for node in (*self._nodes.values(), *self._sentinel_nodes.values()):
             node.close()
 
 

