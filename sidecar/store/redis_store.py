@@ -19,6 +19,7 @@ from urllib.parse import unquote
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
@@ -46,7 +47,7 @@ from sidecar.store.records import (
     parse_history,
     parse_meta,
 )
-from sidecar.store.tls import cluster_tls, url_query
+from sidecar.store.tls import ReloadingTLS, cluster_tls, url_query
 
 T = TypeVar("T")
 log = logging.getLogger("sidecar.store")
@@ -89,6 +90,17 @@ def dead_letter_id(route: str, dedupe_id: str) -> str:
     return hashlib.sha256(f"{route}\x00{dedupe_id}".encode()).hexdigest()[:24]
 
 
+def _reloading(tls: ReloadingTLS) -> type[SSLConnection]:
+    """redis-py's TLS connection, with the context `tls` holds when it connects: redis-py builds one per
+    connection object and keeps it across reconnects, so rotated certificate files would never be read."""
+
+    class ReloadingSSLConnection(SSLConnection):
+        def _connection_arguments(self) -> Any:
+            return {**Connection._connection_arguments(self), "ssl": tls.current()}
+
+    return ReloadingSSLConnection
+
+
 def _connect(url: str, timeout: float, max_connections: int) -> Any:
     retry = Retry(ExponentialBackoff(cap=0.05, base=0.01), 1)
     common: dict[str, Any] = {
@@ -120,14 +132,23 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
         username = unquote(parts.username) if parts.username else None
         if parts.scheme == "rediss":
             common.update(cluster_tls(url_query(parts.query)))
-        return RedisCluster(
+        cluster = RedisCluster(
             startup_nodes=nodes,
             max_connections=max_connections,
             password=password,
             username=username,
             **common,
         )
-    return aioredis.from_url(url, max_connections=max_connections, **common)
+        if parts.scheme == "rediss":  # the nodes it knows now, and those it finds later (same kwargs)
+            reloading = _reloading(ReloadingTLS(url_query(parts.query), cluster=True))
+            cluster.connection_kwargs["connection_class"] = reloading
+            for node in cluster.startup_nodes:
+                node.connection_class = reloading
+        return cluster
+    client = aioredis.from_url(url, max_connections=max_connections, **common)
+    if parts.scheme == "rediss":
+        client.connection_pool.connection_class = _reloading(ReloadingTLS(url_query(parts.query)))
+    return client
 
 
 class RedisStore:
@@ -191,7 +212,8 @@ class RedisStore:
         if self._background:
             await asyncio.wait(set(self._background), timeout=5)
         self._fast.close()
-        sentinels = getattr(self._r.connection_pool, "sentinel_manager", None)  # redis+sentinel://
+        pool = getattr(self._r, "connection_pool", None)  # a cluster client has none
+        sentinels = getattr(pool, "sentinel_manager", None)  # redis+sentinel://
         await self._r.aclose()
         if sentinels is not None:  # the master client's close leaves the sentinels' own connections open
             for client in sentinels.sentinels:
@@ -229,12 +251,23 @@ class RedisStore:
                     f"{where}appendonly is off: a restart forgets every claim and scheduled retry written since "
                     "its last snapshot; run it append-only, or with replicas and redis.wait_replicas"
                 )
+            replicas = int(info.get("connected_slaves", 0) or 0)
+            if self._wait is not None and replicas > self._wait[0]:
+                warnings.append(
+                    f"{where}{replicas} replicas, redis.wait_replicas is {self._wait[0]}: in a failover the old "
+                    "primary's other replicas go on acknowledging its writes until they are repointed, so an "
+                    f"event answered 2xx can miss the new primary; set wait_replicas: {replicas} (each event then "
+                    "waits for every replica, and is answered 503 while one is down)"
+                )
         return warnings
 
     async def _server_infos(self) -> list[tuple[str, dict[str, Any]]]:
         """(label, INFO memory + persistence) of the server, or of each cluster primary."""
         if not self._cluster:
-            return [("store: ", {**await self._r.info("memory"), **await self._r.info("persistence")})]
+            sections = ("memory", "persistence", "replication")
+            return [
+                ("store: ", {k: v for section in sections for k, v in (await self._r.info(section)).items()})
+            ]
         if not self._ready:
             await self._initialize()
         out = []

@@ -4,10 +4,14 @@ checks a URL's settings with it at load time."""
 
 from __future__ import annotations
 
+import logging
+import os
 import ssl
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
+
+log = logging.getLogger("sidecar.store")
 
 MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 SUPPORTED = {
@@ -101,3 +105,48 @@ def _load(what: str, load: Callable[[], object]) -> None:
         load()
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"{what}: {exc}") from exc
+
+
+FILES = ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs", "ssl_ca_path")
+
+
+class ReloadingTLS:
+    """`tls_context(query, cluster)` that follows its files. Certificates rotate (cert-manager, a managed store's
+    CA renewal) under a sidecar that runs for months: `current()`, called for each new connection, builds a fresh
+    context when a file named in the URL changed (a stat per file; Kubernetes' symlink swaps included). Files
+    caught half written keep the last good context, with a warning, until they change again. Connections already
+    open keep the context they were made with, as TLS does."""
+
+    def __init__(self, query: dict[str, str], cluster: bool = False) -> None:
+        self._query, self._cluster = query, cluster
+        self._stamp = self._files()
+        self._context = tls_context(query, cluster)
+        self._refused: tuple[Any, ...] | None = None
+
+    def _files(self) -> tuple[Any, ...]:
+        stamp: list[Any] = []
+        for key in FILES:
+            if path := self._query.get(key):
+                try:
+                    st = os.stat(path)
+                except OSError as exc:
+                    stamp.append(exc.errno)
+                else:
+                    stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(stamp)
+
+    def current(self) -> ssl.SSLContext:
+        stamp = self._files()
+        if stamp == self._stamp or stamp == self._refused:
+            return self._context
+        try:
+            context = tls_context(self._query, self._cluster)
+        except ValueError as exc:
+            log.warning(
+                "the store's TLS files changed but do not load (the previous ones stay in use): %s", exc
+            )
+            self._refused = stamp
+            return self._context
+        log.info("the store's TLS files changed: new connections use them")
+        self._context, self._stamp, self._refused = context, stamp, None
+        return context
