@@ -8,6 +8,7 @@ sidecar is the real application served by pytest-aiohttp's test server.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import textwrap
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -34,6 +35,41 @@ asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 # and request bodies; a leak fails the run (tests/faults/logcheck.py).
 logcheck.install()
 pytest_sessionfinish = logcheck.pytest_sessionfinish
+
+
+# A test phase that outlives this is stuck where pytest-timeout cannot reach it: uvloop's loop.close() waits in C
+# for a transport left open (a store connection leaked by a failing test did that, and the run hung for good).
+# The watchdog dumps every thread's stack and exits non-zero, so CI fails with the cause instead of hanging. Armed
+# afresh for each phase: pytest cancels faulthandler's timer whenever a test fails (pytest_exception_interact).
+WATCHDOG_SECONDS = 300
+
+
+def _watchdog(config: pytest.Config) -> Iterator[None]:
+    # the stderr that pytest's faulthandler plugin kept from before output capture (fd 2 is captured by then)
+    from _pytest import faulthandler as pytest_faulthandler
+
+    key = getattr(pytest_faulthandler, "fault_handler_stderr_fd_key", None)
+    fd = config.stash.get(key, 2) if key is not None else 2
+    faulthandler.dump_traceback_later(WATCHDOG_SECONDS, exit=True, file=fd)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    yield from _watchdog(item.config)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    yield from _watchdog(item.config)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    yield from _watchdog(item.config)
 
 
 def pytest_configure(config: pytest.Config) -> None:
