@@ -137,6 +137,19 @@ async def test_cluster_keys_of_every_script_share_a_slot_and_spread_over_nodes(c
     assert len(dlq) == 1
 
 
+async def _post_copies(client: TestClient, event_ids: list[str], copies: int) -> list[int]:
+    """Each event sent `copies` times, all at once (duplicates racing their original); the statuses."""
+    bodies = [stripe_body(e) for e in event_ids]
+    resps = await asyncio.gather(
+        *(
+            client.post("/webhooks/stripe", data=b, headers=stripe_headers(b))
+            for _ in range(copies)
+            for b in bodies
+        )
+    )
+    return [r.status for r in resps]
+
+
 async def test_cluster_ingest_retry_dead_letter_flow(cluster_url: str, upstream: Upstream) -> None:
     config = make_config(
         ROUTES,
@@ -148,15 +161,7 @@ async def test_cluster_ingest_retry_dead_letter_flow(cluster_url: str, upstream:
     async with TestClient(TestServer(app)) as client:
         runtime = app[RUNTIME]
         # 40 distinct events x 3 copies, concurrently: one forward per event id across the shards/nodes
-        bodies = [stripe_body(f"evt_c{i}") for i in range(40)]
-        resps = await asyncio.gather(
-            *(
-                client.post("/webhooks/stripe", data=b, headers=stripe_headers(b))
-                for _ in range(3)
-                for b in bodies
-            )
-        )
-        assert all(r.status == 200 for r in resps)
+        assert await _post_copies(client, [f"evt_c{i}" for i in range(40)], 3) == [200] * 120
         assert sorted(upstream.ids()) == sorted(f"evt_c{i}" for i in range(40))
         # retry: 503 then delivered by the worker walking every shard
         upstream.respond(503)
@@ -356,15 +361,7 @@ async def test_tls_cluster_serves_both_clients_over_tls(tmp_path: Path, upstream
             app = create_app(config, redis_url=url, run_worker=False)
             async with TestClient(TestServer(app)) as client:
                 runtime = app[RUNTIME]
-                bodies = [stripe_body(f"evt_t{i}") for i in range(30)]
-                resps = await asyncio.gather(
-                    *(
-                        client.post("/webhooks/stripe", data=b, headers=stripe_headers(b))
-                        for _ in range(2)
-                        for b in bodies
-                    )
-                )
-                assert [r.status for r in resps] == [200] * 60
+                assert await _post_copies(client, [f"evt_t{i}" for i in range(30)], 2) == [200] * 60
                 assert sorted(upstream.ids()) == sorted(f"evt_t{i}" for i in range(30))
                 upstream.respond(503)
                 body = stripe_body("evt_t_retry")

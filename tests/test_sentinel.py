@@ -21,17 +21,12 @@ from sidecar.keys import KeySpace
 from sidecar.store.pipeline import SentinelSpec
 from tests.conftest import Upstream, make_config
 from tests.procs import free_port
-from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
+from tests.test_cluster_failover import _send_until_accepted
+from tests.test_replication import ROUTES
 
 pytestmark = pytest.mark.slow
 
 SERVICE = "webhooks"
-ROUTES = f"""
-- name: stripe
-  path: /webhooks/stripe
-  provider: stripe
-  secrets: ["{STRIPE_SECRET}"]
-"""
 
 
 @dataclass
@@ -111,16 +106,6 @@ def test_sentinel_url_forms() -> None:
         assert problem in str(caught.value)
 
 
-async def _send_until_answered(client: TestClient, event_id: str, deadline: float) -> int:
-    """A provider's way: resend after each 503 until a final answer; that answer's status."""
-    body = stripe_body(event_id)
-    while True:
-        resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
-        if resp.status != 503 or time.monotonic() > deadline:
-            return resp.status
-        await asyncio.sleep(0.1)
-
-
 @pytest.fixture
 async def sidecar(sentinelled: Sentinelled, upstream: Upstream) -> AsyncIterator[TestClient]:
     url = f"redis+sentinel://127.0.0.1:{sentinelled.sentinel_port}/{SERVICE}"
@@ -145,7 +130,7 @@ async def test_sentinel_finds_the_primary_and_follows_a_failover(
     keys = KeySpace("sidecar", 4)
     before = [f"evt_s{i}" for i in range(10)]
     deadline = time.monotonic() + 30
-    assert [await _send_until_answered(sidecar, e, deadline) for e in before] == [200] * 10
+    assert [(await _send_until_accepted(sidecar, e, deadline))[0] for e in before] == [200] * 10
     with redis.Redis(port=sentinelled.primary.port) as old:
         assert all(old.exists(keys.locate("stripe", e)[0]) for e in before)
 
@@ -166,10 +151,11 @@ async def test_sentinel_finds_the_primary_and_follows_a_failover(
     while sentinelled.named_primary() != sentinelled.replica.port:
         assert time.monotonic() < deadline, "the sentinel did not promote the replica within 30 s"
         during.append(f"evt_d{len(during)}")
-        assert await _send_until_answered(sidecar, during[-1], deadline + 30) == 200
+        assert (await _send_until_accepted(sidecar, during[-1], deadline + 30))[0] == 200
     after = [f"evt_t{i}" for i in range(20)]
     deadline = time.monotonic() + 60
-    statuses = await asyncio.gather(*(_send_until_answered(sidecar, e, deadline) for e in after))
+    answers = await asyncio.gather(*(_send_until_accepted(sidecar, e, deadline) for e in after))
+    statuses = [status for status, _ in answers]
     assert statuses == [200] * 20, statuses
     assert store._fast._primary == ("127.0.0.1", sentinelled.replica.port)
     sent = before + during + after

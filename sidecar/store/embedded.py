@@ -39,13 +39,10 @@ log = logging.getLogger("sidecar.store")
 CHILD_NICE = 19
 WATCH_INTERVAL = 0.01  # seconds between looks at the server: a rewrite of any size lasts far longer
 START_TIMEOUT = 30.0  # a large append-only file takes seconds to load (7.2 s for 619 MB here)
-RESTART_BACKOFF = (
-    0.1,
-    10.0,
-)  # first and longest wait before a restart (after failed starts, or quick deaths)
-STABLE_AFTER = (
-    60.0  # a server that lived this long is restarted at once; one that died sooner, after a backoff
-)
+# first and longest wait before a restart (after failed starts, or quick deaths)
+RESTART_BACKOFF = (0.1, 10.0)
+# a server that lived this long is restarted at once; one that died sooner, after a backoff
+STABLE_AFTER = 60.0
 
 
 class EmbeddedValkey:

@@ -20,9 +20,9 @@ import collections
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit
 
 import hiredis
@@ -190,6 +190,33 @@ class Connection(asyncio.Protocol):
             self._fail(ConnectionError("store connection closed"), lost=False)
 
 
+T = TypeVar("T")
+
+
+class SharedAttempt(Generic[T]):
+    """One run of `start()` at a time, shared by every caller that comes while it runs (a connect, a slot map
+    reload, a primary lookup); a call after it ended starts a new one. A caller cancelled does not cancel it."""
+
+    def __init__(self, start: Callable[[], Awaitable[T]]) -> None:
+        self._start = start
+        self.running: asyncio.Future[T] | None = None
+
+    def begin(self) -> asyncio.Future[T]:
+        if self.running is None:
+            self.running = attempt = asyncio.ensure_future(self._start())
+            attempt.add_done_callback(self._done)
+        return self.running
+
+    def _done(self, attempt: asyncio.Future[T]) -> None:
+        if self.running is attempt:
+            self.running = None
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved here (no "never retrieved" noise); the callers awaiting it get it too
+
+    async def __call__(self) -> T:
+        return await asyncio.shield(self.begin())
+
+
 class Node:
     """One server address: a lazily (re)connected Connection, with AUTH/SELECT from the URL."""
 
@@ -212,19 +239,13 @@ class Node:
         self._auth = (username, password)
         self._db = db
         self._conn: Connection | None = None
-        self._connecting: asyncio.Future[Connection] | None = None
+        self._connecting = SharedAttempt(self._connect)
 
     async def connection(self) -> Connection:
         conn = self._conn
         if conn is not None and not conn.closed:
             return conn
-        if self._connecting is None:  # one connect attempt shared by every caller waiting for it
-            self._connecting = asyncio.ensure_future(self._connect())
-        try:
-            return await asyncio.shield(self._connecting)
-        finally:
-            if self._connecting is not None and self._connecting.done():
-                self._connecting = None
+        return await self._connecting()
 
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
@@ -271,7 +292,7 @@ class Node:
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
-        connecting = self._connecting
+        connecting = self._connecting.running
         if connecting is not None and not connecting.done():  # a connection that lands after this: closed too
             connecting.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().close())
 
@@ -377,17 +398,14 @@ class PipelinedClient:
         self._primary: tuple[str, int] | None = None  # the sentinels' last answer
         self._sentinel_nodes: dict[tuple[str, int], Node] = {}
         self._watch: asyncio.Task[None] | None = None
-        self._opening: asyncio.Future[Connection] | None = (
-            None  # a primary connection being opened and checked
-        )
+        self._opening = SharedAttempt(self._open_primary)  # a primary connection being opened and checked
         self._single_addr: tuple[str, int] | None = None  # the server of `_single`
         self._role_refused = False
         if url.startswith("redis+sentinel://"):
             self.sentinel = SentinelSpec.parse(url)
             self._sentinel_order = list(self.sentinel.sentinels)
-            url = (
-                "redis://"  # a data server's URL: its address comes from the sentinels, its auth and db below
-            )
+            # a data server's URL: its address comes from the sentinels, its auth and db from the spec below
+            url = "redis://"
         parts, self.cluster = split_url(url)
         query = url_query(parts.query)
         self._tls = ReloadingTLS(query, self.cluster) if parts.scheme == "rediss" else None
@@ -407,7 +425,7 @@ class PipelinedClient:
             self._db = self.sentinel.db
         self._nodes: dict[tuple[str, int], Node] = {}
         self._slots: list[tuple[str, int] | None] = [None] * 16384
-        self._refreshing: asyncio.Future[None] | None = None
+        self._refresh = SharedAttempt(self._load_slots)  # the slot map reload under way, one at a time
         self._refreshed_at = -REFRESH_INTERVAL
         self._closed = False
         self._scripts: set[str] = set()  # sources loaded by load_script, for primaries that appear later
@@ -503,13 +521,7 @@ class PipelinedClient:
     async def _single_connection(self) -> Connection:
         if self.sentinel is None:
             return await self._node(self._seeds[0]).connection()
-        if self._opening is None:  # one primary lookup and check, shared by every caller waiting for it
-            self._opening = asyncio.ensure_future(self._open_primary())
-        try:
-            return await asyncio.shield(self._opening)
-        finally:
-            if self._opening is not None and self._opening.done():
-                self._opening = None
+        return await self._opening()
 
     async def _open_primary(self) -> Connection:
         """A connection to the server the sentinels name, checked to be a primary (their answer can lag a
@@ -584,12 +596,7 @@ class PipelinedClient:
             self._primary = addr
             current, conn = self._single_addr, self._single
             if current is not None and current != addr and conn is not None and not conn.closed:
-                log.warning(
-                    "store: the sentinels name %s:%d the primary of %r now (was %s:%d)",
-                    *addr,
-                    self.sentinel.service if self.sentinel else "",
-                    *current,
-                )
+                log.warning("store: the sentinels name %s:%d the primary now (was %s:%d)", *addr, *current)
                 self._node(current).close()
 
     def _slots_stale(self) -> None:
@@ -598,26 +605,13 @@ class PipelinedClient:
         REFRESH_INTERVAL, so the commands after this one go where the slots now are. The command that met the
         failure is not re-sent: it may have run before the connection broke, and its caller fails closed."""
         now = time.monotonic()
-        if self._closed or self._refreshing is not None or now - self._refreshed_at < REFRESH_INTERVAL:
+        if self._closed or self._refresh.running is not None or now - self._refreshed_at < REFRESH_INTERVAL:
             return
         self._refreshed_at = now
-        self._start_refresh()
-
-    def _start_refresh(self) -> asyncio.Future[None]:
-        """The slot map reload under way, or a new one: one at a time, shared by whoever waits for it."""
-        if self._refreshing is None:
-            self._refreshing = refresh = asyncio.ensure_future(self._load_slots())
-            refresh.add_done_callback(self._refresh_done)
-        return self._refreshing
-
-    def _refresh_done(self, refresh: asyncio.Future[None]) -> None:
-        if self._refreshing is refresh:
-            self._refreshing = None
-        if not refresh.cancelled():
-            refresh.exception()  # retrieved here; an awaiting caller gets it too, a background one tries again
+        self._refresh.begin()  # in the background: a failed one is tried again on the next loss
 
     async def refresh_slots(self) -> None:
-        await asyncio.shield(self._start_refresh())
+        await self._refresh()
 
     async def _load_slots(self) -> None:
         last: Exception | None = None
@@ -669,8 +663,8 @@ class PipelinedClient:
 
     def close(self) -> None:
         self._closed = True
-        if self._refreshing is not None:
-            self._refreshing.cancel()
+        if self._refresh.running is not None:
+            self._refresh.running.cancel()
         if self._watch is not None:
             self._watch.cancel()
         for node in (*self._nodes.values(), *self._sentinel_nodes.values()):

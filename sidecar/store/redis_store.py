@@ -53,6 +53,9 @@ T = TypeVar("T")
 log = logging.getLogger("sidecar.store")
 
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, ConnectionError, TimeoutError, OSError)
+# everything either client raises for a store call: translated by _translate (redis-py's cluster client raises
+# RedisClusterException, which is no RedisError, when no node answers)
+_STORE_ERRORS = (*_UNAVAILABLE, rexc.RedisError, rexc.RedisClusterException, ReplyError)
 # redis-py's cluster client says "no node reachable" and "slots not covered" with RedisClusterException, which is
 # not a RedisError; the same class also reports mistakes in the calls themselves (keys across slots), which stay
 # store errors
@@ -125,13 +128,14 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
             **common,
         )
     parts, cluster = split_url(url)
+    tls = url_query(parts.query) if parts.scheme == "rediss" else None  # rediss:// or rediss+cluster://
     if cluster:
         nodes = [ClusterNode(host, port) for host, port in cluster_seeds(parts.netloc)]
         # the user info holds for every node, as it does for the pipelined transport
         password = unquote(parts.password) if parts.password else None
         username = unquote(parts.username) if parts.username else None
-        if parts.scheme == "rediss":
-            common.update(cluster_tls(url_query(parts.query)))
+        if tls is not None:
+            common.update(cluster_tls(tls))
         cluster = RedisCluster(
             startup_nodes=nodes,
             max_connections=max_connections,
@@ -139,15 +143,15 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
             username=username,
             **common,
         )
-        if parts.scheme == "rediss":  # the nodes it knows now, and those it finds later (same kwargs)
-            reloading = _reloading(ReloadingTLS(url_query(parts.query), cluster=True))
+        if tls is not None:  # the nodes it knows now, and those it finds later (same kwargs)
+            reloading = _reloading(ReloadingTLS(tls, cluster=True))
             cluster.connection_kwargs["connection_class"] = reloading
             for node in cluster.startup_nodes:
                 node.connection_class = reloading
         return cluster
     client = aioredis.from_url(url, max_connections=max_connections, **common)
-    if parts.scheme == "rediss":
-        client.connection_pool.connection_class = _reloading(ReloadingTLS(url_query(parts.query)))
+    if tls is not None:
+        client.connection_pool.connection_class = _reloading(ReloadingTLS(tls))
     return client
 
 
@@ -262,7 +266,8 @@ class RedisStore:
         return warnings
 
     async def _server_infos(self) -> list[tuple[str, dict[str, Any]]]:
-        """(label, INFO memory + persistence) of the server, or of each cluster primary."""
+        """(label, INFO memory + persistence) of each cluster primary, or INFO memory + persistence + replication
+        of the one server (whose replica count decides the wait_replicas warning)."""
         if not self._cluster:
             sections = ("memory", "persistence", "replication")
             return [
@@ -294,7 +299,7 @@ class RedisStore:
             if not self._ready:
                 await self._initialize()
             return await fn()
-        except (*_UNAVAILABLE, rexc.RedisError, rexc.RedisClusterException, ReplyError) as exc:
+        except _STORE_ERRORS as exc:
             raise _translate(exc) from exc
 
     async def _initialize(self) -> None:
@@ -330,7 +335,7 @@ class RedisStore:
         # the lease hands the event to the retry worker either way.
         try:  # inline rather than through _call: this is the one call every request makes
             res = await self._claim(keys=[ev, sched, stats], args=args, wait=self._wait)
-        except (*_UNAVAILABLE, rexc.RedisError, rexc.RedisClusterException, ReplyError) as exc:
+        except _STORE_ERRORS as exc:
             if isinstance(exc, NotReplicated) and exc.reply is not None and int(exc.reply[0]) == 1:
                 self._index_alias(rec)  # the claim won and stands on the primary: its resends are duplicates
             raise _translate(exc) from exc
@@ -349,7 +354,7 @@ class RedisStore:
         async def write() -> None:
             try:
                 await self._fast.execute(index, key=index[1])
-            except (*_UNAVAILABLE, rexc.RedisError, rexc.RedisClusterException, ReplyError) as exc:
+            except _STORE_ERRORS as exc:
                 log.warning("could not index %s/%s for lookups: %s", rec.route, rec.event_id, exc)
 
         task = asyncio.ensure_future(write())
@@ -379,7 +384,7 @@ class RedisStore:
             calls = [self._ack.finish(sent, keys, args) for _, keys, args, sent in started]
             try:
                 replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
-            except (*_UNAVAILABLE, rexc.RedisError, rexc.RedisClusterException, ReplyError) as exc:
+            except _STORE_ERRORS as exc:
                 raise _translate(exc) from exc
             done = [False] * len(marks)
             for (index, _, _, _), reply in zip(started, replies, strict=True):
