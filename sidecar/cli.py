@@ -109,6 +109,10 @@ async def serve(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.worker_index is not None:
+        from sidecar.supervisor import follow_parent
+
+        follow_parent()
     path = _config_path(args.config)
     try:
         config = load(path)

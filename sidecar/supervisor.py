@@ -4,11 +4,14 @@ session and retry worker; one embedded store for all, started by this parent.
 The parent only supervises: it starts the children (`sidecar run --worker-index i --redis-url URL`), passes
 SIGTERM/SIGINT/SIGHUP on to them, restarts a child that dies unexpectedly (at most `MAX_RESTARTS` a minute, so a
 child that cannot start does not spin), and on shutdown waits for every child to drain. Worker 0 also serves the
-admin listener; the others serve webhooks only.
+admin listener; the others serve webhooks only. A parent that dies without that (SIGKILL, a crash) takes its
+children with it: each gets SIGTERM from the kernel and drains (`follow_parent`), instead of serving on with no
+supervisor beside a new sidecar's workers on the same port.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -20,6 +23,22 @@ from collections import deque
 log = logging.getLogger("sidecar.supervisor")
 
 MAX_RESTARTS = 5
+PARENT_ENV = "SIDECAR_SUPERVISOR_PID"  # set for each child: the supervisor it must not outlive
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def follow_parent() -> None:
+    """In a worker: ask the kernel for SIGTERM when the supervisor dies (Linux), and stop at once if it already
+    has. Does nothing in a process not started by a supervisor."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        log.warning("cannot ask to be stopped with the supervisor: %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != int(parent):  # it died before the request above was in place
+        log.error("the supervisor (pid %s) is gone: stopping", parent)
+        raise SystemExit(1)
 
 
 def resolve_workers(workers: int) -> int:
@@ -56,7 +75,8 @@ class Supervisor:
         ]
 
     def _spawn(self, index: int) -> None:
-        self.children[index] = subprocess.Popen(self._command(index))
+        env = {**os.environ, PARENT_ENV: str(os.getpid())}
+        self.children[index] = subprocess.Popen(self._command(index), env=env)
         log.info("worker %d started (pid %d)", index, self.children[index].pid)
 
     def _on_signal(self, signum: int, _frame: object) -> None:

