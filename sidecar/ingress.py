@@ -107,12 +107,16 @@ def needs_public_url(route: RouteConfig) -> bool:
 
 
 def public_url(request: web.Request, route: RouteConfig) -> str:
-    """The URL the provider called, for the schemes that sign it (Twilio, Square, HubSpot)."""
+    """The URL the provider called, for the schemes that sign it (Twilio, Square, HubSpot). The query is the
+    request's own, byte for byte as it arrived (percent-encoding kept: `a%20b` is signed as such, and Twilio's
+    `bodySHA256` is appended to whatever query it was given); the route's `public_url` supplies the scheme, host
+    and path, and its own query only for a request that arrives without one."""
+    query = request.raw_path.partition("?")[2]
     if route.public_url:
-        query = request.query_string
-        if query and "?" not in route.public_url:
-            return f"{route.public_url}?{query}"
-        return route.public_url
+        url, hash_, fragment = route.public_url.partition("#")  # Twilio's `#rc=…&rp=…` options stay last
+        base, _, own = url.partition("?")
+        query = query or own
+        return (f"{base}?{query}" if query else base) + hash_ + fragment
     proto = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
     host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
     return f"{proto}://{host}{request.path_qs}"

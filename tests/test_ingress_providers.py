@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import redis
@@ -107,3 +108,65 @@ async def test_ingress_provider_second_secret_accepted(
     resp = await post(provider_client, f"{name}_rot", body, headers)
     assert resp.status == 200, await resp.text()
     assert [r.body for r in upstream.received] == [body]
+
+
+TWILIO_TOKEN = "twilio_auth_token_e2e"
+TWILIO_ROUTES = """
+- name: tw
+  path: /in/tw
+  provider: twilio
+  secrets: ["twilio_auth_token_e2e"]
+  public_url: "https://mycompany.com/in/tw"
+  event_id: body_sha256
+- name: twq
+  path: /in/twq
+  provider: twilio
+  secrets: ["twilio_auth_token_e2e"]
+  public_url: "https://mycompany.com/in/twq?tenant=acme"
+  event_id: body_sha256
+"""
+
+
+@pytest.mark.parametrize(
+    "query", ["?x=a%20b", "?x=a+b", "?x=%C3%A9", "?x=%7E", "?from=%2B15005550006&x=%26y"]
+)
+async def test_ingress_twilio_query_is_signed_as_it_arrived(
+    sidecar_factory: Any, upstream: Upstream, query: str
+) -> None:
+    """Twilio signs the URL it called with the query exactly as sent (percent-encoding kept): the SDK's signature
+    over public_url + that query verifies, and the query reaches the upstream unchanged."""
+    from twilio.request_validator import RequestValidator
+    from yarl import URL
+
+    client = await sidecar_factory(TWILIO_ROUTES)
+    params = {"CallSid": "CA" + "1" * 32, "From": "+15005550006"}
+    signature = RequestValidator(TWILIO_TOKEN).compute_signature(
+        f"https://mycompany.com/in/tw{query}", params
+    )
+    target = URL(f"http://{client.server.host}:{client.server.port}/in/tw{query}", encoded=True)
+    headers = {"X-Twilio-Signature": signature, "Content-Type": "application/x-www-form-urlencoded"}
+    async with client.session.post(target, data=urlencode(params), headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+    [got] = upstream.received
+    assert got.path_qs == f"/in/tw{query}"
+
+
+async def test_ingress_twilio_body_sha256_on_a_public_url_with_its_own_query(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """A JSON Twilio request: Twilio appends `bodySHA256` to the query of the URL it was given, so the signed URL is
+    the request's query, not the configured one alone."""
+    from twilio.request_validator import RequestValidator
+    from yarl import URL
+
+    client = await sidecar_factory(TWILIO_ROUTES)
+    body = '{"event":"call.completed","sid":"CA1"}'
+    sdk = RequestValidator(TWILIO_TOKEN)
+    query = f"?tenant=acme&bodySHA256={sdk.compute_hash(body)}"
+    signature = sdk.compute_signature(f"https://mycompany.com/in/twq{query}", {})
+    assert sdk.validate(f"https://mycompany.com/in/twq{query}", body, signature)
+    target = URL(f"http://{client.server.host}:{client.server.port}/in/twq{query}", encoded=True)
+    headers = {"X-Twilio-Signature": signature, "Content-Type": "application/json"}
+    async with client.session.post(target, data=body.encode(), headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+    assert [r.body for r in upstream.received] == [body.encode()]
