@@ -5,6 +5,7 @@ the second of two configured secrets is accepted. Signers and secrets come from 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any
@@ -170,3 +171,38 @@ async def test_ingress_twilio_body_sha256_on_a_public_url_with_its_own_query(
     async with client.session.post(target, data=body.encode(), headers=headers) as resp:
         assert resp.status == 200, await resp.text()
     assert [r.body for r in upstream.received] == [body.encode()]
+
+
+NO_ID_BODIES = {
+    # payload kinds that carry no event id of their own: the digest of the signed bytes is their identity
+    "discord": b'{"version":1,"application_id":"1","type":1,"event":{"type":"APPLICATION_AUTHORIZED","data":{}}}',
+    "slack": b"token=x&team_id=T1&command=%2Fweather&text=94070&trigger_id=13345224609.738474920.8088930838d",
+    "x": b'{"for_user_id":"2244994945","tweet_create_events":[{"id_str":"1"}]}',
+    "hubspot": b'[{"eventId":1,"subscriptionId":2,"portalId":3,"subscriptionType":"contact.creation"}]',
+    "sendgrid": b'[{"email":"a@example.com","event":"delivered","sg_event_id":"sg1"}]\r\n',
+}
+
+
+@pytest.mark.parametrize("key", sorted(NO_ID_BODIES))
+async def test_ingress_auto_id_of_a_payload_without_one_is_its_signed_digest(
+    sidecar_factory: Any, upstream: Upstream, key: str
+) -> None:
+    """`event_id: auto` (the default) on a payload kind without an id of its own (a Discord Webhook Event, a Slack
+    slash command, an X activity event, a HubSpot or SendGrid batch) is delivered once, not refused 400: the
+    digest of the signed bytes identifies it, so the same delivery again is a duplicate."""
+    case = CASES[key]
+    lines = [
+        "- name: r",
+        "  path: /in/r",
+        f"  provider: {case.provider}",
+        f"  secrets: {json.dumps([case.good])}",
+        f"  public_url: {json.dumps(case.url)}",
+    ]
+    client = await sidecar_factory("\n".join(lines))
+    body, headers = case.request(ts=int(time.time()), body=NO_ID_BODIES[key])
+    first = await post(client, "r", body, headers)
+    assert first.status == 200, await first.text()
+    assert first.headers["X-Sidecar-Event-Id"] == hashlib.sha256(body).hexdigest()
+    again = await post(client, "r", body, headers)
+    assert again.status == 200 and (await again.json())["duplicate"] is True
+    assert [r.body for r in upstream.received] == [body]

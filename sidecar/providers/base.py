@@ -54,8 +54,9 @@ class Handshake:
 class Verified:
     """What a successful verification yields.
 
-    event_id:   the provider's stable event id for `event_id: auto`, or None if the provider has none for this
-                request (the ingress then answers 400 no_event_id unless the route configures another source).
+    event_id:   the provider's stable event id for `event_id: auto`; for a payload kind that carries none by
+                design (a Slack slash command, a Discord Webhook Event, a HubSpot batch, …) the digest of the signed
+                bytes; None when a payload that should carry one does not (the ingress answers 400 no_event_id).
     id_signed:  True when event_id is covered by the signature (Stripe body `id`, svix-id, …). False for header ids
                 (X-GitHub-Delivery, X-Shopify-Event-Id, Linear-Delivery, X-Webhook-Id, …): the ingress then dedupes on
                 the digest of the signed bytes so that a replay under another id can neither block nor duplicate.

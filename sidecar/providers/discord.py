@@ -22,7 +22,7 @@ SPEC = SigSpec(
     ts_source="header:x-signature-timestamp",
     tolerance_s=None,
     tolerance_mode="past_only",
-    dedup_id=("json:id",),  # interactions; Webhook Events have no id
+    dedup_id=("json:id", "body_sha256"),  # interactions have an id; Webhook Events none
     event_type=("json:event.type",),
     handshake="discord",  # interactions PING type 1 → {"type":1}; Webhook Events PING type 0 → 204
 )

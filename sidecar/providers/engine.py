@@ -8,6 +8,7 @@ the per-request work is header lookups, one HMAC per key and, only when somethin
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -265,6 +266,8 @@ class SpecVerifier:
         if kind == "composite":
             paths = tuple(tuple(tuple(alt.split(".")) for alt in part.split("|")) for part in arg.split(","))
             return lambda req: _composite(req.json(), paths, body_signed)
+        if kind == "body_sha256":  # no id in the payload: the signed bytes are the delivery's identity
+            return lambda req: (hashlib.sha256(req.body).hexdigest(), body_signed)
         return lambda req: None  # json[]: a batch; per-element dedupe is the upstream's business
 
 

@@ -39,7 +39,7 @@ SPEC = SigSpec(
     tolerance_s=300,
     tolerance_mode="past_only",
     check_ts_before_sig=True,
-    dedup_id=("json[]:eventId",),  # a batch: per-element dedupe is out of scope here → event_id None
+    dedup_id=("body_sha256",),  # a batch: the delivery is the unit (per-element dedupe is the upstream's)
     url_transform=signed_url,
     ts_window=fresh,
 )

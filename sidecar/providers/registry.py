@@ -10,6 +10,7 @@ Most providers are a `SigSpec` row run by the generic engine (`table`); the ones
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -68,13 +69,13 @@ class Guarded:
 
 
 class Unverified:
-    """Provider `none`: nothing is checked and no id is known; the route must name its event id source."""
+    """Provider `none`: nothing is checked and no id is known; `event_id: auto` is the body's digest."""
 
     def __repr__(self) -> str:
         return "Unverified()"
 
     def verify(self, req: Inbound) -> Verified:
-        return Verified(event_id=None, id_signed=False)
+        return Verified(event_id=hashlib.sha256(req.body).hexdigest(), id_signed=False)
 
     def unsigned_handshake(self, req: Inbound) -> Handshake | None:
         return None

@@ -1,8 +1,9 @@
 """SendGrid Event Webhook (providers.md §17): ECDSA P-256/SHA-256 over `{timestamp}{body}`, DER signature in base64.
 
 The "secret" is the verification public key (base64 DER SubjectPublicKeyInfo, `MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcD…`).
-The body is a batch (a JSON array) whose trailing CRLF is signed. Per-element dedupe (`sg_event_id`) is out of
-scope here, so `event_id` is None; the SDK checks no freshness, so none unless the route sets `tolerance`.
+The body is a batch (a JSON array) whose trailing CRLF is signed. Per-element dedupe (`sg_event_id`) is the
+upstream's: `event_id: auto` is the digest of the signed batch; the SDK checks no freshness, so none unless the
+route sets `tolerance`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ SPEC = SigSpec(
     ts_source="header:x-twilio-email-event-webhook-timestamp",
     tolerance_s=None,
     tolerance_mode="past_only",
-    dedup_id=("json[]:sg_event_id",),
+    dedup_id=("body_sha256",),  # a batch: the delivery is the unit (per-element dedupe is the upstream's)
 )
 
 

@@ -213,5 +213,10 @@ def _validate_ts_source(spec: SigSpec) -> None:
 
 def _validate_extractor(name: str, extractor: str) -> None:
     kind, _, arg = extractor.partition(":")
+    if extractor == "body_sha256":
+        return
     if kind not in ("header", "json", "json[]", "composite") or not arg:
-        raise _bad(name, f"{extractor!r} must be header:NAME, json:PATH, json[]:PATH or composite:PATH,…")
+        raise _bad(
+            name,
+            f"{extractor!r} must be header:NAME, json:PATH, json[]:PATH, composite:PATH,… or body_sha256",
+        )

@@ -61,7 +61,7 @@ SLACK = SigSpec(  # §4; slack_sdk compares "v0=<hex>" and checks the timestamp 
     tolerance_s=300,
     tolerance_mode="both",
     check_ts_before_sig=True,
-    dedup_id=("json:event_id",),
+    dedup_id=("json:event_id", "body_sha256"),  # slash commands and interactivity carry no id
     event_type=("json:event.type", "json:type"),
     handshake="slack",
     require_utf8=True,
@@ -171,6 +171,7 @@ X = SigSpec(  # §22; POSTs carry no event id. The CRC GET is answered unsigned.
     sig_name="x-twitter-webhooks-signature",
     prefix="sha256=",
     encoding="base64",
+    dedup_id=("body_sha256",),
     handshake="x_crc",
 )
 

@@ -91,7 +91,10 @@ class TwilioVerifier:
         if not any(self._matches(key, m, digest, signature) for key in self._keys for m in messages):
             raise VerificationError("mismatch", "no signature matches a configured secret")
         token = req.header("i-twilio-idempotency-token")
-        return Verified(event_id=token or None, id_signed=False)
+        if token:
+            return Verified(event_id=token, id_signed=False)
+        # no idempotency token: the signed parameters (or the body bodySHA256 pins) are the delivery's identity
+        return Verified(event_id=hashlib.sha256(inbound.body).hexdigest(), id_signed=True)
 
     @staticmethod
     def _matches(key: bytes, message: bytes, digest: str, signature: bytes) -> bool:

@@ -88,7 +88,13 @@ def test_discord_webhook_events_ping_answered_204() -> None:
 def test_discord_webhook_event_is_not_a_handshake() -> None:
     body = b'{"version":1,"application_id":"1","type":1,"event":{"type":"APPLICATION_AUTHORIZED","data":{}}}'
     got = CASES["discord"].verify(body, _discord(body))
-    assert (got.handshake, got.event_id, got.event_type) == (None, None, "APPLICATION_AUTHORIZED")
+    digest = hashlib.sha256(body).hexdigest()  # Webhook Events carry no id: the signed bytes are the identity
+    assert (got.handshake, got.event_id, got.id_signed, got.event_type) == (
+        None,
+        digest,
+        True,
+        "APPLICATION_AUTHORIZED",
+    )
 
 
 def test_discord_interaction_id() -> None:
@@ -195,15 +201,19 @@ def test_unsigned_handshake_is_none_for_other_providers() -> None:
             b'{"event":"invitee.created","created_at":"2024-01-01T00:00:00Z","payload":{"uri":"https://api.calendly.com/i/1"}}',
             ("invitee.created:https://api.calendly.com/i/1:2024-01-01T00:00:00Z", True, "invitee.created"),
         ),
-        ("x", b'{"for_user_id":"1","tweet_create_events":[]}', (None, False, None)),
-        ("hubspot", b'[{"eventId":1,"subscriptionId":2,"portalId":3}]', (None, False, None)),
-        ("sendgrid", b'[{"sg_event_id":"a"}]\r\n', (None, False, None)),
+        # no id in the payload (X) or a batch (HubSpot, SendGrid): the digest of the signed bytes
+        ("x", b'{"for_user_id":"1","tweet_create_events":[]}', ("sha256", True, None)),
+        ("hubspot", b'[{"eventId":1,"subscriptionId":2,"portalId":3}]', ("sha256", True, None)),
+        ("sendgrid", b'[{"sg_event_id":"a"}]\r\n', ("sha256", True, None)),
         ("hmac", b'{"id":"acme-1"}', ("acme-1", True, None)),
     ],
 )
 def test_provider_event_id_and_type(name: str, body: bytes, expected: tuple[Any, ...]) -> None:
     case = CASES[name]
-    got = case.verify(*case.request(body=body))
+    signed_body, headers = case.request(body=body)
+    got = case.verify(signed_body, headers)
+    if expected[0] == "sha256":
+        expected = (hashlib.sha256(signed_body).hexdigest(), *expected[1:])
     assert (got.event_id, got.id_signed, got.event_type) == expected
 
 
@@ -242,11 +252,13 @@ def test_linear_unparsable_body_timestamp_rejected() -> None:
         case.verify(*case.request(body=body))
 
 
-def test_twilio_without_idempotency_token_has_no_id() -> None:
+def test_twilio_without_idempotency_token_is_identified_by_its_signed_body() -> None:
     case = CASES["twilio"]
     body, headers = case.request()
+    assert (case.verify(body, headers).event_id, case.verify(body, headers).id_signed) == ("idem-1", False)
     del headers["I-Twilio-Idempotency-Token"]
-    assert case.verify(body, headers).event_id is None
+    got = case.verify(body, headers)
+    assert (got.event_id, got.id_signed) == (hashlib.sha256(body).hexdigest(), True)
 
 
 def test_standardwebhooks_type_from_body() -> None:
@@ -256,10 +268,10 @@ def test_standardwebhooks_type_from_body() -> None:
     assert got.signed_headers == {"svix-id", "svix-timestamp"}
 
 
-def test_none_provider_is_always_verified_without_id() -> None:
+def test_none_provider_is_always_verified_and_identified_by_its_body() -> None:
     verifier = build_verifier("none", [], None, None)
     got = verifier.verify(inbound(b"\xff\xfe", {"X-Anything": "é"}))
-    assert (got.event_id, got.handshake) == (None, None)
+    assert (got.event_id, got.handshake) == (hashlib.sha256(b"\xff\xfe").hexdigest(), None)
     assert verifier.unsigned_handshake(inbound(b"", {}, method="GET")) is None
 
 
