@@ -96,15 +96,20 @@ def upstream_headers(
     """What the upstream receives besides the original end-to-end headers (CONTRACT: 'What the upstream receives').
 
     With `sign_key` (route `sign_upstream`), Standard Webhooks headers signed now, at this attempt, replace any the
-    provider sent: a receiver verifies a retry hours later within its own timestamp tolerance.
+    provider sent: a receiver verifies a retry hours later within its own timestamp tolerance. A request that came
+    with Svix's `svix-*` names gets the same three values under those names too, in place of the provider's: the
+    Svix SDK prefers them when both are present, and Clerk's reads only them.
     """
     dropped = _REPLACED | _STANDARD_WEBHOOKS if sign_key is not None else _REPLACED
     headers: list[tuple[str, str]] = []
     prior_xff: list[str] = []
+    svix = False
     for k, v in rec.headers:  # one pass: keep the end-to-end headers, remember the proxies before us
         name = k.lower()
         if name == "x-forwarded-for":
             prior_xff.append(v)
+        elif sign_key is not None and name in _SVIX:
+            svix = True
         elif name not in dropped and not name.startswith("x-sidecar-"):
             headers.append((k, v))
     xff = ", ".join([*prior_xff, rec.client_ip]) if rec.client_ip else ", ".join(prior_xff)
@@ -121,12 +126,16 @@ def upstream_headers(
     if traceparent:
         headers.append(("traceparent", traceparent))
     if sign_key is not None:
-        headers += standard_webhooks_headers(sign_key, rec.event_id, rec.body, int(time.time()))
+        signed = standard_webhooks_headers(sign_key, rec.event_id, rec.body, int(time.time()))
+        headers += signed
+        if svix:
+            headers += [("svix" + name.removeprefix("webhook"), value) for name, value in signed]
     return headers
 
 
 _REPLACED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "traceparent"})
 _STANDARD_WEBHOOKS = frozenset({"webhook-id", "webhook-timestamp", "webhook-signature"})
+_SVIX = frozenset({"svix-id", "svix-timestamp", "svix-signature"})
 
 
 class Forwarder:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -80,3 +81,38 @@ async def test_sign_upstream_replaces_provider_sent_standard_webhooks_headers(
     [got] = upstream.received
     assert [k for k, _ in got.raw_headers].count("webhook-signature") == 1
     Webhook(UPSTREAM_SECRET).verify(got.body, got.headers)  # raises if the spoofed values had survived
+
+
+async def test_sign_upstream_on_a_svix_route_verifies_with_the_svix_sdk(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """A Svix (or Clerk) request forwarded with `sign_upstream`: the receiver's Svix SDK, given the upstream secret,
+    verifies it. The SDK prefers the `svix-*` names when present (Clerk's reads only them), so those carry the
+    sidecar's signature too, not the provider's."""
+    import svix.webhooks
+
+    provider_secret = "whsec_" + base64.b64encode(b"provider-svix-secret-32-bytes!!!").decode()
+    client = await sidecar_factory(
+        f"""
+- name: svix
+  path: /webhooks/svix
+  provider: standardwebhooks
+  secrets: ["{provider_secret}"]
+  sign_upstream: {{secret: "{UPSTREAM_SECRET}"}}
+"""
+    )
+    body = '{"type":"user.created","data":{"id":"u1"}}'
+    now = datetime.now(tz=UTC)
+    signature = svix.webhooks.Webhook(provider_secret).sign("msg_svix1", now, body)
+    headers = {
+        "svix-id": "msg_svix1",
+        "svix-timestamp": str(int(now.timestamp())),
+        "svix-signature": signature,
+    }
+    assert (await client.post("/webhooks/svix", data=body.encode(), headers=headers)).status == 200
+    [got] = upstream.received
+    received = {k: v for k, v in got.headers.items()}
+    svix.webhooks.Webhook(UPSTREAM_SECRET).verify(got.body, received)  # raises if the provider's survived
+    Webhook(UPSTREAM_SECRET).verify(got.body, got.headers)  # and the Standard Webhooks SDK, on webhook-*
+    names = [k.lower() for k, _ in got.raw_headers]
+    assert names.count("svix-signature") == 1 and got.headers["svix-id"] == "msg_svix1"
