@@ -5,27 +5,63 @@ mounted ConfigMap or Secret by swapping a `..data` symlink to a new directory, w
 meaningless; comparing a digest of what the path resolves to catches every form of update.
 
 A new config is loaded and fully built (verifiers included) before anything is swapped. A bad one is refused:
-logged, counted (`sidecar_config_reloads_total{result="rejected"}`) and the old config keeps serving. Settings
-that only take effect at start (listen addresses, the store, the worker count) are reported as needing a restart.
+logged, counted (`sidecar_config_reloads_total{result="rejected"}`) and the old config keeps serving.
+
+Routes, secrets and retry settings follow the swap, and so do the keys in APPLIED_LIVE (read from the dispatcher's
+config on every use). The keys in RESTART_ONLY are read once at start (listeners, the store client, the upstream
+session, the logging setup): a reload that changes one is reported as waiting for a restart. That comparison is
+against the values the process started with, not the last file loaded: a file put back to the running values
+needs no restart, and a pending change is named again at every reload until the restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import Config, load
+from sidecar.config import Config, load, redact_url
 from sidecar.errors import ConfigError
 from sidecar.routes import RouteTable
 
 log = logging.getLogger("sidecar.reload")
 
-RESTART_ONLY = ("server", "admin", "redis", "dlq", "dedupe")
+# Read once at start; a dotted prefix covers every key under it. Where each is read: server.listen and
+# server.workers by the listeners and the supervisor, server.shutdown_grace by the SIGTERM handler (cli.py) and the
+# shutdown steps (Runtime.grace_left); admin.* by the admin listener and its token check (the config started with);
+# redis.*, dedupe.ttl and dlq.max_length by the store client made at start; upstream.timeout, max_connections and
+# breaker by the forwarder, its connection pool and the circuit breakers made at start; logging.level/format by
+# the logging setup.
+RESTART_ONLY = (
+    "server.listen",
+    "server.workers",
+    "server.shutdown_grace",
+    "admin",
+    "redis",
+    "dedupe",
+    "dlq",
+    "upstream.timeout",
+    "upstream.max_connections",
+    "upstream.breaker",
+    "logging.level",
+    "logging.format",
+)
+# Read from the live config on each use (the front, the ingress, the dispatcher, this reloader), so a reload applies
+# them at once. server.read_timeout: the front and the ingress use the new value for every request; only the idle
+# timeout of a keep-alive connection already handed to aiohttp's server (not the front) stays as started.
+APPLIED_LIVE = (
+    "server.max_body_bytes",
+    "server.read_timeout",
+    "server.reload_interval",
+    "upstream.url",
+    "logging.requests",
+)
 
 
 def _digest(paths: Iterable[str]) -> str:
@@ -44,12 +80,57 @@ def watched_files(config_path: str, config: Config) -> list[str]:
     return [config_path, *sorted({f for r in config.routes for f in r.secret_files})]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Hidden:
+    """A setting kept out of reprs (`admin.token`): compared like its value, named in logs but never shown."""
+
+    value: Any = dataclasses.field(repr=False)
+
+
+def settings(config: Config, keys: Iterable[str]) -> dict[str, Any]:
+    """`{dotted key: value}` for `keys`, a section or a nested group expanded to its leaves (`redis.url`, …)."""
+    out: dict[str, Any] = {}
+
+    def walk(key: str, value: Any, hidden: bool = False) -> None:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                if f.init:  # host/port are derived from listen
+                    walk(f"{key}.{f.name}", getattr(value, f.name), not f.repr)
+        else:
+            out[key] = _Hidden(value) if hidden else value
+
+    for key in keys:
+        value: Any = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        walk(key, value)
+    return out
+
+
+def changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    return [k for k in new if old.get(k) != new[k]]
+
+
+def describe(keys: Iterable[str], old: Mapping[str, Any], new: Mapping[str, Any], was: str = "") -> str:
+    """`server.workers (running 1, new 4), admin.token`: values shown, but not secrets, nor URLs' passwords."""
+
+    def shown(value: Any) -> str:
+        return repr(redact_url(value) if isinstance(value, str) and "://" in value else value)
+
+    return ", ".join(
+        k if isinstance(new[k], _Hidden) else f"{k} ({was}{shown(old.get(k))}, new {shown(new[k])})"
+        for k in keys
+    )
+
+
 class Reloader:
     def __init__(self, config_path: str, dispatcher: Any, telemetry: Any, interval: float = 1.0) -> None:
         self.path = config_path
         self.dispatcher = dispatcher
         self.tel = telemetry
         self.interval = interval
+        # What this process runs with for the restart-only keys: the config it started with.
+        self.running = settings(dispatcher.config, RESTART_ONLY)
         self._files = watched_files(config_path, dispatcher.config)
         self._seen = _digest(self._files)
         self._lock = asyncio.Lock()
@@ -70,20 +151,39 @@ class Reloader:
                 self.tel.config_reloads["rejected"] += 1
                 log.error("config reload (%s) refused, the previous config keeps serving: %s", reason, exc)
                 return False
-            old = self.dispatcher.config
-            for section in RESTART_ONLY:
-                if getattr(old, section) != getattr(config, section):
-                    log.warning(
-                        "config reload (%s): '%s' changed; it takes effect at the next restart",
-                        reason,
-                        section,
-                    )
+            self._report(reason, self.dispatcher.config, config)
             self.dispatcher.table = table
+            self.interval = config.server.reload_interval
             self._files = watched_files(self.path, config)
             self._seen = _digest(self._files)
             self.tel.config_reloads["applied"] += 1
             log.info("config reloaded (%s): %d route(s)", reason, len(config.routes))
             return True
+
+    def _report(self, reason: str, old: Config, new: Config) -> None:
+        """Say which settings outside the routes changed, and whether each applies now or at the next restart."""
+        restart_new = settings(new, RESTART_ONLY)
+        waiting = changed(self.running, restart_new)
+        if waiting:
+            log.warning(
+                "config reload (%s): restart needed for %s; the running values stay until then",
+                reason,
+                describe(waiting, self.running, restart_new, "running "),
+            )
+        restart_old = settings(old, RESTART_ONLY)
+        back = [k for k in changed(restart_old, restart_new) if k not in waiting]
+        if back:
+            log.info(
+                "config reload (%s): %s back to the running values; no restart needed for them",
+                reason,
+                ", ".join(back),
+            )
+        live_old, live_new = settings(old, APPLIED_LIVE), settings(new, APPLIED_LIVE)
+        applied = changed(live_old, live_new)
+        if applied:
+            log.info(
+                "config reload (%s): applied now: %s", reason, describe(applied, live_old, live_new, "was ")
+            )
 
     async def check(self) -> bool:
         """Reload if any watched file's content changed since the last look."""
@@ -93,10 +193,15 @@ class Reloader:
         return False
 
     async def run(self) -> None:
+        last = time.monotonic()
         while not self._stopping.is_set():
+            # Woken at least once a second, so a reload that shortens server.reload_interval (say from 1h) is
+            # followed within a second rather than after the old interval.
+            wait = min(1.0, max(0.0, last + self.interval - time.monotonic()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.interval)
-            if not self._stopping.is_set():
+                await asyncio.wait_for(self._stopping.wait(), wait)
+            if not self._stopping.is_set() and time.monotonic() - last >= self.interval:
+                last = time.monotonic()
                 await self.check()
 
     def stop(self) -> None:

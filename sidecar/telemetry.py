@@ -216,15 +216,32 @@ class Telemetry:
         return bytes(generate_latest(self.registry))
 
     async def refresh(self, store: Any, routes: Iterable[str]) -> None:
-        """Take the gauges' store snapshot (per-shard counters + DLQ indexes; no scan of event keys)."""
+        """Take the gauges' store snapshot (per-shard counters + DLQ indexes; no scan of event keys).
+
+        `routes`: the routes configured now (the live config, which a reload changes), each exported, zeros
+        included. A route that is no longer configured (removed by a reload, or before this process started) is
+        exported too while the store still holds dead letters or pending events for it: its dead letters are still
+        there (listed, replayable, drainable; its pending events are dead-lettered as `route_removed`), and the
+        shipped alert on `sidecar_dlq_length` must keep firing until an operator deals with them. Once it holds
+        none, its series end (Prometheus marks them stale), so routes removed long ago do not linger. Such routes
+        are found in the per-shard counters, which keep every route that ever had an event.
+        """
         stats = await store.route_stats()
+        configured = set(routes)
+        candidates = [*sorted(configured), *(r for r in stats if r not in configured)]
         now_ms = time.time() * 1000
         snapshot: dict[str, dict[str, float]] = {}
-        for route in routes:
-            oldest = await store.dlq_oldest_ms(route)
+        for route in candidates:
+            if not _ROUTE_NAME.fullmatch(route):
+                continue
+            pending = float(stats.get(route, {}).get("pending", 0))
+            dead = float(await store.dlq_length(route))
+            if route not in configured and dead <= 0 and pending <= 0:
+                continue
+            oldest = await store.dlq_oldest_ms(route) if dead > 0 else None
             snapshot[route] = {
-                "pending": float(stats.get(route, {}).get("pending", 0)),
-                "dead": float(await store.dlq_length(route)),
+                "pending": pending,
+                "dead": dead,
                 "oldest_age": max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0,
             }
         self.snapshot = snapshot
@@ -385,6 +402,8 @@ class LightSpan:
 
 AnySpan = Span | LightSpan
 _HEX = re.compile(r"[0-9a-f]+")
+# config's rule for route names: a stray counter field is not a route
+_ROUTE_NAME = re.compile(r"[a-z0-9_-]+")
 
 
 def metrics_handler(main: Any) -> Any:
@@ -400,7 +419,9 @@ def metrics_handler(main: Any) -> Any:
             return web.Response(status=503, text="starting\n")
         # On a store error, serve the counters with the last gauge snapshot; /readyz reports the store.
         with contextlib.suppress(StoreError):
-            await runtime.telemetry.refresh(runtime.store, [r.name for r in runtime.config.routes])
+            # The dispatcher holds the live config (a reload swaps it); runtime.config is the one started with.
+            routes = [r.name for r in runtime.dispatcher.config.routes]
+            await runtime.telemetry.refresh(runtime.store, routes)
         return web.Response(body=runtime.telemetry.render(), content_type="text/plain", charset="utf-8")
 
     return metrics

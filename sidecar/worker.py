@@ -19,6 +19,10 @@ from sidecar.store import RedisStore, Taken
 
 log = logging.getLogger("sidecar.worker")
 
+# With the store down, every pass fails (4 a second at the default poll): say so once with the reason, then at most
+# once per this many seconds with a count, then once when it answers again.
+STORE_REPORT_EVERY = 30.0
+
 
 class RetryWorker:
     def __init__(
@@ -29,6 +33,7 @@ class RetryWorker:
         batch: int = 100,
         concurrency: int = 50,
         poll_interval: float = 0.25,
+        store_report_every: float = STORE_REPORT_EVERY,
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
@@ -37,6 +42,11 @@ class RetryWorker:
         self._limit = asyncio.Semaphore(concurrency)
         self.last_beat = time.monotonic()
         self._stopping = asyncio.Event()
+        self.store_report_every = store_report_every
+        self._down_since: float | None = None  # monotonic time of the first failed pass of this outage
+        self._down_failures = 0  # failed passes in this outage
+        self._down_reported = (0.0, 0)  # (when, failures then) of the last report
+        self._reached_store = False  # the current pass got an answer from the store
         # Housekeeping run once per loop (e.g. flushing batched counters to the store).
         self.periodic: list[Callable[[], Awaitable[None]]] = []
 
@@ -52,6 +62,7 @@ class RetryWorker:
                     return done
                 now_ms = int(time.time() * 1000)
                 taken = await self.store.take_due(shard, now_ms, self._lease_ms(), self.batch)
+                self._reached_store = True
                 if not taken:
                     break
                 done += sum(await asyncio.gather(*(self._attempt(t) for t in taken)))
@@ -92,17 +103,58 @@ class RetryWorker:
                 )
         return True
 
+    @property
+    def store_failures(self) -> int:
+        """Failed passes in the current store outage (0 while the store answers)."""
+        return self._down_failures
+
+    def _store_failed(self, exc: StoreError) -> None:
+        now = time.monotonic()
+        self._down_failures += 1
+        if self._down_since is None:
+            self._down_since = now
+            self._down_reported = (now, 1)
+            log.warning(
+                "retry worker: store unavailable: %s (retrying; reports again at most every %gs)",
+                exc,
+                self.store_report_every,
+            )
+            return
+        when, failures_then = self._down_reported
+        if now - when >= self.store_report_every:
+            self._down_reported = (now, self._down_failures)
+            log.warning(
+                "retry worker: store still unavailable after %.0fs (%d failed pass(es) since the last report): %s",
+                now - self._down_since,
+                self._down_failures - failures_then,
+                exc,
+            )
+
+    def _store_answered(self) -> None:
+        if self._down_since is None:
+            return
+        log.info(
+            "retry worker: store available again after %.1fs (%d failed pass(es))",
+            time.monotonic() - self._down_since,
+            self._down_failures,
+        )
+        self._down_since, self._down_failures = None, 0
+
     async def run(self) -> None:
         while not self._stopping.is_set():
+            self._reached_store = False
             try:
                 done = await self.run_once()
             except StoreError as exc:
-                log.warning("retry worker: store unavailable: %s", exc)
+                self._store_failed(exc)
                 done = 0
             except Exception:
                 # Left unhandled this would end the task silently: no retry in this process would run again.
                 log.exception("retry worker: unexpected error; carrying on")
                 done = 0
+            else:
+                if self._reached_store:  # a pass that asked nothing (every circuit open) says nothing of it
+                    self._store_answered()
             for task in self.periodic:
                 await task()
             if done == 0:

