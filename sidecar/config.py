@@ -4,7 +4,9 @@
     errors = check_config("config/sidecar.yaml")  # the same lines, for `sidecar check-config`
 
 Each error reads `FILE:LINE: dotted.key.path: message`. Messages never repeat a configured value: a value may
-be a secret, an env var's content, or a URL with a password in it. Secrets are also kept out of every `repr`.
+be a secret, an env var's content, or a URL with a password in it. Text we do not write ourselves (a provider's or
+a library's message, a key or file name) is scrubbed of every configured secret. Secrets are also kept out of
+every `repr`.
 
 Loading goes YAML text -> node tree (yaml's composer, which keeps line numbers) -> `_Item` tree with `${VAR}`
 interpolated -> typed sections. Working from nodes rather than `yaml.safe_load` output is what lets every
@@ -48,6 +50,7 @@ __all__ = [
     "SignUpstream",
     "UpstreamConfig",
     "check_config",
+    "is_loopback",
     "load",
     "load_text",
     "parse_listen",
@@ -55,6 +58,8 @@ __all__ = [
 ]
 
 HOUR = 3600.0
+# `server.workers` above this is a typo, not a machine: each worker is a process with its own store connections.
+MAX_WORKERS = 1024
 
 
 # ------------------------------------------------------------------------------------------- the dataclasses
@@ -84,6 +89,16 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not re.fullmatch(r"[0-9]{1,5}", port_text) or int(port_text) > 65535:
         raise ValueError("the port must be a number from 0 to 65535")
     return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host only takes connections from this machine (`localhost`, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def redact_url(url: str) -> str:
@@ -301,28 +316,35 @@ class _Ctx:
     def __init__(self, source: str, env: Mapping[str, str]) -> None:
         self.source = source
         self.env = env
-        self.errors: list[tuple[int, str, str]] = []
+        self.errors: list[tuple[int, str, str, tuple[str, ...]]] = []
         self.secrets: set[str] = set()
         self.values = 0  # YAML values built so far, and how deep the current one is (see _build)
         self.depth = 0
 
-    def error(self, line: int, path: str, message: str) -> None:
-        self.errors.append((line, path or "<root>", message))
+    def error(self, line: int, path: str, message: str, *foreign: str) -> None:
+        """`message` is our own text and holds no value; each `{}` in it takes one of `foreign` (a library's or
+        provider's message, a key or file name), which is scrubbed of every secret when the lines are made."""
+        self.errors.append((line, path or "<root>", message, foreign))
 
-    def bad(self, item: _Item, path: str, message: str) -> Any:
-        self.error(item.line, path, message)
+    def bad(self, item: _Item, path: str, message: str, *foreign: str) -> Any:
+        self.error(item.line, path, message, *foreign)
         return BAD
 
     def lines(self) -> list[str]:
-        # Our messages never hold values, but a provider's message is foreign text: scrub every line anyway.
-        # Short secrets are left alone: redacting "ab" would shred every message and hide next to nothing.
-        secrets = sorted((s for s in self.secrets if len(s) >= 4), key=len, reverse=True)
+        # Only foreign text is scrubbed, once every secret is known (secret files are read last). Our own words
+        # are not: a short secret such as "line" would otherwise shred them while hiding nothing.
         out = []
-        for line, path, message in sorted(self.errors, key=lambda e: e[0]):
-            for secret in secrets:
-                message = message.replace(secret, "[redacted]")
+        for line, path, message, foreign in sorted(self.errors, key=lambda e: e[0]):
+            if foreign:
+                message = message.format(*map(self.scrub, foreign))
             out.append(f"{self.source}:{line}: {_one_line(path)}: {_one_line(message)}")
         return out
+
+    def scrub(self, text: str) -> str:
+        # Short secrets are left alone: redacting "ab" would shred the text and hide next to nothing.
+        for secret in sorted((s for s in self.secrets if len(s) >= 4), key=len, reverse=True):
+            text = text.replace(secret, "[redacted]")
+        return text
 
 
 def _one_line(text: str) -> str:
@@ -398,12 +420,26 @@ def _build_node(
             continue
         key = key_node.value  # the key's source text: `on:` stays "on", not True
         if key in first_line:
-            ctx.error(key_line, _join(path, key), f"duplicate key (first set at line {first_line[key]})")
+            _duplicate_key(ctx, path, key, key_line, first_line[key])
             continue
         first_line[key] = key_line
         entries[key] = _build(ctx, ctor, value_node, _join(path, key), key_line)
     # YAML merge keys (`<<: *defaults`): keys written in the mapping itself win over merged ones.
     return _Item({**merged, **entries}, line)
+
+
+# Where a value can hold a secret. A mapping written there has keys that may be the secret itself (`secrets:
+# {whsec_…: 1}`), so its keys are never named in an error, not even in the key path.
+_SECRET_VALUES = re.compile(
+    r"(admin\.token|redis\.url|routes\[[0-9]+\]\.(secrets|sign_upstream\.secret))([.\[].*)?"
+)
+
+
+def _duplicate_key(ctx: _Ctx, path: str, key: str, line: int, first: int) -> None:
+    if _SECRET_VALUES.fullmatch(path):
+        ctx.error(line, path, f"duplicate key (first set at line {first})")
+    else:
+        ctx.error(line, _join(path, key), f"duplicate key {{}} (first set at line {first})", repr(key))
 
 
 def _merge(
@@ -432,7 +468,13 @@ def _scalar(
     try:
         value = ctor.construct_object(node)
     except yaml.YAMLError:
-        ctx.error(line, path, f"unsupported YAML tag {node.tag}")
+        ctx.error(line, path, "unsupported YAML tag {}", node.tag)
+        return _Item(BAD, line)
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        # The tag's constructor choked on the text (`2024-13-45`, `!!int abc`, an integer of 5000 digits); its
+        # message would quote the value.
+        what = node.tag.rpartition(":")[2] or node.tag
+        ctx.error(line, path, "YAML cannot read this value as {}", what)
         return _Item(BAD, line)
     return _Item(value, line, node.value if node.style is None else None)
 
@@ -466,8 +508,12 @@ def _interpolate(ctx: _Ctx, text: str, path: str, line: int) -> Any:
         if (op == ":-" and not value) or (op == "-" and value is None):
             value = default
         if value is None:
-            hint = f"write ${{{name}:-default}} for a default"
-            ctx.error(line, path, f"environment variable {name} is not set ({hint})")
+            ctx.error(
+                line,
+                path,
+                "environment variable {0} is not set (write ${{{0}:-default}} for a default)",
+                name,
+            )
             ok = False
             continue
         out.append(value)
@@ -482,7 +528,7 @@ def _compose(ctx: _Ctx, text: str) -> yaml.Node | None:
         # Only `problem`/`context`: str(exc) quotes the offending source line, which may hold a secret.
         mark = exc.problem_mark or exc.context_mark
         message = "; ".join(part for part in (exc.context, exc.problem) if part)
-        ctx.error(mark.line + 1 if mark else 1, "<yaml>", f"invalid YAML: {message}")
+        ctx.error(mark.line + 1 if mark else 1, "<yaml>", "invalid YAML: {}", message)
     except yaml.YAMLError:
         ctx.error(1, "<yaml>", "invalid YAML")
     except RecursionError:  # PyYAML's composer recurses once per nesting level
@@ -538,6 +584,8 @@ def _integer(low: int, high: int | None = None) -> Conv:
         if value is BAD:
             return BAD
         if isinstance(value, str) and _INT.fullmatch(value):
+            if len(value.strip().lstrip("+-")) > 100:  # int() refuses past 4300 digits; no setting needs 100
+                return ctx.bad(item, path, "the number has too many digits")
             value = int(value)  # e.g. "${WORKERS:-4}"
         if isinstance(value, bool) or not isinstance(value, int):
             return ctx.bad(item, path, f"expected an integer, got {_kind(value)}")
@@ -554,16 +602,27 @@ def _number(low: float, high: float | None = None) -> Conv:
         value = item.value
         if value is BAD:
             return BAD
+        written = value if isinstance(value, str) else item.raw or ""
         if isinstance(value, str) and _FLOAT.fullmatch(value):
             value = float(value)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = float(value) if abs(value) < 2**1023 else math.inf  # float() raises past that
+        if isinstance(value, bool) or not isinstance(value, int | float):
             return ctx.bad(item, path, f"expected a number, got {_kind(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            return ctx.bad(item, path, f"expected a finite number, got {_not_finite(value, written)}")
         if value < low or (high is not None and value > high):
             bounds = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
             return ctx.bad(item, path, f"must be {bounds}")
         return float(value)
 
     return conv
+
+
+def _not_finite(value: float, written: str) -> str:
+    if any(c.isdigit() for c in written):  # `1e400`: digits that overflow a float
+        return "a number too large to hold"
+    return ".nan" if math.isnan(value) else "-.inf" if value < 0 else ".inf"
 
 
 def _duration(*, zero_ok: bool = False) -> Conv:
@@ -676,10 +735,13 @@ def _redis_url(ctx: _Ctx, item: _Item, path: str) -> Any:
     try:
         parts = urlsplit(value)
     except ValueError as exc:  # an unclosed [ of an IPv6 address
-        return ctx.bad(item, path, f"not a URL: {exc}")
+        return ctx.bad(item, path, "not a URL: {}", str(exc))
     query = url_query(parts.query)
+    # The store's messages below are foreign text: the URL's passwords are scrubbed from them like any secret.
+    ctx.secrets.update(p for p in (parts.password, *(query.get(k) for k in _URL_PASSWORDS)) if p)
     tls_params = any(k.startswith("ssl_") for k in query)
     problem: str | None = None
+    detail: tuple[str, ...] = ()  # the store's own message, for the `{}` in problem
     if scheme in ("redis", "rediss"):
         problem = _url_problem(value, (scheme,))
         numeric = re.fullmatch(r"/?|/[0-9]+", parts.path) and re.fullmatch(r"[0-9]*", query.get("db", ""))
@@ -697,7 +759,7 @@ def _redis_url(ctx: _Ctx, item: _Item, path: str) -> Any:
         try:
             SentinelSpec.parse(value)
         except ValueError as exc:
-            problem = str(exc)
+            problem, detail = "{}", (str(exc),)
     elif scheme == "rediss+sentinel":
         problem = "TLS to Sentinel-managed servers is not supported yet; use redis+sentinel:// over a private network"
     elif scheme == "unix":
@@ -714,8 +776,11 @@ def _redis_url(ctx: _Ctx, item: _Item, path: str) -> Any:
         try:  # tried as the store will use them (files read)
             tls_context(query, cluster=scheme == "rediss+cluster")
         except ValueError as exc:
-            problem = f"TLS settings: {exc}"
-    return ctx.bad(item, path, problem) if problem else value
+            problem, detail = "TLS settings: {}", (str(exc),)
+    return ctx.bad(item, path, problem, *detail) if problem else value
+
+
+_URL_PASSWORDS = ("password", "ssl_password", "sentinel_password")
 
 
 def _cluster_problem(url: str) -> str | None:
@@ -815,7 +880,7 @@ def _build_dc(
 
 _SERVER: dict[str, Conv] = {
     "listen": _listen,
-    "workers": _integer(0),
+    "workers": _integer(0, MAX_WORKERS),
     "max_body_bytes": _integer(1),
     "read_timeout": _duration(),
     "shutdown_grace": _duration(zero_ok=True),
@@ -894,6 +959,7 @@ def _load(ctx: _Ctx, text: str) -> Config | None:
     _check_prefix(ctx, top.get("redis"), redis)
     _check_wait(ctx, top.get("redis"), redis)
     _check_listen_clash(ctx, top, server, admin)
+    _check_admin_token(ctx, top.get("admin"), admin)
     routes = _routes(ctx, top.get("routes"), root, retry_values if retry_ok else None, retry_items)
 
     parts = (server, admin, redis, upstream, dedupe, retry, dlq, routes, logging_)
@@ -944,6 +1010,15 @@ def _check_listen_clash(ctx: _Ctx, top: dict[str, _Item], server: Any, admin: An
                 line = _items(top.get(section))["listen"].line
                 ctx.error(line, f"{section}.listen", f"must not use the same port as {other}.listen")
                 return
+
+
+def _check_admin_token(ctx: _Ctx, item: _Item | None, admin: Any) -> None:
+    # The admin API replays and deletes events: reachable from the network, it must not be open to anyone.
+    if admin is BAD or is_loopback(admin.host) or (admin.token or "").strip():
+        return
+    items = _items(item)
+    line = next((items[k].line for k in ("token", "listen") if k in items), item.line if item else 1)
+    ctx.error(line, "admin.token", "required when admin.listen ({}) is not loopback", admin.listen)
 
 
 def _make_retry(
@@ -1052,6 +1127,10 @@ _ROUTE: dict[str, Conv] = {
 _REQUIRED = ("name", "path", "provider")
 
 
+# A secret's key path and line, for errors about it that are found later (a provider's key that does not decode).
+_Where = tuple[str, int]
+
+
 def _routes(
     ctx: _Ctx,
     item: _Item | None,
@@ -1066,27 +1145,29 @@ def _routes(
         what = "an empty list" if item.value == [] else _kind(item.value)
         return ctx.bad(item, "routes", f"expected a list with at least one route, got {what}")
     routes: list[RouteConfig] = []
-    provider_lines: list[tuple[str, int]] = []
+    built: list[tuple[RouteConfig, str, _Item, list[_Where]]] = []
     seen: dict[tuple[str, str], int] = {}
     for i, child in enumerate(item.value):
         path = f"routes[{i}]"
-        route = _route(ctx, child, path, retry_base, retry_items)
-        if route is BAD:
+        made = _route(ctx, child, path, retry_base, retry_items)
+        if made is BAD:
             continue
+        route, origins = made
         for key in ("name", "path"):
             line = child.value[key].line
             first = seen.setdefault((key, getattr(route, key)), line)
             if first != line:
                 ctx.error(line, f"{path}.{key}", f"duplicate route {key} (first used at line {first})")
         routes.append(route)
-        provider_lines.append((f"{path}.provider", child.value["provider"].line))
-    _check_providers(ctx, routes, provider_lines)
+        built.append((route, path, child, origins))
+    _check_providers(ctx, built)
     return tuple(routes)
 
 
 def _route(
     ctx: _Ctx, item: _Item, path: str, retry_base: dict[str, Any] | None, retry_items: dict[str, _Item]
 ) -> Any:
+    """(RouteConfig, where each of its secrets was written), or BAD."""
     if item.value is BAD or not isinstance(item.value, dict):
         return ctx.bad(item, path, f"expected a mapping (name, path, provider, …), got {_kind(item.value)}")
     values, ok = _section(ctx, item, path, _ROUTE)
@@ -1102,56 +1183,91 @@ def _route(
     if not (ok and retry_ok and files_ok) or retry_base is None:
         return BAD
     retry = _make_retry(ctx, retry_base, retry_items, override, _items(retry_item), f"{path}.retry")
-    secrets = tuple(s for s in values.get("secrets", ()) if s) + file_secrets
+    kept = _listed_secrets(item.value.get("secrets"), path, values.get("secrets", ())) + file_secrets
+    secrets = tuple(secret for secret, _ in kept)
     provider = values["provider"]
     if provider != "none" and not secrets:
         where = next((item.value[k] for k in ("secrets", "secret_files") if k in item.value), item)
-        return ctx.bad(where, f"{path}.secrets", f"provider {provider} needs at least one non-empty secret")
+        return ctx.bad(where, f"{path}.secrets", "provider {} needs at least one non-empty secret", provider)
     if provider == "hmac" and values.get("signature") is None:
         return ctx.bad(item, f"{path}.signature", "required for provider hmac (the generic signature spec)")
     if retry is BAD:
         return BAD
-    return RouteConfig(**{**values, "secrets": secrets, "retry": retry})
+    return RouteConfig(**{**values, "secrets": secrets, "retry": retry}), [where for _, where in kept]
+
+
+def _listed_secrets(entries: _Item | None, path: str, secrets: tuple[str, ...]) -> list[tuple[str, _Where]]:
+    """The `secrets` entries kept, each with where it was written. Blank ones are dropped here, as the verifiers
+    drop them, so that a verifier's `secrets[N]` is the N-th secret kept."""
+    if entries is None:
+        return []
+    if not isinstance(entries.value, list):  # `secrets: one` is a one-item list
+        return [(s, (f"{path}.secrets", entries.line)) for s in secrets if s.strip()]
+    return [(s, (f"{path}.secrets[{i}]", entries.value[i].line)) for i, s in enumerate(secrets) if s.strip()]
 
 
 def _read_secret_files(
     ctx: _Ctx, entries: _Item | None, path: str, files: tuple[str, ...] | None
-) -> tuple[tuple[str, ...], bool]:
-    """Each file's stripped content; relative paths are from the working directory, like redis.data_dir."""
+) -> tuple[list[tuple[str, _Where]], bool]:
+    """Each file's stripped content, with where the file is named; relative paths are from the working
+    directory, like redis.data_dir."""
     if not files or entries is None:
-        return (), True
-    secrets: list[str] = []
+        return [], True
+    secrets: list[tuple[str, _Where]] = []
     ok = True
     for i, name in enumerate(files):
         where = entries.value[i] if isinstance(entries.value, list) else entries
+        key = f"{path}.secret_files[{i}]" if isinstance(entries.value, list) else f"{path}.secret_files"
         try:
             content = Path(name).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            problem = f"cannot read secret file {name} ({exc.strerror})"
+            ctx.error(where.line, key, "cannot read secret file {} ({})", name, exc.strerror or "")
         except UnicodeDecodeError:
-            problem = f"secret file {name} is not UTF-8 text"
+            ctx.error(where.line, key, "secret file {} is not UTF-8 text", name)
         else:
             if content:
                 ctx.secrets.add(content)
-                secrets.append(content)
+                secrets.append((content, (key, where.line)))
             continue
-        ctx.error(where.line, f"{path}.secret_files[{i}]", problem)
         ok = False
-    return tuple(secrets), ok
+    return secrets, ok
 
 
-def _check_providers(ctx: _Ctx, routes: list[RouteConfig], where: list[tuple[str, int]]) -> None:
+def _check_providers(ctx: _Ctx, built: list[tuple[RouteConfig, str, _Item, list[_Where]]]) -> None:
     """Build each route's verifier once, so a bad key or missing public_url fails the load, not a request."""
     try:
         from sidecar.providers.base import ProviderConfigError
         from sidecar.providers.registry import build_verifier
     except ImportError:  # the registry is optional at this layer; the ingress builds verifiers again anyway
         return
-    for route, (path, line) in zip(routes, where, strict=True):
+    for route, path, item, origins in built:
         try:
             build_verifier(route.provider, route.secrets, route.tolerance, route.signature)
         except ProviderConfigError as exc:
-            ctx.error(line, path, str(exc) or "invalid provider settings")
+            key, line, message = _provider_where(str(exc), path, item.value, origins)
+            ctx.error(line, key, "{}", message or "invalid provider settings")
         except Exception as exc:
             # A foreign message could quote key material; the type is enough to start looking.
-            ctx.error(line, path, f"the verifier could not be built ({type(exc).__name__})")
+            line = item.value["provider"].line
+            ctx.error(line, f"{path}.provider", f"the verifier could not be built ({type(exc).__name__})")
+
+
+# A provider's message starts with the key it is about: `secrets[1]: is not valid base64`, `signature.digest: …`.
+_PROVIDER_KEY = re.compile(r"(secrets\[([0-9]+)\]|secrets|tolerance|signature(?:\.(\w+))?): (.*)", re.DOTALL)
+
+
+def _provider_where(
+    message: str, path: str, keys: dict[str, _Item], origins: list[_Where]
+) -> tuple[str, int, str]:
+    """(key path, line, message) for a provider's error: the key it names, else the route's provider."""
+    match = _PROVIDER_KEY.fullmatch(message)
+    if match is None:
+        return f"{path}.provider", keys["provider"].line, message
+    key, index, field_name, rest = match.groups()
+    if index is not None and int(index) < len(origins):
+        return (*origins[int(index)], rest)
+    top = key.partition("[")[0].partition(".")[0]
+    where = keys.get(top) or (keys.get("secret_files") if top == "secrets" else None) or keys["provider"]
+    if field_name is not None and isinstance(where.value, dict) and field_name in where.value:
+        where = where.value[field_name]
+    return f"{path}.{key}", where.line, rest

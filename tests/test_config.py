@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.cli import build_parser
 from sidecar.config import (
     AdminConfig,
     Config,
@@ -134,7 +135,7 @@ def test_load_text_full_route() -> None:
 
 
 def test_listen_parses_ipv4_ipv6_and_port_only() -> None:
-    config = one_route(head='server: {listen: "[::1]:8081"}\nadmin: {listen: ":9999"}\n')
+    config = one_route(head='server: {listen: "[::1]:8081"}\nadmin: {listen: ":9999", token: t}\n')
     assert (config.server.host, config.server.port) == ("::1", 8081)
     assert (config.admin.host, config.admin.port) == ("0.0.0.0", 9999)
     assert (AdminConfig("localhost:1").host, ServerConfig("127.0.0.1:0").port) == ("localhost", 0)
@@ -163,6 +164,38 @@ def test_listen_admin_clashing_with_server_is_an_error() -> None:
 def test_listen_server_on_the_default_admin_port_is_an_error() -> None:
     errors = errors_of('server:\n  listen: "0.0.0.0:9090"\n' + ROUTE)
     assert errors == ["cfg.yaml:2: server.listen: must not use the same port as admin.listen"]
+
+
+@pytest.mark.parametrize(
+    "listen", ["0.0.0.0:9091", "[::]:9091", ":9091", "10.0.0.5:9091", "admin.internal:9091"]
+)
+@pytest.mark.parametrize("token", [None, "''", "'${SIDECAR_ADMIN_TOKEN:-}'", "'   '"])
+def test_admin_token_required_when_admin_listen_is_not_loopback(listen: str, token: str | None) -> None:
+    # `sidecar run` refuses these; check-config must say so too, with the line (of the token when written)
+    text = f'admin:\n  listen: "{listen}"\n' + (f"  token: {token}\n" if token else "") + ROUTE
+    assert errors_of(text) == [
+        f"cfg.yaml:{3 if token else 2}: admin.token: required when admin.listen ({listen}) is not loopback"
+    ]
+
+
+def test_admin_token_optional_on_loopback_and_enough_elsewhere() -> None:
+    for listen in ("127.0.0.1:9091", "127.0.0.2:9091", "[::1]:9091", "localhost:9091"):
+        assert one_route(head=f'admin: {{listen: "{listen}"}}\n').admin.token is None
+    assert one_route(head='admin: {listen: "0.0.0.0:9091", token: s3cret}\n').admin.token == "s3cret"
+
+
+def test_check_config_cli_refuses_an_open_admin_with_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "open-admin.yaml"
+    path.write_text('admin: {listen: "0.0.0.0:9090"}\n' + ROUTE)
+    args = build_parser().parse_args(["check-config", str(path)])
+    assert args.func(args) == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == (
+        "",
+        f"{path}:1: admin.token: required when admin.listen (0.0.0.0:9090) is not loopback\n",
+    )
 
 
 def test_event_id_accepts_every_form() -> None:
@@ -354,6 +387,57 @@ def test_durations_zero_timeout_is_an_error() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (".nan", ".nan"),
+        (".NaN", ".nan"),
+        (".inf", ".inf"),
+        ("-.inf", "-.inf"),
+        ("1.0e+400", "a number too large to hold"),  # YAML reads it as a float: inf
+        ('"1e400"', "a number too large to hold"),  # a string, converted by the field
+        pytest.param("1" + "0" * 400, "a number too large to hold", id="10**400"),  # an int past any float
+    ],
+)
+@pytest.mark.parametrize("key", ["multiplier", "jitter"])
+def test_numbers_not_finite_are_refused_by_name(key: str, value: str, shown: str) -> None:
+    assert errors_of(f"retry: {{{key}: {value}}}\n" + ROUTE) == [
+        f"cfg.yaml:1: retry.{key}: expected a finite number, got {shown}"
+    ]
+    route_level = errors_of(ROUTE + f"    retry: {{{key}: {value}}}\n")
+    assert route_level == [f"cfg.yaml:6: routes[0].retry.{key}: expected a finite number, got {shown}"]
+
+
+def test_server_workers_has_an_upper_bound() -> None:
+    assert one_route(head="server: {workers: 1024}\n").server.workers == 1024
+    for value in ("1025", "99999999999999999999999", '"99999999999999999999999"'):
+        assert errors_of(f"server: {{workers: {value}}}\n" + ROUTE) == [
+            "cfg.yaml:1: server.workers: must be from 0 to 1024"
+        ]
+    # past 4300 digits int() itself refuses: an error line, not a traceback
+    assert errors_of("server: {workers: '${W}'}\n" + ROUTE, env={"W": "9" * 5000}) == [
+        "cfg.yaml:1: server.workers: the number has too many digits"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "tag"),
+    [
+        ("2024-13-45", "timestamp"),
+        ("!!int abc", "int"),
+        ("!!float x", "float"),
+        ("!!bool maybe", "bool"),
+        ("!!timestamp nope", "timestamp"),
+        pytest.param("9" * 5000, "int", id="5000 digits"),
+    ],
+)
+def test_yaml_values_their_tag_cannot_build_are_errors(value: str, tag: str) -> None:
+    # the constructors' own messages quote the value, so none of them is passed on
+    assert errors_of(f"server: {{workers: {value}}}\n" + ROUTE) == [
+        f"cfg.yaml:1: server.workers: YAML cannot read this value as {tag}"
+    ]
+
+
 # ------------------------------------------------------------------------------------------- error reporting
 
 BROKEN = """\
@@ -441,7 +525,33 @@ def test_load_text_structure_errors(text: str, expected: str) -> None:
 
 def test_load_text_duplicate_keys_are_errors() -> None:
     errors = errors_of("dlq: {max_length: 5}\ndlq: {max_length: 6}\n" + ROUTE)
-    assert errors == ["cfg.yaml:2: dlq: duplicate key (first set at line 1)"]
+    assert errors == ["cfg.yaml:2: dlq: duplicate key 'dlq' (first set at line 1)"]
+
+
+def test_load_text_duplicate_keys_are_not_shredded_by_short_secrets() -> None:
+    # secrets are scrubbed from foreign text only: our own words ("first", "line") are never a secret's
+    text = "server: {workers: 1}\nserver: {workers: 2}\nadmin: {token: first}\n" + ROUTE.replace(
+        "whsec_test", "line"
+    )
+    assert errors_of(text) == ["cfg.yaml:2: server: duplicate key 'server' (first set at line 1)"]
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        (ROUTE.replace('["whsec_test"]', "[{whsec_key1: 1, whsec_key1: 2}]"), "routes[0].secrets[0]"),
+        (
+            ROUTE + "    sign_upstream: {secret: {whsec_key1: 1, whsec_key1: 2}}\n",
+            "routes[0].sign_upstream.secret",
+        ),
+        ("admin: {token: {whsec_key1: 1, whsec_key1: 2}}\n" + ROUTE, "admin.token"),
+    ],
+)
+def test_load_text_duplicate_keys_where_a_secret_belongs_are_not_named(text: str, path: str) -> None:
+    # a mapping where a secret belongs may have the secret as a key: named neither in the message nor the path
+    errors = errors_of(text)
+    assert any(f": {path}: duplicate key (first set at line " in e for e in errors), errors
+    assert not any("whsec_key1" in e for e in errors), errors
 
 
 def test_load_text_duplicate_route_names_and_paths() -> None:
@@ -674,6 +784,78 @@ def test_provider_registry_missing_is_skipped() -> None:
     assert load_text(ROUTE.replace("provider: stripe", "provider: no-such-provider"), env={}).routes
 
 
+PROVIDER_KEYS = """\
+routes:
+  - name: svix
+    path: /webhooks/svix
+    provider: svix
+    secrets:
+      - ""
+      - "${OLD:-}"
+      - "   "
+      - whsec_first
+      - whsec_second
+    secret_files: ["{file}"]
+    tolerance: 5m
+    signature:
+      digest: sha3
+"""
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        # the verifier numbers the secrets it was given: blank ones dropped, then the files' contents
+        ("secrets[0]: is not valid base64", "cfg.yaml:9: routes[0].secrets[3]: is not valid base64"),
+        ("secrets[1]: decodes to an empty key", "cfg.yaml:10: routes[0].secrets[4]: decodes to an empty key"),
+        ("secrets[2]: is not valid base64", "cfg.yaml:11: routes[0].secret_files[0]: is not valid base64"),
+        ("secrets: must be a list of strings", "cfg.yaml:5: routes[0].secrets: must be a list of strings"),
+        ("tolerance: must be a number", "cfg.yaml:12: routes[0].tolerance: must be a number"),
+        ("signature.digest: must be one of", "cfg.yaml:14: routes[0].signature.digest: must be one of"),
+        ("signature.sig_name: required", "cfg.yaml:13: routes[0].signature.sig_name: required"),
+        ("unknown provider 'svix'", "cfg.yaml:4: routes[0].provider: unknown provider 'svix'"),
+    ],
+)
+def test_provider_errors_are_reported_at_the_key_they_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, message: str, expected: str
+) -> None:
+    given = []
+
+    def build_verifier(provider: str, secrets: Any, tolerance: Any, signature: Any) -> object:
+        given.append(tuple(secrets))
+        raise ProviderConfigError(message)
+
+    fake_registry(monkeypatch, build_verifier)
+    (tmp_path / "key").write_text("whsec_from_file\n")
+    assert errors_of(PROVIDER_KEYS.replace("{file}", str(tmp_path / "key"))) == [expected]
+    assert given == [("whsec_first", "whsec_second", "whsec_from_file")]
+
+
+def test_provider_errors_from_the_real_registry_name_the_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delitem(sys.modules, REGISTRY)
+    (tmp_path / "key").write_text("not base64!\n")
+    text = (
+        ROUTE.replace("stripe", "svix").replace('"whsec_test"', '"", "whsec_!!"')
+        + "  - {name: discord, path: /discord, provider: discord, secrets: [abc]}\n"
+        + "  - {name: files, path: /files, provider: svix, secret_files: ['"
+        + str(tmp_path / "key")
+        + "']}\n"
+    )
+    assert errors_of(text) == [
+        "cfg.yaml:5: routes[0].secrets[1]: is not valid base64",
+        "cfg.yaml:6: routes[1].secrets[0]: is not an even-length hex string",
+        "cfg.yaml:7: routes[2].secret_files[0]: is not valid base64",
+    ]
+
+
+def test_route_blank_secrets_do_not_count() -> None:
+    assert errors_of(ROUTE.replace('"whsec_test"', '"   "')) == [
+        "cfg.yaml:5: routes[0].secrets: provider stripe needs at least one non-empty secret"
+    ]
+
+
 # ----------------------------------------------------------------------------------- example file, check_config
 
 
@@ -743,3 +925,11 @@ def test_store_url_tls_and_socket_forms_that_load() -> None:
         "redis://[::1]:6379/1",
     ):
         assert load_text(f'redis: {{url: "{url}"}}\n' + ROUTE, env={}).redis.url == url
+
+
+def test_store_url_password_is_scrubbed_from_the_stores_messages() -> None:
+    # the store's TLS check quotes a bad ssl_cert_reqs: here the URL's own password, as a careless paste could
+    url = "rediss://:hunter2hunter2@h:6380?ssl_cert_reqs=hunter2hunter2"
+    (error,) = errors_of(f'redis: {{url: "{url}"}}\n' + ROUTE)
+    assert error.startswith("cfg.yaml:1: redis.url: TLS settings: ") and "'[redacted]'" in error
+    assert "hunter2" not in error
