@@ -48,8 +48,14 @@ async def serve(
     stop: asyncio.Event | None = None,
     config_path: str | None = None,
     admin: bool = True,
+    reuse_port: bool = False,
 ) -> None:
-    """Serve the inbound and admin listeners until SIGTERM/SIGINT (or `stop`), then drain gracefully."""
+    """Serve the inbound and admin listeners until SIGTERM/SIGINT (or `stop`), then drain gracefully.
+
+    `reuse_port`: share the inbound port with sibling processes (the workers of `server.workers: N`). A single
+    process binds it alone, so a second sidecar started on the same port fails instead of quietly sharing it.
+    The admin listener is bound before the inbound one, and a listener that cannot be bound stops the start
+    with everything set up so far cleaned up: no webhook is taken by a process that is not going to run."""
     from aiohttp import web
 
     from sidecar.admin import create_admin_app
@@ -76,8 +82,6 @@ async def serve(
     reloader = app[RUNTIME].reloader
     if reloader is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reloader.reload("SIGHUP")))
-    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=True)
-    await site.start()
     admin_runner = web.AppRunner(
         create_admin_app(app),
         shutdown_timeout=config.server.shutdown_grace,  # aiohttp's default is 60 s
@@ -86,8 +90,15 @@ async def serve(
         handle_signals=False,
     )
     await admin_runner.setup()
-    if admin:
-        await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
+    try:
+        if admin:
+            await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
+        await web.TCPSite(
+            runner, config.server.host, config.server.port, reuse_port=reuse_port or None
+        ).start()
+    except OSError:
+        await asyncio.gather(admin_runner.cleanup(), runner.cleanup(), return_exceptions=True)
+        raise
     log.info(
         "sidecar listening on %s (admin %s), %d route(s)",
         config.server.listen,
@@ -147,7 +158,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if workers > 1:
             supervisor = Supervisor(path, url, workers, config.server.shutdown_grace, args.log_level)
             return supervisor.run()
-        _run_loop(serve(config, url, config_path=path, admin=not args.worker_index))
+        worker = args.worker_index is not None
+        _run_loop(serve(config, url, config_path=path, admin=not args.worker_index, reuse_port=worker))
     except SidecarError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1
@@ -208,7 +220,12 @@ def cmd_demo(_: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description="Webhook reliability sidecar.")
-    parser.add_argument("--log-level", help="debug|info|warning|error (default: config, then info)")
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        help="default: the config's logging.level, then info",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve")
     run.add_argument("--config", help=f"config file (default: $SIDECAR_CONFIG, then {DEFAULT_CONFIG})")

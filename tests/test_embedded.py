@@ -222,3 +222,9 @@ def test_a_server_left_by_a_killed_sidecar_is_stopped_and_its_data_kept(
         for pid in _servers_in(data):  # the orphan, should the test fail before it was stopped
             os.kill(pid, signal.SIGKILL)
     assert _servers_in(data) == []
+
+
+def test_an_unusable_data_dir_is_named_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(EmbeddedStoreError, match=r"cannot use redis.data_dir .*a-file/data: Not a directory"):
+        EmbeddedValkey(tmp_path / "a-file" / "data")

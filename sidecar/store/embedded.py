@@ -56,6 +56,12 @@ ORPHAN_STOP_TIMEOUT = 10.0  # for a left-behind server to flush its file and exi
 class EmbeddedValkey:
     def __init__(self, data_dir: str | Path, appendfsync: str = "everysec", port: int | None = None) -> None:
         self.data_dir = Path(data_dir)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EmbeddedStoreError(
+                f"cannot use redis.data_dir {self.data_dir}: {exc.strerror or exc}"
+            ) from exc
         self._options = {
             "data_dir": self.data_dir,
             "persist": True,
@@ -183,7 +189,6 @@ class EmbeddedValkey:
     def _lock(self) -> None:
         """Own the data dir for as long as this process runs (the kernel drops the lock when it dies, however)."""
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise EmbeddedStoreError(f"cannot use redis.data_dir {self.data_dir}: {exc.strerror}") from exc
