@@ -39,6 +39,8 @@ ROUTINE = frozenset(
     {"forwarded", "duplicate", "filtered", "handshake", "passthrough"}
 )  # DEBUG unless requests: all
 MAX_EVENT_ID_LEN = 256
+# the freshness window of the one provider with a signed nonce (Mailgun), for routes that set no `tolerance`
+NONCE_DEFAULT_WINDOW_S = 300.0
 
 
 def json_error(status: int, error: str, event_id: str | None = None, **extra: Any) -> web.Response:
@@ -271,6 +273,30 @@ class Ingress:
                 },
             )
 
+    async def _spend_nonce(
+        self, cfg: RouteConfig, nonce: str, body: bytes, result: Result
+    ) -> web.StreamResponse | None:
+        """A signed single-use value (Mailgun's token, which signs no body) bound to this body: None when it is new
+        or came with this body before (a provider retry, left to the claim), else the answer refusing it. Bound for
+        as long as its timestamp passes the freshness check either way (twice the tolerance), plus a minute of
+        clock skew between replicas; with no freshness check, for the dedupe window."""
+        window = cfg.tolerance if cfg.tolerance is not None else NONCE_DEFAULT_WINDOW_S
+        ttl_s = 2 * window + 60 if window > 0 else self.dispatcher.config.dedupe.ttl
+        try:
+            fresh = await self.store.bind_nonce(
+                cfg.name, nonce, hashlib.sha256(body).hexdigest(), int(ttl_s * 1000)
+            )
+        except StoreError as exc:
+            result.outcome, result.error = "store_unavailable", str(exc)
+            resp = json_error(503, "store_unavailable")
+            resp.headers["Retry-After"] = "5"
+            return resp
+        if fresh:
+            return None
+        return self._rejected(
+            cfg.name, VerificationError("replayed", "the signed token came before with another body"), result
+        )
+
     async def _handle(
         self, request: web.Request, route: Route, span: AnySpan, result: Result, body: bytes | None
     ) -> web.StreamResponse:
@@ -302,6 +328,10 @@ class Ingress:
             if cfg.handshake == "pass":
                 return await self._pass_through(request, route, body, None, span, result)
             return answer_handshake(handshake)
+        if verified.nonce is not None:
+            refused = await self._spend_nonce(cfg, verified.nonce, body, result)
+            if refused is not None:
+                return refused
         if not type_allowed(cfg, verified.event_type):
             result.outcome = "filtered"
             return web.json_response({"filtered": True})

@@ -55,6 +55,10 @@ class KeySpace:
         """Public event id -> dedupe id, for routes that dedupe on a digest (admin lookups by the provider's id)."""
         return f"{self.prefix}:{{{self.shard_of(route, event_id)}}}:alias:{route}:{event_id}"
 
+    def nonce(self, route: str, value: str) -> str:
+        """A signed single-use value (Mailgun's token) -> the digest of the body it first came with."""
+        return f"{self.prefix}:{{{self.shard_of(route, value)}}}:nonce:{route}:{value}"
+
     def stats(self, shard: int) -> str:
         return f"{self.prefix}:{{{shard}}}:stats"
 

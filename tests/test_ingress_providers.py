@@ -6,6 +6,7 @@ the second of two configured secrets is accepted. Signers and secrets come from 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import time
 from typing import Any
@@ -204,5 +205,49 @@ async def test_ingress_auto_id_of_a_payload_without_one_is_its_signed_digest(
     assert first.status == 200, await first.text()
     assert first.headers["X-Sidecar-Event-Id"] == hashlib.sha256(body).hexdigest()
     again = await post(client, "r", body, headers)
+    assert again.status == 200 and (await again.json())["duplicate"] is True
+    assert [r.body for r in upstream.received] == [body]
+
+
+async def test_ingress_mailgun_token_is_single_use_across_bodies(
+    sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """Mailgun signs only `timestamp + token`: a captured signature could carry any `event-data` for the whole
+    freshness window. The token is bound to the body it first came with: the same delivery again is a duplicate,
+    another body under that token is refused 401 (and never forwarded), a fresh token is a new event."""
+    from tests.providers.provider_cases import mailgun_body
+
+    client = await sidecar_factory(
+        '- name: mg\n  path: /in/mg\n  provider: mailgun\n  secrets: ["mg-good"]\n'
+    )
+    now, token = int(time.time()), "t" * 50
+    headers = {"Content-Type": "application/json"}
+    real = mailgun_body("mg-good", now, token=token, event_id="evt-real")
+    forged = mailgun_body("mg-good", now, token=token, event_id="evt-forged")
+    assert (await post(client, "mg", real, headers)).status == 200
+    again = await post(client, "mg", real, headers)
+    assert again.status == 200 and (await again.json())["duplicate"] is True
+    refused = await post(client, "mg", forged, headers)
+    assert refused.status == 401, await refused.text()
+    assert (await refused.json())["error"] == "invalid_signature"
+    fresh = mailgun_body("mg-good", now, token="u" * 50, event_id="evt-forged")
+    assert (await post(client, "mg", fresh, headers)).status == 200
+    assert [r.body for r in upstream.received] == [real, fresh]
+    (key,) = rdb.keys("*:nonce:mg:" + token)
+    assert 0 < rdb.pttl(key) <= (2 * 300 + 60) * 1000  # as long as the timestamp could pass, plus clock skew
+
+
+async def test_ingress_mailgun_legacy_form_post_without_event_id_is_delivered_once(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    client = await sidecar_factory(
+        '- name: mg\n  path: /in/mg\n  provider: mailgun\n  secrets: ["mg-good"]\n'
+    )
+    ts, token = str(int(time.time())), "f" * 50
+    signature = hmac.new(b"mg-good", (ts + token).encode(), hashlib.sha256).hexdigest()
+    body = urlencode({"timestamp": ts, "token": token, "signature": signature, "event": "delivered"}).encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    assert (await post(client, "mg", body, headers)).status == 200
+    again = await post(client, "mg", body, headers)
     assert again.status == 200 and (await again.json())["duplicate"] is True
     assert [r.body for r in upstream.received] == [body]

@@ -72,6 +72,9 @@ class Verified:
     event_type: str | None = None
     handshake: Handshake | None = None
     signed_headers: frozenset[str] = field(default_factory=frozenset)
+    # A single-use value the signature covers where the body is not signed (Mailgun's token): the ingress refuses
+    # it a second time with another body, so a captured signature cannot carry a forged payload.
+    nonce: str | None = None
 
 
 class VerificationError(Exception):

@@ -94,6 +94,7 @@ class SpecVerifier:
             id_signed=id_signed,
             event_type=found_type[0] if found_type else None,
             signed_headers=frozenset(seen),
+            nonce=self._token(req) if self.spec.token_source and not self._body_signed else None,
         )
 
     # ---- steps
@@ -225,12 +226,14 @@ class SpecVerifier:
                 raise VerificationError("missing", f"no {self.spec.id_header} header")
             seen.add(found[0])
             return utf8_bytes(found[1], f"header {found[0]}")
-        source = self.spec.token_source or ""  # token
-        kind, _, field = source.partition(":")
+        return utf8_bytes(self._token(req), "the token")  # token
+
+    def _token(self, req: Request) -> str:
+        kind, _, field = (self.spec.token_source or "").partition(":")
         token = self._body_field(req, kind == "json", field)
         if token is None:
             raise VerificationError("missing", f"no {field} in the body")
-        return utf8_bytes(token, field)
+        return token
 
     def _match(self, signed: bytes, candidates: list[Candidate]) -> Key:
         for key in self.keys:

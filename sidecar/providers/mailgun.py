@@ -3,8 +3,10 @@
 JSON webhooks carry `{"signature": {"timestamp", "token", "signature"[, "parent-signature"]}, "event-data": …}`;
 legacy form posts carry `timestamp`, `token`, `signature` fields. `parent-signature` (subaccount events, signed
 with the primary account's key) is accepted as a second candidate. Because the body is not signed, the event id
-(`event-data.id`) is reported as unsigned, so the ingress dedupes on the body digest as well; the freshness window
-(300 s both ways: Mailgun names none) bounds how long a captured token can be reused.
+(`event-data.id`) is reported as unsigned, so the ingress dedupes on the body digest as well; and the token is
+single-use (`Verified.nonce`): the ingress binds it to the body it first came with, for as long as the freshness
+window (300 s both ways: Mailgun names none) lets its timestamp pass, so a captured signature cannot carry
+another payload.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ FORM_SPEC = SigSpec(
     ts_source="form:timestamp",
     tolerance_s=300,
     tolerance_mode="both",
+    dedup_id=("body_sha256",),  # legacy form posts carry no event id
 )
 
 

@@ -189,6 +189,7 @@ class RedisStore:
         self._dead = FastScript(fast, _script("dead"))
         self._dlq_add = FastScript(fast, _script("dlq_add"))
         self._defer = FastScript(fast, _script("defer"))
+        self._nonce = FastScript(fast, _script("nonce"))  # Mailgun routes only: loaded on first use
 
     @classmethod
     def connect(
@@ -343,6 +344,15 @@ class RedisStore:
             self._index_alias(rec)
             return ClaimResult(True)
         return ClaimResult(False, STATE_NAMES.get(res[1].decode(), "pending"))
+
+    async def bind_nonce(self, route: str, value: str, body_digest: str, ttl_ms: int) -> bool:
+        """Bind a signed single-use value to the body it came with (see nonce.lua); False when it came before
+        with another body."""
+        try:
+            res = await self._nonce(keys=[self.keys.nonce(route, value)], args=[body_digest, ttl_ms])
+        except _STORE_ERRORS as exc:
+            raise _translate(exc) from exc
+        return int(res) == 1
 
     def _index_alias(self, rec: EventRecord) -> None:
         """When the claim is on a digest, index the provider's id for operators. Only for a claim that won (a
