@@ -93,7 +93,9 @@ PADDLE = SigSpec(  # §11; "ts=<s>;h1=<hex>[;h1=…]", key is the whole pdl_… 
     ts_source="sig:ts",
     ts_render="int",
     tolerance_s=5,
-    tolerance_mode="past_only",
+    # both ways: paddle-python-sdk 1.16 also refuses a timestamp more than 5 s ahead ("too far in the future");
+    # providers.md §11 read an older SDK that checked the past only
+    tolerance_mode="both",
     check_ts_before_sig=True,
     dedup_id=("json:event_id",),
     event_type=("json:event_type",),

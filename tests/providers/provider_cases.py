@@ -355,7 +355,6 @@ PADDLE = Case(
     "paddle-signature",
     prefix="h1=",
     window=5,
-    both=False,
     list_bad_good=lambda v: v.replace(";h1=", ";h1=dummy;h1="),
 )
 
