@@ -60,7 +60,7 @@ async def serve(
 
     from sidecar.admin import create_admin_app
     from sidecar.app import RUNTIME, create_app
-    from sidecar.front import FrontRunner
+    from sidecar.front import FrontRunner, JsonErrorRunner
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -82,7 +82,7 @@ async def serve(
     reloader = app[RUNTIME].reloader
     if reloader is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reloader.reload("SIGHUP")))
-    admin_runner = web.AppRunner(
+    admin_runner = JsonErrorRunner(
         create_admin_app(app),
         shutdown_timeout=config.server.shutdown_grace,  # aiohttp's default is 60 s
         keepalive_timeout=config.server.read_timeout,

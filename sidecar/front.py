@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.ingress import Result, json_error, needs_public_url
@@ -388,7 +389,39 @@ class FastProtocol(asyncio.Protocol):
             handler.data_received(data)
 
 
-class FrontRunner(web.AppRunner):
+class JsonErrorHandler(RequestHandler):
+    """aiohttp's protocol, answering a request it cannot parse (a malformed head, a repeated `Host`, both
+    `Content-Length` and `Transfer-Encoding`, …) as the sidecar answers every refusal: JSON with an `error`, and
+    one info line rather than an error-level traceback, since any client can send such bytes."""
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        self.logger.info("bad request from %s: %s", request.remote, message or exc)
+        if request.writer.output_size > 0:  # some of an answer is out: the connection is broken
+            raise ConnectionError("an answer was partly sent, cannot send the error")
+        resp = web.json_response({"error": "bad_request", "detail": message or str(exc)}, status=status)
+        resp.force_close()
+        return resp
+
+
+class JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorRunner(web.AppRunner):
+    """An `AppRunner` whose connections answer unparsable requests with JSON (`JsonErrorHandler`)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = JsonErrorServer  # same state, the handler it makes is ours
+        return server
+
+
+class FrontRunner(JsonErrorRunner):
     """An `AppRunner` for the inbound app (`create_app`) whose sites listen through the `Front`."""
 
     async def _make_server(self) -> web.Server:

@@ -8,8 +8,10 @@ request in flight finish.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
+from unittest.mock import ANY
 
 import httptools
 import pytest
@@ -218,6 +220,20 @@ async def test_front_hands_what_it_does_not_serve_to_aiohttp(
         assert got < 500, (name, body)
     if name == "chunked body":
         assert upstream.received[0].body == CHUNKED_BODY
+    if status == 400:  # aiohttp's parser refused it: answered as every refusal is, in JSON
+        assert json.loads(body)["error"] == "bad_request", (name, body)
+
+
+async def test_front_unparsable_requests_log_one_info_line_not_an_error_traceback(
+    client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("DEBUG", logger="aiohttp.server"):
+        status, headers, body = await exchange(client, signed("evt_2host_log", extra="Host: other.test\r\n"))
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    assert json.loads(body) == {"error": "bad_request", "detail": ANY}
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [(r.levelname, r.exc_info) for r in records] == [("INFO", None)], records
+    assert "bad request from" in records[0].getMessage()
 
 
 async def test_front_expect_continue_goes_to_aiohttp(client: Any, upstream: Upstream) -> None:

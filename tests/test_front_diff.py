@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -137,6 +138,10 @@ async def _send(client: Any, upstream: Upstream, raw: bytes) -> tuple[Any, ...]:
         answer: Any = json.loads(body)
     except ValueError:
         answer = body if status < 500 else b"<5xx>"
+    if status == 400 and (answer == {"error": "bad_request", "detail": ANY} or isinstance(answer, bytes)):
+        # a head aiohttp's parser refuses: the sidecar's listener answers it in JSON (JsonErrorHandler), plain
+        # aiohttp in text; the same refusal either way
+        answer = "<unparsable>"
     forwarded = [(r.path_qs, r.body, r.headers.get("stripe-signature")) for r in upstream.received[before:]]
     return status, answer, headers.get("x-sidecar-event-id"), headers.get("connection"), forwarded
 
