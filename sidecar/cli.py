@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -31,15 +30,6 @@ DEFAULT_CONFIG = "config/sidecar.yaml"
 
 def _config_path(arg: str | None) -> str:
     return arg or os.environ.get("SIDECAR_CONFIG") or DEFAULT_CONFIG
-
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def serve(
@@ -135,12 +125,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{path}: cannot read config: {exc.strerror}", file=sys.stderr)
         return 1
     setup_logging(args.log_level or config.logging.level, config.logging.format)
-    if not _is_loopback(config.admin.host) and not config.admin.token:
-        print(
-            f"{path}: admin.token: required when admin.listen ({config.admin.listen}) is not loopback",
-            file=sys.stderr,
-        )
-        return 1
     from sidecar.supervisor import Supervisor, resolve_workers
 
     embedded = None

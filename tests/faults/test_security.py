@@ -21,8 +21,8 @@ from aiohttp import web
 from sidecar import admin as admin_module
 from sidecar.admin import create_admin_app
 from sidecar.app import create_app
-from sidecar.cli import _is_loopback
 from sidecar.config import AdminConfig, load_text
+from sidecar.config import is_loopback as _is_loopback
 from tests.conftest import REPO, Upstream, make_config
 from tests.faults import logcheck
 from tests.faults.harness import (
