@@ -49,10 +49,11 @@ class Dispatcher:
     def lease_ms(self, route: RouteConfig) -> int:
         """How long an in-flight attempt holds its event before another replica may take it.
 
-        Longer than the forward can take (upstream timeout), so a live attempt is never doubled; short enough that
-        an event held by a killed process comes back soon.
+        Longer than the forward can take (the forwarder's timeout, which a reload does not change: a reload that
+        lowered `upstream.timeout` must not shorten leases under forwards still bound by the old one), so a live
+        attempt is never doubled; short enough that an event held by a killed process comes back soon.
         """
-        lease = route.retry.lease or (self.config.upstream.timeout + 20.0)
+        lease = route.retry.lease or (self.forwarder.timeout + 20.0)
         return int(lease * 1000)
 
     def answer_within(self, route: RouteConfig) -> float | None:

@@ -150,6 +150,11 @@ class Forwarder:
         self._total = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout)
 
+    @property
+    def timeout(self) -> float:
+        """The longest a forward takes (`upstream.timeout` as the process started: a reload does not change it)."""
+        return self._total
+
     async def send(
         self,
         url: str,

@@ -263,3 +263,25 @@ def test_reload_every_setting_outside_routes_and_retry_is_classified() -> None:
     assert restart & live == set()
     assert everything == restart | live
     assert {f.name for f in dataclasses.fields(Config)} - set(sections) == {"retry", "routes", "source"}
+
+
+async def test_reload_lowering_upstream_timeout_does_not_shorten_leases_under_running_forwards(
+    sidecar_factory: Any,
+) -> None:
+    """`upstream.timeout` waits for a restart (the forwarder keeps the one it started with), so the lease, which
+    must outlast a forward, keeps following the forwarder's: a reload that lowered it used to shorten leases under
+    forwards still bound by the old timeout, and another replica could take and deliver an event twice."""
+    from sidecar.routes import RouteTable
+    from tests.test_ingress import ROUTES
+
+    client = await sidecar_factory(ROUTES)
+    dispatcher = client.server.app[RUNTIME].dispatcher
+    route = dispatcher.config.routes[0]
+    before = dispatcher.lease_ms(route)
+    assert before == int((dispatcher.forwarder.timeout + 20) * 1000)
+    lowered = dataclasses.replace(
+        dispatcher.config, upstream=dataclasses.replace(dispatcher.config.upstream, timeout=1.0)
+    )
+    dispatcher.table = RouteTable.build(lowered)  # what a reload swaps in
+    assert dispatcher.config.upstream.timeout == 1.0
+    assert dispatcher.lease_ms(dispatcher.config.routes[0]) == before
