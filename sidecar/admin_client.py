@@ -7,23 +7,32 @@ Where it connects: `--admin-url`, else `http://<admin.listen>` from the config (
 Exit codes (scripts may rely on them):
 
     0  ok
-    1  the admin API answered with an error (400, 409, 503, …) or a drain stream broke off
-    2  usage: bad arguments, or a config that cannot be read when it is needed
-    3  the admin API cannot be reached (refused, timed out, not HTTP)
+    1  the admin API answered with an error (400, 409, 503, …), a drain stream broke off, or the output could not
+       be written (a full disk, a closed pipe)
+    2  usage: bad arguments, an --out that cannot be opened, or a config that cannot be read when it is needed
+    3  the admin API cannot be reached (refused, timed out, not HTTP) or what answered is not the admin API
+       (another service, the ingress port, a wrong path prefix, answers of the wrong shape)
     4  unauthorized (401): missing or wrong token
     5  not found (404): unknown id or route
+   130 interrupted (Ctrl-C)
+
+A drain never lets an item vanish unseen: every line read from the server is written to the output, or, when the
+output fails (or on Ctrl-C), saved to a rescue file whose path the error names (see `Drain`).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import http.client
 import json
 import os
 import socket
+import stat
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -91,15 +100,19 @@ def resolve_target(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 class _Connection(http.client.HTTPConnection):
-    """HTTPConnection with an optional small receive buffer, set before connecting (it bounds the TCP window)."""
+    """HTTPConnection with an optional small receive buffer, set before connecting (it bounds the TCP window).
+    `raw_sock` outlives `close()` of a connection whose answer said `Connection: close` (the answer still reads
+    from it), so a drain can always stop the server's sending on it."""
 
     def __init__(self, host: str, port: int | None, timeout: float, rcvbuf: int | None) -> None:
         super().__init__(host, port, timeout=timeout)
         self.rcvbuf = rcvbuf
+        self.raw_sock: socket.socket | None = None
 
     def connect(self) -> None:
         if self.rcvbuf is None:
             super().connect()
+            self.raw_sock = self.sock
             return
         last: OSError | None = None
         for family, kind, proto, _, addr in socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM):
@@ -112,9 +125,69 @@ class _Connection(http.client.HTTPConnection):
                 sock.close()
                 last = exc
                 continue
-            self.sock = sock
+            self.sock = self.raw_sock = sock
             return
         raise last or OSError("no address")
+
+
+class _TLSConnection(http.client.HTTPSConnection):
+    """HTTPSConnection that keeps `raw_sock` (as `_Connection` does)."""
+
+    def __init__(self, host: str, port: int | None, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.raw_sock: socket.socket | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        self.raw_sock = self.sock
+
+
+@dataclass
+class Stream:
+    """A streamed answer of the admin API and the socket it arrives on."""
+
+    resp: http.client.HTTPResponse
+    sock: socket.socket | None
+
+    def refuse_more(self) -> None:
+        """Take nothing more from the server, keeping what already arrived readable.
+
+        Why: the server removes an item once our TCP acknowledged its line, whether or not this process read it. A
+        shutdown sends FIN; bytes arriving after it are answered with a reset, never acknowledged, so the server
+        counts no further item as handed over, and everything it did count is in our buffers, to be read out.
+        The base class's shutdown is called on purpose: ssl.SSLSocket.shutdown would drop its decrypted buffer.
+        """
+        if self.sock is None:
+            return
+        with suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        # after the shutdown a read never waits; this bounds it should the shutdown have failed
+        with suppress(OSError):
+            self.sock.settimeout(1.0)
+
+    def received_lines(self) -> list[bytes]:
+        """After `refuse_more`: the complete lines still buffered. A line cut short was not acknowledged whole, so
+        the server did not count it (it stays in the DLQ)."""
+        lines: list[bytes] = []
+        while True:
+            try:
+                line = self.resp.readline()
+            except (OSError, http.client.HTTPException):
+                return lines
+            if not line.endswith(b"\n"):
+                return lines
+            lines.append(line)
+
+
+def not_admin_message(base_url: str, what: str) -> str:
+    return (
+        f"{base_url} is not the admin API ({what}); --admin-url is the admin listener's base URL, "
+        "e.g. http://127.0.0.1:9090 (admin.listen, not the webhook port, no /admin)"
+    )
+
+
+def not_the_admin_api(base_url: str, what: str) -> ClientError:
+    return ClientError(EXIT_UNREACHABLE, not_admin_message(base_url, what))
 
 
 @dataclass
@@ -123,10 +196,10 @@ class AdminClient:
     token: str | None
     timeout: float = 60.0
 
-    def _connection(self, rcvbuf: int | None = None) -> http.client.HTTPConnection:
+    def _connection(self, rcvbuf: int | None = None) -> _Connection | _TLSConnection:
         parts = urlsplit(self.base_url)
         if parts.scheme == "https":
-            return http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=self.timeout)
+            return _TLSConnection(parts.hostname or "", parts.port, self.timeout)
         if parts.scheme != "http" or not parts.hostname:
             raise ClientError(
                 EXIT_USAGE, f"--admin-url must be http://host:port or https://…, not {self.base_url!r}"
@@ -153,49 +226,140 @@ class AdminClient:
                 EXIT_UNREACHABLE, f"cannot reach the admin API at {self.base_url}: {reason}"
             ) from None
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def _exchange(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
         conn = self._connection()
         try:
             resp = self._send(conn, method, path, body)
             try:
-                raw = resp.read()
+                return resp.status, resp.read()
             except (OSError, http.client.HTTPException) as exc:
                 raise ClientError(EXIT_UNREACHABLE, f"the admin API broke off its answer: {exc}") from None
-            return self._answer(resp.status, raw)
         finally:
             conn.close()
 
+    def request(self, method: str, path: str, body: Any = None, *, shape: Shape) -> Any:
+        """The answer's JSON, once it has the `shape` the admin API gives (else exit 3: not the admin API)."""
+        status, raw = self._exchange(method, path, body)
+        payload = self._answer(status, raw, f"{method} {path}")
+        if not shape.check(payload):
+            raise not_the_admin_api(self.base_url, f"its answer to {method} {path} is not {shape.name}")
+        return payload
+
     @contextmanager
-    def stream(self, method: str, path: str, body: Any = None) -> Iterator[http.client.HTTPResponse]:
+    def stream(self, method: str, path: str, body: Any = None) -> Iterator[Stream]:
         conn = self._connection(rcvbuf=DRAIN_RCVBUF)
         try:
             resp = self._send(conn, method, path, body)
             if resp.status != 200:
-                self._answer(resp.status, resp.read())
-            yield resp
+                self._answer(resp.status, resp.read(), f"{method} {path}")
+            kind = (resp.getheader("Content-Type") or "").partition(";")[0].strip().lower()
+            if kind != "application/x-ndjson":
+                raise not_the_admin_api(self.base_url, f"it answered {kind or 'no Content-Type'}, not NDJSON")
+            yield Stream(resp, conn.raw_sock)
         finally:
             conn.close()
 
-    def _answer(self, status: int, raw: bytes) -> Any:
+    def _answer(self, status: int, raw: bytes, call: str) -> Any:
+        """The JSON of a 200 answer; any other answer raised as the error it reports, once it is one the admin API
+        gives: `{"error": code, …}` (exit 3 when it is not, e.g. the ingress's 404 `no_route`)."""
         try:
             payload = json.loads(raw) if raw else None
-        except ValueError:
-            raise ClientError(
-                EXIT_UNREACHABLE if status < 400 else EXIT_ERROR,
-                f"{self.base_url} did not answer like the admin API (HTTP {status}, not JSON)",
-            ) from None
-        if status < 400:
+        except (ValueError, RecursionError):
+            raise not_the_admin_api(self.base_url, f"{call}: HTTP {status}, not JSON") from None
+        if status == 200 and payload is not None:
             return payload
-        error = payload.get("error", "error") if isinstance(payload, dict) else "error"
-        detail = payload.get("detail", "") if isinstance(payload, dict) else ""
-        if status == 401:
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if status < 400 or not isinstance(error, str):
+            raise not_the_admin_api(
+                self.base_url, f"{call}: HTTP {status} without the admin API's error body"
+            )
+        detail = payload.get("detail") or ""
+        if status == 401 and error == "unauthorized":
             hint = "set --token or SIDECAR_ADMIN_TOKEN (admin.token in the config)"
             raise ClientError(EXIT_UNAUTHORIZED, f"unauthorized: {detail or 'bad token'}; {hint}")
         if status == 404:
-            missing = payload.get("ids") if isinstance(payload, dict) else None
-            tail = f": {', '.join(missing)}" if missing else ""
+            # The admin API answers an unknown path with the same `not_found` as an unknown id; only a path that
+            # exists there (its OpenAPI document) tells "this id is unknown" from "this is not the admin API".
+            if error != "not_found" or not self._is_admin_api():
+                raise not_the_admin_api(self.base_url, f"{call}: HTTP 404 {error!r}")
+            missing = payload.get("ids")
+            tail = f": {', '.join(map(str, missing))}" if isinstance(missing, list) and missing else ""
             raise ClientError(EXIT_NOT_FOUND, f"not found: {detail}{tail}")
-        raise ClientError(EXIT_ERROR, f"{error} (HTTP {status}){': ' + detail if detail else ''}")
+        if status == 401:
+            raise not_the_admin_api(self.base_url, f"{call}: HTTP 401 {error!r}")
+        raise ClientError(EXIT_ERROR, f"{error} (HTTP {status}){': ' + str(detail) if detail else ''}")
+
+    def _is_admin_api(self) -> bool:
+        try:
+            status, raw = self._exchange("GET", "/admin/openapi.json")
+            spec = json.loads(raw)
+        except (ClientError, ValueError, RecursionError):
+            return False
+        paths = spec.get("paths") if isinstance(spec, dict) else None
+        return status == 200 and isinstance(paths, dict) and "/admin/dlq" in paths
+
+
+# -- answer shapes --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What an answer of the admin API looks like: checked before anything is printed, so a foreign service's
+    JSON is an error (exit 3), never a KeyError or an empty table with exit 0."""
+
+    name: str
+    check: Callable[[Any], bool]
+
+
+def is_item(item: Any) -> bool:
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("id"), str)
+        and isinstance(item.get("route"), str)
+        and all(k in item for k in ("event_id", "attempts", "dead_at"))
+    )
+
+
+def is_full_item(item: Any) -> bool:
+    return (
+        is_item(item)
+        and isinstance(item.get("headers"), list)
+        and isinstance(item.get("history"), list)
+        and (isinstance(item.get("body"), str) or isinstance(item.get("body_base64"), str))
+    )
+
+
+def is_page(page: Any) -> bool:
+    return (
+        isinstance(page, dict)
+        and isinstance(page.get("items"), list)
+        and all(is_item(i) for i in page["items"])
+        and isinstance(page.get("total"), int)
+        and "next_cursor" in page
+        and (page["next_cursor"] is None or isinstance(page["next_cursor"], str))
+    )
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_replay_answer(answer: Any) -> bool:
+    return isinstance(answer, dict) and (_count(answer.get("replayed")) or _count(answer.get("would_replay")))
+
+
+def is_drained_line(line: bytes) -> bool:
+    """One NDJSON line of a drain: a dead letter (an object with an `id`)."""
+    try:
+        item = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(item, dict) and isinstance(item.get("id"), str) and isinstance(item.get("route"), str)
+
+
+PAGE = Shape("a page of dead letters (items, total, next_cursor)", is_page)
+ITEM = Shape("a dead letter (id, route, headers, body, history)", is_full_item)
+REPLAY = Shape("a replay count (replayed or would_replay)", is_replay_answer)
 
 
 # -- output -------------------------------------------------------------------------------------------------------
@@ -253,6 +417,213 @@ def format_item(item: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- drain --------------------------------------------------------------------------------------------------------
+
+EXIT_INTERRUPTED = 130
+# A regular file is fsynced after this many bytes or lines (and at the end); until then its lines are kept here.
+SYNC_BYTES = 1 << 20
+SYNC_LINES = 200
+RESCUE_NAME = "sidecar-drain.unwritten.ndjson"
+
+
+class OutputFailed(Exception):
+    """A write or fsync of the drain's output failed; `lines` came from the server and are not surely in it."""
+
+    def __init__(self, cause: OSError, lines: list[bytes]) -> None:
+        super().__init__(cause.strerror or type(cause).__name__)
+        self.lines = lines
+
+
+class NotDeadLetter(Exception):
+    """A drain answer's line that is not a dead letter: what answered is not the admin API."""
+
+    def __init__(self, line: bytes) -> None:
+        super().__init__("not a dead letter")
+        self.line = line
+
+
+class Sink:
+    """Where drained lines go: --out opened for append, or stdout.
+
+    Written with os.write, so a failed write leaves nothing in a Python buffer for close() or the interpreter's exit
+    to fail on again (and hide the first error). In a regular file a line counts as written once fsynced: a failing
+    fsync (ENOSPC or EIO found at writeback) means it may not be on disk, so lines are kept until then. A failure
+    cuts the file back to its last sure end, when nobody else appended meanwhile: the file never ends in half a line
+    and a rescued line is not in it as well.
+    """
+
+    def __init__(self, fd: int, name: str, *, owned: bool, sync_lines: int | None = SYNC_LINES) -> None:
+        self.fd, self.name, self.owned, self.sync_lines = fd, name, owned, sync_lines
+        self.regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        self.synced_end = self._end() if self.regular else 0
+        self.unsynced: list[bytes] = []
+        self.unsynced_bytes = 0
+        self.count = 0  # lines surely in the output
+
+    @classmethod
+    def open(cls, path: str, mode: int = 0o666, sync_lines: int | None = SYNC_LINES) -> Sink:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
+        try:
+            return cls(fd, path, owned=True, sync_lines=sync_lines)
+        except OSError:
+            os.close(fd)
+            raise
+
+    def _end(self) -> int:
+        if fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_APPEND:
+            return os.fstat(self.fd).st_size
+        return os.lseek(self.fd, 0, os.SEEK_CUR)
+
+    def write(self, line: bytes) -> None:
+        done = 0
+        try:
+            while done < len(line):
+                done += os.write(self.fd, line[done:])
+        except OSError as exc:
+            raise OutputFailed(exc, [*self._after_failed_write(done), line]) from None
+        except KeyboardInterrupt:
+            self._cut(self.synced_end + self.unsynced_bytes, done)  # the caller rescues the whole line
+            raise
+        if not self.regular:
+            self.count += 1
+            return
+        self.unsynced.append(line)
+        self.unsynced_bytes += len(line)
+        if self.sync_lines and (len(self.unsynced) >= self.sync_lines or self.unsynced_bytes >= SYNC_BYTES):
+            self.sync()
+
+    def _after_failed_write(self, partial: int) -> list[bytes]:
+        """Cut off the `partial` bytes of the failed line and make sure of the lines before it; those not sure."""
+        if not self.regular:
+            return []
+        self._cut(self.synced_end + self.unsynced_bytes, partial)
+        try:
+            self.sync()
+        except OutputFailed as exc:
+            return exc.lines
+        return []
+
+    def sync(self) -> None:
+        if not self.regular or not self.unsynced:
+            return
+        lines, size = self.unsynced, self.unsynced_bytes
+        self.unsynced, self.unsynced_bytes = [], 0
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            self._cut(self.synced_end, size)
+            raise OutputFailed(exc, lines) from None
+        self.synced_end += size
+        self.count += len(lines)
+
+    def _cut(self, end: int, extra: int) -> None:
+        with suppress(OSError):
+            if extra and os.fstat(self.fd).st_size == end + extra:
+                os.ftruncate(self.fd, end)
+
+    def close(self) -> None:
+        # Everything counted was fsynced (or went to a pipe or device, which has nothing more to say at close).
+        if self.owned:
+            with suppress(OSError):
+                os.close(self.fd)
+
+
+def save_lines(path: str, lines: list[bytes]) -> None:
+    """Append `lines` to `path` (created 0600: they hold webhook bodies), fsynced; on failure the file is cut back."""
+    sink = Sink.open(path, 0o600, sync_lines=None)
+    try:
+        for line in lines:
+            sink.write(line)
+        sink.sync()
+    except OutputFailed as exc:
+        raise OSError(exc.args[0]) from None
+    finally:
+        sink.close()
+
+
+class Drain:
+    """Copies a drain answer into a Sink, one line at a time, so that no item the server removed vanishes unseen.
+
+    The server removes an item once our TCP acknowledged its line. So a line is written (and, in a file, fsynced in
+    batches) before the next one is read, and when the output fails, the answer is not a dead letter, or Ctrl-C
+    comes, the server is stopped (`Stream.refuse_more`) and every line it may have counted that is not surely in the
+    output (the one in hand, the unsynced ones, the ones still buffered) is saved to a rescue file: next to --out
+    (`<out>.unwritten.ndjson`), else `sidecar-drain.unwritten.ndjson` in the current directory, else in the temp
+    directory, else printed to stderr. The last of them may also still be in the DLQ (the server may not have
+    counted it): a duplicate, never a loss.
+    """
+
+    def __init__(self, client: AdminClient, stream: Stream, sink: Sink) -> None:
+        self.client, self.stream, self.sink = client, stream, sink
+        self.held: bytes | None = None  # read from the server, not written yet
+
+    def run(self) -> int:
+        code, problem, unwritten = EXIT_OK, "", []
+        try:
+            problem = self.copy()
+            code = EXIT_ERROR if problem else EXIT_OK
+        except OutputFailed as exc:
+            code, problem, unwritten = EXIT_ERROR, f"cannot write to {self.sink.name}: {exc}", exc.lines
+        except NotDeadLetter as exc:
+            problem = not_admin_message(
+                self.client.base_url, "a line of its drain answer is not a dead letter"
+            )
+            code, unwritten = EXIT_UNREACHABLE, [exc.line]
+        except KeyboardInterrupt:
+            code, problem, unwritten = EXIT_INTERRUPTED, "interrupted", [self.held] if self.held else []
+        if code in (EXIT_UNREACHABLE, EXIT_INTERRUPTED) or unwritten:
+            self.stream.refuse_more()
+            unwritten += self.stream.received_lines()
+        try:
+            self.sink.sync()
+        except OutputFailed as exc:
+            code = code or EXIT_ERROR
+            problem = problem or f"cannot write to {self.sink.name}: {exc} (at fsync)"
+            unwritten = exc.lines + unwritten
+        if code == EXIT_OK:
+            print(f"drained {self.sink.count} item(s) to {self.sink.name}", file=sys.stderr)
+            return EXIT_OK
+        raise ClientError(code, f"{problem}; {self.summary(unwritten)}")
+
+    def copy(self) -> str:
+        """Every line into the sink; "" at the end of the answer, else how the answer broke off."""
+        while True:
+            try:
+                line = self.stream.resp.readline()
+            except (OSError, http.client.HTTPException) as exc:
+                return f"drain broke off ({type(exc).__name__})"
+            if not line:
+                return ""
+            self.held = line
+            if not is_drained_line(line):
+                raise NotDeadLetter(line)
+            self.sink.write(line if line.endswith(b"\n") else line + b"\n")
+            self.held = None
+
+    def summary(self, unwritten: list[bytes]) -> str:
+        text = f"{self.sink.count} item(s) written to {self.sink.name}"
+        if unwritten:
+            text += f"; {len(unwritten)} read but not written are saved in {self.rescue(unwritten)}"
+        return text + "; any others are still in the DLQ"
+
+    def rescue(self, lines: list[bytes]) -> str:
+        places = [os.path.abspath(RESCUE_NAME), os.path.join(tempfile.gettempdir(), RESCUE_NAME)]
+        if self.sink.owned and self.sink.regular:
+            places.insert(0, f"{self.sink.name}.unwritten.ndjson")
+        for path in dict.fromkeys(places):
+            try:
+                save_lines(path, lines)
+            except OSError:
+                continue
+            return path
+        stderr = Sink(sys.stderr.fileno(), "stderr", owned=False, sync_lines=None)
+        with suppress(OutputFailed):
+            for line in lines:
+                stderr.write(line)
+            return "stderr (printed above)"
+        return "nowhere (no file or stderr could be written)"
+
+
 # -- commands -----------------------------------------------------------------------------------------------------
 
 
@@ -269,7 +640,7 @@ def cmd_list(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int
         }.items()
         if v is not None
     }
-    page = client.request("GET", "/admin/dlq" + (f"?{urlencode(query)}" if query else ""))
+    page = client.request("GET", "/admin/dlq" + (f"?{urlencode(query)}" if query else ""), shape=PAGE)
     if args.json:
         print_json(page, out)
         return EXIT_OK
@@ -284,7 +655,7 @@ def cmd_list(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int
 
 
 def cmd_show(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int:
-    item = client.request("GET", f"/admin/dlq/{quote(args.id, safe='')}")
+    item = client.request("GET", f"/admin/dlq/{quote(args.id, safe='')}", shape=ITEM)
     if args.json:
         print_json(item, out)
     else:
@@ -304,7 +675,7 @@ def cmd_replay(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> i
         body["dry_run"] = True
     if args.reason:
         body["reason"] = args.reason
-    result = client.request("POST", "/admin/dlq/replay", body)
+    result = client.request("POST", "/admin/dlq/replay", body, shape=REPLAY)
     if args.json:
         print_json(result, out)
     elif "would_replay" in result:
@@ -325,31 +696,21 @@ def cmd_drain(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> in
         body["route"] = args.route
     if args.reason:
         body["reason"] = args.reason
-    target = args.out or "stdout"
-    sink: IO[bytes]
-    # Append, never truncate: a second drain into the same file must not destroy what the first one removed.
-    sink = open(args.out, "ab") if args.out else sys.stdout.buffer  # noqa: SIM115
-    count = 0
+    # Opened before the request, so an --out that cannot be written drains nothing. Appended to, never truncated:
+    # a second drain into the same file must not destroy what the first one removed.
+    if args.out:
+        try:
+            sink = Sink.open(args.out)
+        except OSError as exc:
+            raise ClientError(EXIT_USAGE, f"--out {args.out}: cannot open: {exc.strerror or exc}") from None
+    else:
+        out.flush()
+        sink = Sink(out.fileno(), "stdout", owned=False)
     try:
-        with client.stream("POST", "/admin/dlq/drain", body) as resp:
-            try:
-                while line := resp.readline():
-                    sink.write(line)
-                    sink.flush()
-                    count += 1
-            except (OSError, http.client.HTTPException) as exc:
-                raise ClientError(
-                    EXIT_ERROR,
-                    f"drain broke off after {count} item(s) ({type(exc).__name__}); those are in {target}, "
-                    "the rest are still in the DLQ",
-                ) from None
-        if args.out:
-            os.fsync(sink.fileno())
+        with client.stream("POST", "/admin/dlq/drain", body) as stream:
+            return Drain(client, stream, sink).run()
     finally:
-        if args.out:
-            sink.close()
-    print(f"drained {count} item(s) to {target}", file=sys.stderr)
-    return EXIT_OK
+        sink.close()
 
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "replay": cmd_replay, "drain": cmd_drain}
@@ -369,12 +730,25 @@ def run(args: argparse.Namespace) -> int:
     try:
         url, token = resolve_target(args)
         client = AdminClient(url, token, timeout=args.timeout)
-        return COMMANDS[args.dlq_command](client, args, sys.stdout)
+        code = COMMANDS[args.dlq_command](client, args, sys.stdout)
+        sys.stdout.flush()
+        return code
     except ClientError as exc:
         print(f"sidecar dlq {args.dlq_command}: {exc}", file=sys.stderr)
         return exc.code
+    except BrokenPipeError:
+        # `sidecar dlq list | head`: whatever is still buffered would fail again at exit, with a traceback
+        with suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        print(
+            f"sidecar dlq {args.dlq_command}: cannot write to stdout: it was closed (broken pipe)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 # -- arguments ----------------------------------------------------------------------------------------------------
@@ -410,7 +784,8 @@ def add_dlq_parser(sub: Any) -> None:
     dlq = sub.add_parser(
         "dlq",
         help="inspect, replay and drain the dead-letter list (admin API client)",
-        description="Exit codes: 0 ok, 1 error answer, 2 usage, 3 unreachable, 4 unauthorized, 5 not found.",
+        description="Exit codes: 0 ok, 1 error answer or output failed, 2 usage, 3 unreachable or not the admin API, "
+        "4 unauthorized, 5 not found.",
     )
     dlq.set_defaults(func=run)
     cmds = dlq.add_subparsers(dest="dlq_command", required=True)
@@ -437,5 +812,9 @@ def add_dlq_parser(sub: Any) -> None:
 
     drain = cmds.add_parser("drain", parents=[common], help="remove dead letters, writing them out as NDJSON")
     drain.add_argument("--route")
-    drain.add_argument("--out", metavar="FILE", help="append the NDJSON here (default: stdout)")
+    drain.add_argument(
+        "--out",
+        metavar="FILE",
+        help="append the NDJSON here (default: stdout); lines it cannot take go to FILE.unwritten.ndjson",
+    )
     drain.add_argument("--reason", help="why (logged by the sidecar)")

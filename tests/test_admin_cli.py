@@ -6,20 +6,25 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from aiohttp import web
 
 from sidecar.admin_client import admin_url_from_listen
 from sidecar.keys import KeySpace
 from sidecar.store import RedisStore
 from tests.conftest import REPO, Upstream
-from tests.procs import SidecarProcess, free_port, write_config
+from tests.procs import SidecarProcess, free_port, wait_until, write_config
 from tests.test_admin import bury_many
 
 KEYS = KeySpace("sidecar", 4)
@@ -33,19 +38,25 @@ class Result:
     err: str
 
 
-async def dlq(*args: str, env: dict[str, str] | None = None) -> Result:
-    """`python -m sidecar dlq ARGS` with a clean environment (plus `env`)."""
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A clean environment (plus `env`) in which `python -m sidecar` runs from any directory."""
     base = {k: v for k, v in os.environ.items() if k not in ("SIDECAR_ADMIN_TOKEN", "SIDECAR_CONFIG")}
+    return {**base, "PYTHONPATH": str(REPO), **(env or {})}
+
+
+async def dlq(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO, **popen: Any) -> Result:
+    """`python -m sidecar dlq ARGS` with a clean environment (plus `env`), run in `cwd`."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "sidecar",
         "dlq",
         *args,
-        cwd=REPO,
-        env={**base, **(env or {})},
+        cwd=cwd,
+        env=cli_env(env),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        **popen,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
@@ -61,12 +72,32 @@ class Running:
     config: Path
     admin_url: str
     store: RedisStore
+    proc: SidecarProcess
+    port: int  # the inbound (webhook) listener
+
+    @property
+    def ingress_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def drain_log(self, nth: int = 1) -> tuple[int, int]:
+        """(drained, of) from the sidecar's log line of its `nth` drain: what the server removed from the DLQ."""
+        lines: list[str] = []
+
+        def logged() -> bool:
+            lines[:] = [line for line in self.proc.log().splitlines() if "dlq drain:" in line]
+            return len(lines) >= nth
+
+        assert await wait_until(logged, timeout=10), self.proc.log()[-2000:]
+        m = re.search(r"drained=(\d+) of (\d+)", lines[nth - 1])
+        assert m, lines[nth - 1]
+        return int(m.group(1)), int(m.group(2))
 
 
-@pytest.fixture
-async def sidecar(
-    tmp_path: Path, upstream: Upstream, redis_url: str, rdb: redis.Redis, processes: list[SidecarProcess]
-):
+@asynccontextmanager
+async def admin_sidecar(
+    tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[SidecarProcess]
+) -> AsyncIterator[Running]:
+    """A real `sidecar run` (stopped by the `processes` fixture) and a store client on its Valkey."""
     port, admin_port = free_port(), free_port()
     cfg = tmp_path / "sidecar.yaml"
     write_config(
@@ -82,9 +113,17 @@ async def sidecar(
     proc.start(port)
     store = RedisStore.connect(redis_url, KEYS, dedupe_ttl=3600, dlq_max_length=10_000)
     try:
-        yield Running(cfg, f"http://127.0.0.1:{admin_port}", store)
+        yield Running(cfg, f"http://127.0.0.1:{admin_port}", store, proc, port)
     finally:
         await store.close()
+
+
+@pytest.fixture
+async def sidecar(
+    tmp_path: Path, upstream: Upstream, redis_url: str, rdb: redis.Redis, processes: list[SidecarProcess]
+) -> AsyncIterator[Running]:
+    async with admin_sidecar(tmp_path, upstream, redis_url, processes) as running:
+        yield running
 
 
 async def deliveries(upstream: Upstream, want: int, until: float = 15.0) -> Counter[str]:
@@ -225,3 +264,115 @@ def test_admin_cli_admin_url_from_listen_wildcards_become_loopback() -> None:
     assert admin_url_from_listen("[::]:9090") == "http://[::1]:9090"
     assert admin_url_from_listen("[fd00::1]:9090") == "http://[fd00::1]:9090"
     assert admin_url_from_listen("10.0.0.5:9091") == "http://10.0.0.5:9091"
+
+
+def one_line(err: str) -> bool:
+    return err.count("\n") == 1 and "Traceback" not in err
+
+
+@dataclass
+class Foreign:
+    """Another HTTP service: every request gets `answer` (status, content type, body)."""
+
+    url: str
+    answer: tuple[int, str, bytes]
+
+
+@pytest.fixture
+async def foreign() -> AsyncIterator[Foreign]:
+    service = Foreign("", (200, "application/json", b'{"status": "ok", "version": "1.2"}'))
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        status, kind, body = service.answer
+        return web.Response(status=status, body=body, content_type=kind)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    service.url = f"http://127.0.0.1:{port}"
+    try:
+        yield service
+    finally:
+        await runner.cleanup()
+
+
+async def test_admin_cli_exit_3_when_pointed_at_the_ingress_or_below_admin(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    ids = await bury_many(sidecar.store, 3)
+    out = tmp_path / "drained.ndjson"
+    for url in (sidecar.ingress_url, f"{sidecar.admin_url}/admin"):
+        auth = ["--admin-url", url, "--token", TOKEN]
+        results = await asyncio.gather(
+            dlq("list", *auth),
+            dlq("show", ids[0], *auth),
+            dlq("replay", "--all", *auth),
+            dlq("drain", "--out", str(out), *auth),
+        )
+        for r in results:
+            assert r.code == 3, (url, r.code, r.err)
+            assert one_line(r.err) and "is not the admin API" in r.err and r.out == ""
+    assert rdb.zcard(KEYS.dlq_items()) == 3 and out.read_bytes() == b""
+    # the admin API's own 404s still mean "not found"
+    auth = ["--admin-url", sidecar.admin_url, "--token", TOKEN]
+    missing, no_route = await asyncio.gather(
+        dlq("show", "0123456789abcdef01234567", *auth), dlq("drain", "--route", "nosuch", *auth)
+    )
+    assert (missing.code, no_route.code) == (5, 5) and "no dead letter" in missing.err
+
+
+async def test_admin_cli_exit_3_when_another_service_answers(foreign: Foreign, tmp_path: Path) -> None:
+    out = tmp_path / "drained.ndjson"
+    auth = ["--admin-url", foreign.url, "--token", TOKEN]
+    commands = [
+        ["list"],
+        ["list", "--json"],
+        ["show", "abc"],
+        ["show", "abc", "--json"],
+        ["replay", "--all"],
+        ["replay", "--all", "--dry-run"],
+        ["drain", "--out", str(out)],
+    ]
+    answers = [
+        (200, "application/json", b'{"status": "ok", "version": "1.2"}'),
+        (200, "application/json", b'{"items": [{"name": "x"}], "total": "many"}'),
+        (200, "application/json", b"[1, 2, 3]"),
+        (404, "application/json", b'{"error": "not_found"}'),  # its OpenAPI document is not found either
+        (401, "application/json", b'{"message": "login first"}'),
+        (200, "text/html", b"<html>welcome</html>"),
+    ]
+    for answer in answers:
+        foreign.answer = answer
+        results = await asyncio.gather(*(dlq(*args, *auth, cwd=tmp_path) for args in commands))
+        for args, r in zip(commands, results, strict=True):
+            assert r.code == 3, (answer, args, r.code, r.err)
+            assert one_line(r.err) and "is not the admin API" in r.err and r.out == "", (answer, args, r.err)
+    assert out.read_bytes() == b""
+    # NDJSON of the wrong shape: nothing goes into --out; the line is kept aside, as a drained item would be
+    foreign.answer = (200, "application/x-ndjson", b'{"event": "deploy"}\n')
+    r = await dlq("drain", "--out", str(out), *auth, cwd=tmp_path)
+    assert r.code == 3 and one_line(r.err) and "not a dead letter" in r.err, r.err
+    assert out.read_bytes() == b"" and (tmp_path / "drained.ndjson.unwritten.ndjson").exists()
+
+
+async def test_admin_cli_drain_exit_2_when_out_cannot_be_opened(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    await bury_many(sidecar.store, 3)
+    auth = ["--admin-url", sidecar.admin_url, "--token", TOKEN]
+    no_dir, a_dir = await asyncio.gather(
+        dlq("drain", "--out", "/nonexistent/dir/x.ndjson", *auth), dlq("drain", "--out", str(tmp_path), *auth)
+    )
+    assert no_dir.code == 2 and one_line(no_dir.err), no_dir.err
+    assert "/nonexistent/dir/x.ndjson" in no_dir.err and "No such file or directory" in no_dir.err
+    assert (
+        a_dir.code == 2
+        and one_line(a_dir.err)
+        and str(tmp_path) in a_dir.err
+        and "Is a directory" in a_dir.err
+    )
+    assert rdb.zcard(KEYS.dlq_items()) == 3 and "dlq drain:" not in sidecar.proc.log()

@@ -1,0 +1,224 @@
+"""`sidecar dlq drain` when its output fails: a full device, a file over its size limit, a pipe whose reader went
+away, Ctrl-C. The server removes an item once the CLI's TCP acknowledged its line, so every line the CLI read must
+end up written or saved in the rescue file it names, never dropped; what the server did not count stays in the
+DLQ. Real `sidecar run` and `sidecar dlq` processes on a real Valkey."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import resource
+import signal
+import struct
+import sys
+import termios
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import Upstream
+from tests.procs import SidecarProcess, wait_until
+from tests.test_admin import bury_many
+from tests.test_admin_cli import KEYS, TOKEN, Running, admin_sidecar, cli_env, dlq, one_line
+
+RESCUE_NAME = (
+    "sidecar-drain.unwritten.ndjson"  # in the current directory when --out has none to put it beside
+)
+PAD = json.dumps({"pad": "x" * 4000}).encode()  # items of ~6 KB: a few fill a pipe or a socket buffer
+
+
+@pytest.fixture
+async def sidecar(
+    tmp_path: Path, upstream: Upstream, redis_url: str, rdb: redis.Redis, processes: list[SidecarProcess]
+) -> AsyncIterator[Running]:
+    async with admin_sidecar(tmp_path, upstream, redis_url, processes) as running:
+        yield running
+
+
+def line_ids(data: bytes) -> list[str]:
+    """The ids of the complete lines in `data` (a line cut short by the failure is not one)."""
+    return [json.loads(line)["id"] for line in data.split(b"\n")[:-1]]
+
+
+def rescued_ids(path: Path) -> list[str]:
+    return line_ids(path.read_bytes()) if path.exists() else []
+
+
+def remaining(rdb: redis.Redis) -> set[str]:
+    return {m.decode() for m in rdb.zrange(KEYS.dlq_items(), 0, -1)}
+
+
+def assert_accounted(ids: list[str], got: list[str], left: set[str], drained: int) -> None:
+    """Nothing lost: every item is written, rescued or still in the DLQ; what the server counted as drained is
+    exactly what the CLI kept, but for the one it may have read without the server counting it (then it is in the
+    DLQ as well: a duplicate, never a loss)."""
+    assert len(set(got)) == len(got), "an item written or rescued twice"
+    assert set(got) | left == set(ids), f"lost: {sorted(set(ids) - set(got) - left)}"
+    both = set(got) & left
+    assert len(both) <= 1 and len(got) - len(both) == drained, (len(got), both, drained)
+
+
+async def test_admin_cli_drain_to_full_device_saves_the_lines_it_read(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    ids = await bury_many(sidecar.store, 30)
+    auth = ["--admin-url", sidecar.admin_url, "--token", TOKEN]
+    r = await dlq("drain", "--out", "/dev/full", *auth, cwd=tmp_path)
+    rescue = tmp_path / RESCUE_NAME  # /dev/full has no directory to put it beside: the current one
+    rescued = rescued_ids(rescue)
+    drained, of = await sidecar.drain_log()
+    assert of == 30 and drained >= 1
+    assert_accounted(ids, rescued, remaining(rdb), drained)
+    assert r.code == 1 and one_line(r.err) and r.out == "", r.err
+    assert "No space left on device" in r.err and str(rescue) in r.err
+    assert f"0 item(s) written to /dev/full; {len(rescued)} read but not written" in r.err
+
+
+async def test_admin_cli_drain_to_file_over_its_size_limit_keeps_it_whole_and_saves_the_rest(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    out = tmp_path / "dead.ndjson"
+    auth = ["--admin-url", sidecar.admin_url, "--token", TOKEN]
+    await bury_many(sidecar.store, 5, prefix="old", body=PAD)
+    first = await dlq("drain", "--out", str(out), *auth)
+    assert first.code == 0, first.err
+    before = out.read_bytes()
+    line = len(before) // 5
+    ids = await bury_many(sidecar.store, 150, prefix="new", body=PAD)
+    # the 61st line is cut short by EFBIG (Python ignores SIGXFSZ); the rescue file, under the same limit, holds
+    # more than what can sit in the CLI's buffers
+    limit = len(before) + 60 * line + line // 2
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = await dlq("drain", "--out", str(out), *auth, cwd=tmp_path, preexec_fn=small_files)
+    data = out.read_bytes()
+    written = line_ids(data[len(before) :])
+    rescue = Path(f"{out}.unwritten.ndjson")
+    rescued = rescued_ids(rescue)
+    drained, _ = await sidecar.drain_log(2)
+    assert_accounted(ids, written + rescued, remaining(rdb), drained)
+    assert r.code == 1 and one_line(r.err), r.err
+    assert data.startswith(before) and data.endswith(b"\n")  # the half line was cut off again
+    assert len(written) == 60 and rescued, (len(written), len(rescued))
+    assert "File too large" in r.err and str(rescue) in r.err
+    assert f"60 item(s) written to {out}; {len(rescued)} read but not written" in r.err
+
+
+def unread(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD), without taking them."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+
+
+def stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+async def read_some(fd: int, until: bytes | None, timeout: float = 10.0) -> bytes:
+    """From a non-blocking fd: until `until` is in what was read, or (None) until nothing is left to read."""
+    got = bytearray()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            if until is None:
+                return bytes(got)
+            await asyncio.sleep(0.01)
+            continue
+        if not chunk:
+            return bytes(got)
+        got += chunk
+        if until is not None and until in got:
+            return bytes(got)
+    raise AssertionError(f"read {len(got)} bytes in {timeout} s without {until!r}")
+
+
+async def drain_to_pipe(sidecar: Running, cwd: Path) -> tuple[asyncio.subprocess.Process, int]:
+    """`sidecar dlq drain` writing to a pipe; its read end (non-blocking) is the caller's to close."""
+    r, w = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "sidecar", "dlq", "drain", "--admin-url", sidecar.admin_url],
+            *["--token", TOKEN],
+            cwd=cwd,
+            env=cli_env(),
+            stdout=w,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    os.set_blocking(r, False)
+    return proc, r
+
+
+async def test_admin_cli_drain_to_pipe_closed_by_its_reader_saves_the_lines_it_read(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    # far more than a pipe holds: the CLI cannot finish without a reader
+    ids = await bury_many(sidecar.store, 61, body=PAD)
+    proc, r = await drain_to_pipe(sidecar, tmp_path)
+    try:
+        got = await read_some(r, b"\n")
+        # like `| head -1`, but exact: the CLI is stopped while the reader takes everything in the pipe and goes
+        # away, so every line the CLI wrote was read, and its next write fails
+        proc.send_signal(signal.SIGSTOP)
+        for _ in range(500):
+            if stopped(proc.pid):
+                break
+            await asyncio.sleep(0.002)
+        got += await read_some(r, None)
+        os.close(r)
+        r = -1
+        proc.send_signal(signal.SIGCONT)
+        _, err_bytes = await asyncio.wait_for(proc.communicate(), timeout=30)
+    finally:
+        if r >= 0:
+            os.close(r)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    read, rescued = line_ids(got), rescued_ids(tmp_path / RESCUE_NAME)
+    drained, _ = await sidecar.drain_log()
+    assert_accounted(ids, read + rescued, remaining(rdb), drained)
+    err = err_bytes.decode()
+    assert proc.returncode == 1 and one_line(err) and "Broken pipe" in err, err
+    assert read and rescued and f"{len(read)} item(s) written to stdout; {len(rescued)} read but" in err, err
+
+
+async def test_admin_cli_drain_interrupted_saves_the_lines_it_read(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    ids = await bury_many(sidecar.store, 61, body=PAD)
+    proc, r = await drain_to_pipe(sidecar, tmp_path)
+    try:
+        # nobody reads the pipe: once it is full (it stops growing), the CLI waits to write its next line
+        sizes = [-1]
+
+        def full() -> bool:
+            sizes.append(unread(r))
+            return sizes[-1] >= 32768 and sizes[-1] == sizes[-2]
+
+        assert await wait_until(full, timeout=10, interval=0.1), sizes[-5:]
+        proc.send_signal(signal.SIGINT)
+        _, err_bytes = await asyncio.wait_for(proc.communicate(), timeout=30)
+        got = await read_some(r, None)
+    finally:
+        os.close(r)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    drained, _ = await sidecar.drain_log()
+    assert_accounted(ids, line_ids(got) + rescued_ids(tmp_path / RESCUE_NAME), remaining(rdb), drained)
+    err = err_bytes.decode()
+    assert proc.returncode == 130 and one_line(err) and "interrupted" in err, err
