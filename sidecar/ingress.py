@@ -170,7 +170,11 @@ def resolve_event_id(route: RouteConfig, verified: Verified, inbound: Inbound) -
     event_id = str(raw) if isinstance(raw, int | str) else None
     if event_id is None or not _printable(event_id):
         return None
-    dedupe_id = event_id if signed else "sha256:" + hashlib.sha256(inbound.body).hexdigest()
+    dedupe_id = (
+        event_id
+        if signed
+        else "sha256:" + (verified.signed_digest or hashlib.sha256(inbound.body).hexdigest())
+    )
     return event_id, dedupe_id
 
 
@@ -284,10 +288,12 @@ class Ingress:
         ttl_s = 2 * window + 60 if window > 0 else self.dispatcher.config.dedupe.ttl
         try:
             fresh = await self.store.bind_nonce(
-                cfg.name, nonce, hashlib.sha256(body).hexdigest(), int(ttl_s * 1000)
+                cfg.provider, nonce, hashlib.sha256(body).hexdigest(), int(ttl_s * 1000)
             )
         except StoreError as exc:
             result.outcome, result.error = "store_unavailable", str(exc)
+            if not isinstance(exc, StoreUnavailable):
+                log.error("route %s: token check failed: %s", cfg.name, exc)
             resp = json_error(503, "store_unavailable")
             resp.headers["Retry-After"] = "5"
             return resp

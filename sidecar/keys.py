@@ -55,9 +55,10 @@ class KeySpace:
         """Public event id -> dedupe id, for routes that dedupe on a digest (admin lookups by the provider's id)."""
         return f"{self.prefix}:{{{self.shard_of(route, event_id)}}}:alias:{route}:{event_id}"
 
-    def nonce(self, route: str, value: str) -> str:
-        """A signed single-use value (Mailgun's token) -> the digest of the body it first came with."""
-        return f"{self.prefix}:{{{self.shard_of(route, value)}}}:nonce:{route}:{value}"
+    def nonce(self, provider: str, value: str) -> str:
+        """A signed single-use value (Mailgun's token) -> the digest of the body it first came with. Per provider,
+        not per route: routes of one provider share its signing key, so a token spent on one is spent on all."""
+        return f"{self.prefix}:{{{self.shard_of(provider, value)}}}:nonce:{provider}:{value}"
 
     def stats(self, shard: int) -> str:
         return f"{self.prefix}:{{{shard}}}:stats"

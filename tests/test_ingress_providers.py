@@ -219,6 +219,7 @@ async def test_ingress_mailgun_token_is_single_use_across_bodies(
 
     client = await sidecar_factory(
         '- name: mg\n  path: /in/mg\n  provider: mailgun\n  secrets: ["mg-good"]\n'
+        '- name: mg2\n  path: /in/mg2\n  provider: mailgun\n  secrets: ["mg-good"]\n'
     )
     now, token = int(time.time()), "t" * 50
     headers = {"Content-Type": "application/json"}
@@ -230,10 +231,13 @@ async def test_ingress_mailgun_token_is_single_use_across_bodies(
     refused = await post(client, "mg", forged, headers)
     assert refused.status == 401, await refused.text()
     assert (await refused.json())["error"] == "invalid_signature"
+    # routes of one provider share its signing key: a token spent on one is spent on all
+    elsewhere = await post(client, "mg2", forged, headers)
+    assert elsewhere.status == 401, await elsewhere.text()
     fresh = mailgun_body("mg-good", now, token="u" * 50, event_id="evt-forged")
     assert (await post(client, "mg", fresh, headers)).status == 200
     assert [r.body for r in upstream.received] == [real, fresh]
-    (key,) = rdb.keys("*:nonce:mg:" + token)
+    (key,) = rdb.keys("*:nonce:mailgun:" + token)
     assert 0 < rdb.pttl(key) <= (2 * 300 + 60) * 1000  # as long as the timestamp could pass, plus clock skew
 
 
@@ -251,3 +255,28 @@ async def test_ingress_mailgun_legacy_form_post_without_event_id_is_delivered_on
     again = await post(client, "mg", body, headers)
     assert again.status == 200 and (await again.json())["duplicate"] is True
     assert [r.body for r in upstream.received] == [body]
+
+
+async def test_ingress_twilio_request_respelled_under_a_new_token_is_a_duplicate(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """Twilio signs the decoded, sorted parameters, so a captured request reordered or re-encoded still verifies;
+    with a new (unsigned) idempotency token it must still be the same event, not a second delivery."""
+    from urllib.parse import quote
+
+    from twilio.request_validator import RequestValidator
+
+    client = await sidecar_factory(
+        '- name: tw\n  path: /in/tw\n  provider: twilio\n  secrets: ["twilio_auth_token_e2e"]\n'
+        '  public_url: "https://mycompany.com/in/tw"\n'
+    )
+    params = [("CallSid", "CA" + "2" * 32), ("From", "+15005550006"), ("Body", "hello world")]
+    signature = RequestValidator(TWILIO_TOKEN).compute_signature("https://mycompany.com/in/tw", dict(params))
+    form = {"X-Twilio-Signature": signature, "Content-Type": "application/x-www-form-urlencoded"}
+    real = urlencode(params).encode()
+    respelled = urlencode(list(reversed(params)), quote_via=quote).encode()
+    first = await post(client, "tw", real, {**form, "I-Twilio-Idempotency-Token": "idem-a"})
+    assert first.status == 200, await first.text()
+    again = await post(client, "tw", respelled, {**form, "I-Twilio-Idempotency-Token": "idem-b"})
+    assert again.status == 200 and (await again.json())["duplicate"] is True
+    assert [r.body for r in upstream.received] == [real]

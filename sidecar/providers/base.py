@@ -75,6 +75,10 @@ class Verified:
     # A single-use value the signature covers where the body is not signed (Mailgun's token): the ingress refuses
     # it a second time with another body, so a captured signature cannot carry a forged payload.
     nonce: str | None = None
+    # The digest of what was signed, where that is not the body's bytes (Twilio signs the URL and the decoded,
+    # sorted parameters: reordered or re-encoded, the same request has another body but the same signed string).
+    # What an unsigned id dedupes on, in place of the body's digest. None: the body's digest is right.
+    signed_digest: str | None = None
 
 
 class VerificationError(Exception):

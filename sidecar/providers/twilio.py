@@ -88,13 +88,18 @@ class TwilioVerifier:
         digest = algorithm(req.header("x-twilio-webhooks-signature-settings"))
         suffix = self._signed_params(req)
         messages = [utf8_bytes(url + suffix, "the URL or a form value") for url in url_variants(inbound.url)]
-        if not any(self._matches(key, m, digest, signature) for key in self._keys for m in messages):
+        signed = next(
+            (m for m in messages for key in self._keys if self._matches(key, m, digest, signature)), None
+        )
+        if signed is None:
             raise VerificationError("mismatch", "no signature matches a configured secret")
+        # The signed string is the delivery's identity, not the body: a form body reordered or re-encoded still
+        # verifies (Twilio signs the decoded, sorted parameters). A JSON body is pinned by bodySHA256 in the URL.
+        signed_digest = hashlib.sha256(signed).hexdigest()
         token = req.header("i-twilio-idempotency-token")
         if token:
-            return Verified(event_id=token, id_signed=False)
-        # no idempotency token: the signed parameters (or the body bodySHA256 pins) are the delivery's identity
-        return Verified(event_id=hashlib.sha256(inbound.body).hexdigest(), id_signed=True)
+            return Verified(event_id=token, id_signed=False, signed_digest=signed_digest)
+        return Verified(event_id=signed_digest, id_signed=True)
 
     @staticmethod
     def _matches(key: bytes, message: bytes, digest: str, signature: bytes) -> bool:

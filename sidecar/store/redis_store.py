@@ -345,11 +345,13 @@ class RedisStore:
             return ClaimResult(True)
         return ClaimResult(False, STATE_NAMES.get(res[1].decode(), "pending"))
 
-    async def bind_nonce(self, route: str, value: str, body_digest: str, ttl_ms: int) -> bool:
+    async def bind_nonce(self, provider: str, value: str, body_digest: str, ttl_ms: int) -> bool:
         """Bind a signed single-use value to the body it came with (see nonce.lua); False when it came before
-        with another body."""
+        with another body. With `redis.wait_replicas`, answered once the replicas hold the binding too, as a
+        claim is: a failover must not forget a token still fresh."""
+        key = self.keys.nonce(provider, value)
         try:
-            res = await self._nonce(keys=[self.keys.nonce(route, value)], args=[body_digest, ttl_ms])
+            res = await self._nonce(keys=[key], args=[body_digest, ttl_ms], wait=self._wait)
         except _STORE_ERRORS as exc:
             raise _translate(exc) from exc
         return int(res) == 1

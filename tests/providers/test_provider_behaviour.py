@@ -7,10 +7,21 @@ import hashlib
 import json
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import pytest
-from provider_cases import CASES, NOW, URL, b64, inbound, mac, verify
+from provider_cases import (
+    CASES,
+    NOW,
+    TWILIO_PARAMS,
+    TWILIO_URL,
+    URL,
+    b64,
+    inbound,
+    mac,
+    twilio_string,
+    verify,
+)
 
 from sidecar.providers import request as request_module
 from sidecar.providers.base import ProviderConfigError, VerificationError
@@ -252,13 +263,21 @@ def test_linear_unparsable_body_timestamp_rejected() -> None:
         case.verify(*case.request(body=body))
 
 
-def test_twilio_without_idempotency_token_is_identified_by_its_signed_body() -> None:
+def test_twilio_is_identified_by_its_signed_string_not_its_body_bytes() -> None:
+    """Twilio signs the URL and the decoded, sorted parameters: the same request reordered or re-encoded still
+    verifies, so its identity (the digest an unsigned token dedupes on, or the id itself without a token) is the
+    signed string's, the same for every spelling."""
     case = CASES["twilio"]
     body, headers = case.request()
-    assert (case.verify(body, headers).event_id, case.verify(body, headers).id_signed) == ("idem-1", False)
-    del headers["I-Twilio-Idempotency-Token"]
+    signed = hashlib.sha256(twilio_string(TWILIO_URL, TWILIO_PARAMS)).hexdigest()
     got = case.verify(body, headers)
-    assert (got.event_id, got.id_signed) == (hashlib.sha256(body).hexdigest(), True)
+    assert (got.event_id, got.id_signed, got.signed_digest) == ("idem-1", False, signed)
+    del headers["I-Twilio-Idempotency-Token"]
+    respelled = urlencode(list(reversed(TWILIO_PARAMS)), quote_via=quote).encode()
+    assert respelled != body
+    for spelling in (body, respelled):
+        got = case.verify(spelling, headers)
+        assert (got.event_id, got.id_signed) == (signed, True)
 
 
 def test_standardwebhooks_type_from_body() -> None:
