@@ -271,7 +271,8 @@ class SpecVerifier:
             return lambda req: _composite(req.json(), paths, body_signed)
         if kind == "body_sha256":  # no id in the payload: the signed bytes are the delivery's identity
             return lambda req: (hashlib.sha256(req.body).hexdigest(), body_signed)
-        return lambda req: None  # json[]: a batch; per-element dedupe is the upstream's business
+        path = tuple(arg.split("."))  # json[]: a batch
+        return lambda req: _batch(req.json(), path, body_signed)
 
 
 _BODY_ONLY: tuple[bytes | str, ...] = ("body",)
@@ -320,6 +321,23 @@ def _scalar(value: Any, signed: bool) -> tuple[str, bool] | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value), signed
     return None
+
+
+def _batch(body: Any, path: tuple[str, ...], signed: bool) -> tuple[str, bool] | None:
+    """A batch (a JSON array) identified by the ids of its elements, whatever else a resend changes in it
+    (HubSpot counts `attemptNumber` up): the one id of a batch of one, else a digest of the sorted distinct ids.
+    None when the body is no array or an element has no id. Per-element dedupe is the upstream's business."""
+    if not isinstance(body, list) or not body:
+        return None
+    ids = set()
+    for item in body:
+        found = _scalar(json_path(item, path), signed)
+        if found is None:
+            return None
+        ids.add(found[0])
+    if len(ids) == 1:
+        return ids.pop(), signed
+    return "batch:" + hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(), signed
 
 
 def _composite(

@@ -39,7 +39,8 @@ SPEC = SigSpec(
     tolerance_s=300,
     tolerance_mode="past_only",
     check_ts_before_sig=True,
-    dedup_id=("body_sha256",),  # a batch: the delivery is the unit (per-element dedupe is the upstream's)
+    # a batch, known by its elements' ids (a resend counts attemptNumber up, so its bytes differ)
+    dedup_id=("json[]:eventId", "body_sha256"),
     url_transform=signed_url,
     ts_window=fresh,
 )

@@ -2,7 +2,8 @@
 
 The "secret" is the verification public key (base64 DER SubjectPublicKeyInfo, `MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcD…`).
 The body is a batch (a JSON array) whose trailing CRLF is signed. Per-element dedupe (`sg_event_id`) is the
-upstream's: `event_id: auto` is the digest of the signed batch; the SDK checks no freshness, so none unless the
+upstream's: `event_id: auto` is the batch's, from its elements' ids (the digest of the signed bytes if one has
+none); the SDK checks no freshness, so none unless the
 route sets `tolerance`.
 """
 
@@ -23,7 +24,7 @@ SPEC = SigSpec(
     ts_source="header:x-twilio-email-event-webhook-timestamp",
     tolerance_s=None,
     tolerance_mode="past_only",
-    dedup_id=("body_sha256",),  # a batch: the delivery is the unit (per-element dedupe is the upstream's)
+    dedup_id=("json[]:sg_event_id", "body_sha256"),  # a batch, known by its elements' ids
 )
 
 

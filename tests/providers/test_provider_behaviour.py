@@ -212,10 +212,11 @@ def test_unsigned_handshake_is_none_for_other_providers() -> None:
             b'{"event":"invitee.created","created_at":"2024-01-01T00:00:00Z","payload":{"uri":"https://api.calendly.com/i/1"}}',
             ("invitee.created:https://api.calendly.com/i/1:2024-01-01T00:00:00Z", True, "invitee.created"),
         ),
-        # no id in the payload (X) or a batch (HubSpot, SendGrid): the digest of the signed bytes
+        # no id in the payload (X): the digest of the signed bytes; a batch (HubSpot, SendGrid): its elements' ids
         ("x", b'{"for_user_id":"1","tweet_create_events":[]}', ("sha256", True, None)),
-        ("hubspot", b'[{"eventId":1,"subscriptionId":2,"portalId":3}]', ("sha256", True, None)),
-        ("sendgrid", b'[{"sg_event_id":"a"}]\r\n', ("sha256", True, None)),
+        ("hubspot", b'[{"eventId":1,"subscriptionId":2,"portalId":3}]', ("1", True, None)),
+        ("sendgrid", b'[{"sg_event_id":"a"}]\r\n', ("a", True, None)),
+        ("sendgrid", b'[{"sg_event_id":"a"},{"email":"no id"}]\r\n', ("sha256", True, None)),
         ("hmac", b'{"id":"acme-1"}', ("acme-1", True, None)),
     ],
 )
@@ -226,6 +227,14 @@ def test_provider_event_id_and_type(name: str, body: bytes, expected: tuple[Any,
     if expected[0] == "sha256":
         expected = (hashlib.sha256(signed_body).hexdigest(), *expected[1:])
     assert (got.event_id, got.id_signed, got.event_type) == expected
+
+
+def test_batch_is_known_by_its_elements_ids_whatever_else_a_resend_changes() -> None:
+    case = CASES["hubspot"]
+    first = b'[{"eventId":7,"attemptNumber":0},{"eventId":5,"attemptNumber":0}]'
+    resend = b'[{"eventId":5,"attemptNumber":1},{"eventId":7,"attemptNumber":1}]'
+    ids = {case.verify(*case.request(body=body)).event_id for body in (first, resend)}
+    assert ids == {"batch:" + hashlib.sha256(b"5\n7").hexdigest()}
 
 
 def test_pagerduty_header_id_then_signed_body_id() -> None:
