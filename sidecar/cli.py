@@ -125,7 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{path}: cannot read config: {exc.strerror}", file=sys.stderr)
         return 1
     setup_logging(args.log_level or config.logging.level, config.logging.format)
-    from sidecar.supervisor import Supervisor, resolve_workers
+    from sidecar.supervisor import Supervisor, claim_ports, resolve_workers
 
     embedded = None
     url = args.redis_url or config.redis.url
@@ -134,6 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("sidecar: redis.wait_replicas: the embedded store has no replicas; use 0", file=sys.stderr)
         return 1
     try:
+        if workers > 1:  # before anything starts: a port another sidecar holds stops this one here
+            claim_ports((config.server.host, config.server.port), (config.admin.host, config.admin.port))
         if url == "embedded":
             from sidecar.store.embedded import EmbeddedValkey
 

@@ -15,6 +15,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,20 @@ log = logging.getLogger("sidecar.supervisor")
 MAX_RESTARTS = 5
 PARENT_ENV = "SIDECAR_SUPERVISOR_PID"  # set for each child: the supervisor it must not outlive
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def claim_ports(*listens: tuple[str, int]) -> None:
+    """Fail (OSError) if another process listens on one of these ports. The workers bind with SO_REUSEPORT, which
+    the kernel lets any other SO_REUSEPORT socket of the same user join: without this look, a second sidecar's
+    workers would share the port with the first's in silence (each with its own store: duplicate deliveries).
+    A socket bound without SO_REUSEPORT cannot share it, so one bound and closed here says the port is free."""
+    for host, port in listens:
+        for family, kind, proto, _, addr in socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+                probe.bind(addr)
 
 
 def follow_parent() -> None:

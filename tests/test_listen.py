@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, Upstream
-from tests.procs import free_port, start_sidecar, write_config
+from tests.procs import SidecarProcess, free_port, start_sidecar, write_config
 from tests.test_crash import SECRET
 
 pytestmark = pytest.mark.slow
@@ -99,3 +99,28 @@ def test_a_bad_log_level_is_a_usage_error_and_a_bad_environment_level_a_warning(
     assert "SIDECAR_LOG_LEVEL='loud' is not one of debug, info, warning, error; using warning" in (
         capsys.readouterr().err
     )
+
+
+async def test_a_second_multi_worker_sidecar_on_a_taken_port_exits_instead_of_joining_it(
+    tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[Any]
+) -> None:
+    """`server.workers: N` binds with SO_REUSEPORT, which any other SO_REUSEPORT socket of the same user may join:
+    a second multi-worker sidecar must find the port taken before it starts its workers."""
+    port, admin = free_port(), free_port()
+    for name in ("first", "second"):
+        write_config(
+            tmp_path / f"{name}.yaml",
+            redis_url=redis_url,
+            upstream_url=upstream.url,
+            port=port,
+            admin_port=admin if name == "first" else free_port(),
+            secret=SECRET,
+        )
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(cfg.read_text().replace("shutdown_grace: 1s}", "shutdown_grace: 1s, workers: 2}"))
+    first = SidecarProcess(tmp_path / "first.yaml")
+    processes.append(first)
+    first.start(port)
+    code, out = run_to_exit(tmp_path / "second.yaml")
+    assert code == 1 and "sidecar: cannot listen" in out and "Traceback" not in out, out
+    assert first.proc is not None and first.proc.poll() is None  # the first serves on
