@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -399,7 +400,15 @@ class JsonErrorHandler(RequestHandler):
     ) -> web.StreamResponse:
         if status >= 500:
             return super().handle_error(request, status, exc, message)
-        self.logger.info("bad request from %s: %s", request.remote, message or exc)
+        # The kind of error only: aiohttp's message quotes the request line (a query may hold a token). Garbage
+        # before any request (TLS or a scanner on a plain port) stays at debug, as aiohttp has it.
+        noise = self._request_count == 1 and isinstance(exc, BadHttpMethod)
+        self.logger.log(
+            logging.DEBUG if noise else logging.INFO,
+            "bad request from %s: %s",
+            request.remote,
+            type(exc).__name__ if exc is not None else status,
+        )
         if request.writer.output_size > 0:  # some of an answer is out: the connection is broken
             raise ConnectionError("an answer was partly sent, cannot send the error")
         resp = web.json_response({"error": "bad_request", "detail": message or str(exc)}, status=status)

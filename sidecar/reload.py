@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -111,11 +112,17 @@ def changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return [k for k in new if old.get(k) != new[k]]
 
 
+_QUERY_VALUE = re.compile(r"([?&][^=&#]*=)[^&#]*")
+
+
 def describe(keys: Iterable[str], old: Mapping[str, Any], new: Mapping[str, Any], was: str = "") -> str:
-    """`server.workers (running 1, new 4), admin.token`: values shown, but not secrets, nor URLs' passwords."""
+    """`server.workers (running 1, new 4), admin.token`: values shown, but not secrets, nor URLs' passwords or query
+    values (an upstream URL may carry `?token=`)."""
 
     def shown(value: Any) -> str:
-        return repr(redact_url(value) if isinstance(value, str) and "://" in value else value)
+        if isinstance(value, str) and "://" in value:
+            value = _QUERY_VALUE.sub(r"\1***", redact_url(value))
+        return repr(value)
 
     return ", ".join(
         k if isinstance(new[k], _Hidden) else f"{k} ({was}{shown(old.get(k))}, new {shown(new[k])})"

@@ -285,3 +285,19 @@ async def test_reload_lowering_upstream_timeout_does_not_shorten_leases_under_ru
     dispatcher.table = RouteTable.build(lowered)  # what a reload swaps in
     assert dispatcher.config.upstream.timeout == 1.0
     assert dispatcher.lease_ms(dispatcher.config.routes[0]) == before
+
+
+def test_reload_log_shows_urls_without_passwords_or_query_values() -> None:
+    from sidecar.reload import describe
+
+    shown = describe(
+        ["upstream.url"],
+        {"upstream.url": "http://recv.internal/hook?token=old-secret"},
+        {"upstream.url": "https://user:pw-secret@recv.internal/hook?api_key=new-secret&v=2"},
+        "running ",
+    )
+    assert "secret" not in shown, shown
+    assert shown == (
+        "upstream.url (running 'http://recv.internal/hook?token=***', "
+        "new 'https://user:***@recv.internal/hook?api_key=***&v=***')"
+    )
