@@ -155,6 +155,10 @@ def resolve_event_id(route: RouteConfig, verified: Verified, inbound: Inbound) -
     raw: Any
     if src.kind == "auto":
         raw, signed = verified.event_id, verified.id_signed
+        if (
+            raw is None and route.provider == "none"
+        ):  # nothing known of the payload: its bytes are its identity
+            raw = hashlib.sha256(inbound.body).hexdigest()
     elif src.kind == "header":
         name = src.value or ""
         raw = inbound.headers.get(name)

@@ -282,3 +282,16 @@ async def test_ingress_twilio_request_respelled_under_a_new_token_is_a_duplicate
     again = await post(client, "tw", respelled, {**form, "I-Twilio-Idempotency-Token": "idem-b"})
     assert again.status == 200 and (await again.json())["duplicate"] is True
     assert [r.body for r in upstream.received] == [real]
+
+
+async def test_ingress_provider_none_with_auto_id_is_known_by_its_body(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    client = await sidecar_factory("- name: open\n  path: /in/open\n  provider: none\n")
+    body = b'{"anything": true}'
+    first = await post(client, "open", body, {})
+    assert first.status == 200, await first.text()
+    assert first.headers["X-Sidecar-Event-Id"] == hashlib.sha256(body).hexdigest()
+    again = await post(client, "open", body, {})
+    assert again.status == 200 and (await again.json())["duplicate"] is True
+    assert [r.body for r in upstream.received] == [body]

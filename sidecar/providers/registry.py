@@ -10,7 +10,6 @@ Most providers are a `SigSpec` row run by the generic engine (`table`); the ones
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -69,13 +68,14 @@ class Guarded:
 
 
 class Unverified:
-    """Provider `none`: nothing is checked and no id is known; `event_id: auto` is the body's digest."""
+    """Provider `none`: nothing is checked and no id is known; `event_id: auto` is the body's digest (taken by the
+    ingress only then: a route with a header or JSON id does not hash every body for nothing)."""
 
     def __repr__(self) -> str:
         return "Unverified()"
 
     def verify(self, req: Inbound) -> Verified:
-        return Verified(event_id=hashlib.sha256(req.body).hexdigest(), id_signed=False)
+        return Verified(event_id=None, id_signed=False)
 
     def unsigned_handshake(self, req: Inbound) -> Handshake | None:
         return None

@@ -296,10 +296,13 @@ def test_standardwebhooks_type_from_body() -> None:
     assert got.signed_headers == {"svix-id", "svix-timestamp"}
 
 
-def test_none_provider_is_always_verified_and_identified_by_its_body() -> None:
+def test_none_provider_is_always_verified_without_id() -> None:
     verifier = build_verifier("none", [], None, None)
     got = verifier.verify(inbound(b"\xff\xfe", {"X-Anything": "é"}))
-    assert (got.event_id, got.handshake) == (hashlib.sha256(b"\xff\xfe").hexdigest(), None)
+    assert (got.event_id, got.handshake) == (
+        None,
+        None,
+    )  # `event_id: auto`: the ingress takes the body's digest
     assert verifier.unsigned_handshake(inbound(b"", {}, method="GET")) is None
 
 
