@@ -1,0 +1,79 @@
+"""The circuit breaker's rules, on a clock the test moves (the breaker is plain logic: no store, no network)."""
+
+from __future__ import annotations
+
+from sidecar.breaker import WINDOW_S, Breaker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def breaker(clock: Clock) -> Breaker:
+    return Breaker(threshold=5, cooldown=2.0, max_cooldown=30.0, clock=clock)
+
+
+def test_a_dead_upstream_opens_the_breaker_after_threshold_failures() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    for _ in range(4):
+        b.record(False)
+    assert b.state == "closed" and b.allow()
+    b.record(False)
+    assert b.state == "open" and not b.allow() and b.retry_at() == 2.0
+
+
+def test_timeouts_ending_together_after_a_healthy_batch_do_not_open_it() -> None:
+    """A retry batch of 140 concurrent forwards, 2 % too slow: 135 successes, then 5 timeouts at once."""
+    clock = Clock()
+    b = breaker(clock)
+    for _ in range(135):
+        b.record(True)
+    clock.now += 2.0
+    for _ in range(5):
+        b.record(False)
+    assert b.state == "closed" and b.allow()
+    clock.now += WINDOW_S + 1  # the healthy answers age out; a streak now is the upstream's state
+    for _ in range(5):
+        b.record(False)
+    assert b.state == "open"
+
+
+def test_a_mostly_failing_upstream_opens_it() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    for _ in range(4):
+        b.record(True)
+    for _ in range(5):
+        b.record(False)  # 5 of 9 failed: over half
+    assert b.state == "open"
+
+
+def test_forwards_ending_late_while_open_do_not_lengthen_the_cooldown() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    for _ in range(5):
+        b.record(False)
+    clock.now += 0.5
+    for _ in range(20):  # sent before it opened, failing now
+        b.record(False)
+    assert b.retry_at() == 1.5  # still the first cooldown, from when it opened
+
+
+def test_a_failed_probe_doubles_the_cooldown_and_a_good_one_closes_it() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    for _ in range(5):
+        b.record(False)
+    clock.now += 2.0
+    assert b.state == "half_open" and b.allow() and not b.allow()  # one probe at a time
+    b.record(False)
+    assert b.state == "open" and b.retry_at() == 4.0
+    clock.now += 4.0
+    assert b.allow()
+    b.record(True)
+    assert b.state == "closed" and b.allow() and b.failures == 0
