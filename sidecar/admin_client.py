@@ -17,7 +17,8 @@ Exit codes (scripts may rely on them):
    130 interrupted (Ctrl-C)
 
 A drain never lets an item vanish unseen: every line read from the server is written to the output, or, when the
-output fails (or on Ctrl-C), saved to a rescue file whose path the error names (see `Drain`).
+output fails (or on Ctrl-C), saved to a rescue file whose path the error names (see `Drain`). Both are created 0600
+(they hold webhook bodies); an existing --out keeps its mode.
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ import fcntl
 import http.client
 import json
 import os
+import re
+import signal
 import socket
 import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -43,6 +47,7 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_UNAUTHORIZED = 4
 EXIT_NOT_FOUND = 5
+EXIT_INTERRUPTED = 130
 
 DEFAULT_CONFIG = "config/sidecar.yaml"
 DEFAULT_ADMIN = "127.0.0.1:9090"
@@ -142,36 +147,150 @@ class _TLSConnection(http.client.HTTPSConnection):
         self.raw_sock = self.sock
 
 
+def refuse_more(sock: socket.socket | None) -> None:
+    """Take nothing more from the server on `sock`, keeping what already arrived readable.
+
+    Why: the server removes an item once our TCP acknowledged its line, whether or not this process read it. A
+    shutdown sends FIN; bytes arriving after it are answered with a reset, never acknowledged, so the server counts
+    no further item as handed over, and everything it did count is in our buffers, to be read out. The base class's
+    shutdown is called on purpose: ssl.SSLSocket.shutdown would drop its decrypted buffer. Safe to repeat, and to
+    call from a signal handler (`SigintGuard`).
+    """
+    if sock is None:
+        return
+    with suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    # after the shutdown a read never waits; this bounds it should the shutdown have failed
+    with suppress(OSError):
+        sock.settimeout(1.0)
+
+
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+class LineReader:
+    """The lines of a streamed answer, read so that no byte taken from the socket is ever dropped.
+
+    http.client's readline loses the part of a line it has read when a read fails (a timeout, a reset, an
+    exception from a signal handler): the rest of that line would then pass for a whole one, and the line the server
+    counted as handed over would be gone. This reader decodes the chunked coding itself and keeps everything it took
+    in its own buffers until a whole line is handed out, so after any failure the lines that still arrive (see
+    `Stream.received_lines`) are whole. A line cut short stays in `body`, never handed out as a line.
+    """
+
+    READ_SIZE = 65536
+
+    def __init__(self, resp: http.client.HTTPResponse, sock: socket.socket | None) -> None:
+        self.fp = resp.fp
+        self.sock = sock
+        self.chunked = bool(resp.chunked)
+        self.left = resp.length  # not chunked: body bytes still to come (None: until the connection closes)
+        self.raw = bytearray()  # taken from the socket, chunk framing not parsed yet
+        self.body = bytearray()  # body bytes not handed out yet: the start of the next line
+        self.scanned = 0  # how much of `body` is known to hold no newline
+        self.chunk_left = 0  # data bytes of the current chunk still to come
+        self.crlf = False  # the CRLF after a chunk's data is still to come
+        self.ended = self.left == 0  # the end of the body was seen
+        self.timed_out = False
+
+    def readline(self) -> bytes:
+        """The next line with its newline; at the end of the body what is left (b"" when nothing is). Raises OSError
+        or http.client.HTTPException when the answer breaks off; nothing read is lost (a retry goes on from there)."""
+        while True:
+            end = self.body.find(b"\n", self.scanned)
+            if end >= 0 or self.ended:
+                end = end + 1 if end >= 0 else len(self.body)
+                line = bytes(self.body[:end])
+                del self.body[:end]
+                self.scanned = 0
+                return line
+            self.scanned = len(self.body)
+            self._take()
+
+    def _take(self) -> None:
+        data = self._read()
+        if not data:
+            if self.chunked or self.left:
+                raise http.client.IncompleteRead(b"")  # the connection closed before the end of the body
+            self.ended = True
+        elif self.chunked:
+            self.raw += data
+            self._decode()
+        else:
+            if self.left is not None:
+                data = data[: self.left]
+                self.left -= len(data)
+                self.ended = self.left == 0
+            self.body += data
+
+    def _read(self) -> bytes:
+        # socket.SocketIO refuses every read after a timeout; the socket itself does not, and after a timeout the
+        # buffered reader holds nothing (read1 reads the socket only when its buffer is empty)
+        if self.timed_out and self.sock is not None:
+            return self.sock.recv(self.READ_SIZE)
+        try:
+            return self.fp.read1(self.READ_SIZE)
+        except TimeoutError:
+            self.timed_out = True
+            raise
+
+    def _decode(self) -> None:
+        """Move the chunks' data from `raw` to `body`."""
+        while not self.ended:
+            if self.chunk_left:
+                take = min(self.chunk_left, len(self.raw))
+                if not take:
+                    return
+                self.body += self.raw[:take]
+                del self.raw[:take]
+                self.chunk_left -= take
+                if self.chunk_left:
+                    return
+                self.crlf = True
+            if self.crlf:
+                if len(self.raw) < 2:
+                    return
+                if self.raw[:2] != b"\r\n":
+                    raise http.client.HTTPException("bad chunked encoding: no CRLF after a chunk")
+                del self.raw[:2]
+                self.crlf = False
+            end = self.raw.find(b"\r\n")
+            if end < 0:
+                if len(self.raw) > 4096:
+                    raise http.client.HTTPException("bad chunked encoding: no chunk size")
+                return
+            size = bytes(self.raw[:end]).partition(b";")[0].strip()
+            del self.raw[: end + 2]
+            if not _CHUNK_SIZE.fullmatch(size):
+                raise http.client.HTTPException(f"bad chunked encoding: chunk size {size[:20]!r}")
+            self.chunk_left = int(size, 16)
+            self.ended = self.chunk_left == 0  # the last chunk (its trailer is of no interest)
+
+
 @dataclass
 class Stream:
     """A streamed answer of the admin API and the socket it arrives on."""
 
     resp: http.client.HTTPResponse
     sock: socket.socket | None
+    reader: LineReader = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reader = LineReader(self.resp, self.sock)
+
+    def readline(self) -> bytes:
+        return self.reader.readline()
 
     def refuse_more(self) -> None:
-        """Take nothing more from the server, keeping what already arrived readable.
-
-        Why: the server removes an item once our TCP acknowledged its line, whether or not this process read it. A
-        shutdown sends FIN; bytes arriving after it are answered with a reset, never acknowledged, so the server
-        counts no further item as handed over, and everything it did count is in our buffers, to be read out.
-        The base class's shutdown is called on purpose: ssl.SSLSocket.shutdown would drop its decrypted buffer.
-        """
-        if self.sock is None:
-            return
-        with suppress(OSError):
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
-        # after the shutdown a read never waits; this bounds it should the shutdown have failed
-        with suppress(OSError):
-            self.sock.settimeout(1.0)
+        refuse_more(self.sock)
 
     def received_lines(self) -> list[bytes]:
         """After `refuse_more`: the complete lines still buffered. A line cut short was not acknowledged whole, so
-        the server did not count it (it stays in the DLQ)."""
+        the server did not count it (it stays in the DLQ); its part is left unread."""
         lines: list[bytes] = []
         while True:
             try:
-                line = self.resp.readline()
+                line = self.readline()
             except (OSError, http.client.HTTPException):
                 return lines
             if not line.endswith(b"\n"):
@@ -221,10 +340,11 @@ class AdminClient:
             conn.request(method, prefix + path, body=data, headers=headers)
             return conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
-            reason = getattr(exc, "strerror", None) or type(exc).__name__
-            raise ClientError(
-                EXIT_UNREACHABLE, f"cannot reach the admin API at {self.base_url}: {reason}"
-            ) from None
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: Exception) -> ClientError:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        return ClientError(EXIT_UNREACHABLE, f"cannot reach the admin API at {self.base_url}: {reason}")
 
     def _exchange(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
         conn = self._connection()
@@ -246,12 +366,37 @@ class AdminClient:
         return payload
 
     @contextmanager
-    def stream(self, method: str, path: str, body: Any = None) -> Iterator[Stream]:
+    def stream(
+        self, method: str, path: str, body: Any = None, guard: SigintGuard | None = None
+    ) -> Iterator[Stream]:
+        """The streamed answer. With a `guard` (installed), Ctrl-C raises at once only while connecting (nothing
+        sent yet); once connected it stops the server's sending instead (see `SigintGuard`), and a request that
+        fails because of that is reported as interrupted (exit 130): nothing was drained."""
         conn = self._connection(rcvbuf=DRAIN_RCVBUF)
         try:
-            resp = self._send(conn, method, path, body)
-            if resp.status != 200:
-                self._answer(resp.status, resp.read(), f"{method} {path}")
+            try:
+                if guard is not None:
+                    try:
+                        conn.connect()
+                    except OSError as exc:
+                        raise self._unreachable(exc) from None
+                    guard.sock = conn.raw_sock
+                    guard.eager = False
+                resp = self._send(conn, method, path, body)
+                if resp.status != 200:
+                    try:
+                        raw = resp.read()
+                    except (OSError, http.client.HTTPException) as exc:
+                        raise ClientError(
+                            EXIT_UNREACHABLE, f"the admin API broke off its answer: {exc!r}"
+                        ) from None
+                    self._answer(resp.status, raw, f"{method} {path}")
+            except ClientError as exc:
+                if guard is not None and guard.interrupted and exc.code == EXIT_UNREACHABLE:
+                    raise ClientError(
+                        EXIT_INTERRUPTED, "interrupted before the drain began; nothing was drained"
+                    ) from None
+                raise
             kind = (resp.getheader("Content-Type") or "").partition(";")[0].strip().lower()
             if kind != "application/x-ndjson":
                 raise not_the_admin_api(self.base_url, f"it answered {kind or 'no Content-Type'}, not NDJSON")
@@ -419,7 +564,6 @@ def format_item(item: dict[str, Any]) -> str:
 
 # -- drain --------------------------------------------------------------------------------------------------------
 
-EXIT_INTERRUPTED = 130
 # A regular file is fsynced after this many bytes or lines (and at the end); until then its lines are kept here.
 SYNC_BYTES = 1 << 20
 SYNC_LINES = 200
@@ -459,9 +603,17 @@ class Sink:
         self.unsynced: list[bytes] = []
         self.unsynced_bytes = 0
         self.count = 0  # lines surely in the output
+        self.writing = False  # in os.write (see `blocking_write`)
+
+    @property
+    def blocking_write(self) -> bool:
+        """In a write that may wait for ever: to a pipe or a terminal nobody reads (a file's write ends)."""
+        return self.writing and not self.regular
 
     @classmethod
-    def open(cls, path: str, mode: int = 0o666, sync_lines: int | None = SYNC_LINES) -> Sink:
+    def open(cls, path: str, mode: int = 0o600, sync_lines: int | None = SYNC_LINES) -> Sink:
+        """Open `path` for append, created with `mode` (0600: the lines hold webhook bodies, secrets and personal
+        data; an existing file keeps its mode)."""
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
         try:
             return cls(fd, path, owned=True, sync_lines=sync_lines)
@@ -477,11 +629,15 @@ class Sink:
     def write(self, line: bytes) -> None:
         done = 0
         try:
+            self.writing = True
             while done < len(line):
                 done += os.write(self.fd, line[done:])
+            self.writing = False
         except OSError as exc:
+            self.writing = False
             raise OutputFailed(exc, [*self._after_failed_write(done), line]) from None
         except KeyboardInterrupt:
+            self.writing = False
             self._cut(self.synced_end + self.unsynced_bytes, done)  # the caller rescues the whole line
             raise
         if not self.regular:
@@ -533,7 +689,7 @@ def save_lines(path: str, lines: list[bytes]) -> None:
     sink = Sink.open(path, 0o600, sync_lines=None)
     try:
         for line in lines:
-            sink.write(line)
+            sink.write(line if line.endswith(b"\n") else line + b"\n")
         sink.sync()
     except OutputFailed as exc:
         raise OSError(exc.args[0]) from None
@@ -541,23 +697,84 @@ def save_lines(path: str, lines: list[bytes]) -> None:
         sink.close()
 
 
+class SigintGuard:
+    """Ctrl-C during a drain, taken only where no line can be cut in two.
+
+    A KeyboardInterrupt raised inside a read drops what the reader took of a line, while the rest of that line may
+    already have arrived, been acknowledged and so counted by the server. While installed, SIGINT only sets
+    `interrupted` and stops the server's sending (`refuse_more` on `sock`): the read in progress goes on (PEP 475)
+    with what already arrived and never waits again, and the drain stops at the next line boundary. It raises at
+    once in two places only: while connecting (`eager`: nothing sent, nothing can be drained), and in a write that
+    may wait for ever (`sink.blocking_write`: a full pipe), where the line in hand is whole and gets rescued.
+    Installed only in the main thread and only over a handled SIGINT (an ignored one stays ignored); the previous
+    handler is restored on exit. Re-entrant.
+    """
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self.eager = True
+        self.sock: socket.socket | None = None
+        self.sink: Sink | None = None
+        self._previous: Any = None
+        self._depth = 0
+        self._installed = False
+
+    def __enter__(self) -> SigintGuard:
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not None and previous != signal.SIG_IGN:
+                self._previous = previous
+                signal.signal(signal.SIGINT, self._on_sigint)
+                self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        self.interrupted = True
+        refuse_more(self.sock)
+        if self.eager or (self.sink is not None and self.sink.blocking_write):
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise the Ctrl-C that came meanwhile, if one did."""
+        if self.interrupted:
+            raise KeyboardInterrupt
+
+
 class Drain:
     """Copies a drain answer into a Sink, one line at a time, so that no item the server removed vanishes unseen.
 
     The server removes an item once our TCP acknowledged its line. So a line is written (and, in a file, fsynced in
-    batches) before the next one is read, and when the output fails, the answer is not a dead letter, or Ctrl-C
-    comes, the server is stopped (`Stream.refuse_more`) and every line it may have counted that is not surely in the
-    output (the one in hand, the unsynced ones, the ones still buffered) is saved to a rescue file: next to --out
-    (`<out>.unwritten.ndjson`), else `sidecar-drain.unwritten.ndjson` in the current directory, else in the temp
-    directory, else printed to stderr. The last of them may also still be in the DLQ (the server may not have
-    counted it): a duplicate, never a loss.
+    batches) before the next one is read, and when the output fails, the answer breaks off or is not a dead letter,
+    or Ctrl-C comes, the server is stopped (`Stream.refuse_more`) and every line it may have counted that is not
+    surely in the output (the one in hand, the unsynced ones, the ones still buffered) is saved to a rescue file:
+    next to --out (`<out>.unwritten.ndjson`), else `sidecar-drain.unwritten.ndjson` in the current directory, else
+    in the temp directory, else printed to stderr. The last of them may also still be in the DLQ (the server may
+    not have counted it): a duplicate, never a loss. Lines are read whole (`LineReader`) and Ctrl-C is taken between
+    lines (`SigintGuard`), so a line is never saved in part while the server counted it whole; a line cut short
+    by the stop was not acknowledged whole, so the server did not count it: it stays in the DLQ. A saved line that
+    is not a whole dead letter (an answer not from the admin API) is saved all the same, and the message says so.
     """
 
-    def __init__(self, client: AdminClient, stream: Stream, sink: Sink) -> None:
+    def __init__(
+        self, client: AdminClient, stream: Stream, sink: Sink, guard: SigintGuard | None = None
+    ) -> None:
         self.client, self.stream, self.sink = client, stream, sink
+        self.guard = guard or SigintGuard()
         self.held: bytes | None = None  # read from the server, not written yet
 
     def run(self) -> int:
+        self.guard.sock, self.guard.sink, self.guard.eager = self.stream.sock, self.sink, False
+        with self.guard:
+            return self._run()
+
+    def _run(self) -> int:
         code, problem, unwritten = EXIT_OK, "", []
         try:
             problem = self.copy()
@@ -571,7 +788,8 @@ class Drain:
             code, unwritten = EXIT_UNREACHABLE, [exc.line]
         except KeyboardInterrupt:
             code, problem, unwritten = EXIT_INTERRUPTED, "interrupted", [self.held] if self.held else []
-        if code in (EXIT_UNREACHABLE, EXIT_INTERRUPTED) or unwritten:
+        if code != EXIT_OK:
+            # a broken-off answer too: after a timeout, the rest of a line may still arrive, and be acknowledged
             self.stream.refuse_more()
             unwritten += self.stream.received_lines()
         try:
@@ -586,15 +804,19 @@ class Drain:
         raise ClientError(code, f"{problem}; {self.summary(unwritten)}")
 
     def copy(self) -> str:
-        """Every line into the sink; "" at the end of the answer, else how the answer broke off."""
+        """Every line into the sink; "" at the end of the answer, else how the answer broke off. A Ctrl-C that came
+        meanwhile is raised here, between lines, with the line in hand (if any) in `held`."""
         while True:
+            self.guard.check()
             try:
-                line = self.stream.resp.readline()
+                line = self.stream.readline()
             except (OSError, http.client.HTTPException) as exc:
+                self.guard.check()  # cut off by the stop after Ctrl-C: the part read was not counted
                 return f"drain broke off ({type(exc).__name__})"
             if not line:
                 return ""
             self.held = line
+            self.guard.check()
             if not is_drained_line(line):
                 raise NotDeadLetter(line)
             self.sink.write(line if line.endswith(b"\n") else line + b"\n")
@@ -603,7 +825,11 @@ class Drain:
     def summary(self, unwritten: list[bytes]) -> str:
         text = f"{self.sink.count} item(s) written to {self.sink.name}"
         if unwritten:
-            text += f"; {len(unwritten)} read but not written are saved in {self.rescue(unwritten)}"
+            partial = sum(not is_drained_line(line) for line in unwritten)
+            saved = f"{len(unwritten) - partial} read but not written"
+            if partial:
+                saved += f" and {partial} partial line(s) (not a whole dead letter)"
+            text += f"; {saved} are saved in {self.rescue(unwritten)}"
         return text + "; any others are still in the DLQ"
 
     def rescue(self, lines: list[bytes]) -> str:
@@ -619,7 +845,7 @@ class Drain:
         stderr = Sink(sys.stderr.fileno(), "stderr", owned=False, sync_lines=None)
         with suppress(OutputFailed):
             for line in lines:
-                stderr.write(line)
+                stderr.write(line if line.endswith(b"\n") else line + b"\n")
             return "stderr (printed above)"
         return "nowhere (no file or stderr could be written)"
 
@@ -697,7 +923,7 @@ def cmd_drain(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> in
     if args.reason:
         body["reason"] = args.reason
     # Opened before the request, so an --out that cannot be written drains nothing. Appended to, never truncated:
-    # a second drain into the same file must not destroy what the first one removed.
+    # a second drain into the same file must not destroy what the first one removed. Created 0600.
     if args.out:
         try:
             sink = Sink.open(args.out)
@@ -707,8 +933,8 @@ def cmd_drain(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> in
         out.flush()
         sink = Sink(out.fileno(), "stdout", owned=False)
     try:
-        with client.stream("POST", "/admin/dlq/drain", body) as stream:
-            return Drain(client, stream, sink).run()
+        with SigintGuard() as guard, client.stream("POST", "/admin/dlq/drain", body, guard) as stream:
+            return Drain(client, stream, sink, guard).run()
     finally:
         sink.close()
 
@@ -815,6 +1041,7 @@ def add_dlq_parser(sub: Any) -> None:
     drain.add_argument(
         "--out",
         metavar="FILE",
-        help="append the NDJSON here (default: stdout); lines it cannot take go to FILE.unwritten.ndjson",
+        help="append the NDJSON here (default: stdout; created 0600); lines it cannot take go to "
+        "FILE.unwritten.ndjson",
     )
     drain.add_argument("--reason", help="why (logged by the sidecar)")

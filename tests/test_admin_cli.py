@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import stat
 import sys
 import time
 from collections import Counter
@@ -196,9 +197,11 @@ async def test_admin_cli_drain_appends_ndjson_to_file_and_empties_dlq(
     env = {"SIDECAR_ADMIN_TOKEN": TOKEN}
     await bury_many(sidecar.store, 30)
     await bury_many(sidecar.store, 5, prefix="later")
-    first = await dlq("drain", "--out", str(out), "--reason", "archive", *auth, env=env)
+    first = await dlq("drain", "--out", str(out), "--reason", "archive", *auth, env=env, preexec_fn=no_umask)
     assert first.code == 0 and "drained 35 item(s)" in first.err and first.out == ""
     assert rdb.zcard(KEYS.dlq_items()) == 0
+    # the lines hold webhook bodies: a file the drain creates is 0600, whatever the umask
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
     await bury_many(sidecar.store, 4, prefix="again")
     second = await dlq("drain", "--route", "stripe", "--out", str(out), *auth, env=env)
     assert second.code == 0 and "drained 4 item(s)" in second.err
@@ -209,6 +212,18 @@ async def test_admin_cli_drain_appends_ndjson_to_file_and_empties_dlq(
     assert to_stdout.code == 0 and to_stdout.out == "" and "drained 0" in to_stdout.err
     unknown_route = await dlq("drain", "--route", "nosuch", "--out", str(out), *auth, env=env)
     assert unknown_route.code == 5 and len(out.read_text().splitlines()) == 39
+    # a file the operator made keeps its mode
+    theirs = tmp_path / "theirs.ndjson"
+    theirs.write_bytes(b"")
+    theirs.chmod(0o644)
+    await bury_many(sidecar.store, 2, prefix="theirs")
+    into_theirs = await dlq("drain", "--out", str(theirs), *auth, env=env, preexec_fn=no_umask)
+    assert into_theirs.code == 0 and len(theirs.read_text().splitlines()) == 2
+    assert stat.S_IMODE(theirs.stat().st_mode) == 0o644
+
+
+def no_umask() -> None:
+    os.umask(0)
 
 
 async def test_admin_cli_exit_4_without_or_with_wrong_token(sidecar: Running, rdb: redis.Redis) -> None:
@@ -356,6 +371,7 @@ async def test_admin_cli_exit_3_when_another_service_answers(foreign: Foreign, t
     foreign.answer = (200, "application/x-ndjson", b'{"event": "deploy"}\n')
     r = await dlq("drain", "--out", str(out), *auth, cwd=tmp_path)
     assert r.code == 3 and one_line(r.err) and "not a dead letter" in r.err, r.err
+    assert "and 1 partial line(s) (not a whole dead letter) are saved in" in r.err, r.err
     assert out.read_bytes() == b"" and (tmp_path / "drained.ndjson.unwritten.ndjson").exists()
 
 

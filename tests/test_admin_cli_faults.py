@@ -11,16 +11,20 @@ import json
 import os
 import resource
 import signal
+import socket
 import struct
+import subprocess
 import sys
 import termios
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 import redis
 
+from sidecar.admin import _unacked
 from tests.conftest import Upstream
 from tests.procs import SidecarProcess, wait_until
 from tests.test_admin import bury_many
@@ -222,3 +226,186 @@ async def test_admin_cli_drain_interrupted_saves_the_lines_it_read(
     assert_accounted(ids, line_ids(got) + rescued_ids(tmp_path / RESCUE_NAME), remaining(rdb), drained)
     err = err_bytes.decode()
     assert proc.returncode == 130 and one_line(err) and "interrupted" in err, err
+
+
+# items of ~1 MB: a line is 15 times the CLI's receive buffer
+BIG = json.dumps({"pad": "x" * 1_000_000}).encode()
+
+
+async def test_admin_cli_drain_of_large_items_interrupted_keeps_every_line_whole(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    ids = await bury_many(sidecar.store, 6, body=BIG)
+    out = tmp_path / "dead.ndjson"
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "sidecar", "dlq", "drain", "--admin-url", sidecar.admin_url],
+        *["--token", TOKEN, "--out", str(out)],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        # a line written: the CLI is in the next one. Stopped, it lets the server fill its receive buffer with
+        # more of that line; then Ctrl-C
+        assert await wait_until(lambda: out.exists() and out.stat().st_size > len(BIG), timeout=8)
+        proc.send_signal(signal.SIGSTOP)
+        assert await wait_until(lambda: stopped(proc.pid), timeout=2, interval=0.002)
+        await asyncio.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGCONT)
+        _, err_bytes = await asyncio.wait_for(proc.communicate(), timeout=15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    written = line_ids(out.read_bytes())
+    rescued = rescued_ids(Path(f"{out}.unwritten.ndjson"))  # whole lines only: a part would not parse
+    drained, _ = await sidecar.drain_log()
+    assert_accounted(ids, written + rescued, remaining(rdb), drained)
+    err = err_bytes.decode()
+    assert proc.returncode == 130 and one_line(err) and "interrupted" in err, err
+    saved = f"; {len(rescued)} read but not written are saved in" if rescued else "; any others are still"
+    assert f"{len(written)} item(s) written to {out}{saved}" in err, err
+
+
+TAIL = 16 * 1024  # the end of a line: it fits in the CLI's receive buffer while the CLI is stopped
+
+
+def dead_letter_line(i: int) -> bytes:
+    item = {
+        "id": f"{i:024x}",
+        "route": "stripe",
+        "event_id": f"evt_{i:05d}",
+        "attempts": 1,
+        "dead_at": "2026-01-01T00:00:00.000Z",
+        "headers": [],
+        "history": [],
+        "body": "x" * 1_000_000,
+    }
+    return json.dumps(item, separators=(",", ":")).encode() + b"\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n" % len(data) + data + b"\r\n"  # one chunk per line, as the admin API (aiohttp) writes it
+
+
+def acked(sock: socket.socket, timeout: float = 10.0) -> bool:
+    """Wait until the peer's TCP acknowledged everything sent on `sock`: when the admin API counts a line as handed
+    over (sidecar.admin.peer_took_everything). False if the connection was reset or the wait timed out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        unacked = _unacked(sock)
+        if unacked is None or unacked < 0:
+            return False
+        if unacked == 0:
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def receive_queue(port: int) -> int | None:
+    """Bytes waiting in the receive queue of the TCP socket bound to 127.0.0.1:`port` (Linux /proc/net/tcp)."""
+    local = f"{struct.unpack('=I', socket.inet_aton('127.0.0.1'))[0]:08X}:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        for row in f.read().splitlines()[1:]:
+            fields = row.split()
+            if fields[1] == local:
+                return int(fields[4].split(":")[1], 16)
+    return None
+
+
+def poll(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def whole_lines(data: bytes) -> list[bytes]:
+    return data.splitlines(keepends=True)
+
+
+def test_admin_cli_drain_interrupted_mid_line_saves_that_line_whole(tmp_path: Path) -> None:
+    """Ctrl-C while the CLI waits in the middle of a ~1 MB line, whose end reaches the CLI's TCP (and is
+    acknowledged, so the server counts the item as handed over) before the CLI acts on it: the whole line must be
+    saved, not the part the CLI had not read yet. A stand-in for the admin API, because only a stand-in can hold a
+    line back halfway: it streams lines as the admin API does (chunked, one chunk each) and counts an item as it
+    does (once the CLI's TCP acknowledged all of its line). The race is made exact: the CLI is stopped while it
+    waits mid-line, the end of the line arrives, then SIGINT and SIGCONT."""
+    deadline = time.monotonic() + 25  # for every wait together
+
+    def left() -> float:
+        return max(deadline - time.monotonic(), 0.1)
+
+    lines = [dead_letter_line(i) for i in range(3)]
+    out = tmp_path / "dead.ndjson"
+    rescue = Path(f"{out}.unwritten.ndjson")
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(left())
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    cli = ["dlq", "drain", "--admin-url", url, "--token", TOKEN, "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", *cli],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    conn: socket.socket | None = None
+    third, sent = chunk(lines[2]), 0
+    drained = 0
+    try:
+        conn, (_, cli_port) = srv.accept()
+        conn.settimeout(left())
+        request = b""
+        while b"\r\n\r\n" not in request:
+            got = conn.recv(65536)
+            assert got, request
+            request += got
+        assert request.startswith(b"POST /admin/dlq/drain "), request
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        conn.sendall(chunk(lines[0]))
+        assert acked(conn, left())
+        drained += 1
+        second = chunk(lines[1])
+        conn.sendall(second[:-TAIL])
+        # the CLI took everything sent: it waits for more, in the middle of the second line
+        assert poll(lambda: receive_queue(cli_port) == 0, left())
+        proc.send_signal(signal.SIGSTOP)
+        assert poll(lambda: stopped(proc.pid), left())
+        conn.sendall(second[-TAIL:])
+        # the CLI's TCP took the end of the line while the CLI was stopped: the server counts it
+        assert acked(conn, left())
+        drained += 1
+        # as the admin API does, go on with the next line, as far as the CLI's TCP takes it
+        conn.setblocking(False)
+        with suppress(BlockingIOError):
+            while sent < len(third):
+                sent += conn.send(third[sent:])
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGCONT)
+        _, err_bytes = proc.communicate(timeout=left())
+        # the CLI stopped the server: the next line never reached it whole, so the server does not count it
+        assert sent < len(third) or _unacked(conn) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if conn is not None:
+            conn.close()
+        srv.close()
+    err = err_bytes.decode()
+    assert proc.returncode == 130 and one_line(err) and "interrupted" in err, err
+    written = whole_lines(out.read_bytes())
+    saved = rescue.read_bytes() if rescue.exists() else b""
+    assert all(line in lines for line in whole_lines(saved)), (
+        f"the rescue file holds a part of a line: {saved[:80]!r}"
+    )
+    assert drained == 2
+    assert written + whole_lines(saved) == lines[:drained]  # what the server counted: each once, whole
+    assert f"1 item(s) written to {out}; 1 read but not written are saved in {rescue}" in err, err
