@@ -228,47 +228,6 @@ async def test_admin_cli_drain_interrupted_saves_the_lines_it_read(
     assert proc.returncode == 130 and one_line(err) and "interrupted" in err, err
 
 
-# items of ~1 MB: a line is 15 times the CLI's receive buffer
-BIG = json.dumps({"pad": "x" * 1_000_000}).encode()
-
-
-async def test_admin_cli_drain_of_large_items_interrupted_keeps_every_line_whole(
-    sidecar: Running, rdb: redis.Redis, tmp_path: Path
-) -> None:
-    ids = await bury_many(sidecar.store, 6, body=BIG)
-    out = tmp_path / "dead.ndjson"
-    proc = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "sidecar", "dlq", "drain", "--admin-url", sidecar.admin_url],
-        *["--token", TOKEN, "--out", str(out)],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        # a line written: the CLI is in the next one. Stopped, it lets the server fill its receive buffer with
-        # more of that line; then Ctrl-C
-        assert await wait_until(lambda: out.exists() and out.stat().st_size > len(BIG), timeout=8)
-        proc.send_signal(signal.SIGSTOP)
-        assert await wait_until(lambda: stopped(proc.pid), timeout=2, interval=0.002)
-        await asyncio.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        proc.send_signal(signal.SIGCONT)
-        _, err_bytes = await asyncio.wait_for(proc.communicate(), timeout=15)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    written = line_ids(out.read_bytes())
-    rescued = rescued_ids(Path(f"{out}.unwritten.ndjson"))  # whole lines only: a part would not parse
-    drained, _ = await sidecar.drain_log()
-    assert_accounted(ids, written + rescued, remaining(rdb), drained)
-    err = err_bytes.decode()
-    assert proc.returncode == 130 and one_line(err) and "interrupted" in err, err
-    saved = f"; {len(rescued)} read but not written are saved in" if rescued else "; any others are still"
-    assert f"{len(written)} item(s) written to {out}{saved}" in err, err
-
-
 TAIL = 16 * 1024  # the end of a line: it fits in the CLI's receive buffer while the CLI is stopped
 
 
