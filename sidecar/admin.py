@@ -564,12 +564,21 @@ class AdminApi:
         return web.json_response({"forgotten": True, "route": route, "event_id": event_id})
 
     async def stats(self, _: web.Request) -> web.Response:
-        routes = self.configured_routes()
+        """Every configured route, and every route a reload removed that still holds events (pending or dead
+        letters: they are still to be delivered, replayed or drained), the latter with `"configured": false`."""
+        configured = self.configured_routes()
         counters = await self.runtime().store.route_stats()
-        dead = await self.dead_letters().counts(routes)
+        removed = [
+            name
+            for name, c in counters.items()
+            if name not in configured and (c.get("pending", 0) > 0 or c.get("dead", 0) > 0)
+        ]
+        dead = await self.dead_letters().counts([*configured, *removed])
         out = {}
-        for name in routes:
+        for name in [*configured, *removed]:
             c = counters.get(name, {})
+            if name in removed and c.get("pending", 0) <= 0 and not dead[name]:
+                continue  # its dead-letter counter is history: nothing of it is left
             out[name] = {
                 "pending": c.get("pending", 0),
                 "dead": dead[name],
@@ -577,6 +586,8 @@ class AdminApi:
                 "duplicates": c.get("duplicates", 0),
                 "rejected": c.get("rejected", 0),
             }
+            if name in removed:
+                out[name]["configured"] = False
         return web.json_response({"routes": out, "dlq_total": await self.dead_letters().count()})
 
     async def openapi(self, _: web.Request) -> web.Response:

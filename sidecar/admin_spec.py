@@ -186,7 +186,12 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["pending", "dead", "delivered", "duplicates", "rejected"],
         "properties": {
-            k: {"type": "integer"} for k in ("pending", "dead", "delivered", "duplicates", "rejected")
+            **{k: {"type": "integer"} for k in ("pending", "dead", "delivered", "duplicates", "rejected")},
+            "configured": {
+                "type": "boolean",
+                "description": "false for a route a reload removed that still holds pending events or dead "
+                "letters (absent for configured routes)",
+            },
         },
     },
     "Stats": {

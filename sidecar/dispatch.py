@@ -58,10 +58,10 @@ class Dispatcher:
 
     def answer_within(self, route: RouteConfig) -> float | None:
         """How long a provider's request may wait for the first attempt; None: as long as the attempt takes
-        (`upstream.timeout` at most). The route's `answer_within`, else its provider's known deadline less a
+        (the forwarder's timeout at most: `upstream.timeout` as the process started). The route's `answer_within`, else its provider's known deadline less a
         margin: a provider that gives up first counts a failure and sends again, whatever we did with it."""
         within = route.answer_within if route.answer_within is not None else ANSWER_WITHIN.get(route.provider)
-        return within if within is not None and within < self.config.upstream.timeout else None
+        return within if within is not None and within < self.forwarder.timeout else None
 
     @property
     def config(self) -> Config:

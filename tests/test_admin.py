@@ -905,3 +905,25 @@ async def test_admin_store_unreachable_is_503_json_not_a_traceback(
         resp = await http.request(method, path, headers=AUTH)
         assert resp.status == 503, await resp.text()
         assert (await resp.json())["error"] == "store_unavailable" and resp.headers["Retry-After"]
+
+
+async def test_admin_stats_keep_a_removed_route_while_it_holds_dead_letters(
+    admin: Admin, upstream: Upstream
+) -> None:
+    import dataclasses
+
+    from sidecar.routes import RouteTable
+
+    await dead_via_ingress(admin, upstream, "evt_gone", route="stripe2")
+    dispatcher = admin.main.server.app[RUNTIME].dispatcher
+    config = dispatcher.config
+    kept = type(config.routes)(r for r in config.routes if r.name != "stripe2")
+    dispatcher.table = RouteTable.build(dataclasses.replace(config, routes=kept))  # what a reload swaps in
+    stats = await (await admin.get("/admin/stats")).json()
+    assert set(stats["routes"]) == {"stripe", "github", "stripe2"}
+    assert stats["routes"]["stripe2"]["dead"] == 1 and stats["routes"]["stripe2"]["configured"] is False
+    assert "configured" not in stats["routes"]["stripe"]
+    drained = await admin.post("/admin/dlq/drain", {"route": "stripe2"})
+    assert drained.status == 200 and len((await drained.read()).splitlines()) == 1
+    stats = await (await admin.get("/admin/stats")).json()
+    assert set(stats["routes"]) == {"stripe", "github"}  # nothing of it left
