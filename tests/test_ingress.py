@@ -506,6 +506,7 @@ def test_ingress_answer_within_provider_defaults() -> None:
     timeout (the attempt ends first anyway)."""
     from sidecar.config import load_text
     from sidecar.dispatch import Dispatcher
+    from sidecar.forwarder import Forwarder
     from sidecar.telemetry import Telemetry
 
     text = """
@@ -519,7 +520,9 @@ routes:
   - {name: l, path: /l, provider: stripe, secrets: [x], answer_within: 12s}
 """
     config = load_text(text, source="<t>", env={})
-    dispatcher = Dispatcher(config, None, None, Telemetry())  # type: ignore[arg-type]  # only the config is read
+    # only the config and the forwarder's timeout (upstream.timeout as started) are read
+    forwarder = Forwarder(None, config.upstream.timeout)  # type: ignore[arg-type]
+    dispatcher = Dispatcher(config, None, forwarder, Telemetry())  # type: ignore[arg-type]
     within = {r.name: dispatcher.answer_within(r) for r in config.routes}
     assert within == {"s": 2.5, "z": 2.5, "p": 4.5, "t": None, "o": 1.0, "l": None}
     assert (
