@@ -42,7 +42,7 @@ from sidecar.errors import StoreError, StoreUnavailable
 from sidecar.store.dead_letters import Cursor, DeadLetter, DeadLetters, StatusFilter
 from sidecar.store.records import STATE_NAMES
 from sidecar.store.redis_store import dead_letter_id
-from sidecar.telemetry import metrics_handler
+from sidecar.telemetry import metrics_handler, removed_routes
 
 log = logging.getLogger("sidecar.admin")
 
@@ -568,11 +568,7 @@ class AdminApi:
         letters: they are still to be delivered, replayed or drained), the latter with `"configured": false`."""
         configured = self.configured_routes()
         counters = await self.runtime().store.route_stats()
-        removed = [
-            name
-            for name, c in counters.items()
-            if name not in configured and (c.get("pending", 0) > 0 or c.get("dead", 0) > 0)
-        ]
+        removed = removed_routes(configured, counters)
         dead = await self.dead_letters().counts([*configured, *removed])
         out = {}
         for name in [*configured, *removed]:

@@ -298,6 +298,13 @@ class Stream:
             lines.append(line)
 
 
+def _read_all(resp: http.client.HTTPResponse) -> bytes:
+    try:
+        return resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise ClientError(EXIT_UNREACHABLE, f"the admin API broke off its answer: {exc!r}") from None
+
+
 def not_admin_message(base_url: str, what: str) -> str:
     return (
         f"{base_url} is not the admin API ({what}); --admin-url is the admin listener's base URL, "
@@ -350,10 +357,7 @@ class AdminClient:
         conn = self._connection()
         try:
             resp = self._send(conn, method, path, body)
-            try:
-                return resp.status, resp.read()
-            except (OSError, http.client.HTTPException) as exc:
-                raise ClientError(EXIT_UNREACHABLE, f"the admin API broke off its answer: {exc}") from None
+            return resp.status, _read_all(resp)
         finally:
             conn.close()
 
@@ -384,13 +388,7 @@ class AdminClient:
                     guard.eager = False
                 resp = self._send(conn, method, path, body)
                 if resp.status != 200:
-                    try:
-                        raw = resp.read()
-                    except (OSError, http.client.HTTPException) as exc:
-                        raise ClientError(
-                            EXIT_UNREACHABLE, f"the admin API broke off its answer: {exc!r}"
-                        ) from None
-                    self._answer(resp.status, raw, f"{method} {path}")
+                    self._answer(resp.status, _read_all(resp), f"{method} {path}")
             except ClientError as exc:
                 if guard is not None and guard.interrupted and exc.code == EXIT_UNREACHABLE:
                     raise ClientError(

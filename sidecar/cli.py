@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from sidecar.admin_client import add_dlq_parser
 from sidecar.config import check_config, load
 from sidecar.errors import ConfigError, SidecarError
-from sidecar.logs import setup_logging
+from sidecar.logs import LEVELS, setup_logging
 
 if TYPE_CHECKING:
     from sidecar.config import Config
@@ -110,7 +110,8 @@ async def serve(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.worker_index is not None:
+    worker = args.worker_index is not None  # one of `server.workers: N`, started by the supervisor
+    if worker:
         from sidecar.supervisor import follow_parent
 
         follow_parent()
@@ -129,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     embedded = None
     url = args.redis_url or config.redis.url
-    workers = 1 if args.worker_index is not None else resolve_workers(config.server.workers)
+    workers = 1 if worker else resolve_workers(config.server.workers)
     if url == "embedded" and config.redis.wait_replicas:  # --redis-url embedded: the config could not know
         print("sidecar: redis.wait_replicas: the embedded store has no replicas; use 0", file=sys.stderr)
         return 1
@@ -144,7 +145,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if workers > 1:
             supervisor = Supervisor(path, url, workers, config.server.shutdown_grace, args.log_level)
             return supervisor.run()
-        worker = args.worker_index is not None
         _run_loop(serve(config, url, config_path=path, admin=not args.worker_index, reuse_port=worker))
     except SidecarError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         type=str.lower,
-        choices=("debug", "info", "warning", "error"),
+        choices=LEVELS,
         help="default: the config's logging.level, then info",
     )
     sub = parser.add_subparsers(dest="command", required=True)

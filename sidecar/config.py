@@ -33,6 +33,7 @@ import yaml
 
 from sidecar.durations import parse_duration
 from sidecar.errors import ConfigError
+from sidecar.logs import LEVELS
 
 __all__ = [
     "AdminConfig",
@@ -923,7 +924,7 @@ _RETRY: dict[str, Conv] = {
     "lease": _optional(_duration()),
 }
 _LOGGING: dict[str, Conv] = {
-    "level": _choice("debug", "info", "warning", "error"),
+    "level": _choice(*LEVELS),
     "format": _choice("auto", "json", "text"),
     "requests": _choice("notable", "all"),
 }
@@ -1043,13 +1044,13 @@ def _make_retry(
 
 # ------------------------------------------------------------------------------------------------- routes
 
-_NAME = re.compile(r"[a-z0-9_-]+")
+ROUTE_NAME = re.compile(r"[a-z0-9_-]+")  # route names: used in Redis keys, metrics and the admin API
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def _name(ctx: _Ctx, item: _Item, path: str) -> Any:
     value = _text(ctx, item, path)
-    if value is BAD or _NAME.fullmatch(value):
+    if value is BAD or ROUTE_NAME.fullmatch(value):
         return value
     return ctx.bad(item, path, "must match [a-z0-9_-]+ (it is used in Redis keys, metrics and the admin API)")
 

@@ -155,9 +155,8 @@ def resolve_event_id(route: RouteConfig, verified: Verified, inbound: Inbound) -
     raw: Any
     if src.kind == "auto":
         raw, signed = verified.event_id, verified.id_signed
-        if (
-            raw is None and route.provider == "none"
-        ):  # nothing known of the payload: its bytes are its identity
+        # provider none knows nothing of the payload: its bytes are its identity (hashed only when it is the id)
+        if raw is None and route.provider == "none":
             raw = hashlib.sha256(inbound.body).hexdigest()
     elif src.kind == "header":
         name = src.value or ""
@@ -281,6 +280,19 @@ class Ingress:
                 },
             )
 
+    @staticmethod
+    def _store_failed(
+        route: str, what: str, exc: StoreError, result: Result, event_id: str | None = None
+    ) -> web.Response:
+        """503 with Retry-After for a store call that failed (fail closed: the provider sends again); logged as an
+        error unless the store is merely unreachable or busy (counted, and reported by /readyz)."""
+        result.outcome, result.error = "store_unavailable", str(exc)
+        if not isinstance(exc, StoreUnavailable):
+            log.error("route %s: %s: %s", route, what, exc)
+        resp = json_error(503, "store_unavailable", event_id)
+        resp.headers["Retry-After"] = "5"
+        return resp
+
     async def _spend_nonce(
         self, cfg: RouteConfig, nonce: str, body: bytes, result: Result
     ) -> web.StreamResponse | None:
@@ -295,12 +307,7 @@ class Ingress:
                 cfg.provider, nonce, hashlib.sha256(body).hexdigest(), int(ttl_s * 1000)
             )
         except StoreError as exc:
-            result.outcome, result.error = "store_unavailable", str(exc)
-            if not isinstance(exc, StoreUnavailable):
-                log.error("route %s: token check failed: %s", cfg.name, exc)
-            resp = json_error(503, "store_unavailable")
-            resp.headers["Retry-After"] = "5"
-            return resp
+            return self._store_failed(cfg.name, "token check failed", exc, result)
         if fresh:
             return None
         return self._rejected(
@@ -365,12 +372,7 @@ class Ingress:
             claim = await self.store.claim(rec, rec.first_seen_ms, lease_ms, schedule_at)
         except StoreError as exc:
             breaker.release(forward_now)
-            result.outcome, result.error = "store_unavailable", str(exc)
-            if not isinstance(exc, StoreUnavailable):
-                log.error("route %s: claim failed for %s: %s", cfg.name, event_id, exc)
-            resp = json_error(503, "store_unavailable", event_id)
-            resp.headers["Retry-After"] = "5"
-            return resp
+            return self._store_failed(cfg.name, f"claim failed for {event_id}", exc, result, event_id)
         if not claim.claimed:
             breaker.release(forward_now)
             result.outcome = "duplicate"

@@ -46,22 +46,21 @@ class TextFormatter(logging.Formatter):
         return f"{line} {' '.join(extras)}" if extras else line
 
 
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LEVELS = ("debug", "info", "warning", "error")  # logging.level, --log-level and SIDECAR_LOG_LEVEL
 
 
 def setup_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Root logging: `SIDECAR_LOG_LEVEL` / `SIDECAR_LOG_FORMAT` override the config; `auto` is text on a terminal,
     JSON otherwise (what log shippers expect)."""
     stream = stream or sys.stderr
-    chosen = os.environ.get("SIDECAR_LOG_LEVEL", level).upper()
+    chosen = os.environ.get("SIDECAR_LOG_LEVEL", level).lower()
     if chosen not in LEVELS:  # a typo in the environment must not stop the sidecar: say it, keep the config's
         print(
-            f"sidecar: SIDECAR_LOG_LEVEL={chosen.lower()!r} is not one of {', '.join(LEVELS).lower()}; "
-            f"using {level}",
+            f"sidecar: SIDECAR_LOG_LEVEL={chosen!r} is not one of {', '.join(LEVELS)}; using {level}",
             file=stream,
         )
-        chosen = level.upper()
-    level = chosen
+        chosen = level.lower()
+    level = chosen.upper()
     fmt = os.environ.get("SIDECAR_LOG_FORMAT", fmt).lower()
     if fmt == "auto":
         fmt = "text" if getattr(stream, "isatty", lambda: False)() else "json"

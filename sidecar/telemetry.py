@@ -21,7 +21,7 @@ import re
 import time
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import HistogramMetricFamily
 
 # Log formatting lives in sidecar.logs (light enough for the CLI); re-exported here, where callers look for it.
+from sidecar.config import ROUTE_NAME
 from sidecar.logs import OUTCOME_FIELDS, JsonFormatter, TextFormatter, setup_logging  # noqa: F401
 
 # ---- names (CONTRACT.md "Metrics") ------------------------------------------------------------------------------
@@ -228,12 +229,9 @@ class Telemetry:
         """
         stats = await store.route_stats()
         configured = set(routes)
-        candidates = [*sorted(configured), *(r for r in stats if r not in configured)]
         now_ms = time.time() * 1000
         snapshot: dict[str, dict[str, float]] = {}
-        for route in candidates:
-            if not _ROUTE_NAME.fullmatch(route):
-                continue
+        for route in [*sorted(configured), *removed_routes(configured, stats)]:
             pending = float(stats.get(route, {}).get("pending", 0))
             dead = float(await store.dlq_length(route))
             if route not in configured and dead <= 0 and pending <= 0:
@@ -402,8 +400,19 @@ class LightSpan:
 
 AnySpan = Span | LightSpan
 _HEX = re.compile(r"[0-9a-f]+")
-# config's rule for route names: a stray counter field is not a route
-_ROUTE_NAME = re.compile(r"[a-z0-9_-]+")
+
+
+def removed_routes(configured: Collection[str], stats: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """Routes in the store's counters (`route_stats`) that are no longer configured and may still hold events:
+    pending ones, or dead letters (the `dead` counter only grows, so the caller counts the DLQ itself). A stray
+    counter field that is no route name is no route."""
+    return [
+        route
+        for route, c in stats.items()
+        if route not in configured
+        and ROUTE_NAME.fullmatch(route)
+        and (c.get("pending", 0) > 0 or c.get("dead", 0) > 0)
+    ]
 
 
 def metrics_handler(main: Any) -> Any:

@@ -38,12 +38,13 @@ def write_config(
     retry: str = "{base_delay: 1s, jitter: 0, lease: 2s}",
     breaker: str = "{}",
     data_dir: Path | None = None,
+    workers: int = 1,
 ) -> None:
     """`data_dir`: where an `embedded` store keeps its append-only file."""
     store = f", data_dir: {str(data_dir)!r}" if data_dir is not None else ""
     path.write_text(
         f"""
-server: {{listen: "127.0.0.1:{port}", shutdown_grace: 1s}}
+server: {{listen: "127.0.0.1:{port}", shutdown_grace: 1s, workers: {workers}}}
 admin: {{listen: "127.0.0.1:{admin_port}", token: "t"}}
 redis: {{url: "{redis_url}", shards: 4{store}}}
 upstream: {{url: "{upstream_url}", timeout: {upstream_timeout}, breaker: {breaker}}}

@@ -145,8 +145,10 @@ async def read_some(fd: int, until: bytes | None, timeout: float = 10.0) -> byte
     raise AssertionError(f"read {len(got)} bytes in {timeout} s without {until!r}")
 
 
-async def drain_to_pipe(sidecar: Running, cwd: Path) -> tuple[asyncio.subprocess.Process, int]:
-    """`sidecar dlq drain` writing to a pipe; its read end (non-blocking) is the caller's to close."""
+async def drain_to_pipe(sidecar: Running, cwd: Path) -> tuple[list[str], asyncio.subprocess.Process, int]:
+    """61 dead letters, far more than a pipe holds (the CLI cannot finish without a reader), and `sidecar dlq
+    drain` writing them to a pipe: (their ids, the CLI, the pipe's read end, non-blocking, the caller's to close)."""
+    ids = await bury_many(sidecar.store, 61, body=PAD)
     r, w = os.pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -163,15 +165,13 @@ async def drain_to_pipe(sidecar: Running, cwd: Path) -> tuple[asyncio.subprocess
     finally:
         os.close(w)
     os.set_blocking(r, False)
-    return proc, r
+    return ids, proc, r
 
 
 async def test_admin_cli_drain_to_pipe_closed_by_its_reader_saves_the_lines_it_read(
     sidecar: Running, rdb: redis.Redis, tmp_path: Path
 ) -> None:
-    # far more than a pipe holds: the CLI cannot finish without a reader
-    ids = await bury_many(sidecar.store, 61, body=PAD)
-    proc, r = await drain_to_pipe(sidecar, tmp_path)
+    ids, proc, r = await drain_to_pipe(sidecar, tmp_path)
     try:
         got = await read_some(r, b"\n")
         # like `| head -1`, but exact: the CLI is stopped while the reader takes everything in the pipe and goes
@@ -203,8 +203,7 @@ async def test_admin_cli_drain_to_pipe_closed_by_its_reader_saves_the_lines_it_r
 async def test_admin_cli_drain_interrupted_saves_the_lines_it_read(
     sidecar: Running, rdb: redis.Redis, tmp_path: Path
 ) -> None:
-    ids = await bury_many(sidecar.store, 61, body=PAD)
-    proc, r = await drain_to_pipe(sidecar, tmp_path)
+    ids, proc, r = await drain_to_pipe(sidecar, tmp_path)
     try:
         # nobody reads the pipe: once it is full (it stops growing), the CLI waits to write its next line
         sizes = [-1]

@@ -13,13 +13,13 @@ class Clock:
         return self.now
 
 
-def breaker(clock: Clock) -> Breaker:
-    return Breaker(threshold=5, cooldown=2.0, max_cooldown=30.0, clock=clock)
+def breaker() -> tuple[Clock, Breaker]:
+    clock = Clock()
+    return clock, Breaker(threshold=5, cooldown=2.0, max_cooldown=30.0, clock=clock)
 
 
 def test_a_dead_upstream_opens_the_breaker_after_threshold_failures() -> None:
-    clock = Clock()
-    b = breaker(clock)
+    _, b = breaker()
     for _ in range(4):
         b.record(False)
     assert b.state == "closed" and b.allow()
@@ -29,8 +29,7 @@ def test_a_dead_upstream_opens_the_breaker_after_threshold_failures() -> None:
 
 def test_timeouts_ending_together_after_a_healthy_batch_do_not_open_it() -> None:
     """A retry batch of 140 concurrent forwards, 2 % too slow: 135 successes, then 5 timeouts at once."""
-    clock = Clock()
-    b = breaker(clock)
+    clock, b = breaker()
     for _ in range(135):
         b.record(True)
     clock.now += 2.0
@@ -44,8 +43,7 @@ def test_timeouts_ending_together_after_a_healthy_batch_do_not_open_it() -> None
 
 
 def test_a_mostly_failing_upstream_opens_it() -> None:
-    clock = Clock()
-    b = breaker(clock)
+    _, b = breaker()
     for _ in range(4):
         b.record(True)
     for _ in range(5):
@@ -54,8 +52,7 @@ def test_a_mostly_failing_upstream_opens_it() -> None:
 
 
 def test_forwards_ending_late_while_open_do_not_lengthen_the_cooldown() -> None:
-    clock = Clock()
-    b = breaker(clock)
+    clock, b = breaker()
     for _ in range(5):
         b.record(False)
     clock.now += 0.5
@@ -65,8 +62,7 @@ def test_forwards_ending_late_while_open_do_not_lengthen_the_cooldown() -> None:
 
 
 def test_a_failed_probe_doubles_the_cooldown_and_a_good_one_closes_it() -> None:
-    clock = Clock()
-    b = breaker(clock)
+    clock, b = breaker()
     for _ in range(5):
         b.record(False)
     clock.now += 2.0

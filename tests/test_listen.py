@@ -37,23 +37,35 @@ def run_to_exit(cfg: Path, timeout: float = 30) -> tuple[int, str]:
     return proc.returncode, out.decode(errors="replace")
 
 
+def config(
+    path: Path, upstream: Upstream, redis_url: str, port: int, admin_port: int | None = None, workers: int = 1
+) -> Path:
+    write_config(
+        path,
+        redis_url=redis_url,
+        upstream_url=upstream.url,
+        port=port,
+        admin_port=admin_port or free_port(),
+        secret=SECRET,
+        workers=workers,
+    )
+    return path
+
+
+def assert_cannot_listen(cfg: Path) -> str:
+    """`sidecar run` on `cfg` exits 1 at once with one clear line, no traceback; its output."""
+    code, out = run_to_exit(cfg)
+    assert code == 1 and "sidecar: cannot listen" in out and "Traceback" not in out, out
+    return out
+
+
 async def test_a_second_sidecar_on_a_taken_inbound_port_exits_instead_of_sharing_it(
     tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[Any]
 ) -> None:
     _, port = start_sidecar(
         tmp_path / "first.yaml", processes, redis_url=redis_url, upstream_url=upstream.url, secret=SECRET
     )
-    second = tmp_path / "second.yaml"
-    write_config(
-        second,
-        redis_url=redis_url,
-        upstream_url=upstream.url,
-        port=port,
-        admin_port=free_port(),
-        secret=SECRET,
-    )
-    code, out = run_to_exit(second)
-    assert code == 1 and "sidecar: cannot listen" in out and "Traceback" not in out, out
+    assert_cannot_listen(config(tmp_path / "second.yaml", upstream, redis_url, port))
 
 
 async def test_a_taken_admin_port_stops_the_start_before_the_inbound_port_takes_a_webhook(
@@ -63,17 +75,8 @@ async def test_a_taken_admin_port_stops_the_start_before_the_inbound_port_takes_
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = free_port()
-        cfg = tmp_path / "sidecar.yaml"
-        write_config(
-            cfg,
-            redis_url=redis_url,
-            upstream_url=upstream.url,
-            port=port,
-            admin_port=taken.getsockname()[1],
-            secret=SECRET,
-        )
-        code, out = run_to_exit(cfg)  # before: it served webhooks on `port` and hung, deaf to SIGTERM
-    assert code == 1 and "sidecar: cannot listen" in out and "Traceback" not in out, out
+        cfg = config(tmp_path / "sidecar.yaml", upstream, redis_url, port, taken.getsockname()[1])
+        out = assert_cannot_listen(cfg)  # before: it served webhooks on `port` and hung, deaf to SIGTERM
     assert "Unclosed" not in out, out  # what was set up is closed
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -106,21 +109,9 @@ async def test_a_second_multi_worker_sidecar_on_a_taken_port_exits_instead_of_jo
 ) -> None:
     """`server.workers: N` binds with SO_REUSEPORT, which any other SO_REUSEPORT socket of the same user may join:
     a second multi-worker sidecar must find the port taken before it starts its workers."""
-    port, admin = free_port(), free_port()
-    for name in ("first", "second"):
-        write_config(
-            tmp_path / f"{name}.yaml",
-            redis_url=redis_url,
-            upstream_url=upstream.url,
-            port=port,
-            admin_port=admin if name == "first" else free_port(),
-            secret=SECRET,
-        )
-        cfg = tmp_path / f"{name}.yaml"
-        cfg.write_text(cfg.read_text().replace("shutdown_grace: 1s}", "shutdown_grace: 1s, workers: 2}"))
-    first = SidecarProcess(tmp_path / "first.yaml")
+    port = free_port()
+    first = SidecarProcess(config(tmp_path / "first.yaml", upstream, redis_url, port, workers=2))
     processes.append(first)
     first.start(port)
-    code, out = run_to_exit(tmp_path / "second.yaml")
-    assert code == 1 and "sidecar: cannot listen" in out and "Traceback" not in out, out
+    assert_cannot_listen(config(tmp_path / "second.yaml", upstream, redis_url, port, workers=2))
     assert first.proc is not None and first.proc.poll() is None  # the first serves on

@@ -44,9 +44,14 @@ async def test_workers_two_processes_share_the_port_and_supervise(
     port = free_port()
     cfg = tmp_path / "sidecar.yaml"
     write_config(
-        cfg, redis_url=redis_url, upstream_url=upstream.url, port=port, admin_port=free_port(), secret=SECRET
+        cfg,
+        redis_url=redis_url,
+        upstream_url=upstream.url,
+        port=port,
+        admin_port=free_port(),
+        secret=SECRET,
+        workers=2,
     )
-    cfg.write_text(cfg.read_text().replace("shutdown_grace: 1s}", "shutdown_grace: 1s, workers: 2}"))
     parent = SidecarProcess(cfg)
     processes.append(parent)
     parent.start(port)
@@ -108,8 +113,8 @@ async def test_workers_stop_with_a_supervisor_killed_outright_and_the_next_start
         admin_port=free_port(),
         secret=SECRET,
         data_dir=data,
+        workers=2,
     )
-    cfg.write_text(cfg.read_text().replace("shutdown_grace: 1s}", "shutdown_grace: 1s, workers: 2}"))
     first = SidecarProcess(cfg)
     processes.append(first)
     first.start(port)

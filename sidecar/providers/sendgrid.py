@@ -3,8 +3,7 @@
 The "secret" is the verification public key (base64 DER SubjectPublicKeyInfo, `MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcD…`).
 The body is a batch (a JSON array) whose trailing CRLF is signed. Per-element dedupe (`sg_event_id`) is the
 upstream's: `event_id: auto` is the batch's, from its elements' ids (the digest of the signed bytes if one has
-none); the SDK checks no freshness, so none unless the
-route sets `tolerance`.
+none); the SDK checks no freshness, so none unless the route sets `tolerance`.
 """
 
 from __future__ import annotations

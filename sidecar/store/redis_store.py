@@ -350,10 +350,7 @@ class RedisStore:
         with another body. With `redis.wait_replicas`, answered once the replicas hold the binding too, as a
         claim is: a failover must not forget a token still fresh."""
         key = self.keys.nonce(provider, value)
-        try:
-            res = await self._nonce(keys=[key], args=[body_digest, ttl_ms], wait=self._wait)
-        except _STORE_ERRORS as exc:
-            raise _translate(exc) from exc
+        res = await self._call(lambda: self._nonce(keys=[key], args=[body_digest, ttl_ms], wait=self._wait))
         return int(res) == 1
 
     def _index_alias(self, rec: EventRecord) -> None:
