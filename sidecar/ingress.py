@@ -146,9 +146,10 @@ def _printable(value: str) -> bool:
 def resolve_event_id(route: RouteConfig, verified: Verified, inbound: Inbound) -> tuple[str, str] | None:
     """(public event id, dedupe id), or None when no usable id can be had.
 
-    The dedupe id is the public id when the signature covers it. When it does not (a header id), it is the digest
-    of the signed bytes instead: a captured request replayed under another id then hits its own digest (a
-    duplicate, not a second delivery), and cannot occupy the other event's id.
+    The dedupe id is the public id when the signature covers it. When it does not (a header id), it is a signed id
+    the provider also sends (Linear's body fields), else the digest of the signed bytes: a captured request replayed
+    under another id then hits its own signed id or digest (a duplicate, not a second delivery), and cannot occupy
+    the other event's id.
     """
     src = route.event_id
     signed = True
@@ -173,11 +174,12 @@ def resolve_event_id(route: RouteConfig, verified: Verified, inbound: Inbound) -
     event_id = str(raw) if isinstance(raw, int | str) else None
     if event_id is None or not _printable(event_id):
         return None
-    dedupe_id = (
-        event_id
-        if signed
-        else "sha256:" + (verified.signed_digest or hashlib.sha256(inbound.body).hexdigest())
-    )
+    if signed:
+        dedupe_id = event_id
+    elif verified.signed_id is not None:
+        dedupe_id = verified.signed_id
+    else:
+        dedupe_id = "sha256:" + (verified.signed_digest or hashlib.sha256(inbound.body).hexdigest())
     return event_id, dedupe_id
 
 

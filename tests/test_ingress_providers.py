@@ -295,3 +295,43 @@ async def test_ingress_provider_none_with_auto_id_is_known_by_its_body(
     again = await post(client, "open", body, {})
     assert again.status == 200 and (await again.json())["duplicate"] is True
     assert [r.body for r in upstream.received] == [body]
+
+
+async def test_ingress_linear_retry_re_signed_with_a_new_timestamp_is_a_duplicate(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """Linear stamps each attempt (`webhookTimestamp`, checked within 60 s), so a retry is a new body under the same
+    Linear-Delivery: it must be a duplicate. A capture replayed under another (unsigned) Linear-Delivery must be one
+    too, and a different event stays a new one."""
+    client = await sidecar_factory(
+        '- name: lin\n  path: /in/lin\n  provider: linear\n  secrets: ["lin_secret_e2e"]\n'
+    )
+
+    def linear(ts_ms: int, delivery: str, data_id: str = "iss-1") -> tuple[bytes, dict[str, str]]:
+        body = json.dumps(
+            {
+                "action": "update",
+                "type": "Issue",
+                "createdAt": "2026-11-25T10:00:00.000Z",
+                "organizationId": "org-1",
+                "data": {"id": data_id},
+                "webhookId": "wh-1",
+                "webhookTimestamp": ts_ms,
+            }
+        ).encode()
+        sig = hmac.new(b"lin_secret_e2e", body, hashlib.sha256).hexdigest()
+        return body, {"Linear-Signature": sig, "Linear-Delivery": delivery}
+
+    now_ms = int(time.time() * 1000)
+    first_body, first_headers = linear(now_ms - 20_000, "del-1")
+    first = await post(client, "lin", first_body, first_headers)
+    assert first.status == 200, await first.text()
+    assert first.headers["X-Sidecar-Event-Id"] == "del-1"
+    retry = await post(client, "lin", *linear(now_ms, "del-1"))
+    assert retry.status == 200 and (await retry.json())["duplicate"] is True
+    replay = await post(client, "lin", first_body, {**first_headers, "Linear-Delivery": "forged-2"})
+    assert replay.status == 200 and (await replay.json())["duplicate"] is True
+    other_body, other_headers = linear(now_ms, "del-3", data_id="iss-2")
+    other = await post(client, "lin", other_body, other_headers)
+    assert other.status == 200 and (await other.json()).get("duplicate") is not True
+    assert [r.body for r in upstream.received] == [first_body, other_body]

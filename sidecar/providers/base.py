@@ -79,6 +79,10 @@ class Verified:
     # sorted parameters: reordered or re-encoded, the same request has another body but the same signed string).
     # What an unsigned id dedupes on, in place of the body's digest. None: the body's digest is right.
     signed_digest: str | None = None
+    # A signed id found beside an unsigned one (Linear's composite of body fields beside its Linear-Delivery header):
+    # what the unsigned id dedupes on, before any digest. Linear re-signs each attempt with a new webhookTimestamp,
+    # so the body's digest changes between a delivery and its retry while this stays.
+    signed_id: str | None = None
 
 
 class VerificationError(Exception):

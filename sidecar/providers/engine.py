@@ -92,6 +92,7 @@ class SpecVerifier:
         return Verified(
             event_id=event_id,
             id_signed=id_signed,
+            signed_id=None if id_signed or event_id is None else _first_signed(self._id_extractors, req),
             event_type=found_type[0] if found_type else None,
             signed_headers=frozenset(seen),
             nonce=self._token(req) if self.spec.token_source and not self._body_signed else None,
@@ -361,6 +362,14 @@ def _first(extractors: tuple[Extractor, ...], req: Request) -> tuple[str, bool] 
         found = extract(req)
         if found is not None:
             return found
+    return None
+
+
+def _first_signed(extractors: tuple[Extractor, ...], req: Request) -> str | None:
+    for extract in extractors:
+        found = extract(req)
+        if found is not None and found[1]:
+            return found[0]
     return None
 
 
