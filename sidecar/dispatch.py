@@ -22,11 +22,20 @@ from sidecar.telemetry import AnySpan, Telemetry
 
 log = logging.getLogger("sidecar.dispatch")
 
-# Seconds a provider waits for an answer (providers.md) less ~0.5 s for the network: Slack, Discord and Zoom give
-# 3 s, PagerDuty 5 s. Routes of other providers wait for the attempt unless they set `answer_within`. (GitHub
-# gives 10 s, the default upstream.timeout, and does not resend by itself; X's 3 s is for its CRC handshake,
-# which the sidecar answers itself.)
-ANSWER_WITHIN = {"slack": 2.5, "discord": 2.5, "zoom": 2.5, "pagerduty": 4.5}
+# Seconds a provider waits for an answer less a margin for the network: Slack, Discord and Zoom give 3 s, PagerDuty
+# 5 s (providers.md); Shopify 5 s in all, 1 s of it to connect, then it resends and, after 8 failures in a row, may
+# delete the subscription (shopify.dev, "HTTPS webhook delivery"); Square and GitHub 10 s (Square's "Troubleshoot
+# webhooks" resends; GitHub records a failed delivery, resent only by hand). Routes of other providers wait for the
+# attempt unless they set `answer_within`. (X's 3 s is for its CRC handshake, which the sidecar answers itself.)
+ANSWER_WITHIN = {
+    "slack": 2.5,
+    "discord": 2.5,
+    "zoom": 2.5,
+    "pagerduty": 4.5,
+    "shopify": 4.0,
+    "square": 9.0,
+    "github": 9.0,
+}
 
 
 @dataclass(frozen=True, slots=True)

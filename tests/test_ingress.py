@@ -518,13 +518,26 @@ routes:
   - {name: t, path: /t, provider: stripe, secrets: [x]}
   - {name: o, path: /o, provider: slack, secrets: [x], answer_within: 1s}
   - {name: l, path: /l, provider: stripe, secrets: [x], answer_within: 12s}
+  - {name: sh, path: /sh, provider: shopify, secrets: [x]}
+  - {name: sq, path: /sq, provider: square, secrets: [x], public_url: "https://example.com/sq"}
+  - {name: g, path: /g, provider: github, secrets: [x]}
 """
     config = load_text(text, source="<t>", env={})
     # only the config and the forwarder's timeout (upstream.timeout as started) are read
     forwarder = Forwarder(None, config.upstream.timeout)  # type: ignore[arg-type]
     dispatcher = Dispatcher(config, None, forwarder, Telemetry())  # type: ignore[arg-type]
     within = {r.name: dispatcher.answer_within(r) for r in config.routes}
-    assert within == {"s": 2.5, "z": 2.5, "p": 4.5, "t": None, "o": 1.0, "l": None}
+    assert within == {
+        "s": 2.5,
+        "z": 2.5,
+        "p": 4.5,
+        "t": None,
+        "o": 1.0,
+        "l": None,
+        "sh": 4.0,
+        "sq": 9.0,
+        "g": 9.0,
+    }
     assert (
         dispatcher.answer_within(replace(config.routes[0], provider="x")) is None
     )  # its 3 s is the handshake
