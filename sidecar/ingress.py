@@ -25,6 +25,7 @@ from sidecar.config import RouteConfig
 from sidecar.dispatch import Dispatcher
 from sidecar.errors import StoreError, StoreUnavailable
 from sidecar.forwarder import Outcome, end_to_end, upstream_headers
+from sidecar.providers import mailgun
 from sidecar.providers.base import Handshake, Inbound, TimestampError, VerificationError, Verified
 from sidecar.routes import Route, target_url
 from sidecar.store import EventRecord
@@ -39,8 +40,6 @@ ROUTINE = frozenset(
     {"forwarded", "duplicate", "filtered", "handshake", "passthrough"}
 )  # DEBUG unless requests: all
 MAX_EVENT_ID_LEN = 256
-# the freshness window of the one provider with a signed nonce (Mailgun), for routes that set no `tolerance`
-NONCE_DEFAULT_WINDOW_S = 300.0
 
 
 def json_error(status: int, error: str, event_id: str | None = None, **extra: Any) -> web.Response:
@@ -302,7 +301,7 @@ class Ingress:
         or came with this body before (a provider retry, left to the claim), else the answer refusing it. Bound for
         as long as its timestamp passes the freshness check either way (twice the tolerance), plus a minute of
         clock skew between replicas; with no freshness check, for the dedupe window."""
-        window = cfg.tolerance if cfg.tolerance is not None else NONCE_DEFAULT_WINDOW_S
+        window = cfg.tolerance if cfg.tolerance is not None else mailgun.TOLERANCE_S
         ttl_s = 2 * window + 60 if window > 0 else self.dispatcher.config.dedupe.ttl
         try:
             fresh = await self.store.bind_nonce(

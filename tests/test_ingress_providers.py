@@ -204,7 +204,7 @@ async def test_ingress_auto_id_of_a_payload_without_one_is_its_signed_digest(
     body, headers = case.request(ts=int(time.time()), body=NO_ID_BODIES[key])
     first = await post(client, "r", body, headers)
     assert first.status == 200, await first.text()
-    expected = {"hubspot": "1", "sendgrid": "sg1"}.get(key, hashlib.sha256(body).hexdigest())
+    expected = {"hubspot": "3:2:1", "sendgrid": "sg1"}.get(key, hashlib.sha256(body).hexdigest())
     assert first.headers["X-Sidecar-Event-Id"] == expected
     again = await post(client, "r", body, headers)
     assert again.status == 200 and (await again.json())["duplicate"] is True
@@ -240,7 +240,32 @@ async def test_ingress_mailgun_token_is_single_use_across_bodies(
     assert (await post(client, "mg", fresh, headers)).status == 200
     assert [r.body for r in upstream.received] == [real, fresh]
     (key,) = rdb.keys("*:nonce:mailgun:" + token)
-    assert 0 < rdb.pttl(key) <= (2 * 300 + 60) * 1000  # as long as the timestamp could pass, plus clock skew
+    window = 8 * 3600 + 30 * 60
+    assert (
+        0 < rdb.pttl(key) <= (2 * window + 60) * 1000
+    )  # as long as the timestamp could pass, plus clock skew
+
+
+async def test_ingress_mailgun_retry_hours_later_with_the_first_signature_is_accepted_once(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """Mailgun retries for 8 hours, and a retry carries the first attempt's signature block: one that comes 4 h
+    later must still be accepted (the first attempt may have failed before the sidecar stored it), and again
+    after that it is a duplicate."""
+    from tests.providers.provider_cases import mailgun_body
+
+    client = await sidecar_factory(
+        '- name: mg\n  path: /in/mg\n  provider: mailgun\n  secrets: ["mg-good"]\n'
+    )
+    headers = {"Content-Type": "application/json"}
+    body = mailgun_body("mg-good", int(time.time()) - 4 * 3600, token="r" * 50, event_id="evt-late")
+    first = await post(client, "mg", body, headers)
+    assert first.status == 200, await first.text()
+    again = await post(client, "mg", body, headers)
+    assert again.status == 200 and (await again.json())["duplicate"] is True
+    assert [r.body for r in upstream.received] == [body]
+    stale = mailgun_body("mg-good", int(time.time()) - 9 * 3600, token="s" * 50, event_id="evt-stale")
+    assert (await post(client, "mg", stale, headers)).status == 401
 
 
 async def test_ingress_mailgun_legacy_form_post_without_event_id_is_delivered_once(

@@ -267,13 +267,12 @@ class SpecVerifier:
         if kind == "json":
             path = tuple(arg.split("."))
             return lambda req: _scalar(json_path(req.json(), path), body_signed)
-        if kind == "composite":
-            paths = tuple(tuple(tuple(alt.split(".")) for alt in part.split("|")) for part in arg.split(","))
-            return lambda req: _composite(req.json(), paths, body_signed)
         if kind == "body_sha256":  # no id in the payload: the signed bytes are the delivery's identity
             return lambda req: (hashlib.sha256(req.body).hexdigest(), body_signed)
-        path = tuple(arg.split("."))  # json[]: a batch
-        return lambda req: _batch(req.json(), path, body_signed)
+        parts = _parts(arg)
+        if kind == "composite":
+            return lambda req: _signed(_composite(req.json(), parts), body_signed)
+        return lambda req: _batch(req.json(), parts, body_signed)  # json[]: a batch
 
 
 _BODY_ONLY: tuple[bytes | str, ...] = ("body",)
@@ -324,37 +323,53 @@ def _scalar(value: Any, signed: bool) -> tuple[str, bool] | None:
     return None
 
 
-def _batch(body: Any, path: tuple[str, ...], signed: bool) -> tuple[str, bool] | None:
-    """A batch (a JSON array) identified by the ids of its elements, whatever else a resend changes in it
-    (HubSpot counts `attemptNumber` up): the one id of a batch of one, else a digest of the sorted distinct ids.
-    None when the body is no array or an element has no id. Per-element dedupe is the upstream's business."""
-    if not isinstance(body, list) or not body:
-        return None
-    ids = set()
-    for item in body:
-        found = _scalar(json_path(item, path), signed)
-        if found is None:
-            return None
-        ids.add(found[0])
-    if len(ids) == 1:
-        return ids.pop(), signed
-    return "batch:" + hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(), signed
+# A composite key: parts in order, each (optional?, alternatives), an alternative a JSON path
+Parts = tuple[tuple[bool, tuple[tuple[str, ...], ...]], ...]
 
 
-def _composite(
-    body: Any, paths: tuple[tuple[tuple[str, ...], ...], ...], signed: bool
-) -> tuple[str, bool] | None:
-    """A key built from several body fields (Zoom, Calendly): each part takes the first alternative present."""
-    parts = []
-    for alternatives in paths:
+def _parts(arg: str) -> Parts:
+    """`a.b|c,?d,e`: parts separated by `,`, alternatives by `|`; a part marked `?` may be absent."""
+    return tuple(
+        (part.startswith("?"), tuple(tuple(alt.split(".")) for alt in part.removeprefix("?").split("|")))
+        for part in arg.split(",")
+    )
+
+
+def _composite(body: Any, parts: Parts) -> str | None:
+    """A key built from body fields (Zoom, Calendly, a HubSpot notification): each part takes the first alternative
+    present; an optional part that is absent adds nothing, so adding one keeps the keys of payloads without it."""
+    found = []
+    for optional, alternatives in parts:
         for path in alternatives:
-            found = _scalar(json_path(body, path), signed)
-            if found is not None:
-                parts.append(found[0])
+            value = _scalar(json_path(body, path), True)
+            if value is not None:
+                found.append(value[0])
                 break
         else:
+            if not optional:
+                return None
+    return ":".join(found) if found else None
+
+
+def _signed(key: str | None, signed: bool) -> tuple[str, bool] | None:
+    return None if key is None else (key, signed)
+
+
+def _batch(body: Any, parts: Parts, signed: bool) -> tuple[str, bool] | None:
+    """A batch (a JSON array) identified by its elements' keys, whatever else a resend changes in it (HubSpot
+    counts `attemptNumber` up): the one key of a batch of one, else a digest of the sorted distinct keys.
+    None when the body is no array or an element has no key. Per-element dedupe is the upstream's business."""
+    if not isinstance(body, list) or not body:
+        return None
+    keys = set()
+    for item in body:
+        key = _composite(item, parts)
+        if key is None:
             return None
-    return ":".join(parts), signed
+        keys.add(key)
+    if len(keys) == 1:
+        return keys.pop(), signed
+    return "batch:" + hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest(), signed
 
 
 def _first(extractors: tuple[Extractor, ...], req: Request) -> tuple[str, bool] | None:

@@ -40,7 +40,8 @@ SPEC = SigSpec(
     tolerance_mode="past_only",
     check_ts_before_sig=True,
     # a batch, known by its elements' ids (a resend counts attemptNumber up, so its bytes differ)
-    dedup_id=("json[]:eventId", "body_sha256"),
+    # per notification (appId, portalId, subscriptionId, eventId): HubSpot does not promise eventId alone is unique
+    dedup_id=("json[]:?appId,?portalId,?subscriptionId,eventId", "body_sha256"),
     url_transform=signed_url,
     ts_window=fresh,
 )

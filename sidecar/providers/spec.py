@@ -218,5 +218,11 @@ def _validate_extractor(name: str, extractor: str) -> None:
     if kind not in ("header", "json", "json[]", "composite") or not arg:
         raise _bad(
             name,
-            f"{extractor!r} must be header:NAME, json:PATH, json[]:PATH, composite:PATH,… or body_sha256",
+            f"{extractor!r} must be header:NAME, json:PATH, json[]:PATH,… composite:PATH,… or body_sha256",
         )
+    if kind in ("json[]", "composite"):
+        parts = [part.removeprefix("?") for part in arg.split(",")]
+        if not all(alt and all(alt.split(".")) for part in parts for alt in part.split("|")):
+            raise _bad(name, f"{extractor!r} has an empty path (parts are PATH|PATH…, ?PATH when optional)")
+        if all(part.startswith("?") for part in arg.split(",")):
+            raise _bad(name, f"{extractor!r}: at least one part must be required (no leading ?)")

@@ -119,7 +119,14 @@ ZOOM = SigSpec(  # §13; Zoom publishes no window: ours is 300 s both ways. No e
     ts_source="header:x-zm-request-timestamp",
     tolerance_s=300,
     tolerance_mode="both",
-    dedup_id=("composite:event,event_ts,payload.account_id,payload.object.uuid|payload.object.id",),
+    # participant and registrant events name the meeting as their object: who joined, left or registered is part of
+    # the key (two participants admitted in the same millisecond are two events); absent parts add nothing
+    dedup_id=(
+        "composite:event,event_ts,payload.account_id,payload.object.uuid|payload.object.id,"
+        "?payload.object.participant.participant_uuid|payload.object.participant.user_id"
+        "|payload.object.participant.id|payload.object.participant.email|payload.object.participant.user_name,"
+        "?payload.object.registrant.id|payload.object.registrant.email",
+    ),
     event_type=("json:event",),
     handshake="zoom",
 )

@@ -214,7 +214,7 @@ def test_unsigned_handshake_is_none_for_other_providers() -> None:
         ),
         # no id in the payload (X): the digest of the signed bytes; a batch (HubSpot, SendGrid): its elements' ids
         ("x", b'{"for_user_id":"1","tweet_create_events":[]}', ("sha256", True, None)),
-        ("hubspot", b'[{"eventId":1,"subscriptionId":2,"portalId":3}]', ("1", True, None)),
+        ("hubspot", b'[{"eventId":1,"subscriptionId":2,"portalId":3}]', ("3:2:1", True, None)),
         ("sendgrid", b'[{"sg_event_id":"a"}]\r\n', ("a", True, None)),
         ("sendgrid", b'[{"sg_event_id":"a"},{"email":"no id"}]\r\n', ("sha256", True, None)),
         ("hmac", b'{"id":"acme-1"}', ("acme-1", True, None)),
@@ -235,6 +235,46 @@ def test_batch_is_known_by_its_elements_ids_whatever_else_a_resend_changes() -> 
     resend = b'[{"eventId":5,"attemptNumber":1},{"eventId":7,"attemptNumber":1}]'
     ids = {case.verify(*case.request(body=body)).event_id for body in (first, resend)}
     assert ids == {"batch:" + hashlib.sha256(b"5\n7").hexdigest()}
+
+
+def test_hubspot_notifications_are_known_by_app_portal_subscription_and_event_id() -> None:
+    """HubSpot does not promise `eventId` alone is unique: the same eventId from another portal, app or subscription
+    is another notification, and a batch keeps each element's whole key."""
+    case = CASES["hubspot"]
+
+    def key(body: bytes) -> str | None:
+        return case.verify(*case.request(body=body)).event_id
+
+    one = b'[{"appId":54321,"portalId":111,"subscriptionId":9001,"eventId":1001,"attemptNumber":0}]'
+    other_portal = b'[{"appId":54321,"portalId":222,"subscriptionId":9001,"eventId":1001,"attemptNumber":0}]'
+    other_sub = b'[{"appId":54321,"portalId":111,"subscriptionId":9002,"eventId":1001,"attemptNumber":0}]'
+    retry = b'[{"appId":54321,"portalId":111,"subscriptionId":9001,"eventId":1001,"attemptNumber":3}]'
+    assert key(one) == "54321:111:9001:1001" == key(retry)
+    assert len({key(one), key(other_portal), key(other_sub)}) == 3
+    pair = b'[{"portalId":1,"eventId":5},{"portalId":2,"eventId":5}]'
+    assert key(pair) == "batch:" + hashlib.sha256(b"1:5\n2:5").hexdigest()
+
+
+def test_zoom_participant_events_of_one_meeting_in_one_millisecond_are_distinct() -> None:
+    case = CASES["zoom"]
+
+    def joined(who: str) -> bytes:
+        return json.dumps(
+            {
+                "event": "meeting.participant_joined",
+                "event_ts": 1732530000123,
+                "payload": {
+                    "account_id": "acc1",
+                    "object": {"uuid": "mtg==", "id": 85, "participant": {"user_id": who, "user_name": who}},
+                },
+            }
+        ).encode()
+
+    alice, bob = (case.verify(*case.request(body=joined(w))).event_id for w in ("alice", "bob"))
+    assert alice == "meeting.participant_joined:1732530000123:acc1:mtg==:alice" and bob != alice
+    # events without a participant or registrant keep the key they had
+    started = b'{"event":"meeting.started","event_ts":1,"payload":{"account_id":"a","object":{"uuid":"u"}}}'
+    assert case.verify(*case.request(body=started)).event_id == "meeting.started:1:a:u"
 
 
 def test_pagerduty_header_id_then_signed_body_id() -> None:
@@ -521,6 +561,9 @@ SECRET = "do-not-leak-this-secret"
         ("hmac", [SECRET], {"sig_name": "x"}, "signature.dedup_id"),
         ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["body:id"]}, "signature.dedup_id"),
         ("hmac", [SECRET], {"sig_name": "x", "dedup_id": "json:id"}, "signature.dedup_id"),
+        ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["composite:a,,b"]}, "signature.dedup_id"),
+        ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["json[]:a|.b"]}, "signature.dedup_id"),
+        ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["composite:?a,?b"]}, "signature.dedup_id"),
         (
             "hmac",
             [SECRET],
