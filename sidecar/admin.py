@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import fcntl
 import hmac
 import json
@@ -30,6 +31,7 @@ import socket
 import struct
 import termios
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -56,6 +58,8 @@ REPLAY_BATCH = 100
 DRAIN_BATCH = 50
 # How long a drain waits for the client to take one line before it gives up (the item stays in the DLQ).
 DRAIN_LINE_TIMEOUT = 30.0
+# How long a drain holds an item it took: its line written, acknowledged (DRAIN_LINE_TIMEOUT at most), removed.
+DRAIN_LEASE_MS = int((DRAIN_LINE_TIMEOUT + 30.0) * 1000)
 
 _ID = re.compile(r"[0-9a-f]{1,64}")
 _ROUTE = re.compile(r"[a-z0-9_-]{1,100}")
@@ -435,21 +439,22 @@ class AdminApi:
         if dry_run:
             log.info("dlq replay dry run: %s would_replay=%d reason=%r", selector, len(ids), reason)
             return web.json_response({"would_replay": len(ids)})
-        counts = {"replayed": 0, "pending": 0, "delivered": 0}
-        now_ms = int(time.time() * 1000)
+        counts = {"replayed": 0, "pending": 0, "delivered": 0, "busy": 0}
+        now_ms, owner = int(time.time() * 1000), uuid.uuid4().hex
         for start in range(0, len(ids), REPLAY_BATCH):
             items = await dl.get_many(ids[start : start + REPLAY_BATCH])
-            for outcome in await asyncio.gather(*(dl.replay(i, now_ms, reason) for i in items)):
+            for outcome in await asyncio.gather(*(dl.replay(i, now_ms, reason, owner) for i in items)):
                 counts[outcome] += 1
         log.info(
-            "dlq replay: %s replayed=%d skipped_pending=%d obsolete_removed=%d reason=%r",
+            "dlq replay: %s replayed=%d skipped_pending=%d obsolete_removed=%d busy=%d reason=%r",
             selector,
             counts["replayed"],
             counts["pending"],
             counts["delivered"],
+            counts["busy"],
             reason,
         )
-        skipped = {"pending": counts["pending"], "delivered": counts["delivered"]}
+        skipped = {"pending": counts["pending"], "delivered": counts["delivered"], "busy": counts["busy"]}
         return web.json_response({"replayed": counts["replayed"], "skipped": skipped})
 
     async def selection(self, body: dict[str, Any], selector: str) -> tuple[str, list[str]]:
@@ -483,28 +488,39 @@ class AdminApi:
         ids = await dl.ids(route)  # a snapshot: items dead-lettered meanwhile wait for the next drain
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
-        drained, outcome = 0, "complete"
+        drained, busy, outcome, owner = 0, 0, "complete", uuid.uuid4().hex
+        held: DeadLetter | None = None  # taken, its line not yet acknowledged
         try:
             for start in range(0, len(ids), DRAIN_BATCH):
                 for item in await dl.get_many(ids[start : start + DRAIN_BATCH]):
+                    # only what this drain took: another drain or a replay on another replica has the rest
+                    if not await dl.take(item, owner, int(time.time() * 1000), DRAIN_LEASE_MS):
+                        busy += 1
+                        continue
+                    held = item
                     line = json.dumps(render_full(item), separators=(",", ":")) + "\n"
                     await resp.write(line.encode())
                     if not await peer_took_everything(request, DRAIN_LINE_TIMEOUT):
                         raise ConnectionResetError("the client went away or stopped reading")
                     drained += await dl.remove(item)
+                    held = None
             await resp.write_eof()
         except ConnectionError as exc:
             outcome = f"stopped: {exc}"
             cut_short(request)
+            if held is not None:  # give it back now rather than when the lease ends
+                with contextlib.suppress(StoreError):
+                    await dl.take(held, owner, int(time.time() * 1000), 0)
         except StoreError as exc:
             outcome = f"store error: {exc}"
             cut_short(request)
         finally:
             log.info(
-                "dlq drain: route=%s drained=%d of %d (%s) reason=%r",
+                "dlq drain: route=%s drained=%d of %d busy=%d (%s) reason=%r",
                 route or "*",
                 drained,
                 len(ids),
+                busy,
                 outcome,
                 reason,
             )

@@ -142,9 +142,14 @@ SCHEMAS: dict[str, Any] = {
                     "replayed": {"type": "integer"},
                     "skipped": {
                         "type": "object",
-                        "description": "items left alone: their event is already pending (kept in the DLQ) "
-                        "or was delivered meanwhile (item removed as obsolete)",
-                        "properties": {"pending": {"type": "integer"}, "delivered": {"type": "integer"}},
+                        "description": "items left alone: their event is already pending (kept in the DLQ), "
+                        "was delivered meanwhile (item removed as obsolete), or another drain or replay held "
+                        "the item (busy; it stays with that one)",
+                        "properties": {
+                            "pending": {"type": "integer"},
+                            "delivered": {"type": "integer"},
+                            "busy": {"type": "integer"},
+                        },
                     },
                 },
             },

@@ -14,6 +14,7 @@ Layout (`P` is `redis.prefix`, `s` the shard number):
     P:{dlq}:body                   HASH   dead-letter id -> raw body bytes
     P:{dlq}:r:<route>              ZSET   the route's dead letters, score = dead_at (ms)
     P:{dlq}:evicted                HASH   route -> dead letters evicted by the cap (a counter)
+    P:{dlq}:taken                  HASH   dead-letter id -> "<owner> <dead_at> <until ms>": held by a drain or replay
 
 Why the braces: every multi-key script touches keys of one hash tag only, so the same scripts run on a single
 Redis and on a Redis/Valkey Cluster. The shard of an event is a stable hash of (route, dedupe id), so its claim,
@@ -83,6 +84,9 @@ class KeySpace:
 
     def dlq_evicted(self) -> str:
         return f"{self.prefix}:{{dlq}}:evicted"
+
+    def dlq_taken(self) -> str:
+        return f"{self.prefix}:{{dlq}}:taken"
 
 
 def split_member(member: str) -> tuple[str, str]:

@@ -400,7 +400,7 @@ async def test_admin_dlq_replay_by_id_goes_through_worker_attempt_1_history_kept
     pending_before = (await admin.store.route_stats())["stripe"].get("pending", 0)
     with caplog.at_level(logging.INFO, logger="sidecar.admin"):
         resp = await admin.post("/admin/dlq/replay", {"ids": [item_id], "reason": "receiver fixed"})
-    assert (await resp.json()) == {"replayed": 1, "skipped": {"pending": 0, "delivered": 0}}
+    assert (await resp.json()) == {"replayed": 1, "skipped": {"pending": 0, "delivered": 0, "busy": 0}}
     assert rdb.zcard(KEYS.dlq_items()) == 0
     ev = await (await admin.get("/admin/events/stripe/evt_replay")).json()
     assert ev["state"] == "pending" and ev["attempts"] == 0 and ev["next_attempt_at"]
@@ -464,8 +464,9 @@ async def test_dead_letters_replay_twice_concurrently_schedules_once(admin: Admi
     item = await dl.get(item_id)
     assert item is not None
     now = int(time.time() * 1000)
-    outcomes = await asyncio.gather(*(dl.replay(item, now, "twice") for _ in range(10)))
-    assert sorted(outcomes) == ["pending"] * 9 + ["replayed"]
+    outcomes = await asyncio.gather(*(dl.replay(item, now, "twice", f"operator-{i}") for i in range(10)))
+    # one takes the item and replays it; the others find it held (or gone, removed by the one)
+    assert sorted(outcomes) == ["busy"] * 9 + ["replayed"]
     shard = KEYS.shard_of("stripe", "evt_00000")
     assert rdb.zcard(KEYS.schedule(shard)) == 1
     assert (await admin.store.route_stats())["stripe"]["pending"] == 1
@@ -483,11 +484,11 @@ async def test_admin_dlq_replay_crash_between_schedule_and_remove_loses_nothing(
     assert await dl.schedule(item, int(time.time() * 1000), "crash") == "replayed"  # step 1 only: the "crash"
     assert rdb.zcard(KEYS.dlq_items()) == 1
     second = await admin.post("/admin/dlq/replay", {"ids": [item_id]})
-    assert (await second.json()) == {"replayed": 0, "skipped": {"pending": 1, "delivered": 0}}
+    assert (await second.json()) == {"replayed": 0, "skipped": {"pending": 1, "delivered": 0, "busy": 0}}
     assert rdb.zcard(KEYS.dlq_items()) == 1  # kept while the event is pending
     await deliver(admin, upstream, 1)
     third = await admin.post("/admin/dlq/replay", {"ids": [item_id]})
-    assert (await third.json()) == {"replayed": 0, "skipped": {"pending": 0, "delivered": 1}}
+    assert (await third.json()) == {"replayed": 0, "skipped": {"pending": 0, "delivered": 1, "busy": 0}}
     assert rdb.zcard(KEYS.dlq_items()) == 0
     for _ in range(3):
         await admin.worker.run_once()
@@ -510,6 +511,12 @@ async def test_admin_dlq_replay_keeps_a_newer_dead_letter_of_the_same_event(
     assert new is not None and new.dead_ms > old.dead_ms
     assert not await dl.remove(old)
     assert rdb.zscore(KEYS.dlq_items(), item_id) == new.dead_ms
+    # a replay working from the copy read before (another operator's, on another replica) sends nothing again
+    # and leaves the new version's history alone
+    assert await dl.replay(old, int(time.time() * 1000), "stale copy", "operator-b") == "busy"
+    for _ in range(3):
+        await admin.worker.run_once()
+    assert upstream.ids() == ["evt_00000"]
     shown = await (await admin.get(f"/admin/dlq/{item_id}")).json()
     assert [("replayed_at" in h) for h in shown["history"]] == [False, True, False]
 
@@ -666,6 +673,72 @@ async def test_admin_dlq_drain_cut_off_after_10_lines_leaves_90(admin: Admin, rd
     assert rdb.zcard(KEYS.dlq_items()) == 90
     left = {m.decode() for m in rdb.zrange(KEYS.dlq_items(), 0, -1)}
     assert not left & {json.loads(line)["id"] for line in lines}
+
+
+def drain_slowly(port: int, pause: float) -> list[bytes]:
+    """A whole drain read by a slow client (small receive buffer, a pause after each chunk): its NDJSON lines."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(20)
+    try:
+        sock.connect(("127.0.0.1", port))
+        request = (
+            "POST /admin/dlq/drain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{{}}"
+        )
+        sock.sendall(request.encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += _read_exactly(sock, 1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        data = b""
+        for _ in range(100_000):
+            size = int(_read_line(sock).strip(), 16)
+            if size == 0:
+                break
+            data += _read_exactly(sock, size)
+            _read_exactly(sock, 2)
+            time.sleep(pause)
+        return data.splitlines()
+    finally:
+        sock.close()
+
+
+async def test_admin_two_drains_at_once_hand_out_each_item_once(admin: Admin, rdb: redis.Redis) -> None:
+    """Two operators draining at once (two replicas, one store): every item goes to exactly one of them. Before,
+    each drain wrote an item's line before removing it, so both wrote the items they met at the same time."""
+    ids = await bury_many(admin.store, 40, body=json.dumps({"pad": "x" * 32_000}).encode())
+    port = admin.http.server.port
+    first, second = await asyncio.gather(
+        asyncio.to_thread(drain_slowly, port, 0.002), asyncio.to_thread(drain_slowly, port, 0.002)
+    )
+    got_first = [json.loads(line)["id"] for line in first]
+    got_second = [json.loads(line)["id"] for line in second]
+    assert not set(got_first) & set(got_second)
+    assert sorted(got_first + got_second) == sorted(ids)
+    assert got_first and got_second  # both took part
+    assert rdb.zcard(KEYS.dlq_items()) == 0 and rdb.hlen(KEYS.dlq_taken()) == 0
+
+
+async def test_admin_replay_skips_an_item_a_drain_holds_and_takes_it_once_released(
+    admin: Admin, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    [item_id] = await bury_many(admin.store, 1)
+    dl = DeadLetters(admin.store)
+    item = await dl.get(item_id)
+    assert item is not None
+    now = int(time.time() * 1000)
+    assert await dl.take(item, "a-drain", now, 60_000)  # a drain on another replica has written its line
+    busy = await admin.post("/admin/dlq/replay", {"ids": [item_id]})
+    assert (await busy.json()) == {"replayed": 0, "skipped": {"pending": 0, "delivered": 0, "busy": 1}}
+    for _ in range(3):
+        await admin.worker.run_once()
+    assert upstream.ids() == [] and rdb.zcard(KEYS.dlq_items()) == 1
+    assert await dl.take(item, "a-drain", now, 0)  # that drain failed and gave it back
+    again = await admin.post("/admin/dlq/replay", {"ids": [item_id]})
+    assert (await again.json())["replayed"] == 1
+    await deliver(admin, upstream, 1)
+    assert upstream.ids() == ["evt_00000"] and rdb.hlen(KEYS.dlq_taken()) == 0
 
 
 # -- events -----------------------------------------------------------------------------------------------------

@@ -220,7 +220,7 @@ async def test_cluster_dead_letters_replay_through_the_same_schedule(
         assert await dlq.count("stripe") == 5
         items = await dlq.get_many(await dlq.ids("stripe"))
         outcomes = await asyncio.gather(
-            *(dlq.replay(item, int(time.time() * 1000), "cluster test") for item in items)
+            *(dlq.replay(item, int(time.time() * 1000), "cluster test", "op") for item in items)
         )
         assert set(outcomes) == {"replayed"}
         assert await dlq.count("stripe") == 0

@@ -7,6 +7,9 @@ path's. The ordering guarantees that make the admin API crash-safe live here:
   (`dlq_remove.lua`, only if it is still the version that was read). A crash in between leaves the item in the
   DLQ; replaying it again is a no-op because the event is pending by then.
 - drain / delete: the caller removes an item only after it has handed the item on (`remove`).
+- drain and replay take each item first (`take`, dlq_take.lua): of two drains, or a drain and a replay, on two
+  replicas, only one acts on an item; the other skips it. A taken item is held for a lease, so one whose drain or
+  replay died comes back.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Literal
 from sidecar.store.records import history_dicts
 from sidecar.store.redis_store import RedisStore
 
-ReplayOutcome = Literal["replayed", "pending", "delivered"]
+ReplayOutcome = Literal["replayed", "pending", "delivered", "busy"]
 ForgetOutcome = Literal["forgotten", "pending", "missing"]
 
 # Reading many items: one HMGET per this many ids (bounded replies, no huge single command).
@@ -30,6 +33,8 @@ _CHUNK = 200
 # with it for more than a few milliseconds at a time (dlq.max_length bounds the number of steps).
 _SCAN_STEP = 250
 _MAX_SCAN_STEPS = 100_000
+# How long a replay holds an item between taking it and removing it (two script calls).
+REPLAY_LEASE_MS = 60_000
 
 
 def _script(name: str) -> str:
@@ -113,6 +118,7 @@ class DeadLetters:
         self._page = register(_script("dlq_page"))
         self._scan_step = register(_script("dlq_scan"))
         self._remove = register(_script("dlq_remove"))
+        self._take = register(_script("dlq_take"))
         self._replay = register(_script("replay"))
         self._forget = register(_script("forget"))
 
@@ -227,18 +233,30 @@ class DeadLetters:
     async def remove(self, item: DeadLetter) -> bool:
         """Remove `item` if it is still the version read (see dlq_remove.lua). False when gone or replaced."""
         k = self.keys
-        keys = [k.dlq_items(), k.dlq_data(), k.dlq_body(), k.dlq_route(item.route)]
+        keys = [k.dlq_items(), k.dlq_data(), k.dlq_body(), k.dlq_route(item.route), k.dlq_taken()]
         return bool(await self.store.guard(lambda: self._remove(keys=keys, args=[item.id, item.dead_ms])))
 
-    async def replay(self, item: DeadLetter, now_ms: int, reason: str) -> ReplayOutcome:
-        """Schedule the item's event due now, then remove the item. See the module docstring.
+    async def take(self, item: DeadLetter, owner: str, now_ms: int, lease_ms: int) -> bool:
+        """Hold `item` (the version read) for `owner` for `lease_ms`; False when it is gone, replaced, or held by
+        another drain or replay (dlq_take.lua)."""
+        keys = [self.keys.dlq_items(), self.keys.dlq_taken()]
+        args = [item.id, item.dead_ms, owner, now_ms, lease_ms]
+        return bool(await self.store.guard(lambda: self._take(keys=keys, args=args)))
 
-        An event already pending or in flight keeps its dead letter (it may be one being buried right now, between
+    async def replay(self, item: DeadLetter, now_ms: int, reason: str, owner: str) -> ReplayOutcome:
+        """Take the item, schedule its event due now, then remove the item. See the module docstring.
+
+        "busy": another drain or replay holds it, or it was replayed and buried again since it was read. An event
+        already pending or in flight keeps its dead letter (it may be one being buried right now, between
         dlq_add.lua and dead.lua); one already delivered makes the item obsolete, so it is removed.
         """
+        if not await self.take(item, owner, now_ms, REPLAY_LEASE_MS):
+            return "busy"
         state = await self.schedule(item, now_ms, reason)
         if state in ("replayed", "delivered"):
             await self.remove(item)
+        else:  # kept while its event is pending: held no longer
+            await self.take(item, owner, now_ms, 0)
         return state
 
     async def schedule(self, item: DeadLetter, now_ms: int, reason: str) -> ReplayOutcome:

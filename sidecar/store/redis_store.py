@@ -442,7 +442,14 @@ class RedisStore:
             "history": full_history,
         }
         k = self.keys
-        dlq_keys = [k.dlq_items(), k.dlq_data(), k.dlq_body(), k.dlq_route(rec.route), k.dlq_evicted()]
+        dlq_keys = [
+            k.dlq_items(),
+            k.dlq_data(),
+            k.dlq_body(),
+            k.dlq_route(rec.route),
+            k.dlq_evicted(),
+            k.dlq_taken(),
+        ]
         dlq_args = [item_id, now_ms, json.dumps(item), rec.body, self._dlq_max, k.dlq_route_prefix()]
         raw = await self._call(lambda: self._dlq_add(keys=dlq_keys, args=dlq_args))
         evicted = [

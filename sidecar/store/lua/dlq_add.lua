@@ -7,6 +7,7 @@
 -- KEYS[3] - item body hash (id -> raw body)
 -- KEYS[4] - this item's route zset
 -- KEYS[5] - evictions counter hash (route -> count)
+-- KEYS[6] - taken hash (dlq_take.lua): an evicted item's mark goes with it
 -- ARGV[1] - item id
 -- ARGV[2] - dead_at (ms)
 -- ARGV[3] - item JSON (must carry "route" and "event_id")
@@ -36,6 +37,7 @@ if over > 0 then
     redis.call('ZREM', ARGV[6] .. route, id)
     redis.call('HDEL', KEYS[2], id)
     redis.call('HDEL', KEYS[3], id)
+    redis.call('HDEL', KEYS[6], id)
     redis.call('HINCRBY', KEYS[5], route, 1)
     table.insert(out, id)
     table.insert(out, route)

@@ -5,6 +5,7 @@
 -- KEYS[2] - item data hash
 -- KEYS[3] - item body hash
 -- KEYS[4] - the item's route zset
+-- KEYS[5] - taken hash (dlq_take.lua): the item's mark goes with it
 -- ARGV[1] - item id
 -- ARGV[2] - dead_at (ms) the caller read
 -- returns 1 when removed, 0 when gone or replaced by a newer version
@@ -16,4 +17,5 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
 return 1
