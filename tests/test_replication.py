@@ -251,3 +251,50 @@ def test_run_refuses_wait_replicas_with_an_embedded_store_url(
     )
     assert main(["run", "--config", str(cfg), "--redis-url", "embedded"]) == 1
     assert "redis.wait_replicas: the embedded store has no replicas" in capsys.readouterr().err
+
+
+async def test_store_dead_letters_and_replays_wait_for_the_replica(
+    pair: tuple[ValkeyServer, ValkeyServer],
+) -> None:
+    """On a cluster the dead letter ({dlq}) and the event's mark live on different nodes: a failover that kept the
+    `dead` mark but lost the dead letter left an event answered 2xx that nobody held (an external audit: 273 of
+    400). The dead letter, and a replay's new schedule, are acknowledged only once the replica holds them."""
+    from sidecar.errors import StoreUnavailable
+    from sidecar.keys import KeySpace
+    from sidecar.store import RedisStore
+    from sidecar.store.dead_letters import DeadLetters
+    from tests.test_store import entry, record
+
+    primary, replica = pair
+    keys = KeySpace("sidecar", 4)
+    store = RedisStore.connect(
+        primary.connection_url, keys, dedupe_ttl=3600, dlq_max_length=10, wait_replicas=1, wait_timeout=0.3
+    )
+    try:
+        now = int(time.time() * 1000)
+        rec = record("evt_d1")
+        assert (await store.claim(rec, now, 30_000)).claimed
+        _pause(replica, True)
+        with pytest.raises(StoreUnavailable, match="replicas"):
+            await store.bury(rec, 1, entry(1, 400), [], now, "rejected")
+        with redis.Redis(
+            port=primary.port
+        ) as p:  # not marked dead: its lease brings it back to be buried again
+            assert p.hget(keys.locate("stripe", "evt_d1")[0], "st") == b"f"
+        _pause(replica, False)
+        item_id, _ = await store.bury(rec, 1, entry(1, 400), [], now + 1, "rejected")
+        with redis.Redis(port=replica.port) as r:
+            assert r.zscore(keys.dlq_items(), item_id) == now + 1
+            assert r.hget(keys.locate("stripe", "evt_d1")[0], "st") == b"x"
+
+        dl = DeadLetters(store)
+        item = await dl.get(item_id)
+        assert item is not None
+        _pause(replica, True)
+        with pytest.raises(StoreUnavailable, match="replicas"):
+            await dl.replay(item, now + 2, "after the fix", "operator")
+        _pause(replica, False)
+        with redis.Redis(port=primary.port) as p:  # the dead letter stays until the replica has the schedule
+            assert p.zscore(keys.dlq_items(), item_id) is not None
+    finally:
+        await store.close()

@@ -119,7 +119,6 @@ class DeadLetters:
         self._scan_step = register(_script("dlq_scan"))
         self._remove = register(_script("dlq_remove"))
         self._take = register(_script("dlq_take"))
-        self._replay = register(_script("replay"))
         self._forget = register(_script("forget"))
 
     def _index(self, route: str | None) -> str:
@@ -281,7 +280,7 @@ class DeadLetters:
             route,
         ]
         keys = [self.keys.event(shard, member), self.keys.schedule(shard), self.keys.stats(shard)]
-        res = await self.store.guard(lambda: self._replay(keys=keys, args=args))
+        res = await self.store.reschedule(keys, args)
         if int(res[0]) == 1:
             return "replayed"
         return "delivered" if res[1] == b"d" else "pending"

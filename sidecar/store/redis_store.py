@@ -190,6 +190,7 @@ class RedisStore:
         self._dlq_add = FastScript(fast, _script("dlq_add"))
         self._defer = FastScript(fast, _script("defer"))
         self._nonce = FastScript(fast, _script("nonce"))  # Mailgun routes only: loaded on first use
+        self._replay = FastScript(fast, _script("replay"))  # the admin API's replays
 
     @classmethod
     def connect(
@@ -451,7 +452,10 @@ class RedisStore:
             k.dlq_taken(),
         ]
         dlq_args = [item_id, now_ms, json.dumps(item), rec.body, self._dlq_max, k.dlq_route_prefix()]
-        raw = await self._call(lambda: self._dlq_add(keys=dlq_keys, args=dlq_args))
+        # With `redis.wait_replicas`, the dead letter is on the replicas before the event is marked dead: on a
+        # cluster the two live on different nodes, and a failover that kept the mark but lost the dead letter would
+        # leave an event answered 2xx that nobody holds (a resend is a duplicate, and there is nothing to replay).
+        raw = await self._call(lambda: self._dlq_add(keys=dlq_keys, args=dlq_args, wait=self._wait))
         evicted = [
             Evicted(raw[i].decode(), raw[i + 1].decode(), raw[i + 2].decode()) for i in range(0, len(raw), 3)
         ]
@@ -468,6 +472,12 @@ class RedisStore:
         ]
         await self._call(lambda: self._dead(keys=[ev, sched, stats], args=dead_args))
         return item_id, evicted
+
+    async def reschedule(self, keys: list[str], args: list[Any]) -> Any:
+        """replay.lua (a dead event back on its schedule), answered once `redis.wait_replicas` replicas hold it:
+        the caller removes the dead letter next, on another node on a cluster, and a failover must not keep that
+        removal but lose the event's new schedule."""
+        return await self._call(lambda: self._replay(keys=keys, args=args, wait=self._wait))
 
     # -- the retry worker -----------------------------------------------------------------------------------------
 
