@@ -373,7 +373,9 @@ class AdminApi:
 
     async def known_route(self, route: Any) -> str:
         """A configured route, or one that still has dead letters (its config was removed); else 404."""
-        if not isinstance(route, str) or not _ROUTE.fullmatch(route):
+        if not isinstance(route, str):
+            raise bad_request('"route" must be a route name (a string)')
+        if not _ROUTE.fullmatch(route):
             raise not_found(f"no route {str(route)[:100]!r}")
         if route not in self.configured_routes() and not await self.dead_letters().count(route):
             raise not_found(f"no route {route!r}")

@@ -52,7 +52,25 @@ SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
         "required": ["error"],
-        "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+        "properties": {
+            "error": {"type": "string"},
+            "detail": {"type": "string"},
+            "ids": {"type": "array", "items": {"type": "string"}, "description": "a replay's unknown ids"},
+        },
+    },
+    "Deleted": {
+        "type": "object",
+        "required": ["deleted", "id"],
+        "properties": {"deleted": {"const": True}, "id": {"type": "string"}},
+    },
+    "Forgotten": {
+        "type": "object",
+        "required": ["forgotten", "route", "event_id"],
+        "properties": {
+            "forgotten": {"const": True},
+            "route": {"type": "string"},
+            "event_id": {"type": "string"},
+        },
     },
     "HistoryEntry": {
         "description": "one attempt (at, attempt, status or error, duration_ms) or a replay marker "
@@ -210,8 +228,17 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+# What any request can be answered, before its handler runs
+_COMMON = {
+    "400": _error("`bad_request`: a malformed request, or a request line or header over 8 KB"),
+    "405": _error("`method_not_allowed`"),
+    "413": _error("`body_too_large`: a body over 1 MiB"),
+}
+
+
 def _op(summary: str, responses: dict[str, Any], *, auth: bool = True, **extra: Any) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, **extra, "responses": {**responses, **(_AUTH if auth else {})}}
+    answers = {**_COMMON, **responses, **(_AUTH if auth else {})}
+    op: dict[str, Any] = {"summary": summary, **extra, "responses": dict(sorted(answers.items()))}
     if not auth:
         op["security"] = []
     return op
@@ -270,7 +297,12 @@ PATHS: dict[str, Any] = {
         ),
         "delete": _op(
             "delete one dead letter",
-            {"200": _json({"type": "object"}, "deleted"), "404": _error("unknown id"), **_STORE},
+            {
+                "200": _json(_ref("Deleted"), "deleted"),
+                "400": _error("reason over 1000 characters"),
+                "404": _error("unknown id"),
+                **_STORE,
+            },
             parameters=[_REASON],
         ),
     },
@@ -310,7 +342,8 @@ PATHS: dict[str, Any] = {
         "delete": _op(
             "forget a delivered or dead event's claim, so the provider's next send is processed again",
             {
-                "200": _json({"type": "object"}, "forgotten"),
+                "200": _json(_ref("Forgotten"), "forgotten"),
+                "400": _error("reason over 1000 characters"),
                 "404": _error("unknown route or event"),
                 "409": _error("`event_pending`: pending or in flight, refused"),
                 **_STORE,

@@ -411,9 +411,26 @@ class JsonErrorHandler(RequestHandler):
         )
         if request.writer.output_size > 0:  # some of an answer is out: the connection is broken
             raise ConnectionError("an answer was partly sent, cannot send the error")
-        resp = web.json_response({"error": "bad_request", "detail": message or str(exc)}, status=status)
+        detail = (
+            _PARSE_ERRORS.get(type(exc).__name__, "malformed HTTP request") if exc is not None else message
+        )
+        resp = web.json_response({"error": "bad_request", "detail": detail or "bad request"}, status=status)
         resp.force_close()
         return resp
+
+
+# What a refused request is told: aiohttp's own message quotes the request (its line, a header, bytes reprs)
+_PARSE_ERRORS = {
+    "LineTooLong": "the request line or a header is too long",
+    "BadHttpMethod": "not an HTTP request method",
+    "BadStatusLine": "malformed request line",
+    "InvalidURLError": "malformed request target",
+    "InvalidHeader": "malformed header",
+    "TransferEncodingError": "malformed chunked body",
+    "ContentLengthError": "body shorter than its Content-Length",
+    "ContentEncodingError": "body does not match its Content-Encoding",
+    "DecompressSizeError": "body too large once decompressed",
+}
 
 
 class JsonErrorServer(web.Server):

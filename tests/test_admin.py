@@ -877,6 +877,44 @@ async def test_admin_openapi_served_behind_auth(admin: Admin) -> None:
     assert resp.status == 200 and (await resp.json()) == json.loads(json.dumps(document()))
 
 
+async def test_admin_answers_match_the_openapi_document(admin: Admin) -> None:
+    """Every answer an external check met (status and body) is one the document lists for that operation."""
+    from jsonschema import Draft202012Validator
+
+    [item_id] = await bury_many(admin.store, 1)
+    doc = json.loads(json.dumps(document()))
+    cases = [
+        ("delete", "/admin/dlq/{id}", f"/admin/dlq/{item_id}?reason=" + "r" * 1001, None),
+        ("post", "/admin/dlq/replay", "/admin/dlq/replay", {"route": 5}),
+        ("post", "/admin/dlq/drain", "/admin/dlq/drain", {"route": None}),
+        ("post", "/admin/dlq/replay", "/admin/dlq/replay", {"ids": ["0" * 24]}),
+        ("post", "/admin/dlq/replay", "/admin/dlq/replay", {"pad": "x" * (1 << 20)}),
+        ("delete", "/admin/events/{route}/{event_id}", "/admin/events/stripe/evt_00000", None),
+        ("delete", "/admin/dlq/{id}", f"/admin/dlq/{item_id}", None),
+    ]
+    seen = []
+    for method, template, url, body in cases:
+        data = io.BytesIO(json.dumps(body).encode()) if body is not None else None
+        headers = {**AUTH, "Content-Type": "application/json"}
+        resp = await admin.http.request(method.upper(), url, data=data, headers=headers)
+        listed = doc["paths"][template][method]["responses"]
+        assert str(resp.status) in listed, (method, url[:60], resp.status)
+        schema = listed[str(resp.status)]["content"]["application/json"]["schema"]
+        schema = (
+            {**schema, "components": doc["components"]}
+            if "$ref" not in schema
+            else {
+                "$ref": schema["$ref"],
+                "components": doc["components"],
+            }
+        )
+        Draft202012Validator(schema).validate(await resp.json())
+        seen.append(resp.status)
+    assert seen == [400, 400, 400, 404, 413, 200, 200]
+    wrong = await admin.http.request("PUT", "/admin/stats", headers=AUTH)
+    assert wrong.status == 405 and "405" in doc["paths"]["/admin/stats"]["get"]["responses"]
+
+
 # -- property: no 5xx, errors are JSON --------------------------------------------------------------------------
 
 _TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
