@@ -468,6 +468,7 @@ async def test_store_settings_that_can_lose_events_are_named(tmp_path) -> None:
         ),
         (redis.exceptions.SlotNotCoveredError("Slot 5 is not covered by the cluster."), True),
         (redis.exceptions.ResponseError("MASTERDOWN Link with MASTER is down"), True),
+        (redis.exceptions.ClusterError("TTL exhausted."), True),  # redirects during a failover or migration
         # mistakes in the call itself stay store errors (logged), whichever client met them
         (redis.exceptions.RedisClusterException("Keys in request don't hash to the same slot"), False),
         ("ERR Error running script (call to f_1): @user_script:1: oops", False),

@@ -81,6 +81,9 @@ def _translate(exc: BaseException) -> StoreError:
         isinstance(exc, rexc.RedisClusterException) and any(m in str(exc) for m in _CLUSTER_UNREACHABLE)
     ):
         return StoreUnavailable(f"store unreachable: {exc}")
+    if isinstance(exc, rexc.ClusterError) and "TTL exhausted" in str(exc):
+        # redis-py's cluster client gave up following redirects: a failover or a slot migration under way
+        return StoreUnavailable(f"store busy: cluster redirects exhausted ({exc})")
     if isinstance(exc, rexc.TryAgainError | rexc.ClusterDownError) or (
         isinstance(exc, ReplyError | rexc.ResponseError) and str(exc).startswith(_PASSING)
     ):
