@@ -58,8 +58,9 @@ REPLAY_BATCH = 100
 DRAIN_BATCH = 50
 # How long a drain waits for the client to take one line before it gives up (the item stays in the DLQ).
 DRAIN_LINE_TIMEOUT = 30.0
-# How long a drain holds an item it took: its line written, acknowledged (DRAIN_LINE_TIMEOUT at most), removed.
-DRAIN_LEASE_MS = int((DRAIN_LINE_TIMEOUT + 30.0) * 1000)
+# How long a drain holds an item it took: its line written and acknowledged (DRAIN_LINE_TIMEOUT at most each),
+# then removed (one store call, redis.timeout at most).
+DRAIN_LEASE_MS = int((2 * DRAIN_LINE_TIMEOUT + 30.0) * 1000)
 
 _ID = re.compile(r"[0-9a-f]{1,64}")
 _ROUTE = re.compile(r"[a-z0-9_-]{1,100}")
@@ -441,22 +442,23 @@ class AdminApi:
         if dry_run:
             log.info("dlq replay dry run: %s would_replay=%d reason=%r", selector, len(ids), reason)
             return web.json_response({"would_replay": len(ids)})
-        counts = {"replayed": 0, "pending": 0, "delivered": 0, "busy": 0}
+        counts = {"replayed": 0, "pending": 0, "delivered": 0, "busy": 0, "gone": 0}
         now_ms, owner = int(time.time() * 1000), uuid.uuid4().hex
         for start in range(0, len(ids), REPLAY_BATCH):
             items = await dl.get_many(ids[start : start + REPLAY_BATCH])
             for outcome in await asyncio.gather(*(dl.replay(i, now_ms, reason, owner) for i in items)):
                 counts[outcome] += 1
         log.info(
-            "dlq replay: %s replayed=%d skipped_pending=%d obsolete_removed=%d busy=%d reason=%r",
+            "dlq replay: %s replayed=%d skipped_pending=%d obsolete_removed=%d busy=%d gone=%d reason=%r",
             selector,
             counts["replayed"],
             counts["pending"],
             counts["delivered"],
             counts["busy"],
+            counts["gone"],
             reason,
         )
-        skipped = {"pending": counts["pending"], "delivered": counts["delivered"], "busy": counts["busy"]}
+        skipped = {k: counts[k] for k in ("pending", "delivered", "busy", "gone")}
         return web.json_response({"replayed": counts["replayed"], "skipped": skipped})
 
     async def selection(self, body: dict[str, Any], selector: str) -> tuple[str, list[str]]:
@@ -490,18 +492,21 @@ class AdminApi:
         ids = await dl.ids(route)  # a snapshot: items dead-lettered meanwhile wait for the next drain
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
-        drained, busy, outcome, owner = 0, 0, "complete", uuid.uuid4().hex
+        drained, skipped, outcome, owner = 0, 0, "complete", uuid.uuid4().hex
         held: DeadLetter | None = None  # taken, its line not yet acknowledged
         try:
             for start in range(0, len(ids), DRAIN_BATCH):
                 for item in await dl.get_many(ids[start : start + DRAIN_BATCH]):
                     # only what this drain took: another drain or a replay on another replica has the rest
-                    if not await dl.take(item, owner, int(time.time() * 1000), DRAIN_LEASE_MS):
-                        busy += 1
+                    if await dl.take(item, owner, DRAIN_LEASE_MS) != "taken":
+                        skipped += 1  # another drain or a replay has it, or it was removed meanwhile
                         continue
                     held = item
                     line = json.dumps(render_full(item), separators=(",", ":")) + "\n"
-                    await resp.write(line.encode())
+                    try:  # a client that stops reading a large line holds the write: bounded like the ack
+                        await asyncio.wait_for(resp.write(line.encode()), DRAIN_LINE_TIMEOUT)
+                    except TimeoutError as exc:
+                        raise ConnectionResetError("the client stopped reading") from exc
                     if not await peer_took_everything(request, DRAIN_LINE_TIMEOUT):
                         raise ConnectionResetError("the client went away or stopped reading")
                     drained += await dl.remove(item)
@@ -510,19 +515,24 @@ class AdminApi:
         except ConnectionError as exc:
             outcome = f"stopped: {exc}"
             cut_short(request)
-            if held is not None:  # give it back now rather than when the lease ends
-                with contextlib.suppress(StoreError):
-                    await dl.take(held, owner, int(time.time() * 1000), 0)
         except StoreError as exc:
             outcome = f"store error: {exc}"
             cut_short(request)
+        except asyncio.CancelledError:  # the client went away while the handler waited
+            outcome = "stopped: cancelled"
+            raise
         finally:
+            if (
+                held is not None
+            ):  # its line may not have reached the client: give it back, not at the lease's end
+                with contextlib.suppress(StoreError):
+                    await dl.take(held, owner, 0)
             log.info(
-                "dlq drain: route=%s drained=%d of %d busy=%d (%s) reason=%r",
+                "dlq drain: route=%s drained=%d of %d skipped=%d (%s) reason=%r",
                 route or "*",
                 drained,
                 len(ids),
-                busy,
+                skipped,
                 outcome,
                 reason,
             )

@@ -911,6 +911,12 @@ def cmd_replay(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> i
             out.write(f"skipped {skipped['pending']}: already pending (kept in the DLQ)\n")
         if skipped.get("delivered"):
             out.write(f"removed {skipped['delivered']}: already delivered\n")
+        if skipped.get("busy"):
+            out.write(
+                f"skipped {skipped['busy']}: another drain or replay has them (run again to see what is left)\n"
+            )
+        if skipped.get("gone"):
+            out.write(f"skipped {skipped['gone']}: removed or replayed by someone else meanwhile\n")
     return EXIT_OK
 
 

@@ -161,12 +161,14 @@ SCHEMAS: dict[str, Any] = {
                     "skipped": {
                         "type": "object",
                         "description": "items left alone: their event is already pending (kept in the DLQ), "
-                        "was delivered meanwhile (item removed as obsolete), or another drain or replay held "
-                        "the item (busy; it stays with that one)",
+                        "was delivered meanwhile (item removed as obsolete), another drain or replay held the "
+                        "item (busy: it stays with that one), or it was removed or replayed and dead-lettered "
+                        "again since it was read (gone)",
                         "properties": {
                             "pending": {"type": "integer"},
                             "delivered": {"type": "integer"},
                             "busy": {"type": "integer"},
+                            "gone": {"type": "integer"},
                         },
                     },
                 },

@@ -25,7 +25,6 @@ from sidecar.config import RouteConfig
 from sidecar.dispatch import Dispatcher
 from sidecar.errors import StoreError, StoreUnavailable
 from sidecar.forwarder import Outcome, end_to_end, upstream_headers
-from sidecar.providers import mailgun
 from sidecar.providers.base import Handshake, Inbound, TimestampError, VerificationError, Verified
 from sidecar.routes import Route, target_url
 from sidecar.store import EventRecord
@@ -295,14 +294,14 @@ class Ingress:
         return resp
 
     async def _spend_nonce(
-        self, cfg: RouteConfig, nonce: str, body: bytes, result: Result
+        self, cfg: RouteConfig, verified: Verified, body: bytes, result: Result
     ) -> web.StreamResponse | None:
         """A signed single-use value (Mailgun's token, which signs no body) bound to this body: None when it is new
         or came with this body before (a provider retry, left to the claim), else the answer refusing it. Bound for
-        as long as its timestamp passes the freshness check either way (twice the tolerance), plus a minute of
-        clock skew between replicas; with no freshness check, for the dedupe window."""
-        window = cfg.tolerance if cfg.tolerance is not None else mailgun.TOLERANCE_S
-        ttl_s = 2 * window + 60 if window > 0 else self.dispatcher.config.dedupe.ttl
+        as long as its timestamp passes the verifier's freshness check either way (twice its tolerance), plus a
+        minute of clock skew between replicas; with no freshness check, for the dedupe window."""
+        nonce, window = verified.nonce or "", verified.nonce_window
+        ttl_s = 2 * window + 60 if window else self.dispatcher.config.dedupe.ttl
         try:
             fresh = await self.store.bind_nonce(
                 cfg.provider, nonce, hashlib.sha256(body).hexdigest(), int(ttl_s * 1000)
@@ -347,7 +346,7 @@ class Ingress:
                 return await self._pass_through(request, route, body, None, span, result)
             return answer_handshake(handshake)
         if verified.nonce is not None:
-            refused = await self._spend_nonce(cfg, verified.nonce, body, result)
+            refused = await self._spend_nonce(cfg, verified, body, result)
             if refused is not None:
                 return refused
         if not type_allowed(cfg, verified.event_type):

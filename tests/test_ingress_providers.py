@@ -204,7 +204,7 @@ async def test_ingress_auto_id_of_a_payload_without_one_is_its_signed_digest(
     body, headers = case.request(ts=int(time.time()), body=NO_ID_BODIES[key])
     first = await post(client, "r", body, headers)
     assert first.status == 200, await first.text()
-    expected = {"hubspot": "3:2:1", "sendgrid": "sg1"}.get(key, hashlib.sha256(body).hexdigest())
+    expected = {"hubspot": ":3:2:1", "sendgrid": "sg1"}.get(key, hashlib.sha256(body).hexdigest())
     assert first.headers["X-Sidecar-Event-Id"] == expected
     again = await post(client, "r", body, headers)
     assert again.status == 200 and (await again.json())["duplicate"] is True

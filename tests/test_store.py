@@ -190,6 +190,16 @@ async def test_store_bury_keeps_history_and_caps_with_evictions(store: RedisStor
     assert await store.dlq_length() == 3
     assert await store.dlq_length("stripe") == 3
     assert await store.dlq_evicted() == {"stripe": 2}
+    # an item a drain or replay holds goes with its mark when the cap evicts it: no mark outlives its item
+    from sidecar.store.dead_letters import DeadLetters
+
+    dl = DeadLetters(store)
+    oldest = (await dl.get_many(await dl.ids()))[0]
+    assert await dl.take(oldest, "a-drain", 60_000) == "taken" and rdb.hlen(KEYS.dlq_taken()) == 1
+    rec = record("evt_5")
+    await store.claim(rec, now, 30_000)
+    _, evicted = await store.bury(rec, 1, entry(1, 400), [], now + 5, "rejected")
+    assert [e.id for e in evicted] == [oldest.id] and rdb.hlen(KEYS.dlq_taken()) == 0
     ev = await store.get_event("stripe", "evt_4")
     assert ev is not None and ev["state"] == "dead" and ev["scheduled_ms"] is None
 

@@ -75,6 +75,9 @@ class Verified:
     # A single-use value the signature covers where the body is not signed (Mailgun's token): the ingress refuses
     # it a second time with another body, so a captured signature cannot carry a forged payload.
     nonce: str | None = None
+    # How long the nonce's timestamp passes the freshness check (the verifier's tolerance, seconds, either way);
+    # None: no freshness check, so the nonce is bound for the whole dedupe window.
+    nonce_window: float | None = None
     # The digest of what was signed, where that is not the body's bytes (Twilio signs the URL and the decoded,
     # sorted parameters: reordered or re-encoded, the same request has another body but the same signed string).
     # What an unsigned id dedupes on, in place of the body's digest. None: the body's digest is right.

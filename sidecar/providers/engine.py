@@ -96,6 +96,7 @@ class SpecVerifier:
             event_type=found_type[0] if found_type else None,
             signed_headers=frozenset(seen),
             nonce=self._token(req) if self.spec.token_source and not self._body_signed else None,
+            nonce_window=self.tolerance,
         )
 
     # ---- steps
@@ -337,8 +338,9 @@ def _parts(arg: str) -> Parts:
 
 def _composite(body: Any, parts: Parts) -> str | None:
     """A key built from body fields (Zoom, Calendly, a HubSpot notification): each part takes the first alternative
-    present; an optional part that is absent adds nothing, so adding one keeps the keys of payloads without it."""
-    found = []
+    present. An optional part that is absent is an empty position (`:` kept, so `1::5` and `:1:5` differ), except
+    at the end, where absent optional parts add nothing: adding one keeps the keys of payloads without it."""
+    found: list[str] = []
     for optional, alternatives in parts:
         for path in alternatives:
             value = _scalar(json_path(body, path), True)
@@ -348,6 +350,9 @@ def _composite(body: Any, parts: Parts) -> str | None:
         else:
             if not optional:
                 return None
+            found.append("")
+    while found and not found[-1]:
+        found.pop()
     return ":".join(found) if found else None
 
 

@@ -124,8 +124,8 @@ ZOOM = SigSpec(  # §13; Zoom publishes no window: ours is 300 s both ways. No e
     dedup_id=(
         "composite:event,event_ts,payload.account_id,payload.object.uuid|payload.object.id,"
         "?payload.object.participant.participant_uuid|payload.object.participant.user_id"
-        "|payload.object.participant.id|payload.object.participant.email|payload.object.participant.user_name,"
-        "?payload.object.registrant.id|payload.object.registrant.email",
+        "|payload.object.participant.id,"
+        "?payload.object.registrant.id",
     ),
     event_type=("json:event",),
     handshake="zoom",

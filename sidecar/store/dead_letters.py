@@ -15,16 +15,19 @@ path's. The ordering guarantees that make the admin API crash-safe live here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
 
+from sidecar.errors import StoreError
 from sidecar.store.records import history_dicts
 from sidecar.store.redis_store import RedisStore
 
-ReplayOutcome = Literal["replayed", "pending", "delivered", "busy"]
+ReplayOutcome = Literal["replayed", "pending", "delivered", "busy", "gone"]
+TakeOutcome = Literal["taken", "gone", "busy"]
 ForgetOutcome = Literal["forgotten", "pending", "missing"]
 
 # Reading many items: one HMGET per this many ids (bounded replies, no huge single command).
@@ -235,27 +238,35 @@ class DeadLetters:
         keys = [k.dlq_items(), k.dlq_data(), k.dlq_body(), k.dlq_route(item.route), k.dlq_taken()]
         return bool(await self.store.guard(lambda: self._remove(keys=keys, args=[item.id, item.dead_ms])))
 
-    async def take(self, item: DeadLetter, owner: str, now_ms: int, lease_ms: int) -> bool:
-        """Hold `item` (the version read) for `owner` for `lease_ms`; False when it is gone, replaced, or held by
-        another drain or replay (dlq_take.lua)."""
+    async def take(self, item: DeadLetter, owner: str, lease_ms: int) -> TakeOutcome:
+        """Hold `item` (the version read) for `owner` for `lease_ms` by the store's clock (dlq_take.lua; a lease of
+        0 gives it back): "taken", "gone" (removed or replaced since it was read) or "busy" (another drain or
+        replay holds it)."""
         keys = [self.keys.dlq_items(), self.keys.dlq_taken()]
-        args = [item.id, item.dead_ms, owner, now_ms, lease_ms]
-        return bool(await self.store.guard(lambda: self._take(keys=keys, args=args)))
+        args = [item.id, item.dead_ms, owner, lease_ms]
+        code = int(await self.store.guard(lambda: self._take(keys=keys, args=args)))
+        return "taken" if code == 1 else "busy" if code < 0 else "gone"
 
     async def replay(self, item: DeadLetter, now_ms: int, reason: str, owner: str) -> ReplayOutcome:
         """Take the item, schedule its event due now, then remove the item. See the module docstring.
 
-        "busy": another drain or replay holds it, or it was replayed and buried again since it was read. An event
-        already pending or in flight keeps its dead letter (it may be one being buried right now, between
-        dlq_add.lua and dead.lua); one already delivered makes the item obsolete, so it is removed.
+        "busy": another drain or replay holds it; "gone": removed or replaced (replayed and buried again) since it
+        was read. An event already pending or in flight keeps its dead letter (it may be one being buried right
+        now, between dlq_add.lua and dead.lua); one already delivered makes the item obsolete, so it is removed.
         """
-        if not await self.take(item, owner, now_ms, REPLAY_LEASE_MS):
-            return "busy"
-        state = await self.schedule(item, now_ms, reason)
+        took = await self.take(item, owner, REPLAY_LEASE_MS)
+        if took != "taken":
+            return took
+        try:
+            state = await self.schedule(item, now_ms, reason)
+        except StoreError:
+            with contextlib.suppress(StoreError):  # give it back: the operator's retry must not find it busy
+                await self.take(item, owner, 0)
+            raise
         if state in ("replayed", "delivered"):
             await self.remove(item)
         else:  # kept while its event is pending: held no longer
-            await self.take(item, owner, now_ms, 0)
+            await self.take(item, owner, 0)
         return state
 
     async def schedule(self, item: DeadLetter, now_ms: int, reason: str) -> ReplayOutcome:
