@@ -521,6 +521,7 @@ routes:
   - {name: sh, path: /sh, provider: shopify, secrets: [x]}
   - {name: sq, path: /sq, provider: square, secrets: [x], public_url: "https://example.com/sq"}
   - {name: g, path: /g, provider: github, secrets: [x]}
+  - {name: hs, path: /hs, provider: hubspot, secrets: [x], public_url: "https://example.com/hs"}
 """
     config = load_text(text, source="<t>", env={})
     # only the config and the forwarder's timeout (upstream.timeout as started) are read
@@ -537,6 +538,7 @@ routes:
         "sh": 4.0,
         "sq": 9.0,
         "g": 9.0,
+        "hs": 1.5,
     }
     assert (
         dispatcher.answer_within(replace(config.routes[0], provider="x")) is None
