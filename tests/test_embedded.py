@@ -228,3 +228,19 @@ def test_an_unusable_data_dir_is_named_not_a_traceback(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     with pytest.raises(EmbeddedStoreError, match=r"cannot use redis.data_dir .*a-file/data: Not a directory"):
         EmbeddedValkey(tmp_path / "a-file" / "data")
+
+
+def test_the_store_runs_in_a_process_group_of_its_own(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal signals the whole foreground process group: the store must not get it, so that the
+    sidecar drains its in-flight requests into a live store and stops it last (it used to shut down at once and be
+    started again under the draining sidecar). A restart keeps it so."""
+    store = EmbeddedValkey(tmp_path / "valkey")
+    store.start()
+    try:
+        assert store.pid is not None
+        assert os.getpgid(store.pid) == store.pid != os.getpgrp()
+        os.kill(store.pid, signal.SIGKILL)
+        _wait_restarted(store, 1)
+        assert store.pid is not None and os.getpgid(store.pid) == store.pid
+    finally:
+        store.stop()

