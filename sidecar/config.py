@@ -708,6 +708,10 @@ def _http_url(ctx: _Ctx, item: _Item, path: str) -> Any:
     if value is BAD:
         return BAD
     problem = _url_problem(value, ("http", "https"))
+    if problem is None and "@" in urlsplit(value).netloc:
+        # POSTs went without them and pass-through requests with them (a 500 when the request had its own
+        # Authorization): an upstream URL carries no credentials; the forward carries the provider's headers
+        problem = "user:password@ in an upstream URL is not supported (the forward sends the provider's own headers)"
     return ctx.bad(item, path, problem) if problem else value
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import aiohttp
+import yarl
 
 from sidecar.http1 import Http1Client, UpstreamError
 from sidecar.store.records import EventRecord
@@ -103,11 +104,19 @@ def upstream_headers(
     dropped = _REPLACED | _STANDARD_WEBHOOKS if sign_key is not None else _REPLACED
     headers: list[tuple[str, str]] = []
     prior_xff: list[str] = []
+    # An ingress before us saw the provider's scheme and host: the receiver keeps seeing them (its own signature
+    # check may rebuild the public URL from them); ours only where none came.
+    proto_in: str | None = None
+    host_in: str | None = None
     svix = False
     for k, v in rec.headers:  # one pass: keep the end-to-end headers, remember the proxies before us
         name = k.lower()
         if name == "x-forwarded-for":
             prior_xff.append(v)
+        elif name == "x-forwarded-proto":
+            proto_in = v if proto_in is None else proto_in
+        elif name == "x-forwarded-host":
+            host_in = v if host_in is None else host_in
         elif sign_key is not None and name in _SVIX:
             svix = True
         elif name not in dropped and not name.startswith("x-sidecar-"):
@@ -117,10 +126,10 @@ def upstream_headers(
         ("X-Sidecar-Event-Id", rec.event_id),
         ("X-Sidecar-Attempt", str(attempt)),
         ("X-Sidecar-Route", rec.route),
-        ("X-Forwarded-Proto", rec.proto),
+        ("X-Forwarded-Proto", proto_in or rec.proto),
     ]
-    if rec.host:
-        headers.append(("X-Forwarded-Host", rec.host))
+    if host_in or rec.host:
+        headers.append(("X-Forwarded-Host", host_in or rec.host))
     if xff:
         headers.append(("X-Forwarded-For", xff))
     if traceparent:
@@ -178,12 +187,12 @@ class Forwarder:
         try:
             async with self._session.request(
                 method,
-                url,
-                data=body,
+                yarl.URL(url, encoded=True),  # the path and query as they came: no re-encoding
+                data=body or None,  # no body: no Content-Length: 0 the client never sent
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,
-                skip_auto_headers=("Content-Type", "Accept-Encoding", "User-Agent"),
+                skip_auto_headers=("Accept", "Content-Type", "Accept-Encoding", "User-Agent"),
             ) as resp:
                 payload = await resp.read()
                 status = resp.status

@@ -107,7 +107,17 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
         if self._size > MAX_RESPONSE_BYTES:
-            self._fail(UpstreamError("response_too_large", f"response body over {MAX_RESPONSE_BYTES} bytes"))
+            if 200 <= self._status < 300 and self._fut is not None:
+                # Delivered: the receiver took the event and said so. Its answer is too large to relay, so the
+                # provider gets its status and headers without the body (the rest is not read: the connection
+                # goes). Failing it would deliver the event again and again.
+                self._body = []
+                self._complete()
+                self._fail(UpstreamError("response_too_large", "closed after a 2xx head"))
+            elif self._fut is not None:
+                self._fail(
+                    UpstreamError("response_too_large", f"response body over {MAX_RESPONSE_BYTES} bytes")
+                )
             return
         self._body.append(body)
 

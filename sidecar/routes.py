@@ -57,7 +57,8 @@ def signing_key(secret: str) -> bytes:
 
 
 def target_url(config: Config, route: RouteConfig, path_qs: str) -> str:
-    """Where the event goes: the route's `upstream` (plus the original query), else upstream.url + path + query.
+    """Where the event goes: the route's `upstream` (plus the original query, after the route's own if it has
+    one), else upstream.url + path + query.
 
     Only the configured URL chooses the host: an absolute-form request target (`POST http://elsewhere/p`, which
     RFC 9112 §3.2.2 makes servers accept) contributes its path and query only.
@@ -65,10 +66,13 @@ def target_url(config: Config, route: RouteConfig, path_qs: str) -> str:
     if not path_qs.startswith("/"):
         path_qs = origin_form(path_qs)
     if route.upstream:
-        _, sep, query = path_qs.partition("?")
-        if sep and "?" not in route.upstream:
+        _, _, query = path_qs.partition("?")
+        if not query:
+            return route.upstream
+        if "?" not in route.upstream:
             return f"{route.upstream}?{query}"
-        return route.upstream
+        # the route's own query first, then the request's (a receiver that checks a URL signature needs it)
+        return route.upstream + ("" if route.upstream.endswith(("?", "&")) else "&") + query
     return config.upstream.url.rstrip("/") + path_qs
 
 

@@ -111,6 +111,7 @@ class Received:
     headers: dict[str, str]
     raw_headers: list[tuple[str, str]]
     body: bytes
+    raw_path: str = ""  # the request target as it came, percent-encoding and all
 
 
 @dataclass
@@ -138,6 +139,7 @@ class Upstream:
             {k.lower(): v for k, v in request.headers.items()},
             list(request.headers.items()),
             await request.read(),
+            request.raw_path,
         )
         logcheck.note_body(rec.body)  # no log line of the run may contain it (checked at session end)
         self.received.append(rec)

@@ -190,12 +190,27 @@ async def test_http1_refuses_oversized_answers(raw_server, client: Http1Client, 
 
     async def huge(reader, writer):
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"z" * 5000)
+        writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 5000\r\n\r\n" + b"z" * 5000)
         await writer.drain()
 
     with pytest.raises(UpstreamError) as exc:
         await client.post(await raw_server(huge), [], b"x", 1.0)
     assert exc.value.kind == "response_too_large"
+
+
+async def test_http1_a_2xx_too_large_to_relay_is_its_status_and_headers(
+    raw_server, client: Http1Client, monkeypatch
+) -> None:
+    """The receiver acted and said 200: that answer stands, without the body (the connection is not reused)."""
+    monkeypatch.setattr("sidecar.http1.MAX_RESPONSE_BYTES", 1000)
+
+    async def huge(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Took: yes\r\nContent-Length: 5000\r\n\r\n" + b"z" * 5000)
+        await writer.drain()
+
+    resp = await client.post(await raw_server(huge), [], b"x", 1.0)
+    assert (resp.status, resp.body) == (200, b"") and ("X-Took", "yes") in resp.headers
 
 
 async def test_http1_header_bytes_pass_through_unchanged(raw_server, client: Http1Client) -> None:

@@ -1,0 +1,112 @@
+"""What the upstream receives and what the provider gets back, on the edges an external check met: pass-through
+requests keep their target and headers as sent, an ingress's X-Forwarded-Proto/Host reach the receiver, a 2xx with
+a body too large to relay is still a delivery, a route's own upstream query keeps the request's, and an upstream URL
+with credentials is refused at load."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from sidecar.config import load_text
+from sidecar.errors import ConfigError
+from sidecar.http1 import MAX_RESPONSE_BYTES
+from sidecar.routes import target_url
+from tests.conftest import Upstream
+from tests.test_front import exchange
+from tests.test_ingress import ROUTES, stripe_body, stripe_headers
+
+
+@pytest.fixture
+async def client(sidecar_factory: Any) -> Any:
+    return await sidecar_factory(ROUTES)
+
+
+async def test_pass_through_keeps_the_target_and_headers_as_sent(client: Any, upstream: Upstream) -> None:
+    """A non-POST on a route path is passed through untouched (CONTRACT): aiohttp's client re-encoded the query
+    (`%2F` → `/`, `%7E` → `~`, `[` → `%5B`) and added `Accept: */*` and `Content-Length: 0`."""
+    target = "/webhooks/stripe?x=%2F&y=%20&z=a+b&w=%7E&u=%e2%82%ac&q=a%2Fb%3F%23c&b=[]"
+    raw = f"GET {target} HTTP/1.1\r\nHost: hooks.example.com\r\nX-Custom: kept\r\nConnection: close\r\n\r\n"
+    status, _, _ = await exchange(client, raw.encode())
+    assert status == 200
+    [got] = upstream.received
+    assert (got.method, got.raw_path) == ("GET", target)
+    assert "accept" not in got.headers and "content-length" not in got.headers
+    assert got.headers["x-custom"] == "kept"
+
+
+async def test_an_ingress_forwarded_proto_and_host_reach_the_receiver(
+    client: Any, upstream: Upstream
+) -> None:
+    """Behind a TLS ingress the receiver saw `X-Forwarded-Proto: https` and the public host, and a receiver that
+    checks a URL signature (Twilio, HubSpot) rebuilds the URL from them: the sidecar used to put its own `http`
+    and Host in their place."""
+    body = stripe_body("evt_xf")
+    headers = {
+        **stripe_headers(body),
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "hooks.example.com",
+        "X-Forwarded-For": "203.0.113.7",
+    }
+    assert (await client.post("/webhooks/stripe", data=body, headers=headers)).status == 200
+    [got] = upstream.received
+    assert got.headers["x-forwarded-proto"] == "https"
+    assert got.headers["x-forwarded-host"] == "hooks.example.com"
+    assert got.headers["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"  # appended to, as before
+    assert [k for k, _ in got.raw_headers if k.lower() == "x-forwarded-proto"] == ["X-Forwarded-Proto"]
+
+
+async def test_a_2xx_with_a_body_too_large_to_relay_is_a_delivery(client: Any, upstream: Upstream) -> None:
+    """The receiver took the event and said 200; only its answer's body is over the relay limit. It used to count
+    as a failure: the event was delivered again on every retry and dead-lettered in the end."""
+    upstream.respond(200, headers={"X-Receiver": "took-it"}, body=b"x" * (MAX_RESPONSE_BYTES + 1))
+    body = stripe_body("evt_big_answer")
+    resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert resp.status == 200 and resp.headers["X-Receiver"] == "took-it"
+    assert await resp.read() == b""
+    again = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert (await again.json())["duplicate"] is True and (await again.json())["state"] == "delivered"
+    assert upstream.ids() == ["evt_big_answer"]
+
+
+def _config(route_upstream: str) -> Any:
+    text = f"""
+upstream: {{url: "http://127.0.0.1:3000/base"}}
+routes:
+  - {{name: r, path: /in, provider: none, upstream: {json.dumps(route_upstream)}}}
+"""
+    return load_text(text, source="<t>", env={})
+
+
+@pytest.mark.parametrize(
+    ("route_upstream", "path_qs", "expected"),
+    [
+        ("http://127.0.0.1:4000/hook", "/in?a=1&b=%20", "http://127.0.0.1:4000/hook?a=1&b=%20"),
+        ("http://127.0.0.1:4000/hook?tenant=7", "/in?a=1", "http://127.0.0.1:4000/hook?tenant=7&a=1"),
+        ("http://127.0.0.1:4000/hook?tenant=7", "/in", "http://127.0.0.1:4000/hook?tenant=7"),
+        ("http://127.0.0.1:4000/hook?", "/in?a=1", "http://127.0.0.1:4000/hook?a=1"),
+    ],
+)
+def test_a_route_upstream_keeps_the_request_query_after_its_own(
+    route_upstream: str, path_qs: str, expected: str
+) -> None:
+    config = _config(route_upstream)
+    assert target_url(config, config.routes[0], path_qs) == expected
+
+
+@pytest.mark.parametrize("key", ["upstream.url", "routes[0].upstream"])
+def test_an_upstream_url_with_credentials_is_refused_at_load(key: str) -> None:
+    """POSTs went without them and pass-through requests with them (a 500 when the request had its own
+    Authorization): refused, named, instead."""
+    creds = "http://user:p%40ss@127.0.0.1:3000/ui"
+    url, route = (
+        (creds, "")
+        if key == "upstream.url"
+        else ("http://127.0.0.1:3000", f", upstream: {json.dumps(creds)}")
+    )
+    text = f'upstream: {{url: "{url}"}}\nroutes:\n  - {{name: r, path: /in, provider: none{route}}}\n'
+    with pytest.raises(ConfigError, match=r"user:password@ in an upstream URL is not supported") as err:
+        load_text(text, source="<t>", env={})
+    assert "p%40ss" not in str(err.value)
