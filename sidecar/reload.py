@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import Config, load, redact_url
+from sidecar.config import Config, RouteConfig, load, redact_url
 from sidecar.errors import ConfigError
 from sidecar.routes import RouteTable
 
@@ -61,6 +61,7 @@ APPLIED_LIVE = (
     "server.read_timeout",
     "server.reload_interval",
     "upstream.url",
+    "retry",
     "logging.requests",
 )
 
@@ -88,15 +89,16 @@ class _Hidden:
     value: Any = dataclasses.field(repr=False)
 
 
-def settings(config: Config, keys: Iterable[str]) -> dict[str, Any]:
-    """`{dotted key: value}` for `keys`, a section or a nested group expanded to its leaves (`redis.url`, …)."""
+def settings(config: Any, keys: Iterable[str]) -> dict[str, Any]:
+    """`{dotted key: value}` for `keys`, a section or a nested group expanded to its leaves (`redis.url`, …);
+    fields kept out of reprs (secrets, the admin token) are `_Hidden`."""
     out: dict[str, Any] = {}
 
     def walk(key: str, value: Any, hidden: bool = False) -> None:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             for f in dataclasses.fields(value):
                 if f.init:  # host/port are derived from listen
-                    walk(f"{key}.{f.name}", getattr(value, f.name), not f.repr)
+                    walk(f"{key}.{f.name}", getattr(value, f.name), hidden or not f.repr)
         else:
             out[key] = _Hidden(value) if hidden else value
 
@@ -105,6 +107,28 @@ def settings(config: Config, keys: Iterable[str]) -> dict[str, Any]:
         for part in key.split("."):
             value = getattr(value, part)
         walk(key, value)
+    return out
+
+
+def route_changes(old: Config, new: Config) -> list[str]:
+    """What a reload does to the routes: added, removed, and each changed setting of the others (secrets and
+    signature settings named, never shown)."""
+    before = {r.name: r for r in old.routes}
+    after = {r.name: r for r in new.routes}
+    out = []
+    if added := [name for name in after if name not in before]:
+        out.append("routes added: " + ", ".join(added))
+    if removed := [name for name in before if name not in after]:
+        out.append("routes removed: " + ", ".join(removed))
+    fields = [f.name for f in dataclasses.fields(RouteConfig) if f.name != "name"]
+    for name, route in after.items():
+        if name in before and before[name] != route:
+            follows_global = before[name].retry == old.retry and route.retry == new.retry
+            keys = [f for f in fields if f != "retry" or not follows_global]  # said once, as `retry.*`
+            was, now = settings(before[name], keys), settings(route, keys)
+            for key in ("secrets", "secret_files", "signature"):  # named only, whatever their form
+                was[key], now[key] = _Hidden(was.get(key)), _Hidden(now.get(key))
+            out.append(f"route {name}: " + describe(changed(was, now), was, now, "was "))
     return out
 
 
@@ -191,6 +215,8 @@ class Reloader:
             log.info(
                 "config reload (%s): applied now: %s", reason, describe(applied, live_old, live_new, "was ")
             )
+        for line in route_changes(old, new):
+            log.info("config reload (%s): %s", reason, line)
 
     async def check(self) -> bool:
         """Reload if any watched file's content changed since the last look."""

@@ -257,12 +257,52 @@ async def test_reload_reports_per_key_what_applies_now_and_what_waits_for_a_rest
 
 def test_reload_every_setting_outside_routes_and_retry_is_classified() -> None:
     """A key added to a section later must be placed: applied live, or reported as waiting for a restart."""
-    sections = ("server", "admin", "redis", "upstream", "dedupe", "dlq", "logging")
+    sections = ("server", "admin", "redis", "upstream", "dedupe", "retry", "dlq", "logging")
     everything = set(settings(Config(), sections))
     restart, live = set(settings(Config(), RESTART_ONLY)), set(settings(Config(), APPLIED_LIVE))
     assert restart & live == set()
     assert everything == restart | live
-    assert {f.name for f in dataclasses.fields(Config)} - set(sections) == {"retry", "routes", "source"}
+    assert {f.name for f in dataclasses.fields(Config)} - set(sections) == {
+        "routes",
+        "source",
+    }  # route_changes
+
+
+def test_reload_log_names_what_changed_in_the_routes_and_retry() -> None:
+    """An external check rotated secrets, removed a route, changed `types` and the retry settings under load: each
+    reload logged only "N route(s)". Now each change is named; secrets by name only."""
+    from sidecar.config import load_text
+    from sidecar.reload import describe, route_changes
+
+    def config(secret: str, types: str, routes: str, retry: str) -> Config:
+        text = f"""
+upstream: {{url: "http://127.0.0.1:3000"}}
+retry: {{{retry}}}
+routes:
+  - {{name: s, path: /s, provider: stripe, secrets: ["{secret}"], types: [{types}]}}
+  - {{name: o, path: /o, provider: none, retry: {{max_attempts: 9}}}}
+{routes}"""
+        return load_text(text, source="<t>", env={})
+
+    old = config(
+        "whsec_old_value", '"invoice.*"', "  - {name: gone, path: /g, provider: none}", "base_delay: 1s"
+    )
+    new = config(
+        "whsec_new_value",
+        '"invoice.*", "charge.*"',
+        "  - {name: fresh, path: /f, provider: none}",
+        "base_delay: 2s",
+    )
+    lines = route_changes(old, new)
+    assert lines[:2] == ["routes added: fresh", "routes removed: gone"]
+    [s_line] = [line for line in lines if line.startswith("route s:")]
+    assert "secrets" in s_line and "types (was ('invoice.*',), new ('invoice.*', 'charge.*'))" in s_line
+    assert "whsec_" not in " ".join(lines)
+    assert "retry" not in s_line  # it follows the global retry: said once, below
+    [o_line] = [line for line in lines if line.startswith("route o:")]
+    assert "retry.base_delay (was 1.0, new 2.0)" in o_line  # its own overrides merged with a changed global
+    live_old, live_new = settings(old, APPLIED_LIVE), settings(new, APPLIED_LIVE)
+    assert describe(["retry.base_delay"], live_old, live_new, "was ") == "retry.base_delay (was 1.0, new 2.0)"
 
 
 async def test_reload_lowering_upstream_timeout_does_not_shorten_leases_under_running_forwards(
