@@ -58,6 +58,8 @@ REPLAY_BATCH = 100
 DRAIN_BATCH = 50
 # How long a drain waits for the client to take one line before it gives up (the item stays in the DLQ).
 DRAIN_LINE_TIMEOUT = 30.0
+# /readyz answers within this, a hung store included (the store client alone may retry past 2 s)
+READY_TIMEOUT = 1.5
 # How long a drain holds an item it took: its line written and acknowledged (DRAIN_LINE_TIMEOUT at most each),
 # then removed (one store call, redis.timeout at most).
 DRAIN_LEASE_MS = int((2 * DRAIN_LINE_TIMEOUT + 30.0) * 1000)
@@ -629,7 +631,11 @@ def create_admin_app(main: web.Application) -> web.Application:
         runtime = main.get(RUNTIME)
         if runtime is None:
             return web.json_response({"ready": False, "reason": "starting"}, status=503)
-        if not await runtime.store.ping():
+        try:  # answered within a probe's timeout (k8s: 2 s), however the store hangs
+            reachable = await asyncio.wait_for(runtime.store.ping(), READY_TIMEOUT)
+        except TimeoutError:
+            reachable = False
+        if not reachable:
             return web.json_response({"ready": False, "reason": "store_unavailable"}, status=503)
         stale = time.monotonic() - runtime.worker.last_beat
         if main[RUN_WORKER] and stale > 60:

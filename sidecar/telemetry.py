@@ -243,6 +243,8 @@ class Telemetry:
                 "oldest_age": max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0,
             }
         self.snapshot = snapshot
+        for route in configured:  # 0 from the start: an alert on increase() has a series before the first eviction
+            self.dlq_evicted.setdefault(route, 0)
 
     # ---- traces ----------------------------------------------------------------------------------------------------
 
@@ -307,6 +309,10 @@ class Telemetry:
             span.set_attribute("http.response.status_code", status)
         if error:
             span.set_status(Status(StatusCode.ERROR, error))
+        elif status is not None and (status >= 500 or (status >= 400 and span.kind is SpanKind.CLIENT)):
+            # OpenTelemetry's HTTP conventions: a forward (client) failed on any 4xx/5xx answer, an inbound
+            # request (server) on a 5xx only
+            span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
         span.end()
 
     def force_flush(self) -> None:

@@ -678,6 +678,10 @@ def test_valkey_statefulset_is_append_only_on_a_claim(valkey_objs: Objects, tmp_
     args = container.get("command", []) + container.get("args", [])
     flags = dict(zip(args[1::2], args[2::2], strict=False))
     assert flags["--appendonly"] == "yes" and flags["--appendfsync"] == "everysec"
+    # full is refused writes (503s the providers resend), never evicted events nor an OOM kill at the limit
+    assert flags["--maxmemory-policy"] == "noeviction"
+    limit = container["resources"]["limits"]["memory"]
+    assert flags["--maxmemory"] == "700mb" and limit == "1Gi"
     claims = {c["metadata"]["name"] for c in spec["volumeClaimTemplates"]}
     data_mount = [m for m in container["volumeMounts"] if m["name"] in claims]
     assert data_mount and flags.get("--dir", "/data") == data_mount[0]["mountPath"]

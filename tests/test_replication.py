@@ -298,3 +298,31 @@ async def test_store_dead_letters_and_replays_wait_for_the_replica(
             assert p.zscore(keys.dlq_items(), item_id) is not None
     finally:
         await store.close()
+
+
+async def test_readyz_answers_503_within_a_probe_timeout_while_the_store_hangs(
+    pair: tuple[ValkeyServer, ValkeyServer], upstream: Upstream
+) -> None:
+    """A hung store (here SIGSTOPped) made /readyz take ~4 s: longer than a readiness probe's 2 s timeout."""
+    from sidecar.admin import create_admin_app
+
+    primary, _ = pair
+    url = primary.connection_url
+    config = make_config(ROUTES, upstream_url=upstream.url, redis_url=url)
+    app = create_app(config, redis_url=url, run_worker=False)
+    async with TestClient(TestServer(app)) as main, TestClient(TestServer(create_admin_app(app))) as admin:
+        assert main is not None and (await admin.get("/readyz")).status == 200
+        _pause(primary, True)
+        try:
+            t0 = time.monotonic()
+            resp = await admin.get("/readyz")
+            took = time.monotonic() - t0
+        finally:
+            _pause(primary, False)
+        assert resp.status == 503 and (await resp.json())["reason"] == "store_unavailable"
+        assert took < 2.0, took
+        for _ in range(50):  # and ready again once the store answers
+            if (await admin.get("/readyz")).status == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert (await admin.get("/readyz")).status == 200

@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.admin import create_admin_app
@@ -98,6 +98,8 @@ async def test_telemetry_metrics_count_every_outcome_by_route(
     assert value(m, "sidecar_forward_duration_seconds_count", route="stripe") == 5
     assert value(m, "sidecar_delivery_lag_seconds_count", route="stripe") == 2
     assert value(m, "sidecar_dlq_evicted_total", route="stripe") == 1
+    # a route with no eviction yet has its series at 0 (an increase() alert has data from the start)
+    assert ("sidecar_dlq_evicted_total", (("route", "typed"),)) in m
     assert value(m, "sidecar_dlq_length", route="stripe") == 1
     assert value(m, "sidecar_retry_scheduled", route="stripe") == 1  # evt_3 waits for its retry
     assert value(m, "sidecar_dlq_oldest_age_seconds", route="stripe") >= 0
@@ -208,6 +210,9 @@ async def test_telemetry_spans_continue_incoming_trace_and_reach_upstream(
     assert f"{receive[0].context.trace_id:032x}" == incoming_trace  # continued, not restarted
     first, retry = forwards
     assert first.kind == SpanKind.CLIENT and first.parent.span_id == receive[0].context.span_id
+    # the upstream's 503 failed the first forward; the retry succeeded; the 202 answer was no server error
+    assert (first.status.status_code, first.status.description) == (StatusCode.ERROR, "HTTP 503")
+    assert retry.status.status_code is StatusCode.UNSET and receive[0].status.status_code is StatusCode.UNSET
     # What the upstream got: a traceparent naming the forward span of the same trace.
     sent = [r.headers["traceparent"] for r in upstream.received]
     assert sent[0] == f"00-{incoming_trace}-{first.context.span_id:016x}-01"
