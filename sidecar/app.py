@@ -46,6 +46,8 @@ class Runtime:
     # loop time by which shutdown should be done; None: not shutting down
     shutdown_deadline: float | None = None
     admin_closing: asyncio.Future[Any] | None = None  # the admin listener's own drain, run beside the front's
+    # `server.workers: N`: where the workers answer their counters (worker 0's /metrics adds them up); None: alone
+    peers_dir: str | None = None
 
     def begin_shutdown(self, grace: float) -> None:
         """On SIGTERM, before the front drains: every shutdown step after it shares what is left of `grace` (the

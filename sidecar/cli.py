@@ -39,6 +39,7 @@ async def serve(
     config_path: str | None = None,
     admin: bool = True,
     reuse_port: bool = False,
+    worker_index: int | None = None,
 ) -> None:
     """Serve the inbound and admin listeners until SIGTERM/SIGINT (or `stop`), then drain gracefully.
 
@@ -51,6 +52,7 @@ async def serve(
     from sidecar.admin import create_admin_app
     from sidecar.app import RUNTIME, create_app
     from sidecar.front import FrontRunner, JsonErrorRunner
+    from sidecar.peers import PEERS_ENV, serve_state
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -80,14 +82,23 @@ async def serve(
         handle_signals=False,
     )
     await admin_runner.setup()
+    peers_dir = os.environ.get(PEERS_ENV) if worker_index is not None else None
+    peer_runner = None
     try:
+        if peers_dir is not None:  # one of `server.workers: N`: worker 0's /metrics speaks for all
+            app[RUNTIME].peers_dir = peers_dir
+            if worker_index:
+                peer_runner = await serve_state(app[RUNTIME].telemetry, peers_dir, worker_index)
         if admin:
             await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
         await web.TCPSite(
             runner, config.server.host, config.server.port, reuse_port=reuse_port or None
         ).start()
     except OSError:
-        await asyncio.gather(admin_runner.cleanup(), runner.cleanup(), return_exceptions=True)
+        cleanups = [admin_runner.cleanup(), runner.cleanup()] + (
+            [peer_runner.cleanup()] if peer_runner else []
+        )
+        await asyncio.gather(*cleanups, return_exceptions=True)
         raise
     log.info(
         "sidecar listening on %s (admin %s), %d route(s)",
@@ -104,7 +115,8 @@ async def serve(
         # Both listeners drain at once, so an admin call still running does not hold the front's drain back (the
         # pod's grace is one); the store and the session are closed once both are done.
         runtime.admin_closing = asyncio.ensure_future(admin_runner.cleanup())
-        for failed in await asyncio.gather(runner.cleanup(), runtime.admin_closing, return_exceptions=True):
+        closing = [runner.cleanup(), runtime.admin_closing] + ([peer_runner.cleanup()] if peer_runner else [])
+        for failed in await asyncio.gather(*closing, return_exceptions=True):
             if isinstance(failed, BaseException):
                 log.error("shutdown: %s", failed, exc_info=failed)
 
@@ -145,7 +157,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         if workers > 1:
             supervisor = Supervisor(path, url, workers, config.server.shutdown_grace, args.log_level)
             return supervisor.run()
-        _run_loop(serve(config, url, config_path=path, admin=not args.worker_index, reuse_port=worker))
+        _run_loop(
+            serve(
+                config,
+                url,
+                config_path=path,
+                admin=not args.worker_index,
+                reuse_port=worker,
+                worker_index=args.worker_index,
+            )
+        )
     except SidecarError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1

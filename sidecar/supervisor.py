@@ -14,10 +14,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 
@@ -25,6 +27,7 @@ log = logging.getLogger("sidecar.supervisor")
 
 MAX_RESTARTS = 5
 PARENT_ENV = "SIDECAR_SUPERVISOR_PID"  # set for each child: the supervisor it must not outlive
+PEERS_ENV = "SIDECAR_PEERS_DIR"  # the directory of the workers' counter sockets (sidecar/peers.py)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -73,6 +76,8 @@ class Supervisor:
         self._restarts: deque[float] = deque()
         self._stopping = False
         self._signal: int | None = None
+        # where the workers answer their counters for worker 0's /metrics (sidecar/peers.py); 0700, this run's own
+        self.peers_dir = tempfile.mkdtemp(prefix="sidecar-workers-")
 
     def _command(self, index: int) -> list[str]:
         cmd = [sys.executable, "-m", "sidecar"]
@@ -90,7 +95,7 @@ class Supervisor:
         ]
 
     def _spawn(self, index: int) -> None:
-        env = {**os.environ, PARENT_ENV: str(os.getpid())}
+        env = {**os.environ, PARENT_ENV: str(os.getpid()), PEERS_ENV: self.peers_dir}
         self.children[index] = subprocess.Popen(self._command(index), env=env)
         log.info("worker %d started (pid %d)", index, self.children[index].pid)
 
@@ -142,3 +147,4 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait(timeout=5)
+        shutil.rmtree(self.peers_dir, ignore_errors=True)

@@ -119,18 +119,23 @@ class Telemetry:
         self.config_reloads: defaultdict[str, int] = defaultdict(int, {"applied": 0, "rejected": 0})
         self.snapshot: dict[str, dict[str, float]] = {}
         self._route_labels: dict[str, dict[str, str]] = {}
+        # With `server.workers: N`, worker 0 serves /metrics for all: the other workers' `state()`, fetched for
+        # each scrape (see `fetch_peer_states`), is added to this process's own counts when exporting.
+        self.peers: list[dict[str, Any]] = []
 
         meter.create_observable_counter(
-            REQUESTS, [self._counter(self.requests, ("route", "outcome"))], description="Inbound requests"
+            REQUESTS,
+            [self._counter("requests", self.requests, ("route", "outcome"))],
+            description="Inbound requests",
         )
         meter.create_observable_counter(
             FORWARD_ATTEMPTS,
-            [self._counter(self.forward_attempts, ("route", "result"))],
+            [self._counter("forward_attempts", self.forward_attempts, ("route", "result"))],
             description="Forward attempts to the upstream",
         )
         meter.create_observable_counter(
             SIGNATURE_FAILURES,
-            [self._counter(self.signature_failures, ("route", "reason"))],
+            [self._counter("signature_failures", self.signature_failures, ("route", "reason"))],
             description="Requests refused for their signature",
         )
         meter.create_observable_counter(
@@ -138,7 +143,7 @@ class Telemetry:
         )
         meter.create_observable_counter(
             CONFIG_RELOADS,
-            [lambda _: [Observation(n, {"result": r}) for r, n in list(self.config_reloads.items())]],
+            [lambda _: [Observation(n, {"result": r}) for r, n in self._merged("config_reloads").items()]],
             description="Config reloads, applied or rejected",
         )
         meter.create_observable_gauge(
@@ -170,7 +175,7 @@ class Telemetry:
         self.delivery_lag = RouteHistogram(
             DELIVERY_LAG, "First seen to delivered, across retries", LAG_BUCKETS, otel_meter
         )
-        self.registry.register(_HistogramCollector((self.forward_duration, self.delivery_lag)))
+        self.registry.register(_HistogramCollector((self.forward_duration, self.delivery_lag), self))
 
         processors = list(span_processors)
         if _otlp_enabled("TRACES"):
@@ -196,15 +201,37 @@ class Telemetry:
             labels = self._route_labels[route] = {"route": route}
         return labels
 
-    @staticmethod
-    def _counter(counts: Mapping[tuple[str, str], int], labels: tuple[str, str]) -> Any:
+    def _counter(self, name: str, counts: Mapping[tuple[str, str], int], labels: tuple[str, str]) -> Any:
         def observe(_: CallbackOptions) -> list[Observation]:
-            return [Observation(n, {labels[0]: a, labels[1]: b}) for (a, b), n in list(counts.items())]
+            return [Observation(n, {labels[0]: a, labels[1]: b}) for (a, b), n in self._merged(name).items()]
 
         return observe
 
     def _evicted(self, _: CallbackOptions) -> list[Observation]:
-        return [Observation(n, {"route": route}) for route, n in list(self.dlq_evicted.items())]
+        return [Observation(n, {"route": route}) for route, n in self._merged("dlq_evicted").items()]
+
+    _COUNTERS = ("requests", "forward_attempts", "signature_failures", "dlq_evicted", "config_reloads")
+
+    def state(self) -> dict[str, Any]:
+        """This process's counters and histograms, for worker 0 to add up (JSON-ready)."""
+        counters = {
+            name: [[*(k if isinstance(k, tuple) else (k,)), n] for k, n in list(getattr(self, name).items())]
+            for name in self._COUNTERS
+        }
+        histograms = {h.name: dict(h.series) for h in (self.forward_duration, self.delivery_lag)}
+        return {"counters": counters, "histograms": histograms}
+
+    def _merged(self, name: str) -> dict[Any, float]:
+        """A counter's values with the peers' added (keys: label tuples, or a single label)."""
+        total: dict[Any, float] = dict(getattr(self, name))
+        for peer in self.peers:
+            for *labels, n in peer.get("counters", {}).get(name, []):
+                key = tuple(labels) if len(labels) > 1 else labels[0]
+                total[key] = total.get(key, 0) + n
+        return total
+
+    def peer_series(self, histogram: str) -> list[dict[str, list[float]]]:
+        return [peer.get("histograms", {}).get(histogram, {}) for peer in self.peers]
 
     def _gauge(self, field: str) -> Any:
         def observe(_: CallbackOptions) -> list[Observation]:
@@ -243,7 +270,9 @@ class Telemetry:
                 "oldest_age": max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0,
             }
         self.snapshot = snapshot
-        for route in configured:  # 0 from the start: an alert on increase() has a series before the first eviction
+        for (
+            route
+        ) in configured:  # 0 from the start: an alert on increase() has a series before the first eviction
             self.dlq_evicted.setdefault(route, 0)
 
     # ---- traces ----------------------------------------------------------------------------------------------------
@@ -360,10 +389,12 @@ class RouteHistogram:
 
 
 class _HistogramCollector:
-    """Exposes RouteHistograms in Prometheus' histogram format (cumulative `le` buckets, `_sum`, `_count`)."""
+    """Exposes RouteHistograms in Prometheus' histogram format (cumulative `le` buckets, `_sum`, `_count`), the
+    other workers' rows added in."""
 
-    def __init__(self, histograms: tuple[RouteHistogram, ...]) -> None:
+    def __init__(self, histograms: tuple[RouteHistogram, ...], telemetry: Telemetry) -> None:
         self.histograms = histograms
+        self.telemetry = telemetry
 
     def describe(self) -> list[Any]:
         return []
@@ -371,7 +402,13 @@ class _HistogramCollector:
     def collect(self) -> Iterable[Any]:
         for h in self.histograms:
             family = HistogramMetricFamily(h.name, h.description, labels=["route"])
-            for route, row in list(h.series.items()):
+            series = {route: list(row) for route, row in list(h.series.items())}
+            for peer in self.telemetry.peer_series(h.name):
+                for route, row in peer.items():
+                    mine = series.setdefault(route, [0.0] * len(row))
+                    if len(mine) == len(row):  # same buckets (one build); anything else is left out
+                        series[route] = [a + b for a, b in zip(mine, row, strict=True)]
+            for route, row in series.items():
                 running, buckets = 0.0, []
                 for bound, n in zip((*h.bounds, float("inf")), row[:-1], strict=True):
                     running += n
@@ -437,6 +474,10 @@ def metrics_handler(main: Any) -> Any:
             # The dispatcher holds the live config (a reload swaps it); runtime.config is the one started with.
             routes = [r.name for r in runtime.dispatcher.config.routes]
             await runtime.telemetry.refresh(runtime.store, routes)
+        if runtime.peers_dir is not None:  # the other workers' counts, added to this one's
+            from sidecar.peers import fetch_states
+
+            runtime.telemetry.peers = await fetch_states(runtime.peers_dir)
         return web.Response(body=runtime.telemetry.render(), content_type="text/plain", charset="utf-8")
 
     return metrics

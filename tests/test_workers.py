@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from sidecar.store.embedded import _servers_in
@@ -33,6 +34,24 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+async def scrape(admin_port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{admin_port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    return {
+        (
+            sample.name,
+            tuple(sorted((k, v) for k, v in sample.labels.items() if not k.startswith("otel_scope"))),
+        ): (sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
@@ -41,14 +60,14 @@ def cpu_ticks(pid: int) -> int:
 async def test_workers_two_processes_share_the_port_and_supervise(
     tmp_path: Path, upstream: Upstream, redis_url: str, rdb: Any, processes: list[Any]
 ) -> None:
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     cfg = tmp_path / "sidecar.yaml"
     write_config(
         cfg,
         redis_url=redis_url,
         upstream_url=upstream.url,
         port=port,
-        admin_port=free_port(),
+        admin_port=admin_port,
         secret=SECRET,
         workers=2,
     )
@@ -68,6 +87,10 @@ async def test_workers_two_processes_share_the_port_and_supervise(
     assert set(statuses) == {200}
     assert sorted(upstream.ids()) == sorted(ids)  # every event once, whichever process took it
     assert all(cpu_ticks(pid) > before[pid] for pid in kids)  # both processes served
+    # worker 0's /metrics counts every worker's requests (it counted its own alone, about half)
+    metrics = await scrape(admin_port)
+    assert metrics[("sidecar_requests_total", (("outcome", "forwarded"), ("route", "stripe")))] == 600
+    assert metrics[("sidecar_forward_duration_seconds_count", (("route", "stripe"),))] == 600
     # the test store runs without AOF: one process of the two says so, not each
     assert parent.log().count("appendonly is off") == 1, parent.log()
 
