@@ -128,7 +128,8 @@ def route_changes(old: Config, new: Config) -> list[str]:
             was, now = settings(before[name], keys), settings(route, keys)
             for key in ("secrets", "secret_files", "signature"):  # named only, whatever their form
                 was[key], now[key] = _Hidden(was.get(key)), _Hidden(now.get(key))
-            out.append(f"route {name}: " + describe(changed(was, now), was, now, "was "))
+            if differ := changed(was, now):  # none: only the global retry changed under it, said once
+                out.append(f"route {name}: " + describe(differ, was, now, "was "))
     return out
 
 

@@ -301,6 +301,13 @@ routes:
     assert "retry" not in s_line  # it follows the global retry: said once, below
     [o_line] = [line for line in lines if line.startswith("route o:")]
     assert "retry.base_delay (was 1.0, new 2.0)" in o_line  # its own overrides merged with a changed global
+    # a change of the global retry alone: said once (retry.*), no empty line per route that follows it
+    retried = config(
+        "whsec_old_value", '"invoice.*"', "  - {name: gone, path: /g, provider: none}", "base_delay: 3s"
+    )
+    assert route_changes(old, retried) == [
+        "route o: retry.base_delay (was 1.0, new 3.0)"
+    ]  # o has overrides of its own: its merged retry is its own line
     live_old, live_new = settings(old, APPLIED_LIVE), settings(new, APPLIED_LIVE)
     assert describe(["retry.base_delay"], live_old, live_new, "was ") == "retry.base_delay (was 1.0, new 2.0)"
 
