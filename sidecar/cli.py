@@ -52,7 +52,7 @@ async def serve(
     from sidecar.admin import create_admin_app
     from sidecar.app import RUNTIME, create_app
     from sidecar.front import FrontRunner, JsonErrorRunner
-    from sidecar.peers import PEERS_ENV, serve_state
+    from sidecar.peers import PEERS_ENV, leave_peers_dir, serve_state
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -119,6 +119,8 @@ async def serve(
         for failed in await asyncio.gather(*closing, return_exceptions=True):
             if isinstance(failed, BaseException):
                 log.error("shutdown: %s", failed, exc_info=failed)
+        if peers_dir is not None:
+            leave_peers_dir(peers_dir, worker_index)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from aiohttp import web
 from sidecar.supervisor import PEERS_ENV
 from sidecar.telemetry import Telemetry
 
-__all__ = ["PEERS_ENV", "fetch_states", "serve_state"]
+__all__ = ["PEERS_ENV", "fetch_states", "leave_peers_dir", "serve_state"]
 
 log = logging.getLogger("sidecar.peers")
 
@@ -67,3 +67,13 @@ async def fetch_states(peers_dir: str, own: int = 0) -> list[dict[str, Any]]:
             return None
 
     return [state for state in await asyncio.gather(*(one(p) for p in paths)) if state is not None]
+
+
+def leave_peers_dir(peers_dir: str, index: int | None) -> None:
+    """A worker that stops takes its socket with it, and the last one out the directory: a supervisor SIGKILLed
+    (its workers then stop on PR_SET_PDEATHSIG) cannot remove it itself."""
+    if index:
+        with contextlib.suppress(OSError):
+            socket_path(peers_dir, index).unlink()
+    with contextlib.suppress(OSError):  # not empty yet (another worker still runs), or gone already
+        Path(peers_dir).rmdir()

@@ -152,12 +152,18 @@ async def test_workers_stop_with_a_supervisor_killed_outright_and_the_next_start
         workers = [pid for pid in left if pid != store]
         assert len(workers) == 2
         assert await post_all(f"http://127.0.0.1:{port}/webhooks/stripe", ["evt_before"]) == [200]
+        environ = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
+        (peers_dir,) = [
+            Path(v.split(b"=", 1)[1].decode()) for v in environ if v.startswith(b"SIDECAR_PEERS_DIR=")
+        ]
+        assert peers_dir.is_dir()
 
         first.kill()
         deadline = time.monotonic() + 15
         while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert not any(alive(pid) for pid in workers), "workers serve on without their supervisor"
+        assert not peers_dir.exists()  # the last worker out removed the counters' directory
         assert alive(store)  # a store outlives a SIGKILLed parent: nothing in Valkey can ask otherwise
 
         second = SidecarProcess(cfg)
