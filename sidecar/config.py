@@ -708,11 +708,19 @@ def _http_url(ctx: _Ctx, item: _Item, path: str) -> Any:
     if value is BAD:
         return BAD
     problem = _url_problem(value, ("http", "https"))
-    if problem is None and "@" in urlsplit(value).netloc:
+    return ctx.bad(item, path, problem) if problem else value
+
+
+def _upstream_url(ctx: _Ctx, item: _Item, path: str) -> Any:
+    value = _http_url(ctx, item, path)
+    if value is BAD:
+        return BAD
+    if "@" in urlsplit(value).netloc:
         # POSTs went without them and pass-through requests with them (a 500 when the request had its own
         # Authorization): an upstream URL carries no credentials; the forward carries the provider's headers
         problem = "user:password@ in an upstream URL is not supported (the forward sends the provider's own headers)"
-    return ctx.bad(item, path, problem) if problem else value
+        return ctx.bad(item, path, problem)
+    return value
 
 
 def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
@@ -910,7 +918,7 @@ def _breaker(ctx: _Ctx, item: _Item, path: str) -> Any:
 
 
 _UPSTREAM: dict[str, Conv] = {
-    "url": _http_url,
+    "url": _upstream_url,
     "timeout": _duration(),
     "max_connections": _integer(1),
     "breaker": _breaker,
@@ -1118,7 +1126,7 @@ _ROUTE: dict[str, Conv] = {
     "secrets": _list_of(_secret),
     "secret_files": _list_of(_nonempty),
     "tolerance": _optional(_duration()),
-    "upstream": _optional(_http_url),
+    "upstream": _optional(_upstream_url),
     "event_id": _event_id,
     "dedupe": _boolean,
     "types": _optional(_list_of(_nonempty, empty_ok=False)),

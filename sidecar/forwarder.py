@@ -188,7 +188,8 @@ class Forwarder:
             async with self._session.request(
                 method,
                 yarl.URL(url, encoded=True),  # the path and query as they came: no re-encoding
-                data=body or None,  # no body: no Content-Length: 0 the client never sent
+                data=body
+                or None,  # no body: aiohttp adds no Content-Length to a GET (it still does to a PUT/DELETE)
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,

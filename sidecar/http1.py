@@ -22,6 +22,22 @@ from urllib.parse import urlsplit
 import httptools
 
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+# What describes a body: not relayed with a 2xx whose body was too large to relay (it goes without one)
+_REPRESENTATION = frozenset(
+    {
+        "content-type",
+        "content-encoding",
+        "content-language",
+        "content-location",
+        "content-range",
+        "content-md5",
+        "content-digest",
+        "repr-digest",
+        "digest",
+        "etag",
+        "last-modified",
+    }
+)
 
 
 class UpstreamError(Exception):
@@ -112,6 +128,7 @@ class _Connection(asyncio.Protocol):
                 # provider gets its status and headers without the body (the rest is not read: the connection
                 # goes). Failing it would deliver the event again and again.
                 self._body = []
+                self._headers = [(k, v) for k, v in self._headers if k.lower() not in _REPRESENTATION]
                 self._complete()
                 self._fail(UpstreamError("response_too_large", "closed after a 2xx head"))
             elif self._fut is not None:

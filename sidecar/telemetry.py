@@ -143,7 +143,8 @@ class Telemetry:
         )
         meter.create_observable_counter(
             CONFIG_RELOADS,
-            [lambda _: [Observation(n, {"result": r}) for r, n in self._merged("config_reloads").items()]],
+            # per process: every worker reloads the same file, so worker 0's count is the sidecar's
+            [lambda _: [Observation(n, {"result": r}) for r, n in list(self.config_reloads.items())]],
             description="Config reloads, applied or rejected",
         )
         meter.create_observable_gauge(
@@ -338,7 +339,9 @@ class Telemetry:
             span.set_attribute("http.response.status_code", status)
         if error:
             span.set_status(Status(StatusCode.ERROR, error))
-        elif status is not None and (status >= 500 or (status >= 400 and span.kind is SpanKind.CLIENT)):
+        elif status is not None and (
+            status >= 500 or (status >= 400 and getattr(span, "kind", None) is SpanKind.CLIENT)
+        ):  # (a span not sampled has no kind: setting its status does nothing anyway)
             # OpenTelemetry's HTTP conventions: a forward (client) failed on any 4xx/5xx answer, an inbound
             # request (server) on a 5xx only
             span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
@@ -405,8 +408,10 @@ class _HistogramCollector:
             series = {route: list(row) for route, row in list(h.series.items())}
             for peer in self.telemetry.peer_series(h.name):
                 for route, row in peer.items():
-                    mine = series.setdefault(route, [0.0] * len(row))
-                    if len(mine) == len(row):  # same buckets (one build); anything else is left out
+                    mine = series.get(route, [0.0] * (len(h.bounds) + 2))
+                    if len(row) == len(
+                        mine
+                    ):  # same buckets (one build); a worker of another build is left out
                         series[route] = [a + b for a, b in zip(mine, row, strict=True)]
             for route, row in series.items():
                 running, buckets = 0.0, []

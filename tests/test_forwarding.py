@@ -110,3 +110,12 @@ def test_an_upstream_url_with_credentials_is_refused_at_load(key: str) -> None:
     with pytest.raises(ConfigError, match=r"user:password@ in an upstream URL is not supported") as err:
         load_text(text, source="<t>", env={})
     assert "p%40ss" not in str(err.value)
+
+
+def test_a_public_url_with_credentials_is_still_accepted() -> None:
+    """`public_url` is only what the provider signed (never sent anywhere): its user info is the provider's."""
+    text = (
+        'upstream: {url: "http://127.0.0.1:3000"}\nroutes:\n  - {name: t, path: /t, provider: twilio, '
+        'secrets: [x], public_url: "https://user:pw@hooks.example.com/t"}\n'
+    )
+    assert load_text(text, source="<t>", env={}).routes[0].public_url == "https://user:pw@hooks.example.com/t"

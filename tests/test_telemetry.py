@@ -223,6 +223,25 @@ async def test_telemetry_spans_continue_incoming_trace_and_reach_upstream(
     assert int(sent[1][-2:], 16) & 1  # sampled
 
 
+async def test_telemetry_a_trace_not_sampled_still_settles_a_refused_event(
+    sidecar_factory: Any, upstream: Upstream, spans: tuple[Telemetry, InMemorySpanExporter]
+) -> None:
+    """An incoming traceparent with its sampled flag off gives unsampled spans, which have no kind: marking a 4xx
+    forward as an error raised, answered 500 and left the event leased (to be forwarded again)."""
+    tel, exporter = spans
+    client = await sidecar_factory(ROUTES, telemetry=tel)
+    upstream.respond(404)
+    body = stripe_body("evt_unsampled")
+    headers = {
+        **stripe_headers(body),
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+    }
+    resp = await client.post("/webhooks/stripe", data=body, headers=headers)
+    assert resp.status == 202 and (await resp.json())["dead_lettered"] is True
+    assert exporter.get_finished_spans() == ()  # not sampled: nothing exported
+    assert upstream.ids() == ["evt_unsampled"]
+
+
 async def test_telemetry_traceparent_propagates_without_a_span_exporter(
     sidecar_factory: Any, upstream: Upstream
 ) -> None:
