@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -29,6 +29,9 @@ from sidecar.reload import Reloader
 from sidecar.store import RedisStore
 from sidecar.telemetry import Telemetry
 from sidecar.worker import RetryWorker
+
+if TYPE_CHECKING:
+    from sidecar.peers import PeerCounts
 
 
 @dataclass(slots=True)
@@ -46,8 +49,8 @@ class Runtime:
     # loop time by which shutdown should be done; None: not shutting down
     shutdown_deadline: float | None = None
     admin_closing: asyncio.Future[Any] | None = None  # the admin listener's own drain, run beside the front's
-    # `server.workers: N`: where the workers answer their counters (worker 0's /metrics adds them up); None: alone
-    peers_dir: str | None = None
+    # `server.workers: N`, worker 0: the other workers' counts, which its /metrics adds up (sidecar/peers.py)
+    peer_counts: PeerCounts | None = None
 
     def begin_shutdown(self, grace: float) -> None:
         """On SIGTERM, before the front drains: every shutdown step after it shares what is left of `grace` (the

@@ -52,7 +52,7 @@ async def serve(
     from sidecar.admin import create_admin_app
     from sidecar.app import RUNTIME, create_app
     from sidecar.front import FrontRunner, JsonErrorRunner
-    from sidecar.peers import PEERS_ENV, leave_peers_dir, serve_state
+    from sidecar.peers import PEERS_ENV, PeerCounts, leave_peers_dir, serve_state
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -86,9 +86,10 @@ async def serve(
     peer_runner = None
     try:
         if peers_dir is not None:  # one of `server.workers: N`: worker 0's /metrics speaks for all
-            app[RUNTIME].peers_dir = peers_dir
             if worker_index:
                 peer_runner = await serve_state(app[RUNTIME].telemetry, peers_dir, worker_index)
+            else:
+                app[RUNTIME].peer_counts = PeerCounts(peers_dir)
         if admin:
             await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
         await web.TCPSite(

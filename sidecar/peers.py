@@ -2,8 +2,10 @@
 
 Counters and histograms live in each process's memory. Every other worker answers its own (`Telemetry.state`) on a
 Unix socket in a directory the supervisor made for this run (PEERS_ENV, mode 0700), and worker 0 fetches them for
-each scrape and adds them to its own. A worker that is restarting has no answer for a moment: that scrape lacks its
-counts, and Prometheus treats the dip as a counter reset, as it does for any restarted process.
+each scrape and adds them to its own (`PeerCounts`). The sums must never go down, or Prometheus reads a reset and
+counts every worker's whole total as new: a worker that misses a scrape is counted with its last answer, and the
+last answer of a worker process the supervisor replaced stays in the sums (what it counted after that answer is
+gone with it, as for any process that dies between two scrapes).
 """
 
 from __future__ import annotations
@@ -11,28 +13,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from sidecar.supervisor import PEERS_ENV
+from sidecar.supervisor import PARENT_ENV, PEERS_ENV
 from sidecar.telemetry import Telemetry
 
-__all__ = ["PEERS_ENV", "fetch_states", "leave_peers_dir", "serve_state"]
+__all__ = ["PEERS_ENV", "PeerCounts", "fetch_states", "leave_peers_dir", "serve_state"]
 
 log = logging.getLogger("sidecar.peers")
 
 FETCH_TIMEOUT = 1.0  # per worker, all at once: a scrape waits at most this long for the others
+
+State = dict[str, Any]
 
 
 def socket_path(peers_dir: str, index: int) -> Path:
     return Path(peers_dir) / f"worker-{index}.sock"
 
 
-async def serve_state(telemetry: Telemetry, peers_dir: str, index: int) -> web.AppRunner:
-    """Answer `GET /state` with this worker's counters on its socket in `peers_dir`."""
+async def serve_state(telemetry: Telemetry, peers_dir: str, index: int) -> web.AppRunner | None:
+    """Answer `GET /state` with this worker's counters on its socket in `peers_dir`. None when the socket cannot be
+    made (the directory gone, a path too long): the worker serves all the same, its counts missing from /metrics."""
 
     async def state(_: web.Request) -> web.Response:
         return web.json_response(telemetry.state())
@@ -42,17 +48,24 @@ async def serve_state(telemetry: Telemetry, peers_dir: str, index: int) -> web.A
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     path = socket_path(peers_dir, index)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # left by this worker's previous process (the supervisor restarted it)
-    await web.UnixSite(runner, str(path)).start()
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # left by this worker's previous process (the supervisor restarted it)
+        await web.UnixSite(runner, str(path)).start()
+    except OSError as exc:
+        await runner.cleanup()
+        log.warning(
+            "worker %d: its counts will be missing from /metrics: cannot listen on %s: %s", index, path, exc
+        )
+        return None
     return runner
 
 
-async def fetch_states(peers_dir: str, own: int = 0) -> list[dict[str, Any]]:
-    """Every other worker's `state()`; a worker that does not answer in FETCH_TIMEOUT is left out."""
+async def fetch_states(peers_dir: str, own: int = 0) -> dict[str, State]:
+    """Every other worker's `state()` by socket name; a worker that does not answer in FETCH_TIMEOUT is left out."""
     paths = sorted(p for p in Path(peers_dir).glob("worker-*.sock") if p != socket_path(peers_dir, own))
 
-    async def one(path: Path) -> dict[str, Any] | None:
+    async def one(path: Path) -> State | None:
         try:
             connector = aiohttp.UnixConnector(path=str(path))
             timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT)
@@ -66,14 +79,56 @@ async def fetch_states(peers_dir: str, own: int = 0) -> list[dict[str, Any]]:
             log.debug("metrics: no counts from %s: %s", path.name, exc)
             return None
 
-    return [state for state in await asyncio.gather(*(one(p) for p in paths)) if state is not None]
+    states = await asyncio.gather(*(one(p) for p in paths))
+    return {path.name: state for path, state in zip(paths, states, strict=True) if state is not None}
+
+
+def add_states(a: State | None, b: State) -> State:
+    """The sum of two `Telemetry.state()`s (counters by labels, histogram rows by route)."""
+    if a is None:
+        return b
+    counters: dict[str, list[list[Any]]] = {}
+    for name in {*a.get("counters", {}), *b.get("counters", {})}:
+        total: dict[tuple[Any, ...], float] = {}
+        for state in (a, b):
+            for *labels, n in state.get("counters", {}).get(name, []):
+                total[tuple(labels)] = total.get(tuple(labels), 0) + n
+        counters[name] = [[*labels, n] for labels, n in total.items()]
+    histograms: dict[str, dict[str, list[float]]] = {}
+    for name in {*a.get("histograms", {}), *b.get("histograms", {})}:
+        rows = dict(a.get("histograms", {}).get(name, {}))
+        for route, row in b.get("histograms", {}).get(name, {}).items():
+            mine = rows.get(route)
+            same = mine is not None and len(mine) == len(row)
+            rows[route] = [x + y for x, y in zip(mine, row, strict=True)] if same else row  # type: ignore[arg-type]
+        histograms[name] = rows
+    return {"counters": counters, "histograms": histograms}
+
+
+class PeerCounts:
+    """What worker 0 adds to its own counts: each other worker's last answer, plus the final answers of worker
+    processes that were replaced (a new pid behind the same socket)."""
+
+    def __init__(self, peers_dir: str) -> None:
+        self.peers_dir = peers_dir
+        self._last: dict[str, State] = {}
+        self._retired: dict[str, State] = {}
+
+    async def states(self) -> list[State]:
+        for name, state in (await fetch_states(self.peers_dir)).items():
+            before = self._last.get(name)
+            if before is not None and before.get("pid") != state.get("pid"):
+                self._retired[name] = add_states(self._retired.get(name), before)
+            self._last[name] = state
+        return [*self._last.values(), *self._retired.values()]
 
 
 def leave_peers_dir(peers_dir: str, index: int | None) -> None:
-    """A worker that stops takes its socket with it, and the last one out the directory: a supervisor SIGKILLed
-    (its workers then stop on PR_SET_PDEATHSIG) cannot remove it itself."""
+    """A worker that stops takes its socket with it. The directory is the supervisor's to remove, unless the
+    supervisor is gone (SIGKILLed: its workers stop on PR_SET_PDEATHSIG); then the last worker out removes it."""
     if index:
         with contextlib.suppress(OSError):
             socket_path(peers_dir, index).unlink()
-    with contextlib.suppress(OSError):  # not empty yet (another worker still runs), or gone already
-        Path(peers_dir).rmdir()
+    if str(os.getppid()) != os.environ.get(PARENT_ENV):
+        with contextlib.suppress(OSError):  # not empty yet (another worker still runs), or gone already
+            Path(peers_dir).rmdir()

@@ -18,6 +18,7 @@ import contextlib
 import os
 import random
 import re
+import threading
 import time
 from bisect import bisect_left
 from collections import defaultdict
@@ -119,9 +120,11 @@ class Telemetry:
         self.config_reloads: defaultdict[str, int] = defaultdict(int, {"applied": 0, "rejected": 0})
         self.snapshot: dict[str, dict[str, float]] = {}
         self._route_labels: dict[str, dict[str, str]] = {}
-        # With `server.workers: N`, worker 0 serves /metrics for all: the other workers' `state()`, fetched for
-        # each scrape (see `fetch_peer_states`), is added to this process's own counts when exporting.
+        # With `server.workers: N`, worker 0 serves /metrics for all: the other workers' `state()`s, fetched for
+        # each scrape (sidecar/peers.py), are added to this process's own counts in the Prometheus export only
+        # (with OTLP each process exports its own).
         self.peers: list[dict[str, Any]] = []
+        self.pid = os.getpid()
 
         meter.create_observable_counter(
             REQUESTS,
@@ -211,7 +214,7 @@ class Telemetry:
     def _evicted(self, _: CallbackOptions) -> list[Observation]:
         return [Observation(n, {"route": route}) for route, n in self._merged("dlq_evicted").items()]
 
-    _COUNTERS = ("requests", "forward_attempts", "signature_failures", "dlq_evicted", "config_reloads")
+    _COUNTERS = ("requests", "forward_attempts", "signature_failures", "dlq_evicted")
 
     def state(self) -> dict[str, Any]:
         """This process's counters and histograms, for worker 0 to add up (JSON-ready)."""
@@ -220,12 +223,12 @@ class Telemetry:
             for name in self._COUNTERS
         }
         histograms = {h.name: dict(h.series) for h in (self.forward_duration, self.delivery_lag)}
-        return {"counters": counters, "histograms": histograms}
+        return {"pid": self.pid, "counters": counters, "histograms": histograms}
 
     def _merged(self, name: str) -> dict[Any, float]:
-        """A counter's values with the peers' added (keys: label tuples, or a single label)."""
+        """A counter's values, with the peers' added while /metrics renders (keys: label tuples, or one label)."""
         total: dict[Any, float] = dict(getattr(self, name))
-        for peer in self.peers:
+        for peer in self.peers if getattr(_RENDERING, "on", False) else ():
             for *labels, n in peer.get("counters", {}).get(name, []):
                 key = tuple(labels) if len(labels) > 1 else labels[0]
                 total[key] = total.get(key, 0) + n
@@ -241,8 +244,12 @@ class Telemetry:
         return observe
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        return bytes(generate_latest(self.registry))
+        """The Prometheus text exposition of every metric (the other workers' counts added, if any)."""
+        _RENDERING.on = True
+        try:
+            return bytes(generate_latest(self.registry))
+        finally:
+            _RENDERING.on = False
 
     async def refresh(self, store: Any, routes: Iterable[str]) -> None:
         """Take the gauges' store snapshot (per-shard counters + DLQ indexes; no scan of event keys).
@@ -368,6 +375,11 @@ def _otlp_metric_reader() -> MetricReader:
     return PeriodicExportingMetricReader(OTLPMetricExporter())
 
 
+# Set while Telemetry.render() runs on this thread: the OTel callbacks then add the other workers' counts, which the
+# OTLP reader (its own thread) must not export a second time.
+_RENDERING = threading.local()
+
+
 class RouteHistogram:
     """A histogram by route with fixed buckets, aggregated in-process; `record(value, {"route": r})` as in OTel."""
 
@@ -406,7 +418,7 @@ class _HistogramCollector:
         for h in self.histograms:
             family = HistogramMetricFamily(h.name, h.description, labels=["route"])
             series = {route: list(row) for route, row in list(h.series.items())}
-            for peer in self.telemetry.peer_series(h.name):
+            for peer in self.telemetry.peer_series(h.name):  # collected by render() alone
                 for route, row in peer.items():
                     mine = series.get(route, [0.0] * (len(h.bounds) + 2))
                     if len(row) == len(
@@ -479,10 +491,8 @@ def metrics_handler(main: Any) -> Any:
             # The dispatcher holds the live config (a reload swaps it); runtime.config is the one started with.
             routes = [r.name for r in runtime.dispatcher.config.routes]
             await runtime.telemetry.refresh(runtime.store, routes)
-        if runtime.peers_dir is not None:  # the other workers' counts, added to this one's
-            from sidecar.peers import fetch_states
-
-            runtime.telemetry.peers = await fetch_states(runtime.peers_dir)
+        if runtime.peer_counts is not None:  # the other workers' counts, added to this one's
+            runtime.telemetry.peers = await runtime.peer_counts.states()
         return web.Response(body=runtime.telemetry.render(), content_type="text/plain", charset="utf-8")
 
     return metrics

@@ -1,0 +1,63 @@
+"""`server.workers: N`: worker 0's /metrics adds the other workers' counts (sidecar/peers.py), over real Unix
+sockets. The sums must never go down, or Prometheus reads a counter reset and counts every worker's whole total as
+new: a worker that misses a scrape is counted with its last answer, a replaced worker process with its final one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar.peers import PeerCounts, serve_state
+from sidecar.telemetry import Telemetry
+
+
+def forwarded(tel: Telemetry) -> tuple[float, float]:
+    """(sidecar_requests_total for route r / forwarded, forward-duration count for r) as /metrics shows them."""
+    samples = {
+        (s.name, s.labels.get("route"), s.labels.get("outcome")): s.value
+        for family in text_string_to_metric_families(tel.render().decode())
+        for s in family.samples
+    }
+    return (
+        samples.get(("sidecar_requests_total", "r", "forwarded"), 0.0),
+        samples.get(("sidecar_forward_duration_seconds_count", "r", None), 0.0),
+    )
+
+
+def worker(pid: int, requests: int) -> Telemetry:
+    tel = Telemetry()
+    tel.pid = pid
+    tel.requests[("r", "forwarded")] += requests
+    for _ in range(requests):
+        tel.forward_duration.record(0.01, tel.route_labels("r"))
+    return tel
+
+
+async def test_peer_counts_add_up_and_never_go_down(tmp_path: Path) -> None:
+    peers = str(tmp_path)
+    worker0 = worker(100, 1)
+    counts = PeerCounts(peers)
+    first = await serve_state(worker(101, 5), peers, 1)
+    assert first is not None
+    try:
+        worker0.peers = await counts.states()
+        assert forwarded(worker0) == (6, 6)
+    finally:
+        await first.cleanup()
+    worker0.peers = await counts.states()  # worker 1 is restarting: no answer this scrape
+    assert forwarded(worker0) == (6, 6)  # its last answer still counts
+    second = await serve_state(worker(102, 2), peers, 1)  # the new process, counting from 0
+    assert second is not None
+    try:
+        worker0.peers = await counts.states()
+        assert forwarded(worker0) == (8, 8)  # 1 + the replaced process's 5 + the new one's 2
+    finally:
+        await second.cleanup()
+    # the OTLP export (any other thread or call) carries this process's own counts only
+    assert worker0._merged("requests") == {("r", "forwarded"): 1}
+
+
+async def test_a_worker_whose_socket_cannot_be_made_still_serves(tmp_path: Path) -> None:
+    gone = str(tmp_path / "removed")
+    assert await serve_state(worker(103, 1), gone, 1) is None  # logged; the worker runs on
