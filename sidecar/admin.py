@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import fcntl
 import hmac
 import json
@@ -524,11 +523,9 @@ class AdminApi:
             outcome = "stopped: cancelled"
             raise
         finally:
-            if (
-                held is not None
-            ):  # its line may not have reached the client: give it back, not at the lease's end
-                with contextlib.suppress(StoreError):
-                    await dl.take(held, owner, 0)
+            # its line may not have reached the client: give it back, not at the lease's end
+            if held is not None:
+                await dl.give_back(held, owner)
             log.info(
                 "dlq drain: route=%s drained=%d of %d skipped=%d (%s) reason=%r",
                 route or "*",

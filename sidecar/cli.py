@@ -8,9 +8,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sidecar.admin_client import add_dlq_parser
 from sidecar.config import check_config, load
@@ -96,10 +96,7 @@ async def serve(
             runner, config.server.host, config.server.port, reuse_port=reuse_port or None
         ).start()
     except OSError:
-        cleanups = [admin_runner.cleanup(), runner.cleanup()] + (
-            [peer_runner.cleanup()] if peer_runner else []
-        )
-        await asyncio.gather(*cleanups, return_exceptions=True)
+        await asyncio.gather(*_cleanups(admin_runner, runner, peer_runner), return_exceptions=True)
         raise
     log.info(
         "sidecar listening on %s (admin %s), %d route(s)",
@@ -116,12 +113,17 @@ async def serve(
         # Both listeners drain at once, so an admin call still running does not hold the front's drain back (the
         # pod's grace is one); the store and the session are closed once both are done.
         runtime.admin_closing = asyncio.ensure_future(admin_runner.cleanup())
-        closing = [runner.cleanup(), runtime.admin_closing] + ([peer_runner.cleanup()] if peer_runner else [])
+        closing = [runtime.admin_closing, *_cleanups(runner, peer_runner)]
         for failed in await asyncio.gather(*closing, return_exceptions=True):
             if isinstance(failed, BaseException):
                 log.error("shutdown: %s", failed, exc_info=failed)
         if peers_dir is not None:
             leave_peers_dir(peers_dir, worker_index)
+
+
+def _cleanups(*runners: Any) -> list[Awaitable[None]]:
+    """The cleanup of each runner that was made (the workers' counters listener exists in workers 1… only)."""
+    return [r.cleanup() for r in runners if r is not None]
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -187,9 +187,10 @@ class Forwarder:
         try:
             async with self._session.request(
                 method,
-                yarl.URL(url, encoded=True),  # the path and query as they came: no re-encoding
-                data=body
-                or None,  # no body: aiohttp adds no Content-Length to a GET (it still does to a PUT/DELETE)
+                # the path and query as they came (no re-encoding); no body: aiohttp adds no Content-Length to a
+                # GET (it still does to a PUT or DELETE)
+                yarl.URL(url, encoded=True),
+                data=body or None,
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,

@@ -15,21 +15,18 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from sidecar.supervisor import PARENT_ENV, PEERS_ENV
-from sidecar.telemetry import Telemetry
+from sidecar.telemetry import State, Telemetry, add_states
 
 __all__ = ["PEERS_ENV", "PeerCounts", "fetch_states", "leave_peers_dir", "serve_state"]
 
 log = logging.getLogger("sidecar.peers")
 
 FETCH_TIMEOUT = 1.0  # per worker, all at once: a scrape waits at most this long for the others
-
-State = dict[str, Any]
 
 
 def socket_path(peers_dir: str, index: int) -> Path:
@@ -83,28 +80,6 @@ async def fetch_states(peers_dir: str, own: int = 0) -> dict[str, State]:
     return {path.name: state for path, state in zip(paths, states, strict=True) if state is not None}
 
 
-def add_states(a: State | None, b: State) -> State:
-    """The sum of two `Telemetry.state()`s (counters by labels, histogram rows by route)."""
-    if a is None:
-        return b
-    counters: dict[str, list[list[Any]]] = {}
-    for name in {*a.get("counters", {}), *b.get("counters", {})}:
-        total: dict[tuple[Any, ...], float] = {}
-        for state in (a, b):
-            for *labels, n in state.get("counters", {}).get(name, []):
-                total[tuple(labels)] = total.get(tuple(labels), 0) + n
-        counters[name] = [[*labels, n] for labels, n in total.items()]
-    histograms: dict[str, dict[str, list[float]]] = {}
-    for name in {*a.get("histograms", {}), *b.get("histograms", {})}:
-        rows = dict(a.get("histograms", {}).get(name, {}))
-        for route, row in b.get("histograms", {}).get(name, {}).items():
-            mine = rows.get(route)
-            same = mine is not None and len(mine) == len(row)
-            rows[route] = [x + y for x, y in zip(mine, row, strict=True)] if same else row  # type: ignore[arg-type]
-        histograms[name] = rows
-    return {"counters": counters, "histograms": histograms}
-
-
 class PeerCounts:
     """What worker 0 adds to its own counts: each other worker's last answer, plus the final answers of worker
     processes that were replaced (a new pid behind the same socket)."""
@@ -118,7 +93,7 @@ class PeerCounts:
         for name, state in (await fetch_states(self.peers_dir)).items():
             before = self._last.get(name)
             if before is not None and before.get("pid") != state.get("pid"):
-                self._retired[name] = add_states(self._retired.get(name), before)
+                self._retired[name] = add_states(self._retired.get(name, {}), before)
             self._last[name] = state
         return [*self._last.values(), *self._retired.values()]
 

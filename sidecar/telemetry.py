@@ -123,7 +123,7 @@ class Telemetry:
         # With `server.workers: N`, worker 0 serves /metrics for all: the other workers' `state()`s, fetched for
         # each scrape (sidecar/peers.py), are added to this process's own counts in the Prometheus export only
         # (with OTLP each process exports its own).
-        self.peers: list[dict[str, Any]] = []
+        self.peers: list[State] = []
         self.pid = os.getpid()
 
         meter.create_observable_counter(
@@ -179,7 +179,7 @@ class Telemetry:
         self.delivery_lag = RouteHistogram(
             DELIVERY_LAG, "First seen to delivered, across retries", LAG_BUCKETS, otel_meter
         )
-        self.registry.register(_HistogramCollector((self.forward_duration, self.delivery_lag), self))
+        self.registry.register(_HistogramCollector((self.forward_duration, self.delivery_lag)))
 
         processors = list(span_processors)
         if _otlp_enabled("TRACES"):
@@ -216,7 +216,7 @@ class Telemetry:
 
     _COUNTERS = ("requests", "forward_attempts", "signature_failures", "dlq_evicted")
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> State:
         """This process's counters and histograms, for worker 0 to add up (JSON-ready)."""
         counters = {
             name: [[*(k if isinstance(k, tuple) else (k,)), n] for k, n in list(getattr(self, name).items())]
@@ -226,16 +226,15 @@ class Telemetry:
         return {"pid": self.pid, "counters": counters, "histograms": histograms}
 
     def _merged(self, name: str) -> dict[Any, float]:
-        """A counter's values, with the peers' added while /metrics renders (keys: label tuples, or one label)."""
-        total: dict[Any, float] = dict(getattr(self, name))
-        for peer in self.peers if getattr(_RENDERING, "on", False) else ():
-            for *labels, n in peer.get("counters", {}).get(name, []):
-                key = tuple(labels) if len(labels) > 1 else labels[0]
-                total[key] = total.get(key, 0) + n
-        return total
-
-    def peer_series(self, histogram: str) -> list[dict[str, list[float]]]:
-        return [peer.get("histograms", {}).get(histogram, {}) for peer in self.peers]
+        """A counter's values: every worker's while /metrics renders with peers, else this process's (keys: label
+        tuples, or one label)."""
+        total = getattr(_RENDERING, "total", None)
+        if total is None:
+            return dict(getattr(self, name))
+        return {
+            tuple(labels) if len(labels) > 1 else labels[0]: n
+            for *labels, n in total["counters"].get(name, [])
+        }
 
     def _gauge(self, field: str) -> Any:
         def observe(_: CallbackOptions) -> list[Observation]:
@@ -245,11 +244,11 @@ class Telemetry:
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric (the other workers' counts added, if any)."""
-        _RENDERING.on = True
+        _RENDERING.total = add_states(self.state(), *self.peers) if self.peers else None
         try:
             return bytes(generate_latest(self.registry))
         finally:
-            _RENDERING.on = False
+            _RENDERING.total = None
 
     async def refresh(self, store: Any, routes: Iterable[str]) -> None:
         """Take the gauges' store snapshot (per-shard counters + DLQ indexes; no scan of event keys).
@@ -278,9 +277,8 @@ class Telemetry:
                 "oldest_age": max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0,
             }
         self.snapshot = snapshot
-        for (
-            route
-        ) in configured:  # 0 from the start: an alert on increase() has a series before the first eviction
+        # 0 from the start: an alert on increase() has a series before the first eviction
+        for route in configured:
             self.dlq_evicted.setdefault(route, 0)
 
     # ---- traces ----------------------------------------------------------------------------------------------------
@@ -375,9 +373,36 @@ def _otlp_metric_reader() -> MetricReader:
     return PeriodicExportingMetricReader(OTLPMetricExporter())
 
 
-# Set while Telemetry.render() runs on this thread: the OTel callbacks then add the other workers' counts, which the
-# OTLP reader (its own thread) must not export a second time.
+# Every worker's counts, set while Telemetry.render() runs on this thread with peers: the OTel callbacks and the
+# histogram collector export them; the OTLP reader (its own thread) keeps exporting this process's own.
 _RENDERING = threading.local()
+
+# A `Telemetry.state()`: {"pid", "counters": {name: [[*labels, n], …]}, "histograms": {name: {route: row}}}
+State = dict[str, Any]
+
+
+def add_states(*states: State) -> State:
+    """The sum of `Telemetry.state()`s: counters by labels, histogram rows by route (a row of another length, from
+    a worker of another build, is left out)."""
+    counters: dict[str, dict[tuple[Any, ...], float]] = {}
+    histograms: dict[str, dict[str, list[float]]] = {}
+    for state in states:
+        for name, rows in state.get("counters", {}).items():
+            total = counters.setdefault(name, {})
+            for *labels, n in rows:
+                total[tuple(labels)] = total.get(tuple(labels), 0) + n
+        for name, series in state.get("histograms", {}).items():
+            mine = histograms.setdefault(name, {})
+            for route, row in series.items():
+                have = mine.get(route)
+                if have is None:
+                    mine[route] = list(row)
+                elif len(have) == len(row):
+                    mine[route] = [a + b for a, b in zip(have, row, strict=True)]
+    return {
+        "counters": {name: [[*labels, n] for labels, n in total.items()] for name, total in counters.items()},
+        "histograms": histograms,
+    }
 
 
 class RouteHistogram:
@@ -404,12 +429,11 @@ class RouteHistogram:
 
 
 class _HistogramCollector:
-    """Exposes RouteHistograms in Prometheus' histogram format (cumulative `le` buckets, `_sum`, `_count`), the
-    other workers' rows added in."""
+    """Exposes RouteHistograms in Prometheus' histogram format (cumulative `le` buckets, `_sum`, `_count`), every
+    worker's rows while /metrics renders with peers."""
 
-    def __init__(self, histograms: tuple[RouteHistogram, ...], telemetry: Telemetry) -> None:
+    def __init__(self, histograms: tuple[RouteHistogram, ...]) -> None:
         self.histograms = histograms
-        self.telemetry = telemetry
 
     def describe(self) -> list[Any]:
         return []
@@ -417,14 +441,8 @@ class _HistogramCollector:
     def collect(self) -> Iterable[Any]:
         for h in self.histograms:
             family = HistogramMetricFamily(h.name, h.description, labels=["route"])
-            series = {route: list(row) for route, row in list(h.series.items())}
-            for peer in self.telemetry.peer_series(h.name):  # collected by render() alone
-                for route, row in peer.items():
-                    mine = series.get(route, [0.0] * (len(h.bounds) + 2))
-                    if len(row) == len(
-                        mine
-                    ):  # same buckets (one build); a worker of another build is left out
-                        series[route] = [a + b for a, b in zip(mine, row, strict=True)]
+            total = getattr(_RENDERING, "total", None)
+            series = total["histograms"].get(h.name, {}) if total is not None else dict(h.series)
             for route, row in series.items():
                 running, buckets = 0.0, []
                 for bound, n in zip((*h.bounds, float("inf")), row[:-1], strict=True):

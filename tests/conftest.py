@@ -175,6 +175,18 @@ async def upstream() -> AsyncIterator[Upstream]:
         await runner.cleanup()
 
 
+def watched_config(upstream_url: str, redis_url: str, token: str, routes: str) -> str:
+    """A config file's text for reload tests: checked for changes every 100 ms, ephemeral ports, 4 shards, a 2 s
+    upstream timeout, and `routes` (YAML list items under `routes:`)."""
+    return f"""
+server: {{listen: "127.0.0.1:0", reload_interval: 100ms}}
+admin: {{listen: "127.0.0.1:0", token: "{token}"}}
+redis: {{url: "{redis_url}", shards: 4}}
+upstream: {{url: "{upstream_url}", timeout: 2s}}
+routes:
+{routes}"""
+
+
 def make_config(
     routes_yaml: str,
     *,

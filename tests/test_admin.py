@@ -637,29 +637,49 @@ def _read_line(sock: socket.socket) -> bytes:
     return out
 
 
-def read_drain_lines(port: int, n: int) -> list[bytes]:
-    """A client that reads exactly `n` NDJSON lines off a drain and nothing beyond (byte-exact chunked reads,
-    small receive buffer), then waits a moment (its last ACK goes out) and closes."""
+def open_drain(port: int, timeout: float, *, close: bool = False) -> socket.socket:
+    """A drain request on a new connection with a small receive buffer, its answer's head read: the socket is at
+    the first chunk of the body."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(10)
+    sock.settimeout(timeout)
     try:
         sock.connect(("127.0.0.1", port))
+        connection = "Connection: close\r\n" if close else ""
         request = (
             "POST /admin/dlq/drain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {TOKEN}\r\nContent-Length: 2\r\n\r\n{{}}"
+            f"Authorization: Bearer {TOKEN}\r\n{connection}Content-Length: 2\r\n\r\n{{}}"
         )
         sock.sendall(request.encode())
         head = b""
         while not head.endswith(b"\r\n\r\n"):
             head += _read_exactly(sock, 1)
-        assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
+        assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower(), head
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def read_chunk(sock: socket.socket) -> bytes:
+    """One chunk of a chunked body, byte-exact (b"" for the last)."""
+    size = int(_read_line(sock).strip(), 16)
+    if size == 0:
+        return b""
+    data = _read_exactly(sock, size)
+    _read_exactly(sock, 2)
+    return data
+
+
+def read_drain_lines(port: int, n: int) -> list[bytes]:
+    """A client that reads exactly `n` NDJSON lines off a drain and nothing beyond (byte-exact chunked reads,
+    small receive buffer), then waits a moment (its last ACK goes out) and closes."""
+    sock = open_drain(port, 10)
+    try:
         lines: list[bytes] = []
         pending = b""
         while len(lines) < n:
-            size = int(_read_line(sock).strip(), 16)
-            pending += _read_exactly(sock, size)
-            _read_exactly(sock, 2)
+            pending += read_chunk(sock)
             while b"\n" in pending and len(lines) < n:
                 line, pending = pending.split(b"\n", 1)
                 lines.append(line)
@@ -692,27 +712,14 @@ async def test_admin_dlq_drain_cut_off_after_10_lines_leaves_90(admin: Admin, rd
 
 def drain_slowly(port: int, pause: float) -> list[bytes]:
     """A whole drain read by a slow client (small receive buffer, a pause after each chunk): its NDJSON lines."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(20)
+    sock = open_drain(port, 20, close=True)
     try:
-        sock.connect(("127.0.0.1", port))
-        request = (
-            "POST /admin/dlq/drain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {TOKEN}\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{{}}"
-        )
-        sock.sendall(request.encode())
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):
-            head += _read_exactly(sock, 1)
-        assert head.startswith(b"HTTP/1.1 200"), head
         data = b""
         for _ in range(100_000):
-            size = int(_read_line(sock).strip(), 16)
-            if size == 0:
+            chunk = read_chunk(sock)
+            if not chunk:
                 break
-            data += _read_exactly(sock, size)
-            _read_exactly(sock, 2)
+            data += chunk
             time.sleep(pause)
         return data.splitlines()
     finally:

@@ -17,18 +17,17 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
-import pytest
 import redis
 
 from sidecar.admin import _unacked
-from tests.conftest import Upstream
-from tests.procs import SidecarProcess, wait_until
+from tests import test_admin_cli
+from tests.procs import wait_until
 from tests.test_admin import bury_many
-from tests.test_admin_cli import KEYS, TOKEN, Running, admin_sidecar, cli_env, dlq, one_line
+from tests.test_admin_cli import KEYS, TOKEN, Running, cli_env, dlq, one_line
 
 RESCUE_NAME = (
     "sidecar-drain.unwritten.ndjson"  # in the current directory when --out has none to put it beside
@@ -36,12 +35,7 @@ RESCUE_NAME = (
 PAD = json.dumps({"pad": "x" * 4000}).encode()  # items of ~6 KB: a few fill a pipe or a socket buffer
 
 
-@pytest.fixture
-async def sidecar(
-    tmp_path: Path, upstream: Upstream, redis_url: str, rdb: redis.Redis, processes: list[SidecarProcess]
-) -> AsyncIterator[Running]:
-    async with admin_sidecar(tmp_path, upstream, redis_url, processes) as running:
-        yield running
+sidecar = test_admin_cli.sidecar  # the same running sidecar with an admin API (a fixture)
 
 
 def line_ids(data: bytes) -> list[str]:

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from sidecar.app import RUNTIME, create_app
 from sidecar.config import Config, load
 from sidecar.reload import APPLIED_LIVE, RESTART_ONLY, settings
-from tests.conftest import Upstream
+from tests.conftest import Upstream, watched_config
 from tests.procs import SidecarProcess, free_port, wait_until
 
 OLD, NEW = "whsec_old_rotation_secret", "whsec_new_rotation_secret"
@@ -52,17 +52,12 @@ class SecretMount:
 
 
 def config_text(upstream: str, redis_url: str, secret_files: list[str], extra_route: str = "") -> str:
-    return f"""
-server: {{listen: "127.0.0.1:0", reload_interval: 100ms}}
-admin: {{listen: "127.0.0.1:0", token: "t"}}
-redis: {{url: "{redis_url}", shards: 4}}
-upstream: {{url: "{upstream}", timeout: 2s}}
-routes:
-  - name: stripe
+    stripe = f"""  - name: stripe
     path: /webhooks/stripe
     provider: stripe
     secret_files: {json.dumps(secret_files)}
-{extra_route}"""
+"""
+    return watched_config(upstream, redis_url, "t", stripe + extra_route)
 
 
 def signed(body: bytes, secret: str) -> dict[str, str]:

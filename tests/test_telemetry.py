@@ -22,7 +22,7 @@ from sidecar.admin import create_admin_app
 from sidecar.app import RUNTIME, create_app
 from sidecar.config import load
 from sidecar.telemetry import METRIC_NAMES, Telemetry, setup_logging
-from tests.conftest import Upstream
+from tests.conftest import Upstream, watched_config
 from tests.procs import wait_until
 from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
 
@@ -118,14 +118,8 @@ def reload_config(upstream: Upstream, redis_url: str, route_names: list[str]) ->
         f"  - {{name: {n}, path: /webhooks/{n}, provider: none, event_id: body_sha256}}\n"
         for n in route_names
     )
-    return f"""
-server: {{listen: "127.0.0.1:0", reload_interval: 100ms}}
-admin: {{listen: "127.0.0.1:0", token: "{ADMIN_TOKEN}"}}
-redis: {{url: "{redis_url}", shards: 4}}
-upstream: {{url: "{upstream.url}", timeout: 2s}}
-routes:
-  - {{name: stripe, path: /webhooks/stripe, provider: stripe, secrets: ["{STRIPE_SECRET}"]}}
-{unsigned}"""
+    stripe = f'  - {{name: stripe, path: /webhooks/stripe, provider: stripe, secrets: ["{STRIPE_SECRET}"]}}\n'
+    return watched_config(upstream.url, redis_url, ADMIN_TOKEN, stripe + unsigned)
 
 
 def gauge_routes(samples: dict, name: str) -> set[str]:

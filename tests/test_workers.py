@@ -52,6 +52,23 @@ async def scrape(admin_port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]
     }
 
 
+async def start_two_workers(
+    tmp_path: Path, upstream: Upstream, processes: list[Any], expected_children: int, **config: Any
+) -> tuple[SidecarProcess, int]:
+    """`sidecar run` with `server.workers: 2` on a free port, once its children (workers, and an embedded store)
+    are up or 20 s have passed: the process and its port."""
+    port, cfg = free_port(), tmp_path / "sidecar.yaml"
+    write_config(cfg, upstream_url=upstream.url, port=port, secret=SECRET, workers=2, **config)
+    proc = SidecarProcess(cfg)
+    processes.append(proc)
+    proc.start(port)
+    assert proc.proc is not None
+    deadline = time.monotonic() + 20
+    while len(children(proc.proc.pid)) < expected_children and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return proc, port
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
@@ -67,24 +84,11 @@ def cpu_ticks(pid: int) -> int:
 async def test_workers_two_processes_share_the_port_and_supervise(
     tmp_path: Path, upstream: Upstream, redis_url: str, rdb: Any, processes: list[Any]
 ) -> None:
-    port, admin_port = free_port(), free_port()
-    cfg = tmp_path / "sidecar.yaml"
-    write_config(
-        cfg,
-        redis_url=redis_url,
-        upstream_url=upstream.url,
-        port=port,
-        admin_port=admin_port,
-        secret=SECRET,
-        workers=2,
+    admin_port = free_port()
+    parent, port = await start_two_workers(
+        tmp_path, upstream, processes, 2, redis_url=redis_url, admin_port=admin_port
     )
-    parent = SidecarProcess(cfg)
-    processes.append(parent)
-    parent.start(port)
     assert parent.proc is not None
-    deadline = time.monotonic() + 20
-    while len(children(parent.proc.pid)) < 2 and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
     kids = children(parent.proc.pid)
     assert len(kids) == 2
     before = {pid: cpu_ticks(pid) for pid in kids}
@@ -152,27 +156,15 @@ async def test_workers_stop_with_a_supervisor_killed_outright_and_the_next_start
     """A supervisor SIGKILLed (so it drains nothing) must not leave its workers serving on the port with no parent,
     nor its embedded store running on the data dir: the kernel sends each worker SIGTERM, and the next start stops
     the store left behind before starting one of its own on the same append-only file."""
-    port, data = free_port(), tmp_path / "data"
-    cfg = tmp_path / "sidecar.yaml"
-    write_config(
-        cfg,
-        redis_url="embedded",
-        upstream_url=upstream.url,
-        port=port,
-        admin_port=free_port(),
-        secret=SECRET,
-        data_dir=data,
-        workers=2,
+    data = tmp_path / "data"
+    # the store and two workers
+    first, port = await start_two_workers(
+        tmp_path, upstream, processes, 3, redis_url="embedded", admin_port=free_port(), data_dir=data
     )
-    first = SidecarProcess(cfg)
-    processes.append(first)
-    first.start(port)
     assert first.proc is not None
+    cfg = first.config
     left: list[int] = []
     try:
-        deadline = time.monotonic() + 20
-        while len(children(first.proc.pid)) < 3 and time.monotonic() < deadline:  # the store and two workers
-            await asyncio.sleep(0.1)
         left = children(first.proc.pid)
         (store,) = _servers_in(data)
         workers = [pid for pid in left if pid != store]

@@ -87,12 +87,12 @@ class SpecVerifier:
             handshake = self._handshake(req, key)
             if handshake is not None:
                 return Verified(event_id=None, id_signed=False, handshake=handshake)
-        event_id, id_signed = _first(self._id_extractors, req) or (None, False)
+        (event_id, id_signed), signed_id = _ids(self._id_extractors, req)
         found_type = _first(self._type_extractors, req)
         return Verified(
             event_id=event_id,
             id_signed=id_signed,
-            signed_id=None if id_signed or event_id is None else _first_signed(self._id_extractors, req),
+            signed_id=None if id_signed else signed_id,
             event_type=found_type[0] if found_type else None,
             signed_headers=frozenset(seen),
             nonce=self._token(req) if self.spec.token_source and not self._body_signed else None,
@@ -385,12 +385,19 @@ def _first(extractors: tuple[Extractor, ...], req: Request) -> tuple[str, bool] 
     return None
 
 
-def _first_signed(extractors: tuple[Extractor, ...], req: Request) -> str | None:
+def _ids(extractors: tuple[Extractor, ...], req: Request) -> tuple[tuple[str | None, bool], str | None]:
+    """In one pass: the first id found (and whether it is signed), and the first signed one, which an unsigned
+    first id dedupes on (Linear's body fields beside its Linear-Delivery header)."""
+    first: tuple[str | None, bool] = (None, False)
     for extract in extractors:
         found = extract(req)
-        if found is not None and found[1]:
-            return found[0]
-    return None
+        if found is None:
+            continue
+        if first[0] is None:
+            first = found
+        if found[1]:
+            return first, found[0]
+    return first, None
 
 
 class Switch:

@@ -257,17 +257,22 @@ class DeadLetters:
         took = await self.take(item, owner, REPLAY_LEASE_MS)
         if took != "taken":
             return took
+        removed = False
         try:
             state = await self.schedule(item, now_ms, reason)
-        except StoreError:
-            with contextlib.suppress(StoreError):  # give it back: the operator's retry must not find it busy
-                await self.take(item, owner, 0)
-            raise
-        if state in ("replayed", "delivered"):
-            await self.remove(item)
-        else:  # kept while its event is pending: held no longer
-            await self.take(item, owner, 0)
+            if state in ("replayed", "delivered"):
+                removed = await self.remove(item)
+        finally:
+            if (
+                not removed
+            ):  # kept while its event is pending, or a store error: the next replay must not wait
+                await self.give_back(item, owner)
         return state
+
+    async def give_back(self, item: DeadLetter, owner: str) -> None:
+        """End `owner`'s hold on `item` now rather than at its lease's end; best effort (the lease ends anyway)."""
+        with contextlib.suppress(StoreError):
+            await self.take(item, owner, 0)
 
     async def schedule(self, item: DeadLetter, now_ms: int, reason: str) -> ReplayOutcome:
         """Step 1 of a replay alone (replay.lua): the event back on its shard's schedule, due now."""
