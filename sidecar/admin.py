@@ -57,7 +57,7 @@ REPLAY_BATCH = 100
 DRAIN_BATCH = 50
 # How long a drain waits for the client to take one line before it gives up (the item stays in the DLQ).
 DRAIN_LINE_TIMEOUT = 30.0
-# /readyz answers within this, a hung store included (the store client alone may retry past 2 s)
+# /readyz and /metrics answer within this, a hung store included (the store client alone may retry past 2 s)
 READY_TIMEOUT = 1.5
 # How long a drain holds an item it took: its line written and acknowledged (DRAIN_LINE_TIMEOUT at most each),
 # then removed (one store call, redis.timeout at most).
@@ -144,7 +144,12 @@ def check_token(request: web.Request, token: str | None) -> None:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if not token:
         raise ApiError(401, "unauthorized", "admin.token is not configured: the admin API is closed")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # aiohttp decodes header bytes as UTF-8 with surrogate escapes (and os.environ, where the token may come from,
+    # does too): encoding the same way gives back the bytes, where a plain encode() raised on one that is not UTF-8
+    # (`Bearer \xff` was a 500 for anyone)
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    expected = token.encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, expected):
         raise ApiError(401, "unauthorized", "missing or wrong bearer token")
 
 
@@ -208,8 +213,14 @@ def format_cursor(cursor: Cursor | None) -> str | None:
     return f"{cursor.dead_ms}-{cursor.id}" if cursor else None
 
 
-async def json_object(request: web.Request, *, empty_ok: bool = False) -> dict[str, Any]:
-    raw = await request.read()
+async def json_object(request: web.Request, timeout: float, *, empty_ok: bool = False) -> dict[str, Any]:
+    """The body as a JSON object, read within `timeout` (`server.read_timeout`): a client dribbling its body
+    cannot hold a handler, and its connection, for as long as it likes."""
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(408, "read_timeout", "the body did not arrive within server.read_timeout") from None
     if not raw.strip() and empty_ok:
         return {}
     try:
@@ -369,6 +380,9 @@ class AdminApi:
             self._dead_letters = DeadLetters(store)
         return self._dead_letters
 
+    def read_timeout(self) -> float:
+        return self.runtime().dispatcher.config.server.read_timeout
+
     def configured_routes(self) -> list[str]:
         # The dispatcher holds the live config: routes change on reload (admin.* only at a restart).
         return [r.name for r in self.runtime().dispatcher.config.routes]
@@ -429,7 +443,7 @@ class AdminApi:
         return web.json_response({"deleted": True, "id": item.id})
 
     async def replay(self, request: web.Request) -> web.Response:
-        body = await json_object(request)
+        body = await json_object(request, self.read_timeout())
         only_fields(body, {"ids", "route", "all", "dry_run", "reason"})
         selectors = [k for k in ("ids", "route", "all") if k in body]
         if len(selectors) != 1:
@@ -444,7 +458,7 @@ class AdminApi:
             log.info("dlq replay dry run: %s would_replay=%d reason=%r", selector, len(ids), reason)
             return web.json_response({"would_replay": len(ids)})
         counts = {"replayed": 0, "pending": 0, "delivered": 0, "busy": 0, "gone": 0}
-        now_ms, owner = int(time.time() * 1000), uuid.uuid4().hex
+        now_ms, owner = self.runtime().store.clock.now_ms(), uuid.uuid4().hex
         for start in range(0, len(ids), REPLAY_BATCH):
             items = await dl.get_many(ids[start : start + REPLAY_BATCH])
             for outcome in await asyncio.gather(*(dl.replay(i, now_ms, reason, owner) for i in items)):
@@ -485,7 +499,7 @@ class AdminApi:
         return f"ids={log_ids(ids)}", ids
 
     async def drain(self, request: web.Request) -> web.StreamResponse:
-        body = await json_object(request, empty_ok=True)
+        body = await json_object(request, self.read_timeout(), empty_ok=True)
         only_fields(body, {"route", "reason"})
         reason = parse_reason(body.get("reason"))
         route = await self.known_route(body["route"]) if "route" in body else None
@@ -642,7 +656,7 @@ def create_admin_app(main: web.Application) -> web.Application:
     get = {"allow_head": False}
     admin.router.add_get("/healthz", healthz, **get)
     admin.router.add_get("/readyz", readyz, **get)
-    admin.router.add_get("/metrics", metrics_handler(main), **get)
+    admin.router.add_get("/metrics", metrics_handler(main, READY_TIMEOUT), **get)
     admin.router.add_get("/admin/openapi.json", api.openapi, **get)
     admin.router.add_get("/admin/dlq", api.list_dlq, **get)
     admin.router.add_post("/admin/dlq/replay", api.replay)

@@ -237,6 +237,9 @@ _COMMON = {
     "413": _error("`body_too_large`: a body over 1 MiB"),
 }
 
+# What a handler that reads a body can answer
+_SLOW_BODY = {"408": _error("`read_timeout`: the body did not arrive within server.read_timeout")}
+
 
 def _op(summary: str, responses: dict[str, Any], *, auth: bool = True, **extra: Any) -> dict[str, Any]:
     answers = {**_COMMON, **responses, **(_AUTH if auth else {})}
@@ -315,6 +318,7 @@ PATHS: dict[str, Any] = {
                 "200": _json(_ref("ReplayResult"), "replayed, or what would be"),
                 "400": _error("bad body"),
                 "404": _error("unknown ids (none replayed) or route"),
+                **_SLOW_BODY,
                 **_STORE,
             },
             requestBody={"required": True, "content": {JSON: {"schema": _ref("ReplayRequest")}}},
@@ -330,6 +334,7 @@ PATHS: dict[str, Any] = {
                 },
                 "400": _error("bad body"),
                 "404": _error("unknown route"),
+                **_SLOW_BODY,
                 **_STORE,
             },
             requestBody={"required": False, "content": {JSON: {"schema": _ref("DrainRequest")}}},

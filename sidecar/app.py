@@ -91,6 +91,7 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = make_store(config, app[REDIS_URL])
     await store.preload()
+    await store.sync_clock()  # the schedule's clock (store/clock.py); the worker reads it again every minute
     if app[WARN_SETTINGS]:
         for warning in await store.settings_warnings():
             logging.getLogger("sidecar.store").warning("%s", warning)
@@ -103,6 +104,12 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     ingress = Ingress(dispatcher, telemetry)
     worker = RetryWorker(store, dispatcher, concurrency=config.upstream.max_connections)
     worker.periodic.append(ingress.flush_rejections)
+
+    async def resync() -> None:
+        if store.clock.due_for_sync():
+            await store.sync_clock()
+
+    worker.periodic.append(resync)
     runtime = Runtime(config, store, session, dispatcher, ingress, worker, telemetry)
     app[RUNTIME] = runtime
     task = asyncio.create_task(worker.run(), name="retry-worker") if app[RUN_WORKER] else None

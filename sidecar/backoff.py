@@ -30,7 +30,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() is also true of "²" or "①", which float() refuses
         return float(value)
     try:
         when = parsedate_to_datetime(value)

@@ -18,6 +18,7 @@ Per process, in memory: each replica learns the upstream's health from its own f
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 State = Literal["closed", "open", "half_open"]
+
+log = logging.getLogger("sidecar.breaker")
 
 WINDOW_S = 10.0  # how far back the failure share looks
 MIN_FAILURE_SHARE = 0.5
@@ -37,6 +40,7 @@ class Breaker:
     cooldown: float = 2.0
     max_cooldown: float = 60.0
     clock: Callable[[], float] = time.monotonic
+    name: str = ""  # the upstream origin, for the log
     failures: int = 0
     opened_at: float | None = None
     _current_cooldown: float = field(default=0.0, init=False)
@@ -80,6 +84,8 @@ class Breaker:
         self._remember(now, ok)
         probe_out, self._probe_out = self._probe_out, False
         if ok:
+            if self.opened_at is not None:
+                log.info("upstream %s: circuit closed, it answers again", self.name)
             self.failures = 0
             self.opened_at = None
             self._current_cooldown = 0.0
@@ -93,6 +99,13 @@ class Breaker:
         if self.failures >= self.threshold and self._recent_failures >= MIN_FAILURE_SHARE * len(self._recent):
             self._current_cooldown = self.cooldown
             self.opened_at = now
+            log.warning(
+                "upstream %s: circuit open after %d failed forwards in a row: new events are queued (202) and "
+                "retries wait, a probe every %gs or more",
+                self.name,
+                self.failures,
+                self.cooldown,
+            )
 
     def _remember(self, now: float, ok: bool) -> None:
         recent = self._recent
@@ -110,21 +123,16 @@ class Breakers:
     cooldown: float = 2.0
     max_cooldown: float = 60.0
     _by_origin: dict[str, Breaker] = field(default_factory=dict)
-    _by_url: dict[str, Breaker] = field(default_factory=dict)
 
     def for_url(self, url: str) -> Breaker:
-        cached = self._by_url.get(url)
-        if cached is not None:
-            return cached
-        if len(self._by_url) > 10_000:  # URLs carry query strings: keep the cache bounded
-            self._by_url.clear()
-        self._by_url[url] = breaker = self._for_origin(_origin(url))
-        return breaker
+        # Nothing is kept per URL: a path or query string never changes which receiver is down, and a cache keyed
+        # by them grew with every query string a client sent (10,000 entries of ~7 KB before it was cleared).
+        return self._for_origin(_origin(url))
 
     def _for_origin(self, origin: str) -> Breaker:
         breaker = self._by_origin.get(origin)
         if breaker is None:
-            breaker = Breaker(self.threshold, self.cooldown, self.max_cooldown)
+            breaker = Breaker(self.threshold, self.cooldown, self.max_cooldown, name=origin)
             self._by_origin[origin] = breaker
         return breaker
 

@@ -143,6 +143,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{path}: cannot read config: {exc.strerror}", file=sys.stderr)
         return 1
     setup_logging(args.log_level or config.logging.level, config.logging.format)
+    if not worker:  # the supervisor says it once for all its workers
+        for line in config.warnings():
+            logging.getLogger("sidecar.config").warning("%s", line)
     from sidecar.supervisor import Supervisor, claim_ports, resolve_workers
 
     embedded = None
@@ -203,6 +206,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     if errors:
         return 1
+    for line in load(args.path).warnings():
+        print(f"warning: {line}", file=sys.stderr)
     print(f"{args.path}: OK")
     return 0
 

@@ -266,6 +266,24 @@ class Config:
     source: str = "<defaults>"
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def warnings(self) -> list[str]:
+        """Settings that load but work against the sidecar's promise, for `check-config` and the start-up log: a
+        `retry.lease` shorter than an attempt can take (up to `upstream.timeout` waiting for a connection slot, as
+        much again for the exchange, then the store write that settles it) lets the event be taken and sent again
+        while the receiver still has it."""
+        floor = 2 * self.upstream.timeout + self.redis.timeout
+        leases = {"retry": self.retry.lease}
+        for route in self.routes:
+            if route.retry.lease != self.retry.lease:
+                leases[f"routes.{route.name}.retry"] = route.retry.lease
+        return [
+            f"{self.source}: {where}.lease ({lease:g}s) is shorter than 2 x upstream.timeout + redis.timeout "
+            f"({floor:g}s): an attempt still waiting for the receiver can be taken and sent again, so the receiver "
+            "gets the event twice; leave it unset (2 x upstream.timeout + 20s) or make it longer"
+            for where, lease in leases.items()
+            if lease is not None and lease < floor
+        ]
+
 
 # ------------------------------------------------------------------------------------------------ public API
 
@@ -457,6 +475,8 @@ def _merge(
             ctx.error(line, _join(path, "<<"), "a merge key needs a mapping or a list of mappings")
             continue
         built = _build(ctx, ctor, src, path, src.start_mark.line + 1)
+        if built.value is BAD:  # past MAX_VALUES / MAX_DEPTH: _build has said so
+            continue
         for key, item in built.value.items():
             into.setdefault(key, item)  # the first source that sets a key wins, as in YAML's merge spec
 
@@ -1153,6 +1173,8 @@ def _routes(
 ) -> Any:
     if item is None:
         ctx.error(root.line, "routes", "required: a list with at least one route")
+        return BAD
+    if item.value is BAD:  # already reported (a YAML alias bomb, say)
         return BAD
     if not isinstance(item.value, list) or not item.value:
         what = "an empty list" if item.value == [] else _kind(item.value)

@@ -16,6 +16,7 @@ from sidecar.breaker import Breaker, Breakers
 from sidecar.config import Config, RouteConfig
 from sidecar.errors import StoreError
 from sidecar.forwarder import Forwarder, Outcome, upstream_headers
+from sidecar.http1 import POOL_TIMEOUT
 from sidecar.routes import RouteTable, target_url
 from sidecar.store import AttemptRecord, EventRecord, RedisStore
 from sidecar.telemetry import AnySpan, Telemetry
@@ -41,6 +42,10 @@ ANSWER_WITHIN = {
     "hubspot": 1.5,
 }
 
+# How long an event whose forward was not sent (no connection slot in time: http1.PoolTimeout) waits before it is
+# tried again: the slots it waited for free up as the receiver answers.
+NOT_SENT_WAIT = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class Disposition:
@@ -62,11 +67,12 @@ class Dispatcher:
     def lease_ms(self, route: RouteConfig) -> int:
         """How long an in-flight attempt holds its event before another replica may take it.
 
-        Longer than the forward can take (the forwarder's timeout, which a reload does not change: a reload that
+        Longer than the forward can take (up to the forwarder's timeout waiting for a connection slot, then as much
+        for the exchange; the forwarder's timeout, which a reload does not change: a reload that
         lowered `upstream.timeout` must not shorten leases under forwards still bound by the old one), so a live
         attempt is never doubled; short enough that an event held by a killed process comes back soon.
         """
-        lease = route.retry.lease or (self.forwarder.timeout + 20.0)
+        lease = route.retry.lease or (2 * self.forwarder.timeout + 20.0)  # a slot's wait, then the exchange
         return int(lease * 1000)
 
     def answer_within(self, route: RouteConfig) -> float | None:
@@ -100,6 +106,11 @@ class Dispatcher:
             outcome = Outcome("permanent", None, "route_removed", 0.0)
             return await self._bury(rec, attempt, outcome, history or [], "route_removed")
         route = found.cfg
+        if attempt > route.retry.max_attempts:
+            # Its attempts are spent: the last was cut short (a crash, a shutdown past its grace) or settled without
+            # its store write landing (its dead letter written, the event not marked dead). Not sent again: buried.
+            outcome = Outcome("permanent", None, "attempts_spent", 0.0)
+            return await self._bury(rec, attempt, outcome, history or [], "exhausted")
         url = target_url(table.config, route, rec.path_qs)
         span = self.tel.start_forward(rec.route, rec.event_id, attempt, parent, rec.traceparent)
         outcome = await self.forwarder.send(
@@ -110,15 +121,23 @@ class Dispatcher:
             found.policy,
         )
         self.tel.end(span, outcome.error, outcome.status)
-        self.breakers.for_url(url).record(outcome.kind != "retryable")
+        breaker = self.breaker(route)
+        if outcome.error == POOL_TIMEOUT:
+            # This process's connection slots were all busy and nothing was sent: no failure of the receiver's (its
+            # breaker is not told; a probe slot is given back) and no attempt of the event's, which goes back with
+            # its attempt number returned, due again in a moment (defer.lua).
+            breaker.release(True)
+            due_ms = await self.defer(rec, attempt, NOT_SENT_WAIT)
+            return Disposition("queued", outcome, next_attempt_ms=due_ms)
         self.tel.forward_attempts[(rec.route, outcome.kind)] += 1
+        breaker.record(outcome.kind != "retryable")
         labels = self.tel.route_labels(rec.route)
         self.tel.forward_duration.record(outcome.duration, labels)
         disposition = await self.settle(
             route, rec, attempt, outcome, history or [], background=parent is not None
         )
         if disposition.kind == "delivered":
-            self.tel.delivery_lag.record(max(0.0, time.time() - rec.first_seen_ms / 1000), labels)
+            self.tel.delivery_lag.record(max(0.0, self.store.clock.now() - rec.first_seen_ms / 1000), labels)
         if parent is None and log.isEnabledFor(logging.INFO):
             log.info(
                 "attempt",
@@ -135,13 +154,17 @@ class Dispatcher:
             )
         return disposition
 
-    def breaker(self, route: RouteConfig, path_qs: str) -> Breaker:
-        return self.breakers.for_url(target_url(self.config, route, path_qs))
+    def breaker(self, route: RouteConfig) -> Breaker:
+        """The breaker of the route's receiver: one per origin, which only the configured URL chooses (a request's
+        path and query never change it, see `target_url`), so no target URL is built to find it."""
+        return self.breakers.for_url(route.upstream or self.config.upstream.url)
 
-    async def defer(self, rec: EventRecord, attempt: int, wait: float) -> None:
-        """Put a taken event back without attempting it (its upstream's circuit is open)."""
-        due_ms = int((time.time() + wait) * 1000)
+    async def defer(self, rec: EventRecord, attempt: int, wait: float) -> int:
+        """Put a taken event back without attempting it (its upstream's circuit is open, or no connection came in
+        time); return when it is due again."""
+        due_ms = self.store.clock.now_ms() + int(wait * 1000)
         await self.store.defer(rec.route, rec.dedupe_id, attempt, due_ms)
+        return due_ms
 
     async def settle(
         self,
@@ -152,13 +175,14 @@ class Dispatcher:
         history: list[dict[str, Any]],
         background: bool = False,
     ) -> Disposition:
-        now = time.time()
-        now_ms = int(now * 1000)
+        now_ms = self.store.clock.now_ms()  # the schedule's clock: the store's (see store/clock.py)
+        now = now_ms / 1000
         entry = AttemptRecord(now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000)
         if outcome.kind == "delivered":
             if background:
-                # The provider's answer need not wait for this round trip: see store/marks.py.
-                self.store.marks.add(rec, entry)
+                # The provider's answer need not wait for this round trip: see store/marks.py. Attempt 1's lease
+                # is the claim's, from the event's first sight (`Ingress` claims with now = first_seen_ms).
+                self.store.marks.add(rec, entry, rec.first_seen_ms + self.lease_ms(route))
             else:
                 try:
                     await self.store.ack(rec.route, rec.dedupe_id, entry, now_ms)
@@ -174,7 +198,7 @@ class Dispatcher:
             return await self._bury(rec, attempt, outcome, history, "exhausted", entry)
         wait = next_delay(
             attempt,
-            parse_retry_after(outcome.retry_after, now),
+            parse_retry_after(outcome.retry_after, time.time()),  # an HTTP date: wall clock
             base=retry.base_delay,
             multiplier=retry.multiplier,
             max_delay=retry.max_delay,
@@ -195,7 +219,7 @@ class Dispatcher:
         reason: str,
         entry: AttemptRecord | None = None,
     ) -> Disposition:
-        now_ms = int(time.time() * 1000)
+        now_ms = self.store.clock.now_ms()
         entry = entry or AttemptRecord(
             now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000
         )

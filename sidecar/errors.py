@@ -4,6 +4,7 @@
     ├── ConfigError          the config file is unusable; `.errors` holds every `FILE:LINE: key.path: message`
     ├── StoreError           a store operation failed
     │   └── StoreUnavailable Redis/Valkey cannot be reached or timed out (→ 503 store_unavailable, fail closed)
+    │       └── StoreFull    the store is at its maxmemory and refuses what would grow it (→ 503 too)
     └── EmbeddedStoreError   the bundled Valkey could not be started
 
 Signature failures are not here: they belong to the providers (`sidecar.providers.base.VerificationError`).
@@ -30,6 +31,11 @@ class StoreError(SidecarError):
 
 class StoreUnavailable(StoreError):
     """Raised by `store` when Redis cannot be reached or does not answer in time."""
+
+
+class StoreFull(StoreUnavailable):
+    """Raised by `store` when Redis refuses a write for want of memory (`maxmemory` reached, `noeviction`): new
+    events wait (503) while what the store holds is still delivered, which frees it."""
 
 
 class EmbeddedStoreError(SidecarError):

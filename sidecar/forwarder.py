@@ -1,8 +1,8 @@
 """The only aiohttp client user: sends a stored event upstream byte-for-byte and classifies what came back.
 
-Outcomes: `delivered` (2xx), `retryable` (connection error, timeout, or a status in the route's `retry_on`:
-408, 425, 429, 5xx by default), `permanent` (any other status: the upstream rejected the event and asking
-again will not change its mind).
+Outcomes: `delivered` (2xx), `retryable` (connection error, timeout, no connection in time to send on
+(`pool_timeout`: nothing was sent), or a status in the route's `retry_on`: 408, 425, 429, 5xx by default),
+`permanent` (any other status: the upstream rejected the event and asking again will not change its mind).
 """
 
 from __future__ import annotations

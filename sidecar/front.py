@@ -44,6 +44,10 @@ log = logging.getLogger("sidecar.front")
 MAX_HEAD = 8190  # aiohttp's max_line_size: a head this small passes every limit aiohttp's parser has
 MAX_HEADERS = 128  # aiohttp's max_headers: more is its 400
 SWEEP_S = 1.0
+# After an answer given before the body was read to its end (408 read_timeout, 413, an admin 408), aiohttp keeps
+# reading and discarding the rest for `lingering_time` (default 10 s), so that a client still sending gets the
+# answer instead of a reset. A slow client dribbling its body held the connection that long past the answer.
+LINGER_S = 2.0
 # Sec-WebSocket-Key1 (the old WebSocket handshake) is a 400 in aiohttp's parser.
 _REFUSED = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"sec-websocket-key1"})
 # What aiohttp's parser answers 400 when repeated (its SINGLETON_HEADERS; Content-Length llhttp refuses itself).
@@ -140,6 +144,9 @@ def _parse(head_bytes: bytes, ingress: Ingress, remote: str) -> _Parsed | None:
         return None
     length: int | None = None
     host = None
+    # HTTP/1.1 keeps the connection unless a Connection header says close. Read here: llhttp's own flag is reset
+    # once the message is complete, which a request without a body is with its head.
+    close = False
     headers: CIMultiDict[str] = CIMultiDict()
     for raw_name, raw_value in head.headers:
         lname = raw_name.lower()
@@ -156,13 +163,15 @@ def _parse(head_bytes: bytes, ingress: Ingress, remote: str) -> _Parsed | None:
             length = int(raw_value)
         elif lname == b"host":
             host = value
+        elif lname == b"connection":
+            close = close or b"close" in (token.strip().lower() for token in raw_value.split(b","))
         headers.add(name, value)
     length = length or 0
     if host is None or length > ingress.dispatcher.config.server.max_body_bytes:
         return None
     request = FastRequest(path, url.decode("latin-1"), CIMultiDictProxy(headers), host, remote)
     head_len = len(head_bytes)
-    return _Parsed(request, route.cfg.name, head_len, head_len + length, not parser.should_keep_alive())
+    return _Parsed(request, route.cfg.name, head_len, head_len + length, close)
 
 
 def serialize(resp: web.StreamResponse, close: bool) -> bytes:
@@ -439,7 +448,12 @@ class JsonErrorServer(web.Server):
 
 
 class JsonErrorRunner(web.AppRunner):
-    """An `AppRunner` whose connections answer unparsable requests with JSON (`JsonErrorHandler`)."""
+    """An `AppRunner` whose connections answer unparsable requests with JSON (`JsonErrorHandler`) and linger
+    LINGER_S at most after an answer that left the body unread."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("lingering_time", LINGER_S)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

@@ -23,14 +23,25 @@ from multidict import CIMultiDict
 
 from sidecar.config import RouteConfig
 from sidecar.dispatch import Dispatcher
-from sidecar.errors import StoreError, StoreUnavailable
+from sidecar.errors import StoreError, StoreFull, StoreUnavailable
 from sidecar.forwarder import Outcome, end_to_end, upstream_headers
-from sidecar.providers.base import Handshake, Inbound, TimestampError, VerificationError, Verified
+from sidecar.logs import Tally
+from sidecar.providers.base import (
+    Handshake,
+    Inbound,
+    TimestampError,
+    VerificationError,
+    Verified,
+    usable_id,
+)
 from sidecar.routes import Route, target_url
 from sidecar.store import EventRecord
 from sidecar.telemetry import AnySpan, Telemetry
 
 log = logging.getLogger("sidecar.ingress")
+
+# While the store is full, what is said of the events it refuses: once, then at most this often, with a count.
+STORE_FULL_REPORT_S = 30.0
 
 EVENT_ID_HEADER = "X-Sidecar-Event-Id"
 # Providers that sign the URL (or read it, like X's CRC): only they need the public URL rebuilt per request.
@@ -38,7 +49,6 @@ URL_SIGNING = frozenset({"twilio", "square", "hubspot", "x", "twitter", "hmac"})
 ROUTINE = frozenset(
     {"forwarded", "duplicate", "filtered", "handshake", "passthrough"}
 )  # DEBUG unless requests: all
-MAX_EVENT_ID_LEN = 256
 
 
 def json_error(status: int, error: str, event_id: str | None = None, **extra: Any) -> web.Response:
@@ -125,7 +135,7 @@ def public_url(request: web.Request, route: RouteConfig) -> str:
 def _json_path(body: bytes, path: str) -> Any:
     try:
         node: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # nested past the recursion limit: no readable id either
         return None
     for part in path.split("."):
         if isinstance(node, dict):
@@ -137,17 +147,14 @@ def _json_path(body: bytes, path: str) -> Any:
     return node
 
 
-def _printable(value: str) -> bool:
-    return 0 < len(value) <= MAX_EVENT_ID_LEN and value.isascii() and value.isprintable()
-
-
 def resolve_event_id(route: RouteConfig, verified: Verified, inbound: Inbound) -> tuple[str, str] | None:
     """(public event id, dedupe id), or None when no usable id can be had.
 
     The dedupe id is the public id when the signature covers it. When it does not (a header id), it is a signed id
     the provider also sends (Linear's body fields), else the digest of the signed bytes: a captured request replayed
     under another id then hits its own signed id or digest (a duplicate, not a second delivery), and cannot occupy
-    the other event's id.
+    the other event's id. A signed id gets the public id's check: signed means the provider's secret made it, not
+    that it is short and printable.
     """
     src = route.event_id
     signed = True
@@ -170,13 +177,13 @@ def resolve_event_id(route: RouteConfig, verified: Verified, inbound: Inbound) -
     if isinstance(raw, bool) or raw is None:
         return None
     event_id = str(raw) if isinstance(raw, int | str) else None
-    if event_id is None or not _printable(event_id):
+    if event_id is None or not usable_id(event_id):
         return None
     if signed:
         dedupe_id = event_id
-    elif verified.signed_id is not None:
+    elif verified.signed_id is not None and usable_id(verified.signed_id):
         dedupe_id = verified.signed_id
-    else:
+    else:  # no signed id, or one unfit for a key (a lone surrogate, a newline, 3,000 chars): the signed bytes
         dedupe_id = "sha256:" + (verified.signed_digest or hashlib.sha256(inbound.body).hexdigest())
     return event_id, dedupe_id
 
@@ -241,6 +248,7 @@ class Ingress:
         self.rejections: defaultdict[str, int] = defaultdict(int)  # flushed to the store's stats in batches
         # first attempts still running after their 202 (answer_within)
         self.late: set[asyncio.Future[Any]] = set()
+        self._full = Tally(STORE_FULL_REPORT_S)  # new events a full store refused
 
     async def handle(self, request: web.Request, body: bytes | None = None) -> web.StreamResponse:
         """Answer one inbound request. `body` is given when the caller has read it already (sidecar/front.py)."""
@@ -280,18 +288,32 @@ class Ingress:
                 },
             )
 
-    @staticmethod
     def _store_failed(
-        route: str, what: str, exc: StoreError, result: Result, event_id: str | None = None
+        self, route: str, what: str, exc: StoreError, result: Result, event_id: str | None = None
     ) -> web.Response:
         """503 with Retry-After for a store call that failed (fail closed: the provider sends again); logged as an
-        error unless the store is merely unreachable or busy (counted, and reported by /readyz)."""
+        error unless the store is merely unreachable or busy (counted, and reported by /readyz). A full store is
+        an error too, said once and then at most every STORE_FULL_REPORT_S with a count, not once per event."""
         result.outcome, result.error = "store_unavailable", str(exc)
-        if not isinstance(exc, StoreUnavailable):
+        extra = {}
+        if isinstance(exc, StoreFull):
+            extra["detail"] = "store_full"
+            self._report_full(exc)
+        elif not isinstance(exc, StoreUnavailable):
             log.error("route %s: %s: %s", route, what, exc)
-        resp = json_error(503, "store_unavailable", event_id)
+        resp = json_error(503, "store_unavailable", event_id, **extra)
         resp.headers["Retry-After"] = "5"
         return resp
+
+    def _report_full(self, exc: StoreFull) -> None:
+        since = self._full.count()
+        if since is not None:
+            log.error(
+                "store full: %d new event(s) refused (503) since the last report; what it holds is still delivered, "
+                "which frees memory; to take new events now, raise maxmemory or drain dead letters (runbook): %s",
+                since,
+                exc,
+            )
 
     async def _spend_nonce(
         self, cfg: RouteConfig, verified: Verified, body: bytes, result: Result
@@ -361,8 +383,10 @@ class Ingress:
             return json_error(400, "no_event_id")
         event_id, dedupe_id = ids
         result.event_id = event_id
-        rec = self._record(request, cfg, event_id, dedupe_id, body, inbound.now, self.tel.traceparent(span))
-        breaker = self.dispatcher.breaker(cfg, rec.path_qs)
+        # first seen, the claim and its lease: on the schedule's clock (the store's), not the tolerance checks' one
+        now = self.store.clock.now()
+        rec = self._record(request, cfg, event_id, dedupe_id, body, now, self.tel.traceparent(span))
+        breaker = self.dispatcher.breaker(cfg)
         forward_now = breaker.allow()
         # With the upstream's circuit open the event is claimed straight onto the schedule: one round trip and
         # a 202, instead of every provider request waiting out the forward timeout.
@@ -373,6 +397,8 @@ class Ingress:
         except StoreError as exc:
             breaker.release(forward_now)
             return self._store_failed(cfg.name, f"claim failed for {event_id}", exc, result, event_id)
+        if claim.claimed and (unsaid := self._full.over()) is not None:
+            log.warning("store takes new events again (%d more refused since the last report)", unsaid)
         if not claim.claimed:
             breaker.release(forward_now)
             result.outcome = "duplicate"
@@ -478,6 +504,14 @@ class Ingress:
             # The event is stored and leased since the claim: a replica picks it up when the lease runs out.
             log.warning("route %s: settling %s failed, left to the lease: %s", rec.route, rec.event_id, exc)
             result.outcome, result.error = "queued", "store_error"
+            return queued(rec.event_id, lease_end)
+        except Exception:
+            # A bug met by one attempt: the event is stored and leased all the same, so the provider is told it is
+            # queued (a 500 would make it resend an event the sidecar holds), and the lease brings it back.
+            log.exception(
+                "route %s: attempt 1 of %s failed unexpectedly, left to the lease", rec.route, rec.event_id
+            )
+            result.outcome, result.error = "queued", "internal"
             return queued(rec.event_id, lease_end)
         result.error = disp.outcome.error
         if disp.kind == "delivered":

@@ -71,3 +71,38 @@ def setup_logging(level: str = "info", fmt: str = "auto", stream: Any = None) ->
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+
+
+class Tally:
+    """Something that happens again and again for one cause (a full store, a store down), said once, then at most
+    every `every` seconds with a count, then once when it is over: one log line per cause, not one per event.
+
+    While it goes on, `began` is when it began (monotonic) and `total` how many times it happened."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.began: float | None = None
+        self.total = 0
+        self._said_at = 0.0
+        self._since = 0  # occurrences since the last time it was said
+
+    def count(self) -> int | None:
+        """Count one occurrence: how many to report now (this one included; `total == 1` for the first), or None
+        when it is not time yet."""
+        now = time.monotonic()
+        if self.began is None:  # the first occurrence is said at once
+            self.began, self._said_at = now, float("-inf")
+        self.total += 1
+        self._since += 1
+        if now - self._said_at < self.every:
+            return None
+        self._said_at, since, self._since = now, self._since, 0
+        return since
+
+    def over(self) -> int | None:
+        """It stopped happening: how many occurrences were not said yet (to say so once), or None when it had not
+        been happening. Cheap when nothing happened: one test."""
+        if self.began is None:
+            return None
+        since, self._since, self.began, self.total = self._since, 0, None, 0
+        return since

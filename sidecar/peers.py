@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from sidecar.supervisor import PARENT_ENV, PEERS_ENV
+from sidecar.supervisor import PARENT_ENV, PEERS_ENV, supervisor_gone
 from sidecar.telemetry import State, Telemetry, add_states
 
 __all__ = ["PEERS_ENV", "PeerCounts", "fetch_states", "leave_peers_dir", "serve_state"]
@@ -104,6 +104,6 @@ def leave_peers_dir(peers_dir: str, index: int | None) -> None:
     if index:
         with contextlib.suppress(OSError):
             socket_path(peers_dir, index).unlink()
-    if str(os.getppid()) != os.environ.get(PARENT_ENV):
+    if supervisor_gone(os.environ.get(PARENT_ENV, "")):
         with contextlib.suppress(OSError):  # not empty yet (another worker still runs), or gone already
             Path(peers_dir).rmdir()

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from pathlib import Path
 
 log = logging.getLogger("sidecar.supervisor")
 
@@ -45,6 +46,19 @@ def claim_ports(*listens: tuple[str, int]) -> None:
                 probe.bind(addr)
 
 
+def supervisor_gone(parent: str) -> bool:
+    """Is the supervisor (pid `parent`) gone? Not only when this process was handed to another parent: a supervisor
+    SIGKILLed with a thread still running (the embedded store's watcher) is a zombie while its threads exit, and
+    its children, handed to one of those threads meanwhile, still see its pid as their parent's."""
+    if str(os.getppid()) != parent:
+        return True
+    try:
+        state = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return not sys.platform.startswith("linux")  # no /proc entry on Linux: gone; elsewhere: cannot tell
+    return state in ("Z", "X")
+
+
 def follow_parent() -> None:
     """In a worker: ask the kernel for SIGTERM when the supervisor dies (Linux), and stop at once if it already
     has. Does nothing in a process not started by a supervisor."""
@@ -54,7 +68,7 @@ def follow_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
         log.warning("cannot ask to be stopped with the supervisor: %s", os.strerror(ctypes.get_errno()))
-    if os.getppid() != int(parent):  # it died before the request above was in place
+    if supervisor_gone(parent):  # it died before the request above was in place
         log.error("the supervisor (pid %s) is gone: stopping", parent)
         raise SystemExit(1)
 

@@ -14,12 +14,12 @@ ingress span. With no span exporter configured the sampler is off: context still
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
 import re
 import threading
-import time
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping
@@ -263,7 +263,7 @@ class Telemetry:
         """
         stats = await store.route_stats()
         configured = set(routes)
-        now_ms = time.time() * 1000
+        now_ms = store.clock.now_ms()  # dead_at is on the schedule's clock
         snapshot: dict[str, dict[str, float]] = {}
         for route in [*sorted(configured), *removed_routes(configured, stats)]:
             pending = float(stats.get(route, {}).get("pending", 0))
@@ -277,9 +277,15 @@ class Telemetry:
                 "oldest_age": max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0,
             }
         self.snapshot = snapshot
-        # 0 from the start: an alert on increase() has a series before the first eviction
-        for route in configured:
+
+    def zero_series(self, routes: Iterable[tuple[str, bool]]) -> None:
+        """Export at 0 from the start, store or no store, so that a dashboard shows 0 rather than no data and an
+        alert on increase() has a series before the first count: each route's DLQ evictions and, on a route that
+        verifies (`(name, signed)`), its signature mismatches."""
+        for route, signed in routes:
             self.dlq_evicted.setdefault(route, 0)
+            if signed:
+                self.signature_failures.setdefault((route, "mismatch"), 0)
 
     # ---- traces ----------------------------------------------------------------------------------------------------
 
@@ -493,8 +499,8 @@ def removed_routes(configured: Collection[str], stats: Mapping[str, Mapping[str,
     ]
 
 
-def metrics_handler(main: Any) -> Any:
-    """GET /metrics for the admin app: refresh the store gauges (bounded by the store timeout), then render."""
+def metrics_handler(main: Any, budget: float) -> Any:
+    """GET /metrics for the admin app: refresh the store gauges (within `budget` seconds), then render."""
     from aiohttp import web
 
     from sidecar.app import RUNTIME
@@ -504,11 +510,13 @@ def metrics_handler(main: Any) -> Any:
         runtime = main.get(RUNTIME)
         if runtime is None:
             return web.Response(status=503, text="starting\n")
-        # On a store error, serve the counters with the last gauge snapshot; /readyz reports the store.
-        with contextlib.suppress(StoreError):
-            # The dispatcher holds the live config (a reload swaps it); runtime.config is the one started with.
-            routes = [r.name for r in runtime.dispatcher.config.routes]
-            await runtime.telemetry.refresh(runtime.store, routes)
+        # The dispatcher holds the live config (a reload swaps it); runtime.config is the one started with.
+        routes = runtime.dispatcher.config.routes
+        # On a store error, or a store that does not answer within a scrape's budget, serve the counters with the
+        # last gauge snapshot (refresh swaps it in whole); /readyz reports the store.
+        with contextlib.suppress(StoreError, TimeoutError):
+            await asyncio.wait_for(runtime.telemetry.refresh(runtime.store, [r.name for r in routes]), budget)
+        runtime.telemetry.zero_series((r.name, r.provider != "none") for r in routes)
         if runtime.peer_counts is not None:  # the other workers' counts, added to this one's
             runtime.telemetry.peers = await runtime.peer_counts.states()
         return web.Response(body=runtime.telemetry.render(), content_type="text/plain", charset="utf-8")

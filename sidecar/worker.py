@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 
 from sidecar.dispatch import Dispatcher
-from sidecar.errors import StoreError
+from sidecar.errors import StoreError, StoreFull
+from sidecar.logs import Tally
 from sidecar.store import RedisStore, Taken
 
 log = logging.getLogger("sidecar.worker")
@@ -39,36 +41,70 @@ class RetryWorker:
         self.dispatcher = dispatcher
         self.batch = batch
         self.poll_interval = poll_interval
-        self._limit = asyncio.Semaphore(concurrency)
+        self.concurrency = concurrency  # attempts at once (the app gives upstream.max_connections)
+        self._running: set[asyncio.Task[bool]] = set()
+        self._full = Tally(STORE_REPORT_EVERY)  # attempts a full store could not settle
+        self._wake = asyncio.Event()  # a slot freed, or stop(): the loop need not wait out its poll
+        self._made = 0  # attempts made, for run_once's count
+        # where the next pass starts: replicas start at random shards, so they seldom contend for the same one
+        self._next_shard = random.randrange(store.keys.shards)
         self.last_beat = time.monotonic()
         self._stopping = asyncio.Event()
-        self.store_report_every = store_report_every
-        self._down_since: float | None = None  # monotonic time of the first failed pass of this outage
-        self._down_failures = 0  # failed passes in this outage
-        self._down_reported = (0.0, 0)  # (when, failures then) of the last report
+        self._down = Tally(store_report_every)  # failed passes of the current store outage
         self._reached_store = False  # the current pass got an answer from the store
         # Housekeeping run once per loop (e.g. flushing batched counters to the store).
         self.periodic: list[Callable[[], Awaitable[None]]] = []
 
     async def run_once(self) -> int:
-        """Attempt every event due now, across all shards; return how many attempts were made."""
+        """Attempt every event due now, across all shards, and wait for those attempts; return how many were made.
+        For tests: `run` is the worker's loop."""
         self.last_beat = time.monotonic()
+        made_before = self._made
+        cutoff_ms = self.store.clock.now_ms()  # what a retry schedules meanwhile waits for the next call
+        while True:
+            await self._pass(cutoff_ms)
+            if not self._running:
+                return self._made - made_before
+            await asyncio.wait(set(self._running), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _pass(self, due_by_ms: int | None = None) -> int:
+        """Take what is due by `due_by_ms` (default: now), shard by shard, no more than there are free attempt
+        slots, and start an attempt for each at once; return how many were taken. The attempts run on while the worker goes on: one
+        slow upstream never holds back the other due events, and an event is taken only when it can be attempted
+        at once, so its lease (which starts at the take) is not spent waiting for a slot."""
         if self.dispatcher.breakers.all_open():
             return 0  # every upstream is known down: leave the schedule alone until a probe is due
-        done = 0
-        for shard in range(self.store.keys.shards):
+        shards = self.store.keys.shards
+        first = self._next_shard
+        self._next_shard = (first + 1) % shards  # a full worker starts its next pass one shard on
+        taken_now = 0
+        lease_ms = self._lease_ms()
+        for shard in ((first + i) % shards for i in range(shards)):
             while True:
                 if self._stopping.is_set():  # shutting down: take nothing more (what is taken is attempted)
-                    return done
-                now_ms = int(time.time() * 1000)
-                taken = await self.store.take_due(shard, now_ms, self._lease_ms(), self.batch)
+                    return taken_now
+                free = self.concurrency - len(self._running)
+                if free <= 0:
+                    return taken_now
+                limit = min(self.batch, free)
+                # each lease starts when its event is taken (on the store's clock)
+                now_ms = self.store.clock.now_ms()
+                taken = await self.store.take_due(shard, now_ms, lease_ms, limit, due_by_ms)
                 self._reached_store = True
-                if not taken:
+                for t in taken:
+                    task = asyncio.create_task(self._attempt(t), name="retry-attempt")
+                    self._running.add(task)
+                    task.add_done_callback(self._finished)
+                taken_now += len(taken)
+                if len(taken) < limit:
                     break
-                done += sum(await asyncio.gather(*(self._attempt(t) for t in taken)))
-                if len(taken) < self.batch:
-                    break
-        return done
+        return taken_now
+
+    def _finished(self, task: asyncio.Task[bool]) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and task.exception() is None and task.result():
+            self._made += 1
+        self._wake.set()
 
     def _lease_ms(self) -> int:
         # One lease for the whole batch: the longest any route needs (routes only differ by retry.lease).
@@ -78,88 +114,111 @@ class RetryWorker:
         """Forward one taken event, or give it back while its upstream's circuit is open. True if attempted."""
         rec = taken.record
         route = self.dispatcher.route(rec.route)
-        breaker = self.dispatcher.breaker(route, rec.path_qs) if route is not None else None
-        async with self._limit:
-            try:
-                if breaker is not None and not breaker.allow():
-                    await self.dispatcher.defer(rec, taken.attempt, max(breaker.retry_at(), 0.5))
-                    return False
-                await self.dispatcher.attempt(rec, taken.attempt, taken.history)
-            except StoreError as exc:
+        breaker = self.dispatcher.breaker(route) if route is not None else None
+        try:
+            if breaker is not None and not breaker.allow():
+                await self.dispatcher.defer(rec, taken.attempt, max(breaker.retry_at(), 0.5))
+                return False
+            await self.dispatcher.attempt(rec, taken.attempt, taken.history)
+            if (unsaid := self._full.over()) is not None:
                 log.warning(
-                    "attempt %d of %s/%s not settled (its lease brings it back): %s",
-                    taken.attempt,
-                    rec.route,
-                    rec.event_id,
-                    exc,
+                    "store settles attempts again (%d more not settled since the last report)", unsaid
                 )
-            except Exception:
-                # A bug met by one event must not take the batch (and the worker task) down with it.
-                log.exception(
-                    "attempt %d of %s/%s failed unexpectedly (its lease brings it back)",
-                    taken.attempt,
-                    rec.route,
-                    rec.event_id,
-                )
+        except StoreFull as exc:  # a failing receiver's retries wait for their leases: said once a while
+            since = self._full.count()
+            if since is not None:
+                log.warning("store full: %d attempt(s) not settled, left to their leases: %s", since, exc)
+        except StoreError as exc:
+            log.warning(
+                "attempt %d of %s/%s not settled (its lease brings it back): %s",
+                taken.attempt,
+                rec.route,
+                rec.event_id,
+                exc,
+            )
+        except Exception:
+            # A bug met by one event must not take the others (or the worker) down with it.
+            log.exception(
+                "attempt %d of %s/%s failed unexpectedly (its lease brings it back)",
+                taken.attempt,
+                rec.route,
+                rec.event_id,
+            )
         return True
 
     @property
-    def store_failures(self) -> int:
-        """Failed passes in the current store outage (0 while the store answers)."""
-        return self._down_failures
+    def store_report_every(self) -> float:
+        return self._down.every
+
+    @store_report_every.setter
+    def store_report_every(self, seconds: float) -> None:
+        self._down.every = seconds
 
     def _store_failed(self, exc: StoreError) -> None:
-        now = time.monotonic()
-        self._down_failures += 1
-        if self._down_since is None:
-            self._down_since = now
-            self._down_reported = (now, 1)
+        since = self._down.count()
+        if since is None:
+            return
+        if self._down.total == 1:
             log.warning(
                 "retry worker: store unavailable: %s (retrying; reports again at most every %gs)",
                 exc,
-                self.store_report_every,
+                self._down.every,
             )
             return
-        when, failures_then = self._down_reported
-        if now - when >= self.store_report_every:
-            self._down_reported = (now, self._down_failures)
-            log.warning(
-                "retry worker: store still unavailable after %.0fs (%d failed pass(es) since the last report): %s",
-                now - self._down_since,
-                self._down_failures - failures_then,
-                exc,
-            )
+        log.warning(
+            "retry worker: store still unavailable after %.0fs (%d failed pass(es) since the last report): %s",
+            time.monotonic() - (self._down.began or 0.0),
+            since,
+            exc,
+        )
 
     def _store_answered(self) -> None:
-        if self._down_since is None:
+        began, failures = self._down.began, self._down.total
+        if began is None:  # no outage under way
             return
+        self._down.over()
         log.info(
             "retry worker: store available again after %.1fs (%d failed pass(es))",
-            time.monotonic() - self._down_since,
-            self._down_failures,
+            time.monotonic() - began,
+            failures,
         )
-        self._down_since, self._down_failures = None, 0
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
-            self._reached_store = False
-            try:
-                done = await self.run_once()
-            except StoreError as exc:
-                self._store_failed(exc)
-                done = 0
-            except Exception:
-                # Left unhandled this would end the task silently: no retry in this process would run again.
-                log.exception("retry worker: unexpected error; carrying on")
-                done = 0
-            else:
-                if self._reached_store:  # a pass that asked nothing (every circuit open) says nothing of it
-                    self._store_answered()
-            for task in self.periodic:
-                await task()
-            if done == 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
+        try:
+            while not self._stopping.is_set():
+                self.last_beat = time.monotonic()
+                self._reached_store = False
+                taken = 0
+                try:
+                    taken = await self._pass()
+                except StoreError as exc:
+                    self._store_failed(exc)
+                except Exception:
+                    # Left unhandled this would end the task silently: no retry in this process would run again.
+                    log.exception("retry worker: unexpected error; carrying on")
+                else:
+                    # a pass that asked nothing (every circuit open) says nothing of the store
+                    if self._reached_store:
+                        self._store_answered()
+                try:
+                    for task in self.periodic:
+                        await task()
+                except Exception:  # housekeeping that failed is tried again next loop
+                    log.exception("retry worker: housekeeping failed; carrying on")
+                if taken == 0 or len(self._running) >= self.concurrency:
+                    # nothing due, or no free slot: wait for the next poll, a freed slot or stop()
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            if self._running:  # what was taken is attempted (the caller bounds this by the shutdown grace)
+                await asyncio.wait(set(self._running))
+        finally:
+            if self._running:  # cut short (the grace is spent): leased, attempted again later
+                cut = set(self._running)
+                for task in cut:
+                    task.cancel()
+                await asyncio.wait(cut, timeout=1.0)  # let them unwind before the store and session close
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()

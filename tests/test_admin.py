@@ -4,6 +4,7 @@ drain, delete), events, stats, the OpenAPI document, and a property run that nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import json
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +26,7 @@ from sidecar.admin import create_admin_app
 from sidecar.admin_spec import document
 from sidecar.app import RUNTIME, create_app
 from sidecar.config import AdminConfig
+from sidecar.front import JsonErrorRunner
 from sidecar.keys import KeySpace
 from sidecar.store import AttemptRecord, EventRecord, RedisStore
 from sidecar.store.dead_letters import DeadLetters
@@ -165,6 +168,59 @@ async def test_admin_auth_401_without_or_with_wrong_token(
     assert resp.status == 401
     assert (await resp.json())["error"] == "unauthorized"
     assert rdb.zcard(KEYS.dlq_items()) == 1  # nothing was replayed, drained or deleted
+
+
+async def test_admin_auth_header_that_is_not_utf8_is_401_not_500(
+    admin: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    for value in (b"Bearer \xff", b"Bearer " + TOKEN.encode() + b"\xff", b"\xff " + TOKEN.encode()):
+        reader, writer = await asyncio.open_connection("127.0.0.1", admin.http.port)
+        writer.write(
+            b"GET /admin/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: %s\r\n\r\n" % value
+        )
+        answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 401 "), (value, answer[:200])
+        assert b'"unauthorized"' in answer
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+class JsonErrorTestServer(TestServer):
+    """The admin app served as `sidecar run` serves it (JsonErrorRunner)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return JsonErrorRunner(self.app, **kwargs)
+
+
+@pytest.mark.parametrize("path", ["/admin/dlq/replay", "/admin/dlq/drain"])
+async def test_admin_body_dribble_gets_408_after_read_timeout_and_is_closed(
+    sidecar_factory: Any, aiohttp_client: Any, path: str
+) -> None:
+    main = await sidecar_factory(ROUTES, retry=FAST, server="read_timeout: 1s")
+    http = await aiohttp_client(JsonErrorTestServer(create_admin_app(main.server.app)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", http.port)
+    started = time.monotonic()
+
+    async def dribble() -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n".encode())
+    writer.write(f"Authorization: Bearer {TOKEN}\r\n\r\n{{".encode())
+    task = asyncio.create_task(dribble())
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 6)
+        answered = time.monotonic() - started
+        rest = await asyncio.wait_for(reader.read(), 5)  # the JSON body, then the close
+        closed = time.monotonic() - started
+    finally:
+        task.cancel()
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408 ") and b'"read_timeout"' in rest
+    assert answered < 3 and closed - answered < 3.5, (answered, closed)
 
 
 async def test_admin_closed_when_no_token_configured(

@@ -31,6 +31,9 @@ def test_backoff_retry_after_seconds_and_http_date() -> None:
     assert parse_retry_after(formatdate(1030.0, usegmt=True), now=1000.0) == pytest.approx(30.0)
     assert parse_retry_after(formatdate(900.0, usegmt=True), now=1000.0) == 0.0
     assert parse_retry_after("soon", now=1000.0) is None
+    # digits to str.isdigit() that float() refuses: a ValueError here answered a claimed event 500
+    for odd in ("\u00b2", "1\u00b3", "\u2460", "\u0663"):
+        assert parse_retry_after(odd, now=1000.0) is None, odd
     assert parse_retry_after(None, now=1000.0) is None
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from sidecar.breaker import WINDOW_S, Breaker
+import tracemalloc
+
+import pytest
+
+from sidecar.breaker import WINDOW_S, Breaker, Breakers
 
 
 class Clock:
@@ -73,3 +77,43 @@ def test_a_failed_probe_doubles_the_cooldown_and_a_good_one_closes_it() -> None:
     assert b.allow()
     b.record(True)
     assert b.state == "closed" and b.allow() and b.failures == 0
+
+
+def test_the_log_says_when_a_circuit_opens_and_closes(caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing was logged: an operator saw only 202s with `circuit_open` (an audit looked for the line)."""
+    breakers = Breakers(threshold=2, cooldown=2.0)
+    b = breakers.for_url("http://receiver:3000/hooks?x=1")
+    b.record(False)
+    assert not caplog.records
+    b.record(False)
+    b.record(False)  # open already: said once
+    b.opened_at = 0.0  # the cooldown is over: a probe goes out and is answered
+    b.record(True)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            "upstream http://receiver:3000: circuit open after 2 failed forwards in a row: new events are queued "
+            "(202) and retries wait, a probe every 2s or more",
+        ),
+        ("INFO", "upstream http://receiver:3000: circuit closed, it answers again"),
+    ]
+
+
+def test_breakers_one_per_origin_and_nothing_kept_per_query_string() -> None:
+    """A path or query never changes which receiver is down: one breaker per scheme://host:port, and a client
+    replaying one request under thousands of query strings does not grow memory (it grew ~70 MiB)."""
+    breakers = Breakers()
+    a = breakers.for_url("http://up:3000/hooks/a?x=1")
+    assert breakers.for_url("http://up:3000/other") is a
+    assert breakers.for_url("http://up:3001/hooks/a?x=1") is not a
+    assert breakers.for_url("https://up:3000/hooks/a?x=1") is not a
+    pad = "p" * 1000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i in range(5000):
+            assert breakers.for_url(f"http://up:3000/hooks/a?n={i}&{pad}") is a
+        grown = sum(d.size_diff for d in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    finally:
+        tracemalloc.stop()
+    assert grown < 100_000

@@ -885,6 +885,17 @@ def test_check_config_returns_error_lines(tmp_path: Path) -> None:
     assert check_config(tmp_path / "missing.yaml")[0].startswith(f"{tmp_path / 'missing.yaml'}:1: <file>: ")
 
 
+def test_check_config_alias_bomb_through_merge_keys_is_one_error_line(tmp_path: Path) -> None:
+    """`x1: {<<: [*x0, *x0, …]}` seven levels deep: refused at the size cap with one line, like any alias bomb;
+    what comes after (here `routes:`) is not blamed for being the cap's placeholder."""
+    path = tmp_path / "laughs.yaml"
+    levels = "".join(f"x{i}: &x{i} {{<<: [{', '.join([f'*x{i - 1}'] * 8)}], c{i}: 1}}\n" for i in range(1, 8))
+    path.write_text("x0: &x0 {a: 1, b: 2}\n" + levels + ROUTE)
+    lines = [x for x in check_config(path) if "unknown key" not in x]
+    assert len(lines) == 1 and lines[0].startswith(f"{path}:1: ")
+    assert lines[0].endswith(": the config is too large (YAML aliases that repeat or contain themselves?)")
+
+
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
@@ -933,3 +944,25 @@ def test_store_url_password_is_scrubbed_from_the_stores_messages() -> None:
     (error,) = errors_of(f'redis: {{url: "{url}"}}\n' + ROUTE)
     assert error.startswith("cfg.yaml:1: redis.url: TLS settings: ") and "'[redacted]'" in error
     assert "hunter2" not in error
+
+
+def test_a_lease_shorter_than_an_attempt_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `retry.lease` under upstream.timeout (+ the store write that settles the attempt) let the event be taken
+    and sent again while the receiver still had it (an audit: lease 1 s, timeout 4 s, a receiver taking 3 s got
+    the event twice, and check-config said OK). It is said at check-config (exit 0) and at start."""
+    path = tmp_path / "short-lease.yaml"
+    route_lease = ROUTE + "    retry: {lease: 30s}\n  - name: other\n    path: /o\n    provider: none\n"
+    path.write_text("upstream: {timeout: 4s}\nretry: {lease: 1s}\n" + route_lease)
+    args = build_parser().parse_args(["check-config", str(path)])
+    assert args.func(args) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{path}: OK\n"
+    assert err == (
+        f"warning: {path}: retry.lease (1s) is shorter than 2 x upstream.timeout + redis.timeout (10s): an attempt "
+        "still waiting for the receiver can be taken and sent again, so the receiver gets the event twice; leave it "
+        "unset (2 x upstream.timeout + 20s) or make it longer\n"
+    )  # the route with a lease of its own that is long enough is not named, the other inherits the global one
+    assert load_text("upstream: {timeout: 4s}\nretry: {lease: 10s}\n" + ROUTE).warnings() == []
+    assert load_text(ROUTE).warnings() == []  # the default: 2 x upstream.timeout + 20 s

@@ -1,22 +1,26 @@
 """What the upstream receives and what the provider gets back, on the edges an external check met: pass-through
 requests keep their target and headers as sent, an ingress's X-Forwarded-Proto/Host reach the receiver, a 2xx with
-a body too large to relay is still a delivery, a route's own upstream query keeps the request's, and an upstream URL
-with credentials is refused at load."""
+a body too large to relay is still a delivery, a route's own upstream query keeps the request's, an upstream URL
+with credentials is refused at load, and an event whose connection came too late is not sent but retried."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from sidecar.app import RUNTIME, create_app
 from sidecar.config import load_text
 from sidecar.errors import ConfigError
 from sidecar.http1 import MAX_RESPONSE_BYTES
 from sidecar.routes import target_url
-from tests.conftest import Upstream
+from tests.conftest import FrontTestServer, Received, Upstream, make_config
 from tests.test_front import exchange
-from tests.test_ingress import ROUTES, stripe_body, stripe_headers
+from tests.test_ingress import ROUTES, STRIPE_SECRET, stripe_body, stripe_headers
+from tests.test_worker import drain
 
 
 @pytest.fixture
@@ -69,6 +73,77 @@ async def test_a_2xx_with_a_body_too_large_to_relay_is_a_delivery(client: Any, u
     again = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
     assert (await again.json())["duplicate"] is True and (await again.json())["state"] == "delivered"
     assert upstream.ids() == ["evt_big_answer"]
+
+
+async def test_an_event_whose_connection_comes_too_late_is_not_sent_and_is_retried(
+    aiohttp_client: Any, upstream: Upstream, redis_url: str, rdb: Any
+) -> None:
+    """`max_connections: 1` and a receiver holding the one connection: the audit saw such an event written with
+    45 ms of its timeout left, recorded as a timeout and delivered twice. It is not sent now: the provider has its
+    202 (first attempt past `answer_within`), and the event goes back, its attempt number returned, as often as no
+    connection comes in time (no attempt of the event's, no failure of the receiver's: its breaker stays closed);
+    once the connection is free it is delivered once, as attempt 1."""
+    routes = f"""
+    - name: stripe
+      path: /webhooks/stripe
+      provider: stripe
+      secrets: ["{STRIPE_SECRET}"]
+      answer_within: 300ms
+    """
+    retry = "{base_delay: 100ms, multiplier: 1, max_delay: 1s, jitter: 0}"
+    config = make_config(routes, upstream_url=upstream.url, redis_url=redis_url, retry=retry)
+    config = replace(config, upstream=replace(config.upstream, timeout=1.0, max_connections=1))
+    client = await aiohttp_client(FrontTestServer(create_app(config, redis_url=redis_url, run_worker=False)))
+    runtime = client.server.app[RUNTIME]
+    gate = asyncio.Event()
+
+    async def held(rec: Received) -> None:
+        if rec.body == b"hold":
+            await asyncio.wait_for(gate.wait(), 5.0)
+
+    async def given_back() -> dict[str, Any]:
+        """The event once it is pending again (given back unattempted), or as it is after 3 s."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 3.0
+        while (event := await runtime.store.get_event("stripe", "evt_late"))["raw_state"] != "p":
+            if loop.time() > until:
+                break
+            await asyncio.sleep(0.02)
+        return event
+
+    upstream.behaviour = held
+    http1 = runtime.dispatcher.forwarder._http1
+    holder = asyncio.create_task(http1.post(upstream.url + "/hold", [], b"hold", 10.0))
+    try:
+        await asyncio.wait_for(upstream.arrived.wait(), 2.0)  # the one connection is taken
+        body = stripe_body("evt_late")
+        resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        assert resp.status == 202 and (await resp.json())["in_flight"] is True
+        event = await given_back()
+        assert (event["raw_state"], event["attempts"], event["history"]) == ("p", 0, [])
+        await rdb_due_now(rdb, runtime, event)  # due again at once (it waits a second), still held:
+        await asyncio.wait_for(runtime.worker.run_once(), 3.0)  # the worker's attempt is not sent either
+        event = await given_back()
+        assert (event["raw_state"], event["attempts"], event["history"]) == ("p", 0, [])
+        assert upstream.ids() == [""]  # the holder alone
+        assert runtime.dispatcher.breakers.for_url(upstream.url + "/webhooks/stripe").state == "closed"
+    finally:
+        gate.set()
+    assert (await asyncio.wait_for(holder, 2.0)).status == 200
+    await rdb_due_now(rdb, runtime, await runtime.store.get_event("stripe", "evt_late"))
+    await drain(client, want=2, upstream=upstream)
+    assert upstream.ids() == ["", "evt_late"]
+    assert upstream.received[1].headers["x-sidecar-attempt"] == "1"
+    event = await runtime.store.get_event("stripe", "evt_late")
+    assert event["state"] == "delivered" and [h["status"] for h in event["history"]] == [200]
+    assert runtime.telemetry.forward_attempts[("stripe", "retryable")] == 0  # nothing was sent: no forward
+
+
+async def rdb_due_now(rdb: Any, runtime: Any, event: dict[str, Any]) -> None:
+    """Make a pending event due now (instead of waiting out its due time)."""
+    keys = runtime.store.keys
+    member = f"stripe:{event['dedupe_id']}"
+    rdb.zadd(keys.schedule(keys.shard_of("stripe", event["dedupe_id"])), {member: 0})
 
 
 def _config(route_upstream: str) -> Any:

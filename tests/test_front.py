@@ -8,6 +8,7 @@ request in flight finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -263,6 +264,20 @@ async def test_front_connection_close_is_honoured(client: Any) -> None:
         writer.close()
 
 
+async def test_front_connection_close_is_honoured_without_a_body(client: Any, upstream: Upstream) -> None:
+    """llhttp resets its keep-alive flag once a message is complete, and a request with no body is complete with
+    its head: its `Connection: close` was read as keep-alive, so the connection stayed open until read_timeout."""
+    reader, writer = await connect(client)
+    try:
+        writer.write(post("/webhooks/plain", b"", {"X-Event-Id": "evt_empty_close"}, "Connection: close\r\n"))
+        status, headers, _ = await read_response(reader)
+        assert status == 200 and headers["connection"] == "close"
+        assert await closed_within(reader, 0.5)  # at once, not after read_timeout (1 s here)
+    finally:
+        writer.close()
+    assert upstream.ids() == ["evt_empty_close"]
+
+
 async def test_front_body_dribble_gets_408_after_read_timeout(client: Any, upstream: Upstream) -> None:
     raw = signed("evt_dribble")
     reader, writer = await connect(client)
@@ -289,6 +304,37 @@ async def test_front_body_dribble_gets_408_after_read_timeout(client: Any, upstr
     assert (
         front_of(client).ingress.tel.requests[("stripe", "read_timeout")] == 1
     )  # counted as aiohttp's path does
+
+
+async def test_front_chunked_dribble_is_closed_soon_after_its_408(client: Any, upstream: Upstream) -> None:
+    """aiohttp's path (a chunked body): after the 408 it reads and discards the rest of the body for
+    lingering_time, which was aiohttp's 10 s; a slow client held its connection that long past the answer."""
+    body = stripe_body("evt_chunk_dribble")
+    head = b"POST /webhooks/stripe HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n"
+    head += b"".join(f"{k}: {v}\r\n".encode() for k, v in stripe_headers(body).items()) + b"\r\n"
+    reader, writer = await connect(client)
+    started = time.monotonic()
+
+    async def dribble() -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(b"1\r\na\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+
+    writer.write(head)
+    task = asyncio.create_task(dribble())
+    try:
+        status, _, answer = await read_response(reader)
+        answered = time.monotonic() - started
+        assert await closed_within(reader, 4), "still open 4 s after the 408"
+        closed = time.monotonic() - started
+    finally:
+        task.cancel()
+        writer.close()
+    assert (status, json.loads(answer)) == (408, {"error": "read_timeout"})
+    assert answered < 3 and closed - answered < 3.5, (answered, closed)  # LINGER_S is 2 s
+    assert upstream.received == []
 
 
 @pytest.mark.parametrize("what", ["idle", "half a head"])

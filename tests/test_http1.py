@@ -1,6 +1,6 @@
 """The forwarding client against real servers that behave, and servers that do not: keep-alive reuse, chunked and
 close-delimited bodies, interim answers, timeouts, refused connections, mid-response disconnects, the keep-alive
-race, oversized answers, non-ASCII header bytes."""
+race, oversized answers, non-ASCII header bytes, and a request not sent when its connection came too late."""
 
 from __future__ import annotations
 
@@ -229,6 +229,82 @@ async def test_http1_header_bytes_pass_through_unchanged(raw_server, client: Htt
     resp = await client.post(await raw_server(capture), [("X-Odd", value)], b"", 1.0)
     assert b"X-Odd: caf\xc3\xa9 \xff\r\n" in seen[0]
     assert ("X-Back", "café") in resp.headers
+
+
+@pytest.fixture
+async def gated() -> AsyncIterator[tuple[str, list[tuple[bytes, int]], asyncio.Event]]:
+    """A real aiohttp upstream recording (body, the client's port) of each request; it holds a request whose body is
+    `hold` until the event is set (5 s at most), one whose body is `slow` for 0.5 s, and answers the others at once."""
+    seen: list[tuple[bytes, int]] = []
+    gate = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        seen.append((body, request.transport.get_extra_info("peername")[1]))  # type: ignore[union-attr]
+        if body == b"hold":
+            await asyncio.wait_for(gate.wait(), 5.0)
+        elif body == b"slow":
+            await asyncio.sleep(0.5)
+        return web.Response(body=b"ok")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/in", seen, gate
+    finally:
+        gate.set()
+        await runner.cleanup()
+
+
+async def wait_for_request(seen: list[tuple[bytes, int]], body: bytes) -> None:
+    async with asyncio.timeout(2.0):
+        while body not in [b for b, _ in seen]:
+            await asyncio.sleep(0.01)
+
+
+async def test_http1_a_request_with_no_slot_within_its_timeout_is_not_sent(gated) -> None:
+    """With `max_connections: 1` and the slot held past the request's timeout, the request is not written at all
+    (PoolTimeout, retryable), and the slot and the connection serve the next request."""
+    url, seen, gate = gated
+    client = Http1Client(max_connections=1)
+    try:
+        holder = asyncio.create_task(client.post(url, [], b"hold", 5.0))
+        await wait_for_request(seen, b"hold")
+        with pytest.raises(UpstreamError) as exc:
+            await asyncio.wait_for(client.post(url, [], b"late", 0.5), 2.0)
+        assert exc.value.kind == "pool_timeout"  # retryable, nothing sent
+        gate.set()
+        assert (await asyncio.wait_for(holder, 2.0)).body == b"ok"
+        assert [b for b, _ in seen] == [b"hold"]  # never reached the upstream
+        assert (await asyncio.wait_for(client.post(url, [], b"next", 1.0), 2.0)).body == b"ok"
+        assert [b for b, _ in seen] == [b"hold", b"next"]
+        assert seen[0][1] == seen[1][1]  # on the holder's kept-alive connection
+    finally:
+        client.close()
+
+
+async def test_http1_a_request_that_waited_for_its_slot_has_its_whole_timeout_to_answer(gated) -> None:
+    """The audits' duplicates: one deadline covered the wait for a slot and the exchange, so a request that waited
+    was written with what was left (45 ms of 2 s; under steady load 0.2-1.1 s against a 1.9 s receiver), counted
+    as a timeout and retried while the receiver accepted it. The exchange has its own timeout now."""
+    url, seen, gate = gated
+    client = Http1Client(max_connections=1)
+    try:
+        holder = asyncio.create_task(client.post(url, [], b"hold", 5.0))
+        await wait_for_request(seen, b"hold")
+        late = asyncio.create_task(client.post(url, [], b"slow", 1.0))  # the receiver takes 0.5 s for it
+        await asyncio.wait({late}, timeout=0.8)
+        gate.set()  # the slot comes free with 0.2 s of the late request's timeout left
+        assert (await asyncio.wait_for(holder, 2.0)).body == b"ok"
+        assert (await asyncio.wait_for(late, 3.0)).body == b"ok"  # not a timeout
+        assert [b for b, _ in seen] == [b"hold", b"slow"]
+    finally:
+        client.close()
 
 
 def test_http1_origin_parsing() -> None:

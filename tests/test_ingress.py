@@ -240,6 +240,27 @@ async def test_ingress_retryable_failure_queues_and_resend_is_pending(
     assert await again.json() == {"duplicate": True, "event_id": "evt_q", "state": "pending"}
 
 
+async def test_ingress_bug_in_first_attempt_answers_queued_not_500(
+    client: Any, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug met while settling attempt 1 (a `Retry-After: ²` once raised ValueError there) answered the provider
+    500 for an event already claimed and stored: it is queued, and the lease brings it back."""
+
+    def broken(value: str | None, now: float) -> float | None:
+        raise ValueError(value)
+
+    monkeypatch.setattr("sidecar.dispatch.parse_retry_after", broken)
+    upstream.respond(503)
+    body = stripe_body("evt_bug")
+    resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert resp.status == 202
+    payload = await resp.json()
+    assert payload["queued"] is True and payload["event_id"] == "evt_bug"
+    assert len(upstream.received) == 1
+    again = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert await again.json() == {"duplicate": True, "event_id": "evt_bug", "state": "pending"}
+
+
 async def test_ingress_unreachable_upstream_queues(sidecar_factory: Any, upstream: Upstream) -> None:
     upstream.url = "http://127.0.0.1:1"  # nothing listens on port 1
     client = await sidecar_factory(ROUTES)
@@ -387,6 +408,31 @@ async def test_ingress_hostile_event_id_is_rejected_not_500(client: Any, upstrea
     resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
     assert resp.status in (200, 400)  # a numeric id is usable or cleanly refused, never a 500
     assert upstream.ids() in ([], ["12345"])
+
+
+async def test_ingress_json_id_in_body_nested_past_recursion_limit_is_400(
+    sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    client = await sidecar_factory(
+        f"""
+        - name: ghjson
+          path: /webhooks/ghjson
+          provider: github
+          secrets: ["{GITHUB_SECRET}"]
+          event_id: {{json: id}}
+        """
+    )
+    body = b'{"id":"evt_deep","x":' + b"[" * 2000 + b"]" * 2000 + b"}"
+    headers = github_headers(body, "deliv-deep")
+
+    async def chunked():  # no Content-Length: aiohttp's own request path, not the front's fast path
+        yield body
+
+    for data in (body, chunked()):
+        resp = await client.post("/webhooks/ghjson", data=data, headers=headers)
+        assert resp.status == 400
+        assert await resp.json() == {"error": "no_event_id"}
+    assert upstream.received == [] and stored_keys(rdb) == []
 
 
 ANSWER_ROUTES = f"""

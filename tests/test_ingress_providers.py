@@ -360,3 +360,37 @@ async def test_ingress_linear_retry_re_signed_with_a_new_timestamp_is_a_duplicat
     other = await post(client, "lin", other_body, other_headers)
     assert other.status == 200 and (await other.json()).get("duplicate") is not True
     assert [r.body for r in upstream.received] == [first_body, other_body]
+
+
+async def test_ingress_signed_id_unfit_for_a_key_falls_back_to_the_body_digest(
+    sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """A signed id (PagerDuty's event.id, Linear's body fields) gets the public id's check: a lone surrogate, a
+    control character or 3,000 characters is no key, so the delivery dedupes on its body's digest instead."""
+    client = await sidecar_factory(
+        '- name: pd\n  path: /in/pd\n  provider: pagerduty\n  secrets: ["pd_secret_e2e"]\n'
+        '- name: lin\n  path: /in/lin\n  provider: linear\n  secrets: ["lin_secret_e2e"]\n'
+    )
+    now_ms = int(time.time() * 1000)
+    for n, bad in enumerate(['"\\ud800"', '"a\\nb"', '"a\\u0000b"', json.dumps("x" * 3000)]):
+        pd = b'{"event":{"id":%s,"event_type":"incident.triggered"}}' % bad.encode()
+        lin = (
+            b'{"action":"create","type":"Issue","organizationId":"o","createdAt":"c","webhookTimestamp":%d,'
+            b'"data":{"id":%s}}' % (now_ms, bad.encode())
+        )
+        for name, body, sign in (
+            ("pd", pd, lambda b: {"X-PagerDuty-Signature": "v1=" + _hex("pd_secret_e2e", b)}),
+            ("lin", lin, lambda b: {"Linear-Signature": _hex("lin_secret_e2e", b)}),
+        ):
+            id_header = "X-Webhook-Id" if name == "pd" else "Linear-Delivery"
+            first = await post(client, name, body, {**sign(body), id_header: f"d-{n}"})
+            assert first.status == 200, (name, bad, await first.text())
+            again = await post(client, name, body, {**sign(body), id_header: f"forged-{n}"})
+            assert again.status == 200 and (await again.json())["duplicate"] is True, (name, bad)
+    assert len(upstream.received) == 8
+    for key in rdb.keys("*"):
+        assert len(key) < 400 and key.decode("ascii").isprintable(), key
+
+
+def _hex(secret: str, body: bytes) -> str:
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()

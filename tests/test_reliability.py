@@ -182,6 +182,52 @@ async def test_reliability_valkey_sigkill_and_aof_restart_loses_nothing(
         server.stop()
 
 
+async def test_reliability_valkey_stall_after_the_200_does_not_deliver_the_event_again(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """The delivered mark of an event answered 200 was dropped when the store stalled longer than redis.timeout:
+    the event stayed in flight and the retry worker delivered it again at the lease's end (9-30 duplicates per
+    3-5 s stall in an external audit). The mark is sent again until the store takes it. The stall holds writes
+    (CLIENT PAUSE WRITE): the server drops the held write when the client's timeout aborts the connection."""
+    server = ValkeyServer(port=free_port(), data_dir=tmp_path / "v", appendonly="no")
+    server.start(timeout=30)
+    admin = redis.Redis(host=server.host, port=server.port)
+    try:
+        url = server.connection_url
+        routes = f'- {{name: stripe, path: /webhooks/stripe, provider: stripe, secrets: ["{SECRET}"]}}'
+        config = make_config(
+            routes,
+            upstream_url=upstream.url,
+            redis_url=url,
+            redis="timeout: 300ms",
+            retry="{base_delay: 100ms, jitter: 0, lease: 3s}",
+        )
+
+        def stall_store(_: Received) -> None:  # the store stalls (1.5 s) while the upstream acts on the event
+            admin.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+
+        upstream.behaviour = stall_store
+        async with TestClient(TestServer(create_app(config, redis_url=url, run_worker=False))) as client:
+            store, worker = client.server.app[RUNTIME].store, client.server.app[RUNTIME].worker
+            body = body_for("evt_stall")
+            resp = await client.post("/webhooks/stripe", data=body, headers=signed(body))
+            assert resp.status == 200
+            upstream.behaviour = None
+            await asyncio.sleep(1.5)  # the mark's write times out (300 ms), and so do a few more tries
+            assert await wait_until(lambda: store.marks.pending == 0, timeout=10)
+            ev = await store.get_event("stripe", "evt_stall")
+            assert ev is not None and ev["state"] == "delivered", (
+                f"delivered mark dropped in the stall: the event is {ev and ev['state']} (in flight)"
+            )
+            lease_left = ev["first_seen_ms"] / 1000 + 3.0 - time.time()
+            await asyncio.sleep(max(0.0, lease_left) + 0.2)
+            assert await worker.run_once() == 0
+        assert upstream.ids() == ["evt_stall"], "delivered again after the stall"
+    finally:
+        admin.close()
+        server.stop()
+
+
 async def test_reliability_open_circuit_answers_without_waiting_for_timeouts(
     sidecar_factory: Any, upstream: Upstream
 ) -> None:

@@ -320,7 +320,7 @@ async def test_reload_lowering_upstream_timeout_does_not_shorten_leases_under_ru
     dispatcher = client.server.app[RUNTIME].dispatcher
     route = dispatcher.config.routes[0]
     before = dispatcher.lease_ms(route)
-    assert before == int((dispatcher.forwarder.timeout + 20) * 1000)
+    assert before == int((2 * dispatcher.forwarder.timeout + 20) * 1000)
     lowered = dataclasses.replace(
         dispatcher.config, upstream=dataclasses.replace(dispatcher.config.upstream, timeout=1.0)
     )

@@ -4,12 +4,15 @@ failover to a replica cannot lose an event answered 2xx. A real primary and repl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
+import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -300,25 +303,37 @@ async def test_store_dead_letters_and_replays_wait_for_the_replica(
         await store.close()
 
 
+@contextlib.asynccontextmanager
+async def admin_on(primary: ValkeyServer, upstream: Upstream) -> AsyncIterator[TestClient]:
+    """A sidecar on `primary` (no retry worker), and a client of its admin app."""
+    from sidecar.admin import create_admin_app
+
+    url = primary.connection_url
+    config = make_config(ROUTES, upstream_url=upstream.url, redis_url=url)
+    app = create_app(config, redis_url=url, run_worker=False)
+    async with TestClient(TestServer(app)), TestClient(TestServer(create_admin_app(app))) as admin:
+        yield admin
+
+
+async def get_while_hung(admin: TestClient, primary: ValkeyServer, path: str) -> tuple[Any, float]:
+    """GET `path` of the admin app with `primary` SIGSTOPped: the answer, and how long it took."""
+    _pause(primary, True)
+    try:
+        t0 = time.monotonic()
+        resp = await admin.get(path)
+        return resp, time.monotonic() - t0
+    finally:
+        _pause(primary, False)
+
+
 async def test_readyz_answers_503_within_a_probe_timeout_while_the_store_hangs(
     pair: tuple[ValkeyServer, ValkeyServer], upstream: Upstream
 ) -> None:
     """A hung store (here SIGSTOPped) made /readyz take ~4 s: longer than a readiness probe's 2 s timeout."""
-    from sidecar.admin import create_admin_app
-
     primary, _ = pair
-    url = primary.connection_url
-    config = make_config(ROUTES, upstream_url=upstream.url, redis_url=url)
-    app = create_app(config, redis_url=url, run_worker=False)
-    async with TestClient(TestServer(app)) as main, TestClient(TestServer(create_admin_app(app))) as admin:
-        assert main is not None and (await admin.get("/readyz")).status == 200
-        _pause(primary, True)
-        try:
-            t0 = time.monotonic()
-            resp = await admin.get("/readyz")
-            took = time.monotonic() - t0
-        finally:
-            _pause(primary, False)
+    async with admin_on(primary, upstream) as admin:
+        assert (await admin.get("/readyz")).status == 200
+        resp, took = await get_while_hung(admin, primary, "/readyz")
         assert resp.status == 503 and (await resp.json())["reason"] == "store_unavailable"
         assert took < 2.0, took
         for _ in range(50):  # and ready again once the store answers
@@ -326,3 +341,17 @@ async def test_readyz_answers_503_within_a_probe_timeout_while_the_store_hangs(
                 break
             await asyncio.sleep(0.1)
         assert (await admin.get("/readyz")).status == 200
+
+
+async def test_metrics_answers_within_a_scrape_budget_while_the_store_hangs(
+    pair: tuple[ValkeyServer, ValkeyServer], upstream: Upstream
+) -> None:
+    """A hung store made /metrics take ~4 s (the store gauges' reads); it now serves the counters and the last
+    gauge snapshot within the same budget as /readyz."""
+    primary, _ = pair
+    async with admin_on(primary, upstream) as admin:
+        gauge = re.compile(r'^sidecar_dlq_length\{[^}]*route="stripe"\} 0\.0$', re.M)
+        assert gauge.search(await (await admin.get("/metrics")).text())
+        resp, took = await get_while_hung(admin, primary, "/metrics")
+        assert resp.status == 200 and took < 2.0, took
+        assert gauge.search(await resp.text())  # the last snapshot, not a gap

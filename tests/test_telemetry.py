@@ -36,6 +36,9 @@ ROUTES = f"""
   provider: stripe
   secrets: ["{STRIPE_SECRET}"]
   types: ["invoice.*"]
+- name: open
+  path: /webhooks/open
+  provider: none
 """
 
 
@@ -100,6 +103,14 @@ async def test_telemetry_metrics_count_every_outcome_by_route(
     assert value(m, "sidecar_dlq_evicted_total", route="stripe") == 1
     # a route with no eviction yet has its series at 0 (an increase() alert has data from the start)
     assert ("sidecar_dlq_evicted_total", (("route", "typed"),)) in m
+    # and so has a verifying route with no signature failure yet, for its forgeries (a route that verifies nothing
+    # has none: it cannot fail)
+    assert ("sidecar_signature_failures_total", (("reason", "mismatch"), ("route", "typed"))) in m
+    assert not [
+        labels
+        for name, labels in m
+        if name == "sidecar_signature_failures_total" and ("route", "open") in labels
+    ]
     assert value(m, "sidecar_dlq_length", route="stripe") == 1
     assert value(m, "sidecar_retry_scheduled", route="stripe") == 1  # evt_3 waits for its retry
     assert value(m, "sidecar_dlq_oldest_age_seconds", route="stripe") >= 0

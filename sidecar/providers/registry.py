@@ -10,7 +10,9 @@ Most providers are a `SigSpec` row run by the generic engine (`table`); the ones
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -36,6 +38,8 @@ from sidecar.providers.crypto import (
 from sidecar.providers.engine import SpecVerifier
 from sidecar.providers.spec import SigSpec, spec_from_mapping
 
+log = logging.getLogger("sidecar.providers")
+
 Builder = Callable[[Sequence[str], "float | None"], Verifier]
 
 
@@ -58,6 +62,8 @@ class Guarded:
         except VerificationError:
             raise
         except Exception as exc:
+            # Not the exception's text nor its traceback: either may quote the request's bytes.
+            log.warning("%r: %s at %s turned into a 401", self.inner, type(exc).__name__, _where(exc))
             raise VerificationError("internal", f"unverifiable request ({type(exc).__name__})") from None
 
     def unsigned_handshake(self, req: Inbound) -> Handshake | None:
@@ -65,6 +71,16 @@ class Guarded:
             return self.inner.unsigned_handshake(req)
         except Exception:
             return None
+
+
+def _where(exc: BaseException) -> str:
+    """`file.py:line` of the innermost frame that raised `exc`."""
+    tb = exc.__traceback__
+    if tb is None:
+        return "?"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
 
 
 class Unverified:

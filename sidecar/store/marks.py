@@ -7,6 +7,11 @@ one command batch per event instead of two. The order a client sees is kept: `fl
 connection before the claim that follows it, so a resend right after a 200 finds its event delivered. The event
 has been durable since its claim: if this process dies before its mark lands, the lease brings the event back
 (at-least-once, as for any crash mid-forward), and shutdown flushes and waits for the marks still queued.
+
+A batch the store fails (a stall, a failover) is sent again, off the hot path, until it lands (see `retries.py`):
+dropped, its events would stay in flight and be delivered again when their leases run out. Retrying stops once the
+latest lease in the batch has run out (the retry worker may have taken the events by then; a mark landing later
+is still harmless, ack.lua marks an event delivered whoever attempted it), or when shutdown's wait is over.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from sidecar.errors import StoreError
 from sidecar.store.records import AttemptRecord, EventRecord
+from sidecar.store.retries import Retries
 
 log = logging.getLogger("sidecar.store")
 
@@ -28,18 +34,27 @@ class DeliveredMarks:
     def __init__(
         self,
         send: Callable[[Sequence[Mark], int], Awaitable[list[bool]]],
+        retries: Retries,
         window: float = 0.002,
         batch: int = 256,
+        clock: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self._send = send  # puts the calls on the store connection before it returns (`RedisStore.ack_many`)
+        self._retries = retries
+        self._now_ms = clock  # the schedule's clock (lease ends are on it): the store's, see clock.py
         self.window = window
         self.batch = batch
         self._queued: list[Mark] = []
+        self._lease_end = 0  # ms: the latest lease end of the queued marks' events
+        self._sending = 0  # marks sent and not settled: on their way, or waiting to be sent again
         self._timer: asyncio.TimerHandle | None = None
         self._writes: set[asyncio.Future[None]] = set()
 
-    def add(self, rec: EventRecord, entry: AttemptRecord) -> None:
+    def add(self, rec: EventRecord, entry: AttemptRecord, lease_end_ms: int) -> None:
+        """Queue the mark of `rec`, whose lease (held by this attempt) runs out at `lease_end_ms`."""
         self._queued.append((rec.route, rec.dedupe_id, entry))
+        if lease_end_ms > self._lease_end:
+            self._lease_end = lease_end_ms
         if len(self._queued) >= self.batch:
             self.flush()
         elif self._timer is None:
@@ -53,23 +68,53 @@ class DeliveredMarks:
             self._timer.cancel()
             self._timer = None
         marks, self._queued = self._queued, []
-        task = asyncio.ensure_future(self._outcome(self._send(marks, int(time.time() * 1000)), len(marks)))
+        lease_end, self._lease_end = self._lease_end, 0
+        now_ms = self._now_ms()
+        self._sending += len(marks)
+        task = asyncio.ensure_future(self._outcome(self._send(marks, now_ms), marks, now_ms, lease_end))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _outcome(self, sent: Awaitable[list[bool]], count: int) -> None:
+    async def _outcome(
+        self, sent: Awaitable[list[bool]], marks: list[Mark], now_ms: int, lease_end: int
+    ) -> None:
         try:
             await sent
         except StoreError as exc:
-            # Those events stay in flight under their leases: a replica re-delivers them later (at-least-once).
-            log.warning("could not mark %d event(s) delivered (left to their leases): %s", count, exc)
+            await self._again(marks, now_ms, lease_end, exc)
+        finally:
+            self._sending -= len(marks)
+
+    async def _again(self, marks: list[Mark], now_ms: int, lease_end: int, exc: StoreError) -> None:
+        count = len(marks)
+        log.warning(
+            "could not mark %d event(s) delivered (trying again while their leases last): %s", count, exc
+        )
+        # the lease end, on the monotonic clock
+        deadline = time.monotonic() + (lease_end - self._now_ms()) / 1000
+        if await self._retries.until(lambda: self._send(marks, now_ms), deadline):
+            log.info("marked %d event(s) delivered after the store failure", count)
+        else:
+            log.warning(
+                "could not mark %d event(s) delivered before their leases ran out: they may be delivered again",
+                count,
+            )
 
     @property
     def pending(self) -> int:
-        return len(self._queued) + len(self._writes)
+        """Marks not written yet: queued, on their way, or waiting to be sent again."""
+        return len(self._queued) + self._sending
 
     async def drain(self, timeout: float) -> None:
-        """Write what is queued and wait (bounded) for the marks on their way; for shutdown."""
+        """Write what is queued and wait (bounded) for the marks on their way, those waiting to be sent again
+        included (sent again at once); for shutdown. Those still unwritten then are left to their leases."""
         self.flush()
-        if self._writes:
-            await asyncio.wait(set(self._writes), timeout=timeout)
+        self._retries.hurry()
+        if not self._writes:
+            return
+        _, left = await asyncio.wait(set(self._writes), timeout=timeout)
+        if left:
+            log.warning("shutdown: %d delivered mark(s) not written, left to their leases", self._sending)
+            for task in left:
+                task.cancel()
+            await asyncio.wait(left)

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -24,8 +25,9 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
-from sidecar.errors import StoreError, StoreUnavailable
+from sidecar.errors import StoreError, StoreFull, StoreUnavailable
 from sidecar.keys import KeySpace, split_member
+from sidecar.store.clock import StoreClock
 from sidecar.store.marks import DeliveredMarks, Mark
 from sidecar.store.pipeline import (
     FastScript,
@@ -47,6 +49,7 @@ from sidecar.store.records import (
     parse_history,
     parse_meta,
 )
+from sidecar.store.retries import Retries
 from sidecar.store.tls import ReloadingTLS, cluster_tls, url_query
 
 T = TypeVar("T")
@@ -66,9 +69,29 @@ _CLUSTER_UNREACHABLE = ("cannot be connected", "slots are not covered", "could n
 # server (re)loading its data set, a replica whose primary is gone, a primary just demoted (Sentinel)
 _PASSING = ("TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "READONLY")
 
+# How long an alias write the store failed is tried again: admin lookups of the event need it, but a store down
+# for longer is an outage, and one retrying task per event claimed just before it must not pile up for good.
+ALIAS_RETRY_FOR = 60.0
+
 
 def _script(name: str) -> str:
     return resources.files("sidecar.store").joinpath("lua", f"{name}.lua").read_text()
+
+
+def version_warning(where: str, info: dict[str, Any]) -> str | None:
+    """A server older than Redis 7.0 refuses the scripts that carry flags (`#!lua flags=allow-oom`): the ones that
+    take retries, settle them, dead-letter and drain. Valkey reports a `redis_version` of 7.2 or later."""
+    version = str(info.get("redis_version", ""))
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        return None
+    if major >= 7:
+        return None
+    return (
+        f"{where}Redis {version}: the sidecar needs Redis 7.0 or later (or Valkey): this server refuses the scripts "
+        "that retry, deliver from the schedule, dead-letter and drain"
+    )
 
 
 def _translate(exc: BaseException) -> StoreError:
@@ -84,7 +107,10 @@ def _translate(exc: BaseException) -> StoreError:
     if isinstance(exc, rexc.ClusterError) and "TTL exhausted" in str(exc):
         # redis-py's cluster client gave up following redirects: a failover or a slot migration under way
         return StoreUnavailable(f"store busy: cluster redirects exhausted ({exc})")
-    if isinstance(exc, rexc.TryAgainError | rexc.ClusterDownError) or (
+    # redis-py's own classes for these drop the reply's prefix from their text
+    if isinstance(exc, rexc.OutOfMemoryError) or (isinstance(exc, ReplyError) and str(exc).startswith("OOM")):
+        return StoreFull(f"store full: {exc}")
+    if isinstance(exc, rexc.TryAgainError | rexc.ClusterDownError | rexc.ReadOnlyError) or (
         isinstance(exc, ReplyError | rexc.ResponseError) and str(exc).startswith(_PASSING)
     ):
         return StoreUnavailable(f"store busy: {exc}")
@@ -180,10 +206,12 @@ class RedisStore:
         self._ready = not self._cluster
         self._init_lock = asyncio.Lock()
         self._background: set[asyncio.Future[None]] = set()
+        self._retries = Retries()  # for the background writes: delivered marks, aliases
         self.keys = keys
         self._ttl_ms = int(dedupe_ttl * 1000)
         self._dlq_max = dlq_max_length
-        self.marks = DeliveredMarks(self.ack_many)
+        self.clock = StoreClock()  # the schedule's times: the store's clock (see clock.py)
+        self.marks = DeliveredMarks(self.ack_many, self._retries, clock=self.clock.now_ms)
 
         self._claim = FastScript(fast, _script("claim"))
         self._take = FastScript(fast, _script("take"))
@@ -219,7 +247,12 @@ class RedisStore:
 
     async def close(self) -> None:
         if self._background:
-            await asyncio.wait(set(self._background), timeout=5)
+            self._retries.hurry()
+            _, left = await asyncio.wait(set(self._background), timeout=5)
+            for task in left:  # still retrying an alias the store refuses: given up, as at any crash
+                task.cancel()
+            if left:
+                await asyncio.wait(left)
         self._fast.close()
         pool = getattr(self._r, "connection_pool", None)  # a cluster client has none
         sentinels = getattr(pool, "sentinel_manager", None)  # redis+sentinel://
@@ -239,6 +272,20 @@ class RedisStore:
         except (*_UNAVAILABLE, ReplyError) as exc:
             log.warning("could not preload the store's scripts (they load on first use): %s", exc)
 
+    async def sync_clock(self) -> bool:
+        """Read the store's clock into `clock` (on the node of shard 0, the same for every replica). Best effort:
+        False, and the clock carries on as it was, when the store does not answer or answers too slowly."""
+
+        async def read_time() -> tuple[int, int]:
+            seconds, micros = await self._fast.execute(("TIME",), key=self.keys.schedule(0))
+            return int(seconds), int(micros)
+
+        try:
+            return await self.clock.sync(read_time)
+        except _STORE_ERRORS as exc:
+            log.debug("store clock not read: %s", exc)
+            return False
+
     async def settings_warnings(self) -> list[str]:
         """What in the store servers' own settings can lose accepted events, for warnings at startup. Best effort:
         a store that is down, or a managed one that refuses INFO, yields nothing (and a debug line)."""
@@ -249,6 +296,8 @@ class RedisStore:
             return []
         warnings = []
         for where, info in servers:
+            if (too_old := version_warning(where, info)) is not None:
+                warnings.append(too_old)
             policy = info.get("maxmemory_policy", "noeviction")
             if policy != "noeviction" and int(info.get("maxmemory", 0) or 0) > 0:
                 warnings.append(
@@ -271,10 +320,10 @@ class RedisStore:
         return warnings
 
     async def _server_infos(self) -> list[tuple[str, dict[str, Any]]]:
-        """(label, INFO memory + persistence) of each cluster primary, or INFO memory + persistence + replication
-        of the one server (whose replica count decides the wait_replicas warning)."""
+        """(label, INFO server + memory + persistence) of each cluster primary, or INFO server + memory +
+        persistence + replication of the one server (whose replica count decides the wait_replicas warning)."""
         if not self._cluster:
-            sections = ("memory", "persistence", "replication")
+            sections = ("server", "memory", "persistence", "replication")
             return [
                 ("store: ", {k: v for section in sections for k, v in (await self._r.info(section)).items()})
             ]
@@ -284,6 +333,7 @@ class RedisStore:
         for node in sorted(self._r.get_primaries(), key=lambda n: n.name):
             # one target node: redis-py answers with that node's INFO itself, not a dict keyed by node
             info = {
+                **await self._r.info("server", target_nodes=node),
                 **await self._r.info("memory", target_nodes=node),
                 **await self._r.info("persistence", target_nodes=node),
             }
@@ -359,7 +409,8 @@ class RedisStore:
 
     def _index_alias(self, rec: EventRecord) -> None:
         """When the claim is on a digest, index the provider's id for operators. Only for a claim that won (a
-        replay under fresh ids must not grow the store), and off the critical path (admin lookups only)."""
+        replay under fresh ids must not grow the store), and off the critical path (admin lookups only). A write
+        the store fails is tried again for `ALIAS_RETRY_FOR`: after a stall, lookups must not answer 404."""
         if rec.dedupe_id == rec.event_id:
             return
         index = ("SET", self.keys.alias(rec.route, rec.event_id), rec.dedupe_id, "PX", self._ttl_ms * 2)
@@ -368,9 +419,23 @@ class RedisStore:
             try:
                 await self._fast.execute(index, key=index[1])
             except _STORE_ERRORS as exc:
-                log.warning("could not index %s/%s for lookups: %s", rec.route, rec.event_id, exc)
+                raise _translate(exc) from exc
 
-        task = asyncio.ensure_future(write())
+        async def persist() -> None:
+            try:
+                await write()
+                return
+            except StoreError as exc:
+                reason = exc
+            log.warning(
+                "could not index %s/%s for lookups (trying again): %s", rec.route, rec.event_id, reason
+            )
+            if await self._retries.until(write, time.monotonic() + min(ALIAS_RETRY_FOR, self._ttl_ms / 1000)):
+                log.info("indexed %s/%s for lookups after the store failure", rec.route, rec.event_id)
+            else:
+                log.warning("gave up indexing %s/%s for lookups", rec.route, rec.event_id)
+
+        task = asyncio.ensure_future(persist())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -489,9 +554,13 @@ class RedisStore:
         raw = await self._call(lambda: self._r.zrangebyscore(sched, "-inf", now_ms, start=0, num=limit))
         return [m.decode() for m in raw]
 
-    async def take(self, shard: int, member: str, now_ms: int, lease_ms: int) -> Taken | None:
+    async def take(
+        self, shard: int, member: str, now_ms: int, lease_ms: int, due_by_ms: int | None = None
+    ) -> Taken | None:
+        """Take `member` if it is due by `due_by_ms` (default: now), leased until now + `lease_ms`."""
         ev, sched = self.keys.event(shard, member), self.keys.schedule(shard)
-        res = await self._call(lambda: self._take(keys=[ev, sched], args=[now_ms, now_ms + lease_ms, member]))
+        due_by = now_ms if due_by_ms is None else due_by_ms
+        res = await self._call(lambda: self._take(keys=[ev, sched], args=[due_by, now_ms + lease_ms, member]))
         if not res:
             return None
         attempt, meta, body, first, eid, hist = res
@@ -499,11 +568,14 @@ class RedisStore:
         rec = EventRecord.from_stored(route, dedupe_id, eid.decode(), meta, body, int(first))
         return Taken(rec, int(attempt), parse_history(hist))
 
-    async def take_due(self, shard: int, now_ms: int, lease_ms: int, limit: int) -> list[Taken]:
-        members = await self.due_members(shard, now_ms, limit)
+    async def take_due(
+        self, shard: int, now_ms: int, lease_ms: int, limit: int, due_by_ms: int | None = None
+    ) -> list[Taken]:
+        due_by = now_ms if due_by_ms is None else due_by_ms
+        members = await self.due_members(shard, due_by, limit)
         if not members:
             return []
-        results = await asyncio.gather(*(self.take(shard, m, now_ms, lease_ms) for m in members))
+        results = await asyncio.gather(*(self.take(shard, m, now_ms, lease_ms, due_by) for m in members))
         return [t for t in results if t is not None]
 
     # -- inspection -----------------------------------------------------------------------------------------------

@@ -929,6 +929,9 @@ PATHOLOGICAL = {
         f"{c}: &{c} [{', '.join(['*' + p] * 9) if p else ', '.join(['lol'] * 9)}]\n"
         for p, c in zip(["", *"abcdefgh"], "abcdefghi", strict=True)
     ),
+    "billion laughs by merge keys": "x0: &x0 {a: 1, b: 2}\n"
+    + "".join(f"x{i}: &x{i} {{<<: [{', '.join([f'*x{i - 1}'] * 8)}], c{i}: 1}}\n" for i in range(1, 8))
+    + "routes: []\n",
     "deep nesting": "routes: " + "[" * 5000 + "]" * 5000 + "\n",
     "python tag": 'routes: !!python/object/apply:os.system ["true"]\n',
     "not UTF-8": "routes: \udcff\n",

@@ -24,8 +24,8 @@ from provider_cases import (
 )
 
 from sidecar.providers import request as request_module
-from sidecar.providers.base import ProviderConfigError, VerificationError
-from sidecar.providers.registry import PROVIDERS, build_verifier
+from sidecar.providers.base import ProviderConfigError, VerificationError, usable_id
+from sidecar.providers.registry import PROVIDERS, Guarded, build_verifier
 
 
 def _slack_headers(body: bytes, secret: str = "slack-good", ts: int = NOW) -> dict[str, str]:
@@ -257,6 +257,53 @@ def test_hubspot_notifications_are_known_by_app_portal_subscription_and_event_id
     assert key(pair) == "batch:" + hashlib.sha256(b":1::5\n:2::5").hexdigest()
     # an absent field keeps its place: a portal's notification and a subscription's are not one key
     assert key(b'[{"portalId":1,"eventId":5}]') != key(b'[{"subscriptionId":1,"eventId":5}]')
+
+
+@pytest.mark.parametrize("name", ["hubspot", "sendgrid"])
+@pytest.mark.parametrize("bad", ['"\\ud800"', '"a\\nb"'])
+def test_batch_element_key_that_is_no_printable_text_falls_back_to_the_body_digest(
+    name: str, bad: str
+) -> None:
+    """A validly signed batch is never a 401 for what its ids hold: an unusable key (a lone surrogate cannot even
+    be encoded for the batch digest) makes the batch known by its body's digest, the extractor after `json[]:`."""
+    field = "eventId" if name == "hubspot" else "sg_event_id"
+    case = CASES[name]
+    for body in (
+        b'[{"%s":%s},{"%s":"7"}]' % (field.encode(), bad.encode(), field.encode()),  # the digest of the keys
+        b'[{"%s":%s}]' % (field.encode(), bad.encode()),  # the one key: the ingress would refuse it (400)
+    ):
+        signed_body, headers = case.request(body=body)
+        got = case.verify(signed_body, headers)
+        assert (got.event_id, got.id_signed) == (hashlib.sha256(signed_body).hexdigest(), True)
+
+
+@pytest.mark.parametrize("name", ["hubspot", "sendgrid"])
+@pytest.mark.parametrize("key", ["\u00e9v\u00e9nement", "x" * 300])
+def test_batch_of_one_whose_key_is_no_id_as_is_is_known_by_its_digest(name: str, key: str) -> None:
+    """A batch of one took its key as the event id however it read: a non-ASCII or over-long key was then refused
+    by the ingress (400 on every resend) while a batch of two with the same key was accepted."""
+    field = "eventId" if name == "hubspot" else "sg_event_id"
+    case = CASES[name]
+    signed_body, headers = case.request(body=json.dumps([{field: key}]).encode())
+    got = case.verify(signed_body, headers)
+    assert got.event_id.startswith("batch:") and usable_id(got.event_id) and got.id_signed
+
+
+def test_guarded_logs_the_exception_it_turns_into_a_401(caplog: pytest.LogCaptureFixture) -> None:
+    class Buggy:
+        def verify(self, req: Any) -> Any:
+            return {}["no such key"]
+
+        def unsigned_handshake(self, req: Any) -> None:
+            return None
+
+    guarded = Guarded(Buggy())  # type: ignore[arg-type]
+    with pytest.raises(VerificationError) as info:
+        guarded.verify(inbound(b"{}", {}))
+    assert info.value.reason == "internal"
+    [record] = [r for r in caplog.records if r.name == "sidecar.providers"]
+    assert record.levelname == "WARNING"
+    assert "KeyError at test_provider_behaviour.py:" in record.getMessage()
 
 
 def test_zoom_participant_events_of_one_meeting_in_one_millisecond_are_distinct() -> None:

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- Mark events delivered: off the schedule, payload and metadata dropped, claim kept for the dedupe window.
 -- Applies whoever made the delivering attempt (delivered is the truth even from a stale attempt).
 -- Several events per call: the delivered marks of one flush go in one script call (one call per shard on a

@@ -17,7 +17,8 @@
 -- returns {1} when claimed (attempt 1 is ours), or {0, state} for a duplicate (state: f|p|d|x)
 local st = redis.call('HGET', KEYS[1], 'st')
 if st then
-  redis.call('HINCRBY', KEYS[3], ARGV[8] .. ':duplicates', 1)
+  -- pcall: a store refusing writes (maxmemory) still answers a duplicate as one; only the counter is lost
+  redis.pcall('HINCRBY', KEYS[3], ARGV[8] .. ':duplicates', 1)
   return {0, st}
 end
 local n = 1

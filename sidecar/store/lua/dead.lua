@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- Mark an event dead after its dead letter has been written (dlq_add.lua runs first: if this process dies in
 -- between, the event is still scheduled and gets buried again, idempotently, rather than vanishing).
 -- KEYS[1] - the event hash

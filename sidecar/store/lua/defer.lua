@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- Give back a taken event without attempting it (the upstream's circuit is open): the attempt count taken by
 -- take.lua is returned and no history is written, so a breaker never burns an event's attempts.
 -- KEYS[1] - the event hash

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- Add (or overwrite) a dead letter and enforce the cap, returning what the cap evicted so the caller can count
 -- and log it: a cap never drops anything silently.
 -- All keys share the {dlq} hash tag. The evicted items' per-route index is named from ARGV[6] + the item's route

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- Take one dead letter for an operator's drain or replay, so that two of them never both act on it: a drain
 -- emits only the items it took, a replay schedules only those it took. Taken for a lease (a drain or replay that
 -- dies gives the item back when it ends), timed by this server's clock so replicas' clocks do not matter; only the

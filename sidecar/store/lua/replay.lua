@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- Put a dead-lettered event back on its shard's schedule, due now, for the retry worker: replay takes the same
 -- path as every retry. The caller removes the dead letter only after this returned, so a crash in between leaves
 -- the item in the DLQ (a second replay is then a no-op) rather than losing the event.

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- Take one due event for a new attempt: due -> in flight, scored by its lease deadline.
 -- The score is re-checked inside the script, so among any number of replicas reading the same due list, exactly
 -- one takes the event; an in-flight event whose taker died is due again once its lease deadline passes.

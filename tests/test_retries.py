@@ -1,0 +1,40 @@
+"""Retries: a background store write tried again with a growing pause, until it lands or its deadline passes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sidecar.errors import StoreUnavailable
+from sidecar.store.retries import Retries
+
+
+async def test_retries_until_the_deadline_with_a_doubling_pause_then_give_up() -> None:
+    tries: list[float] = []
+
+    async def refused() -> None:
+        tries.append(time.monotonic())
+        raise StoreUnavailable("store unreachable: ConnectionRefusedError")
+
+    retries = Retries(first=0.05, cap=0.1)
+    t0 = time.monotonic()
+    assert not await retries.until(refused, time.monotonic() + 0.5)
+    assert time.monotonic() - t0 < 1.0
+    gaps = [b - a for a, b in zip([t0, *tries], tries, strict=False)]
+    assert 4 <= len(tries) <= 7, gaps  # 0.05, 0.1 (capped), 0.1, ... within 0.5 s
+    assert gaps[0] >= 0.04 and all(g >= 0.09 for g in gaps[1:-1]), gaps  # the last: cut to the deadline
+
+
+async def test_retries_hurry_cuts_the_pause_under_way() -> None:
+    landed: list[float] = []
+
+    async def write() -> None:
+        landed.append(time.monotonic())
+
+    retries = Retries(first=30.0)  # a pause that would outlast the test
+    task = asyncio.ensure_future(retries.until(write, time.monotonic() + 60))
+    await asyncio.sleep(0.05)
+    assert not task.done() and not landed
+    retries.hurry()  # shutdown
+    assert await asyncio.wait_for(task, timeout=2) is True
+    assert len(landed) == 1
