@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import socket
 import subprocess
@@ -26,20 +27,29 @@ def free_port(below: int = 65536) -> int:
     raise RuntimeError(f"no free port below {below} after 200 tries")
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux: ip_local_port_range), 32768 if unknown."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def cluster_port() -> int:
-    """A free loopback port whose cluster bus port (port + 10000) is free as well."""
+    """A free loopback port whose cluster bus port (port + 10000) is free as well. Both lie below the kernel's
+    ephemeral range, so no outgoing connection (and no server bound to port 0) can take one before the node
+    binds it."""
+    high = _ephemeral_low() - 10000
     for _ in range(200):
+        port = random.randrange(10000, high)
         with socket.socket() as s, socket.socket() as bus:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-            if port >= 55536:
-                continue
             try:
+                s.bind(("127.0.0.1", port))
                 bus.bind(("127.0.0.1", port + 10000))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free loopback port with a free cluster bus port after 200 tries")
+    raise RuntimeError(f"no free loopback port in 10000..{high} with a free cluster bus port after 200 tries")
 
 
 def start_cluster_node(data_dir: Path, config: dict[str, str] | None = None) -> Any:
