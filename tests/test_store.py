@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -442,6 +444,57 @@ async def test_store_alias_written_in_a_store_stall_is_written_once_the_store_an
         )
         landed = "indexed github/gh-stalled for lookups after the store failure"
         assert await wait_until(lambda: landed in caplog.text, timeout=2)
+    finally:
+        await s.close()
+
+
+async def test_store_alias_of_a_claim_that_timed_out_but_landed_is_written_by_the_resend(
+    own_valkey: ValkeyServer,
+) -> None:
+    """The store stops answering with the claim sent: the claim times out here (503 to the provider) but runs once
+    the store answers again, so no alias was written. The provider's resend is a duplicate, and it indexes the
+    id: before, a lookup by the provider's id answered 404 for the whole dedupe window. A resend under a fresh id
+    still adds no key."""
+    s = RedisStore.connect(own_valkey.connection_url, KEYS, dedupe_ttl=3600, dlq_max_length=3, timeout=0.3)
+    try:
+        now = int(time.time() * 1000)
+
+        def rec(public_id: str) -> EventRecord:
+            return EventRecord(
+                "github", "sha256:late", public_id, "POST", "/gh", (), b"{}", first_seen_ms=now
+            )
+
+        warm = EventRecord("github", "sha256:warm", "gh-warm", "POST", "/gh", (), b"{}", first_seen_ms=now)
+        assert (await s.claim(warm, now, 30_000)).claimed  # the connections are up before the store stops
+        await asyncio.sleep(0.1)  # and its alias is written
+        assert own_valkey._process is not None
+        os.kill(own_valkey._process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUnavailable):
+                await s.claim(rec("gh-late"), now, 30_000)
+        finally:
+            os.kill(own_valkey._process.pid, signal.SIGCONT)
+        ev = KEYS.locate("github", "sha256:late")[0]
+        with redis.Redis(host=own_valkey.host, port=own_valkey.port) as direct:
+            deadline = time.monotonic() + 5
+            while direct.hget(ev, "eid") is None:
+                assert time.monotonic() < deadline, (
+                    "the timed-out claim never landed: the scenario did not happen"
+                )
+                await asyncio.sleep(0.05)
+            assert direct.keys("*alias*") == [KEYS.alias("github", "gh-warm").encode()]
+            assert not (
+                await s.claim(rec("gh-forged"), now, 30_000)
+            ).claimed  # the same bytes under a fresh id
+            assert not (await s.claim(rec("gh-late"), now, 30_000)).claimed  # the provider's resend
+            resolved = ""
+            while time.monotonic() < deadline and resolved != "sha256:late":
+                resolved = await s.resolve("github", "gh-late")
+                await asyncio.sleep(0.05)
+            assert resolved == "sha256:late", "the resend did not index the provider's id: lookups answer 404"
+            assert sorted(direct.keys("*alias*")) == sorted(
+                [KEYS.alias("github", "gh-warm").encode(), KEYS.alias("github", "gh-late").encode()]
+            )
     finally:
         await s.close()
 

@@ -397,6 +397,10 @@ class RedisStore:
         if int(res[0]) == 1:
             self._index_alias(rec)
             return ClaimResult(True)
+        if len(res) > 2 and res[2] == rec.event_id.encode("utf-8", "surrogateescape"):
+            # a resend under the stored event's own id: index it again, since the first claim's answer may have
+            # been lost (a claim that timed out here but landed in the store wrote no alias)
+            self._index_alias(rec)
         return ClaimResult(False, STATE_NAMES.get(res[1].decode(), "pending"))
 
     async def bind_nonce(self, provider: str, value: str, body_digest: str, ttl_ms: int) -> bool:
@@ -408,9 +412,10 @@ class RedisStore:
         return int(res) == 1
 
     def _index_alias(self, rec: EventRecord) -> None:
-        """When the claim is on a digest, index the provider's id for operators. Only for a claim that won (a
-        replay under fresh ids must not grow the store), and off the critical path (admin lookups only). A write
-        the store fails is tried again for `ALIAS_RETRY_FOR`: after a stall, lookups must not answer 404."""
+        """When the claim is on a digest, index the provider's id for operators. Only for a claim that won or a
+        resend under the same id (a replay under fresh ids must not grow the store), and off the critical path
+        (admin lookups only). A write the store fails is tried again for `ALIAS_RETRY_FOR`: after a stall,
+        lookups must not answer 404."""
         if rec.dedupe_id == rec.event_id:
             return
         index = ("SET", self.keys.alias(rec.route, rec.event_id), rec.dedupe_id, "PX", self._ttl_ms * 2)

@@ -14,12 +14,13 @@
 -- ARGV[7] - 'f': attempt 1 is being made now (score = lease deadline), or 'p': no attempt now, the upstream's
 --           circuit is open (score = due time of attempt 1)
 -- ARGV[8] - route name (for the stats counters)
--- returns {1} when claimed (attempt 1 is ours), or {0, state} for a duplicate (state: f|p|d|x)
-local st = redis.call('HGET', KEYS[1], 'st')
-if st then
+-- returns {1} when claimed (attempt 1 is ours), or {0, state, public id of the stored event} for a duplicate
+-- (state: f|p|d|x)
+local held = redis.call('HMGET', KEYS[1], 'st', 'eid')
+if held[1] then
   -- pcall: a store refusing writes (maxmemory) still answers a duplicate as one; only the counter is lost
   redis.pcall('HINCRBY', KEYS[3], ARGV[8] .. ':duplicates', 1)
-  return {0, st}
+  return {0, held[1], held[2] or ''}
 end
 local n = 1
 if ARGV[7] == 'p' then n = 0 end
