@@ -25,6 +25,23 @@ async def test_retries_until_the_deadline_with_a_doubling_pause_then_give_up() -
     assert gaps[0] >= 0.04 and all(g >= 0.09 for g in gaps[1:-1]), gaps  # the last: cut to the deadline
 
 
+async def test_retries_make_no_more_tries_in_the_last_moments_before_the_deadline() -> None:
+    """Tries at 0.05 s and 0.1 s, then 1.5 ms left: that is no time for another try. Before, the pause of what was
+    left could end at once (uvloop's timers count whole milliseconds) and the write went out again and again."""
+    tries: list[float] = []
+
+    async def refused() -> None:
+        tries.append(time.monotonic())
+        raise StoreUnavailable("store unreachable: ConnectionRefusedError")
+
+    retries = Retries(first=0.05, cap=0.05)
+    t0 = time.monotonic()
+    assert not await retries.until(refused, t0 + 0.1015)
+    gaps = [b - a for a, b in zip([t0, *tries], tries, strict=False)]
+    assert 1 <= len(tries) <= 2, gaps
+    assert all(g >= 0.04 for g in gaps), gaps
+
+
 async def test_retries_hurry_cuts_the_pause_under_way() -> None:
     landed: list[float] = []
 
