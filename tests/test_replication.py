@@ -54,6 +54,11 @@ def pair(tmp_path: Path) -> Iterator[tuple[ValkeyServer, ValkeyServer]]:
             while r.info("replication").get("master_link_status") != "up":
                 assert time.monotonic() < deadline, "the replica did not sync within 30 s"
                 time.sleep(0.1)
+        # Redis 7.0 streams writes to a replica that loaded its copy only from the replica's first acknowledgement
+        # (up to 1 s after the link is up; Valkey at once): until then every replicated write would fail
+        with redis.Redis(port=primary.port) as p:
+            while p.set("sidecar-test:synced", 1) and int(p.execute_command("WAIT", 1, 100)) < 1:
+                assert time.monotonic() < deadline, "the primary did not count the replica within 30 s"
         yield primary, replica
     finally:
         for server in (primary, replica):
