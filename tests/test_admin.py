@@ -500,6 +500,24 @@ async def test_admin_dlq_replay_500_by_route_each_delivered_once(
     assert stats["routes"]["stripe"]["dead"] == 0 and stats["routes"]["stripe"]["pending"] == 0
 
 
+async def test_admin_dlq_replay_of_hundreds_opens_few_store_connections(
+    admin: Admin, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """The items of a batch are replayed 16 at a time: with all 100 at once, the store client's pool opened a
+    connection for each and kept them all (an external soak: 17 connections before a replay, 101 after)."""
+    def clients() -> int:
+        return sum(1 for c in rdb.client_list() if c.get("lib-name") == "redis-py")
+
+    await bury_many(admin.store, 300)
+    await admin.get("/admin/stats")  # the pool's usual connections are open
+    before = clients()
+    resp = await admin.post("/admin/dlq/replay", {"route": "stripe"})
+    assert (await resp.json())["replayed"] == 300
+    opened = clients() - before
+    assert opened <= 20, f"the replay left {opened} more store connections open"
+    await deliver(admin, upstream, 300, until=20)
+
+
 async def test_admin_dlq_replay_same_item_twice_concurrently_delivers_once(
     admin: Admin, upstream: Upstream, rdb: redis.Redis
 ) -> None:
