@@ -782,6 +782,10 @@ def report(
     ratios = {name: statistics.median(values) if values else 0.0 for name, values in per_round.items()}
     out("")
     out(f"cores: {cores}; load generator: {'wrk' if wrk else 'built-in (figures are lower bounds)'}")
+    if not wrk:  # run Y of docs/performance.md: new 0.78 and duplicates 1.19 where wrk gave 1.06 and 2.09
+        out(
+            "  the built-in generator shares the cores it measures: install wrk (apt-get install wrk) for the ratios"
+        )
     out(f"new events / pass-through:   {ratios['new_vs_passthrough']:.2f}  (target >= 0.85)")
     out(
         f"new events CPU - pass-through CPU: {ratios['new_cpu_us_over_passthrough']:+.0f} us/request  (target <= +20)"
