@@ -76,7 +76,17 @@ class SpecVerifier:
             ts_text = self._timestamp(req, sig_ts, seen, required=True)
             if spec.check_ts_before_sig:
                 self._check_fresh(ts_text, req.inbound.now)
-        key = self._match(self._signed_bytes(req, ts_text, seen), candidates)
+        try:
+            key = self._match(self._signed_bytes(req, ts_text, seen), candidates)
+        except VerificationError:
+            # a URL rewritten before signing (HubSpot's docs) may also have been signed as sent (its SDK's reading)
+            if (
+                spec.url_transform is None
+                or not req.inbound.url
+                or spec.url_transform(req.inbound.url) == req.inbound.url
+            ):
+                raise
+            key = self._match(self._signed_bytes(req, ts_text, seen, as_sent=True), candidates)
         if spec.ts_source is not None and not spec.check_ts_before_sig:
             if ts_text is None and self.tolerance is not None:
                 # only a timestamp inside the body (Linear) may be absent: its SDK then skips the check
@@ -198,7 +208,10 @@ class SpecVerifier:
         if not fresh:
             raise TimestampError(f"the signed timestamp is outside the {tolerance:g} s tolerance")
 
-    def _signed_bytes(self, req: Request, ts_text: str | None, seen: set[str]) -> bytes:
+    def _signed_bytes(
+        self, req: Request, ts_text: str | None, seen: set[str], as_sent: bool = False
+    ) -> bytes:
+        """`as_sent`: the URL without the spec's `url_transform`."""
         if self._template is _BODY_ONLY:
             return req.body
         parts: list[bytes] = []
@@ -206,10 +219,12 @@ class SpecVerifier:
             if isinstance(piece, bytes):
                 parts.append(piece)
             else:
-                parts.append(self._placeholder(req, piece, ts_text, seen))
+                parts.append(self._placeholder(req, piece, ts_text, seen, as_sent))
         return b"".join(parts)
 
-    def _placeholder(self, req: Request, name: str, ts_text: str | None, seen: set[str]) -> bytes:
+    def _placeholder(
+        self, req: Request, name: str, ts_text: str | None, seen: set[str], as_sent: bool = False
+    ) -> bytes:
         inbound = req.inbound
         if name == "body":
             return inbound.body
@@ -220,7 +235,8 @@ class SpecVerifier:
         if name == "url":
             if not inbound.url:
                 raise VerificationError("malformed", "no public URL to verify against")
-            url = self.spec.url_transform(inbound.url) if self.spec.url_transform else inbound.url
+            transform = None if as_sent else self.spec.url_transform
+            url = transform(inbound.url) if transform else inbound.url
             return utf8_bytes(url, "the URL")
         if name == "id":
             found = req.first_header(self._header_names(self.spec.id_header or ""))
@@ -295,7 +311,8 @@ def _split_template(template: str) -> tuple[bytes | str, ...]:
 
 
 def _parse_kv(spec: SigSpec, text: str, out: list[Candidate], ts: str | None) -> str | None:
-    """`k=v<sep>k=v…`: collect the `sig_keys` values, keep the first `ts_key` value; ignore other keys (v0)."""
+    """`k=v<sep>k=v…`: collect the `sig_keys` values, keep the first `ts_key` value (the last with `ts_last`);
+    ignore other keys (v0)."""
     for item in text.split(spec.item_sep):
         key, sep, value = item.partition(spec.kv_sep)
         if not sep:
@@ -303,7 +320,7 @@ def _parse_kv(spec: SigSpec, text: str, out: list[Candidate], ts: str | None) ->
         if key in spec.sig_keys:
             prefix = key + spec.kv_sep if spec.include_prefix_in_compare else ""
             out.append(Candidate(key, item if prefix else value, prefix))
-        elif key == spec.ts_key and ts is None:
+        elif key == spec.ts_key and (ts is None or spec.ts_last):
             ts = value
     return ts
 

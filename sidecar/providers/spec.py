@@ -66,6 +66,8 @@ class SigSpec:
     # the SDK decodes the body as UTF-8 (and fails on anything else) / refuses an empty body
     require_utf8: bool = False
     require_body: bool = False
+    # kv_list: a timestamp key given twice counts with its last value (paddle-python-sdk), not its first (Stripe's)
+    ts_last: bool = False
     # HubSpot: the URL as signed; and (ts in ts_unit, now, tolerance) -> fresh? when the SDK's rule is its own
     url_transform: Callable[[str], str] | None = None
     ts_window: Callable[[int, float, float], bool] | None = None

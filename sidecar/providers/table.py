@@ -97,6 +97,7 @@ PADDLE = SigSpec(  # §11; "ts=<s>;h1=<hex>[;h1=…]", key is the whole pdl_… 
     # providers.md §11 read an older SDK that checked the past only
     tolerance_mode="both",
     check_ts_before_sig=True,
+    ts_last=True,  # paddle-python-sdk 1.16 reads `ts=A;ts=B` as B (an external check)
     dedup_id=("json:event_id",),
     event_type=("json:event_type",),
     require_utf8=True,

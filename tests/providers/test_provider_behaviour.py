@@ -457,10 +457,26 @@ def test_provider_json_parsed_at_most_once(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(calls) == 1
 
 
+def test_paddle_timestamp_given_twice_counts_with_its_last_value_as_the_sdk_reads_it() -> None:
+    """paddle-python-sdk 1.16 reads `ts=A;ts=B` as B; Stripe's SDK reads `t=A,t=B` as A, and so do we there."""
+    body = b'{"event_id":"evt_pdl_twice"}'
+
+    def header(first: int, last: int, signed: int) -> dict[str, str]:
+        return {"Paddle-Signature": f"ts={first};ts={last};h1={mac('pdl_k', b'%d:' % signed + body).hex()}"}
+
+    assert verify("paddle", ["pdl_k"], body, header(NOW - 600, NOW, NOW), now=NOW) is not None
+    with pytest.raises(VerificationError):  # the last one is stale
+        verify("paddle", ["pdl_k"], body, header(NOW, NOW - 600, NOW), now=NOW)
+    stripe_body = b'{"id":"evt_stripe_twice"}'
+    sig = mac("whsec_k", b"%d." % NOW + stripe_body).hex()
+    headers = {"Stripe-Signature": f"t={NOW},t={NOW - 600},v1={sig}"}
+    assert verify("stripe", ["whsec_k"], stripe_body, headers, now=NOW) is not None
+
+
 # ---- HubSpot URL and Twilio details -------------------------------------------------------------------------------
 
 
-def test_hubspot_url_selectively_decoded() -> None:
+def test_hubspot_url_selectively_decoded_or_as_sent() -> None:
     url = "https://h.example.com/hook%3Fa%3Ab%2Fc?email=x%40y.com&name=a%20b&q=%2a%2C"
     signed_url = "https://h.example.com/hook?a:b/c?email=x@y.com&name=a%20b&q=*,"
     body = b'[{"eventId":1}]'
@@ -470,8 +486,13 @@ def test_hubspot_url_selectively_decoded() -> None:
         "X-HubSpot-Request-Timestamp": ts.decode(),
     }
     assert verify("hubspot", ["hs"], body, headers, url=url) is not None
+    # signed over the URL as sent: what HubSpot's Python SDK checks (it decodes nothing), accepted too
     headers["X-HubSpot-Signature-v3"] = b64(mac("hs", b"POST" + url.encode() + body + ts))
-    with pytest.raises(VerificationError):
+    assert verify("hubspot", ["hs"], body, headers, url=url) is not None
+    # neither form of this URL: refused
+    other = "https://h.example.com/hook?a:b/c?email=x@y.com&name=a%20b&q=*;"
+    headers["X-HubSpot-Signature-v3"] = b64(mac("hs", b"POST" + other.encode() + body + ts))
+    with pytest.raises(VerificationError, match="no signature matches"):
         verify("hubspot", ["hs"], body, headers, url=url)
 
 
