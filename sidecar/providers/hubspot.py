@@ -4,8 +4,8 @@ Signed string: `{METHOD}{URL}{body}{X-HubSpot-Request-Timestamp}`, HMAC-SHA256, 
 called (the route's public URL) with a handful of percent-escapes decoded first, per HubSpot's docs (§18 lists
 them; HubSpot's "Validate the v3 request signature" page has the same table), or the URL as sent: HubSpot's own
 Python SDK decodes nothing and accepts that (an external check with hubspot-api-client 12.0.0), and both forms
-stand for the same request, so a signature over either is accepted. Legacy v1/v2 signatures (a plain SHA-256 with no timestamp) are not
-accepted: HubSpot sends v3 alongside them, and accepting them would allow replay forever.
+stand for the same request, so a signature over either is accepted. Legacy v1/v2 signatures (a plain SHA-256 with
+no timestamp) are not accepted: HubSpot sends v3 alongside them, and accepting them would allow replay forever.
 """
 
 from __future__ import annotations
