@@ -137,7 +137,7 @@ class Dispatcher:
             route, rec, attempt, outcome, history or [], background=parent is not None
         )
         if disposition.kind == "delivered":
-            self.tel.delivery_lag.record(max(0.0, self.store.clock.now() - rec.first_seen_ms / 1000), labels)
+            self.tel.delivery_lag.record(max(0, self.store.clock.now_ms() - rec.first_seen_ms) / 1000, labels)
         if parent is None and log.isEnabledFor(logging.INFO):
             log.info(
                 "attempt",

@@ -384,8 +384,9 @@ class Ingress:
         event_id, dedupe_id = ids
         result.event_id = event_id
         # first seen, the claim and its lease: on the schedule's clock (the store's), not the tolerance checks' one
-        now = self.store.clock.now()
-        rec = self._record(request, cfg, event_id, dedupe_id, body, now, self.tel.traceparent(span))
+        rec = self._record(
+            request, cfg, event_id, dedupe_id, body, self.store.clock.now_ms(), self.tel.traceparent(span)
+        )
         breaker = self.dispatcher.breaker(cfg)
         forward_now = breaker.allow()
         # With the upstream's circuit open the event is claimed straight onto the schedule: one round trip and
@@ -397,8 +398,6 @@ class Ingress:
         except StoreError as exc:
             breaker.release(forward_now)
             return self._store_failed(cfg.name, f"claim failed for {event_id}", exc, result, event_id)
-        if claim.claimed and (unsaid := self._full.over()) is not None:
-            log.warning("store takes new events again (%d more refused since the last report)", unsaid)
         if not claim.claimed:
             breaker.release(forward_now)
             result.outcome = "duplicate"
@@ -409,6 +408,8 @@ class Ingress:
             return web.Response(
                 body=body, content_type="application/json", headers={EVENT_ID_HEADER: event_id}
             )
+        if (unsaid := self._full.over()) is not None:
+            log.warning("store takes new events again (%d more refused since the last report)", unsaid)
         if schedule_at is not None:
             result.outcome, result.error = "queued", "circuit_open"
             return queued(event_id, schedule_at)
@@ -533,7 +534,7 @@ class Ingress:
         event_id: str,
         dedupe_id: str,
         body: bytes,
-        now: float,
+        first_seen_ms: int,
         traceparent: str | None,
     ) -> EventRecord:
         headers = end_to_end(request.headers.items(), request.headers.get("Connection"))
@@ -549,7 +550,7 @@ class Ingress:
             proto=request.scheme,
             host=request.host,
             traceparent=traceparent,
-            first_seen_ms=int(now * 1000),
+            first_seen_ms=first_seen_ms,
         )
 
     async def _pass_through(
@@ -564,7 +565,13 @@ class Ingress:
         """Synchronous proxying, no claim and no retry: non-POST requests, handshakes in `pass` mode, dedupe: false."""
         forward = self.tel.start_forward(route.cfg.name, event_id or "", 1, span, None)
         rec = self._record(
-            request, route.cfg, event_id or "", "", body, time.time(), self.tel.traceparent(forward)
+            request,
+            route.cfg,
+            event_id or "",
+            "",
+            body,
+            self.store.clock.now_ms(),
+            self.tel.traceparent(forward),
         )
         headers = upstream_headers(rec, 1, rec.traceparent, route.upstream_key)
         if not event_id:

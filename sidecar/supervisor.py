@@ -46,15 +46,23 @@ def claim_ports(*listens: tuple[str, int]) -> None:
                 probe.bind(addr)
 
 
+def process_state(pid: int | str) -> str | None:
+    """The state letter of process `pid` from /proc (`R`, `S`, `Z` for exited and not yet reaped, …); None when
+    it cannot be read (gone, not ours to look at, no /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def supervisor_gone(parent: str) -> bool:
     """Is the supervisor (pid `parent`) gone? Not only when this process was handed to another parent: a supervisor
     SIGKILLed with a thread still running (the embedded store's watcher) is a zombie while its threads exit, and
     its children, handed to one of those threads meanwhile, still see its pid as their parent's."""
     if str(os.getppid()) != parent:
         return True
-    try:
-        state = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+    state = process_state(parent)
+    if state is None:
         return not sys.platform.startswith("linux")  # no /proc entry on Linux: gone; elsewhere: cannot tell
     return state in ("Z", "X")
 

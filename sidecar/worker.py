@@ -69,9 +69,9 @@ class RetryWorker:
 
     async def _pass(self, due_by_ms: int | None = None) -> int:
         """Take what is due by `due_by_ms` (default: now), shard by shard, no more than there are free attempt
-        slots, and start an attempt for each at once; return how many were taken. The attempts run on while the worker goes on: one
-        slow upstream never holds back the other due events, and an event is taken only when it can be attempted
-        at once, so its lease (which starts at the take) is not spent waiting for a slot."""
+        slots, and start an attempt for each at once; return how many were taken. The attempts run on while the
+        worker goes on: one slow upstream never holds back the other due events, and an event is taken only when
+        it can be attempted at once, so its lease (which starts at the take) is not spent waiting for a slot."""
         if self.dispatcher.breakers.all_open():
             return 0  # every upstream is known down: leave the schedule alone until a probe is due
         shards = self.store.keys.shards

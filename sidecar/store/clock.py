@@ -32,10 +32,6 @@ class StoreClock:
     def now_ms(self) -> int:
         return int(self._base_ms + (time.monotonic() - self._base_mono) * 1000)
 
-    def now(self) -> float:
-        """Seconds, as time.time()."""
-        return self.now_ms() / 1000
-
     def due_for_sync(self) -> bool:
         """Time to read the store's clock again: every RESYNC_S, and until a reading is taken, every second
         (not on every loop of the worker: a store that is down or slow is not asked on each pass)."""

