@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,26 @@ def start_sidecar(cfg: Path, processes: list[SidecarProcess], **config: Any) -> 
     processes.append(proc)
     proc.start(port)
     return proc, port
+
+
+@contextlib.asynccontextmanager
+async def dribbling(writer: asyncio.StreamWriter, piece: bytes, every: float = 0.2) -> AsyncIterator[None]:
+    """A client sending `piece` every `every` seconds, until the block ends or the server closes; the connection
+    closed on exit."""
+
+    async def drip() -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:  # until cancelled on exit
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(every)
+
+    task = asyncio.create_task(drip())
+    try:
+        yield
+    finally:
+        task.cancel()
+        writer.close()
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:

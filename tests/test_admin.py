@@ -4,7 +4,6 @@ drain, delete), events, stats, the OpenAPI document, and a property run that nev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import io
 import json
@@ -31,7 +30,7 @@ from sidecar.keys import KeySpace
 from sidecar.store import AttemptRecord, EventRecord, RedisStore
 from sidecar.store.dead_letters import DeadLetters
 from tests.conftest import Upstream, make_config
-from tests.procs import free_port
+from tests.procs import dribbling, free_port
 from tests.test_ingress import GITHUB_SECRET, STRIPE_SECRET, github_headers, stripe_body, stripe_headers
 
 TOKEN = "test-admin-token"
@@ -200,25 +199,13 @@ async def test_admin_body_dribble_gets_408_after_read_timeout_and_is_closed(
     http = await aiohttp_client(JsonErrorTestServer(create_admin_app(main.server.app)))
     reader, writer = await asyncio.open_connection("127.0.0.1", http.port)
     started = time.monotonic()
-
-    async def dribble() -> None:
-        with contextlib.suppress(ConnectionError):
-            while True:
-                writer.write(b" ")
-                await writer.drain()
-                await asyncio.sleep(0.2)
-
     writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n".encode())
     writer.write(f"Authorization: Bearer {TOKEN}\r\n\r\n{{".encode())
-    task = asyncio.create_task(dribble())
-    try:
+    async with dribbling(writer, b" "):
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 6)
         answered = time.monotonic() - started
         rest = await asyncio.wait_for(reader.read(), 5)  # the JSON body, then the close
         closed = time.monotonic() - started
-    finally:
-        task.cancel()
-        writer.close()
     assert head.startswith(b"HTTP/1.1 408 ") and b'"read_timeout"' in rest
     assert answered < 3 and closed - answered < 3.5, (answered, closed)
 
@@ -505,6 +492,7 @@ async def test_admin_dlq_replay_of_hundreds_opens_few_store_connections(
 ) -> None:
     """The items of a batch are replayed 16 at a time: with all 100 at once, the store client's pool opened a
     connection for each and kept them all (an external soak: 17 connections before a replay, 101 after)."""
+
     def clients() -> int:
         return sum(1 for c in rdb.client_list() if c.get("lib-name") == "redis-py")
 

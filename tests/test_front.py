@@ -8,7 +8,6 @@ request in flight finish.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from typing import Any
@@ -21,6 +20,7 @@ from aiohttp import web
 from sidecar import front as front_module
 from sidecar.front import Front, serialize
 from tests.conftest import Upstream
+from tests.procs import dribbling
 from tests.test_ingress import KEYS, ROUTES, stripe_body, stripe_headers
 
 Response = tuple[int, dict[str, str], bytes]
@@ -314,24 +314,12 @@ async def test_front_chunked_dribble_is_closed_soon_after_its_408(client: Any, u
     head += b"".join(f"{k}: {v}\r\n".encode() for k, v in stripe_headers(body).items()) + b"\r\n"
     reader, writer = await connect(client)
     started = time.monotonic()
-
-    async def dribble() -> None:
-        with contextlib.suppress(ConnectionError):
-            while True:
-                writer.write(b"1\r\na\r\n")
-                await writer.drain()
-                await asyncio.sleep(0.2)
-
     writer.write(head)
-    task = asyncio.create_task(dribble())
-    try:
+    async with dribbling(writer, b"1\r\na\r\n"):
         status, _, answer = await read_response(reader)
         answered = time.monotonic() - started
         assert await closed_within(reader, 4), "still open 4 s after the 408"
         closed = time.monotonic() - started
-    finally:
-        task.cancel()
-        writer.close()
     assert (status, json.loads(answer)) == (408, {"error": "read_timeout"})
     assert answered < 3 and closed - answered < 3.5, (answered, closed)  # LINGER_S is 2 s
     assert upstream.received == []

@@ -226,18 +226,25 @@ async def test_ingress_replay_under_forged_header_id_neither_blocks_nor_duplicat
     assert upstream.ids() == ["id-A", "id-B"]
 
 
+async def queued_and_pending(client: Any, event_id: str) -> dict[str, Any]:
+    """POST a Stripe event the upstream fails: answered 202 queued; its resend is a duplicate, pending. The first
+    answer's body."""
+    body = stripe_body(event_id)
+    resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert resp.status == 202
+    payload = await resp.json()
+    assert payload["queued"] is True and payload["event_id"] == event_id
+    again = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert await again.json() == {"duplicate": True, "event_id": event_id, "state": "pending"}
+    return payload
+
+
 async def test_ingress_retryable_failure_queues_and_resend_is_pending(
     client: Any, upstream: Upstream
 ) -> None:
     upstream.respond(503)
-    body = stripe_body("evt_q")
-    resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
-    assert resp.status == 202
-    payload = await resp.json()
-    assert payload["queued"] is True and payload["event_id"] == "evt_q"
+    payload = await queued_and_pending(client, "evt_q")
     assert payload["next_attempt_at"].endswith("Z")
-    again = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
-    assert await again.json() == {"duplicate": True, "event_id": "evt_q", "state": "pending"}
 
 
 async def test_ingress_bug_in_first_attempt_answers_queued_not_500(
@@ -251,14 +258,8 @@ async def test_ingress_bug_in_first_attempt_answers_queued_not_500(
 
     monkeypatch.setattr("sidecar.dispatch.parse_retry_after", broken)
     upstream.respond(503)
-    body = stripe_body("evt_bug")
-    resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
-    assert resp.status == 202
-    payload = await resp.json()
-    assert payload["queued"] is True and payload["event_id"] == "evt_bug"
+    await queued_and_pending(client, "evt_bug")
     assert len(upstream.received) == 1
-    again = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
-    assert await again.json() == {"duplicate": True, "event_id": "evt_bug", "state": "pending"}
 
 
 async def test_ingress_unreachable_upstream_queues(sidecar_factory: Any, upstream: Upstream) -> None:

@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +38,11 @@ def record(event_id: str = "evt_1", route: str = "stripe", body: bytes = b'{"id"
         host="hooks.example.com",
         first_seen_ms=int(time.time() * 1000),
     )
+
+
+def digest_record(dedupe_id: str, public_id: str, first_seen_ms: int = 1) -> EventRecord:
+    """A GitHub-like event deduped on the digest of its bytes (`dedupe_id`), known to operators by `public_id`."""
+    return EventRecord("github", dedupe_id, public_id, "POST", "/gh", (), b"{}", first_seen_ms=first_seen_ms)
 
 
 async def claim_and_read_back(url: str, shards: int, event_id: str) -> tuple[dict | None, dict]:
@@ -278,9 +283,7 @@ def test_store_meta_round_trips_exactly() -> None:
 
 async def test_store_alias_is_written_only_for_a_claim_that_won(store: RedisStore, rdb: redis.Redis) -> None:
     def digest_rec(public_id: str) -> EventRecord:
-        return EventRecord(
-            "github", "sha256:same-bytes", public_id, "POST", "/gh", (), b"{}", first_seen_ms=1
-        )
+        return digest_record("sha256:same-bytes", public_id)
 
     assert (await store.claim(digest_rec("d-1"), int(time.time() * 1000), 30_000)).claimed
     for i in range(20):  # the same signed bytes replayed under fresh delivery ids
@@ -378,6 +381,16 @@ def own_valkey(tmp_path: Path) -> Iterator[ValkeyServer]:
         server.stop()
 
 
+@pytest.fixture
+async def own_store(own_valkey: ValkeyServer) -> AsyncIterator[RedisStore]:
+    """A store on `own_valkey`, with a short timeout (0.3 s) for stall tests."""
+    s = RedisStore.connect(own_valkey.connection_url, KEYS, dedupe_ttl=3600, dlq_max_length=3, timeout=0.3)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
 @contextlib.contextmanager
 def stalled(server: ValkeyServer) -> Iterator[None]:
     """The server holds every write until the block ends (CLIENT PAUSE WRITE; reads are served). A client that
@@ -393,110 +406,91 @@ def stalled(server: ValkeyServer) -> Iterator[None]:
 
 
 async def test_delivered_marks_a_batch_failed_in_a_stall_is_counted_and_lands_on_drain(
-    own_valkey: ValkeyServer, caplog: pytest.LogCaptureFixture
+    own_valkey: ValkeyServer, own_store: RedisStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    s = RedisStore.connect(own_valkey.connection_url, KEYS, dedupe_ttl=3600, dlq_max_length=3, timeout=0.3)
-    try:
-        now = int(time.time() * 1000)
-        rec = record("evt_stalled_mark")
-        assert (await s.claim(rec, now, 30_000)).claimed
-        with stalled(own_valkey):
-            s.marks.add(rec, entry(1, 200), now + 30_000)
-            s.marks.flush()
-            assert await wait_until(lambda: "could not mark 1 event(s) delivered" in caplog.text, timeout=5)
-            await asyncio.sleep(2.0)  # several tries fail (0.3 s timeout each), the backoff grows
-            assert s.marks.pending == 1  # waiting to be sent again: shutdown waits for it
-        t0 = time.monotonic()
-        await s.marks.drain(timeout=5)
-        took = time.monotonic() - t0
-        assert s.marks.pending == 0
-        assert took < 1.0, f"drain waited {took:.2f}s: the backoff under way was not cut short"
-        ev = await s.get_event("stripe", "evt_stalled_mark")
-        assert ev is not None and ev["state"] == "delivered", ev
-        shard = KEYS.shard_of("stripe", "evt_stalled_mark")
-        assert await s.due_members(shard, now + 60_000, 10) == []  # nothing for the retry worker, ever
-        assert caplog.text.count("could not mark") == 1  # one warning for the batch, not one per try
-        assert "marked 1 event(s) delivered after the store failure" in caplog.text
-    finally:
-        await s.close()
+    s = own_store
+    now = int(time.time() * 1000)
+    rec = record("evt_stalled_mark")
+    assert (await s.claim(rec, now, 30_000)).claimed
+    with stalled(own_valkey):
+        s.marks.add(rec, entry(1, 200), now + 30_000)
+        s.marks.flush()
+        assert await wait_until(lambda: "could not mark 1 event(s) delivered" in caplog.text, timeout=5)
+        await asyncio.sleep(2.0)  # several tries fail (0.3 s timeout each), the backoff grows
+        assert s.marks.pending == 1  # waiting to be sent again: shutdown waits for it
+    t0 = time.monotonic()
+    await s.marks.drain(timeout=5)
+    took = time.monotonic() - t0
+    assert s.marks.pending == 0
+    assert took < 1.0, f"drain waited {took:.2f}s: the backoff under way was not cut short"
+    ev = await s.get_event("stripe", "evt_stalled_mark")
+    assert ev is not None and ev["state"] == "delivered", ev
+    shard = KEYS.shard_of("stripe", "evt_stalled_mark")
+    assert await s.due_members(shard, now + 60_000, 10) == []  # nothing for the retry worker, ever
+    assert caplog.text.count("could not mark") == 1  # one warning for the batch, not one per try
+    assert "marked 1 event(s) delivered after the store failure" in caplog.text
+
+
+async def resolves_to(s: RedisStore, route: str, public_id: str, dedupe_id: str, timeout: float) -> bool:
+    """Does the admin lookup of `public_id` find `dedupe_id` within `timeout` (the alias is written off the
+    critical path)?"""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await s.resolve(route, public_id) == dedupe_id:
+            return True
+        await asyncio.sleep(0.05)
+    return await s.resolve(route, public_id) == dedupe_id
 
 
 async def test_store_alias_written_in_a_store_stall_is_written_once_the_store_answers(
-    own_valkey: ValkeyServer, caplog: pytest.LogCaptureFixture
+    own_valkey: ValkeyServer, own_store: RedisStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    s = RedisStore.connect(own_valkey.connection_url, KEYS, dedupe_ttl=3600, dlq_max_length=3, timeout=0.3)
-    try:
-        now = int(time.time() * 1000)
-        rec = EventRecord(
-            "github", "sha256:stalled", "gh-stalled", "POST", "/gh", (), b"{}", first_seen_ms=now
-        )
-        assert (await s.claim(rec, now, 30_000)).claimed
-        with stalled(own_valkey):  # before the alias write, which goes out on the loop's next turn
-            assert await wait_until(lambda: "could not index github/gh-stalled" in caplog.text, timeout=5)
-            await asyncio.sleep(1.0)
-        resolved = ""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and resolved != "sha256:stalled":
-            resolved = await s.resolve("github", "gh-stalled")
-            await asyncio.sleep(0.1)
-        assert resolved == "sha256:stalled", (
-            "the alias was dropped in the stall: the admin lookup answers 404"
-        )
-        landed = "indexed github/gh-stalled for lookups after the store failure"
-        assert await wait_until(lambda: landed in caplog.text, timeout=2)
-    finally:
-        await s.close()
+    s = own_store
+    now = int(time.time() * 1000)
+    assert (await s.claim(digest_record("sha256:stalled", "gh-stalled", now), now, 30_000)).claimed
+    with stalled(own_valkey):  # before the alias write, which goes out on the loop's next turn
+        assert await wait_until(lambda: "could not index github/gh-stalled" in caplog.text, timeout=5)
+        await asyncio.sleep(1.0)
+    assert await resolves_to(s, "github", "gh-stalled", "sha256:stalled", timeout=10), (
+        "the alias was dropped in the stall: the admin lookup answers 404"
+    )
+    landed = "indexed github/gh-stalled for lookups after the store failure"
+    assert await wait_until(lambda: landed in caplog.text, timeout=2)
 
 
 async def test_store_alias_of_a_claim_that_timed_out_but_landed_is_written_by_the_resend(
-    own_valkey: ValkeyServer,
+    own_valkey: ValkeyServer, own_store: RedisStore
 ) -> None:
     """The store stops answering with the claim sent: the claim times out here (503 to the provider) but runs once
     the store answers again, so no alias was written. The provider's resend is a duplicate, and it indexes the
     id: before, a lookup by the provider's id answered 404 for the whole dedupe window. A resend under a fresh id
     still adds no key."""
-    s = RedisStore.connect(own_valkey.connection_url, KEYS, dedupe_ttl=3600, dlq_max_length=3, timeout=0.3)
+    s = own_store
+    now = int(time.time() * 1000)
+    warm = digest_record("sha256:warm", "gh-warm", now)
+    assert (await s.claim(warm, now, 30_000)).claimed  # the connections are up before the store stops
+    await asyncio.sleep(0.1)  # and its alias is written
+    assert own_valkey._process is not None
+    os.kill(own_valkey._process.pid, signal.SIGSTOP)
     try:
-        now = int(time.time() * 1000)
-
-        def rec(public_id: str) -> EventRecord:
-            return EventRecord(
-                "github", "sha256:late", public_id, "POST", "/gh", (), b"{}", first_seen_ms=now
-            )
-
-        warm = EventRecord("github", "sha256:warm", "gh-warm", "POST", "/gh", (), b"{}", first_seen_ms=now)
-        assert (await s.claim(warm, now, 30_000)).claimed  # the connections are up before the store stops
-        await asyncio.sleep(0.1)  # and its alias is written
-        assert own_valkey._process is not None
-        os.kill(own_valkey._process.pid, signal.SIGSTOP)
-        try:
-            with pytest.raises(StoreUnavailable):
-                await s.claim(rec("gh-late"), now, 30_000)
-        finally:
-            os.kill(own_valkey._process.pid, signal.SIGCONT)
-        ev = KEYS.locate("github", "sha256:late")[0]
-        with redis.Redis(host=own_valkey.host, port=own_valkey.port) as direct:
-            deadline = time.monotonic() + 5
-            while direct.hget(ev, "eid") is None:
-                assert time.monotonic() < deadline, (
-                    "the timed-out claim never landed: the scenario did not happen"
-                )
-                await asyncio.sleep(0.05)
-            assert direct.keys("*alias*") == [KEYS.alias("github", "gh-warm").encode()]
-            assert not (
-                await s.claim(rec("gh-forged"), now, 30_000)
-            ).claimed  # the same bytes under a fresh id
-            assert not (await s.claim(rec("gh-late"), now, 30_000)).claimed  # the provider's resend
-            resolved = ""
-            while time.monotonic() < deadline and resolved != "sha256:late":
-                resolved = await s.resolve("github", "gh-late")
-                await asyncio.sleep(0.05)
-            assert resolved == "sha256:late", "the resend did not index the provider's id: lookups answer 404"
-            assert sorted(direct.keys("*alias*")) == sorted(
-                [KEYS.alias("github", "gh-warm").encode(), KEYS.alias("github", "gh-late").encode()]
-            )
+        with pytest.raises(StoreUnavailable):
+            await s.claim(digest_record("sha256:late", "gh-late", now), now, 30_000)
     finally:
-        await s.close()
+        os.kill(own_valkey._process.pid, signal.SIGCONT)
+    ev = KEYS.locate("github", "sha256:late")[0]
+    with redis.Redis(host=own_valkey.host, port=own_valkey.port) as direct:
+        landed = await wait_until(lambda: direct.hget(ev, "eid") is not None, timeout=5)
+        assert landed, "the timed-out claim never landed: the scenario did not happen"
+        assert direct.keys("*alias*") == [KEYS.alias("github", "gh-warm").encode()]
+        # the same bytes under a fresh id, then the provider's resend
+        assert not (await s.claim(digest_record("sha256:late", "gh-forged", now), now, 30_000)).claimed
+        assert not (await s.claim(digest_record("sha256:late", "gh-late", now), now, 30_000)).claimed
+        assert await resolves_to(s, "github", "gh-late", "sha256:late", timeout=5), (
+            "the resend did not index the provider's id: lookups answer 404"
+        )
+        assert sorted(direct.keys("*alias*")) == sorted(
+            [KEYS.alias("github", "gh-warm").encode(), KEYS.alias("github", "gh-late").encode()]
+        )
 
 
 def test_attempt_record_json_is_compact_and_survives_any_error_text() -> None:
