@@ -42,9 +42,11 @@ HOP_BY_HOP = frozenset(
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
 
 
-def end_to_end(headers: Iterable[tuple[str, str]], connection: str | None = None) -> list[tuple[str, str]]:
-    """Headers minus hop-by-hop ones, including any the Connection header names."""
-    extra = {t.strip().lower() for t in connection.split(",")} if connection else set()
+def end_to_end(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Headers minus hop-by-hop ones, including any a Connection field names: every Connection line counts, as
+    the lines of a list field make one list (RFC 9110 §5.3)."""
+    headers = list(headers)
+    extra = {t.strip().lower() for k, v in headers if k.lower() == "connection" for t in v.split(",")}
     return [(k, v) for k, v in headers if k.lower() not in NOT_FORWARDED and k.lower() not in extra]
 
 
@@ -180,10 +182,7 @@ class Forwarder:
                 return Outcome("retryable", None, exc.kind, time.perf_counter() - start)
             status, payload = resp.status, resp.body
             retry_after = next((v for k, v in resp.headers if k.lower() == "retry-after"), None)
-            connection = next((v for k, v in resp.headers if k.lower() == "connection"), None)
-            return _classify(
-                status, payload, end_to_end(resp.headers, connection), retry_after, policy, start
-            )
+            return _classify(status, payload, end_to_end(resp.headers), retry_after, policy, start)
         try:
             async with self._session.request(
                 method,
@@ -199,7 +198,7 @@ class Forwarder:
                 payload = await resp.read()
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
-                relay = end_to_end(resp.headers.items(), resp.headers.get("Connection"))
+                relay = end_to_end(resp.headers.items())
         except TimeoutError:
             return Outcome("retryable", None, "timeout", time.perf_counter() - start)
         except (aiohttp.ClientError, OSError) as exc:

@@ -537,7 +537,7 @@ class Ingress:
         first_seen_ms: int,
         traceparent: str | None,
     ) -> EventRecord:
-        headers = end_to_end(request.headers.items(), request.headers.get("Connection"))
+        headers = end_to_end(request.headers.items())
         return EventRecord(
             route=cfg.name,
             dedupe_id=dedupe_id,

@@ -18,6 +18,7 @@ import redis
 from aiohttp import web
 
 from sidecar import front as front_module
+from sidecar.forwarder import end_to_end
 from sidecar.front import Front, serialize
 from tests.conftest import Upstream
 from tests.procs import dribbling
@@ -519,3 +520,36 @@ async def test_front_shutdown_lets_a_request_still_arriving_finish(client: Any, 
         writer.close()
         busy_writer.close()
     assert sorted(upstream.ids()) == ["evt_arriving", "evt_busy"]
+
+
+async def test_front_every_connection_line_names_hop_by_hop_headers(client: Any, upstream: Upstream) -> None:
+    """A header named in a second `Connection` line is hop-by-hop too (RFC 9110 §5.3: the lines of a list field
+    are one list): not forwarded nor stored for retries, whether the front or aiohttp (a chunked body) serves it."""
+    hop = "Connection: keep-alive\r\nConnection: X-Hop\r\nX-Hop: this hop only\r\n"
+    body = stripe_body("evt_hop_chunked")
+    chunked = post("/webhooks/stripe", b"", stripe_headers(body), hop + "Transfer-Encoding: chunked\r\n")
+    chunked = (
+        chunked.replace(b"Content-Length: 0\r\n", b"")
+        + f"{len(body):x}\r\n".encode()
+        + body
+        + b"\r\n0\r\n\r\n"
+    )
+    for raw in (signed("evt_hop_fast", extra=hop), chunked):
+        status, _, answer = await exchange(client, raw)
+        assert status == 200, answer
+    assert upstream.ids() == ["evt_hop_fast", "evt_hop_chunked"]
+    assert [r.body for r in upstream.received] == [stripe_body("evt_hop_fast"), body]
+    for got in upstream.received:
+        assert "x-hop" not in got.headers and "connection" not in got.headers, got.headers
+    assert (front_of(client).fast_requests, front_of(client).handed_over) == (1, 1)
+
+
+def test_end_to_end_reads_every_connection_line() -> None:
+    """The upstream's answer too: what any of its Connection lines names is not relayed to the provider."""
+    relayed = [
+        ("Connection", "keep-alive"),
+        ("X-Kept", "1"),
+        ("connection", "X-Up, Keep-Alive"),
+        ("X-Up", "2"),
+    ]
+    assert end_to_end(relayed) == [("X-Kept", "1")]
