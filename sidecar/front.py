@@ -341,8 +341,8 @@ class FastProtocol(asyncio.Protocol):
         parsed = self.pending
         if parsed is None:
             head_end = buf.find(b"\r\n\r\n")
-            if head_end < 0 and len(buf) <= MAX_HEAD:
-                return  # the head is on its way
+            if head_end < 0 and len(buf) <= MAX_HEAD and b"\n\n" not in buf and b"\n\r\n" not in buf:
+                return  # the head is on its way (a head ended by a bare LF is aiohttp's to refuse, not a wait)
             if 0 <= head_end <= MAX_HEAD - 4:
                 parsed = _parse(bytes(buf[: head_end + 4]), self.front.ingress, self.remote)
             if parsed is None:

@@ -553,3 +553,17 @@ def test_end_to_end_reads_every_connection_line() -> None:
         ("X-Up", "2"),
     ]
     assert end_to_end(relayed) == [("X-Kept", "1")]
+
+
+@pytest.mark.parametrize("end", [b"\n\n", b"\n\r\n"])
+async def test_front_head_ended_by_a_bare_lf_is_answered_at_once(
+    client: Any, upstream: Upstream, end: bytes
+) -> None:
+    """A head whose lines end in a bare LF is refused with 400 at once, as aiohttp refuses it, not held until the
+    read timeout and closed without a word (the front waited for a CRLF CRLF that never came)."""
+    raw = b"POST /webhooks/plain HTTP/1.1\nHost: x\nX-Event-Id: evt_lf\nContent-Length: 3" + end + b"abc"
+    start = time.monotonic()
+    status, _, body = await exchange(client, raw)
+    assert status == 400 and json.loads(body)["error"] == "bad_request", body
+    assert time.monotonic() - start < 0.9  # the fixture's read_timeout is 1 s
+    assert upstream.received == []
