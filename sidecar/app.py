@@ -23,7 +23,7 @@ from sidecar.config import Config
 from sidecar.dispatch import Dispatcher
 from sidecar.forwarder import Forwarder
 from sidecar.http1 import Http1Client
-from sidecar.ingress import Ingress
+from sidecar.ingress import Ingress, expect_continue
 from sidecar.keys import KeySpace
 from sidecar.reload import Reloader
 from sidecar.store import RedisStore
@@ -147,6 +147,12 @@ async def _ingress(request: web.Request) -> web.StreamResponse:
     return await request.app[RUNTIME].ingress.handle(request)
 
 
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    runtime = request.app.get(RUNTIME)
+    limit = runtime.ingress.dispatcher.config.server.max_body_bytes if runtime is not None else None
+    return await expect_continue(request, limit)
+
+
 def create_app(
     config: Config,
     *,
@@ -167,5 +173,5 @@ def create_app(
     app[RUN_WORKER] = run_worker
     app[WARN_SETTINGS] = warn_settings  # the store's settings, checked by one process of several
     app.cleanup_ctx.append(runtime_ctx)
-    app.router.add_route("*", "/{tail:.*}", _ingress)
+    app.router.add_route("*", "/{tail:.*}", _ingress, expect_handler=_expect)
     return app

@@ -56,12 +56,15 @@ def json_error(status: int, error: str, event_id: str | None = None, **extra: An
     return web.json_response({"error": error, **extra}, status=status, headers=headers)
 
 
-async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+async def expect_continue(request: web.Request, limit: int | None = None) -> web.StreamResponse | None:
     """The `Expect` handler: `100-continue` as aiohttp does it; anything else a 417 that does not echo the value.
-    (aiohttp's default handler echoes it into its 417 text, and a value that is not UTF-8 makes that a 500.)"""
+    (aiohttp's default handler echoes it into its 417 text, and a value that is not UTF-8 makes that a 500.)
+    A body announced over `limit` gets no 100: the handler refuses it from the head (RFC 9110 §10.1.1)."""
     if request.version != HttpVersion11:
         return None
     if request.headers.get("Expect", "").lower() == "100-continue":
+        if limit is not None and request.content_length is not None and request.content_length > limit:
+            return None
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the 100 is not part of the answer's size
         return None
@@ -346,7 +349,12 @@ class Ingress:
                 body = await read_bounded(request, server.max_body_bytes, server.read_timeout)
             except BodyTooLarge:
                 result.outcome = "body_too_large"
-                return json_error(413, "body_too_large")
+                refused = json_error(413, "body_too_large")
+                if (
+                    "Expect" in request.headers
+                ):  # its body may or may not follow the refusal: not a connection to reuse
+                    refused.force_close()
+                return refused
             except ReadTimeout:
                 result.outcome = "read_timeout"
                 return json_error(408, "read_timeout")

@@ -254,6 +254,26 @@ async def test_front_expect_continue_goes_to_aiohttp(client: Any, upstream: Upst
     assert "evt_expect" in upstream.ids()
 
 
+async def test_front_expect_continue_over_the_size_limit_is_refused_from_the_head(
+    client: Any, upstream: Upstream
+) -> None:
+    """A body announced over `max_body_bytes` gets its 413 at once, with no `100 Continue` inviting the upload
+    first, and the connection is closed (the client may send the body anyway)."""
+    raw = post("/webhooks/stripe", b"x" * 70000, {}, "Expect: 100-continue\r\n")
+    reader, writer = await connect(client)
+    try:
+        writer.write(raw[:-70000])  # the head alone
+        status, headers, body = await read_response(reader)
+        assert await closed_within(
+            reader, front_module.LINGER_S + 2
+        )  # after reading what still comes, as aiohttp does
+    finally:
+        writer.close()
+    assert (status, json.loads(body)) == (413, {"error": "body_too_large"})
+    assert headers["connection"] == "close"
+    assert upstream.received == []
+
+
 async def test_front_connection_close_is_honoured(client: Any) -> None:
     reader, writer = await connect(client)
     try:
