@@ -845,6 +845,21 @@ def _secret(ctx: _Ctx, item: _Item, path: str) -> Any:
     return value
 
 
+def _admin_token(ctx: _Ctx, item: _Item, path: str) -> Any:
+    """Surrounding whitespace dropped (a Kubernetes Secret made from a file ends in a newline, and no client can
+    send it: every request was 401); a control character inside cannot travel in a header at all."""
+    value = _secret(ctx, item, path)
+    if not isinstance(value, str):
+        return value
+    value = value.strip()
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return ctx.bad(
+            item, path, "must not contain control characters (it is sent in an Authorization header)"
+        )
+    ctx.secrets.add(value)
+    return value or None
+
+
 def _plain(item: _Item) -> Any:
     """The _Item tree as plain Python values (as `yaml.safe_load` would give, after interpolation)."""
     if isinstance(item.value, dict):
@@ -919,7 +934,7 @@ _SERVER: dict[str, Conv] = {
     "shutdown_grace": _duration(zero_ok=True),
     "reload_interval": _duration(),
 }
-_ADMIN: dict[str, Conv] = {"listen": _listen, "token": _optional(_secret)}
+_ADMIN: dict[str, Conv] = {"listen": _listen, "token": _optional(_admin_token)}
 _REDIS: dict[str, Conv] = {
     "url": _redis_url,
     "prefix": _nonempty,  # further checked in _check_prefix

@@ -251,6 +251,18 @@ async def test_admin_cli_exit_4_without_or_with_wrong_token(sidecar: Running, rd
     assert ok.code == 0
 
 
+async def test_admin_cli_token_with_a_newline(sidecar: Running) -> None:
+    """A token read from a file (`$(cat token)` keeps no newline, a Secret's env var does) is trimmed as the
+    sidecar trims it; a control character inside is a usage error naming it, not a traceback."""
+    url = ["--admin-url", sidecar.admin_url]
+    trimmed, inside = await asyncio.gather(
+        dlq("list", *url, env={"SIDECAR_ADMIN_TOKEN": TOKEN + "\n"}),
+        dlq("list", *url, "--token", "a\nb"),
+    )
+    assert trimmed.code == 0, trimmed.err
+    assert inside.code == 2 and inside.err.count("\n") == 1 and "control character" in inside.err, inside.err
+
+
 async def test_admin_cli_exit_3_when_unreachable(valkey: object) -> None:
     nothing = f"http://127.0.0.1:{free_port()}"
     not_http = f"http://127.0.0.1:{valkey.port}"  # type: ignore[attr-defined]  # a Redis server, not the admin API

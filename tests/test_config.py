@@ -184,6 +184,17 @@ def test_admin_token_optional_on_loopback_and_enough_elsewhere() -> None:
     assert one_route(head='admin: {listen: "0.0.0.0:9091", token: s3cret}\n').admin.token == "s3cret"
 
 
+def test_admin_token_loses_surrounding_whitespace_and_refuses_control_characters() -> None:
+    """A token from a file-made Kubernetes Secret ends in a newline no client can send: every admin request was
+    401. It is trimmed, as the sidecar trims the token it is given; one with a control character inside is refused."""
+    head = 'admin: {token: "${TOK}"}\n'
+    assert one_route(head=head, env={"TOK": "s3cret\n"}).admin.token == "s3cret"
+    assert one_route(head="admin: {token: ' s3cret '}\n").admin.token == "s3cret"
+    assert errors_of('admin:\n  token: "${TOK}"\n' + ROUTE, env={"TOK": "s3c\nret"}) == [
+        "cfg.yaml:2: admin.token: must not contain control characters (it is sent in an Authorization header)"
+    ]
+
+
 def test_check_config_cli_refuses_an_open_admin_with_file_and_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
