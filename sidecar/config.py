@@ -1200,14 +1200,17 @@ def _routes(
     for i, child in enumerate(item.value):
         path = f"routes[{i}]"
         made = _route(ctx, child, path, retry_base, retry_items)
+        # a name or path used twice is reported whatever else is wrong with either route: every error at once
+        for key in ("name", "path"):
+            given = child.value.get(key) if isinstance(child.value, dict) else None
+            if given is None or not isinstance(given.value, str):
+                continue
+            first = seen.setdefault((key, given.value), given.line)
+            if first != given.line:
+                ctx.error(given.line, f"{path}.{key}", f"duplicate route {key} (first used at line {first})")
         if made is BAD:
             continue
         route, origins = made
-        for key in ("name", "path"):
-            line = child.value[key].line
-            first = seen.setdefault((key, getattr(route, key)), line)
-            if first != line:
-                ctx.error(line, f"{path}.{key}", f"duplicate route {key} (first used at line {first})")
         routes.append(route)
         built.append((route, path, child, origins))
     _check_providers(ctx, built)
@@ -1230,20 +1233,47 @@ def _route(
     file_secrets, files_ok = _read_secret_files(
         ctx, item.value.get("secret_files"), path, values.get("secret_files")
     )
+    # The provider's own checks run whatever else is wrong with the route (every error at once), each only on
+    # values that parsed: an unknown provider first, as it makes any secret check meaningless.
+    provider = values.get("provider")
+    listed_ok = (
+        "secrets" in values or "secrets" not in item.value
+    )  # a bad value was reported and is not in values
+    kept = _listed_secrets(item.value.get("secrets"), path, values.get("secrets", ())) + file_secrets
+    secrets = tuple(secret for secret, _ in kept)
+    known = _known_providers()
+    if isinstance(provider, str) and known and provider not in known:
+        expected = ", ".join(sorted(known))
+        ctx.error(
+            item.value["provider"].line,
+            f"{path}.provider",
+            f"unknown provider {{}}; expected one of {expected}",
+            repr(provider),
+        )
+        ok = False
+    elif isinstance(provider, str) and provider != "none" and not secrets and listed_ok and files_ok:
+        where = next((item.value[k] for k in ("secrets", "secret_files") if k in item.value), item)
+        ctx.error(where.line, f"{path}.secrets", "provider {} needs at least one non-empty secret", provider)
+        ok = False
+    if provider == "hmac" and values.get("signature") is None:
+        ctx.error(item.line, f"{path}.signature", "required for provider hmac (the generic signature spec)")
+        ok = False
     if not (ok and retry_ok and files_ok) or retry_base is None:
         return BAD
     retry = _make_retry(ctx, retry_base, retry_items, override, _items(retry_item), f"{path}.retry")
-    kept = _listed_secrets(item.value.get("secrets"), path, values.get("secrets", ())) + file_secrets
-    secrets = tuple(secret for secret, _ in kept)
-    provider = values["provider"]
-    if provider != "none" and not secrets:
-        where = next((item.value[k] for k in ("secrets", "secret_files") if k in item.value), item)
-        return ctx.bad(where, f"{path}.secrets", "provider {} needs at least one non-empty secret", provider)
-    if provider == "hmac" and values.get("signature") is None:
-        return ctx.bad(item, f"{path}.signature", "required for provider hmac (the generic signature spec)")
     if retry is BAD:
         return BAD
     return RouteConfig(**{**values, "secrets": secrets, "retry": retry}), [where for _, where in kept]
+
+
+def _known_providers() -> frozenset[str]:
+    """Every provider name, or nothing to check against when the registry is not importable (optional at this
+    layer: building the verifier says it later)."""
+    try:
+        from sidecar.providers.registry import PROVIDERS
+    except ImportError:
+        return frozenset()
+    return PROVIDERS
 
 
 def _listed_secrets(entries: _Item | None, path: str, secrets: tuple[str, ...]) -> list[tuple[str, _Where]]:

@@ -573,6 +573,34 @@ def test_load_text_duplicate_route_names_and_paths() -> None:
     ]
 
 
+def test_load_text_route_errors_all_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A duplicate name or path, a missing secret and an unknown provider are each reported whatever else is wrong
+    with the route, and an unknown provider as that, not as a missing secret: an operator fixed one error, ran
+    check-config again and found the next."""
+    monkeypatch.delitem(sys.modules, REGISTRY)  # the real registry: the provider names are checked
+    text = """\
+routes:
+  - {name: a, path: /a, provider: stripe, secrets: [s], types: []}
+  - {name: a, path: /a, provider: github, tolerance: 5x}
+  - {name: b, path: nopath, provider: stripe}
+  - {name: c, path: /c, provider: nosuchprovider}
+"""
+    errors = errors_of(text)
+    assert errors[:6] == [
+        "cfg.yaml:2: routes[0].types: must not be an empty list",
+        "cfg.yaml:3: routes[1].tolerance: expected a duration like 500ms, 30s, 5m, 72h",
+        "cfg.yaml:3: routes[1].secrets: provider github needs at least one non-empty secret",
+        "cfg.yaml:3: routes[1].name: duplicate route name (first used at line 2)",
+        "cfg.yaml:3: routes[1].path: duplicate route path (first used at line 2)",
+        "cfg.yaml:4: routes[2].path: must start with / and hold no query, fragment or spaces",
+    ]
+    assert errors[6] == "cfg.yaml:4: routes[2].secrets: provider stripe needs at least one non-empty secret"
+    assert errors[7].startswith(
+        "cfg.yaml:5: routes[3].provider: unknown provider 'nosuchprovider'; expected one of "
+    )
+    assert "stripe" in errors[7] and len(errors) == 8, errors
+
+
 def test_load_text_type_errors_name_expected_types() -> None:
     errors = errors_of(
         "server: {workers: true, max_body_bytes: 1.5}\nretry: {multiplier: [3], retry_on: {a: 1}}\n"
