@@ -60,6 +60,8 @@ REPLAY_CONCURRENCY = 16
 DRAIN_BATCH = 50
 # How long a drain waits for the client to take one line before it gives up (the item stays in the DLQ).
 DRAIN_LINE_TIMEOUT = 30.0
+# How long an event lookup or forget waits for this process's queued delivered marks (written within ms)
+MARKS_WAIT = 1.0
 # /readyz and /metrics answer within this, a hung store included (the store client alone may retry past 2 s)
 READY_TIMEOUT = 1.5
 # How long a drain holds an item it took: its line written and acknowledged (DRAIN_LINE_TIMEOUT at most each),
@@ -566,7 +568,11 @@ class AdminApi:
         route, event_id = request.match_info["route"], request.match_info["event_id"]
         if not _ROUTE.fullmatch(route) or len(event_id) > 1024:
             raise not_found(f"no event {event_id[:100]!r} on route {route[:100]!r}")
-        return route, event_id, await self.runtime().store.resolve(route, event_id)
+        store = self.runtime().store
+        # this process's delivered marks still queued (they follow a 200 by a few ms) land first: an event just
+        # delivered reads as delivered, and its forget is not refused as in flight
+        await store.marks.settled(MARKS_WAIT)
+        return route, event_id, await store.resolve(route, event_id)
 
     async def show_event(self, request: web.Request) -> web.Response:
         route, event_id, dedupe_id = await self.event_location(request)

@@ -880,6 +880,28 @@ async def test_admin_events_forget_lets_the_provider_send_again(
     assert upstream.ids() == ["evt_again", "evt_again"]
 
 
+async def test_admin_events_just_delivered_reads_delivered_and_forgets(
+    admin: Admin, upstream: Upstream
+) -> None:
+    """The delivered mark follows the 200 by a few ms (batched, store/marks.py): a lookup or forget right after
+    the answer found the event in flight, and the forget was refused 409 event_pending."""
+    admin.store.marks.window = 30.0  # the mark stays queued until something flushes it (the next claim would)
+
+    async def delivered(eid: str) -> None:
+        body = stripe_body(eid)
+        assert (
+            await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        ).status == 200
+        assert admin.store.marks.pending == 1
+
+    await delivered("evt_just_get")
+    ev = await (await admin.get("/admin/events/stripe/evt_just_get")).json()
+    assert (ev["state"], ev["in_flight"]) == ("delivered", False)
+    await delivered("evt_just_forget")
+    forgot = await admin.delete("/admin/events/stripe/evt_just_forget")
+    assert forgot.status == 200, await forgot.json()
+
+
 async def test_admin_events_forget_pending_is_409_and_keeps_event(admin: Admin, upstream: Upstream) -> None:
     upstream.respond(503)
     body = stripe_body("evt_wait")

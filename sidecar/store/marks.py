@@ -105,6 +105,13 @@ class DeliveredMarks:
         """Marks not written yet: queued, on their way, or waiting to be sent again."""
         return len(self._queued) + self._sending
 
+    async def settled(self, timeout: float) -> None:
+        """Write what is queued and wait (bounded, nothing cancelled) for the marks on their way: an operator's
+        look at an event just delivered, or its forget, must find it delivered, not in flight."""
+        self.flush()
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=timeout)
+
     async def drain(self, timeout: float) -> None:
         """Write what is queued and wait (bounded) for the marks on their way, those waiting to be sent again
         included (sent again at once); for shutdown. Those still unwritten then are left to their leases."""
