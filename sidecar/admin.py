@@ -471,7 +471,11 @@ class AdminApi:
                 return await dl.replay(item, now_ms, reason, owner)
 
         for start in range(0, len(ids), REPLAY_BATCH):
-            items = await dl.get_many(ids[start : start + REPLAY_BATCH])
+            batch = ids[start : start + REPLAY_BATCH]
+            items = await dl.get_many(batch)
+            counts["gone"] += len(batch) - len(
+                items
+            )  # removed since the selection (a replay or drain elsewhere)
             for outcome in await asyncio.gather(*(replay(i) for i in items)):
                 counts[outcome] += 1
         log.info(

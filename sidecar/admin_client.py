@@ -956,6 +956,9 @@ COMMANDS = {"list": cmd_list, "show": cmd_show, "replay": cmd_replay, "drain": c
 def usage_problem(args: argparse.Namespace) -> str | None:
     if args.dlq_command == "replay" and sum([bool(args.ids), args.route is not None, args.all]) != 1:
         return "give dead-letter IDs, or --route R, or --all (exactly one of them)"
+    ids = [args.id] if args.dlq_command == "show" else args.ids if args.dlq_command == "replay" else []
+    if any(not i.strip() for i in ids):
+        return "a dead-letter ID must not be empty (`sidecar dlq list` shows them)"
     return None
 
 

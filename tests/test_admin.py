@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.admin import create_admin_app
+from sidecar.admin import AdminApi, create_admin_app
 from sidecar.admin_spec import document
 from sidecar.app import RUNTIME, create_app
 from sidecar.config import AdminConfig
@@ -535,6 +535,29 @@ async def test_dead_letters_replay_twice_concurrently_schedules_once(admin: Admi
     shard = KEYS.shard_of("stripe", "evt_00000")
     assert rdb.zcard(KEYS.schedule(shard)) == 1
     assert (await admin.store.route_stats())["stripe"]["pending"] == 1
+
+
+async def test_admin_dlq_replay_counts_an_item_removed_after_the_selection_as_gone(
+    admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An item another replay or drain removed between the id check and the read was counted nowhere: every
+    count 0 in the answer and in the log line."""
+    ids = await bury_many(admin.store, 2)
+    dl = DeadLetters(admin.store)
+    selection = AdminApi.selection
+
+    async def then_removed(api: AdminApi, body: dict[str, Any], selector: str) -> tuple[str, list[str]]:
+        chosen = await selection(api, body, selector)
+        item = await dl.get(ids[0])
+        assert item is not None and await dl.remove(item)  # as a concurrent replay or drain would
+        return chosen
+
+    monkeypatch.setattr(AdminApi, "selection", then_removed)
+    resp = await admin.post("/admin/dlq/replay", {"ids": ids})
+    assert (await resp.json()) == {
+        "replayed": 1,
+        "skipped": {"pending": 0, "delivered": 0, "busy": 0, "gone": 1},
+    }
 
 
 async def test_admin_dlq_replay_crash_between_schedule_and_remove_loses_nothing(

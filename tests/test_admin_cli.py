@@ -281,6 +281,8 @@ BAD_ARGUMENTS = [
     ["replay", "abc", "--all"],
     ["list", "--limit", "0"],
     ["show"],
+    ["show", "", "--admin-url", "http://127.0.0.1:9", "--token", "t"],  # was `not found: Not Found`, exit 5
+    ["replay", "abc", " ", "--admin-url", "http://127.0.0.1:9", "--token", "t"],
     ["list", "--config", "/nonexistent/sidecar.yaml"],
     ["list", "--admin-url", "ftp://x", "--token", "t"],
 ]
