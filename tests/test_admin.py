@@ -925,6 +925,30 @@ async def test_admin_events_just_delivered_reads_delivered_and_forgets(
     assert forgot.status == 200, await forgot.json()
 
 
+async def test_admin_events_forgotten_dead_event_dead_again_keeps_both_dead_letters(
+    admin: Admin, upstream: Upstream
+) -> None:
+    """Forgetting a dead event leaves its dead letter; when the provider's resend dies too, the new dead letter
+    took the same id and overwrote the first (its body, headers and history gone, nothing logged). The first now
+    moves to an id of its own, intact."""
+    first_id = await dead_via_ingress(admin, upstream, "evt_twice_dead")
+    first = await (await admin.get(f"/admin/dlq/{first_id}")).json()
+    assert (await admin.delete("/admin/events/stripe/evt_twice_dead")).status == 200
+    await asyncio.sleep(0.005)  # another first-seen millisecond
+    assert (
+        await dead_via_ingress(admin, upstream, "evt_twice_dead") == first_id
+    )  # the event's id, its latest life
+    listed = (await (await admin.get("/admin/dlq?route=stripe")).json())["items"]
+    assert len(listed) == 2 and first_id in [i["id"] for i in listed]
+    [moved_id] = [i["id"] for i in listed if i["id"] != first_id]
+    moved = await (await admin.get(f"/admin/dlq/{moved_id}")).json()
+    assert {k: v for k, v in moved.items() if k != "id"} == {k: v for k, v in first.items() if k != "id"}
+    latest = await (await admin.get(f"/admin/dlq/{first_id}")).json()
+    assert latest["first_seen_at"] != first["first_seen_at"] and len(latest["history"]) == 1
+    replay = await admin.post("/admin/dlq/replay", {"ids": [moved_id], "dry_run": True})
+    assert (await replay.json()) == {"would_replay": 1}
+
+
 async def test_admin_events_forget_pending_is_409_and_keeps_event(admin: Admin, upstream: Upstream) -> None:
     upstream.respond(503)
     body = stripe_body("evt_wait")

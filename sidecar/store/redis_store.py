@@ -528,7 +528,15 @@ class RedisStore:
             k.dlq_evicted(),
             k.dlq_taken(),
         ]
-        dlq_args = [item_id, now_ms, json.dumps(item), rec.body, self._dlq_max, k.dlq_route_prefix()]
+        dlq_args = [
+            item_id,
+            now_ms,
+            json.dumps(item),
+            rec.body,
+            self._dlq_max,
+            k.dlq_route_prefix(),
+            rec.first_seen_ms,
+        ]
         # With `redis.wait_replicas`, the dead letter is on the replicas before the event is marked dead: on a
         # cluster the two live on different nodes, and a failover that kept the mark but lost the dead letter would
         # leave an event answered 2xx that nobody holds (a resend is a duplicate, and there is nothing to replay).

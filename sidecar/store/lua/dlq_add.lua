@@ -15,7 +15,28 @@
 -- ARGV[4] - raw body
 -- ARGV[5] - max length
 -- ARGV[6] - route zset key prefix
+-- ARGV[7] - the event's first-seen time (ms), as in the item JSON
 -- returns a flat list {evicted id, route, event id, ...}
+--
+-- The id is the event's (route, dedupe id): burying it again overwrites, so a crash between the two bury steps
+-- leaves one item. An item already there from an earlier life of the event (its claim forgotten by an operator,
+-- the provider's resend dead too: another first-seen time) is not the same dead letter: it moves to an id of its
+-- own, body and history intact, instead of being overwritten.
+local prev = redis.call('HGET', KEYS[2], ARGV[1])
+if prev and not string.find(prev, '"first_seen_ms": ' .. ARGV[7] .. ',', 1, true) then
+  local seen = string.match(prev, '"first_seen_ms": (%d+)') or '0'
+  local kept = string.sub(redis.sha1hex(ARGV[1] .. ':' .. seen), 1, 24)
+  local head = '{"id": "' .. ARGV[1] .. '"'
+  if string.sub(prev, 1, #head) == head and redis.call('HEXISTS', KEYS[2], kept) == 0 then
+    local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+    redis.call('HSET', KEYS[2], kept, '{"id": "' .. kept .. '"' .. string.sub(prev, #head + 1))
+    redis.call('HSET', KEYS[3], kept, redis.call('HGET', KEYS[3], ARGV[1]) or '')
+    if score then
+      redis.call('ZADD', KEYS[1], score, kept)
+      redis.call('ZADD', KEYS[4], score, kept)
+    end
+  end
+end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
