@@ -40,6 +40,7 @@ from aiohttp import web
 from sidecar.admin_spec import document
 from sidecar.app import CONFIG, RUN_WORKER, RUNTIME, Runtime
 from sidecar.errors import StoreError, StoreUnavailable
+from sidecar.providers.base import substitute_id, usable_id
 from sidecar.store.dead_letters import Cursor, DeadLetter, DeadLetters, ReplayOutcome, StatusFilter
 from sidecar.store.records import STATE_NAMES
 from sidecar.store.redis_store import dead_letter_id
@@ -572,11 +573,12 @@ class AdminApi:
         route, event_id = request.match_info["route"], request.match_info["event_id"]
         if not _ROUTE.fullmatch(route) or len(event_id) > 1024:
             raise not_found(f"no event {event_id[:100]!r} on route {route[:100]!r}")
-        store = self.runtime().store
+        key = event_id if usable_id(event_id) else substitute_id(event_id)  # the ingress keyed it so
         # this process's delivered marks still queued (they follow a 200 by a few ms) land first: an event just
         # delivered reads as delivered, and its forget is not refused as in flight
+        store = self.runtime().store
         await store.marks.settled(MARKS_WAIT)
-        return route, event_id, await store.resolve(route, event_id)
+        return route, event_id, await store.resolve(route, key)
 
     async def show_event(self, request: web.Request) -> web.Response:
         route, event_id, dedupe_id = await self.event_location(request)

@@ -32,6 +32,7 @@ from sidecar.providers.base import (
     TimestampError,
     VerificationError,
     Verified,
+    substitute_id,
     usable_id,
 )
 from sidecar.routes import Route, target_url
@@ -180,8 +181,10 @@ def resolve_event_id(route: RouteConfig, verified: Verified, inbound: Inbound) -
     if isinstance(raw, bool) or raw is None:
         return None
     event_id = str(raw) if isinstance(raw, int | str) else None
-    if event_id is None or not usable_id(event_id):
+    if not event_id:
         return None
+    if not usable_id(event_id):
+        event_id = substitute_id(event_id)
     if signed:
         dedupe_id = event_id
     elif verified.signed_id is not None and usable_id(verified.signed_id):

@@ -13,6 +13,7 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -947,6 +948,19 @@ async def test_admin_events_forgotten_dead_event_dead_again_keeps_both_dead_lett
     assert latest["first_seen_at"] != first["first_seen_at"] and len(latest["history"]) == 1
     replay = await admin.post("/admin/dlq/replay", {"ids": [moved_id], "dry_run": True})
     assert (await replay.json()) == {"would_replay": 1}
+
+
+async def test_admin_events_found_by_an_id_that_stands_in_as_its_digest(
+    admin: Admin, upstream: Upstream
+) -> None:
+    """An id unfit to be used as is (here non-ASCII) is keyed under its stand-in; the operator looks it up, and
+    forgets it, by the provider's own id."""
+    body = json.dumps({"id": "évt_ü", "type": "invoice.paid"}).encode()
+    assert (await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 200
+    path = "/admin/events/stripe/" + quote("évt_ü", safe="")
+    ev = await (await admin.get(path)).json()
+    assert ev["state"] == "delivered" and ev["event_id"].startswith("id-sha256:")
+    assert (await admin.delete(path)).status == 200
 
 
 async def test_admin_events_forget_pending_is_409_and_keeps_event(admin: Admin, upstream: Upstream) -> None:

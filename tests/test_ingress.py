@@ -400,11 +400,25 @@ async def test_ingress_unverified_route_uses_configured_header_id(client: Any, u
     assert upstream.ids() == ["e-1"]
 
 
-async def test_ingress_hostile_event_id_is_rejected_not_500(client: Any, upstream: Upstream) -> None:
-    for bad in ["", "a\nb", "x" * 300, "é"]:
-        body = json.dumps({"id": bad, "type": "invoice.paid"}).encode()
-        resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
-        assert resp.status == 400, bad
+async def test_ingress_event_id_unfit_for_use_as_is_gets_a_stable_stand_in(
+    client: Any, upstream: Upstream
+) -> None:
+    """A signed id that is not printable ASCII or is over 256 characters was refused 400 no_event_id, and so was
+    every resend: never delivered. It now stands in as its digest (still a duplicate when resent); an empty id is
+    still no id."""
+    body = json.dumps({"id": "", "type": "invoice.paid"}).encode()
+    resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert (resp.status, await resp.json()) == (400, {"error": "no_event_id"})
+    unfit = ["a\nb", "x" * 300, "é"]
+    for odd in unfit:
+        body = json.dumps({"id": odd, "type": "invoice.paid"}).encode()
+        first = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        again = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        stand_in = "id-sha256:" + hashlib.sha256(odd.encode()).hexdigest()
+        assert first.status == 200 and first.headers["X-Sidecar-Event-Id"] == stand_in, odd
+        assert (await again.json()) == {"duplicate": True, "event_id": stand_in, "state": "delivered"}
+    assert upstream.ids() == ["id-sha256:" + hashlib.sha256(odd.encode()).hexdigest() for odd in unfit]
+    upstream.received.clear()
     body = json.dumps({"id": 12345, "type": "invoice.paid"}).encode()
     resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
     assert resp.status in (200, 400)  # a numeric id is usable or cleanly refused, never a 500

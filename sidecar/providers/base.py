@@ -13,6 +13,7 @@ headers and bodies are a 401, not a 500.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -57,6 +58,13 @@ MAX_EVENT_ID_LEN = 256
 def usable_id(value: str) -> bool:
     """Is `value` fit to be an event id as is: printable ASCII, 1 to MAX_EVENT_ID_LEN characters."""
     return 0 < len(value) <= MAX_EVENT_ID_LEN and value.isascii() and value.isprintable()
+
+
+def substitute_id(value: str) -> str:
+    """The stand-in for a provider's id unfit to be used as is (non-ASCII, a control character, too long): a
+    digest, so the same id always gives the same stand-in and its resends are still duplicates. Such an event
+    was refused 400 no_event_id, and its provider's every resend with it: never delivered."""
+    return "id-sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
