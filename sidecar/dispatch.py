@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sidecar.backoff import next_delay, parse_retry_after
 from sidecar.breaker import Breaker, Breakers
@@ -22,6 +23,7 @@ from sidecar.store import AttemptRecord, EventRecord, RedisStore
 from sidecar.telemetry import AnySpan, Telemetry
 
 log = logging.getLogger("sidecar.dispatch")
+T = TypeVar("T")
 
 # Seconds a provider waits for an answer less a margin for the network: Slack, Discord and Zoom give 3 s, PagerDuty
 # 5 s (providers.md); Shopify 5 s in all, 1 s of it to connect, then it resends and, after 8 failures in a row, may
@@ -41,6 +43,12 @@ ANSWER_WITHIN = {
     "github": 9.0,
     "hubspot": 1.5,
 }
+
+# A store write that settles an attempt (its delivered mark, its dead letter) and fails is tried again while the
+# attempt's lease lasts, less this margin (past it, another replica may take the event). Left to the lease, the event
+# was attempted again: a rejected one sent again and, when accepted that time, both delivered and dead-lettered (a
+# dead letter whose write timed out in a store stall lands all the same); a delivered one delivered twice.
+SETTLE_MARGIN = 2.0
 
 # How long an event whose forward was not sent (no connection slot in time: http1.PoolTimeout) waits before it is
 # tried again: the slots it waited for free up as the receiver answers.
@@ -96,21 +104,23 @@ class Dispatcher:
         attempt: int,
         history: list[dict[str, Any]] | None = None,
         parent: AnySpan | None = None,
+        lease_end_ms: int | None = None,
     ) -> Disposition:
         """Forward `rec` once and settle the result. `parent` is the inbound span (attempt 1 in the ingress);
-        the worker's attempts have none: they start a trace linked to the one the event arrived with."""
+        the worker's attempts have none: they start a trace linked to the one the event arrived with.
+        `lease_end_ms` (store clock): when this attempt's hold on the event ends; attempt 1's is the claim's."""
         table = self.table
         found = table.by_name.get(rec.route)
         if found is None:
             # The route was removed from config while the event waited: keep it visible for operators.
             outcome = Outcome("permanent", None, "route_removed", 0.0)
-            return await self._bury(rec, attempt, outcome, history or [], "route_removed")
+            return await self._bury(rec, attempt, outcome, history or [], "route_removed", lease_end_ms)
         route = found.cfg
         if attempt > route.retry.max_attempts:
             # Its attempts are spent: the last was cut short (a crash, a shutdown past its grace) or settled without
             # its store write landing (its dead letter written, the event not marked dead). Not sent again: buried.
             outcome = Outcome("permanent", None, "attempts_spent", 0.0)
-            return await self._bury(rec, attempt, outcome, history or [], "exhausted")
+            return await self._bury(rec, attempt, outcome, history or [], "exhausted", lease_end_ms)
         url = target_url(table.config, route, rec.path_qs)
         span = self.tel.start_forward(rec.route, rec.event_id, attempt, parent, rec.traceparent)
         outcome = await self.forwarder.send(
@@ -133,8 +143,16 @@ class Dispatcher:
         breaker.record(outcome.kind != "retryable")
         labels = self.tel.route_labels(rec.route)
         self.tel.forward_duration.record(outcome.duration, labels)
+        if lease_end_ms is None:  # attempt 1: the claim's lease, from the event's first sight
+            lease_end_ms = rec.first_seen_ms + self.lease_ms(route)
         disposition = await self.settle(
-            route, rec, attempt, outcome, history or [], background=parent is not None
+            route,
+            rec,
+            attempt,
+            outcome,
+            history or [],
+            background=parent is not None,
+            lease_end_ms=lease_end_ms,
         )
         if disposition.kind == "delivered":
             self.tel.delivery_lag.record(max(0, self.store.clock.now_ms() - rec.first_seen_ms) / 1000, labels)
@@ -174,28 +192,39 @@ class Dispatcher:
         outcome: Outcome,
         history: list[dict[str, Any]],
         background: bool = False,
+        lease_end_ms: int | None = None,
     ) -> Disposition:
         now_ms = self.store.clock.now_ms()  # the schedule's clock: the store's (see store/clock.py)
+        if lease_end_ms is None:
+            lease_end_ms = rec.first_seen_ms + self.lease_ms(route)
         now = now_ms / 1000
         entry = AttemptRecord(now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000)
         if outcome.kind == "delivered":
             if background:
                 # The provider's answer need not wait for this round trip: see store/marks.py. Attempt 1's lease
                 # is the claim's, from the event's first sight (`Ingress` claims with now = first_seen_ms).
-                self.store.marks.add(rec, entry, rec.first_seen_ms + self.lease_ms(route))
+                self.store.marks.add(rec, entry, lease_end_ms)
             else:
                 try:
-                    await self.store.ack(rec.route, rec.dedupe_id, entry, now_ms)
+                    await self._landing(
+                        lambda: self.store.ack(rec.route, rec.dedupe_id, entry, now_ms),
+                        f"marking {rec.route}/{rec.event_id} delivered",
+                        lease_end_ms,
+                    )
                 except StoreError as exc:
                     # The event stays in flight under its lease: a replica re-delivers it later (at-least-once).
                     log.warning("could not mark %s/%s delivered: %s", rec.route, rec.event_id, exc)
             return Disposition("delivered", outcome)
         if outcome.kind == "permanent":
-            return await self._bury(rec, attempt, outcome, history, "rejected", entry)
+            return await self._bury(
+                rec, attempt, outcome, history, "rejected", lease_end_ms, entry, background
+            )
         retry = route.retry
         age = now - rec.first_seen_ms / 1000
         if attempt >= retry.max_attempts:
-            return await self._bury(rec, attempt, outcome, history, "exhausted", entry)
+            return await self._bury(
+                rec, attempt, outcome, history, "exhausted", lease_end_ms, entry, background
+            )
         wait = next_delay(
             attempt,
             parse_retry_after(outcome.retry_after, time.time()),  # an HTTP date: wall clock
@@ -205,10 +234,52 @@ class Dispatcher:
             jitter=retry.jitter,
         )
         if age + wait > retry.max_age:
-            return await self._bury(rec, attempt, outcome, history, "expired", entry)
+            return await self._bury(
+                rec, attempt, outcome, history, "expired", lease_end_ms, entry, background
+            )
         due_ms = now_ms + int(wait * 1000)
         await self.store.retry(rec.route, rec.dedupe_id, attempt, due_ms, entry)
         return Disposition("queued", outcome, next_attempt_ms=due_ms)
+
+    async def _landing(
+        self,
+        write: Callable[[], Awaitable[T]],
+        what: str,
+        lease_end_ms: int | None,
+        background: bool = False,
+    ) -> T:
+        """`write`, tried again after a store failure while the lease lasts (see SETTLE_MARGIN); raises the first
+        failure when it never lands. With `background` (attempt 1, whose provider is waiting), the tries go on
+        off the request's path, and the failure is raised at once: the provider is told the event is queued."""
+        try:
+            return await write()
+        except StoreError as exc:
+            left = (lease_end_ms - self.store.clock.now_ms()) / 1000 - SETTLE_MARGIN if lease_end_ms else 0.0
+            if left <= 0:
+                raise
+            log.warning("%s failed (trying again while the lease lasts): %s", what, exc)
+            deadline = time.monotonic() + left
+            if background:
+                self.store.in_background(self._again(write, what, deadline))
+                raise
+            landed: list[T] = []
+            if await self._again(write, what, deadline, landed):
+                return landed[0]
+            raise
+
+    async def _again(
+        self, write: Callable[[], Awaitable[T]], what: str, deadline: float, landed: list[T] | None = None
+    ) -> bool:
+        async def once() -> None:
+            result = await write()
+            if landed is not None:
+                landed.append(result)
+
+        if await self.store.again_until(once, deadline):
+            log.info("%s landed after the store failure", what)
+            return True
+        log.warning("gave up %s before its lease ran out: the event is attempted again then", what)
+        return False
 
     async def _bury(
         self,
@@ -217,13 +288,20 @@ class Dispatcher:
         outcome: Outcome,
         history: list[dict[str, Any]],
         reason: str,
+        lease_end_ms: int | None,
         entry: AttemptRecord | None = None,
+        background: bool = False,
     ) -> Disposition:
         now_ms = self.store.clock.now_ms()
         entry = entry or AttemptRecord(
             now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000
         )
-        item_id, evicted = await self.store.bury(rec, attempt, entry, history, now_ms, reason)
+        item_id, evicted = await self._landing(
+            lambda: self.store.bury(rec, attempt, entry, history, now_ms, reason),  # both steps idempotent
+            f"dead-lettering {rec.route}/{rec.event_id}",
+            lease_end_ms,
+            background,
+        )
         log.warning(
             "dead-lettered %s/%s after %d attempt(s): %s (status %s, error %s)",
             rec.route,

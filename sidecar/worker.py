@@ -92,7 +92,7 @@ class RetryWorker:
                 taken = await self.store.take_due(shard, now_ms, lease_ms, limit, due_by_ms)
                 self._reached_store = True
                 for t in taken:
-                    task = asyncio.create_task(self._attempt(t), name="retry-attempt")
+                    task = asyncio.create_task(self._attempt(t, now_ms + lease_ms), name="retry-attempt")
                     self._running.add(task)
                     task.add_done_callback(self._finished)
                 taken_now += len(taken)
@@ -110,7 +110,7 @@ class RetryWorker:
         # One lease for the whole batch: the longest any route needs (routes only differ by retry.lease).
         return max(self.dispatcher.lease_ms(r) for r in self.dispatcher.config.routes)
 
-    async def _attempt(self, taken: Taken) -> bool:
+    async def _attempt(self, taken: Taken, lease_end_ms: int) -> bool:
         """Forward one taken event, or give it back while its upstream's circuit is open. True if attempted."""
         rec = taken.record
         route = self.dispatcher.route(rec.route)
@@ -119,7 +119,7 @@ class RetryWorker:
             if breaker is not None and not breaker.allow():
                 await self.dispatcher.defer(rec, taken.attempt, max(breaker.retry_at(), 0.5))
                 return False
-            await self.dispatcher.attempt(rec, taken.attempt, taken.history)
+            await self.dispatcher.attempt(rec, taken.attempt, taken.history, lease_end_ms=lease_end_ms)
             if (unsaid := self._full.over()) is not None:
                 log.warning(
                     "store settles attempts again (%d more not settled since the last report)", unsaid

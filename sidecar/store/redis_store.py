@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -444,9 +444,18 @@ class RedisStore:
             else:
                 log.warning("gave up indexing %s/%s for lookups", rec.route, rec.event_id)
 
-        task = asyncio.ensure_future(persist())
+        self.in_background(persist())
+
+    def in_background(self, write: Coroutine[Any, Any, object]) -> None:
+        """Run a store write that must land on its own, off the caller's path; `close` waits for it (bounded)."""
+        task = asyncio.ensure_future(write)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def again_until(self, write: Callable[[], Awaitable[object]], deadline: float) -> bool:
+        """`write` tried again after a store failure, with backoff, until it lands (True) or `deadline` passes
+        (`time.monotonic()`); shutdown cuts the backoff short (see retries.py)."""
+        return await self._retries.until(write, deadline)
 
     async def ack(self, route: str, dedupe_id: str, entry: AttemptRecord, now_ms: int) -> bool:
         """Mark one event delivered; False when it was already final or gone."""
