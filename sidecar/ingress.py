@@ -360,7 +360,9 @@ class Ingress:
                 return refused
             except ReadTimeout:
                 result.outcome = "read_timeout"
-                return json_error(408, "read_timeout")
+                late = json_error(408, "read_timeout")
+                late.force_close()  # as the front's 408 says: the rest of a dribbled body is not waited for
+                return late
         url = public_url(request, cfg) if needs_public_url(cfg) else ""
         inbound = Inbound(request.method, body, request.headers, url, time.time())
         handshake = route.verifier.unsigned_handshake(inbound)

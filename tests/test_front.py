@@ -337,8 +337,9 @@ async def test_front_chunked_dribble_is_closed_soon_after_its_408(client: Any, u
     started = time.monotonic()
     writer.write(head)
     async with dribbling(writer, b"1\r\na\r\n"):
-        status, _, answer = await read_response(reader)
+        status, headers, answer = await read_response(reader)
         answered = time.monotonic() - started
+        assert headers["connection"] == "close"  # as the front's 408 says
         assert await closed_within(reader, 4), "still open 4 s after the 408"
         closed = time.monotonic() - started
     assert (status, json.loads(answer)) == (408, {"error": "read_timeout"})
