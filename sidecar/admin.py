@@ -40,7 +40,7 @@ from aiohttp import web
 from sidecar.admin_spec import document
 from sidecar.app import CONFIG, RUN_WORKER, RUNTIME, Runtime
 from sidecar.errors import StoreError, StoreUnavailable
-from sidecar.providers.base import substitute_id, usable_id
+from sidecar.providers.base import stored_id
 from sidecar.store.dead_letters import Cursor, DeadLetter, DeadLetters, ReplayOutcome, StatusFilter
 from sidecar.store.records import STATE_NAMES
 from sidecar.store.redis_store import dead_letter_id
@@ -474,9 +474,8 @@ class AdminApi:
         for start in range(0, len(ids), REPLAY_BATCH):
             batch = ids[start : start + REPLAY_BATCH]
             items = await dl.get_many(batch)
-            counts["gone"] += len(batch) - len(
-                items
-            )  # removed since the selection (a replay or drain elsewhere)
+            # removed since the selection (by a replay or drain elsewhere)
+            counts["gone"] += len(batch) - len(items)
             for outcome in await asyncio.gather(*(replay(i) for i in items)):
                 counts[outcome] += 1
         log.info(
@@ -573,12 +572,11 @@ class AdminApi:
         route, event_id = request.match_info["route"], request.match_info["event_id"]
         if not _ROUTE.fullmatch(route) or len(event_id) > 1024:
             raise not_found(f"no event {event_id[:100]!r} on route {route[:100]!r}")
-        key = event_id if usable_id(event_id) else substitute_id(event_id)  # the ingress keyed it so
         # this process's delivered marks still queued (they follow a 200 by a few ms) land first: an event just
         # delivered reads as delivered, and its forget is not refused as in flight
         store = self.runtime().store
         await store.marks.settled(MARKS_WAIT)
-        return route, event_id, await store.resolve(route, key)
+        return route, event_id, await store.resolve(route, stored_id(event_id))  # keyed as the ingress did
 
     async def show_event(self, request: web.Request) -> web.Response:
         route, event_id, dedupe_id = await self.event_location(request)

@@ -98,13 +98,15 @@ def resolve_target(args: argparse.Namespace) -> tuple[str, str | None]:
                 raise ClientError(EXIT_USAGE, f"{path}: cannot read config: {exc.strerror}") from None
             url = url or admin_url_from_listen(config.admin.listen)
             token = token or config.admin.token
-    token = (
-        token.strip() if token else None
-    )  # as the sidecar takes it: a token read from a file ends in a newline
-    if token and any(ord(c) < 32 or ord(c) == 127 for c in token):
-        raise ClientError(
-            EXIT_USAGE, "the admin token contains a control character; it cannot be sent in a header"
-        )
+    # trimmed as the sidecar trims it: a token read from a file ends in a newline
+    token = token.strip() if token else None
+    if token:
+        from sidecar.config import control_characters  # as admin.token is checked
+
+        if control_characters(token):
+            raise ClientError(
+                EXIT_USAGE, "the admin token contains a control character; it cannot be sent in a header"
+            )
     return (url or admin_url_from_listen(DEFAULT_ADMIN)).rstrip("/"), token
 
 

@@ -845,6 +845,11 @@ def _secret(ctx: _Ctx, item: _Item, path: str) -> Any:
     return value
 
 
+def control_characters(text: str) -> bool:
+    """Does `text` hold a character no HTTP header can carry (C0 controls, DEL)?"""
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
 def _admin_token(ctx: _Ctx, item: _Item, path: str) -> Any:
     """Surrounding whitespace dropped (a Kubernetes Secret made from a file ends in a newline, and no client can
     send it: every request was 401); a control character inside cannot travel in a header at all."""
@@ -852,7 +857,7 @@ def _admin_token(ctx: _Ctx, item: _Item, path: str) -> Any:
     if not isinstance(value, str):
         return value
     value = value.strip()
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if control_characters(value):
         return ctx.bad(
             item, path, "must not contain control characters (it is sent in an Authorization header)"
         )
@@ -1236,9 +1241,7 @@ def _route(
     # The provider's own checks run whatever else is wrong with the route (every error at once), each only on
     # values that parsed: an unknown provider first, as it makes any secret check meaningless.
     provider = values.get("provider")
-    listed_ok = (
-        "secrets" in values or "secrets" not in item.value
-    )  # a bad value was reported and is not in values
+    listed_ok = "secrets" in values or "secrets" not in item.value  # a bad value is reported, not in values
     kept = _listed_secrets(item.value.get("secrets"), path, values.get("secrets", ())) + file_secrets
     secrets = tuple(secret for secret, _ in kept)
     known = _known_providers()

@@ -116,6 +116,8 @@ class Dispatcher:
             outcome = Outcome("permanent", None, "route_removed", 0.0)
             return await self._bury(rec, attempt, outcome, history or [], "route_removed", lease_end_ms)
         route = found.cfg
+        if lease_end_ms is None:  # attempt 1: the claim's lease, from the event's first sight
+            lease_end_ms = rec.first_seen_ms + self.lease_ms(route)
         if attempt > route.retry.max_attempts:
             # Its attempts are spent: the last was cut short (a crash, a shutdown past its grace) or settled without
             # its store write landing (its dead letter written, the event not marked dead). Not sent again: buried.
@@ -143,16 +145,14 @@ class Dispatcher:
         breaker.record(outcome.kind != "retryable")
         labels = self.tel.route_labels(rec.route)
         self.tel.forward_duration.record(outcome.duration, labels)
-        if lease_end_ms is None:  # attempt 1: the claim's lease, from the event's first sight
-            lease_end_ms = rec.first_seen_ms + self.lease_ms(route)
         disposition = await self.settle(
             route,
             rec,
             attempt,
             outcome,
             history or [],
+            lease_end_ms,
             background=parent is not None,
-            lease_end_ms=lease_end_ms,
         )
         if disposition.kind == "delivered":
             self.tel.delivery_lag.record(max(0, self.store.clock.now_ms() - rec.first_seen_ms) / 1000, labels)
@@ -191,12 +191,10 @@ class Dispatcher:
         attempt: int,
         outcome: Outcome,
         history: list[dict[str, Any]],
+        lease_end_ms: int,
         background: bool = False,
-        lease_end_ms: int | None = None,
     ) -> Disposition:
         now_ms = self.store.clock.now_ms()  # the schedule's clock: the store's (see store/clock.py)
-        if lease_end_ms is None:
-            lease_end_ms = rec.first_seen_ms + self.lease_ms(route)
         now = now_ms / 1000
         entry = AttemptRecord(now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000)
         if outcome.kind == "delivered":
@@ -259,27 +257,24 @@ class Dispatcher:
                 raise
             log.warning("%s failed (trying again while the lease lasts): %s", what, exc)
             deadline = time.monotonic() + left
-            if background:
-                self.store.in_background(self._again(write, what, deadline))
-                raise
             landed: list[T] = []
-            if await self._again(write, what, deadline, landed):
+
+            async def once() -> None:
+                landed.append(await write())
+
+            async def again() -> bool:
+                if await self.store.again_until(once, deadline):
+                    log.info("%s landed after the store failure", what)
+                    return True
+                log.warning("gave up %s before its lease ran out: the event is attempted again then", what)
+                return False
+
+            if background:
+                self.store.in_background(again())
+                raise
+            if await again():
                 return landed[0]
             raise
-
-    async def _again(
-        self, write: Callable[[], Awaitable[T]], what: str, deadline: float, landed: list[T] | None = None
-    ) -> bool:
-        async def once() -> None:
-            result = await write()
-            if landed is not None:
-                landed.append(result)
-
-        if await self.store.again_until(once, deadline):
-            log.info("%s landed after the store failure", what)
-            return True
-        log.warning("gave up %s before its lease ran out: the event is attempted again then", what)
-        return False
 
     async def _bury(
         self,

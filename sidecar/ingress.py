@@ -32,7 +32,7 @@ from sidecar.providers.base import (
     TimestampError,
     VerificationError,
     Verified,
-    substitute_id,
+    stored_id,
     usable_id,
 )
 from sidecar.routes import Route, target_url
@@ -183,8 +183,7 @@ def resolve_event_id(route: RouteConfig, verified: Verified, inbound: Inbound) -
     event_id = str(raw) if isinstance(raw, int | str) else None
     if not event_id:
         return None
-    if not usable_id(event_id):
-        event_id = substitute_id(event_id)
+    event_id = stored_id(event_id)
     if signed:
         dedupe_id = event_id
     elif verified.signed_id is not None and usable_id(verified.signed_id):
@@ -353,9 +352,7 @@ class Ingress:
             except BodyTooLarge:
                 result.outcome = "body_too_large"
                 refused = json_error(413, "body_too_large")
-                if (
-                    "Expect" in request.headers
-                ):  # its body may or may not follow the refusal: not a connection to reuse
+                if "Expect" in request.headers:  # its body may or may not follow: not a connection to reuse
                     refused.force_close()
                 return refused
             except ReadTimeout:

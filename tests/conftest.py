@@ -78,14 +78,26 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.log_level = "DEBUG"
 
 
-@pytest.fixture(scope="session")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
-    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"), appendonly="no")
+def running(server: ValkeyServer) -> Iterator[ValkeyServer]:
+    """Start `server` for a fixture, and stop it after."""
     server.start(timeout=30)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
+    yield from running(ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"), appendonly="no"))
+
+
+@pytest.fixture
+def own_valkey(tmp_path: Path) -> Iterator[ValkeyServer]:
+    """A Valkey of the test's own, to stall without stalling the session's."""
+    from tests.procs import free_port  # procs imports this module
+
+    yield from running(ValkeyServer(port=free_port(), data_dir=tmp_path / "v", appendonly="no"))
 
 
 @pytest.fixture

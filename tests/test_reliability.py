@@ -183,17 +183,15 @@ async def test_reliability_valkey_sigkill_and_aof_restart_loses_nothing(
 
 
 async def test_reliability_valkey_stall_after_the_200_does_not_deliver_the_event_again(
-    tmp_path: Path, upstream: Upstream
+    own_valkey: ValkeyServer, upstream: Upstream
 ) -> None:
     """The delivered mark of an event answered 200 was dropped when the store stalled longer than redis.timeout:
     the event stayed in flight and the retry worker delivered it again at the lease's end (9-30 duplicates per
     3-5 s stall in an external audit). The mark is sent again until the store takes it. The stall holds writes
     (CLIENT PAUSE WRITE): the server drops the held write when the client's timeout aborts the connection."""
-    server = ValkeyServer(port=free_port(), data_dir=tmp_path / "v", appendonly="no")
-    server.start(timeout=30)
-    admin = redis.Redis(host=server.host, port=server.port)
+    admin = redis.Redis(host=own_valkey.host, port=own_valkey.port)
     try:
-        url = server.connection_url
+        url = own_valkey.connection_url
         routes = f'- {{name: stripe, path: /webhooks/stripe, provider: stripe, secrets: ["{SECRET}"]}}'
         config = make_config(
             routes,
@@ -225,7 +223,6 @@ async def test_reliability_valkey_stall_after_the_200_does_not_deliver_the_event
         assert upstream.ids() == ["evt_stall"], "delivered again after the stall"
     finally:
         admin.close()
-        server.stop()
 
 
 async def test_reliability_open_circuit_answers_without_waiting_for_timeouts(

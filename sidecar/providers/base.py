@@ -60,10 +60,12 @@ def usable_id(value: str) -> bool:
     return 0 < len(value) <= MAX_EVENT_ID_LEN and value.isascii() and value.isprintable()
 
 
-def substitute_id(value: str) -> str:
-    """The stand-in for a provider's id unfit to be used as is (non-ASCII, a control character, too long): a
-    digest, so the same id always gives the same stand-in and its resends are still duplicates. Such an event
-    was refused 400 no_event_id, and its provider's every resend with it: never delivered."""
+def stored_id(value: str) -> str:
+    """A provider's event id as the sidecar keys it: as is when `usable_id`, else (non-ASCII, a control character,
+    too long) a stand-in digest, the same for every resend so they are still duplicates. Such an event was
+    refused 400 no_event_id, and its provider's every resend with it: never delivered."""
+    if usable_id(value):
+        return value
     return "id-sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 

@@ -23,9 +23,9 @@
 -- the provider's resend dead too: another first-seen time) is not the same dead letter: it moves to an id of its
 -- own, body and history intact, instead of being overwritten.
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
-if prev and not string.find(prev, '"first_seen_ms": ' .. ARGV[7] .. ',', 1, true) then
-  local seen = string.match(prev, '"first_seen_ms": (%d+)') or '0'
-  local kept = string.sub(redis.sha1hex(ARGV[1] .. ':' .. seen), 1, 24)
+local seen = prev and string.match(prev, '"first_seen_ms": (%d+)')
+if prev and seen ~= ARGV[7] then
+  local kept = string.sub(redis.sha1hex(ARGV[1] .. ':' .. (seen or '0')), 1, 24)
   local head = '{"id": "' .. ARGV[1] .. '"'
   if string.sub(prev, 1, #head) == head and redis.call('HEXISTS', KEYS[2], kept) == 0 then
     local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
