@@ -6,7 +6,10 @@
     GET    /admin/dlq/{id}                           one dead letter with headers, body and history
     DELETE /admin/dlq/{id}
     POST   /admin/dlq/replay                         back onto the retry schedule (the worker delivers)
-    POST   /admin/dlq/drain                          stream the items out as NDJSON, removing each once sent
+    POST   /admin/dlq/drain                          stream the items out as NDJSON, removing each once sent;
+                                                     with "hold", leaving them held in the DLQ (two phases):
+    POST   /admin/dlq/drain/{drain}/remove           ... then remove those the client has stored
+    POST   /admin/dlq/drain/{drain}/release          ... and give back those it could not store
     GET    /admin/events/{route}/{event_id}          an event's state and history
     DELETE /admin/events/{route}/{event_id}          forget a delivered/dead event's claim
     GET    /admin/stats                              per-route counters
@@ -39,6 +42,7 @@ from aiohttp import web
 
 from sidecar.admin_spec import document
 from sidecar.app import CONFIG, RUN_WORKER, RUNTIME, Runtime
+from sidecar.durations import parse_duration
 from sidecar.errors import StoreError, StoreUnavailable
 from sidecar.providers.base import stored_id
 from sidecar.store.dead_letters import Cursor, DeadLetter, DeadLetters, ReplayOutcome, StatusFilter
@@ -68,8 +72,12 @@ READY_TIMEOUT = 1.5
 # How long a drain holds an item it took: its line written and acknowledged (DRAIN_LINE_TIMEOUT at most each),
 # then removed (one store call, redis.timeout at most).
 DRAIN_LEASE_MS = int((2 * DRAIN_LINE_TIMEOUT + 30.0) * 1000)
+# A held drain (`"hold"`): its items stay in the DLQ, held for this long at most, until its client removes them.
+MAX_HOLD = 24 * 3600.0
+DRAIN_HEADER = "Sidecar-Drain"
 
 _ID = re.compile(r"[0-9a-f]{1,64}")
+_DRAIN = re.compile(r"[0-9a-f]{32}")
 _ROUTE = re.compile(r"[a-z0-9_-]{1,100}")
 _CURSOR = re.compile(r"([0-9]{1,16})-([0-9a-f]{1,64})")
 _EPOCH = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
@@ -244,6 +252,20 @@ def only_fields(body: dict[str, Any], allowed: set[str]) -> None:
         raise bad_request(
             f"unknown field(s): {', '.join(unknown)[:200]}; allowed: {', '.join(sorted(allowed))}"
         )
+
+
+def parse_hold(value: Any) -> int:
+    """A held drain's hold in ms (0: not held): seconds, or a duration like `10m`; 1 s to 24 h."""
+    if value is None:
+        return 0
+    problem = "hold must be a duration from 1s to 24h (seconds, or text like 10m)"
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise bad_request(problem) from None
+    if not 1.0 <= seconds <= MAX_HOLD:
+        raise bad_request(problem)
+    return int(seconds * 1000)
 
 
 def parse_reason(value: Any) -> str:
@@ -515,20 +537,24 @@ class AdminApi:
 
     async def drain(self, request: web.Request) -> web.StreamResponse:
         body = await json_object(request, self.read_timeout(), empty_ok=True)
-        only_fields(body, {"route", "reason"})
+        only_fields(body, {"route", "reason", "hold"})
         reason = parse_reason(body.get("reason"))
+        hold_ms = parse_hold(body.get("hold"))
         route = await self.known_route(body["route"]) if "route" in body else None
         dl = self.dead_letters()
         ids = await dl.ids(route)  # a snapshot: items dead-lettered meanwhile wait for the next drain
+        owner = uuid.uuid4().hex
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        if hold_ms:
+            resp.headers[DRAIN_HEADER] = owner
         await resp.prepare(request)
-        drained, skipped, outcome, owner = 0, 0, "complete", uuid.uuid4().hex
-        held: DeadLetter | None = None  # taken, its line not yet acknowledged
+        drained, skipped, outcome = 0, 0, "complete"
+        held: DeadLetter | None = None  # taken, its line not yet written (or, streaming, not acknowledged)
         try:
             for start in range(0, len(ids), DRAIN_BATCH):
                 for item in await dl.get_many(ids[start : start + DRAIN_BATCH]):
                     # only what this drain took: another drain or a replay on another replica has the rest
-                    if await dl.take(item, owner, DRAIN_LEASE_MS) != "taken":
+                    if await dl.take(item, owner, hold_ms or DRAIN_LEASE_MS) != "taken":
                         skipped += 1  # another drain or a replay has it, or it was removed meanwhile
                         continue
                     held = item
@@ -537,9 +563,13 @@ class AdminApi:
                         await asyncio.wait_for(resp.write(line.encode()), DRAIN_LINE_TIMEOUT)
                     except TimeoutError as exc:
                         raise ConnectionResetError("the client stopped reading") from exc
-                    if not await peer_took_everything(request, DRAIN_LINE_TIMEOUT):
+                    if hold_ms:
+                        # stays in the DLQ, held: the client removes it once it has stored it
+                        drained += 1
+                    elif not await peer_took_everything(request, DRAIN_LINE_TIMEOUT):
                         raise ConnectionResetError("the client went away or stopped reading")
-                    drained += await dl.remove(item)
+                    else:
+                        drained += await dl.remove(item)
                     held = None
             await resp.write_eof()
         except ConnectionError as exc:
@@ -556,15 +586,80 @@ class AdminApi:
             if held is not None:
                 await dl.give_back(held, owner)
             log.info(
-                "dlq drain: route=%s drained=%d of %d skipped=%d (%s) reason=%r",
+                "dlq drain: route=%s %s=%d of %d skipped=%d (%s) reason=%r%s",
                 route or "*",
+                "handed_out" if hold_ms else "drained",
                 drained,
                 len(ids),
                 skipped,
                 outcome,
                 reason,
+                f" held by drain {owner} for {hold_ms // 1000}s" if hold_ms else "",
             )
         return resp
+
+    async def held_items(
+        self, request: web.Request, fields: set[str]
+    ) -> tuple[str, dict[str, Any], list[str]]:
+        """(drain id, body, ids) of a call on a held drain: the ids it names must be dead-letter ids."""
+        owner = request.match_info["drain"]
+        if not _DRAIN.fullmatch(owner):
+            raise not_found(
+                f"no drain {owner[:100]!r} (a drain id is the {DRAIN_HEADER} header of a held drain)"
+            )
+        body = await json_object(request, self.read_timeout())
+        only_fields(body, fields)
+        ids = body.get("ids")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            raise bad_request('"ids" must be a non-empty list of dead-letter ids')
+        if len(ids) > MAX_IDS:
+            raise bad_request(f'at most {MAX_IDS} "ids" per request')
+        bad = [i for i in ids if not _ID.fullmatch(i)]
+        if bad:
+            raise bad_request(f"not dead-letter ids: {', '.join(repr(b[:100]) for b in bad[:5])}")
+        return owner, body, list(dict.fromkeys(ids))
+
+    async def remove_held(self, request: web.Request) -> web.Response:
+        """Step 2 of a held drain: remove the items its client has stored. Only items this drain still holds are
+        removed (its hold may have ended, as long as nobody took the item since); the answer says what became of
+        the others, so the client can tell the operator which may come out again."""
+        owner, body, ids = await self.held_items(request, {"ids", "reason"})
+        reason = parse_reason(body.get("reason"))
+        dl = self.dead_letters()
+        found = {item.id: item for item in await dl.get_many(ids)}
+        result: dict[str, list[str]] = {
+            "gone": [i for i in ids if i not in found],
+            "busy": [],
+            "not_held": [],
+        }
+        removed = 0
+        for item in found.values():
+            outcome = await dl.remove_held(item, owner)
+            if outcome == "removed":
+                removed += 1
+            else:
+                result[outcome].append(item.id)
+        log.info(
+            "dlq drain %s: removed=%d of %d gone=%d busy=%d not_held=%d reason=%r",
+            owner,
+            removed,
+            len(ids),
+            len(result["gone"]),
+            len(result["busy"]),
+            len(result["not_held"]),
+            reason,
+        )
+        return web.json_response({"removed": removed, **result})
+
+    async def release_held(self, request: web.Request) -> web.Response:
+        """Give back items of a held drain that its client could not store: the next drain or replay takes them at
+        once rather than when the hold ends. Items the drain does not hold are left as they are."""
+        owner, _, ids = await self.held_items(request, {"ids"})
+        dl = self.dead_letters()
+        outcomes = [await dl.take(item, owner, 0) for item in await dl.get_many(ids)]
+        released = outcomes.count("taken")
+        log.info("dlq drain %s: released=%d of %d", owner, released, len(ids))
+        return web.json_response({"released": released})
 
     # -- events and stats -----------------------------------------------------------------------------------------
 
@@ -680,6 +775,8 @@ def create_admin_app(main: web.Application) -> web.Application:
     admin.router.add_get("/admin/dlq", api.list_dlq, **get)
     admin.router.add_post("/admin/dlq/replay", api.replay)
     admin.router.add_post("/admin/dlq/drain", api.drain)
+    admin.router.add_post("/admin/dlq/drain/{drain}/remove", api.remove_held)
+    admin.router.add_post("/admin/dlq/drain/{drain}/release", api.release_held)
     admin.router.add_get("/admin/dlq/{id}", api.show_dlq, **get)
     admin.router.add_delete("/admin/dlq/{id}", api.delete_dlq)
     admin.router.add_get("/admin/events/{route}/{event_id:.+}", api.show_event, **get)

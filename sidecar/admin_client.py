@@ -16,9 +16,12 @@ Exit codes (scripts may rely on them):
     5  not found (404): unknown id or route
    130 interrupted (Ctrl-C)
 
-A drain never lets an item vanish unseen: every line read from the server is written to the output, or, when the
-output fails (or on Ctrl-C), saved to a rescue file whose path the error names (see `Drain`). Both are created 0600
-(they hold webhook bodies); an existing --out keeps its mode.
+A drain never lets an item vanish unseen. It is a held drain (`HeldDrain`): the sidecar leaves each item it streams
+in the DLQ, held for this drain, and the client removes it only once its line is surely in the output; whatever
+stops the drain (the output failing, Ctrl-C, this process killed) leaves the rest in the DLQ. Against a sidecar from
+before held drains (`Drain`), every line read is written to the output or, when the output fails (or on Ctrl-C),
+saved to a rescue file whose path the error names. Both files are created 0600 (they hold webhook bodies); an
+existing --out keeps its mode.
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ DEFAULT_ADMIN = "127.0.0.1:9090"
 # A drain removes an item once the client's TCP acknowledged its line; a small receive buffer keeps the lines
 # that could be acknowledged but not yet written to --out (if this process died) to a few items.
 DRAIN_RCVBUF = 64 * 1024
+# A held drain (the default): how long the server holds the items it streamed, at most, for this client to store
+# and remove them (`--hold`); items removed a batch at a time, once surely in the output.
+DEFAULT_HOLD = "10m"
+REMOVE_BATCH = 200
+DRAIN_HEADER = "Sidecar-Drain"
+_DRAIN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class ClientError(Exception):
@@ -611,6 +620,8 @@ class Sink:
         self.unsynced_bytes = 0
         self.count = 0  # lines surely in the output
         self.writing = False  # in os.write (see `blocking_write`)
+        # told of each line once it is surely in the output (a held drain removes its item then)
+        self.on_sure: Callable[[list[bytes]], None] | None = None
 
     @property
     def blocking_write(self) -> bool:
@@ -649,6 +660,8 @@ class Sink:
             raise
         if not self.regular:
             self.count += 1
+            if self.on_sure is not None:
+                self.on_sure([line])
             return
         self.unsynced.append(line)
         self.unsynced_bytes += len(line)
@@ -678,6 +691,8 @@ class Sink:
             raise OutputFailed(exc, lines) from None
         self.synced_end += size
         self.count += len(lines)
+        if self.on_sure is not None:
+            self.on_sure(lines)
 
     def _cut(self, end: int, extra: int) -> None:
         with suppress(OSError):
@@ -857,6 +872,182 @@ class Drain:
         return "nowhere (no file or stderr could be written)"
 
 
+def drained_id(line: bytes) -> str | None:
+    """The dead-letter id of a drain's line (None if it is not one)."""
+    try:
+        item = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
+
+
+def is_removal(answer: Any) -> bool:
+    return (
+        isinstance(answer, dict)
+        and _count(answer.get("removed"))
+        and all(isinstance(answer.get(k), list) for k in ("gone", "busy", "not_held"))
+    )
+
+
+def is_release(answer: Any) -> bool:
+    return isinstance(answer, dict) and _count(answer.get("released"))
+
+
+REMOVAL = Shape("a held drain's removal (removed, gone, busy, not_held)", is_removal)
+RELEASED = Shape("a held drain's release (released)", is_release)
+
+
+class HeldDrain:
+    """A held drain (two phases): the server streams the items and leaves them in the DLQ, held for this drain
+    (`--hold`); each is removed only once its line is surely in the output (fsynced in a file, written to a pipe
+    or terminal), `REMOVE_BATCH` at a time (`POST /admin/dlq/drain/{drain}/remove`). So whatever stops the drain
+    (a full disk, a closed pipe, Ctrl-C, a broken stream, this process killed) leaves every item not surely written
+    in the DLQ: those it read are given back at once (`…/release`), any others when the hold ends. Nothing needs
+    rescuing. Lines are read whole and Ctrl-C is taken between lines, as in `Drain`.
+    """
+
+    def __init__(
+        self,
+        client: AdminClient,
+        stream: Stream,
+        sink: Sink,
+        guard: SigintGuard,
+        drain_id: str,
+        reason: str | None,
+    ) -> None:
+        self.client, self.stream, self.sink, self.guard = client, stream, sink, guard
+        self.drain_id, self.reason = drain_id, reason
+        self.read: dict[str, None] = {}  # ids of every line read, in order
+        self.sure: list[str] = []  # surely in the output, not yet removed
+        self.done: set[str] = set()  # removal confirmed (removed, or the answer said where the item is)
+        self.removed = 0
+        self.elsewhere = 0  # written here, but the hold had ended and another drain or a replay had them
+        self.remove_error = ""
+        sink.on_sure = self._on_sure
+
+    def _on_sure(self, lines: list[bytes]) -> None:
+        self.sure += [i for i in map(drained_id, lines) if i is not None]
+
+    def run(self) -> int:
+        self.guard.sock, self.guard.sink, self.guard.eager = self.stream.sock, self.sink, False
+        with self.guard:
+            return self._run()
+
+    def _run(self) -> int:
+        code, problem = EXIT_OK, ""
+        try:
+            problem = self.copy()
+            code = EXIT_ERROR if problem else EXIT_OK
+        except OutputFailed as exc:
+            code, problem = EXIT_ERROR, f"cannot write to {self.sink.name}: {exc}"
+        except NotDeadLetter:
+            problem = not_admin_message(
+                self.client.base_url, "a line of its drain answer is not a dead letter"
+            )
+            code = EXIT_UNREACHABLE
+        except KeyboardInterrupt:
+            code, problem = EXIT_INTERRUPTED, "interrupted"
+        if code != EXIT_OK:
+            self.stream.refuse_more()
+            for line in self.stream.received_lines():  # taken for this drain: given back below
+                if (item_id := drained_id(line)) is not None:
+                    self.read[item_id] = None
+        try:
+            self.sink.sync()
+        except OutputFailed as exc:
+            code = code or EXIT_ERROR
+            problem = problem or f"cannot write to {self.sink.name}: {exc} (at fsync)"
+        self.remove(everything=True)
+        unconfirmed = len(self.sure)
+        # written but unconfirmed ones stay held: given back, they would only come out again sooner
+        written = set(self.sure)
+        released = self.release([i for i in self.read if i not in self.done and i not in written])
+        if unconfirmed and code == EXIT_OK:
+            code = EXIT_ERROR
+            problem = f"the sidecar did not confirm the removal of written items ({self.remove_error})"
+        if self.elsewhere:
+            print(
+                f"warning: {self.elsewhere} item(s) written to {self.sink.name} were handled elsewhere after this "
+                "drain's hold ended (another drain, a replay or a delete): dedupe by id",
+                file=sys.stderr,
+            )
+        if code == EXIT_OK:
+            print(f"drained {self.removed} item(s) to {self.sink.name}", file=sys.stderr)
+            return EXIT_OK
+        raise ClientError(code, f"{problem}; {self.summary(unconfirmed, released)}")
+
+    def copy(self) -> str:
+        """Every line into the sink, removing items as they become sure; "" at the end of the answer, else how the
+        answer broke off. A Ctrl-C that came meanwhile is raised here, between lines."""
+        while True:
+            self.guard.check()
+            try:
+                line = self.stream.readline()
+            except (OSError, http.client.HTTPException) as exc:
+                self.guard.check()
+                return f"drain broke off ({type(exc).__name__})"
+            if not line:
+                return ""
+            item_id = drained_id(line)
+            if item_id is not None:
+                self.read[item_id] = None
+            self.guard.check()
+            if not is_drained_line(line):
+                raise NotDeadLetter(line)
+            self.sink.write(line if line.endswith(b"\n") else line + b"\n")
+            if len(self.sure) >= REMOVE_BATCH:
+                self.remove()
+
+    def remove(self, *, everything: bool = False) -> None:
+        """Remove the items surely written (all of them, or while a whole batch is ready); one that fails stays
+        in `sure` for the next call."""
+        while self.sure and (everything or len(self.sure) >= REMOVE_BATCH):
+            batch = self.sure[:REMOVE_BATCH]
+            body: dict[str, Any] = {"ids": batch}
+            if self.reason:
+                body["reason"] = self.reason
+            try:
+                answer = self.client.request(
+                    "POST", f"/admin/dlq/drain/{self.drain_id}/remove", body, shape=REMOVAL
+                )
+            except ClientError as exc:
+                self.remove_error = str(exc)
+                return
+            del self.sure[: len(batch)]
+            self.done.update(batch)
+            self.removed += answer["removed"]
+            self.elsewhere += len(answer["busy"]) + len(answer["not_held"]) + len(answer["gone"])
+
+    def release(self, ids: list[str]) -> bool:
+        """Give back items read but not surely written; False if the sidecar did not take the call (they come
+        back when the hold ends)."""
+        for start in range(0, len(ids), REMOVE_BATCH):
+            try:
+                self.client.request(
+                    "POST",
+                    f"/admin/dlq/drain/{self.drain_id}/release",
+                    {"ids": ids[start : start + REMOVE_BATCH]},
+                    shape=RELEASED,
+                )
+            except ClientError:
+                return False
+        return True
+
+    def summary(self, unconfirmed: int, released: bool) -> str:
+        text = f"{self.removed} item(s) written to {self.sink.name} and removed from the DLQ"
+        if unconfirmed:
+            text += (
+                f"; {unconfirmed} more written there are still in the DLQ, held by this drain until its hold "
+                "ends: a later drain brings them again (dedupe by id)"
+            )
+        if released:
+            return text + "; every other item is still in the DLQ"
+        return (
+            text
+            + "; every other item is still in the DLQ (those this drain took come back when its hold ends)"
+        )
+
+
 # -- commands -----------------------------------------------------------------------------------------------------
 
 
@@ -946,6 +1137,25 @@ def cmd_drain(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> in
         out.flush()
         sink = Sink(out.fileno(), "stdout", owned=False)
     try:
+        if args.hold:
+            try:
+                with (
+                    SigintGuard() as guard,
+                    client.stream("POST", "/admin/dlq/drain", {**body, "hold": args.hold}, guard) as stream,
+                ):
+                    drain_id = stream.resp.getheader(DRAIN_HEADER)
+                    if drain_id and not _DRAIN_ID.fullmatch(drain_id):
+                        raise not_the_admin_api(
+                            client.base_url, f"its {DRAIN_HEADER} header is not a drain id"
+                        )
+                    if drain_id:
+                        return HeldDrain(client, stream, sink, guard, drain_id, args.reason).run()
+                    # not held after all: the server removes each item once sent, as with --hold 0
+                    return Drain(client, stream, sink, guard).run()
+            except ClientError as exc:
+                if exc.code != EXIT_ERROR or "unknown field(s): hold" not in str(exc):
+                    raise
+                # a sidecar from before held drains: drained as with --hold 0
         with SigintGuard() as guard, client.stream("POST", "/admin/dlq/drain", body, guard) as stream:
             return Drain(client, stream, sink, guard).run()
     finally:
@@ -1012,6 +1222,18 @@ def _positive(text: str) -> float:
     return value
 
 
+def _hold(text: str) -> str:
+    from sidecar.durations import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds and not 1 <= seconds <= 86400:
+        raise argparse.ArgumentTypeError("must be 0 or from 1s to 24h")
+    return text.strip() if seconds else ""
+
+
 def add_dlq_parser(sub: Any) -> None:
     """Register `dlq` and its subcommands on the top-level parser's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
@@ -1057,7 +1279,17 @@ def add_dlq_parser(sub: Any) -> None:
     drain.add_argument(
         "--out",
         metavar="FILE",
-        help="append the NDJSON here (default: stdout; created 0600); lines it cannot take go to "
-        "FILE.unwritten.ndjson",
+        help="append the NDJSON here (default: stdout; created 0600); items it cannot write stay in the DLQ "
+        "(a sidecar older than held drains: lines it cannot take go to FILE.unwritten.ndjson)",
     )
     drain.add_argument("--reason", help="why (logged by the sidecar)")
+    drain.add_argument(
+        "--hold",
+        type=_hold,
+        default=DEFAULT_HOLD,
+        metavar="DURATION",
+        help="how long the sidecar keeps the items this drain took but did not yet remove (each is removed once "
+        "written out), before they come back to the DLQ should this command die (default "
+        f"{DEFAULT_HOLD}); 0: not held, the sidecar removes each item once its line reached this machine, and "
+        "lines this command cannot write go to a rescue file",
+    )

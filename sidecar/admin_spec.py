@@ -42,6 +42,7 @@ def _path(name: str, description: str) -> dict[str, Any]:
 
 _REASON = _query("reason", "why (logged with the mutation)", {"type": "string", "maxLength": 1000})
 _ID = _path("id", "dead-letter id")
+_DRAIN = _path("drain", "a held drain's id: its answer's `Sidecar-Drain` header")
 _EVENT = [_path("route", "route name"), _path("event_id", "the provider's event id (may contain `/`)")]
 
 _TIME = {"type": ["string", "null"], "format": "date-time"}
@@ -183,7 +184,48 @@ SCHEMAS: dict[str, Any] = {
     "DrainRequest": {
         "type": "object",
         "additionalProperties": False,
-        "properties": {"route": {"type": "string"}, "reason": {"type": "string", "maxLength": 1000}},
+        "properties": {
+            "route": {"type": "string"},
+            "reason": {"type": "string", "maxLength": 1000},
+            "hold": {
+                "type": ["number", "string"],
+                "description": "a held drain (two phases): the items streamed stay in the DLQ, held for this "
+                "long (seconds, or a duration like `10m`; 1 s to 24 h) until the client removes those it has "
+                "stored (`/admin/dlq/drain/{drain}/remove`); what it never removes comes back when the hold ends",
+            },
+        },
+    },
+    "HeldIds": {
+        "type": "object",
+        "required": ["ids"],
+        "additionalProperties": False,
+        "properties": {
+            "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10000},
+            "reason": {"type": "string", "maxLength": 1000, "description": "remove only: logged"},
+        },
+    },
+    "HeldRemoved": {
+        "type": "object",
+        "required": ["removed", "gone", "busy", "not_held"],
+        "properties": {
+            "removed": {"type": "integer"},
+            "gone": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "no longer in the DLQ (deleted, or replayed since the hold ended)",
+            },
+            "busy": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "the hold ended and another drain or a replay holds the item now",
+            },
+            "not_held": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "in the DLQ, but this drain does not hold it (never did, gave it back, or the "
+                "hold ended and another took and released it): left there",
+            },
+        },
     },
     "Event": {
         "type": "object",
@@ -326,10 +368,17 @@ PATHS: dict[str, Any] = {
     },
     "/admin/dlq/drain": {
         "post": _op(
-            "remove dead letters, streaming each (full item) as one NDJSON line before it is removed",
+            "remove dead letters, streaming each (full item) as one NDJSON line before it is removed (with "
+            '"hold": streamed and held, removed by the client\'s remove call)',
             {
                 "200": {
-                    "description": "one DeadLetterFull per line",
+                    "description": "one DeadLetterFull per line; a held drain's id in the `Sidecar-Drain` header",
+                    "headers": {
+                        "Sidecar-Drain": {
+                            "description": 'a held drain\'s id (with "hold" only)',
+                            "schema": {"type": "string"},
+                        }
+                    },
                     "content": {"application/x-ndjson": {"schema": _ref("DeadLetterFull")}},
                 },
                 "400": _error("bad body"),
@@ -339,6 +388,41 @@ PATHS: dict[str, Any] = {
             },
             requestBody={"required": False, "content": {JSON: {"schema": _ref("DrainRequest")}}},
         )
+    },
+    "/admin/dlq/drain/{drain}/remove": {
+        "parameters": [_DRAIN],
+        "post": _op(
+            "step 2 of a held drain: remove the items its client has stored, if the drain still holds them",
+            {
+                "200": _json(_ref("HeldRemoved"), "what was removed, and what became of the others"),
+                "400": _error("bad body"),
+                "404": _error("not a drain id"),
+                **_SLOW_BODY,
+                **_STORE,
+            },
+            requestBody={"required": True, "content": {JSON: {"schema": _ref("HeldIds")}}},
+        ),
+    },
+    "/admin/dlq/drain/{drain}/release": {
+        "parameters": [_DRAIN],
+        "post": _op(
+            "give back items of a held drain that its client could not store, before the hold ends",
+            {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["released"],
+                        "properties": {"released": {"type": "integer"}},
+                    },
+                    "how many this drain held and gave back",
+                ),
+                "400": _error("bad body"),
+                "404": _error("not a drain id"),
+                **_SLOW_BODY,
+                **_STORE,
+            },
+            requestBody={"required": True, "content": {JSON: {"schema": _ref("HeldIds")}}},
+        ),
     },
     "/admin/events/{route}/{event_id}": {
         "parameters": _EVENT,

@@ -853,6 +853,154 @@ async def test_admin_replay_skips_an_item_a_drain_holds_and_takes_it_once_releas
     assert upstream.ids() == ["evt_00000"] and rdb.hlen(KEYS.dlq_taken()) == 0
 
 
+# -- held drain (two phases) --------------------------------------------------------------------------------------
+
+
+async def held_drain(admin: Admin, body: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    resp = await admin.post("/admin/dlq/drain", body)
+    assert resp.status == 200 and resp.content_type == "application/x-ndjson", await resp.text()
+    drain_id = resp.headers["Sidecar-Drain"]
+    return drain_id, [json.loads(line) for line in (await resp.text()).splitlines()]
+
+
+async def test_admin_dlq_held_drain_keeps_items_until_its_client_removes_them(
+    admin: Admin, upstream: Upstream, rdb: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids = await bury_many(admin.store, 30)
+    with caplog.at_level(logging.INFO, logger="sidecar.admin"):
+        drain_id, items = await held_drain(admin, {"hold": "10m", "reason": "archive"})
+        assert re.fullmatch(r"[0-9a-f]{32}", drain_id)
+        assert sorted(i["id"] for i in items) == sorted(ids) and all(i["body"] for i in items)
+        # streamed, still in the DLQ, and held: a replay or another drain leaves them alone
+        assert rdb.zcard(KEYS.dlq_items()) == 30
+        busy = await admin.post("/admin/dlq/replay", {"all": True})
+        assert (await busy.json())["skipped"]["busy"] == 30
+        other = await admin.post("/admin/dlq/drain", {"hold": 60})
+        assert other.status == 200 and await other.text() == ""
+        # the client stored 20: they go; the other 10 it gives back
+        stored, unstored = [i["id"] for i in items[:20]], [i["id"] for i in items[20:]]
+        removed = await admin.post(
+            f"/admin/dlq/drain/{drain_id}/remove", {"ids": stored, "reason": "archive"}
+        )
+        assert (await removed.json()) == {"removed": 20, "gone": [], "busy": [], "not_held": []}
+        released = await admin.post(f"/admin/dlq/drain/{drain_id}/release", {"ids": unstored})
+        assert (await released.json()) == {"released": 10}
+    assert {m.decode() for m in rdb.zrange(KEYS.dlq_items(), 0, -1)} == set(unstored)
+    again = await admin.post("/admin/dlq/replay", {"all": True})
+    assert (await again.json())["replayed"] == 10
+    await deliver(admin, upstream, 10)
+    assert sorted(upstream.ids()) == sorted(i["event_id"] for i in items[20:])
+    logged = [r.getMessage() for r in caplog.records if r.name == "sidecar.admin"]
+    assert any("handed_out=30 of 30" in m and f"held by drain {drain_id}" in m for m in logged), logged
+    assert any(f"dlq drain {drain_id}: removed=20 of 20" in m and "archive" in m for m in logged), logged
+    assert any(f"dlq drain {drain_id}: released=10 of 10" in m for m in logged), logged
+
+
+async def test_admin_dlq_held_drain_items_come_back_when_the_hold_ends(
+    admin: Admin, rdb: redis.Redis
+) -> None:
+    """The client took the items and died (never removed them): at the hold's end they are the next drain's. The
+    first drain's late removal then removes nothing the second one holds, and says so."""
+    ids = await bury_many(admin.store, 5)
+    first, items = await held_drain(admin, {"hold": 1})
+    assert len(items) == 5
+    early = await admin.post("/admin/dlq/drain", {"hold": 60})
+    assert await early.text() == ""  # still held
+    await asyncio.sleep(1.2)
+    second, again = await held_drain(admin, {"hold": 60})
+    assert sorted(i["id"] for i in again) == sorted(ids)
+    late = await admin.post(f"/admin/dlq/drain/{first}/remove", {"ids": ids[:2]})
+    assert (await late.json()) == {"removed": 0, "gone": [], "busy": ids[:2], "not_held": []}
+    late_release = await admin.post(f"/admin/dlq/drain/{first}/release", {"ids": ids})
+    assert (await late_release.json()) == {"released": 0}  # the second drain's hold is not the first's to end
+    done = await admin.post(f"/admin/dlq/drain/{second}/remove", {"ids": ids})
+    assert (await done.json())["removed"] == 5
+    assert rdb.zcard(KEYS.dlq_items()) == 0 and rdb.hlen(KEYS.dlq_taken()) == 0
+
+
+async def test_admin_dlq_held_drain_removal_after_the_hold_ended_unclaimed_still_removes(
+    admin: Admin, rdb: redis.Redis
+) -> None:
+    """A client slower than its hold: nobody took the items since, so its removal is still good."""
+    ids = await bury_many(admin.store, 3)
+    drain_id, _ = await held_drain(admin, {"hold": "1s"})
+    await asyncio.sleep(1.1)
+    resp = await admin.post(f"/admin/dlq/drain/{drain_id}/remove", {"ids": ids})
+    assert (await resp.json())["removed"] == 3 and rdb.zcard(KEYS.dlq_items()) == 0
+
+
+async def test_admin_dlq_held_drain_removes_only_what_it_holds(admin: Admin, rdb: redis.Redis) -> None:
+    held = await bury_many(admin.store, 3)
+    drain_id, _ = await held_drain(admin, {"hold": 60, "route": "stripe"})
+    [other] = await bury_many(admin.store, 1, route="stripe2", prefix="o")  # never in that drain
+    deleted = await admin.delete(f"/admin/dlq/{held[0]}")  # an operator deleted one meanwhile
+    assert deleted.status == 200
+    resp = await admin.post(f"/admin/dlq/drain/{drain_id}/remove", {"ids": [*held, other, "0" * 24]})
+    assert (await resp.json()) == {"removed": 2, "gone": [held[0], "0" * 24], "busy": [], "not_held": [other]}
+    stranger = await admin.post(f"/admin/dlq/drain/{'f' * 32}/release", {"ids": [other]})
+    assert (await stranger.json()) == {"released": 0}
+    assert {m.decode() for m in rdb.zrange(KEYS.dlq_items(), 0, -1)} == {other}
+    replay = await admin.post("/admin/dlq/replay", {"ids": [other]})  # a release that was not its own left it
+    assert (await replay.json())["replayed"] == 1
+
+
+async def test_admin_dlq_held_drain_client_gone_mid_stream_loses_nothing(
+    admin: Admin, rdb: redis.Redis
+) -> None:
+    """A held drain's client that hangs up after a few lines removed nothing: every item is still in the DLQ."""
+    ids = await bury_many(admin.store, 60, body=json.dumps({"pad": "x" * 32_000}).encode())
+    port = admin.http.server.port
+
+    def read_a_few() -> int:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            sock.sendall(
+                b"POST /admin/dlq/drain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Authorization: Bearer {TOKEN}\r\nContent-Length: 11\r\n\r\n".encode()
+                + b'{"hold":60}'
+            )
+            got = b""
+            while got.count(b"\n") < 20:
+                got += sock.recv(65536)
+            return got.count(b"\n")
+        finally:
+            sock.close()
+
+    assert await asyncio.to_thread(read_a_few) >= 20
+    await asyncio.sleep(0.5)
+    assert {m.decode() for m in rdb.zrange(KEYS.dlq_items(), 0, -1)} == set(ids)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"hold": 0}, {"hold": "25h"}, {"hold": "soon"}, {"hold": True}, {"hold": -5}, {"hold": [1]}],
+)
+async def test_admin_dlq_drain_bad_hold_400_and_nothing_taken(
+    admin: Admin, rdb: redis.Redis, body: Any
+) -> None:
+    await bury_many(admin.store, 2)
+    resp = await admin.post("/admin/dlq/drain", body)
+    assert resp.status == 400 and "hold" in (await resp.json())["detail"]
+    assert rdb.zcard(KEYS.dlq_items()) == 2 and rdb.hlen(KEYS.dlq_taken()) == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/admin/dlq/drain/nothex/remove", {"ids": ["ab"]}, 404),
+        (f"/admin/dlq/drain/{'a' * 32}/remove", {}, 400),
+        (f"/admin/dlq/drain/{'a' * 32}/remove", {"ids": []}, 400),
+        (f"/admin/dlq/drain/{'a' * 32}/remove", {"ids": ["not-an-id"]}, 400),
+        (f"/admin/dlq/drain/{'a' * 32}/remove", {"ids": ["ab"], "x": 1}, 400),
+        (f"/admin/dlq/drain/{'a' * 32}/release", {"ids": ["ab"], "reason": "r"}, 400),
+        (f"/admin/dlq/drain/{'a' * 32}/release", [1], 400),
+    ],
+)
+async def test_admin_dlq_held_drain_calls_bad_input(admin: Admin, path: str, body: Any, status: int) -> None:
+    resp = await admin.post(path, body)
+    assert resp.status == status and (await resp.json())["error"]
+
+
 # -- events -----------------------------------------------------------------------------------------------------
 
 

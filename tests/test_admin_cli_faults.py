@@ -1,7 +1,8 @@
-"""`sidecar dlq drain` when its output fails: a full device, a file over its size limit, a pipe whose reader went
-away, Ctrl-C. The server removes an item once the CLI's TCP acknowledged its line, so every line the CLI read must
-end up written or saved in the rescue file it names, never dropped; what the server did not count stays in the
-DLQ. Real `sidecar run` and `sidecar dlq` processes on a real Valkey."""
+"""`sidecar dlq drain --hold 0` (a drain that is not held, as against a sidecar from before held drains) when its
+output fails: a full device, a file over its size limit, a pipe whose reader went away, Ctrl-C. The server removes
+an item once the CLI's TCP acknowledged its line, so every line the CLI read must end up written or saved in the
+rescue file it names, never dropped; what the server did not count stays in the DLQ. Real `sidecar run` and
+`sidecar dlq` processes on a real Valkey. The held drain, the default, is in tests/test_admin_cli_held.py."""
 
 from __future__ import annotations
 
@@ -66,11 +67,13 @@ async def test_admin_cli_drain_to_full_device_saves_the_lines_it_read(
 ) -> None:
     ids = await bury_many(sidecar.store, 30)
     auth = ["--admin-url", sidecar.admin_url, "--token", TOKEN]
-    r = await dlq("drain", "--out", "/dev/full", *auth, cwd=tmp_path)
+    r = await dlq("drain", "--hold", "0", "--out", "/dev/full", *auth, cwd=tmp_path)
     rescue = tmp_path / RESCUE_NAME  # /dev/full has no directory to put it beside: the current one
     rescued = rescued_ids(rescue)
     drained, of = await sidecar.drain_log()
-    assert of == 30 and drained >= 1
+    # whether the server counted the first line before the CLI hung up is a race (on a loaded machine it may
+    # not have): either way that line is rescued, and then it is in the DLQ as well (assert_accounted)
+    assert of == 30
     assert_accounted(ids, rescued, remaining(rdb), drained)
     assert r.code == 1 and one_line(r.err) and r.out == "", r.err
     assert "No space left on device" in r.err and str(rescue) in r.err
@@ -83,7 +86,7 @@ async def test_admin_cli_drain_to_file_over_its_size_limit_keeps_it_whole_and_sa
     out = tmp_path / "dead.ndjson"
     auth = ["--admin-url", sidecar.admin_url, "--token", TOKEN]
     await bury_many(sidecar.store, 5, prefix="old", body=PAD)
-    first = await dlq("drain", "--out", str(out), *auth)
+    first = await dlq("drain", "--hold", "0", "--out", str(out), *auth)
     assert first.code == 0, first.err
     before = out.read_bytes()
     line = len(before) // 5
@@ -95,7 +98,7 @@ async def test_admin_cli_drain_to_file_over_its_size_limit_keeps_it_whole_and_sa
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    r = await dlq("drain", "--out", str(out), *auth, cwd=tmp_path, preexec_fn=small_files)
+    r = await dlq("drain", "--hold", "0", "--out", str(out), *auth, cwd=tmp_path, preexec_fn=small_files)
     data = out.read_bytes()
     written = line_ids(data[len(before) :])
     rescue = Path(f"{out}.unwritten.ndjson")
@@ -146,7 +149,7 @@ async def drain_to_pipe(sidecar: Running, cwd: Path) -> tuple[list[str], asyncio
     r, w = os.pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "sidecar", "dlq", "drain", "--admin-url", sidecar.admin_url],
+            *[sys.executable, "-m", "sidecar", "dlq", "drain", "--hold", "0", "--admin-url", sidecar.admin_url],
             *["--token", TOKEN],
             cwd=cwd,
             env=cli_env(),

@@ -254,6 +254,44 @@ async def test_cluster_dead_letters_replay_through_the_same_schedule(
         }  # attempts start again
 
 
+async def test_cluster_held_drain_streams_removes_and_gives_back(
+    cluster_url: str, upstream: Upstream
+) -> None:
+    """A held drain through the admin API on the cluster: streamed, held, 3 removed and 2 given back."""
+    import json
+
+    from sidecar.admin import create_admin_app
+
+    config = make_config(ROUTES, upstream_url=upstream.url, redis_url=cluster_url)
+    app = create_app(config, redis_url=cluster_url, run_worker=False)
+    async with TestClient(TestServer(app)) as client:
+        admin = TestClient(TestServer(create_admin_app(app)))
+        await admin.start_server()
+        try:
+            auth = {"Authorization": f"Bearer {config.admin.token}"}
+            upstream.respond(400, 400, 400, 400, 400)
+            for i in range(5):
+                body = stripe_body(f"evt_hd{i}")
+                resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+                assert resp.status == 202
+            drain = await admin.post("/admin/dlq/drain", json={"hold": "1m"}, headers=auth)
+            drain_id = drain.headers["Sidecar-Drain"]
+            ids = [json.loads(line)["id"] for line in (await drain.text()).splitlines()]
+            assert len(ids) == 5
+            removed = await admin.post(
+                f"/admin/dlq/drain/{drain_id}/remove", json={"ids": ids[:3]}, headers=auth
+            )
+            assert (await removed.json())["removed"] == 3
+            released = await admin.post(
+                f"/admin/dlq/drain/{drain_id}/release", json={"ids": ids[3:]}, headers=auth
+            )
+            assert (await released.json()) == {"released": 2}
+            replay = await admin.post("/admin/dlq/replay", json={"all": True}, headers=auth)
+            assert (await replay.json())["replayed"] == 2
+        finally:
+            await admin.close()
+
+
 async def test_cluster_delivered_marks_batch_splits_by_shard(cluster_url: str) -> None:
     from sidecar.store import AttemptRecord, RedisStore
     from tests.test_store import record

@@ -7,6 +7,8 @@ path's. The ordering guarantees that make the admin API crash-safe live here:
   (`dlq_remove.lua`, only if it is still the version that was read). A crash in between leaves the item in the
   DLQ; replaying it again is a no-op because the event is pending by then.
 - drain / delete: the caller removes an item only after it has handed the item on (`remove`).
+- a held drain (two phases) takes each item for a longer lease and leaves it in the DLQ; its client removes
+  the items it has stored (`remove_held`: only items that drain still holds) and gives back the others.
 - drain and replay take each item first (`take`, dlq_take.lua): of two drains, or a drain and a replay, on two
   replicas, only one acts on an item; the other skips it. A taken item is held for a lease, so one whose drain or
   replay died comes back.
@@ -28,7 +30,9 @@ from sidecar.store.redis_store import RedisStore
 
 ReplayOutcome = Literal["replayed", "pending", "delivered", "busy", "gone"]
 TakeOutcome = Literal["taken", "gone", "busy"]
+HeldOutcome = Literal["removed", "gone", "busy", "not_held"]
 ForgetOutcome = Literal["forgotten", "pending", "missing"]
+_HELD: dict[int, HeldOutcome] = {1: "removed", 0: "gone", -1: "busy", -2: "not_held"}
 
 # Reading many items: one HMGET per this many ids (bounded replies, no huge single command).
 _CHUNK = 200
@@ -238,10 +242,18 @@ class DeadLetters:
         keys = [k.dlq_items(), k.dlq_data(), k.dlq_body(), k.dlq_route(item.route), k.dlq_taken()]
         return bool(await self.store.guard(lambda: self._remove(keys=keys, args=[item.id, item.dead_ms])))
 
+    async def remove_held(self, item: DeadLetter, owner: str) -> HeldOutcome:
+        """Remove `item` if the drain `owner` took it (its lease ended or not) and nobody took it since."""
+        k = self.keys
+        keys = [k.dlq_items(), k.dlq_data(), k.dlq_body(), k.dlq_route(item.route), k.dlq_taken()]
+        args = [item.id, item.dead_ms, owner]
+        code = int(await self.store.guard(lambda: self._remove(keys=keys, args=args)))
+        return _HELD[code]
+
     async def take(self, item: DeadLetter, owner: str, lease_ms: int) -> TakeOutcome:
         """Hold `item` (the version read) for `owner` for `lease_ms` by the store's clock (dlq_take.lua; a lease of
-        0 gives it back): "taken", "gone" (removed or replaced since it was read) or "busy" (another drain or
-        replay holds it)."""
+        0 gives it back, if `owner` holds it): "taken", "gone" (removed or replaced since it was read, or, giving
+        back, not held by `owner`) or "busy" (another drain or replay holds it)."""
         keys = [self.keys.dlq_items(), self.keys.dlq_taken()]
         args = [item.id, item.dead_ms, owner, lease_ms]
         code = int(await self.store.guard(lambda: self._take(keys=keys, args=args)))

@@ -8,10 +8,28 @@
 -- KEYS[5] - taken hash (dlq_take.lua): the item's mark goes with it
 -- ARGV[1] - item id
 -- ARGV[2] - dead_at (ms) the caller read
--- returns 1 when removed, 0 when gone or replaced by a newer version
+-- ARGV[3] - optional: a held drain's id; the item is removed only if that drain took it (dlq_take.lua), its
+--           lease ended or not, and nobody has taken it since
+-- returns 1 when removed, 0 when gone or replaced by a newer version, -1 when another owner holds it now,
+-- -2 when it is there but the drain given does not hold it
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score or tonumber(score) ~= tonumber(ARGV[2]) then
   return 0
+end
+if ARGV[3] then
+  local cur = redis.call('HGET', KEYS[5], ARGV[1])
+  local owner, version, ends
+  if cur then
+    owner, version, ends = string.match(cur, '^(%S+) (%S+) (%S+)$')
+  end
+  if owner ~= ARGV[3] or tonumber(version) ~= tonumber(ARGV[2]) then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    if owner and tonumber(version) == tonumber(ARGV[2]) and tonumber(ends) > now then
+      return -1
+    end
+    return -2
+  end
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])

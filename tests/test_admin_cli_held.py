@@ -1,0 +1,224 @@
+"""`sidecar dlq drain` as a held drain (the default): the sidecar leaves each item it streams in the DLQ, held for
+the drain, and the CLI removes an item only once its line is surely in the output. Whatever stops the CLI — its
+output failing, a pipe's reader going away, Ctrl-C, SIGKILL — every item it did not surely write is still in the
+DLQ: those it read are given back at once, the others when the hold ends. No rescue file. Real `sidecar run` and
+`sidecar dlq` processes on a real Valkey; a stand-in server for a sidecar from before held drains."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import redis
+from aiohttp import web
+
+from tests import test_admin_cli
+from tests.procs import wait_until
+from tests.test_admin import bury_many
+from tests.test_admin_cli import TOKEN, Running, cli_env, dlq, one_line
+from tests.test_admin_cli_faults import PAD, line_ids, read_some, remaining, stopped, unread
+
+sidecar = test_admin_cli.sidecar  # the same running sidecar with an admin API (a fixture)
+HOLD = "2s"
+
+
+def auth(running: Running) -> list[str]:
+    return ["--admin-url", running.admin_url, "--token", TOKEN]
+
+
+def logged(running: Running, what: str) -> list[str]:
+    return [line for line in running.proc.log().splitlines() if what in line]
+
+
+async def after_the_hold(running: Running, tmp_path: Path, want: set[str]) -> None:
+    """Once the hold has ended, a new drain gets exactly `want`: nothing held for ever, nothing lost."""
+    await asyncio.sleep(2.2)
+    out = tmp_path / "after.ndjson"
+    r = await dlq("drain", "--out", str(out), *auth(running))
+    assert r.code == 0, r.err
+    assert sorted(line_ids(out.read_bytes())) == sorted(want)
+
+
+async def test_held_drain_of_450_removes_in_batches_and_empties_the_dlq(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    ids = await bury_many(sidecar.store, 450)
+    out = tmp_path / "dead.ndjson"
+    r = await dlq("drain", "--out", str(out), "--reason", "archive", *auth(sidecar))
+    assert r.code == 0 and "drained 450 item(s)" in r.err and one_line(r.err), r.err
+    assert sorted(line_ids(out.read_bytes())) == sorted(ids) and not remaining(rdb)
+    assert rdb.hlen(test_admin_cli.KEYS.dlq_taken()) == 0
+    removals = logged(sidecar, ": removed=")
+    assert [line.split("removed=")[1].split()[0] for line in removals] == ["200", "200", "50"], removals
+    assert all("archive" in line for line in removals)
+
+
+async def test_held_drain_to_full_device_leaves_every_item_in_the_dlq(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    ids = await bury_many(sidecar.store, 30)
+    r = await dlq("drain", "--hold", HOLD, "--out", "/dev/full", *auth(sidecar), cwd=tmp_path)
+    assert r.code == 1 and one_line(r.err) and "No space left on device" in r.err, r.err
+    assert (
+        "0 item(s) written to /dev/full and removed from the DLQ; every other item is still in the DLQ"
+        in r.err
+    )
+    assert remaining(rdb) == set(ids) and not list(tmp_path.glob("*unwritten*"))  # no rescue file
+    assert await wait_until(
+        lambda: bool(logged(sidecar, ": released=")), timeout=5
+    )  # what it read, given back
+    await after_the_hold(sidecar, tmp_path, set(ids))
+
+
+async def drain_to_pipe(running: Running, cwd: Path, n: int, body: bytes) -> tuple[list[str], Any, int]:
+    """`n` dead letters and `sidecar dlq drain` (held) writing them to a pipe: (ids, the CLI, the pipe's read end,
+    non-blocking, the caller's to close)."""
+    ids = await bury_many(running.store, n, body=body)
+    r, w = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "sidecar", "dlq", "drain", "--hold", HOLD, *auth(running)],
+            cwd=cwd,
+            env=cli_env(),
+            stdout=w,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    os.set_blocking(r, False)
+    return ids, proc, r
+
+
+async def finish(proc: Any, r: int) -> None:
+    if r >= 0:
+        os.close(r)
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_held_drain_to_pipe_closed_by_its_reader_removes_only_what_it_wrote(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    ids, proc, r = await drain_to_pipe(sidecar, tmp_path, 61, PAD)
+    try:
+        got = await read_some(r, b"\n")
+        # like `| head -1`, but exact: the CLI is stopped while the reader takes everything in the pipe and goes
+        # away, so every line the CLI wrote was read, and its next write fails
+        proc.send_signal(signal.SIGSTOP)
+        assert await wait_until(lambda: stopped(proc.pid), timeout=5, interval=0.002)
+        got += await read_some(r, None)
+        os.close(r)
+        r = -1
+        proc.send_signal(signal.SIGCONT)
+        _, err_bytes = await asyncio.wait_for(proc.communicate(), timeout=30)
+    finally:
+        await finish(proc, r)
+    read = line_ids(got)
+    err = err_bytes.decode()
+    assert proc.returncode == 1 and one_line(err) and "Broken pipe" in err, err
+    assert read and f"{len(read)} item(s) written to stdout and removed from the DLQ" in err, err
+    assert remaining(rdb) == set(ids) - set(read)  # written ones removed, the rest still there
+    await after_the_hold(sidecar, tmp_path, set(ids) - set(read))
+
+
+async def test_held_drain_interrupted_removes_what_it_wrote_and_keeps_the_rest(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    ids, proc, r = await drain_to_pipe(sidecar, tmp_path, 61, PAD)
+    try:
+        # nobody reads the pipe: once it is full (it stops growing), the CLI waits to write its next line
+        sizes = [-1]
+
+        def full() -> bool:
+            sizes.append(unread(r))
+            return sizes[-1] >= 32768 and sizes[-1] == sizes[-2]
+
+        assert await wait_until(full, timeout=10, interval=0.1), sizes[-5:]
+        proc.send_signal(signal.SIGINT)
+        _, err_bytes = await asyncio.wait_for(proc.communicate(), timeout=30)
+        got = await read_some(r, None)
+    finally:
+        await finish(proc, r)
+    err = err_bytes.decode()
+    assert proc.returncode == 130 and one_line(err) and "interrupted" in err, err
+    written = set(line_ids(got))
+    assert written and remaining(rdb) == set(ids) - written
+    await after_the_hold(sidecar, tmp_path, set(ids) - written)
+
+
+async def test_held_drain_killed_loses_nothing(sidecar: Running, rdb: redis.Redis, tmp_path: Path) -> None:
+    """SIGKILL mid-drain, past its first removal (200 lines): the items removed are ones it wrote; every other one
+    is still in the DLQ and, once the hold ends, the next drain's. A drain that is not held loses here what sat in
+    its receive buffer."""
+    ids, proc, r = await drain_to_pipe(sidecar, tmp_path, 400, json.dumps({"pad": "x" * 1500}).encode())
+    try:
+        got = b""
+        for _ in range(2000):  # read until 250 lines came through: the first batch of 200 was removed by then
+            got += await read_some(r, b"\n")
+            if got.count(b"\n") >= 250:
+                break
+        # then no more reading: once the pipe is full (it stops growing) the CLI waits in a write, the line in its
+        # hand and more in its receive buffer, all acknowledged by its TCP
+        sizes = [-1]
+
+        def full() -> bool:
+            sizes.append(unread(r))
+            return sizes[-1] >= 32768 and sizes[-1] == sizes[-2]
+
+        assert await wait_until(full, timeout=10, interval=0.1), sizes[-5:]
+        proc.kill()
+        await proc.wait()
+        got += await read_some(r, None)
+    finally:
+        await finish(proc, r)
+    removed = set(ids) - remaining(rdb)
+    assert len(removed) >= 200 and removed <= set(line_ids(got)), (len(removed), got.count(b"\n"))
+    await after_the_hold(sidecar, tmp_path, set(ids) - removed)
+
+
+async def test_held_drain_against_a_sidecar_from_before_held_drains_drains_as_before(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """A sidecar that does not know "hold" refuses it (400, unknown field): the CLI asks again without it and
+    copies the stream as a drain that is not held."""
+    bodies: list[dict[str, Any]] = []
+    item = {"id": "ab" * 12, "route": "stripe", "event_id": "evt_1", "attempts": 1, "dead_at": None}
+
+    async def drain(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        bodies.append(body)
+        if "hold" in body:
+            detail = "unknown field(s): hold; allowed: reason, route"
+            return web.json_response({"error": "bad_request", "detail": detail}, status=400)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        for i in range(2):
+            await resp.write(json.dumps({**item, "event_id": f"evt_{i}"}).encode() + b"\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/admin/dlq/drain", drain)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    out = tmp_path / "dead.ndjson"
+    r = await dlq(
+        "drain", "--out", str(out), "--admin-url", f"http://127.0.0.1:{server.port}", "--token", "t"
+    )
+    assert r.code == 0 and "drained 2 item(s)" in r.err, r.err
+    assert [b.get("hold") for b in bodies] == ["10m", None]
+    assert len(out.read_bytes().splitlines()) == 2
+
+
+async def test_held_drain_bad_hold_is_a_usage_error(tmp_path: Path) -> None:
+    for bad in ("soon", "25h", "-1s", "0.5s"):
+        r = await dlq("drain", "--hold", bad, "--admin-url", "http://127.0.0.1:9", "--token", "t")
+        assert r.code == 2 and "--hold" in r.err, (bad, r.err)
