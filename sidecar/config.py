@@ -253,6 +253,10 @@ class RouteConfig:
     signature: Mapping[str, Any] | None = field(default=None, hash=False)
 
 
+# Providers whose signature covers the URL they called (providers.md 0.9).
+SIGNS_URL = frozenset({"twilio", "square", "hubspot"})
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -270,19 +274,29 @@ class Config:
         """Settings that load but work against the sidecar's promise, for `check-config` and the start-up log: a
         `retry.lease` shorter than an attempt can take (up to `upstream.timeout` waiting for a connection slot, as
         much again for the exchange, then the store write that settles it) lets the event be taken and sent again
-        while the receiver still has it."""
+        while the receiver still has it; a URL-signing route without `public_url` trusts the client's headers."""
         floor = 2 * self.upstream.timeout + self.redis.timeout
         leases = {"retry": self.retry.lease}
         for route in self.routes:
             if route.retry.lease != self.retry.lease:
                 leases[f"routes.{route.name}.retry"] = route.retry.lease
-        return [
+        short = [
             f"{self.source}: {where}.lease ({lease:g}s) is shorter than 2 x upstream.timeout + redis.timeout "
             f"({floor:g}s): an attempt still waiting for the receiver can be taken and sent again, so the receiver "
             "gets the event twice; leave it unset (2 x upstream.timeout + 20s) or make it longer"
             for where, lease in leases.items()
             if lease is not None and lease < floor
         ]
+        # providers.md 0.9: the URL a provider signed is rebuilt from headers any client can send
+        unpinned = [
+            f"{self.source}: routes.{route.name}: {route.provider} signs the URL it calls and no public_url is set: "
+            "the URL is rebuilt from X-Forwarded-Proto/X-Forwarded-Host, which any client can send (a request "
+            f"signed for another URL then passes); set public_url to the URL registered with {route.provider}, "
+            "unless a proxy you control sets those headers"
+            for route in self.routes
+            if route.provider in SIGNS_URL and not route.public_url
+        ]
+        return short + unpinned
 
 
 # ------------------------------------------------------------------------------------------------ public API

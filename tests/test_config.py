@@ -1005,3 +1005,16 @@ def test_a_lease_shorter_than_an_attempt_is_a_warning(
     )  # the route with a lease of its own that is long enough is not named, the other inherits the global one
     assert load_text("upstream: {timeout: 4s}\nretry: {lease: 10s}\n" + ROUTE).warnings() == []
     assert load_text(ROUTE).warnings() == []  # the default: 2 x upstream.timeout + 20 s
+
+
+@pytest.mark.parametrize("provider", ["twilio", "square", "hubspot"])
+def test_a_url_signing_route_without_public_url_is_a_warning(provider: str) -> None:
+    """providers.md 0.9: the URL such a provider signed, rebuilt from X-Forwarded-Proto/Host, is the client's to
+    choose (an audit: a Twilio request signed for another host passed with X-Forwarded-Host set to it). It loads
+    (the contract's default), and check-config and the start-up log say so."""
+    route = f'routes:\n  - name: r\n    path: /r\n    provider: {provider}\n    secrets: ["k"]\n'
+    [warning] = load_text(route).warnings()
+    assert f"routes.r: {provider} signs the URL it calls and no public_url is set" in warning
+    assert "X-Forwarded-Host" in warning
+    pinned = route + "    public_url: https://hooks.example.com/r\n"
+    assert load_text(pinned).warnings() == []
