@@ -25,6 +25,7 @@ from sidecar.config import RouteConfig
 from sidecar.dispatch import Dispatcher
 from sidecar.errors import StoreError, StoreFull, StoreUnavailable
 from sidecar.forwarder import Outcome, end_to_end, upstream_headers
+from sidecar.http1 import POOL_TIMEOUT
 from sidecar.logs import Tally
 from sidecar.providers.base import (
     Handshake,
@@ -43,6 +44,7 @@ log = logging.getLogger("sidecar.ingress")
 
 # While the store is full, what is said of the events it refuses: once, then at most this often, with a count.
 STORE_FULL_REPORT_S = 30.0
+NO_ROUTE_REPORT_S = 60.0
 
 EVENT_ID_HEADER = "X-Sidecar-Event-Id"
 # Providers that sign the URL (or read it, like X's CRC): only they need the public URL rebuilt per request.
@@ -254,12 +256,14 @@ class Ingress:
         # first attempts still running after their 202 (answer_within)
         self.late: set[asyncio.Future[Any]] = set()
         self._full = Tally(STORE_FULL_REPORT_S)  # new events a full store refused
+        self._no_route = Tally(NO_ROUTE_REPORT_S)  # requests to paths no route has
 
     async def handle(self, request: web.Request, body: bytes | None = None) -> web.StreamResponse:
         """Answer one inbound request. `body` is given when the caller has read it already (sidecar/front.py)."""
         route = self.dispatcher.table.by_path.get(request.path)
         if route is None:
             self.tel.requests[("", "no_route")] += 1
+            self._report_no_route(request)
             return json_error(404, "no_route")
         started = time.perf_counter()
         span = self.tel.start_inbound(route.cfg.name, request.method, request.headers.get("traceparent"))
@@ -276,7 +280,9 @@ class Ingress:
         self.tel.requests[(route, result.outcome)] += 1
         self.tel.end(span, result.error, result.status)
         log_all = self.dispatcher.table.config.logging.requests == "all"  # follows reloads
-        level = logging.INFO if log_all or result.outcome not in ROUTINE else logging.DEBUG
+        # a routine outcome that failed (a pass-through the upstream answered 5xx, or did not answer) is notable
+        failed = result.error is not None or (result.status or 0) >= 500
+        level = logging.INFO if log_all or failed or result.outcome not in ROUTINE else logging.DEBUG
         if log.isEnabledFor(level):
             log.log(
                 level,
@@ -309,6 +315,33 @@ class Ingress:
         resp = json_error(503, "store_unavailable", event_id, **extra)
         resp.headers["Retry-After"] = "5"
         return resp
+
+    def _report_no_route(self, request: web.Request) -> None:
+        """A path no route has: most often a provider given a mistyped URL (a trailing slash, an old path), which
+        only the path tells. Every one with `logging.requests: all`; else the first, then at most one line every
+        NO_ROUTE_REPORT_S with a count, so that a scanner cannot flood the log."""
+        path = request.path[:200]
+        if self.dispatcher.table.config.logging.requests == "all":
+            log.info(
+                "request",
+                extra={
+                    "route": "",
+                    "outcome": "no_route",
+                    "status": 404,
+                    "method": request.method,
+                    "path": path,
+                },
+            )
+            return
+        since = self._no_route.count()
+        if since is not None:
+            log.info(
+                "%d request(s) to a path no route has (404 no_route) since the last report, the last: %s %r; "
+                "check the URL the provider was given against the routes' paths",
+                since,
+                request.method,
+                path,
+            )
 
     def _report_full(self, exc: StoreFull) -> None:
         since = self._full.count()
@@ -589,6 +622,9 @@ class Ingress:
         url = target_url(self.dispatcher.config, route.cfg, rec.path_qs)
         outcome = await self.forwarder.send(url, request.method, headers, body, route.policy)
         self.tel.end(forward, outcome.error, outcome.status)
+        if outcome.error != POOL_TIMEOUT:  # counted as the dispatcher counts its forwards: one that was sent
+            self.tel.forward_attempts[(route.cfg.name, outcome.kind)] += 1
+            self.tel.forward_duration.record(outcome.duration, self.tel.route_labels(route.cfg.name))
         if outcome.status is None:
             result.error = outcome.error
             return json_error(502, "upstream_unavailable", event_id, detail=outcome.error)

@@ -13,7 +13,9 @@ import sys
 import time
 from typing import Any
 
-OUTCOME_FIELDS = ("route", "event_id", "outcome", "status", "attempt", "duration_ms", "trace_id", "error")
+OUTCOME_FIELDS = (
+    "route", "event_id", "outcome", "status", "attempt", "duration_ms", "trace_id", "error", "method", "path"
+)  # fmt: skip
 
 
 class JsonFormatter(logging.Formatter):

@@ -311,6 +311,56 @@ async def test_telemetry_default_logs_only_notable_requests_at_info(
     assert "evt_loud" in events and "evt_quiet" not in events
 
 
+async def test_telemetry_pass_through_forwards_are_counted_and_failures_logged(
+    sidecar_factory: Any, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `dedupe: false` route (like non-POSTs and passed handshakes) forwards synchronously: its forwards are
+    counted and timed like any other, and one the upstream failed is logged by default. Before (an observability
+    audit), an upstream answering such a route 500 and 502 left no forward series and no log line."""
+    routes = f"""
+    - name: sync
+      path: /webhooks/sync
+      provider: stripe
+      secrets: ["{STRIPE_SECRET}"]
+      dedupe: false
+    """
+    client = await sidecar_factory(routes)
+    upstream.respond(200, 500, 400)
+    with caplog.at_level(logging.DEBUG, logger="sidecar.ingress"):
+        statuses = [(await send(client, "/webhooks/sync", f"evt_p{i}")).status for i in range(3)]
+    assert statuses == [200, 500, 400]
+    samples = await scrape(client)
+    for result in ("delivered", "retryable", "permanent"):
+        assert value(samples, "sidecar_forward_attempts_total", route="sync", result=result) == 1, result
+    assert value(samples, "sidecar_forward_duration_seconds_count", route="sync") == 3
+    assert value(samples, "sidecar_requests_total", route="sync", outcome="passthrough") == 3
+    levels = {r.__dict__.get("event_id"): r.levelno for r in caplog.records if r.getMessage() == "request"}
+    assert levels == {"evt_p0": logging.DEBUG, "evt_p1": logging.INFO, "evt_p2": logging.DEBUG}, levels
+
+
+@pytest.mark.parametrize("requests", ["notable", "all"])
+async def test_telemetry_requests_to_paths_no_route_has_are_logged_with_the_path(
+    sidecar_factory: Any, caplog: pytest.LogCaptureFixture, requests: str
+) -> None:
+    """A provider given a mistyped URL (a trailing slash) gets 404 no_route: the log says which path, every time
+    with `logging.requests: all`, else the first and then a count at most once a minute. Before, nothing at all."""
+    client = await sidecar_factory(ROUTES, extra=f"logging: {{requests: {requests}}}")
+    with caplog.at_level(logging.INFO, logger="sidecar.ingress"):
+        for path in ("/webhooks/stripe/", "/webhooks/strip"):
+            resp = await send(client, path, "evt_nr")
+            assert resp.status == 404 and (await resp.json())["error"] == "no_route"
+    lines = [r for r in caplog.records if r.name == "sidecar.ingress"]
+    if requests == "all":
+        assert [(r.__dict__["outcome"], r.__dict__["path"]) for r in lines] == [
+            ("no_route", "/webhooks/stripe/"),
+            ("no_route", "/webhooks/strip"),
+        ]
+    else:
+        [line] = lines
+        assert "/webhooks/stripe/" in line.getMessage() and "1 request(s)" in line.getMessage()
+    assert value(await scrape(client), "sidecar_requests_total", route="", outcome="no_route") == 2
+
+
 async def test_telemetry_exports_over_otlp_when_the_standard_variables_are_set(
     monkeypatch: pytest.MonkeyPatch, sidecar_factory: Any, upstream: Upstream
 ) -> None:
