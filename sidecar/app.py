@@ -27,7 +27,7 @@ from sidecar.ingress import Ingress, expect_continue
 from sidecar.keys import KeySpace
 from sidecar.reload import Reloader
 from sidecar.store import RedisStore
-from sidecar.telemetry import Telemetry
+from sidecar.telemetry import Telemetry, keep_gauges_fresh, otlp_export_interval
 from sidecar.worker import RetryWorker
 
 if TYPE_CHECKING:
@@ -113,6 +113,17 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = Runtime(config, store, session, dispatcher, ingress, worker, telemetry)
     app[RUNTIME] = runtime
     task = asyncio.create_task(worker.run(), name="retry-worker") if app[RUN_WORKER] else None
+    # The store gauges over OTLP: refreshed here, by the one process that serves /metrics (its scrapes refresh
+    # them too); the other workers export only their own counters.
+    gauges = None
+    if telemetry.otlp_metrics and app[WARN_SETTINGS]:
+
+        def live_routes() -> list[str]:
+            return [r.name for r in dispatcher.config.routes]  # the live config: a reload swaps it
+
+        gauges = asyncio.create_task(
+            keep_gauges_fresh(telemetry, store, live_routes, otlp_export_interval()), name="otlp-gauges"
+        )
     watch = None
     if app.get(CONFIG_PATH):
         runtime.reloader = Reloader(
@@ -122,6 +133,10 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if gauges is not None:
+            gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gauges
         if runtime.reloader is not None and watch is not None:
             runtime.reloader.stop()
             await watch

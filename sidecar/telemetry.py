@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
 import re
 import threading
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -95,7 +96,7 @@ class Telemetry:
         # A registry of our own rather than prometheus_client's global one: one per app, nothing else mixed in.
         prometheus = PrometheusMetricReader(registry=self.registry)
         readers: list[MetricReader] = [prometheus]
-        otlp_metrics = _otlp_enabled("METRICS")
+        otlp_metrics = self.otlp_metrics = _otlp_enabled("METRICS")
         if otlp_metrics:
             readers.append(_otlp_metric_reader())
         views = [
@@ -497,6 +498,30 @@ def removed_routes(configured: Collection[str], stats: Mapping[str, Mapping[str,
         and ROUTE_NAME.fullmatch(route)
         and (c.get("pending", 0) > 0 or c.get("dead", 0) > 0)
     ]
+
+
+def otlp_export_interval() -> float:
+    """Seconds between OTLP metric exports (`OTEL_METRIC_EXPORT_INTERVAL`, ms; the SDK's default 60 s)."""
+    try:
+        ms = float(os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "60000"))
+    except ValueError:
+        ms = 60000.0
+    return ms / 1000 if math.isfinite(ms) and ms > 0 else 60.0
+
+
+async def keep_gauges_fresh(
+    telemetry: Telemetry, store: Any, routes: Callable[[], list[str]], every: float
+) -> None:
+    """With OTLP metrics, refresh the store gauges' snapshot every `every` seconds (bounded by 1 s and 60 s), as a
+    /metrics scrape does: the OTLP reader exports whatever the snapshot holds, so without this the store gauges
+    went out only after a scrape, and then stale."""
+    from sidecar.errors import StoreError
+
+    every = min(max(every, 1.0), 60.0)
+    while True:
+        with contextlib.suppress(StoreError, TimeoutError):
+            await asyncio.wait_for(telemetry.refresh(store, routes()), every)
+        await asyncio.sleep(every)
 
 
 def metrics_handler(main: Any, budget: float) -> Any:

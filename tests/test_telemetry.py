@@ -404,6 +404,61 @@ async def test_telemetry_exports_over_otlp_when_the_standard_variables_are_set(
     assert {"webhook.receive", "webhook.forward"} <= spans
 
 
+async def test_telemetry_store_gauges_go_out_over_otlp_without_a_scrape(
+    monkeypatch: pytest.MonkeyPatch, sidecar_factory: Any
+) -> None:
+    """The store gauges (DLQ length, oldest age, retry schedule) over OTLP follow the store with nobody scraping
+    /metrics. Before (an observability audit) only a scrape refreshed them: none went out until the first scrape,
+    and after it they stayed at its values."""
+    from aiohttp import web
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    from tests.test_admin import bury_many
+
+    received: list[bytes] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        return web.Response(status=200)
+
+    def dlq_lengths() -> list[float]:
+        found = []
+        for raw in received:
+            msg = ExportMetricsServiceRequest.FromString(raw)
+            for rm in msg.resource_metrics:
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        if m.name == "sidecar_dlq_length":
+                            found += [
+                                p.as_double or p.as_int
+                                for p in m.gauge.data_points
+                                if any(a.value.string_value == "stripe" for a in p.attributes)
+                            ]
+        return found
+
+    collector = web.Application()
+    collector.router.add_post("/v1/metrics", collect)
+    collector.router.add_post("/v1/traces", collect)
+    runner = web.AppRunner(collector)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "1000")
+    tel = Telemetry()
+    try:
+        client = await sidecar_factory(ROUTES, telemetry=tel)
+        store = client.server.app[RUNTIME].store
+        await bury_many(store, 3)
+        assert await wait_until(lambda: 3 in dlq_lengths(), timeout=10), dlq_lengths()
+        await bury_many(store, 2, prefix="more")
+        assert await wait_until(lambda: 5 in dlq_lengths(), timeout=10), dlq_lengths()
+    finally:
+        await asyncio.to_thread(tel.shutdown)
+        await runner.cleanup()
+
+
 def test_telemetry_route_histogram_buckets_are_cumulative_and_inclusive() -> None:
     tel = Telemetry()
     try:
