@@ -5,13 +5,16 @@ Unix socket in a directory the supervisor made for this run (PEERS_ENV, mode 070
 each scrape and adds them to its own (`PeerCounts`). The sums must never go down, or Prometheus reads a reset and
 counts every worker's whole total as new: a worker that misses a scrape is counted with its last answer, and the
 last answer of a worker process the supervisor replaced stays in the sums (what it counted after that answer is
-gone with it, as for any process that dies between two scrapes).
+gone with it, as for any process that dies between two scrapes). Worker 0 itself may be replaced too: after each
+scrape it writes what the sums hold (its own counts as rendered, or later, and what it keeps of the others) to a
+file in the same directory, and its replacement starts from that file, its predecessor's counts retired.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -80,14 +83,46 @@ async def fetch_states(peers_dir: str, own: int = 0) -> dict[str, State]:
     return {path.name: state for path, state in zip(paths, states, strict=True) if state is not None}
 
 
+CARRY_NAME = "worker-0.carry.json"
+OWN = "worker-0.sock"  # worker 0's own counts, once retired (no socket of that name is ever served)
+
+
 class PeerCounts:
     """What worker 0 adds to its own counts: each other worker's last answer, plus the final answers of worker
-    processes that were replaced (a new pid behind the same socket)."""
+    processes that were replaced (a new pid behind the same socket), worker 0's own predecessors included."""
 
     def __init__(self, peers_dir: str) -> None:
         self.peers_dir = peers_dir
         self._last: dict[str, State] = {}
         self._retired: dict[str, State] = {}
+        self._carry = Path(peers_dir) / CARRY_NAME
+        self._take_over()
+
+    def _take_over(self) -> None:
+        """Start from the file the worker 0 before this one left (the supervisor replaced it), if any."""
+        try:
+            saved = json.loads(self._carry.read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(saved, dict):
+            return
+        last, retired, own = saved.get("last"), saved.get("retired"), saved.get("own")
+        self._last = {k: v for k, v in last.items() if isinstance(v, dict)} if isinstance(last, dict) else {}
+        if isinstance(retired, dict):
+            self._retired = {k: v for k, v in retired.items() if isinstance(v, dict)}
+        if isinstance(own, dict) and own.get("pid") != os.getpid():
+            self._retired[OWN] = add_states(self._retired.get(OWN, {}), own)
+
+    def remember(self, own: State) -> None:
+        """After a scrape rendered: `own` (this process's counts, taken after the render, so no lower than what it
+        showed) and what is kept of the others, for a replacement of this process to start from."""
+        data = {"own": own, "last": self._last, "retired": self._retired}
+        tmp = self._carry.with_name(CARRY_NAME + ".tmp")
+        try:
+            tmp.write_text(json.dumps(data, separators=(",", ":")))
+            os.replace(tmp, self._carry)
+        except (OSError, TypeError, ValueError) as exc:
+            log.debug("metrics: cannot keep the sums for a replacement of worker 0: %s", exc)
 
     async def states(self) -> list[State]:
         for name, state in (await fetch_states(self.peers_dir)).items():
@@ -105,5 +140,8 @@ def leave_peers_dir(peers_dir: str, index: int | None) -> None:
         with contextlib.suppress(OSError):
             socket_path(peers_dir, index).unlink()
     if supervisor_gone(os.environ.get(PARENT_ENV, "")):
+        for name in (CARRY_NAME, CARRY_NAME + ".tmp"):  # no worker 0 will be started again to read it
+            with contextlib.suppress(OSError):
+                (Path(peers_dir) / name).unlink()
         with contextlib.suppress(OSError):  # not empty yet (another worker still runs), or gone already
             Path(peers_dir).rmdir()

@@ -544,6 +544,9 @@ def metrics_handler(main: Any, budget: float) -> Any:
         runtime.telemetry.zero_series((r.name, r.provider != "none") for r in routes)
         if runtime.peer_counts is not None:  # the other workers' counts, added to this one's
             runtime.telemetry.peers = await runtime.peer_counts.states()
-        return web.Response(body=runtime.telemetry.render(), content_type="text/plain", charset="utf-8")
+        body = runtime.telemetry.render()
+        if runtime.peer_counts is not None:  # what a replacement of this worker starts from
+            runtime.peer_counts.remember(runtime.telemetry.state())
+        return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
     return metrics

@@ -58,6 +58,29 @@ async def test_peer_counts_add_up_and_never_go_down(tmp_path: Path) -> None:
     assert worker0._merged("requests") == {("r", "forwarded"): 1}
 
 
+async def test_peer_counts_survive_worker_0_being_replaced(tmp_path: Path) -> None:
+    """Worker 0 (which serves /metrics) is replaced: its successor starts from what the sums held, its own counts
+    included. Before (an observability audit), the sums fell from 200 to 105 after a SIGKILL of worker 0, and
+    Prometheus counted the whole of the rest as new."""
+    peers = str(tmp_path)
+    worker0 = worker(100, 1)
+    other = await serve_state(worker(101, 5), peers, 1)
+    assert other is not None
+    try:
+        counts = PeerCounts(peers)
+        worker0.peers = await counts.states()
+        assert forwarded(worker0) == (6, 6)
+        counts.remember(worker0.state())  # after the scrape's render, as /metrics does
+        worker0.requests[("r", "forwarded")] += 1  # counted after the last scrape: gone with the process
+        successor = worker(200, 0)  # the replacement worker 0, counting from 0
+        successor.peers = await PeerCounts(peers).states()
+        assert forwarded(successor) == (6, 6)
+        successor.requests[("r", "forwarded")] += 2
+        assert forwarded(successor)[0] == 8
+    finally:
+        await other.cleanup()
+
+
 async def test_a_worker_whose_socket_cannot_be_made_still_serves(tmp_path: Path) -> None:
     gone = str(tmp_path / "removed")
     assert await serve_state(worker(103, 1), gone, 1) is None  # logged; the worker runs on

@@ -4,6 +4,7 @@ them all on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -135,6 +136,23 @@ async def test_workers_two_processes_share_the_port_and_supervise(
     metrics = await scrape(admin_port)
     forwarded = metrics[("sidecar_requests_total", (("outcome", "forwarded"), ("route", "stripe")))]
     assert forwarded >= 600 + 60
+
+    # Worker 0, which serves /metrics, is replaced too: the sums go on from where they were (they fell to about
+    # what the other worker alone had counted, and Prometheus took that for a reset).
+    (zero,) = [pid for pid in children(parent.proc.pid) if "--worker-index\x000" in cmdline(pid)]
+    os.kill(zero, signal.SIGKILL)
+    after: dict[Any, float] = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = [pid for pid in children(parent.proc.pid) if "--worker-index\x000" in cmdline(pid)]
+        if now and now[0] != zero:
+            with contextlib.suppress(OSError, aiohttp.ClientError, ValueError):
+                after = await scrape(admin_port)
+            if after:
+                break
+        await asyncio.sleep(0.2)
+    assert after, "worker 0 was not replaced"
+    assert after[("sidecar_requests_total", (("outcome", "forwarded"), ("route", "stripe")))] >= forwarded
 
     parent.proc.send_signal(signal.SIGTERM)
     assert parent.proc.wait(timeout=20) == 0
