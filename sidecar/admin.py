@@ -268,6 +268,14 @@ def parse_hold(value: Any) -> int:
     return int(seconds * 1000)
 
 
+def only_query(request: web.Request, allowed: set[str]) -> None:
+    """Refuse query parameters the endpoint does not take: a misspelled `?reasn=` on a delete would otherwise drop
+    the reason from the audit log without a word."""
+    unknown = sorted(set(request.query) - allowed)
+    if unknown:
+        raise bad_request(f"unknown query parameter(s): {', '.join(unknown)[:200]}")
+
+
 def parse_reason(value: Any) -> str:
     if value is None:
         return ""
@@ -429,9 +437,7 @@ class AdminApi:
 
     async def list_dlq(self, request: web.Request) -> web.Response:
         q = request.query
-        unknown = sorted(set(q) - {"route", "limit", "cursor", "since", "until", "status"})
-        if unknown:
-            raise bad_request(f"unknown query parameter(s): {', '.join(unknown)[:200]}")
+        only_query(request, {"route", "limit", "cursor", "since", "until", "status"})
         limit = parse_limit(q.get("limit"))
         cursor = parse_cursor(q.get("cursor"))
         since, until = parse_time("since", q.get("since")), parse_time("until", q.get("until"))
@@ -458,9 +464,11 @@ class AdminApi:
         return item
 
     async def show_dlq(self, request: web.Request) -> web.Response:
+        only_query(request, set())
         return web.json_response(render_full(await self.item_or_404(request)))
 
     async def delete_dlq(self, request: web.Request) -> web.Response:
+        only_query(request, {"reason"})
         reason = parse_reason(request.query.get("reason"))
         item = await self.item_or_404(request)
         if not await self.dead_letters().remove(item):
@@ -471,6 +479,7 @@ class AdminApi:
         return web.json_response({"deleted": True, "id": item.id})
 
     async def replay(self, request: web.Request) -> web.Response:
+        only_query(request, set())  # `?dry_run=true` must not run the real thing
         body = await json_object(request, self.read_timeout())
         only_fields(body, {"ids", "route", "all", "dry_run", "reason"})
         selectors = [k for k in ("ids", "route", "all") if k in body]
@@ -536,6 +545,7 @@ class AdminApi:
         return f"ids={log_ids(ids)}", ids
 
     async def drain(self, request: web.Request) -> web.StreamResponse:
+        only_query(request, set())  # `?route=x` must not drain every route
         body = await json_object(request, self.read_timeout(), empty_ok=True)
         only_fields(body, {"route", "reason", "hold"})
         reason = parse_reason(body.get("reason"))
@@ -602,6 +612,7 @@ class AdminApi:
         self, request: web.Request, fields: set[str]
     ) -> tuple[str, dict[str, Any], list[str]]:
         """(drain id, body, ids) of a call on a held drain: the ids it names must be dead-letter ids."""
+        only_query(request, set())
         owner = request.match_info["drain"]
         if not _DRAIN.fullmatch(owner):
             raise not_found(
@@ -674,6 +685,7 @@ class AdminApi:
         return route, event_id, await store.resolve(route, stored_id(event_id))  # keyed as the ingress did
 
     async def show_event(self, request: web.Request) -> web.Response:
+        only_query(request, set())
         route, event_id, dedupe_id = await self.event_location(request)
         ev = await self.runtime().store.get_event(route, dedupe_id)
         if ev is None:
@@ -703,6 +715,7 @@ class AdminApi:
         )
 
     async def forget_event(self, request: web.Request) -> web.Response:
+        only_query(request, {"reason"})
         reason = parse_reason(request.query.get("reason"))
         route, event_id, dedupe_id = await self.event_location(request)
         outcome = await self.dead_letters().forget(route, dedupe_id)
@@ -718,9 +731,10 @@ class AdminApi:
         log.info("event forget: route=%s event_id=%s reason=%r", route, event_id, reason)
         return web.json_response({"forgotten": True, "route": route, "event_id": event_id})
 
-    async def stats(self, _: web.Request) -> web.Response:
+    async def stats(self, request: web.Request) -> web.Response:
         """Every configured route, and every route a reload removed that still holds events (pending or dead
         letters: they are still to be delivered, replayed or drained), the latter with `"configured": false`."""
+        only_query(request, set())
         configured = self.configured_routes()
         counters = await self.runtime().store.route_stats()
         removed = removed_routes(configured, counters)

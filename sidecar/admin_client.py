@@ -1128,6 +1128,7 @@ def cmd_drain(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> in
         body["reason"] = args.reason
     # Opened before the request, so an --out that cannot be written drains nothing. Appended to, never truncated:
     # a second drain into the same file must not destroy what the first one removed. Created 0600.
+    created = bool(args.out) and not os.path.lexists(args.out)
     if args.out:
         try:
             sink = Sink.open(args.out)
@@ -1158,6 +1159,12 @@ def cmd_drain(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> in
                 # a sidecar from before held drains: drained as with --hold 0
         with SigintGuard() as guard, client.stream("POST", "/admin/dlq/drain", body, guard) as stream:
             return Drain(client, stream, sink, guard).run()
+    except ClientError:
+        if created and sink.count == 0:  # refused (an unknown route, no token, …): no empty file left behind
+            with suppress(OSError):
+                if os.stat(args.out).st_size == 0:
+                    os.unlink(args.out)
+        raise
     finally:
         sink.close()
 

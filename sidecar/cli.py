@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sidecar.admin_client import add_dlq_parser
 from sidecar.config import check_config, load
@@ -235,8 +235,16 @@ def cmd_demo(_: argparse.Namespace) -> int:
     return run_demo()
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A usage error is one line on stderr (exit 2), as every other error of the CLI is, pointing at --help rather
+    than printing the whole usage block; subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sidecar", description="Webhook reliability sidecar.")
+    parser = OneLineErrors(prog="sidecar", description="Webhook reliability sidecar.")
     parser.add_argument(
         "--log-level",
         type=str.lower,

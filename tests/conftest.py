@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import signal
 import textwrap
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -76,6 +78,14 @@ def pytest_configure(config: pytest.Config) -> None:
     # Every record is created (and checked), not only WARNING and up; `--log-level` on the command line wins.
     if config.getoption("log_level") is None and config.getini("log_level") is None:
         config.option.log_level = "DEBUG"
+    # A cancelled CI job or `timeout` sends SIGTERM: taken as Ctrl-C, so pytest tears every fixture down and each
+    # process a test started (Valkey servers, sidecars) is stopped, where the default action left them running.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def running(server: ValkeyServer) -> Iterator[ValkeyServer]:

@@ -853,6 +853,32 @@ async def test_admin_replay_skips_an_item_a_drain_holds_and_takes_it_once_releas
     assert upstream.ids() == ["evt_00000"] and rdb.hlen(KEYS.dlq_taken()) == 0
 
 
+async def test_admin_unknown_query_parameters_are_refused_and_change_nothing(
+    admin: Admin, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """A misspelled `?reasn=` on a delete dropped the reason from the audit log without a word, and
+    `?dry_run=true` on a replay (whose dry_run goes in the body) would have run the real replay (docs audit)."""
+    ids = await bury_many(admin.store, 2)
+    event = (await (await admin.get(f"/admin/dlq/{ids[0]}")).json())["event_id"]
+    for method, path in [
+        ("DELETE", f"/admin/dlq/{ids[0]}?reasn=typo"),
+        ("DELETE", f"/admin/events/stripe/{event}?reasn=typo"),
+        ("POST", "/admin/dlq/replay?dry_run=true"),
+        ("POST", "/admin/dlq/drain?route=stripe2"),
+        ("POST", f"/admin/dlq/drain/{'a' * 32}/release?x=1"),
+        ("GET", f"/admin/dlq/{ids[0]}?x=1"),
+        ("GET", f"/admin/events/stripe/{event}?x=1"),
+        ("GET", "/admin/stats?x=1"),
+    ]:
+        body = {"all": True} if "replay" in path else {"ids": ids} if "release" in path else None
+        resp = await admin.http.request(method, path, json=body, headers=AUTH)
+        answer = await resp.json()
+        assert resp.status == 400 and "unknown query parameter" in answer["detail"], (path, answer)
+    assert rdb.zcard(KEYS.dlq_items()) == 2 and upstream.ids() == []
+    deleted = await admin.delete(f"/admin/dlq/{ids[0]}?reason=fine")
+    assert deleted.status == 200
+
+
 # -- held drain (two phases) --------------------------------------------------------------------------------------
 
 

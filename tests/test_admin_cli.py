@@ -220,6 +220,9 @@ async def test_admin_cli_drain_appends_ndjson_to_file_and_empties_dlq(
     assert to_stdout.code == 0 and to_stdout.out == "" and "drained 0" in to_stdout.err
     unknown_route = await dlq("drain", "--route", "nosuch", "--out", str(out), *auth, env=env)
     assert unknown_route.code == 5 and len(out.read_text().splitlines()) == 39
+    fresh = tmp_path / "fresh.ndjson"  # a drain refused leaves no empty file behind (docs audit)
+    refused = await dlq("drain", "--route", "nosuch", "--out", str(fresh), *auth, env=env)
+    assert refused.code == 5 and not fresh.exists()
     # a file the operator made keeps its mode
     theirs = tmp_path / "theirs.ndjson"
     theirs.write_bytes(b"")
@@ -353,7 +356,7 @@ async def test_admin_cli_exit_3_when_pointed_at_the_ingress_or_below_admin(
         for r in results:
             assert r.code == 3, (url, r.code, r.err)
             assert one_line(r.err) and "is not the admin API" in r.err and r.out == ""
-    assert rdb.zcard(KEYS.dlq_items()) == 3 and out.read_bytes() == b""
+    assert rdb.zcard(KEYS.dlq_items()) == 3 and not out.exists()  # nothing drained, no empty file left
     # the admin API's own 404s still mean "not found"
     auth = ["--admin-url", sidecar.admin_url, "--token", TOKEN]
     missing, no_route = await asyncio.gather(
@@ -388,13 +391,13 @@ async def test_admin_cli_exit_3_when_another_service_answers(foreign: Foreign, t
         for args, r in zip(commands, results, strict=True):
             assert r.code == 3, (answer, args, r.code, r.err)
             assert one_line(r.err) and "is not the admin API" in r.err and r.out == "", (answer, args, r.err)
-    assert out.read_bytes() == b""
+    assert not out.exists()
     # NDJSON of the wrong shape: nothing goes into --out; the line is kept aside, as a drained item would be
     foreign.answer = (200, "application/x-ndjson", b'{"event": "deploy"}\n')
     r = await dlq("drain", "--out", str(out), *auth, cwd=tmp_path)
     assert r.code == 3 and one_line(r.err) and "not a dead letter" in r.err, r.err
     assert "and 1 partial line(s) (not a whole dead letter) are saved in" in r.err, r.err
-    assert out.read_bytes() == b"" and (tmp_path / "drained.ndjson.unwritten.ndjson").exists()
+    assert not out.exists() and (tmp_path / "drained.ndjson.unwritten.ndjson").exists()
 
 
 async def test_admin_cli_drain_exit_2_when_out_cannot_be_opened(

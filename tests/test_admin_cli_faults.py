@@ -149,7 +149,17 @@ async def drain_to_pipe(sidecar: Running, cwd: Path) -> tuple[list[str], asyncio
     r, w = os.pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "sidecar", "dlq", "drain", "--hold", "0", "--admin-url", sidecar.admin_url],
+            *[
+                sys.executable,
+                "-m",
+                "sidecar",
+                "dlq",
+                "drain",
+                "--hold",
+                "0",
+                "--admin-url",
+                sidecar.admin_url,
+            ],
             *["--token", TOKEN],
             cwd=cwd,
             env=cli_env(),
