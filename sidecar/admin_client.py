@@ -923,6 +923,11 @@ class HeldDrain:
         self.removed = 0
         self.elsewhere = 0  # written here, but the hold had ended and another drain or a replay had them
         self.remove_error = ""
+        self.next_remove = REMOVE_BATCH  # after a failed removal, the next waits for a further batch
+        self.maybe_removed: set[str] = (
+            set()
+        )  # sent in a removal that failed: the sidecar may have removed some
+        self.unreleased = 0  # read, not written, and no longer this drain's to give back
         sink.on_sure = self._on_sure
 
     def _on_sure(self, lines: list[bytes]) -> None:
@@ -995,7 +1000,7 @@ class HeldDrain:
             if not is_drained_line(line):
                 raise NotDeadLetter(line)
             self.sink.write(line if line.endswith(b"\n") else line + b"\n")
-            if len(self.sure) >= REMOVE_BATCH:
+            if len(self.sure) >= self.next_remove:
                 self.remove()
 
     def remove(self, *, everything: bool = False) -> None:
@@ -1011,26 +1016,30 @@ class HeldDrain:
                     "POST", f"/admin/dlq/drain/{self.drain_id}/remove", body, shape=REMOVAL
                 )
             except ClientError as exc:
+                # a store error may come after some of the batch were removed: those read `gone` next time
                 self.remove_error = str(exc)
+                self.maybe_removed.update(batch)
+                self.next_remove = len(self.sure) + REMOVE_BATCH
                 return
             del self.sure[: len(batch)]
             self.done.update(batch)
-            self.removed += answer["removed"]
-            self.elsewhere += len(answer["busy"]) + len(answer["not_held"]) + len(answer["gone"])
+            ours = [i for i in answer["gone"] if i in self.maybe_removed]
+            self.removed += answer["removed"] + len(ours)
+            self.elsewhere += len(answer["busy"]) + len(answer["not_held"]) + len(answer["gone"]) - len(ours)
+            self.next_remove = REMOVE_BATCH
 
     def release(self, ids: list[str]) -> bool:
         """Give back items read but not surely written; False if the sidecar did not take the call (they come
         back when the hold ends)."""
         for start in range(0, len(ids), REMOVE_BATCH):
+            batch = ids[start : start + REMOVE_BATCH]
             try:
-                self.client.request(
-                    "POST",
-                    f"/admin/dlq/drain/{self.drain_id}/release",
-                    {"ids": ids[start : start + REMOVE_BATCH]},
-                    shape=RELEASED,
+                answer = self.client.request(
+                    "POST", f"/admin/dlq/drain/{self.drain_id}/release", {"ids": batch}, shape=RELEASED
                 )
             except ClientError:
                 return False
+            self.unreleased += len(batch) - answer["released"]
         return True
 
     def summary(self, unconfirmed: int, released: bool) -> str:
@@ -1039,6 +1048,11 @@ class HeldDrain:
             text += (
                 f"; {unconfirmed} more written there are still in the DLQ, held by this drain until its hold "
                 "ends: a later drain brings them again (dedupe by id)"
+            )
+        if released and self.unreleased:
+            return text + (
+                f"; {self.unreleased} it read and did not write were no longer its own to give back (its hold "
+                "had ended: another drain or a replay took them, or they were deleted); see `sidecar dlq list`"
             )
         if released:
             return text + "; every other item is still in the DLQ"

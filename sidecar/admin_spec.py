@@ -212,7 +212,8 @@ SCHEMAS: dict[str, Any] = {
             "gone": {
                 "type": "array",
                 "items": {"type": "string"},
-                "description": "no longer in the DLQ (deleted, or replayed since the hold ended)",
+                "description": "no longer in the DLQ as this drain took it (deleted, replayed since the hold "
+                "ended, or replaced by a newer version of the item)",
             },
             "busy": {
                 "type": "array",

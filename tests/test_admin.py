@@ -970,6 +970,53 @@ async def test_admin_dlq_held_drain_removes_only_what_it_holds(admin: Admin, rdb
     assert (await replay.json())["replayed"] == 1
 
 
+async def test_admin_dlq_held_drain_a_released_item_is_not_removed_afterwards(
+    admin: Admin, rdb: redis.Redis
+) -> None:
+    """Given back is given back: the drain that released an item cannot remove it later as if its hold had merely
+    ended (review of the change: release, then remove, removed it)."""
+    ids = await bury_many(admin.store, 2)
+    drain_id, _ = await held_drain(admin, {"hold": 60})
+    released = await admin.post(f"/admin/dlq/drain/{drain_id}/release", {"ids": ids[:1]})
+    assert (await released.json()) == {"released": 1}
+    resp = await admin.post(f"/admin/dlq/drain/{drain_id}/remove", {"ids": ids})
+    assert (await resp.json()) == {"removed": 1, "gone": [], "busy": [], "not_held": ids[:1]}
+    assert {m.decode() for m in rdb.zrange(KEYS.dlq_items(), 0, -1)} == set(ids[:1])
+
+
+async def test_admin_dlq_held_drain_item_replaced_by_a_newer_version_is_gone(admin: Admin) -> None:
+    """The event was dead-lettered again under the same id while a drain held the old version: that version is
+    gone, and the new one stays."""
+    [item_id] = await bury_many(admin.store, 1)
+    drain_id, _ = await held_drain(admin, {"hold": 60})
+    assert await bury_many(admin.store, 1, dead_ms=int(time.time() * 1000)) == [item_id]  # a newer dead_at
+    resp = await admin.post(f"/admin/dlq/drain/{drain_id}/remove", {"ids": [item_id]})
+    assert (await resp.json()) == {"removed": 0, "gone": [item_id], "busy": [], "not_held": []}
+    assert (await admin.get(f"/admin/dlq/{item_id}")).status == 200
+
+
+async def test_admin_dlq_cap_never_evicts_what_a_held_drain_holds(
+    admin: Admin, rdb: redis.Redis, redis_url: str
+) -> None:
+    """dlq.max_length 3, a held drain holding all 3: two new dead letters go over the cap rather than evict the
+    held items (review of the change: they were evicted while the drain's client stored them, and the CLI then
+    said they were still in the DLQ). Once the drain removes them, the cap evicts as before."""
+    capped = RedisStore.connect(redis_url, KEYS, dedupe_ttl=3600, dlq_max_length=3)
+    try:
+        held = await bury_many(capped, 3)
+        drain_id, items = await held_drain(admin, {"hold": 60})
+        assert len(items) == 3
+        newer = await bury_many(capped, 2, prefix="newer", dead_ms=int(time.time() * 1000))
+        assert rdb.zcard(KEYS.dlq_items()) == 5  # over the cap: nothing held was evicted
+        resp = await admin.post(f"/admin/dlq/drain/{drain_id}/remove", {"ids": held})
+        assert (await resp.json())["removed"] == 3
+        more = await bury_many(capped, 2, prefix="more", dead_ms=int(time.time() * 1000) + 10_000)
+        assert rdb.zcard(KEYS.dlq_items()) == 3  # the cap evicts again: the oldest not held
+        assert {m.decode() for m in rdb.zrange(KEYS.dlq_items(), 0, -1)} == {newer[1], *more}
+    finally:
+        await capped.close()
+
+
 async def test_admin_dlq_held_drain_client_gone_mid_stream_loses_nothing(
     admin: Admin, rdb: redis.Redis
 ) -> None:

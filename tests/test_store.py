@@ -209,16 +209,25 @@ async def test_store_bury_keeps_history_and_caps_with_evictions(store: RedisStor
     assert await store.dlq_length() == 3
     assert await store.dlq_length("stripe") == 3
     assert await store.dlq_evicted() == {"stripe": 2}
-    # an item a drain or replay holds goes with its mark when the cap evicts it: no mark outlives its item
+    # an item a drain or replay holds is not evicted (it is over the cap meanwhile); one whose hold ended goes,
+    # with its mark: no mark outlives its item
     from sidecar.store.dead_letters import DeadLetters
 
     dl = DeadLetters(store)
-    oldest = (await dl.get_many(await dl.ids()))[0]
-    assert await dl.take(oldest, "a-drain", 60_000) == "taken" and rdb.hlen(KEYS.dlq_taken()) == 1
-    rec = record("evt_5")
-    await store.claim(rec, now, 30_000)
-    _, evicted = await store.bury(rec, 1, entry(1, 400), [], now + 5, "rejected")
-    assert [e.id for e in evicted] == [oldest.id] and rdb.hlen(KEYS.dlq_taken()) == 0
+    oldest, second = (await dl.get_many(await dl.ids()))[:2]
+    assert await dl.take(oldest, "a-drain", 60_000) == "taken"
+    assert await dl.take(second, "a-dead-drain", 1) == "taken"
+    await asyncio.sleep(0.01)  # the second's hold has ended
+    evictions = []
+    for i in (5, 6):
+        rec = record(f"evt_{i}")
+        await store.claim(rec, now, 30_000)
+        evictions.append(
+            [e.id for e in (await store.bury(rec, 1, entry(1, 400), [], now + i, "rejected"))[1]]
+        )
+    # evt_5: three not held, the cap's worth (the held one does not count); evt_6: the oldest not held goes
+    assert evictions == [[], [second.id]] and rdb.hlen(KEYS.dlq_taken()) == 1
+    assert await store.dlq_length() == 4
     ev = await store.get_event("stripe", "evt_4")
     assert ev is not None and ev["state"] == "dead" and ev["scheduled_ms"] is None
 

@@ -1,6 +1,6 @@
 #!lua flags=allow-oom
 -- Add (or overwrite) a dead letter and enforce the cap, returning what the cap evicted so the caller can count
--- and log it: a cap never drops anything silently.
+-- and log it: a cap never drops anything silently, nor anything a drain or replay holds.
 -- All keys share the {dlq} hash tag. The evicted items' per-route index is named from ARGV[6] + the item's route
 -- (not knowable before the pop); it is in the same slot, so this stays a single-slot script on a cluster.
 -- KEYS[1] - all dead letters zset (score dead_at ms)
@@ -44,26 +44,52 @@ redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
 local out = {}
 local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[5])
 if over > 0 then
-  local popped = redis.call('ZPOPMIN', KEYS[1], over)
-  for i = 1, #popped, 2 do
-    local id = popped[i]
-    local item = redis.call('HGET', KEYS[2], id)
-    local route, eid = '', ''
-    if item then
-      local ok, decoded = pcall(cjson.decode, item)
-      if ok then
-        route = decoded['route'] or ''
-        eid = decoded['event_id'] or ''
+  -- The oldest items go first, but never one a drain or replay holds now (dlq_take.lua: its version, a lease not
+  -- ended): a held drain's client may be storing it, and would then be told it is still in the DLQ. Held items
+  -- met on the way (a drain takes the oldest first) do not count toward the cap: the DLQ may be over it by as
+  -- many as are held, until they are removed or given back. The item being added is never the one evicted.
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local skipped = 0
+  while over > 0 do
+    local batch = redis.call('ZRANGE', KEYS[1], skipped, skipped + over - 1, 'WITHSCORES')
+    if #batch == 0 then
+      break
+    end
+    for i = 1, #batch, 2 do
+      local id = batch[i]
+      local hold = redis.call('HGET', KEYS[6], id)
+      local version, ends
+      if hold then
+        version, ends = string.match(hold, '^%S+ (%S+) (%S+)$')
+      end
+      if id == ARGV[1] then
+        skipped = skipped + 1
+      elseif version and tonumber(version) == tonumber(batch[i + 1]) and tonumber(ends) > now then
+        skipped = skipped + 1
+        over = over - 1  -- held: it does not count toward the cap while held
+      else
+        local item = redis.call('HGET', KEYS[2], id)
+        local route, eid = '', ''
+        if item then
+          local ok, decoded = pcall(cjson.decode, item)
+          if ok then
+            route = decoded['route'] or ''
+            eid = decoded['event_id'] or ''
+          end
+        end
+        redis.call('ZREM', KEYS[1], id)
+        redis.call('ZREM', ARGV[6] .. route, id)
+        redis.call('HDEL', KEYS[2], id)
+        redis.call('HDEL', KEYS[3], id)
+        redis.call('HDEL', KEYS[6], id)
+        redis.call('HINCRBY', KEYS[5], route, 1)
+        table.insert(out, id)
+        table.insert(out, route)
+        table.insert(out, eid)
+        over = over - 1
       end
     end
-    redis.call('ZREM', ARGV[6] .. route, id)
-    redis.call('HDEL', KEYS[2], id)
-    redis.call('HDEL', KEYS[3], id)
-    redis.call('HDEL', KEYS[6], id)
-    redis.call('HINCRBY', KEYS[5], route, 1)
-    table.insert(out, id)
-    table.insert(out, route)
-    table.insert(out, eid)
   end
 end
 return out

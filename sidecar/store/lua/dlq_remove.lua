@@ -9,7 +9,7 @@
 -- ARGV[1] - item id
 -- ARGV[2] - dead_at (ms) the caller read
 -- ARGV[3] - optional: a held drain's id; the item is removed only if that drain took it (dlq_take.lua), its
---           lease ended or not, and nobody has taken it since
+--           lease ended or not, and nobody has taken it since, nor was it given back
 -- returns 1 when removed, 0 when gone or replaced by a newer version, -1 when another owner holds it now,
 -- -2 when it is there but the drain given does not hold it
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -21,6 +21,9 @@ if ARGV[3] then
   local owner, version, ends
   if cur then
     owner, version, ends = string.match(cur, '^(%S+) (%S+) (%S+)$')
+  end
+  if owner == ARGV[3] and tonumber(version) ~= tonumber(ARGV[2]) then
+    return 0  -- the version this drain took was replaced (buried again): gone
   end
   if owner ~= ARGV[3] or tonumber(version) ~= tonumber(ARGV[2]) then
     local t = redis.call('TIME')

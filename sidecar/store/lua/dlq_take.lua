@@ -27,8 +27,13 @@ if cur then
     return -1
   end
 end
-if tonumber(ARGV[4]) == 0 and (owner ~= ARGV[3] or tonumber(version) ~= tonumber(ARGV[2])) then
-  return 0
+if tonumber(ARGV[4]) == 0 then
+  if owner ~= ARGV[3] or tonumber(version) ~= tonumber(ARGV[2]) then
+    return 0
+  end
+  -- given back: no hold left at all, so this owner cannot remove it afterwards as if its hold had merely ended
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return 1
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3] .. ' ' .. ARGV[2] .. ' ' .. string.format('%d', now + tonumber(ARGV[4])))
 return 1
