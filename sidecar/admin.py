@@ -254,6 +254,15 @@ def only_fields(body: dict[str, Any], allowed: set[str]) -> None:
         )
 
 
+def parse_ids(value: Any) -> list[str]:
+    """A body's `"ids"`: a non-empty list of strings, at most MAX_IDS, each once (in the order given)."""
+    if not isinstance(value, list) or not value or not all(isinstance(i, str) for i in value):
+        raise bad_request('"ids" must be a non-empty list of dead-letter ids')
+    if len(value) > MAX_IDS:
+        raise bad_request(f'at most {MAX_IDS} "ids" per request')
+    return list(dict.fromkeys(value))
+
+
 def parse_hold(value: Any) -> int:
     """A held drain's hold in ms (0: not held): seconds, or a duration like `10m`; 1 s to 24 h."""
     if value is None:
@@ -420,8 +429,7 @@ class AdminApi:
         return self.runtime().dispatcher.config.server.read_timeout
 
     def configured_routes(self) -> list[str]:
-        # The dispatcher holds the live config: routes change on reload (admin.* only at a restart).
-        return [r.name for r in self.runtime().dispatcher.config.routes]
+        return self.runtime().dispatcher.route_names()  # routes change on reload (admin.* only at a restart)
 
     async def known_route(self, route: Any) -> str:
         """A configured route, or one that still has dead letters (its config was removed); else 404."""
@@ -532,12 +540,7 @@ class AdminApi:
         if selector == "route":
             route = await self.known_route(body["route"])
             return f"route={route}", await dl.ids(route)
-        ids = body["ids"]
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-            raise bad_request('"ids" must be a non-empty list of dead-letter ids')
-        if len(ids) > MAX_IDS:
-            raise bad_request(f'at most {MAX_IDS} "ids" per request')
-        ids = list(dict.fromkeys(ids))
+        ids = parse_ids(body["ids"])
         found = {i.id for i in await dl.get_many([i for i in ids if _ID.fullmatch(i)])}
         missing = [i for i in ids if i not in found]
         if missing:
@@ -620,15 +623,11 @@ class AdminApi:
             )
         body = await json_object(request, self.read_timeout())
         only_fields(body, fields)
-        ids = body.get("ids")
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-            raise bad_request('"ids" must be a non-empty list of dead-letter ids')
-        if len(ids) > MAX_IDS:
-            raise bad_request(f'at most {MAX_IDS} "ids" per request')
+        ids = parse_ids(body.get("ids"))
         bad = [i for i in ids if not _ID.fullmatch(i)]
         if bad:
             raise bad_request(f"not dead-letter ids: {', '.join(repr(b[:100]) for b in bad[:5])}")
-        return owner, body, list(dict.fromkeys(ids))
+        return owner, body, ids
 
     async def remove_held(self, request: web.Request) -> web.Response:
         """Step 2 of a held drain: remove the items its client has stored. Only items this drain still holds are

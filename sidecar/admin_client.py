@@ -38,6 +38,7 @@ import stat
 import sys
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -509,13 +510,20 @@ def is_replay_answer(answer: Any) -> bool:
     return isinstance(answer, dict) and (_count(answer.get("replayed")) or _count(answer.get("would_replay")))
 
 
-def is_drained_line(line: bytes) -> bool:
-    """One NDJSON line of a drain: a dead letter (an object with an `id`)."""
+def drained_id(line: bytes) -> str | None:
+    """The id of one NDJSON line of a drain, a dead letter (an object with an `id` and a `route`); None when the
+    line is not one."""
     try:
         item = json.loads(line)
     except (ValueError, RecursionError):
-        return False
-    return isinstance(item, dict) and isinstance(item.get("id"), str) and isinstance(item.get("route"), str)
+        return None
+    if isinstance(item, dict) and isinstance(item.get("id"), str) and isinstance(item.get("route"), str):
+        return item["id"]
+    return None
+
+
+def is_drained_line(line: bytes) -> bool:
+    return drained_id(line) is not None
 
 
 PAGE = Shape("a page of dead letters (items, total, next_cursor)", is_page)
@@ -620,8 +628,8 @@ class Sink:
         self.unsynced_bytes = 0
         self.count = 0  # lines surely in the output
         self.writing = False  # in os.write (see `blocking_write`)
-        # told of each line once it is surely in the output (a held drain removes its item then)
-        self.on_sure: Callable[[list[bytes]], None] | None = None
+        # told how many more lines (the oldest written) are surely in the output: a held drain removes them then
+        self.on_sure: Callable[[int], None] | None = None
 
     @property
     def blocking_write(self) -> bool:
@@ -661,7 +669,7 @@ class Sink:
         if not self.regular:
             self.count += 1
             if self.on_sure is not None:
-                self.on_sure([line])
+                self.on_sure(1)
             return
         self.unsynced.append(line)
         self.unsynced_bytes += len(line)
@@ -692,7 +700,7 @@ class Sink:
         self.synced_end += size
         self.count += len(lines)
         if self.on_sure is not None:
-            self.on_sure(lines)
+            self.on_sure(len(lines))
 
     def _cut(self, end: int, extra: int) -> None:
         with suppress(OSError):
@@ -797,6 +805,16 @@ class Drain:
             return self._run()
 
     def _run(self) -> int:
+        code, problem, unwritten = self.copy_all()
+        if code == EXIT_OK:
+            print(f"drained {self.sink.count} item(s) to {self.sink.name}", file=sys.stderr)
+            return EXIT_OK
+        raise ClientError(code, f"{problem}; {self.summary(unwritten)}")
+
+    def copy_all(self) -> tuple[int, str, list[bytes]]:
+        """Copy the answer into the sink, to its end or until something stops it: (exit code, what stopped it,
+        the lines read but not surely written: the one in hand, those a failed write or fsync left unsure, those
+        still buffered when the server was stopped)."""
         code, problem, unwritten = EXIT_OK, "", []
         try:
             problem = self.copy()
@@ -820,10 +838,7 @@ class Drain:
             code = code or EXIT_ERROR
             problem = problem or f"cannot write to {self.sink.name}: {exc} (at fsync)"
             unwritten = exc.lines + unwritten
-        if code == EXIT_OK:
-            print(f"drained {self.sink.count} item(s) to {self.sink.name}", file=sys.stderr)
-            return EXIT_OK
-        raise ClientError(code, f"{problem}; {self.summary(unwritten)}")
+        return code, problem, unwritten
 
     def copy(self) -> str:
         """Every line into the sink; "" at the end of the answer, else how the answer broke off. A Ctrl-C that came
@@ -839,10 +854,19 @@ class Drain:
                 return ""
             self.held = line
             self.guard.check()
-            if not is_drained_line(line):
+            item_id = drained_id(line)
+            if item_id is None:
                 raise NotDeadLetter(line)
+            self.writing(item_id)
             self.sink.write(line if line.endswith(b"\n") else line + b"\n")
             self.held = None
+            self.wrote()
+
+    def writing(self, item_id: str) -> None:
+        """The line of `item_id` goes to the sink now (a held drain keeps track of it)."""
+
+    def wrote(self) -> None:
+        """A line went to the sink (a held drain removes items a batch at a time)."""
 
     def summary(self, unwritten: list[bytes]) -> str:
         text = f"{self.sink.count} item(s) written to {self.sink.name}"
@@ -872,15 +896,6 @@ class Drain:
         return "nowhere (no file or stderr could be written)"
 
 
-def drained_id(line: bytes) -> str | None:
-    """The dead-letter id of a drain's line (None if it is not one)."""
-    try:
-        item = json.loads(line)
-    except (ValueError, RecursionError):
-        return None
-    return item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
-
-
 def is_removal(answer: Any) -> bool:
     return (
         isinstance(answer, dict)
@@ -897,13 +912,13 @@ REMOVAL = Shape("a held drain's removal (removed, gone, busy, not_held)", is_rem
 RELEASED = Shape("a held drain's release (released)", is_release)
 
 
-class HeldDrain:
+class HeldDrain(Drain):
     """A held drain (two phases): the server streams the items and leaves them in the DLQ, held for this drain
     (`--hold`); each is removed only once its line is surely in the output (fsynced in a file, written to a pipe
     or terminal), `REMOVE_BATCH` at a time (`POST /admin/dlq/drain/{drain}/remove`). So whatever stops the drain
     (a full disk, a closed pipe, Ctrl-C, a broken stream, this process killed) leaves every item not surely written
     in the DLQ: those it read are given back at once (`…/release`), any others when the hold ends. Nothing needs
-    rescuing. Lines are read whole and Ctrl-C is taken between lines, as in `Drain`.
+    rescuing. Lines are read and copied as in `Drain`.
     """
 
     def __init__(
@@ -915,58 +930,40 @@ class HeldDrain:
         drain_id: str,
         reason: str | None,
     ) -> None:
-        self.client, self.stream, self.sink, self.guard = client, stream, sink, guard
+        super().__init__(client, stream, sink, guard)
         self.drain_id, self.reason = drain_id, reason
-        self.read: dict[str, None] = {}  # ids of every line read, in order
+        self.unsure: deque[str] = (
+            deque()
+        )  # written, not yet surely in the output (the sink says when, in order)
         self.sure: list[str] = []  # surely in the output, not yet removed
-        self.done: set[str] = set()  # removal confirmed (removed, or the answer said where the item is)
+        # sent in a removal that failed: the sidecar may have removed some of them
+        self.maybe_removed: set[str] = set()
+        self.next_remove = REMOVE_BATCH  # after a failed removal, the next waits for a further batch
         self.removed = 0
         self.elsewhere = 0  # written here, but the hold had ended and another drain or a replay had them
-        self.remove_error = ""
-        self.next_remove = REMOVE_BATCH  # after a failed removal, the next waits for a further batch
-        self.maybe_removed: set[str] = (
-            set()
-        )  # sent in a removal that failed: the sidecar may have removed some
         self.unreleased = 0  # read, not written, and no longer this drain's to give back
+        self.remove_error = ""
         sink.on_sure = self._on_sure
 
-    def _on_sure(self, lines: list[bytes]) -> None:
-        self.sure += [i for i in map(drained_id, lines) if i is not None]
+    def _on_sure(self, count: int) -> None:
+        self.sure += [self.unsure.popleft() for _ in range(count)]
 
-    def run(self) -> int:
-        self.guard.sock, self.guard.sink, self.guard.eager = self.stream.sock, self.sink, False
-        with self.guard:
-            return self._run()
+    def writing(self, item_id: str) -> None:
+        self.unsure.append(item_id)
+
+    def wrote(self) -> None:
+        if len(self.sure) >= self.next_remove:
+            self.remove()
 
     def _run(self) -> int:
-        code, problem = EXIT_OK, ""
-        try:
-            problem = self.copy()
-            code = EXIT_ERROR if problem else EXIT_OK
-        except OutputFailed as exc:
-            code, problem = EXIT_ERROR, f"cannot write to {self.sink.name}: {exc}"
-        except NotDeadLetter:
-            problem = not_admin_message(
-                self.client.base_url, "a line of its drain answer is not a dead letter"
-            )
-            code = EXIT_UNREACHABLE
-        except KeyboardInterrupt:
-            code, problem = EXIT_INTERRUPTED, "interrupted"
-        if code != EXIT_OK:
-            self.stream.refuse_more()
-            for line in self.stream.received_lines():  # taken for this drain: given back below
-                if (item_id := drained_id(line)) is not None:
-                    self.read[item_id] = None
-        try:
-            self.sink.sync()
-        except OutputFailed as exc:
-            code = code or EXIT_ERROR
-            problem = problem or f"cannot write to {self.sink.name}: {exc} (at fsync)"
+        code, problem, unwritten = self.copy_all()
         self.remove(everything=True)
         unconfirmed = len(self.sure)
-        # written but unconfirmed ones stay held: given back, they would only come out again sooner
+        # read and not surely written: given back (written but unconfirmed ones stay held: given back, they would
+        # only come out again sooner)
+        back = dict.fromkeys([*self.unsure, *filter(None, map(drained_id, unwritten))])
         written = set(self.sure)
-        released = self.release([i for i in self.read if i not in self.done and i not in written])
+        released = self.release([i for i in back if i not in written])
         if unconfirmed and code == EXIT_OK:
             code = EXIT_ERROR
             problem = f"the sidecar did not confirm the removal of written items ({self.remove_error})"
@@ -979,29 +976,7 @@ class HeldDrain:
         if code == EXIT_OK:
             print(f"drained {self.removed} item(s) to {self.sink.name}", file=sys.stderr)
             return EXIT_OK
-        raise ClientError(code, f"{problem}; {self.summary(unconfirmed, released)}")
-
-    def copy(self) -> str:
-        """Every line into the sink, removing items as they become sure; "" at the end of the answer, else how the
-        answer broke off. A Ctrl-C that came meanwhile is raised here, between lines."""
-        while True:
-            self.guard.check()
-            try:
-                line = self.stream.readline()
-            except (OSError, http.client.HTTPException) as exc:
-                self.guard.check()
-                return f"drain broke off ({type(exc).__name__})"
-            if not line:
-                return ""
-            item_id = drained_id(line)
-            if item_id is not None:
-                self.read[item_id] = None
-            self.guard.check()
-            if not is_drained_line(line):
-                raise NotDeadLetter(line)
-            self.sink.write(line if line.endswith(b"\n") else line + b"\n")
-            if len(self.sure) >= self.next_remove:
-                self.remove()
+        raise ClientError(code, f"{problem}; {self.held_summary(unconfirmed, released)}")
 
     def remove(self, *, everything: bool = False) -> None:
         """Remove the items surely written (all of them, or while a whole batch is ready); one that fails stays
@@ -1022,7 +997,6 @@ class HeldDrain:
                 self.next_remove = len(self.sure) + REMOVE_BATCH
                 return
             del self.sure[: len(batch)]
-            self.done.update(batch)
             ours = [i for i in answer["gone"] if i in self.maybe_removed]
             self.removed += answer["removed"] + len(ours)
             self.elsewhere += len(answer["busy"]) + len(answer["not_held"]) + len(answer["gone"]) - len(ours)
@@ -1042,7 +1016,7 @@ class HeldDrain:
             self.unreleased += len(batch) - answer["released"]
         return True
 
-    def summary(self, unconfirmed: int, released: bool) -> str:
+    def held_summary(self, unconfirmed: int, released: bool) -> str:
         text = f"{self.removed} item(s) written to {self.sink.name} and removed from the DLQ"
         if unconfirmed:
             text += (
@@ -1134,6 +1108,17 @@ def cmd_replay(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> i
     return EXIT_OK
 
 
+def drain_once(client: AdminClient, body: dict[str, Any], sink: Sink, reason: str | None) -> int:
+    """One drain request copied into `sink`: held when the answer names its drain, else removed as it streams."""
+    with SigintGuard() as guard, client.stream("POST", "/admin/dlq/drain", body, guard) as stream:
+        drain_id = stream.resp.getheader(DRAIN_HEADER)
+        if not drain_id:
+            return Drain(client, stream, sink, guard).run()
+        if not _DRAIN_ID.fullmatch(drain_id):
+            raise not_the_admin_api(client.base_url, f"its {DRAIN_HEADER} header is not a drain id")
+        return HeldDrain(client, stream, sink, guard, drain_id, reason).run()
+
+
 def cmd_drain(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int:
     body: dict[str, Any] = {}
     if args.route:
@@ -1154,25 +1139,12 @@ def cmd_drain(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> in
     try:
         if args.hold:
             try:
-                with (
-                    SigintGuard() as guard,
-                    client.stream("POST", "/admin/dlq/drain", {**body, "hold": args.hold}, guard) as stream,
-                ):
-                    drain_id = stream.resp.getheader(DRAIN_HEADER)
-                    if drain_id and not _DRAIN_ID.fullmatch(drain_id):
-                        raise not_the_admin_api(
-                            client.base_url, f"its {DRAIN_HEADER} header is not a drain id"
-                        )
-                    if drain_id:
-                        return HeldDrain(client, stream, sink, guard, drain_id, args.reason).run()
-                    # not held after all: the server removes each item once sent, as with --hold 0
-                    return Drain(client, stream, sink, guard).run()
+                return drain_once(client, {**body, "hold": args.hold}, sink, args.reason)
             except ClientError as exc:
                 if exc.code != EXIT_ERROR or "unknown field(s): hold" not in str(exc):
                     raise
                 # a sidecar from before held drains: drained as with --hold 0
-        with SigintGuard() as guard, client.stream("POST", "/admin/dlq/drain", body, guard) as stream:
-            return Drain(client, stream, sink, guard).run()
+        return drain_once(client, body, sink, args.reason)
     except ClientError:
         if created and sink.count == 0:  # refused (an unknown route, no token, …): no empty file left behind
             with suppress(OSError):

@@ -117,12 +117,9 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     # them too); the other workers export only their own counters.
     gauges = None
     if telemetry.otlp_metrics and app[WARN_SETTINGS]:
-
-        def live_routes() -> list[str]:
-            return [r.name for r in dispatcher.config.routes]  # the live config: a reload swaps it
-
         gauges = asyncio.create_task(
-            keep_gauges_fresh(telemetry, store, live_routes, otlp_export_interval()), name="otlp-gauges"
+            keep_gauges_fresh(telemetry, store, dispatcher.route_names, otlp_export_interval()),
+            name="otlp-gauges",
         )
     watch = None
     if app.get(CONFIG_PATH):

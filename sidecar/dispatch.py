@@ -94,6 +94,10 @@ class Dispatcher:
     def config(self) -> Config:
         return self.table.config
 
+    def route_names(self) -> list[str]:
+        """The routes configured now (a reload swaps the table; the config the process started with is older)."""
+        return [r.name for r in self.config.routes]
+
     def route(self, name: str) -> RouteConfig | None:
         route = self.table.by_name.get(name)
         return route.cfg if route is not None else None
@@ -116,7 +120,7 @@ class Dispatcher:
             outcome = Outcome("permanent", None, "route_removed", 0.0)
             return await self._bury(rec, attempt, outcome, history or [], "route_removed", lease_end_ms)
         route = found.cfg
-        if lease_end_ms is None:  # attempt 1: the claim's lease, from the event's first sight
+        if lease_end_ms is None:  # not given: the claim's lease, from the event's first sight
             lease_end_ms = rec.first_seen_ms + self.lease_ms(route)
         if attempt > route.retry.max_attempts:
             # Its attempts are spent: the last was cut short (a crash, a shutdown past its grace) or settled without
@@ -141,10 +145,8 @@ class Dispatcher:
             breaker.release(True)
             due_ms = await self.defer(rec, attempt, NOT_SENT_WAIT)
             return Disposition("queued", outcome, next_attempt_ms=due_ms)
-        self.tel.forward_attempts[(rec.route, outcome.kind)] += 1
+        labels = self.tel.count_forward(rec.route, outcome.kind, outcome.duration)
         breaker.record(outcome.kind != "retryable")
-        labels = self.tel.route_labels(rec.route)
-        self.tel.forward_duration.record(outcome.duration, labels)
         disposition = await self.settle(
             route,
             rec,

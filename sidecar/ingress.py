@@ -527,10 +527,10 @@ class Ingress:
         result.attempt = 1
         try:
             if within is None:
-                disp = await self.dispatcher.attempt(rec, 1, parent=span)
+                disp = await self.dispatcher.attempt(rec, 1, parent=span, lease_end_ms=lease_end)
             else:
                 attempt = asyncio.create_task(
-                    self.dispatcher.attempt(rec, 1, parent=span), name="first-attempt"
+                    self.dispatcher.attempt(rec, 1, parent=span, lease_end_ms=lease_end), name="first-attempt"
                 )
                 try:
                     done, _ = await asyncio.wait((attempt,), timeout=within)
@@ -623,8 +623,7 @@ class Ingress:
         outcome = await self.forwarder.send(url, request.method, headers, body, route.policy)
         self.tel.end(forward, outcome.error, outcome.status)
         if outcome.error != POOL_TIMEOUT:  # counted as the dispatcher counts its forwards: one that was sent
-            self.tel.forward_attempts[(route.cfg.name, outcome.kind)] += 1
-            self.tel.forward_duration.record(outcome.duration, self.tel.route_labels(route.cfg.name))
+            self.tel.count_forward(route.cfg.name, outcome.kind, outcome.duration)
         if outcome.status is None:
             result.error = outcome.error
             return json_error(502, "upstream_unavailable", event_id, detail=outcome.error)

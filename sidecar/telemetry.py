@@ -206,6 +206,13 @@ class Telemetry:
             labels = self._route_labels[route] = {"route": route}
         return labels
 
+    def count_forward(self, route: str, kind: str, seconds: float) -> dict[str, str]:
+        """One forward that was sent (any answer, or none): counted by result and timed; the route's labels."""
+        self.forward_attempts[(route, kind)] += 1
+        labels = self.route_labels(route)
+        self.forward_duration.record(seconds, labels)
+        return labels
+
     def _counter(self, name: str, counts: Mapping[tuple[str, str], int], labels: tuple[str, str]) -> Any:
         def observe(_: CallbackOptions) -> list[Observation]:
             return [Observation(n, {labels[0]: a, labels[1]: b}) for (a, b), n in self._merged(name).items()]
@@ -278,6 +285,14 @@ class Telemetry:
                 "oldest_age": max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0,
             }
         self.snapshot = snapshot
+
+    async def refresh_within(self, store: Any, routes: Iterable[str], budget: float) -> None:
+        """`refresh`, given up after `budget` seconds or on a store error: the last snapshot stays (refresh swaps
+        it in whole), and /readyz reports the store."""
+        from sidecar.errors import StoreError
+
+        with contextlib.suppress(StoreError, TimeoutError):
+            await asyncio.wait_for(self.refresh(store, routes), budget)
 
     def zero_series(self, routes: Iterable[tuple[str, bool]]) -> None:
         """Export at 0 from the start, store or no store, so that a dashboard shows 0 rather than no data and an
@@ -515,12 +530,9 @@ async def keep_gauges_fresh(
     """With OTLP metrics, refresh the store gauges' snapshot every `every` seconds (bounded by 1 s and 60 s), as a
     /metrics scrape does: the OTLP reader exports whatever the snapshot holds, so without this the store gauges
     went out only after a scrape, and then stale."""
-    from sidecar.errors import StoreError
-
     every = min(max(every, 1.0), 60.0)
     while True:
-        with contextlib.suppress(StoreError, TimeoutError):
-            await asyncio.wait_for(telemetry.refresh(store, routes()), every)
+        await telemetry.refresh_within(store, routes(), every)
         await asyncio.sleep(every)
 
 
@@ -529,19 +541,16 @@ def metrics_handler(main: Any, budget: float) -> Any:
     from aiohttp import web
 
     from sidecar.app import RUNTIME
-    from sidecar.errors import StoreError
 
     async def metrics(_: web.Request) -> web.Response:
         runtime = main.get(RUNTIME)
         if runtime is None:
             return web.Response(status=503, text="starting\n")
-        # The dispatcher holds the live config (a reload swaps it); runtime.config is the one started with.
-        routes = runtime.dispatcher.config.routes
-        # On a store error, or a store that does not answer within a scrape's budget, serve the counters with the
-        # last gauge snapshot (refresh swaps it in whole); /readyz reports the store.
-        with contextlib.suppress(StoreError, TimeoutError):
-            await asyncio.wait_for(runtime.telemetry.refresh(runtime.store, [r.name for r in routes]), budget)
-        runtime.telemetry.zero_series((r.name, r.provider != "none") for r in routes)
+        # a store that fails or hangs: the counters with the last gauge snapshot
+        await runtime.telemetry.refresh_within(runtime.store, runtime.dispatcher.route_names(), budget)
+        runtime.telemetry.zero_series(
+            (r.name, r.provider != "none") for r in runtime.dispatcher.config.routes
+        )
         if runtime.peer_counts is not None:  # the other workers' counts, added to this one's
             runtime.telemetry.peers = await runtime.peer_counts.states()
         body = runtime.telemetry.render()

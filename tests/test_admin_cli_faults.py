@@ -18,13 +18,15 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
 from sidecar.admin import _unacked
+from sidecar.supervisor import process_state
 from tests import test_admin_cli
 from tests.procs import wait_until
 from tests.test_admin import bury_many
@@ -117,11 +119,6 @@ def unread(fd: int) -> int:
     return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
 
 
-def stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "T"
-
-
 async def read_some(fd: int, until: bytes | None, timeout: float = 10.0) -> bytes:
     """From a non-blocking fd: until `until` is in what was read, or (None) until nothing is left to read."""
     got = bytearray()
@@ -142,10 +139,51 @@ async def read_some(fd: int, until: bytes | None, timeout: float = 10.0) -> byte
     raise AssertionError(f"read {len(got)} bytes in {timeout} s without {until!r}")
 
 
-async def drain_to_pipe(sidecar: Running, cwd: Path) -> tuple[list[str], asyncio.subprocess.Process, int]:
-    """61 dead letters, far more than a pipe holds (the CLI cannot finish without a reader), and `sidecar dlq
-    drain` writing them to a pipe: (their ids, the CLI, the pipe's read end, non-blocking, the caller's to close)."""
-    ids = await bury_many(sidecar.store, 61, body=PAD)
+@dataclass
+class DrainPipe:
+    """`sidecar dlq drain` writing to a pipe: the dead letters' ids, the CLI, and the pipe's read end
+    (non-blocking; -1 once closed)."""
+
+    ids: list[str]
+    proc: asyncio.subprocess.Process
+    r: int
+
+    async def reader_goes_away(self) -> tuple[bytes, str]:
+        """Like `| head -1`, but exact: after a first line the CLI is stopped while the reader takes everything in
+        the pipe and goes away, so every line the CLI wrote was read, and its next write fails. (What was read,
+        the CLI's stderr.)"""
+        got = await read_some(self.r, b"\n")
+        self.proc.send_signal(signal.SIGSTOP)
+        assert await wait_until(lambda: process_state(self.proc.pid) == "T", timeout=5, interval=0.002)
+        got += await read_some(self.r, None)
+        self.close()
+        self.proc.send_signal(signal.SIGCONT)
+        _, err = await asyncio.wait_for(self.proc.communicate(), timeout=30)
+        return got, err.decode()
+
+    async def full(self) -> None:
+        """Nobody reads the pipe: once it is full (it stops growing), the CLI waits to write its next line."""
+        sizes = [-1]
+
+        def full() -> bool:
+            sizes.append(unread(self.r))
+            return sizes[-1] >= 32768 and sizes[-1] == sizes[-2]
+
+        assert await wait_until(full, timeout=10, interval=0.1), sizes[-5:]
+
+    def close(self) -> None:
+        if self.r >= 0:
+            os.close(self.r)
+            self.r = -1
+
+
+@asynccontextmanager
+async def drain_to_pipe(
+    sidecar: Running, cwd: Path, *, n: int = 61, body: bytes = PAD, hold: str = "0"
+) -> AsyncIterator[DrainPipe]:
+    """`n` dead letters, far more than a pipe holds (the CLI cannot finish without a reader), and `sidecar dlq
+    drain --hold HOLD` writing them to a pipe; the pipe is closed and the CLI stopped after."""
+    ids = await bury_many(sidecar.store, n, body=body)
     r, w = os.pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -156,7 +194,7 @@ async def drain_to_pipe(sidecar: Running, cwd: Path) -> tuple[list[str], asyncio
                 "dlq",
                 "drain",
                 "--hold",
-                "0",
+                hold,
                 "--admin-url",
                 sidecar.admin_url,
             ],
@@ -172,66 +210,40 @@ async def drain_to_pipe(sidecar: Running, cwd: Path) -> tuple[list[str], asyncio
     finally:
         os.close(w)
     os.set_blocking(r, False)
-    return ids, proc, r
+    pipe = DrainPipe(ids, proc, r)
+    try:
+        yield pipe
+    finally:
+        pipe.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_admin_cli_drain_to_pipe_closed_by_its_reader_saves_the_lines_it_read(
     sidecar: Running, rdb: redis.Redis, tmp_path: Path
 ) -> None:
-    ids, proc, r = await drain_to_pipe(sidecar, tmp_path)
-    try:
-        got = await read_some(r, b"\n")
-        # like `| head -1`, but exact: the CLI is stopped while the reader takes everything in the pipe and goes
-        # away, so every line the CLI wrote was read, and its next write fails
-        proc.send_signal(signal.SIGSTOP)
-        for _ in range(500):
-            if stopped(proc.pid):
-                break
-            await asyncio.sleep(0.002)
-        got += await read_some(r, None)
-        os.close(r)
-        r = -1
-        proc.send_signal(signal.SIGCONT)
-        _, err_bytes = await asyncio.wait_for(proc.communicate(), timeout=30)
-    finally:
-        if r >= 0:
-            os.close(r)
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with drain_to_pipe(sidecar, tmp_path) as pipe:
+        got, err = await pipe.reader_goes_away()
     read, rescued = line_ids(got), rescued_ids(tmp_path / RESCUE_NAME)
     drained, _ = await sidecar.drain_log()
-    assert_accounted(ids, read + rescued, remaining(rdb), drained)
-    err = err_bytes.decode()
-    assert proc.returncode == 1 and one_line(err) and "Broken pipe" in err, err
+    assert_accounted(pipe.ids, read + rescued, remaining(rdb), drained)
+    assert pipe.proc.returncode == 1 and one_line(err) and "Broken pipe" in err, err
     assert read and rescued and f"{len(read)} item(s) written to stdout; {len(rescued)} read but" in err, err
 
 
 async def test_admin_cli_drain_interrupted_saves_the_lines_it_read(
     sidecar: Running, rdb: redis.Redis, tmp_path: Path
 ) -> None:
-    ids, proc, r = await drain_to_pipe(sidecar, tmp_path)
-    try:
-        # nobody reads the pipe: once it is full (it stops growing), the CLI waits to write its next line
-        sizes = [-1]
-
-        def full() -> bool:
-            sizes.append(unread(r))
-            return sizes[-1] >= 32768 and sizes[-1] == sizes[-2]
-
-        assert await wait_until(full, timeout=10, interval=0.1), sizes[-5:]
-        proc.send_signal(signal.SIGINT)
-        _, err_bytes = await asyncio.wait_for(proc.communicate(), timeout=30)
-        got = await read_some(r, None)
-    finally:
-        os.close(r)
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with drain_to_pipe(sidecar, tmp_path) as pipe:
+        await pipe.full()
+        pipe.proc.send_signal(signal.SIGINT)
+        _, err_bytes = await asyncio.wait_for(pipe.proc.communicate(), timeout=30)
+        got = await read_some(pipe.r, None)
     drained, _ = await sidecar.drain_log()
-    assert_accounted(ids, line_ids(got) + rescued_ids(tmp_path / RESCUE_NAME), remaining(rdb), drained)
+    assert_accounted(pipe.ids, line_ids(got) + rescued_ids(tmp_path / RESCUE_NAME), remaining(rdb), drained)
     err = err_bytes.decode()
-    assert proc.returncode == 130 and one_line(err) and "interrupted" in err, err
+    assert pipe.proc.returncode == 130 and one_line(err) and "interrupted" in err, err
 
 
 TAIL = 16 * 1024  # the end of a line: it fits in the CLI's receive buffer while the CLI is stopped
@@ -342,7 +354,7 @@ def test_admin_cli_drain_interrupted_mid_line_saves_that_line_whole(tmp_path: Pa
         # the CLI took everything sent: it waits for more, in the middle of the second line
         assert poll(lambda: receive_queue(cli_port) == 0, left())
         proc.send_signal(signal.SIGSTOP)
-        assert poll(lambda: stopped(proc.pid), left())
+        assert poll(lambda: process_state(proc.pid) == "T", left())
         conn.sendall(second[-TAIL:])
         # the CLI's TCP took the end of the line while the CLI was stopped: the server counts it
         assert acked(conn, left())

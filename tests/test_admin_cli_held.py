@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +18,8 @@ from aiohttp import web
 from tests import test_admin_cli
 from tests.procs import wait_until
 from tests.test_admin import bury_many
-from tests.test_admin_cli import TOKEN, Running, cli_env, dlq, one_line
-from tests.test_admin_cli_faults import PAD, line_ids, read_some, remaining, stopped, unread
+from tests.test_admin_cli import TOKEN, Running, dlq, one_line
+from tests.test_admin_cli_faults import drain_to_pipe, line_ids, read_some, remaining
 
 sidecar = test_admin_cli.sidecar  # the same running sidecar with an admin API (a fixture)
 HOLD = "2s"
@@ -69,120 +67,58 @@ async def test_held_drain_to_full_device_leaves_every_item_in_the_dlq(
         in r.err
     )
     assert remaining(rdb) == set(ids) and not list(tmp_path.glob("*unwritten*"))  # no rescue file
-    assert await wait_until(
-        lambda: bool(logged(sidecar, ": released=")), timeout=5
-    )  # what it read, given back
+    # what it read, given back
+    assert await wait_until(lambda: bool(logged(sidecar, ": released=")), timeout=5)
     await after_the_hold(sidecar, tmp_path, set(ids))
-
-
-async def drain_to_pipe(running: Running, cwd: Path, n: int, body: bytes) -> tuple[list[str], Any, int]:
-    """`n` dead letters and `sidecar dlq drain` (held) writing them to a pipe: (ids, the CLI, the pipe's read end,
-    non-blocking, the caller's to close)."""
-    ids = await bury_many(running.store, n, body=body)
-    r, w = os.pipe()
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "sidecar", "dlq", "drain", "--hold", HOLD, *auth(running)],
-            cwd=cwd,
-            env=cli_env(),
-            stdout=w,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except BaseException:
-        os.close(r)
-        raise
-    finally:
-        os.close(w)
-    os.set_blocking(r, False)
-    return ids, proc, r
-
-
-async def finish(proc: Any, r: int) -> None:
-    if r >= 0:
-        os.close(r)
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
 
 
 async def test_held_drain_to_pipe_closed_by_its_reader_removes_only_what_it_wrote(
     sidecar: Running, rdb: redis.Redis, tmp_path: Path
 ) -> None:
-    ids, proc, r = await drain_to_pipe(sidecar, tmp_path, 61, PAD)
-    try:
-        got = await read_some(r, b"\n")
-        # like `| head -1`, but exact: the CLI is stopped while the reader takes everything in the pipe and goes
-        # away, so every line the CLI wrote was read, and its next write fails
-        proc.send_signal(signal.SIGSTOP)
-        assert await wait_until(lambda: stopped(proc.pid), timeout=5, interval=0.002)
-        got += await read_some(r, None)
-        os.close(r)
-        r = -1
-        proc.send_signal(signal.SIGCONT)
-        _, err_bytes = await asyncio.wait_for(proc.communicate(), timeout=30)
-    finally:
-        await finish(proc, r)
+    async with drain_to_pipe(sidecar, tmp_path, hold=HOLD) as pipe:
+        got, err = await pipe.reader_goes_away()
     read = line_ids(got)
-    err = err_bytes.decode()
-    assert proc.returncode == 1 and one_line(err) and "Broken pipe" in err, err
+    assert pipe.proc.returncode == 1 and one_line(err) and "Broken pipe" in err, err
     assert read and f"{len(read)} item(s) written to stdout and removed from the DLQ" in err, err
-    assert remaining(rdb) == set(ids) - set(read)  # written ones removed, the rest still there
-    await after_the_hold(sidecar, tmp_path, set(ids) - set(read))
+    assert remaining(rdb) == set(pipe.ids) - set(read)  # written ones removed, the rest still there
+    await after_the_hold(sidecar, tmp_path, set(pipe.ids) - set(read))
 
 
 async def test_held_drain_interrupted_removes_what_it_wrote_and_keeps_the_rest(
     sidecar: Running, rdb: redis.Redis, tmp_path: Path
 ) -> None:
-    ids, proc, r = await drain_to_pipe(sidecar, tmp_path, 61, PAD)
-    try:
-        # nobody reads the pipe: once it is full (it stops growing), the CLI waits to write its next line
-        sizes = [-1]
-
-        def full() -> bool:
-            sizes.append(unread(r))
-            return sizes[-1] >= 32768 and sizes[-1] == sizes[-2]
-
-        assert await wait_until(full, timeout=10, interval=0.1), sizes[-5:]
-        proc.send_signal(signal.SIGINT)
-        _, err_bytes = await asyncio.wait_for(proc.communicate(), timeout=30)
-        got = await read_some(r, None)
-    finally:
-        await finish(proc, r)
+    async with drain_to_pipe(sidecar, tmp_path, hold=HOLD) as pipe:
+        await pipe.full()
+        pipe.proc.send_signal(signal.SIGINT)
+        _, err_bytes = await asyncio.wait_for(pipe.proc.communicate(), timeout=30)
+        got = await read_some(pipe.r, None)
     err = err_bytes.decode()
-    assert proc.returncode == 130 and one_line(err) and "interrupted" in err, err
+    assert pipe.proc.returncode == 130 and one_line(err) and "interrupted" in err, err
     written = set(line_ids(got))
-    assert written and remaining(rdb) == set(ids) - written
-    await after_the_hold(sidecar, tmp_path, set(ids) - written)
+    assert written and remaining(rdb) == set(pipe.ids) - written
+    await after_the_hold(sidecar, tmp_path, set(pipe.ids) - written)
 
 
 async def test_held_drain_killed_loses_nothing(sidecar: Running, rdb: redis.Redis, tmp_path: Path) -> None:
     """SIGKILL mid-drain, past its first removal (200 lines): the items removed are ones it wrote; every other one
     is still in the DLQ and, once the hold ends, the next drain's. A drain that is not held loses here what sat in
     its receive buffer."""
-    ids, proc, r = await drain_to_pipe(sidecar, tmp_path, 400, json.dumps({"pad": "x" * 1500}).encode())
-    try:
+    body = json.dumps({"pad": "x" * 1500}).encode()
+    async with drain_to_pipe(sidecar, tmp_path, n=400, body=body, hold=HOLD) as pipe:
         got = b""
         for _ in range(2000):  # read until 250 lines came through: the first batch of 200 was removed by then
-            got += await read_some(r, b"\n")
+            got += await read_some(pipe.r, b"\n")
             if got.count(b"\n") >= 250:
                 break
-        # then no more reading: once the pipe is full (it stops growing) the CLI waits in a write, the line in its
-        # hand and more in its receive buffer, all acknowledged by its TCP
-        sizes = [-1]
-
-        def full() -> bool:
-            sizes.append(unread(r))
-            return sizes[-1] >= 32768 and sizes[-1] == sizes[-2]
-
-        assert await wait_until(full, timeout=10, interval=0.1), sizes[-5:]
-        proc.kill()
-        await proc.wait()
-        got += await read_some(r, None)
-    finally:
-        await finish(proc, r)
-    removed = set(ids) - remaining(rdb)
+        # then no more reading: the CLI waits in a write, the line in its hand and more in its receive buffer, all
+        # acknowledged by its TCP
+        await pipe.full()
+        pipe.proc.kill()
+        await pipe.proc.wait()
+        got += await read_some(pipe.r, None)
+    removed = set(pipe.ids) - remaining(rdb)
     assert len(removed) >= 200 and removed <= set(line_ids(got)), (len(removed), got.count(b"\n"))
-    await after_the_hold(sidecar, tmp_path, set(ids) - removed)
+    await after_the_hold(sidecar, tmp_path, set(pipe.ids) - removed)
 
 
 async def test_held_drain_against_a_sidecar_from_before_held_drains_drains_as_before(

@@ -7,7 +7,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -361,12 +361,11 @@ async def test_telemetry_requests_to_paths_no_route_has_are_logged_with_the_path
     assert value(await scrape(client), "sidecar_requests_total", route="", outcome="no_route") == 2
 
 
-async def test_telemetry_exports_over_otlp_when_the_standard_variables_are_set(
-    monkeypatch: pytest.MonkeyPatch, sidecar_factory: Any, upstream: Upstream
-) -> None:
+@pytest.fixture
+async def otlp_collector(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[dict[str, list[bytes]]]:
+    """An OTLP/HTTP collector on loopback that keeps every export's raw body by path, with the standard variable
+    pointing the exporters at it (set before the `Telemetry` is made)."""
     from aiohttp import web
-    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     received: dict[str, list[bytes]] = {"/v1/metrics": [], "/v1/traces": []}
 
@@ -383,6 +382,27 @@ async def test_telemetry_exports_over_otlp_when_the_standard_variables_are_set(
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    try:
+        yield received
+    finally:
+        await runner.cleanup()
+
+
+def otlp_metrics(received: dict[str, list[bytes]]) -> list[Any]:
+    """Every metric of every OTLP metrics export received, in order."""
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    exports = [ExportMetricsServiceRequest.FromString(raw) for raw in received["/v1/metrics"]]
+    return [
+        m for msg in exports for rm in msg.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+    ]
+
+
+async def test_telemetry_exports_over_otlp_when_the_standard_variables_are_set(
+    otlp_collector: dict[str, list[bytes]], sidecar_factory: Any, upstream: Upstream
+) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
     tel = Telemetry()
     try:
         client = await sidecar_factory(ROUTES, telemetry=tel)
@@ -391,60 +411,32 @@ async def test_telemetry_exports_over_otlp_when_the_standard_variables_are_set(
         await asyncio.to_thread(tel.force_flush)
     finally:
         await asyncio.to_thread(tel.shutdown)
-        await runner.cleanup()
-    names = set()
-    for raw in received["/v1/metrics"]:
-        msg = ExportMetricsServiceRequest.FromString(raw)
-        names |= {m.name for rm in msg.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    names = {m.name for m in otlp_metrics(otlp_collector)}
     assert {"sidecar_requests_total", "sidecar_forward_duration_seconds"} <= names
     spans = set()
-    for raw in received["/v1/traces"]:
+    for raw in otlp_collector["/v1/traces"]:
         msg = ExportTraceServiceRequest.FromString(raw)
         spans |= {s.name for rs in msg.resource_spans for ss in rs.scope_spans for s in ss.spans}
     assert {"webhook.receive", "webhook.forward"} <= spans
 
 
 async def test_telemetry_store_gauges_go_out_over_otlp_without_a_scrape(
-    monkeypatch: pytest.MonkeyPatch, sidecar_factory: Any
+    otlp_collector: dict[str, list[bytes]], monkeypatch: pytest.MonkeyPatch, sidecar_factory: Any
 ) -> None:
     """The store gauges (DLQ length, oldest age, retry schedule) over OTLP follow the store with nobody scraping
     /metrics. Before (an observability audit) only a scrape refreshed them: none went out until the first scrape,
     and after it they stayed at its values."""
-    from aiohttp import web
-    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-
     from tests.test_admin import bury_many
 
-    received: list[bytes] = []
-
-    async def collect(request: web.Request) -> web.Response:
-        received.append(await request.read())
-        return web.Response(status=200)
-
     def dlq_lengths() -> list[float]:
-        found = []
-        for raw in received:
-            msg = ExportMetricsServiceRequest.FromString(raw)
-            for rm in msg.resource_metrics:
-                for sm in rm.scope_metrics:
-                    for m in sm.metrics:
-                        if m.name == "sidecar_dlq_length":
-                            found += [
-                                p.as_double or p.as_int
-                                for p in m.gauge.data_points
-                                if any(a.value.string_value == "stripe" for a in p.attributes)
-                            ]
-        return found
+        return [
+            p.as_double or p.as_int
+            for m in otlp_metrics(otlp_collector)
+            if m.name == "sidecar_dlq_length"
+            for p in m.gauge.data_points
+            if any(a.value.string_value == "stripe" for a in p.attributes)
+        ]
 
-    collector = web.Application()
-    collector.router.add_post("/v1/metrics", collect)
-    collector.router.add_post("/v1/traces", collect)
-    runner = web.AppRunner(collector)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "1000")
     tel = Telemetry()
     try:
@@ -456,7 +448,6 @@ async def test_telemetry_store_gauges_go_out_over_otlp_without_a_scrape(
         assert await wait_until(lambda: 5 in dlq_lengths(), timeout=10), dlq_lengths()
     finally:
         await asyncio.to_thread(tel.shutdown)
-        await runner.cleanup()
 
 
 def test_telemetry_route_histogram_buckets_are_cumulative_and_inclusive() -> None:

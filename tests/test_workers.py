@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from sidecar.store.embedded import _servers_in
+from sidecar.supervisor import process_state
 from tests.conftest import Upstream
 from tests.procs import SidecarProcess, free_port, write_config
 from tests.test_crash import SECRET
@@ -120,14 +121,7 @@ async def test_workers_two_processes_share_the_port_and_supervise(
 
     # One that stops cleanly is replaced as well: its socket goes, the counters' directory stays for the new one
     # (the last worker out used to remove it, and the replacement could then not start: 5 failures stopped all).
-    (one,) = [pid for pid in children(parent.proc.pid) if "--worker-index\x001" in cmdline(pid)]
-    os.kill(one, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        now = [pid for pid in children(parent.proc.pid) if "--worker-index\x001" in cmdline(pid)]
-        if now and now[0] != one and (await scrape(admin_port)):
-            break
-        await asyncio.sleep(0.2)
+    one = await replace_worker(parent.proc.pid, 1, signal.SIGTERM, admin_port)
     assert len(children(parent.proc.pid)) == 2 and one not in children(parent.proc.pid)
     more = [f"evt_w2_{i}" for i in range(60)]
     assert set(await post_all(f"http://127.0.0.1:{port}/webhooks/stripe", more, concurrency=16)) == {200}
@@ -139,19 +133,8 @@ async def test_workers_two_processes_share_the_port_and_supervise(
 
     # Worker 0, which serves /metrics, is replaced too: the sums go on from where they were (they fell to about
     # what the other worker alone had counted, and Prometheus took that for a reset).
-    (zero,) = [pid for pid in children(parent.proc.pid) if "--worker-index\x000" in cmdline(pid)]
-    os.kill(zero, signal.SIGKILL)
-    after: dict[Any, float] = {}
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        now = [pid for pid in children(parent.proc.pid) if "--worker-index\x000" in cmdline(pid)]
-        if now and now[0] != zero:
-            with contextlib.suppress(OSError, aiohttp.ClientError, ValueError):
-                after = await scrape(admin_port)
-            if after:
-                break
-        await asyncio.sleep(0.2)
-    assert after, "worker 0 was not replaced"
+    await replace_worker(parent.proc.pid, 0, signal.SIGKILL, admin_port)
+    after = await scrape(admin_port)
     assert after[("sidecar_requests_total", (("outcome", "forwarded"), ("route", "stripe")))] >= forwarded
 
     parent.proc.send_signal(signal.SIGTERM)
@@ -161,11 +144,29 @@ async def test_workers_two_processes_share_the_port_and_supervise(
 
 
 def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    return process_state(pid) not in (None, "Z")
+
+
+def worker_pid(parent: int, index: int) -> int | None:
+    found = [pid for pid in children(parent) if f"--worker-index\x00{index}\x00" in cmdline(pid) + "\x00"]
+    return found[0] if found else None
+
+
+async def replace_worker(parent: int, index: int, sig: int, admin_port: int) -> int:
+    """Send `sig` to worker `index` and wait (bounded) until a new process has its place and /metrics answers
+    again; the old pid."""
+    old = worker_pid(parent, index)
+    assert old is not None
+    os.kill(old, sig)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = worker_pid(parent, index)
+        if now is not None and now != old:
+            with contextlib.suppress(OSError, aiohttp.ClientError, ValueError):
+                if await scrape(admin_port):
+                    return old
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"worker {index} was not replaced")
 
 
 async def test_workers_stop_with_a_supervisor_killed_outright_and_the_next_start_owns_the_store(

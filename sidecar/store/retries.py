@@ -1,8 +1,9 @@
 """Background store writes that must land: tried again after a store failure until they land, or until landing
 no longer helps (a deadline), with a short backoff (0.1 s doubling to 2 s).
 
-Two writes go through here, both off the hot path: a batch of delivered marks (`marks.py`), which helps until its
-events' leases run out (the retry worker then delivers them again), and the alias of a digest-deduped event
+Three writes go through here, all off the hot path: a batch of delivered marks (`marks.py`) and an attempt's
+settling write (its dead letter, or the worker's delivered mark: `Dispatcher._landing`), which help until their
+events' leases run out (the retry worker then attempts them again), and the alias of a digest-deduped event
 (`RedisStore._index_alias`), which admin lookups need. The first try is the caller's own: a store that answers
 never sees this module. At shutdown `hurry` cuts the backoff, so what is still unwritten is tried again within the
 shutdown's bounded wait.
