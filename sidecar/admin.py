@@ -44,6 +44,8 @@ from sidecar.admin_spec import document
 from sidecar.app import CONFIG, RUN_WORKER, RUNTIME, Runtime
 from sidecar.durations import parse_duration
 from sidecar.errors import StoreError, StoreUnavailable
+from sidecar.ingress import client_fields
+from sidecar.logs import Tally
 from sidecar.providers.base import stored_id
 from sidecar.store.dead_letters import Cursor, DeadLetter, DeadLetters, ReplayOutcome, StatusFilter
 from sidecar.store.records import STATE_NAMES
@@ -75,6 +77,7 @@ DRAIN_LEASE_MS = int((2 * DRAIN_LINE_TIMEOUT + 30.0) * 1000)
 # A held drain (`"hold"`): its items stay in the DLQ, held for this long at most, until its client removes them.
 MAX_HOLD = 24 * 3600.0
 DRAIN_HEADER = "Sidecar-Drain"
+REFUSED_REPORT_S = 60.0  # admin calls refused 401: said once, then at most this often with a count
 
 _ID = re.compile(r"[0-9a-f]{1,64}")
 _DRAIN = re.compile(r"[0-9a-f]{32}")
@@ -139,10 +142,25 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def auth_middleware(main: web.Application) -> Any:
+    refused = Tally(REFUSED_REPORT_S)
+
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path == "/admin" or request.path.startswith("/admin/"):
-            check_token(request, configured_token(main))
+            try:
+                check_token(request, configured_token(main))
+            except ApiError as exc:
+                since = refused.count()
+                if since is not None:  # the first, then a count at most every REFUSED_REPORT_S: no log flood
+                    log.warning(
+                        "admin: %d request(s) refused 401 since the last report, the last: %s %s: %s",
+                        since,
+                        request.method,
+                        request.path[:200],
+                        exc.detail,
+                        extra=client_fields(request),
+                    )
+                raise
         return await handler(request)
 
     return auth
@@ -688,6 +706,8 @@ class AdminApi:
         route, event_id, dedupe_id = await self.event_location(request)
         ev = await self.runtime().store.get_event(route, dedupe_id)
         if ev is None:
+            if route not in self.configured_routes():
+                raise not_found(f"no event {event_id[:100]!r}: no route {route!r} is configured")
             raise not_found(
                 f"no event {event_id[:100]!r} on route {route!r} (never seen, or past the dedupe ttl)"
             )
@@ -790,8 +810,10 @@ def create_admin_app(main: web.Application) -> web.Application:
     admin.router.add_post("/admin/dlq/drain", api.drain)
     admin.router.add_post("/admin/dlq/drain/{drain}/remove", api.remove_held)
     admin.router.add_post("/admin/dlq/drain/{drain}/release", api.release_held)
-    admin.router.add_get("/admin/dlq/{id}", api.show_dlq, **get)
-    admin.router.add_delete("/admin/dlq/{id}", api.delete_dlq)
+    # `replay` and `drain` are not ids: a GET or DELETE of either is 405 (POST only), not "no dead letter 'drain'"
+    item = "/admin/dlq/{id:(?!(?:replay|drain)$)[^/]+}"
+    admin.router.add_get(item, api.show_dlq, **get)
+    admin.router.add_delete(item, api.delete_dlq)
     admin.router.add_get("/admin/events/{route}/{event_id:.+}", api.show_event, **get)
     admin.router.add_delete("/admin/events/{route}/{event_id:.+}", api.forget_event)
     admin.router.add_get("/admin/stats", api.stats, **get)

@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"{path}: cannot read config: {exc.strerror}", file=sys.stderr)
         return 1
-    setup_logging(args.log_level or config.logging.level, config.logging.format)
+    setup_logging(args.log_level or config.logging.level, config.logging.format, worker=args.worker_index)
     if not worker:  # the supervisor says it once for all its workers
         for line in config.warnings():
             logging.getLogger("sidecar.config").warning("%s", line)

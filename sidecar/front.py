@@ -327,7 +327,7 @@ class FastProtocol(asyncio.Protocol):
         if self.pending is not None:
             ingress, route = self.front.ingress, self.pending.route
             span = ingress.tel.start_inbound(route, "POST", None)
-            ingress.record(route, Result(outcome="read_timeout", status=408), span, self._timeout())
+            ingress.record(route, Result(outcome="read_timeout", status=408), span, self._timeout(), self)
             self.transport.write(serialize(json_error(408, "read_timeout"), close=True))
         self.transport.close()
 

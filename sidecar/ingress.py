@@ -54,6 +54,20 @@ ROUTINE = frozenset(
 )  # DEBUG unless requests: all
 
 
+def client_fields(peer: Any) -> dict[str, str]:
+    """The log fields naming who sent a request: `client`, the peer's address, and `forwarded_for`, the
+    X-Forwarded-For a proxy in front (an ingress controller, a load balancer) added, when there is one."""
+    out = {}
+    remote = getattr(peer, "remote", None)
+    if remote:
+        out["client"] = str(remote)
+    headers = getattr(peer, "headers", None)
+    forwarded = headers.get("X-Forwarded-For") if headers is not None else None
+    if forwarded:
+        out["forwarded_for"] = forwarded[:200]
+    return out
+
+
 def json_error(status: int, error: str, event_id: str | None = None, **extra: Any) -> web.Response:
     headers = {EVENT_ID_HEADER: event_id} if event_id else None
     return web.json_response({"error": error, **extra}, status=status, headers=headers)
@@ -273,10 +287,11 @@ class Ingress:
             result.status = response.status
             return response
         finally:
-            self.record(route.cfg.name, result, span, time.perf_counter() - started)
+            self.record(route.cfg.name, result, span, time.perf_counter() - started, request)
 
-    def record(self, route: str, result: Result, span: AnySpan, seconds: float) -> None:
-        """Count, end the span of, and log what one inbound request came to."""
+    def record(self, route: str, result: Result, span: AnySpan, seconds: float, peer: Any = None) -> None:
+        """Count, end the span of, and log what one inbound request came to. `peer` (the request, or the front's
+        connection) gives the log line the client's address, read only when the line is written."""
         self.tel.requests[(route, result.outcome)] += 1
         self.tel.end(span, result.error, result.status)
         log_all = self.dispatcher.table.config.logging.requests == "all"  # follows reloads
@@ -296,6 +311,7 @@ class Ingress:
                     "duration_ms": round(seconds * 1000, 3),
                     "trace_id": self.tel.trace_id(span),
                     "error": result.error,
+                    **client_fields(peer),
                 },
             )
 
@@ -330,6 +346,7 @@ class Ingress:
                     "status": 404,
                     "method": request.method,
                     "path": path,
+                    **client_fields(request),
                 },
             )
             return
@@ -341,6 +358,7 @@ class Ingress:
                 since,
                 request.method,
                 path,
+                extra=client_fields(request),
             )
 
     def _report_full(self, exc: StoreFull) -> None:

@@ -14,7 +14,8 @@ import time
 from typing import Any
 
 OUTCOME_FIELDS = (
-    "route", "event_id", "outcome", "status", "attempt", "duration_ms", "trace_id", "error", "method", "path"
+    "route", "event_id", "outcome", "status", "attempt", "duration_ms", "trace_id", "error", "method", "path",
+    "client", "forwarded_for", "worker",
 )  # fmt: skip
 
 
@@ -51,9 +52,23 @@ class TextFormatter(logging.Formatter):
 LEVELS = ("debug", "info", "warning", "error")  # logging.level, --log-level and SIDECAR_LOG_LEVEL
 
 
-def setup_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+class WorkerField(logging.Filter):
+    """Gives every line of one of `server.workers: N` its `worker` index: the N processes share one log."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def setup_logging(
+    level: str = "info", fmt: str = "auto", stream: Any = None, worker: int | None = None
+) -> None:
     """Root logging: `SIDECAR_LOG_LEVEL` / `SIDECAR_LOG_FORMAT` override the config; `auto` is text on a terminal,
-    JSON otherwise (what log shippers expect)."""
+    JSON otherwise (what log shippers expect). `worker`: the index of this worker process, on every line."""
     stream = stream or sys.stderr
     chosen = os.environ.get("SIDECAR_LOG_LEVEL", level).lower()
     if chosen not in LEVELS:  # a typo in the environment must not stop the sidecar: say it, keep the config's
@@ -68,6 +83,8 @@ def setup_logging(level: str = "info", fmt: str = "auto", stream: Any = None) ->
         fmt = "text" if getattr(stream, "isatty", lambda: False)() else "json"
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if worker is not None:
+        handler.addFilter(WorkerField(worker))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

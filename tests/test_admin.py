@@ -170,6 +170,22 @@ async def test_admin_auth_401_without_or_with_wrong_token(
     assert rdb.zcard(KEYS.dlq_items()) == 1  # nothing was replayed, drained or deleted
 
 
+async def test_admin_auth_refusals_are_logged_once_then_counted(
+    admin: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong token is a warning naming the call and the client; a flood of them is one line, not one each.
+    Before, a 401 left no trace in the sidecar's log."""
+    with caplog.at_level(logging.INFO, logger="sidecar.admin"):
+        for _ in range(5):
+            resp = await admin.http.get("/admin/stats", headers={"Authorization": "Bearer guess-7f3c"})
+            assert resp.status == 401
+        assert (await admin.get("/admin/stats")).status == 200
+    [line] = [r for r in caplog.records if "refused 401" in r.getMessage()]
+    assert line.levelno == logging.WARNING and line.__dict__["client"] == "127.0.0.1"
+    assert "GET /admin/stats" in line.getMessage() and "wrong bearer token" in line.getMessage()
+    assert "guess-7f3c" not in line.getMessage()  # what was given is not logged: it may be a near-miss token
+
+
 async def test_admin_auth_header_that_is_not_utf8_is_401_not_500(
     admin: Admin, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -237,10 +253,25 @@ async def test_admin_errors_are_json_for_unknown_paths_and_methods(admin: Admin)
         (await admin.http.put("/admin/dlq", headers=AUTH), 405, "method_not_allowed"),
         (await admin.post("/admin/dlq/replay", data=b"{not json"), 400, "bad_request"),
         (await admin.post("/admin/dlq/replay", data=io.BytesIO(b"x" * (2 << 20))), 413, "body_too_large"),
+        # the POST-only actions are not dead letter ids
+        (await admin.get("/admin/dlq/replay"), 405, "method_not_allowed"),
+        (await admin.get("/admin/dlq/drain"), 405, "method_not_allowed"),
+        (await admin.delete("/admin/dlq/drain"), 405, "method_not_allowed"),
+        (await admin.get("/admin/dlq/replayx"), 404, "not_found"),
     ]:
         assert resp.status == status
         assert resp.content_type == "application/json"
         assert (await resp.json())["error"] == error
+        if status == 405:
+            assert resp.headers["Allow"] == ("GET" if resp.url.path == "/admin/dlq" else "POST")
+
+
+async def test_admin_events_on_a_route_not_configured_says_so(admin: Admin) -> None:
+    unknown = await admin.get("/admin/events/stripee/evt_1")
+    assert unknown.status == 404
+    assert "no route 'stripee' is configured" in (await unknown.json())["detail"]
+    known = await admin.get("/admin/events/stripe/evt_1")
+    assert known.status == 404 and "never seen" in (await known.json())["detail"]
 
 
 # -- listing and paging -----------------------------------------------------------------------------------------

@@ -359,6 +359,38 @@ async def test_telemetry_requests_to_paths_no_route_has_are_logged_with_the_path
         [line] = lines
         assert "/webhooks/stripe/" in line.getMessage() and "1 request(s)" in line.getMessage()
     assert value(await scrape(client), "sidecar_requests_total", route="", outcome="no_route") == 2
+    assert all(r.__dict__["client"] == "127.0.0.1" for r in lines)
+
+
+async def test_telemetry_refusals_are_logged_with_the_client_and_forwarded_for(
+    sidecar_factory: Any, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forged request is logged with who sent it: the peer's address, and the X-Forwarded-For a proxy in front
+    added. Before, the line had no address at all."""
+    client = await sidecar_factory(ROUTES)
+    body = json.dumps({"id": "evt_forged", "type": "invoice.paid"}).encode()
+    with caplog.at_level(logging.INFO, logger="sidecar.ingress"):
+        headers = {**stripe_headers(body, secret="whsec_nope"), "X-Forwarded-For": "203.0.113.7, 10.0.0.2"}
+        assert (await client.post("/webhooks/stripe", data=body, headers=headers)).status == 401
+        headers = stripe_headers(body, secret="whsec_nope")
+        assert (await client.post("/webhooks/stripe", data=body, headers=headers)).status == 401
+    [first, second] = [r.__dict__ for r in caplog.records if r.getMessage() == "request"]
+    assert first["outcome"] == "rejected_signature" and first["client"] == "127.0.0.1"
+    assert first["forwarded_for"] == "203.0.113.7, 10.0.0.2"
+    assert second["client"] == "127.0.0.1" and "forwarded_for" not in second
+    assert upstream.received == []
+
+
+def test_telemetry_worker_processes_put_their_index_on_every_line() -> None:
+    for worker, expect in ((1, 1), (None, None)):
+        stream = io.StringIO()
+        setup_logging("info", "json", stream=stream, worker=worker)
+        try:
+            logging.getLogger("sidecar.test").info("hello %s", "there")
+        finally:
+            setup_logging("warning", "text")
+        [entry] = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert entry["msg"] == "hello there" and entry.get("worker") == expect
 
 
 @pytest.fixture
