@@ -556,6 +556,7 @@ def metrics_handler(main: Any, budget: float) -> Any:
         body = runtime.telemetry.render()
         if runtime.peer_counts is not None:  # what a replacement of this worker starts from
             runtime.peer_counts.remember(runtime.telemetry.state())
-        return web.Response(body=body, content_type="text/plain", charset="utf-8")
+        # the Prometheus text format's own media type, version included (what scrapers negotiate on)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     return metrics

@@ -54,6 +54,7 @@ async def scrape(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     async with TestClient(TestServer(admin)) as admin_client:
         resp = await admin_client.get("/metrics")
         assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
         text = await resp.text()
     samples = {}
     for family in text_string_to_metric_families(text):
