@@ -23,7 +23,7 @@ from sidecar.config import Config
 from sidecar.dispatch import Dispatcher
 from sidecar.forwarder import Forwarder
 from sidecar.http1 import Http1Client
-from sidecar.ingress import Ingress, expect_continue
+from sidecar.ingress import Ingress, expect_continue, json_error
 from sidecar.keys import KeySpace
 from sidecar.reload import Reloader
 from sidecar.store import RedisStore
@@ -165,6 +165,18 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
     return await expect_continue(request, limit)
 
 
+@web.middleware
+async def _json_refusals(request: web.Request, handler: Any) -> web.StreamResponse:
+    """What aiohttp's router answers itself (`OPTIONS *`, a CONNECT: no path for the catch-all route to match) as
+    every other refusal: JSON with an `error`, not aiohttp's text/plain "404: Not Found"."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(exc.status, "no_route" if exc.status == 404 else "bad_request")
+
+
 def create_app(
     config: Config,
     *,
@@ -176,7 +188,7 @@ def create_app(
 ) -> web.Application:
     """The inbound application. `redis_url` overrides `redis.url` (the CLI passes the embedded server's URL);
     with `config_path` the config is reloaded when that file or a secret file changes."""
-    app = web.Application(client_max_size=config.server.max_body_bytes + 1)
+    app = web.Application(client_max_size=config.server.max_body_bytes + 1, middlewares=[_json_refusals])
     app[CONFIG] = config
     app[TELEMETRY] = telemetry or Telemetry()
     if config_path:

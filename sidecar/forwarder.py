@@ -190,7 +190,7 @@ class Forwarder:
                 # GET (it still does to a PUT or DELETE)
                 yarl.URL(url, encoded=True),
                 data=body or None,
-                headers=headers,
+                headers=_one_case_per_name(headers),
                 timeout=self._timeout,
                 allow_redirects=False,
                 skip_auto_headers=("Accept", "Content-Type", "Accept-Encoding", "User-Agent"),
@@ -204,6 +204,13 @@ class Forwarder:
         except (aiohttp.ClientError, OSError) as exc:
             return Outcome("retryable", None, _describe(exc), time.perf_counter() - start)
         return _classify(status, payload, relay, retry_after, policy, start)
+
+
+def _one_case_per_name(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A repeated header under the spelling of its first line. aiohttp's client keeps the lines of a repeated name
+    only when they are spelled alike: `X-Dup: 1` then `x-dup: 2` went out as `x-dup: 2` alone."""
+    first: dict[str, str] = {}
+    return [(first.setdefault(k.lower(), k), v) for k, v in headers]
 
 
 def _classify(

@@ -397,6 +397,14 @@ class Ingress:
     ) -> web.StreamResponse:
         cfg = route.cfg
         if body is None:
+            codings = ",".join(request.headers.getall("Transfer-Encoding", ())).lower()
+            if codings and [c.strip() for c in codings.split(",")] != ["chunked"]:
+                # aiohttp removes `chunked` and ignores any other coding (`gzip, chunked`): the body would be
+                # stored and forwarded still encoded, with nothing left to say so (RFC 9112 §6.1: 501)
+                result.outcome = "bad_request"
+                refused = json_error(501, "unsupported_transfer_coding")
+                refused.force_close()
+                return refused
             try:
                 server = self.dispatcher.config.server
                 body = await read_bounded(request, server.max_body_bytes, server.read_timeout)
@@ -406,6 +414,13 @@ class Ingress:
                 if "Expect" in request.headers:  # its body may or may not follow: not a connection to reuse
                     refused.force_close()
                 return refused
+            except ConnectionResetError:
+                # the client went away mid-body (aiohttp's path; the front's own just drops the connection):
+                # nothing was claimed; counted, and not an error-level traceback any client could cause
+                result.outcome = "client_closed"
+                gone = json_error(400, "client_closed")
+                gone.force_close()
+                return gone
             except ReadTimeout:
                 result.outcome = "read_timeout"
                 late = json_error(408, "read_timeout")

@@ -239,6 +239,9 @@ class FrontTestServer(TestServer):
     """aiohttp's test server, listening through the sidecar's front (sidecar/front.py) as `sidecar run` does."""
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        # aiohttp's test server cancels a handler whose client went away; `sidecar run` does not (aiohttp's
+        # default), and the handler reads on and meets the closed connection: tests run under production's rules
+        kwargs["handler_cancellation"] = False
         return FrontRunner(self.app, **kwargs)
 
 

@@ -8,7 +8,9 @@ request in flight finish.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import logging
 import time
 from typing import Any
 
@@ -588,3 +590,62 @@ async def test_front_head_ended_by_a_bare_lf_is_answered_at_once(
     assert status == 400 and json.loads(body)["error"] == "bad_request", body
     assert time.monotonic() - start < 0.9  # the fixture's read_timeout is 1 s
     assert upstream.received == []
+
+
+# -- aiohttp's path: edges an HTTP audit met ---------------------------------------------------------------------
+
+
+async def test_a_pass_through_keeps_every_line_of_a_repeated_header(client: Any, upstream: Upstream) -> None:
+    """`X-Dup: 1` then `x-dup: 2` on a GET went out as `x-dup: 2` alone: aiohttp's client keeps the lines of a
+    repeated name only when they are spelled alike."""
+    raw = b"GET /webhooks/plain HTTP/1.1\r\nHost: h\r\nX-Dup: 1\r\nx-dup: 2\r\nConnection: close\r\n\r\n"
+    status, _, _ = await exchange(client, raw)
+    assert status == 200
+    [got] = upstream.received
+    assert [v for k, v in got.raw_headers if k.lower() == "x-dup"] == ["1", "2"]
+
+
+async def test_a_transfer_coding_other_than_chunked_is_refused_not_stored(
+    client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """aiohttp removes `chunked` and ignores a coding before it: the still-gzipped bytes were claimed and forwarded
+    as the event, with nothing left to say so. RFC 9112 §6.1: 501."""
+    gz = gzip.compress(b'{"id": "evt_te"}')
+    raw = (
+        b"POST /webhooks/plain HTTP/1.1\r\nHost: h\r\nX-Event-Id: evt_te\r\nTransfer-Encoding: gzip, chunked\r\n"
+        b"Connection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(gz), gz)
+    )
+    status, _, body = await exchange(client, raw)
+    assert status == 501 and json.loads(body)["error"] == "unsupported_transfer_coding"
+    assert upstream.received == [] and rdb.keys("*evt_te*") == []
+
+
+async def test_a_client_gone_mid_body_on_aiohttps_path_is_counted_not_an_error(
+    client: Any, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chunked body cut by the client: aiohttp's path logged an error-level traceback (any client can cause
+    it) and counted outcome "error". The test server runs as `sidecar run` does, without handler cancellation."""
+    _reader, writer = await connect(client)
+    writer.write(b"POST /webhooks/plain HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    with caplog.at_level(logging.INFO):
+        writer.close()
+        for _ in range(50):
+            lines = [r for r in caplog.records if r.name == "sidecar.ingress" and r.getMessage() == "request"]
+            if lines:
+                break
+            await asyncio.sleep(0.02)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    [line] = lines
+    assert line.__dict__["outcome"] == "client_closed"
+    assert upstream.received == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n", b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n"],
+)
+async def test_the_routers_own_404_is_json(client: Any, raw: bytes) -> None:
+    status, _, body = await exchange(client, raw)
+    assert status == 404 and json.loads(body) == {"error": "no_route"}
