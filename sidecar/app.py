@@ -72,6 +72,7 @@ RUN_WORKER = web.AppKey("run_worker", bool)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 CONFIG_PATH = web.AppKey("config_path", str)
 WARN_SETTINGS = web.AppKey("warn_settings", bool)
+RELOAD_AT_START = web.AppKey("reload_at_start", bool)
 MARKS_GRACE = 1.0  # seconds the delivered marks get at shutdown even when the grace is spent
 
 
@@ -126,6 +127,11 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         runtime.reloader = Reloader(
             app[CONFIG_PATH], dispatcher, telemetry, interval=config.server.reload_interval
         )
+        if app.get(RELOAD_AT_START):
+            # a worker (re)started from its supervisor's start-up config: take what of the current file applies
+            # live (routes, secrets, retry, ...); restart-only settings stay those the other workers run with, and
+            # a file that does not load is refused as any reload is, instead of stopping the worker
+            await runtime.reloader.reload("worker start")
         watch = asyncio.create_task(runtime.reloader.run(), name="config-watch")
     try:
         yield
@@ -185,6 +191,7 @@ def create_app(
     telemetry: Telemetry | None = None,
     config_path: str | None = None,
     warn_settings: bool = True,
+    reload_at_start: bool = False,
 ) -> web.Application:
     """The inbound application. `redis_url` overrides `redis.url` (the CLI passes the embedded server's URL);
     with `config_path` the config is reloaded when that file or a secret file changes."""
@@ -196,6 +203,7 @@ def create_app(
     app[REDIS_URL] = redis_url or config.redis.url
     app[RUN_WORKER] = run_worker
     app[WARN_SETTINGS] = warn_settings  # the store's settings, checked by one process of several
+    app[RELOAD_AT_START] = reload_at_start
     app.cleanup_ctx.append(runtime_ctx)
     app.router.add_route("*", "/{tail:.*}", _ingress, expect_handler=_expect)
     return app

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from sidecar.admin_client import add_dlq_parser
-from sidecar.config import check_config, load
+from sidecar.config import check_config, load, load_text, load_with_text
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.logs import LEVELS, setup_logging
 
@@ -40,6 +40,7 @@ async def serve(
     admin: bool = True,
     reuse_port: bool = False,
     worker_index: int | None = None,
+    reload_at_start: bool = False,
 ) -> None:
     """Serve the inbound and admin listeners until SIGTERM/SIGINT (or `stop`), then drain gracefully.
 
@@ -59,7 +60,13 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # worker 0 of `server.workers: N` (the one with the admin listener) speaks for all about the store's settings
-    app = create_app(config, redis_url=redis_url, config_path=config_path, warn_settings=admin)
+    app = create_app(
+        config,
+        redis_url=redis_url,
+        config_path=config_path,
+        warn_settings=admin,
+        reload_at_start=reload_at_start,
+    )
     runner = FrontRunner(
         app,
         auto_decompress=False,  # forward exactly the bytes the provider signed
@@ -90,18 +97,19 @@ async def serve(
                 peer_runner = await serve_state(app[RUNTIME].telemetry, peers_dir, worker_index)
             else:
                 app[RUNTIME].peer_counts = PeerCounts(peers_dir)
+        admin_at = ["served by worker 0"]  # of `server.workers: N`
         if admin:
-            await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
-        await web.TCPSite(
-            runner, config.server.host, config.server.port, reuse_port=reuse_port or None
-        ).start()
-    except OSError:
+            site = web.TCPSite(admin_runner, config.admin.host, config.admin.port)
+            admin_at = await _listen(site, "admin.listen", config.admin.listen)
+        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port or None)
+        inbound_at = await _listen(site, "server.listen", config.server.listen)
+    except (OSError, SidecarError):
         await asyncio.gather(*_cleanups(admin_runner, runner, peer_runner), return_exceptions=True)
         raise
     log.info(
         "sidecar listening on %s (admin %s), %d route(s)",
-        config.server.listen,
-        config.admin.listen,
+        ", ".join(inbound_at),
+        ", ".join(admin_at),
         len(config.routes),
     )
     try:
@@ -126,15 +134,58 @@ def _cleanups(*runners: Any) -> list[Awaitable[None]]:
     return [r.cleanup() for r in runners if r is not None]
 
 
+def _read_or_none(path: str) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+class CannotListen(SidecarError):
+    """A listener could not be bound (the port is taken, the host does not resolve, …)."""
+
+
+def cannot_listen(key: str, listen: str, exc: OSError) -> CannotListen:
+    return CannotListen(f"cannot listen: {key} {listen!r}: {exc.strerror or exc}")
+
+
+async def _listen(site: Any, key: str, listen: str) -> list[str]:
+    """Start `site` for the config key `key`; the addresses it is bound to (a port 0 says which one it got)."""
+    try:
+        await site.start()
+    except OSError as exc:
+        raise cannot_listen(key, listen, exc) from exc
+    server = getattr(site, "_server", None)
+    sockets = getattr(server, "sockets", None) or []
+    return [_address(sock.getsockname()) for sock in sockets] or [listen]
+
+
+def _address(name: Any) -> str:
+    if isinstance(name, tuple) and len(name) >= 2:
+        return f"[{name[0]}]:{name[1]}" if ":" in str(name[0]) else f"{name[0]}:{name[1]}"
+    return str(name)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:  # the console script: see sidecar/__main__.py
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     worker = args.worker_index is not None  # one of `server.workers: N`, started by the supervisor
     if worker:
         from sidecar.supervisor import follow_parent
 
         follow_parent()
     path = _config_path(args.config)
+    text = None
+    reload_at_start = False
     try:
-        config = load(path)
+        if (
+            args.start_config
+        ):  # a worker: the config its supervisor started with (the file may have changed since)
+            text = Path(args.start_config).read_text(encoding="utf-8")
+            config = load_text(text, path)
+            reload_at_start = _read_or_none(path) != text  # then what of the file applies live, as a reload
+        else:
+            config, text = load_with_text(path)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
@@ -156,14 +207,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     try:
         if workers > 1:  # before anything starts: a port another sidecar holds stops this one here
-            claim_ports((config.server.host, config.server.port), (config.admin.host, config.admin.port))
+            for key, host, port in (
+                ("server.listen", config.server.host, config.server.port),
+                ("admin.listen", config.admin.host, config.admin.port),
+            ):
+                try:
+                    claim_ports((host, port))
+                except OSError as exc:
+                    raise cannot_listen(key, f"{host}:{port}", exc) from exc
         if url == "embedded":
             from sidecar.store.embedded import EmbeddedValkey
 
             embedded = EmbeddedValkey(config.redis.data_dir, config.redis.appendfsync)
             url = embedded.start()
         if workers > 1:
-            supervisor = Supervisor(path, url, workers, config.server.shutdown_grace, args.log_level)
+            supervisor = Supervisor(path, url, workers, config.server.shutdown_grace, args.log_level, text)
             return supervisor.run()
         _run_loop(
             serve(
@@ -173,13 +231,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 admin=not args.worker_index,
                 reuse_port=worker,
                 worker_index=args.worker_index,
+                reload_at_start=reload_at_start,
             )
         )
     except SidecarError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"sidecar: cannot listen: {exc}", file=sys.stderr)
+        print(f"sidecar: {exc}", file=sys.stderr)
         return 1
     finally:
         if embedded is not None:
@@ -257,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Set by the supervisor for its children (server.workers > 1); not for people.
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     run.add_argument("--redis-url", help=argparse.SUPPRESS)
+    run.add_argument("--start-config", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
     bench = sub.add_parser("bench", help="measure the sidecar against a plain pass-through proxy on loopback")
     bench.add_argument("--duration", type=float, default=8.0, help="seconds per scenario (default 8)")

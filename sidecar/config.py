@@ -304,6 +304,11 @@ class Config:
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Load and validate the config file at `path`. Raises ConfigError with every problem found."""
+    return load_with_text(path, env)[0]
+
+
+def load_with_text(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> tuple[Config, str]:
+    """`load`, and the text it loaded (what a supervisor restarts its workers from)."""
     source = os.fspath(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -311,7 +316,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         raise ConfigError([f"{source}:1: <file>: cannot read the config file ({exc.strerror})"]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{source}:1: <file>: the config file is not UTF-8 text"]) from exc
-    return load_text(text, source, env)
+    return load_text(text, source, env), text
 
 
 def load_text(text: str, source: str = "<string>", env: Mapping[str, str] | None = None) -> Config:

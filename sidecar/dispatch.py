@@ -7,6 +7,7 @@ through `Dispatcher.attempt`, so there is one code path from "we hold the event"
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -54,6 +55,12 @@ SETTLE_MARGIN = 2.0
 # tried again: the slots it waited for free up as the receiver answers.
 NOT_SENT_WAIT = 1.0
 
+# An event of a route this process does not know, which no reload of this process removed, may belong to a route a
+# newer config added on another replica or worker (a rolling update of k8s/base rolls every config edit): it is put
+# back for UNKNOWN_ROUTE_WAIT instead of being dead-lettered, until it is UNKNOWN_ROUTE_GRACE old.
+UNKNOWN_ROUTE_WAIT = 30.0
+UNKNOWN_ROUTE_GRACE_MS = 15 * 60 * 1000
+
 
 @dataclass(frozen=True, slots=True)
 class Disposition:
@@ -71,6 +78,14 @@ class Dispatcher:
         self.forwarder = forwarder
         b = config.upstream.breaker
         self.breakers = Breakers(b.threshold, b.cooldown, b.max_cooldown)
+        # routes a reload of this process removed (their events are dead-lettered as `route_removed` at once)
+        self.removed_routes: set[str] = set()
+
+    def swap(self, table: RouteTable) -> None:
+        """A reload's new route table; remembers which routes it removed."""
+        old, new = set(self.table.by_name), set(table.by_name)
+        self.removed_routes = (self.removed_routes | (old - new)) - new
+        self.table = table
 
     def lease_ms(self, route: RouteConfig) -> int:
         """How long an in-flight attempt holds its event before another replica may take it.
@@ -116,6 +131,14 @@ class Dispatcher:
         table = self.table
         found = table.by_name.get(rec.route)
         if found is None:
+            age_ms = self.store.clock.now_ms() - rec.first_seen_ms
+            if rec.route not in self.removed_routes and age_ms < UNKNOWN_ROUTE_GRACE_MS:
+                # Not removed here: likely a route a newer config on another replica added (a rollout).
+                # jittered, so the replicas that know the route get their turn at it
+                due_ms = await self.defer(rec, attempt, UNKNOWN_ROUTE_WAIT * random.uniform(0.2, 1.0))
+                return Disposition(
+                    "queued", Outcome("retryable", None, "route_unknown", 0.0), next_attempt_ms=due_ms
+                )
             # The route was removed from config while the event waited: keep it visible for operators.
             outcome = Outcome("permanent", None, "route_removed", 0.0)
             return await self._bury(rec, attempt, outcome, history or [], "route_removed", lease_end_ms)

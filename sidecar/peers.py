@@ -140,7 +140,8 @@ def leave_peers_dir(peers_dir: str, index: int | None) -> None:
         with contextlib.suppress(OSError):
             socket_path(peers_dir, index).unlink()
     if supervisor_gone(os.environ.get(PARENT_ENV, "")):
-        for name in (CARRY_NAME, CARRY_NAME + ".tmp"):  # no worker 0 will be started again to read it
+        # no worker 0 will be started again to read them
+        for name in (CARRY_NAME, CARRY_NAME + ".tmp", "start-config.yaml"):
             with contextlib.suppress(OSError):
                 (Path(peers_dir) / name).unlink()
         with contextlib.suppress(OSError):  # not empty yet (another worker still runs), or gone already

@@ -184,7 +184,7 @@ class Reloader:
                 log.error("config reload (%s) refused, the previous config keeps serving: %s", reason, exc)
                 return False
             self._report(reason, self.dispatcher.config, config)
-            self.dispatcher.table = table
+            self.dispatcher.swap(table)
             self.interval = config.server.reload_interval
             self._files = watched_files(self.path, config)
             self._seen = _digest(self._files)

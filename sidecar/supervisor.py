@@ -87,7 +87,13 @@ def resolve_workers(workers: int) -> int:
 
 class Supervisor:
     def __init__(
-        self, config_path: str, redis_url: str, workers: int, grace: float, log_level: str | None
+        self,
+        config_path: str,
+        redis_url: str,
+        workers: int,
+        grace: float,
+        log_level: str | None,
+        config_text: str | None = None,
     ) -> None:
         self.config_path = config_path
         self.redis_url = redis_url
@@ -100,6 +106,14 @@ class Supervisor:
         self._signal: int | None = None
         # where the workers answer their counters for worker 0's /metrics (sidecar/peers.py); 0700, this run's own
         self.peers_dir = tempfile.mkdtemp(prefix="sidecar-workers-")
+        # The config this sidecar started with: every worker, a restarted one too, starts from it (restart-only
+        # settings the same in all, a broken file no reason to stop) and then reloads the current file.
+        self.start_config: str | None = None
+        if config_text is not None:
+            self.start_config = os.path.join(self.peers_dir, "start-config.yaml")
+            fd = os.open(self.start_config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(config_text)
 
     def _command(self, index: int) -> list[str]:
         cmd = [sys.executable, "-m", "sidecar"]
@@ -114,11 +128,18 @@ class Supervisor:
             str(index),
             "--redis-url",
             self.redis_url,
+            *(["--start-config", self.start_config] if self.start_config else []),
         ]
 
     def _spawn(self, index: int) -> None:
         env = {**os.environ, PARENT_ENV: str(os.getpid()), PEERS_ENV: self.peers_dir}
-        self.children[index] = subprocess.Popen(self._command(index), env=env)
+        # The child starts with SIGHUP blocked (a mask outlives exec), so one passed on while it is still starting
+        # cannot kill it before its reload handler is set: sidecar/__main__.py ignores it, then unblocks it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            self.children[index] = subprocess.Popen(self._command(index), env=env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         log.info("worker %d started (pid %d)", index, self.children[index].pid)
 
     def _on_signal(self, signum: int, _frame: object) -> None:

@@ -123,6 +123,10 @@ class SidecarProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self, port: int) -> None:
+        self.spawn()
+        self.wait_listening(port)
+
+    def spawn(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sidecar", "run", "--config", str(self.config)],
@@ -130,6 +134,9 @@ class SidecarProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+
+    def wait_listening(self, port: int) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -3,10 +3,13 @@ any webhook is taken (a single process does not share its inbound port; only `se
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +55,11 @@ def config(
     return path
 
 
-def assert_cannot_listen(cfg: Path) -> str:
-    """`sidecar run` on `cfg` exits 1 at once with one clear line, no traceback; its output."""
+def assert_cannot_listen(cfg: Path, key: str = "server.listen") -> str:
+    """`sidecar run` on `cfg` exits 1 at once with one clear line naming the listener (`key` and its address), no
+    traceback; its output."""
     code, out = run_to_exit(cfg)
-    assert code == 1 and "sidecar: cannot listen" in out and "Traceback" not in out, out
+    assert code == 1 and f"sidecar: cannot listen: {key} '127.0.0.1:" in out and "Traceback" not in out, out
     return out
 
 
@@ -76,7 +80,8 @@ async def test_a_taken_admin_port_stops_the_start_before_the_inbound_port_takes_
         taken.listen()
         port = free_port()
         cfg = config(tmp_path / "sidecar.yaml", upstream, redis_url, port, taken.getsockname()[1])
-        out = assert_cannot_listen(cfg)  # before: it served webhooks on `port` and hung, deaf to SIGTERM
+        # before: it served webhooks on `port` and hung, deaf to SIGTERM
+        out = assert_cannot_listen(cfg, "admin.listen")
     assert "Unclosed" not in out, out  # what was set up is closed
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -115,3 +120,22 @@ async def test_a_second_multi_worker_sidecar_on_a_taken_port_exits_instead_of_jo
     first.start(port)
     assert_cannot_listen(config(tmp_path / "second.yaml", upstream, redis_url, port, workers=2))
     assert first.proc is not None and first.proc.poll() is None  # the first serves on
+
+
+async def test_a_port_0_listener_logs_the_port_it_got(
+    tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[Any]
+) -> None:
+    """`server.listen: 127.0.0.1:0` is valid (the kernel picks a port); the log said "listening on 127.0.0.1:0",
+    which named no port anyone could use."""
+    cfg = config(tmp_path / "sidecar.yaml", upstream, redis_url, 0)
+    proc = SidecarProcess(cfg)
+    processes.append(proc)
+    proc.spawn()
+    deadline = time.monotonic() + 20
+    while "sidecar listening on" not in proc.log() and time.monotonic() < deadline:
+        assert proc.proc is not None and proc.proc.poll() is None, proc.log()
+        await asyncio.sleep(0.1)
+    [port] = re.findall(r"sidecar listening on 127\.0\.0\.1:(\d+) \(admin 127\.0\.0\.1:\d+\)", proc.log())
+    assert int(port) != 0
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=2):
+        pass

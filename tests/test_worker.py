@@ -321,3 +321,62 @@ async def test_worker_buries_an_event_whose_attempts_are_spent_without_sending_i
     assert event is not None and event["state"] == "dead"
     [item] = await DeadLetters(store).get_many(await DeadLetters(store).ids())
     assert (item.event_id, item.data["reason"], item.data["attempts"]) == ("evt_spent", "exhausted", 3)
+
+
+async def test_worker_leaves_a_route_it_never_knew_to_the_replicas_that_know_it(
+    sidecar_factory: Any, upstream: Upstream, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rolling update that adds a route: the replicas still on the old config share the store with the new ones.
+    Their retry workers took the new route's due retries and dead-lettered them as `route_removed` without an
+    attempt (0 of 10 delivered in an ops audit). An event of a route this process never knew is now put back for
+    a replica that knows it, until it is UNKNOWN_ROUTE_GRACE_MS old; a route this process's own reload removed is
+    still dead-lettered at once."""
+    from sidecar import dispatch
+    from sidecar.routes import RouteTable
+
+    two = ROUTE + ROUTE.replace("name: stripe", "name: stripe2").replace(
+        "/webhooks/stripe", "/webhooks/stripe2"
+    )
+    new = await sidecar_factory(two, retry=FAST)
+    old = await sidecar_factory(ROUTE, retry=FAST)
+    store = new.server.app[RUNTIME].store
+    dead = DeadLetters(store)
+    monkeypatch.setattr(dispatch, "UNKNOWN_ROUTE_WAIT", 0.1)
+
+    async def post(event_id: str) -> None:
+        body = stripe_body(event_id)
+        resp = await new.post("/webhooks/stripe2", data=body, headers=stripe_headers(body))
+        assert resp.status == 202
+
+    upstream.respond(503)
+    await post("evt_rollout")
+    await asyncio.sleep(0.15)  # due again
+    await old.server.app[RUNTIME].worker.run_once()
+    ev = await store.get_event("stripe2", "evt_rollout")
+    assert ev["raw_state"] == "p" and ev["attempts"] == 1, ev  # put back, not attempted, not buried
+    assert await dead.count() == 0 and len(upstream.received) == 1
+    await drain(new, want=2, upstream=upstream)  # the replica that knows the route delivers it
+    assert upstream.ids() == ["evt_rollout", "evt_rollout"]
+    assert (await store.get_event("stripe2", "evt_rollout"))["raw_state"] == "d"
+
+    # past the grace, an event of an unknown route is dead-lettered: nobody is left to know it
+    upstream.respond(503)
+    await post("evt_old")
+    await asyncio.sleep(0.15)
+    monkeypatch.setattr(dispatch, "UNKNOWN_ROUTE_GRACE_MS", 0)
+    await old.server.app[RUNTIME].worker.run_once()
+    [item] = await dead.get_many(await dead.ids())
+    assert (item.event_id, item.data["reason"]) == ("evt_old", "route_removed")
+
+    # a route this process's own reload removed: dead-lettered at once, whatever its age
+    monkeypatch.setattr(dispatch, "UNKNOWN_ROUTE_GRACE_MS", 15 * 60 * 1000)
+    upstream.respond(503)
+    await post("evt_removed")
+    dispatcher = new.server.app[RUNTIME].dispatcher
+    dispatcher.swap(RouteTable.build(old.server.app[RUNTIME].dispatcher.config))
+    await asyncio.sleep(0.15)
+    await new.server.app[RUNTIME].worker.run_once()
+    assert {i.event_id: i.data["reason"] for i in await dead.get_many(await dead.ids())} == {
+        "evt_old": "route_removed",
+        "evt_removed": "route_removed",
+    }

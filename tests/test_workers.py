@@ -223,3 +223,90 @@ async def test_workers_stop_with_a_supervisor_killed_outright_and_the_next_start
         for pid in [*left, *_servers_in(data)]:  # what a failing run may have left
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def wait_for_log(proc: SidecarProcess, text: str, count: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while proc.log().count(text) < count:
+        assert time.monotonic() < deadline, f"{text!r} not {count} times in the log: {proc.log()}"
+        await asyncio.sleep(0.1)
+
+
+async def post_on_fresh_connections(port: int, event_id: str, times: int) -> list[int]:
+    """POST one event `times` times, each on a connection of its own (SO_REUSEPORT spreads connections, not
+    requests, over the workers)."""
+    from tests.test_crash import signed
+    from tests.test_reliability import body_for
+
+    statuses = []
+    body = body_for(event_id)
+    for _ in range(times):
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+            session.post(f"http://127.0.0.1:{port}/webhooks/stripe", data=body, headers=signed(body)) as resp,
+        ):
+            await resp.read()
+            statuses.append(resp.status)
+    return statuses
+
+
+async def test_workers_a_replaced_worker_runs_the_config_the_others_run(
+    tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[Any]
+) -> None:
+    """A worker the supervisor restarts loaded the config file as it was then: a restart-only key edited since
+    (`redis.prefix`) put it on other keys than its sibling, and the receiver got one event twice; a file broken
+    since made it exit at once, five times, and the supervisor stopped the whole sidecar (an ops audit). A worker
+    now starts from the config the supervisor started with, then takes the file as a reload would."""
+    admin_port = free_port()
+    parent, port = await start_two_workers(
+        tmp_path, upstream, processes, 2, redis_url=redis_url, admin_port=admin_port
+    )
+    assert parent.proc is not None
+    assert await post_on_fresh_connections(port, "evt_same", 1) == [200]
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(cfg.read_text().replace("shards: 4", "shards: 4, prefix: moved"))
+    await replace_worker(parent.proc.pid, 1, signal.SIGKILL, admin_port)
+    await wait_for_log(parent, "sidecar listening on", 3)  # the replacement serves
+    assert set(await post_on_fresh_connections(port, "evt_same", 12)) == {200}
+    assert upstream.ids() == ["evt_same"]  # once: every worker runs on the prefix the sidecar started with
+    assert "restart needed for redis.prefix" in parent.log(), parent.log()
+
+    cfg.write_text("routes: [\n")  # broken: refused as a reload, not a reason to stop
+    await replace_worker(parent.proc.pid, 1, signal.SIGKILL, admin_port)
+    replacement = worker_pid(parent.proc.pid, 1)
+    await wait_for_log(parent, "sidecar listening on", 4)
+    await asyncio.sleep(1)
+    assert parent.proc.poll() is None and worker_pid(parent.proc.pid, 1) == replacement
+    assert set(await post_on_fresh_connections(port, "evt_after", 6)) == {200}
+    assert upstream.ids() == ["evt_same", "evt_after"]
+    assert (
+        "too many restarts" not in parent.log()
+        and "refused, the previous config keeps serving" in parent.log()
+    )
+
+
+async def test_workers_sighup_while_workers_start_kills_none(
+    tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[Any]
+) -> None:
+    """The supervisor passes every SIGHUP on to its workers; one still starting (its reload handler not yet set)
+    died of it, and three quick reloads stopped the sidecar (an ops audit)."""
+    admin_port = free_port()
+    port, cfg = free_port(), tmp_path / "sidecar.yaml"
+    write_config(cfg, upstream_url=upstream.url, port=port, secret=SECRET, workers=2, redis_url=redis_url,
+                 admin_port=admin_port)  # fmt: skip
+    proc = SidecarProcess(cfg)
+    processes.append(proc)
+    proc.spawn()
+    assert proc.proc is not None
+    deadline = time.monotonic() + 20
+    sent = 0
+    while len(children(proc.proc.pid)) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for _ in range(10):  # while the workers import and set up
+        proc.proc.send_signal(signal.SIGHUP)
+        sent += 1
+        await asyncio.sleep(0.1)
+    proc.wait_listening(port)
+    assert proc.proc.poll() is None and sent == 10
+    assert "exited with -1" not in proc.log() and "too many restarts" not in proc.log(), proc.log()
+    assert await post_all(f"http://127.0.0.1:{port}/webhooks/stripe", ["evt_hup"]) == [200]
