@@ -15,7 +15,6 @@ ingress span. With no span exporter configured the sampler is off: context still
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import random
@@ -55,6 +54,7 @@ SIGNATURE_FAILURES = "sidecar_signature_failures_total"
 DELIVERY_LAG = "sidecar_delivery_lag_seconds"
 DLQ_OLDEST_AGE = "sidecar_dlq_oldest_age_seconds"
 CONFIG_RELOADS = "sidecar_config_reloads_total"  # added by the hot-reload work (issue 7)
+STORE_UP = "sidecar_store_up"  # 1 while the store answers the gauges' reads, 0 once it failed or hung
 METRIC_NAMES = (
     REQUESTS,
     FORWARD_ATTEMPTS,
@@ -66,6 +66,7 @@ METRIC_NAMES = (
     DELIVERY_LAG,
     DLQ_OLDEST_AGE,
     CONFIG_RELOADS,
+    STORE_UP,
 )
 SPAN_INBOUND = "webhook.receive"
 SPAN_FORWARD = "webhook.forward"
@@ -120,6 +121,7 @@ class Telemetry:
         self.dlq_evicted: defaultdict[str, int] = defaultdict(int)
         self.config_reloads: defaultdict[str, int] = defaultdict(int, {"applied": 0, "rejected": 0})
         self.snapshot: dict[str, dict[str, float]] = {}
+        self.store_up: int | None = None  # until the first look at the store
         self._route_labels: dict[str, dict[str, str]] = {}
         # With `server.workers: N`, worker 0 serves /metrics for all: the other workers' `state()`s, fetched for
         # each scrape (sidecar/peers.py), are added to this process's own counts in the Prometheus export only
@@ -159,6 +161,13 @@ class Telemetry:
         meter.create_observable_gauge(DLQ_LENGTH, [self._gauge("dead")], description="Dead letters held")
         meter.create_observable_gauge(
             DLQ_OLDEST_AGE, [self._gauge("oldest_age")], unit="s", description="Age of the oldest dead letter"
+        )
+        # What an alert on a store outage needs: once /readyz fails, the orchestrator sends no more webhooks, so
+        # the 503s of `sidecar_requests_total{outcome="store_unavailable"}` stop while the outage goes on.
+        meter.create_observable_gauge(
+            STORE_UP,
+            [lambda _: [] if self.store_up is None else [Observation(self.store_up)]],
+            description="1 when the store answered the last scrape's (or OTLP export's) reads in time, else 0",
         )
         # Histograms are aggregated here (a bisect, well under a µs) rather than by the SDK's synchronous
         # Histogram.record (~6 µs a call, two calls per event). Prometheus reads them through a collector in the
@@ -291,8 +300,12 @@ class Telemetry:
         it in whole), and /readyz reports the store."""
         from sidecar.errors import StoreError
 
-        with contextlib.suppress(StoreError, TimeoutError):
+        try:
             await asyncio.wait_for(self.refresh(store, routes), budget)
+        except (StoreError, TimeoutError):
+            self.store_up = 0
+        else:
+            self.store_up = 1
 
     def zero_series(self, routes: Iterable[tuple[str, bool]]) -> None:
         """Export at 0 from the start, store or no store, so that a dashboard shows 0 rather than no data and an

@@ -357,6 +357,10 @@ async def test_metrics_answers_within_a_scrape_budget_while_the_store_hangs(
     async with admin_on(primary, upstream) as admin:
         gauge = re.compile(r'^sidecar_dlq_length\{[^}]*route="stripe"\} 0\.0$', re.M)
         assert gauge.search(await (await admin.get("/metrics")).text())
+        up = re.compile(r"^sidecar_store_up(?:\{[^}]*\})? (\S+)$", re.M)
+        assert up.findall(await (await admin.get("/metrics")).text()) == ["1.0"]
         resp, took = await get_while_hung(admin, primary, "/metrics")
         assert resp.status == 200 and took < 2.0, took
-        assert gauge.search(await resp.text())  # the last snapshot, not a gap
+        text = await resp.text()
+        assert gauge.search(text)  # the last snapshot, not a gap
+        assert up.findall(text) == ["0.0"]  # and the store said to be down, for an alert to see
