@@ -202,6 +202,22 @@ class Dispatcher:
         path and query never change it, see `target_url`), so no target URL is built to find it."""
         return self.breakers.for_url(route.upstream or self.config.upstream.url)
 
+    async def expire_if_old(
+        self, rec: EventRecord, attempt: int, history: list[dict[str, Any]], wait: float, lease_end_ms: int
+    ) -> bool:
+        """An event its upstream's open circuit would put back past `retry.max_age`: dead-lettered (`expired`)
+        instead, as a failed attempt would be. True if it was. Without this an event waits for its turn at a probe
+        for as long as the circuit stays open, however old it gets."""
+        route = self.route(rec.route)
+        if route is None:
+            return False
+        age = (self.store.clock.now_ms() - rec.first_seen_ms) / 1000
+        if age + wait <= route.retry.max_age:
+            return False
+        outcome = Outcome("retryable", None, "circuit_open", 0.0)
+        await self._bury(rec, attempt, outcome, history, "expired", lease_end_ms)
+        return True
+
     async def defer(self, rec: EventRecord, attempt: int, wait: float) -> int:
         """Put a taken event back without attempting it (its upstream's circuit is open, or no connection came in
         time); return when it is due again."""

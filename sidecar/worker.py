@@ -117,7 +117,10 @@ class RetryWorker:
         breaker = self.dispatcher.breaker(route) if route is not None else None
         try:
             if breaker is not None and not breaker.allow():
-                await self.dispatcher.defer(rec, taken.attempt, max(breaker.retry_at(), 0.5))
+                wait = max(breaker.retry_at(), 0.5)
+                if await self.dispatcher.expire_if_old(rec, taken.attempt, taken.history, wait, lease_end_ms):
+                    return True
+                await self.dispatcher.defer(rec, taken.attempt, wait)
                 return False
             await self.dispatcher.attempt(rec, taken.attempt, taken.history, lease_end_ms=lease_end_ms)
             if (unsaid := self._full.over()) is not None:

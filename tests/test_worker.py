@@ -380,3 +380,27 @@ async def test_worker_leaves_a_route_it_never_knew_to_the_replicas_that_know_it(
         "evt_old": "route_removed",
         "evt_removed": "route_removed",
     }
+
+
+async def test_worker_dead_letters_events_past_max_age_while_the_circuit_stays_open(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """`retry.max_age`: an event older than this is dead-lettered even with attempts left, also when its
+    upstream's circuit is open and it would only be put back (e2e audit: 27 of 40 events stayed pending at 6x
+    max_age, one leaving per probe)."""
+    client = await sidecar_factory(
+        ROUTE,
+        retry="{base_delay: 100ms, multiplier: 1, max_delay: 1s, jitter: 0, max_age: 1s, max_attempts: 50}",
+    )
+    upstream.respond(*([503] * 200))
+    for i in range(30):
+        assert (
+            await send(client, f"evt_old_{i}")
+        ).status == 202  # 5 fail and open the circuit, 25 wait for it
+    await asyncio.sleep(2.2)  # past max_age, and the circuit's cooldown (2 s): one probe is let through
+    await drain(client, until=1.0)
+    store = client.server.app[RUNTIME].store
+    assert await store.dlq_length("stripe") == 30
+    assert len(upstream.received) <= 7  # the 5 that opened it, the probe: the others were not sent again
+    ev = await store.get_event("stripe", "evt_old_29")
+    assert ev["state"] == "dead"

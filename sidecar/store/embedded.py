@@ -2,8 +2,9 @@
 
 Append-only persistence under `redis.data_dir`, so an event accepted before a restart is still there after it.
 `redis.appendfsync` picks the trade-off: `always` fsyncs every write (nothing acknowledged is lost even on power
-loss, slowest), `everysec` (default) may lose up to one second of writes on a machine crash but not on a process
-crash, `no` leaves flushing to the OS.
+loss, slowest), `everysec` (default) may lose up to one second of writes on a machine crash, and on a process crash
+while a slow fsync is running (Valkey postpones its AOF write, up to 2 s, and answers the writes meanwhile), `no`
+leaves flushing to the OS.
 
 Valkey compacts the append-only file in a forked child that rewrites the whole data set, a full core for as long as
 it takes. The sidecar usually shares its cores with the store, so that child runs at the lowest CPU priority
