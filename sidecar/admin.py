@@ -94,12 +94,13 @@ class ApiError(Exception):
     def __init__(self, status: int, error: str, detail: str | None = None, **extra: Any) -> None:
         super().__init__(detail or error)
         self.status, self.error, self.detail, self.extra = status, error, detail, extra
+        self.headers: dict[str, str] = {}
 
     def response(self) -> web.Response:
         body: dict[str, Any] = {"error": self.error}
         if self.detail:
             body["detail"] = self.detail
-        return web.json_response({**body, **self.extra}, status=self.status)
+        return web.json_response({**body, **self.extra}, status=self.status, headers=self.headers or None)
 
 
 def bad_request(detail: str) -> ApiError:
@@ -139,6 +140,31 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("admin %s %s failed", request.method, request.path)
         return ApiError(500, "internal", "unexpected error; see the sidecar log").response()
+
+
+def replay_cut_short(exc: StoreError, selector: str, counts: dict[str, int], selected: int) -> ApiError:
+    """A replay the store failed part way through: what it did is said, not only the store's error (a bare 503
+    read as "nothing replayed" while 199 of 1,200 had been, in an e2e audit)."""
+    log.warning(
+        "dlq replay cut short by the store: %s replayed=%d of %d: %s",
+        selector,
+        counts["replayed"],
+        selected,
+        exc,
+    )
+    unavailable = isinstance(exc, StoreUnavailable)
+    refused = ApiError(
+        503,
+        "store_unavailable" if unavailable else "store_error",
+        f"the replay stopped part way, {counts['replayed']} of {selected} replayed: {exc}; run it again once the "
+        "store answers (what was replayed has left the DLQ, so nothing is replayed twice)",
+        replayed=counts["replayed"],
+        skipped={k: counts[k] for k in ("pending", "delivered", "busy", "gone")},
+        partial=True,
+    )
+    if unavailable:
+        refused.headers = {"Retry-After": "1"}
+    return refused
 
 
 def auth_middleware(main: web.Application) -> Any:
@@ -528,13 +554,21 @@ class AdminApi:
             async with slots:
                 return await dl.replay(item, now_ms, reason, owner)
 
-        for start in range(0, len(ids), REPLAY_BATCH):
-            batch = ids[start : start + REPLAY_BATCH]
-            items = await dl.get_many(batch)
-            # removed since the selection (by a replay or drain elsewhere)
-            counts["gone"] += len(batch) - len(items)
-            for outcome in await asyncio.gather(*(replay(i) for i in items)):
-                counts[outcome] += 1
+        try:
+            for start in range(0, len(ids), REPLAY_BATCH):
+                batch = ids[start : start + REPLAY_BATCH]
+                items = await dl.get_many(batch)
+                # removed since the selection (by a replay or drain elsewhere)
+                counts["gone"] += len(batch) - len(items)
+                outcomes = await asyncio.gather(*(replay(i) for i in items), return_exceptions=True)
+                for outcome in outcomes:  # every one the batch did is counted, then its first failure raised
+                    if not isinstance(outcome, BaseException):
+                        counts[outcome] += 1
+                for outcome in outcomes:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+        except StoreError as exc:
+            raise replay_cut_short(exc, selector, counts, len(ids)) from exc
         log.info(
             "dlq replay: %s replayed=%d skipped_pending=%d obsolete_removed=%d busy=%d gone=%d reason=%r",
             selector,

@@ -364,9 +364,22 @@ class AdminClient:
         prefix = urlsplit(self.base_url).path.rstrip("/")
         try:
             conn.request(method, prefix + path, body=data, headers=headers)
-            return conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             raise self._unreachable(exc) from None
+        try:
+            return conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            if method == "GET" or not isinstance(exc, ConnectionError | TimeoutError):
+                # nothing was changed, or what answered is no HTTP server: as good as unreachable
+                raise self._unreachable(exc) from None
+            # sent, and then no answer (the sidecar was killed, or restarted): it may have acted, in part or all
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise ClientError(
+                EXIT_ERROR,
+                f"the admin API at {self.base_url} took the request but gave no answer ({reason}): it may have "
+                "been carried out in part or in full; `sidecar dlq list` shows what is left (a replay is safe to "
+                "run again)",
+            ) from None
 
     def _unreachable(self, exc: Exception) -> ClientError:
         reason = getattr(exc, "strerror", None) or type(exc).__name__

@@ -519,6 +519,42 @@ async def test_admin_dlq_replay_500_by_route_each_delivered_once(
     assert stats["routes"]["stripe"]["dead"] == 0 and stats["routes"]["stripe"]["pending"] == 0
 
 
+async def test_admin_dlq_replay_cut_short_by_the_store_says_how_far_it_got(
+    admin: Admin, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store stops answering part way through a replay (here: its writes paused, for real, after the 150th
+    item began). The answer was a bare 503 `store unreachable`, read as "nothing replayed" while 199 of 1,200 had
+    been (an e2e audit); it now says how many were, and that running it again is safe."""
+    from sidecar.store.dead_letters import DeadLetters
+
+    await bury_many(admin.store, 300)
+    original, calls = DeadLetters.replay, 0
+
+    async def replay_then_pause(self: DeadLetters, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 150:
+            rdb.client_pause(5000, all=False)  # writes (and scripts) wait: the store's timeout answers them
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeadLetters, "replay", replay_then_pause)
+    try:
+        resp = await admin.post("/admin/dlq/replay", {"route": "stripe"})
+    finally:
+        rdb.client_unpause()
+    body = await resp.json()
+    assert resp.status == 503 and body["error"] == "store_unavailable" and body["partial"] is True, body
+    assert 100 <= body["replayed"] < 300, body
+    assert f"{body['replayed']} of 300 replayed" in body["detail"] and "run it again" in body["detail"]
+    assert resp.headers["Retry-After"] == "1"
+    left = rdb.zcard(KEYS.dlq_items())
+    assert left <= 300 - body["replayed"]  # what it counted has left the DLQ
+    monkeypatch.setattr(DeadLetters, "replay", original)
+    again = await (await admin.post("/admin/dlq/replay", {"route": "stripe"})).json()
+    assert again["replayed"] + again["skipped"]["gone"] + again["skipped"]["delivered"] == left
+    assert rdb.zcard(KEYS.dlq_items()) == 0
+
+
 async def test_admin_dlq_replay_of_hundreds_opens_few_store_connections(
     admin: Admin, upstream: Upstream, rdb: redis.Redis
 ) -> None:

@@ -279,6 +279,32 @@ async def test_admin_cli_exit_3_when_unreachable(valkey: object) -> None:
         assert r.err.count("\n") == 1 and "cannot reach the admin API" in r.err
 
 
+async def test_admin_cli_a_change_sent_but_never_answered_is_not_called_unreachable() -> None:
+    """The sidecar killed while it runs a replay: the CLI said "cannot reach the admin API" (exit 3) after 467
+    items had been replayed (an e2e audit). A request that changes something and was sent, then got no answer,
+    may have been carried out: exit 1, saying so. A GET so cut is still "cannot reach" (nothing changed)."""
+
+    async def take_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        writer.close()
+
+    server = await asyncio.start_server(take_then_hang_up, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        replay, listing = await asyncio.gather(
+            dlq("replay", "--all", "--admin-url", url, "--token", "x"),
+            dlq("list", "--admin-url", url, "--token", "x"),
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert replay.code == 1 and one_line(replay.err), replay.err
+    assert "took the request but gave no answer" in replay.err and "safe to run again" in replay.err
+    assert listing.code == 3 and "cannot reach the admin API" in listing.err, listing.err
+
+
 BAD_ARGUMENTS = [
     ["replay"],
     ["replay", "abc", "--all"],
