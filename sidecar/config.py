@@ -766,8 +766,9 @@ def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-    except ValueError:
-        return "not a valid URL"
+    except ValueError as exc:
+        # urllib's own words say which part is wrong ("Port out of range 0-65535", "Invalid IPv6 URL")
+        return f"not a valid URL: {exc}"
     if parts.scheme not in schemes:
         return f"expected an {' or '.join(s + '://' for s in schemes)} URL"
     if not parts.hostname:
@@ -1277,7 +1278,8 @@ def _route(
         where = next((item.value[k] for k in ("secrets", "secret_files") if k in item.value), item)
         ctx.error(where.line, f"{path}.secrets", "provider {} needs at least one non-empty secret", provider)
         ok = False
-    if provider == "hmac" and values.get("signature") is None:
+    given = item.value.get("signature")
+    if provider == "hmac" and (given is None or given.value is None):  # a bad one given is said where it is
         ctx.error(item.line, f"{path}.signature", "required for provider hmac (the generic signature spec)")
         ok = False
     if not (ok and retry_ok and files_ok) or retry_base is None:

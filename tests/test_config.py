@@ -283,7 +283,7 @@ def test_appendfsync_no_is_the_word_not_a_boolean() -> None:
     [
         ("ftp://x", "expected an http:// or https:// URL"),
         ("http://", "the URL has no host"),
-        ("http://h:99999", "not a valid URL"),
+        ("http://h:99999", "not a valid URL: Port out of range 0-65535"),
         ("http://h/#frag", "the URL must not have a #fragment"),
     ],
 )
@@ -653,6 +653,11 @@ def test_route_hmac_provider_needs_a_signature_spec() -> None:
     assert errors == [
         "cfg.yaml:2: routes[0].signature: required for provider hmac (the generic signature spec)"
     ]
+    # one given but wrong is said where it is, not also as missing
+    errors = errors_of(ROUTE.replace("provider: stripe", "provider: hmac") + "    signature: [1, 2]\n")
+    assert errors == [
+        "cfg.yaml:6: routes[0].signature: expected a mapping (the generic hmac spec), got a list"
+    ]
     spec = "signature: {sig_name: x-sig, dedup_id: ['json:id'], tolerance_s: 300}\n"
     route = one_route(spec).routes[0]
     assert route.signature == {"sig_name": "x-sig", "dedup_id": ["json:id"], "tolerance_s": 300}
@@ -942,7 +947,10 @@ def test_check_config_alias_bomb_through_merge_keys_is_one_error_line(tmp_path: 
             "rediss://h:6380?ssl_cert_reqs=maybe",
             "ssl_cert_reqs must be none, optional or required, not 'maybe'",
         ),
-        ("rediss://h:6380?ssl_ca_certs=/nonexistent/ca.pem", "No such file or directory"),
+        (
+            "rediss://h:6380?ssl_ca_certs=/nonexistent/ca.pem",
+            "ssl_ca_certs='/nonexistent/ca.pem': [Errno 2] No such",
+        ),
         ("rediss://h:6380?ssl_keyfile=/k.pem", "ssl_keyfile needs ssl_certfile"),
         ("unix:///run/redis.sock?db=x", "the database must be a number, like unix:///run/redis.sock?db=0"),
         ("rediss://h:6380?ssl_cert_reqs=NONE", "not 'NONE'"),  # redis-py reads it case-sensitively

@@ -164,7 +164,8 @@ def _generic(
     window = spec.tolerance_s if tolerance is None else tolerance
     if spec.ts_source is not None and window is None:
         raise ProviderConfigError(
-            "signature.tolerance_s: required when ts_source is set (or set the route's tolerance; 0 disables)"
+            "signature.tolerance_s: required when ts_source is set (seconds; 0 disables the check), or set the "
+            "route's tolerance"
         )
     return SpecVerifier(spec, generic_keys(spec, secrets), window)
 

@@ -81,14 +81,14 @@ def tls_context(query: dict[str, str], cluster: bool = False) -> ssl.SSLContext:
             raise ValueError("ssl_keyfile is encrypted: give its ssl_password")
 
         _load(
-            "ssl_certfile / ssl_keyfile",
+            _named(query, "ssl_certfile", "ssl_keyfile"),
             lambda: context.load_cert_chain(
                 query["ssl_certfile"], query.get("ssl_keyfile"), password or no_prompt
             ),
         )
     if query.get("ssl_ca_certs") or query.get("ssl_ca_path") or query.get("ssl_ca_data"):
         _load(
-            "ssl_ca_certs / ssl_ca_path / ssl_ca_data",
+            _named(query, "ssl_ca_certs", "ssl_ca_path", "ssl_ca_data"),
             lambda: context.load_verify_locations(
                 cafile=query.get("ssl_ca_certs"),
                 capath=query.get("ssl_ca_path"),
@@ -98,6 +98,13 @@ def tls_context(query: dict[str, str], cluster: bool = False) -> ssl.SSLContext:
     if query.get("ssl_ciphers"):
         _load("ssl_ciphers", lambda: context.set_ciphers(query["ssl_ciphers"]))
     return context
+
+
+def _named(query: dict[str, str], *keys: str) -> str:
+    """The given ones of `keys`, each with its file (a missing CA file was "ssl_ca_certs / ssl_ca_path /
+    ssl_ca_data: [Errno 2] No such file or directory", naming neither which nor the file)."""
+    given = [k if k == "ssl_ca_data" else f"{k}={query[k]!r}" for k in keys if query.get(k)]
+    return ", ".join(given)
 
 
 def _load(what: str, load: Callable[[], object]) -> None:
