@@ -34,13 +34,14 @@ import struct
 import termios
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
-from sidecar.admin_spec import document
+from sidecar.admin_spec import DRAIN_HEADER, DRAIN_ID, document
 from sidecar.app import CONFIG, RUN_WORKER, RUNTIME, Runtime
 from sidecar.durations import parse_duration
 from sidecar.errors import StoreError, StoreUnavailable
@@ -76,11 +77,11 @@ READY_TIMEOUT = 1.5
 DRAIN_LEASE_MS = int((2 * DRAIN_LINE_TIMEOUT + 30.0) * 1000)
 # A held drain (`"hold"`): its items stay in the DLQ, held for this long at most, until its client removes them.
 MAX_HOLD = 24 * 3600.0
-DRAIN_HEADER = "Sidecar-Drain"
+SKIPPED = ("pending", "delivered", "busy", "gone")  # what a replay answers it skipped, by why
 REFUSED_REPORT_S = 60.0  # admin calls refused 401: said once, then at most this often with a count
 
 _ID = re.compile(r"[0-9a-f]{1,64}")
-_DRAIN = re.compile(r"[0-9a-f]{32}")
+_DRAIN = re.compile(DRAIN_ID)
 _ROUTE = re.compile(r"[a-z0-9_-]{1,100}")
 _CURSOR = re.compile(r"([0-9]{1,16})-([0-9a-f]{1,64})")
 _EPOCH = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
@@ -130,19 +131,28 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if "Allow" in exc.headers:
             resp.headers["Allow"] = exc.headers["Allow"]
         return resp
-    except StoreUnavailable as exc:
-        resp = ApiError(503, "store_unavailable", str(exc)).response()
-        resp.headers["Retry-After"] = "1"
-        return resp
     except StoreError as exc:
-        log.warning("admin %s %s: %s", request.method, request.path, exc)
-        return ApiError(503, "store_error", "the store refused the operation; see the sidecar log").response()
+        if not isinstance(exc, StoreUnavailable):
+            log.warning("admin %s %s: %s", request.method, request.path, exc)
+        return store_failure(exc).response()
     except Exception:
         log.exception("admin %s %s failed", request.method, request.path)
         return ApiError(500, "internal", "unexpected error; see the sidecar log").response()
 
 
-def replay_cut_short(exc: StoreError, selector: str, counts: dict[str, int], selected: int) -> ApiError:
+def store_failure(exc: StoreError, detail: str | None = None, **extra: Any) -> ApiError:
+    """The 503 for a store call that failed: `store_unavailable` (with Retry-After) when the store cannot be
+    reached, else `store_error`, whose cause is in the sidecar's log only."""
+    if isinstance(exc, StoreUnavailable):
+        failure = ApiError(503, "store_unavailable", detail or str(exc), **extra)
+        failure.headers = {"Retry-After": "1"}
+        return failure
+    return ApiError(
+        503, "store_error", detail or "the store refused the operation; see the sidecar log", **extra
+    )
+
+
+def replay_cut_short(exc: StoreError, selector: str, counts: Counter[str], selected: int) -> ApiError:
     """A replay the store failed part way through: what it did is said, not only the store's error (a bare 503
     read as "nothing replayed" while 199 of 1,200 had been, in an e2e audit)."""
     log.warning(
@@ -152,19 +162,14 @@ def replay_cut_short(exc: StoreError, selector: str, counts: dict[str, int], sel
         selected,
         exc,
     )
-    unavailable = isinstance(exc, StoreUnavailable)
-    refused = ApiError(
-        503,
-        "store_unavailable" if unavailable else "store_error",
+    return store_failure(
+        exc,
         f"the replay stopped part way, {counts['replayed']} of {selected} replayed: {exc}; run it again once the "
         "store answers (what was replayed has left the DLQ, so nothing is replayed twice)",
         replayed=counts["replayed"],
-        skipped={k: counts[k] for k in ("pending", "delivered", "busy", "gone")},
+        skipped={k: counts[k] for k in SKIPPED},
         partial=True,
     )
-    if unavailable:
-        refused.headers = {"Retry-After": "1"}
-    return refused
 
 
 def auth_middleware(main: web.Application) -> Any:
@@ -176,16 +181,15 @@ def auth_middleware(main: web.Application) -> Any:
             try:
                 check_token(request, configured_token(main))
             except ApiError as exc:
-                since = refused.count()
-                if since is not None:  # the first, then a count at most every REFUSED_REPORT_S: no log flood
-                    log.warning(
-                        "admin: %d request(s) refused 401 since the last report, the last: %s %s: %s",
-                        since,
-                        request.method,
-                        request.path[:200],
-                        exc.detail,
-                        extra=client_fields(request),
-                    )
+                refused.say(  # the first, then a count at most every REFUSED_REPORT_S: no log flood
+                    log,
+                    logging.WARNING,
+                    "admin: %d request(s) refused 401 since the last report, the last: %s %s: %s",
+                    request.method,
+                    request.path[:200],
+                    exc.detail,
+                    extra=client_fields(request),
+                )
                 raise
         return await handler(request)
 
@@ -546,7 +550,7 @@ class AdminApi:
         if dry_run:
             log.info("dlq replay dry run: %s would_replay=%d reason=%r", selector, len(ids), reason)
             return web.json_response({"would_replay": len(ids)})
-        counts = {"replayed": 0, "pending": 0, "delivered": 0, "busy": 0, "gone": 0}
+        counts: Counter[str] = Counter(dict.fromkeys(("replayed", *SKIPPED), 0))
         now_ms, owner = self.runtime().store.clock.now_ms(), uuid.uuid4().hex
         slots = asyncio.Semaphore(REPLAY_CONCURRENCY)
 
@@ -560,13 +564,12 @@ class AdminApi:
                 items = await dl.get_many(batch)
                 # removed since the selection (by a replay or drain elsewhere)
                 counts["gone"] += len(batch) - len(items)
+                # the whole batch ends before an answer: every one it did is counted, then its first failure raised
                 outcomes = await asyncio.gather(*(replay(i) for i in items), return_exceptions=True)
-                for outcome in outcomes:  # every one the batch did is counted, then its first failure raised
-                    if not isinstance(outcome, BaseException):
-                        counts[outcome] += 1
-                for outcome in outcomes:
-                    if isinstance(outcome, BaseException):
-                        raise outcome
+                failures = [o for o in outcomes if isinstance(o, BaseException)]
+                counts.update(o for o in outcomes if not isinstance(o, BaseException))
+                if failures:
+                    raise failures[0]
         except StoreError as exc:
             raise replay_cut_short(exc, selector, counts, len(ids)) from exc
         log.info(
@@ -579,7 +582,7 @@ class AdminApi:
             counts["gone"],
             reason,
         )
-        skipped = {k: counts[k] for k in ("pending", "delivered", "busy", "gone")}
+        skipped = {k: counts[k] for k in SKIPPED}
         return web.json_response({"replayed": counts["replayed"], "skipped": skipped})
 
     async def selection(self, body: dict[str, Any], selector: str) -> tuple[str, list[str]]:

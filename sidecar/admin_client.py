@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import quote, urlencode, urlsplit
 
+from sidecar.admin_spec import DRAIN_HEADER, DRAIN_ID
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -62,8 +64,7 @@ DRAIN_RCVBUF = 64 * 1024
 # and remove them (`--hold`); items removed a batch at a time, once surely in the output.
 DEFAULT_HOLD = "10m"
 REMOVE_BATCH = 200
-DRAIN_HEADER = "Sidecar-Drain"
-_DRAIN_ID = re.compile(r"[0-9a-f]{32}")
+_DRAIN_ID = re.compile(DRAIN_ID)
 
 
 class ClientError(Exception):
@@ -945,9 +946,8 @@ class HeldDrain(Drain):
     ) -> None:
         super().__init__(client, stream, sink, guard)
         self.drain_id, self.reason = drain_id, reason
-        self.unsure: deque[str] = (
-            deque()
-        )  # written, not yet surely in the output (the sink says when, in order)
+        # written, not yet surely in the output (the sink says when, in order)
+        self.unsure: deque[str] = deque()
         self.sure: list[str] = []  # surely in the output, not yet removed
         # sent in a removal that failed: the sidecar may have removed some of them
         self.maybe_removed: set[str] = set()

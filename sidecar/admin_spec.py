@@ -40,6 +40,9 @@ def _path(name: str, description: str) -> dict[str, Any]:
     }
 
 
+DRAIN_HEADER = "Sidecar-Drain"  # names a held drain in its answer
+DRAIN_ID = r"[0-9a-f]{32}"
+
 _REASON = _query("reason", "why (logged with the mutation)", {"type": "string", "maxLength": 1000})
 _ID = _path("id", "dead-letter id")
 _DRAIN = _path("drain", "a held drain's id: its answer's `Sidecar-Drain` header")
@@ -292,6 +295,23 @@ def _op(summary: str, responses: dict[str, Any], *, auth: bool = True, **extra: 
     return op
 
 
+def _held_call(summary: str, ok: dict[str, Any]) -> dict[str, Any]:
+    """A call on a held drain: the drain's id in the path, the ids it is about (`HeldIds`) in the body."""
+    responses = {
+        "200": ok,
+        "400": _error("bad body"),
+        "404": _error("not a drain id"),
+        **_SLOW_BODY,
+        **_STORE,
+    }
+    return {
+        "parameters": [_DRAIN],
+        "post": _op(
+            summary, responses, requestBody={"required": True, "content": {JSON: {"schema": _ref("HeldIds")}}}
+        ),
+    }
+
+
 PATHS: dict[str, Any] = {
     "/healthz": {"get": _op("liveness", {"200": _json({"type": "object"}, "alive")}, auth=False)},
     "/readyz": {
@@ -375,7 +395,7 @@ PATHS: dict[str, Any] = {
                 "200": {
                     "description": "one DeadLetterFull per line; a held drain's id in the `Sidecar-Drain` header",
                     "headers": {
-                        "Sidecar-Drain": {
+                        DRAIN_HEADER: {
                             "description": 'a held drain\'s id (with "hold" only)',
                             "schema": {"type": "string"},
                         }
@@ -390,41 +410,17 @@ PATHS: dict[str, Any] = {
             requestBody={"required": False, "content": {JSON: {"schema": _ref("DrainRequest")}}},
         )
     },
-    "/admin/dlq/drain/{drain}/remove": {
-        "parameters": [_DRAIN],
-        "post": _op(
-            "step 2 of a held drain: remove the items its client has stored, if the drain still holds them",
-            {
-                "200": _json(_ref("HeldRemoved"), "what was removed, and what became of the others"),
-                "400": _error("bad body"),
-                "404": _error("not a drain id"),
-                **_SLOW_BODY,
-                **_STORE,
-            },
-            requestBody={"required": True, "content": {JSON: {"schema": _ref("HeldIds")}}},
+    "/admin/dlq/drain/{drain}/remove": _held_call(
+        "step 2 of a held drain: remove the items its client has stored, if the drain still holds them",
+        _json(_ref("HeldRemoved"), "what was removed, and what became of the others"),
+    ),
+    "/admin/dlq/drain/{drain}/release": _held_call(
+        "give back items of a held drain that its client could not store, before the hold ends",
+        _json(
+            {"type": "object", "required": ["released"], "properties": {"released": {"type": "integer"}}},
+            "how many this drain held and gave back",
         ),
-    },
-    "/admin/dlq/drain/{drain}/release": {
-        "parameters": [_DRAIN],
-        "post": _op(
-            "give back items of a held drain that its client could not store, before the hold ends",
-            {
-                "200": _json(
-                    {
-                        "type": "object",
-                        "required": ["released"],
-                        "properties": {"released": {"type": "integer"}},
-                    },
-                    "how many this drain held and gave back",
-                ),
-                "400": _error("bad body"),
-                "404": _error("not a drain id"),
-                **_SLOW_BODY,
-                **_STORE,
-            },
-            requestBody={"required": True, "content": {JSON: {"schema": _ref("HeldIds")}}},
-        ),
-    },
+    ),
     "/admin/events/{route}/{event_id}": {
         "parameters": _EVENT,
         "get": _op(

@@ -48,8 +48,6 @@ async def serve(
     process binds it alone, so a second sidecar started on the same port fails instead of quietly sharing it.
     The admin listener is bound before the inbound one, and a listener that cannot be bound stops the start
     with everything set up so far cleaned up: no webhook is taken by a process that is not going to run."""
-    from aiohttp import web
-
     from sidecar.admin import create_admin_app
     from sidecar.app import RUNTIME, create_app
     from sidecar.front import FrontRunner, JsonErrorRunner
@@ -99,10 +97,17 @@ async def serve(
                 app[RUNTIME].peer_counts = PeerCounts(peers_dir)
         admin_at = ["served by worker 0"]  # of `server.workers: N`
         if admin:
-            site = web.TCPSite(admin_runner, config.admin.host, config.admin.port)
-            admin_at = await _listen(site, "admin.listen", config.admin.listen)
-        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port or None)
-        inbound_at = await _listen(site, "server.listen", config.server.listen)
+            admin_at = await _listen(
+                admin_runner, config.admin.host, config.admin.port, "admin.listen", config.admin.listen
+            )
+        inbound_at = await _listen(
+            runner,
+            config.server.host,
+            config.server.port,
+            "server.listen",
+            config.server.listen,
+            reuse_port=reuse_port or None,
+        )
     except (OSError, SidecarError):
         await asyncio.gather(*_cleanups(admin_runner, runner, peer_runner), return_exceptions=True)
         raise
@@ -149,15 +154,16 @@ def cannot_listen(key: str, listen: str, exc: OSError) -> CannotListen:
     return CannotListen(f"cannot listen: {key} {listen!r}: {exc.strerror or exc}")
 
 
-async def _listen(site: Any, key: str, listen: str) -> list[str]:
-    """Start `site` for the config key `key`; the addresses it is bound to (a port 0 says which one it got)."""
+async def _listen(runner: Any, host: str, port: int, key: str, listen: str, **site: Any) -> list[str]:
+    """Listen for `runner` as the config key `key` says; the addresses it is bound to (a port 0 says which one it
+    got; each runner has this one site)."""
+    from aiohttp import web
+
     try:
-        await site.start()
+        await web.TCPSite(runner, host, port, **site).start()
     except OSError as exc:
         raise cannot_listen(key, listen, exc) from exc
-    server = getattr(site, "_server", None)
-    sockets = getattr(server, "sockets", None) or []
-    return [_address(sock.getsockname()) for sock in sockets] or [listen]
+    return [_address(name) for name in runner.addresses] or [listen]
 
 
 def _address(name: Any) -> str:
@@ -178,9 +184,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     text = None
     reload_at_start = False
     try:
-        if (
-            args.start_config
-        ):  # a worker: the config its supervisor started with (the file may have changed since)
+        # a worker: the config its supervisor started with (the file may have changed since)
+        if args.start_config:
             text = Path(args.start_config).read_text(encoding="utf-8")
             config = load_text(text, path)
             reload_at_start = _read_or_none(path) != text  # then what of the file applies live, as a reload

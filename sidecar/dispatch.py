@@ -62,6 +62,11 @@ UNKNOWN_ROUTE_WAIT = 30.0
 UNKNOWN_ROUTE_GRACE_MS = 15 * 60 * 1000
 
 
+def _past_max_age(route: RouteConfig, rec: EventRecord, now_ms: int, wait: float) -> bool:
+    """Would `rec`, attempted again `wait` seconds from now, be older than its route's `retry.max_age`?"""
+    return (now_ms - rec.first_seen_ms) / 1000 + wait > route.retry.max_age
+
+
 @dataclass(frozen=True, slots=True)
 class Disposition:
     kind: Literal["delivered", "queued", "dead"]
@@ -202,21 +207,25 @@ class Dispatcher:
         path and query never change it, see `target_url`), so no target URL is built to find it."""
         return self.breakers.for_url(route.upstream or self.config.upstream.url)
 
-    async def expire_if_old(
-        self, rec: EventRecord, attempt: int, history: list[dict[str, Any]], wait: float, lease_end_ms: int
+    async def put_back(
+        self,
+        route: RouteConfig,
+        rec: EventRecord,
+        attempt: int,
+        history: list[dict[str, Any]],
+        wait: float,
+        lease_end_ms: int,
     ) -> bool:
-        """An event its upstream's open circuit would put back past `retry.max_age`: dead-lettered (`expired`)
-        instead, as a failed attempt would be. True if it was. Without this an event waits for its turn at a probe
-        for as long as the circuit stays open, however old it gets."""
-        route = self.route(rec.route)
-        if route is None:
-            return False
-        age = (self.store.clock.now_ms() - rec.first_seen_ms) / 1000
-        if age + wait <= route.retry.max_age:
-            return False
-        outcome = Outcome("retryable", None, "circuit_open", 0.0)
-        await self._bury(rec, attempt, outcome, history, "expired", lease_end_ms)
-        return True
+        """Give a taken event back for `wait` seconds without attempting it (its upstream's circuit is open), or,
+        when that is past its `retry.max_age`, dead-letter it (`expired`) as a failed attempt would be: without
+        this an event waited for its turn at a probe for as long as the circuit stayed open, however old it got.
+        True if it was dead-lettered."""
+        if _past_max_age(route, rec, self.store.clock.now_ms(), wait):
+            outcome = Outcome("retryable", None, "circuit_open", 0.0)
+            await self._bury(rec, attempt, outcome, history, "expired", lease_end_ms)
+            return True
+        await self.defer(rec, attempt, wait)
+        return False
 
     async def defer(self, rec: EventRecord, attempt: int, wait: float) -> int:
         """Put a taken event back without attempting it (its upstream's circuit is open, or no connection came in
@@ -236,7 +245,6 @@ class Dispatcher:
         background: bool = False,
     ) -> Disposition:
         now_ms = self.store.clock.now_ms()  # the schedule's clock: the store's (see store/clock.py)
-        now = now_ms / 1000
         entry = AttemptRecord(now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000)
         if outcome.kind == "delivered":
             if background:
@@ -259,7 +267,6 @@ class Dispatcher:
                 rec, attempt, outcome, history, "rejected", lease_end_ms, entry, background
             )
         retry = route.retry
-        age = now - rec.first_seen_ms / 1000
         if attempt >= retry.max_attempts:
             return await self._bury(
                 rec, attempt, outcome, history, "exhausted", lease_end_ms, entry, background
@@ -272,7 +279,7 @@ class Dispatcher:
             max_delay=retry.max_delay,
             jitter=retry.jitter,
         )
-        if age + wait > retry.max_age:
+        if _past_max_age(route, rec, now_ms, wait):
             return await self._bury(
                 rec, attempt, outcome, history, "expired", lease_end_ms, entry, background
             )

@@ -73,6 +73,12 @@ def json_error(status: int, error: str, event_id: str | None = None, **extra: An
     return web.json_response({"error": error, **extra}, status=status, headers=headers)
 
 
+def closing(response: web.Response) -> web.Response:
+    """`response`, and the connection closed after it (what is left of the request is not read)."""
+    response.force_close()
+    return response
+
+
 async def expect_continue(request: web.Request, limit: int | None = None) -> web.StreamResponse | None:
     """The `Expect` handler: `100-continue` as aiohttp does it; anything else a 417 that does not echo the value.
     (aiohttp's default handler echoes it into its 417 text, and a value that is not UTF-8 makes that a 500.)
@@ -325,7 +331,13 @@ class Ingress:
         extra = {}
         if isinstance(exc, StoreFull):
             extra["detail"] = "store_full"
-            self._report_full(exc)
+            self._full.say(
+                log,
+                logging.ERROR,
+                "store full: %d new event(s) refused (503) since the last report; what it holds is still delivered, "
+                "which frees memory; to take new events now, raise maxmemory or drain dead letters (runbook): %s",
+                exc,
+            )
         elif not isinstance(exc, StoreUnavailable):
             log.error("route %s: %s: %s", route, what, exc)
         resp = json_error(503, "store_unavailable", event_id, **extra)
@@ -350,26 +362,15 @@ class Ingress:
                 },
             )
             return
-        since = self._no_route.count()
-        if since is not None:
-            log.info(
-                "%d request(s) to a path no route has (404 no_route) since the last report, the last: %s %r; "
-                "check the URL the provider was given against the routes' paths",
-                since,
-                request.method,
-                path,
-                extra=client_fields(request),
-            )
-
-    def _report_full(self, exc: StoreFull) -> None:
-        since = self._full.count()
-        if since is not None:
-            log.error(
-                "store full: %d new event(s) refused (503) since the last report; what it holds is still delivered, "
-                "which frees memory; to take new events now, raise maxmemory or drain dead letters (runbook): %s",
-                since,
-                exc,
-            )
+        self._no_route.say(
+            log,
+            logging.INFO,
+            "%d request(s) to a path no route has (404 no_route) since the last report, the last: %s %r; "
+            "check the URL the provider was given against the routes' paths",
+            request.method,
+            path,
+            extra=client_fields(request),
+        )
 
     async def _spend_nonce(
         self, cfg: RouteConfig, verified: Verified, body: bytes, result: Result
@@ -397,35 +398,33 @@ class Ingress:
     ) -> web.StreamResponse:
         cfg = route.cfg
         if body is None:
-            codings = ",".join(request.headers.getall("Transfer-Encoding", ())).lower()
-            if codings and [c.strip() for c in codings.split(",")] != ["chunked"]:
+            codings = [
+                c.strip().lower()
+                for v in request.headers.getall("Transfer-Encoding", ())
+                for c in v.split(",")
+            ]
+            if codings and codings != ["chunked"]:
                 # aiohttp removes `chunked` and ignores any other coding (`gzip, chunked`): the body would be
                 # stored and forwarded still encoded, with nothing left to say so (RFC 9112 §6.1: 501)
                 result.outcome = "bad_request"
-                refused = json_error(501, "unsupported_transfer_coding")
-                refused.force_close()
-                return refused
+                return closing(json_error(501, "unsupported_transfer_coding"))
             try:
                 server = self.dispatcher.config.server
                 body = await read_bounded(request, server.max_body_bytes, server.read_timeout)
             except BodyTooLarge:
                 result.outcome = "body_too_large"
                 refused = json_error(413, "body_too_large")
-                if "Expect" in request.headers:  # its body may or may not follow: not a connection to reuse
-                    refused.force_close()
-                return refused
+                # its body may or may not follow: not a connection to reuse
+                return closing(refused) if "Expect" in request.headers else refused
             except ConnectionResetError:
                 # the client went away mid-body (aiohttp's path; the front's own just drops the connection):
                 # nothing was claimed; counted, and not an error-level traceback any client could cause
                 result.outcome = "client_closed"
-                gone = json_error(400, "client_closed")
-                gone.force_close()
-                return gone
+                return closing(json_error(400, "client_closed"))
             except ReadTimeout:
                 result.outcome = "read_timeout"
-                late = json_error(408, "read_timeout")
-                late.force_close()  # as the front's 408 says: the rest of a dribbled body is not waited for
-                return late
+                # as the front's 408 says: the rest of a dribbled body is not waited for
+                return closing(json_error(408, "read_timeout"))
         url = public_url(request, cfg) if needs_public_url(cfg) else ""
         inbound = Inbound(request.method, body, request.headers, url, time.time())
         handshake = route.verifier.unsigned_handshake(inbound)

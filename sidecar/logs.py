@@ -118,6 +118,12 @@ class Tally:
         self._said_at, since, self._since = now, self._since, 0
         return since
 
+    def say(self, logger: logging.Logger, level: int, msg: str, *args: Any, **kwargs: Any) -> None:
+        """Count one occurrence and, when it is time, log `msg` with the count as its first argument."""
+        since = self.count()
+        if since is not None:
+            logger.log(level, msg, since, *args, **kwargs)
+
     def over(self) -> int | None:
         """It stopped happening: how many occurrences were not said yet (to say so once), or None when it had not
         been happening. Cheap when nothing happened: one test."""

@@ -27,6 +27,7 @@ from pathlib import Path
 log = logging.getLogger("sidecar.supervisor")
 
 MAX_RESTARTS = 5
+START_CONFIG_NAME = "start-config.yaml"  # in the peers dir: the config every worker starts from
 PARENT_ENV = "SIDECAR_SUPERVISOR_PID"  # set for each child: the supervisor it must not outlive
 PEERS_ENV = "SIDECAR_PEERS_DIR"  # the directory of the workers' counter sockets (sidecar/peers.py)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -93,7 +94,7 @@ class Supervisor:
         workers: int,
         grace: float,
         log_level: str | None,
-        config_text: str | None = None,
+        config_text: str,
     ) -> None:
         self.config_path = config_path
         self.redis_url = redis_url
@@ -108,12 +109,10 @@ class Supervisor:
         self.peers_dir = tempfile.mkdtemp(prefix="sidecar-workers-")
         # The config this sidecar started with: every worker, a restarted one too, starts from it (restart-only
         # settings the same in all, a broken file no reason to stop) and then reloads the current file.
-        self.start_config: str | None = None
-        if config_text is not None:
-            self.start_config = os.path.join(self.peers_dir, "start-config.yaml")
-            fd = os.open(self.start_config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(config_text)
+        self.start_config = os.path.join(self.peers_dir, START_CONFIG_NAME)
+        fd = os.open(self.start_config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(config_text)
 
     def _command(self, index: int) -> list[str]:
         cmd = [sys.executable, "-m", "sidecar"]
@@ -128,7 +127,8 @@ class Supervisor:
             str(index),
             "--redis-url",
             self.redis_url,
-            *(["--start-config", self.start_config] if self.start_config else []),
+            "--start-config",
+            self.start_config,
         ]
 
     def _spawn(self, index: int) -> None:

@@ -297,7 +297,7 @@ class Telemetry:
 
     async def refresh_within(self, store: Any, routes: Iterable[str], budget: float) -> None:
         """`refresh`, given up after `budget` seconds or on a store error: the last snapshot stays (refresh swaps
-        it in whole), and /readyz reports the store."""
+        it in whole), and `sidecar_store_up` (like /readyz) says the store did not answer."""
         from sidecar.errors import StoreError
 
         try:

@@ -116,21 +116,20 @@ class RetryWorker:
         route = self.dispatcher.route(rec.route)
         breaker = self.dispatcher.breaker(route) if route is not None else None
         try:
-            if breaker is not None and not breaker.allow():
+            if route is not None and breaker is not None and not breaker.allow():
                 wait = max(breaker.retry_at(), 0.5)
-                if await self.dispatcher.expire_if_old(rec, taken.attempt, taken.history, wait, lease_end_ms):
-                    return True
-                await self.dispatcher.defer(rec, taken.attempt, wait)
-                return False
+                return await self.dispatcher.put_back(
+                    route, rec, taken.attempt, taken.history, wait, lease_end_ms
+                )
             await self.dispatcher.attempt(rec, taken.attempt, taken.history, lease_end_ms=lease_end_ms)
             if (unsaid := self._full.over()) is not None:
                 log.warning(
                     "store settles attempts again (%d more not settled since the last report)", unsaid
                 )
         except StoreFull as exc:  # a failing receiver's retries wait for their leases: said once a while
-            since = self._full.count()
-            if since is not None:
-                log.warning("store full: %d attempt(s) not settled, left to their leases: %s", since, exc)
+            self._full.say(
+                log, logging.WARNING, "store full: %d attempt(s) not settled, left to their leases: %s", exc
+            )
         except StoreError as exc:
             log.warning(
                 "attempt %d of %s/%s not settled (its lease brings it back): %s",

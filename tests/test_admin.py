@@ -1224,9 +1224,8 @@ async def test_admin_events_forgotten_dead_event_dead_again_keeps_both_dead_lett
     first = await (await admin.get(f"/admin/dlq/{first_id}")).json()
     assert (await admin.delete("/admin/events/stripe/evt_twice_dead")).status == 200
     await asyncio.sleep(0.005)  # another first-seen millisecond
-    assert (
-        await dead_via_ingress(admin, upstream, "evt_twice_dead") == first_id
-    )  # the event's id, its latest life
+    # the event's id, its latest life
+    assert await dead_via_ingress(admin, upstream, "evt_twice_dead") == first_id
     listed = (await (await admin.get("/admin/dlq?route=stripe")).json())["items"]
     assert len(listed) == 2 and first_id in [i["id"] for i in listed]
     [moved_id] = [i["id"] for i in listed if i["id"] != first_id]

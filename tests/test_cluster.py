@@ -8,6 +8,7 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -220,6 +221,16 @@ async def test_cluster_ingest_retry_dead_letter_flow(cluster_url: str, upstream:
         assert stats["stripe"]["duplicates"] == 81
 
 
+async def dead_via_ingress(client: Any, upstream: Upstream, prefix: str, n: int) -> list[str]:
+    """`n` events the upstream rejects (400), each answered 202 and dead-lettered at once; their ids."""
+    upstream.respond(*[400] * n)
+    ids = [f"{prefix}{i}" for i in range(n)]
+    for event_id in ids:
+        body = stripe_body(event_id)
+        assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 202
+    return ids
+
+
 async def test_cluster_dead_letters_replay_through_the_same_schedule(
     cluster_url: str, upstream: Upstream
 ) -> None:
@@ -229,13 +240,7 @@ async def test_cluster_dead_letters_replay_through_the_same_schedule(
     app = create_app(config, redis_url=cluster_url, run_worker=False)
     async with TestClient(TestServer(app)) as client:
         runtime = app[RUNTIME]
-        upstream.respond(400, 400, 400, 400, 400)
-        ids = [f"evt_rp{i}" for i in range(5)]
-        for event_id in ids:
-            body = stripe_body(event_id)
-            assert (
-                await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
-            ).status == 202
+        ids = await dead_via_ingress(client, upstream, "evt_rp", 5)
         dlq = DeadLetters(runtime.store)
         assert await dlq.count("stripe") == 5
         items = await dlq.get_many(await dlq.ids("stripe"))
@@ -269,11 +274,7 @@ async def test_cluster_held_drain_streams_removes_and_gives_back(
         await admin.start_server()
         try:
             auth = {"Authorization": f"Bearer {config.admin.token}"}
-            upstream.respond(400, 400, 400, 400, 400)
-            for i in range(5):
-                body = stripe_body(f"evt_hd{i}")
-                resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
-                assert resp.status == 202
+            await dead_via_ingress(client, upstream, "evt_hd", 5)
             drain = await admin.post("/admin/dlq/drain", json={"hold": "1m"}, headers=auth)
             drain_id = drain.headers["Sidecar-Drain"]
             ids = [json.loads(line)["id"] for line in (await drain.text()).splitlines()]

@@ -266,9 +266,8 @@ async def test_front_expect_continue_over_the_size_limit_is_refused_from_the_hea
     try:
         writer.write(raw[:-70000])  # the head alone
         status, headers, body = await read_response(reader)
-        assert await closed_within(
-            reader, front_module.LINGER_S + 2
-        )  # after reading what still comes, as aiohttp does
+        # after reading what still comes, as aiohttp does
+        assert await closed_within(reader, front_module.LINGER_S + 2)
     finally:
         writer.close()
     assert (status, json.loads(body)) == (413, {"error": "body_too_large"})

@@ -25,7 +25,7 @@ if ARGV[3] then
   if owner == ARGV[3] and tonumber(version) ~= tonumber(ARGV[2]) then
     return 0  -- the version this drain took was replaced (buried again): gone
   end
-  if owner ~= ARGV[3] or tonumber(version) ~= tonumber(ARGV[2]) then
+  if owner ~= ARGV[3] then
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     if owner and tonumber(version) == tonumber(ARGV[2]) and tonumber(ends) > now then
