@@ -60,6 +60,12 @@ SCHEMAS: dict[str, Any] = {
             "error": {"type": "string"},
             "detail": {"type": "string"},
             "ids": {"type": "array", "items": {"type": "string"}, "description": "a replay's unknown ids"},
+            "partial": {
+                "const": True,
+                "description": "a replay the store cut short: `replayed` items left the DLQ before it failed",
+            },
+            "replayed": {"type": "integer", "description": "with `partial`: how many were replayed"},
+            "skipped": {"type": "object", "description": "with `partial`: as in ReplayResult"},
         },
     },
     "Deleted": {
@@ -382,7 +388,11 @@ PATHS: dict[str, Any] = {
                 "400": _error("bad body"),
                 "404": _error("unknown ids (none replayed) or route"),
                 **_SLOW_BODY,
-                **_STORE,
+                "503": _error(
+                    "the store is unreachable (`store_unavailable`, with Retry-After) or starting; a replay it "
+                    "cut short says so with `partial`, `replayed` and `skipped` (what was replayed has left the "
+                    "DLQ: run it again)"
+                ),
             },
             requestBody={"required": True, "content": {JSON: {"schema": _ref("ReplayRequest")}}},
         )

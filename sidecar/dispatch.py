@@ -19,6 +19,7 @@ from sidecar.config import Config, RouteConfig
 from sidecar.errors import StoreError
 from sidecar.forwarder import Forwarder, Outcome, upstream_headers
 from sidecar.http1 import POOL_TIMEOUT
+from sidecar.logs import Tally
 from sidecar.routes import RouteTable, target_url
 from sidecar.store import AttemptRecord, EventRecord, RedisStore
 from sidecar.telemetry import AnySpan, Telemetry
@@ -60,6 +61,9 @@ NOT_SENT_WAIT = 1.0
 # back for UNKNOWN_ROUTE_WAIT instead of being dead-lettered, until it is UNKNOWN_ROUTE_GRACE old.
 UNKNOWN_ROUTE_WAIT = 30.0
 UNKNOWN_ROUTE_GRACE_MS = 15 * 60 * 1000
+UNKNOWN_ROUTE_REPORT_S = (
+    60.0  # put-backs of unknown routes are logged once, then with a count at most this often
+)
 
 
 def _past_max_age(route: RouteConfig, rec: EventRecord, now_ms: int, wait: float) -> bool:
@@ -85,6 +89,7 @@ class Dispatcher:
         self.breakers = Breakers(b.threshold, b.cooldown, b.max_cooldown)
         # routes a reload of this process removed (their events are dead-lettered as `route_removed` at once)
         self.removed_routes: set[str] = set()
+        self._unknown = Tally(UNKNOWN_ROUTE_REPORT_S)
 
     def swap(self, table: RouteTable) -> None:
         """A reload's new route table; remembers which routes it removed."""
@@ -141,6 +146,15 @@ class Dispatcher:
                 # Not removed here: likely a route a newer config on another replica added (a rollout).
                 # jittered, so the replicas that know the route get their turn at it
                 due_ms = await self.defer(rec, attempt, UNKNOWN_ROUTE_WAIT * random.uniform(0.2, 1.0))
+                self._unknown.say(
+                    log,
+                    logging.WARNING,
+                    "%d event(s) of routes this process does not know put back for the replicas that know them "
+                    "(dead-lettered as route_removed once %d min old), e.g. route=%s event_id=%s",
+                    UNKNOWN_ROUTE_GRACE_MS // 60000,
+                    rec.route,
+                    rec.event_id,
+                )
                 return Disposition(
                     "queued", Outcome("retryable", None, "route_unknown", 0.0), next_attempt_ms=due_ms
                 )

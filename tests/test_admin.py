@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.admin import AdminApi, create_admin_app
-from sidecar.admin_spec import document
+from sidecar.admin_spec import SCHEMAS, document
 from sidecar.app import RUNTIME, create_app
 from sidecar.config import AdminConfig
 from sidecar.front import JsonErrorRunner
@@ -547,6 +547,9 @@ async def test_admin_dlq_replay_cut_short_by_the_store_says_how_far_it_got(
     assert 100 <= body["replayed"] < 300, body
     assert f"{body['replayed']} of 300 replayed" in body["detail"] and "run it again" in body["detail"]
     assert resp.headers["Retry-After"] == "1"
+    listed = document()["paths"]["/admin/dlq/replay"]["post"]["responses"]["503"]
+    assert "partial" in listed["description"]
+    assert {"partial", "replayed", "skipped"} <= set(SCHEMAS["Error"]["properties"])
     left = rdb.zcard(KEYS.dlq_items())
     assert left <= 300 - body["replayed"]  # what it counted has left the DLQ
     monkeypatch.setattr(DeadLetters, "replay", original)

@@ -324,7 +324,11 @@ async def test_worker_buries_an_event_whose_attempts_are_spent_without_sending_i
 
 
 async def test_worker_leaves_a_route_it_never_knew_to_the_replicas_that_know_it(
-    sidecar_factory: Any, upstream: Upstream, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    sidecar_factory: Any,
+    upstream: Upstream,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A rolling update that adds a route: the replicas still on the old config share the store with the new ones.
     Their retry workers took the new route's due retries and dead-lettered them as `route_removed` without an
@@ -354,6 +358,9 @@ async def test_worker_leaves_a_route_it_never_knew_to_the_replicas_that_know_it(
     await old.server.app[RUNTIME].worker.run_once()
     ev = await store.get_event("stripe2", "evt_rollout")
     assert ev["raw_state"] == "p" and ev["attempts"] == 1, ev  # put back, not attempted, not buried
+    [said] = [r for r in caplog.records if "does not know put back" in r.getMessage()]
+    assert said.levelname == "WARNING" and "1 event(s)" in said.getMessage()
+    assert "route=stripe2 event_id=evt_rollout" in said.getMessage()
     assert await dead.count() == 0 and len(upstream.received) == 1
     await drain(new, want=2, upstream=upstream)  # the replica that knows the route delivers it
     assert upstream.ids() == ["evt_rollout", "evt_rollout"]
