@@ -40,12 +40,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from sidecar.admin_spec import DRAIN_HEADER, DRAIN_ID, document
 from sidecar.app import CONFIG, RUN_WORKER, RUNTIME, Runtime
 from sidecar.durations import parse_duration
 from sidecar.errors import StoreError, StoreUnavailable
-from sidecar.ingress import client_fields
+from sidecar.ingress import BAD_BODY, client_fields, parse_error_detail
 from sidecar.logs import Tally
 from sidecar.providers.base import stored_id
 from sidecar.store.dead_letters import Cursor, DeadLetter, DeadLetters, ReplayOutcome, StatusFilter
@@ -283,6 +284,8 @@ async def json_object(request: web.Request, timeout: float, *, empty_ok: bool = 
             raw = await request.read()
     except TimeoutError:
         raise ApiError(408, "read_timeout", "the body did not arrive within server.read_timeout") from None
+    except HttpProcessingError as exc:  # its framing refused part way (a malformed chunk)
+        raise bad_request(parse_error_detail(exc, BAD_BODY)) from None
     if not raw.strip() and empty_ok:
         return {}
     try:

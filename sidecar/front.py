@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 import httptools
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.ingress import Result, json_error, needs_public_url
+from sidecar.ingress import Result, json_error, needs_public_url, parse_error_detail
 
 if TYPE_CHECKING:
     from sidecar.ingress import Ingress
@@ -404,6 +404,29 @@ class JsonErrorHandler(RequestHandler):
     `Content-Length` and `Transfer-Encoding`, …) as the sidecar answers every refusal: JSON with an `error`, and
     one info line rather than an error-level traceback, since any client can send such bytes."""
 
+    def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
+        super().data_received(data)
+        if len(self._messages) > queued and isinstance(self._messages[-1][0], _ErrInfo):
+            self._fail_open_body(self._messages[-1][0].exc)
+
+    def _fail_open_body(self, exc: BaseException) -> None:
+        """llhttp refused bytes inside a body (a malformed chunk size, say): aiohttp queues its 400 for after the
+        handler, whose read of that body then waited for the rest until `server.read_timeout` (a 408, seconds
+        later). The read fails now, with the parser's error, for the handler to answer 400; the body is over
+        (nothing more to linger for) and so is the connection (no second answer for the queued 400)."""
+        bodies = [payload for msg, payload in list(self._messages)[:-1] if not isinstance(msg, _ErrInfo)]
+        if bodies:
+            payload = bodies[-1]
+        elif self._current_request is not None:
+            payload = self._current_request.content
+        else:
+            return
+        if not payload.is_eof():
+            payload.set_exception(exc)
+            payload.feed_eof()
+            self._close = True
+
     def handle_error(
         self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ) -> web.StreamResponse:
@@ -420,26 +443,10 @@ class JsonErrorHandler(RequestHandler):
         )
         if request.writer.output_size > 0:  # some of an answer is out: the connection is broken
             raise ConnectionError("an answer was partly sent, cannot send the error")
-        detail = (
-            _PARSE_ERRORS.get(type(exc).__name__, "malformed HTTP request") if exc is not None else message
-        )
+        detail = parse_error_detail(exc) if exc is not None else message
         resp = web.json_response({"error": "bad_request", "detail": detail or "bad request"}, status=status)
         resp.force_close()
         return resp
-
-
-# What a refused request is told: aiohttp's own message quotes the request (its line, a header, bytes reprs)
-_PARSE_ERRORS = {
-    "LineTooLong": "the request line or a header is too long",
-    "BadHttpMethod": "not an HTTP request method",
-    "BadStatusLine": "malformed request line",
-    "InvalidURLError": "malformed request target",
-    "InvalidHeader": "malformed header",
-    "TransferEncodingError": "malformed chunked body",
-    "ContentLengthError": "body shorter than its Content-Length",
-    "ContentEncodingError": "body does not match its Content-Encoding",
-    "DecompressSizeError": "body too large once decompressed",
-}
 
 
 class JsonErrorServer(web.Server):

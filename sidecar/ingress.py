@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 from aiohttp import HttpVersion11, web, web_urldispatcher
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from sidecar.config import RouteConfig
@@ -71,6 +72,29 @@ def client_fields(peer: Any) -> dict[str, str]:
 def json_error(status: int, error: str, event_id: str | None = None, **extra: Any) -> web.Response:
     headers = {EVENT_ID_HEADER: event_id} if event_id else None
     return web.json_response({"error": error, **extra}, status=status, headers=headers)
+
+
+# What a refused request is told: aiohttp's own message quotes the request (its line, a header, bytes reprs)
+PARSE_ERRORS = {
+    "LineTooLong": "the request line or a header is too long",
+    "BadHttpMethod": "not an HTTP request method",
+    "BadStatusLine": "malformed request line",
+    "InvalidURLError": "malformed request target",
+    "InvalidHeader": "malformed header",
+    "TransferEncodingError": "malformed chunked body",
+    "ContentLengthError": "body shorter than its Content-Length",
+    "ContentEncodingError": "body does not match its Content-Encoding",
+    "DecompressSizeError": "body too large once decompressed",
+}
+
+
+BAD_BODY = (
+    "malformed body framing (a chunk size or chunk end)"  # llhttp's error mid-body is a bare BadHttpMessage
+)
+
+
+def parse_error_detail(exc: BaseException, default: str = "malformed HTTP request") -> str:
+    return PARSE_ERRORS.get(type(exc).__name__, default)
 
 
 def closing(response: web.Response) -> web.Response:
@@ -421,6 +445,10 @@ class Ingress:
                 # nothing was claimed; counted, and not an error-level traceback any client could cause
                 result.outcome = "client_closed"
                 return closing(json_error(400, "client_closed"))
+            except HttpProcessingError as exc:
+                # the parser refused the body's framing part way (a malformed chunk): aiohttp's path
+                result.outcome = "bad_request"
+                return closing(json_error(400, "bad_request", detail=parse_error_detail(exc, BAD_BODY)))
             except ReadTimeout:
                 result.outcome = "read_timeout"
                 # as the front's 408 says: the rest of a dribbled body is not waited for

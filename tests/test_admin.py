@@ -227,6 +227,31 @@ async def test_admin_body_dribble_gets_408_after_read_timeout_and_is_closed(
     assert answered < 3 and closed - answered < 3.5, (answered, closed)
 
 
+async def test_admin_malformed_chunk_is_a_400_at_once_not_a_408(
+    sidecar_factory: Any, aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chunked body whose second chunk size is not hex: llhttp's error went into a 400 queued for after the
+    handler, which waited for the rest of the body until read_timeout and answered 408."""
+    main = await sidecar_factory(ROUTES, retry=FAST, server="read_timeout: 5s")
+    http = await aiohttp_client(JsonErrorTestServer(create_admin_app(main.server.app)))
+    await bury_many(main.server.app[RUNTIME].store, 1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", http.port)
+    head = "POST /admin/dlq/replay HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    writer.write(f"{head}Authorization: Bearer {TOKEN}\r\n\r\n2\r\n{{}}\r\n".encode())
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the handler is reading the body
+    writer.write(b"zz\r\n{}\r\n0\r\n\r\n")
+    try:
+        answer = await asyncio.wait_for(reader.read(), 4)  # the answer, then the close
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1") == 1, answer
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body == {"error": "bad_request", "detail": "malformed body framing (a chunk size or chunk end)"}
+    assert await DeadLetters(main.server.app[RUNTIME].store).count() == 1  # nothing replayed
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 async def test_admin_closed_when_no_token_configured(
     aiohttp_client: Any, upstream: Upstream, redis_url: str, rdb: redis.Redis
 ) -> None:

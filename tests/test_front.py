@@ -648,3 +648,31 @@ async def test_a_client_gone_mid_body_on_aiohttps_path_is_counted_not_an_error(
 async def test_the_routers_own_404_is_json(client: Any, raw: bytes) -> None:
     status, _, body = await exchange(client, raw)
     assert status == 404 and json.loads(body) == {"error": "no_route"}
+
+
+async def test_a_malformed_chunk_mid_body_is_a_400_at_once_not_a_408(
+    sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's path (a chunked body): llhttp's error for a bad chunk size arriving after the handler began went
+    into a 400 queued for after the handler, which waited for the rest of the body until read_timeout (408)."""
+    client = await sidecar_factory(ROUTES, server="read_timeout: 5s")
+    reader, writer = await connect(client)
+    writer.write(
+        b"POST /webhooks/plain HTTP/1.1\r\nHost: h\r\nX-Event-Id: evt_bad_chunk\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    )
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the handler is reading the body
+    writer.write(b"zz\r\nbad\r\n0\r\n\r\n")
+    try:
+        status, headers, body = await read_response(reader)
+        assert await closed_within(reader, 4)
+    finally:
+        writer.close()
+    assert status == 400 and headers["connection"] == "close"
+    assert json.loads(body) == {
+        "error": "bad_request",
+        "detail": "malformed body framing (a chunk size or chunk end)",
+    }
+    assert upstream.received == [] and rdb.keys("*evt_bad_chunk*") == []
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
