@@ -185,9 +185,9 @@ def auth_middleware(main: web.Application) -> Any:
                 refused.say(  # the first, then a count at most every REFUSED_REPORT_S: no log flood
                     log,
                     logging.WARNING,
-                    "admin: %d request(s) refused 401 since the last report, the last: %s %s: %s",
+                    "admin: %d request(s) refused 401 since the last report, the last: %s %r: %s",
                     request.method,
-                    request.path[:200],
+                    request.path[:200],  # %r: a client's %0A must not start a forged line in a text log
                     exc.detail,
                     extra=client_fields(request),
                 )
@@ -276,6 +276,23 @@ def format_cursor(cursor: Cursor | None) -> str | None:
     return f"{cursor.dead_ms}-{cursor.id}" if cursor else None
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: `{"dry_run": true, "dry_run": false}` read as the last one did a
+    real replay of the whole DLQ."""
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return body
+
+
 async def json_object(request: web.Request, timeout: float, *, empty_ok: bool = False) -> dict[str, Any]:
     """The body as a JSON object, read within `timeout` (`server.read_timeout`): a client dribbling its body
     cannot hold a handler, and its connection, for as long as it likes."""
@@ -289,7 +306,9 @@ async def json_object(request: web.Request, timeout: float, *, empty_ok: bool = 
     if not raw.strip() and empty_ok:
         return {}
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as exc:
+        raise bad_request(f"the body gives {str(exc)[:100]!r} more than once") from None
     except (ValueError, RecursionError):
         raise bad_request("the body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -334,6 +353,10 @@ def only_query(request: web.Request, allowed: set[str]) -> None:
     unknown = sorted(set(request.query) - allowed)
     if unknown:
         raise bad_request(f"unknown query parameter(s): {', '.join(unknown)[:200]}")
+    # `?route=a&route=b` read as `a` alone would act on something else than what was asked
+    repeated = sorted(k for k in set(request.query) if len(request.query.getall(k)) > 1)
+    if repeated:
+        raise bad_request(f"query parameter(s) given more than once: {', '.join(repeated)[:200]}")
 
 
 def parse_reason(value: Any) -> str:
@@ -602,7 +625,13 @@ class AdminApi:
         found = {i.id for i in await dl.get_many([i for i in ids if _ID.fullmatch(i)])}
         missing = [i for i in ids if i not in found]
         if missing:
-            raise not_found(f"{len(missing)} unknown dead-letter id(s)", ids=[m[:100] for m in missing[:100]])
+            # A typo must not half-apply; but an id listed a moment ago may have left the DLQ since (another
+            # operator's replay, drain or delete; a delivery): the answer says both, and that none was replayed.
+            raise not_found(
+                f"{len(missing)} dead-letter id(s) not in the DLQ (mistyped, or replayed, drained or deleted since "
+                "they were listed); none replayed: run it again without them",
+                ids=[m[:100] for m in missing[:100]],
+            )
         return f"ids={log_ids(ids)}", ids
 
     async def drain(self, request: web.Request) -> web.StreamResponse:
@@ -814,7 +843,8 @@ class AdminApi:
                 out[name]["configured"] = False
         return web.json_response({"routes": out, "dlq_total": await self.dead_letters().count()})
 
-    async def openapi(self, _: web.Request) -> web.Response:
+    async def openapi(self, request: web.Request) -> web.Response:
+        only_query(request, set())
         return web.json_response(document())
 
 

@@ -343,14 +343,19 @@ class AdminClient:
     timeout: float = 60.0
 
     def _connection(self, rcvbuf: int | None = None) -> _Connection | _TLSConnection:
-        parts = urlsplit(self.base_url)
+        bad = ClientError(
+            EXIT_USAGE, f"--admin-url must be http://host:port or https://…, not {self.base_url!r}"
+        )
+        try:  # urlsplit and .port raise ValueError on `http://[::1` or a port out of range
+            parts = urlsplit(self.base_url)
+            port = parts.port
+        except ValueError as exc:
+            raise ClientError(EXIT_USAGE, f"{bad}: {exc}") from None
         if parts.scheme == "https":
-            return _TLSConnection(parts.hostname or "", parts.port, self.timeout)
+            return _TLSConnection(parts.hostname or "", port, self.timeout)
         if parts.scheme != "http" or not parts.hostname:
-            raise ClientError(
-                EXIT_USAGE, f"--admin-url must be http://host:port or https://…, not {self.base_url!r}"
-            )
-        return _Connection(parts.hostname, parts.port, self.timeout, rcvbuf)
+            raise bad
+        return _Connection(parts.hostname, port, self.timeout, rcvbuf)
 
     def _send(
         self, conn: http.client.HTTPConnection, method: str, path: str, body: Any
@@ -1092,7 +1097,7 @@ def cmd_replay(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> i
     body: dict[str, Any]
     if args.ids:
         body = {"ids": args.ids}
-    elif args.route:
+    elif args.route is not None:
         body = {"route": args.route}
     else:
         body = {"all": True}
@@ -1134,7 +1139,7 @@ def drain_once(client: AdminClient, body: dict[str, Any], sink: Sink, reason: st
 
 def cmd_drain(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int:
     body: dict[str, Any] = {}
-    if args.route:
+    if args.route is not None:
         body["route"] = args.route
     if args.reason:
         body["reason"] = args.reason
@@ -1174,6 +1179,9 @@ COMMANDS = {"list": cmd_list, "show": cmd_show, "replay": cmd_replay, "drain": c
 def usage_problem(args: argparse.Namespace) -> str | None:
     if args.dlq_command == "replay" and sum([bool(args.ids), args.route is not None, args.all]) != 1:
         return "give dead-letter IDs, or --route R, or --all (exactly one of them)"
+    if getattr(args, "route", None) is not None and not args.route.strip():
+        # `--route "$ROUTE"` with ROUTE unset must not become every route (a drain or replay of the whole DLQ)
+        return "--route must name a route (`sidecar dlq list` shows them); leave it out for every route"
     ids = [args.id] if args.dlq_command == "show" else args.ids if args.dlq_command == "replay" else []
     if any(not i.strip() for i in ids):
         return "a dead-letter ID must not be empty (`sidecar dlq list` shows them)"

@@ -202,10 +202,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not worker:  # the supervisor says it once for all its workers
         for line in config.warnings():
             logging.getLogger("sidecar.config").warning("%s", line)
-    from sidecar.supervisor import Supervisor, claim_ports, resolve_workers
+    from sidecar.supervisor import STORE_URL_ENV, Supervisor, claim_ports, resolve_workers
 
     embedded = None
-    url = args.redis_url or config.redis.url
+    url = args.redis_url or (os.environ.get(STORE_URL_ENV) if worker else None) or config.redis.url
     workers = 1 if worker else resolve_workers(config.server.workers)
     if url == "embedded" and config.redis.wait_replicas:  # --redis-url embedded: the config could not know
         print("sidecar: redis.wait_replicas: the embedded store has no replicas; use 0", file=sys.stderr)

@@ -508,7 +508,9 @@ def _scalar(
     try:
         value = ctor.construct_object(node)
     except yaml.YAMLError:
-        ctx.error(line, path, "unsupported YAML tag {}", node.tag)
+        # the tag is the value's own text when an unquoted secret starts with `!`: named only when it is YAML's own
+        tag = node.tag if node.tag.startswith("tag:yaml.org,2002:") else "(a local tag: quote the value)"
+        ctx.error(line, path, "unsupported YAML tag {}", tag)
         return _Item(BAD, line)
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
         # The tag's constructor choked on the text (`2024-13-45`, `!!int abc`, an integer of 5000 digits); its
@@ -561,13 +563,20 @@ def _interpolate(ctx: _Ctx, text: str, path: str, line: int) -> Any:
     return "".join(out) if ok else BAD
 
 
+def _unquoted(text: str) -> str:
+    """A PyYAML message without the source text it quotes (an alias or anchor name may be a secret)."""
+    return re.sub(r"'[^']*'", "'…'", text) if re.search(r"alias|anchor", text) else text
+
+
 def _compose(ctx: _Ctx, text: str) -> yaml.Node | None:
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         # Only `problem`/`context`: str(exc) quotes the offending source line, which may hold a secret.
         mark = exc.problem_mark or exc.context_mark
-        message = "; ".join(part for part in (exc.context, exc.problem) if part)
+        # ... and not the names PyYAML quotes in them: an unquoted secret starting with `*` is read as an alias
+        # ("found undefined alias '<the secret>'")
+        message = "; ".join(_unquoted(part) for part in (exc.context, exc.problem) if part)
         ctx.error(mark.line + 1 if mark else 1, "<yaml>", "invalid YAML: {}", message)
     except yaml.YAMLError:
         ctx.error(1, "<yaml>", "invalid YAML")

@@ -1,7 +1,7 @@
 """`server.workers: N` — N serving processes on one port (SO_REUSEPORT), each with its own event loop, client
 session and retry worker; one embedded store for all, started by this parent.
 
-The parent only supervises: it starts the children (`sidecar run --worker-index i --redis-url URL`), passes
+The parent only supervises: it starts the children (`sidecar run --worker-index i`, the store's URL in $SIDECAR_STORE_URL), passes
 SIGTERM/SIGINT/SIGHUP on to them, restarts a child that dies unexpectedly (at most `MAX_RESTARTS` a minute, so a
 child that cannot start does not spin), and on shutdown waits for every child to drain. Worker 0 also serves the
 admin listener; the others serve webhooks only. A parent that dies without that (SIGKILL, a crash) takes its
@@ -30,6 +30,9 @@ MAX_RESTARTS = 5
 START_CONFIG_NAME = "start-config.yaml"  # in the peers dir: the config every worker starts from
 PARENT_ENV = "SIDECAR_SUPERVISOR_PID"  # set for each child: the supervisor it must not outlive
 PEERS_ENV = "SIDECAR_PEERS_DIR"  # the directory of the workers' counter sockets (sidecar/peers.py)
+# The store URL for each child: in its environment, not on its command line (a redis.url may carry a password, and
+# every local user can read a process's command line with `ps`; its environment is the owner's only)
+STORE_URL_ENV = "SIDECAR_STORE_URL"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -125,14 +128,17 @@ class Supervisor:
             self.config_path,
             "--worker-index",
             str(index),
-            "--redis-url",
-            self.redis_url,
             "--start-config",
             self.start_config,
         ]
 
     def _spawn(self, index: int) -> None:
-        env = {**os.environ, PARENT_ENV: str(os.getpid()), PEERS_ENV: self.peers_dir}
+        env = {
+            **os.environ,
+            PARENT_ENV: str(os.getpid()),
+            PEERS_ENV: self.peers_dir,
+            STORE_URL_ENV: self.redis_url,
+        }
         # The child starts with SIGHUP blocked (a mask outlives exec), so one passed on while it is still starting
         # cannot kill it before its reload handler is set: sidecar/__main__.py ignores it, then unblocks it.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})

@@ -182,7 +182,7 @@ async def test_admin_auth_refusals_are_logged_once_then_counted(
         assert (await admin.get("/admin/stats")).status == 200
     [line] = [r for r in caplog.records if "refused 401" in r.getMessage()]
     assert line.levelno == logging.WARNING and line.__dict__["client"] == "127.0.0.1"
-    assert "GET /admin/stats" in line.getMessage() and "wrong bearer token" in line.getMessage()
+    assert "GET '/admin/stats'" in line.getMessage() and "wrong bearer token" in line.getMessage()
     assert "guess-7f3c" not in line.getMessage()  # what was given is not logged: it may be a near-miss token
 
 
@@ -760,9 +760,38 @@ async def test_admin_dlq_replay_unknown_ids_or_route_404_and_nothing_replayed(
     assert resp.status == 404
     body = await resp.json()
     assert body["error"] == "not_found" and body["ids"] == ["0123456789abcdef01234567", "nope"]
+    # an id listed a moment ago may have been replayed by another operator since: the answer says so
+    assert "replayed, drained or deleted since they were listed" in body["detail"], body
     resp = await admin.post("/admin/dlq/replay", {"route": "nosuch"})
     assert resp.status == 404
     assert rdb.zcard(KEYS.dlq_items()) == 1
+
+
+async def test_admin_ambiguous_requests_are_refused_not_resolved_silently(
+    admin: Admin, rdb: redis.Redis
+) -> None:
+    """A body giving a key twice was read as its last value: `{"all": true, "dry_run": true, "dry_run": false}`
+    did a real replay of the whole DLQ; a repeated query parameter was read as its first value."""
+    await bury_many(admin.store, 3)
+    headers = {**AUTH, "Content-Type": "application/json"}
+    for raw in (
+        b'{"all": true, "dry_run": true, "dry_run": false}',
+        b'{"route": "stripe", "route": "nosuch", "dry_run": true}',
+    ):
+        resp = await admin.http.post("/admin/dlq/replay", data=raw, headers=headers)
+        body = await resp.json()
+        assert resp.status == 400 and body["error"] == "bad_request" and "more than once" in body["detail"], (
+            body
+        )
+    for url in (
+        "/admin/dlq?route=stripe&route=stripe2",
+        "/admin/dlq?limit=1&limit=2",
+        "/admin/openapi.json?x=1",
+    ):
+        resp = await admin.get(url)
+        assert resp.status == 400 and (await resp.json())["error"] == "bad_request", url
+    assert rdb.zcard(KEYS.dlq_items()) == 3  # nothing replayed
+    assert (await admin.get("/admin/dlq?route=stripe&limit=2")).status == 200
 
 
 # -- drain ------------------------------------------------------------------------------------------------------

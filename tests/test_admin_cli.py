@@ -443,3 +443,18 @@ async def test_admin_cli_drain_exit_2_when_out_cannot_be_opened(
         and "Is a directory" in a_dir.err
     )
     assert rdb.zcard(KEYS.dlq_items()) == 3 and "dlq drain:" not in sidecar.proc.log()
+
+
+@pytest.mark.parametrize("command", [("replay", "--dry-run"), ("drain",), ("list",)])
+async def test_admin_cli_an_empty_route_is_a_usage_error_not_every_route(command: tuple[str, ...]) -> None:
+    """`--route "$ROUTE"` with ROUTE unset drained or replayed every route."""
+    out = await dlq(*command, "--route", "", "--admin-url", "http://127.0.0.1:1", "--token", "t")
+    assert out.code == 2 and "--route must name a route" in out.err
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:99999"])
+async def test_admin_cli_a_malformed_admin_url_is_a_usage_error(url: str) -> None:
+    out = await dlq("list", "--admin-url", url, "--token", "t")
+    assert (
+        out.code == 2 and "Traceback" not in out.err and out.err.startswith("sidecar dlq list: --admin-url")
+    )

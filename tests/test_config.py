@@ -776,6 +776,9 @@ def test_secrets_never_in_repr_or_str(tmp_path: Path) -> None:
         f'upstream: {{url: "ftp://u:{SECRET}@h"}}\nadmin: {{tokn: "{SECRET}"}}\n' + ROUTE,
         # a YAML syntax error on the line holding the secret (yaml's own message quotes the line)
         ROUTE.replace('"whsec_test"]', f'"{SECRET}"'),
+        # an unquoted secret starting with `*` (read as an alias, which yaml's message names) or `!` (a tag)
+        ROUTE.replace('"whsec_test"]', f"*{SECRET}]"),
+        ROUTE.replace('["whsec_test"]', f"\n      - !{SECRET}"),
     ],
 )
 def test_secrets_never_in_error_text(text: str) -> None:

