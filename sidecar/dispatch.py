@@ -61,9 +61,8 @@ NOT_SENT_WAIT = 1.0
 # back for UNKNOWN_ROUTE_WAIT instead of being dead-lettered, until it is UNKNOWN_ROUTE_GRACE old.
 UNKNOWN_ROUTE_WAIT = 30.0
 UNKNOWN_ROUTE_GRACE_MS = 15 * 60 * 1000
-UNKNOWN_ROUTE_REPORT_S = (
-    60.0  # put-backs of unknown routes are logged once, then with a count at most this often
-)
+# unknown-route put-backs and lapsed leases are logged once, then with a count at most this often
+REPORT_EVERY_S = 60.0
 
 
 def _past_max_age(route: RouteConfig, rec: EventRecord, now_ms: int, wait: float) -> bool:
@@ -89,7 +88,8 @@ class Dispatcher:
         self.breakers = Breakers(b.threshold, b.cooldown, b.max_cooldown)
         # routes a reload of this process removed (their events are dead-lettered as `route_removed` at once)
         self.removed_routes: set[str] = set()
-        self._unknown = Tally(UNKNOWN_ROUTE_REPORT_S)
+        self._unknown = Tally(REPORT_EVERY_S)
+        self._lapsed = Tally(REPORT_EVERY_S)
 
     def swap(self, table: RouteTable) -> None:
         """A reload's new route table; remembers which routes it removed."""
@@ -169,6 +169,22 @@ class Dispatcher:
             # its store write landing (its dead letter written, the event not marked dead). Not sent again: buried.
             outcome = Outcome("permanent", None, "attempts_spent", 0.0)
             return await self._bury(rec, attempt, outcome, history or [], "exhausted", lease_end_ms)
+        if lease_end_ms <= self.store.clock.now_ms():
+            # The hold this attempt was given ran out before it began (the store call that claimed or took the
+            # event was that slow: redis-py trying an unreachable node again). Another worker may be taking the
+            # event right now: not sent from here (no store write either, which could undo that worker's take). It
+            # is due again already; the attempt number the take counted is spent.
+            self._lapsed.say(
+                log,
+                logging.WARNING,
+                "%d attempt(s) not sent: their lease ran out before they began (a slow store), e.g. route=%s "
+                "event_id=%s; attempted again from the schedule",
+                rec.route,
+                rec.event_id,
+            )
+            return Disposition(
+                "queued", Outcome("retryable", None, "lease_lapsed", 0.0), next_attempt_ms=lease_end_ms
+            )
         url = target_url(table.config, route, rec.path_qs)
         span = self.tel.start_forward(rec.route, rec.event_id, attempt, parent, rec.traceparent)
         outcome = await self.forwarder.send(

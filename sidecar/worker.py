@@ -92,7 +92,8 @@ class RetryWorker:
                 taken = await self.store.take_due(shard, now_ms, lease_ms, limit, due_by_ms)
                 self._reached_store = True
                 for t in taken:
-                    task = asyncio.create_task(self._attempt(t, now_ms + lease_ms), name="retry-attempt")
+                    lease_end = t.lease_end_ms if t.lease_end_ms is not None else now_ms + lease_ms
+                    task = asyncio.create_task(self._attempt(t, lease_end), name="retry-attempt")
                     self._running.add(task)
                     task.add_done_callback(self._finished)
                 taken_now += len(taken)

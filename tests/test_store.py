@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import time
@@ -184,6 +185,50 @@ async def test_store_expired_lease_makes_event_takeable_again(store: RedisStore)
     assert await store.take_due(shard, now, 30_000, 10) == []
     later = await store.take_due(shard, now + 1_001, 30_000, 10)
     assert [t.attempt for t in later] == [2]
+
+
+async def test_store_take_leases_from_the_clock_at_the_take_not_a_stale_now(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    """The worker read `now` before listing the due events, and that listing can hang (redis-py retrying an
+    unreachable sentinel: 14-26 s in a cluster audit); the take then wrote a lease deadline already past, and the
+    next pass anywhere took the event again while this attempt was sending it (14 events delivered twice)."""
+    now = int(time.time() * 1000)
+    await store.claim(record("evt_stale"), now - 120_000, 1_000)  # its lease long over: due
+    shard = KEYS.shard_of("stripe", "evt_stale")
+    taken = await store.take(
+        shard, "stripe:evt_stale", now - 60_000, 5_000, due_by_ms=now
+    )  # `now` a minute old
+    assert taken is not None and taken.lease_end_ms is not None
+    assert taken.lease_end_ms >= store.clock.now_ms() + 4_000
+    assert rdb.zscore(KEYS.schedule(shard), "stripe:evt_stale") == taken.lease_end_ms
+    assert await store.take_due(shard, store.clock.now_ms(), 5_000, 10) == []  # held: nobody else takes it
+
+
+async def test_an_attempt_whose_lease_ran_out_before_it_began_is_not_sent(
+    store: RedisStore, upstream: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """However late a claim or take lands, an attempt is not sent once its hold on the event has run out: another
+    worker may be taking it at that moment."""
+    config = load_text(
+        f'upstream: {{url: "{upstream.url}", timeout: 2s}}\n'
+        "routes:\n  - {name: stripe, path: /webhooks/stripe, provider: none}\n",
+        source="<t>",
+        env={},
+    )
+    http1 = Http1Client(10)
+    dispatcher = Dispatcher(config, store, Forwarder(None, 2.0, http1), Telemetry())  # type: ignore[arg-type]
+    rec = record("evt_lapsed")
+    now = store.clock.now_ms()
+    assert (await store.claim(rec, now - 10_000, 5_000)).claimed
+    try:
+        disp = await dispatcher.attempt(rec, 1, [], lease_end_ms=now - 5_000)
+        live = await dispatcher.attempt(rec, 1, [], lease_end_ms=store.clock.now_ms() + 30_000)
+    finally:
+        http1.close()
+    assert (disp.kind, disp.outcome.error, disp.next_attempt_ms) == ("queued", "lease_lapsed", now - 5_000)
+    assert live.kind == "delivered" and len(upstream.received) == 1  # only the attempt still holding it
+    assert "1 attempt(s) not sent: their lease ran out" in caplog.text
 
 
 async def test_store_retry_is_fenced_by_attempt_number(store: RedisStore, rdb: redis.Redis) -> None:
@@ -451,11 +496,16 @@ async def test_store_alias_written_in_a_store_stall_is_written_once_the_store_an
     own_valkey: ValkeyServer, own_store: RedisStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     s = own_store
+    caplog.set_level(logging.DEBUG, logger="sidecar.store")
     now = int(time.time() * 1000)
     assert (await s.claim(digest_record("sha256:stalled", "gh-stalled", now), now, 30_000)).claimed
     with stalled(own_valkey):  # before the alias write, which goes out on the loop's next turn
-        assert await wait_until(lambda: "could not index github/gh-stalled" in caplog.text, timeout=5)
+        said = "could not index 1 event id(s) for lookups (trying again), e.g. github/gh-stalled"
+        assert await wait_until(lambda: said in caplog.text, timeout=5)
+        for i in range(20):  # more in the same stall: no line each (a node down for 24 s made 200 lines)
+            s._index_alias(digest_record(f"sha256:more{i}", f"gh-more{i}", now))
         await asyncio.sleep(1.0)
+    assert caplog.text.count("could not index") == 1
     assert await resolves_to(s, "github", "gh-stalled", "sha256:stalled", timeout=10), (
         "the alias was dropped in the stall: the admin lookup answers 404"
     )
@@ -705,3 +755,21 @@ async def test_settling_write_timed_out_in_a_store_stall_is_tried_again_within_t
     assert await s.due_members(shard, now + 60_000, 10) == []  # nothing for the retry worker: not sent again
     assert await s.client.zcard(KEYS.dlq_items()) == (1 if state == "dead" else 0)
     assert len(upstream.received) == 1
+
+
+async def test_a_connection_torn_down_under_a_call_is_store_unavailable(store: RedisStore) -> None:
+    """redis-py's cluster client closes its connections when it reinitializes after a node failed, while other
+    calls still write on them: those failed with AttributeError / RuntimeError, and /metrics and /admin/stats
+    answered 500 with error-level tracebacks. Raised in redis-py's connection code, they are the store being
+    unreachable; the same errors from anywhere else are bugs, and stay what they are."""
+    from redis.asyncio.connection import Connection
+
+    conn = Connection(host="127.0.0.1", port=1)  # never connected: no writer, as after a teardown
+    with pytest.raises(StoreUnavailable, match="connection closed under the call"):
+        await store._call(lambda: conn._send_packed_command([b"PING"]))
+
+    async def own_bug() -> None:
+        raise AttributeError("a bug of ours")
+
+    with pytest.raises(AttributeError, match="a bug of ours"):
+        await store._call(own_bug)

@@ -154,6 +154,7 @@ class Taken:
     record: EventRecord
     attempt: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    lease_end_ms: int | None = None  # the lease deadline the take wrote (store clock)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from redis.backoff import ExponentialBackoff
 
 from sidecar.errors import StoreError, StoreFull, StoreUnavailable
 from sidecar.keys import KeySpace, split_member
+from sidecar.logs import Tally
 from sidecar.store.clock import StoreClock
 from sidecar.store.marks import DeliveredMarks, Mark
 from sidecar.store.pipeline import (
@@ -72,6 +73,7 @@ _PASSING = ("TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "READONLY")
 # How long an alias write the store failed is tried again: admin lookups of the event need it, but a store down
 # for longer is an outage, and one retrying task per event claimed just before it must not pile up for good.
 ALIAS_RETRY_FOR = 60.0
+ALIAS_REPORT_S = 30.0  # failed lookup indexes are logged once, then with a count at most this often
 
 
 def _script(name: str) -> str:
@@ -117,6 +119,18 @@ def _translate(exc: BaseException) -> StoreError:
     return StoreError(f"store error: {exc}")
 
 
+def _torn_connection(exc: BaseException) -> bool:
+    """An AttributeError / RuntimeError raised inside redis-py's connection code: a connection closed by the client
+    itself under a running call ("'NoneType' object has no attribute 'writelines'", "the handler is closed")."""
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if name.endswith("redis/asyncio/connection.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def dead_letter_id(route: str, dedupe_id: str) -> str:
     """Deterministic, so burying the same event twice (a crash between the two bury steps) overwrites."""
     return hashlib.sha256(f"{route}\x00{dedupe_id}".encode()).hexdigest()[:24]
@@ -146,7 +160,14 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
         sentinel_auth = {"username": spec.sentinel_username, "password": spec.sentinel_password}
         sentinels = Sentinel(
             spec.sentinels,
-            sentinel_kwargs={**sentinel_auth, "socket_timeout": timeout, "socket_connect_timeout": timeout},
+            # redis-py's default retries (3, backoff up to 10 s) would make each sentinel that is down cost seconds
+            # on every discovery: one quick retry, then the next sentinel
+            sentinel_kwargs={
+                **sentinel_auth,
+                "socket_timeout": timeout,
+                "socket_connect_timeout": timeout,
+                "retry": retry,
+            },
         )
         return sentinels.master_for(
             spec.service,
@@ -207,6 +228,8 @@ class RedisStore:
         self._init_lock = asyncio.Lock()
         self._background: set[asyncio.Future[None]] = set()
         self._retries = Retries()  # for the background writes: delivered marks, aliases
+        # one line per outage, not per event, for lookup indexes the store fails (a node down for 24 s: 200 lines)
+        self._alias_failed, self._alias_lost = Tally(ALIAS_REPORT_S), Tally(ALIAS_REPORT_S)
         self.keys = keys
         self._ttl_ms = int(dedupe_ttl * 1000)
         self._dlq_max = dlq_max_length
@@ -356,13 +379,29 @@ class RedisStore:
             return await fn()
         except _STORE_ERRORS as exc:
             raise _translate(exc) from exc
+        except (AttributeError, RuntimeError) as exc:
+            if not _torn_connection(exc):
+                raise
+            # redis-py's cluster client tears its connections down when it reinitializes (after a node failed)
+            # while other calls still write on them: those fail with these, not with a RedisError
+            raise StoreUnavailable(f"store unreachable: connection closed under the call ({exc})") from exc
 
     async def _initialize(self) -> None:
         """redis-py's async cluster client discovers the cluster on first use, and concurrent first uses race (a
         gather of 16 HGETALLs on a fresh client fails with "handler is closed"): discover once, under a lock."""
         async with self._init_lock:
             if not self._ready:
-                await self._r.initialize()
+                try:
+                    await self._r.initialize()
+                except _UNAVAILABLE:
+                    # redis-py reads the command table (COMMAND) from the first primary of the slot map, with no
+                    # fallback: a client started while that node is down (before its failover, or for good)
+                    # would fail every call. Put that node last, so the next try asks another primary.
+                    manager = self._r.nodes_manager
+                    primaries = manager.get_nodes_by_server_type("primary")
+                    if primaries:
+                        manager.move_node_to_end_of_cached_nodes(primaries[0].name)
+                    raise
                 self._ready = True
 
     async def ping(self) -> bool:
@@ -436,13 +475,25 @@ class RedisStore:
                 return
             except StoreError as exc:
                 reason = exc
-            log.warning(
-                "could not index %s/%s for lookups (trying again): %s", rec.route, rec.event_id, reason
+            self._alias_failed.say(
+                log,
+                logging.WARNING,
+                "could not index %d event id(s) for lookups (trying again), e.g. %s/%s: %s",
+                rec.route,
+                rec.event_id,
+                reason,
             )
             if await self._retries.until(write, time.monotonic() + min(ALIAS_RETRY_FOR, self._ttl_ms / 1000)):
-                log.info("indexed %s/%s for lookups after the store failure", rec.route, rec.event_id)
+                log.debug("indexed %s/%s for lookups after the store failure", rec.route, rec.event_id)
             else:
-                log.warning("gave up indexing %s/%s for lookups", rec.route, rec.event_id)
+                self._alias_lost.say(
+                    log,
+                    logging.WARNING,
+                    "gave up indexing %d event id(s) for lookups (admin lookups by these ids answer 404; the "
+                    "events themselves are kept), e.g. %s/%s",
+                    rec.route,
+                    rec.event_id,
+                )
 
         self.in_background(persist())
 
@@ -586,13 +637,16 @@ class RedisStore:
         """Take `member` if it is due by `due_by_ms` (default: now), leased until now + `lease_ms`."""
         ev, sched = self.keys.event(shard, member), self.keys.schedule(shard)
         due_by = now_ms if due_by_ms is None else due_by_ms
+        # The lease starts at the take: a `now_ms` read before a slow call (take_due's listing can hang for as long
+        # as redis-py retries) would write a deadline already past, and another worker would take the event too.
+        now_ms = max(now_ms, self.clock.now_ms())
         res = await self._call(lambda: self._take(keys=[ev, sched], args=[due_by, now_ms + lease_ms, member]))
         if not res:
             return None
         attempt, meta, body, first, eid, hist = res
         route, dedupe_id = split_member(member)
         rec = EventRecord.from_stored(route, dedupe_id, eid.decode(), meta, body, int(first))
-        return Taken(rec, int(attempt), parse_history(hist))
+        return Taken(rec, int(attempt), parse_history(hist), now_ms + lease_ms)
 
     async def take_due(
         self, shard: int, now_ms: int, lease_ms: int, limit: int, due_by_ms: int | None = None
