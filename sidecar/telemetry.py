@@ -121,6 +121,9 @@ class Telemetry:
         self.dlq_evicted: defaultdict[str, int] = defaultdict(int)
         self.config_reloads: defaultdict[str, int] = defaultdict(int, {"applied": 0, "rejected": 0})
         self.snapshot: dict[str, dict[str, float]] = {}
+        # the store's own eviction counts (P:{dlq}:evicted, written by the same script that evicts): what a worker
+        # counted and died with before a scrape is still in them
+        self.evicted_in_store: dict[str, int] = {}
         self.store_up: int | None = None  # until the first look at the store
         self._route_labels: dict[str, dict[str, str]] = {}
         # With `server.workers: N`, worker 0 serves /metrics for all: the other workers' `state()`s, fetched for
@@ -229,7 +232,10 @@ class Telemetry:
         return observe
 
     def _evicted(self, _: CallbackOptions) -> list[Observation]:
-        return [Observation(n, {"route": route}) for route, n in self._merged("dlq_evicted").items()]
+        counted = self._merged("dlq_evicted")
+        for route, n in list(self.evicted_in_store.items()):
+            counted[route] = max(counted.get(route, 0), n)
+        return [Observation(n, {"route": route}) for route, n in counted.items()]
 
     _COUNTERS = ("requests", "forward_attempts", "signature_failures", "dlq_evicted")
 
@@ -279,6 +285,7 @@ class Telemetry:
         are found in the per-shard counters, which keep every route that ever had an event.
         """
         stats = await store.route_stats()
+        self.evicted_in_store = await store.dlq_evicted()
         configured = set(routes)
         now_ms = store.clock.now_ms()  # dead_at is on the schedule's clock
         snapshot: dict[str, dict[str, float]] = {}

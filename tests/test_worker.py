@@ -109,6 +109,20 @@ async def test_worker_dlq_cap_evicts_and_counts(sidecar_factory: Any, upstream: 
     ]
     assert evicted == [2.0]  # the eviction metric, as an operator scrapes it
 
+    # A process that counted evictions and died before a scrape (a worker SIGKILLed) took its count with it; the
+    # store's own count, written by the script that evicts, is what the metric shows now.
+    other = await sidecar_factory(ROUTE, extra="dlq: {max_length: 3}")
+    runtime = other.server.app[RUNTIME]
+    assert runtime.telemetry.dlq_evicted == {}  # this process evicted nothing itself
+    await runtime.telemetry.refresh(runtime.store, ["stripe"])
+    evicted = [
+        s.value
+        for family in text_string_to_metric_families(runtime.telemetry.render().decode())
+        for s in family.samples
+        if s.name == "sidecar_dlq_evicted_total" and s.labels.get("route") == "stripe"
+    ]
+    assert evicted == [2.0]
+
 
 async def test_worker_two_workers_take_each_event_once(sidecar_factory: Any, upstream: Upstream) -> None:
     seed = await sidecar_factory(ROUTE, retry=FAST)

@@ -269,6 +269,9 @@ async def test_workers_a_replaced_worker_runs_the_config_the_others_run(
         tmp_path, upstream, processes, 2, redis_url=redis_url, admin_port=admin_port
     )
     assert parent.proc is not None
+    # both serving before one is replaced (the port answers as soon as one does; under load, worker 1 was killed
+    # still starting, and its first "listening" line never came)
+    await wait_for_log(parent, "sidecar listening on", 2)
     assert await post_on_fresh_connections(port, "evt_same", 1) == [200]
     cfg = tmp_path / "sidecar.yaml"
     cfg.write_text(cfg.read_text().replace("shards: 4", "shards: 4, prefix: moved"))
