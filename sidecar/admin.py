@@ -42,7 +42,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from sidecar.admin_spec import DRAIN_HEADER, DRAIN_ID, document
+from sidecar.admin_spec import DRAIN_HEADER, DRAIN_ID, MAX_HOLD, document
 from sidecar.app import CONFIG, RUN_WORKER, RUNTIME, Runtime
 from sidecar.durations import parse_duration
 from sidecar.errors import StoreError, StoreUnavailable
@@ -76,8 +76,6 @@ READY_TIMEOUT = 1.5
 # How long a drain holds an item it took: its line written and acknowledged (DRAIN_LINE_TIMEOUT at most each),
 # then removed (one store call, redis.timeout at most).
 DRAIN_LEASE_MS = int((2 * DRAIN_LINE_TIMEOUT + 30.0) * 1000)
-# A held drain (`"hold"`): its items stay in the DLQ, held for this long at most, until its client removes them.
-MAX_HOLD = 24 * 3600.0
 SKIPPED = ("pending", "delivered", "busy", "gone")  # what a replay answers it skipped, by why
 REFUSED_REPORT_S = 60.0  # admin calls refused 401: said once, then at most this often with a count
 
@@ -576,7 +574,7 @@ class AdminApi:
         if dry_run:
             log.info("dlq replay dry run: %s would_replay=%d reason=%r", selector, len(ids), reason)
             return web.json_response({"would_replay": len(ids)})
-        counts: Counter[str] = Counter(dict.fromkeys(("replayed", *SKIPPED), 0))
+        counts: Counter[str] = Counter()
         now_ms, owner = self.runtime().store.clock.now_ms(), uuid.uuid4().hex
         slots = asyncio.Semaphore(REPLAY_CONCURRENCY)
 

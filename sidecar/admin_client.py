@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from sidecar.admin_spec import DRAIN_HEADER, DRAIN_ID
+from sidecar.admin_spec import DRAIN_HEADER, DRAIN_ID, MAX_HOLD
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -1243,7 +1243,7 @@ def _hold(text: str) -> str:
         seconds = parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    if seconds and not 1 <= seconds <= 86400:
+    if seconds and not 1 <= seconds <= MAX_HOLD:
         raise argparse.ArgumentTypeError("must be 0 or from 1s to 24h")
     return text.strip() if seconds else ""
 

@@ -42,6 +42,7 @@ def _path(name: str, description: str) -> dict[str, Any]:
 
 DRAIN_HEADER = "Sidecar-Drain"  # names a held drain in its answer
 DRAIN_ID = r"[0-9a-f]{32}"
+MAX_HOLD = 24 * 3600.0  # a held drain's items stay held this long at most (seconds)
 
 _REASON = _query("reason", "why (logged with the mutation)", {"type": "string", "maxLength": 1000})
 _ID = _path("id", "dead-letter id")

@@ -320,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help=f"config file (default: $SIDECAR_CONFIG, then {DEFAULT_CONFIG})")
     # Set by the supervisor for its children (server.workers > 1); not for people.
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    run.add_argument("--redis-url", help=argparse.SUPPRESS)
     run.add_argument("--start-config", help=argparse.SUPPRESS)
+    # the store's URL instead of redis.url (tests); the supervisor passes it in STORE_URL_ENV, off the command line
+    run.add_argument("--redis-url", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
     bench = sub.add_parser("bench", help="measure the sidecar against a plain pass-through proxy on loopback")
     bench.add_argument("--duration", type=float, default=8.0, help="seconds per scenario (default 8)")

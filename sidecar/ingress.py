@@ -22,7 +22,7 @@ from aiohttp import HttpVersion11, web, web_urldispatcher
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
-from sidecar.config import RouteConfig
+from sidecar.config import SIGNS_URL, RouteConfig
 from sidecar.dispatch import Dispatcher
 from sidecar.errors import StoreError, StoreFull, StoreUnavailable
 from sidecar.forwarder import Outcome, end_to_end, upstream_headers
@@ -49,7 +49,7 @@ NO_ROUTE_REPORT_S = 60.0
 
 EVENT_ID_HEADER = "X-Sidecar-Event-Id"
 # Providers that sign the URL (or read it, like X's CRC): only they need the public URL rebuilt per request.
-URL_SIGNING = frozenset({"twilio", "square", "hubspot", "x", "twitter", "hmac"})
+URL_SIGNING = SIGNS_URL | {"x", "twitter", "hmac"}
 ROUTINE = frozenset(
     {"forwarded", "duplicate", "filtered", "handshake", "passthrough"}
 )  # DEBUG unless requests: all
@@ -88,9 +88,8 @@ PARSE_ERRORS = {
 }
 
 
-BAD_BODY = (
-    "malformed body framing (a chunk size or chunk end)"  # llhttp's error mid-body is a bare BadHttpMessage
-)
+# llhttp's error mid-body is a bare BadHttpMessage
+BAD_BODY = "malformed body framing (a chunk size or chunk end)"
 
 
 def parse_error_detail(exc: BaseException, default: str = "malformed HTTP request") -> str:

@@ -1,12 +1,12 @@
 """`server.workers: N` — N serving processes on one port (SO_REUSEPORT), each with its own event loop, client
 session and retry worker; one embedded store for all, started by this parent.
 
-The parent only supervises: it starts the children (`sidecar run --worker-index i`, the store's URL in $SIDECAR_STORE_URL), passes
-SIGTERM/SIGINT/SIGHUP on to them, restarts a child that dies unexpectedly (at most `MAX_RESTARTS` a minute, so a
-child that cannot start does not spin), and on shutdown waits for every child to drain. Worker 0 also serves the
-admin listener; the others serve webhooks only. A parent that dies without that (SIGKILL, a crash) takes its
-children with it: each gets SIGTERM from the kernel and drains (`follow_parent`), instead of serving on with no
-supervisor beside a new sidecar's workers on the same port.
+The parent only supervises: it starts the children (`sidecar run --worker-index i`, the store's URL in
+$SIDECAR_STORE_URL), passes SIGTERM/SIGINT/SIGHUP on to them, restarts a child that dies unexpectedly (at most
+`MAX_RESTARTS` a minute, so a child that cannot start does not spin), and on shutdown waits for every child to
+drain. Worker 0 also serves the admin listener; the others serve webhooks only. A parent that dies without that
+(SIGKILL, a crash) takes its children with it: each gets SIGTERM from the kernel and drains (`follow_parent`),
+instead of serving on with no supervisor beside a new sidecar's workers on the same port.
 """
 
 from __future__ import annotations

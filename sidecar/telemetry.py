@@ -233,7 +233,7 @@ class Telemetry:
 
     def _evicted(self, _: CallbackOptions) -> list[Observation]:
         counted = self._merged("dlq_evicted")
-        for route, n in list(self.evicted_in_store.items()):
+        for route, n in self.evicted_in_store.items():
             counted[route] = max(counted.get(route, 0), n)
         return [Observation(n, {"route": route}) for route, n in counted.items()]
 
@@ -284,8 +284,7 @@ class Telemetry:
         none, its series end (Prometheus marks them stale), so routes removed long ago do not linger. Such routes
         are found in the per-shard counters, which keep every route that ever had an event.
         """
-        stats = await store.route_stats()
-        self.evicted_in_store = await store.dlq_evicted()
+        stats, self.evicted_in_store = await asyncio.gather(store.route_stats(), store.dlq_evicted())
         configured = set(routes)
         now_ms = store.clock.now_ms()  # dead_at is on the schedule's clock
         snapshot: dict[str, dict[str, float]] = {}

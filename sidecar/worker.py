@@ -92,8 +92,7 @@ class RetryWorker:
                 taken = await self.store.take_due(shard, now_ms, lease_ms, limit, due_by_ms)
                 self._reached_store = True
                 for t in taken:
-                    lease_end = t.lease_end_ms if t.lease_end_ms is not None else now_ms + lease_ms
-                    task = asyncio.create_task(self._attempt(t, lease_end), name="retry-attempt")
+                    task = asyncio.create_task(self._attempt(t), name="retry-attempt")
                     self._running.add(task)
                     task.add_done_callback(self._finished)
                 taken_now += len(taken)
@@ -111,13 +110,12 @@ class RetryWorker:
         # One lease for the whole batch: the longest any route needs (routes only differ by retry.lease).
         return max(self.dispatcher.lease_ms(r) for r in self.dispatcher.config.routes)
 
-    async def _attempt(self, taken: Taken, lease_end_ms: int) -> bool:
+    async def _attempt(self, taken: Taken) -> bool:
         """Forward one taken event, or give it back while its upstream's circuit is open. True if attempted."""
-        rec = taken.record
+        rec, lease_end_ms = taken.record, taken.lease_end_ms
         route = self.dispatcher.route(rec.route)
-        breaker = self.dispatcher.breaker(route) if route is not None else None
         try:
-            if route is not None and breaker is not None and not breaker.allow():
+            if route is not None and not (breaker := self.dispatcher.breaker(route)).allow():
                 wait = max(breaker.retry_at(), 0.5)
                 return await self.dispatcher.put_back(
                     route, rec, taken.attempt, taken.history, wait, lease_end_ms

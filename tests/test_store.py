@@ -187,6 +187,18 @@ async def test_store_expired_lease_makes_event_takeable_again(store: RedisStore)
     assert [t.attempt for t in later] == [2]
 
 
+def plain_dispatcher(store: RedisStore, upstream_url: str) -> tuple[Dispatcher, Http1Client]:
+    """A dispatcher of one unsigned `stripe` route to `upstream_url` (timeout 2 s), and its client to close."""
+    config = load_text(
+        f'upstream: {{url: "{upstream_url}", timeout: 2s}}\n'
+        "routes:\n  - {name: stripe, path: /webhooks/stripe, provider: none}\n",
+        source="<t>",
+        env={},
+    )
+    http1 = Http1Client(10)
+    return Dispatcher(config, store, Forwarder(None, 2.0, http1), Telemetry()), http1  # type: ignore[arg-type]
+
+
 async def test_store_take_leases_from_the_clock_at_the_take_not_a_stale_now(
     store: RedisStore, rdb: redis.Redis
 ) -> None:
@@ -210,14 +222,7 @@ async def test_an_attempt_whose_lease_ran_out_before_it_began_is_not_sent(
 ) -> None:
     """However late a claim or take lands, an attempt is not sent once its hold on the event has run out: another
     worker may be taking it at that moment."""
-    config = load_text(
-        f'upstream: {{url: "{upstream.url}", timeout: 2s}}\n'
-        "routes:\n  - {name: stripe, path: /webhooks/stripe, provider: none}\n",
-        source="<t>",
-        env={},
-    )
-    http1 = Http1Client(10)
-    dispatcher = Dispatcher(config, store, Forwarder(None, 2.0, http1), Telemetry())  # type: ignore[arg-type]
+    dispatcher, http1 = plain_dispatcher(store, upstream.url)
     rec = record("evt_lapsed")
     now = store.clock.now_ms()
     assert (await store.claim(rec, now - 10_000, 5_000)).claimed
@@ -713,14 +718,7 @@ async def test_settling_write_timed_out_in_a_store_stall_is_tried_again_within_t
     is tried again while the lease lasts: attempt 1 off the request's path (its provider is answered queued),
     the worker's before it moves on."""
     s = own_store
-    config = load_text(
-        f'upstream: {{url: "{upstream.url}", timeout: 2s}}\n'
-        "routes:\n  - {name: stripe, path: /webhooks/stripe, provider: none}\n",
-        source="<t>",
-        env={},
-    )
-    http1 = Http1Client(10)
-    dispatcher = Dispatcher(config, s, Forwarder(None, 2.0, http1), Telemetry())  # type: ignore[arg-type]
+    dispatcher, http1 = plain_dispatcher(s, upstream.url)
     now = int(time.time() * 1000)
     rec = record(f"evt_stall_{status}_{first}")
     rec = dataclasses.replace(rec, first_seen_ms=now)

@@ -153,8 +153,8 @@ class Taken:
 
     record: EventRecord
     attempt: int
+    lease_end_ms: int  # the lease deadline the take wrote (store clock)
     history: list[dict[str, Any]] = field(default_factory=list)
-    lease_end_ms: int | None = None  # the lease deadline the take wrote (store clock)
 
 
 @dataclass(frozen=True, slots=True)

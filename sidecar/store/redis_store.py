@@ -646,7 +646,7 @@ class RedisStore:
         attempt, meta, body, first, eid, hist = res
         route, dedupe_id = split_member(member)
         rec = EventRecord.from_stored(route, dedupe_id, eid.decode(), meta, body, int(first))
-        return Taken(rec, int(attempt), parse_history(hist), now_ms + lease_ms)
+        return Taken(rec, int(attempt), now_ms + lease_ms, parse_history(hist))
 
     async def take_due(
         self, shard: int, now_ms: int, lease_ms: int, limit: int, due_by_ms: int | None = None
