@@ -255,6 +255,9 @@ class RouteConfig:
 
 # Providers whose signature covers the URL they called (providers.md 0.9).
 SIGNS_URL = frozenset({"twilio", "square", "hubspot"})
+# Providers whose requests report no event type: a `types:` allow-list on them would answer every event
+# 200 {"filtered": true} (the provider does not resend) and forward none.
+UNTYPED = frozenset({"twilio", "hubspot", "sendgrid", "x", "twitter", "hmac", "none"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +297,11 @@ class Config:
             f"signed for another URL then passes); set public_url to the URL registered with {route.provider}, "
             "unless a proxy you control sets those headers"
             for route in self.routes
-            if route.provider in SIGNS_URL and not route.public_url
+            if (
+                route.provider in SIGNS_URL
+                or (route.provider == "hmac" and "{url}" in str((route.signature or {}).get("template", "")))
+            )
+            and not route.public_url
         ]
         return short + unpinned
 
@@ -1286,6 +1293,15 @@ def _route(
     elif isinstance(provider, str) and provider != "none" and not secrets and listed_ok and files_ok:
         where = next((item.value[k] for k in ("secrets", "secret_files") if k in item.value), item)
         ctx.error(where.line, f"{path}.secrets", "provider {} needs at least one non-empty secret", provider)
+        ok = False
+    if provider in UNTYPED and values.get("types"):
+        ctx.error(
+            item.value["types"].line,
+            f"{path}.types",
+            "provider {} reports no event type, so every event would be filtered (200, never forwarded); remove "
+            "types or filter in the receiver",
+            provider,
+        )
         ok = False
     given = item.value.get("signature")
     if provider == "hmac" and (given is None or given.value is None):  # a bad one given is said where it is

@@ -109,7 +109,14 @@ LINEAR = SigSpec(  # §12; the timestamp is inside the signed body and checked a
     ts_unit="ms",
     tolerance_s=60,
     tolerance_mode="both",
-    dedup_id=("header:linear-delivery", "composite:organizationId,type,action,data.id,createdAt"),
+    # the entity's id: `data.id` for data-change events; IssueSLA carries `issueData`, agent sessions `agentSession`,
+    # app-user notifications `notification`, OAuthApp revocations only `oauthClientId` (their retries re-stamp
+    # webhookTimestamp too, so a digest of the body is no identity for them)
+    dedup_id=(
+        "header:linear-delivery",
+        "composite:organizationId,type,action,"
+        "data.id|issueData.id|agentSession.id|notification.id|oauthClientId,createdAt",
+    ),
     event_type=("json:type",),
 )
 
@@ -127,6 +134,7 @@ ZOOM = SigSpec(  # §13; Zoom publishes no window: ours is 300 s both ways. No e
         "?payload.object.participant.participant_uuid|payload.object.participant.user_id"
         "|payload.object.participant.id,"
         "?payload.object.registrant.id",
+        "body_sha256",  # events without payload.object (app_deauthorized, chatbot notifications): the body
     ),
     event_type=("json:event",),
     handshake="zoom",
@@ -136,7 +144,7 @@ INTERCOM = SigSpec(  # §14
     sig_name="x-hub-signature",
     prefix="sha1=",
     digest="sha1",
-    dedup_id=("json:id",),
+    dedup_id=("json:id", "body_sha256"),  # the Developer Hub's ping carries "id": null (§24: just 2xx)
     event_type=("json:topic",),
 )
 
