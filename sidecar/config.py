@@ -766,6 +766,16 @@ def _http_url(ctx: _Ctx, item: _Item, path: str) -> Any:
     return ctx.bad(item, path, problem) if problem else value
 
 
+def _public_url(ctx: _Ctx, item: _Item, path: str) -> Any:
+    """An http(s) URL; a `#fragment` is checked with the route's provider (Twilio's connection overrides)."""
+    value = _text(ctx, item, path)
+    if value is BAD:
+        return BAD
+    url, _, _ = value.partition("#")
+    problem = _url_problem(url, ("http", "https"))
+    return ctx.bad(item, path, problem) if problem else value
+
+
 def _upstream_url(ctx: _Ctx, item: _Item, path: str) -> Any:
     value = _http_url(ctx, item, path)
     if value is BAD:
@@ -1207,7 +1217,7 @@ _ROUTE: dict[str, Conv] = {
     "dedupe": _boolean,
     "types": _optional(_list_of(_nonempty, empty_ok=False)),
     "sign_upstream": _optional(_sign_upstream),
-    "public_url": _optional(_http_url),
+    "public_url": _optional(_public_url),
     "retry": lambda ctx, item, path: item,  # merged with the global section in _route
     "handshake": _choice("answer", "pass"),
     "answer_within": _optional(_duration(zero_ok=True)),
@@ -1293,6 +1303,10 @@ def _route(
     elif isinstance(provider, str) and provider != "none" and not secrets and listed_ok and files_ok:
         where = next((item.value[k] for k in ("secrets", "secret_files") if k in item.value), item)
         ctx.error(where.line, f"{path}.secrets", "provider {} needs at least one non-empty secret", provider)
+        ok = False
+    if "#" in (values.get("public_url") or "") and provider != "twilio":
+        # Twilio's `#rc=…&rp=…` connection overrides may be signed (providers.md 8); no other provider sees one
+        ctx.error(item.value["public_url"].line, f"{path}.public_url", "the URL must not have a #fragment")
         ok = False
     if provider in UNTYPED and values.get("types"):
         ctx.error(

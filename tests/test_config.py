@@ -1029,3 +1029,17 @@ def test_a_url_signing_route_without_public_url_is_a_warning(provider: str) -> N
     assert "X-Forwarded-Host" in warning
     pinned = route + "    public_url: https://hooks.example.com/r\n"
     assert load_text(pinned).warnings() == []
+
+
+def test_a_twilio_public_url_may_carry_its_connection_overrides() -> None:
+    """providers.md 8: whether Twilio signs the `#rc=…&rp=…` fragment is unconfirmed, so its verifier tries the URL
+    with and without it; the config must let the fragment through for Twilio, and only for Twilio."""
+    route = 'routes:\n  - name: t\n    path: /t\n    provider: {}\n    secrets: ["k"]\n    public_url: "{}"\n'
+    url = "https://hooks.example.com/t#rc=3&rp=all"
+    assert load_text(route.format("twilio", url)).routes[0].public_url == url
+    with pytest.raises(ConfigError) as caught:
+        load_text(route.format("square", url))
+    assert "<string>:6: routes[0].public_url: the URL must not have a #fragment" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_text(route.format("twilio", "ftp://hooks.example.com/t#rc=3"))
+    assert "routes[0].public_url: expected an http:// or https:// URL" in str(caught.value)

@@ -126,6 +126,11 @@ TWILIO_ROUTES = """
   secrets: ["twilio_auth_token_e2e"]
   public_url: "https://mycompany.com/in/twq?tenant=acme"
   event_id: body_sha256
+- name: twf
+  path: /in/twf
+  provider: twilio
+  secrets: ["twilio_auth_token_e2e"]
+  public_url: "https://mycompany.com/in/twf#rc=3&rp=all"
 """
 
 
@@ -172,6 +177,32 @@ async def test_ingress_twilio_body_sha256_on_a_public_url_with_its_own_query(
     async with client.session.post(target, data=body.encode(), headers=headers) as resp:
         assert resp.status == 200, await resp.text()
     assert [r.body for r in upstream.received] == [body.encode()]
+
+
+@pytest.mark.parametrize(
+    "signed_url", ["https://mycompany.com/in/twf#rc=3&rp=all", "https://mycompany.com/in/twf"]
+)
+async def test_ingress_twilio_public_url_with_connection_overrides(
+    sidecar_factory: Any, upstream: Upstream, signed_url: str
+) -> None:
+    """A Twilio URL with `#rc=…&rp=…` connection overrides (providers.md 8: whether Twilio signs the fragment is
+    unconfirmed; it never reaches the wire): the route's public_url keeps it, and a request signed either way
+    verifies."""
+    from twilio.request_validator import RequestValidator
+
+    client = await sidecar_factory(TWILIO_ROUTES)
+    params = {"CallSid": "CA" + "2" * 32, "From": "+15005550006"}
+    signature = RequestValidator(TWILIO_TOKEN).compute_signature(signed_url, params)
+    headers = {"X-Twilio-Signature": signature, "Content-Type": "application/x-www-form-urlencoded"}
+    async with client.post("/in/twf", data=urlencode(params), headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+    [got] = upstream.received
+    assert got.body == urlencode(params).encode()
+    forged = RequestValidator(TWILIO_TOKEN).compute_signature("https://elsewhere.example/in/twf", params)
+    async with client.post(
+        "/in/twf", data=urlencode(params), headers={**headers, "X-Twilio-Signature": forged}
+    ) as resp:
+        assert resp.status == 401, await resp.text()
 
 
 NO_ID_BODIES = {
