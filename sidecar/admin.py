@@ -572,8 +572,16 @@ class AdminApi:
         dl = self.dead_letters()
         selector, ids = await self.selection(body, selectors[0])
         if dry_run:
-            log.info("dlq replay dry run: %s would_replay=%d reason=%r", selector, len(ids), reason)
-            return web.json_response({"would_replay": len(ids)})
+            # what the replay would skip as busy now (another drain or replay holds it) is not counted in
+            busy = await dl.held(ids)
+            log.info(
+                "dlq replay dry run: %s would_replay=%d busy=%d reason=%r",
+                selector,
+                len(ids) - busy,
+                busy,
+                reason,
+            )
+            return web.json_response({"would_replay": len(ids) - busy, "busy": busy})
         counts: Counter[str] = Counter()
         now_ms, owner = self.runtime().store.clock.now_ms(), uuid.uuid4().hex
         slots = asyncio.Semaphore(REPLAY_CONCURRENCY)

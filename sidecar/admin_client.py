@@ -1110,6 +1110,8 @@ def cmd_replay(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> i
         print_json(result, out)
     elif "would_replay" in result:
         out.write(f"would replay {result['would_replay']}\n")
+        if result.get("busy"):
+            out.write(f"would skip {result['busy']}: another drain or replay has them now\n")
     else:
         skipped = result.get("skipped") or {}
         out.write(f"replayed {result['replayed']}\n")

@@ -187,7 +187,14 @@ SCHEMAS: dict[str, Any] = {
             {
                 "type": "object",
                 "required": ["would_replay"],
-                "properties": {"would_replay": {"type": "integer"}},
+                "properties": {
+                    "would_replay": {"type": "integer"},
+                    "busy": {
+                        "type": "integer",
+                        "description": "selected items another drain or replay holds now, not counted in "
+                        "would_replay (the replay would skip them)",
+                    },
+                },
             },
         ]
     },

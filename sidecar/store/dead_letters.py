@@ -221,6 +221,28 @@ class DeadLetters:
             if d is not None and score is not None
         ]
 
+    async def held(self, ids: list[str]) -> int:
+        """How many of `ids` another drain or replay holds now (dlq_take.lua's rule, read only): what a replay of
+        them would skip as busy."""
+        k, held = self.keys, 0
+        for i in range(0, len(ids), _CHUNK):
+            chunk = ids[i : i + _CHUNK]
+
+            async def read(chunk: list[str] = chunk) -> list[Any]:
+                async with self.store.client.pipeline(transaction=False) as pipe:
+                    pipe.hmget(k.dlq_taken(), chunk)
+                    pipe.zmscore(k.dlq_items(), chunk)
+                    return list(await pipe.execute())
+
+            taken, scores = await self.store.guard(read)
+            now = self.store.clock.now_ms()
+            for hold, score in zip(taken, scores, strict=True):
+                if hold is None or score is None:
+                    continue
+                _, version, ends = hold.decode().split(" ")
+                held += int(version) == int(score) and int(ends) > now
+        return held
+
     async def ids(self, route: str | None = None) -> list[str]:
         """Every dead letter's id (a route's, or all), oldest first: a snapshot to work through in batches."""
         raw = await self.store.guard(lambda: self.store.client.zrange(self._index(route), 0, -1))

@@ -118,6 +118,9 @@ class EmbeddedValkey:
         try:
             stop_orphans(self.data_dir)
             self._server.start(timeout=START_TIMEOUT)
+        except EmbeddedStoreError:
+            self._unlock()
+            raise
         except (ValkeyServerError, OSError) as exc:
             self._unlock()
             raise EmbeddedStoreError(
@@ -259,11 +262,38 @@ def _servers_in(data_dir: Path) -> list[int]:
     return found
 
 
+def _live_owner(pid: int) -> int | None:
+    """The pid of the live sidecar that started server `pid`, or None when the server is an orphan (its parent is
+    gone, init or a subreaper). A sidecar from before the data-dir lock owns its server without holding the lock:
+    the lock alone cannot tell its live server from one left behind."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    if parent in (0, 1) or parent == os.getpid() or process_state(parent) in (None, "Z", "X"):
+        return None
+    try:
+        cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return parent if b"sidecar" in cmdline else None
+
+
 def stop_orphans(data_dir: Path) -> list[int]:
     """Stop every server still running on `data_dir` (the lock says no live sidecar owns it: they were left by one
     that died): SIGTERM, so each flushes its append-only file and exits, then SIGKILL past ORPHAN_STOP_TIMEOUT.
-    Returns their pids."""
+    Returns their pids. A server whose sidecar is alive (one from before the lock) is refused, not stopped: it
+    would start its server again on the same file (two servers appending to one file)."""
     pids = _servers_in(data_dir)
+    for pid in pids:
+        owner = _live_owner(pid)
+        if owner is not None:
+            raise EmbeddedStoreError(
+                f"redis.data_dir {data_dir} is in use by a running sidecar (pid {owner}, its valkey pid {pid}) "
+                "that holds no lock on it (a version from before the lock): stop it first; two stores on one "
+                "append-only file would corrupt it"
+            )
     for pid in pids:
         log.warning(
             "embedded valkey pid %d is still running on %s, left by a sidecar that did not stop it (killed or "
