@@ -132,6 +132,12 @@ async def serve(
                 log.error("shutdown: %s", failed, exc_info=failed)
         if peers_dir is not None:
             leave_peers_dir(peers_dir, worker_index)
+        # the last spans and metrics, within what is left of the grace (at least a second): an OTLP endpoint that
+        # is down or never answers must not hold the process past it
+        if not runtime.telemetry.shutdown_within(max(1.0, runtime.grace_left())):
+            log.warning(
+                "shutdown: the telemetry exporters did not finish their last export in time; left unsent"
+            )
 
 
 def _cleanups(*runners: Any) -> list[Awaitable[None]]:

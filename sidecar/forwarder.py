@@ -111,6 +111,11 @@ def upstream_headers(
     proto_in: str | None = None
     host_in: str | None = None
     svix = False
+    # The provider's `tracestate` belongs to its trace: kept where this attempt continues that trace (the first
+    # attempt, a child of the inbound span), not on a retry, which is a trace of its own (W3C Trace Context 3.3)
+    own_trace = (
+        traceparent is not None and rec.traceparent is not None and traceparent[3:35] == rec.traceparent[3:35]
+    )
     for k, v in rec.headers:  # one pass: keep the end-to-end headers, remember the proxies before us
         name = k.lower()
         if name == "x-forwarded-for":
@@ -121,6 +126,8 @@ def upstream_headers(
             host_in = v if host_in is None else host_in
         elif sign_key is not None and name in _SVIX:
             svix = True
+        elif name == "tracestate" and not own_trace:
+            continue
         elif name not in dropped and not name.startswith("x-sidecar-"):
             headers.append((k, v))
     xff = ", ".join([*prior_xff, rec.client_ip]) if rec.client_ip else ", ".join(prior_xff)

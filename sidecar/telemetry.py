@@ -110,8 +110,15 @@ class Telemetry:
         # Exemplars (trace ids attached to histogram samples) cost ~2 µs a record; worth it only when traces leave.
         tracing = bool(span_processors) or _otlp_enabled("TRACES")
         exemplars = TraceBasedExemplarFilter() if tracing else AlwaysOffExemplarFilter()
+        # shutdown_on_exit=False: the SDK's atexit hooks each waited out their exporter's timeout and retries (an
+        # OTLP endpoint that never answers kept a SIGTERMed sidecar alive 36 s past its drain); `shutdown_within`
+        # bounds the last export instead
         self.meter_provider = MeterProvider(
-            metric_readers=readers, views=views, resource=resource, exemplar_filter=exemplars
+            metric_readers=readers,
+            views=views,
+            resource=resource,
+            exemplar_filter=exemplars,
+            shutdown_on_exit=False,
         )
         meter = self.meter_provider.get_meter("sidecar")
 
@@ -184,6 +191,7 @@ class Telemetry:
                 views=views,
                 resource=resource,
                 exemplar_filter=exemplars,
+                shutdown_on_exit=False,
             )
             otel_meter = self._otlp_histograms.get_meter("sidecar")
         self.forward_duration = RouteHistogram(
@@ -202,7 +210,7 @@ class Telemetry:
             processors.append(BatchSpanProcessor(OTLPSpanExporter()))
         ratio = float(os.environ.get("SIDECAR_TRACE_SAMPLE_RATIO", "1.0"))
         sampler = ParentBased(TraceIdRatioBased(ratio)) if processors else ALWAYS_OFF
-        self.tracer_provider = TracerProvider(resource=resource, sampler=sampler)
+        self.tracer_provider = TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
         for processor in processors:
             self.tracer_provider.add_span_processor(processor)
         self.tracer = self.tracer_provider.get_tracer("sidecar")
@@ -399,6 +407,14 @@ class Telemetry:
         if self._otlp_histograms is not None:
             self._otlp_histograms.force_flush()
         self.tracer_provider.force_flush()
+
+    def shutdown_within(self, seconds: float) -> bool:
+        """`shutdown()` (the exporters' last export), given up after `seconds`: True if it finished. The exporting
+        threads are daemons, so what is left does not hold the process at exit."""
+        closing = threading.Thread(target=self.shutdown, name="telemetry-shutdown", daemon=True)
+        closing.start()
+        closing.join(seconds)
+        return not closing.is_alive()
 
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()

@@ -257,3 +257,49 @@ async def test_crash_sigterm_with_a_retry_attempt_hanging_still_shuts_down_clean
     assert took < 1.0 + 3.0, f"shutdown took {took:.2f}s with a grace of 1s"
     shard = KEYS.shard_of("stripe", "evt_retrying")
     assert rdb.hget(KEYS.event(shard, "stripe:evt_retrying"), "st") == b"f"  # leased: attempted again later
+
+
+@pytest.mark.slow
+async def test_crash_sigterm_with_an_otlp_endpoint_that_never_answers_keeps_to_the_grace(
+    tmp_path: Path,
+    upstream: Upstream,
+    redis_url: str,
+    processes: list[SidecarProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The exporters' last export is bounded by what is left of `server.shutdown_grace`: the OpenTelemetry SDK's
+    own exit hooks waited out each exporter's timeout and retries in turn (an audit: 30 s past SIGTERM with a
+    collector that accepts and never answers, 21 s with one that is down), so the pod was killed mid-rollout."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # reads nothing, answers nothing, closes only at the end of the test
+
+    collector = await asyncio.start_server(silent, "127.0.0.1", 0)
+    monkeypatch.setenv(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.sockets[0].getsockname()[1]}"
+    )
+    try:
+        cfg = tmp_path / "sidecar.yaml"
+        proc, port = start_sidecar(
+            cfg, processes, redis_url=redis_url, upstream_url=upstream.url, secret=SECRET
+        )
+        assert proc.proc is not None
+        body = json.dumps({"id": "evt_otlp_exit", "type": "invoice.paid"}).encode()
+        async with aiohttp.ClientSession() as client:
+            url = f"http://127.0.0.1:{port}/webhooks/stripe"
+            async with client.post(url, data=body, headers=signed(body)) as resp:
+                assert resp.status == 200, await resp.text()  # a span and metrics waiting to be exported
+        started = time.monotonic()
+        proc.proc.terminate()
+        code = await asyncio.to_thread(proc.proc.wait, 60)
+        took = time.monotonic() - started
+    finally:
+        collector.close()
+        for writer in accepted:
+            writer.close()
+    assert code == 0, proc.log()
+    # write_config's grace is 1 s; the last export gets at least 1 s of its own
+    assert took < 1 + 1 + 3, f"shutdown took {took:.2f}s: {proc.log()[-2000:]}"
+    assert "the telemetry exporters did not finish their last export in time" in proc.log()
+    assert upstream.ids() == ["evt_otlp_exit"]

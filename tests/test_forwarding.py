@@ -194,3 +194,30 @@ def test_a_public_url_with_credentials_is_still_accepted() -> None:
         'secrets: [x], public_url: "https://user:pw@hooks.example.com/t"}\n'
     )
     assert load_text(text, source="<t>", env={}).routes[0].public_url == "https://user:pw@hooks.example.com/t"
+
+
+def test_forwarding_tracestate_goes_only_with_the_trace_it_belongs_to() -> None:
+    """W3C Trace Context 3.3: `tracestate` belongs to its `traceparent`. The first attempt continues the provider's
+    trace (a child of the inbound span) and keeps it; a retry is a trace of its own (linked, not a child), so the
+    provider's `tracestate` must not ride along with another trace id (an audit: attempt 2 carried it)."""
+    from sidecar.forwarder import upstream_headers
+    from sidecar.store.records import EventRecord
+
+    inbound = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    rec = EventRecord(
+        "stripe",
+        "evt_ts",
+        "evt_ts",
+        "POST",
+        "/webhooks/stripe",
+        (("Content-Type", "application/json"), ("tracestate", "congo=t61rcWkgMzE")),
+        b"{}",
+        traceparent=inbound,
+    )
+    child = "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01"
+    first = dict(upstream_headers(rec, 1, child))
+    assert first["traceparent"] == child and first["tracestate"] == "congo=t61rcWkgMzE"
+    retry = "00-0af7651916cd43dd8448eb211c80319c-b9c7c989f97918e1-01"
+    later = dict(upstream_headers(rec, 2, retry))
+    assert later["traceparent"] == retry and "tracestate" not in later
+    assert "tracestate" not in dict(upstream_headers(rec, 2, None))

@@ -434,3 +434,50 @@ def test_pipeline_reads_a_url_as_redis_py_does(url: str) -> None:
         assert ours._unix_path == theirs["path"]
     else:
         assert ours._seeds == [(theirs.get("host", "localhost").strip("[]"), theirs.get("port", 6379))]
+
+
+async def test_store_names_why_a_tls_handshake_was_refused(tls_store: tuple[int, str], tmp_path) -> None:
+    """The store's certificate is not one the URL's CA signed: both clients fail closed, and the error names the
+    TLS reason (expired, unknown CA, wrong host each need another fix) where it said only `ConnectionError`."""
+    from sidecar.errors import StoreUnavailable
+    from sidecar.keys import KeySpace
+    from sidecar.store.redis_store import RedisStore
+    from tests.test_store import record
+
+    port, _ = tls_store
+    (other := tmp_path / "other").mkdir()
+    wrong_ca, _ = _certificate(other)
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={wrong_ca}"
+    store = RedisStore.connect(url, KeySpace("sidecar", 4), dedupe_ttl=60, dlq_max_length=10, timeout=2.0)
+    try:
+        with pytest.raises(StoreUnavailable) as through_redis_py:
+            await store.route_stats()
+        with pytest.raises(StoreUnavailable) as pipelined:
+            await store.claim(record("evt_tls_refused"), int(time.time() * 1000), 30_000)
+    finally:
+        await store.close()
+    for caught in (through_redis_py, pipelined):
+        assert "(TLS: " in str(caught.value) and "certificate" in str(caught.value), str(caught.value)
+
+
+async def test_pipeline_names_a_tls_handshake_that_never_completes(tmp_path) -> None:
+    """An endpoint that accepts and never answers: the timeout names the address and the step (the message was
+    empty: "could not preload the store's scripts: " and nothing after it)."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    mute = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = mute.sockets[0].getsockname()[1]
+    client = PipelinedClient(f"rediss://127.0.0.1:{port}?ssl_cert_reqs=none", timeout=0.3)
+    try:
+        with pytest.raises(
+            TimeoutError, match=rf"^127\.0\.0\.1:{port}: no connect and TLS handshake within 0\.3s$"
+        ):
+            await client.execute(("PING",))
+    finally:
+        client.close()
+        mute.close()
+        for writer in accepted:
+            writer.close()

@@ -263,9 +263,13 @@ class Node:
             connecting = loop.create_connection(protocol, self.host, self.port)
         try:
             _, conn = await asyncio.wait_for(connecting, self.timeout)
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError) as exc:
             if self._on_lost is not None:
                 self._on_lost()
+            if isinstance(exc, TimeoutError) and not str(exc):  # wait_for's own: no message at all
+                where = self._unix_path or f"{self.host}:{self.port}"
+                step = "connect and TLS handshake" if self._tls is not None else "connect"
+                raise TimeoutError(f"{where}: no {step} within {self.timeout:g}s") from exc
             raise
         username, password = self._auth
         try:

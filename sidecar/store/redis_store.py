@@ -11,6 +11,8 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from importlib import resources
@@ -96,12 +98,36 @@ def version_warning(where: str, info: dict[str, Any]) -> str | None:
     )
 
 
+_SSL_REASON = re.compile(r"\[SSL: [A-Z0-9_]+\][^(]*")
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """Why a TLS handshake failed, if that is what `exc` (or what it was raised from) is: redis-py keeps only the
+    message of the ssl error it wraps."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_message or seen.reason or str(seen)
+        if isinstance(seen, ssl.SSLError):
+            return seen.reason or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    found = _SSL_REASON.search(str(exc))
+    return found.group(0).strip() if found else None
+
+
 def _translate(exc: BaseException) -> StoreError:
     """A client error as the store's own: unreachable / timed out -> StoreUnavailable, the rest -> StoreError."""
     if isinstance(exc, NotReplicated):
         return StoreUnavailable(f"store replicas behind: {exc}")
     if isinstance(exc, _UNAVAILABLE):
-        return StoreUnavailable(f"store unreachable: {type(exc).__name__}")
+        why = _tls_failure(
+            exc
+        )  # a TLS refusal names its reason (expired, unknown CA, host name): the fix differs
+        return StoreUnavailable(
+            f"store unreachable: {type(exc).__name__}" + (f" (TLS: {why})" if why else "")
+        )
     if isinstance(exc, rexc.SlotNotCoveredError) or (
         isinstance(exc, rexc.RedisClusterException) and any(m in str(exc) for m in _CLUSTER_UNREACHABLE)
     ):
