@@ -85,8 +85,27 @@ def follow_parent() -> None:
         raise SystemExit(1)
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The cores this process may use: those its CPU affinity allows (`taskset`, a pinned Kubernetes CPU set), and
+    no more than its cgroup's CPU quota rounded up (a container's CPU limit); not the host's core count."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):  # no cgroup v2 limit to read
+        pass
+    return max(1, cores)
+
+
 def resolve_workers(workers: int) -> int:
-    return workers if workers > 0 else (os.cpu_count() or 1)
+    return workers if workers > 0 else usable_cores()
 
 
 class Supervisor:

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 
 from sidecar.store.embedded import _servers_in
 from sidecar.supervisor import process_state
-from tests.conftest import Upstream
+from tests.conftest import REPO, Upstream
 from tests.procs import SidecarProcess, free_port, write_config
 from tests.test_crash import SECRET
 from tests.test_reliability import post_all
@@ -320,3 +322,36 @@ async def test_workers_sighup_while_workers_start_kills_none(
     assert proc.proc.poll() is None and sent == 10
     assert "exited with -1" not in proc.log() and "too many restarts" not in proc.log(), proc.log()
     assert await post_all(f"http://127.0.0.1:{port}/webhooks/stripe", ["evt_hup"]) == [200]
+
+
+def test_workers_0_counts_the_cores_the_process_may_use(tmp_path: Path) -> None:
+    """`server.workers: 0` is one worker per core the process may use: its CPU affinity (a pinned CPU set) and its
+    cgroup's CPU quota (a container's CPU limit), not the host's core count (an audit: `taskset -c 0` started 2)."""
+    from sidecar.supervisor import usable_cores
+
+    allowed = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    for text, want in [
+        ("max 100000\n", allowed),
+        ("50000 100000\n", 1),
+        ("150000 100000\n", min(allowed, 2)),
+        (f"{100000 * (allowed + 3)} 100000\n", allowed),
+        ("garbage\n", allowed),
+    ]:
+        cpu_max.write_text(text)
+        assert usable_cores(cpu_max) == want, text
+    assert usable_cores(tmp_path / "absent") == allowed
+    pinned = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from sidecar.supervisor import resolve_workers; print(resolve_workers(0), resolve_workers(3))",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert pinned.stdout.split() == ["1", "3"]
