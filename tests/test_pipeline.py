@@ -481,3 +481,35 @@ async def test_pipeline_names_a_tls_handshake_that_never_completes(tmp_path) -> 
         mute.close()
         for writer in accepted:
             writer.close()
+
+
+async def test_store_without_the_password_a_store_wants_says_noauth(server: ValkeyServer) -> None:
+    """A URL without the password the store requires: the claim (a script, many arguments) was refused as a
+    protocol error ("unauthenticated multibulk length"), which named nothing; the connection's first PING now
+    gets the store's own NOAUTH."""
+    import redis
+
+    from sidecar.errors import StoreError
+    from sidecar.keys import KeySpace
+    from sidecar.store.redis_store import RedisStore
+    from tests.test_store import record
+
+    with redis.Redis(port=server.port) as admin:
+        admin.config_set("requirepass", "s3cret")
+    try:
+        store = RedisStore.connect(
+            f"redis://127.0.0.1:{server.port}/0", KeySpace("sidecar", 4), dedupe_ttl=60, dlq_max_length=10
+        )
+        try:
+            with pytest.raises(StoreError, match="NOAUTH"):
+                await store.claim(record("evt_noauth", body=b"x" * 4096), int(time.time() * 1000), 30_000)
+        finally:
+            await store.close()
+        client = PipelinedClient(f"redis://:s3cret@127.0.0.1:{server.port}/0", timeout=2.0)
+        try:
+            assert await client.execute(("PING",)) == b"PONG"
+        finally:
+            client.close()
+    finally:
+        with redis.Redis(port=server.port, password="s3cret") as admin:
+            admin.config_set("requirepass", "")

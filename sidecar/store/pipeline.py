@@ -276,6 +276,15 @@ class Node:
             if password:
                 auth = ("AUTH", username, password) if username else ("AUTH", password)
                 await conn.execute(auth)
+            else:
+                # a store that wants a password refuses this connection's first script as a protocol error
+                # ("unauthenticated multibulk length"), which names nothing: a PING gets its NOAUTH now
+                try:
+                    await conn.execute(("PING",))
+                except ReplyError as exc:
+                    if str(exc).startswith("NOAUTH"):
+                        raise
+                    # any other refusal (an ACL without +ping) is not this check's business
             if self._db:
                 await conn.execute(("SELECT", self._db))
         except BaseException:  # refused, or cancelled: not left open behind the caller's back

@@ -122,9 +122,8 @@ def _translate(exc: BaseException) -> StoreError:
     if isinstance(exc, NotReplicated):
         return StoreUnavailable(f"store replicas behind: {exc}")
     if isinstance(exc, _UNAVAILABLE):
-        why = _tls_failure(
-            exc
-        )  # a TLS refusal names its reason (expired, unknown CA, host name): the fix differs
+        # a TLS refusal names its reason (expired, unknown CA, host name): the fix differs
+        why = _tls_failure(exc)
         return StoreUnavailable(
             f"store unreachable: {type(exc).__name__}" + (f" (TLS: {why})" if why else "")
         )
