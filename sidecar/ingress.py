@@ -426,6 +426,10 @@ class Ingress:
                 for v in request.headers.getall("Transfer-Encoding", ())
                 for c in v.split(",")
             ]
+            if "" in codings:
+                # `Transfer-Encoding: ` or `chunked, `: no coding at all is malformed framing, not an unknown coding
+                result.outcome = "bad_request"
+                return closing(json_error(400, "bad_request", detail="malformed Transfer-Encoding header"))
             if codings and codings != ["chunked"]:
                 # aiohttp removes `chunked` and ignores any other coding (`gzip, chunked`): the body would be
                 # stored and forwarded still encoded, with nothing left to say so (RFC 9112 §6.1: 501)

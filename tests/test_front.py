@@ -619,6 +619,23 @@ async def test_a_transfer_coding_other_than_chunked_is_refused_not_stored(
     assert upstream.received == [] and rdb.keys("*evt_te*") == []
 
 
+@pytest.mark.parametrize("method", [b"POST", b"PUT"])
+@pytest.mark.parametrize("coding", [b"", b"chunked, ", b" , chunked"])
+async def test_an_empty_transfer_coding_is_a_400_not_a_501(
+    client: Any, upstream: Upstream, rdb: redis.Redis, method: bytes, coding: bytes
+) -> None:
+    """`Transfer-Encoding: ` (found by the hostile-request fuzzer, with a Content-Length beside it) names no coding:
+    malformed framing, the client's error (400), not a coding the sidecar does not implement (501, a 5xx)."""
+    raw = (
+        method + b" /webhooks/plain HTTP/1.1\r\nHost: h\r\nX-Event-Id: evt_te_empty\r\n"
+        b"Transfer-Encoding: " + coding + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    status, _, body = await exchange(client, raw)
+    assert status == 400, body
+    assert json.loads(body)["error"] == "bad_request"
+    assert upstream.received == [] and rdb.keys("*evt_te_empty*") == []
+
+
 async def test_a_client_gone_mid_body_on_aiohttps_path_is_counted_not_an_error(
     client: Any, upstream: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
