@@ -255,9 +255,6 @@ class RouteConfig:
 
 # Providers whose signature covers the URL they called (providers.md 0.9).
 SIGNS_URL = frozenset({"twilio", "square", "hubspot"})
-# Providers whose requests report no event type: a `types:` allow-list on them would answer every event
-# 200 {"filtered": true} (the provider does not resend) and forward none.
-UNTYPED = frozenset({"twilio", "hubspot", "sendgrid", "x", "twitter", "hmac", "none"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -1308,15 +1305,6 @@ def _route(
         # Twilio's `#rc=…&rp=…` connection overrides may be signed (providers.md 8); no other provider sees one
         ctx.error(item.value["public_url"].line, f"{path}.public_url", "the URL must not have a #fragment")
         ok = False
-    if provider in UNTYPED and values.get("types"):
-        ctx.error(
-            item.value["types"].line,
-            f"{path}.types",
-            "provider {} reports no event type, so every event would be filtered (200, never forwarded); remove "
-            "types or filter in the receiver",
-            provider,
-        )
-        ok = False
     given = item.value.get("signature")
     if provider == "hmac" and (given is None or given.value is None):  # a bad one given is said where it is
         ctx.error(item.line, f"{path}.signature", "required for provider hmac (the generic signature spec)")
@@ -1385,14 +1373,25 @@ def _check_providers(ctx: _Ctx, built: list[tuple[RouteConfig, str, _Item, list[
         return
     for route, path, item, origins in built:
         try:
-            build_verifier(route.provider, route.secrets, route.tolerance, route.signature)
+            verifier = build_verifier(route.provider, route.secrets, route.tolerance, route.signature)
         except ProviderConfigError as exc:
             key, line, message = _provider_where(str(exc), path, item.value, origins)
             ctx.error(line, key, "{}", message or "invalid provider settings")
+            continue
         except Exception as exc:
             # A foreign message could quote key material; the type is enough to start looking.
             line = item.value["provider"].line
             ctx.error(line, f"{path}.provider", f"the verifier could not be built ({type(exc).__name__})")
+            continue
+        if route.types and not verifier.reports_types:
+            # every event would be answered 200 {"filtered": true} (the provider does not resend) and none forwarded
+            ctx.error(
+                item.value["types"].line,
+                f"{path}.types",
+                "provider {} reports no event type, so every event would be filtered (200, never forwarded); "
+                "remove types or filter in the receiver",
+                route.provider,
+            )
 
 
 # A provider's message starts with the key it is about: `secrets[1]: is not valid base64`, `signature.digest: …`.

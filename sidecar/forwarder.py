@@ -93,6 +93,11 @@ def standard_webhooks_headers(key: bytes, msg_id: str, body: bytes, now: int) ->
     ]
 
 
+def _same_trace(traceparent: str | None, other: str | None) -> bool:
+    """Do two W3C `traceparent` values name one trace (the same trace-id)?"""
+    return traceparent is not None and other is not None and traceparent[3:35] == other[3:35]
+
+
 def upstream_headers(
     rec: EventRecord, attempt: int, traceparent: str | None, sign_key: bytes | None = None
 ) -> list[tuple[str, str]]:
@@ -111,11 +116,6 @@ def upstream_headers(
     proto_in: str | None = None
     host_in: str | None = None
     svix = False
-    # The provider's `tracestate` belongs to its trace: kept where this attempt continues that trace (the first
-    # attempt, a child of the inbound span), not on a retry, which is a trace of its own (W3C Trace Context 3.3)
-    own_trace = (
-        traceparent is not None and rec.traceparent is not None and traceparent[3:35] == rec.traceparent[3:35]
-    )
     for k, v in rec.headers:  # one pass: keep the end-to-end headers, remember the proxies before us
         name = k.lower()
         if name == "x-forwarded-for":
@@ -126,7 +126,9 @@ def upstream_headers(
             host_in = v if host_in is None else host_in
         elif sign_key is not None and name in _SVIX:
             svix = True
-        elif name == "tracestate" and not own_trace:
+        elif name == "tracestate" and not _same_trace(traceparent, rec.traceparent):
+            # The provider's `tracestate` belongs to its trace: kept where this attempt continues it (the first, a
+            # child of the inbound span), not on a retry, a trace of its own (W3C Trace Context 3.3)
             continue
         elif name not in dropped and not name.startswith("x-sidecar-"):
             headers.append((k, v))

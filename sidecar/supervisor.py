@@ -50,13 +50,26 @@ def claim_ports(*listens: tuple[str, int]) -> None:
                 probe.bind(addr)
 
 
-def process_state(pid: int | str) -> str | None:
-    """The state letter of process `pid` from /proc (`R`, `S`, `Z` for exited and not yet reaped, …); None when
-    it cannot be read (gone, not ours to look at, no /proc)."""
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/`pid`/stat after the command name (state, parent pid, …); None when it cannot be read
+    (gone, not ours to look at, no /proc)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+    return fields if len(fields) > 1 else None
+
+
+def process_state(pid: int | str) -> str | None:
+    """The state letter of process `pid` (`R`, `S`, `Z` for exited and not yet reaped, …); None when unknown."""
+    fields = _stat(pid)
+    return fields[0] if fields else None
+
+
+def process_parent(pid: int | str) -> int | None:
+    """The parent pid of process `pid`; None when unknown."""
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
 
 
 def supervisor_gone(parent: str) -> bool:

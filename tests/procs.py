@@ -192,6 +192,24 @@ async def dribbling(writer: asyncio.StreamWriter, piece: bytes, every: float = 0
         writer.close()
 
 
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP endpoint on 127.0.0.1 that accepts and never reads nor answers (a hung collector or store); yields its
+    port. Its connections are closed on exit."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in accepted:
+            writer.close()
+
+
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
     """Poll `predicate` until it holds or `timeout` passes; its last value."""
     deadline = time.monotonic() + timeout

@@ -20,7 +20,7 @@ import redis
 from sidecar.keys import KeySpace
 from sidecar.store.records import parse_meta
 from tests.conftest import Upstream
-from tests.procs import SidecarProcess, free_port, start_sidecar, wait_until
+from tests.procs import SidecarProcess, free_port, silent_server, start_sidecar, wait_until
 
 SECRET = "whsec_crash_test"
 KEYS = KeySpace("sidecar", 4)
@@ -270,16 +270,8 @@ async def test_crash_sigterm_with_an_otlp_endpoint_that_never_answers_keeps_to_t
     """The exporters' last export is bounded by what is left of `server.shutdown_grace`: the OpenTelemetry SDK's
     own exit hooks waited out each exporter's timeout and retries in turn (an audit: 30 s past SIGTERM with a
     collector that accepts and never answers, 21 s with one that is down), so the pod was killed mid-rollout."""
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)  # reads nothing, answers nothing, closes only at the end of the test
-
-    collector = await asyncio.start_server(silent, "127.0.0.1", 0)
-    monkeypatch.setenv(
-        "OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.sockets[0].getsockname()[1]}"
-    )
-    try:
+    async with silent_server() as collector_port:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector_port}")
         cfg = tmp_path / "sidecar.yaml"
         proc, port = start_sidecar(
             cfg, processes, redis_url=redis_url, upstream_url=upstream.url, secret=SECRET
@@ -294,10 +286,6 @@ async def test_crash_sigterm_with_an_otlp_endpoint_that_never_answers_keeps_to_t
         proc.proc.terminate()
         code = await asyncio.to_thread(proc.proc.wait, 60)
         took = time.monotonic() - started
-    finally:
-        collector.close()
-        for writer in accepted:
-            writer.close()
     assert code == 0, proc.log()
     # write_config's grace is 1 s; the last export gets at least 1 s of its own
     assert took < 1 + 1 + 3, f"shutdown took {took:.2f}s: {proc.log()[-2000:]}"

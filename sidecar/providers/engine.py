@@ -50,6 +50,10 @@ class SpecVerifier:
     def __repr__(self) -> str:
         return f"SpecVerifier({self.spec.sig_name!r}, {len(self.keys)} key(s))"
 
+    @property
+    def reports_types(self) -> bool:
+        return bool(self._type_extractors)
+
     # ---- the Verifier protocol
 
     def unsigned_handshake(self, req: Inbound) -> Handshake | None:
@@ -426,6 +430,7 @@ class Switch:
     def __init__(self, pick: Callable[[Request], int], verifiers: tuple[SpecVerifier, ...]) -> None:
         self.pick = pick
         self.verifiers = verifiers
+        self.reports_types = any(v.reports_types for v in verifiers)
 
     def unsigned_handshake(self, req: Inbound) -> Handshake | None:
         return self.verifiers[0].unsigned_handshake(req)

@@ -53,6 +53,10 @@ class Guarded:
     def __init__(self, inner: Verifier) -> None:
         self.inner = inner
 
+    @property
+    def reports_types(self) -> bool:
+        return self.inner.reports_types
+
     def __repr__(self) -> str:
         return f"Guarded({self.inner!r})"
 
@@ -86,6 +90,8 @@ def _where(exc: BaseException) -> str:
 class Unverified:
     """Provider `none`: nothing is checked and no id is known; `event_id: auto` is the body's digest (taken by the
     ingress only then: a route with a header or JSON id does not hash every body for nothing)."""
+
+    reports_types = False
 
     def __repr__(self) -> str:
         return "Unverified()"

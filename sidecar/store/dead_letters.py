@@ -240,7 +240,8 @@ class DeadLetters:
                 if hold is None or score is None:
                     continue
                 _, version, ends = hold.decode().split(" ")
-                held += int(version) == int(score) and int(ends) > now
+                if int(version) == int(score) and int(ends) > now:  # this version, its lease not yet over
+                    held += 1
         return held
 
     async def ids(self, route: str | None = None) -> list[str]:

