@@ -300,7 +300,25 @@ class Config:
             )
             and not route.public_url
         ]
-        return short + unpinned
+        untimed = [
+            f"{self.source}: routes.{route.name}.tolerance: {route.provider} signs no timestamp"
+            f"{' with this signature' if route.provider == 'hmac' else ''}, so tolerance has no effect "
+            "(a captured request stays valid); remove it"
+            for route in self.routes
+            if route.tolerance is not None and not _checks_time(route)
+        ]
+        return short + unpinned + untimed
+
+
+def _checks_time(route: RouteConfig) -> bool:
+    """Whether the route's verifier bounds a signed timestamp by `tolerance` (True when it cannot be built: the
+    load has said why)."""
+    try:
+        from sidecar.providers.registry import build_verifier
+
+        return build_verifier(route.provider, route.secrets, route.tolerance, route.signature).checks_time
+    except Exception:
+        return True
 
 
 # ------------------------------------------------------------------------------------------------ public API

@@ -1031,6 +1031,39 @@ def test_a_url_signing_route_without_public_url_is_a_warning(provider: str) -> N
     assert load_text(pinned).warnings() == []
 
 
+@pytest.mark.parametrize("provider", ["github", "shopify", "intercom", "typeform", "none"])
+def test_tolerance_on_a_provider_that_signs_no_timestamp_is_a_warning(
+    provider: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tolerance: 5m` on a GitHub route loaded silently and bounded nothing: a captured request stays valid for
+    ever. It still loads (a config that loaded before must not stop a rolling upgrade), and says so."""
+    monkeypatch.delitem(sys.modules, REGISTRY)
+    route = f'routes:\n  - name: r\n    path: /r\n    provider: {provider}\n    secrets: ["k"]\n'
+    [warning] = load_text(route + "    tolerance: 5m\n").warnings()
+    assert f"routes.r.tolerance: {provider} signs no timestamp, so tolerance has no effect" in warning
+    assert load_text(route).warnings() == []
+    stripe = (
+        'routes:\n  - name: s\n    path: /s\n    provider: stripe\n    secrets: ["k"]\n    tolerance: 5m\n'
+    )
+    assert load_text(stripe).warnings() == []
+
+
+def test_tolerance_on_an_hmac_route_warns_only_when_its_template_has_no_timestamp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delitem(sys.modules, REGISTRY)
+    route = (
+        "routes:\n  - name: h\n    path: /h\n    provider: hmac\n    secrets: [k]\n    tolerance: 1m\n"
+        "    signature: {{sig_name: x-sig, dedup_id: ['json:id'], template: '{}'{}}}\n"
+    )
+    [warning] = load_text(route.format("{body}", "")).warnings()
+    assert (
+        "routes.h.tolerance: hmac signs no timestamp with this signature, so tolerance has no effect"
+        in warning
+    )
+    assert load_text(route.format("{ts}.{body}", ", ts_source: 'header:x-ts'")).warnings() == []
+
+
 def test_a_twilio_public_url_may_carry_its_connection_overrides() -> None:
     """providers.md 8: whether Twilio signs the `#rc=…&rp=…` fragment is unconfirmed, so its verifier tries the URL
     with and without it; the config must let the fragment through for Twilio, and only for Twilio."""

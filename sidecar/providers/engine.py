@@ -54,6 +54,10 @@ class SpecVerifier:
     def reports_types(self) -> bool:
         return bool(self._type_extractors)
 
+    @property
+    def checks_time(self) -> bool:
+        return self.spec.ts_source is not None
+
     # ---- the Verifier protocol
 
     def unsigned_handshake(self, req: Inbound) -> Handshake | None:
@@ -431,6 +435,7 @@ class Switch:
         self.pick = pick
         self.verifiers = verifiers
         self.reports_types = any(v.reports_types for v in verifiers)
+        self.checks_time = any(v.checks_time for v in verifiers)
 
     def unsigned_handshake(self, req: Inbound) -> Handshake | None:
         return self.verifiers[0].unsigned_handshake(req)

@@ -57,6 +57,10 @@ class Guarded:
     def reports_types(self) -> bool:
         return self.inner.reports_types
 
+    @property
+    def checks_time(self) -> bool:
+        return self.inner.checks_time
+
     def __repr__(self) -> str:
         return f"Guarded({self.inner!r})"
 
@@ -92,6 +96,7 @@ class Unverified:
     ingress only then: a route with a header or JSON id does not hash every body for nothing)."""
 
     reports_types = False
+    checks_time = False
 
     def __repr__(self) -> str:
         return "Unverified()"
