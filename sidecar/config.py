@@ -128,6 +128,9 @@ class ServerConfig:
     port: int = field(init=False)
     workers: int = 1  # 0 = one per core
     max_body_bytes: int = 1048576
+    # Request bodies one process reads or holds at once (not yet answered); past it a new one is answered 503
+    # `overloaded` (the provider sends again) instead of the process growing until it is OOM-killed.
+    max_inflight_bytes: int = 67108864
     read_timeout: float = 10.0
     shutdown_grace: float = 20.0
     reload_interval: float = 1.0  # how often the config and secret files are checked for changes
@@ -996,6 +999,7 @@ _SERVER: dict[str, Conv] = {
     "listen": _listen,
     "workers": _integer(0, MAX_WORKERS),
     "max_body_bytes": _integer(1),
+    "max_inflight_bytes": _integer(1),
     "read_timeout": _duration(),
     "shutdown_grace": _duration(zero_ok=True),
     "reload_interval": _duration(),
@@ -1070,6 +1074,7 @@ def _load(ctx: _Ctx, text: str) -> Config | None:
     retry_values, retry_ok = _section(ctx, top.get("retry"), "retry", _RETRY)
     retry_items = _items(top.get("retry"))
     retry = _make_retry(ctx, retry_values, retry_items, {}, {}, "retry") if retry_ok else BAD
+    _check_inflight(ctx, top.get("server"), server)
     _check_prefix(ctx, top.get("redis"), redis)
     _check_wait(ctx, top.get("redis"), redis)
     _check_listen_clash(ctx, top, server, admin)
@@ -1091,6 +1096,18 @@ def _simple(
 
 def _items(item: _Item | None) -> dict[str, _Item]:
     return item.value if item is not None and isinstance(item.value, dict) else {}
+
+
+def _check_inflight(ctx: _Ctx, item: _Item | None, server: Any) -> None:
+    # a budget smaller than one allowed body would refuse every body that size, with nothing else in flight
+    if server is not BAD and server.max_inflight_bytes < server.max_body_bytes:
+        items = _items(item)
+        line = (items.get("max_inflight_bytes") or items["max_body_bytes"]).line
+        ctx.error(
+            line,
+            "server.max_inflight_bytes",
+            f"must be at least server.max_body_bytes ({server.max_inflight_bytes} < {server.max_body_bytes})",
+        )
 
 
 def _check_prefix(ctx: _Ctx, item: _Item | None, redis: Any) -> None:

@@ -270,7 +270,7 @@ class Front:
 
 
 class FastProtocol(asyncio.Protocol):
-    __slots__ = ("buf", "deadline", "front", "pending", "remote", "task", "transport")
+    __slots__ = ("buf", "deadline", "front", "held", "pending", "remote", "task", "transport")
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -279,6 +279,8 @@ class FastProtocol(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None  # the request being served
         self.deadline = 0.0  # monotonic; 0 while a request is being handled
         self.pending: _Parsed | None = None  # the buffered request's head, parsed, while its body arrives
+        # the pending body's share of the ingress's in-flight budget (server.max_inflight_bytes)
+        self.held = 0
         self.remote = ""
 
     @property
@@ -298,6 +300,7 @@ class FastProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.front.conns.discard(self)
+        self._give_back()
         # a request being handled runs to its end: the event is claimed, it must be settled
 
     def data_received(self, data: bytes) -> None:
@@ -348,20 +351,32 @@ class FastProtocol(asyncio.Protocol):
             if parsed is None:
                 self._hand_over()
                 return
+            if not self.front.ingress.take(parsed.end - parsed.head_len):
+                # over the in-flight budget: aiohttp's path answers 503 overloaded, and lingers for the body
+                self._hand_over()
+                return
+            self.held = parsed.end - parsed.head_len
             self.pending = parsed
         if len(buf) < parsed.end:
             return  # the body is on its way; the sweep answers 408 if it is not all here by the deadline
-        body = bytes(buf[parsed.head_len : parsed.end])
+        with memoryview(buf) as view:  # one copy of the body, not a bytearray slice's and then bytes()'s
+            body = view[parsed.head_len : parsed.end].tobytes()
         del buf[: parsed.end]
         self.pending = None
+        held, self.held = self.held, 0
         self.deadline = 0.0
         self.front.fast_requests += 1
         close = parsed.close or self.front.closing
-        self.task = asyncio.get_running_loop().create_task(self._serve(parsed.request, body, close))
+        self.task = asyncio.get_running_loop().create_task(self._serve(parsed.request, body, close, held))
         self.front.tasks.add(self.task)
         self.task.add_done_callback(self.front.tasks.discard)
 
-    async def _serve(self, request: FastRequest, body: bytes, close: bool) -> None:
+    def _give_back(self) -> None:
+        """The pending body's budget, for a connection that ends or leaves before its body is all in."""
+        self.front.ingress.inflight_bytes -= self.held
+        self.held = 0
+
+    async def _serve(self, request: FastRequest, body: bytes, close: bool, held: int) -> None:
         try:
             try:
                 response = await self.front.ingress.handle(request, body)  # type: ignore[arg-type]
@@ -378,6 +393,7 @@ class FastProtocol(asyncio.Protocol):
                     transport.close()
         finally:
             self.task = None
+            self.front.ingress.inflight_bytes -= held
         if self.transport is not None and not close:
             self.deadline = time.monotonic() + self._timeout()  # idle, or the next request's, already in
             self.transport.resume_reading()
@@ -389,6 +405,7 @@ class FastProtocol(asyncio.Protocol):
         assert transport is not None
         self.front.conns.discard(self)
         self.front.handed_over += 1
+        self._give_back()
         self.transport = None
         transport.resume_reading()
         handler = self.front.inner()

@@ -14,7 +14,9 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -130,22 +132,29 @@ class ReadTimeout(Exception):
     pass
 
 
-async def read_bounded(request: web.Request, limit: int, timeout: float | None = None) -> bytes:
+class Overloaded(Exception):
+    """The bodies this process holds reached `server.max_inflight_bytes`. → 503 overloaded."""
+
+
+async def read_bounded(
+    request: web.Request, limit: int, timeout: float | None = None, take: Callable[[int], bool] | None = None
+) -> bytes:
     """Read the body, refusing it as soon as it passes `limit` (not after buffering all of it), and giving up
-    after `timeout` seconds (`server.read_timeout`): a client dribbling its body cannot hold a handler forever."""
+    after `timeout` seconds (`server.read_timeout`): a client dribbling its body cannot hold a handler forever.
+    `take(n)` is asked for each piece read (a body of unknown length); False refuses it (Overloaded)."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge
     # The whole body is usually here already (it came with the headers): no timer then.
     if timeout is None or request.content.is_eof():
-        return await _read_body(request, limit)
+        return await _read_body(request, limit, take)
     try:
         async with asyncio.timeout(timeout):
-            return await _read_body(request, limit)
+            return await _read_body(request, limit, take)
     except TimeoutError:
         raise ReadTimeout from None
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.Request, limit: int, take: Callable[[int], bool] | None) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -155,6 +164,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge
+        if take is not None and not take(len(chunk)):
+            raise Overloaded
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -285,6 +296,7 @@ class Result:
     attempt: int | None = None
     status: int | None = None
     error: str | None = None
+    held: int = 0  # bytes of the in-flight body budget this request took (given back when it is answered)
 
 
 class Ingress:
@@ -299,6 +311,9 @@ class Ingress:
         # first attempts still running after their 202 (answer_within)
         self.late: set[asyncio.Future[Any]] = set()
         self._full = Tally(STORE_FULL_REPORT_S)  # new events a full store refused
+        self._overloaded = Tally(STORE_FULL_REPORT_S)  # requests refused over server.max_inflight_bytes
+        # Bytes of the request bodies this process is reading or holding (server.max_inflight_bytes)
+        self.inflight_bytes = 0
         self._no_route = Tally(NO_ROUTE_REPORT_S)  # requests to paths no route has
 
     async def handle(self, request: web.Request, body: bytes | None = None) -> web.StreamResponse:
@@ -316,7 +331,38 @@ class Ingress:
             result.status = response.status
             return response
         finally:
+            self.inflight_bytes -= result.held
             self.record(route.cfg.name, result, span, time.perf_counter() - started, request)
+
+    def take(self, size: int) -> bool:
+        """Take `size` bytes of the in-flight body budget, or False when that would pass it. A body with nothing
+        else in flight always fits (the config keeps the budget at least `server.max_body_bytes`)."""
+        held = self.inflight_bytes
+        if held and held + size > self.dispatcher.config.server.max_inflight_bytes:
+            return False
+        self.inflight_bytes = held + size
+        return True
+
+    def _take(self, result: Result, size: int) -> bool:
+        if not self.take(size):
+            return False
+        result.held += size
+        return True
+
+    def overloaded(self, result: Result) -> web.Response:
+        """503 for a body over the in-flight budget: nothing was claimed, the provider sends it again."""
+        result.outcome = "overloaded"
+        self._overloaded.say(
+            log,
+            logging.WARNING,
+            "%d request(s) refused (503 overloaded) since the last report: the request bodies this process holds "
+            "reached server.max_inflight_bytes (%d); providers send them again. Raise it (and the memory limit) "
+            "or add replicas",
+            self.dispatcher.config.server.max_inflight_bytes,
+        )
+        resp = json_error(503, "overloaded")
+        resp.headers["Retry-After"] = "5"
+        return closing(resp)
 
     def record(self, route: str, result: Result, span: AnySpan, seconds: float, peer: Any = None) -> None:
         """Count, end the span of, and log what one inbound request came to. `peer` (the request, or the front's
@@ -437,7 +483,13 @@ class Ingress:
                 return closing(json_error(501, "unsupported_transfer_coding"))
             try:
                 server = self.dispatcher.config.server
-                body = await read_bounded(request, server.max_body_bytes, server.read_timeout)
+                length = request.content_length
+                if length is not None and length <= server.max_body_bytes and not self._take(result, length):
+                    raise Overloaded
+                take = partial(self._take, result) if length is None else None
+                body = await read_bounded(request, server.max_body_bytes, server.read_timeout, take)
+            except Overloaded:
+                return self.overloaded(result)
             except BodyTooLarge:
                 result.outcome = "body_too_large"
                 refused = json_error(413, "body_too_large")

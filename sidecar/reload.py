@@ -58,6 +58,7 @@ RESTART_ONLY = (
 # timeout of a keep-alive connection already handed to aiohttp's server (not the front) stays as started.
 APPLIED_LIVE = (
     "server.max_body_bytes",
+    "server.max_inflight_bytes",
     "server.read_timeout",
     "server.reload_interval",
     "upstream.url",

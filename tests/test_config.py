@@ -1076,3 +1076,19 @@ def test_a_twilio_public_url_may_carry_its_connection_overrides() -> None:
     with pytest.raises(ConfigError) as caught:
         load_text(route.format("twilio", "ftp://hooks.example.com/t#rc=3"))
     assert "routes[0].public_url: expected an http:// or https:// URL" in str(caught.value)
+
+
+def test_an_inflight_budget_below_one_body_is_an_error() -> None:
+    errors = errors_of("server: {max_body_bytes: 2000, max_inflight_bytes: 1000}\n" + ROUTE)
+    assert errors == [
+        "cfg.yaml:1: server.max_inflight_bytes: must be at least server.max_body_bytes (1000 < 2000)"
+    ]
+    assert errors_of("server:\n  max_body_bytes: 200000000\n" + ROUTE) == [
+        "cfg.yaml:2: server.max_inflight_bytes: must be at least server.max_body_bytes (67108864 < 200000000)"
+    ]
+    assert (
+        load_text(
+            "server: {max_body_bytes: 2000, max_inflight_bytes: 2000}\n" + ROUTE
+        ).server.max_inflight_bytes
+        == 2000
+    )

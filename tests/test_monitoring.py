@@ -55,6 +55,7 @@ def test_monitoring_alert_rules_name_only_exported_metrics_and_cover_the_issue()
         "SidecarDeadLettersPresent",
         "SidecarForwardLatencyHigh",
         "SidecarStoreUnavailable",
+        "SidecarOverloaded",
     }
     names = {m for e in rule_exprs() for m in METRIC.findall(e)}
     assert {n for n in names if not exported(n)} == set()
@@ -97,4 +98,4 @@ def test_monitoring_alert_rules_pass_promtool(promtool: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout + result.stderr
+    assert "SUCCESS: 6 rules found" in result.stdout + result.stderr
