@@ -368,7 +368,7 @@ class Ingress:
         """Count, end the span of, and log what one inbound request came to. `peer` (the request, or the front's
         connection) gives the log line the client's address, read only when the line is written."""
         self.tel.requests[(route, result.outcome)] += 1
-        self.tel.end(span, result.error, result.status)
+        self.tel.end_inbound(span, result.outcome, result.event_id, result.error, result.status)
         log_all = self.dispatcher.table.config.logging.requests == "all"  # follows reloads
         # a routine outcome that failed (a pass-through the upstream answered 5xx, or did not answer) is notable
         failed = result.error is not None or (result.status or 0) >= 500

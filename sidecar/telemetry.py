@@ -401,6 +401,26 @@ class Telemetry:
             span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
         span.end()
 
+    @classmethod
+    def end_inbound(
+        cls, span: AnySpan, outcome: str, event_id: str | None, error: str | None, status: int | None
+    ) -> None:
+        """End an inbound span with what the request came to: `sidecar.outcome` (the label of
+        `sidecar_requests_total`), the event id, and what went wrong as `sidecar.error`. Its status is ERROR for an
+        answer of 5xx (or none) only, as OpenTelemetry's HTTP server conventions have it: a 202 after a failed
+        forward is the sidecar doing its job (the forward's own span carries that failure), a 401 the client's."""
+        if isinstance(span, LightSpan):
+            return
+        span.set_attribute("sidecar.outcome", outcome)
+        if event_id is not None:
+            span.set_attribute("sidecar.event_id", event_id)
+        if error:
+            span.set_attribute("sidecar.error", error)
+        if status is None:  # the handler raised: aiohttp answers 500
+            cls.end(span, error or "unhandled error", None)
+        else:
+            cls.end(span, error if status >= 500 else None, status)
+
     def force_flush(self) -> None:
         """Push everything pending to the exporters now (blocking: call it off the event loop)."""
         self.meter_provider.force_flush()

@@ -219,6 +219,8 @@ async def test_telemetry_spans_continue_incoming_trace_and_reach_upstream(
     # the upstream's 503 failed the first forward; the retry succeeded; the 202 answer was no server error
     assert (first.status.status_code, first.status.description) == (StatusCode.ERROR, "HTTP 503")
     assert retry.status.status_code is StatusCode.UNSET and receive[0].status.status_code is StatusCode.UNSET
+    assert receive[0].attributes["sidecar.outcome"] == "queued"
+    assert receive[0].attributes["sidecar.event_id"] == "evt_trace"
     # What the upstream got: a traceparent naming the forward span of the same trace.
     sent = [r.headers["traceparent"] for r in upstream.received]
     assert sent[0] == f"00-{incoming_trace}-{first.context.span_id:016x}-01"
@@ -503,3 +505,24 @@ def test_telemetry_route_histogram_buckets_are_cumulative_and_inclusive() -> Non
     assert samples[("sidecar_forward_duration_seconds_bucket", "+Inf")] == 4
     assert samples[("sidecar_forward_duration_seconds_count", None)] == 4
     assert samples[("sidecar_forward_duration_seconds_sum", None)] == pytest.approx(99.3021)
+
+
+async def test_telemetry_inbound_span_status_follows_the_answer_and_names_the_outcome(
+    sidecar_factory: Any, upstream: Upstream, spans: tuple[Telemetry, InMemorySpanExporter]
+) -> None:
+    """An audit: a 202 after a connection error was an ERROR inbound span, one after an upstream 503 was not,
+    and no span said what the request came to. Now: ERROR for a 5xx answer only (OpenTelemetry's HTTP server
+    rule), `sidecar.outcome` as the requests counter labels it, the failure as `sidecar.error`."""
+    tel, exporter = spans
+    upstream.url = "http://127.0.0.1:1"  # nothing listens on port 1
+    client = await sidecar_factory(ROUTES, telemetry=tel)
+    body = stripe_body("evt_down")
+    assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 202
+    forged = stripe_body("evt_forged")
+    bad = {**stripe_headers(forged), "Stripe-Signature": "t=1,v1=00"}
+    assert (await client.post("/webhooks/stripe", data=forged, headers=bad)).status == 401
+    receive = [s for s in exporter.get_finished_spans() if s.name == "webhook.receive"]
+    assert [s.attributes["sidecar.outcome"] for s in receive] == ["queued", "rejected_signature"]
+    assert [s.status.status_code for s in receive] == [StatusCode.UNSET, StatusCode.UNSET]
+    assert [s.attributes["sidecar.error"] for s in receive] == ["connect_error", "mismatch"]
+    assert [s.attributes["http.response.status_code"] for s in receive] == [202, 401]
