@@ -1134,7 +1134,10 @@ def _check_listen_clash(ctx: _Ctx, top: dict[str, _Item], server: Any, admin: An
     if server is BAD or admin is BAD or server.port != admin.port or server.port == 0:
         return
     wildcard = {"0.0.0.0", "::"}
-    if server.host == admin.host or server.host in wildcard or admin.host in wildcard:
+    hosts = (server.host, admin.host)
+    # `localhost` is 127.0.0.1 and ::1: it takes the port from any loopback address
+    local = "localhost" in hosts and all(is_loopback(h) for h in hosts)
+    if server.host == admin.host or server.host in wildcard or admin.host in wildcard or local:
         # Point at whichever listen the file sets (the other is a default), preferring admin's.
         for section, other in (("admin", "server"), ("server", "admin")):
             if "listen" in _items(top.get(section)):

@@ -161,6 +161,14 @@ def test_listen_admin_clashing_with_server_is_an_error() -> None:
     assert errors == ["cfg.yaml:3: admin.listen: must not use the same port as server.listen"]
 
 
+@pytest.mark.parametrize("server_host", ["localhost", "127.0.0.1", "[::1]"])
+def test_listen_localhost_clashes_with_any_loopback_address(server_host: str) -> None:
+    """An audit: server on 127.0.0.1:P and admin on localhost:P passed check-config and failed at bind."""
+    text = f'server: {{listen: "{server_host}:8080"}}\nadmin:\n  listen: "localhost:8080"\n' + ROUTE
+    assert errors_of(text) == ["cfg.yaml:3: admin.listen: must not use the same port as server.listen"]
+    assert load_text('server: {listen: "127.0.0.1:8080"}\nadmin: {listen: "[::1]:8080"}\n' + ROUTE)
+
+
 def test_listen_server_on_the_default_admin_port_is_an_error() -> None:
     errors = errors_of('server:\n  listen: "0.0.0.0:9090"\n' + ROUTE)
     assert errors == ["cfg.yaml:2: server.listen: must not use the same port as admin.listen"]
