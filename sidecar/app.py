@@ -73,6 +73,8 @@ TELEMETRY = web.AppKey("telemetry", Telemetry)
 CONFIG_PATH = web.AppKey("config_path", str)
 WARN_SETTINGS = web.AppKey("warn_settings", bool)
 RELOAD_AT_START = web.AppKey("reload_at_start", bool)
+CONFIG_TEXT = web.AppKey("config_text", str)
+APPLIED_CONFIG = web.AppKey("applied_config", str)
 MARKS_GRACE = 1.0  # seconds the delivered marks get at shutdown even when the grace is spent
 
 
@@ -125,13 +127,23 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     watch = None
     if app.get(CONFIG_PATH):
         runtime.reloader = Reloader(
-            app[CONFIG_PATH], dispatcher, telemetry, interval=config.server.reload_interval
+            app[CONFIG_PATH],
+            dispatcher,
+            telemetry,
+            interval=config.server.reload_interval,
+            loaded_text=app.get(CONFIG_TEXT),
+            applied_path=app.get(APPLIED_CONFIG),
         )
         if app.get(RELOAD_AT_START):
             # a worker (re)started from its supervisor's start-up config: take what of the current file applies
             # live (routes, secrets, retry, ...); restart-only settings stay those the other workers run with, and
-            # a file that does not load is refused as any reload is, instead of stopping the worker
-            await runtime.reloader.reload("worker start")
+            # a file that does not load is refused as any reload is, instead of stopping the worker. Then the
+            # config its siblings applied last is the one to run, not the start-up one (a rotated-out secret).
+            reloader = runtime.reloader
+            if not await reloader.reload("worker start"):
+                applied = reloader.applied()
+                if applied is not None and applied != app.get(CONFIG_TEXT):
+                    await reloader.reload("worker start, the config the other workers run", applied)
         watch = asyncio.create_task(runtime.reloader.run(), name="config-watch")
     try:
         yield
@@ -192,6 +204,8 @@ def create_app(
     config_path: str | None = None,
     warn_settings: bool = True,
     reload_at_start: bool = False,
+    config_text: str | None = None,
+    applied_config: str | None = None,
 ) -> web.Application:
     """The inbound application. `redis_url` overrides `redis.url` (the CLI passes the embedded server's URL);
     with `config_path` the config is reloaded when that file or a secret file changes."""
@@ -204,6 +218,10 @@ def create_app(
     app[RUN_WORKER] = run_worker
     app[WARN_SETTINGS] = warn_settings  # the store's settings, checked by one process of several
     app[RELOAD_AT_START] = reload_at_start
+    if config_text is not None:  # what `config` was loaded from: the reloader's starting point
+        app[CONFIG_TEXT] = config_text
+    if applied_config is not None:
+        app[APPLIED_CONFIG] = applied_config
     app.cleanup_ctx.append(runtime_ctx)
     app.router.add_route("*", "/{tail:.*}", _ingress, expect_handler=_expect)
     return app

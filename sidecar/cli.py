@@ -41,6 +41,7 @@ async def serve(
     reuse_port: bool = False,
     worker_index: int | None = None,
     reload_at_start: bool = False,
+    config_text: str | None = None,
 ) -> None:
     """Serve the inbound and admin listeners until SIGTERM/SIGINT (or `stop`), then drain gracefully.
 
@@ -52,11 +53,13 @@ async def serve(
     from sidecar.app import RUNTIME, create_app
     from sidecar.front import FrontRunner, JsonErrorRunner
     from sidecar.peers import PEERS_ENV, PeerCounts, leave_peers_dir, serve_state
+    from sidecar.supervisor import APPLIED_CONFIG_NAME
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    peers_dir = os.environ.get(PEERS_ENV) if worker_index is not None else None
     # worker 0 of `server.workers: N` (the one with the admin listener) speaks for all about the store's settings
     app = create_app(
         config,
@@ -64,6 +67,8 @@ async def serve(
         config_path=config_path,
         warn_settings=admin,
         reload_at_start=reload_at_start,
+        config_text=config_text,
+        applied_config=os.path.join(peers_dir, APPLIED_CONFIG_NAME) if peers_dir else None,
     )
     runner = FrontRunner(
         app,
@@ -87,7 +92,6 @@ async def serve(
         handle_signals=False,
     )
     await admin_runner.setup()
-    peers_dir = os.environ.get(PEERS_ENV) if worker_index is not None else None
     peer_runner = None
     try:
         if peers_dir is not None:  # one of `server.workers: N`: worker 0's /metrics speaks for all
@@ -218,14 +222,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     try:
         if workers > 1:  # before anything starts: a port another sidecar holds stops this one here
-            for key, host, port in (
-                ("server.listen", config.server.host, config.server.port),
-                ("admin.listen", config.admin.host, config.admin.port),
+            for key, host, port, listen in (
+                ("server.listen", config.server.host, config.server.port, config.server.listen),
+                ("admin.listen", config.admin.host, config.admin.port, config.admin.listen),
             ):
                 try:
                     claim_ports((host, port))
                 except OSError as exc:
-                    raise cannot_listen(key, f"{host}:{port}", exc) from exc
+                    raise cannot_listen(key, listen, exc) from exc  # as written: `[::1]:8080`, not `::1:8080`
         if url == "embedded":
             from sidecar.store.embedded import EmbeddedValkey
 
@@ -243,6 +247,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 reuse_port=worker,
                 worker_index=args.worker_index,
                 reload_at_start=reload_at_start,
+                config_text=text,
             )
         )
     except SidecarError as exc:

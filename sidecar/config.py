@@ -73,6 +73,8 @@ def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port_text = listen.rpartition(":")
     if not sep:
         raise ValueError('expected host:port, like "0.0.0.0:8080" or "[::1]:8080"')
+    if listen.startswith("[") and listen.endswith("]"):  # `[::1]`: rpartition split inside the brackets
+        raise ValueError('a port is needed after the brackets, like "[::1]:8080"')
     if host.startswith("["):
         if not host.endswith("]"):
             raise ValueError('an IPv6 address needs closing brackets, like "[::1]:8080"')
@@ -1078,6 +1080,7 @@ def _load(ctx: _Ctx, text: str) -> Config | None:
     _check_prefix(ctx, top.get("redis"), redis)
     _check_wait(ctx, top.get("redis"), redis)
     _check_listen_clash(ctx, top, server, admin)
+    _check_port_zero(ctx, top.get("server"), server)
     _check_admin_token(ctx, top.get("admin"), admin)
     routes = _routes(ctx, top.get("routes"), root, retry_values if retry_ok else None, retry_items)
 
@@ -1144,6 +1147,19 @@ def _check_listen_clash(ctx: _Ctx, top: dict[str, _Item], server: Any, admin: An
                 line = _items(top.get(section))["listen"].line
                 ctx.error(line, f"{section}.listen", f"must not use the same port as {other}.listen")
                 return
+
+
+def _check_port_zero(ctx: _Ctx, item: _Item | None, server: Any) -> None:
+    # Port 0 is "any free port": bound by each worker on its own, N workers would listen on N different ports.
+    if server is BAD or server.port != 0 or server.workers == 1:
+        return
+    items = _items(item)
+    line = items["listen"].line if "listen" in items else (item.line if item else 1)
+    ctx.error(
+        line,
+        "server.listen",
+        "port 0 (any free port) needs server.workers: 1: each worker would listen on a port of its own",
+    )
 
 
 def _check_admin_token(ctx: _Ctx, item: _Item | None, admin: Any) -> None:

@@ -21,13 +21,14 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import Config, RouteConfig, load, redact_url
+from sidecar.config import Config, RouteConfig, load_text, load_with_text, redact_url
 from sidecar.errors import ConfigError
 from sidecar.routes import RouteTable
 
@@ -67,12 +68,19 @@ APPLIED_LIVE = (
 )
 
 
-def _digest(paths: Iterable[str]) -> str:
+def _digest(paths: list[str], loaded: str | None = None) -> str:
+    """A digest of what `paths` hold, the config file first (`watched_files`), read as text as the loader reads it
+    (newlines made \\n); `loaded`, the text a running config was built from, stands for the file's content: an
+    edit made after that text was read is then a change still to take."""
     h = hashlib.sha256()
-    for path in paths:
+    for i, path in enumerate(paths):
         h.update(path.encode() + b"\x00")
         try:
-            h.update(Path(path).read_bytes())
+            if i:
+                h.update(Path(path).read_bytes())
+            else:
+                text = loaded if loaded is not None else Path(path).read_text("utf-8", "surrogateescape")
+                h.update(text.encode("utf-8", "surrogateescape"))
         except OSError as exc:
             h.update(f"<unreadable: {exc.errno}>".encode())
         h.update(b"\x00")
@@ -157,24 +165,42 @@ def describe(keys: Iterable[str], old: Mapping[str, Any], new: Mapping[str, Any]
 
 
 class Reloader:
-    def __init__(self, config_path: str, dispatcher: Any, telemetry: Any, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        config_path: str,
+        dispatcher: Any,
+        telemetry: Any,
+        interval: float = 1.0,
+        loaded_text: str | None = None,
+        applied_path: str | None = None,
+    ) -> None:
         self.path = config_path
+        # `server.workers: N`: where each applied config's text is kept (in the supervisor's peers dir), for a
+        # restarted worker whose file does not load to take what its siblings run, not the start-up config
+        self.applied_path = applied_path
         self.dispatcher = dispatcher
         self.tel = telemetry
         self.interval = interval
         # What this process runs with for the restart-only keys: the config it started with.
         self.running = settings(dispatcher.config, RESTART_ONLY)
         self._files = watched_files(config_path, dispatcher.config)
-        self._seen = _digest(self._files)
+        # the text the running config was built from, not the file as it is now: an edit made while the process
+        # was starting (after the file was read) must still be taken as a change
+        self._seen = _digest(self._files, loaded_text)
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
 
-    async def reload(self, reason: str) -> bool:
-        """Load, validate and swap in the config at `path`. True when the new config is serving."""
+    async def reload(self, reason: str, text: str | None = None) -> bool:
+        """Load, validate and swap in the config at `path` (or `text`: the config the sibling workers applied, for
+        a restarted worker whose file is refused). True when the new config is serving."""
         async with self._lock:
             self._seen = _digest(self._files)
+            from_file = text is None
             try:
-                config = await asyncio.to_thread(load, self.path)
+                if text is None:
+                    config, text = await asyncio.to_thread(load_with_text, self.path)
+                else:
+                    config = await asyncio.to_thread(load_text, text, self.path)
                 table = RouteTable.build(config)
             except ConfigError as exc:
                 self.tel.config_reloads["rejected"] += 1
@@ -188,10 +214,33 @@ class Reloader:
             self.dispatcher.swap(table)
             self.interval = config.server.reload_interval
             self._files = watched_files(self.path, config)
-            self._seen = _digest(self._files)
+            if from_file:
+                self._seen = _digest(self._files, text)  # an edit since the read is still to be taken
+                self._keep_applied(text)
+            else:  # the file stays refused until it changes again
+                self._seen = _digest(self._files)
             self.tel.config_reloads["applied"] += 1
             log.info("config reloaded (%s): %d route(s)", reason, len(config.routes))
             return True
+
+    def _keep_applied(self, text: str) -> None:
+        if self.applied_path is None:
+            return
+        part = f"{self.applied_path}.{os.getpid()}"
+        try:
+            Path(part).write_text(text, encoding="utf-8")
+            os.replace(part, self.applied_path)  # whole or not at all, whichever worker writes last
+        except OSError as exc:
+            log.warning("cannot keep the applied config for restarted workers: %s", exc)
+
+    def applied(self) -> str | None:
+        """The text of the config a sibling worker applied last, if any."""
+        if self.applied_path is None:
+            return None
+        try:
+            return Path(self.applied_path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
 
     def _report(self, reason: str, old: Config, new: Config) -> None:
         """Say which settings outside the routes changed, and whether each applies now or at the next restart."""

@@ -28,6 +28,7 @@ log = logging.getLogger("sidecar.supervisor")
 
 MAX_RESTARTS = 5
 START_CONFIG_NAME = "start-config.yaml"  # in the peers dir: the config every worker starts from
+APPLIED_CONFIG_NAME = "applied-config.yaml"  # in the peers dir: the config a worker's reload applied last
 PARENT_ENV = "SIDECAR_SUPERVISOR_PID"  # set for each child: the supervisor it must not outlive
 PEERS_ENV = "SIDECAR_PEERS_DIR"  # the directory of the workers' counter sockets (sidecar/peers.py)
 # The store URL for each child: in its environment, not on its command line (a redis.url may carry a password, and

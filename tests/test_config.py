@@ -1100,3 +1100,19 @@ def test_an_inflight_budget_below_one_body_is_an_error() -> None:
         ).server.max_inflight_bytes
         == 2000
     )
+
+
+def test_port_0_is_for_one_worker_only() -> None:
+    """Each worker binds `server.listen` itself: with port 0 every one got a port of its own (an audit: workers on
+    127.0.0.1:37219 and :40713, no port reaching both)."""
+    assert errors_of('server:\n  listen: "127.0.0.1:0"\n  workers: 2\n' + ROUTE) == [
+        "cfg.yaml:2: server.listen: port 0 (any free port) needs server.workers: 1: each worker would listen on a "
+        "port of its own"
+    ]
+    assert errors_of('server: {listen: "127.0.0.1:0", workers: 0}\n' + ROUTE)  # one per core: as many ports
+    assert load_text('server: {listen: "127.0.0.1:0", workers: 1}\n' + ROUTE).server.port == 0
+
+
+def test_listen_brackets_without_a_port_say_the_port_is_missing() -> None:
+    (error,) = errors_of('server: {listen: "[::1]"}\n' + ROUTE)
+    assert error == 'cfg.yaml:1: server.listen: a port is needed after the brackets, like "[::1]:8080"'

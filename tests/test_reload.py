@@ -171,9 +171,11 @@ async def test_reload_sighup_applies_new_routes_in_a_running_process(
     assert "config reloaded (SIGHUP)" in proc.log()
 
 
-def settings_config(upstream: str, redis_url: str, server: str, token: str = "reload-test-token") -> str:
+def settings_config(
+    upstream: str, redis_url: str, server: str, token: str = "reload-test-token", listen: str = "127.0.0.1:0"
+) -> str:
     return f"""
-server: {{listen: "127.0.0.1:0", {server}}}
+server: {{listen: "{listen}", {server}}}
 admin: {{listen: "127.0.0.1:0", token: "{token}"}}
 redis: {{url: "{redis_url}", shards: 4}}
 upstream: {{url: "{upstream}", timeout: 2s}}
@@ -215,7 +217,13 @@ async def test_reload_reports_per_key_what_applies_now_and_what_waits_for_a_rest
         caplog.clear()
         elsewhere = "redis://:reload-test-password@127.0.0.1:1"
         cfg_path.write_text(
-            settings_config(upstream.url, elsewhere, smaller + ", workers: 2", token="another-admin-token")
+            settings_config(
+                upstream.url,
+                elsewhere,
+                smaller + ", workers: 2",
+                token="another-admin-token",
+                listen=f"127.0.0.1:{free_port()}",  # port 0 is for one worker only
+            )
         )
         assert await reloader.reload("SIGHUP")
         warnings, _ = reload_lines(caplog)
@@ -343,3 +351,25 @@ def test_reload_log_shows_urls_without_passwords_or_query_values() -> None:
         "upstream.url (running 'http://recv.internal/hook?token=***', "
         "new 'https://user:***@recv.internal/hook?api_key=***&v=***')"
     )
+
+
+async def test_an_edit_made_after_the_config_was_read_at_start_is_taken_by_the_watcher(
+    tmp_path: Path, upstream: Upstream, redis_url: str
+) -> None:
+    """The file is edited after the process read it and before its reloader looked (a restarted worker, or any
+    sidecar, still starting): the watcher must take the edit, not record the new file as what is running."""
+    cfg_path = tmp_path / "sidecar.yaml"
+    started = "reload_interval: 1h, max_body_bytes: 65536"
+    text = settings_config(upstream.url, redis_url, started)
+    cfg_path.write_text(text)
+    config = load(cfg_path)
+    cfg_path.write_text(settings_config(upstream.url, redis_url, "reload_interval: 1h, max_body_bytes: 512"))
+    app = create_app(
+        config, redis_url=redis_url, run_worker=False, config_path=str(cfg_path), config_text=text
+    )
+    async with TestClient(TestServer(app)) as client:
+        reloader = app[RUNTIME].reloader
+        assert reloader is not None
+        assert await reloader.check()  # the edit is a change against what was loaded
+        assert (await client.post("/webhooks/plain", data=b"b" * 1000)).status == 413
+        assert not await reloader.check()  # and taken once

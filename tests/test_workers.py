@@ -283,6 +283,13 @@ async def test_workers_a_replaced_worker_runs_the_config_the_others_run(
     assert upstream.ids() == ["evt_same"]  # once: every worker runs on the prefix the sidecar started with
     assert "restart needed for redis.prefix" in parent.log(), parent.log()
 
+    # a route added by a reload both workers applied, then a broken edit: the worker restarted after it runs what
+    # its sibling runs (an audit: it ran the start-up config, a rotated-out secret valid again on its connections)
+    late = "  - {name: late, path: /webhooks/late, provider: none, event_id: {header: X-Id}}\n"
+    cfg.write_text(cfg.read_text() + late)
+    reloaded = parent.log().count("config reloaded")
+    parent.proc.send_signal(signal.SIGHUP)
+    await wait_for_log(parent, "config reloaded", reloaded + 2)
     cfg.write_text("routes: [\n")  # broken: refused as a reload, not a reason to stop
     await replace_worker(parent.proc.pid, 1, signal.SIGKILL, admin_port)
     replacement = worker_pid(parent.proc.pid, 1)
@@ -291,9 +298,20 @@ async def test_workers_a_replaced_worker_runs_the_config_the_others_run(
     assert parent.proc.poll() is None and worker_pid(parent.proc.pid, 1) == replacement
     assert set(await post_on_fresh_connections(port, "evt_after", 6)) == {200}
     assert upstream.ids() == ["evt_same", "evt_after"]
+    late_statuses = []
+    for n in range(8):
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+            session.post(
+                f"http://127.0.0.1:{port}/webhooks/late", data=b"{}", headers={"X-Id": f"l{n}"}
+            ) as resp,
+        ):
+            late_statuses.append(resp.status)
+    assert set(late_statuses) == {200}, late_statuses  # no worker without the route (404)
     assert (
         "too many restarts" not in parent.log()
         and "refused, the previous config keeps serving" in parent.log()
+        and "config reloaded (worker start, the config the other workers run)" in parent.log()
     )
 
 
