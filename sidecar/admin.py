@@ -331,6 +331,15 @@ def parse_ids(value: Any) -> list[str]:
     return list(dict.fromkeys(value))
 
 
+def dead_letter_ids(value: Any) -> list[str]:
+    """`parse_ids`, each of them a dead-letter id."""
+    ids = parse_ids(value)
+    bad = [i for i in ids if not _ID.fullmatch(i)]
+    if bad:
+        raise bad_request(f"not dead-letter ids: {', '.join(repr(b[:100]) for b in bad[:5])}")
+    return ids
+
+
 def parse_hold(value: Any) -> int:
     """A held drain's hold in ms (0: not held): seconds, or a duration like `10m`; 1 s to 24 h."""
     if value is None:
@@ -708,6 +717,10 @@ class AdminApi:
         self, request: web.Request, fields: set[str]
     ) -> tuple[str, dict[str, Any], list[str]]:
         """(drain id, body, ids) of a call on a held drain: the ids it names must be dead-letter ids."""
+        owner, body = await self.held_call(request, fields)
+        return owner, body, dead_letter_ids(body.get("ids"))
+
+    async def held_call(self, request: web.Request, fields: set[str]) -> tuple[str, dict[str, Any]]:
         only_query(request, set())
         owner = request.match_info["drain"]
         if not _DRAIN.fullmatch(owner):
@@ -716,11 +729,7 @@ class AdminApi:
             )
         body = await json_object(request, self.read_timeout())
         only_fields(body, fields)
-        ids = parse_ids(body.get("ids"))
-        bad = [i for i in ids if not _ID.fullmatch(i)]
-        if bad:
-            raise bad_request(f"not dead-letter ids: {', '.join(repr(b[:100]) for b in bad[:5])}")
-        return owner, body, ids
+        return owner, body
 
     async def remove_held(self, request: web.Request) -> web.Response:
         """Step 2 of a held drain: remove the items its client has stored. Only items this drain still holds are
@@ -756,9 +765,24 @@ class AdminApi:
 
     async def release_held(self, request: web.Request) -> web.Response:
         """Give back items of a held drain that its client could not store: the next drain or replay takes them at
-        once rather than when the hold ends. Items the drain does not hold are left as they are."""
-        owner, _, ids = await self.held_items(request, {"ids"})
+        once rather than when the hold ends. Items the drain does not hold are left as they are.
+
+        `{"all": true, "keep": [ids]}`: every item the drain holds but those in `keep` (the ones its client stored
+        and could not have removed): a drain whose output failed also holds the items streamed to it that it
+        never read (in the sidecar's and the network's buffers), which only the sidecar can name."""
+        owner, body = await self.held_call(request, {"ids", "all", "keep"})
         dl = self.dead_letters()
+        if "all" in body:
+            if body["all"] is not True or "ids" in body:
+                raise bad_request('"all" must be true, and comes without "ids"')
+            keep = set(dead_letter_ids(body["keep"])) if body.get("keep") else set()
+            held = [(i, v) for i, v in await dl.held_by(owner) if i not in keep]
+            released = sum([await dl.give_back_version(i, v, owner) for i, v in held])
+            log.info("dlq drain %s: released=%d (all it held, %d kept)", owner, released, len(keep))
+            return web.json_response({"released": released})
+        if "keep" in body:
+            raise bad_request('"keep" goes with "all": true')
+        ids = dead_letter_ids(body.get("ids"))
         outcomes = [await dl.take(item, owner, 0) for item in await dl.get_many(ids)]
         released = outcomes.count("taken")
         log.info("dlq drain %s: released=%d of %d", owner, released, len(ids))

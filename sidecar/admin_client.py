@@ -64,6 +64,7 @@ DRAIN_RCVBUF = 64 * 1024
 # and remove them (`--hold`); items removed a batch at a time, once surely in the output.
 DEFAULT_HOLD = "10m"
 REMOVE_BATCH = 200
+MAX_IDS = 10_000  # ids per call the admin API takes (sidecar/admin.py)
 _DRAIN_ID = re.compile(DRAIN_ID)
 
 
@@ -936,8 +937,9 @@ class HeldDrain(Drain):
     (`--hold`); each is removed only once its line is surely in the output (fsynced in a file, written to a pipe
     or terminal), `REMOVE_BATCH` at a time (`POST /admin/dlq/drain/{drain}/remove`). So whatever stops the drain
     (a full disk, a closed pipe, Ctrl-C, a broken stream, this process killed) leaves every item not surely written
-    in the DLQ: those it read are given back at once (`…/release`), any others when the hold ends. Nothing needs
-    rescuing. Lines are read and copied as in `Drain`.
+    in the DLQ: all the drain holds but those written are given back at once (`…/release` with `all`: the sidecar
+    also holds what it streamed that was never read), or, if the sidecar cannot be told, when the hold ends.
+    Nothing needs rescuing. Lines are read and copied as in `Drain`.
     """
 
     def __init__(
@@ -981,7 +983,12 @@ class HeldDrain(Drain):
         # only come out again sooner)
         back = dict.fromkeys([*self.unsure, *filter(None, map(drained_id, unwritten))])
         written = set(self.sure)
-        released = self.release([i for i in back if i not in written])
+        # After a failure the sidecar may have streamed (and taken) many more than were read here, still in its
+        # buffers and the network's when the connection was shut: it gives back all it holds but those written.
+        # A sidecar from before that call, or one that did not take it: the ones read, as before.
+        released = (code != EXIT_OK and self.release_all(self.sure)) or self.release(
+            [i for i in back if i not in written]
+        )
         if unconfirmed and code == EXIT_OK:
             code = EXIT_ERROR
             problem = f"the sidecar did not confirm the removal of written items ({self.remove_error})"
@@ -1019,6 +1026,17 @@ class HeldDrain(Drain):
             self.removed += answer["removed"] + len(ours)
             self.elsewhere += len(answer["busy"]) + len(answer["not_held"]) + len(answer["gone"]) - len(ours)
             self.next_remove = REMOVE_BATCH
+
+    def release_all(self, keep: list[str]) -> bool:
+        """Give back every item this drain holds but `keep`; False if the sidecar did not take the call."""
+        if len(keep) > MAX_IDS:
+            return False
+        body: dict[str, Any] = {"all": True, **({"keep": keep} if keep else {})}
+        try:
+            self.client.request("POST", f"/admin/dlq/drain/{self.drain_id}/release", body, shape=RELEASED)
+        except ClientError:
+            return False
+        return True
 
     def release(self, ids: list[str]) -> bool:
         """Give back items read but not surely written; False if the sidecar did not take the call (they come

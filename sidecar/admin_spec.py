@@ -221,6 +221,17 @@ SCHEMAS: dict[str, Any] = {
             "reason": {"type": "string", "maxLength": 1000, "description": "remove only: logged"},
         },
     },
+    "HeldRelease": {
+        "type": "object",
+        "description": 'the ids to give back, or "all": every item the drain holds but those in "keep"',
+        "additionalProperties": False,
+        "properties": {
+            "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10000},
+            "all": {"type": "boolean", "enum": [True]},
+            "keep": {"type": "array", "items": {"type": "string"}, "maxItems": 10000},
+        },
+        "oneOf": [{"required": ["ids"]}, {"required": ["all"]}],
+    },
     "HeldRemoved": {
         "type": "object",
         "required": ["removed", "gone", "busy", "not_held"],
@@ -309,7 +320,7 @@ def _op(summary: str, responses: dict[str, Any], *, auth: bool = True, **extra: 
     return op
 
 
-def _held_call(summary: str, ok: dict[str, Any]) -> dict[str, Any]:
+def _held_call(summary: str, ok: dict[str, Any], body: str = "HeldIds") -> dict[str, Any]:
     """A call on a held drain: the drain's id in the path, the ids it is about (`HeldIds`) in the body."""
     responses = {
         "200": ok,
@@ -321,7 +332,7 @@ def _held_call(summary: str, ok: dict[str, Any]) -> dict[str, Any]:
     return {
         "parameters": [_DRAIN],
         "post": _op(
-            summary, responses, requestBody={"required": True, "content": {JSON: {"schema": _ref("HeldIds")}}}
+            summary, responses, requestBody={"required": True, "content": {JSON: {"schema": _ref(body)}}}
         ),
     }
 
@@ -433,11 +444,13 @@ PATHS: dict[str, Any] = {
         _json(_ref("HeldRemoved"), "what was removed, and what became of the others"),
     ),
     "/admin/dlq/drain/{drain}/release": _held_call(
-        "give back items of a held drain that its client could not store, before the hold ends",
+        "give back items of a held drain that its client could not store, before the hold ends (all of them but "
+        '"keep" with "all": true, for a client whose output failed with items streamed to it unread)',
         _json(
             {"type": "object", "required": ["released"], "properties": {"released": {"type": "integer"}}},
             "how many this drain held and gave back",
         ),
+        "HeldRelease",
     ),
     "/admin/events/{route}/{event_id}": {
         "parameters": _EVENT,

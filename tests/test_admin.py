@@ -1577,3 +1577,25 @@ async def test_admin_stats_keep_a_removed_route_while_it_holds_dead_letters(
     assert drained.status == 200 and len((await drained.read()).splitlines()) == 1
     stats = await (await admin.get("/admin/stats")).json()
     assert set(stats["routes"]) == {"stripe", "github"}  # nothing of it left
+
+
+async def test_admin_dlq_held_drain_release_all_gives_back_all_but_kept(
+    admin: Admin, rdb: redis.Redis
+) -> None:
+    """`{"all": true, "keep": [...]}`: every item the drain holds but `keep`, for a client whose output failed with
+    items streamed to it unread; other drains' holds are left alone; bad bodies are 400."""
+    ids = await bury_many(admin.store, 12)
+    drain_id, items = await held_drain(admin, {"hold": "10m"})
+    other_ids = await bury_many(admin.store, 3, prefix="oth")
+    other, _ = await held_drain(admin, {"hold": "10m"})  # holds only the 3 newer ones
+    keep = [i["id"] for i in items[:2]]
+    for body in ({"all": False}, {"all": True, "ids": keep}, {"keep": keep}, {"all": True, "keep": ["x!"]}):
+        bad = await admin.post(f"/admin/dlq/drain/{drain_id}/release", body)
+        assert bad.status == 400 and "error" in await bad.json(), body
+    released = await admin.post(f"/admin/dlq/drain/{drain_id}/release", {"all": True, "keep": keep})
+    assert (await released.json()) == {"released": 10}
+    held = {k.decode() for k in rdb.hkeys(KEYS.dlq_taken())}
+    assert held == set(keep) | set(other_ids)
+    assert sorted(ids) == sorted(i["id"] for i in items) and other
+    again = await admin.post(f"/admin/dlq/drain/{drain_id}/release", {"all": True})
+    assert (await again.json()) == {"released": 2}

@@ -72,6 +72,28 @@ async def test_held_drain_to_full_device_leaves_every_item_in_the_dlq(
     await after_the_hold(sidecar, tmp_path, set(ids))
 
 
+async def test_held_drain_whose_output_fails_gives_back_what_it_never_read(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    """An audit: the sidecar streams (and takes) items as fast as the connection takes them, so a drain whose output
+    failed after a few lines had ~200 more taken, in the sidecar's and the network's buffers, that it never read
+    and so could not give back: held for the whole --hold (10 min), skipped by the re-run, which said nothing.
+    The CLI now has the sidecar give back everything the drain holds but what it wrote."""
+    async with drain_to_pipe(sidecar, tmp_path, n=300, body=b"{" + b" " * 20_000 + b"}", hold="10m") as pipe:
+        await pipe.full()  # the CLI waits to write, the sidecar streams on into the buffers
+        await asyncio.sleep(0.5)
+        got, err = await pipe.reader_goes_away()
+    read = line_ids(got)
+    assert pipe.proc.returncode == 1 and one_line(err) and "Broken pipe" in err, err
+    assert remaining(rdb) == set(pipe.ids) - set(read)
+    assert rdb.hlen(test_admin_cli.KEYS.dlq_taken()) == 0  # nothing left held for the 10 minutes
+    assert logged(sidecar, "(all it held, 0 kept)")
+    out = tmp_path / "again.ndjson"
+    again = await dlq("drain", "--out", str(out), *auth(sidecar))
+    assert again.code == 0, again.err
+    assert sorted(line_ids(out.read_bytes())) == sorted(set(pipe.ids) - set(read))
+
+
 async def test_held_drain_to_pipe_closed_by_its_reader_removes_only_what_it_wrote(
     sidecar: Running, rdb: redis.Redis, tmp_path: Path
 ) -> None:

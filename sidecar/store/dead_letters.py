@@ -244,6 +244,30 @@ class DeadLetters:
                     held += 1
         return held
 
+    async def held_by(self, owner: str) -> list[tuple[str, int]]:
+        """(id, version) of every item the drain `owner` took (its hold ended or not), read in steps."""
+        key, found, cursor = self.keys.dlq_taken(), [], 0
+        for _ in range(_MAX_SCAN_STEPS):
+
+            async def step(at: int = cursor) -> Any:
+                return await self.store.client.hscan(key, at, count=_SCAN_STEP)
+
+            cursor, chunk = await self.store.guard(step)
+            for item_id, hold in chunk.items():
+                who, version, _ = hold.decode().split(" ")
+                if who == owner:
+                    found.append((item_id.decode(), int(version)))
+            if not int(cursor):
+                break
+        return found
+
+    async def give_back_version(self, item_id: str, version: int, owner: str) -> bool:
+        """`take(…, 0)` by id and version: True if `owner` held that version and gave it back."""
+        keys = [self.keys.dlq_items(), self.keys.dlq_taken()]
+        return (
+            int(await self.store.guard(lambda: self._take(keys=keys, args=[item_id, version, owner, 0]))) == 1
+        )
+
     async def ids(self, route: str | None = None) -> list[str]:
         """Every dead letter's id (a route's, or all), oldest first: a snapshot to work through in batches."""
         raw = await self.store.guard(lambda: self.store.client.zrange(self._index(route), 0, -1))
