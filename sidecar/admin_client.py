@@ -32,12 +32,14 @@ import http.client
 import json
 import os
 import re
+import select
 import signal
 import socket
 import stat
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -610,6 +612,8 @@ def format_item(item: dict[str, Any]) -> str:
 
 # A regular file is fsynced after this many bytes or lines (and at the end); until then its lines are kept here.
 SYNC_BYTES = 1 << 20
+FINISH_S = 1.0  # how long a Ctrl-C waits for a pipe's reader to take the rest of a line cut short
+WAIT_STEP_S = 0.1  # a pipe's write waits for room this long at a time, then looks for a Ctrl-C
 SYNC_LINES = 200
 RESCUE_NAME = "sidecar-drain.unwritten.ndjson"
 
@@ -647,14 +651,13 @@ class Sink:
         self.unsynced: list[bytes] = []
         self.unsynced_bytes = 0
         self.count = 0  # lines surely in the output
-        self.writing = False  # in os.write (see `blocking_write`)
+        # whether a Ctrl-C came (the drain's `SigintGuard`): a pipe's write checks it while it waits for room
+        self.interrupted: Callable[[], bool] = lambda: False
+        # Ctrl-C while part of a line was out in a pipe: it was finished (a whole line in the output), or not
+        self.finished_on_interrupt = False
+        self.partial_line = False
         # told how many more lines (the oldest written) are surely in the output: a held drain removes them then
         self.on_sure: Callable[[int], None] | None = None
-
-    @property
-    def blocking_write(self) -> bool:
-        """In a write that may wait for ever: to a pipe or a terminal nobody reads (a file's write ends)."""
-        return self.writing and not self.regular
 
     @classmethod
     def open(cls, path: str, mode: int = 0o600, sync_lines: int | None = SYNC_LINES) -> Sink:
@@ -673,28 +676,49 @@ class Sink:
         return os.lseek(self.fd, 0, os.SEEK_CUR)
 
     def write(self, line: bytes) -> None:
-        done = 0
-        try:
-            self.writing = True
-            while done < len(line):
-                done += os.write(self.fd, line[done:])
-            self.writing = False
-        except OSError as exc:
-            self.writing = False
-            raise OutputFailed(exc, [*self._after_failed_write(done), line]) from None
-        except KeyboardInterrupt:
-            self.writing = False
-            self._cut(self.synced_end + self.unsynced_bytes, done)  # the caller rescues the whole line
-            raise
         if not self.regular:
+            finished_late = self._write_stream(line)
             self.count += 1
             if self.on_sure is not None:
                 self.on_sure(1)
+            if finished_late:  # the Ctrl-C that came while the line was part way out
+                raise KeyboardInterrupt
             return
+        done = 0
+        try:
+            while done < len(line):
+                done += os.write(self.fd, line[done:])
+        except OSError as exc:
+            raise OutputFailed(exc, [*self._after_failed_write(done), line]) from None
         self.unsynced.append(line)
         self.unsynced_bytes += len(line)
         if self.sync_lines and (len(self.unsynced) >= self.sync_lines or self.unsynced_bytes >= SYNC_BYTES):
             self.sync()
+
+    def _write_stream(self, line: bytes) -> bool:
+        """Write `line` to a pipe, terminal or device PIPE_BUF bytes at a time, each once `select` says there is
+        room (a writable pipe takes PIPE_BUF bytes without waiting): no write waits for a reader that may never come,
+        and a Ctrl-C is seen between the waits. Before any of the line is out, it raises KeyboardInterrupt (the
+        caller keeps the whole line); after, the rest goes out if the reader takes it within FINISH_S (True: whole,
+        but interrupted), else the line stays cut short (`partial_line`) and KeyboardInterrupt is raised. A Ctrl-C
+        used to be raised inside os.write, which could lose count of bytes already out: half a line on stdout."""
+        done, finish_by = 0, None
+        while done < len(line):
+            if finish_by is None and self.interrupted():
+                if not done:
+                    raise KeyboardInterrupt
+                finish_by = time.monotonic() + FINISH_S
+            wait = WAIT_STEP_S if finish_by is None else min(WAIT_STEP_S, finish_by - time.monotonic())
+            if wait <= 0:
+                self.partial_line = True
+                raise KeyboardInterrupt
+            try:
+                if select.select([], [self.fd], [], wait)[1]:
+                    done += os.write(self.fd, line[done : done + select.PIPE_BUF])
+            except OSError as exc:
+                raise OutputFailed(exc, [line]) from None
+        self.finished_on_interrupt = finish_by is not None
+        return self.finished_on_interrupt
 
     def _after_failed_write(self, partial: int) -> list[bytes]:
         """Cut off the `partial` bytes of the failed line and make sure of the lines before it; those not sure."""
@@ -754,8 +778,8 @@ class SigintGuard:
     already have arrived, been acknowledged and so counted by the server. While installed, SIGINT only sets
     `interrupted` and stops the server's sending (`refuse_more` on `sock`): the read in progress goes on (PEP 475)
     with what already arrived and never waits again, and the drain stops at the next line boundary. It raises at
-    once in two places only: while connecting (`eager`: nothing sent, nothing can be drained), and in a write that
-    may wait for ever (`sink.blocking_write`: a full pipe), where the line in hand is whole and gets rescued.
+    once only while connecting (`eager`: nothing sent, nothing can be drained); a write to a full pipe waits for room
+    in short steps and looks at `interrupted` between them (`Sink._write_stream`).
     Installed only in the main thread and only over a handled SIGINT (an ignored one stays ignored); the previous
     handler is restored on exit. Re-entrant.
     """
@@ -788,7 +812,7 @@ class SigintGuard:
     def _on_sigint(self, signum: int, frame: object) -> None:
         self.interrupted = True
         refuse_more(self.sock)
-        if self.eager or (self.sink is not None and self.sink.blocking_write):
+        if self.eager:
             raise KeyboardInterrupt
 
     def check(self) -> None:
@@ -821,6 +845,8 @@ class Drain:
 
     def run(self) -> int:
         self.guard.sock, self.guard.sink, self.guard.eager = self.stream.sock, self.sink, False
+        guard = self.guard
+        self.sink.interrupted = lambda: guard.interrupted
         with self.guard:
             return self._run()
 
@@ -847,7 +873,11 @@ class Drain:
             )
             code, unwritten = EXIT_UNREACHABLE, [exc.line]
         except KeyboardInterrupt:
-            code, problem, unwritten = EXIT_INTERRUPTED, "interrupted", [self.held] if self.held else []
+            code, problem = EXIT_INTERRUPTED, "interrupted"
+            # a line a Ctrl-C cut in a pipe's write and then finished is out whole: not rescued, not given back
+            unwritten = [self.held] if self.held and not self.sink.finished_on_interrupt else []
+            if self.sink.partial_line:
+                problem += f" (the last line in {self.sink.name} is cut short: discard it)"
         if code != EXIT_OK:
             # a broken-off answer too: after a timeout, the rest of a line may still arrive, and be acknowledged
             self.stream.refuse_more()

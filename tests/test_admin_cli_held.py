@@ -121,6 +121,49 @@ async def test_held_drain_interrupted_removes_what_it_wrote_and_keeps_the_rest(
     await after_the_hold(sidecar, tmp_path, set(pipe.ids) - written)
 
 
+async def test_held_drain_interrupted_mid_line_finishes_the_line_for_a_reader(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    """An audit: Ctrl-C while a line bigger than a pipe's atomic write waited in it left half that line at the end
+    of stdout (`| gzip >> archive` then glued it to the next drain's first line). The rest of the line now goes out
+    when the reader takes it within a second, and the line counts as written (removed, not given back); a reader
+    that takes nothing is told the last line is cut short."""
+    body = b"{" + b" " * 20_000 + b"}"  # lines far over PIPE_BUF: part of one is out when the pipe is full
+    async with drain_to_pipe(sidecar, tmp_path, n=40, body=body, hold=HOLD) as pipe:
+        await pipe.full()
+        pipe.proc.send_signal(signal.SIGINT)
+        got = bytearray()
+        waiting = asyncio.ensure_future(pipe.proc.wait())
+        for _ in range(2000):  # at most ~20 s
+            got += await read_some(pipe.r, None)
+            if waiting.done():
+                break
+            await asyncio.sleep(0.01)
+        got += await read_some(pipe.r, None)
+        err = (await asyncio.wait_for(pipe.proc.stderr.read(), 10)).decode()  # type: ignore[union-attr]
+    assert (
+        pipe.proc.returncode == 130 and one_line(err) and "interrupted" in err and "cut short" not in err
+    ), err
+    lines = bytes(got).split(b"\n")
+    assert lines[-1] == b"" and all(json.loads(line)["id"] for line in lines[:-1])  # whole lines only
+    written = set(line_ids(bytes(got)))
+    assert f"{len(written)} item(s) written to stdout and removed" in err
+    assert written and remaining(rdb) == set(pipe.ids) - written  # what is out whole was removed
+
+    async with drain_to_pipe(sidecar, tmp_path, n=40, body=body, hold=HOLD) as pipe:
+        await pipe.full()
+        pipe.proc.send_signal(signal.SIGINT)  # and nobody reads
+        _, err_bytes = await asyncio.wait_for(pipe.proc.communicate(), timeout=30)
+        got = await read_some(pipe.r, None)
+    err = err_bytes.decode()
+    assert pipe.proc.returncode == 130 and one_line(err), err
+    assert "interrupted (the last line in stdout is cut short: discard it)" in err
+    assert not got.endswith(b"\n")
+    out_whole = set(line_ids(got[: got.rindex(b"\n") + 1]))
+    # the whole lines out were removed; the cut one, and the rest, are still in the DLQ
+    assert out_whole and not out_whole & remaining(rdb) and set(pipe.ids) - out_whole <= remaining(rdb)
+
+
 async def test_held_drain_killed_loses_nothing(sidecar: Running, rdb: redis.Redis, tmp_path: Path) -> None:
     """SIGKILL mid-drain, past its first removal (200 lines): the items removed are ones it wrote; every other one
     is still in the DLQ and, once the hold ends, the next drain's. A drain that is not held loses here what sat in
