@@ -51,7 +51,11 @@ def next_delay(
     jitter: float,
     rng: random.Random | None = None,
 ) -> float:
-    """The delay before the next attempt: the upstream's Retry-After when given (clamped to max_delay)."""
+    """The delay before the next attempt: the backoff, or the upstream's Retry-After when that is longer (clamped to
+    max_delay). Retry-After is when the upstream wants no request before, not a replacement for the backoff: taken
+    as the delay, `Retry-After: 0` or a date already past (a receiver's fixed maintenance end, a clock apart) spent
+    every attempt within a second and dead-lettered the event while the receiver was still down."""
+    backoff = delay(attempt, base=base, multiplier=multiplier, max_delay=max_delay, jitter=jitter, rng=rng)
     if retry_after is not None:
-        return min(max_delay, retry_after)
-    return delay(attempt, base=base, multiplier=multiplier, max_delay=max_delay, jitter=jitter, rng=rng)
+        return min(max_delay, max(backoff, retry_after))
+    return backoff

@@ -37,7 +37,9 @@ def test_backoff_retry_after_seconds_and_http_date() -> None:
     assert parse_retry_after(None, now=1000.0) is None
 
 
-def test_backoff_retry_after_wins_but_is_clamped() -> None:
-    assert next_delay(1, 2.0, jitter=0.2, **POLICY) == 2.0
+def test_backoff_retry_after_is_a_floor_and_is_clamped() -> None:
+    assert next_delay(1, 30.0, jitter=0.2, **POLICY) == 30.0
+    assert next_delay(1, 2.0, jitter=0.0, **POLICY) == 5.0  # shorter than the backoff: the backoff
+    assert next_delay(1, 0.0, jitter=0.0, **POLICY) == 5.0  # "0" or a date already past: not at once
     assert next_delay(1, 99999.0, jitter=0.2, **POLICY) == 3600.0
     assert next_delay(2, None, jitter=0.0, **POLICY) == 15.0

@@ -206,8 +206,9 @@ async def test_store_take_leases_from_the_clock_at_the_take_not_a_stale_now(
     unreachable sentinel: 14-26 s in a cluster audit); the take then wrote a lease deadline already past, and the
     next pass anywhere took the event again while this attempt was sending it (14 events delivered twice)."""
     now = int(time.time() * 1000)
-    await store.claim(record("evt_stale"), now - 120_000, 1_000)  # its lease long over: due
+    await store.claim(record("evt_stale"), now, 1_000)
     shard = KEYS.shard_of("stripe", "evt_stale")
+    rdb.zadd(KEYS.schedule(shard), {"stripe:evt_stale": now - 119_000})  # its lease long over: due
     taken = await store.take(
         shard, "stripe:evt_stale", now - 60_000, 5_000, due_by_ms=now
     )  # `now` a minute old
@@ -771,3 +772,43 @@ async def test_a_connection_torn_down_under_a_call_is_store_unavailable(store: R
 
     with pytest.raises(AttributeError, match="a bug of ours"):
         await store._call(own_bug)
+
+
+async def test_store_leases_are_not_written_already_run_out_by_a_replica_whose_clock_stood_still(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    """A replica frozen with its monotonic clock (a VM resumed from a pause: kvmclock stands still while the VM is
+    stopped) carries the store's clock P seconds behind until its next reading. Its claims and takes wrote lease
+    deadlines P seconds early: with P over the lease, already run out, and another replica sent every event it
+    claimed or took while it was sending them (an external audit: 30 of 30 twice, for the minute until it read the
+    store's clock again)."""
+    behind = int(time.time() * 1000) - 120_000  # two minutes behind the store
+    assert (await store.claim(record("evt_frozen"), behind, 30_000)).claimed
+    shard = KEYS.shard_of("stripe", "evt_frozen")
+    assert rdb.zscore(KEYS.schedule(shard), "stripe:evt_frozen") >= time.time() * 1000 + 28_000
+    rdb.zadd(KEYS.schedule(shard), {"stripe:evt_frozen": behind})  # due again
+    store.clock._base_ms -= 120_000  # the carried clock two minutes behind, as after such a pause
+    assert await store.take(shard, "stripe:evt_frozen", store.clock.now_ms(), 30_000) is not None
+    assert rdb.zscore(KEYS.schedule(shard), "stripe:evt_frozen") >= time.time() * 1000 + 28_000
+
+
+async def test_store_clock_is_read_again_at_once_when_the_wall_clock_jumps_past_the_monotonic_one(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a VM pause the monotonic clock has not counted the pause while the wall clock (put right by the
+    hypervisor or NTP) has: the carried store clock is behind by the pause until the next reading, which came up
+    to RESYNC_S (60 s) later. The gap between the two clocks now asks for a reading at the next worker pass."""
+    import types
+
+    from sidecar.store import clock as clock_module
+
+    assert await store.sync_clock()
+    assert not store.clock.due_for_sync()
+    paused = types.SimpleNamespace(time=lambda: time.time() + 30, monotonic=time.monotonic)
+    monkeypatch.setattr(clock_module, "time", paused)
+    assert store.clock.due_for_sync()  # the jump: read the store's clock now
+    assert not store.clock.due_for_sync()  # once per jump, not on every pass
+    store.clock._base_ms -= 30_000  # what the pause did to the carried clock
+    assert await store.sync_clock()
+    assert abs(store.clock.now_ms() - time.time() * 1000) < 1_000
+    assert not store.clock.due_for_sync()

@@ -20,12 +20,18 @@ from collections.abc import Awaitable, Callable
 RESYNC_S = 60.0
 # A reading whose round trip took longer than this is not precise enough to take (a loaded or distant store).
 MAX_RTT_S = 0.5
+# The wall clock and the monotonic clock moved apart by this much since the last reading: read again now. A VM
+# resumed from a pause (kvmclock stands still while it is stopped) or a host resumed from suspend has a monotonic
+# clock that did not count the pause, so the carried clock is that far behind; the wall clock, put right by the
+# hypervisor or NTP, shows it. (A wall clock stepped by NTP also triggers it: one more TIME, harmless.)
+MAX_APART_S = 1.0
 
 
 class StoreClock:
     def __init__(self) -> None:
         self._base_ms = time.time() * 1000  # the store's time at `_base_mono`, once synced
         self._base_mono = time.monotonic()
+        self._wall_minus_mono = time.time() - self._base_mono  # at the last reading (see MAX_APART_S)
         self.synced_at: float | None = None  # monotonic time of the last reading taken
         self._tried_at: float | None = None  # monotonic time of the last reading asked for, taken or not
 
@@ -34,10 +40,15 @@ class StoreClock:
 
     def due_for_sync(self) -> bool:
         """Time to read the store's clock again: every RESYNC_S, and until a reading is taken, every second
-        (not on every loop of the worker: a store that is down or slow is not asked on each pass)."""
+        (not on every loop of the worker: a store that is down or slow is not asked on each pass); at once when the
+        wall clock and the monotonic clock moved apart (MAX_APART_S)."""
         if self._tried_at is None:
             return True
-        since = time.monotonic() - self._tried_at
+        mono = time.monotonic()
+        if abs(time.time() - mono - self._wall_minus_mono) > MAX_APART_S:
+            self._wall_minus_mono = time.time() - mono  # asked once per jump, not on every pass
+            return True
+        since = mono - self._tried_at
         return since >= (RESYNC_S if self.synced_at is not None else 1.0)
 
     async def sync(self, read_time: Callable[[], Awaitable[tuple[int, int]]]) -> bool:
@@ -50,5 +61,6 @@ class StoreClock:
             return False
         self._base_ms = seconds * 1000 + micros / 1000
         self._base_mono = (sent + back) / 2  # the server read its clock about halfway
+        self._wall_minus_mono = time.time() - time.monotonic()
         self.synced_at = back
         return True

@@ -665,7 +665,13 @@ class RedisStore:
         # The lease starts at the take: a `now_ms` read before a slow call (take_due's listing can hang for as long
         # as redis-py retries) would write a deadline already past, and another worker would take the event too.
         now_ms = max(now_ms, self.clock.now_ms())
-        res = await self._call(lambda: self._take(keys=[ev, sched], args=[due_by, now_ms + lease_ms, member]))
+        args = [
+            due_by,
+            now_ms + lease_ms,
+            member,
+            lease_ms,
+        ]  # the lease too: take.lua floors it at the store's TIME
+        res = await self._call(lambda: self._take(keys=[ev, sched], args=args))
         if not res:
             return None
         attempt, meta, body, first, eid, hist = res

@@ -6,7 +6,8 @@
 -- KEYS[2] - the shard's schedule zset
 -- KEYS[3] - the shard's stats hash (`<route>:pending|delivered|dead|duplicates` counters)
 -- ARGV[1] - now (ms)
--- ARGV[2] - lease deadline (ms): when another replica may take the event if this one never reports back
+-- ARGV[2] - lease deadline (ms): when another replica may take the event if this one never reports back; with
+--           'f', at least the store's TIME + (ARGV[2] - ARGV[1]), as in take.lua (a replica whose clock stood still)
 -- ARGV[3] - schedule member (`<route>:<dedupe id>`)
 -- ARGV[4] - request metadata (JSON: method, path, headers, forwarding context, event id)
 -- ARGV[5] - raw body
@@ -25,6 +26,12 @@ end
 local n = 1
 if ARGV[7] == 'p' then n = 0 end
 redis.call('HSET', KEYS[1], 'st', ARGV[7], 'n', n, 'first', ARGV[1], 'eid', ARGV[6], 'meta', ARGV[4], 'body', ARGV[5])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+local score = tonumber(ARGV[2])
+if ARGV[7] ~= 'p' then
+  local t = redis.call('TIME')
+  local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (score - tonumber(ARGV[1]))
+  if floor > score + 1000 then score = floor end  -- behind by more than a round trip's slack
+end
+redis.call('ZADD', KEYS[2], string.format('%d', score), ARGV[3])
 redis.call('HINCRBY', KEYS[3], ARGV[8] .. ':pending', 1)
 return {1}

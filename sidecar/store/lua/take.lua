@@ -7,6 +7,10 @@
 -- ARGV[1] - now (ms)
 -- ARGV[2] - lease deadline (ms)
 -- ARGV[3] - schedule member
+-- ARGV[4] - lease (ms), optional: the deadline written is at least the store's TIME + lease, so a replica whose
+--           carried clock is behind (its monotonic clock stood still: a VM resumed from a pause, a host resumed
+--           from suspend) never writes a lease that has already run out (another replica would take the event
+--           while this one sends it)
 -- returns {attempt, meta, body, first_seen_ms, event_id, history} or false when not due / not takeable
 local score = redis.call('ZSCORE', KEYS[2], ARGV[3])
 if not score or tonumber(score) > tonumber(ARGV[1]) then
@@ -18,7 +22,13 @@ if st ~= 'p' and st ~= 'f' then
   redis.call('ZREM', KEYS[2], ARGV[3])
   return false
 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+local deadline = tonumber(ARGV[2])
+if ARGV[4] then
+  local t = redis.call('TIME')
+  local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[4])
+  if floor > deadline + 1000 then deadline = floor end  -- behind by more than a round trip's slack
+end
+redis.call('ZADD', KEYS[2], string.format('%d', deadline), ARGV[3])
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('HSET', KEYS[1], 'st', 'f')
 local v = redis.call('HMGET', KEYS[1], 'meta', 'body', 'first', 'eid', 'hist')
