@@ -423,6 +423,8 @@ def render_full(item: DeadLetter) -> dict[str, Any]:
     out["method"] = meta.get("m")
     out["path"] = meta.get("p")
     out["headers"] = [[k, v] for k, v in item.headers]
+    if item.body is None:
+        out["body_missing"] = True  # evicted from the store: only the metadata and history are left
     try:
         out["body"] = (item.body or b"").decode("utf-8")
     except UnicodeDecodeError:
@@ -624,6 +626,13 @@ class AdminApi:
             reason,
         )
         skipped = {k: counts[k] for k in SKIPPED}
+        if counts["body_missing"]:  # only then: the answer's shape stays what clients know
+            skipped["body_missing"] = counts["body_missing"]
+            log.error(
+                "dlq replay: %d dead letter(s) kept, not replayed: their body is gone from the store (evicted? "
+                "check its maxmemory-policy)",
+                counts["body_missing"],
+            )
         return web.json_response({"replayed": counts["replayed"], "skipped": skipped})
 
     async def selection(self, body: dict[str, Any], selector: str) -> tuple[str, list[str]]:

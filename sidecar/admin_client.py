@@ -1173,6 +1173,11 @@ def cmd_replay(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> i
             )
         if skipped.get("gone"):
             out.write(f"skipped {skipped['gone']}: removed or replayed by someone else meanwhile\n")
+        if skipped.get("body_missing"):
+            out.write(
+                f"skipped {skipped['body_missing']}: their stored body is gone from the store (evicted? check its "
+                "maxmemory-policy); kept in the DLQ\n"
+            )
     return EXIT_OK
 
 

@@ -136,6 +136,10 @@ SCHEMAS: dict[str, Any] = {
                     },
                     "body": {"type": "string", "description": "the raw body, when it is UTF-8"},
                     "body_base64": {"type": "string", "description": "the raw body, when it is not UTF-8"},
+                    "body_missing": {
+                        "type": "boolean",
+                        "description": "true when the store no longer has the body (evicted); `body` is then empty",
+                    },
                     "history": {"type": "array", "items": _ref("HistoryEntry")},
                 },
             },
@@ -180,6 +184,10 @@ SCHEMAS: dict[str, Any] = {
                             "delivered": {"type": "integer"},
                             "busy": {"type": "integer"},
                             "gone": {"type": "integer"},
+                            "body_missing": {
+                                "type": "integer",
+                                "description": "kept in the DLQ: the store no longer has their body (evicted)",
+                            },
                         },
                     },
                 },

@@ -296,12 +296,16 @@ class Telemetry:
         configured = set(routes)
         now_ms = store.clock.now_ms()  # dead_at is on the schedule's clock
         snapshot: dict[str, dict[str, float]] = {}
-        for route in [*sorted(configured), *removed_routes(configured, stats)]:
+        names = [*sorted(configured), *removed_routes(configured, stats)]
+        # one pipelined round trip for every route's DLQ length, one more for the oldest of those that have any
+        lengths = await store.dlq_lengths(names)
+        oldests = await store.dlq_oldest_many([r for r in names if lengths[r] > 0])
+        for route in names:
             pending = float(stats.get(route, {}).get("pending", 0))
-            dead = float(await store.dlq_length(route))
+            dead = float(lengths[route])
             if route not in configured and dead <= 0 and pending <= 0:
                 continue
-            oldest = await store.dlq_oldest_ms(route) if dead > 0 else None
+            oldest = oldests.get(route)
             snapshot[route] = {
                 "pending": pending,
                 "dead": dead,

@@ -598,3 +598,20 @@ async def test_cluster_store_started_while_the_first_primary_is_down_serves_the_
         await store.close()
         for server in servers[1:]:
             server.stop()
+
+
+async def test_cluster_dlq_lengths_and_oldest_in_one_pipeline(cluster_url: str) -> None:
+    """The /metrics refresh reads every route's DLQ length in one pipeline: on a cluster too ({dlq} is one slot)."""
+    from sidecar.keys import KeySpace
+    from sidecar.store import AttemptRecord, EventRecord, RedisStore
+
+    store = RedisStore.connect(cluster_url, KeySpace("sidecar", 16), dedupe_ttl=60, dlq_max_length=10)
+    try:
+        now = int(time.time() * 1000)
+        rec = EventRecord("stripe", "evt_1", "evt_1", "POST", "/s", (), b"{}", first_seen_ms=now)
+        assert (await store.claim(rec, now, 1_000)).claimed
+        await store.bury(rec, 1, AttemptRecord(now, 1, 400, None, 1.0), [], now, "rejected")
+        assert await store.dlq_lengths(["stripe", "github"]) == {"stripe": 1, "github": 0}
+        assert await store.dlq_oldest_many(["stripe"]) == {"stripe": float(now)}
+    finally:
+        await store.close()

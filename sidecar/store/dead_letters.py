@@ -28,7 +28,7 @@ from sidecar.errors import StoreError
 from sidecar.store.records import history_dicts
 from sidecar.store.redis_store import RedisStore
 
-ReplayOutcome = Literal["replayed", "pending", "delivered", "busy", "gone"]
+ReplayOutcome = Literal["replayed", "pending", "delivered", "busy", "gone", "body_missing"]
 TakeOutcome = Literal["taken", "gone", "busy"]
 HeldOutcome = Literal["removed", "gone", "busy", "not_held"]
 ForgetOutcome = Literal["forgotten", "pending", "missing"]
@@ -69,7 +69,8 @@ class StatusFilter:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """One dead letter as stored by `RedisStore.bury` (`data` is its JSON); `body` only when asked for."""
+    """One dead letter as stored by `RedisStore.bury` (`data` is its JSON); `body` only when asked for, and None
+    when it was asked for but the store no longer has it (evicted: an allkeys-* maxmemory-policy)."""
 
     id: str
     dead_ms: int
@@ -216,7 +217,7 @@ class DeadLetters:
 
         data, bodies, scores = await self.store.guard(read)
         return [
-            DeadLetter(item_id, int(score), json.loads(d), b or b"")
+            DeadLetter(item_id, int(score), json.loads(d), b)
             for item_id, d, b, score in zip(ids, data, bodies, scores, strict=True)
             if d is not None and score is not None
         ]
@@ -313,6 +314,10 @@ class DeadLetters:
         was read. An event already pending or in flight keeps its dead letter (it may be one being buried right
         now, between dlq_add.lua and dead.lua); one already delivered makes the item obsolete, so it is removed.
         """
+        if item.body is None:
+            # its stored body is gone (evicted): replaying would deliver an empty request in its place and
+            # remove the dead letter, the only record of it left
+            return "body_missing"
         took = await self.take(item, owner, REPLAY_LEASE_MS)
         if took != "taken":
             return took

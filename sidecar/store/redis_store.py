@@ -255,6 +255,8 @@ class RedisStore:
         self._retries = Retries()  # for the background writes: delivered marks, aliases
         # one line per outage, not per event, for lookup indexes the store fails (a node down for 24 s: 200 lines)
         self._alias_failed, self._alias_lost = Tally(ALIAS_REPORT_S), Tally(ALIAS_REPORT_S)
+        # scheduled events whose stored request the store no longer has (evicted): said once, then with a count
+        self._vanished = Tally(ALIAS_REPORT_S)
         self.keys = keys
         self._ttl_ms = int(dedupe_ttl * 1000)
         self._dlq_max = dlq_max_length
@@ -270,6 +272,7 @@ class RedisStore:
         self._defer = FastScript(fast, _script("defer"))
         self._nonce = FastScript(fast, _script("nonce"))  # Mailgun routes only: loaded on first use
         self._replay = FastScript(fast, _script("replay"))  # the admin API's replays
+        self._alias = FastScript(fast, _script("alias"))  # lookup index of digest-keyed claims
 
     @classmethod
     def connect(
@@ -313,7 +316,16 @@ class RedisStore:
         """Load every hot-path script into the server before traffic, so a first use never answers NOSCRIPT (the
         re-sent command would fall behind commands issued after it on the same connection). Best effort: a store
         that is down now gets its scripts on first use, as after any restart."""
-        scripts = (self._claim, self._take, self._ack, self._retry, self._dead, self._dlq_add, self._defer)
+        scripts = (
+            self._claim,
+            self._take,
+            self._ack,
+            self._retry,
+            self._dead,
+            self._dlq_add,
+            self._defer,
+            self._alias,
+        )
         try:
             for script in scripts:
                 await self._fast.load_script(script.source)
@@ -366,6 +378,22 @@ class RedisStore:
                     "waits for every replica, and is answered 503 while one is down)"
                 )
         return warnings
+
+    async def evicted_keys(self) -> int | None:
+        """Keys the store servers evicted since they started (INFO stats `evicted_keys`, summed over a cluster's
+        primaries); None when the store does not say."""
+        try:
+            if not self._cluster:
+                return int((await self._r.info("stats")).get("evicted_keys", 0))
+            if not self._ready:
+                await self._initialize()
+            return sum(
+                int((await self._r.info("stats", target_nodes=node)).get("evicted_keys", 0))
+                for node in self._r.get_primaries()
+            )
+        except Exception as exc:  # best effort, as settings_warnings
+            log.debug("store evictions not read: %s", exc)
+            return None
 
     async def _server_infos(self) -> list[tuple[str, dict[str, Any]]]:
         """(label, INFO server + memory + persistence) of each cluster primary, or INFO server + memory +
@@ -486,11 +514,11 @@ class RedisStore:
         lookups must not answer 404."""
         if rec.dedupe_id == rec.event_id:
             return
-        index = ("SET", self.keys.alias(rec.route, rec.event_id), rec.dedupe_id, "PX", self._ttl_ms * 2)
+        key, args = self.keys.alias(rec.route, rec.event_id), [rec.dedupe_id, self._ttl_ms * 2]
 
         async def write() -> None:
             try:
-                await self._fast.execute(index, key=index[1])
+                await self._alias(keys=[key], args=args)
             except _STORE_ERRORS as exc:
                 raise _translate(exc) from exc
 
@@ -674,6 +702,16 @@ class RedisStore:
         res = await self._call(lambda: self._take(keys=[ev, sched], args=args))
         if not res:
             return None
+        if len(res) == 1:
+            # its event hash is gone: evicted (a maxmemory-policy that evicts) or deleted by hand
+            self._vanished.say(
+                log,
+                logging.ERROR,
+                "%d scheduled event(s) gone from the store, dropped from the schedule (LOST: evicted under a "
+                "maxmemory-policy other than noeviction, or deleted), e.g. %s",
+                member,
+            )
+            return None
         attempt, meta, body, first, eid, hist = res
         route, dedupe_id = split_member(member)
         rec = EventRecord.from_stored(route, dedupe_id, eid.decode(), meta, body, int(first))
@@ -744,6 +782,34 @@ class RedisStore:
     async def dlq_length(self, route: str | None = None) -> int:
         key = self.keys.dlq_route(route) if route else self.keys.dlq_items()
         return int(await self._call(lambda: self._r.zcard(key)))
+
+    async def dlq_lengths(self, routes: Sequence[str]) -> dict[str, int]:
+        """`dlq_length` of many routes in one pipelined round trip (every key is in the {dlq} slot): a /metrics
+        refresh reads every route's, and one round trip per route ran past its budget with ~2,000 routes on a store
+        1 ms away, so the gauges were never exported and `sidecar_store_up` said 0."""
+        keys = [self.keys.dlq_route(r) for r in routes]
+
+        async def read() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.zcard(key)
+                return list(await pipe.execute())
+
+        counts = await self._call(read) if keys else []
+        return {r: int(n) for r, n in zip(routes, counts, strict=True)}
+
+    async def dlq_oldest_many(self, routes: Sequence[str]) -> dict[str, float | None]:
+        """`dlq_oldest_ms` of many routes in one pipelined round trip."""
+        keys = [self.keys.dlq_route(r) for r in routes]
+
+        async def read() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.zrange(key, 0, 0, withscores=True)
+                return list(await pipe.execute())
+
+        raws = await self._call(read) if keys else []
+        return {r: (float(raw[0][1]) if raw else None) for r, raw in zip(routes, raws, strict=True)}
 
     async def dlq_oldest_ms(self, route: str) -> float | None:
         """When the route's oldest dead letter died (ms), or None when it has none."""

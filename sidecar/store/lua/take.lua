@@ -11,7 +11,9 @@
 --           carried clock is behind (its monotonic clock stood still: a VM resumed from a pause, a host resumed
 --           from suspend) never writes a lease that has already run out (another replica would take the event
 --           while this one sends it)
--- returns {attempt, meta, body, first_seen_ms, event_id, history} or false when not due / not takeable
+-- returns {attempt, meta, body, first_seen_ms, event_id, history}, false when not due / not takeable, or {-1} when
+-- the schedule entry's event is gone from the store (no version of this code leaves one so: it was evicted, under a
+-- maxmemory-policy other than noeviction, or deleted by hand): the entry is dropped, and the caller says so
 local score = redis.call('ZSCORE', KEYS[2], ARGV[3])
 if not score or tonumber(score) > tonumber(ARGV[1]) then
   return false
@@ -20,6 +22,9 @@ local st = redis.call('HGET', KEYS[1], 'st')
 if st ~= 'p' and st ~= 'f' then
   -- forgotten, delivered or dead: the schedule entry is stale
   redis.call('ZREM', KEYS[2], ARGV[3])
+  if not st then
+    return {-1}
+  end
   return false
 end
 local deadline = tonumber(ARGV[2])

@@ -1,0 +1,129 @@
+"""A store that loses keys under the sidecar (a maxmemory-policy that evicts, or a key deleted by hand), and a full
+store's lookup index: what the audit "memory" found. Eviction of a key is a DEL of that key."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from sidecar.keys import KeySpace
+from sidecar.store import RedisStore
+from sidecar.store.dead_letters import DeadLetters
+from tests.test_store import KEYS, digest_record, entry, record
+from tests.test_store_full import fill, small  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+async def store(redis_url: str, rdb: redis.Redis):
+    s = RedisStore.connect(redis_url, KEYS, dedupe_ttl=3600, dlq_max_length=3)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_a_scheduled_event_whose_hash_is_gone_is_dropped_and_said(
+    store: RedisStore, rdb: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """take.lua dropped such a schedule entry silently: 305 events answered 202 lost under allkeys-lfu in the audit,
+    with nothing in the log."""
+    now = int(time.time() * 1000)
+    rec = record("evt_evicted")
+    assert (await store.claim(rec, now, 1_000)).claimed
+    ev, sched, _, member = store.keys.locate("stripe", "evt_evicted")
+    rdb.delete(ev)  # what eviction does
+    shard = store.keys.shard_of("stripe", "evt_evicted")
+    with caplog.at_level(logging.ERROR, logger="sidecar.store"):
+        assert await store.take(shard, member, now + 2_000, 30_000) is None
+    assert rdb.zscore(sched, member) is None
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(said) == 1 and "gone from the store" in said[0] and member in said[0], said
+
+
+async def test_a_dead_letter_whose_body_is_gone_is_not_replayed_empty(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    """Replayed, it was delivered with an empty body in place of its own and its dead letter removed."""
+    now = int(time.time() * 1000)
+    rec = record("evt_dead", body=b'{"id":"evt_dead","big":"payload"}')
+    assert (await store.claim(rec, now, 1_000)).claimed
+    item_id, _ = await store.bury(rec, 1, entry(1, 400), [], now, "rejected")
+    rdb.delete(store.keys.dlq_body())  # evicted
+    dl = DeadLetters(store)
+    [item] = await dl.get_many([item_id])
+    assert item.body is None
+    assert await dl.replay(item, now + 1, "test", "owner") == "body_missing"
+    assert rdb.zscore(store.keys.dlq_items(), item_id) is not None  # kept
+    assert (
+        rdb.hget(store.keys.event(store.keys.shard_of("stripe", "evt_dead"), "stripe:evt_dead"), "st") == b"x"
+    )
+
+
+async def test_the_lookup_alias_of_an_accepted_claim_is_written_on_a_full_store(small) -> None:  # noqa: F811
+    """A plain SET was refused at maxmemory: given up after a minute, every lookup and forget by the provider's id
+    answered 404 "never seen" for an event the store held."""
+    store = RedisStore.connect(
+        small.connection_url, KeySpace("sidecar", 4), dedupe_ttl=3600, dlq_max_length=10
+    )
+    r = redis.Redis(port=small.port)
+    try:
+        await store.preload()
+        fill(r)
+        rec = digest_record("sha256:abc", "delivery-1", first_seen_ms=int(time.time() * 1000))
+        store._index_alias(rec)
+        await store.close()  # waits for the background write
+        assert r.get(store.keys.alias("github", "delivery-1")) == b"sha256:abc"
+    finally:
+        r.config_set("maxmemory", 0)
+        r.close()
+        await store.close()
+
+
+async def test_dlq_lengths_and_oldest_in_one_round_trip_each(store: RedisStore) -> None:
+    now = int(time.time() * 1000)
+    for i, route in enumerate(("a", "b", "b")):
+        rec = record(f"evt_{i}", route=route)
+        assert (await store.claim(rec, now, 1_000)).claimed
+        await store.bury(rec, 1, entry(1, 400), [], now + i, "rejected")
+    assert await store.dlq_lengths(["a", "b", "c"]) == {"a": 1, "b": 2, "c": 0}
+    assert await store.dlq_oldest_many(["a", "b"]) == {"a": float(now), "b": float(now + 1)}
+    assert await store.dlq_lengths([]) == {}
+
+
+async def test_a_policy_set_at_runtime_and_the_keys_it_evicts_are_said(
+    own_valkey: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The evicting policy was checked only at start: set afterwards (CONFIG SET), nothing was ever said, and the
+    keys it evicted (350 of 400 events answered 202, in the audit) were lost without a line. The process that warns
+    at start looks again every SETTINGS_EVERY_S: a new warning once, and an error with the count of keys evicted."""
+    from sidecar.app import SettingsWatch
+
+    store = RedisStore.connect(own_valkey.connection_url, KEYS, dedupe_ttl=3600, dlq_max_length=3)
+    r = redis.Redis(port=own_valkey.port)
+    watch = SettingsWatch(store)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sidecar.store"):
+            await watch.check()
+            assert not [m for m in caplog.messages if "maxmemory-policy" in m or "evicted" in m]
+            await watch.check()  # not due yet: asks nothing
+            r.config_set("maxmemory-policy", "allkeys-random")
+            r.config_set("maxmemory", int(r.info("memory")["used_memory"]) + 2_000_000)
+            for i in range(400):  # 4 MB into a 2 MB budget
+                r.set(f"filler:{i}", b"x" * 10_000)
+            assert int(r.info("stats")["evicted_keys"]) > 0
+            watch.next_at = 0.0  # as SETTINGS_EVERY_S later
+            await watch.check()
+            watch.next_at = 0.0
+            await watch.check()  # the same warning is not said again; no new evictions, no new error
+        policy = [m for m in caplog.messages if "maxmemory-policy is allkeys-random" in m]
+        evicted = [m for m in caplog.messages if m.startswith("the store evicted ")]
+        assert len(policy) == 1 and len(evicted) == 1, caplog.messages
+        assert "may be gone" in evicted[0]
+    finally:
+        r.config_set("maxmemory", 0)
+        r.close()
+        await store.close()
