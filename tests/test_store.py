@@ -812,3 +812,27 @@ async def test_store_clock_is_read_again_at_once_when_the_wall_clock_jumps_past_
     assert await store.sync_clock()
     assert abs(store.clock.now_ms() - time.time() * 1000) < 1_000
     assert not store.clock.due_for_sync()
+
+
+async def test_store_a_host_clock_far_from_the_stores_is_said_once(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The schedule runs on the store's clock, but signed timestamps on this host's: 10 minutes off refused every
+    event as timestamp_out_of_tolerance, and no line said why (a clocks audit)."""
+    import types
+
+    from sidecar.store import redis_store
+
+    with caplog.at_level(logging.INFO, logger="sidecar.store"):
+        assert await store.sync_clock()
+        assert not caplog.messages
+        ahead = types.SimpleNamespace(time=lambda: time.time() + 600, monotonic=time.monotonic)
+        monkeypatch.setattr(redis_store, "time", ahead)
+        assert await store.sync_clock()
+        assert await store.sync_clock()  # said once, not every minute
+        monkeypatch.undo()
+        assert await store.sync_clock()
+    assert [m.split(":")[0] for m in caplog.messages] == [
+        "this host's clock is 600 s ahead of the store's",
+        "this host's clock agrees with the store's again (within 30 s)",
+    ]

@@ -205,16 +205,21 @@ class SpecVerifier:
             return
         value = int(ts_text)
         spec = self.spec
+        seconds = value / 1000 if spec.ts_unit == "ms" else value
         if spec.ts_window is not None:
             fresh = spec.ts_window(value, now, tolerance)
+        elif spec.tolerance_mode == "both":
+            fresh = abs(now - seconds) <= tolerance
         else:
-            seconds = value / 1000 if spec.ts_unit == "ms" else value
-            if spec.tolerance_mode == "both":
-                fresh = abs(now - seconds) <= tolerance
-            else:
-                fresh = seconds >= now - tolerance
+            fresh = seconds >= now - tolerance
         if not fresh:
-            raise TimestampError(f"the signed timestamp is outside the {tolerance:g} s tolerance")
+            # which side and how far: a replay (old), or a clock that is off (every request the same way)
+            apart = now - seconds
+            side = "older than" if apart > 0 else "ahead of"
+            raise TimestampError(
+                f"the signed timestamp is {abs(apart):.0f} s {side} this host's clock, outside the "
+                f"{tolerance:g} s tolerance"
+            )
 
     def _signed_bytes(
         self, req: Request, ts_text: str | None, seen: set[str], as_sent: bool = False

@@ -76,6 +76,9 @@ _PASSING = ("TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "READONLY")
 # for longer is an outage, and one retrying task per event claimed just before it must not pile up for good.
 ALIAS_RETRY_FOR = 60.0
 ALIAS_REPORT_S = 30.0  # failed lookup indexes are logged once, then with a count at most this often
+CLOCK_SKEW_WARN_S = (
+    30  # this host's clock this far from the store's is said (signed timestamps use the host's)
+)
 
 
 def _script(name: str) -> str:
@@ -257,6 +260,7 @@ class RedisStore:
         self._alias_failed, self._alias_lost = Tally(ALIAS_REPORT_S), Tally(ALIAS_REPORT_S)
         # scheduled events whose stored request the store no longer has (evicted): said once, then with a count
         self._vanished = Tally(ALIAS_REPORT_S)
+        self._skew_said = False  # this host's clock said to be far from the store's (`_say_skew`)
         self.keys = keys
         self._ttl_ms = int(dedupe_ttl * 1000)
         self._dlq_max = dlq_max_length
@@ -341,10 +345,30 @@ class RedisStore:
             return int(seconds), int(micros)
 
         try:
-            return await self.clock.sync(read_time)
+            taken = await self.clock.sync(read_time)
         except _STORE_ERRORS as exc:
             log.debug("store clock not read: %s", exc)
             return False
+        if taken:
+            self._say_skew(time.time() * 1000 - self.clock.now_ms())
+        return taken
+
+    def _say_skew(self, skew_ms: float) -> None:
+        """This host's wall clock against the store's: the schedule does not mind (it runs on the store's), but
+        providers' signed timestamps are checked against this host's clock, so one far off refuses every event as
+        `timestamp_out_of_tolerance` (an audit: 10 minutes off, and no line said why). Said once when it goes past
+        CLOCK_SKEW_WARN_S, and once when it is back."""
+        off = abs(skew_ms) / 1000 > CLOCK_SKEW_WARN_S
+        if off and not self._skew_said:
+            log.warning(
+                "this host's clock is %.0f s %s the store's: signed timestamps are checked against this host's "
+                "clock, so providers' events may be refused as timestamp_out_of_tolerance; sync it (NTP)",
+                abs(skew_ms) / 1000,
+                "ahead of" if skew_ms > 0 else "behind",
+            )
+        elif not off and self._skew_said:
+            log.info("this host's clock agrees with the store's again (within %d s)", CLOCK_SKEW_WARN_S)
+        self._skew_said = off
 
     async def settings_warnings(self) -> list[str]:
         """What in the store servers' own settings can lose accepted events, for warnings at startup. Best effort:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from provider_cases import CASES, NOW, Case
@@ -109,6 +110,27 @@ def test_provider_timestamp_just_outside_past_rejected(name: str) -> None:
     case = CASES[name]
     with pytest.raises(TimestampError):
         case.verify(*_with_ts(case, -(case.window or 0) - 1))
+
+
+@pytest.mark.parametrize("name", WITH_WINDOW)
+def test_provider_timestamp_refusal_says_which_side_and_how_far(name: str) -> None:
+    """An audit: a sidecar whose clock was 10 minutes off refused every event with "outside the 300 s tolerance",
+    saying neither which side was off nor by how much (the clue that it is this host's clock, not a replay)."""
+    case = CASES[name]
+    with pytest.raises(TimestampError) as old:
+        case.verify(*_with_ts(case, -(case.window or 0) - 600))
+    expected = (case.window or 0) + 600
+
+    def apart(message: str, side: str) -> int:
+        found = re.search(rf"is (\d+) s {side} this host's clock, outside the", message)
+        assert found, message
+        return int(found.group(1))
+
+    assert abs(apart(str(old.value), "older than") - expected) <= 2  # the test's own second may tick over
+    if name in BOTH_WAYS:
+        with pytest.raises(TimestampError) as ahead:
+            case.verify(*_with_ts(case, (case.window or 0) + 600))
+        assert abs(apart(str(ahead.value), "ahead of") - expected) <= 2
 
 
 @pytest.mark.parametrize("name", WITH_WINDOW)
