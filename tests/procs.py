@@ -17,13 +17,18 @@ from typing import Any
 from tests.conftest import REPO
 
 
+_GIVEN: set[int] = set()  # ports free_port returned in this process
+
+
 def free_port(below: int = 65536) -> int:
     """A free loopback port (`below` a limit: a cluster node also listens on its port + 10000)."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if port < below:
+        # the kernel may hand the same free port out twice in a row: a test's server and admin ports then clashed
+        if port < below and port not in _GIVEN:
+            _GIVEN.add(port)
             return port
     raise RuntimeError(f"no free port below {below} after 200 tries")
 
