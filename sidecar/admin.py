@@ -585,14 +585,21 @@ class AdminApi:
         if dry_run:
             # what the replay would skip as busy now (another drain or replay holds it) is not counted in
             busy = await dl.held(ids)
+            # and what it would keep because its body is gone from the store (evicted)
+            missing = await dl.bodies_missing(ids)
+            would = max(0, len(ids) - busy - missing)
             log.info(
-                "dlq replay dry run: %s would_replay=%d busy=%d reason=%r",
+                "dlq replay dry run: %s would_replay=%d busy=%d body_missing=%d reason=%r",
                 selector,
-                len(ids) - busy,
+                would,
                 busy,
+                missing,
                 reason,
             )
-            return web.json_response({"would_replay": len(ids) - busy, "busy": busy})
+            answer = {"would_replay": would, "busy": busy}
+            if missing:  # only then: the answer's shape stays what clients know
+                answer["body_missing"] = missing
+            return web.json_response(answer)
         counts: Counter[str] = Counter()
         now_ms, owner = self.runtime().store.clock.now_ms(), uuid.uuid4().hex
         slots = asyncio.Semaphore(REPLAY_CONCURRENCY)

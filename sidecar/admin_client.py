@@ -603,6 +603,8 @@ def format_item(item: dict[str, Any]) -> str:
             )
     if "body_base64" in item:
         lines += ["body (not UTF-8, base64):", item["body_base64"]]
+    elif item.get("body_missing"):
+        lines += ["body: (gone from the store: evicted; only the metadata and history are left)"]
     else:
         lines += ["body:", item.get("body", "")]
     return "\n".join(lines)
@@ -1160,6 +1162,8 @@ def cmd_replay(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> i
         out.write(f"would replay {result['would_replay']}\n")
         if result.get("busy"):
             out.write(f"would skip {result['busy']}: another drain or replay has them now\n")
+        if result.get("body_missing"):
+            out.write(f"would skip {result['body_missing']}: their stored body is gone from the store (evicted)\n")
     else:
         skipped = result.get("skipped") or {}
         out.write(f"replayed {result['replayed']}\n")

@@ -113,12 +113,16 @@ class SettingsWatch:
                 self.said.add(warning)
                 log.warning("%s", warning)
         evicted = await self.store.evicted_keys()
-        if evicted is not None and self.evicted is not None and evicted > self.evicted:
+        # a count lower than the last one restarted from 0 (a store restart, a failover, CONFIG RESETSTAT)
+        new = 0
+        if evicted is not None and self.evicted is not None:
+            new = evicted - self.evicted if evicted >= self.evicted else evicted
+        if new > 0:
             log.error(
                 "the store evicted %d key(s) in the last %d s: events answered 2xx, scheduled retries, dead letters or "
                 "dedupe marks may be gone (lost, or delivered twice); set maxmemory-policy noeviction and give it "
                 "memory",
-                evicted - self.evicted,
+                new,
                 SETTINGS_EVERY_S,
             )
         if evicted is not None:

@@ -19,6 +19,7 @@ import base64
 import binascii
 import dataclasses
 import difflib
+import hashlib
 import ipaddress
 import math
 import os
@@ -274,6 +275,8 @@ class Config:
     routes: tuple[RouteConfig, ...] = ()
     source: str = "<defaults>"
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # secret file -> sha256 of the bytes the load read (the reloader's starting point, not the file a moment later)
+    file_digests: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def warnings(self) -> list[str]:
         """Settings that load but work against the sidecar's promise, for `check-config` and the start-up log: a
@@ -383,6 +386,7 @@ class _Ctx:
         self.env = env
         self.errors: list[tuple[int, str, str, tuple[str, ...]]] = []
         self.secrets: set[str] = set()
+        self.file_digests: dict[str, str] = {}  # secret file -> sha256 of the bytes read
         self.values = 0  # YAML values built so far, and how deep the current one is (see _build)
         self.depth = 0
 
@@ -1087,7 +1091,19 @@ def _load(ctx: _Ctx, text: str) -> Config | None:
     parts = (server, admin, redis, upstream, dedupe, retry, dlq, routes, logging_)
     if ctx.errors or any(part is BAD for part in parts):
         return None
-    return Config(server, admin, redis, upstream, dedupe, retry, dlq, routes, ctx.source, logging_)
+    return Config(
+        server,
+        admin,
+        redis,
+        upstream,
+        dedupe,
+        retry,
+        dlq,
+        routes,
+        ctx.source,
+        logging_,
+        dict(ctx.file_digests),
+    )
 
 
 def _simple(
@@ -1105,6 +1121,9 @@ def _check_inflight(ctx: _Ctx, item: _Item | None, server: Any) -> None:
     # a budget smaller than one allowed body would refuse every body that size, with nothing else in flight
     if server is not BAD and server.max_inflight_bytes < server.max_body_bytes:
         items = _items(item)
+        if "max_inflight_bytes" not in items:  # the default, below a body limit set before it existed
+            object.__setattr__(server, "max_inflight_bytes", server.max_body_bytes)
+            return
         line = (items.get("max_inflight_bytes") or items["max_body_bytes"]).line
         ctx.error(
             line,
@@ -1139,7 +1158,7 @@ def _check_listen_clash(ctx: _Ctx, top: dict[str, _Item], server: Any, admin: An
     wildcard = {"0.0.0.0", "::"}
     hosts = (server.host, admin.host)
     # `localhost` is 127.0.0.1 and ::1: it takes the port from any loopback address
-    local = "localhost" in hosts and all(is_loopback(h) for h in hosts)
+    local = "localhost" in hosts and all(h in ("localhost", "127.0.0.1", "::1") for h in hosts)
     if server.host == admin.host or server.host in wildcard or admin.host in wildcard or local:
         # Point at whichever listen the file sets (the other is a default), preferring admin's.
         for section, other in (("admin", "server"), ("server", "admin")):
@@ -1404,7 +1423,10 @@ def _read_secret_files(
         where = entries.value[i] if isinstance(entries.value, list) else entries
         key = f"{path}.secret_files[{i}]" if isinstance(entries.value, list) else f"{path}.secret_files"
         try:
-            content = Path(name).read_text(encoding="utf-8").strip()
+            raw = Path(name).read_bytes()
+            content = raw.decode("utf-8").strip()
+            # what was read, for the reloader to compare the file with (an edit made just after is a change)
+            ctx.file_digests[name] = hashlib.sha256(raw).hexdigest()
         except OSError as exc:
             ctx.error(where.line, key, "cannot read secret file {} ({})", name, exc.strerror or "")
         except UnicodeDecodeError:

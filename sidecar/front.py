@@ -310,6 +310,8 @@ class FastProtocol(asyncio.Protocol):
         if not self.busy:
             if self.pending is None or len(self.buf) >= self.pending.end:  # not for every piece of a body
                 self._next()
+            elif not self._hold_arrived():
+                self._hand_over()  # over the in-flight budget: aiohttp's path answers 503 overloaded
         elif len(self.buf) > MAX_HEAD + self.front.ingress.dispatcher.config.server.max_body_bytes:
             # a client pipelining far ahead of the answers: stop reading until this request is answered
             assert self.transport is not None
@@ -351,12 +353,11 @@ class FastProtocol(asyncio.Protocol):
             if parsed is None:
                 self._hand_over()
                 return
-            if not self.front.ingress.take(parsed.end - parsed.head_len):
-                # over the in-flight budget: aiohttp's path answers 503 overloaded, and lingers for the body
-                self._hand_over()
-                return
-            self.held = parsed.end - parsed.head_len
             self.pending = parsed
+        if not self._hold_arrived():
+            # over the in-flight budget: aiohttp's path answers 503 overloaded, and lingers for the body
+            self._hand_over()
+            return
         if len(buf) < parsed.end:
             return  # the body is on its way; the sweep answers 408 if it is not all here by the deadline
         with memoryview(buf) as view:  # one copy of the body, not a bytearray slice's and then bytes()'s
@@ -370,6 +371,18 @@ class FastProtocol(asyncio.Protocol):
         self.task = asyncio.get_running_loop().create_task(self._serve(parsed.request, body, close, held))
         self.front.tasks.add(self.task)
         self.task.add_done_callback(self.front.tasks.discard)
+
+    def _hold_arrived(self) -> bool:
+        """Count the pending body's bytes that have arrived (not the announced length: heads alone, with no body
+        behind them, would hold the budget) against the ingress's in-flight budget; False when over it."""
+        parsed = self.pending
+        assert parsed is not None
+        have = max(0, min(len(self.buf), parsed.end) - parsed.head_len)
+        if have > self.held:
+            if not self.front.ingress.take(have - self.held):
+                return False
+            self.held = have
+        return True
 
     def _give_back(self) -> None:
         """The pending body's budget, for a connection that ends or leaves before its body is all in."""

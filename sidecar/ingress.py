@@ -483,10 +483,8 @@ class Ingress:
                 return closing(json_error(501, "unsupported_transfer_coding"))
             try:
                 server = self.dispatcher.config.server
-                length = request.content_length
-                if length is not None and length <= server.max_body_bytes and not self._take(result, length):
-                    raise Overloaded
-                take = partial(self._take, result) if length is None else None
+                # counted as it is read, not by its Content-Length: heads with no body behind them hold nothing
+                take = partial(self._take, result)
                 body = await read_bounded(request, server.max_body_bytes, server.read_timeout, take)
             except Overloaded:
                 return self.overloaded(result)
@@ -585,10 +583,14 @@ class Ingress:
     def _hand_over(self, attempt: asyncio.Task[Any], rec: EventRecord) -> None:
         """A first attempt goes on without its request: kept (for shutdown to wait for) and its end logged."""
         self.late.add(attempt)
-        attempt.add_done_callback(lambda task: self._late_done(task, rec.route, rec.event_id))
+        # its body stays held past the answer (which gives the request's share back): counted until it ends
+        size = len(rec.body)
+        self.inflight_bytes += size
+        attempt.add_done_callback(lambda task: self._late_done(task, rec.route, rec.event_id, size))
 
-    def _late_done(self, attempt: asyncio.Task[Any], route: str, event_id: str) -> None:
+    def _late_done(self, attempt: asyncio.Task[Any], route: str, event_id: str, size: int = 0) -> None:
         self.late.discard(attempt)
+        self.inflight_bytes -= size
         if attempt.cancelled():
             log.warning("route %s: first attempt of %s cut short, left to the lease", route, event_id)
             return

@@ -68,7 +68,7 @@ APPLIED_LIVE = (
 )
 
 
-def _digest(paths: list[str], loaded: str | None = None) -> str:
+def _digest(paths: list[str], loaded: str | None = None, files: Mapping[str, str] | None = None) -> str:
     """A digest of what `paths` hold, the config file first (`watched_files`), read as text as the loader reads it
     (newlines made \\n); `loaded`, the text a running config was built from, stands for the file's content: an
     edit made after that text was read is then a change still to take."""
@@ -76,8 +76,9 @@ def _digest(paths: list[str], loaded: str | None = None) -> str:
     for i, path in enumerate(paths):
         h.update(path.encode() + b"\x00")
         try:
-            if i:
-                h.update(Path(path).read_bytes())
+            if i:  # a secret file: the digest of what was loaded from it, if known (`files`), else of it now
+                known = files.get(path) if files else None
+                h.update((known or hashlib.sha256(Path(path).read_bytes()).hexdigest()).encode())
             else:
                 text = loaded if loaded is not None else Path(path).read_text("utf-8", "surrogateescape")
                 h.update(text.encode("utf-8", "surrogateescape"))
@@ -186,7 +187,7 @@ class Reloader:
         self._files = watched_files(config_path, dispatcher.config)
         # the text the running config was built from, not the file as it is now: an edit made while the process
         # was starting (after the file was read) must still be taken as a change
-        self._seen = _digest(self._files, loaded_text)
+        self._seen = _digest(self._files, loaded_text, dispatcher.config.file_digests)
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
 
@@ -215,7 +216,8 @@ class Reloader:
             self.interval = config.server.reload_interval
             self._files = watched_files(self.path, config)
             if from_file:
-                self._seen = _digest(self._files, text)  # an edit since the read is still to be taken
+                # an edit since the read is still to be taken
+                self._seen = _digest(self._files, text, config.file_digests)
                 self._keep_applied(text)
             else:  # the file stays refused until it changes again
                 self._seen = _digest(self._files)

@@ -16,7 +16,6 @@ from typing import Any
 
 from tests.conftest import REPO
 
-
 _GIVEN: set[int] = set()  # ports free_port returned in this process
 
 

@@ -676,10 +676,70 @@ async def test_ingress_a_connection_lost_mid_body_gives_its_budget_back(sidecar_
         if ingress.inflight_bytes:
             break
         await asyncio.sleep(0.02)
-    assert ingress.inflight_bytes == len(body)
+    assert ingress.inflight_bytes == 1000  # what arrived, not the Content-Length
     writer.close()
     for _ in range(100):
         if not ingress.inflight_bytes:
             break
         await asyncio.sleep(0.02)
     assert ingress.inflight_bytes == 0
+
+
+async def test_ingress_heads_without_bodies_hold_no_budget(sidecar_factory: Any, upstream: Upstream) -> None:
+    """A review: the budget was taken from the announced Content-Length at the head, so 64 heads announcing 1 MiB
+    (6 KB sent in all) held it for read_timeout and real deliveries got 503. It counts bytes as they arrive."""
+    from sidecar.app import RUNTIME
+
+    client = await sidecar_factory(ROUTES, server="max_inflight_bytes: 100000")
+    ingress = client.server.app[RUNTIME].ingress
+    head = b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 60000\r\n\r\n"
+    writers = []
+    for _ in range(10):  # 600,000 bytes announced against a 100,000-byte budget
+        _reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(head)
+        await writer.drain()
+        writers.append(writer)
+    try:
+        await asyncio.sleep(0.2)
+        assert ingress.inflight_bytes == 0
+        body = stripe_body("evt_real")
+        resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        assert resp.status == 200
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+async def test_ingress_a_first_attempt_going_on_after_its_202_keeps_its_budget(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """A review: a route with answer_within (GitHub, Square, Slack, ... by default) answers 202 while the first
+    attempt goes on with the body; the budget came back at the answer, so 30 such bodies of 60 KB were held
+    against a 200,000-byte budget and nothing was refused. The attempt's body now counts until it ends."""
+    from sidecar.app import RUNTIME
+
+    routes = (
+        ROUTES
+        + '- {name: quick, path: /webhooks/quick, provider: stripe, secrets: ["whsec_test_secret"], answer_within: 0s}\n'
+    )
+    client = await sidecar_factory(routes, server="max_inflight_bytes: 200000")
+    ingress = client.server.app[RUNTIME].ingress
+    gate = asyncio.Event()
+
+    async def hold(rec: Any) -> None:
+        await gate.wait()
+
+    upstream.behaviour = hold
+    statuses = []
+    for i in range(6):
+        body = _padded(f"evt_late_{i}", 60_000)
+        resp = await client.post("/webhooks/quick", data=body, headers=stripe_headers(body))
+        statuses.append(resp.status)
+    assert statuses[:3] == [202, 202, 202] and set(statuses[3:]) == {503}, statuses
+    assert 180_000 <= ingress.inflight_bytes <= 200_000
+    gate.set()
+    for _ in range(200):
+        if not ingress.late:
+            break
+        await asyncio.sleep(0.02)
+    assert not ingress.late and ingress.inflight_bytes == 0

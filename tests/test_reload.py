@@ -19,7 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import RUNTIME, create_app
-from sidecar.config import Config, load
+from sidecar.config import Config, load, load_with_text
 from sidecar.reload import APPLIED_LIVE, RESTART_ONLY, settings
 from tests.conftest import Upstream, watched_config
 from tests.procs import SidecarProcess, free_port, wait_until
@@ -268,6 +268,7 @@ def test_reload_every_setting_outside_routes_and_retry_is_classified() -> None:
     assert {f.name for f in dataclasses.fields(Config)} - set(sections) == {
         "routes",
         "source",
+        "file_digests",  # what the load read from the secret files: the watcher's, not a setting
     }  # route_changes
 
 
@@ -373,3 +374,33 @@ async def test_an_edit_made_after_the_config_was_read_at_start_is_taken_by_the_w
         assert await reloader.check()  # the edit is a change against what was loaded
         assert (await client.post("/webhooks/plain", data=b"b" * 1000)).status == 413
         assert not await reloader.check()  # and taken once
+
+
+async def test_a_secret_file_rotated_after_it_was_read_at_start_is_taken_by_the_watcher(
+    tmp_path: Path, upstream: Upstream, redis_url: str
+) -> None:
+    """The watcher started from the config text that was loaded, but from the secret files as they were a moment
+    later: a secret rotated while the process started was recorded as running, and deliveries signed with the new
+    one got 401 until some file changed again (a review of the fix for the config file's case)."""
+    from tests.test_ingress import stripe_body, stripe_headers
+
+    secret = tmp_path / "stripe.secret"
+    secret.write_text("whsec_old\n")
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(
+        settings_config(upstream.url, redis_url, "reload_interval: 1h").split("routes:")[0]
+        + f'routes:\n  - {{name: stripe, path: /webhooks/stripe, provider: stripe, secret_files: ["{secret}"]}}\n'
+    )
+    config, text = load_with_text(cfg)  # what `sidecar run` does first
+    secret.write_text("whsec_new\n")  # rotated while the process is still starting
+    app = create_app(config, redis_url=redis_url, run_worker=False, config_path=str(cfg), config_text=text)
+    async with TestClient(TestServer(app)) as client:
+        reloader = app[RUNTIME].reloader
+        assert reloader is not None
+        assert await reloader.check()  # a change against what was loaded
+        body = stripe_body("evt_rotated")
+        resp = await client.post(
+            "/webhooks/stripe", data=body, headers=stripe_headers(body, secret="whsec_new")
+        )
+        assert resp.status == 200
+        assert not await reloader.check()

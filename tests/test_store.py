@@ -809,6 +809,9 @@ async def test_store_clock_is_read_again_at_once_when_the_wall_clock_jumps_past_
     assert store.clock.due_for_sync()  # the jump: read the store's clock now
     assert not store.clock.due_for_sync()  # once per jump, not on every pass
     store.clock._base_ms -= 30_000  # what the pause did to the carried clock
+    # a reading that fails right after the jump is asked again at the next second, not a minute later (a review)
+    store.clock._tried_at = time.monotonic() - 1.5
+    assert store.clock.due_for_sync()
     assert await store.sync_clock()
     assert abs(store.clock.now_ms() - time.time() * 1000) < 1_000
     assert not store.clock.due_for_sync()

@@ -34,6 +34,7 @@ class StoreClock:
         self._wall_minus_mono = time.time() - self._base_mono  # at the last reading (see MAX_APART_S)
         self.synced_at: float | None = None  # monotonic time of the last reading taken
         self._tried_at: float | None = None  # monotonic time of the last reading asked for, taken or not
+        self._jumped = False  # the clocks moved apart since the last reading taken: read again every second
 
     def now_ms(self) -> int:
         return int(self._base_ms + (time.monotonic() - self._base_mono) * 1000)
@@ -47,9 +48,10 @@ class StoreClock:
         mono = time.monotonic()
         if abs(time.time() - mono - self._wall_minus_mono) > MAX_APART_S:
             self._wall_minus_mono = time.time() - mono  # asked once per jump, not on every pass
+            self._jumped = True
             return True
         since = mono - self._tried_at
-        return since >= (RESYNC_S if self.synced_at is not None else 1.0)
+        return since >= (RESYNC_S if self.synced_at is not None and not self._jumped else 1.0)
 
     async def sync(self, read_time: Callable[[], Awaitable[tuple[int, int]]]) -> bool:
         """Read the store's clock (`read_time` answers TIME's seconds and microseconds); False when the reading
@@ -62,5 +64,6 @@ class StoreClock:
         self._base_ms = seconds * 1000 + micros / 1000
         self._base_mono = (sent + back) / 2  # the server read its clock about halfway
         self._wall_minus_mono = time.time() - time.monotonic()
+        self._jumped = False
         self.synced_at = back
         return True

@@ -269,6 +269,24 @@ class DeadLetters:
             int(await self.store.guard(lambda: self._take(keys=keys, args=[item_id, version, owner, 0]))) == 1
         )
 
+    async def bodies_missing(self, ids: list[str]) -> int:
+        """How many of `ids` exist without their body (evicted from the store): what a replay would keep and skip
+        as `body_missing`."""
+        k, missing = self.keys, 0
+        for i in range(0, len(ids), _CHUNK):
+            chunk = ids[i : i + _CHUNK]
+
+            async def read(chunk: list[str] = chunk) -> list[Any]:
+                async with self.store.client.pipeline(transaction=False) as pipe:
+                    for item_id in chunk:
+                        pipe.hexists(k.dlq_data(), item_id)
+                        pipe.hexists(k.dlq_body(), item_id)
+                    return list(await pipe.execute())
+
+            flags = await self.store.guard(read)
+            missing += sum(1 for data, body in zip(flags[::2], flags[1::2], strict=True) if data and not body)
+        return missing
+
     async def ids(self, route: str | None = None) -> list[str]:
         """Every dead letter's id (a route's, or all), oldest first: a snapshot to work through in batches."""
         raw = await self.store.guard(lambda: self.store.client.zrange(self._index(route), 0, -1))

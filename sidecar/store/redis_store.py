@@ -411,10 +411,10 @@ class RedisStore:
                 return int((await self._r.info("stats")).get("evicted_keys", 0))
             if not self._ready:
                 await self._initialize()
-            return sum(
-                int((await self._r.info("stats", target_nodes=node)).get("evicted_keys", 0))
-                for node in self._r.get_primaries()
-            )
+            total = 0  # (a generator with `await` inside is an async generator: sum() cannot iterate it)
+            for node in self._r.get_primaries():
+                total += int((await self._r.info("stats", target_nodes=node)).get("evicted_keys", 0))
+            return total
         except Exception as exc:  # best effort, as settings_warnings
             log.debug("store evictions not read: %s", exc)
             return None
@@ -717,13 +717,10 @@ class RedisStore:
         # The lease starts at the take: a `now_ms` read before a slow call (take_due's listing can hang for as long
         # as redis-py retries) would write a deadline already past, and another worker would take the event too.
         now_ms = max(now_ms, self.clock.now_ms())
-        args = [
-            due_by,
-            now_ms + lease_ms,
-            member,
-            lease_ms,
-        ]  # the lease too: take.lua floors it at the store's TIME
-        res = await self._call(lambda: self._take(keys=[ev, sched], args=args))
+        # the lease too: take.lua floors it at the store's TIME
+        args = [due_by, now_ms + lease_ms, member, lease_ms]
+        keys = [ev, sched, self.keys.stats(shard)]
+        res = await self._call(lambda: self._take(keys=keys, args=args))
         if not res:
             return None
         if len(res) == 1:

@@ -4,6 +4,7 @@
 -- one takes the event; an in-flight event whose taker died is due again once its lease deadline passes.
 -- KEYS[1] - the event hash
 -- KEYS[2] - the shard's schedule zset
+-- KEYS[3] - the shard's stats hash, optional: its `<route>:pending` is counted down for an event found gone
 -- ARGV[1] - now (ms)
 -- ARGV[2] - lease deadline (ms)
 -- ARGV[3] - schedule member
@@ -23,6 +24,12 @@ if st ~= 'p' and st ~= 'f' then
   -- forgotten, delivered or dead: the schedule entry is stale
   redis.call('ZREM', KEYS[2], ARGV[3])
   if not st then
+    if KEYS[3] then
+      local route = string.match(ARGV[3], '^([^:]+):')
+      if route and tonumber(redis.call('HGET', KEYS[3], route .. ':pending') or '0') > 0 then
+        redis.call('HINCRBY', KEYS[3], route .. ':pending', -1)
+      end
+    end
     return {-1}
   end
   return false
