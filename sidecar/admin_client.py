@@ -1163,7 +1163,9 @@ def cmd_replay(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> i
         if result.get("busy"):
             out.write(f"would skip {result['busy']}: another drain or replay has them now\n")
         if result.get("body_missing"):
-            out.write(f"would skip {result['body_missing']}: their stored body is gone from the store (evicted)\n")
+            out.write(
+                f"would skip {result['body_missing']}: their stored body is gone from the store (evicted)\n"
+            )
     else:
         skipped = result.get("skipped") or {}
         out.write(f"replayed {result['replayed']}\n")

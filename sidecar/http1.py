@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import httptools
 
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+MAX_HEAD_BYTES = 1024 * 1024  # status line + header section (+ trailers): not buffered without a bound either
 # What describes a body: not relayed with a 2xx whose body was too large to relay (it goes without one)
 _REPRESENTATION = frozenset(
     {
@@ -104,6 +105,7 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
         self._size = 0
+        self._head_size = 0
         self._status = 0
         self.received_any = False
         self.closed = False
@@ -115,11 +117,22 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
+        if self._fut is None:
+            # Bytes with no request outstanding (past a Content-Length, a 204's body...): the connection is out of
+            # step with its requests, and the next request on it would read them as its own answer.
+            self._fail(UpstreamError("protocol_error", "bytes from the upstream with no request outstanding"))
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("protocol_error", "the upstream switched protocols"))
         except httptools.HttpParserError as exc:
+            status = self._status or self._parser.get_status_code()
+            if 200 <= status < 300 and self._fut is not None:
+                # The receiver took the event and said so; only the rest of its answer is unusable: a delivery
+                # (relayed as the bare status), not a failure to send again and again.
+                self._status, self._headers, self._body = status, [], []
+                self._complete()
             self._fail(UpstreamError("protocol_error", f"unparseable response: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -132,7 +145,15 @@ class _Connection(asyncio.Protocol):
                 self._fut.set_exception(UpstreamError("disconnected", "the upstream closed the connection"))
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._fut is None:  # a second answer after the one awaited, in the same read: out of step
+            self._fail(UpstreamError("protocol_error", "bytes from the upstream with no request outstanding"))
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > MAX_HEAD_BYTES:
+            self._fail(UpstreamError("response_too_large", f"response head over {MAX_HEAD_BYTES} bytes"))
+            return
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
@@ -150,6 +171,10 @@ class _Connection(asyncio.Protocol):
                 self._complete()
                 self._fail(UpstreamError("response_too_large", "closed after a 2xx head"))
             elif self._fut is not None:
+                # A refusal or failure whose body is too large to relay is still that status (a 400 stays
+                # permanent, a 503 retryable): classified by its status, relayed without its body.
+                self._body = []
+                self._complete()
                 self._fail(
                     UpstreamError("response_too_large", f"response body over {MAX_RESPONSE_BYTES} bytes")
                 )
@@ -165,13 +190,24 @@ class _Connection(asyncio.Protocol):
 
     # requests
     def _ends_at_close(self) -> bool:
-        names = {k.lower() for k, _ in self._headers}
-        return "content-length" not in names and "transfer-encoding" not in names
+        """A body delimited by the connection's end: no Content-Length, and no Transfer-Encoding whose last coding
+        is chunked (RFC 9112 §6.3: a response with another final coding is read until the close)."""
+        if any(k.lower() == "content-length" for k, _ in self._headers):
+            return False
+        codings = [
+            c.strip().lower()
+            for k, v in self._headers
+            if k.lower() == "transfer-encoding"
+            for c in v.split(",")
+        ]
+        return not codings or codings[-1] != "chunked"
 
     def _complete(self) -> None:
         fut, self._fut = self._fut, None
         if fut is not None and not fut.done():
             fut.set_result(Response(self._status, self._headers, b"".join(self._body)))
+        # an idle pooled connection keeps nothing of the answer it gave (up to 16 MiB of body)
+        self._headers, self._body = [], []
 
     def _fail(self, exc: Exception) -> None:
         self.reusable = False
@@ -182,6 +218,7 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes) -> asyncio.Future[Response]:
         assert self._transport is not None
         self._headers, self._body, self._size, self._status = [], [], 0, 0
+        self._head_size = 0
         self.received_any = False
         self.reusable = False
         self._fut = asyncio.get_running_loop().create_future()
@@ -200,7 +237,8 @@ class _Connection(asyncio.Protocol):
 class Http1Client:
     def __init__(self, max_connections: int = 100, idle_per_origin: int = 100) -> None:
         self._limit = asyncio.Semaphore(max_connections)
-        self._idle: dict[Origin, collections.deque[_Connection]] = {}
+        # idle connections by (scheme, host, port): a path or query never changes where a connection goes
+        self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
         self._idle_max = idle_per_origin
         self._origins: dict[str, Origin] = {}
         self._ssl: ssl.SSLContext | None = None
@@ -260,7 +298,7 @@ class Http1Client:
 
     def _keep(self, origin: Origin, conn: _Connection) -> None:
         """Back to the origin's idle connections, or closed when it has enough of them."""
-        idle = self._idle.setdefault(origin, collections.deque())
+        idle = self._idle.setdefault((origin.scheme, origin.host, origin.port), collections.deque())
         if len(idle) < self._idle_max:
             idle.append(conn)
         else:
@@ -269,7 +307,7 @@ class Http1Client:
     async def _acquire(
         self, origin: Origin, deadline: float, fresh: bool = False
     ) -> tuple[_Connection, bool]:
-        idle = self._idle.get(origin)
+        idle = self._idle.get((origin.scheme, origin.host, origin.port))
         while idle and not fresh:
             conn = idle.pop()
             if not conn.closed:

@@ -73,7 +73,13 @@ def target_url(config: Config, route: RouteConfig, path_qs: str) -> str:
             return f"{route.upstream}?{query}"
         # the route's own query first, then the request's (a receiver that checks a URL signature needs it)
         return route.upstream + ("" if route.upstream.endswith(("?", "&")) else "&") + query
-    return config.upstream.url.rstrip("/") + path_qs
+    base, _, base_query = config.upstream.url.partition("?")
+    if not base_query:
+        return base.rstrip("/") + path_qs
+    # upstream.url with a query of its own: the request's path goes on its path, the queries after each other
+    # (appended whole, the path landed inside the query: `/base?k=v/webhooks/x?a=1`)
+    path, _, query = path_qs.partition("?")
+    return f"{base.rstrip('/')}{path}?{base_query}" + (f"&{query}" if query else "")
 
 
 def origin_form(target: str) -> str:

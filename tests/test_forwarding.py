@@ -171,6 +171,28 @@ def test_a_route_upstream_keeps_the_request_query_after_its_own(
     assert target_url(config, config.routes[0], path_qs) == expected
 
 
+@pytest.mark.parametrize(
+    ("base", "path_qs", "expected"),
+    [
+        ("http://127.0.0.1:3000/base?k=v", "/in?a=1", "http://127.0.0.1:3000/base/in?k=v&a=1"),
+        ("http://127.0.0.1:3000/base?k=v", "/in", "http://127.0.0.1:3000/base/in?k=v"),
+        ("http://127.0.0.1:3000/?k=v", "/in?a=1", "http://127.0.0.1:3000/in?k=v&a=1"),
+        ("http://127.0.0.1:3000/base/", "/in?a=1", "http://127.0.0.1:3000/base/in?a=1"),
+    ],
+)
+def test_upstream_url_with_a_query_gets_the_request_path_on_its_path(
+    base: str, path_qs: str, expected: str
+) -> None:
+    """An audit: `upstream.url` with a query (check-config said OK) sent `/base?k=v/in?a=1`, the request's path
+    inside the query. The path joins the path, the request's query follows the URL's own."""
+    config = load_text(
+        f'upstream: {{url: "{base}"}}\nroutes:\n  - {{name: r, path: /in, provider: none}}\n',
+        source="<t>",
+        env={},
+    )
+    assert target_url(config, config.routes[0], path_qs) == expected
+
+
 @pytest.mark.parametrize("key", ["upstream.url", "routes[0].upstream"])
 def test_an_upstream_url_with_credentials_is_refused_at_load(key: str) -> None:
     """POSTs went without them and pass-through requests with them (a 500 when the request had its own

@@ -185,17 +185,55 @@ async def test_http1_retries_once_when_a_kept_alive_connection_was_closed(
     assert len(served) == 2
 
 
-async def test_http1_refuses_oversized_answers(raw_server, client: Http1Client, monkeypatch) -> None:
+@pytest.mark.parametrize("status", [400, 503])
+async def test_http1_an_oversized_refusal_keeps_its_status(
+    raw_server, client: Http1Client, monkeypatch, status
+) -> None:
+    """A 4xx stays permanent and a 5xx retryable when their body is too large to relay (a 400 with a 20 MB body
+    was retried as `response_too_large` until its attempts were spent)."""
     monkeypatch.setattr("sidecar.http1.MAX_RESPONSE_BYTES", 1000)
 
     async def huge(reader, writer):
         await read_request(reader)
-        writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 5000\r\n\r\n" + b"z" * 5000)
+        writer.write(f"HTTP/1.1 {status} No\r\nContent-Length: 5000\r\n\r\n".encode() + b"z" * 5000)
         await writer.drain()
 
-    with pytest.raises(UpstreamError) as exc:
-        await client.post(await raw_server(huge), [], b"x", 1.0)
-    assert exc.value.kind == "response_too_large"
+    resp = await client.post(await raw_server(huge), [], b"x", 1.0)
+    assert (resp.status, resp.body) == (status, b"")
+
+
+async def test_http1_stray_bytes_on_an_idle_connection_close_it(raw_server, client: Http1Client) -> None:
+    """Bytes past an answer's end that arrive while the connection is idle (here the start of a second answer):
+    the next request on it read its own answer as the rest of them and came back as status 0 (dead-lettered
+    while the receiver had taken the event). The connection is closed instead."""
+    connections = []
+
+    async def stray(reader, writer):
+        connections.append(writer)
+        if len(connections) == 1:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+            await writer.drain()
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nmine")
+            await writer.drain()
+
+    url = await raw_server(stray)
+    assert (await client.post(url, [], b"a", 2.0)).body == b"ok"
+    await asyncio.sleep(0.2)
+    resp = await client.post(url, [], b"b", 2.0)
+    assert (resp.status, resp.body) == (200, b"mine")
+
+
+async def test_http1_pools_connections_by_host_not_by_url(upstream, client: Http1Client) -> None:
+    for i in range(20):
+        resp = await client.post(f"{upstream.url}/in?n={i}", [], b"{}", 2.0)
+        assert resp.status == 200
+    assert sum(len(q) for q in client._idle.values()) == 1
 
 
 async def test_http1_a_2xx_too_large_to_relay_is_its_status_and_headers(
@@ -313,3 +351,55 @@ def test_http1_origin_parsing() -> None:
     assert Origin.parse("http://[::1]:8080").host_header == "[::1]:8080"
     with pytest.raises(ValueError):
         Origin.parse("ftp://h/")
+
+
+async def test_http1_a_close_delimited_answer_with_a_non_chunked_coding_is_complete(
+    raw_server, client
+) -> None:
+    """RFC 9112 §6.3: a response whose Transfer-Encoding does not end in chunked is read until the close. It was
+    counted as `disconnected`: a 200 sent again at every attempt, then dead-lettered."""
+
+    async def gz(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nbody")
+        await writer.drain()
+        writer.close()
+
+    resp = await client.post(await raw_server(gz), [], b"x", 2.0)
+    assert (resp.status, resp.body) == (200, b"body")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n  b\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-Ctl: a\x01b\r\nContent-Length: 2\r\n\r\nok",
+    ],
+)
+async def test_http1_a_2xx_the_parser_refuses_is_still_a_delivery(raw_server, client, head) -> None:
+    """The receiver said 2xx: it has the event. Was: protocol_error, sent again at every attempt, dead-lettered."""
+
+    async def bad(reader, writer):
+        await read_request(reader)
+        writer.write(head)
+        await writer.drain()
+
+    resp = await client.post(await raw_server(bad), [], b"x", 2.0)
+    assert (resp.status, resp.headers, resp.body) == (200, [], b"")
+
+
+async def test_http1_a_response_head_is_bounded(raw_server, client, monkeypatch) -> None:
+    monkeypatch.setattr("sidecar.http1.MAX_HEAD_BYTES", 10_000)
+
+    async def endless(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"p" * 100 + b"\r\n" * 1)
+        for _ in range(1000):
+            writer.write(b"X-Pad: " + b"p" * 100 + b"\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    with pytest.raises(UpstreamError) as exc:
+        await client.post(await raw_server(endless), [], b"x", 2.0)
+    assert exc.value.kind == "response_too_large"
