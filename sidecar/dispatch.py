@@ -228,6 +228,7 @@ class Dispatcher:
                     "duration_ms": round(outcome.duration * 1000, 3),
                     "trace_id": self.tel.trace_id(span),
                     "error": outcome.error,
+                    **({"detail": outcome.detail} if outcome.detail else {}),
                 },
             )
         return disposition

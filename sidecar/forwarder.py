@@ -81,6 +81,9 @@ class Outcome:
     retry_after: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
+    # what went wrong, in words, beside the `error` code (a refused certificate, "Too many open files", the
+    # parser's message): for the log line, which is where an operator looks
+    detail: str | None = None
 
 
 def standard_webhooks_headers(key: bytes, msg_id: str, body: bytes, now: int) -> list[tuple[str, str]]:
@@ -188,7 +191,7 @@ class Forwarder:
             try:
                 resp = await self._http1.post(url, headers, body, self._total)
             except UpstreamError as exc:
-                return Outcome("retryable", None, exc.kind, time.perf_counter() - start)
+                return Outcome("retryable", None, exc.kind, time.perf_counter() - start, detail=str(exc))
             status, payload = resp.status, resp.body
             retry_after = next((v for k, v in resp.headers if k.lower() == "retry-after"), None)
             return _classify(status, payload, end_to_end(resp.headers), retry_after, policy, start)

@@ -296,6 +296,7 @@ class Result:
     attempt: int | None = None
     status: int | None = None
     error: str | None = None
+    detail: str | None = None  # the error in words (a failed first attempt's: `Outcome.detail`)
     held: int = 0  # bytes of the in-flight body budget this request took (given back when it is answered)
 
 
@@ -386,6 +387,7 @@ class Ingress:
                     "duration_ms": round(seconds * 1000, 3),
                     "trace_id": self.tel.trace_id(span),
                     "error": result.error,
+                    **({"detail": result.detail} if result.detail else {}),
                     **client_fields(peer),
                 },
             )
@@ -675,6 +677,7 @@ class Ingress:
             result.outcome, result.error = "queued", "internal"
             return queued(rec.event_id, lease_end)
         result.error = disp.outcome.error
+        result.detail = disp.outcome.detail
         if disp.kind == "delivered":
             result.outcome = "forwarded"
             return relay(disp.outcome, rec.event_id)

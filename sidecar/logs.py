@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 OUTCOME_FIELDS = (
-    "route", "event_id", "outcome", "status", "attempt", "duration_ms", "trace_id", "error", "method", "path",
+    "route", "event_id", "outcome", "status", "attempt", "duration_ms", "trace_id", "error", "detail", "method", "path",
     "client", "forwarded_for", "worker",
 )  # fmt: skip
 
