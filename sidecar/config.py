@@ -124,6 +124,9 @@ def _set_listen(obj: ServerConfig | AdminConfig) -> None:
     object.__setattr__(obj, "port", port)
 
 
+DEFAULT_INFLIGHT_BYTES = 64 * 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: str = "0.0.0.0:8080"
@@ -132,14 +135,17 @@ class ServerConfig:
     workers: int = 1  # 0 = one per core
     max_body_bytes: int = 1048576
     # Request bodies one process reads or holds at once (not yet answered); past it a new one is answered 503
-    # `overloaded` (the provider sends again) instead of the process growing until it is OOM-killed.
-    max_inflight_bytes: int = 67108864
+    # `overloaded` (the provider sends again) instead of the process growing until it is OOM-killed. Unset (0):
+    # 64 MiB, or max_body_bytes when that is larger (a config with a larger body limit loaded before the key was).
+    max_inflight_bytes: int = 0
     read_timeout: float = 10.0
     shutdown_grace: float = 20.0
     reload_interval: float = 1.0  # how often the config and secret files are checked for changes
 
     def __post_init__(self) -> None:
         _set_listen(self)
+        if not self.max_inflight_bytes:
+            object.__setattr__(self, "max_inflight_bytes", max(DEFAULT_INFLIGHT_BYTES, self.max_body_bytes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1119,14 +1125,10 @@ def _items(item: _Item | None) -> dict[str, _Item]:
 
 def _check_inflight(ctx: _Ctx, item: _Item | None, server: Any) -> None:
     # a budget smaller than one allowed body would refuse every body that size, with nothing else in flight
+    # (unset, it is never below: ServerConfig derives it)
     if server is not BAD and server.max_inflight_bytes < server.max_body_bytes:
-        items = _items(item)
-        if "max_inflight_bytes" not in items:  # the default, below a body limit set before it existed
-            object.__setattr__(server, "max_inflight_bytes", server.max_body_bytes)
-            return
-        line = (items.get("max_inflight_bytes") or items["max_body_bytes"]).line
         ctx.error(
-            line,
+            _items(item)["max_inflight_bytes"].line,
             "server.max_inflight_bytes",
             f"must be at least server.max_body_bytes ({server.max_inflight_bytes} < {server.max_body_bytes})",
         )

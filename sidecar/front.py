@@ -386,7 +386,7 @@ class FastProtocol(asyncio.Protocol):
 
     def _give_back(self) -> None:
         """The pending body's budget, for a connection that ends or leaves before its body is all in."""
-        self.front.ingress.inflight_bytes -= self.held
+        self.front.ingress.give(self.held)
         self.held = 0
 
     async def _serve(self, request: FastRequest, body: bytes, close: bool, held: int) -> None:
@@ -406,7 +406,7 @@ class FastProtocol(asyncio.Protocol):
                     transport.close()
         finally:
             self.task = None
-            self.front.ingress.inflight_bytes -= held
+            self.front.ingress.give(held)
         if self.transport is not None and not close:
             self.deadline = time.monotonic() + self._timeout()  # idle, or the next request's, already in
             self.transport.resume_reading()

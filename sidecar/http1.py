@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import httptools
@@ -81,6 +81,11 @@ class Origin:
     port: int
     host_header: str
     target_prefix: str  # path (and query) of the URL
+    # where a connection goes, the idle pool's key: a path or query never changes it
+    pool: tuple[str, str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pool", (self.scheme, self.host, self.port))
 
     @classmethod
     def parse(cls, url: str) -> Origin:
@@ -237,8 +242,7 @@ class _Connection(asyncio.Protocol):
 class Http1Client:
     def __init__(self, max_connections: int = 100, idle_per_origin: int = 100) -> None:
         self._limit = asyncio.Semaphore(max_connections)
-        # idle connections by (scheme, host, port): a path or query never changes where a connection goes
-        self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
+        self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}  # by `Origin.pool`
         self._idle_max = idle_per_origin
         self._origins: dict[str, Origin] = {}
         self._ssl: ssl.SSLContext | None = None
@@ -298,7 +302,7 @@ class Http1Client:
 
     def _keep(self, origin: Origin, conn: _Connection) -> None:
         """Back to the origin's idle connections, or closed when it has enough of them."""
-        idle = self._idle.setdefault((origin.scheme, origin.host, origin.port), collections.deque())
+        idle = self._idle.setdefault(origin.pool, collections.deque())
         if len(idle) < self._idle_max:
             idle.append(conn)
         else:
@@ -307,7 +311,7 @@ class Http1Client:
     async def _acquire(
         self, origin: Origin, deadline: float, fresh: bool = False
     ) -> tuple[_Connection, bool]:
-        idle = self._idle.get((origin.scheme, origin.host, origin.port))
+        idle = self._idle.get(origin.pool)
         while idle and not fresh:
             conn = idle.pop()
             if not conn.closed:

@@ -332,7 +332,7 @@ class Ingress:
             result.status = response.status
             return response
         finally:
-            self.inflight_bytes -= result.held
+            self.give(result.held)
             self.record(route.cfg.name, result, span, time.perf_counter() - started, request)
 
     def take(self, size: int) -> bool:
@@ -343,6 +343,10 @@ class Ingress:
             return False
         self.inflight_bytes = held + size
         return True
+
+    def give(self, size: int) -> None:
+        """Give back `size` bytes taken with `take` (or held past an answer, `_hand_over`)."""
+        self.inflight_bytes -= size
 
     def _take(self, result: Result, size: int) -> bool:
         if not self.take(size):
@@ -592,7 +596,7 @@ class Ingress:
 
     def _late_done(self, attempt: asyncio.Task[Any], route: str, event_id: str, size: int = 0) -> None:
         self.late.discard(attempt)
-        self.inflight_bytes -= size
+        self.give(size)
         if attempt.cancelled():
             log.warning("route %s: first attempt of %s cut short, left to the lease", route, event_id)
             return

@@ -13,17 +13,11 @@ import redis
 from sidecar.keys import KeySpace
 from sidecar.store import RedisStore
 from sidecar.store.dead_letters import DeadLetters
+from tests import test_store
 from tests.test_store import KEYS, digest_record, entry, record
 from tests.test_store_full import fill, small  # noqa: F401  (fixture)
 
-
-@pytest.fixture
-async def store(redis_url: str, rdb: redis.Redis):
-    s = RedisStore.connect(redis_url, KEYS, dedupe_ttl=3600, dlq_max_length=3)
-    try:
-        yield s
-    finally:
-        await s.close()
+store = test_store.store  # the same store fixture (a fixture)
 
 
 async def test_a_scheduled_event_whose_hash_is_gone_is_dropped_and_said(

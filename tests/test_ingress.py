@@ -606,6 +606,17 @@ routes:
     )  # its 3 s is the handshake
 
 
+def hold_upstream(upstream: Upstream) -> asyncio.Event:
+    """The upstream holds every request until the event returned is set."""
+    gate = asyncio.Event()
+
+    async def hold(rec: Any) -> None:
+        await gate.wait()
+
+    upstream.behaviour = hold
+    return gate
+
+
 def _padded(event_id: str, size: int) -> bytes:
     return json.dumps({"id": event_id, "type": "invoice.paid", "pad": "x" * size}).encode()
 
@@ -620,12 +631,7 @@ async def test_ingress_bodies_over_the_inflight_budget_are_503_overloaded(
 
     client = await sidecar_factory(ROUTES, server="max_inflight_bytes: 100000")
     ingress = client.server.app[RUNTIME].ingress
-    gate = asyncio.Event()
-
-    async def hold(rec: Any) -> None:
-        await gate.wait()
-
-    upstream.behaviour = hold
+    gate = hold_upstream(upstream)
     first = _padded("evt_big1", 60_000)
     held = asyncio.ensure_future(client.post("/webhooks/stripe", data=first, headers=stripe_headers(first)))
     await asyncio.wait_for(upstream.arrived.wait(), 10)
@@ -724,12 +730,7 @@ async def test_ingress_a_first_attempt_going_on_after_its_202_keeps_its_budget(
     )
     client = await sidecar_factory(routes, server="max_inflight_bytes: 200000")
     ingress = client.server.app[RUNTIME].ingress
-    gate = asyncio.Event()
-
-    async def hold(rec: Any) -> None:
-        await gate.wait()
-
-    upstream.behaviour = hold
+    gate = hold_upstream(upstream)
     statuses = []
     for i in range(6):
         body = _padded(f"evt_late_{i}", 60_000)

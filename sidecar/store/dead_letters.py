@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
@@ -200,42 +200,47 @@ class DeadLetters:
 
     async def get_many(self, ids: list[str]) -> list[DeadLetter]:
         """The items (with bodies) that exist among `ids`, in the order asked."""
-        found: list[DeadLetter] = []
-        for i in range(0, len(ids), _CHUNK):
-            found.extend(await self._read(ids[i : i + _CHUNK]))
-        return found
-
-    async def _read(self, ids: list[str]) -> list[DeadLetter]:
         k = self.keys
 
-        async def read() -> list[Any]:
-            async with self.store.client.pipeline(transaction=False) as pipe:
-                pipe.hmget(k.dlq_data(), ids)
-                pipe.hmget(k.dlq_body(), ids)
-                pipe.zmscore(k.dlq_items(), ids)
-                return list(await pipe.execute())
+        def queue(pipe: Any, chunk: list[str]) -> None:
+            pipe.hmget(k.dlq_data(), chunk)
+            pipe.hmget(k.dlq_body(), chunk)
+            pipe.zmscore(k.dlq_items(), chunk)
 
-        data, bodies, scores = await self.store.guard(read)
         return [
             DeadLetter(item_id, int(score), json.loads(d), b)
-            for item_id, d, b, score in zip(ids, data, bodies, scores, strict=True)
+            for chunk, (data, bodies, scores) in await self._pipelined(ids, queue)
+            for item_id, d, b, score in zip(chunk, data, bodies, scores, strict=True)
             if d is not None and score is not None
         ]
 
-    async def held(self, ids: list[str]) -> int:
-        """How many of `ids` another drain or replay holds now (dlq_take.lua's rule, read only): what a replay of
-        them would skip as busy."""
-        k, held = self.keys, 0
+    async def _pipelined(
+        self, ids: list[str], queue: Callable[[Any, list[str]], None]
+    ) -> list[tuple[list[str], list[Any]]]:
+        """(chunk, replies) for `ids` in chunks of _CHUNK, each chunk's commands (`queue(pipe, chunk)`) in one
+        pipelined round trip."""
+        out = []
         for i in range(0, len(ids), _CHUNK):
             chunk = ids[i : i + _CHUNK]
 
             async def read(chunk: list[str] = chunk) -> list[Any]:
                 async with self.store.client.pipeline(transaction=False) as pipe:
-                    pipe.hmget(k.dlq_taken(), chunk)
-                    pipe.zmscore(k.dlq_items(), chunk)
+                    queue(pipe, chunk)
                     return list(await pipe.execute())
 
-            taken, scores = await self.store.guard(read)
+            out.append((chunk, await self.store.guard(read)))
+        return out
+
+    async def held(self, ids: list[str]) -> int:
+        """How many of `ids` another drain or replay holds now (dlq_take.lua's rule, read only): what a replay of
+        them would skip as busy."""
+        k, held = self.keys, 0
+
+        def queue(pipe: Any, chunk: list[str]) -> None:
+            pipe.hmget(k.dlq_taken(), chunk)
+            pipe.zmscore(k.dlq_items(), chunk)
+
+        for _, (taken, scores) in await self._pipelined(ids, queue):
             now = self.store.clock.now_ms()
             for hold, score in zip(taken, scores, strict=True):
                 if hold is None or score is None:
@@ -264,28 +269,24 @@ class DeadLetters:
 
     async def give_back_version(self, item_id: str, version: int, owner: str) -> bool:
         """`take(…, 0)` by id and version: True if `owner` held that version and gave it back."""
-        keys = [self.keys.dlq_items(), self.keys.dlq_taken()]
-        return (
-            int(await self.store.guard(lambda: self._take(keys=keys, args=[item_id, version, owner, 0]))) == 1
-        )
+        return await self._take_version(item_id, version, owner, 0) == 1
 
     async def bodies_missing(self, ids: list[str]) -> int:
         """How many of `ids` exist without their body (evicted from the store): what a replay would keep and skip
         as `body_missing`."""
-        k, missing = self.keys, 0
-        for i in range(0, len(ids), _CHUNK):
-            chunk = ids[i : i + _CHUNK]
+        k = self.keys
 
-            async def read(chunk: list[str] = chunk) -> list[Any]:
-                async with self.store.client.pipeline(transaction=False) as pipe:
-                    for item_id in chunk:
-                        pipe.hexists(k.dlq_data(), item_id)
-                        pipe.hexists(k.dlq_body(), item_id)
-                    return list(await pipe.execute())
+        def queue(pipe: Any, chunk: list[str]) -> None:
+            for item_id in chunk:
+                pipe.hexists(k.dlq_data(), item_id)
+                pipe.hexists(k.dlq_body(), item_id)
 
-            flags = await self.store.guard(read)
-            missing += sum(1 for data, body in zip(flags[::2], flags[1::2], strict=True) if data and not body)
-        return missing
+        return sum(
+            1
+            for _, flags in await self._pipelined(ids, queue)
+            for data, body in zip(flags[::2], flags[1::2], strict=True)
+            if data and not body
+        )
 
     async def ids(self, route: str | None = None) -> list[str]:
         """Every dead letter's id (a route's, or all), oldest first: a snapshot to work through in batches."""
@@ -320,10 +321,14 @@ class DeadLetters:
         """Hold `item` (the version read) for `owner` for `lease_ms` by the store's clock (dlq_take.lua; a lease of
         0 gives it back, if `owner` holds it): "taken", "gone" (removed or replaced since it was read, or, giving
         back, not held by `owner`) or "busy" (another drain or replay holds it)."""
-        keys = [self.keys.dlq_items(), self.keys.dlq_taken()]
-        args = [item.id, item.dead_ms, owner, lease_ms]
-        code = int(await self.store.guard(lambda: self._take(keys=keys, args=args)))
+        code = await self._take_version(item.id, item.dead_ms, owner, lease_ms)
         return "taken" if code == 1 else "busy" if code < 0 else "gone"
+
+    async def _take_version(self, item_id: str, version: int, owner: str, lease_ms: int) -> int:
+        """dlq_take.lua's answer for `item_id` at `version` (its dead_at): 1 taken or given back, 0 gone, -1 busy."""
+        keys = [self.keys.dlq_items(), self.keys.dlq_taken()]
+        args = [item_id, version, owner, lease_ms]
+        return int(await self.store.guard(lambda: self._take(keys=keys, args=args)))
 
     async def replay(self, item: DeadLetter, now_ms: int, reason: str, owner: str) -> ReplayOutcome:
         """Take the item, schedule its event due now, then remove the item. See the module docstring.

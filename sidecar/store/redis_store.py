@@ -76,9 +76,8 @@ _PASSING = ("TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "READONLY")
 # for longer is an outage, and one retrying task per event claimed just before it must not pile up for good.
 ALIAS_RETRY_FOR = 60.0
 ALIAS_REPORT_S = 30.0  # failed lookup indexes are logged once, then with a count at most this often
-CLOCK_SKEW_WARN_S = (
-    30  # this host's clock this far from the store's is said (signed timestamps use the host's)
-)
+# this host's clock this far from the store's is said (signed timestamps use the host's)
+CLOCK_SKEW_WARN_S = 30
 
 
 def _script(name: str) -> str:
@@ -808,34 +807,27 @@ class RedisStore:
         """`dlq_length` of many routes in one pipelined round trip (every key is in the {dlq} slot): a /metrics
         refresh reads every route's, and one round trip per route ran past its budget with ~2,000 routes on a store
         1 ms away, so the gauges were never exported and `sidecar_store_up` said 0."""
-        keys = [self.keys.dlq_route(r) for r in routes]
-
-        async def read() -> list[Any]:
-            async with self._r.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.zcard(key)
-                return list(await pipe.execute())
-
-        counts = await self._call(read) if keys else []
-        return {r: int(n) for r, n in zip(routes, counts, strict=True)}
+        counts = await self._per_route(routes, lambda pipe, key: pipe.zcard(key))
+        return {r: int(n) for r, n in counts.items()}
 
     async def dlq_oldest_many(self, routes: Sequence[str]) -> dict[str, float | None]:
-        """`dlq_oldest_ms` of many routes in one pipelined round trip."""
+        """When each route's oldest dead letter died (ms; None: it has none), in one pipelined round trip."""
+        raws = await self._per_route(routes, lambda pipe, key: pipe.zrange(key, 0, 0, withscores=True))
+        return {r: (float(raw[0][1]) if raw else None) for r, raw in raws.items()}
+
+    async def _per_route(self, routes: Sequence[str], queue: Callable[[Any, str], Any]) -> dict[str, Any]:
+        """{route: reply} of one command on each route's DLQ index (`queue(pipe, key)`), pipelined."""
+        if not routes:
+            return {}
         keys = [self.keys.dlq_route(r) for r in routes]
 
         async def read() -> list[Any]:
             async with self._r.pipeline(transaction=False) as pipe:
                 for key in keys:
-                    pipe.zrange(key, 0, 0, withscores=True)
+                    queue(pipe, key)
                 return list(await pipe.execute())
 
-        raws = await self._call(read) if keys else []
-        return {r: (float(raw[0][1]) if raw else None) for r, raw in zip(routes, raws, strict=True)}
-
-    async def dlq_oldest_ms(self, route: str) -> float | None:
-        """When the route's oldest dead letter died (ms), or None when it has none."""
-        raw = await self._call(lambda: self._r.zrange(self.keys.dlq_route(route), 0, 0, withscores=True))
-        return float(raw[0][1]) if raw else None
+        return dict(zip(routes, await self._call(read), strict=True))
 
     async def dlq_evicted(self) -> dict[str, int]:
         raw = await self._call(lambda: self._r.hgetall(self.keys.dlq_evicted()))
