@@ -54,8 +54,9 @@ async def test_peer_counts_add_up_and_never_go_down(tmp_path: Path) -> None:
         assert forwarded(worker0) == (8, 8)  # 1 + the replaced process's 5 + the new one's 2
     finally:
         await second.cleanup()
-    # the OTLP export (any other thread or call) carries this process's own counts only
-    assert worker0._merged("requests") == {("r", "forwarded"): 1}
+    # the OTLP export (the instruments' callbacks) carries this process's own counts only
+    observe = worker0._counter("requests", worker0.requests, ("route", "outcome"))
+    assert [(o.value, o.attributes) for o in observe(None)] == [(1, {"route": "r", "outcome": "forwarded"})]
 
 
 async def test_peer_counts_survive_worker_0_being_replaced(tmp_path: Path) -> None:

@@ -507,6 +507,46 @@ def test_telemetry_route_histogram_buckets_are_cumulative_and_inclusive() -> Non
     assert samples[("sidecar_forward_duration_seconds_sum", None)] == pytest.approx(99.3021)
 
 
+def test_telemetry_render_keeps_every_series_at_scale_and_escapes_labels() -> None:
+    """/metrics used to be the OpenTelemetry Prometheus exporter's text: past 2,000 series in one metric (500
+    routes with 4 outcomes each) the SDK folded the rest into one `otel_metric_overflow` series, so most routes'
+    counts vanished, and 2,000 routes took it ~1 s of the event loop. Now every series is written, as before with
+    `otel_scope_*` labels and `target_info`."""
+    tel = Telemetry()
+    try:
+        routes = [f"r{i}" for i in range(600)]
+        outcomes = ("forwarded", "duplicate", "queued", "signature_invalid")
+        for i, route in enumerate(routes):
+            for j, outcome in enumerate(outcomes):
+                tel.requests[(route, outcome)] += i + j
+            tel.forward_duration.record(0.002 * (i % 7), tel.route_labels(route))
+            tel.snapshot[route] = {"pending": float(i), "dead": 1.0, "oldest_age": 2.5}
+        odd = 'a"b\\c\nd é'
+        tel.requests[(odd, "forwarded")] += 3
+        tel.store_up = 1
+        families = {f.name: f for f in text_string_to_metric_families(tel.render().decode())}
+    finally:
+        tel.shutdown()
+    requests = {
+        (s.labels["route"], s.labels["outcome"]): s.value for s in families["sidecar_requests"].samples
+    }
+    assert len(requests) == 600 * 4 + 1
+    assert all(requests[(r, o)] == i + j for i, r in enumerate(routes) for j, o in enumerate(outcomes))
+    assert requests[(odd, "forwarded")] == 3
+    assert not any("otel_metric_overflow" in s.labels for f in families.values() for s in f.samples)
+    assert all(s.labels["otel_scope_name"] == "sidecar" for s in families["sidecar_requests"].samples)
+    assert families["target_info"].samples[0].labels["service_name"] == "webhook-sidecar"
+    pending = {s.labels["route"]: s.value for s in families["sidecar_retry_scheduled"].samples}
+    assert pending == {r: float(i) for i, r in enumerate(routes)}
+    assert [s.value for s in families["sidecar_store_up"].samples] == [1.0]
+    histogram = families["sidecar_forward_duration_seconds"].samples
+    for route in routes:
+        rows = [s for s in histogram if s.labels.get("route") == route]
+        buckets = [s.value for s in rows if s.name.endswith("_bucket")]
+        count = next(s.value for s in rows if s.name.endswith("_count"))
+        assert buckets == sorted(buckets) and buckets[-1] == count == 1
+
+
 async def test_telemetry_inbound_span_status_follows_the_answer_and_names_the_outcome(
     sidecar_factory: Any,
     upstream: Upstream,
