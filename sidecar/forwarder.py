@@ -19,7 +19,7 @@ from typing import Literal
 import aiohttp
 import yarl
 
-from sidecar.http1 import Http1Client, UpstreamError
+from sidecar.http1 import MAX_RESPONSE_BYTES, Http1Client, UpstreamError
 from sidecar.store.records import EventRecord
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the ones the client recomputes for the new hop.
@@ -207,7 +207,20 @@ class Forwarder:
                 allow_redirects=False,
                 skip_auto_headers=("Accept", "Content-Type", "Accept-Encoding", "User-Agent"),
             ) as resp:
-                payload = await resp.read()
+                # bounded as the POST client bounds it: a pass-through GET of a huge file must not sit in memory
+                chunks, size = [], 0
+                async for chunk in resp.content.iter_any():
+                    size += len(chunk)
+                    if size > MAX_RESPONSE_BYTES:
+                        return Outcome(
+                            "retryable",
+                            None,
+                            "response_too_large",
+                            time.perf_counter() - start,
+                            detail=f"response body over {MAX_RESPONSE_BYTES} bytes",
+                        )
+                    chunks.append(chunk)
+                payload = b"".join(chunks)
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
                 relay = end_to_end(resp.headers.items())

@@ -75,6 +75,20 @@ async def test_a_2xx_with_a_body_too_large_to_relay_is_a_delivery(client: Any, u
     assert upstream.ids() == ["evt_big_answer"]
 
 
+async def test_a_pass_through_answer_too_large_is_refused_not_buffered(
+    client: Any, upstream: Upstream
+) -> None:
+    """A non-POST pass-through read the upstream's whole answer into memory, however large (an upstream audit);
+    it is now bounded as the POST client bounds it, and the caller is told why."""
+    upstream.respond(200, body=b"x" * (MAX_RESPONSE_BYTES + 1))
+    resp = await client.get("/webhooks/stripe?big=1")
+    assert resp.status == 502
+    assert await resp.json() == {"error": "upstream_unavailable", "detail": "response_too_large"}
+    upstream.respond(200, body=b"y" * 1000)  # under the bound: relayed whole, as before
+    resp = await client.get("/webhooks/stripe?small=1")
+    assert resp.status == 200 and await resp.read() == b"y" * 1000
+
+
 async def test_an_event_whose_connection_comes_too_late_is_not_sent_and_is_retried(
     aiohttp_client: Any, upstream: Upstream, redis_url: str, rdb: Any
 ) -> None:
