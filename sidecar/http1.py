@@ -159,6 +159,10 @@ class _Connection(asyncio.Protocol):
         if self._head_size > MAX_HEAD_BYTES:
             self._fail(UpstreamError("response_too_large", f"response head over {MAX_HEAD_BYTES} bytes"))
             return
+        if self._status:
+            # a chunked body's trailer field (the status is known once the head is complete): not part of the
+            # head, so not relayed as a header of the answer
+            return
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:

@@ -131,6 +131,25 @@ async def test_http1_chunked_and_close_delimited_bodies(raw_server, client: Http
     assert (resp.status, resp.body) == (201, b"partial-then-close")
 
 
+async def test_http1_trailers_are_not_taken_for_headers(raw_server, client: Http1Client) -> None:
+    """A chunked answer's trailer fields were merged into its headers and relayed to the provider as such (an
+    upstream audit): a trailer is not part of the head."""
+
+    async def with_trailers(reader, writer):
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\nX-Head: 1\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\nContent-Type: text/evil\r\n\r\n"
+        )
+        await writer.drain()
+
+    url = await raw_server(with_trailers)
+    resp = await client.post(url, [], b"x", 2.0)
+    assert (resp.status, resp.body) == (200, b"hello")
+    names = [k.lower() for k, _ in resp.headers]
+    assert "x-head" in names and "x-checksum" not in names and "content-type" not in names
+
+
 async def test_http1_skips_interim_answers(raw_server, client: Http1Client) -> None:
     async def early_hints(reader, writer):
         await read_request(reader)
