@@ -479,11 +479,18 @@ class Telemetry:
             self._otlp_histograms.shutdown()
 
 
+# Series per metric an OTLP export carries. The SDK's default (2,000 since opentelemetry-sdk 1.45.2) folded every
+# further series into one `otel.metric.overflow` point: `sidecar_requests_total` with 500 routes and 4 outcomes.
+OTLP_SERIES_LIMIT = 1_000_000
+
+
 def _otlp_metric_reader() -> MetricReader:
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics import Histogram, ObservableCounter, ObservableGauge
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-    return PeriodicExportingMetricReader(OTLPMetricExporter())
+    limits = dict.fromkeys((ObservableCounter, ObservableGauge, Histogram), OTLP_SERIES_LIMIT)
+    return PeriodicExportingMetricReader(OTLPMetricExporter(), cardinality_limits=limits)
 
 
 # A `Telemetry.state()`: {"pid", "counters": {name: [[*labels, n], …]}, "histograms": {name: {route: row}}}

@@ -455,6 +455,30 @@ async def test_telemetry_exports_over_otlp_when_the_standard_variables_are_set(
     assert {"webhook.receive", "webhook.forward"} <= spans
 
 
+async def test_telemetry_otlp_keeps_every_series_past_the_sdk_default_limit(
+    otlp_collector: dict[str, list[bytes]],
+) -> None:
+    """Past 2,000 series in one metric the SDK's default folded the rest into one `otel.metric.overflow` point."""
+    tel = Telemetry()
+    try:
+        for i in range(600):
+            for outcome in ("forwarded", "duplicate", "queued", "signature_invalid"):
+                tel.requests[(f"r{i}", outcome)] += 1
+            tel.forward_duration.record(0.01, tel.route_labels(f"r{i}"))
+        await asyncio.to_thread(tel.force_flush)
+    finally:
+        await asyncio.to_thread(tel.shutdown)
+    metrics = otlp_metrics(otlp_collector)
+    points = [p for m in metrics if m.name == "sidecar_requests_total" for p in m.sum.data_points]
+    keys = {tuple(sorted((a.key, a.value.string_value) for a in p.attributes)) for p in points}
+    assert len(keys) == 2400
+    assert not any(a.key == "otel.metric.overflow" for p in points for a in p.attributes)
+    durations = [
+        p for m in metrics if m.name == "sidecar_forward_duration_seconds" for p in m.histogram.data_points
+    ]
+    assert len({tuple((a.key, a.value.string_value) for a in p.attributes) for p in durations}) == 600
+
+
 async def test_telemetry_store_gauges_go_out_over_otlp_without_a_scrape(
     otlp_collector: dict[str, list[bytes]], monkeypatch: pytest.MonkeyPatch, sidecar_factory: Any
 ) -> None:
