@@ -217,8 +217,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     embedded = None
     url = args.redis_url or (os.environ.get(STORE_URL_ENV) if worker else None) or config.redis.url
     workers = 1 if worker else resolve_workers(config.server.workers)
+    fatal = logging.getLogger(
+        "sidecar"
+    ).critical  # logging is set up: a fatal error is a log line like the rest
     if url == "embedded" and config.redis.wait_replicas:  # --redis-url embedded: the config could not know
-        print("sidecar: redis.wait_replicas: the embedded store has no replicas; use 0", file=sys.stderr)
+        fatal("sidecar: redis.wait_replicas: the embedded store has no replicas; use 0")
         return 1
     try:
         if workers > 1:  # before anything starts: a port another sidecar holds stops this one here
@@ -250,11 +253,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 config_text=text,
             )
         )
-    except SidecarError as exc:
-        print(f"sidecar: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"sidecar: {exc}", file=sys.stderr)
+    except (SidecarError, OSError) as exc:
+        fatal("sidecar: %s", exc)
         return 1
     finally:
         if embedded is not None:

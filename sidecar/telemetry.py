@@ -213,7 +213,7 @@ class Telemetry:
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
             processors.append(BatchSpanProcessor(OTLPSpanExporter()))
-        ratio = float(os.environ.get("SIDECAR_TRACE_SAMPLE_RATIO", "1.0"))
+        ratio = _sample_ratio(os.environ.get("SIDECAR_TRACE_SAMPLE_RATIO", "1.0"))
         sampler = ParentBased(TraceIdRatioBased(ratio)) if processors else ALWAYS_OFF
         self.tracer_provider = TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
         for processor in processors:
@@ -479,6 +479,23 @@ class Telemetry:
             self._otlp_histograms.shutdown()
 
 
+def _sample_ratio(raw: str) -> float:
+    """SIDECAR_TRACE_SAMPLE_RATIO: a number in [0, 1]; anything else is said and 1.0 used (a typo in the
+    environment must not stop the sidecar with a traceback)."""
+    try:
+        ratio = float(raw)
+    except ValueError:
+        ratio = math.nan
+    if not 0.0 <= ratio <= 1.0:
+        import logging
+
+        logging.getLogger("sidecar").warning(
+            "SIDECAR_TRACE_SAMPLE_RATIO=%r is not a number from 0 to 1; using 1.0", raw
+        )
+        return 1.0
+    return ratio
+
+
 # Series per metric an OTLP export carries. The SDK's default (2,000 since opentelemetry-sdk 1.45.2) folded every
 # further series into one `otel.metric.overflow` point: `sidecar_requests_total` with 500 routes and 4 outcomes.
 OTLP_SERIES_LIMIT = 1_000_000
@@ -617,9 +634,20 @@ class LightSpan:
 
     @classmethod
     def continue_from(cls, traceparent: str | None) -> LightSpan:
-        if traceparent and len(traceparent) == 55 and traceparent[2] == "-" and traceparent[35] == "-":
-            version, trace_id, _, flags = traceparent.split("-")
-            if version != "ff" and _HEX.fullmatch(trace_id + flags) and trace_id != "0" * 32:
+        if (
+            traceparent
+            and len(traceparent) == 55
+            and traceparent[2] == traceparent[35] == traceparent[52] == "-"
+        ):
+            # sliced, not split: a '-' inside a field made split() return five parts (ValueError: a 500)
+            version, trace_id = traceparent[:2], traceparent[3:35]
+            parent_id, flags = traceparent[36:52], traceparent[53:]
+            if (
+                version != "ff"
+                and _HEX.fullmatch(version + trace_id + parent_id + flags)
+                and trace_id != "0" * 32
+                and parent_id != "0" * 16  # W3C: an all-zero or non-hex parent-id makes the header invalid
+            ):
                 return cls(trace_id, f"{random.getrandbits(64) or 1:016x}", flags)
         return cls(f"{random.getrandbits(128) or 1:032x}", f"{random.getrandbits(64) or 1:016x}", "00")
 

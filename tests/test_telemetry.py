@@ -262,6 +262,28 @@ async def test_telemetry_traceparent_propagates_without_a_span_exporter(
     assert sent.startswith(f"00-{trace}-") and not sent.endswith("b7ad6b7169203331-01")
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b71-9203331-01",  # 55 chars, a '-' inside the parent id
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",  # all-zero parent id (W3C: invalid)
+        "00-0af7651916cd43dd8448eb211c80319c-zzzzzzzzzzzzzzzz-01",
+    ],
+)
+async def test_telemetry_an_invalid_traceparent_starts_a_new_trace_without_a_span_exporter(
+    sidecar_factory: Any, upstream: Upstream, bad: str
+) -> None:
+    """A malformed traceparent (any client can send one) is ignored, as the OpenTelemetry propagator does: the
+    request is served (it was a 500 internal_error, never counted) and the upstream gets a trace of its own."""
+    client = await sidecar_factory(ROUTES)
+    body = stripe_body("evt_bad_tp")
+    resp = await client.post(
+        "/webhooks/stripe", data=body, headers={**stripe_headers(body), "traceparent": bad}
+    )
+    assert resp.status == 200, await resp.text()
+    assert "0af7651916cd43dd8448eb211c80319c" not in upstream.received[0].headers["traceparent"]
+
+
 async def test_telemetry_json_logs_carry_outcomes_and_never_secrets_or_bodies(
     sidecar_factory: Any, upstream: Upstream
 ) -> None:
