@@ -682,6 +682,10 @@ class Ingress:
             return queued(rec.event_id, lease_end)
         result.error = disp.outcome.error
         result.detail = disp.outcome.detail
+        if disp.kind != "delivered" and result.error is None and disp.outcome.status is not None:
+            # refused by an HTTP answer: the provider is told 202, so the log line and span say what came back
+            result.error = f"http_{disp.outcome.status}"
+            result.detail = f"the upstream answered {disp.outcome.status}"
         if disp.kind == "delivered":
             result.outcome = "forwarded"
             return relay(disp.outcome, rec.event_id)

@@ -332,8 +332,12 @@ async def test_telemetry_default_logs_only_notable_requests_at_info(
         assert (await send(client, "/webhooks/stripe", "evt_loud")).status == 202
     finally:
         setup_logging("warning", "text")
-    events = [json.loads(line).get("event_id") for line in stream.getvalue().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+    events = [e.get("event_id") for e in lines]
     assert "evt_loud" in events and "evt_quiet" not in events
+    # the provider was told 202; the line says what the upstream answered (it said nothing, a metrics audit)
+    [loud] = [e for e in lines if e.get("event_id") == "evt_loud" and e["msg"] == "request"]
+    assert (loud["status"], loud["error"], loud["detail"]) == (202, "http_503", "the upstream answered 503")
 
 
 async def test_telemetry_pass_through_forwards_are_counted_and_failures_logged(
