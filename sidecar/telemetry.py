@@ -686,13 +686,19 @@ def otlp_export_interval() -> float:
 
 
 async def keep_gauges_fresh(
-    telemetry: Telemetry, store: Any, routes: Callable[[], list[str]], every: float
+    telemetry: Telemetry,
+    store: Any,
+    routes: Callable[[], list[str]],
+    every: float,
+    each: Callable[[], None] | None = None,
 ) -> None:
     """With OTLP metrics, refresh the store gauges' snapshot every `every` seconds (bounded by 1 s and 60 s), as a
     /metrics scrape does: the OTLP reader exports whatever the snapshot holds, so without this the store gauges
     went out only after a scrape, and then stale."""
     every = min(max(every, 1.0), 60.0)
     while True:
+        if each is not None:  # the zero series of routes a reload added
+            each()
         await telemetry.refresh_within(store, routes(), every)
         await asyncio.sleep(every)
 

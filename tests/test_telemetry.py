@@ -474,6 +474,15 @@ async def test_telemetry_exports_over_otlp_when_the_standard_variables_are_set(
         await asyncio.to_thread(tel.shutdown)
     names = {m.name for m in otlp_metrics(otlp_collector)}
     assert {"sidecar_requests_total", "sidecar_forward_duration_seconds"} <= names
+    # the zero series go out from the start, with nobody scraping /metrics (they waited for a scrape: an audit)
+    evicted = [
+        p
+        for m in otlp_metrics(otlp_collector)
+        if m.name == "sidecar_dlq_evicted_total"
+        for p in m.sum.data_points
+        if any(a.value.string_value == "typed" for a in p.attributes)
+    ]
+    assert evicted and evicted[-1].as_int == 0
     spans = set()
     for raw in otlp_collector["/v1/traces"]:
         msg = ExportTraceServiceRequest.FromString(raw)
