@@ -533,16 +533,19 @@ class Ingress:
             refused = await self._spend_nonce(cfg, verified, body, result)
             if refused is not None:
                 return refused
-        if not type_allowed(cfg, verified.event_type):
-            result.outcome = "filtered"
-            return web.json_response({"filtered": True})
         ids = resolve_event_id(cfg, verified, inbound)
+        if not type_allowed(cfg, verified.event_type):
+            # CONTRACT: every answer carries X-Sidecar-Event-Id when an id is known
+            result.outcome, result.event_id = "filtered", ids[0] if ids else None
+            return web.json_response({"filtered": True}, headers={EVENT_ID_HEADER: ids[0]} if ids else None)
         if not cfg.dedupe:
             result.outcome, result.event_id = "passthrough", ids[0] if ids else None
             return await self._pass_through(request, route, body, result.event_id, span, result)
         if ids is None:
-            result.outcome = "no_event_id"
-            return json_error(400, "no_event_id")
+            src = cfg.event_id
+            where = src.kind if src.kind in ("auto", "body_sha256") else f"{{{src.kind}: {src.value}}}"
+            result.outcome, result.detail = "no_event_id", f"no usable event id from event_id: {where}"
+            return json_error(400, "no_event_id", detail=result.detail)
         event_id, dedupe_id = ids
         result.event_id = event_id
         # first seen, the claim and its lease: on the schedule's clock (the store's), not the tolerance checks' one
@@ -579,7 +582,7 @@ class Ingress:
         return await self._first_attempt(rec, span, result, self.dispatcher.answer_within(cfg), lease_end)
 
     def _rejected(self, route: str, exc: VerificationError, result: Result) -> web.Response:
-        result.outcome, result.error = "rejected_signature", exc.reason
+        result.outcome, result.error, result.detail = "rejected_signature", exc.reason, exc.detail
         self.tel.signature_failures[(route, exc.reason)] += 1
         self.rejections[route] += 1
         if isinstance(exc, TimestampError):

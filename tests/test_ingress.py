@@ -311,7 +311,8 @@ async def test_ingress_signed_body_without_id_is_400(
     body = b'{"object":"event","type":"invoice.paid"}'
     resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
     assert resp.status == 400
-    assert await resp.json() == {"error": "no_event_id"}
+    # the answer says which extractor found nothing (a wrong `{json: …}` path is a common first-day mistake)
+    assert await resp.json() == {"error": "no_event_id", "detail": "no usable event id from event_id: auto"}
     assert upstream.received == [] and stored_keys(rdb) == []
 
 
@@ -339,6 +340,7 @@ async def test_ingress_types_filter_answers_filtered(
     resp = await client.post("/webhooks/typed", data=body, headers=stripe_headers(body))
     assert resp.status == 200
     assert await resp.json() == {"filtered": True}
+    assert resp.headers["X-Sidecar-Event-Id"] == "evt_t1"  # CONTRACT: every answer, when an id is known
     ok = stripe_body("evt_t2", type_="invoice.paid")
     assert (await client.post("/webhooks/typed", data=ok, headers=stripe_headers(ok))).status == 200
     assert upstream.ids() == ["evt_t2"]
@@ -408,7 +410,7 @@ async def test_ingress_event_id_unfit_for_use_as_is_gets_a_stable_stand_in(
     still no id."""
     body = json.dumps({"id": "", "type": "invoice.paid"}).encode()
     resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
-    assert (resp.status, await resp.json()) == (400, {"error": "no_event_id"})
+    assert (resp.status, (await resp.json())["error"]) == (400, "no_event_id")
     unfit = ["a\nb", "x" * 300, "é"]
     for odd in unfit:
         body = json.dumps({"id": odd, "type": "invoice.paid"}).encode()
@@ -446,7 +448,10 @@ async def test_ingress_json_id_in_body_nested_past_recursion_limit_is_400(
     for data in (body, chunked()):
         resp = await client.post("/webhooks/ghjson", data=data, headers=headers)
         assert resp.status == 400
-        assert await resp.json() == {"error": "no_event_id"}
+        assert await resp.json() == {
+            "error": "no_event_id",
+            "detail": "no usable event id from event_id: {json: id}",
+        }
     assert upstream.received == [] and stored_keys(rdb) == []
 
 

@@ -313,6 +313,8 @@ async def test_telemetry_json_logs_carry_outcomes_and_never_secrets_or_bodies(
     assert ("evt_log1", "queued") in outcomes
     assert ("evt_log1", "delivered") in outcomes  # the worker's attempt 2
     assert (None, "rejected_signature") in outcomes
+    [refused] = [e for e in lines if e["msg"] == "request" and e.get("outcome") == "rejected_signature"]
+    assert refused["error"] == "mismatch" and refused["detail"]  # the reason in words, as the 401 says it
     request_lines = [e for e in lines if e["msg"] == "request" and e.get("event_id") == "evt_log0"]
     assert request_lines[0]["route"] == "stripe" and request_lines[0]["status"] == 200
     assert len(request_lines[0]["trace_id"]) == 32 and request_lines[0]["attempt"] == 1
