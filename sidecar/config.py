@@ -90,6 +90,11 @@ def parse_listen(listen: str) -> tuple[str, int]:
         host = "0.0.0.0"
     elif not re.fullmatch(r"[A-Za-z0-9.-]+", host):
         raise ValueError("the host is not a hostname or IP address")
+    elif re.fullmatch(r"[0-9.]+", host):  # all digits: meant as an IPv4 address (no hostname ends in a number)
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError("the host is not an IPv4 address") from None
     if not re.fullmatch(r"[0-9]{1,5}", port_text) or int(port_text) > 65535:
         raise ValueError("the port must be a number from 0 to 65535")
     return host, int(port_text)

@@ -149,6 +149,9 @@ def test_listen_parses_ipv4_ipv6_and_port_only() -> None:
         ("[nope]:8080", "not an IPv6 address"),
         ("0.0.0.0:http", "port must be a number"),
         ("0.0.0.0:70000", "port must be a number"),
+        # check-config passed these and `run` failed on them (a docs audit)
+        ("127.0.0.1.5:8080", "not an IPv4 address"),
+        ("300.1.1.1:8080", "not an IPv4 address"),
     ],
 )
 def test_listen_rejects_bad_addresses(listen: str, message: str) -> None:
