@@ -113,7 +113,7 @@ async def test_worker_dlq_cap_evicts_and_counts(sidecar_factory: Any, upstream: 
     # store's own count, written by the script that evicts, is what the metric shows now.
     other = await sidecar_factory(ROUTE, extra="dlq: {max_length: 3}")
     runtime = other.server.app[RUNTIME]
-    assert runtime.telemetry.dlq_evicted == {}  # this process evicted nothing itself
+    assert not any(runtime.telemetry.dlq_evicted.values())  # this process evicted nothing itself (zeros only)
     await runtime.telemetry.refresh(runtime.store, ["stripe"])
     evicted = [
         s.value
