@@ -248,6 +248,35 @@ async def test_store_retry_is_fenced_by_attempt_number(store: RedisStore, rdb: r
     assert await store.retry("stripe", "evt_1", taken.attempt, now + 5, entry(2))
 
 
+async def test_store_attempt_of_an_earlier_run_does_not_settle_a_replayed_one(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    """A replay starts the attempt numbers again from 1: attempt 1 of the run before it (a replica paused past its
+    lease) reporting late must not pass the fence as the replayed run's attempt 1, which is in flight elsewhere."""
+    from sidecar.store.dead_letters import DeadLetters
+
+    now = int(time.time() * 1000)
+    rec = record("evt_run")
+    await store.claim(rec, now, 1_000)  # attempt 1 (run 0) on a replica that is then paused
+    shard = KEYS.shard_of("stripe", "evt_run")
+    [second] = await store.take_due(shard, now + 2_000, 30_000, 10)  # its lease ran out: attempt 2 elsewhere
+    await store.bury(second.record, second.attempt, entry(2, 400), [], now + 2_100, "rejected")
+    dl = DeadLetters(store)
+    [item] = (await dl.page()).items
+    assert await dl.replay((await dl.get(item.id)), now + 3_000, "fixed", "op") == "replayed"
+    [replayed] = await store.take_due(shard, now + 3_000, 30_000, 10)
+    assert replayed.attempt == 1 and replayed.record.run == 1
+    # the paused replica's attempt 1 (run 0) reports now: refused, whatever its outcome
+    assert not await store.retry("stripe", "evt_run", 1, now + 3_100, entry(1))
+    assert not await store.defer("stripe", "evt_run", 1, now + 3_100)
+    await store.bury(rec, 1, entry(1, 400), [], now + 3_200, "rejected")  # its dead letter is written, but:
+    assert (
+        rdb.hget(KEYS.event(shard, "stripe:evt_run"), "st") == b"f"
+    )  # the replayed run still holds the event
+    # the replayed run's own attempt settles
+    assert await store.retry("stripe", "evt_run", 1, now + 3_300, entry(1), replayed.record.run)
+
+
 async def test_store_bury_keeps_history_and_caps_with_evictions(store: RedisStore, rdb: redis.Redis) -> None:
     now = int(time.time() * 1000)
     for i in range(5):

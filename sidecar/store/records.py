@@ -28,6 +28,9 @@ class EventRecord:
     host: str = ""
     traceparent: str | None = None
     first_seen_ms: int = 0
+    # which run of attempts this copy was taken in: 0 from the claim, one more per replay (replay.lua). Part of the
+    # fence of retry.lua / dead.lua / defer.lua with the attempt number, which a replay starts again from 1.
+    run: int = field(default=0, compare=False)
 
     def meta(self) -> str:
         """The request's metadata as stored with the event: compact lines, cheap to write on every claim.
@@ -54,7 +57,14 @@ class EventRecord:
 
     @classmethod
     def from_stored(
-        cls, route: str, dedupe_id: str, event_id: str, meta: str | bytes, body: bytes, first_seen_ms: int
+        cls,
+        route: str,
+        dedupe_id: str,
+        event_id: str,
+        meta: str | bytes,
+        body: bytes,
+        first_seen_ms: int,
+        run: int = 0,
     ) -> EventRecord:
         m = parse_meta(meta)
         return cls(
@@ -70,6 +80,7 @@ class EventRecord:
             host=m.get("ho", ""),
             traceparent=m.get("tp") or None,
             first_seen_ms=first_seen_ms,
+            run=run,
         )
 
 

@@ -618,16 +618,17 @@ class RedisStore:
         return finish()
 
     async def retry(
-        self, route: str, dedupe_id: str, attempt: int, due_ms: int, entry: AttemptRecord
+        self, route: str, dedupe_id: str, attempt: int, due_ms: int, entry: AttemptRecord, run: int = 0
     ) -> bool:
         ev, sched, _, member = self.keys.locate(route, dedupe_id)
-        args = [due_ms, member, attempt, entry.to_json(), entry.status or "", entry.error or ""]
+        args = [due_ms, member, attempt, entry.to_json(), entry.status or "", entry.error or "", run]
         return bool(await self._call(lambda: self._retry(keys=[ev, sched], args=args)))
 
-    async def defer(self, route: str, dedupe_id: str, attempt: int, due_ms: int) -> bool:
+    async def defer(self, route: str, dedupe_id: str, attempt: int, due_ms: int, run: int = 0) -> bool:
         """Give a taken event back unattempted (see defer.lua)."""
         ev, sched, _, member = self.keys.locate(route, dedupe_id)
-        return bool(await self._call(lambda: self._defer(keys=[ev, sched], args=[due_ms, member, attempt])))
+        args = [due_ms, member, attempt, run]
+        return bool(await self._call(lambda: self._defer(keys=[ev, sched], args=args)))
 
     async def bury(
         self,
@@ -690,6 +691,7 @@ class RedisStore:
             entry.status or "",
             entry.error or "",
             rec.route,
+            rec.run,
         ]
         await self._call(lambda: self._dead(keys=[ev, sched, stats], args=dead_args))
         return item_id, evicted
@@ -732,9 +734,10 @@ class RedisStore:
                 member,
             )
             return None
-        attempt, meta, body, first, eid, hist = res
+        attempt, meta, body, first, eid, hist = res[:6]
+        run = int(res[6]) if len(res) > 6 else 0
         route, dedupe_id = split_member(member)
-        rec = EventRecord.from_stored(route, dedupe_id, eid.decode(), meta, body, int(first))
+        rec = EventRecord.from_stored(route, dedupe_id, eid.decode(), meta, body, int(first), run)
         return Taken(rec, int(attempt), now_ms + lease_ms, parse_history(hist))
 
     async def take_due(
