@@ -90,7 +90,8 @@ def parse_listen(listen: str) -> tuple[str, int]:
         host = "0.0.0.0"
     elif not re.fullmatch(r"[A-Za-z0-9.-]+", host):
         raise ValueError("the host is not a hostname or IP address")
-    elif re.fullmatch(r"[0-9.]+", host):  # all digits: meant as an IPv4 address (no hostname ends in a number)
+    elif re.fullmatch(r"[0-9.]+", host):
+        # all digits and dots: meant as an IPv4 address (a hostname's last label is never all digits)
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
