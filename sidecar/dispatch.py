@@ -262,7 +262,7 @@ class Dispatcher:
         """Put a taken event back without attempting it (its upstream's circuit is open, or no connection came in
         time); return when it is due again."""
         due_ms = self.store.clock.now_ms() + int(wait * 1000)
-        await self.store.defer(rec.route, rec.dedupe_id, attempt, due_ms, rec.run)
+        await self.store.defer(rec.route, rec.dedupe_id, attempt, due_ms, rec.fence)
         return due_ms
 
     async def settle(
@@ -315,7 +315,7 @@ class Dispatcher:
                 rec, attempt, outcome, history, "expired", lease_end_ms, entry, background
             )
         due_ms = now_ms + int(wait * 1000)
-        await self.store.retry(rec.route, rec.dedupe_id, attempt, due_ms, entry, rec.run)
+        await self.store.retry(rec.route, rec.dedupe_id, attempt, due_ms, entry, rec.fence)
         return Disposition("queued", outcome, next_attempt_ms=due_ms)
 
     async def _landing(

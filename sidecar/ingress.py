@@ -725,6 +725,7 @@ class Ingress:
             host=request.host,
             traceparent=traceparent,
             first_seen_ms=first_seen_ms,
+            run=first_seen_ms,  # the claim's run of attempts is named by its first sight (claim.lua's `first`)
         )
 
     async def _pass_through(

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -252,29 +253,56 @@ async def test_store_attempt_of_an_earlier_run_does_not_settle_a_replayed_one(
     store: RedisStore, rdb: redis.Redis
 ) -> None:
     """A replay starts the attempt numbers again from 1: attempt 1 of the run before it (a replica paused past its
-    lease) reporting late must not pass the fence as the replayed run's attempt 1, which is in flight elsewhere."""
+    lease) reporting late must not pass the fence as the replayed run's attempt 1, which is in flight elsewhere
+    (a races audit: delivered twice), nor write a dead letter (a review: it pushed a real one past the cap and
+    stayed in the DLQ after the event was delivered)."""
     from sidecar.store.dead_letters import DeadLetters
 
     now = int(time.time() * 1000)
-    rec = record("evt_run")
-    await store.claim(rec, now, 1_000)  # attempt 1 (run 0) on a replica that is then paused
+    rec = replace(record("evt_run"), first_seen_ms=now, run=now)  # as the ingress claims: at its first sight
+    await store.claim(
+        rec, now, 1_000
+    )  # attempt 1 (its run: the claim's first sight) on a replica then paused
+    assert rec.fence == now
     shard = KEYS.shard_of("stripe", "evt_run")
     [second] = await store.take_due(shard, now + 2_000, 30_000, 10)  # its lease ran out: attempt 2 elsewhere
+    assert second.record.fence == now
     await store.bury(second.record, second.attempt, entry(2, 400), [], now + 2_100, "rejected")
     dl = DeadLetters(store)
     [item] = (await dl.page()).items
     assert await dl.replay((await dl.get(item.id)), now + 3_000, "fixed", "op") == "replayed"
     [replayed] = await store.take_due(shard, now + 3_000, 30_000, 10)
-    assert replayed.attempt == 1 and replayed.record.run == 1
-    # the paused replica's attempt 1 (run 0) reports now: refused, whatever its outcome
-    assert not await store.retry("stripe", "evt_run", 1, now + 3_100, entry(1))
-    assert not await store.defer("stripe", "evt_run", 1, now + 3_100)
-    await store.bury(rec, 1, entry(1, 400), [], now + 3_200, "rejected")  # its dead letter is written, but:
+    assert replayed.attempt == 1 and replayed.record.fence >= now + 3_000
+    # the paused replica's attempt 1 (the claim's run) reports now: refused, whatever its outcome
+    assert not await store.retry("stripe", "evt_run", 1, now + 3_100, entry(1), rec.fence)
+    assert not await store.defer("stripe", "evt_run", 1, now + 3_100, rec.fence)
+    await store.bury(rec, 1, entry(1, 400), [], now + 3_200, "rejected")
+    assert (await dl.page()).items == []  # no dead letter written for it
     assert (
         rdb.hget(KEYS.event(shard, "stripe:evt_run"), "st") == b"f"
     )  # the replayed run still holds the event
     # the replayed run's own attempt settles
-    assert await store.retry("stripe", "evt_run", 1, now + 3_300, entry(1), replayed.record.run)
+    assert await store.retry("stripe", "evt_run", 1, now + 3_300, entry(1), replayed.record.fence)
+
+
+async def test_store_attempt_of_an_earlier_life_does_not_settle_a_new_claim(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    """An event forgotten (or expired) and claimed again starts at attempt 1 once more: a paused replica's attempt 1
+    of the earlier life must not settle the new one (a review of the run fence: it did, run 0 against run 0)."""
+    now = int(time.time() * 1000)
+    old = replace(record("evt_life"), first_seen_ms=now, run=now)
+    await store.claim(old, now, 1_000)  # attempt 1 of the first life, on a replica then paused
+    shard = KEYS.shard_of("stripe", "evt_life")
+    rdb.delete(KEYS.event(shard, "stripe:evt_life"))  # forgotten (or expired) meanwhile
+    rdb.zrem(KEYS.schedule(shard), "stripe:evt_life")
+    new = replace(record("evt_life"), first_seen_ms=now + 5_000, run=now + 5_000)
+    assert (
+        await store.claim(new, now + 5_000, 30_000)
+    ).claimed  # the provider's resend: a new life, attempt 1
+    assert not await store.retry("stripe", "evt_life", 1, now + 5_100, entry(1), old.fence)
+    assert not await store.defer("stripe", "evt_life", 1, now + 5_100, old.fence)
+    assert await store.retry("stripe", "evt_life", 1, now + 5_200, entry(1), new.fence)
 
 
 async def test_store_bury_keeps_history_and_caps_with_evictions(store: RedisStore, rdb: redis.Redis) -> None:

@@ -28,9 +28,15 @@ class EventRecord:
     host: str = ""
     traceparent: str | None = None
     first_seen_ms: int = 0
-    # which run of attempts this copy was taken in: 0 from the claim, one more per replay (replay.lua). Part of the
-    # fence of retry.lua / dead.lua / defer.lua with the attempt number, which a replay starts again from 1.
+    # which run of attempts this copy belongs to (replay.lua): a time in ms, the claim's first sight for the claim's
+    # own run; 0: not known (the settling writes are then fenced by the attempt number alone, as before runs). Part
+    # of the fence of retry.lua / dead.lua / defer.lua with the attempt number, which a replay starts again from 1.
     run: int = field(default=0, compare=False)
+
+    @property
+    def fence(self) -> int | None:
+        """The run as the settling scripts compare it, or None when not known."""
+        return self.run or None
 
     def meta(self) -> str:
         """The request's metadata as stored with the event: compact lines, cheap to write on every claim.

@@ -618,16 +618,28 @@ class RedisStore:
         return finish()
 
     async def retry(
-        self, route: str, dedupe_id: str, attempt: int, due_ms: int, entry: AttemptRecord, run: int = 0
+        self,
+        route: str,
+        dedupe_id: str,
+        attempt: int,
+        due_ms: int,
+        entry: AttemptRecord,
+        run: int | None = None,
     ) -> bool:
+        """Reschedule an attempt that failed; False when the event is no longer this attempt's: another attempt
+        number or (`run`, `EventRecord.fence`) another run of attempts."""
         ev, sched, _, member = self.keys.locate(route, dedupe_id)
-        args = [due_ms, member, attempt, entry.to_json(), entry.status or "", entry.error or "", run]
+        args = [due_ms, member, attempt, entry.to_json(), entry.status or "", entry.error or ""]
+        if run is not None:
+            args.append(run)
         return bool(await self._call(lambda: self._retry(keys=[ev, sched], args=args)))
 
-    async def defer(self, route: str, dedupe_id: str, attempt: int, due_ms: int, run: int = 0) -> bool:
+    async def defer(
+        self, route: str, dedupe_id: str, attempt: int, due_ms: int, run: int | None = None
+    ) -> bool:
         """Give a taken event back unattempted (see defer.lua)."""
         ev, sched, _, member = self.keys.locate(route, dedupe_id)
-        args = [due_ms, member, attempt, run]
+        args = [due_ms, member, attempt, *([] if run is None else [run])]
         return bool(await self._call(lambda: self._defer(keys=[ev, sched], args=args)))
 
     async def bury(
@@ -639,8 +651,25 @@ class RedisStore:
         now_ms: int,
         reason: str,
     ) -> tuple[str, list[Evicted]]:
-        """Dead-letter an event: write the dead letter first, then mark the event dead (see dead.lua)."""
+        """Dead-letter an event: write the dead letter first, then mark the event dead (see dead.lua). Nothing is
+        written when the event is no longer this attempt's (a replica paused past its lease, whose event another
+        attempt or run holds now): its dead letter would push a real one past the cap, and stay behind in the DLQ
+        for a drain to hand out after the event was delivered. Not atomic with the writes (on a cluster the DLQ is
+        on another node); dead.lua fences the mark itself."""
         item_id = dead_letter_id(rec.route, rec.dedupe_id)
+        ev, sched, stats, member = self.keys.locate(rec.route, rec.dedupe_id)
+        st, n, run, first = await self._call(lambda: self._r.hmget(ev, ["st", "n", "run", "first"]))
+        # (no event at all: evicted, or a test's dead letter without one; dead.lua marks nothing then)
+        ours = n == str(attempt).encode() and rec.fence in (None, int(run or first or 0))
+        # dead ('x') and ours: both steps landed and an answer was lost; written again as before (the same id)
+        if st is not None and (st not in (b"f", b"p", b"x") or not ours):
+            log.warning(
+                "%s/%s: attempt %d is no longer the event's (another attempt or replay holds it): not dead-lettered",
+                rec.route,
+                rec.event_id,
+                attempt,
+            )
+            return item_id, []
         full_history = [*history, entry.as_dict()]
         item = {
             "id": item_id,
@@ -681,7 +710,6 @@ class RedisStore:
         evicted = [
             Evicted(raw[i].decode(), raw[i + 1].decode(), raw[i + 2].decode()) for i in range(0, len(raw), 3)
         ]
-        ev, sched, stats, member = self.keys.locate(rec.route, rec.dedupe_id)
         dead_args = [
             now_ms,
             self._ttl_ms,
@@ -691,7 +719,7 @@ class RedisStore:
             entry.status or "",
             entry.error or "",
             rec.route,
-            rec.run,
+            *([] if rec.fence is None else [rec.fence]),
         ]
         await self._call(lambda: self._dead(keys=[ev, sched, stats], args=dead_args))
         return item_id, evicted

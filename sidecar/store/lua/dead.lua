@@ -12,13 +12,13 @@
 -- ARGV[6] - last status ('' when none)
 -- ARGV[7] - last error ('' when none)
 -- ARGV[8] - route name (stats)
--- ARGV[9] - run this caller's attempt belongs to (replay.lua), optional
+-- ARGV[9] - run this caller's attempt belongs to (`run`, else `first`: see replay.lua), optional
 -- returns 1 when marked, 0 when stale
-local v = redis.call('HMGET', KEYS[1], 'st', 'n', 'hist', 'run')
+local v = redis.call('HMGET', KEYS[1], 'st', 'n', 'hist', 'run', 'first')
 if v[1] ~= 'f' and v[1] ~= 'p' then
   return 0
 end
-if v[2] ~= ARGV[4] or (ARGV[9] and (v[4] or '0') ~= ARGV[9]) then
+if v[2] ~= ARGV[4] or (ARGV[9] and (v[4] or v[5]) ~= ARGV[9]) then
   return 0
 end
 local h = v[3]

@@ -6,10 +6,10 @@
 -- ARGV[1] - new due time (ms)
 -- ARGV[2] - schedule member
 -- ARGV[3] - attempt number this caller holds (fence, as in retry.lua)
--- ARGV[4] - run this caller's attempt belongs to (replay.lua), optional
+-- ARGV[4] - run this caller's attempt belongs to (`run`, else `first`: see replay.lua), optional
 -- returns 1 when deferred, 0 when stale
-local v = redis.call('HMGET', KEYS[1], 'st', 'n', 'run')
-if v[1] ~= 'f' or v[2] ~= ARGV[3] or (ARGV[4] and (v[3] or '0') ~= ARGV[4]) then
+local v = redis.call('HMGET', KEYS[1], 'st', 'n', 'run', 'first')
+if v[1] ~= 'f' or v[2] ~= ARGV[3] or (ARGV[4] and (v[3] or v[4]) ~= ARGV[4]) then
   return 0
 end
 redis.call('HINCRBY', KEYS[1], 'n', -1)

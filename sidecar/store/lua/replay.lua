@@ -19,21 +19,24 @@
 -- ARGV[10] - last error ('' when none)
 -- ARGV[11] - route name (stats)
 -- returns {1} when scheduled, {0, state} when left alone (state: f|p|d)
-local old = redis.call('HMGET', KEYS[1], 'st', 'run')
+local old = redis.call('HMGET', KEYS[1], 'st', 'run', 'first')
 local st = old[1]
 if st == 'f' or st == 'p' or st == 'd' then
   return {0, st}
 end
 -- A new run of attempts: its attempt numbers start again from 1, so an attempt of an earlier run still settling
 -- (a replica paused past its lease) must not pass the attempt-number fence of retry/dead/defer.lua as this run's.
-local run = (tonumber(old[2]) or 0) + 1
+-- A run is named by a time (ms): a claim's run is its `first` (no `run` field), a replay's the later of its own
+-- time and the run before it plus 1. Never a run an earlier life of the event had: its hash may have expired
+-- (dedupe.ttl) or been forgotten since, taking its run with it, and a re-claim starts from its own first sight.
+local run = math.max((tonumber(old[2]) or tonumber(old[3]) or 0) + 1, tonumber(ARGV[1]))
 local h = ARGV[7]
 if h ~= '' then h = h .. ',' .. ARGV[8] else h = ARGV[8] end
 -- DEL first: no field of the dead incarnation survives, and the new hash has no TTL (pending never expires).
 redis.call('DEL', KEYS[1])
 -- n = 0: take.lua makes it 1, so the replay starts a fresh run of attempts.
 redis.call('HSET', KEYS[1], 'st', 'p', 'n', 0, 'first', ARGV[6], 'eid', ARGV[5], 'meta', ARGV[3],
-  'body', ARGV[4], 'hist', h, 'due', ARGV[1], 'ls', ARGV[9], 'le', ARGV[10], 'run', run)
+  'body', ARGV[4], 'hist', h, 'due', ARGV[1], 'ls', ARGV[9], 'le', ARGV[10], 'run', string.format('%d', run))
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[3], ARGV[11] .. ':pending', 1)
 return {1}

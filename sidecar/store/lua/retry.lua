@@ -9,17 +9,17 @@
 -- ARGV[4] - history entry (JSON array, `AttemptRecord.to_json`)
 -- ARGV[5] - last status ('' when none)
 -- ARGV[6] - last error ('' when none)
--- ARGV[7] - run this caller's attempt belongs to (replay.lua), optional
+-- ARGV[7] - run this caller's attempt belongs to (`run`, else `first`: see replay.lua), optional
 -- returns 1 when rescheduled, 0 when stale
 -- No allow-oom flag, unlike the scripts that take, defer, deliver or dead-letter: each retry adds to the event's
 -- history, so a full store refuses it and the event comes back at its lease's end instead (its attempts still
 -- counted by take.lua, dead-lettered at max_attempts): a store over its maxmemory for every retry of a backlog
 -- could grow past what its host allows.
-local v = redis.call('HMGET', KEYS[1], 'st', 'n', 'hist', 'run')
+local v = redis.call('HMGET', KEYS[1], 'st', 'n', 'hist', 'run', 'first')
 if v[1] ~= 'f' and v[1] ~= 'p' then
   return 0
 end
-if v[2] ~= ARGV[3] or (ARGV[7] and (v[4] or '0') ~= ARGV[7]) then
+if v[2] ~= ARGV[3] or (ARGV[7] and (v[4] or v[5]) ~= ARGV[7]) then
   return 0
 end
 local h = v[3]

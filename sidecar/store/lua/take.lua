@@ -44,4 +44,4 @@ redis.call('ZADD', KEYS[2], string.format('%d', deadline), ARGV[3])
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('HSET', KEYS[1], 'st', 'f')
 local v = redis.call('HMGET', KEYS[1], 'meta', 'body', 'first', 'eid', 'hist', 'run')
-return {n, v[1], v[2], v[3], v[4], v[5] or '', v[6] or '0'}
+return {n, v[1], v[2], v[3], v[4], v[5] or '', v[6] or v[3]}
