@@ -24,6 +24,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,10 +92,11 @@ def parse_listen(listen: str) -> tuple[str, int]:
     elif not re.fullmatch(r"[A-Za-z0-9.-]+", host):
         raise ValueError("the host is not a hostname or IP address")
     elif re.fullmatch(r"[0-9.]+", host):
-        # all digits and dots: meant as an IPv4 address (a hostname's last label is never all digits)
+        # all digits and dots: meant as an IPv4 address (a hostname's last label is never all digits), in any
+        # form the resolver takes (127.1 included), as `run` would bind it
         try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
+            socket.inet_aton(host)
+        except OSError:
             raise ValueError("the host is not an IPv4 address") from None
     if not re.fullmatch(r"[0-9]{1,5}", port_text) or int(port_text) > 65535:
         raise ValueError("the port must be a number from 0 to 65535")

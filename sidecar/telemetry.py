@@ -98,7 +98,11 @@ class Telemetry:
             (
                 "# HELP target_info Target metadata\n# TYPE target_info gauge\ntarget_info{",
                 ",".join(
-                    f'{_label_name(k)}="{_escape(str(v))}"' for k, v in sorted(resource.attributes.items())
+                    f'{k}="{_escape(v)}"'
+                    for k, v in sorted(
+                        # sanitized as the exporter did (a leading digit becomes '_'), then one label per name
+                        {_label_name(k): str(v) for k, v in resource.attributes.items()}.items()
+                    )
                 ),
                 "} 1.0\n",
             )
@@ -582,7 +586,8 @@ def _escape(value: str) -> str:
 
 
 def _label_name(name: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+    name = re.sub(r"[^a-zA-Z0-9_]", "_", name)
+    return f"_{name[1:]}" if name[:1].isdigit() else name
 
 
 def _value(n: float) -> str:

@@ -141,6 +141,13 @@ def test_listen_parses_ipv4_ipv6_and_port_only() -> None:
     assert (AdminConfig("localhost:1").host, ServerConfig("127.0.0.1:0").port) == ("localhost", 0)
 
 
+@pytest.mark.parametrize("host", ["127.1", "127.0.0.01", "2130706433"])
+def test_listen_takes_every_ipv4_form_the_resolver_takes(host: str) -> None:
+    """These served before the check for all-digit hosts (a review: refused after the upgrade)."""
+    config = load_text(f'server: {{listen: "{host}:8080"}}\n' + ROUTE, env={})
+    assert (config.server.host, config.server.port) == (host, 8080)
+
+
 @pytest.mark.parametrize(
     ("listen", "message"),
     [

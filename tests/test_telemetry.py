@@ -546,6 +546,23 @@ async def test_telemetry_store_gauges_go_out_over_otlp_without_a_scrape(
         await asyncio.to_thread(tel.shutdown)
 
 
+def test_telemetry_target_info_labels_stay_valid_for_any_resource_attribute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OTEL_RESOURCE_ATTRIBUTES keys that are not label names (a leading digit, two keys alike once sanitized)
+    made `target_info` unparseable, and Prometheus drops the whole scrape (a review of the renderer)."""
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "1abc=x,a.b=2,a_b=1")
+    tel = Telemetry()
+    try:
+        [info] = [f for f in text_string_to_metric_families(tel.render().decode()) if f.name == "target_info"]
+    finally:
+        tel.shutdown()
+    labels = info.samples[0].labels
+    assert (
+        labels["_abc"] == "x" and labels["a_b"] in ("1", "2") and labels["service_name"] == "webhook-sidecar"
+    )
+
+
 def test_telemetry_route_histogram_buckets_are_cumulative_and_inclusive() -> None:
     tel = Telemetry()
     try:
