@@ -167,6 +167,9 @@ class Dispatcher:
         if attempt > route.retry.max_attempts:
             # Its attempts are spent: the last was cut short (a crash, a shutdown past its grace) or settled without
             # its store write landing (its dead letter written, the event not marked dead). Not sent again: buried.
+            # Nothing is forwarded: a half-open breaker's probe slot that the caller took for it is given back
+            # (kept, the breaker would let no forward through again in this process).
+            self.breaker(route).release(True)
             outcome = Outcome("permanent", None, "attempts_spent", 0.0)
             return await self._bury(rec, attempt, outcome, history or [], "exhausted", lease_end_ms)
         if lease_end_ms <= self.store.clock.now_ms():
@@ -174,6 +177,7 @@ class Dispatcher:
             # event was that slow: redis-py trying an unreachable node again). Another worker may be taking the
             # event right now: not sent from here (no store write either, which could undo that worker's take). It
             # is due again already; the attempt number the take counted is spent.
+            self.breaker(route).release(True)  # not sent: a probe slot taken for it is given back
             self._lapsed.say(
                 log,
                 logging.WARNING,

@@ -79,7 +79,15 @@ class RetryWorker:
         self._next_shard = (first + 1) % shards  # a full worker starts its next pass one shard on
         taken_now = 0
         lease_ms = self._lease_ms()
+        # A shard whose store node does not answer (one cluster node partitioned away) must not hold back the
+        # others: its failure is raised once every other shard has had its turn, and the other shards of that node
+        # are not tried again in this pass (each would cost a whole store timeout).
+        failed: StoreError | None = None
+        down: set[object] = set()
         for shard in ((first + i) % shards for i in range(shards)):
+            node = self.store.node_of(shard)
+            if node in down:
+                continue
             while True:
                 if self._stopping.is_set():  # shutting down: take nothing more (what is taken is attempted)
                     return taken_now
@@ -89,7 +97,12 @@ class RetryWorker:
                 limit = min(self.batch, free)
                 # each lease starts when its event is taken (on the store's clock)
                 now_ms = self.store.clock.now_ms()
-                taken = await self.store.take_due(shard, now_ms, lease_ms, limit, due_by_ms)
+                try:
+                    taken = await self.store.take_due(shard, now_ms, lease_ms, limit, due_by_ms)
+                except StoreError as exc:
+                    failed = failed or exc
+                    down.add(node)
+                    break
                 self._reached_store = True
                 for t in taken:
                     task = asyncio.create_task(self._attempt(t), name="retry-attempt")
@@ -98,6 +111,8 @@ class RetryWorker:
                 taken_now += len(taken)
                 if len(taken) < limit:
                     break
+        if failed is not None:
+            raise failed
         return taken_now
 
     def _finished(self, task: asyncio.Task[bool]) -> None:

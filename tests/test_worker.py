@@ -20,7 +20,7 @@ from sidecar.store.dead_letters import DeadLetters
 from sidecar.worker import RetryWorker
 from tests.conftest import Upstream, make_config
 from tests.procs import free_port, wait_until
-from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
+from tests.test_ingress import ROUTES, STRIPE_SECRET, stripe_body, stripe_headers
 
 ROUTE = f"""
 - name: stripe
@@ -425,3 +425,26 @@ async def test_worker_dead_letters_events_past_max_age_while_the_circuit_stays_o
     assert len(upstream.received) <= 7  # the 5 that opened it, the probe: the others were not sent again
     ev = await store.get_event("stripe", "evt_old_29")
     assert ev["state"] == "dead"
+
+
+async def test_worker_an_event_with_its_attempts_spent_gives_back_the_breakers_probe_slot(
+    sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """A half-open breaker lets one probe through; the worker takes that slot before the attempt. An event whose
+    attempts were already spent (lost take replies count them) was buried without forwarding and kept the slot:
+    no forward to that upstream went out again in the process (a network-fault audit: new events stayed pending
+    45 s after the upstream came back)."""
+    client = await sidecar_factory(ROUTES, retry="{max_attempts: 2, base_delay: 10ms, jitter: 0}")
+    runtime = client.server.app[RUNTIME]
+    upstream.respond(503)
+    body = stripe_body("evt_spent")
+    assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 202
+    route = runtime.dispatcher.table.by_name["stripe"].cfg
+    breaker = runtime.dispatcher.breaker(route)
+    breaker._probe_out = True  # the slot as the worker takes it in half-open (`allow()`)
+    key, sched, _, member = runtime.store.keys.locate("stripe", "evt_spent")
+    rdb.hset(key, mapping={"st": "p", "n": 2})  # attempts spent: the next take is attempt 3 > max_attempts
+    rdb.zadd(sched, {member: 0})  # due now
+    await drain(client, until=1.0)
+    assert (await runtime.store.get_event("stripe", "evt_spent"))["state"] == "dead"
+    assert breaker._probe_out is False  # given back: the next probe may go

@@ -515,6 +515,12 @@ class PipelinedClient:
         reply = await pending
         return reply if wait is None else await conn.replicated(reply, wait)
 
+    def node_of(self, key: str) -> tuple[str, int] | None:
+        """The (host, port) the slot map sends `key` to; None on a single node or before the map is loaded."""
+        if not self.cluster:
+            return None
+        return self._slots[key_slot(key.encode())]
+
     def execute_nowait(
         self, args: Sequence[Any], key: str | bytes | None = None
     ) -> asyncio.Future[Any] | None:

@@ -226,7 +226,10 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
             for node in cluster.startup_nodes:
                 node.connection_class = reloading
         return cluster
-    client = aioredis.from_url(url, max_connections=max_connections, **common)
+    # On uvloop a pooled connection that the store (or a proxy, a failover) reset while it was idle raises
+    # RuntimeError ("the handler is closed") on its next write, before anything is sent: retried on a new
+    # connection, as redis-py does for ConnectionError, instead of failing that call (a /readyz 503, an admin 503).
+    client = aioredis.from_url(url, max_connections=max_connections, retry_on_error=[RuntimeError], **common)
     if tls is not None:
         client.connection_pool.connection_class = _reloading(ReloadingTLS(tls))
     return client
@@ -731,6 +734,13 @@ class RedisStore:
         return await self._call(lambda: self._replay(keys=keys, args=args, wait=self._wait))
 
     # -- the retry worker -----------------------------------------------------------------------------------------
+
+    def node_of(self, shard: int) -> object:
+        """The store server that holds `shard`'s schedule, as far as the hot path's slot map knows (None: the one
+        server of a single-node store, or a slot not mapped yet)."""
+        if not self._cluster:
+            return None
+        return self._fast.node_of(self.keys.schedule(shard))
 
     async def due_members(self, shard: int, now_ms: int, limit: int) -> list[str]:
         sched = self.keys.schedule(shard)
