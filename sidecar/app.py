@@ -161,16 +161,11 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     # The store gauges over OTLP: refreshed here, by the one process that serves /metrics (its scrapes refresh
     # them too); the other workers export only their own counters.
     gauges = None
-
-    def zero_series() -> None:
-        telemetry.zero_series((r.name, r.provider != "none") for r in dispatcher.config.routes)
-
-    zero_series()  # from the start, not from the first scrape: an OTLP-only setup may never be scraped
+    # from the start, not from the first scrape: an OTLP-only setup may never be scraped
+    telemetry.zero_series(dispatcher.config.routes)
     if telemetry.otlp_metrics and app[WARN_SETTINGS]:
         gauges = asyncio.create_task(
-            keep_gauges_fresh(
-                telemetry, store, dispatcher.route_names, otlp_export_interval(), each=zero_series
-            ),
+            keep_gauges_fresh(telemetry, store, lambda: dispatcher.config.routes, otlp_export_interval()),
             name="otlp-gauges",
         )
     watch = None

@@ -217,9 +217,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     embedded = None
     url = args.redis_url or (os.environ.get(STORE_URL_ENV) if worker else None) or config.redis.url
     workers = 1 if worker else resolve_workers(config.server.workers)
-    fatal = logging.getLogger(
-        "sidecar"
-    ).critical  # logging is set up: a fatal error is a log line like the rest
+    # logging is set up: a fatal error is a log line like the rest
+    fatal = logging.getLogger("sidecar").critical
     if url == "embedded" and config.redis.wait_replicas:  # --redis-url embedded: the config could not know
         fatal("sidecar: redis.wait_replicas: the embedded store has no replicas; use 0")
         return 1

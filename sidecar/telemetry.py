@@ -17,6 +17,7 @@ ingress span. With no span exporter configured the sampler is off: context still
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import random
@@ -24,7 +25,7 @@ import re
 import threading
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
@@ -40,7 +41,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client.utils import floatToGoString
 
 # Log formatting lives in sidecar.logs (light enough for the CLI); re-exported here, where callers look for it.
-from sidecar.config import ROUTE_NAME
+from sidecar.config import ROUTE_NAME, RouteConfig
 from sidecar.logs import OUTCOME_FIELDS, JsonFormatter, TextFormatter, setup_logging  # noqa: F401
 
 # ---- names (CONTRACT.md "Metrics") ------------------------------------------------------------------------------
@@ -68,6 +69,19 @@ METRIC_NAMES = (
     CONFIG_RELOADS,
     STORE_UP,
 )
+# each metric's description: its HELP line, and the OTLP instrument's
+_HELP = {
+    REQUESTS: "Inbound requests",
+    FORWARD_ATTEMPTS: "Forward attempts to the upstream",
+    SIGNATURE_FAILURES: "Requests refused for their signature",
+    DLQ_EVICTED: "Dead letters pushed out by dlq.max_length",
+    CONFIG_RELOADS: "Config reloads, applied or rejected",
+    RETRY_SCHEDULED: "Events pending delivery (scheduled or in flight)",
+    DLQ_LENGTH: "Dead letters held",
+    DLQ_OLDEST_AGE: "Age of the oldest dead letter",
+    STORE_UP: "1 when the store answered the last scrape's (or OTLP export's) reads in time, else 0",
+}
+
 SPAN_INBOUND = "webhook.receive"
 SPAN_FORWARD = "webhook.forward"
 
@@ -153,42 +167,40 @@ class Telemetry:
         meter.create_observable_counter(
             REQUESTS,
             [self._counter("requests", self.requests, ("route", "outcome"))],
-            description="Inbound requests",
+            description=_HELP[REQUESTS],
         )
         meter.create_observable_counter(
             FORWARD_ATTEMPTS,
             [self._counter("forward_attempts", self.forward_attempts, ("route", "result"))],
-            description="Forward attempts to the upstream",
+            description=_HELP[FORWARD_ATTEMPTS],
         )
         meter.create_observable_counter(
             SIGNATURE_FAILURES,
             [self._counter("signature_failures", self.signature_failures, ("route", "reason"))],
-            description="Requests refused for their signature",
+            description=_HELP[SIGNATURE_FAILURES],
         )
-        meter.create_observable_counter(
-            DLQ_EVICTED, [self._evicted], description="Dead letters pushed out by dlq.max_length"
-        )
+        meter.create_observable_counter(DLQ_EVICTED, [self._evicted], description=_HELP[DLQ_EVICTED])
         meter.create_observable_counter(
             CONFIG_RELOADS,
             # per process: every worker reloads the same file, so worker 0's count is the sidecar's
             [lambda _: [Observation(n, {"result": r}) for r, n in list(self.config_reloads.items())]],
-            description="Config reloads, applied or rejected",
+            description=_HELP[CONFIG_RELOADS],
         )
         meter.create_observable_gauge(
             RETRY_SCHEDULED,
             [self._gauge("pending")],
-            description="Events pending delivery (scheduled or in flight)",
+            description=_HELP[RETRY_SCHEDULED],
         )
-        meter.create_observable_gauge(DLQ_LENGTH, [self._gauge("dead")], description="Dead letters held")
+        meter.create_observable_gauge(DLQ_LENGTH, [self._gauge("dead")], description=_HELP[DLQ_LENGTH])
         meter.create_observable_gauge(
-            DLQ_OLDEST_AGE, [self._gauge("oldest_age")], unit="s", description="Age of the oldest dead letter"
+            DLQ_OLDEST_AGE, [self._gauge("oldest_age")], unit="s", description=_HELP[DLQ_OLDEST_AGE]
         )
         # What an alert on a store outage needs: once /readyz fails, the orchestrator sends no more webhooks, so
         # the 503s of `sidecar_requests_total{outcome="store_unavailable"}` stop while the outage goes on.
         meter.create_observable_gauge(
             STORE_UP,
             [lambda _: [] if self.store_up is None else [Observation(self.store_up)]],
-            description="1 when the store answered the last scrape's (or OTLP export's) reads in time, else 0",
+            description=_HELP[STORE_UP],
         )
         # Histograms are aggregated here (a bisect, well under a µs) rather than by the SDK's synchronous
         # Histogram.record (~6 µs a call, two calls per event), and rendered from these rows; with OTLP configured,
@@ -361,14 +373,20 @@ class Telemetry:
         else:
             self.store_up = 1
 
-    def zero_series(self, routes: Iterable[tuple[str, bool]]) -> None:
+    def zero_series(self, routes: Iterable[RouteConfig]) -> None:
         """Export at 0 from the start, store or no store, so that a dashboard shows 0 rather than no data and an
         alert on increase() has a series before the first count: each route's DLQ evictions and, on a route that
-        verifies (`(name, signed)`), its signature mismatches."""
-        for route, signed in routes:
-            self.dlq_evicted.setdefault(route, 0)
-            if signed:
-                self.signature_failures.setdefault((route, "mismatch"), 0)
+        verifies, its signature mismatches."""
+        for route in routes:
+            self.dlq_evicted.setdefault(route.name, 0)
+            if route.provider != "none":
+                self.signature_failures.setdefault((route.name, "mismatch"), 0)
+
+    async def refresh_routes(self, store: Any, routes: Sequence[RouteConfig], budget: float) -> None:
+        """What a /metrics scrape (or an OTLP export) is given first: the zero series of the routes configured now
+        (a reload adds some), and the store gauges' snapshot within `budget` seconds."""
+        self.zero_series(routes)
+        await self.refresh_within(store, [r.name for r in routes], budget)
 
     # ---- traces ----------------------------------------------------------------------------------------------------
 
@@ -491,8 +509,6 @@ def _sample_ratio(raw: str) -> float:
     except ValueError:
         ratio = math.nan
     if not 0.0 <= ratio <= 1.0:
-        import logging
-
         logging.getLogger("sidecar").warning(
             "SIDECAR_TRACE_SAMPLE_RATIO=%r is not a number from 0 to 1; using 1.0", raw
         )
@@ -565,17 +581,6 @@ class RouteHistogram:
             self._otel.record(value, labels)
 
 
-_HELP = {
-    REQUESTS: "Inbound requests",
-    FORWARD_ATTEMPTS: "Forward attempts to the upstream",
-    SIGNATURE_FAILURES: "Requests refused for their signature",
-    DLQ_EVICTED: "Dead letters pushed out by dlq.max_length",
-    CONFIG_RELOADS: "Config reloads, applied or rejected",
-    RETRY_SCHEDULED: "Events pending delivery (scheduled or in flight)",
-    DLQ_LENGTH: "Dead letters held",
-    DLQ_OLDEST_AGE: "Age of the oldest dead letter",
-    STORE_UP: "1 when the store answered the last scrape's (or OTLP export's) reads in time, else 0",
-}
 # on every series the OTel exporter wrote, kept so that no series changes its identity across an upgrade
 _SCOPE = 'otel_scope_name="sidecar",otel_scope_schema_url="",otel_scope_version=""'
 
@@ -691,20 +696,14 @@ def otlp_export_interval() -> float:
 
 
 async def keep_gauges_fresh(
-    telemetry: Telemetry,
-    store: Any,
-    routes: Callable[[], list[str]],
-    every: float,
-    each: Callable[[], None] | None = None,
+    telemetry: Telemetry, store: Any, routes: Callable[[], Sequence[RouteConfig]], every: float
 ) -> None:
     """With OTLP metrics, refresh the store gauges' snapshot every `every` seconds (bounded by 1 s and 60 s), as a
     /metrics scrape does: the OTLP reader exports whatever the snapshot holds, so without this the store gauges
     went out only after a scrape, and then stale."""
     every = min(max(every, 1.0), 60.0)
     while True:
-        if each is not None:  # the zero series of routes a reload added
-            each()
-        await telemetry.refresh_within(store, routes(), every)
+        await telemetry.refresh_routes(store, routes(), every)
         await asyncio.sleep(every)
 
 
@@ -731,8 +730,7 @@ def metrics_handler(main: Any, budget: float) -> Any:
 
         async with lock:
             # a store that fails or hangs: the counters with the last gauge snapshot
-            await telemetry.refresh_within(runtime.store, runtime.dispatcher.route_names(), budget)
-            telemetry.zero_series((r.name, r.provider != "none") for r in runtime.dispatcher.config.routes)
+            await telemetry.refresh_routes(runtime.store, runtime.dispatcher.config.routes, budget)
             if peer_counts is not None:  # the other workers' counts, added to this one's
                 telemetry.peers = await peer_counts.states()
             # on a thread, so the event loop serving webhooks goes on (the GIL lets it in every 5 ms): with 2,000

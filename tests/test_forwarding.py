@@ -160,11 +160,12 @@ async def rdb_due_now(rdb: Any, runtime: Any, event: dict[str, Any]) -> None:
     rdb.zadd(keys.schedule(keys.shard_of("stripe", event["dedupe_id"])), {member: 0})
 
 
-def _config(route_upstream: str) -> Any:
+def _config(route_upstream: str | None = None, base: str = "http://127.0.0.1:3000/base") -> Any:
+    own = "" if route_upstream is None else f", upstream: {json.dumps(route_upstream)}"
     text = f"""
-upstream: {{url: "http://127.0.0.1:3000/base"}}
+upstream: {{url: "{base}"}}
 routes:
-  - {{name: r, path: /in, provider: none, upstream: {json.dumps(route_upstream)}}}
+  - {{name: r, path: /in, provider: none{own}}}
 """
     return load_text(text, source="<t>", env={})
 
@@ -199,11 +200,7 @@ def test_upstream_url_with_a_query_gets_the_request_path_on_its_path(
 ) -> None:
     """An audit: `upstream.url` with a query (check-config said OK) sent `/base?k=v/in?a=1`, the request's path
     inside the query. The path joins the path, the request's query follows the URL's own."""
-    config = load_text(
-        f'upstream: {{url: "{base}"}}\nroutes:\n  - {{name: r, path: /in, provider: none}}\n',
-        source="<t>",
-        env={},
-    )
+    config = _config(base=base)
     assert target_url(config, config.routes[0], path_qs) == expected
 
 
