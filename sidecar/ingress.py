@@ -757,6 +757,6 @@ class Ingress:
         if outcome.error != POOL_TIMEOUT:  # counted as the dispatcher counts its forwards: one that was sent
             self.tel.count_forward(route.cfg.name, outcome.kind, outcome.duration)
         if outcome.status is None:
-            result.error = outcome.error
+            result.error, result.detail = outcome.error, outcome.detail
             return json_error(502, "upstream_unavailable", event_id, detail=outcome.error)
         return relay(outcome, event_id)

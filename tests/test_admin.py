@@ -661,8 +661,9 @@ async def test_admin_dlq_replay_counts_an_item_removed_after_the_selection_as_go
 async def test_admin_dlq_replay_crash_between_schedule_and_remove_loses_nothing(
     admin: Admin, upstream: Upstream, rdb: redis.Redis
 ) -> None:
-    """The replay script ran but the process died before removing the dead letter: the item is still there, a
-    second replay leaves it (the event is pending), and once the event is delivered a replay clears it."""
+    """The replay script ran but the process died before removing the dead letter: the item is still there, and
+    a second replay schedules nothing more (the event remembers the dead letter it came from) but removes the
+    item, which a drain would otherwise hand out again while its event is on its way."""
     [item_id] = await bury_many(admin.store, 1)
     dl = DeadLetters(admin.store)
     item = await dl.get(item_id)
@@ -671,20 +672,34 @@ async def test_admin_dlq_replay_crash_between_schedule_and_remove_loses_nothing(
     assert rdb.zcard(KEYS.dlq_items()) == 1
     second = await admin.post("/admin/dlq/replay", {"ids": [item_id]})
     assert (await second.json()) == {
-        "replayed": 0,
-        "skipped": {"pending": 1, "delivered": 0, "busy": 0, "gone": 0},
-    }
-    assert rdb.zcard(KEYS.dlq_items()) == 1  # kept while the event is pending
-    await deliver(admin, upstream, 1)
-    third = await admin.post("/admin/dlq/replay", {"ids": [item_id]})
-    assert (await third.json()) == {
-        "replayed": 0,
-        "skipped": {"pending": 0, "delivered": 1, "busy": 0, "gone": 0},
+        "replayed": 1,
+        "skipped": {"pending": 0, "delivered": 0, "busy": 0, "gone": 0},
     }
     assert rdb.zcard(KEYS.dlq_items()) == 0
+    assert (await admin.store.route_stats())["stripe"]["pending"] == 1
+    await deliver(admin, upstream, 1)
     for _ in range(3):
         await admin.worker.run_once()
     assert upstream.ids() == ["evt_00000"]
+
+
+async def test_dead_letters_replay_script_run_twice_schedules_once(admin: Admin, rdb: redis.Redis) -> None:
+    """replay.lua run again for the same dead letter (the client resends it after a lost answer) answers
+    scheduled without scheduling again; a different dead letter of a pending event is still left alone."""
+    [item_id] = await bury_many(admin.store, 1)
+    dl = DeadLetters(admin.store)
+    item = await dl.get(item_id)
+    assert item is not None
+    now = int(time.time() * 1000)
+    assert await dl.schedule(item, now, "first") == "replayed"
+    assert await dl.schedule(item, now + 5, "resent") == "replayed"
+    shard = KEYS.shard_of("stripe", "evt_00000")
+    assert rdb.zcard(KEYS.schedule(shard)) == 1
+    assert (await admin.store.route_stats())["stripe"]["pending"] == 1
+    hist = rdb.hget(KEYS.event(shard, "stripe:evt_00000"), "hist")
+    assert hist is not None and hist.count(b"replayed_at_ms") == 1
+    other = dataclasses.replace(item, dead_ms=item.dead_ms - 1)
+    assert await dl.schedule(other, now + 10, "older copy") == "pending"
 
 
 async def test_admin_dlq_replay_keeps_a_newer_dead_letter_of_the_same_event(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -76,14 +77,18 @@ async def test_a_2xx_with_a_body_too_large_to_relay_is_a_delivery(client: Any, u
 
 
 async def test_a_pass_through_answer_too_large_is_refused_not_buffered(
-    client: Any, upstream: Upstream
+    client: Any, upstream: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A non-POST pass-through read the upstream's whole answer into memory, however large (an upstream audit);
-    it is now bounded as the POST client bounds it, and the caller is told why."""
+    it is now bounded as the POST client bounds it, and the caller is told why, the log line how large."""
     upstream.respond(200, body=b"x" * (MAX_RESPONSE_BYTES + 1))
-    resp = await client.get("/webhooks/stripe?big=1")
+    with caplog.at_level(logging.INFO, logger="sidecar"):
+        resp = await client.get("/webhooks/stripe?big=1")
     assert resp.status == 502
     assert await resp.json() == {"error": "upstream_unavailable", "detail": "response_too_large"}
+    [line] = [r for r in caplog.records if r.getMessage() == "request" and r.__dict__.get("status") == 502]
+    assert line.__dict__["error"] == "response_too_large"
+    assert line.__dict__["detail"] == f"response body over {MAX_RESPONSE_BYTES} bytes"
     upstream.respond(200, body=b"y" * 1000)  # under the bound: relayed whole, as before
     resp = await client.get("/webhooks/stripe?small=1")
     assert resp.status == 200 and await resp.read() == b"y" * 1000

@@ -4,8 +4,9 @@ Built from a RedisStore and its client; every multi-key step is one Lua script o
 path's. The ordering guarantees that make the admin API crash-safe live here:
 
 - replay: `replay.lua` puts the event back on its shard's schedule first, and the dead letter is removed after
-  (`dlq_remove.lua`, only if it is still the version that was read). A crash in between leaves the item in the
-  DLQ; replaying it again is a no-op because the event is pending by then.
+  (`dlq_remove.lua`, only if it is still the version that was read). A crash in between, or a lost answer,
+  leaves the item in the DLQ; replaying it again schedules nothing (the event is pending, and remembers the dead
+  letter it came from) and removes it.
 - drain / delete: the caller removes an item only after it has handed the item on (`remove`).
 - a held drain (two phases) takes each item for a longer lease and leaves it in the DLQ; its client removes
   the items it has stored (`remove_held`: only items that drain still holds) and gives back the others.
@@ -381,6 +382,7 @@ class DeadLetters:
             "" if status is None else status,
             item.data.get("last_error") or "",
             route,
+            item.dead_ms,
         ]
         keys = [self.keys.event(shard, member), self.keys.schedule(shard), self.keys.stats(shard)]
         res = await self.store.reschedule(keys, args)

@@ -18,10 +18,21 @@
 -- ARGV[9] - last status ('' when none)
 -- ARGV[10] - last error ('' when none)
 -- ARGV[11] - route name (stats)
+-- ARGV[12] - the dead letter's version (its dead_at, ms): kept on the event as `dlv`
 -- returns {1} when scheduled, {0, state} when left alone (state: f|p|d)
-local old = redis.call('HMGET', KEYS[1], 'st', 'run', 'first')
+local old = redis.call('HMGET', KEYS[1], 'st', 'run', 'first', 'dlv')
 local st = old[1]
-if st == 'f' or st == 'p' or st == 'd' then
+if st == 'f' or st == 'p' then
+  -- Already scheduled from this very dead letter: this is the same replay run again (its answer was lost and
+  -- the client resent it, or the caller died before removing the dead letter). Answered as scheduled, so the
+  -- caller removes the dead letter rather than keep an item whose event is on its way (a drain would hand it
+  -- out again).
+  if old[4] == ARGV[12] then
+    return {1}
+  end
+  return {0, st}
+end
+if st == 'd' then
   return {0, st}
 end
 -- A new run of attempts: its attempt numbers start again from 1, so an attempt of an earlier run still settling
@@ -36,7 +47,8 @@ if h ~= '' then h = h .. ',' .. ARGV[8] else h = ARGV[8] end
 redis.call('DEL', KEYS[1])
 -- n = 0: take.lua makes it 1, so the replay starts a fresh run of attempts.
 redis.call('HSET', KEYS[1], 'st', 'p', 'n', 0, 'first', ARGV[6], 'eid', ARGV[5], 'meta', ARGV[3],
-  'body', ARGV[4], 'hist', h, 'due', ARGV[1], 'ls', ARGV[9], 'le', ARGV[10], 'run', string.format('%d', run))
+  'body', ARGV[4], 'hist', h, 'due', ARGV[1], 'ls', ARGV[9], 'le', ARGV[10], 'run', string.format('%d', run),
+  'dlv', ARGV[12])
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[3], ARGV[11] .. ':pending', 1)
 return {1}
