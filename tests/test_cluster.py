@@ -617,3 +617,77 @@ async def test_cluster_dlq_lengths_and_oldest_in_one_pipeline(cluster_url: str) 
         assert await store.dlq_oldest_many(["stripe"]) == {"stripe": float(now)}
     finally:
         await store.close()
+
+
+async def test_cluster_retry_pass_goes_on_past_a_node_that_does_not_answer(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """One cluster node partitioned away (here: stopped with SIGSTOP, so calls to it hang until `redis.timeout`)
+    stopped the whole retry pass at its first shard: the events due on the other nodes' shards waited for that
+    node (a netfault audit: 13-25 s of retry lag on the healthy nodes). The pass now goes on past it, tries each
+    node that failed once, and raises its failure after the other shards had their turn."""
+    import dataclasses
+    import signal
+
+    from sidecar.config import BreakerConfig
+    from sidecar.errors import StoreError
+
+    servers = build_cluster(tmp_path)
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in servers)
+    config = make_config(
+        ROUTES,
+        upstream_url=upstream.url,
+        redis_url=url,
+        retry="{base_delay: 50ms, multiplier: 1, jitter: 0}",
+        redis="timeout: 500ms, wait_timeout: 100ms",
+    )
+    # 24 failures in a row must not open the upstream's circuit (a pass with every circuit open takes nothing)
+    upstream_cfg = dataclasses.replace(config.upstream, breaker=BreakerConfig(threshold=1000))
+    config = dataclasses.replace(config, upstream=upstream_cfg)
+    app = create_app(config, redis_url=url, run_worker=False)
+    stopped: Any = None
+    try:
+        async with TestClient(TestServer(app)) as client:
+            runtime = app[RUNTIME]
+            store, worker = runtime.store, runtime.worker
+            upstream.respond(*[503] * 24)  # every first attempt fails: 24 events on the schedule
+            ids = [f"evt_part{i}" for i in range(24)]
+            for event_id in ids:
+                body = stripe_body(event_id)
+                resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+                assert resp.status == 202
+            shards = store.keys.shards
+            owner = {shard: store.node_of(shard) for shard in range(shards)}
+            assert None not in owner.values() and len(set(owner.values())) >= 2, owner
+            victim = next(owner[s] for s in range(1, shards) if owner[s] != owner[0])
+            victim_shards = {s for s in range(shards) if owner[s] == victim}
+            shard_of = {e: store.keys.shard_of("stripe", e) for e in ids}
+            healthy = sorted(e for e in ids if shard_of[e] not in victim_shards)
+            assert healthy and len(healthy) < len(ids), shard_of
+            tried: list[int] = []
+            take_due = store.take_due
+
+            async def counted(shard: int, *args: Any, **kwargs: Any) -> Any:
+                tried.append(shard)
+                return await take_due(shard, *args, **kwargs)
+
+            store.take_due = counted  # type: ignore[method-assign]
+            await asyncio.sleep(0.1)  # every retry due
+            stopped = next(s for s in servers if ("127.0.0.1", s.port) == tuple(victim))
+            stopped._process.send_signal(signal.SIGSTOP)
+            worker._next_shard = min(victim_shards)  # the pass starts on the stopped node
+            with pytest.raises(StoreError):
+                await worker.run_once()
+            assert (
+                len([s for s in tried if s in victim_shards]) == 1
+            )  # one timeout for that node, not one per shard
+            assert {s for s in tried if s not in victim_shards} == set(range(shards)) - victim_shards
+            if worker._running:  # the attempts started before the failure was raised
+                await asyncio.wait(set(worker._running), timeout=10)
+            assert sorted(r.headers["x-sidecar-event-id"] for r in upstream.received[24:]) == healthy
+            assert {r.headers["x-sidecar-attempt"] for r in upstream.received[24:]} == {"2"}
+    finally:
+        if stopped is not None:
+            stopped._process.send_signal(signal.SIGCONT)
+        for server in servers:
+            server.stop()
