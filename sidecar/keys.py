@@ -88,6 +88,10 @@ class KeySpace:
     def dlq_taken(self) -> str:
         return f"{self.prefix}:{{dlq}}:taken"
 
+    def dlq_gone(self, item_id: str, version: int) -> str:
+        """The marker of one dead letter version's removal (dlq_remove.lua), kept for a minute."""
+        return f"{self.prefix}:{{dlq}}:gone:{item_id}:{version}"
+
 
 def split_member(member: str) -> tuple[str, str]:
     """`<route>:<dedupe id>` -> (route, dedupe id)."""

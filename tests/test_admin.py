@@ -490,6 +490,41 @@ async def test_admin_dlq_delete_removes_item_and_logs_reason(
     assert gone in line and "bogus test event" in line and "evt_00001" in line
 
 
+def resent_once(script: Any) -> Any:
+    """A script call as redis-py makes it when the answer is lost (a connection reset after the command went out):
+    it ran, and is sent again, with the same arguments, on a new connection."""
+
+    async def twice(keys: list[Any], args: list[Any]) -> Any:
+        await script(keys=keys, args=args)
+        return await script(keys=keys, args=args)
+
+    return twice
+
+
+async def test_admin_dlq_delete_whose_store_answer_was_lost_answers_deleted(
+    admin: Admin, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The removal ran, its answer was lost, and redis-py sent it again: the second run found the item gone and
+    the operator was told 404 for a delete that had worked. A removal's own resend is answered removed; another
+    remover of the same version is still told it is gone."""
+    keep, gone = await bury_many(admin.store, 2)
+    stale = await DeadLetters(admin.store).get(gone)
+    assert stale is not None
+    init = DeadLetters.__init__
+
+    def resending(self: DeadLetters, store: Any) -> None:
+        init(self, store)
+        self._remove = resent_once(self._remove)
+
+    with monkeypatch.context() as m:
+        m.setattr(DeadLetters, "__init__", resending)
+        resp = await admin.delete(f"/admin/dlq/{gone}")
+        assert resp.status == 200 and (await resp.json()) == {"deleted": True, "id": gone}
+    assert rdb.zrange(KEYS.dlq_items(), 0, -1) == [keep.encode()]
+    assert not await DeadLetters(admin.store).remove(stale)  # someone else's copy: gone
+    assert 0 < rdb.pttl(KEYS.dlq_gone(gone, stale.dead_ms)) <= 60_000  # the marker does not stay
+
+
 # -- replay -----------------------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -306,15 +307,25 @@ class DeadLetters:
 
     async def remove(self, item: DeadLetter) -> bool:
         """Remove `item` if it is still the version read (see dlq_remove.lua). False when gone or replaced."""
+        keys = self._remove_keys(item)
+        args = [item.id, item.dead_ms, secrets.token_hex(8)]
+        return bool(await self.store.guard(lambda: self._remove(keys=keys, args=args)))
+
+    def _remove_keys(self, item: DeadLetter) -> list[str]:
         k = self.keys
-        keys = [k.dlq_items(), k.dlq_data(), k.dlq_body(), k.dlq_route(item.route), k.dlq_taken()]
-        return bool(await self.store.guard(lambda: self._remove(keys=keys, args=[item.id, item.dead_ms])))
+        return [
+            k.dlq_items(),
+            k.dlq_data(),
+            k.dlq_body(),
+            k.dlq_route(item.route),
+            k.dlq_taken(),
+            k.dlq_gone(item.id, item.dead_ms),
+        ]
 
     async def remove_held(self, item: DeadLetter, owner: str) -> HeldOutcome:
         """Remove `item` if the drain `owner` took it (its lease ended or not) and nobody took it since."""
-        k = self.keys
-        keys = [k.dlq_items(), k.dlq_data(), k.dlq_body(), k.dlq_route(item.route), k.dlq_taken()]
-        args = [item.id, item.dead_ms, owner]
+        keys = self._remove_keys(item)
+        args = [item.id, item.dead_ms, secrets.token_hex(8), owner]
         code = int(await self.store.guard(lambda: self._remove(keys=keys, args=args)))
         return _HELD[code]
 
