@@ -15,6 +15,8 @@ Layout (`P` is `redis.prefix`, `s` the shard number):
     P:{dlq}:r:<route>              ZSET   the route's dead letters, score = dead_at (ms)
     P:{dlq}:evicted                HASH   route -> dead letters evicted by the cap (a counter)
     P:{dlq}:taken                  HASH   dead-letter id -> "<owner> <dead_at> <until ms>": held by a drain or replay
+    P:{dlq}:gone:<id>:<dead_at>    STRING the token of the removal of that dead letter version, for a minute
+    P:{s}:forgot:<route>:<dedupe id> STRING "<token> <state>" of a forget, for a minute
 
 Why the braces: every multi-key script touches keys of one hash tag only, so the same scripts run on a single
 Redis and on a Redis/Valkey Cluster. The shard of an event is a stable hash of (route, dedupe id), so its claim,
@@ -60,6 +62,10 @@ class KeySpace:
         """A signed single-use value (Mailgun's token) -> the digest of the body it first came with. Per provider,
         not per route: routes of one provider share its signing key, so a token spent on one is spent on all."""
         return f"{self.prefix}:{{{self.shard_of(provider, value)}}}:nonce:{provider}:{value}"
+
+    def forgot(self, shard: int, member: str) -> str:
+        """The marker of one forget (forget.lua), kept for a minute."""
+        return f"{self.prefix}:{{{shard}}}:forgot:{member}"
 
     def stats(self, shard: int) -> str:
         return f"{self.prefix}:{{{shard}}}:stats"

@@ -1323,6 +1323,30 @@ async def test_admin_events_forget_lets_the_provider_send_again(
     assert upstream.ids() == ["evt_again", "evt_again"]
 
 
+async def test_admin_events_forget_whose_store_answer_was_lost_answers_forgotten(
+    admin: Admin, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forget ran, its answer was lost, and redis-py sent it again: the second run found no event and the
+    operator was told 404 for a forget that had worked. Its own resend is answered as its first run was."""
+    body = stripe_body("evt_forget_lost")
+    assert (await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 200
+    init = DeadLetters.__init__
+
+    def resending(self: DeadLetters, store: Any) -> None:
+        init(self, store)
+        self._forget = resent_once(self._forget)
+
+    with monkeypatch.context() as m:
+        m.setattr(DeadLetters, "__init__", resending)
+        resp = await admin.delete("/admin/events/stripe/evt_forget_lost")
+        assert resp.status == 200 and (await resp.json())["forgotten"] is True
+    # a forget of its own finds nothing now
+    assert (await admin.delete("/admin/events/stripe/evt_forget_lost")).status == 404
+    again = await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert again.status == 200 and "duplicate" not in await again.json()
+    assert upstream.ids() == ["evt_forget_lost", "evt_forget_lost"]
+
+
 async def test_admin_events_just_delivered_reads_delivered_and_forgets(
     admin: Admin, upstream: Upstream
 ) -> None:

@@ -405,8 +405,9 @@ class DeadLetters:
         """Drop a delivered or dead event's claim (forget.lua); refused ("pending") while it is pending."""
         shard = self.keys.shard_of(route, dedupe_id)
         member = self.keys.member(route, dedupe_id)
-        keys = [self.keys.event(shard, member), self.keys.schedule(shard)]
-        st = (await self.store.guard(lambda: self._forget(keys=keys, args=[member]))).decode()
+        keys = [self.keys.event(shard, member), self.keys.schedule(shard), self.keys.forgot(shard, member)]
+        args = [member, secrets.token_hex(8)]
+        st = (await self.store.guard(lambda: self._forget(keys=keys, args=args))).decode()
         if st in ("f", "p"):
             return "pending"
         return "missing" if st == "" else "forgotten"
