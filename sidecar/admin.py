@@ -322,18 +322,18 @@ def only_fields(body: dict[str, Any], allowed: set[str]) -> None:
         )
 
 
-def parse_ids(value: Any) -> list[str]:
+def parse_ids(value: Any, name: str = "ids") -> list[str]:
     """A body's `"ids"`: a non-empty list of strings, at most MAX_IDS, each once (in the order given)."""
     if not isinstance(value, list) or not value or not all(isinstance(i, str) for i in value):
-        raise bad_request('"ids" must be a non-empty list of dead-letter ids')
+        raise bad_request(f'"{name}" must be a non-empty list of dead-letter ids')
     if len(value) > MAX_IDS:
-        raise bad_request(f'at most {MAX_IDS} "ids" per request')
+        raise bad_request(f'at most {MAX_IDS} "{name}" per request')
     return list(dict.fromkeys(value))
 
 
-def dead_letter_ids(value: Any) -> list[str]:
+def dead_letter_ids(value: Any, name: str = "ids") -> list[str]:
     """`parse_ids`, each of them a dead-letter id."""
-    ids = parse_ids(value)
+    ids = parse_ids(value, name)
     bad = [i for i in ids if not _ID.fullmatch(i)]
     if bad:
         raise bad_request(f"not dead-letter ids: {', '.join(repr(b[:100]) for b in bad[:5])}")
@@ -791,7 +791,7 @@ class AdminApi:
         if "all" in body:
             if body["all"] is not True or "ids" in body:
                 raise bad_request('"all" must be true, and comes without "ids"')
-            keep = set(dead_letter_ids(body["keep"])) if body.get("keep") else set()
+            keep = set(dead_letter_ids(body["keep"], "keep")) if body.get("keep") else set()
             held = [(i, v) for i, v in await dl.held_by(owner) if i not in keep]
             released = sum([await dl.give_back_version(i, v, owner) for i, v in held])
             log.info("dlq drain %s: released=%d (all it held, %d kept)", owner, released, len(keep))

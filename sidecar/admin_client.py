@@ -365,7 +365,9 @@ class AdminClient:
     ) -> http.client.HTTPResponse:
         headers = {"Accept": "application/json"}
         if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+            # as the sidecar reads it (UTF-8): http.client would encode a str as Latin-1 (a 401 for `é`, a
+            # UnicodeEncodeError for `€`)
+            headers["Authorization"] = b"Bearer " + self.token.encode("utf-8", "surrogateescape")
         data = None
         if body is not None:
             data = json.dumps(body).encode()
@@ -373,6 +375,10 @@ class AdminClient:
         prefix = urlsplit(self.base_url).path.rstrip("/")
         try:
             conn.request(method, prefix + path, body=data, headers=headers)
+        except UnicodeError:  # the host does not encode as IDNA (a label over 63 characters, ...)
+            raise ClientError(
+                EXIT_USAGE, f"--admin-url {self.base_url!r}: the host is not a valid hostname"
+            ) from None
         except (OSError, http.client.HTTPException) as exc:
             raise self._unreachable(exc) from None
         try:
@@ -1287,13 +1293,16 @@ def _limit(text: str) -> int:
     return int(text)
 
 
+MAX_TIMEOUT = 86400.0 * 365
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
+    if not 0 < value <= MAX_TIMEOUT:  # NaN included; a socket timeout past ~1e9 s overflows
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, > 0 and at most {MAX_TIMEOUT:.0f}")
     return value
 
 

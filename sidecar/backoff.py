@@ -20,7 +20,10 @@ def delay(
     base * multiplier**(attempt-1), capped at max_delay, then spread by ±jitter (a fraction) so that replicas and
     events that failed together do not come back together; never above max_delay, never negative.
     """
-    raw = min(max_delay, base * multiplier ** max(0, attempt - 1))
+    try:
+        raw = min(max_delay, base * multiplier ** max(0, attempt - 1))
+    except OverflowError:  # 3.0 ** 647 and past: far beyond any max_delay
+        raw = max_delay
     spread = (rng or random).uniform(-jitter, jitter) if jitter else 0.0
     return max(0.0, min(max_delay, raw * (1.0 + spread)))
 

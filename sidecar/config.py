@@ -25,6 +25,7 @@ import math
 import os
 import re
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -449,6 +450,7 @@ class _Item:
 
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_PLAIN_COLLECTIONS = frozenset({"tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"})
 _VAR = re.compile(r"\$(\$|\{([^}]*)\}|\{)")
 _VAR_BODY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)(.*))?", re.DOTALL)
 
@@ -483,6 +485,12 @@ def _build_node(
 ) -> _Item:
     if isinstance(node, yaml.ScalarNode):
         return _scalar(ctx, ctor, node, path, line)
+    if node.tag not in _PLAIN_COLLECTIONS:
+        # `!!python/object:… {…}`, `!!set`, `!!omap`: a plain mapping or list is all a config holds (a tag left
+        # unread would let the file say one thing and the loader do another)
+        tag = node.tag if node.tag.startswith("tag:yaml.org,2002:") else "(a local tag)"
+        ctx.error(line, path, "unsupported YAML tag {}", tag)
+        return _Item(BAD, line)
     if isinstance(node, yaml.SequenceNode):
         items = [
             _build(ctx, ctor, child, f"{path}[{i}]", child.start_mark.line + 1)
@@ -719,6 +727,11 @@ def _not_finite(value: float, written: str) -> str:
     return ".nan" if math.isnan(value) else "-.inf" if value < 0 else ".inf"
 
 
+# No setting needs more; past it times stop fitting a date (an RFC 3339 next_attempt_at, a 500 to the provider)
+# or a Redis integer (a dedupe ttl whose PEXPIRE failed half way through the delivered mark).
+MAX_DURATION = 100 * 365 * 86400.0
+
+
 def _duration(*, zero_ok: bool = False) -> Conv:
     def conv(ctx: _Ctx, item: _Item, path: str) -> Any:
         if item.value is BAD:
@@ -729,6 +742,8 @@ def _duration(*, zero_ok: bool = False) -> Conv:
             return ctx.bad(item, path, str(exc))
         if seconds == 0 and not zero_ok:
             return ctx.bad(item, path, "must be longer than 0")
+        if seconds > MAX_DURATION:
+            return ctx.bad(item, path, "must be at most 100 years (36500d)")
         return seconds
 
     return conv
@@ -1096,6 +1111,7 @@ def _load(ctx: _Ctx, text: str) -> Config | None:
     retry = _make_retry(ctx, retry_values, retry_items, {}, {}, "retry") if retry_ok else BAD
     _check_inflight(ctx, top.get("server"), server)
     _check_prefix(ctx, top.get("redis"), redis)
+    _check_data_dir(ctx, top.get("redis"), redis)
     _check_wait(ctx, top.get("redis"), redis)
     _check_listen_clash(ctx, top, server, admin)
     _check_port_zero(ctx, top.get("server"), server)
@@ -1139,6 +1155,19 @@ def _check_inflight(ctx: _Ctx, item: _Item | None, server: Any) -> None:
             _items(item)["max_inflight_bytes"].line,
             "server.max_inflight_bytes",
             f"must be at least server.max_body_bytes ({server.max_inflight_bytes} < {server.max_body_bytes})",
+        )
+
+
+def _check_data_dir(ctx: _Ctx, item: _Item | None, redis: Any) -> None:
+    # The embedded Valkey gets it unquoted in its config file (`dir <data_dir>`): a space stopped the start-up
+    # with "wrong number of arguments" after check-config had said OK.
+    if redis is not BAD and redis.url == "embedded" and re.search(r'[\s"\'\\\x00-\x1f\x7f]', redis.data_dir):
+        line = _items(item)["data_dir"].line
+        ctx.error(
+            line,
+            "redis.data_dir",
+            "must not hold spaces, quotes, backslashes or control characters "
+            "(the embedded store cannot use such a path)",
         )
 
 
@@ -1239,6 +1268,11 @@ def _path(ctx: _Ctx, item: _Item, path: str) -> Any:
         return BAD
     if not value.startswith("/") or any(c in value for c in "?# \t"):
         return ctx.bad(item, path, "must start with / and hold no query, fragment or spaces")
+    if "%" in value:
+        # requests are matched on their decoded path: `/a%20b` in the file was only reachable as /a%2520b
+        return ctx.bad(
+            item, path, "write the path decoded, without %XX escapes (requests are matched decoded)"
+        )
     return value
 
 
@@ -1420,6 +1454,9 @@ def _listed_secrets(entries: _Item | None, path: str, secrets: tuple[str, ...]) 
     return [(s, (f"{path}.secrets[{i}]", entries.value[i].line)) for i, s in enumerate(secrets) if s.strip()]
 
 
+MAX_SECRET_FILE = 64 * 1024
+
+
 def _read_secret_files(
     ctx: _Ctx, entries: _Item | None, path: str, files: tuple[str, ...] | None
 ) -> tuple[list[tuple[str, _Where]], bool]:
@@ -1433,6 +1470,19 @@ def _read_secret_files(
         where = entries.value[i] if isinstance(entries.value, list) else entries
         key = f"{path}.secret_files[{i}]" if isinstance(entries.value, list) else f"{path}.secret_files"
         try:
+            # a FIFO or a device (/dev/zero) would block or never end the read: the load (and a reload, which holds
+            # the reloader and the shutdown while it waits) must not hang on a mistyped path
+            info = os.stat(name)
+            if not stat.S_ISREG(info.st_mode):
+                ctx.error(where.line, key, "secret file {} is not a regular file", name)
+                ok = False
+                continue
+            if info.st_size > MAX_SECRET_FILE:
+                ctx.error(
+                    where.line, key, f"secret file {{}} is larger than {MAX_SECRET_FILE // 1024} KiB", name
+                )
+                ok = False
+                continue
             raw = Path(name).read_bytes()
             content = raw.decode("utf-8").strip()
             # what was read, for the reloader to compare the file with (an edit made just after is a change)

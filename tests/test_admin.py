@@ -1666,6 +1666,8 @@ async def test_admin_dlq_held_drain_release_all_gives_back_all_but_kept(
     for body in ({"all": False}, {"all": True, "ids": keep}, {"keep": keep}, {"all": True, "keep": ["x!"]}):
         bad = await admin.post(f"/admin/dlq/drain/{drain_id}/release", body)
         assert bad.status == 400 and "error" in await bad.json(), body
+    wrong = await admin.post(f"/admin/dlq/drain/{drain_id}/release", {"all": True, "keep": "abc"})
+    assert (await wrong.json())["detail"].startswith('"keep" must be')  # it named "ids" (a fuzz)
     released = await admin.post(f"/admin/dlq/drain/{drain_id}/release", {"all": True, "keep": keep})
     assert (await released.json()) == {"released": 10}
     held = {k.decode() for k in rdb.hkeys(KEYS.dlq_taken())}

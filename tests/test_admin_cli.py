@@ -266,6 +266,35 @@ async def test_admin_cli_token_with_a_newline(sidecar: Running) -> None:
     assert inside.code == 2 and inside.err.count("\n") == 1 and "control character" in inside.err, inside.err
 
 
+async def test_admin_cli_sends_a_non_ascii_token_as_the_sidecar_reads_it(
+    tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[SidecarProcess]
+) -> None:
+    """curl sends a UTF-8 token and the sidecar takes it; the CLI sent it as Latin-1 (401 for `tökén`, a
+    traceback for `€`, which Latin-1 cannot hold). Both from --token and from the config file."""
+    port, admin_port = free_port(), free_port()
+    cfg = tmp_path / "sidecar.yaml"
+    write_config(
+        cfg,
+        redis_url=redis_url,
+        upstream_url=upstream.url,
+        port=port,
+        admin_port=admin_port,
+        secret="whsec_x",
+    )
+    cfg.write_text(cfg.read_text().replace('token: "t"', 'token: "tökén€"'), encoding="utf-8")
+    proc = SidecarProcess(cfg)
+    processes.append(proc)
+    proc.start(port)
+    url = ["--admin-url", f"http://127.0.0.1:{admin_port}"]
+    results = await asyncio.gather(
+        dlq("list", *url, "--token", "tökén€"),
+        dlq("list", "--config", str(cfg)),
+        dlq("list", *url, "--token", "tökén"),
+    )
+    assert [r.code for r in results] == [0, 0, 4], [r.err for r in results]
+    assert "Traceback" not in results[2].err
+
+
 async def test_admin_cli_exit_3_when_unreachable(valkey: object) -> None:
     nothing = f"http://127.0.0.1:{free_port()}"
     not_http = f"http://127.0.0.1:{valkey.port}"  # type: ignore[attr-defined]  # a Redis server, not the admin API
@@ -314,6 +343,12 @@ BAD_ARGUMENTS = [
     ["replay", "abc", " ", "--admin-url", "http://127.0.0.1:9", "--token", "t"],
     ["list", "--config", "/nonexistent/sidecar.yaml"],
     ["list", "--admin-url", "ftp://x", "--token", "t"],
+    # a socket timeout of inf or 1e20 s overflowed, NaN was refused by the socket: tracebacks (a CLI fuzz)
+    ["list", "--timeout", "nan", "--admin-url", "http://127.0.0.1:9", "--token", "t"],
+    ["list", "--timeout", "inf", "--admin-url", "http://127.0.0.1:9", "--token", "t"],
+    ["list", "--timeout", "1e20", "--admin-url", "http://127.0.0.1:9", "--token", "t"],
+    # a host label over 63 characters does not encode as IDNA
+    ["list", "--admin-url", "http://" + "a" * 64 + ":1", "--token", "t"],
 ]
 
 

@@ -43,3 +43,12 @@ def test_backoff_retry_after_is_a_floor_and_is_clamped() -> None:
     assert next_delay(1, 0.0, jitter=0.0, **POLICY) == 5.0  # "0" or a date already past: not at once
     assert next_delay(1, 99999.0, jitter=0.2, **POLICY) == 3600.0
     assert next_delay(2, None, jitter=0.0, **POLICY) == 15.0
+
+
+@pytest.mark.parametrize(("attempt", "multiplier"), [(648, 3.0), (3, 1e308), (10_000, 2.0)])
+def test_backoff_past_float_range_is_the_cap_not_an_overflow(attempt: int, multiplier: float) -> None:
+    """3.0 ** 647 overflows a float: every attempt from 648 on (max_attempts: 1000) raised OverflowError after
+    the forward went out, and the event came back only at its lease's end (a config fuzz)."""
+    policy = {**POLICY, "multiplier": multiplier}
+    assert delay(attempt, jitter=0.0, **policy) == 3600.0
+    assert 0.0 <= delay(attempt, jitter=0.5, rng=random.Random(1), **policy) <= 3600.0

