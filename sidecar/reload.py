@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -76,7 +77,11 @@ def _digest(paths: list[str], loaded: str | None = None, files: Mapping[str, str
     for i, path in enumerate(paths):
         h.update(path.encode() + b"\x00")
         try:
-            if i:  # a secret file: the digest of what was loaded from it, if known (`files`), else of it now
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                # a pipe (`--config <(…)`), a FIFO or a device: read again it would block, or give nothing (a
+                # reload refused for an empty config); not watched
+                h.update(b"<not a regular file>")
+            elif i:  # a secret file: the digest of what was loaded from it, if known (`files`), else of it now
                 known = files.get(path) if files else None
                 h.update((known or hashlib.sha256(Path(path).read_bytes()).hexdigest()).encode())
             else:

@@ -404,3 +404,30 @@ async def test_a_secret_file_rotated_after_it_was_read_at_start_is_taken_by_the_
         )
         assert resp.status == 200
         assert not await reloader.check()
+
+
+async def test_a_config_read_from_a_pipe_is_not_watched(
+    tmp_path: Path, upstream: Upstream, redis_url: str
+) -> None:
+    """`sidecar run --config <(…)`: the watcher read the pipe again, found it empty, and refused a "change" (an
+    empty config) a second after start; a FIFO with no writer would block it. A file that is not a regular file is
+    read once, at start, and not watched."""
+    fifo = tmp_path / "sidecar.fifo"
+    os.mkfifo(fifo)
+    text = settings_config(upstream.url, redis_url, "reload_interval: 1h")
+
+    def feed() -> None:
+        with open(fifo, "w") as f:
+            f.write(text)
+
+    writer = asyncio.get_running_loop().run_in_executor(None, feed)
+    config, loaded = load_with_text(fifo)
+    await asyncio.wait_for(writer, 5)
+    assert loaded == text
+    app = create_app(config, redis_url=redis_url, run_worker=False, config_path=str(fifo), config_text=loaded)
+    async with TestClient(TestServer(app)):
+        reloader = app[RUNTIME].reloader
+        assert reloader is not None
+        assert not await asyncio.wait_for(
+            reloader.check(), 5
+        )  # no change, and no read of the pipe (no writer now)
