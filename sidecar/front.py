@@ -174,6 +174,46 @@ def _parse(head_bytes: bytes, ingress: Ingress, remote: str) -> _Parsed | None:
     return _Parsed(request, route.cfg.name, head_len, head_len + length, close)
 
 
+def _requests(data: bytes) -> list[bytes]:
+    """`data` cut after each complete request whose end its head gives (a head llhttp takes, with a Content-Length
+    or no body, no Transfer-Encoding, no websocket Upgrade); what follows the last of them as one piece."""
+    pieces, pos = [], 0
+    while pos < len(data):
+        end = data.find(b"\r\n\r\n", pos)
+        if end < 0:
+            break
+        head = _Head()
+        parser = httptools.HttpRequestParser(head)
+        try:
+            parser.feed_data(data[pos : end + 4])
+        except httptools.HttpParserUpgrade:
+            pass  # framed as any request unless aiohttp takes the upgrade (a websocket one, a CONNECT)
+        except httptools.HttpParserError:
+            break
+        if parser.get_method() == b"CONNECT":
+            break
+        length = 0
+        framed = True
+        for name, value in head.headers:
+            lname = name.lower()
+            if lname == b"transfer-encoding" or (
+                lname == b"upgrade" and value.strip().lower() == b"websocket"
+            ):
+                framed = False
+            elif lname == b"content-length":
+                value = value.strip(b" \t")
+                framed = framed and value.isdigit() and len(value) <= 18
+                length = int(value) if framed else 0
+        stop = end + 4 + length
+        if not framed or stop > len(data):
+            break
+        pieces.append(data[pos:stop])
+        pos = stop
+    if pos < len(data):
+        pieces.append(data[pos:])
+    return pieces
+
+
 def serialize(resp: web.StreamResponse, close: bool) -> bytes:
     """The response as bytes on the wire: what aiohttp would send, minus its `Server` header."""
     body = resp.body if isinstance(resp, web.Response) else None
@@ -270,7 +310,7 @@ class Front:
 
 
 class FastProtocol(asyncio.Protocol):
-    __slots__ = ("buf", "deadline", "front", "held", "pending", "remote", "task", "transport")
+    __slots__ = ("buf", "deadline", "front", "held", "pending", "remote", "task", "transport", "write_paused")
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -282,6 +322,9 @@ class FastProtocol(asyncio.Protocol):
         # the pending body's share of the ingress's in-flight budget (server.max_inflight_bytes)
         self.held = 0
         self.remote = ""
+        # the transport's write buffer is over its high-water mark: a client not reading its answers gets no
+        # further request served (nor read) until it does
+        self.write_paused = False
 
     @property
     def busy(self) -> bool:
@@ -289,6 +332,26 @@ class FastProtocol(asyncio.Protocol):
 
     def _timeout(self) -> float:
         return self.front.ingress.dispatcher.config.server.read_timeout
+
+    def _buffer_limit(self) -> int:
+        return MAX_HEAD + self.front.ingress.dispatcher.config.server.max_body_bytes
+
+    def _resume(self) -> None:
+        """Read again, unless the buffer already holds more than one request may need (a client pipelining far
+        ahead of the answers: each answer must not let one more read in, or the buffer grows without bound)."""
+        if self.transport is not None and not self.write_paused and len(self.buf) <= self._buffer_limit():
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and not self.busy:
+            self._resume()
+            self._next()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
@@ -307,13 +370,15 @@ class FastProtocol(asyncio.Protocol):
         if not self.buf and not self.busy:  # a request's first bytes: its head and body have read_timeout
             self.deadline = time.monotonic() + self._timeout()
         self.buf += data
+        if self.write_paused:
+            return  # resume_writing() goes on
         if not self.busy:
             if self.pending is None or len(self.buf) >= self.pending.end:  # not for every piece of a body
                 self._next()
             elif not self._hold_arrived():
                 self._hand_over()  # over the in-flight budget: aiohttp's path answers 503 overloaded
-        elif len(self.buf) > MAX_HEAD + self.front.ingress.dispatcher.config.server.max_body_bytes:
-            # a client pipelining far ahead of the answers: stop reading until this request is answered
+        elif len(self.buf) > self._buffer_limit():
+            # a client pipelining far ahead of the answers: stop reading until the buffer is worked down
             assert self.transport is not None
             self.transport.pause_reading()
 
@@ -409,8 +474,9 @@ class FastProtocol(asyncio.Protocol):
             self.front.ingress.give(held)
         if self.transport is not None and not close:
             self.deadline = time.monotonic() + self._timeout()  # idle, or the next request's, already in
-            self.transport.resume_reading()
-            self._next()
+            if not self.write_paused:  # else resume_writing() goes on
+                self._resume()
+                self._next()
 
     def _hand_over(self) -> None:
         """Give the connection, from the current request's first byte on, to aiohttp's own protocol."""
@@ -425,8 +491,13 @@ class FastProtocol(asyncio.Protocol):
         transport.set_protocol(handler)
         handler.connection_made(transport)
         data, self.buf = bytes(self.buf), bytearray()
-        if data:
-            handler.data_received(data)
+        # One read per request it can delimit: aiohttp's parser drops every request of a read in which a later one
+        # is malformed (or follows a `Connection: close` one, or an Upgrade), and this buffer may hold several
+        # that arrived in separate reads while the front was busy.
+        for piece in _requests(data):
+            if handler.transport is None:
+                break
+            handler.data_received(piece)
 
 
 class JsonErrorHandler(RequestHandler):

@@ -733,3 +733,76 @@ async def test_front_bytes_after_a_refused_request_are_not_held_in_reference_cyc
         gc.garbage.clear()
         gc.enable()
     assert held == 0
+
+
+async def test_front_pipelining_client_cannot_grow_the_buffer(client: Any) -> None:
+    """A client pipelining requests far ahead of the answers: each answer used to resume reading whatever the buffer
+    held, so every ~100-byte request served let one more socket read in (the buffer, and RSS, grew by GBs)."""
+    front = front_of(client)
+    forged = b"POST /webhooks/stripe HTTP/1.1\r\nHost: a\r\nStripe-Signature: t=1,v1=00\r\nContent-Length: 2\r\n\r\n{}"
+    reader, writer = await connect(client)
+    limit = front_module.MAX_HEAD + front.ingress.dispatcher.config.server.max_body_bytes
+    biggest = 0
+    try:
+        for _ in range(40):
+            writer.write(forged * 2000)
+            await asyncio.wait_for(reader.read(1 << 20), 5)  # reads answers, slower than it sends
+            biggest = max([biggest, *(len(conn.buf) for conn in front.conns)])
+    finally:
+        writer.close()
+    assert biggest <= limit + (1 << 18)  # one read past the limit at most
+
+
+async def test_front_client_not_reading_its_answers_is_not_served_further(
+    client: Any, upstream: Upstream
+) -> None:
+    """The transport's write buffer over its high-water mark (the client does not read its answers) pauses the
+    front: no further request is served, and none read, until it drains (as aiohttp's handler awaits drain).
+    Before, every answer went on into the buffer: a client sending without reading grew the process's memory."""
+    front = front_of(client)
+    reader, writer = await connect(client)
+    try:
+        writer.write(signed("evt_wp1"))
+        assert (await read_response(reader))[0] == 200
+        (conn,) = front.conns
+        conn.pause_writing()  # what the transport calls past its high-water mark
+        writer.write(signed("evt_wp2"))
+        await asyncio.sleep(0.3)
+        assert upstream.ids() == ["evt_wp1"] and not conn.busy
+        conn.resume_writing()
+        assert (await read_response(reader))[0] == 200
+    finally:
+        writer.close()
+    assert upstream.ids() == ["evt_wp1", "evt_wp2"]
+
+
+async def test_front_hand_over_keeps_the_requests_it_buffered_apart(client: Any, upstream: Upstream) -> None:
+    """Requests that arrived one by one while a fast one was served reach aiohttp one read each: its parser drops
+    every request of a read in which a later one is malformed."""
+    upstream.delay = 0.3
+    reader, writer = await connect(client)
+    get = b"GET /webhooks/stripe?x=1 HTTP/1.1\r\nHost: sidecar.test\r\n\r\n"
+    bad = b"POST /webhooks/stripe HTTP/1.1\r\nHost: sidecar.test\r\nX-Bad : 1\r\n\r\n"
+    try:
+        writer.write(signed("evt_ho1"))
+        await asyncio.sleep(0.05)
+        for raw in (get, signed("evt_ho2"), bad):
+            writer.write(raw)
+            await asyncio.sleep(0.03)
+        answers = [await read_response(reader) for _ in range(4)]
+    finally:
+        writer.close()
+    assert [a[0] for a in answers] == [200, 200, 200, 400]
+    assert upstream.ids() == ["evt_ho1", "", "evt_ho2"]  # the GET passed through
+
+
+def test_front_requests_cuts_after_each_framed_request() -> None:
+    get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    post = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+    up = b"POST /x HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 1\r\n\r\nz"
+    chunked = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nq\r\n0\r\n\r\n"
+    bad = b"GET / HTTP/1.1\r\nX : y\r\n\r\n"
+    assert front_module._requests(get + post + up + bad) == [get, post, up, bad]
+    assert front_module._requests(post + chunked + get) == [post, chunked + get]
+    assert front_module._requests(post[:-1]) == [post[:-1]]
+    assert front_module._requests(b"\r\n" + get + get) == [b"\r\n" + get, get]
