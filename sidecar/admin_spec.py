@@ -42,6 +42,12 @@ def _path(name: str, description: str) -> dict[str, Any]:
 
 DRAIN_HEADER = "Sidecar-Drain"  # names a held drain in its answer
 DRAIN_ID = r"[0-9a-f]{32}"
+# what the API takes where it expects dead-letter ids (a body's "ids" or "keep"): anything else is a 400
+_DEAD_ID = {"type": "string", "pattern": "^[0-9a-f]{1,64}$"}
+_DEAD_IDS = {"type": "array", "items": _DEAD_ID, "minItems": 1, "maxItems": 10000}
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+# sidecar.durations: a bare number of seconds, or parts like 500ms, 10m, 1h30m (surrounding spaces allowed)
+_DURATION_TEXT = rf"^\s*(?:{_NUMBER}|(?:{_NUMBER}(?:ms|s|m|h|d))+)\s*$"
 MAX_HOLD = 24 * 3600.0  # a held drain's items stay held this long at most (seconds)
 
 _REASON = _query("reason", "why (logged with the mutation)", {"type": "string", "maxLength": 1000})
@@ -50,6 +56,12 @@ _DRAIN = _path("drain", "a held drain's id: its answer's `Sidecar-Drain` header"
 _EVENT = [_path("route", "route name"), _path("event_id", "the provider's event id (may contain `/`)")]
 
 _TIME = {"type": ["string", "null"], "format": "date-time"}
+_WHEN = {
+    "anyOf": [
+        {"type": "string", "pattern": "^[0-9]{1,12}(?:\\.[0-9]{1,9})?$"},
+        {"type": "string", "format": "date-time"},
+    ]
+}
 _NULLABLE_INT = {"type": ["integer", "null"]}
 _NULLABLE_STR = {"type": ["string", "null"]}
 
@@ -160,11 +172,12 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10000},
-            "route": {"type": "string"},
+            "route": {"type": "string", "minLength": 1},
             "all": {"const": True},
             "dry_run": {"type": "boolean"},
             "reason": {"type": "string", "maxLength": 1000},
         },
+        "oneOf": [{"required": ["ids"]}, {"required": ["route"]}, {"required": ["all"]}],
     },
     "ReplayResult": {
         "oneOf": [
@@ -202,6 +215,11 @@ SCHEMAS: dict[str, Any] = {
                         "description": "selected items another drain or replay holds now, not counted in "
                         "would_replay (the replay would skip them)",
                     },
+                    "body_missing": {
+                        "type": "integer",
+                        "description": "only when not 0: selected items whose body the store no longer has "
+                        "(evicted), not counted in would_replay (the replay would keep them)",
+                    },
                 },
             },
         ]
@@ -213,7 +231,10 @@ SCHEMAS: dict[str, Any] = {
             "route": {"type": "string"},
             "reason": {"type": "string", "maxLength": 1000},
             "hold": {
-                "type": ["number", "string"],
+                "anyOf": [
+                    {"type": "number", "minimum": 1, "maximum": 86400},
+                    {"type": "string", "pattern": _DURATION_TEXT},
+                ],
                 "description": "a held drain (two phases): the items streamed stay in the DLQ, held for this "
                 "long (seconds, or a duration like `10m`; 1 s to 24 h) until the client removes those it has "
                 "stored (`/admin/dlq/drain/{drain}/remove`); what it never removes comes back when the hold ends",
@@ -225,7 +246,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["ids"],
         "additionalProperties": False,
         "properties": {
-            "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10000},
+            "ids": _DEAD_IDS,
             "reason": {"type": "string", "maxLength": 1000, "description": "remove only: logged"},
         },
     },
@@ -234,9 +255,9 @@ SCHEMAS: dict[str, Any] = {
         "description": 'the ids to give back, or "all": every item the drain holds but those in "keep"',
         "additionalProperties": False,
         "properties": {
-            "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10000},
+            "ids": _DEAD_IDS,
             "all": {"type": "boolean", "enum": [True]},
-            "keep": {"type": "array", "items": {"type": "string"}, "maxItems": 10000},
+            "keep": {"type": "array", "items": _DEAD_ID, "maxItems": 10000},
         },
         "oneOf": [{"required": ["ids"]}, {"required": ["all"]}],
     },
@@ -381,11 +402,17 @@ PATHS: dict[str, Any] = {
                 _query(
                     "limit", "page size", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
                 ),
-                _query("cursor", "next_cursor of the previous page", {"type": "string"}),
-                _query("since", "dead_at >= (RFC 3339 or epoch seconds)", {"type": "string"}),
-                _query("until", "dead_at <= (RFC 3339 or epoch seconds)", {"type": "string"}),
                 _query(
-                    "status", "last_status: a code (503), a class (5xx) or `error` (none)", {"type": "string"}
+                    "cursor",
+                    "next_cursor of the previous page",
+                    {"type": "string", "pattern": "^[0-9]{1,16}-[0-9a-f]{1,64}$"},
+                ),
+                _query("since", "dead_at >= (RFC 3339 or epoch seconds)", _WHEN),
+                _query("until", "dead_at <= (RFC 3339 or epoch seconds)", _WHEN),
+                _query(
+                    "status",
+                    "last_status: a code (503), a class (5xx) or `error` (none)",
+                    {"type": "string", "pattern": "^(?:[1-5][0-9]{2}|[1-5][xX]{2}|[eE][rR]{2}[oO][rR])$"},
                 ),
             ],
         )

@@ -1528,6 +1528,57 @@ async def test_admin_answers_match_the_openapi_document(admin: Admin) -> None:
     assert wrong.status == 405 and "405" in doc["paths"]["/admin/stats"]["get"]["responses"]
 
 
+async def test_admin_requests_the_document_refuses_are_the_ones_the_server_refuses(admin: Admin) -> None:
+    """A client generated from the document must not send what the server answers 400 (a schemathesis run: both
+    of "ids" and "all", a hold of "" or 0, a cursor, time or status of any text, ids that are no dead-letter ids),
+    nor refuse what it takes."""
+    from jsonschema import Draft202012Validator
+
+    doc = json.loads(json.dumps(document()))
+
+    def validator(name: str) -> Any:
+        return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": doc["components"]})
+
+    def query(name: str) -> Any:
+        [param] = [p for p in doc["paths"]["/admin/dlq"]["get"]["parameters"] if p["name"] == name]
+        return Draft202012Validator(param["schema"], format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+    [item_id] = await bury_many(admin.store, 1)
+    bodies = [
+        ("ReplayRequest", "/admin/dlq/replay", {"all": True, "ids": [item_id], "dry_run": True}, 400),
+        ("ReplayRequest", "/admin/dlq/replay", {"dry_run": True}, 400),
+        ("ReplayRequest", "/admin/dlq/replay", {"all": True, "dry_run": True}, 200),
+        ("DrainRequest", "/admin/dlq/drain", {"hold": "", "route": "nope"}, 400),
+        ("DrainRequest", "/admin/dlq/drain", {"hold": 0, "route": "nope"}, 400),
+        ("DrainRequest", "/admin/dlq/drain", {"hold": "1h30m", "route": "nope"}, 404),
+        ("DrainRequest", "/admin/dlq/drain", {"hold": 90, "route": "nope"}, 404),
+    ]
+    for name, url, body, status in bodies:
+        resp = await admin.post(url, body)
+        assert resp.status == status, (body, resp.status)
+        assert validator(name).is_valid(body) == (status != 400), body
+    assert not validator("HeldIds").is_valid({"ids": ["x!"]}) and validator("HeldIds").is_valid(
+        {"ids": [item_id]}
+    )
+    assert not validator("HeldRelease").is_valid({"all": True, "keep": ["x!"]})
+    for name, value, ok in [
+        ("cursor", "", False),
+        ("cursor", "1700000000000-" + item_id, True),
+        ("since", "", False),
+        ("since", "1700000000", True),
+        ("since", "2024-05-01T12:00:00Z", True),
+        ("until", "yesterday", False),
+        ("status", "", False),
+        ("status", "5XX", True),
+        ("status", "503", True),
+        ("status", "error", True),
+        ("status", "600", False),
+    ]:
+        resp = await admin.get("/admin/dlq", params={name: value})
+        assert (resp.status == 200) == ok, (name, value, resp.status)
+        assert query(name).is_valid(value) == ok, (name, value)
+
+
 # -- property: no 5xx, errors are JSON --------------------------------------------------------------------------
 
 _TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
