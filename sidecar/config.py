@@ -1307,8 +1307,14 @@ def _sign_upstream(ctx: _Ctx, item: _Item, path: str) -> Any:
     secret = values.get("secret")
     if not secret:
         return ctx.bad(item, path + ".secret", "required (the upstream verifies the added headers with it)")
-    if secret.startswith("whsec_") and not _is_base64(secret[len("whsec_") :]):
-        return ctx.bad(item.value["secret"], path + ".secret", "a whsec_ secret must be base64 after whsec_")
+    if not _is_base64(secret[len("whsec_") :] if secret.startswith("whsec_") else secret):
+        # the receiver's Standard Webhooks SDK base64-decodes the string it is given (whsec_ optional): a secret
+        # used as its UTF-8 bytes here would never verify there
+        return ctx.bad(
+            item.value["secret"],
+            path + ".secret",
+            "must be base64, optionally after whsec_ (the receiver's Standard Webhooks SDK decodes it so)",
+        )
     return SignUpstream(secret)
 
 

@@ -47,13 +47,15 @@ class RouteTable:
 
 
 def signing_key(secret: str) -> bytes:
-    """Standard Webhooks key bytes: `whsec_<base64>` decodes (as the receiver's SDK will); anything else is UTF-8."""
-    if secret.startswith("whsec_"):
-        try:
-            return base64.b64decode(secret[6:] + "=" * (-len(secret[6:]) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            pass  # config validation refuses these; keep the raw bytes rather than fail at request time
-    return secret.encode()
+    """Standard Webhooks key bytes, derived as the receiver's SDK derives them from the same string
+    (standardwebhooks / svix `Webhook(secret)`): an optional `whsec_` prefix, then base64."""
+    body = secret[6:] if secret.startswith("whsec_") else secret
+    try:
+        return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return (
+            secret.encode()
+        )  # config validation refuses these; keep the raw bytes rather than fail at request time
 
 
 def target_url(config: Config, route: RouteConfig, path_qs: str) -> str:

@@ -842,7 +842,7 @@ def test_tags_on_mappings_and_lists_are_refused(text: str, tag: str) -> None:
 SECRET = "whsec_TOPSECRET_route_value_1234"
 TOKEN = "admin_TOPSECRET_token_5678"
 FILE_SECRET = "file_TOPSECRET_content_9012"
-UPSTREAM_SECRET = "upstream_TOPSECRET_signing_3456"
+UPSTREAM_SECRET = "whsec_dXBzdHJlYW1fVE9QU0VDUkVUX3NpZ25pbmdfMzQ1Ng=="
 
 
 def test_secrets_never_in_repr_or_str(tmp_path: Path) -> None:
@@ -1205,3 +1205,18 @@ def test_port_0_is_for_one_worker_only() -> None:
 def test_listen_brackets_without_a_port_say_the_port_is_missing() -> None:
     (error,) = errors_of('server: {listen: "[::1]"}\n' + ROUTE)
     assert error == 'cfg.yaml:1: server.listen: a port is needed after the brackets, like "[::1]:8080"'
+
+
+def test_sign_upstream_secret_must_decode_as_the_receivers_sdk_decodes_it() -> None:
+    """The Standard Webhooks SDK base64-decodes the secret string (whsec_ optional); one it cannot decode would
+    be signed with its UTF-8 bytes here and never verify there."""
+    with pytest.raises(ConfigError) as err:
+        load_text(ROUTE + "    sign_upstream: {secret: 'my-shared-upstream-secret'}\n")
+    assert "routes[0].sign_upstream.secret: must be base64" in str(err.value)
+    for ok in (
+        "whsec_ZGV2LW9ubHktdXBzdHJlYW0tc2lnbmluZy1rZXkhISE=",
+        "ZGV2LW9ubHktdXBzdHJlYW0tc2lnbmluZy1rZXkhISE=",
+    ):
+        assert (
+            load_text(ROUTE + f"    sign_upstream: {{secret: '{ok}'}}\n").routes[0].sign_upstream is not None
+        )

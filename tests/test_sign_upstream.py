@@ -116,3 +116,36 @@ async def test_sign_upstream_on_a_svix_route_verifies_with_the_svix_sdk(
     Webhook(UPSTREAM_SECRET).verify(got.body, got.headers)  # and the Standard Webhooks SDK, on webhook-*
     names = [k.lower() for k, _ in got.raw_headers]
     assert names.count("svix-signature") == 1 and got.headers["svix-id"] == "msg_svix1"
+
+
+async def test_sign_upstream_secret_without_whsec_prefix_verifies_with_the_sdk_given_the_same_string(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """The SDK base64-decodes a secret with or without `whsec_`: the sidecar must derive the same key bytes from the
+    same configured string (it used the UTF-8 bytes of an unprefixed one: every signature failed at the receiver)."""
+    secret = base64.b64encode(b"upstream-signing-key-32-bytes!!!").decode()
+    receiver = Webhook(secret)
+    verdicts: list[str] = []
+
+    def verify(rec: Received) -> web.Response | None:
+        try:
+            receiver.verify(rec.body, rec.headers)
+        except WebhookVerificationError as exc:
+            verdicts.append(f"rejected: {exc}")
+            return web.Response(status=400)
+        verdicts.append("ok")
+        return None
+
+    upstream.behaviour = verify
+    client = await sidecar_factory(
+        f"""
+- name: stripe
+  path: /webhooks/stripe
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+  sign_upstream: {{secret: "{secret}"}}
+"""
+    )
+    body = stripe_body("evt_signed_plain_b64")
+    assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 200
+    assert verdicts == ["ok"]
