@@ -22,6 +22,7 @@ from aiohttp import web
 
 from sidecar.config import Config
 from sidecar.dispatch import Dispatcher
+from sidecar.errors import SidecarError
 from sidecar.forwarder import Forwarder
 from sidecar.http1 import Http1Client
 from sidecar.ingress import Ingress, expect_continue, json_error
@@ -133,6 +134,16 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = make_store(config, app[REDIS_URL])
     await store.preload()
+    written = await store.layout_conflict()
+    if written is not None:
+        await store.close()
+        key = store.keys.layout()
+        raise SidecarError(
+            f"redis.shards is {config.redis.shards} but the store's events were written with {written} shards: "
+            "queued retries would never be found and resends of delivered events would be delivered again. Keep "
+            f"redis.shards: {written}; to change it, stop the traffic, let the retry schedule and the dead letters "
+            f"drain and dedupe.ttl pass, then delete the key {key} in the store"
+        )
     await store.sync_clock()  # the schedule's clock (store/clock.py); the worker reads it again every minute
     settings = None
     if app[WARN_SETTINGS]:

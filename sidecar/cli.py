@@ -119,7 +119,8 @@ async def serve(
         "sidecar listening on %s (admin %s), %d route(s)",
         ", ".join(inbound_at),
         ", ".join(admin_at),
-        len(config.routes),
+        # the routes served now: a restarted worker may have taken its siblings' config since it started
+        len(app[RUNTIME].dispatcher.config.routes),
     )
     try:
         await stop.wait()

@@ -380,14 +380,16 @@ class Dispatcher:
             lease_end_ms,
             background,
         )
+        said = [f"status {outcome.status}"] if outcome.status is not None else []
+        if outcome.error is not None:
+            said.append(f"error {outcome.error}")
         log.warning(
-            "dead-lettered %s/%s after %d attempt(s): %s (status %s, error %s)",
+            "dead-lettered %s/%s after %d attempt(s): %s (%s)",
             rec.route,
             rec.event_id,
             attempt,
             reason,
-            outcome.status,
-            outcome.error,
+            ", ".join(said) or "no answer",
         )
         for ev in evicted:
             log.error("dead-letter cap evicted %s/%s (item %s)", ev.route, ev.event_id, ev.id)

@@ -312,6 +312,7 @@ class Ingress:
         # first attempts still running after their 202 (answer_within)
         self.late: set[asyncio.Future[Any]] = set()
         self._full = Tally(STORE_FULL_REPORT_S)  # new events a full store refused
+        self._failing = Tally(STORE_FULL_REPORT_S)  # requests refused for another store error
         self._overloaded = Tally(STORE_FULL_REPORT_S)  # requests refused over server.max_inflight_bytes
         # Bytes of the request bodies this process is reading or holding (server.max_inflight_bytes)
         self.inflight_bytes = 0
@@ -414,7 +415,15 @@ class Ingress:
                 exc,
             )
         elif not isinstance(exc, StoreUnavailable):
-            log.error("route %s: %s: %s", route, what, exc)
+            # once, then with a count: a store refusing every write (MISCONF, its disk full) is one cause
+            self._failing.say(
+                log,
+                logging.ERROR,
+                "%d request(s) refused (503) since the last report: the store failed a call; the last: route %s: %s: %s",
+                route,
+                what,
+                exc,
+            )
         resp = json_error(503, "store_unavailable", event_id, **extra)
         resp.headers["Retry-After"] = "5"
         return resp

@@ -9,6 +9,7 @@ Layout (`P` is `redis.prefix`, `s` the shard number):
     P:{s}:sched                    ZSET   the shard's retry schedule; member `<route>:<dedupe id>`,
                                           score = due time (ms), or lease deadline while in flight
     P:{stats}:rejected             HASH   route -> requests refused for their signature (flushed in batches)
+    P:{meta}:shards                STRING the shard count the store's keys were written with (`redis.shards`)
     P:{dlq}:items                  ZSET   every dead letter, score = dead_at (ms)
     P:{dlq}:data                   HASH   dead-letter id -> item JSON (route, event, history, …)
     P:{dlq}:body                   HASH   dead-letter id -> raw body bytes
@@ -69,6 +70,10 @@ class KeySpace:
 
     def stats(self, shard: int) -> str:
         return f"{self.prefix}:{{{shard}}}:stats"
+
+    def layout(self) -> str:
+        """The shard count this prefix's keys were written with: another one would not find them."""
+        return f"{self.prefix}:{{meta}}:shards"
 
     def rejected(self) -> str:
         return f"{self.prefix}:{{stats}}:rejected"

@@ -338,6 +338,25 @@ class RedisStore:
         except (*_UNAVAILABLE, ReplyError) as exc:
             log.warning("could not preload the store's scripts (they load on first use): %s", exc)
 
+    async def layout_conflict(self) -> int | None:
+        """The shard count the store's keys were written with, when it is not this store's `redis.shards` (an
+        event's keys are placed by its shard: with another count, queued retries are never found and resends of
+        delivered events are claimed anew). Recorded by the first process that finds none. None when they agree,
+        or when the store cannot say now (down, full): best effort, as the other start-up checks."""
+        key = self.keys.layout()
+        try:
+            if await self._fast.execute(("SET", key, str(self.keys.shards), "NX"), key=key):
+                return None
+            stored = await self._fast.execute(("GET", key), key=key)
+        except (*_UNAVAILABLE, ReplyError) as exc:
+            log.warning("could not check the store's shard count against redis.shards: %s", exc)
+            return None
+        try:
+            count = int(stored)
+        except (TypeError, ValueError):
+            return None
+        return count if count != self.keys.shards else None
+
     async def sync_clock(self) -> bool:
         """Read the store's clock into `clock` (on the node of shard 0, the same for every replica). Best effort:
         False, and the clock carries on as it was, when the store does not answer or answers too slowly."""

@@ -148,14 +148,19 @@ admin: {{listen: "127.0.0.1:0", token: "{ADMIN_TOKEN}"}}
 redis: {{url: "redis://user:redis-password-1f@127.0.0.1:1"}}
 routes:
   - {{name: stripe, path: /webhooks/stripe, provider: stripe, secrets: ["{STRIPE_SECRET}"],
-      sign_upstream: {{secret: "upstream-signing-secret-77"}}, tolerance: "{STRIPE_SECRET}"}}
+      sign_upstream: {{secret: "whsec_dXBzdHJlYW0tc2lnbmluZy1zZWNyZXQtNzc="}}, tolerance: "{STRIPE_SECRET}"}}
 """
     with pytest.raises(Exception) as info:  # tolerance is not a duration: the error must not quote the value
         load_text(text, env={})
     assert STRIPE_SECRET not in str(info.value)
     config = load_text(text.replace(f'tolerance: "{STRIPE_SECRET}"', "tolerance: 5m"), env={})
     shown = repr(config)
-    for secret in [ADMIN_TOKEN, STRIPE_SECRET, "redis-password-1f", "upstream-signing-secret-77"]:
+    for secret in [
+        ADMIN_TOKEN,
+        STRIPE_SECRET,
+        "redis-password-1f",
+        "whsec_dXBzdHJlYW0tc2lnbmluZy1zZWNyZXQtNzc=",
+    ]:
         assert secret not in shown
 
 
