@@ -81,9 +81,8 @@ def _digest(paths: list[str], loaded: str | None = None, files: Mapping[str, str
                 # a pipe (`--config <(…)`), a FIFO or a device: read again it would block, or give nothing (a
                 # reload refused for an empty config); not watched
                 h.update(b"<not a regular file>")
-            elif (
-                i
-            ):  # a secret file: the digest of what was loaded from it, if known (`files`), else of it now
+            elif i:
+                # a secret file: the digest of what was loaded from it, if known (`files`), else of it now
                 known = files.get(path) if files else None
                 h.update((known or hashlib.sha256(Path(path).read_bytes()).hexdigest()).encode())
             else:

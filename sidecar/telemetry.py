@@ -453,7 +453,8 @@ class Telemetry:
             span.set_status(Status(StatusCode.ERROR, error))
         elif status is not None and (
             status >= 500 or (status >= 400 and getattr(span, "kind", None) is SpanKind.CLIENT)
-        ):  # (a span not sampled has no kind: setting its status does nothing anyway)
+        ):
+            # (a span not sampled has no kind: setting its status does nothing anyway)
             # OpenTelemetry's HTTP conventions: a forward (client) failed on any 4xx/5xx answer, an inbound
             # request (server) on a 5xx only
             span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))

@@ -628,11 +628,8 @@ def test_attempt_record_json_is_compact_and_survives_any_error_text() -> None:
         "error": None,
         "duration_ms": 12.346,
     }
-    for error in (
-        "timeout",
-        "connexion refusée",
-        "bad \udcff byte",
-    ):  # the last: a surrogate-escaped header byte
+    # the last: a surrogate-escaped header byte
+    for error in ("timeout", "connexion refusée", "bad \udcff byte"):
         assert parse_history(AttemptRecord(1, 1, None, error, 0.5).to_json())[0]["error"] == error
 
 

@@ -362,9 +362,8 @@ class DeadLetters:
             if state in ("replayed", "delivered"):
                 removed = await self.remove(item)
         finally:
-            if (
-                not removed
-            ):  # kept while its event is pending, or a store error: the next replay must not wait
+            # kept while its event is pending, or a store error: the next replay must not wait
+            if not removed:
                 await self.give_back(item, owner)
         return state
 
