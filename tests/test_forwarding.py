@@ -278,9 +278,12 @@ async def test_a_store_written_with_another_shard_count_is_refused_at_start(
         pass
     assert rdb.get("sidecar:{meta}:shards") == b"4"
     other = replace(config, redis=replace(config.redis, shards=16))
-    with pytest.raises(SidecarError) as err:
-        async with TestClient(TestServer(create_app(other, redis_url=redis_url, run_worker=False))):
-            pass
+    refused = TestClient(TestServer(create_app(other, redis_url=redis_url, run_worker=False)))
+    try:
+        with pytest.raises(SidecarError) as err:
+            await refused.start_server()
+    finally:
+        await refused.close()  # its client session, opened before the server failed to start
     assert "redis.shards is 16 but the store's events were written with 4 shards" in str(err.value)
     assert "sidecar:{meta}:shards" in str(err.value)
     async with TestClient(TestServer(create_app(config, redis_url=redis_url, run_worker=False))):

@@ -18,6 +18,7 @@ import redis
 from sidecar.providers.base import VerificationError
 from tests.conftest import Upstream
 from tests.providers.provider_cases import CASES, Case
+from tests.test_ingress import stored_keys
 
 
 def route_yaml(name: str, case: Case, secrets: list[str]) -> str:
@@ -98,7 +99,7 @@ async def test_ingress_provider_forgeries_rejected_and_never_forwarded(
         assert stale.status == 401
         assert (await stale.json())["error"] == "timestamp_out_of_tolerance"
     assert upstream.received == []
-    assert rdb.keys("*") == []
+    assert stored_keys(rdb) == []
 
 
 @pytest.mark.parametrize("key", names())
