@@ -375,10 +375,16 @@ class AdminClient:
         prefix = urlsplit(self.base_url).path.rstrip("/")
         try:
             conn.request(method, prefix + path, body=data, headers=headers)
-        except UnicodeError:  # the host does not encode as IDNA (a label over 63 characters, ...)
-            raise ClientError(
-                EXIT_USAGE, f"--admin-url {self.base_url!r}: the host is not a valid hostname"
-            ) from None
+        except (
+            UnicodeError
+        ):  # the host does not encode as IDNA (a label over 63 characters, ...), or the path
+            # (the URL's prefix) is not ASCII
+            what = (
+                "its path is not ASCII (percent-encode it)"
+                if not prefix.isascii()
+                else "the host is not a valid hostname"
+            )
+            raise ClientError(EXIT_USAGE, f"--admin-url {self.base_url!r}: {what}") from None
         except (OSError, http.client.HTTPException) as exc:
             raise self._unreachable(exc) from None
         try:

@@ -21,7 +21,7 @@ def delay(
     events that failed together do not come back together; never above max_delay, never negative.
     """
     try:
-        raw = min(max_delay, base * multiplier ** max(0, attempt - 1))
+        raw = 0.0 if base <= 0 else min(max_delay, base * multiplier ** max(0, attempt - 1))
     except OverflowError:  # 3.0 ** 647 and past: far beyond any max_delay
         raw = max_delay
     spread = (rng or random).uniform(-jitter, jitter) if jitter else 0.0

