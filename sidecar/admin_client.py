@@ -375,10 +375,8 @@ class AdminClient:
         prefix = urlsplit(self.base_url).path.rstrip("/")
         try:
             conn.request(method, prefix + path, body=data, headers=headers)
-        except (
-            UnicodeError
-        ):  # the host does not encode as IDNA (a label over 63 characters, ...), or the path
-            # (the URL's prefix) is not ASCII
+        except UnicodeError:
+            # the host does not encode as IDNA (a label over 63 characters, ...), or the URL's path is not ASCII
             what = (
                 "its path is not ASCII (percent-encode it)"
                 if not prefix.isascii()
