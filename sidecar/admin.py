@@ -42,7 +42,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from sidecar.admin_spec import DRAIN_HEADER, DRAIN_ID, MAX_HOLD, document
+from sidecar.admin_spec import CURSOR, DEAD_ID, DRAIN_HEADER, DRAIN_ID, EPOCH, MAX_HOLD, MAX_IDS, document
 from sidecar.app import CONFIG, RUN_WORKER, RUNTIME, Runtime
 from sidecar.durations import parse_duration
 from sidecar.errors import StoreError, StoreUnavailable
@@ -61,7 +61,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 MAX_REASON = 1000
-MAX_IDS = 10000
 REPLAY_BATCH = 100
 # Items of a batch replayed at a time: each runs a few store calls in turn on a connection of the store client's
 # pool, which keeps every connection it opened (with all 100 at once, a replay left ~100 idle connections per replica).
@@ -79,11 +78,11 @@ DRAIN_LEASE_MS = int((2 * DRAIN_LINE_TIMEOUT + 30.0) * 1000)
 SKIPPED = ("pending", "delivered", "busy", "gone")  # what a replay answers it skipped, by why
 REFUSED_REPORT_S = 60.0  # admin calls refused 401: said once, then at most this often with a count
 
-_ID = re.compile(r"[0-9a-f]{1,64}")
+_ID = re.compile(DEAD_ID)
 _DRAIN = re.compile(DRAIN_ID)
 _ROUTE = re.compile(r"[a-z0-9_-]{1,100}")
-_CURSOR = re.compile(r"([0-9]{1,16})-([0-9a-f]{1,64})")
-_EPOCH = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
+_CURSOR = re.compile(CURSOR)
+_EPOCH = re.compile(EPOCH)
 _STATUS_CLASS = re.compile(r"([1-5])xx")
 _MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from sidecar.admin_spec import DRAIN_HEADER, DRAIN_ID, MAX_HOLD
+from sidecar.admin_spec import DRAIN_HEADER, DRAIN_ID, MAX_HOLD, MAX_IDS
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -66,7 +66,6 @@ DRAIN_RCVBUF = 64 * 1024
 # and remove them (`--hold`); items removed a batch at a time, once surely in the output.
 DEFAULT_HOLD = "10m"
 REMOVE_BATCH = 200
-MAX_IDS = 10_000  # ids per call the admin API takes (sidecar/admin.py)
 _DRAIN_ID = re.compile(DRAIN_ID)
 
 

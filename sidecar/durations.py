@@ -9,6 +9,8 @@ EXPECTED = "expected a duration like 500ms, 30s, 5m, 72h"
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+# what `parse_duration` takes as text (surrounding spaces aside): a bare number of seconds, or parts like 1h30m
+PATTERN = rf"(?:{_NUMBER}|(?:{_NUMBER}(?:ms|s|m|h|d))+)"
 _PART = re.compile(rf"({_NUMBER})(ms|s|m|h|d)")
 # `ms` comes before `m` in the alternation so that "500ms" is not read as 500 minutes followed by garbage.
 _DURATION = re.compile(rf"(?:{_NUMBER}(?:ms|s|m|h|d))+")

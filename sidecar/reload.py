@@ -77,7 +77,7 @@ def _digest(paths: list[str], loaded: str | None = None, files: Mapping[str, str
     for i, path in enumerate(paths):
         h.update(path.encode() + b"\x00")
         try:
-            if not stat.S_ISREG(os.stat(path).st_mode):
+            if not _regular(path):
                 # a pipe (`--config <(…)`), a FIFO or a device: read again it would block, or give nothing (a
                 # reload refused for an empty config); not watched
                 h.update(b"<not a regular file>")

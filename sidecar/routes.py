@@ -7,13 +7,12 @@ in flight keep the `Route` they started with, new ones see the new table.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 
 from sidecar.config import Config, RouteConfig
 from sidecar.forwarder import RetryPolicy
 from sidecar.providers.base import Verifier
+from sidecar.providers.crypto import b64_secret
 from sidecar.providers.registry import build_verifier
 
 
@@ -48,14 +47,9 @@ class RouteTable:
 
 def signing_key(secret: str) -> bytes:
     """Standard Webhooks key bytes, derived as the receiver's SDK derives them from the same string
-    (standardwebhooks / svix `Webhook(secret)`): an optional `whsec_` prefix, then base64."""
-    body = secret[6:] if secret.startswith("whsec_") else secret
-    try:
-        return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        return (
-            secret.encode()
-        )  # config validation refuses these; keep the raw bytes rather than fail at request time
+    (standardwebhooks / svix `Webhook(secret)`), as the inbound Standard Webhooks verifier does: an optional
+    `whsec_` prefix, then base64 (config validation refuses a secret that does not decode)."""
+    return b64_secret(secret, "whsec_", "sign_upstream.secret")
 
 
 def target_url(config: Config, route: RouteConfig, path_qs: str) -> str:

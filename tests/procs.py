@@ -95,13 +95,14 @@ def write_config(
     breaker: str = "{}",
     data_dir: Path | None = None,
     workers: int = 1,
+    token: str = "t",
 ) -> None:
-    """`data_dir`: where an `embedded` store keeps its append-only file."""
+    """`data_dir`: where an `embedded` store keeps its append-only file; `token`: the admin token."""
     store = f", data_dir: {str(data_dir)!r}" if data_dir is not None else ""
     path.write_text(
         f"""
 server: {{listen: "127.0.0.1:{port}", shutdown_grace: 1s, workers: {workers}}}
-admin: {{listen: "127.0.0.1:{admin_port}", token: "t"}}
+admin: {{listen: "127.0.0.1:{admin_port}", token: "{token}"}}
 redis: {{url: "{redis_url}", shards: 4{store}}}
 upstream: {{url: "{upstream_url}", timeout: {upstream_timeout}, breaker: {breaker}}}
 retry: {retry}
@@ -110,7 +111,8 @@ routes:
     path: /webhooks/stripe
     provider: stripe
     secrets: ["{secret}"]
-"""
+""",
+        encoding="utf-8",
     )
 
 

@@ -4,6 +4,7 @@ drain, delete), events, stats, the OpenAPI document, and a property run that nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import json
@@ -11,6 +12,7 @@ import logging
 import re
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -490,15 +492,26 @@ async def test_admin_dlq_delete_removes_item_and_logs_reason(
     assert gone in line and "bogus test event" in line and "evt_00001" in line
 
 
-def resent_once(script: Any) -> Any:
-    """A script call as redis-py makes it when the answer is lost (a connection reset after the command went out):
-    it ran, and is sent again, with the same arguments, on a new connection."""
+@contextlib.contextmanager
+def answers_lost(monkeypatch: pytest.MonkeyPatch, script: str) -> Iterator[None]:
+    """Inside, every DeadLetters runs its `script` (an attribute: `_remove`, `_forget`) as redis-py does when the
+    answer is lost (a connection reset after the command went out): it runs, and is sent again, with the same
+    arguments, on a new connection."""
+    init = DeadLetters.__init__
 
-    async def twice(keys: list[Any], args: list[Any]) -> Any:
-        await script(keys=keys, args=args)
-        return await script(keys=keys, args=args)
+    def resending(self: DeadLetters, store: Any) -> None:
+        init(self, store)
+        once = getattr(self, script)
 
-    return twice
+        async def twice(keys: list[Any], args: list[Any]) -> Any:
+            await once(keys=keys, args=args)
+            return await once(keys=keys, args=args)
+
+        setattr(self, script, twice)
+
+    with monkeypatch.context() as m:
+        m.setattr(DeadLetters, "__init__", resending)
+        yield
 
 
 async def test_admin_dlq_delete_whose_store_answer_was_lost_answers_deleted(
@@ -510,14 +523,7 @@ async def test_admin_dlq_delete_whose_store_answer_was_lost_answers_deleted(
     keep, gone = await bury_many(admin.store, 2)
     stale = await DeadLetters(admin.store).get(gone)
     assert stale is not None
-    init = DeadLetters.__init__
-
-    def resending(self: DeadLetters, store: Any) -> None:
-        init(self, store)
-        self._remove = resent_once(self._remove)
-
-    with monkeypatch.context() as m:
-        m.setattr(DeadLetters, "__init__", resending)
+    with answers_lost(monkeypatch, "_remove"):
         resp = await admin.delete(f"/admin/dlq/{gone}")
         assert resp.status == 200 and (await resp.json()) == {"deleted": True, "id": gone}
     assert rdb.zrange(KEYS.dlq_items(), 0, -1) == [keep.encode()]
@@ -1330,14 +1336,7 @@ async def test_admin_events_forget_whose_store_answer_was_lost_answers_forgotten
     operator was told 404 for a forget that had worked. Its own resend is answered as its first run was."""
     body = stripe_body("evt_forget_lost")
     assert (await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 200
-    init = DeadLetters.__init__
-
-    def resending(self: DeadLetters, store: Any) -> None:
-        init(self, store)
-        self._forget = resent_once(self._forget)
-
-    with monkeypatch.context() as m:
-        m.setattr(DeadLetters, "__init__", resending)
+    with answers_lost(monkeypatch, "_forget"):
         resp = await admin.delete("/admin/events/stripe/evt_forget_lost")
         assert resp.status == 200 and (await resp.json())["forgotten"] is True
     # a forget of its own finds nothing now

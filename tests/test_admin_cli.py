@@ -96,7 +96,7 @@ class Running:
 
 @asynccontextmanager
 async def admin_sidecar(
-    tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[SidecarProcess]
+    tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[SidecarProcess], token: str = "t"
 ) -> AsyncIterator[Running]:
     """A real `sidecar run` (stopped by the `processes` fixture) and a store client on its Valkey."""
     port, admin_port = free_port(), free_port()
@@ -108,6 +108,7 @@ async def admin_sidecar(
         port=port,
         admin_port=admin_port,
         secret="whsec_x",
+        token=token,
     )
     proc = SidecarProcess(cfg)
     processes.append(proc)
@@ -271,26 +272,13 @@ async def test_admin_cli_sends_a_non_ascii_token_as_the_sidecar_reads_it(
 ) -> None:
     """curl sends a UTF-8 token and the sidecar takes it; the CLI sent it as Latin-1 (401 for `tökén`, a
     traceback for `€`, which Latin-1 cannot hold). Both from --token and from the config file."""
-    port, admin_port = free_port(), free_port()
-    cfg = tmp_path / "sidecar.yaml"
-    write_config(
-        cfg,
-        redis_url=redis_url,
-        upstream_url=upstream.url,
-        port=port,
-        admin_port=admin_port,
-        secret="whsec_x",
-    )
-    cfg.write_text(cfg.read_text().replace('token: "t"', 'token: "tökén€"'), encoding="utf-8")
-    proc = SidecarProcess(cfg)
-    processes.append(proc)
-    proc.start(port)
-    url = ["--admin-url", f"http://127.0.0.1:{admin_port}"]
-    results = await asyncio.gather(
-        dlq("list", *url, "--token", "tökén€"),
-        dlq("list", "--config", str(cfg)),
-        dlq("list", *url, "--token", "tökén"),
-    )
+    async with admin_sidecar(tmp_path, upstream, redis_url, processes, token="tökén€") as running:
+        url = ["--admin-url", running.admin_url]
+        results = await asyncio.gather(
+            dlq("list", *url, "--token", "tökén€"),
+            dlq("list", "--config", str(running.config)),
+            dlq("list", *url, "--token", "tökén"),
+        )
     assert [r.code for r in results] == [0, 0, 4], [r.err for r in results]
     assert "Traceback" not in results[2].err
 

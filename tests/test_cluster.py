@@ -44,6 +44,11 @@ def build_cluster(root: Path, announce: Sequence[int] = ()) -> list[ValkeyServer
     return servers
 
 
+def url_of(servers: Sequence[ValkeyServer]) -> str:
+    """The `redis.url` of a cluster of these nodes."""
+    return "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in servers)
+
+
 def _join(servers: Sequence[ValkeyServer]) -> None:
     """Slots to each of the three, then meet and wait until all agree the cluster is up."""
     clients = [redis.Redis(host="127.0.0.1", port=s.port) for s in servers]
@@ -121,7 +126,7 @@ def cluster_url(cluster: list[ValkeyServer]) -> str:
     for server in cluster:
         with redis.Redis(host="127.0.0.1", port=server.port) as c:
             c.flushall()
-    return "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in cluster)
+    return url_of(cluster)
 
 
 ROUTES = f"""
@@ -576,7 +581,7 @@ async def test_cluster_store_started_while_the_first_primary_is_down_serves_the_
     from sidecar.store import RedisStore
 
     servers = build_cluster(tmp_path)
-    url = "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in servers)
+    url = url_of(servers)
     keys = KeySpace("sidecar", 16)
     event_id = next(
         f"evt_live{i}"
@@ -633,7 +638,7 @@ async def test_cluster_retry_pass_goes_on_past_a_node_that_does_not_answer(
     from sidecar.errors import StoreError
 
     servers = build_cluster(tmp_path)
-    url = "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in servers)
+    url = url_of(servers)
     config = make_config(
         ROUTES,
         upstream_url=upstream.url,
@@ -678,9 +683,8 @@ async def test_cluster_retry_pass_goes_on_past_a_node_that_does_not_answer(
             worker._next_shard = min(victim_shards)  # the pass starts on the stopped node
             with pytest.raises(StoreError):
                 await worker.run_once()
-            assert (
-                len([s for s in tried if s in victim_shards]) == 1
-            )  # one timeout for that node, not one per shard
+            # one timeout for that node, not one per shard
+            assert len([s for s in tried if s in victim_shards]) == 1
             assert {s for s in tried if s not in victim_shards} == set(range(shards)) - victim_shards
             if worker._running:  # the attempts started before the failure was raised
                 await asyncio.wait(set(worker._running), timeout=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,12 +18,13 @@ from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
 UPSTREAM_SECRET = "whsec_" + base64.b64encode(b"upstream-signing-key-32-bytes!!!").decode()
 
 
-async def test_sign_upstream_headers_verify_with_the_standard_webhooks_sdk_on_every_attempt(
-    sidecar_factory: Any, upstream: Upstream
-) -> None:
-    receiver = Webhook(UPSTREAM_SECRET)
+def verified_with_the_sdk(
+    upstream: Upstream, secret: str, then: Callable[[Received], web.Response | None] | None = None
+) -> list[str]:
+    """The upstream verifies every request with the Standard Webhooks SDK given `secret`, answering 400 when that
+    fails; the verdicts, in order. `then` answers a verified request (None: the upstream's own answer)."""
+    receiver = Webhook(secret)
     verdicts: list[str] = []
-    stamps: list[int] = []
 
     def verify(rec: Received) -> web.Response | None:
         try:
@@ -31,10 +33,22 @@ async def test_sign_upstream_headers_verify_with_the_standard_webhooks_sdk_on_ev
             verdicts.append(f"rejected: {exc}")
             return web.Response(status=400)
         verdicts.append("ok")
-        stamps.append(int(rec.headers["webhook-timestamp"]))
-        return web.Response(status=503) if len(verdicts) == 1 else None  # fail the first attempt
+        return then(rec) if then is not None else None
 
     upstream.behaviour = verify
+    return verdicts
+
+
+async def test_sign_upstream_headers_verify_with_the_standard_webhooks_sdk_on_every_attempt(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    stamps: list[int] = []
+
+    def fail_the_first(rec: Received) -> web.Response | None:
+        stamps.append(int(rec.headers["webhook-timestamp"]))
+        return web.Response(status=503) if len(stamps) == 1 else None
+
+    verdicts = verified_with_the_sdk(upstream, UPSTREAM_SECRET, fail_the_first)
     client = await sidecar_factory(
         f"""
 - name: stripe
@@ -124,19 +138,7 @@ async def test_sign_upstream_secret_without_whsec_prefix_verifies_with_the_sdk_g
     """The SDK base64-decodes a secret with or without `whsec_`: the sidecar must derive the same key bytes from the
     same configured string (it used the UTF-8 bytes of an unprefixed one: every signature failed at the receiver)."""
     secret = base64.b64encode(b"upstream-signing-key-32-bytes!!!").decode()
-    receiver = Webhook(secret)
-    verdicts: list[str] = []
-
-    def verify(rec: Received) -> web.Response | None:
-        try:
-            receiver.verify(rec.body, rec.headers)
-        except WebhookVerificationError as exc:
-            verdicts.append(f"rejected: {exc}")
-            return web.Response(status=400)
-        verdicts.append("ok")
-        return None
-
-    upstream.behaviour = verify
+    verdicts = verified_with_the_sdk(upstream, secret)
     client = await sidecar_factory(
         f"""
 - name: stripe

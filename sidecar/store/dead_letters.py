@@ -307,13 +307,17 @@ class DeadLetters:
 
     async def remove(self, item: DeadLetter) -> bool:
         """Remove `item` if it is still the version read (see dlq_remove.lua). False when gone or replaced."""
-        keys = self._remove_keys(item)
-        args = [item.id, item.dead_ms, secrets.token_hex(8)]
-        return bool(await self.store.guard(lambda: self._remove(keys=keys, args=args)))
+        return bool(await self._removal(item))
 
-    def _remove_keys(self, item: DeadLetter) -> list[str]:
+    async def remove_held(self, item: DeadLetter, owner: str) -> HeldOutcome:
+        """Remove `item` if the drain `owner` took it (its lease ended or not) and nobody took it since."""
+        return _HELD[await self._removal(item, owner)]
+
+    async def _removal(self, item: DeadLetter, *owner: str) -> int:
+        """dlq_remove.lua's answer for `item` (and a held drain's `owner`), under a token of this call's own: the
+        script sent again after a lost answer is answered as its first run was."""
         k = self.keys
-        return [
+        keys = [
             k.dlq_items(),
             k.dlq_data(),
             k.dlq_body(),
@@ -321,13 +325,8 @@ class DeadLetters:
             k.dlq_taken(),
             k.dlq_gone(item.id, item.dead_ms),
         ]
-
-    async def remove_held(self, item: DeadLetter, owner: str) -> HeldOutcome:
-        """Remove `item` if the drain `owner` took it (its lease ended or not) and nobody took it since."""
-        keys = self._remove_keys(item)
-        args = [item.id, item.dead_ms, secrets.token_hex(8), owner]
-        code = int(await self.store.guard(lambda: self._remove(keys=keys, args=args)))
-        return _HELD[code]
+        args = [item.id, item.dead_ms, secrets.token_hex(8), *owner]
+        return int(await self.store.guard(lambda: self._remove(keys=keys, args=args)))
 
     async def take(self, item: DeadLetter, owner: str, lease_ms: int) -> TakeOutcome:
         """Hold `item` (the version read) for `owner` for `lease_ms` by the store's clock (dlq_take.lua; a lease of
@@ -347,7 +346,8 @@ class DeadLetters:
 
         "busy": another drain or replay holds it; "gone": removed or replaced (replayed and buried again) since it
         was read. An event already pending or in flight keeps its dead letter (it may be one being buried right
-        now, between dlq_add.lua and dead.lua); one already delivered makes the item obsolete, so it is removed.
+        now, between dlq_add.lua and dead.lua) unless it was scheduled from this very item (a replay cut short,
+        run again: "replayed"); one already delivered makes the item obsolete, so it is removed.
         """
         if item.body is None:
             # its stored body is gone (evicted): replaying would deliver an empty request in its place and

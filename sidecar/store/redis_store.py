@@ -80,6 +80,11 @@ ALIAS_REPORT_S = 30.0  # failed lookup indexes are logged once, then with a coun
 CLOCK_SKEW_WARN_S = 30
 
 
+def _given(run: int | None) -> list[int]:
+    """An optional last script argument (the run fence of retry/defer/dead.lua): absent when not known."""
+    return [] if run is None else [run]
+
+
 def _script(name: str) -> str:
     return resources.files("sidecar.store").joinpath("lua", f"{name}.lua").read_text()
 
@@ -651,9 +656,7 @@ class RedisStore:
         """Reschedule an attempt that failed; False when the event is no longer this attempt's: another attempt
         number or (`run`, `EventRecord.fence`) another run of attempts."""
         ev, sched, _, member = self.keys.locate(route, dedupe_id)
-        args = [due_ms, member, attempt, entry.to_json(), entry.status or "", entry.error or ""]
-        if run is not None:
-            args.append(run)
+        args = [due_ms, member, attempt, entry.to_json(), entry.status or "", entry.error or "", *_given(run)]
         return bool(await self._call(lambda: self._retry(keys=[ev, sched], args=args)))
 
     async def defer(
@@ -661,7 +664,7 @@ class RedisStore:
     ) -> bool:
         """Give a taken event back unattempted (see defer.lua)."""
         ev, sched, _, member = self.keys.locate(route, dedupe_id)
-        args = [due_ms, member, attempt, *([] if run is None else [run])]
+        args = [due_ms, member, attempt, *_given(run)]
         return bool(await self._call(lambda: self._defer(keys=[ev, sched], args=args)))
 
     async def bury(
@@ -741,7 +744,7 @@ class RedisStore:
             entry.status or "",
             entry.error or "",
             rec.route,
-            *([] if rec.fence is None else [rec.fence]),
+            *_given(rec.fence),
         ]
         await self._call(lambda: self._dead(keys=[ev, sched, stats], args=dead_args))
         return item_id, evicted
