@@ -47,6 +47,10 @@ DRAIN_ID = r"[0-9a-f]{32}"
 DEAD_ID = r"[0-9a-f]{1,64}"  # a dead-letter id
 CURSOR = rf"([0-9]{{1,16}})-({DEAD_ID})"  # a page's next_cursor: dead_at-id
 EPOCH = r"[0-9]{1,12}(\.[0-9]{1,9})?"  # since/until as epoch seconds
+# since/until as an RFC 3339 date-time (what the document's format "date-time" takes: seconds and an offset required)
+RFC3339 = (
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?" r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 MAX_IDS = 10000  # ids per call
 # where the API expects dead-letter ids (a body's "ids" or "keep"): anything else is a 400
 _DEAD_ID = {"type": "string", "pattern": f"^{DEAD_ID}$"}
@@ -62,7 +66,7 @@ _TIME = {"type": ["string", "null"], "format": "date-time"}
 _WHEN = {
     "anyOf": [
         {"type": "string", "pattern": f"^{EPOCH}$"},
-        {"type": "string", "format": "date-time"},
+        {"type": "string", "format": "date-time", "pattern": f"^{RFC3339}$"},
     ]
 }
 _NULLABLE_INT = {"type": ["integer", "null"]}
@@ -236,6 +240,7 @@ SCHEMAS: dict[str, Any] = {
             "hold": {
                 "anyOf": [
                     {"type": "number", "minimum": 1, "maximum": 86400},
+                    {"type": "null", "description": "not held (as if left out)"},
                     {"type": "string", "pattern": rf"^\s*{DURATION}\s*$"},
                 ],
                 "description": "a held drain (two phases): the items streamed stay in the DLQ, held for this "

@@ -1551,6 +1551,7 @@ async def test_admin_requests_the_document_refuses_are_the_ones_the_server_refus
         ("DrainRequest", "/admin/dlq/drain", {"hold": 0, "route": "nope"}, 400),
         ("DrainRequest", "/admin/dlq/drain", {"hold": "1h30m", "route": "nope"}, 404),
         ("DrainRequest", "/admin/dlq/drain", {"hold": 90, "route": "nope"}, 404),
+        ("DrainRequest", "/admin/dlq/drain", {"hold": None, "route": "nope"}, 404),
     ]
     for name, url, body, status in bodies:
         resp = await admin.post(url, body)
@@ -1566,6 +1567,16 @@ async def test_admin_requests_the_document_refuses_are_the_ones_the_server_refus
         ("since", "", False),
         ("since", "1700000000", True),
         ("since", "2024-05-01T12:00:00Z", True),
+        # RFC 3339 takes a lowercase t and z; seconds and the offset are required, the T is not a space
+        ("since", "2024-05-01t12:00:00.5z", True),
+        ("since", "2024-05-01T12:00:00-07:00", True),
+        ("since", "2024-05-01T12:00Z", False),
+        ("since", "2024-05-01 12:00:00Z", False),
+        ("since", "20240501T120000Z", False),
+        ("since", "2024-05-01T12:00:00+0100", False),
+        # before 1970 and the largest epoch the form takes select, they are not out of range
+        ("since", "0001-01-01T00:00:00Z", True),
+        ("until", "999999999999", True),
         ("until", "yesterday", False),
         ("status", "", False),
         ("status", "5XX", True),
