@@ -732,7 +732,9 @@ def _not_finite(value: float, written: str) -> str:
 MAX_DURATION = 100 * 365 * 86400.0
 
 
-def _duration(*, zero_ok: bool = False) -> Conv:
+def _duration(*, zero_ok: bool = False, at_least: str = "") -> Conv:
+    floor = parse_duration(at_least) if at_least else 0.0
+
     def conv(ctx: _Ctx, item: _Item, path: str) -> Any:
         if item.value is BAD:
             return BAD
@@ -742,6 +744,8 @@ def _duration(*, zero_ok: bool = False) -> Conv:
             return ctx.bad(item, path, str(exc))
         if seconds == 0 and not zero_ok:
             return ctx.bad(item, path, "must be longer than 0")
+        if seconds < floor:
+            return ctx.bad(item, path, f"must be at least {at_least}")
         if seconds > MAX_DURATION:
             return ctx.bad(item, path, "must be at most 100 years (36500d)")
         return seconds
@@ -1037,7 +1041,8 @@ _SERVER: dict[str, Conv] = {
     "max_inflight_bytes": _integer(1),
     "read_timeout": _duration(),
     "shutdown_grace": _duration(zero_ok=True),
-    "reload_interval": _duration(),
+    # each look reads the config and every secret file: a few milliseconds apart, that is a busy loop
+    "reload_interval": _duration(at_least="100ms"),
 }
 _ADMIN: dict[str, Conv] = {"listen": _listen, "token": _optional(_admin_token)}
 _REDIS: dict[str, Conv] = {

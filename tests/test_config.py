@@ -412,6 +412,14 @@ def test_durations_in_config_use_every_unit() -> None:
     assert (config.retry.max_delay, config.retry.lease, config.routes[0].tolerance) == (300.0, 90.0, 0.5)
 
 
+def test_reload_interval_under_100ms_is_an_error() -> None:
+    """Each look reads the config and its secret files: 1ms apart that was a busy loop, accepted without a word."""
+    assert errors_of("server: {reload_interval: 1ms}\n" + ROUTE) == [
+        "cfg.yaml:1: server.reload_interval: must be at least 100ms"
+    ]
+    assert one_route("", head="server: {reload_interval: 100ms}\n").server.reload_interval == 0.1
+
+
 def test_durations_zero_timeout_is_an_error() -> None:
     assert errors_of("upstream: {timeout: 0s}\n" + ROUTE) == [
         "cfg.yaml:1: upstream.timeout: must be longer than 0"
