@@ -297,7 +297,8 @@ class Config:
         """Settings that load but work against the sidecar's promise, for `check-config` and the start-up log: a
         `retry.lease` shorter than an attempt can take (up to `upstream.timeout` waiting for a connection slot, as
         much again for the exchange, then the store write that settles it) lets the event be taken and sent again
-        while the receiver still has it; a URL-signing route without `public_url` trusts the client's headers."""
+        while the receiver still has it; a URL-signing route without `public_url` trusts the client's headers;
+        `sign_upstream` on a route that verifies nothing signs anyone's request."""
         floor = 2 * self.upstream.timeout + self.redis.timeout
         leases = {"retry": self.retry.lease}
         for route in self.routes:
@@ -330,7 +331,15 @@ class Config:
             for route in self.routes
             if route.tolerance is not None and not _checks_time(route)
         ]
-        return short + unpinned + untimed
+        # a security audit: the receiver trusts the sidecar's signature, and this route's is on anyone's request
+        vouching = [
+            f"{self.source}: routes.{route.name}: provider none verifies nothing and sign_upstream is set: the "
+            "sidecar signs whatever anyone sends to this path, so the receiver's check vouches for nothing more "
+            "than the network path; only behind a network or proxy you control"
+            for route in self.routes
+            if route.provider == "none" and route.sign_upstream is not None
+        ]
+        return short + unpinned + untimed + vouching
 
 
 def _checks_time(route: RouteConfig) -> bool:

@@ -133,11 +133,9 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamError("protocol_error", "the upstream switched protocols"))
         except httptools.HttpParserError as exc:
             status = self._status or self._parser.get_status_code()
-            if 200 <= status < 300 and self._fut is not None:
-                # The receiver took the event and said so; only the rest of its answer is unusable: a delivery
-                # (relayed as the bare status), not a failure to send again and again.
-                self._status, self._headers, self._body = status, [], []
-                self._complete()
+            if 200 <= status < 300:
+                self._status = status
+                self._took_it()
             self._fail(UpstreamError("protocol_error", f"unparseable response: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -146,6 +144,9 @@ class _Connection(asyncio.Protocol):
         if self._fut is not None and not self._fut.done():
             if self._status and self._ends_at_close():
                 self._complete()  # a body delimited by the connection's end (no length, not chunked)
+            elif 200 <= self._status < 300:
+                # closed before the end of its answer
+                self._took_it()
             else:
                 self._fut.set_exception(UpstreamError("disconnected", "the upstream closed the connection"))
 
@@ -218,6 +219,14 @@ class _Connection(asyncio.Protocol):
         # an idle pooled connection keeps nothing of the answer it gave (up to 16 MiB of body)
         self._headers, self._body = [], []
 
+    def _took_it(self) -> None:
+        """The receiver took the event and said so (a 2xx head); only the rest of its answer is unusable (cut off,
+        unparseable, too slow): a delivery, relayed as the bare status, not a failure to send it again (the
+        receiver would have it twice)."""
+        if self._fut is not None:
+            self._headers, self._body = [], []
+            self._complete()
+
     def _fail(self, exc: Exception) -> None:
         self.reusable = False
         if self._fut is not None and not self._fut.done():
@@ -235,6 +244,9 @@ class _Connection(asyncio.Protocol):
         return self._fut
 
     def timed_out(self) -> None:
+        if 200 <= self._status < 300:
+            # the head came in time, the rest of the body did not
+            self._took_it()
         self._fail(UpstreamError("timeout", "the upstream did not answer in time"))
 
     def close(self) -> None:

@@ -50,6 +50,10 @@ STORE_FULL_REPORT_S = 30.0
 NO_ROUTE_REPORT_S = 60.0
 
 EVENT_ID_HEADER = "X-Sidecar-Event-Id"
+# On a sign_upstream route, the headers a request the sidecar did not verify must not carry to the receiver.
+UNSIGNED_DROPPED = frozenset(
+    {"webhook-id", "webhook-timestamp", "webhook-signature", "svix-id", "svix-timestamp", "svix-signature"}
+)
 # Providers that sign the URL (or read it, like X's CRC): only they need the public URL rebuilt per request.
 URL_SIGNING = SIGNS_URL | {"x", "twitter", "hmac"}
 ROUTINE = frozenset(
@@ -524,19 +528,25 @@ class Ingress:
         url = public_url(request, cfg) if needs_public_url(cfg) else ""
         inbound = Inbound(request.method, body, request.headers, url, time.time())
         handshake = route.verifier.unsigned_handshake(inbound)
+        verified_request = False
         if handshake is None and request.method != "POST":
             result.outcome = "passthrough"
-            return await self._pass_through(request, route, body, None, span, result)
+            # never verified: not re-signed for the upstream (sign_upstream would vouch for anyone's request)
+            return await self._pass_through(request, route, body, None, span, result, verified=False)
         if handshake is None:
             try:
                 verified = route.verifier.verify(inbound)
             except VerificationError as exc:
                 return self._rejected(cfg.name, exc, result)
+            verified_request = True
             handshake = verified.handshake
         if handshake is not None:
             result.outcome = "handshake"
             if cfg.handshake == "pass":
-                return await self._pass_through(request, route, body, None, span, result)
+                # an unsigned handshake (Slack ssl_check, X CRC) was never verified: not re-signed either
+                return await self._pass_through(
+                    request, route, body, None, span, result, verified=verified_request
+                )
             return answer_handshake(handshake)
         if verified.nonce is not None:
             refused = await self._spend_nonce(cfg, verified, body, result)
@@ -549,7 +559,9 @@ class Ingress:
             return web.json_response({"filtered": True}, headers={EVENT_ID_HEADER: ids[0]} if ids else None)
         if not cfg.dedupe:
             result.outcome, result.event_id = "passthrough", ids[0] if ids else None
-            return await self._pass_through(request, route, body, result.event_id, span, result)
+            return await self._pass_through(
+                request, route, body, result.event_id, span, result, verified=True
+            )
         if ids is None:
             src = cfg.event_id
             where = src.kind if src.kind in ("auto", "body_sha256") else f"{{{src.kind}: {src.value}}}"
@@ -745,8 +757,11 @@ class Ingress:
         event_id: str | None,
         span: AnySpan,
         result: Result,
+        *,
+        verified: bool,
     ) -> web.StreamResponse:
-        """Synchronous proxying, no claim and no retry: non-POST requests, handshakes in `pass` mode, dedupe: false."""
+        """Synchronous proxying, no claim and no retry: non-POST requests, handshakes in `pass` mode, dedupe: false.
+        `verified`: the request passed the route's signature check; only then does `sign_upstream` sign it."""
         forward = self.tel.start_forward(route.cfg.name, event_id or "", 1, span, None)
         rec = self._record(
             request,
@@ -757,7 +772,10 @@ class Ingress:
             self.store.clock.now_ms(),
             self.tel.traceparent(forward),
         )
-        headers = upstream_headers(rec, 1, rec.traceparent, route.upstream_key)
+        headers = upstream_headers(rec, 1, rec.traceparent, route.upstream_key if verified else None)
+        if route.upstream_key is not None and not verified:
+            # nor does a client's own webhook-* reach a receiver that trusts them as the sidecar's
+            headers = [(k, v) for k, v in headers if k.lower() not in UNSIGNED_DROPPED]
         if not event_id:
             headers = [(k, v) for k, v in headers if k != EVENT_ID_HEADER]
         url = target_url(self.dispatcher.config, route.cfg, rec.path_qs)

@@ -39,13 +39,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"), default=str)
 
 
+def _plain(value: Any) -> str:
+    """A field as text, quoted (repr) when a client could have put a space, a control character or a line
+    separator in it (a path, X-Forwarded-For): it cannot forge another field or line of a text log."""
+    text = str(value)
+    return text if text.isprintable() and " " not in text and "=" not in text else repr(text)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extras = [f"{k}={record.__dict__[k]}" for k in OUTCOME_FIELDS if record.__dict__.get(k) is not None]
+        extras = [
+            f"{k}={_plain(record.__dict__[k])}" for k in OUTCOME_FIELDS if record.__dict__.get(k) is not None
+        ]
         return f"{line} {' '.join(extras)}" if extras else line
 
 

@@ -1236,6 +1236,17 @@ def test_listen_brackets_without_a_port_say_the_port_is_missing() -> None:
     assert error == 'cfg.yaml:1: server.listen: a port is needed after the brackets, like "[::1]:8080"'
 
 
+def test_sign_upstream_on_a_route_that_verifies_nothing_is_warned_about() -> None:
+    """sign_upstream on provider none signs whatever anyone sends (a security audit): the receiver trusts it. A
+    sender on a network the operator controls is a use for it, so it loads, with a warning."""
+    text = ROUTE.replace("provider: stripe", "provider: none")
+    assert load_text(text).warnings() == []
+    [warning] = load_text(text + "    sign_upstream: {secret: 'ZGV2LW9ubHk='}\n").warnings()
+    assert "routes.stripe: provider none verifies nothing and sign_upstream is set" in warning
+    signed = ROUTE + "    sign_upstream: {secret: 'ZGV2LW9ubHk='}\n"
+    assert load_text(signed).warnings() == []
+
+
 def test_sign_upstream_secret_must_decode_as_the_receivers_sdk_decodes_it() -> None:
     """The Standard Webhooks SDK base64-decodes the secret string (whsec_ optional); one it cannot decode would
     be signed with its UTF-8 bytes here and never verify there."""

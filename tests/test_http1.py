@@ -179,8 +179,30 @@ async def test_http1_timeout_refused_and_mid_response_disconnect(raw_server, cli
     with pytest.raises(UpstreamError) as exc:
         await client.post(f"http://127.0.0.1:{free_port()}/", [], b"x", 1.0)
     assert exc.value.kind == "connect_error"
+    # a 2xx head is the receiver saying it took the event: cut short after it, still a delivery (bare status),
+    # as an unparseable or oversized rest of a 2xx is; sending it again would deliver it twice
+    resp = await client.post(await raw_server(cut), [], b"x", 1.0)
+    assert (resp.status, resp.body) == (200, b"")
+
+    async def stall(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-part")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    # so is a 2xx head whose body stops coming: its timeout is not a failure to send again
+    resp = await client.post(await raw_server(stall), [], b"x", 0.3)
+    assert (resp.status, resp.body) == (200, b"")
+
+    async def refuse_cut(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 100\r\n\r\nonly-part")
+        await writer.drain()
+        writer.close()
+
+    # anything else cut short is still a failure (sent again)
     with pytest.raises(UpstreamError) as exc:
-        await client.post(await raw_server(cut), [], b"x", 1.0)
+        await client.post(await raw_server(refuse_cut), [], b"x", 1.0)
     assert exc.value.kind == "disconnected"
 
 

@@ -151,3 +151,37 @@ async def test_sign_upstream_secret_without_whsec_prefix_verifies_with_the_sdk_g
     body = stripe_body("evt_signed_plain_b64")
     assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 200
     assert verdicts == ["ok"]
+
+
+async def test_sign_upstream_never_signs_what_was_not_verified(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """A non-POST pass-through and an unsigned handshake passed through are nobody's verified event: no webhook-*
+    header of the sidecar's (which would vouch for them) nor of the client's reaches the receiver."""
+    client = await sidecar_factory(
+        f"""
+- name: stripe
+  path: /webhooks/stripe
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+  sign_upstream: {{secret: "{UPSTREAM_SECRET}"}}
+- name: slack
+  path: /webhooks/slack
+  provider: slack
+  secrets: ["slack-signing-secret"]
+  handshake: pass
+  sign_upstream: {{secret: "{UPSTREAM_SECRET}"}}
+"""
+    )
+    forged = b'{"id": "evt_forged", "type": "invoice.paid"}'
+    resp = await client.put("/webhooks/stripe", data=forged, headers={"webhook-id": "evt_forged"})
+    assert resp.status == 200
+    resp = await client.post(
+        "/webhooks/slack",
+        data=b"ssl_check=1&token=t",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert resp.status == 200
+    assert len(upstream.received) == 2
+    for rec in upstream.received:
+        assert not {"webhook-id", "webhook-timestamp", "webhook-signature"} & {k.lower() for k in rec.headers}

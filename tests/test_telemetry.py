@@ -653,3 +653,24 @@ async def test_telemetry_inbound_span_status_follows_the_answer_and_names_the_ou
     assert [s.status.status_code for s in receive] == [StatusCode.UNSET, StatusCode.UNSET]
     assert [s.attributes["sidecar.error"] for s in receive] == ["connect_error", "mismatch"]
     assert [s.attributes["http.response.status_code"] for s in receive] == [202, 401]
+
+
+def test_text_log_fields_a_client_sets_cannot_forge_a_field_or_a_line() -> None:
+    """A path with %0D or U+2028, an X-Forwarded-For with spaces and `=`: written as they were in text logs, they
+    added a forged line or fields to the audit trail (a security audit). Such values are quoted (repr)."""
+    import logging
+
+    from sidecar.logs import TextFormatter
+
+    record = logging.LogRecord("sidecar.ingress", logging.INFO, __file__, 1, "request", None, None)
+    record.__dict__.update(
+        path="/x\rERROR sidecar.admin: dlq drain\u2028next",
+        forwarded_for="10.0.0.1 outcome=forwarded status=200",
+        route="stripe",
+        status=401,
+    )
+    line = TextFormatter().format(record)
+    assert len(line.splitlines()) == 1 and "\r" not in line and "\u2028" not in line, line
+    assert " route=stripe status=401 " in line, line
+    assert line.endswith(" forwarded_for='10.0.0.1 outcome=forwarded status=200'"), line
+    assert "path='/x\\rERROR sidecar.admin: dlq drain\\u2028next'" in line, line

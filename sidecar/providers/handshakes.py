@@ -74,25 +74,66 @@ def zoom_url_validation(req: Request, key: Key) -> Handshake | None:
     return _json_answer({"plainToken": token, "encryptedToken": encrypted})
 
 
+SSL_CHECK_MAX = 4096
+
+
 def slack_ssl_check(req: Request, keys: tuple[Key, ...]) -> Handshake | None:
     """A slash-command URL's `ssl_check=1` form POST: Bolt answers 200 with an empty body and verifies nothing."""
     inbound = req.inbound
-    if inbound.method.upper() != "POST" or b"ssl_check" not in inbound.body or not req.is_form():
+    # Slack's is `ssl_check=1&token=…`: a large form is no ssl_check (and is not parsed before its signature)
+    if (
+        inbound.method.upper() != "POST"
+        or len(inbound.body) > SSL_CHECK_MAX
+        or b"ssl_check" not in inbound.body
+        or not req.is_form()
+    ):
         return None
-    if req.form().get("ssl_check") == ["1"]:
+    form = req.form()
+    if form.get("ssl_check") == ["1"] and set(form) <= {"ssl_check", "token"}:
         return Handshake(status=200, body=b"", content_type="text/plain")
     return None
 
 
+# The CRC answer is HMAC-SHA256(consumer secret, token), base64: exactly a POST's x-twitter-webhooks-signature over
+# a body equal to the token. Answered for any text, it signed any event body for anyone (a security audit: a GET
+# with a JSON event as its crc_token, then that event POSTed with the answer, was forwarded as verified). X's
+# tokens are short printable ASCII (a UUID, base64, where a `+` may arrive decoded as a space). Refused: a token
+# that could be a JSON document (past spaces, it starts with `{`, `[` or `"`, or is a number, true, false or
+# null) or is not printable ASCII (a BOM, a newline).
+MAX_CRC_TOKEN = 512
+
+
+def _crc_token_problem(token: str) -> str | None:
+    if not 0 < len(token) <= MAX_CRC_TOKEN:
+        return f"crc_token must be 1 to {MAX_CRC_TOKEN} characters"
+    if not (token.isascii() and token.isprintable()):
+        return "crc_token must be printable ASCII"
+    if token.lstrip(" ")[:1] in ("{", "[", '"') or _is_json(token):
+        return "crc_token must not be a JSON document (its answer would sign it as an event body)"
+    return None
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def x_crc(req: Request, keys: tuple[Key, ...]) -> Handshake | None:
     """X (Twitter) CRC: a GET with `crc_token` → `{"response_token": "sha256=" + base64(HMAC-SHA256(secret, t))}`.
-    The first configured secret (the current consumer secret) answers."""
+    The first configured secret (the current consumer secret) answers. A token that could be an event body, or
+    more than one, is refused (400 `bad_crc_token`), not signed."""
     if req.inbound.method.upper() != "GET" or not keys or not isinstance(keys[0], HmacKey):
         return None
     tokens = req.query().get("crc_token")
     if not tokens:
         return None
-    mac = HmacKey(keys[0].material).sign(tokens[0].encode("utf-8", "surrogatepass"))
+    problem = "crc_token given more than once" if len(tokens) != 1 else _crc_token_problem(tokens[0])
+    if problem is not None:
+        return _json_answer({"error": "bad_crc_token", "detail": problem}, status=400)
+    mac = HmacKey(keys[0].material).sign(tokens[0].encode("ascii"))
     return _json_answer({"response_token": "sha256=" + base64.b64encode(mac).decode()})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import urllib.parse
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -163,6 +164,34 @@ def test_x_crc_only_on_get_with_token(provider: str) -> None:
     assert json.loads(answer.body) == {"response_token": expected}
     assert verifier.unsigned_handshake(inbound(b"", {}, url=url, method="POST")) is None
     assert verifier.unsigned_handshake(inbound(b"", {}, url=URL, method="GET")) is None
+
+
+@pytest.mark.parametrize("provider", ["x", "twitter"])
+def test_x_crc_is_no_signing_oracle(provider: str) -> None:
+    """The CRC answer is HMAC(consumer secret, token), base64: a POST's signature over a body equal to the token.
+    A token that could be an event body (JSON) is refused, not signed."""
+    verifier = build_verifier(provider, ["first"], None, None)
+    for forged in (
+        '{"for_user_id":"1","tweet_delete_events":[]}',
+        "  [1]",
+        '"x"',
+        "12",
+        "-1.5e3",
+        "null",
+        "\ufeff{}",
+    ):
+        url = URL + "&crc_token=" + urllib.parse.quote(forged, safe="")
+        answer = verifier.unsigned_handshake(inbound(b"", {}, url=url, method="GET"))
+        assert answer is not None and answer.status == 400, forged
+        assert json.loads(answer.body)["error"] == "bad_crc_token", forged
+    twice = URL + "&crc_token=a&crc_token=b"
+    answer = verifier.unsigned_handshake(inbound(b"", {}, url=twice, method="GET"))
+    assert answer is not None and answer.status == 400
+    # X's own tokens (a UUID, base64 whose + arrived as a space, a word) are still answered
+    for token in ("9b4507b3-9040-4669-9ca3-6b94edb50553", "ab cd/ef==", "test-token!", "nullable"):
+        url = URL + "&crc_token=" + urllib.parse.quote(token, safe="")
+        answer = verifier.unsigned_handshake(inbound(b"", {}, url=url, method="GET"))
+        assert answer is not None and answer.status == 200 and b"response_token" in answer.body, token
 
 
 def test_github_ping_is_a_normal_event() -> None:
@@ -771,3 +800,25 @@ def test_sendgrid_rejects_non_p256_key() -> None:
     )
     with pytest.raises(ProviderConfigError, match="P-256"):
         build_verifier("sendgrid", [b64(der)], None, None)
+
+
+def test_a_form_with_more_fields_than_any_provider_sends_is_not_parsed() -> None:
+    """Parsing and sorting 100,000 fields held the event loop ~0.25 s per unsigned 1 MB request, before any
+    signature was checked (a security audit). Past MAX_FORM_FIELDS a form is no form: Twilio's verifier refuses
+    it as malformed, a Slack ssl_check is not recognised."""
+    many = b"&".join(b"f%d=1" % i for i in range(request_module.MAX_FORM_FIELDS + 1))
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    req = request_module.Request(inbound(many, headers))
+    assert req.form() == {}
+    with pytest.raises(VerificationError) as err:
+        req.form_pairs()
+    assert err.value.reason == "malformed" and "more than 1000 fields" in err.value.detail
+    allowed = b"&".join(b"f%d=1" % i for i in range(request_module.MAX_FORM_FIELDS))
+    assert (
+        len(request_module.Request(inbound(allowed, headers)).form_pairs()) == request_module.MAX_FORM_FIELDS
+    )
+    slack = build_verifier("slack", ["s"], None, None)
+    assert slack.unsigned_handshake(inbound(b"ssl_check=1&" + many, headers)) is None
+    assert slack.unsigned_handshake(inbound(b"ssl_check=1&token=t", headers)) is not None
+    # a forged slash command dressed as an ssl_check is no handshake: it is verified like any request
+    assert slack.unsigned_handshake(inbound(b"ssl_check=1&command=%2Fdeploy&text=prod", headers)) is None
