@@ -199,7 +199,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.start_config:
             text = Path(args.start_config).read_text(encoding="utf-8")
             config = load_text(text, path)
-            reload_at_start = _read_or_none(path) != text  # then what of the file applies live, as a reload
+            # then what of the file applies live, as a reload; a FIFO or pipe is read once, by the supervisor
+            # (opened again here it blocks for good with no writer)
+            from sidecar.reload import regular_or_missing
+
+            reload_at_start = regular_or_missing(path) and _read_or_none(path) != text
         else:
             config, text = load_with_text(path)
     except ConfigError as exc:

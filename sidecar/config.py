@@ -1322,7 +1322,9 @@ def _sign_upstream(ctx: _Ctx, item: _Item, path: str) -> Any:
     values, ok = _section(ctx, item, path, {"secret": _secret})
     if not ok:
         return BAD
-    secret = values.get("secret")
+    # surrounding whitespace stripped, as from secret files and the admin token (a Kubernetes Secret made from a
+    # file ends in a newline; the receiver's SDK takes the string with it)
+    secret = (values.get("secret") or "").strip()
     if not secret:
         return ctx.bad(item, path + ".secret", "required (the upstream verifies the added headers with it)")
     if not _is_base64(secret.removeprefix("whsec_")):

@@ -592,6 +592,10 @@ class Ingress:
         except StoreError as exc:
             breaker.release(forward_now)
             return self._store_failed(cfg.name, f"claim failed for {event_id}", exc, result, event_id)
+        if (unsaid := self._failing.over()) is not None:
+            log.warning(
+                "store calls succeed again (%d more request(s) refused since the last report)", unsaid
+            )
         if not claim.claimed:
             breaker.release(forward_now)
             result.outcome = "duplicate"

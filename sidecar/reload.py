@@ -77,7 +77,7 @@ def _digest(paths: list[str], loaded: str | None = None, files: Mapping[str, str
     for i, path in enumerate(paths):
         h.update(path.encode() + b"\x00")
         try:
-            if not _regular(path):
+            if not regular_or_missing(path):
                 # a pipe (`--config <(…)`), a FIFO or a device: read again it would block, or give nothing (a
                 # reload refused for an empty config); not watched
                 h.update(b"<not a regular file>")
@@ -94,7 +94,7 @@ def _digest(paths: list[str], loaded: str | None = None, files: Mapping[str, str
     return h.hexdigest()
 
 
-def _regular(path: str) -> bool:
+def regular_or_missing(path: str) -> bool:
     """False only for a path that exists and is not a regular file (a missing one is the loader's to report)."""
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
@@ -211,7 +211,7 @@ class Reloader:
         async with self._lock:
             self._seen = _digest(self._files)
             from_file = text is None
-            if from_file and not _regular(self.path):
+            if from_file and not regular_or_missing(self.path):
                 # a pipe (`--config <(…)`) read again gives nothing, and a FIFO with no writer blocks its reader
                 # thread for good (and the shutdown, which waits for it)
                 self.tel.config_reloads["rejected"] += 1
@@ -278,6 +278,16 @@ class Reloader:
                 "config reload (%s): restart needed for %s; the running values stay until then",
                 reason,
                 describe(waiting, self.running, restart_new, "running "),
+            )
+        if "redis.shards" in waiting:
+            # the restart it asks for would be refused: the store's keys were written with the running count
+            log.error(
+                "config reload (%s): a sidecar started with redis.shards %s refuses to start on this store, whose "
+                "events were written with %s shards; to change it, stop the traffic, let the retry schedule and "
+                "the dead letters drain and dedupe.ttl pass, then delete the key named at the refusal",
+                reason,
+                new.redis.shards,
+                self.running["redis.shards"],
             )
         restart_old = settings(old, RESTART_ONLY)
         back = [k for k in changed(restart_old, restart_new) if k not in waiting]

@@ -1260,3 +1260,6 @@ def test_sign_upstream_secret_must_decode_as_the_receivers_sdk_decodes_it() -> N
         assert (
             load_text(ROUTE + f"    sign_upstream: {{secret: '{ok}'}}\n").routes[0].sign_upstream is not None
         )
+    # a value from a file that ends in a newline (a Kubernetes Secret): stripped, as secret files are (a review)
+    padded = load_text(ROUTE + "    sign_upstream: {secret: '${S}'}\n", env={"S": "whsec_ZGV2LW9ubHk=\n"})
+    assert padded.routes[0].sign_upstream == SignUpstream("whsec_ZGV2LW9ubHk=")

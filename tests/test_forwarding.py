@@ -318,3 +318,43 @@ async def test_a_store_refusing_every_write_is_logged_once_with_a_count_not_per_
     assert len(said) == 1 and said[0].startswith("1 request(s) refused (503)") and "NOREPLICAS" in said[0], (
         said
     )
+    # and when it is over, once, with the refusals not said yet (a review: they were lumped into the next episode)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sidecar"):
+        for i in range(2):
+            body = stripe_body(f"evt_after_{i}")
+            assert (
+                await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+            ).status == 200
+    over = [r.getMessage() for r in caplog.records if "succeed again" in r.getMessage()]
+    assert over == ["store calls succeed again (4 more request(s) refused since the last report)"], over
+
+
+async def test_a_full_store_written_with_another_shard_count_is_refused_at_start(
+    upstream: Upstream, own_valkey: Any
+) -> None:
+    """A store at its maxmemory (noeviction) refuses the SET of the shard check, not its GET: the check was skipped
+    with a warning and the sidecar ran with the other count for good (resends of delivered events delivered again
+    once the store had room)."""
+    import redis as sync_redis
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sidecar.errors import SidecarError
+
+    url = str(own_valkey.connection_url)
+    routes = "- {name: plain, path: /webhooks/plain, provider: none, event_id: {header: X-Id}}"
+    config = make_config(routes, upstream_url=upstream.url, redis_url=url)
+    async with TestClient(TestServer(create_app(config, redis_url=url, run_worker=False))):
+        pass
+    other = replace(config, redis=replace(config.redis, shards=16))
+    with sync_redis.Redis(host="127.0.0.1", port=own_valkey.port) as admin:
+        admin.config_set("maxmemory", 1)  # full: every write refused OOM
+        refused = TestClient(TestServer(create_app(other, redis_url=url, run_worker=False)))
+        try:
+            with pytest.raises(
+                SidecarError, match=r"redis\.shards is 16 but the store's events were written with 4"
+            ):
+                await refused.start_server()
+        finally:
+            await refused.close()  # its client session, opened before the server failed to start
+            admin.config_set("maxmemory", 0)

@@ -245,6 +245,19 @@ async def test_reload_reports_per_key_what_applies_now_and_what_waits_for_a_rest
             infos
         )
 
+        # redis.shards: the restart asked for would be refused on this store, and the reload says so (a review)
+        caplog.clear()
+        cfg_path.write_text(
+            settings_config(upstream.url, redis_url, smaller).replace("shards: 4", "shards: 8")
+        )
+        assert await reloader.reload("SIGHUP")
+        warnings, _ = reload_lines(caplog)
+        assert len(warnings) == 2 and "redis.shards (running 4, new 8)" in warnings[0], warnings
+        assert "started with redis.shards 8 refuses to start on this store" in warnings[1], warnings
+        assert "written with 4 shards" in warnings[1]
+        cfg_path.write_text(settings_config(upstream.url, redis_url, smaller))
+        assert await reloader.reload("SIGHUP")
+
         # server.reload_interval applies at once too: from 1h to 100ms, file changes are picked up again
         cfg_path.write_text(settings_config(upstream.url, redis_url, "reload_interval: 100ms"))
         assert await reloader.reload("SIGHUP")

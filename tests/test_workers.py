@@ -373,3 +373,27 @@ def test_workers_0_counts_the_cores_the_process_may_use(tmp_path: Path) -> None:
         check=True,
     )
     assert pinned.stdout.split() == ["1", "3"]
+
+
+async def test_workers_serve_a_config_read_from_a_fifo(
+    tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[Any]
+) -> None:
+    """`--config` a FIFO with `workers: 2`: each worker opened the FIFO again to compare it with the config its
+    supervisor read, and blocked there for good with no writer (a review): the sidecar never served. A FIFO or
+    pipe is read once, by the supervisor."""
+    port, cfg = free_port(), tmp_path / "sidecar.yaml"
+    write_config(cfg, upstream_url=upstream.url, port=port, secret=SECRET, workers=2, redis_url=redis_url,
+                 admin_port=free_port())  # fmt: skip
+    fifo = tmp_path / "sidecar.fifo"
+    os.mkfifo(fifo)
+    proc = SidecarProcess(fifo)
+    processes.append(proc)
+    proc.spawn()
+    writer = asyncio.get_running_loop().run_in_executor(None, fifo.write_text, cfg.read_text())
+    await asyncio.wait_for(writer, 10)
+    proc.wait_listening(port)
+    statuses = await asyncio.wait_for(
+        post_all(f"http://127.0.0.1:{port}/webhooks/stripe", ["evt_fifo_1", "evt_fifo_2", "evt_fifo_3"]), 30
+    )
+    assert statuses == [200, 200, 200], proc.log()
+    assert "refused" not in proc.log(), proc.log()

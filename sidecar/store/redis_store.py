@@ -350,9 +350,13 @@ class RedisStore:
         or when the store cannot say now (down, full): best effort, as the other start-up checks."""
         key = self.keys.layout()
         try:
-            if await self._fast.execute(("SET", key, str(self.keys.shards), "NX"), key=key):
-                return None
+            # read first: a store at its maxmemory (noeviction) refuses the SET, not the GET, and the check must
+            # not be skipped then
             stored = await self._fast.execute(("GET", key), key=key)
+            if stored is None:
+                if await self._fast.execute(("SET", key, str(self.keys.shards), "NX"), key=key):
+                    return None
+                stored = await self._fast.execute(("GET", key), key=key)
         except (*_UNAVAILABLE, ReplyError) as exc:
             log.warning("could not check the store's shard count against redis.shards: %s", exc)
             return None
