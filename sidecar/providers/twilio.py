@@ -120,6 +120,13 @@ class TwilioVerifier:
             return ""
         if req.inbound.method.upper() == "POST" and req.is_form():
             return param_string(req.form_pairs())
+        if req.inbound.method.upper() == "POST" and req.body:
+            # the signature would cover the URL alone: a URL-only signature captured elsewhere (a GET webhook, an
+            # empty form) would carry any body (a security audit). Twilio signs a form's fields, and pins a JSON
+            # body with bodySHA256.
+            raise VerificationError(
+                "malformed", "a POST body that is not a form needs bodySHA256 in the URL: nothing signs it"
+            )
         return ""
 
 

@@ -558,6 +558,23 @@ def test_twilio_bad_port_in_url_rejected_not_raised() -> None:
         verify("twilio", ["tok"], b"", headers, url="http://[::1/sms")
 
 
+def test_twilio_body_nothing_signs_is_rejected() -> None:
+    """A JSON (or any non-form) POST without bodySHA256: the signature covers the URL alone, so a URL-only signature
+    captured elsewhere carried any body (a security audit). An empty POST and a form still verify."""
+    url = "https://t.example.com/j"
+    headers = {
+        "X-Twilio-Signature": b64(mac("tok", url.encode(), "sha1")),
+        "Content-Type": "application/json",
+    }
+    with pytest.raises(VerificationError) as info:
+        verify("twilio", ["tok"], b'{"forged":true}', headers, url=url)
+    assert info.value.reason == "malformed" and "bodySHA256" in info.value.detail
+    assert verify("twilio", ["tok"], b"", headers, url=url).event_id
+    form = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
+    form["X-Twilio-Signature"] = b64(mac("tok", (url + "Bodyhi").encode(), "sha1"))
+    assert verify("twilio", ["tok"], b"Body=hi", form, url=url).event_id
+
+
 def test_twilio_body_hash_mismatch_rejected() -> None:
     url = "https://t.example.com/j?bodySHA256=" + "0" * 64
     headers = {"X-Twilio-Signature": b64(mac("tok", url.encode(), "sha1"))}
