@@ -246,8 +246,15 @@ def parse_time(name: str, value: str | None) -> int | None:
     elif _RFC3339.fullmatch(value):
         # the forms the OpenAPI document's "date-time" takes, no more (fromisoformat alone also took times without
         # seconds, a space for the T and ISO 8601's basic form, which a client built from the document never sends)
+        text = value.upper()
+        # RFC 3339 has a leap second (:60) and a year 0000; datetime has neither: the second after :59, and a year
+        # before 1970 selects as 1970 does (below)
+        leap = text[17:19] == "60"
+        text = "0001" + text[4:] if text.startswith("0000") else text
         try:
-            seconds = datetime.fromisoformat(value.upper()).timestamp()
+            seconds = (
+                datetime.fromisoformat(text[:17] + "59" + text[19:] if leap else text).timestamp() + leap
+            )
         except (OverflowError, ValueError):
             # a day or hour that does not exist (2024-02-30, 25:00)
             raise bad_request(problem) from None

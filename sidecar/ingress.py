@@ -249,15 +249,7 @@ def resolve_event_id(route: RouteConfig, verified: Verified, inbound: Inbound) -
     elif verified.signed_id is not None and usable_id(verified.signed_id):
         dedupe_id = verified.signed_id
     else:  # no signed id, or one unfit for a key (a lone surrogate, a newline, 3,000 chars): the signed bytes
-        digest = verified.signed_digest or hashlib.sha256(inbound.body).hexdigest()
-        if verified.event_type is not None and not verified.type_signed:
-            # and the unsigned type: two events of different types can have byte-identical bodies (Shopify's
-            # orders/create and orders/paid for an order created paid), and the second was answered "duplicate"
-            # and never delivered. A captured request resent under another type is delivered once per type, as
-            # it would be reaching the receiver directly (THREAT_MODEL.md: `types`).
-            typed = f"{digest}\n{verified.event_type}".encode("utf-8", "surrogatepass")
-            digest = hashlib.sha256(typed).hexdigest()
-        dedupe_id = "sha256:" + digest
+        dedupe_id = "sha256:" + (verified.signed_digest or hashlib.sha256(inbound.body).hexdigest())
     return event_id, dedupe_id
 
 
@@ -550,7 +542,9 @@ class Ingress:
             handshake = verified.handshake
         if handshake is not None:
             result.outcome = "handshake"
-            if cfg.handshake == "pass":
+            if cfg.handshake == "pass" and not (handshake.status >= 400 and not verified_request):
+                # (an unsigned handshake the sidecar refuses, X's crc_token that could be an event body, is answered
+                # here: passed through, the receiver's own CRC answer would be the same signing oracle)
                 # an unsigned handshake (Slack ssl_check, X CRC) was never verified: not re-signed either
                 return await self._pass_through(
                     request, route, body, None, span, result, verified=verified_request
@@ -775,10 +769,13 @@ class Ingress:
         """Synchronous proxying, no claim and no retry: non-POST requests, handshakes in `pass` mode, dedupe: false.
         `verified`: the request passed the route's signature check; only then does `sign_upstream` sign it."""
         forward = self.tel.start_forward(route.cfg.name, event_id or "", 1, span, None)
+        # sign_upstream needs a webhook-id (the Standard Webhooks SDK refuses an empty one): a verified request
+        # without an event id (a handshake passed through, dedupe: false with no id) is signed under its digest
+        sign_id = event_id or ("sha256:" + hashlib.sha256(body).hexdigest() if verified else "")
         rec = self._record(
             request,
             route.cfg,
-            event_id or "",
+            sign_id,
             "",
             body,
             self.store.clock.now_ms(),

@@ -95,7 +95,10 @@ def _digest(paths: list[str], loaded: str | None = None, files: Mapping[str, str
 
 
 def regular_or_missing(path: str) -> bool:
-    """False only for a path that exists and is not a regular file (a missing one is the loader's to report)."""
+    """False only for a path that exists and is not a regular file (a missing one is the loader's to report), or
+    that names a process's own descriptor (`--config <(…)`: /dev/fd/63 is not there at all in a worker)."""
+    if path.startswith(("/dev/fd/", "/proc/self/fd/", "/dev/stdin")):
+        return False
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:

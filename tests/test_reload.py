@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import RUNTIME, create_app
 from sidecar.config import Config, load, load_with_text
-from sidecar.reload import APPLIED_LIVE, RESTART_ONLY, settings
+from sidecar.reload import APPLIED_LIVE, RESTART_ONLY, regular_or_missing, settings
 from tests.conftest import Upstream, watched_config
 from tests.procs import SidecarProcess, free_port, wait_until
 
@@ -447,3 +447,13 @@ async def test_a_config_read_from_a_pipe_is_not_watched(
         with caplog.at_level(logging.ERROR, logger="sidecar.reload"):
             assert not await asyncio.wait_for(reloader.reload("SIGHUP"), 5)
         assert any("is not a regular file" in r.getMessage() for r in caplog.records)
+
+
+def test_a_config_named_by_a_process_descriptor_is_not_a_regular_file(tmp_path: Path) -> None:
+    """`--config <(…)` is /dev/fd/63 in the supervisor and names nothing in a worker, which took it for a missing
+    file: each worker logged a refused reload at start (a review). A descriptor path is never re-read."""
+    assert not regular_or_missing("/dev/fd/63") and not regular_or_missing("/proc/self/fd/0")
+    assert not regular_or_missing("/dev/stdin")
+    regular = tmp_path / "sidecar.yaml"
+    regular.write_text("x")
+    assert regular_or_missing(str(regular)) and regular_or_missing(str(tmp_path / "missing.yaml"))

@@ -185,3 +185,51 @@ async def test_sign_upstream_never_signs_what_was_not_verified(
     assert len(upstream.received) == 2
     for rec in upstream.received:
         assert not {"webhook-id", "webhook-timestamp", "webhook-signature"} & {k.lower() for k in rec.headers}
+
+
+async def test_sign_upstream_signs_a_verified_handshake_passed_through_so_the_sdk_verifies_it(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """A signed Slack url_verification passed through (`handshake: pass`) has no event id: it was signed with an
+    empty webhook-id, which the receiver's SDK refuses ("Missing required headers"), and Slack's URL verification
+    failed (a review). It is signed under its body's digest."""
+    from tests.test_ingress import slack_headers
+
+    verdicts = verified_with_the_sdk(upstream, UPSTREAM_SECRET)
+    client = await sidecar_factory(
+        f"""
+- name: slack
+  path: /webhooks/slack
+  provider: slack
+  secrets: ["slack-signing-secret"]
+  handshake: pass
+  sign_upstream: {{secret: "{UPSTREAM_SECRET}"}}
+"""
+    )
+    body = b'{"type":"url_verification","challenge":"3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"}'
+    resp = await client.post("/webhooks/slack", data=body, headers=slack_headers(body))
+    assert resp.status == 200
+    assert verdicts == ["ok"]
+    [got] = upstream.received
+    assert got.headers["webhook-id"].startswith("sha256:")
+
+
+async def test_x_crc_token_refused_is_answered_not_passed_through(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """With `handshake: pass` the receiver answers the CRC itself: a crc_token that could be an event body went to
+    it, and its answer was the same signing oracle (a review). The sidecar answers that one 400 itself."""
+    client = await sidecar_factory(
+        """
+- name: x
+  path: /webhooks/x
+  provider: x
+  secrets: ["consumer-secret"]
+  handshake: pass
+"""
+    )
+    resp = await client.get("/webhooks/x", params={"crc_token": '{"for_user_id":"1"}'})
+    assert resp.status == 400 and (await resp.json())["error"] == "bad_crc_token"
+    assert upstream.received == []
+    resp = await client.get("/webhooks/x", params={"crc_token": "9b4507b3-9040-4669-9ca3-6b94edb50553"})
+    assert resp.status == 200 and len(upstream.received) == 1

@@ -89,9 +89,6 @@ class Verified:
     event_id: str | None = None
     id_signed: bool = True
     event_type: str | None = None
-    # False when the type came from a header the signature does not cover (GitHub's X-GitHub-Event, Shopify's
-    # topic): an unsigned id's digest then takes it in (see sidecar.ingress.resolve_event_id)
-    type_signed: bool = True
     handshake: Handshake | None = None
     signed_headers: frozenset[str] = field(default_factory=frozenset)
     # A single-use value the signature covers where the body is not signed (Mailgun's token): the ingress refuses

@@ -112,7 +112,6 @@ class SpecVerifier:
             id_signed=id_signed,
             signed_id=None if id_signed else signed_id,
             event_type=found_type[0] if found_type else None,
-            type_signed=found_type[1] if found_type else True,
             signed_headers=frozenset(seen),
             nonce=self._token(req) if self.spec.token_source and not self._body_signed else None,
             nonce_window=self.tolerance,

@@ -112,6 +112,14 @@ class EmbeddedValkey:
         sock: Path | None = self.data_dir.absolute() / SOCKET_NAME
         if port is None and len(os.fsencode(str(sock))) > MAX_SOCKET_PATH:
             sock = self._short_link()
+            if sock is None:
+                log.warning(
+                    "redis.data_dir %s is too long for a socket address and no short link to it could be made in "
+                    "%s: the embedded store listens on a loopback TCP port instead (a shorter data_dir or TMPDIR "
+                    "keeps it on a socket only this user can reach)",
+                    self.data_dir.absolute(),
+                    tempfile.gettempdir(),
+                )
         if port is None and sock is not None:
             self._options.update(unix_socket_path=sock, unix_socket_perm="700")
             port = 0

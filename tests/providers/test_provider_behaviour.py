@@ -179,6 +179,8 @@ def test_x_crc_is_no_signing_oracle(provider: str) -> None:
         "-1.5e3",
         "null",
         "\ufeff{}",
+        '/**/{"a":1}',
+        "--- {a: 1}",
     ):
         url = URL + "&crc_token=" + urllib.parse.quote(forged, safe="")
         answer = verifier.unsigned_handshake(inbound(b"", {}, url=url, method="GET"))
