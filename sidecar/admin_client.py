@@ -1116,7 +1116,15 @@ class HeldDrain(Drain):
 # -- commands -----------------------------------------------------------------------------------------------------
 
 
+def _time_arg(value: str | None) -> str | None:
+    """RFC 3339 §5.6 lets a space stand for the `T` (GNU `date --rfc-3339=seconds` prints one); the API takes `T`."""
+    if value and len(value) > 10 and value[10] == " " and value[:4].isdigit():
+        return value[:10] + "T" + value[11:]
+    return value
+
+
 def cmd_list(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int:
+    args.since, args.until = _time_arg(args.since), _time_arg(args.until)
     query = {
         k: v
         for k, v in {

@@ -562,7 +562,14 @@ class Ingress:
         if not cfg.dedupe:
             result.outcome, result.event_id = "passthrough", ids[0] if ids else None
             return await self._pass_through(
-                request, route, body, result.event_id, span, result, verified=True
+                request,
+                route,
+                body,
+                result.event_id,
+                span,
+                result,
+                verified=True,
+                sign_as=ids[1] if ids else None,
             )
         if ids is None:
             src = cfg.event_id
@@ -765,13 +772,17 @@ class Ingress:
         result: Result,
         *,
         verified: bool,
+        sign_as: str | None = None,
     ) -> web.StreamResponse:
         """Synchronous proxying, no claim and no retry: non-POST requests, handshakes in `pass` mode, dedupe: false.
-        `verified`: the request passed the route's signature check; only then does `sign_upstream` sign it."""
+        `verified`: the request passed the route's signature check; only then does `sign_upstream` sign it.
+        `sign_as`: the dedupe id (dedupe: false): a signed id, or the digest of the signed bytes when the public id
+        is a header the provider does not sign; the webhook-id signed for the upstream, so that a captured request
+        resent under made-up header ids keeps one webhook-id for the receiver's own dedupe."""
         forward = self.tel.start_forward(route.cfg.name, event_id or "", 1, span, None)
         # sign_upstream needs a webhook-id (the Standard Webhooks SDK refuses an empty one): a verified request
         # without an event id (a handshake passed through, dedupe: false with no id) is signed under its digest
-        sign_id = event_id or ("sha256:" + hashlib.sha256(body).hexdigest() if verified else "")
+        sign_id = sign_as or event_id or ("sha256:" + hashlib.sha256(body).hexdigest() if verified else "")
         rec = self._record(
             request,
             route.cfg,
@@ -787,6 +798,8 @@ class Ingress:
             headers = [(k, v) for k, v in headers if k.lower() not in UNSIGNED_DROPPED]
         if not event_id:
             headers = [(k, v) for k, v in headers if k != EVENT_ID_HEADER]
+        elif sign_id != event_id:  # the receiver still sees the provider's own id as X-Sidecar-Event-Id
+            headers = [(k, event_id if k == EVENT_ID_HEADER else v) for k, v in headers]
         url = target_url(self.dispatcher.config, route.cfg, rec.path_qs)
         outcome = await self.forwarder.send(url, request.method, headers, body, route.policy)
         self.tel.end(forward, outcome.error, outcome.status)

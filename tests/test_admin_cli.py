@@ -21,7 +21,7 @@ import pytest
 import redis
 from aiohttp import web
 
-from sidecar.admin_client import admin_url_from_listen
+from sidecar.admin_client import _time_arg, admin_url_from_listen
 from sidecar.keys import KeySpace
 from sidecar.store import RedisStore
 from tests.conftest import REPO, Upstream
@@ -481,3 +481,12 @@ async def test_admin_cli_a_malformed_admin_url_is_a_usage_error(url: str) -> Non
     assert (
         out.code == 2 and "Traceback" not in out.err and out.err.startswith("sidecar dlq list: --admin-url")
     )
+
+
+def test_cli_times_take_the_space_rfc_3339_allows_for_the_t() -> None:
+    """`--since "$(date --rfc-3339=seconds)"` prints a space for the T (RFC 3339 5.6 allows it); the API takes the T
+    only, and the operator got a 400 saying the time was no RFC 3339 time (an e2e audit)."""
+    assert _time_arg("2026-11-25 15:45:15-05:00") == "2026-11-25T15:45:15-05:00"
+    assert _time_arg("2026-11-25T15:45:15Z") == "2026-11-25T15:45:15Z"
+    assert _time_arg("1764100000") == "1764100000" and _time_arg(None) is None
+    assert _time_arg("yesterday at noon") == "yesterday at noon"

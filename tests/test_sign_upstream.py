@@ -233,3 +233,35 @@ async def test_x_crc_token_refused_is_answered_not_passed_through(
     assert upstream.received == []
     resp = await client.get("/webhooks/x", params={"crc_token": "9b4507b3-9040-4669-9ca3-6b94edb50553"})
     assert resp.status == 200 and len(upstream.received) == 1
+
+
+async def test_dedupe_false_signs_an_unsigned_header_id_under_the_signed_bytes(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """X-GitHub-Delivery is not signed: one captured delivery resent under made-up ids keeps one webhook-id (the
+    digest of the signed bytes), so a receiver deduping on webhook-id is not made to process it once per id."""
+    import hashlib
+    import hmac
+
+    verdicts = verified_with_the_sdk(upstream, UPSTREAM_SECRET)
+    client = await sidecar_factory(
+        f"""
+- name: github
+  path: /webhooks/github
+  provider: github
+  secrets: ["gh-secret"]
+  dedupe: false
+  sign_upstream: {{secret: "{UPSTREAM_SECRET}"}}
+"""
+    )
+    body = b'{"action": "created"}'
+    sig = "sha256=" + hmac.new(b"gh-secret", body, hashlib.sha256).hexdigest()
+    for delivery in ("made-up-1", "made-up-2"):
+        headers = {"X-GitHub-Event": "issues", "X-GitHub-Delivery": delivery, "X-Hub-Signature-256": sig}
+        assert (await client.post("/webhooks/github", data=body, headers=headers)).status == 200
+    assert verdicts == ["ok", "ok"]
+    first, second = upstream.received
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    assert first.headers["webhook-id"].startswith("sha256:")
+    ids = [dict((k.lower(), v) for k, v in r.raw_headers)["x-sidecar-event-id"] for r in upstream.received]
+    assert ids == ["made-up-1", "made-up-2"]
