@@ -600,13 +600,14 @@ class Ingress:
         if not claim.claimed:
             breaker.release(forward_now)
             result.outcome = "duplicate"
+            # the id the event is stored (and found by the admin API) under: a resend under another unsigned id
+            # named an event nobody could look up (an e2e audit)
+            known = claim.stored_id or event_id
             body = b'{"duplicate": true, "event_id": %s, "state": "%s"}' % (
-                orjson.dumps(event_id),
+                orjson.dumps(known),
                 claim.state.encode(),
             )
-            return web.Response(
-                body=body, content_type="application/json", headers={EVENT_ID_HEADER: event_id}
-            )
+            return web.Response(body=body, content_type="application/json", headers={EVENT_ID_HEADER: known})
         if (unsaid := self._full.over()) is not None:
             log.warning("store takes new events again (%d more refused since the last report)", unsaid)
         if schedule_at is not None:

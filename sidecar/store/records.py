@@ -162,6 +162,9 @@ def history_dicts(entries: list[Any]) -> list[dict[str, Any]]:
 class ClaimResult:
     claimed: bool
     state: str = "pending"  # contract name of the existing event's state when not claimed
+    # the existing event's own id when not claimed (None: not known): a resend under another unsigned id (a Twilio
+    # token, a GitHub delivery id) is a duplicate of the event stored under the first one
+    stored_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -551,7 +551,8 @@ class RedisStore:
             # a resend under the stored event's own id: index it again, since the first claim's answer may have
             # been lost (a claim that timed out here but landed in the store wrote no alias)
             self._index_alias(rec)
-        return ClaimResult(False, STATE_NAMES.get(res[1].decode(), "pending"))
+        stored = res[2].decode("utf-8", "surrogateescape") if len(res) > 2 and res[2] else None
+        return ClaimResult(False, STATE_NAMES.get(res[1].decode(), "pending"), stored)
 
     async def bind_nonce(self, provider: str, value: str, body_digest: str, ttl_ms: int) -> bool:
         """Bind a signed single-use value to the body it came with (see nonce.lua); False when it came before
