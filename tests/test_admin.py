@@ -99,18 +99,20 @@ async def bury_many(
     dead_ms: int | None = None,
     same_ms: int = 1,
     body: bytes | None = None,
+    seen_ms: int | None = None,
 ) -> list[str]:
     """Dead letters the fast way: claim + bury through the store, as the dispatcher does. `same_ms` items share
     each dead_at millisecond (ties are ordered by id)."""
     base = dead_ms or int(time.time() * 1000) - 60_000
+    seen = base - 5_000 if seen_ms is None else seen_ms
 
     async def one(i: int) -> str:
         eid = f"{prefix}_{i:05d}"
         rec = EventRecord(
             route, eid, eid, "POST", f"/webhooks/{route}", SEED_HEADERS, body or stripe_body(eid),
-            first_seen_ms=base - 5_000,
+            first_seen_ms=seen,
         )  # fmt: skip
-        await store.claim(rec, base - 5_000, 30_000)
+        await store.claim(rec, seen, 30_000)
         entry = AttemptRecord(base - 4_000, 1, status, error, 5.0)
         item_id, _ = await store.bury(rec, 1, entry, [], base + i // same_ms, "rejected")
         return item_id
@@ -1193,10 +1195,36 @@ async def test_admin_dlq_held_drain_item_replaced_by_a_newer_version_is_gone(adm
     gone, and the new one stays."""
     [item_id] = await bury_many(admin.store, 1)
     drain_id, _ = await held_drain(admin, {"hold": 60})
-    assert await bury_many(admin.store, 1, dead_ms=int(time.time() * 1000)) == [item_id]  # a newer dead_at
+    seen = json.loads(await admin.store.client.hget(KEYS.dlq_data(), item_id))["first_seen_ms"]
+    # the same event (same first sight), dead again: a newer dead_at
+    assert await bury_many(admin.store, 1, dead_ms=int(time.time() * 1000), seen_ms=seen) == [item_id]
     resp = await admin.post(f"/admin/dlq/drain/{drain_id}/remove", {"ids": [item_id]})
     assert (await resp.json()) == {"removed": 0, "gone": [item_id], "busy": [], "not_held": []}
     assert (await admin.get(f"/admin/dlq/{item_id}")).status == 200
+    assert (await (await admin.get("/admin/dlq")).json())["total"] == 1
+
+
+async def test_admin_dlq_held_drain_item_of_an_earlier_life_stays_for_the_drain_to_remove(
+    admin: Admin, upstream: Upstream
+) -> None:
+    """A held drain hands out a dead letter; the operator forgets the event and the provider's resend is
+    dead-lettered too. The drained item used to move to an id of its own (not held) and the drain's remove was told
+    `gone`: the item its client had stored stayed in the DLQ, and the next drain handed it out again. The held
+    item now stays under its id for the drain to remove; the new dead letter takes an id of its own."""
+    first_id = await dead_via_ingress(admin, upstream, "evt_held_twice")
+    drain_id, lines = await held_drain(admin, {"hold": 60})
+    assert [x["id"] for x in lines] == [first_id]
+    assert (await admin.delete("/admin/events/stripe/evt_held_twice")).status == 200
+    await asyncio.sleep(0.005)  # another first-seen millisecond
+    upstream.respond(400)
+    body = stripe_body("evt_held_twice")
+    resp = await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert (await resp.json())["dead_lettered"] is True
+    resp = await admin.post(f"/admin/dlq/drain/{drain_id}/remove", {"ids": [first_id]})
+    assert (await resp.json()) == {"removed": 1, "gone": [], "busy": [], "not_held": []}
+    listed = (await (await admin.get("/admin/dlq?route=stripe")).json())["items"]
+    assert len(listed) == 1 and listed[0]["id"] != first_id  # the resend's dead letter, under its own id
+    assert listed[0]["first_seen_at"] != lines[0]["first_seen_at"]
 
 
 async def test_admin_dlq_cap_never_evicts_what_a_held_drain_holds(

@@ -737,8 +737,9 @@ class RedisStore:
         # cluster the two live on different nodes, and a failover that kept the mark but lost the dead letter would
         # leave an event answered 2xx that nobody holds (a resend is a duplicate, and there is nothing to replay).
         raw = await self._call(lambda: self._dlq_add(keys=dlq_keys, args=dlq_args, wait=self._wait))
+        item_id = raw[0].decode()  # another id when an earlier life's dead letter under this one is held
         evicted = [
-            Evicted(raw[i].decode(), raw[i + 1].decode(), raw[i + 2].decode()) for i in range(0, len(raw), 3)
+            Evicted(raw[i].decode(), raw[i + 1].decode(), raw[i + 2].decode()) for i in range(1, len(raw), 3)
         ]
         dead_args = [
             now_ms,

@@ -16,32 +16,51 @@
 -- ARGV[5] - max length
 -- ARGV[6] - route zset key prefix
 -- ARGV[7] - the event's first-seen time (ms), as in the item JSON
--- returns a flat list {evicted id, route, event id, ...}
+-- returns a flat list {id written, evicted id, route, event id, ...}: the id written is ARGV[1] unless an earlier
+-- life's item that a drain or replay holds has it (see below)
 --
 -- The id is the event's (route, dedupe id): burying it again overwrites, so a crash between the two bury steps
 -- leaves one item. An item already there from an earlier life of the event (its claim forgotten by an operator,
 -- the provider's resend dead too: another first-seen time) is not the same dead letter: it moves to an id of its
 -- own, body and history intact, instead of being overwritten.
+local t0 = redis.call('TIME')
+local now0 = tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)
+local new_id, item = ARGV[1], ARGV[3]
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
 local seen = prev and string.match(prev, '"first_seen_ms": (%d+)')
 if prev and seen ~= ARGV[7] then
-  local kept = string.sub(redis.sha1hex(ARGV[1] .. ':' .. (seen or '0')), 1, 24)
   local head = '{"id": "' .. ARGV[1] .. '"'
-  if string.sub(prev, 1, #head) == head and redis.call('HEXISTS', KEYS[2], kept) == 0 then
-    local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-    redis.call('HSET', KEYS[2], kept, '{"id": "' .. kept .. '"' .. string.sub(prev, #head + 1))
-    redis.call('HSET', KEYS[3], kept, redis.call('HGET', KEYS[3], ARGV[1]) or '')
-    if score then
-      redis.call('ZADD', KEYS[1], score, kept)
-      redis.call('ZADD', KEYS[4], score, kept)
+  -- An earlier life's item that a drain or replay holds now (dlq_take.lua: this version, its lease not ended)
+  -- stays where it is: its holder names it by this id (a held drain's client removes what it stored by id). The
+  -- new life's dead letter takes an id of its own instead.
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+  local hold = redis.call('HGET', KEYS[6], ARGV[1])
+  local version, ends
+  if hold then
+    version, ends = string.match(hold, '^%S+ (%S+) (%S+)$')
+  end
+  if score and version and tonumber(version) == tonumber(score) and tonumber(ends) > now0 then
+    new_id = string.sub(redis.sha1hex(ARGV[1] .. ':' .. ARGV[7]), 1, 24)
+    if string.sub(item, 1, #head) == head then
+      item = '{"id": "' .. new_id .. '"' .. string.sub(item, #head + 1)
+    end
+  else
+    local kept = string.sub(redis.sha1hex(ARGV[1] .. ':' .. (seen or '0')), 1, 24)
+    if string.sub(prev, 1, #head) == head and redis.call('HEXISTS', KEYS[2], kept) == 0 then
+      redis.call('HSET', KEYS[2], kept, '{"id": "' .. kept .. '"' .. string.sub(prev, #head + 1))
+      redis.call('HSET', KEYS[3], kept, redis.call('HGET', KEYS[3], ARGV[1]) or '')
+      if score then
+        redis.call('ZADD', KEYS[1], score, kept)
+        redis.call('ZADD', KEYS[4], score, kept)
+      end
     end
   end
 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
-local out = {}
+redis.call('HSET', KEYS[2], new_id, item)
+redis.call('HSET', KEYS[3], new_id, ARGV[4])
+redis.call('ZADD', KEYS[1], ARGV[2], new_id)
+redis.call('ZADD', KEYS[4], ARGV[2], new_id)
+local out = {new_id}  -- the id written, then what the cap evicted
 local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[5])
 if over > 0 then
   -- The oldest items go first, but never one a drain or replay holds now (dlq_take.lua: its version, a lease not
@@ -63,7 +82,7 @@ if over > 0 then
       if hold then
         version, ends = string.match(hold, '^%S+ (%S+) (%S+)$')
       end
-      if id == ARGV[1] then
+      if id == new_id then
         skipped = skipped + 1
       elseif version and tonumber(version) == tonumber(batch[i + 1]) and tonumber(ends) > now then
         skipped = skipped + 1
