@@ -7,8 +7,10 @@ import contextlib
 import random
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -224,3 +226,68 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interv
             return True
         await asyncio.sleep(interval)
     return bool(predicate())
+
+
+class ResettingProxy:
+    """A TCP proxy on 127.0.0.1 in front of a store, on threads (independent of the test's event loop), that can
+    reset every connection it carries (RST, as a network device or a failover does, not a FIN). `_lose` decides, for
+    each chunk the store sends back, whether to drop it and reset that connection instead (never, here)."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.clients: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.clients.append(client)
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if replies and self._lose():
+                    _reset(src, dst)
+                    break
+                dst.sendall(data)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _lose(self) -> bool:
+        return False
+
+    def reset_all(self) -> int:
+        with self.lock:
+            clients, self.clients = self.clients, []
+        _reset(*clients)
+        return len(clients)
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        self.reset_all()
+
+
+def _reset(*socks: socket.socket) -> None:
+    """RST: linger 0, and the close is the pipe thread's (a close here would wait for its recv, which SHUT_RD ends
+    without a FIN going out)."""
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.shutdown(socket.SHUT_RD)

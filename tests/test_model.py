@@ -29,10 +29,7 @@ import itertools
 import json
 import os
 import re
-import socket
-import struct
 import tempfile
-import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -51,6 +48,7 @@ from sidecar.admin import create_admin_app
 from sidecar.app import RUNTIME, create_app
 from sidecar.config import load_text
 from sidecar.errors import StoreError
+from tests.procs import ResettingProxy
 
 SECRET = "whsec_model_secret"
 TOKEN = "model-token"
@@ -88,21 +86,14 @@ def _settle_margin_for_a_short_lease() -> Any:
 # -- a TCP proxy that can lose a reply ------------------------------------------------------------------------------
 
 
-class LossyProxy:
-    """127.0.0.1 proxy in front of the store, on threads. `arm(k)`: the k-th chunk the store sends back from now
-    (any connection) is dropped and both sides of that connection are reset (RST): the command ran, its answer is
-    lost, as in a network cut or a failover."""
+class LossyProxy(ResettingProxy):
+    """`arm(k)`: the k-th chunk the store sends back from now (any connection) is dropped and both sides of that
+    connection are reset (RST): the command ran, its answer is lost, as in a network cut or a failover."""
 
     def __init__(self, port: int) -> None:
-        self.target = port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.lock = threading.Lock()
-        self.socks: list[socket.socket] = []
         self.countdown: int | None = None
         self.dropped = 0
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(port)
 
     def arm(self, k: int) -> None:
         with self.lock:
@@ -112,53 +103,13 @@ class LossyProxy:
         with self.lock:
             self.countdown = None
 
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.socks += [client, server]
-            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                if replies:
-                    with self.lock:
-                        drop = self.countdown == 0
-                        if self.countdown is not None:
-                            self.countdown -= 1
-                        if drop:
-                            self.countdown = None
-                            self.dropped += 1
-                    if drop:
-                        # RST both ways: linger 0, and SHUT_RD wakes the other pipe thread's recv, which closes
-                        for s in (src, dst):
-                            with contextlib.suppress(OSError):
-                                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                                s.shutdown(socket.SHUT_RD)
-                        break
-                dst.sendall(data)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.close()
-
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()
+    def _lose(self) -> bool:
         with self.lock:
-            socks, self.socks = self.socks, []
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.close()
+            drop = self.countdown == 0
+            if self.countdown is not None:
+                self.countdown = None if drop else self.countdown - 1
+            self.dropped += drop
+        return drop
 
 
 # -- the store, started once per module ----------------------------------------------------------------------------

@@ -9,9 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
-import struct
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -31,7 +28,7 @@ from sidecar.keys import KeySpace
 from sidecar.store import AttemptRecord, EventRecord, RedisStore
 from sidecar.store.records import parse_history
 from sidecar.telemetry import Telemetry
-from tests.procs import free_port, wait_until
+from tests.procs import ResettingProxy, free_port, wait_until
 
 KEYS = KeySpace("sidecar", 4)
 
@@ -899,57 +896,6 @@ async def test_store_a_host_clock_far_from_the_stores_is_said_once(
         "this host's clock is 600 s ahead of the store's",
         "this host's clock agrees with the store's again (within 30 s)",
     ]
-
-
-class ResettingProxy:
-    """A TCP proxy on 127.0.0.1 in front of a store, on threads (independent of the test's event loop), that can
-    reset every connection it carries (RST, as a network device or a failover does, not a FIN)."""
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.clients: list[socket.socket] = []
-        self.lock = threading.Lock()
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target))
-            with self.lock:
-                self.clients.append(client)
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.close()
-
-    def reset_all(self) -> int:
-        with self.lock:
-            clients, self.clients = self.clients, []
-        for sock in clients:
-            # linger 0: the close sends RST. The close is the pipe thread's (a close here would wait for its recv,
-            # which SHUT_RD ends without a FIN going out).
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.shutdown(socket.SHUT_RD)
-        return len(clients)
-
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()
-        self.reset_all()
 
 
 async def test_a_pooled_store_connection_reset_while_idle_is_replaced_not_a_failed_call(
