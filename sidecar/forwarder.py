@@ -102,14 +102,20 @@ def _same_trace(traceparent: str | None, other: str | None) -> bool:
 
 
 def upstream_headers(
-    rec: EventRecord, attempt: int, traceparent: str | None, sign_key: bytes | None = None
+    rec: EventRecord,
+    attempt: int,
+    traceparent: str | None,
+    sign_key: bytes | None = None,
+    sign_as: str | None = None,
 ) -> list[tuple[str, str]]:
     """What the upstream receives besides the original end-to-end headers (CONTRACT: 'What the upstream receives').
 
     With `sign_key` (route `sign_upstream`), Standard Webhooks headers signed now, at this attempt, replace any the
     provider sent: a receiver verifies a retry hours later within its own timestamp tolerance. A request that came
     with Svix's `svix-*` names gets the same three values under those names too, in place of the provider's: the
-    Svix SDK prefers them when both are present, and Clerk's reads only them.
+    Svix SDK prefers them when both are present, and Clerk's reads only them. They are signed as `sign_as` (the
+    webhook-id; default the event id), and `sign_as=""` signs nothing: a request the sidecar did not verify is not
+    vouched for, and the client's own headers of those names are dropped all the same.
     """
     dropped = _REPLACED | _STANDARD_WEBHOOKS if sign_key is not None else _REPLACED
     headers: list[tuple[str, str]] = []
@@ -148,8 +154,8 @@ def upstream_headers(
         headers.append(("X-Forwarded-For", xff))
     if traceparent:
         headers.append(("traceparent", traceparent))
-    if sign_key is not None:
-        signed = standard_webhooks_headers(sign_key, rec.event_id, rec.body, int(time.time()))
+    if sign_key is not None and sign_as != "":
+        signed = standard_webhooks_headers(sign_key, sign_as or rec.event_id, rec.body, int(time.time()))
         headers += signed
         if svix:
             headers += [("svix" + name.removeprefix("webhook"), value) for name, value in signed]

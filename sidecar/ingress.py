@@ -50,10 +50,6 @@ STORE_FULL_REPORT_S = 30.0
 NO_ROUTE_REPORT_S = 60.0
 
 EVENT_ID_HEADER = "X-Sidecar-Event-Id"
-# On a sign_upstream route, the headers a request the sidecar did not verify must not carry to the receiver.
-UNSIGNED_DROPPED = frozenset(
-    {"webhook-id", "webhook-timestamp", "webhook-signature", "svix-id", "svix-timestamp", "svix-signature"}
-)
 # Providers that sign the URL (or read it, like X's CRC): only they need the public URL rebuilt per request.
 URL_SIGNING = SIGNS_URL | {"x", "twitter", "hmac"}
 ROUTINE = frozenset(
@@ -542,10 +538,10 @@ class Ingress:
             handshake = verified.handshake
         if handshake is not None:
             result.outcome = "handshake"
-            if cfg.handshake == "pass" and not (handshake.status >= 400 and not verified_request):
-                # (an unsigned handshake the sidecar refuses, X's crc_token that could be an event body, is answered
-                # here: passed through, the receiver's own CRC answer would be the same signing oracle)
-                # an unsigned handshake (Slack ssl_check, X CRC) was never verified: not re-signed either
+            # a handshake the sidecar refuses (X's crc_token that could be an event body) is answered here: passed
+            # through, the receiver's own CRC answer would be the same signing oracle. An unsigned one passed
+            # through (Slack ssl_check, X CRC) was never verified: not re-signed either.
+            if cfg.handshake == "pass" and handshake.status < 400:
                 return await self._pass_through(
                     request, route, body, None, span, result, verified=verified_request
                 )
@@ -781,26 +777,24 @@ class Ingress:
         is a header the provider does not sign; the webhook-id signed for the upstream, so that a captured request
         resent under made-up header ids keeps one webhook-id for the receiver's own dedupe."""
         forward = self.tel.start_forward(route.cfg.name, event_id or "", 1, span, None)
-        # sign_upstream needs a webhook-id (the Standard Webhooks SDK refuses an empty one): a verified request
-        # without an event id (a handshake passed through, dedupe: false with no id) is signed under its digest
-        sign_id = sign_as or event_id or ("sha256:" + hashlib.sha256(body).hexdigest() if verified else "")
         rec = self._record(
             request,
             route.cfg,
-            sign_id,
+            event_id or "",
             "",
             body,
             self.store.clock.now_ms(),
             self.tel.traceparent(forward),
         )
-        headers = upstream_headers(rec, 1, rec.traceparent, route.upstream_key if verified else None)
-        if route.upstream_key is not None and not verified:
-            # nor does a client's own webhook-* reach a receiver that trusts them as the sidecar's
-            headers = [(k, v) for k, v in headers if k.lower() not in UNSIGNED_DROPPED]
+        if not verified:
+            sign_as = ""
+        elif route.upstream_key is not None and not (sign_as or event_id):
+            # the Standard Webhooks SDK refuses an empty webhook-id: a verified request without an event id (a
+            # handshake passed through, dedupe: false with no id) is signed under its digest
+            sign_as = "sha256:" + hashlib.sha256(body).hexdigest()
+        headers = upstream_headers(rec, 1, rec.traceparent, route.upstream_key, sign_as)
         if not event_id:
             headers = [(k, v) for k, v in headers if k != EVENT_ID_HEADER]
-        elif sign_id != event_id:  # the receiver still sees the provider's own id as X-Sidecar-Event-Id
-            headers = [(k, event_id if k == EVENT_ID_HEADER else v) for k, v in headers]
         url = target_url(self.dispatcher.config, route.cfg, rec.path_qs)
         outcome = await self.forwarder.send(url, request.method, headers, body, route.policy)
         self.tel.end(forward, outcome.error, outcome.status)
