@@ -167,11 +167,19 @@ async def test_http1_timeout_refused_and_mid_response_disconnect(raw_server, cli
         await read_request(reader)
         await asyncio.sleep(5)
 
-    async def cut(reader, writer):
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-part")
-        await writer.drain()
-        writer.close()
+    def part_of(status: bytes, then_close: bool) -> Handler:
+        """A head with Content-Length 100, 9 bytes of body, then a close or a stall."""
+
+        async def answer(reader, writer):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 100\r\n\r\nonly-part")
+            await writer.drain()
+            if then_close:
+                writer.close()
+            else:
+                await asyncio.sleep(5)
+
+        return answer
 
     with pytest.raises(UpstreamError) as exc:
         await client.post(await raw_server(hang), [], b"x", 0.3)
@@ -181,28 +189,14 @@ async def test_http1_timeout_refused_and_mid_response_disconnect(raw_server, cli
     assert exc.value.kind == "connect_error"
     # a 2xx head is the receiver saying it took the event: cut short after it, still a delivery (bare status),
     # as an unparseable or oversized rest of a 2xx is; sending it again would deliver it twice
-    resp = await client.post(await raw_server(cut), [], b"x", 1.0)
+    resp = await client.post(await raw_server(part_of(b"200 OK", then_close=True)), [], b"x", 1.0)
     assert (resp.status, resp.body) == (200, b"")
-
-    async def stall(reader, writer):
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-part")
-        await writer.drain()
-        await asyncio.sleep(5)
-
     # so is a 2xx head whose body stops coming: its timeout is not a failure to send again
-    resp = await client.post(await raw_server(stall), [], b"x", 0.3)
+    resp = await client.post(await raw_server(part_of(b"200 OK", then_close=False)), [], b"x", 0.3)
     assert (resp.status, resp.body) == (200, b"")
-
-    async def refuse_cut(reader, writer):
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 100\r\n\r\nonly-part")
-        await writer.drain()
-        writer.close()
-
     # anything else cut short is still a failure (sent again)
     with pytest.raises(UpstreamError) as exc:
-        await client.post(await raw_server(refuse_cut), [], b"x", 1.0)
+        await client.post(await raw_server(part_of(b"503 Busy", then_close=True)), [], b"x", 1.0)
     assert exc.value.kind == "disconnected"
 
 

@@ -13,9 +13,26 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from sidecar.app import RUNTIME
 from tests.conftest import Received, Upstream
-from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
+from tests.test_ingress import (
+    GITHUB_SECRET,
+    STRIPE_SECRET,
+    github_headers,
+    slack_headers,
+    stripe_body,
+    stripe_headers,
+)
 
 UPSTREAM_SECRET = "whsec_" + base64.b64encode(b"upstream-signing-key-32-bytes!!!").decode()
+
+
+def signed_route(
+    name: str, provider: str, secret: str, *extra: str, upstream_secret: str = UPSTREAM_SECRET
+) -> str:
+    """One route's YAML at /webhooks/<name> with `sign_upstream`; `extra`: more `key: value` lines."""
+    lines = [f"- name: {name}", f"  path: /webhooks/{name}", f"  provider: {provider}"]
+    lines += [f'  secrets: ["{secret}"]'] if secret else []
+    lines += [f"  {line}" for line in extra]
+    return "\n".join([*lines, f'  sign_upstream: {{secret: "{upstream_secret}"}}'])
 
 
 def verified_with_the_sdk(
@@ -50,13 +67,7 @@ async def test_sign_upstream_headers_verify_with_the_standard_webhooks_sdk_on_ev
 
     verdicts = verified_with_the_sdk(upstream, UPSTREAM_SECRET, fail_the_first)
     client = await sidecar_factory(
-        f"""
-- name: stripe
-  path: /webhooks/stripe
-  provider: stripe
-  secrets: ["{STRIPE_SECRET}"]
-  sign_upstream: {{secret: "{UPSTREAM_SECRET}"}}
-""",
+        signed_route("stripe", "stripe", STRIPE_SECRET),
         retry="{base_delay: 1100ms, multiplier: 1, jitter: 0}",
     )
     body = stripe_body("evt_signed")
@@ -76,15 +87,7 @@ async def test_sign_upstream_headers_verify_with_the_standard_webhooks_sdk_on_ev
 async def test_sign_upstream_replaces_provider_sent_standard_webhooks_headers(
     sidecar_factory: Any, upstream: Upstream
 ) -> None:
-    client = await sidecar_factory(
-        f"""
-- name: plain
-  path: /webhooks/plain
-  provider: none
-  event_id: {{header: X-Event-Id}}
-  sign_upstream: {{secret: "{UPSTREAM_SECRET}"}}
-"""
-    )
+    client = await sidecar_factory(signed_route("plain", "none", "", "event_id: {header: X-Event-Id}"))
     forged = {
         "X-Event-Id": "e1",
         "webhook-id": "spoof",
@@ -106,15 +109,7 @@ async def test_sign_upstream_on_a_svix_route_verifies_with_the_svix_sdk(
     import svix.webhooks
 
     provider_secret = "whsec_" + base64.b64encode(b"provider-svix-secret-32-bytes!!!").decode()
-    client = await sidecar_factory(
-        f"""
-- name: svix
-  path: /webhooks/svix
-  provider: standardwebhooks
-  secrets: ["{provider_secret}"]
-  sign_upstream: {{secret: "{UPSTREAM_SECRET}"}}
-"""
-    )
+    client = await sidecar_factory(signed_route("svix", "standardwebhooks", provider_secret))
     body = '{"type":"user.created","data":{"id":"u1"}}'
     now = datetime.now(tz=UTC)
     signature = svix.webhooks.Webhook(provider_secret).sign("msg_svix1", now, body)
@@ -139,15 +134,7 @@ async def test_sign_upstream_secret_without_whsec_prefix_verifies_with_the_sdk_g
     same configured string (it used the UTF-8 bytes of an unprefixed one: every signature failed at the receiver)."""
     secret = base64.b64encode(b"upstream-signing-key-32-bytes!!!").decode()
     verdicts = verified_with_the_sdk(upstream, secret)
-    client = await sidecar_factory(
-        f"""
-- name: stripe
-  path: /webhooks/stripe
-  provider: stripe
-  secrets: ["{STRIPE_SECRET}"]
-  sign_upstream: {{secret: "{secret}"}}
-"""
-    )
+    client = await sidecar_factory(signed_route("stripe", "stripe", STRIPE_SECRET, upstream_secret=secret))
     body = stripe_body("evt_signed_plain_b64")
     assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 200
     assert verdicts == ["ok"]
@@ -159,19 +146,9 @@ async def test_sign_upstream_never_signs_what_was_not_verified(
     """A non-POST pass-through and an unsigned handshake passed through are nobody's verified event: no webhook-*
     header of the sidecar's (which would vouch for them) nor of the client's reaches the receiver."""
     client = await sidecar_factory(
-        f"""
-- name: stripe
-  path: /webhooks/stripe
-  provider: stripe
-  secrets: ["{STRIPE_SECRET}"]
-  sign_upstream: {{secret: "{UPSTREAM_SECRET}"}}
-- name: slack
-  path: /webhooks/slack
-  provider: slack
-  secrets: ["slack-signing-secret"]
-  handshake: pass
-  sign_upstream: {{secret: "{UPSTREAM_SECRET}"}}
-"""
+        signed_route("stripe", "stripe", STRIPE_SECRET)
+        + "\n"
+        + signed_route("slack", "slack", "slack-signing-secret", "handshake: pass")
     )
     forged = b'{"id": "evt_forged", "type": "invoice.paid"}'
     resp = await client.put("/webhooks/stripe", data=forged, headers={"webhook-id": "evt_forged"})
@@ -193,19 +170,8 @@ async def test_sign_upstream_signs_a_verified_handshake_passed_through_so_the_sd
     """A signed Slack url_verification passed through (`handshake: pass`) has no event id: it was signed with an
     empty webhook-id, which the receiver's SDK refuses ("Missing required headers"), and Slack's URL verification
     failed (a review). It is signed under its body's digest."""
-    from tests.test_ingress import slack_headers
-
     verdicts = verified_with_the_sdk(upstream, UPSTREAM_SECRET)
-    client = await sidecar_factory(
-        f"""
-- name: slack
-  path: /webhooks/slack
-  provider: slack
-  secrets: ["slack-signing-secret"]
-  handshake: pass
-  sign_upstream: {{secret: "{UPSTREAM_SECRET}"}}
-"""
-    )
+    client = await sidecar_factory(signed_route("slack", "slack", "slack-signing-secret", "handshake: pass"))
     body = b'{"type":"url_verification","challenge":"3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"}'
     resp = await client.post("/webhooks/slack", data=body, headers=slack_headers(body))
     assert resp.status == 200
@@ -240,25 +206,12 @@ async def test_dedupe_false_signs_an_unsigned_header_id_under_the_signed_bytes(
 ) -> None:
     """X-GitHub-Delivery is not signed: one captured delivery resent under made-up ids keeps one webhook-id (the
     digest of the signed bytes), so a receiver deduping on webhook-id is not made to process it once per id."""
-    import hashlib
-    import hmac
-
     verdicts = verified_with_the_sdk(upstream, UPSTREAM_SECRET)
-    client = await sidecar_factory(
-        f"""
-- name: github
-  path: /webhooks/github
-  provider: github
-  secrets: ["gh-secret"]
-  dedupe: false
-  sign_upstream: {{secret: "{UPSTREAM_SECRET}"}}
-"""
-    )
+    client = await sidecar_factory(signed_route("github", "github", GITHUB_SECRET, "dedupe: false"))
     body = b'{"action": "created"}'
-    sig = "sha256=" + hmac.new(b"gh-secret", body, hashlib.sha256).hexdigest()
     for delivery in ("made-up-1", "made-up-2"):
-        headers = {"X-GitHub-Event": "issues", "X-GitHub-Delivery": delivery, "X-Hub-Signature-256": sig}
-        assert (await client.post("/webhooks/github", data=body, headers=headers)).status == 200
+        resp = await client.post("/webhooks/github", data=body, headers=github_headers(body, delivery))
+        assert resp.status == 200
     assert verdicts == ["ok", "ok"]
     first, second = upstream.received
     assert first.headers["webhook-id"] == second.headers["webhook-id"]
