@@ -21,7 +21,7 @@ from sidecar.forwarder import Forwarder, Outcome, upstream_headers
 from sidecar.http1 import POOL_TIMEOUT
 from sidecar.logs import Tally
 from sidecar.routes import RouteTable, target_url
-from sidecar.store import AttemptRecord, EventRecord, RedisStore
+from sidecar.store import AttemptRecord, Burial, EventRecord, RedisStore
 from sidecar.telemetry import AnySpan, Telemetry
 
 log = logging.getLogger("sidecar.dispatch")
@@ -134,10 +134,18 @@ class Dispatcher:
         history: list[dict[str, Any]] | None = None,
         parent: AnySpan | None = None,
         lease_end_ms: int | None = None,
+        burial: Burial | None = None,
     ) -> Disposition:
         """Forward `rec` once and settle the result. `parent` is the inbound span (attempt 1 in the ingress);
         the worker's attempts have none: they start a trace linked to the one the event arrived with.
-        `lease_end_ms` (store clock): when this attempt's hold on the event ends; attempt 1's is the claim's."""
+        `lease_end_ms` (store clock): when this attempt's hold on the event ends; attempt 1's is the claim's.
+        `burial`: the event's burial was begun (its dead letter perhaps written) and cut short: it is finished,
+        and nothing is sent (sent again, the event could be delivered while its dead letter stays listed)."""
+        if burial is not None:
+            outcome = Outcome("permanent", burial.entry.status, burial.entry.error, 0.0)
+            return await self._bury(
+                rec, attempt, outcome, history or [], burial.reason, lease_end_ms, burial.entry
+            )
         table = self.table
         found = table.by_name.get(rec.route)
         if found is None:

@@ -130,12 +130,19 @@ class RetryWorker:
         rec, lease_end_ms = taken.record, taken.lease_end_ms
         route = self.dispatcher.route(rec.route)
         try:
-            if route is not None and not (breaker := self.dispatcher.breaker(route)).allow():
+            # (a burial cut short is finished whatever the breaker says: nothing is sent)
+            if (
+                route is not None
+                and taken.burial is None
+                and not (breaker := self.dispatcher.breaker(route)).allow()
+            ):
                 wait = max(breaker.retry_at(), 0.5)
                 return await self.dispatcher.put_back(
                     route, rec, taken.attempt, taken.history, wait, lease_end_ms
                 )
-            await self.dispatcher.attempt(rec, taken.attempt, taken.history, lease_end_ms=lease_end_ms)
+            await self.dispatcher.attempt(
+                rec, taken.attempt, taken.history, lease_end_ms=lease_end_ms, burial=taken.burial
+            )
             if (unsaid := self._full.over()) is not None:
                 log.warning(
                     "store settles attempts again (%d more not settled since the last report)", unsaid

@@ -745,6 +745,44 @@ async def test_dead_letters_replay_script_run_twice_schedules_once(admin: Admin,
     assert await dl.schedule(other, now + 10, "older copy") == "pending"
 
 
+@pytest.mark.parametrize("ran", [True, False], ids=["script-ran", "script-not-run"])
+async def test_admin_dlq_replay_whose_schedule_answer_was_lost_says_what_happened(
+    admin: Admin, upstream: Upstream, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch, ran: bool
+) -> None:
+    """replay.lua ran and its answer was lost for good (redis-py's resend failed too): the replay answered 503
+    "0 of 1 replayed" and kept the item, though its event was on the schedule (a model-based test). The event
+    remembers the dead letter it came from: the replay is counted and the item removed. When the script never
+    ran, the 503 and the item stand."""
+    from sidecar.errors import StoreUnavailable
+
+    [item_id] = await bury_many(admin.store, 1)
+    reschedule = RedisStore.reschedule
+
+    async def answer_lost(self: RedisStore, keys: list[str], args: list[Any]) -> Any:
+        if ran:
+            await reschedule(self, keys, args)
+        raise StoreUnavailable("connection reset by peer")
+
+    with monkeypatch.context() as m:
+        m.setattr(RedisStore, "reschedule", answer_lost)
+        resp = await admin.post("/admin/dlq/replay", {"ids": [item_id]})
+    body = await resp.json()
+    shard = KEYS.shard_of("stripe", "evt_00000")
+    if ran:
+        assert resp.status == 200 and body["replayed"] == 1, body
+        assert rdb.zcard(KEYS.dlq_items()) == 0
+        assert rdb.zcard(KEYS.schedule(shard)) == 1
+        await deliver(admin, upstream, 1)
+        assert upstream.ids() == ["evt_00000"]
+    else:
+        assert resp.status == 503 and body["replayed"] == 0 and body["partial"] is True, body
+        assert rdb.zrange(KEYS.dlq_items(), 0, -1) == [item_id.encode()]
+        assert rdb.zcard(KEYS.schedule(shard)) == 0
+        # and it is not held: replayed at once when the store answers again
+        again = await (await admin.post("/admin/dlq/replay", {"ids": [item_id]})).json()
+        assert again["replayed"] == 1, again
+
+
 async def test_admin_dlq_replay_keeps_a_newer_dead_letter_of_the_same_event(
     admin: Admin, upstream: Upstream, rdb: redis.Redis
 ) -> None:

@@ -448,3 +448,46 @@ async def test_worker_an_event_with_its_attempts_spent_gives_back_the_breakers_p
     await drain(client, until=1.0)
     assert (await runtime.store.get_event("stripe", "evt_spent"))["state"] == "dead"
     assert breaker._probe_out is False  # given back: the next probe may go
+
+
+async def test_worker_finishes_a_burial_cut_short_instead_of_sending_the_event_again(
+    sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """A rejected event's dead letter was written, and its process died (here: the store write marking the event
+    dead failed for the rest of the attempt's lease) before the event was marked dead. The next take sent it again:
+    accepted that time, it was delivered while its dead letter stayed listed, for a drain or replay to hand out a
+    second time (a model-based test). The burial noted on the event before the dead letter is finished instead:
+    nothing sent again, one dead letter, the event dead."""
+    from sidecar.errors import StoreUnavailable
+
+    client = await sidecar_factory(ROUTE, retry="{max_attempts: 5, base_delay: 50ms, jitter: 0, lease: 1s}")
+    store = client.server.app[RUNTIME].store
+    upstream.respond(400, body=b'{"error": "bad payload"}')
+    dead = store._dead
+
+    async def died(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("the process died here")
+
+    store._dead = died
+    try:
+        assert (await send(client, "evt_cut")).status == 202
+    finally:
+        store._dead = dead
+    assert rdb.zcard(store.keys.dlq_items()) == 1  # written
+    assert (await store.get_event("stripe", "evt_cut"))["state"] == "pending"  # not marked dead
+    # the receiver would take it now
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (await store.get_event("stripe", "evt_cut"))["state"] != "dead":
+        await drain(client, until=0.2)
+    assert len(upstream.received) == 1
+    ev = await store.get_event("stripe", "evt_cut")
+    assert ev["state"] == "dead" and ev["last_status"] == "400"
+    assert [h["status"] for h in ev["history"]] == [400]
+    [item] = (await DeadLetters(store).page()).items
+    assert (
+        item.data["reason"] == "rejected" and item.data["attempts"] == 1 and item.data["last_status"] == 400
+    )
+    assert [h["status"] for h in item.history] == [400]
+    stats = (await store.route_stats())["stripe"]
+    assert stats["dead"] == 1 and stats["pending"] == 0
+    assert b"bur" not in rdb.hkeys(store.keys.locate("stripe", "evt_cut")[0])

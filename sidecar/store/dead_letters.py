@@ -358,7 +358,14 @@ class DeadLetters:
             return took
         removed = False
         try:
-            state = await self.schedule(item, now_ms, reason)
+            try:
+                state = await self.schedule(item, now_ms, reason)
+            except StoreError:
+                # replay.lua may have run with its answer lost (the client's resend lost too, or not made):
+                # the event, scheduled from this very item, says so; else the error stands
+                if not await self._scheduled_from(item):
+                    raise
+                state = "replayed"
             if state in ("replayed", "delivered"):
                 removed = await self.remove(item)
         finally:
@@ -366,6 +373,17 @@ class DeadLetters:
             if not removed:
                 await self.give_back(item, owner)
         return state
+
+    async def _scheduled_from(self, item: DeadLetter) -> bool:
+        """Does `item`'s event come from `item` (replay.lua's `dlv`) and is it not dead again? One read, after a
+        replay.lua call that failed: False also when that read fails."""
+        shard = self.keys.shard_of(item.route, item.dedupe_id)
+        ev = self.keys.event(shard, self.keys.member(item.route, item.dedupe_id))
+        try:
+            st, dlv = await self.store.guard(lambda: self.store.client.hmget(ev, ["st", "dlv"]))
+        except StoreError:
+            return False
+        return st in (b"f", b"p", b"d") and dlv == str(item.dead_ms).encode()
 
     async def give_back(self, item: DeadLetter, owner: str) -> None:
         """End `owner`'s hold on `item` now rather than at its lease's end; best effort (the lease ends anyway)."""

@@ -168,6 +168,31 @@ class ClaimResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Burial:
+    """Why an attempt dead-letters its event, noted on the event before its dead letter is written (burying.lua),
+    so that a burial cut short is finished by whoever takes the event next, not sent again."""
+
+    reason: str
+    entry: AttemptRecord  # the attempt that decided it, as its history entry
+
+    def to_json(self) -> str:
+        return json.dumps({"reason": self.reason, "entry": self.entry.as_dict()}, separators=(",", ":"))
+
+    @classmethod
+    def from_stored(cls, raw: bytes | str) -> Burial | None:
+        """The note as stored; None when it cannot be read (then the event is attempted as before)."""
+        try:
+            note = json.loads(raw)
+            e = note["entry"]
+            entry = AttemptRecord(
+                int(e["at_ms"]), int(e["attempt"]), e["status"], e["error"], float(e["duration_ms"])
+            )
+            return cls(str(note["reason"]), entry)
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
+@dataclass(frozen=True, slots=True)
 class Taken:
     """An event a worker has taken for a new attempt (it holds the lease and attempt number `attempt`)."""
 
@@ -175,6 +200,7 @@ class Taken:
     attempt: int
     lease_end_ms: int  # the lease deadline the take wrote (store clock)
     history: list[dict[str, Any]] = field(default_factory=list)
+    burial: Burial | None = None  # a burial begun and not finished: finish it, send nothing
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from sidecar.store.pipeline import (
 from sidecar.store.records import (
     STATE_NAMES,
     AttemptRecord,
+    Burial,
     ClaimResult,
     EventRecord,
     Evicted,
@@ -278,6 +279,7 @@ class RedisStore:
         self._take = FastScript(fast, _script("take"))
         self._ack = FastScript(fast, _script("ack"))
         self._retry = FastScript(fast, _script("retry"))
+        self._burying = FastScript(fast, _script("burying"))
         self._dead = FastScript(fast, _script("dead"))
         self._dlq_add = FastScript(fast, _script("dlq_add"))
         self._defer = FastScript(fast, _script("defer"))
@@ -332,6 +334,7 @@ class RedisStore:
             self._take,
             self._ack,
             self._retry,
+            self._burying,
             self._dead,
             self._dlq_add,
             self._defer,
@@ -688,7 +691,12 @@ class RedisStore:
         on another node); dead.lua fences the mark itself."""
         item_id = dead_letter_id(rec.route, rec.dedupe_id)
         ev, sched, stats, member = self.keys.locate(rec.route, rec.dedupe_id)
-        st, n, run, first = await self._call(lambda: self._r.hmget(ev, ["st", "n", "run", "first"]))
+        # the fence read, and the burial noted on the event if the fence holds (a burial cut short after the dead
+        # letter is written is then finished by the next take, not sent again)
+        note = Burial(reason, entry).to_json()
+        st, n, run, first = await self._call(
+            lambda: self._burying(keys=[ev], args=[attempt, note, *_given(rec.fence)])
+        )
         # (no event at all: evicted, or a test's dead letter without one; dead.lua marks nothing then)
         ours = n == str(attempt).encode() and rec.fence in (None, int(run or first or 0))
         # dead ('x') and ours: both steps landed and an answer was lost; written again as before (the same id)
@@ -706,7 +714,7 @@ class RedisStore:
             "route": rec.route,
             "event_id": rec.event_id,
             "dedupe_id": rec.dedupe_id,
-            "attempts": attempt,
+            "attempts": entry.attempt,  # `attempt` but when a burial cut short is finished by a later take
             "last_status": entry.status,
             "last_error": entry.error,
             "reason": reason,
@@ -802,9 +810,10 @@ class RedisStore:
             return None
         attempt, meta, body, first, eid, hist = res[:6]
         run = int(res[6]) if len(res) > 6 else 0
+        burial = Burial.from_stored(res[7]) if len(res) > 7 and res[7] else None
         route, dedupe_id = split_member(member)
         rec = EventRecord.from_stored(route, dedupe_id, eid.decode(), meta, body, int(first), run)
-        return Taken(rec, int(attempt), now_ms + lease_ms, parse_history(hist))
+        return Taken(rec, int(attempt), now_ms + lease_ms, parse_history(hist), burial)
 
     async def take_due(
         self, shard: int, now_ms: int, lease_ms: int, limit: int, due_by_ms: int | None = None

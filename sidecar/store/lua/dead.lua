@@ -24,7 +24,7 @@ end
 local h = v[3]
 if h and h ~= '' then h = h .. ',' .. ARGV[5] else h = ARGV[5] end
 redis.call('HSET', KEYS[1], 'st', 'x', 'done', ARGV[1], 'ls', ARGV[6], 'le', ARGV[7], 'hist', h)
-redis.call('HDEL', KEYS[1], 'body')
+redis.call('HDEL', KEYS[1], 'body', 'bur')  -- its burial note (burying.lua) too
 redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('HINCRBY', KEYS[3], ARGV[8] .. ':pending', -1)

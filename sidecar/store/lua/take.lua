@@ -12,9 +12,10 @@
 --           carried clock is behind (its monotonic clock stood still: a VM resumed from a pause, a host resumed
 --           from suspend) never writes a lease that has already run out (another replica would take the event
 --           while this one sends it)
--- returns {attempt, meta, body, first_seen_ms, event_id, history, run}, false when not due / not takeable, or {-1} when
--- the schedule entry's event is gone from the store (no version of this code leaves one so: it was evicted, under a
--- maxmemory-policy other than noeviction, or deleted by hand): the entry is dropped, and the caller says so
+-- returns {attempt, meta, body, first_seen_ms, event_id, history, run, burial ('' or burying.lua's note)}, false
+-- when not due / not takeable, or {-1} when the schedule entry's event is gone from the store (no version of this
+-- code leaves one so: it was evicted, under a maxmemory-policy other than noeviction, or deleted by hand): the
+-- entry is dropped, and the caller says so
 local score = redis.call('ZSCORE', KEYS[2], ARGV[3])
 if not score or tonumber(score) > tonumber(ARGV[1]) then
   return false
@@ -43,5 +44,5 @@ end
 redis.call('ZADD', KEYS[2], string.format('%d', deadline), ARGV[3])
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('HSET', KEYS[1], 'st', 'f')
-local v = redis.call('HMGET', KEYS[1], 'meta', 'body', 'first', 'eid', 'hist', 'run')
-return {n, v[1], v[2], v[3], v[4], v[5] or '', v[6] or v[3]}
+local v = redis.call('HMGET', KEYS[1], 'meta', 'body', 'first', 'eid', 'hist', 'run', 'bur')
+return {n, v[1], v[2], v[3], v[4], v[5] or '', v[6] or v[3], v[7] or ''}
