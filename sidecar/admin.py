@@ -61,7 +61,7 @@ from sidecar.logs import Tally
 from sidecar.providers.base import stored_id
 from sidecar.store.dead_letters import Cursor, DeadLetter, DeadLetters, ReplayOutcome, StatusFilter
 from sidecar.store.records import STATE_NAMES
-from sidecar.store.redis_store import dead_letter_id
+from sidecar.store.redis_store import dead_letter_id, life_dead_letter_id
 from sidecar.telemetry import metrics_handler, removed_routes
 
 log = logging.getLogger("sidecar.admin")
@@ -844,8 +844,7 @@ class AdminApi:
             )
         raw = ev["raw_state"]
         scheduled = ev["scheduled_ms"]
-        dead_id = dead_letter_id(route, dedupe_id) if raw == "x" else None
-        in_dlq = bool(dead_id and await self.dead_letters().get(dead_id))
+        dead_id = await self.dead_letter_of(route, dedupe_id, ev["first_seen_ms"]) if raw == "x" else None
         return web.json_response(
             {
                 "route": route,
@@ -859,10 +858,20 @@ class AdminApi:
                 "lease_until": rfc3339(scheduled) if raw == "f" and scheduled else None,
                 "last_status": int(ev["last_status"]) if (ev["last_status"] or "").isdigit() else None,
                 "last_error": ev["last_error"],
-                "dead_letter_id": dead_id if in_dlq else None,
+                "dead_letter_id": dead_id,
                 "history": render_history(ev["history"]),
             }
         )
+
+    async def dead_letter_of(self, route: str, dedupe_id: str, first_seen_ms: int) -> str | None:
+        """The id of this life's dead letter of the event, if it is in the DLQ: under the event's own id, or under
+        the id of this life (dlq_add.lua: another life of the event, forgotten and sent again, has the first)."""
+        dl, base = self.dead_letters(), dead_letter_id(route, dedupe_id)
+        for item_id in (base, life_dead_letter_id(base, first_seen_ms)):
+            item = await dl.get(item_id)
+            if item is not None and item.data.get("first_seen_ms") in (None, first_seen_ms):
+                return item_id
+        return None
 
     async def forget_event(self, request: web.Request) -> web.Response:
         only_query(request, {"reason"})

@@ -1258,11 +1258,16 @@ async def test_admin_dlq_held_drain_item_of_an_earlier_life_stays_for_the_drain_
     body = stripe_body("evt_held_twice")
     resp = await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
     assert (await resp.json())["dead_lettered"] is True
+    # the event (its new life) names its own dead letter, not the earlier life's held item
+    shown = await (await admin.get("/admin/events/stripe/evt_held_twice")).json()
+    assert shown["dead_letter_id"] not in (None, first_id), shown
     resp = await admin.post(f"/admin/dlq/drain/{drain_id}/remove", {"ids": [first_id]})
     assert (await resp.json()) == {"removed": 1, "gone": [], "busy": [], "not_held": []}
     listed = (await (await admin.get("/admin/dlq?route=stripe")).json())["items"]
     assert len(listed) == 1 and listed[0]["id"] != first_id  # the resend's dead letter, under its own id
     assert listed[0]["first_seen_at"] != lines[0]["first_seen_at"]
+    shown = await (await admin.get("/admin/events/stripe/evt_held_twice")).json()
+    assert shown["dead_letter_id"] == listed[0]["id"]
 
 
 async def test_admin_dlq_cap_never_evicts_what_a_held_drain_holds(

@@ -169,6 +169,12 @@ def dead_letter_id(route: str, dedupe_id: str) -> str:
     return hashlib.sha256(f"{route}\x00{dedupe_id}".encode()).hexdigest()[:24]
 
 
+def life_dead_letter_id(item_id: str, first_seen_ms: int) -> str:
+    """The id dlq_add.lua gives the dead letter of one life of an event (its first sight) when `item_id` is taken
+    by another life's item: that other life's, kept (a drain or replay holds it), or this life's, moved aside."""
+    return hashlib.sha1(f"{item_id}:{first_seen_ms}".encode()).hexdigest()[:24]
+
+
 def _reloading(tls: ReloadingTLS) -> type[SSLConnection]:
     """redis-py's TLS connection, with the context `tls` holds when it connects: redis-py builds one per
     connection object and keeps it across reconnects, so rotated certificate files would never be read."""
