@@ -4,9 +4,11 @@ that dies is started again with its data."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -355,3 +357,36 @@ def test_a_data_dir_too_long_for_a_socket_address_is_reached_through_a_short_lin
     finally:
         store.stop()
     assert not link.parent.exists() and data.is_dir()
+    assert not (data / "sidecar.link").exists()
+
+
+def test_the_short_link_a_killed_sidecar_left_is_removed_and_a_removed_one_made_again(tmp_path: Path) -> None:
+    """A SIGKILLed sidecar never removed its short link's dir from the temporary dir: the next start on the data
+    dir removes it (only a sidecar-* dir whose link leads there). A temporary-file cleaner that removes the live
+    link broke every new store connection: the watcher makes it again."""
+    data = tmp_path / ("d" * 100)
+    killed = EmbeddedValkey(data)
+    killed_url = killed.start()
+    left = Path(killed_url[len("unix://") :]).parent.parent
+    killed._watch_stop.set()
+    killed._server._process.kill()  # as a SIGKILL of the sidecar leaves it: nothing of stop() ran
+    killed._server._process.wait(10)
+    killed._unlock()
+    unrelated = Path(tempfile.mkdtemp(prefix="sidecar-"))
+    (unrelated / "d").symlink_to(tmp_path, target_is_directory=True)
+    store = EmbeddedValkey(data)
+    try:
+        url = store.start()
+        assert not left.exists() and unrelated.exists()
+        link_dir = Path(url[len("unix://") :]).parent.parent
+        shutil.rmtree(link_dir)  # the cleaner
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (link_dir / "d").is_symlink():
+            time.sleep(0.02)
+        with redis.Redis.from_url(url) as client:
+            assert client.ping()
+        assert link_dir.stat().st_mode & 0o777 == 0o700
+    finally:
+        store.stop()
+        shutil.rmtree(unrelated)
+    assert not link_dir.exists()

@@ -63,6 +63,9 @@ RESTART_BACKOFF = (0.1, 10.0)
 STABLE_AFTER = 60.0
 LOCK_NAME = "sidecar.lock"  # in the data dir; holds the pid of the sidecar that owns it
 SOCKET_NAME = "valkey.sock"  # in the data dir: the server's only listener (see EmbeddedValkey.__init__)
+# in the data dir: the short link's dir (`_short_link`) while a sidecar uses one, so that the next start removes
+# the one a SIGKILLed sidecar left behind
+LINK_NOTE = "sidecar.link"
 MAX_SOCKET_PATH = 100  # bytes; a socket address holds 107 (Linux), fewer on other systems
 ORPHAN_STOP_TIMEOUT = 10.0  # for a left-behind server to flush its file and exit before it is SIGKILLed
 
@@ -153,10 +156,54 @@ class EmbeddedValkey:
         self._link_dir = link_dir
         return sock
 
+    def _note_link(self) -> None:
+        """With the data dir locked: remove the link dir an earlier sidecar on it left (SIGKILLed: its `_drop_link`
+        never ran) and note this one's. Only a `sidecar-*` dir whose link leads to this data dir is removed."""
+        note = self.data_dir / LINK_NOTE
+        with contextlib.suppress(OSError, ValueError):
+            old = Path(note.read_text().strip())
+            if (
+                old != self._link_dir
+                and old.name.startswith("sidecar-")
+                and (old / "d").is_symlink()
+                and (old / "d").resolve() == self.data_dir.resolve()
+            ):
+                shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            if self._link_dir is None:
+                note.unlink(missing_ok=True)
+            else:
+                note.write_text(f"{self._link_dir}\n")
+
+    def _keep_link(self) -> None:
+        """Put the short link back if something removed it (a temporary-file cleaner: the server keeps its
+        socket, but every new store connection goes through the link)."""
+        link_dir = self._link_dir
+        if link_dir is None or os.path.lexists(link_dir / "d"):
+            return
+        try:
+            link_dir.mkdir(mode=0o700, exist_ok=True)
+            (link_dir / "d").symlink_to(self.data_dir.absolute(), target_is_directory=True)
+        except OSError as exc:
+            log.error(
+                "the embedded store's socket link %s is gone and could not be made again: %s", link_dir, exc
+            )
+            self._link_dir = None  # said once; new store connections fail until a restart
+            return
+        log.warning(
+            "the embedded store's socket link %s was removed (a temporary-file cleaner?): made again",
+            link_dir,
+        )
+
     def _drop_link(self) -> None:
         if self._link_dir is not None:
             # the link and its dir only: rmtree does not follow a symlink
             shutil.rmtree(self._link_dir, ignore_errors=True)
+            note = self.data_dir / LINK_NOTE
+            with contextlib.suppress(OSError):
+                # (unless the next sidecar on the data dir has noted its own since)
+                if note.read_text().strip() == str(self._link_dir):
+                    note.unlink()
             self._link_dir = None
 
     @property
@@ -177,6 +224,7 @@ class EmbeddedValkey:
             self._drop_link()
             raise
         try:
+            self._note_link()
             stop_orphans(self.data_dir)
             self._server.start(timeout=START_TIMEOUT)
         except EmbeddedStoreError:
@@ -210,6 +258,7 @@ class EmbeddedValkey:
                     known = set()
                     continue
                 known = self._demote_children(proc.pid, known)
+                self._keep_link()
             except Exception:  # supervision must outlive any surprise; say it and look again
                 log.exception("embedded valkey watch: unexpected error")
                 self._watch_stop.wait(RESTART_BACKOFF[1])
