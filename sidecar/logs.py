@@ -46,9 +46,20 @@ def _plain(value: Any) -> str:
     return text if text.isprintable() and " " not in text and "=" not in text else repr(text)
 
 
+def _one_line(text: str) -> str:
+    """`text` with its line separators and other control characters escaped (as repr writes them)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # A message's arguments may come from a request (an event id from a signed body may hold a newline):
+        # escaped, they cannot start a forged line. (A traceback, added after, keeps its lines.)
+        record.message = _one_line(record.message)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

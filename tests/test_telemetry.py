@@ -674,3 +674,22 @@ def test_text_log_fields_a_client_sets_cannot_forge_a_field_or_a_line() -> None:
     assert " route=stripe status=401 " in line, line
     assert line.endswith(" forwarded_for='10.0.0.1 outcome=forwarded status=200'"), line
     assert "path='/x\\rERROR sidecar.admin: dlq drain\\u2028next'" in line, line
+    # an event id from a signed body, in a message's arguments: no second line either; a traceback keeps its lines
+    record = logging.LogRecord(
+        "sidecar.dispatch",
+        logging.WARNING,
+        __file__,
+        1,
+        "dead-lettered %s/%s",
+        ("stripe", "e\nERROR x"),
+        None,
+    )
+    line = TextFormatter().format(record)
+    assert len(line.splitlines()) == 1 and line.endswith("dead-lettered stripe/e\\nERROR x"), line
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("sidecar", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    assert "Traceback" in TextFormatter().format(record).splitlines()[1]
