@@ -144,7 +144,14 @@ class Dispatcher:
         if burial is not None:
             outcome = Outcome("permanent", burial.entry.status, burial.entry.error, 0.0)
             return await self._bury(
-                rec, attempt, outcome, history or [], burial.reason, lease_end_ms, burial.entry
+                rec,
+                attempt,
+                outcome,
+                history or [],
+                burial.reason,
+                lease_end_ms,
+                burial.entry,
+                burial.dead_ms,
             )
         table = self.table
         found = table.by_name.get(rec.route)
@@ -307,12 +314,12 @@ class Dispatcher:
             return Disposition("delivered", outcome)
         if outcome.kind == "permanent":
             return await self._bury(
-                rec, attempt, outcome, history, "rejected", lease_end_ms, entry, background
+                rec, attempt, outcome, history, "rejected", lease_end_ms, entry, background=background
             )
         retry = route.retry
         if attempt >= retry.max_attempts:
             return await self._bury(
-                rec, attempt, outcome, history, "exhausted", lease_end_ms, entry, background
+                rec, attempt, outcome, history, "exhausted", lease_end_ms, entry, background=background
             )
         wait = next_delay(
             attempt,
@@ -324,7 +331,7 @@ class Dispatcher:
         )
         if _past_max_age(route, rec, now_ms, wait):
             return await self._bury(
-                rec, attempt, outcome, history, "expired", lease_end_ms, entry, background
+                rec, attempt, outcome, history, "expired", lease_end_ms, entry, background=background
             )
         due_ms = now_ms + int(wait * 1000)
         await self.store.retry(rec.route, rec.dedupe_id, attempt, due_ms, entry, rec.fence)
@@ -376,9 +383,12 @@ class Dispatcher:
         reason: str,
         lease_end_ms: int | None,
         entry: AttemptRecord | None = None,
+        dead_ms: int | None = None,
         background: bool = False,
     ) -> Disposition:
-        now_ms = self.store.clock.now_ms()
+        # `dead_ms`: a burial cut short, finished here, is the same burial (the version its dead letter was written
+        # as, if it was: dlq_add.lua then writes nothing again)
+        now_ms = self.store.clock.now_ms() if dead_ms is None else dead_ms
         entry = entry or AttemptRecord(
             now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000
         )

@@ -450,19 +450,15 @@ async def test_worker_an_event_with_its_attempts_spent_gives_back_the_breakers_p
     assert breaker._probe_out is False  # given back: the next probe may go
 
 
-async def test_worker_finishes_a_burial_cut_short_instead_of_sending_the_event_again(
-    sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
-) -> None:
-    """A rejected event's dead letter was written, and its process died (here: the store write marking the event
-    dead failed for the rest of the attempt's lease) before the event was marked dead. The next take sent it again:
-    accepted that time, it was delivered while its dead letter stayed listed, for a drain or replay to hand out a
-    second time (a model-based test). The burial noted on the event before the dead letter is finished instead:
-    nothing sent again, one dead letter, the event dead."""
+CUT_SHORT = "{max_attempts: 5, base_delay: 50ms, jitter: 0, lease: 1s}"
+
+
+async def cut_short(client: Any, event_id: str) -> None:
+    """`event_id` rejected (400) and its burial cut short after its dead letter is written: the store write marking
+    the event dead fails for the rest of the attempt (as when the process dies there)."""
     from sidecar.errors import StoreUnavailable
 
-    client = await sidecar_factory(ROUTE, retry="{max_attempts: 5, base_delay: 50ms, jitter: 0, lease: 1s}")
     store = client.server.app[RUNTIME].store
-    upstream.respond(400, body=b'{"error": "bad payload"}')
     dead = store._dead
 
     async def died(*args: Any, **kwargs: Any) -> Any:
@@ -470,19 +466,39 @@ async def test_worker_finishes_a_burial_cut_short_instead_of_sending_the_event_a
 
     store._dead = died
     try:
-        assert (await send(client, "evt_cut")).status == 202
+        assert (await send(client, event_id)).status == 202
     finally:
         store._dead = dead
-    assert rdb.zcard(store.keys.dlq_items()) == 1  # written
-    assert (await store.get_event("stripe", "evt_cut"))["state"] == "pending"  # not marked dead
-    # the receiver would take it now
+
+
+async def until_dead(client: Any, event_id: str) -> None:
+    """The worker's passes until the next take of `event_id` (its lease over) finished its burial (bounded)."""
+    store = client.server.app[RUNTIME].store
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (await store.get_event("stripe", "evt_cut"))["state"] != "dead":
+    while time.monotonic() < deadline and (await store.get_event("stripe", event_id))["state"] != "dead":
         await drain(client, until=0.2)
+
+
+async def test_worker_finishes_a_burial_cut_short_instead_of_sending_the_event_again(
+    sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """A rejected event's dead letter was written, and its process died (here: the store write marking the event
+    dead failed for the rest of the attempt's lease) before the event was marked dead. The next take sent it again:
+    accepted that time, it was delivered while its dead letter stayed listed, for a drain or replay to hand out a
+    second time (a model-based test). The burial noted on the event before the dead letter is finished instead:
+    nothing sent again, one dead letter (the version first written), the event dead."""
+    client = await sidecar_factory(ROUTE, retry=CUT_SHORT)
+    store = client.server.app[RUNTIME].store
+    upstream.respond(400, body=b'{"error": "bad payload"}')
+    await cut_short(client, "evt_cut")
+    [(item_id, version)] = rdb.zrange(store.keys.dlq_items(), 0, -1, withscores=True)  # written
+    assert (await store.get_event("stripe", "evt_cut"))["state"] == "pending"  # not marked dead
+    await until_dead(client, "evt_cut")  # the receiver would take it now
     assert len(upstream.received) == 1
     ev = await store.get_event("stripe", "evt_cut")
     assert ev["state"] == "dead" and ev["last_status"] == "400"
     assert [h["status"] for h in ev["history"]] == [400]
+    assert rdb.zrange(store.keys.dlq_items(), 0, -1, withscores=True) == [(item_id, version)]
     [item] = (await DeadLetters(store).page()).items
     assert (
         item.data["reason"] == "rejected" and item.data["attempts"] == 1 and item.data["last_status"] == 400
@@ -491,3 +507,67 @@ async def test_worker_finishes_a_burial_cut_short_instead_of_sending_the_event_a
     stats = (await store.route_stats())["stripe"]
     assert stats["dead"] == 1 and stats["pending"] == 0
     assert b"bur" not in rdb.hkeys(store.keys.locate("stripe", "evt_cut")[0])
+
+
+@pytest.mark.parametrize("how", ["held drain", "drain", "delete"])
+async def test_worker_a_burial_finished_later_does_not_bring_back_what_an_operator_took(
+    sidecar_factory: Any, aiohttp_client: Any, upstream: Upstream, rdb: redis.Redis, how: str
+) -> None:
+    """Between the dead letter's write and the finishing take, an operator drains it (held or streamed) or
+    deletes it. The finishing take wrote it again (a new version): a held drain's remove was told `gone` and the
+    item its client had stored stayed listed; a streamed or deleted one came back; the next drain handed it out a
+    second time (a review). The same burial writes its dead letter once."""
+    from sidecar.admin import create_admin_app
+    from tests.test_admin import AUTH
+
+    client = await sidecar_factory(ROUTE, retry=CUT_SHORT)
+    admin = await aiohttp_client(create_admin_app(client.server.app))
+    store = client.server.app[RUNTIME].store
+    upstream.respond(400)
+    await cut_short(client, "evt_taken")
+    [item_id] = [m.decode() for m in rdb.zrange(store.keys.dlq_items(), 0, -1)]
+    if how == "delete":
+        assert (await admin.delete(f"/admin/dlq/{item_id}", headers=AUTH)).status == 200
+    else:
+        resp = await admin.post(
+            "/admin/dlq/drain", json={"hold": "10m"} if how == "held drain" else {}, headers=AUTH
+        )
+        assert len((await resp.text()).splitlines()) == 1
+    await until_dead(client, "evt_taken")
+    if how == "held drain":
+        owner = resp.headers["Sidecar-Drain"]
+        resp = await admin.post(f"/admin/dlq/drain/{owner}/remove", json={"ids": [item_id]}, headers=AUTH)
+        assert (await resp.json())["removed"] == 1
+    assert rdb.zcard(store.keys.dlq_items()) == 0
+    again = await admin.post("/admin/dlq/drain", json={}, headers=AUTH)
+    assert (await again.text()) == ""
+    assert len(upstream.received) == 1 and (await store.get_event("stripe", "evt_taken"))["state"] == "dead"
+
+
+async def test_worker_a_burial_finished_later_writes_one_dead_letter_for_a_later_life(
+    sidecar_factory: Any, aiohttp_client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """An earlier life of the event is held by a drain, so this life's dead letter takes an id of its own; the
+    drain removes the earlier one; the finishing take then wrote this life again under the event's id: two dead
+    letters for one life, both drained (a review)."""
+    from sidecar.admin import create_admin_app
+    from tests.test_admin import AUTH
+
+    client = await sidecar_factory(ROUTE, retry=CUT_SHORT)
+    admin = await aiohttp_client(create_admin_app(client.server.app))
+    store = client.server.app[RUNTIME].store
+    upstream.respond(400)
+    assert (await send(client, "evt_life")).status == 202
+    [old_id] = [m.decode() for m in rdb.zrange(store.keys.dlq_items(), 0, -1)]
+    resp = await admin.post("/admin/dlq/drain", json={"hold": "10m"}, headers=AUTH)
+    owner = resp.headers["Sidecar-Drain"]
+    assert (await admin.delete("/admin/events/stripe/evt_life", headers=AUTH)).status == 200
+    upstream.respond(400)
+    await cut_short(client, "evt_life")
+    resp = await admin.post(f"/admin/dlq/drain/{owner}/remove", json={"ids": [old_id]}, headers=AUTH)
+    assert (await resp.json())["removed"] == 1
+    await until_dead(client, "evt_life")
+    listed = rdb.zrange(store.keys.dlq_items(), 0, -1)
+    assert len(listed) == 1 and listed[0].decode() != old_id
+    shown = await (await admin.get("/admin/events/stripe/evt_life", headers=AUTH)).json()
+    assert shown["state"] == "dead" and shown["dead_letter_id"] == listed[0].decode()

@@ -362,10 +362,11 @@ class DeadLetters:
                 state = await self.schedule(item, now_ms, reason)
             except StoreError:
                 # replay.lua may have run with its answer lost (the client's resend lost too, or not made):
-                # the event, scheduled from this very item, says so; else the error stands
-                if not await self._scheduled_from(item):
+                # the event says so; else the error stands
+                found = await self._as_scheduled(item)
+                if found is None:
                     raise
-                state = "replayed"
+                state = found
             if state in ("replayed", "delivered"):
                 removed = await self.remove(item)
         finally:
@@ -374,16 +375,24 @@ class DeadLetters:
                 await self.give_back(item, owner)
         return state
 
-    async def _scheduled_from(self, item: DeadLetter) -> bool:
-        """Does `item`'s event come from `item` (replay.lua's `dlv`) and is it not dead again? One read, after a
-        replay.lua call that failed: False also when that read fails."""
+    async def _as_scheduled(self, item: DeadLetter) -> ReplayOutcome | None:
+        """What replay.lua run again would answer for `item`, read once after a call of it that failed:
+        "replayed" when the event is scheduled from this very item (`dlv`), "delivered" when it is delivered
+        (from this replay, since: ack.lua keeps no `dlv`, or before it: the item is obsolete either way), else
+        None (also when the read fails). Always None with `redis.wait_replicas`: the replicas may not hold the new
+        schedule (the call failed before its WAIT, or in it), and the item is removed only once they do (the
+        replay run again waits for them)."""
+        if self.store.waits_for_replicas:
+            return None
         shard = self.keys.shard_of(item.route, item.dedupe_id)
         ev = self.keys.event(shard, self.keys.member(item.route, item.dedupe_id))
         try:
             st, dlv = await self.store.guard(lambda: self.store.client.hmget(ev, ["st", "dlv"]))
         except StoreError:
-            return False
-        return st in (b"f", b"p", b"d") and dlv == str(item.dead_ms).encode()
+            return None
+        if st == b"d":
+            return "delivered"
+        return "replayed" if st in (b"f", b"p") and dlv == str(item.dead_ms).encode() else None
 
     async def give_back(self, item: DeadLetter, owner: str) -> None:
         """End `owner`'s hold on `item` now rather than at its lease's end; best effort (the lease ends anyway)."""

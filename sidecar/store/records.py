@@ -174,9 +174,11 @@ class Burial:
 
     reason: str
     entry: AttemptRecord  # the attempt that decided it, as its history entry
+    dead_ms: int  # its dead letter's version (dead_at): finished, the burial is the same one (dlq_add.lua)
 
     def to_json(self) -> str:
-        return json.dumps({"reason": self.reason, "entry": self.entry.as_dict()}, separators=(",", ":"))
+        note = {"reason": self.reason, "entry": self.entry.as_dict(), "dead_ms": self.dead_ms}
+        return json.dumps(note, separators=(",", ":"))
 
     @classmethod
     def from_stored(cls, raw: bytes | str) -> Burial | None:
@@ -187,7 +189,7 @@ class Burial:
             entry = AttemptRecord(
                 int(e["at_ms"]), int(e["attempt"]), e["status"], e["error"], float(e["duration_ms"])
             )
-            return cls(str(note["reason"]), entry)
+            return cls(str(note["reason"]), entry, int(note["dead_ms"]))
         except (ValueError, TypeError, KeyError):
             return None
 

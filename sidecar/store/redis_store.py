@@ -311,6 +311,12 @@ class RedisStore:
         return cls(_connect(url, timeout, max_connections), keys, dedupe_ttl, dlq_max_length, fast, wait)
 
     @property
+    def waits_for_replicas(self) -> bool:
+        """`redis.wait_replicas` set: writes that move an event between the DLQ and the schedule are answered only
+        once the replicas hold them."""
+        return self._wait is not None
+
+    @property
     def client(self) -> Any:
         """The raw client, for tests and the admin's read-only inspection."""
         return self._r
@@ -699,7 +705,7 @@ class RedisStore:
         ev, sched, stats, member = self.keys.locate(rec.route, rec.dedupe_id)
         # the fence read, and the burial noted on the event if the fence holds (a burial cut short after the dead
         # letter is written is then finished by the next take, not sent again)
-        note = Burial(reason, entry).to_json()
+        note = Burial(reason, entry, now_ms).to_json()
         st, n, run, first = await self._call(
             lambda: self._burying(keys=[ev], args=[attempt, note, *_given(rec.fence)])
         )
@@ -737,6 +743,8 @@ class RedisStore:
             k.dlq_route(rec.route),
             k.dlq_evicted(),
             k.dlq_taken(),
+            # this burial's record: run again (an answer lost, or finished by a later take), it writes nothing
+            k.dlq_written(item_id, now_ms),
         ]
         dlq_args = [
             item_id,
@@ -746,6 +754,7 @@ class RedisStore:
             self._dlq_max,
             k.dlq_route_prefix(),
             rec.first_seen_ms,
+            self._ttl_ms,
         ]
         # With `redis.wait_replicas`, the dead letter is on the replicas before the event is marked dead: on a
         # cluster the two live on different nodes, and a failover that kept the mark but lost the dead letter would

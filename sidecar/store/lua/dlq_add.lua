@@ -9,6 +9,7 @@
 -- KEYS[4] - this item's route zset
 -- KEYS[5] - evictions counter hash (route -> count)
 -- KEYS[6] - taken hash (dlq_take.lua): an evicted item's mark goes with it
+-- KEYS[7] - this burial's record (`KeySpace.dlq_written`: the item id and its dead_at), optional
 -- ARGV[1] - item id
 -- ARGV[2] - dead_at (ms)
 -- ARGV[3] - item JSON (must carry "route" and "event_id")
@@ -16,6 +17,7 @@
 -- ARGV[5] - max length
 -- ARGV[6] - route zset key prefix
 -- ARGV[7] - the event's first-seen time (ms), as in the item JSON
+-- ARGV[8] - how long the record KEYS[7] is kept (ms), with KEYS[7]
 -- returns a flat list {id written, evicted id, route, event id, ...}: the id written is ARGV[1] unless an earlier
 -- life's item that a drain or replay holds has it (see below)
 --
@@ -23,6 +25,18 @@
 -- leaves one item. An item already there from an earlier life of the event (its claim forgotten by an operator,
 -- the provider's resend dead too: another first-seen time) is not the same dead letter: it moves to an id of its
 -- own, body and history intact, instead of being overwritten.
+-- The same burial run again (its answer lost and the call tried again, or cut short before the event was marked
+-- dead and finished by a later take, with the version first written) writes nothing: its dead letter may have
+-- been drained, deleted, replayed or evicted since, and must not come back (a drain would hand it out twice).
+if KEYS[7] then
+  local written = redis.call('GET', KEYS[7])
+  if written then
+    -- a write all the same: the caller's WAIT (redis.wait_replicas) waits for the replicas to reach this point of
+    -- the stream, so for the first run's dead letter too (a script that writes nothing leaves WAIT nothing to wait on)
+    redis.call('PEXPIRE', KEYS[7], ARGV[8])
+    return {written}
+  end
+end
 local t0 = redis.call('TIME')
 local now0 = tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)
 local new_id, item = ARGV[1], ARGV[3]
@@ -60,6 +74,9 @@ redis.call('HSET', KEYS[2], new_id, item)
 redis.call('HSET', KEYS[3], new_id, ARGV[4])
 redis.call('ZADD', KEYS[1], ARGV[2], new_id)
 redis.call('ZADD', KEYS[4], ARGV[2], new_id)
+if KEYS[7] then
+  redis.call('SET', KEYS[7], new_id, 'PX', ARGV[8])
+end
 local out = {new_id}  -- the id written, then what the cap evicted
 local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[5])
 if over > 0 then
