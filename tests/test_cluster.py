@@ -695,3 +695,139 @@ async def test_cluster_retry_pass_goes_on_past_a_node_that_does_not_answer(
             stopped._process.send_signal(signal.SIGCONT)
         for server in servers:
             server.stop()
+
+
+async def test_cluster_delivered_mark_and_replay_while_their_slot_is_migrating_keep_the_event(
+    tmp_path: Path,
+) -> None:
+    """ack.lua and replay.lua rewrite the event hash (DEL + HSET, for its compact encoding). While the slot is
+    MIGRATING, a key the script deleted is no longer local: the HSET failed the script half way, the event deleted
+    (a delivered event's claim gone: its provider's resend was delivered again; the worker then called it LOST)."""
+    from redis.crc import key_slot
+
+    from sidecar.store import AttemptRecord
+    from sidecar.store.dead_letters import DeadLetters
+    from sidecar.store.redis_store import RedisStore
+    from tests.test_store import record
+
+    servers = await asyncio.to_thread(build_cluster, tmp_path / "mark")
+    clients = [redis.Redis(host="127.0.0.1", port=s.port) for s in servers]
+    keys = KeySpace("sidecar", 16)
+    store = RedisStore.connect(url_of(servers), keys, dedupe_ttl=60, dlq_max_length=10)
+    try:
+        ids = [c.execute_command("CLUSTER", "MYID") for c in clients]
+        now = int(time.time() * 1000)
+        shard = keys.shard_of("stripe", "evt_mig_1")
+        same = [e for e in (f"evt_mig_{i}" for i in range(1, 4000)) if keys.shard_of("stripe", e) == shard]
+        delivered, dead, pending = same[:3]
+        for event_id in (
+            delivered,
+            dead,
+            pending,
+        ):  # `pending` keeps the shard's schedule (replay.lua's key) there
+            assert (await store.claim(record(event_id), now, 30_000)).claimed
+        item_id, _ = await store.bury(
+            record(dead), 1, AttemptRecord(now, 1, 400, None, 1.0), [], now, "rejected"
+        )
+        ev, sched, _, _ = keys.locate("stripe", delivered)
+        slot = key_slot(sched.encode())
+        src = next(i for i, (a, b) in enumerate(RANGES) if a <= slot <= b)
+        dst = (src + 1) % 3
+        clients[dst].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
+        clients[src].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])  # nothing moved yet
+        assert await store.ack("stripe", delivered, AttemptRecord(now, 1, 200, None, 1.0), now)
+        dlq = DeadLetters(store)
+        item = await dlq.get(item_id)
+        assert item is not None
+        assert await dlq.schedule(item, now, "test") == "replayed"
+        assert clients[src].execute_command("KEYS", ev) == [ev.encode()]  # still there, on the source
+        while moving := clients[src].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            clients[src].execute_command(
+                "MIGRATE", "127.0.0.1", servers[dst].port, "", 0, 5000, "KEYS", *moving
+            )
+        for client in clients:
+            client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[dst])
+        got = await store.get_event("stripe", delivered)
+        assert got is not None and got["state"] == "delivered" and got["body"] is None
+        assert not (await store.claim(record(delivered), now, 30_000)).claimed  # a resend is a duplicate
+        replayed = await store.get_event("stripe", dead)
+        assert replayed is not None and replayed["state"] == "pending"
+    finally:
+        await store.close()
+        for client in clients:
+            client.close()
+        for server in servers:
+            server.stop()
+
+
+async def test_cluster_seed_that_serves_no_slots_is_passed_over(tmp_path: Path) -> None:
+    """A primary removed with `redis-cli --cluster del-node` is reset and left running, serving no slot. Named first
+    in redis.url, its empty CLUSTER SLOTS was taken as the map: every call went to it (CLUSTERDOWN), every webhook
+    was answered 503 for good while /readyz said ready. The next seed's map is used instead."""
+    from sidecar.store.pipeline import PipelinedClient
+
+    removed = start_cluster_node(tmp_path / "removed")  # cluster mode, no slots: what del-node leaves behind
+    try:
+        with one_node_cluster(tmp_path / "live") as live:
+            client = PipelinedClient(f"redis+cluster://127.0.0.1:{removed.port},127.0.0.1:{live.port}")
+            try:
+                assert await client.execute(("SET", "{x}k", "v"), key="{x}k") == b"OK"
+                assert client.node_of("{x}k") == ("127.0.0.1", live.port)
+            finally:
+                client.close()
+    finally:
+        removed.stop()
+
+
+async def test_cluster_slot_migrating_to_a_node_just_added_serves_scripts_there_and_fails_clearly(
+    tmp_path: Path,
+) -> None:
+    """A primary just added takes a slot (resharding onto it): its keys answer ASK to that node, which has none of
+    the scripts loaded. The NOSCRIPT recovery loaded the script on the slot's owner and asked the new node again
+    (NOSCRIPT again): a resend was answered 503 instead of duplicate. redis-py's cluster client followed the ASK to
+    a node it does not know as None: the admin API and /metrics answered 500 (an AttributeError). The script is
+    loaded on the ASK target; the client's failure is a store error (503)."""
+    from redis.crc import key_slot
+
+    from sidecar.errors import StoreError
+    from sidecar.store.redis_store import RedisStore
+    from tests.test_store import record
+
+    servers = await asyncio.to_thread(build_cluster, tmp_path / "c")
+    added = start_cluster_node(tmp_path / "added", {"cluster-node-timeout": "5000"})
+    clients = [redis.Redis(host="127.0.0.1", port=s.port) for s in [*servers, added]]
+    keys = KeySpace("sidecar", 16)
+    store = RedisStore.connect(url_of(servers), keys, dedupe_ttl=60, dlq_max_length=10)
+    try:
+        clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", added.port)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            infos = [c.execute_command("CLUSTER", "INFO") for c in clients]
+            if all(b"cluster_known_nodes:4" in i and b"cluster_state:ok" in i for i in infos):
+                break
+            time.sleep(0.2)
+        ids = [c.execute_command("CLUSTER", "MYID") for c in clients]
+        now = int(time.time() * 1000)
+        assert (await store.claim(record("evt_add_1"), now, 30_000)).claimed
+        assert await store.get_event("stripe", "evt_add_1") is not None  # the admin client knows the 3 nodes
+        _, sched, _, _ = keys.locate("stripe", "evt_add_1")
+        slot = key_slot(sched.encode())
+        src = next(i for i, (a, b) in enumerate(RANGES) if a <= slot <= b)
+        clients[3].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
+        clients[src].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[3])
+        moving = clients[src].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+        clients[src].execute_command("MIGRATE", "127.0.0.1", added.port, "", 0, 5000, "KEYS", *moving)
+        # every key of the shard is on the new node now (ASK): the resend is a duplicate, answered from there
+        assert not (await store.claim(record("evt_add_1"), now, 30_000)).claimed
+        try:
+            got = await store.get_event("stripe", "evt_add_1")
+        except StoreError:
+            pass  # a 503 for the admin API (the client learns the node on its next map reload)
+        else:
+            assert got is not None and got["state"] == "pending"
+    finally:
+        await store.close()
+        for client in clients:
+            client.close()
+        for server in [*servers, added]:
+            server.stop()

@@ -442,6 +442,7 @@ class PipelinedClient:
         self._refreshed_at = -REFRESH_INTERVAL
         self._closed = False
         self._scripts: set[str] = set()  # sources loaded by load_script, for primaries that appear later
+        self._sources: dict[str, str] = {}  # sha -> source of every FastScript (know_script)
         self._single: Connection | None = None  # single-node fast path: the live connection, no lookups
 
     def _node(self, addr: tuple[str, int]) -> Node:
@@ -512,8 +513,23 @@ class PipelinedClient:
         conn = await self._node((host, int(port))).connection()
         asking, pending = conn.execute(("ASKING",)), conn.execute(args)
         await asking
-        reply = await pending
+        try:
+            reply = await pending
+        except ReplyError as exc:
+            # the slot is moving to a node that has not got the scripts (a primary just added): load this one there
+            # and ask again. (FastScript's own NOSCRIPT handling would load it on the slot's owner, the source.)
+            source = self._sources.get(args[1]) if args and args[0] == "EVALSHA" else None
+            if source is None or not str(exc).startswith("NOSCRIPT"):
+                raise
+            await conn.execute(("SCRIPT", "LOAD", source))
+            asking, pending = conn.execute(("ASKING",)), conn.execute(args)
+            await asking
+            reply = await pending
         return reply if wait is None else await conn.replicated(reply, wait)
+
+    def know_script(self, sha: str, source: str) -> None:
+        """A script sent by EVALSHA: its source, for a node met through ASK that has not got it."""
+        self._sources[sha] = source
 
     def node_of(self, key: str) -> tuple[str, int] | None:
         """The (host, port) the slot map sends `key` to; None on a single node or before the map is loaded."""
@@ -643,6 +659,11 @@ class PipelinedClient:
             except (ConnectionError, OSError, TimeoutError, ReplyError) as exc:
                 last = exc
                 continue
+            if not ranges:
+                # a node that serves no slot: removed from the cluster (`redis-cli --cluster del-node` resets it and
+                # leaves it running) or not joined yet; its empty map would send every call to a seed, CLUSTERDOWN
+                last = ConnectionError(f"{addr[0]}:{addr[1]} serves no slots (not part of the cluster)")
+                continue
             before = set(self._slots)
             for start, end, primary, *_ in ranges:
                 host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
@@ -699,6 +720,7 @@ class FastScript:
         self.client = client
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        client.know_script(self.sha, source)
 
     async def __call__(self, keys: Sequence[str], args: Sequence[Any], wait: Wait | None = None) -> Any:
         route_key = keys[0] if keys else None

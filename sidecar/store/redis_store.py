@@ -132,9 +132,11 @@ def _translate(exc: BaseException) -> StoreError:
     if isinstance(exc, _UNAVAILABLE):
         # a TLS refusal names its reason (expired, unknown CA, host name): the fix differs
         why = _tls_failure(exc)
-        return StoreUnavailable(
-            f"store unreachable: {type(exc).__name__}" + (f" (TLS: {why})" if why else "")
-        )
+        said = str(exc).strip()
+        # what the client said too ("Connection closed by server." in a cluster's slot migration is not the
+        # store down)
+        detail = f" (TLS: {why})" if why else f" ({said[:200]})" if said else ""
+        return StoreUnavailable(f"store unreachable: {type(exc).__name__}{detail}")
     if isinstance(exc, rexc.SlotNotCoveredError) or (
         isinstance(exc, rexc.RedisClusterException) and any(m in str(exc) for m in _CLUSTER_UNREACHABLE)
     ):
@@ -162,6 +164,17 @@ def _torn_connection(exc: BaseException) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def _in_cluster_client(exc: BaseException) -> bool:
+    """Raised by redis-py's cluster client itself (redis/asyncio/cluster.py is the innermost redis-py frame)."""
+    tb, last = exc.__traceback__, ""
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if "/redis/" in name:
+            last = name
+        tb = tb.tb_next
+    return last.endswith("redis/asyncio/cluster.py")
 
 
 def dead_letter_id(route: str, dedupe_id: str) -> str:
@@ -502,6 +515,12 @@ class RedisStore:
         except _STORE_ERRORS as exc:
             raise _translate(exc) from exc
         except (AttributeError, RuntimeError) as exc:
+            if isinstance(exc, AttributeError) and _in_cluster_client(exc):
+                # redis-py's cluster client follows an ASK to a node it does not know (a primary just added, that
+                # serves no slot yet, while a slot migrates to it) as None: a passing state, like TRYAGAIN
+                raise StoreUnavailable(
+                    "store busy: a slot is migrating to a cluster node the client does not know yet"
+                ) from exc
             if not _torn_connection(exc):
                 raise
             # redis-py's cluster client tears its connections down when it reinitializes (after a node failed)

@@ -20,6 +20,24 @@
 -- ARGV[11] - route name (stats)
 -- ARGV[12] - the dead letter's version (its dead_at, ms): kept on the event as `dlv`
 -- returns {1} when scheduled, {0, state} when left alone (state: f|p|d)
+-- Rewrite hash `key` to exactly `fields` (a flat name/value list). DEL + HSET gives the hash the compact encoding
+-- again, but while its slot is being migrated (CLUSTER SETSLOT MIGRATING) a key this script deleted is "not local"
+-- any more: the HSET fails the script half way, the event deleted. Probed with a key that does not exist: in a
+-- migrating slot its access is refused (pcall returns the error); there the hash is rewritten in place.
+local function rewrite(key, fields)
+  if type(redis.pcall('EXISTS', key .. ':migrating?')) ~= 'table' then
+    redis.call('DEL', key)
+    redis.call('HSET', key, unpack(fields))
+    return
+  end
+  redis.call('HSET', key, unpack(fields))
+  local keep = {}
+  for i = 1, #fields, 2 do keep[fields[i]] = true end
+  for _, name in ipairs(redis.call('HKEYS', key)) do
+    if not keep[name] then redis.call('HDEL', key, name) end
+  end
+  redis.call('PERSIST', key)
+end
 local old = redis.call('HMGET', KEYS[1], 'st', 'run', 'first', 'dlv')
 local st = old[1]
 if st == 'f' or st == 'p' then
@@ -43,12 +61,11 @@ end
 local run = math.max((tonumber(old[2]) or tonumber(old[3]) or 0) + 1, tonumber(ARGV[1]))
 local h = ARGV[7]
 if h ~= '' then h = h .. ',' .. ARGV[8] else h = ARGV[8] end
--- DEL first: no field of the dead incarnation survives, and the new hash has no TTL (pending never expires).
-redis.call('DEL', KEYS[1])
+-- Rewritten whole: no field of the dead incarnation survives, and the new hash has no TTL (pending never expires).
 -- n = 0: take.lua makes it 1, so the replay starts a fresh run of attempts.
-redis.call('HSET', KEYS[1], 'st', 'p', 'n', 0, 'first', ARGV[6], 'eid', ARGV[5], 'meta', ARGV[3],
+rewrite(KEYS[1], {'st', 'p', 'n', 0, 'first', ARGV[6], 'eid', ARGV[5], 'meta', ARGV[3],
   'body', ARGV[4], 'hist', h, 'due', ARGV[1], 'ls', ARGV[9], 'le', ARGV[10], 'run', string.format('%d', run),
-  'dlv', ARGV[12])
+  'dlv', ARGV[12]})
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[3], ARGV[11] .. ':pending', 1)
 return {1}
