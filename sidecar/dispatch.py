@@ -405,7 +405,7 @@ class Dispatcher:
             "dead-lettered %s/%s after %d attempt(s): %s (%s)",
             rec.route,
             rec.event_id,
-            attempt,
+            entry.attempt,
             reason,
             ", ".join(said) or "no answer",
         )

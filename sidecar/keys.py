@@ -99,10 +99,11 @@ class KeySpace:
     def dlq_taken(self) -> str:
         return f"{self.prefix}:{{dlq}}:taken"
 
-    def dlq_written(self, item_id: str, version: int) -> str:
-        """The record that a burial wrote its dead letter (dlq_add.lua: the id written), for a dedupe ttl: the
-        same burial run again (its answer lost, or finished by a later take) writes nothing twice."""
-        return f"{self.prefix}:{{dlq}}:written:{item_id}:{version}"
+    def dlq_written(self, item_id: str, run: int, version: int) -> str:
+        """The record that a burial wrote its dead letter (dlq_add.lua: the id written): the same burial run again
+        (its answer lost, or finished by a later take) writes nothing twice. Named by the run of attempts too (a
+        claim's first sight, or a replay's run): another life or run buried in the same millisecond is not it."""
+        return f"{self.prefix}:{{dlq}}:written:{item_id}:{run}:{version}"
 
     def dlq_gone(self, item_id: str, version: int) -> str:
         """The marker of one dead letter version's removal (dlq_remove.lua), kept for a minute."""

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 OUTCOME_FIELDS = (
@@ -51,18 +52,28 @@ def _one_line(text: str) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _escaped(args: Any) -> Any:
+    """A log record's arguments (a tuple, or a mapping for `%(name)s`) with their strings made one line."""
+    if isinstance(args, Mapping):
+        return {k: _one_line(v) if isinstance(v, str) else v for k, v in args.items()}
+    return tuple(_one_line(a) if isinstance(a, str) else a for a in args)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        # A message's arguments may come from a request (an event id from a signed body may hold a newline):
-        # escaped, they cannot start a forged line. (A traceback, added after, keeps its lines.)
-        record.message = _one_line(record.message)
-        return super().formatMessage(record)
-
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        # A message's string arguments may come from a request (an event id from a signed body may hold a
+        # newline): escaped, they cannot start a forged line. The message's own text keeps its lines (a refused
+        # reload lists its errors one a line), and so does a traceback.
+        args = record.args
+        if args:
+            record.args = _escaped(args)
+        try:
+            line = super().format(record)
+        finally:
+            record.args = args
         extras = [
             f"{k}={_plain(record.__dict__[k])}" for k in OUTCOME_FIELDS if record.__dict__.get(k) is not None
         ]

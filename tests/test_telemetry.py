@@ -693,3 +693,17 @@ def test_text_log_fields_a_client_sets_cannot_forge_a_field_or_a_line() -> None:
 
         record = logging.LogRecord("sidecar", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
     assert "Traceback" in TextFormatter().format(record).splitlines()[1]
+    # the message's own text keeps its lines (a refused reload lists its errors one a line: a review), and an
+    # exception as an argument too; the record's arguments are left as they were for other handlers
+    record = logging.LogRecord(
+        "sidecar.reload",
+        logging.ERROR,
+        __file__,
+        1,
+        "refused:\n%s",
+        (ValueError("a.yaml:1: x\na.yaml:2: y"),),
+        None,
+    )
+    assert TextFormatter().format(record).splitlines()[1:] == ["a.yaml:1: x", "a.yaml:2: y"]
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "%(id)s", ({"id": "a\nb"},), None)
+    assert TextFormatter().format(record).endswith("x: a\\nb") and record.args == {"id": "a\nb"}

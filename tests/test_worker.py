@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from pathlib import Path
@@ -571,3 +572,62 @@ async def test_worker_a_burial_finished_later_writes_one_dead_letter_for_a_later
     assert len(listed) == 1 and listed[0].decode() != old_id
     shown = await (await admin.get("/admin/events/stripe/evt_life", headers=AUTH)).json()
     assert shown["state"] == "dead" and shown["dead_letter_id"] == listed[0].decode()
+
+
+async def test_worker_a_later_life_buried_in_the_same_millisecond_still_gets_its_dead_letter(
+    sidecar_factory: Any, aiohttp_client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """The burial record was named by the item id and dead_at alone: the provider's resend of a forgotten event
+    (a new life), buried in the millisecond the earlier life was (two replicas' store clocks, a resync), found
+    the earlier life's record and wrote nothing, though it was answered 202 and marked dead (a review). The
+    record names the run of attempts too."""
+    from sidecar.admin import create_admin_app
+    from tests.test_admin import AUTH
+
+    client = await sidecar_factory(ROUTE, retry=CUT_SHORT)
+    admin = await aiohttp_client(create_admin_app(client.server.app))
+    store = client.server.app[RUNTIME].store
+    stamp, bury = store.clock.now_ms(), store.bury
+
+    async def same_ms(rec: Any, attempt: int, entry: Any, history: Any, now_ms: int, reason: str) -> Any:
+        return await bury(rec, attempt, entry, history, stamp, reason)
+
+    store.bury = same_ms
+    upstream.respond(400)
+    assert (await send(client, "evt_same")).status == 202
+    drained = await admin.post("/admin/dlq/drain", json={}, headers=AUTH)
+    assert len((await drained.text()).splitlines()) == 1 and rdb.zcard(store.keys.dlq_items()) == 0
+    assert (await admin.delete("/admin/events/stripe/evt_same", headers=AUTH)).status == 200
+    await asyncio.sleep(0.005)  # another first sight
+    upstream.respond(400)
+    assert (await send(client, "evt_same")).status == 202
+    assert rdb.zcard(store.keys.dlq_items()) == 1
+    shown = await (await admin.get("/admin/events/stripe/evt_same", headers=AUTH)).json()
+    assert shown["state"] == "dead" and shown["dead_letter_id"] is not None
+
+
+async def test_worker_a_burial_finished_after_a_short_dedupe_ttl_does_not_bring_back_a_drained_item(
+    sidecar_factory: Any,
+    aiohttp_client: Any,
+    upstream: Upstream,
+    rdb: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The burial record lived dedupe.ttl: one shorter than the lease (500 ms here) was gone when the take finished
+    the burial, and the drained item came back for a second drain (a review). It lives at least a day. The log
+    line counts the attempts made (one), not the finishing take's number."""
+    from sidecar.admin import create_admin_app
+    from tests.test_admin import AUTH
+
+    client = await sidecar_factory(ROUTE, retry=CUT_SHORT, extra="dedupe: {ttl: 500ms}")
+    admin = await aiohttp_client(create_admin_app(client.server.app))
+    store = client.server.app[RUNTIME].store
+    upstream.respond(400)
+    await cut_short(client, "evt_short")
+    first = await admin.post("/admin/dlq/drain", json={}, headers=AUTH)
+    assert len((await first.text()).splitlines()) == 1 and rdb.zcard(store.keys.dlq_items()) == 0
+    with caplog.at_level(logging.WARNING, logger="sidecar.dispatch"):
+        await until_dead(client, "evt_short")
+    assert (await (await admin.post("/admin/dlq/drain", json={}, headers=AUTH)).text()) == ""
+    said = [r.getMessage() for r in caplog.records if "dead-lettered stripe/evt_short" in r.getMessage()]
+    assert said == ["dead-lettered stripe/evt_short after 1 attempt(s): rejected (status 400)"], said

@@ -177,6 +177,10 @@ def _in_cluster_client(exc: BaseException) -> bool:
     return last.endswith("redis/asyncio/cluster.py")
 
 
+# how long a burial's record (KeySpace.dlq_written) is kept at least, whatever dedupe.ttl is
+WRITTEN_MIN_MS = 24 * 3600 * 1000
+
+
 def dead_letter_id(route: str, dedupe_id: str) -> str:
     """Deterministic, so burying the same event twice (a crash between the two bury steps) overwrites."""
     return hashlib.sha256(f"{route}\x00{dedupe_id}".encode()).hexdigest()[:24]
@@ -763,7 +767,7 @@ class RedisStore:
             k.dlq_evicted(),
             k.dlq_taken(),
             # this burial's record: run again (an answer lost, or finished by a later take), it writes nothing
-            k.dlq_written(item_id, now_ms),
+            k.dlq_written(item_id, rec.run or rec.first_seen_ms, now_ms),
         ]
         dlq_args = [
             item_id,
@@ -773,7 +777,9 @@ class RedisStore:
             self._dlq_max,
             k.dlq_route_prefix(),
             rec.first_seen_ms,
-            self._ttl_ms,
+            max(
+                self._ttl_ms, WRITTEN_MIN_MS
+            ),  # past any lease: a burial cut short is finished after its lease
         ]
         # With `redis.wait_replicas`, the dead letter is on the replicas before the event is marked dead: on a
         # cluster the two live on different nodes, and a failover that kept the mark but lost the dead letter would

@@ -9,7 +9,7 @@
 -- KEYS[4] - this item's route zset
 -- KEYS[5] - evictions counter hash (route -> count)
 -- KEYS[6] - taken hash (dlq_take.lua): an evicted item's mark goes with it
--- KEYS[7] - this burial's record (`KeySpace.dlq_written`: the item id and its dead_at), optional
+-- KEYS[7] - this burial's record (`KeySpace.dlq_written`: the item id, its run and its dead_at), optional
 -- ARGV[1] - item id
 -- ARGV[2] - dead_at (ms)
 -- ARGV[3] - item JSON (must carry "route" and "event_id")
