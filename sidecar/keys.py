@@ -17,6 +17,8 @@ Layout (`P` is `redis.prefix`, `s` the shard number):
     P:{dlq}:evicted                HASH   route -> dead letters evicted by the cap (a counter)
     P:{dlq}:taken                  HASH   dead-letter id -> "<owner> <dead_at> <until ms>": held by a drain or replay
     P:{dlq}:gone:<id>:<dead_at>    STRING the token of the removal of that dead letter version, for a minute
+    P:{dlq}:written:<id>:<run>:<dead_at> STRING the id one burial wrote its dead letter under, for max(dedupe.ttl,
+                                          24 h): the same burial run again writes nothing (~120 bytes each)
     P:{s}:forgot:<route>:<dedupe id> STRING "<token> <state>" of a forget, for a minute
 
 Why the braces: every multi-key script touches keys of one hash tag only, so the same scripts run on a single
