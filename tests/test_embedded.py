@@ -4,7 +4,6 @@ that dies is started again with its data."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -334,59 +333,35 @@ def test_a_restart_keeps_its_address_while_another_store_starts(tmp_path: Path) 
         second.stop()
 
 
-def test_a_data_dir_too_long_for_a_socket_address_is_reached_through_a_short_link(tmp_path: Path) -> None:
+def test_a_data_dir_too_long_for_a_socket_address_is_reached_through_a_short_path(tmp_path: Path) -> None:
     """A data dir too deep for a socket address took a loopback TCP port from 16379 up, with the port-reuse
-    hazard above. Its socket is now reached through a short link to the data dir (a private dir in the temporary
-    dir), gone with the store; a second store on that data dir is refused and leaves no link behind."""
+    hazard above; then a short link in the temporary dir, a name another local user could take once a
+    temporary-file cleaner removed it (a review). Its socket is reached through the sidecar's own descriptor of the
+    data dir (/proc/<pid>/fd/<n>), with nothing in the temporary dir; a second store on that data dir is refused."""
     data = tmp_path / ("d" * 100)
+    before = set(Path(tempfile.gettempdir()).glob("sidecar-*"))
     store = EmbeddedValkey(data)
     url = store.start()
     try:
-        assert url.startswith("unix://") and len(url) - len("unix://") <= 100, url
-        link = Path(url[len("unix://") :]).parent
-        assert link.is_symlink() and link.resolve() == data.resolve()
-        assert link.parent.stat().st_mode & 0o777 == 0o700
+        assert url.startswith(f"unix:///proc/{os.getpid()}/fd/") and len(url) - len("unix://") <= 100, url
         assert (data / "valkey.sock").is_socket()
+        assert set(Path(tempfile.gettempdir()).glob("sidecar-*")) == before
         with redis.Redis.from_url(url) as client:
             assert client.ping()
             assert client.config_get("port") == {"port": "0"}
+            client.set("k", "v")
+        # another process of this user's (a worker) reaches it the same way
+        got = subprocess.run(
+            [sys.executable, "-c", f"import redis; print(redis.Redis.from_url({url!r}).get('k').decode())"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert got.stdout.strip() == "v", got.stderr
         second = EmbeddedValkey(data)
         with pytest.raises(EmbeddedStoreError):
             second.start()
-        assert second._link_dir is None
+        assert second._dir_fd is None
     finally:
         store.stop()
-    assert not link.parent.exists() and data.is_dir()
-    assert not (data / "sidecar.link").exists()
-
-
-def test_the_short_link_a_killed_sidecar_left_is_removed_and_a_removed_one_made_again(tmp_path: Path) -> None:
-    """A SIGKILLed sidecar never removed its short link's dir from the temporary dir: the next start on the data
-    dir removes it (only a sidecar-* dir whose link leads there). A temporary-file cleaner that removes the live
-    link broke every new store connection: the watcher makes it again."""
-    data = tmp_path / ("d" * 100)
-    killed = EmbeddedValkey(data)
-    killed_url = killed.start()
-    left = Path(killed_url[len("unix://") :]).parent.parent
-    killed._watch_stop.set()
-    killed._server._process.kill()  # as a SIGKILL of the sidecar leaves it: nothing of stop() ran
-    killed._server._process.wait(10)
-    killed._unlock()
-    unrelated = Path(tempfile.mkdtemp(prefix="sidecar-"))
-    (unrelated / "d").symlink_to(tmp_path, target_is_directory=True)
-    store = EmbeddedValkey(data)
-    try:
-        url = store.start()
-        assert not left.exists() and unrelated.exists()
-        link_dir = Path(url[len("unix://") :]).parent.parent
-        shutil.rmtree(link_dir)  # the cleaner
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not (link_dir / "d").is_symlink():
-            time.sleep(0.02)
-        with redis.Redis.from_url(url) as client:
-            assert client.ping()
-        assert link_dir.stat().st_mode & 0o777 == 0o700
-    finally:
-        store.stop()
-        shutil.rmtree(unrelated)
-    assert not link_dir.exists()
+    assert store._dir_fd is None and data.is_dir()

@@ -35,10 +35,8 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections import deque
@@ -63,9 +61,6 @@ RESTART_BACKOFF = (0.1, 10.0)
 STABLE_AFTER = 60.0
 LOCK_NAME = "sidecar.lock"  # in the data dir; holds the pid of the sidecar that owns it
 SOCKET_NAME = "valkey.sock"  # in the data dir: the server's only listener (see EmbeddedValkey.__init__)
-# in the data dir: the short link's dir (`_short_link`) while a sidecar uses one, so that the next start removes
-# the one a SIGKILLed sidecar left behind
-LINK_NOTE = "sidecar.link"
 MAX_SOCKET_PATH = 100  # bytes; a socket address holds 107 (Linux), fewer on other systems
 ORPHAN_STOP_TIMEOUT = 10.0  # for a left-behind server to flush its file and exit before it is SIGKILLed
 
@@ -108,20 +103,21 @@ class EmbeddedValkey:
         # next embedded store started on the host (another sidecar, a test): the restart found its port taken,
         # and the sidecar's clients would have reconnected to the other sidecar's store. Local users other than
         # the sidecar's cannot reach it either.
-        # A data dir too deep for a socket address is reached through a short link to it (in a private temporary
-        # dir): the socket itself is still in the data dir. A TCP port is the last resort (the temporary dir's
-        # path too long as well).
-        self._link_dir: Path | None = None
+        # A data dir too deep for a socket address is reached through this process's descriptor of it
+        # (/proc/<pid>/fd/<n>/valkey.sock): the socket itself is still in the data dir, and nothing is put in a
+        # shared temporary dir (a link there, once a temporary-file cleaner removed it, was a name another local
+        # user could take, and the store's clients would have followed it). A TCP port is the last resort (no
+        # /proc: not Linux).
+        self._dir_fd: int | None = None
         sock: Path | None = self.data_dir.absolute() / SOCKET_NAME
         if port is None and len(os.fsencode(str(sock))) > MAX_SOCKET_PATH:
-            sock = self._short_link()
+            sock = self._through_descriptor()
             if sock is None:
                 log.warning(
-                    "redis.data_dir %s is too long for a socket address and no short link to it could be made in "
-                    "%s: the embedded store listens on a loopback TCP port instead (a shorter data_dir or TMPDIR "
-                    "keeps it on a socket only this user can reach)",
+                    "redis.data_dir %s is too long for a socket address (and /proc/<pid>/fd cannot shorten it "
+                    "here): the embedded store listens on a loopback TCP port instead (a shorter data_dir keeps it "
+                    "on a socket only this user can reach)",
                     self.data_dir.absolute(),
-                    tempfile.gettempdir(),
                 )
         if port is None and sock is not None:
             self._options.update(unix_socket_path=sock, unix_socket_perm="700")
@@ -136,75 +132,32 @@ class EmbeddedValkey:
         self._port: int | None = port
         self._lock_fd: int | None = None
 
-    def _short_link(self) -> Path | None:
-        """The socket's path through a link to the data dir from a new 0700 dir in the temporary dir, or None
-        if that is too long as well (or cannot be made): the connect and the bind resolve the link, so the socket
-        is the data dir's own, and only this user can reach it."""
+    def _through_descriptor(self) -> Path | None:
+        """The socket's path through an `O_PATH` descriptor of the data dir that this process holds while it runs
+        (`/proc/<pid>/fd/<n>/valkey.sock`, ~35 characters whatever the data dir's path); None where that cannot
+        be had. The bind and every connect resolve it to the data dir's own socket; the server and the workers
+        (this user's processes) can follow it, other users cannot."""
+        o_path = getattr(os, "O_PATH", None)
+        if o_path is None:
+            return None
         try:
-            link_dir = Path(tempfile.mkdtemp(prefix="sidecar-"))
+            fd = os.open(self.data_dir, o_path | os.O_DIRECTORY)
         except OSError:
             return None
+        via = Path(f"/proc/{os.getpid()}/fd/{fd}")
         try:
-            (link_dir / "d").symlink_to(self.data_dir.absolute(), target_is_directory=True)
+            if not os.path.samefile(via, self.data_dir):
+                raise OSError("not the data dir")
         except OSError:
-            shutil.rmtree(link_dir, ignore_errors=True)
+            os.close(fd)
             return None
-        sock = link_dir / "d" / SOCKET_NAME
-        if len(os.fsencode(str(sock))) > MAX_SOCKET_PATH:
-            shutil.rmtree(link_dir, ignore_errors=True)
-            return None
-        self._link_dir = link_dir
-        return sock
+        self._dir_fd = fd
+        return via / SOCKET_NAME
 
-    def _note_link(self) -> None:
-        """With the data dir locked: remove the link dir an earlier sidecar on it left (SIGKILLed: its `_drop_link`
-        never ran) and note this one's. Only a `sidecar-*` dir whose link leads to this data dir is removed."""
-        note = self.data_dir / LINK_NOTE
-        with contextlib.suppress(OSError, ValueError):
-            old = Path(note.read_text().strip())
-            if (
-                old != self._link_dir
-                and old.name.startswith("sidecar-")
-                and (old / "d").is_symlink()
-                and (old / "d").resolve() == self.data_dir.resolve()
-            ):
-                shutil.rmtree(old, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            if self._link_dir is None:
-                note.unlink(missing_ok=True)
-            else:
-                note.write_text(f"{self._link_dir}\n")
-
-    def _keep_link(self) -> None:
-        """Put the short link back if something removed it (a temporary-file cleaner: the server keeps its
-        socket, but every new store connection goes through the link)."""
-        link_dir = self._link_dir
-        if link_dir is None or os.path.lexists(link_dir / "d"):
-            return
-        try:
-            link_dir.mkdir(mode=0o700, exist_ok=True)
-            (link_dir / "d").symlink_to(self.data_dir.absolute(), target_is_directory=True)
-        except OSError as exc:
-            log.error(
-                "the embedded store's socket link %s is gone and could not be made again: %s", link_dir, exc
-            )
-            self._link_dir = None  # said once; new store connections fail until a restart
-            return
-        log.warning(
-            "the embedded store's socket link %s was removed (a temporary-file cleaner?): made again",
-            link_dir,
-        )
-
-    def _drop_link(self) -> None:
-        if self._link_dir is not None:
-            # the link and its dir only: rmtree does not follow a symlink
-            shutil.rmtree(self._link_dir, ignore_errors=True)
-            note = self.data_dir / LINK_NOTE
-            with contextlib.suppress(OSError):
-                # (unless the next sidecar on the data dir has noted its own since)
-                if note.read_text().strip() == str(self._link_dir):
-                    note.unlink()
-            self._link_dir = None
+    def _close_descriptor(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     @property
     def url(self) -> str:
@@ -221,19 +174,18 @@ class EmbeddedValkey:
         try:
             self._lock()
         except EmbeddedStoreError:
-            self._drop_link()
+            self._close_descriptor()
             raise
         try:
-            self._note_link()
             stop_orphans(self.data_dir)
             self._server.start(timeout=START_TIMEOUT)
         except EmbeddedStoreError:
             self._unlock()
-            self._drop_link()
+            self._close_descriptor()
             raise
         except (ValkeyServerError, OSError) as exc:
             self._unlock()
-            self._drop_link()
+            self._close_descriptor()
             raise EmbeddedStoreError(
                 f"could not start the embedded Valkey in {self.data_dir}: {exc}"
             ) from exc
@@ -258,7 +210,6 @@ class EmbeddedValkey:
                     known = set()
                     continue
                 known = self._demote_children(proc.pid, known)
-                self._keep_link()
             except Exception:  # supervision must outlive any surprise; say it and look again
                 log.exception("embedded valkey watch: unexpected error")
                 self._watch_stop.wait(RESTART_BACKOFF[1])
@@ -325,7 +276,7 @@ class EmbeddedValkey:
             self._server.stop(timeout=10.0)
             log.info("embedded valkey stopped")
         self._unlock()
-        self._drop_link()
+        self._close_descriptor()
 
     def _lock(self) -> None:
         """Own the data dir for as long as this process runs (the kernel drops the lock when it dies, however)."""
