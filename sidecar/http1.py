@@ -25,6 +25,12 @@ import httptools
 
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 MAX_HEAD_BYTES = 1024 * 1024  # status line + header section (+ trailers): not buffered without a bound either
+# A forward's deadline, once due, waits this long (one more poll of the sockets) before it fails the exchange. After a
+# pause of the whole process (SIGSTOP, a frozen cgroup or VM, a long GC) the deadline and an answer that arrived
+# meanwhile are due together, and the loop runs due timers before it reads (uvloop runs timers before its poll;
+# asyncio's poll, interrupted by the resume, returns nothing): failed at once, an answer already in the socket
+# buffer counted as a timeout and the event was delivered again.
+EXPIRY_GRACE = 0.01
 # What describes a body: not relayed with a 2xx whose body was too large to relay (it goes without one)
 _REPRESENTATION = frozenset(
     {
@@ -305,7 +311,12 @@ class Http1Client:
 
     async def _exchange(self, conn: _Connection, origin: Origin, data: bytes, deadline: float) -> Response:
         loop = asyncio.get_running_loop()
-        timer = loop.call_at(deadline, conn.timed_out)
+
+        def due() -> None:
+            nonlocal timer
+            timer = loop.call_later(EXPIRY_GRACE, conn.timed_out)  # after one more look at the socket
+
+        timer = loop.call_at(deadline, due)
         try:
             response = await conn.send(data)
         finally:

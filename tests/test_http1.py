@@ -438,3 +438,44 @@ async def test_http1_a_response_head_is_bounded(raw_server, client, monkeypatch)
     with pytest.raises(UpstreamError) as exc:
         await client.post(await raw_server(endless), [], b"x", 2.0)
     assert exc.value.kind == "response_too_large"
+
+
+async def test_http1_an_answer_that_came_while_the_process_was_stopped_is_not_a_timeout() -> None:
+    """SIGSTOP (a paused container, a debugger) for longer than the timeout, while the upstream (another process,
+    still running) answers at once: on SIGCONT the deadline and the answer are due together, and the loop runs the
+    timer before it reads (the poll interrupted by the resume returns nothing). Failed then, the answer waiting in
+    the socket buffer was a timeout and the event was delivered again (a chaos soak: 10 of ~22k events twice)."""
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket,time\n"
+            "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            f"s.bind(('127.0.0.1',{port})); s.listen(); print('ready', flush=True)\n"
+            "c,_=s.accept(); c.recv(65536); time.sleep(0.3)\n"
+            "c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok'); time.sleep(10)\n",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        pauser = subprocess.Popen(
+            ["sh", "-c", f"sleep 0.1; kill -STOP {os.getpid()}; sleep 2; kill -CONT {os.getpid()}"]
+        )
+        client = Http1Client(max_connections=4)
+        try:
+            resp = await client.post(f"http://127.0.0.1:{port}/hook", [], b"{}", timeout=1.0)
+        finally:
+            pauser.wait(10)
+            client.close()
+        assert (resp.status, resp.body) == (200, b"ok")
+    finally:
+        server.kill()
+        server.wait()
+        assert server.stdout is not None
+        server.stdout.close()
