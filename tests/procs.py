@@ -261,13 +261,17 @@ class ResettingProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
-                if replies and self._lose():
+                if self._drop(data, replies):
                     _reset(src, dst)
                     break
                 dst.sendall(data)
         for sock in (src, dst):
             with contextlib.suppress(OSError):
                 sock.close()
+
+    def _drop(self, data: bytes, replies: bool) -> bool:
+        """Reset this connection instead of passing `data` on (`replies`: the store's side); a reply by `_lose`."""
+        return replies and self._lose()
 
     def _lose(self) -> bool:
         return False

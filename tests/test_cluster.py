@@ -697,6 +697,39 @@ async def test_cluster_retry_pass_goes_on_past_a_node_that_does_not_answer(
             server.stop()
 
 
+@contextlib.asynccontextmanager
+async def store_on_a_cluster(root: Path, spare: int = 0) -> Any:
+    """A 3-primary cluster under `root`, plus `spare` cluster nodes that have not joined it; a client on every node
+    and a store (16 shards) on the three: (nodes, clients, store), all stopped after."""
+    from sidecar.store.redis_store import RedisStore
+
+    nodes = await asyncio.to_thread(build_cluster, root)
+    clients: list[redis.Redis] = []
+    store = None
+    try:
+        for i in range(spare):
+            nodes.append(start_cluster_node(root / f"spare{i}", {"cluster-node-timeout": "5000"}))
+        clients = [redis.Redis(host="127.0.0.1", port=n.port) for n in nodes]
+        store = RedisStore.connect(
+            url_of(nodes[:3]), KeySpace("sidecar", 16), dedupe_ttl=60, dlq_max_length=10
+        )
+        yield nodes, clients, store
+    finally:
+        if store is not None:
+            await store.close()
+        for client in clients:
+            client.close()
+        for node in nodes:
+            node.stop()
+
+
+def begin_migration(clients: list[redis.Redis], slot: int, src: int, dst: int) -> None:
+    """Slot `slot` starts moving from node `src` to node `dst` (IMPORTING, then MIGRATING), no key moved yet."""
+    ids = [c.execute_command("CLUSTER", "MYID") for c in clients]
+    clients[dst].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
+    clients[src].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])
+
+
 async def test_cluster_delivered_mark_and_replay_while_their_slot_is_migrating_keep_the_event(
     tmp_path: Path,
 ) -> None:
@@ -707,15 +740,10 @@ async def test_cluster_delivered_mark_and_replay_while_their_slot_is_migrating_k
 
     from sidecar.store import AttemptRecord
     from sidecar.store.dead_letters import DeadLetters
-    from sidecar.store.redis_store import RedisStore
     from tests.test_store import record
 
-    servers = await asyncio.to_thread(build_cluster, tmp_path / "mark")
-    clients = [redis.Redis(host="127.0.0.1", port=s.port) for s in servers]
-    keys = KeySpace("sidecar", 16)
-    store = RedisStore.connect(url_of(servers), keys, dedupe_ttl=60, dlq_max_length=10)
-    try:
-        ids = [c.execute_command("CLUSTER", "MYID") for c in clients]
+    async with store_on_a_cluster(tmp_path / "mark") as (nodes, clients, store):
+        keys = store.keys
         now = int(time.time() * 1000)
         shard = keys.shard_of("stripe", "evt_mig_1")
         same = [e for e in (f"evt_mig_{i}" for i in range(1, 4000)) if keys.shard_of("stripe", e) == shard]
@@ -733,8 +761,7 @@ async def test_cluster_delivered_mark_and_replay_while_their_slot_is_migrating_k
         slot = key_slot(sched.encode())
         src = next(i for i, (a, b) in enumerate(RANGES) if a <= slot <= b)
         dst = (src + 1) % 3
-        clients[dst].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
-        clients[src].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])  # nothing moved yet
+        begin_migration(clients, slot, src, dst)
         assert await store.ack("stripe", delivered, AttemptRecord(now, 1, 200, None, 1.0), now)
         dlq = DeadLetters(store)
         item = await dlq.get(item_id)
@@ -743,21 +770,17 @@ async def test_cluster_delivered_mark_and_replay_while_their_slot_is_migrating_k
         assert clients[src].execute_command("KEYS", ev) == [ev.encode()]  # still there, on the source
         while moving := clients[src].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
             clients[src].execute_command(
-                "MIGRATE", "127.0.0.1", servers[dst].port, "", 0, 5000, "KEYS", *moving
+                "MIGRATE", "127.0.0.1", nodes[dst].port, "", 0, 5000, "KEYS", *moving
             )
         for client in clients:
-            client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[dst])
+            client.execute_command(
+                "CLUSTER", "SETSLOT", slot, "NODE", clients[dst].execute_command("CLUSTER", "MYID")
+            )
         got = await store.get_event("stripe", delivered)
         assert got is not None and got["state"] == "delivered" and got["body"] is None
         assert not (await store.claim(record(delivered), now, 30_000)).claimed  # a resend is a duplicate
         replayed = await store.get_event("stripe", dead)
         assert replayed is not None and replayed["state"] == "pending"
-    finally:
-        await store.close()
-        for client in clients:
-            client.close()
-        for server in servers:
-            server.stop()
 
 
 async def test_cluster_seed_that_serves_no_slots_is_passed_over(tmp_path: Path) -> None:
@@ -790,15 +813,10 @@ async def test_cluster_slot_migrating_to_a_node_just_added_serves_scripts_there_
     from redis.crc import key_slot
 
     from sidecar.errors import StoreError
-    from sidecar.store.redis_store import RedisStore
     from tests.test_store import record
 
-    servers = await asyncio.to_thread(build_cluster, tmp_path / "c")
-    added = start_cluster_node(tmp_path / "added", {"cluster-node-timeout": "5000"})
-    clients = [redis.Redis(host="127.0.0.1", port=s.port) for s in [*servers, added]]
-    keys = KeySpace("sidecar", 16)
-    store = RedisStore.connect(url_of(servers), keys, dedupe_ttl=60, dlq_max_length=10)
-    try:
+    async with store_on_a_cluster(tmp_path / "c", spare=1) as (nodes, clients, store):
+        keys, added = store.keys, nodes[3]
         clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", added.port)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -806,15 +824,13 @@ async def test_cluster_slot_migrating_to_a_node_just_added_serves_scripts_there_
             if all(b"cluster_known_nodes:4" in i and b"cluster_state:ok" in i for i in infos):
                 break
             time.sleep(0.2)
-        ids = [c.execute_command("CLUSTER", "MYID") for c in clients]
         now = int(time.time() * 1000)
         assert (await store.claim(record("evt_add_1"), now, 30_000)).claimed
         assert await store.get_event("stripe", "evt_add_1") is not None  # the admin client knows the 3 nodes
         _, sched, _, _ = keys.locate("stripe", "evt_add_1")
         slot = key_slot(sched.encode())
         src = next(i for i, (a, b) in enumerate(RANGES) if a <= slot <= b)
-        clients[3].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
-        clients[src].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[3])
+        begin_migration(clients, slot, src, 3)
         moving = clients[src].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
         clients[src].execute_command("MIGRATE", "127.0.0.1", added.port, "", 0, 5000, "KEYS", *moving)
         # every key of the shard is on the new node now (ASK): the resend is a duplicate, answered from there
@@ -825,9 +841,3 @@ async def test_cluster_slot_migrating_to_a_node_just_added_serves_scripts_there_
             pass  # a 503 for the admin API (the client learns the node on its next map reload)
         else:
             assert got is not None and got["state"] == "pending"
-    finally:
-        await store.close()
-        for client in clients:
-            client.close()
-        for server in [*servers, added]:
-            server.stop()

@@ -165,28 +165,15 @@ class LossyProxy(ResettingProxy):
         self.reset_all()
         return True
 
-    def _pipe(self, src: Any, dst: Any, replies: bool) -> None:
-        from tests.procs import _reset
-
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                if self.dead or (not replies and self._cut(data)):
-                    _reset(src, dst)
-                    break
-                if replies and self._lose():
-                    _reset(src, dst)
-                    break
-                dst.sendall(data)
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.close()
+    def _drop(self, data: bytes, replies: bool) -> bool:
+        # a dead replica's traffic both ways, a killed one's command; then a lost reply as before
+        return self.dead or (not replies and self._cut(data)) or super()._drop(data, replies)
 
 
 def script_sha(name: str) -> bytes:
-    from importlib import resources
+    from sidecar.store.redis_store import script_source
 
-    text = resources.files("sidecar.store").joinpath("lua", f"{name}.lua").read_text()
-    return hashlib.sha1(text.encode()).hexdigest().encode()
+    return hashlib.sha1(script_source(name).encode()).hexdigest().encode()
 
 
 # -- the store, started once per module ----------------------------------------------------------------------------
@@ -793,25 +780,26 @@ class StoreModel(RuleBasedStateMachine):
                         f"{x.get('first_seen_at')}) and was told it is gone, yet that dead letter is still in the DLQ "
                         f"as {still}: the next drain hands it out again"
                     )
-            for i in pick:
-                if (
-                    i in payload.get("gone", [])
-                    or i in payload.get("not_held", [])
-                    or i in payload.get("busy", [])
-                ):
-                    continue
-                x = self.held_items[i]
-                self.handed_out.append(
-                    (x["route"], x["event_id"], x.get("first_seen_at"), f"held drain {drain_id[:8]}")
-                )
-                ev = self.events.get((x["route"], x["event_id"]))
-                if ev is not None:
-                    ev.deleted = True
+            self.held_removed(drain_id, pick, payload)
         left = [i for i in ids if i not in pick]
         if left:
             self.held[drain_id] = left
         else:
             del self.held[drain_id]
+
+    def held_removed(self, drain_id: str, ids: list[str], payload: dict[str, Any]) -> None:
+        """A held drain's remove of `ids` answered `payload`: what it removed was handed out (its client stored it)."""
+        refused = {*payload.get("gone", []), *payload.get("not_held", []), *payload.get("busy", [])}
+        for i in ids:
+            if i in refused:
+                continue
+            x = self.held_items[i]
+            self.handed_out.append(
+                (x["route"], x["event_id"], x.get("first_seen_at"), f"held drain {drain_id[:8]}")
+            )
+            ev = self.events.get((x["route"], x["event_id"]))
+            if ev is not None:
+                ev.deleted = True
 
     @precondition(lambda self: bool(self.events))
     @rule(rep=st.sampled_from(["a", "b"]), data=st.data(), lose=st.none() | st.none() | st.integers(0, 3))
@@ -1159,20 +1147,7 @@ class StoreModel(RuleBasedStateMachine):
         elif op == "remove_held" and res is not None:
             drain_id, (status, payload, _) = res
             if status == 200:
-                for i in self.held[drain_id]:
-                    if (
-                        i in payload.get("gone", [])
-                        or i in payload.get("not_held", [])
-                        or i in payload.get("busy", [])
-                    ):
-                        continue
-                    x = self.held_items[i]
-                    self.handed_out.append(
-                        (x["route"], x["event_id"], x.get("first_seen_at"), f"held drain {drain_id[:8]}")
-                    )
-                    e = self.events.get((x["route"], x["event_id"]))
-                    if e is not None:
-                        e.deleted = True
+                self.held_removed(drain_id, self.held[drain_id], payload)
                 del self.held[drain_id]
 
     # ---- invariants ----------------------------------------------------------------------------------------------

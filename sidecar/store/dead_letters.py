@@ -23,12 +23,11 @@ import json
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Literal
 
 from sidecar.errors import StoreError
 from sidecar.store.records import history_dicts
-from sidecar.store.redis_store import RedisStore
+from sidecar.store.redis_store import RedisStore, script_source
 
 ReplayOutcome = Literal["replayed", "pending", "delivered", "busy", "gone", "body_missing"]
 TakeOutcome = Literal["taken", "gone", "busy"]
@@ -44,10 +43,6 @@ _SCAN_STEP = 250
 _MAX_SCAN_STEPS = 100_000
 # How long a replay holds an item between taking it and removing it (two script calls).
 REPLAY_LEASE_MS = 60_000
-
-
-def _script(name: str) -> str:
-    return resources.files("sidecar.store").joinpath("lua", f"{name}.lua").read_text()
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +120,11 @@ class DeadLetters:
         self.store = store
         self.keys = store.keys
         register = store.client.register_script
-        self._page = register(_script("dlq_page"))
-        self._scan_step = register(_script("dlq_scan"))
-        self._remove = register(_script("dlq_remove"))
-        self._take = register(_script("dlq_take"))
-        self._forget = register(_script("forget"))
+        self._page = register(script_source("dlq_page"))
+        self._scan_step = register(script_source("dlq_scan"))
+        self._remove = register(script_source("dlq_remove"))
+        self._take = register(script_source("dlq_take"))
+        self._forget = register(script_source("forget"))
 
     def _index(self, route: str | None) -> str:
         return self.keys.dlq_route(route) if route else self.keys.dlq_items()
@@ -384,8 +379,7 @@ class DeadLetters:
         replay run again waits for them)."""
         if self.store.waits_for_replicas:
             return None
-        shard = self.keys.shard_of(item.route, item.dedupe_id)
-        ev = self.keys.event(shard, self.keys.member(item.route, item.dedupe_id))
+        ev = self.keys.locate(item.route, item.dedupe_id)[0]
         try:
             st, dlv = await self.store.guard(lambda: self.store.client.hmget(ev, ["st", "dlv"]))
         except StoreError:

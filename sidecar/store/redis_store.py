@@ -86,8 +86,17 @@ def _given(run: int | None) -> list[int]:
     return [] if run is None else [run]
 
 
-def _script(name: str) -> str:
+_INCLUDE = re.compile(r"^--#include (\w+)\n", re.M)
+
+
+def _lua(name: str) -> str:
     return resources.files("sidecar.store").joinpath("lua", f"{name}.lua").read_text()
+
+
+def script_source(name: str) -> str:
+    """The source of script `name` as sent to the store: its file, with each `--#include <piece>` line replaced by
+    that piece's file (Lua pieces two scripts share; a script runs alone in the store, so it carries them)."""
+    return _INCLUDE.sub(lambda m: _lua(m.group(1)), _lua(name))
 
 
 def version_warning(where: str, info: dict[str, Any]) -> str | None:
@@ -298,17 +307,17 @@ class RedisStore:
         self.clock = StoreClock()  # the schedule's times: the store's clock (see clock.py)
         self.marks = DeliveredMarks(self.ack_many, self._retries, clock=self.clock.now_ms)
 
-        self._claim = FastScript(fast, _script("claim"))
-        self._take = FastScript(fast, _script("take"))
-        self._ack = FastScript(fast, _script("ack"))
-        self._retry = FastScript(fast, _script("retry"))
-        self._burying = FastScript(fast, _script("burying"))
-        self._dead = FastScript(fast, _script("dead"))
-        self._dlq_add = FastScript(fast, _script("dlq_add"))
-        self._defer = FastScript(fast, _script("defer"))
-        self._nonce = FastScript(fast, _script("nonce"))  # Mailgun routes only: loaded on first use
-        self._replay = FastScript(fast, _script("replay"))  # the admin API's replays
-        self._alias = FastScript(fast, _script("alias"))  # lookup index of digest-keyed claims
+        self._claim = FastScript(fast, script_source("claim"))
+        self._take = FastScript(fast, script_source("take"))
+        self._ack = FastScript(fast, script_source("ack"))
+        self._retry = FastScript(fast, script_source("retry"))
+        self._burying = FastScript(fast, script_source("burying"))
+        self._dead = FastScript(fast, script_source("dead"))
+        self._dlq_add = FastScript(fast, script_source("dlq_add"))
+        self._defer = FastScript(fast, script_source("defer"))
+        self._nonce = FastScript(fast, script_source("nonce"))  # Mailgun routes only: loaded on first use
+        self._replay = FastScript(fast, script_source("replay"))  # the admin API's replays
+        self._alias = FastScript(fast, script_source("alias"))  # lookup index of digest-keyed claims
 
     @classmethod
     def connect(

@@ -37,31 +37,39 @@ if KEYS[7] then
     return {written}
   end
 end
-local t0 = redis.call('TIME')
-local now0 = tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Does a drain or replay hold item `id` at `version` (its score) now (dlq_take.lua: that version, a lease not ended)?
+local function held(id, version)
+  local hold = redis.call('HGET', KEYS[6], id)
+  if not hold or not version then
+    return false
+  end
+  local v, ends = string.match(hold, '^%S+ (%S+) (%S+)$')
+  return v ~= nil and tonumber(v) == tonumber(version) and tonumber(ends) > now
+end
+-- Item JSON `json` (written by RedisStore.bury: its "id" first) under id `to` instead of ARGV[1]; nil if not so
+local head = '{"id": "' .. ARGV[1] .. '"'
+local function renamed(json, to)
+  if string.sub(json, 1, #head) == head then
+    return '{"id": "' .. to .. '"' .. string.sub(json, #head + 1)
+  end
+end
 local new_id, item = ARGV[1], ARGV[3]
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
 local seen = prev and string.match(prev, '"first_seen_ms": (%d+)')
 if prev and seen ~= ARGV[7] then
-  local head = '{"id": "' .. ARGV[1] .. '"'
-  -- An earlier life's item that a drain or replay holds now (dlq_take.lua: this version, its lease not ended)
-  -- stays where it is: its holder names it by this id (a held drain's client removes what it stored by id). The
-  -- new life's dead letter takes an id of its own instead.
+  -- An earlier life's item that a drain or replay holds now stays where it is: its holder names it by this id (a
+  -- held drain's client removes what it stored by id). The new life's dead letter takes an id of its own instead.
   local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-  local hold = redis.call('HGET', KEYS[6], ARGV[1])
-  local version, ends
-  if hold then
-    version, ends = string.match(hold, '^%S+ (%S+) (%S+)$')
-  end
-  if score and version and tonumber(version) == tonumber(score) and tonumber(ends) > now0 then
+  if score and held(ARGV[1], score) then
     new_id = string.sub(redis.sha1hex(ARGV[1] .. ':' .. ARGV[7]), 1, 24)
-    if string.sub(item, 1, #head) == head then
-      item = '{"id": "' .. new_id .. '"' .. string.sub(item, #head + 1)
-    end
+    item = renamed(item, new_id) or item
   else
     local kept = string.sub(redis.sha1hex(ARGV[1] .. ':' .. (seen or '0')), 1, 24)
-    if string.sub(prev, 1, #head) == head and redis.call('HEXISTS', KEYS[2], kept) == 0 then
-      redis.call('HSET', KEYS[2], kept, '{"id": "' .. kept .. '"' .. string.sub(prev, #head + 1))
+    local moved = renamed(prev, kept)
+    if moved and redis.call('HEXISTS', KEYS[2], kept) == 0 then
+      redis.call('HSET', KEYS[2], kept, moved)
       redis.call('HSET', KEYS[3], kept, redis.call('HGET', KEYS[3], ARGV[1]) or '')
       if score then
         redis.call('ZADD', KEYS[1], score, kept)
@@ -84,8 +92,6 @@ if over > 0 then
   -- ended): a held drain's client may be storing it, and would then be told it is still in the DLQ. Held items
   -- met on the way (a drain takes the oldest first) do not count toward the cap: the DLQ may be over it by as
   -- many as are held, until they are removed or given back. The item being added is never the one evicted.
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local skipped = 0
   while over > 0 do
     local batch = redis.call('ZRANGE', KEYS[1], skipped, skipped + over - 1, 'WITHSCORES')
@@ -94,14 +100,9 @@ if over > 0 then
     end
     for i = 1, #batch, 2 do
       local id = batch[i]
-      local hold = redis.call('HGET', KEYS[6], id)
-      local version, ends
-      if hold then
-        version, ends = string.match(hold, '^%S+ (%S+) (%S+)$')
-      end
       if id == new_id then
         skipped = skipped + 1
-      elseif version and tonumber(version) == tonumber(batch[i + 1]) and tonumber(ends) > now then
+      elseif held(id, batch[i + 1]) then
         skipped = skipped + 1
         over = over - 1  -- held: it does not count toward the cap while held
       else
