@@ -214,10 +214,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{path}: cannot read config: {exc.strerror}", file=sys.stderr)
         return 1
     setup_logging(args.log_level or config.logging.level, config.logging.format, worker=args.worker_index)
+    from sidecar.supervisor import (
+        STORE_URL_ENV,
+        Supervisor,
+        claim_ports,
+        remove_stale_peers_dirs,
+        resolve_workers,
+    )
+
     if not worker:  # the supervisor says it once for all its workers
         for line in config.warnings():
             logging.getLogger("sidecar.config").warning("%s", line)
-    from sidecar.supervisor import STORE_URL_ENV, Supervisor, claim_ports, resolve_workers
+        for left in remove_stale_peers_dirs():
+            logging.getLogger("sidecar.supervisor").info(
+                "removed %s: a sidecar killed with its workers left it (a copy of its config in it)", left
+            )
 
     embedded = None
     url = args.redis_url or (os.environ.get(STORE_URL_ENV) if worker else None) or config.redis.url

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,8 @@ START_CONFIG_NAME = "start-config.yaml"  # in the peers dir: the config every wo
 APPLIED_CONFIG_NAME = "applied-config.yaml"  # in the peers dir: the config a worker's reload applied last
 PARENT_ENV = "SIDECAR_SUPERVISOR_PID"  # set for each child: the supervisor it must not outlive
 PEERS_ENV = "SIDECAR_PEERS_DIR"  # the directory of the workers' counter sockets (sidecar/peers.py)
+# the peers dir's name in the temporary dir: the prefix, then the supervisor's pid (to tell a dir left behind)
+PEERS_PREFIX = "sidecar-workers-"
 # The store URL for each child: in its environment, not on its command line (a redis.url may carry a password, and
 # every local user can read a process's command line with `ps`; its environment is the owner's only)
 STORE_URL_ENV = "SIDECAR_STORE_URL"
@@ -99,6 +102,53 @@ def follow_parent() -> None:
         raise SystemExit(1)
 
 
+def _answers(path: Path) -> bool:
+    """Does a process listen on the Unix socket at `path`?"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: running
+        return True
+    return True
+
+
+def remove_stale_peers_dirs(tmp: str | None = None) -> list[Path]:
+    """Remove the peers dirs that sidecars killed outright with all their workers left behind (SIGKILL of the whole
+    group, the OOM killer): each holds a copy of the config, secrets and all. Only this user's, only those whose
+    supervisor (the pid in the name) is not running and on whose counter sockets no worker answers (another
+    container sharing this temporary dir has its own pids). The paths removed."""
+    removed = []
+    for path in Path(tmp or tempfile.gettempdir()).glob(PEERS_PREFIX + "*"):
+        pid = path.name[len(PEERS_PREFIX) :].split("-", 1)[0]
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if (
+            # a name without a pid: an older sidecar's, whose supervisor there is no telling of
+            not pid.isdigit()
+            or not stat.S_ISDIR(info.st_mode)
+            or info.st_uid != os.geteuid()
+            or _running(int(pid))
+            or any(_answers(sock) for sock in path.glob("worker-*.sock"))
+        ):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
 
 
@@ -142,7 +192,7 @@ class Supervisor:
         self._stopping = False
         self._signal: int | None = None
         # where the workers answer their counters for worker 0's /metrics (sidecar/peers.py); 0700, this run's own
-        self.peers_dir = tempfile.mkdtemp(prefix="sidecar-workers-")
+        self.peers_dir = tempfile.mkdtemp(prefix=f"{PEERS_PREFIX}{os.getpid()}-")
         # The config this sidecar started with: every worker, a restarted one too, starts from it (restart-only
         # settings the same in all, a broken file no reason to stop) and then reloads the current file.
         self.start_config = os.path.join(self.peers_dir, START_CONFIG_NAME)

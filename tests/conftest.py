@@ -8,7 +8,9 @@ sidecar is the real application served by pytest-aiohttp's test server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
+import os
 import signal
 import textwrap
 import threading
@@ -46,6 +48,36 @@ pytest_sessionfinish = logcheck.pytest_sessionfinish
 WATCHDOG_SECONDS = 300
 
 
+def process_children() -> dict[int, list[int]]:
+    """Each process's children, from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(parent, []).append(int(stat.parent.name))
+    return parents
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first), from /proc."""
+    parents = process_children()
+    found, todo = [], [pid]
+    while todo and len(found) < 10_000:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _stop_descendants() -> None:
+    # the exit below skips every fixture's teardown: the Valkey servers and sidecars this run started would run on
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _watchdog(config: pytest.Config) -> Iterator[None]:
     # the stderr that pytest's faulthandler plugin kept from before output capture (fd 2 is captured by then)
     from _pytest import faulthandler as pytest_faulthandler
@@ -53,9 +85,14 @@ def _watchdog(config: pytest.Config) -> Iterator[None]:
     key = getattr(pytest_faulthandler, "fault_handler_stderr_fd_key", None)
     fd = config.stash.get(key, 2) if key is not None else 2
     faulthandler.dump_traceback_later(WATCHDOG_SECONDS, exit=True, file=fd)
+    # a little before: unless the phase holds the interpreter's lock for good, it gets no further anyway
+    stopper = threading.Timer(WATCHDOG_SECONDS - 2, _stop_descendants)
+    stopper.daemon = True
+    stopper.start()
     try:
         yield
     finally:
+        stopper.cancel()
         faulthandler.cancel_dump_traceback_later()
 
 

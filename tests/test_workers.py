@@ -18,7 +18,7 @@ import pytest
 
 from sidecar.store.embedded import _servers_in
 from sidecar.supervisor import process_state
-from tests.conftest import REPO, Upstream
+from tests.conftest import REPO, Upstream, process_children
 from tests.procs import SidecarProcess, free_port, write_config
 from tests.test_crash import SECRET
 from tests.test_reliability import post_all
@@ -27,15 +27,7 @@ pytestmark = pytest.mark.slow
 
 
 def children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return sorted(found)
+    return sorted(process_children().get(pid, []))
 
 
 async def scrape(admin_port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -397,3 +389,107 @@ async def test_workers_serve_a_config_read_from_a_fifo(
     )
     assert statuses == [200, 200, 200], proc.log()
     assert "refused" not in proc.log(), proc.log()
+
+
+def peers_dir_of(worker: int) -> Path:
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    (found,) = [Path(v.split(b"=", 1)[1].decode()) for v in environ if v.startswith(b"SIDECAR_PEERS_DIR=")]
+    return found
+
+
+async def wait_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not any(alive(pid) for pid in pids), "workers serve on without their supervisor"
+
+
+async def test_workers_killed_outright_leave_no_copy_of_the_config(
+    tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[Any]
+) -> None:
+    """The peers dir holds copies of the config, secrets and all. A supervisor SIGKILLed after a reload left the
+    copy the reload applied, so the dir too (its last worker out removed the other files only: a chaos soak); one
+    SIGKILLed with its workers left everything. The last worker out now removes every copy, and the next start
+    removes a dir whose supervisor and workers are all gone."""
+    from sidecar.supervisor import APPLIED_CONFIG_NAME, START_CONFIG_NAME
+
+    first, _ = await start_two_workers(
+        tmp_path, upstream, processes, 2, redis_url=redis_url, admin_port=free_port()
+    )
+    assert first.proc is not None
+    await wait_for_log(first, "sidecar listening on", 2)
+    workers = children(first.proc.pid)
+    peers = peers_dir_of(workers[0])
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(
+        cfg.read_text() + "  - {name: late, path: /webhooks/late, provider: none, event_id: {header: X-Id}}\n"
+    )
+    first.proc.send_signal(signal.SIGHUP)
+    await wait_for_log(first, "config reloaded", 2)
+    assert (peers / APPLIED_CONFIG_NAME).is_file() and (peers / START_CONFIG_NAME).is_file()
+    first.kill()
+    await wait_gone(workers)
+    assert not peers.exists(), sorted(p.name for p in peers.iterdir())
+
+    # the supervisor and its workers all SIGKILLed: none of them removes anything
+    second, _ = await start_two_workers(
+        tmp_path, upstream, processes, 2, redis_url=redis_url, admin_port=free_port()
+    )
+    assert second.proc is not None
+    await wait_for_log(second, "sidecar listening on", 2)
+    workers = children(second.proc.pid)
+    left = peers_dir_of(workers[0])
+    assert left.name.startswith(f"sidecar-workers-{second.proc.pid}-")
+    os.kill(second.proc.pid, signal.SIGSTOP)  # restarts no worker meanwhile
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    second.kill()
+    await wait_gone(workers)
+    assert (left / START_CONFIG_NAME).is_file()
+
+    third, _ = await start_two_workers(
+        tmp_path, upstream, processes, 2, redis_url=redis_url, admin_port=free_port()
+    )
+    assert third.proc is not None
+    await wait_for_log(third, "sidecar listening on", 2)
+    assert not left.exists()
+    assert f"removed {left}: a sidecar killed with its workers left it" in third.log()
+    live = peers_dir_of(worker_pid(third.proc.pid, 1) or 0)
+    assert live.is_dir()  # its own, made after the sweep
+    third.stop()
+    assert not live.exists()
+
+
+def test_workers_stale_peers_dirs_only_are_removed(tmp_path: Path) -> None:
+    """The sweep at start removes a peers dir only when nothing can still be using it."""
+    import socket
+
+    from sidecar.supervisor import remove_stale_peers_dirs
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait(timeout=10)
+    dead = done.pid  # a pid no process has (until the kernel hands it out again, pids wrap slowly)
+
+    def made(name: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "start-config.yaml").write_text("secret")
+        return path
+
+    stale = made(f"sidecar-workers-{dead}-a")
+    running = made(f"sidecar-workers-{os.getpid()}-b")  # its supervisor runs
+    answering = made(f"sidecar-workers-{dead}-c")  # another container's (its own pids): a worker answers
+    older = made("sidecar-workers-d")  # an older sidecar's name: no pid to tell by
+    (tmp_path / f"sidecar-workers-{dead}-e").write_text("a file")
+    linked = tmp_path / f"sidecar-workers-{dead}-f"
+    linked.symlink_to(running)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(answering / "worker-1.sock"))
+        listener.listen(1)
+        # a socket no one listens on any more (its worker SIGKILLed) does not keep a dir
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as closed:
+            closed.bind(str(stale / "worker-1.sock"))
+        assert remove_stale_peers_dirs(str(tmp_path)) == [stale]
+    assert not stale.exists()
+    assert all(p.is_dir() for p in (running, answering, older, linked))
+    assert (tmp_path / f"sidecar-workers-{dead}-e").is_file()
