@@ -170,6 +170,19 @@ async def replace_worker(parent: int, index: int, sig: int, admin_port: int) -> 
     raise AssertionError(f"worker {index} was not replaced")
 
 
+def peers_dir_of(worker: int) -> Path:
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    (found,) = [Path(v.split(b"=", 1)[1].decode()) for v in environ if v.startswith(b"SIDECAR_PEERS_DIR=")]
+    return found
+
+
+async def wait_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not any(alive(pid) for pid in pids), "workers serve on without their supervisor"
+
+
 async def test_workers_stop_with_a_supervisor_killed_outright_and_the_next_start_owns_the_store(
     tmp_path: Path, upstream: Upstream, processes: list[Any]
 ) -> None:
@@ -190,17 +203,11 @@ async def test_workers_stop_with_a_supervisor_killed_outright_and_the_next_start
         workers = [pid for pid in left if pid != store]
         assert len(workers) == 2
         assert await post_all(f"http://127.0.0.1:{port}/webhooks/stripe", ["evt_before"]) == [200]
-        environ = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
-        (peers_dir,) = [
-            Path(v.split(b"=", 1)[1].decode()) for v in environ if v.startswith(b"SIDECAR_PEERS_DIR=")
-        ]
+        peers_dir = peers_dir_of(workers[0])
         assert peers_dir.is_dir()
 
         first.kill()
-        deadline = time.monotonic() + 15
-        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        assert not any(alive(pid) for pid in workers), "workers serve on without their supervisor"
+        await wait_gone(workers)
         assert not peers_dir.exists()  # the last worker out removed the counters' directory
         assert alive(store)  # a store outlives a SIGKILLed parent: nothing in Valkey can ask otherwise
 
@@ -391,17 +398,17 @@ async def test_workers_serve_a_config_read_from_a_fifo(
     assert "refused" not in proc.log(), proc.log()
 
 
-def peers_dir_of(worker: int) -> Path:
-    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
-    (found,) = [Path(v.split(b"=", 1)[1].decode()) for v in environ if v.startswith(b"SIDECAR_PEERS_DIR=")]
-    return found
-
-
-async def wait_gone(pids: list[int]) -> None:
-    deadline = time.monotonic() + 15
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert not any(alive(pid) for pid in pids), "workers serve on without their supervisor"
+async def serving_two(
+    tmp_path: Path, upstream: Upstream, processes: list[Any], redis_url: str
+) -> tuple[SidecarProcess, list[int], Path]:
+    """`sidecar run` with two workers, both serving: the process, its workers and their peers dir."""
+    proc, _ = await start_two_workers(
+        tmp_path, upstream, processes, 2, redis_url=redis_url, admin_port=free_port()
+    )
+    assert proc.proc is not None
+    await wait_for_log(proc, "sidecar listening on", 2)
+    workers = children(proc.proc.pid)
+    return proc, workers, peers_dir_of(workers[0])
 
 
 async def test_workers_killed_outright_leave_no_copy_of_the_config(
@@ -413,13 +420,7 @@ async def test_workers_killed_outright_leave_no_copy_of_the_config(
     removes a dir whose supervisor and workers are all gone."""
     from sidecar.supervisor import APPLIED_CONFIG_NAME, START_CONFIG_NAME
 
-    first, _ = await start_two_workers(
-        tmp_path, upstream, processes, 2, redis_url=redis_url, admin_port=free_port()
-    )
-    assert first.proc is not None
-    await wait_for_log(first, "sidecar listening on", 2)
-    workers = children(first.proc.pid)
-    peers = peers_dir_of(workers[0])
+    first, workers, peers = await serving_two(tmp_path, upstream, processes, redis_url)
     cfg = tmp_path / "sidecar.yaml"
     cfg.write_text(
         cfg.read_text() + "  - {name: late, path: /webhooks/late, provider: none, event_id: {header: X-Id}}\n"
@@ -432,13 +433,7 @@ async def test_workers_killed_outright_leave_no_copy_of_the_config(
     assert not peers.exists(), sorted(p.name for p in peers.iterdir())
 
     # the supervisor and its workers all SIGKILLed: none of them removes anything
-    second, _ = await start_two_workers(
-        tmp_path, upstream, processes, 2, redis_url=redis_url, admin_port=free_port()
-    )
-    assert second.proc is not None
-    await wait_for_log(second, "sidecar listening on", 2)
-    workers = children(second.proc.pid)
-    left = peers_dir_of(workers[0])
+    second, workers, left = await serving_two(tmp_path, upstream, processes, redis_url)
     assert left.name.startswith(f"sidecar-workers-{second.proc.pid}-")
     os.kill(second.proc.pid, signal.SIGSTOP)  # restarts no worker meanwhile
     for pid in workers:
@@ -447,14 +442,9 @@ async def test_workers_killed_outright_leave_no_copy_of_the_config(
     await wait_gone(workers)
     assert (left / START_CONFIG_NAME).is_file()
 
-    third, _ = await start_two_workers(
-        tmp_path, upstream, processes, 2, redis_url=redis_url, admin_port=free_port()
-    )
-    assert third.proc is not None
-    await wait_for_log(third, "sidecar listening on", 2)
+    third, _, live = await serving_two(tmp_path, upstream, processes, redis_url)
     assert not left.exists()
     assert f"removed {left}: a sidecar killed with its workers left it" in third.log()
-    live = peers_dir_of(worker_pid(third.proc.pid, 1) or 0)
     assert live.is_dir()  # its own, made after the sweep
     third.stop()
     assert not live.exists()

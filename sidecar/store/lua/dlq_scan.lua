@@ -20,27 +20,7 @@ local key, data = KEYS[1], KEYS[2]
 local status = ARGV[5]
 local want, budget = tonumber(ARGV[8]), tonumber(ARGV[9])
 
--- Bytewise less-or-equal (Lua's `<=` on strings follows the server's locale; the zset does not).
-local function le(a, b)
-  local n = math.min(#a, #b)
-  for i = 1, n do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x < y end
-  end
-  return #a <= #b
-end
-
--- First rank whose (score, member) sorts after (score, id): binary search among the members with that score.
-local function rank_after(score, id)
-  local lo = redis.call('ZCOUNT', key, '-inf', '(' .. score)
-  local hi = redis.call('ZCOUNT', key, '-inf', score)
-  while lo < hi do
-    local mid = math.floor((lo + hi) / 2)
-    local m = redis.call('ZRANGE', key, mid, mid)[1]
-    if le(m, id) then lo = mid + 1 else hi = mid end
-  end
-  return lo
-end
+--#include lib_dlq_order
 
 local function matches(item)
   local ok, decoded = pcall(cjson.decode, item)
@@ -61,7 +41,7 @@ end
 
 local start = 0
 if ARGV[3] ~= '-inf' then start = redis.call('ZCOUNT', key, '-inf', '(' .. ARGV[3]) end
-if ARGV[1] ~= '' then start = math.max(start, rank_after(ARGV[1], ARGV[2])) end
+if ARGV[1] ~= '' then start = math.max(start, rank_after(key, ARGV[1], ARGV[2])) end
 local stop = redis.call('ZCOUNT', key, '-inf', ARGV[4])  -- exclusive end rank
 local last = math.min(start + budget, stop) - 1
 
