@@ -395,9 +395,8 @@ class DeadLetters:
 
     async def schedule(self, item: DeadLetter, now_ms: int, reason: str) -> ReplayOutcome:
         """Step 1 of a replay alone (replay.lua): the event back on its shard's schedule, due now."""
-        route, dedupe_id = item.route, item.dedupe_id
-        shard = self.keys.shard_of(route, dedupe_id)
-        member = self.keys.member(route, dedupe_id)
+        route = item.route
+        event, schedule, stats, member = self.keys.locate(route, item.dedupe_id)
         marker = json.dumps({"replayed_at_ms": now_ms, "reason": reason}, separators=(",", ":"))
         history = ",".join(json.dumps(h, separators=(",", ":")) for h in item.history)
         status = item.data.get("last_status")
@@ -415,8 +414,7 @@ class DeadLetters:
             route,
             item.dead_ms,
         ]
-        keys = [self.keys.event(shard, member), self.keys.schedule(shard), self.keys.stats(shard)]
-        res = await self.store.reschedule(keys, args)
+        res = await self.store.reschedule([event, schedule, stats], args)
         if int(res[0]) == 1:
             return "replayed"
         return "delivered" if res[1] == b"d" else "pending"
