@@ -365,3 +365,53 @@ def test_a_data_dir_too_long_for_a_socket_address_is_reached_through_a_short_pat
     finally:
         store.stop()
     assert store._dir_fd is None and data.is_dir()
+
+
+async def test_a_data_dir_with_url_characters_in_its_path_is_reached(tmp_path: Path) -> None:
+    """check-config takes a data dir with '#', '?' or '%' in its path; the store's URL had the path as it is, and
+    both clients read `store#1/valkey.sock` as `store` with a fragment: every webhook answered 503 for good (a
+    review). The path is quoted in the URL."""
+    from tests.test_store import claim_and_read_back
+
+    for name in ("store#1", "a?b=c", "100%41"):
+        store = EmbeddedValkey(tmp_path / name)
+        url = store.start()
+        try:
+            with redis.Redis.from_url(url) as client:
+                assert client.ping()
+            event, _ = await claim_and_read_back(url, 4, f"evt_{name}")  # the pipelined client's path
+            assert event is not None and event["event_id"] == f"evt_{name}"
+        finally:
+            store.stop()
+
+
+NOT_DUMPABLE = """
+import ctypes, sys
+import redis
+ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0, as exec of a setcap'ed interpreter does
+from sidecar.store.embedded import EmbeddedValkey
+store = EmbeddedValkey(sys.argv[1])
+try:
+    url = store.start()
+    with redis.Redis.from_url(url) as client:
+        print(url, client.ping(), flush=True)
+finally:
+    store.stop()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc/<pid>/fd (Linux)")
+def test_a_long_data_dir_in_a_process_that_is_not_dumpable_takes_the_tcp_fallback(tmp_path: Path) -> None:
+    """A process that is not dumpable (its interpreter has file capabilities: `setcap` to bind :443) has a
+    /proc/<pid>/fd only root (CAP_SYS_PTRACE) may follow: the server could not bind its socket through the
+    sidecar's descriptor, and `sidecar run` failed to start (a review). Such a process takes the TCP fallback."""
+    command = [sys.executable, "-c", NOT_DUMPABLE, str(tmp_path / ("d" * 100))]
+    if os.geteuid() == 0:  # root follows any process's fds unless it lacks CAP_SYS_PTRACE
+        command = ["setpriv", "--bounding-set=-sys_ptrace", *command]
+    try:
+        got = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        pytest.skip("setpriv (util-linux) is not installed")
+    assert got.returncode == 0, got.stderr
+    url, pong = got.stdout.split()
+    assert url.startswith("redis://127.0.0.1:") and pong == "True", got.stdout

