@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import re
+from collections.abc import AsyncIterator
 
 EXPECTED = "expected a duration like 500ms, 30s, 5m, 72h"
+
+# A deadline on data from a socket, once due, waits this long (one more poll of the sockets) before it fails.
+# After a pause of the whole process (SIGSTOP, a frozen cgroup or VM, a long GC) the deadline and data that
+# arrived meanwhile are due together, and the loop runs due timers before it reads (uvloop runs timers before
+# its poll; asyncio's poll, interrupted by the resume, returns nothing): failed at once, a receiver's answer
+# already in the socket buffer was counted a timeout (the event delivered again), a store's reply a 503, a
+# request that came in time a 408.
+EXPIRY_GRACE = 0.01
+
+
+@contextlib.asynccontextmanager
+async def graced_timeout(seconds: float) -> AsyncIterator[None]:
+    """`asyncio.timeout(seconds)` whose expiry, once due, gives the sockets one more poll (EXPIRY_GRACE): what
+    arrived in time, read then, ends the block before the timeout does. Raises TimeoutError."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(None) as timeout:
+        timer = loop.call_later(seconds, lambda: timeout.reschedule(loop.time() + EXPIRY_GRACE))
+        try:
+            yield
+        finally:
+            timer.cancel()
+
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"

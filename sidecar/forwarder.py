@@ -19,6 +19,7 @@ from typing import Literal
 import aiohttp
 import yarl
 
+from sidecar.durations import graced_timeout
 from sidecar.http1 import MAX_RESPONSE_BYTES, Http1Client, UpstreamError
 from sidecar.store.records import EventRecord
 
@@ -162,6 +163,7 @@ def upstream_headers(
     return headers
 
 
+_NO_TIMEOUT = aiohttp.ClientTimeout()  # graced_timeout bounds the whole exchange
 _REPLACED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "traceparent"})
 _STANDARD_WEBHOOKS = frozenset({"webhook-id", "webhook-timestamp", "webhook-signature"})
 _SVIX = frozenset({"svix-id", "svix-timestamp", "svix-signature"})
@@ -177,7 +179,6 @@ class Forwarder:
         self._session = session
         self._http1 = http1
         self._total = timeout
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
 
     @property
     def timeout(self) -> float:
@@ -202,17 +203,22 @@ class Forwarder:
             retry_after = next((v for k, v in resp.headers if k.lower() == "retry-after"), None)
             return _classify(status, payload, end_to_end(resp.headers), retry_after, policy, start)
         try:
-            async with self._session.request(
-                method,
-                # the path and query as they came (no re-encoding); no body: aiohttp adds no Content-Length to a
-                # GET (it still does to a PUT or DELETE)
-                yarl.URL(url, encoded=True),
-                data=body or None,
-                headers=_one_case_per_name(headers),
-                timeout=self._timeout,
-                allow_redirects=False,
-                skip_auto_headers=("Accept", "Content-Type", "Accept-Encoding", "User-Agent"),
-            ) as resp:
+            # not aiohttp's total timeout: after a pause of the process it expired before the answer already in the
+            # socket's buffer was read (a GET passed through answered 502 timeout)
+            async with (
+                graced_timeout(self._total),
+                self._session.request(
+                    method,
+                    # the path and query as they came (no re-encoding); no body: aiohttp adds no Content-Length to a
+                    # GET (it still does to a PUT or DELETE)
+                    yarl.URL(url, encoded=True),
+                    data=body or None,
+                    headers=_one_case_per_name(headers),
+                    timeout=_NO_TIMEOUT,
+                    allow_redirects=False,
+                    skip_auto_headers=("Accept", "Content-Type", "Accept-Encoding", "User-Agent"),
+                ) as resp,
+            ):
                 # bounded as the POST client bounds it: a pass-through GET of a huge file must not sit in memory
                 chunks, size = [], 0
                 async for chunk in resp.content.iter_any():

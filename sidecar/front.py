@@ -34,6 +34,7 @@ from aiohttp.http_exceptions import BadHttpMethod
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar.durations import EXPIRY_GRACE
 from sidecar.ingress import Result, json_error, needs_public_url, parse_error_detail
 
 if TYPE_CHECKING:
@@ -310,10 +311,22 @@ class Front:
 
     def _sweep(self) -> None:
         now = time.monotonic()
-        for conn in list(self.conns):
-            if conn.deadline and now >= conn.deadline:
+        due = [conn for conn in self.conns if conn.deadline and now >= conn.deadline]
+        loop = asyncio.get_running_loop()
+        if due:
+            # Not at once: after a pause of the process (SIGSTOP, a frozen cgroup or VM) the sweep and the
+            # bytes that arrived meanwhile are due together, and the loop runs due timers before it reads. One
+            # more poll of the sockets first (as a forward's deadline, durations.EXPIRY_GRACE): a request that
+            # came in time (a keep-alive connection's next one, the rest of a body) resets or clears its
+            # connection's deadline.
+            loop.call_later(EXPIRY_GRACE, self._expire, due)
+        self._sweeper = loop.call_later(SWEEP_S, self._sweep) if self.conns else None
+
+    def _expire(self, due: list[FastProtocol]) -> None:
+        now = time.monotonic()
+        for conn in due:
+            if conn in self.conns and conn.deadline and now >= conn.deadline:
                 conn.timed_out()
-        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep) if self.conns else None
 
 
 class FastProtocol(asyncio.Protocol):

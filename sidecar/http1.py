@@ -6,9 +6,10 @@ connection, one write per request) costs ~20 µs. It does only what forwarding n
 decompression or proxies — and `forwarder.py` keeps aiohttp for everything else (non-POST pass-through).
 
     pool      idle keep-alive connections per origin; at most `max_connections` requests in flight in total
-    timeout   a request waits at most `timeout` for a slot (else PoolTimeout: nothing was written, so another
-              attempt cannot duplicate it); with its slot it has `timeout` again for connect, write and the whole
-              response, however long it waited: a wait for a slot says the receiver is busy, not that it failed
+    timeout   a request waits at most `timeout` for a slot and a connection (else PoolTimeout, or a connect
+              timeout: nothing was written, so another attempt cannot duplicate it); once written it has `timeout`
+              again for the whole response, however long it waited: a wait for a slot says the receiver is busy,
+              not that it failed
     stale     a reused connection that the server had already closed (the keep-alive race) is retried once on a
               fresh connection, but only if not a single byte of response arrived
 """
@@ -23,14 +24,10 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from sidecar.durations import EXPIRY_GRACE
+
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 MAX_HEAD_BYTES = 1024 * 1024  # status line + header section (+ trailers): not buffered without a bound either
-# A forward's deadline, once due, waits this long (one more poll of the sockets) before it fails the exchange. After a
-# pause of the whole process (SIGSTOP, a frozen cgroup or VM, a long GC) the deadline and an answer that arrived
-# meanwhile are due together, and the loop runs due timers before it reads (uvloop runs timers before its poll;
-# asyncio's poll, interrupted by the resume, returns nothing): failed at once, an answer already in the socket
-# buffer counted as a timeout and the event was delivered again.
-EXPIRY_GRACE = 0.01
 # What describes a body: not relayed with a 2xx whose body was too large to relay (it goes without one)
 _REPRESENTATION = frozenset(
     {
@@ -284,10 +281,17 @@ class Http1Client:
         head += [f"{k}: {v}\r\n" for k, v in headers]
         head.append(f"Content-Length: {len(body)}\r\n\r\n")
         data = "".join(head).encode("utf-8", "surrogateescape") + body
+        loop = asyncio.get_running_loop()
+        # Nothing is sent while a slot is waited for and a connection made: both within `timeout`. The
+        # exchange then has its own `timeout`, from the write on. With the connect counted in the exchange's
+        # time, a request written after a slow connect (a SYN retransmitted to a receiver whose accept queue
+        # was full, a pause of this process mid-connect) had too little left: counted a timeout while the
+        # receiver accepted it, and delivered again.
+        connect_by = loop.time() + timeout
         await self._take_slot(timeout)
         try:
-            deadline = asyncio.get_running_loop().time() + timeout  # the exchange's own, from its slot on
-            conn, reused = await self._acquire(origin, deadline)
+            conn, reused = await self._acquire(origin, connect_by)
+            deadline = loop.time() + timeout  # the exchange's own
             try:
                 return await self._exchange(conn, origin, data, deadline)
             except UpstreamError as exc:

@@ -26,6 +26,7 @@ from multidict import CIMultiDict
 
 from sidecar.config import SIGNS_URL, RouteConfig
 from sidecar.dispatch import Dispatcher
+from sidecar.durations import EXPIRY_GRACE, graced_timeout
 from sidecar.errors import StoreError, StoreFull, StoreUnavailable
 from sidecar.forwarder import Outcome, end_to_end, upstream_headers
 from sidecar.http1 import POOL_TIMEOUT
@@ -148,7 +149,8 @@ async def read_bounded(
     if timeout is None or request.content.is_eof():
         return await _read_body(request, limit, take)
     try:
-        async with asyncio.timeout(timeout):
+        # after a pause of the process, the timer and the rest of a body that arrived in time are due together
+        async with graced_timeout(timeout):
             return await _read_body(request, limit, take)
     except TimeoutError:
         raise ReadTimeout from None
@@ -691,6 +693,10 @@ class Ingress:
                 )
                 try:
                     done, _ = await asyncio.wait((attempt,), timeout=within)
+                    if not done and within > 0:  # (0: always answered at once)
+                        # one more poll of the sockets (see durations.EXPIRY_GRACE): after a pause of the process this
+                        # timer and the upstream's answer, already in the socket's buffer, are due together
+                        done, _ = await asyncio.wait((attempt,), timeout=EXPIRY_GRACE)
                 except asyncio.CancelledError:  # the handler is cut short (shutdown): the attempt is not
                     self._hand_over(attempt, rec)
                     raise

@@ -177,16 +177,21 @@ async def test_front_hands_the_connection_to_aiohttp_mid_connection(client: Any,
 CHUNKED_BODY = stripe_body("evt_chunked")
 
 
+def signed_chunked(body: bytes) -> bytes:
+    """A signed Stripe POST of `body` as one chunk (aiohttp's path: the front hands chunked bodies over)."""
+    return (
+        b"POST /webhooks/stripe HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n"
+        + b"".join(f"{k}: {v}\r\n".encode() for k, v in stripe_headers(body).items())
+        + b"\r\n%x\r\n" % len(body)
+        + body
+        + b"\r\n0\r\n\r\n"
+    )
+
+
 HANDED_OVER = [
     (
         "chunked body",
-        lambda: (
-            b"POST /webhooks/stripe HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n"
-            + b"".join(f"{k}: {v}\r\n".encode() for k, v in stripe_headers(CHUNKED_BODY).items())
-            + b"\r\n%x\r\n" % len(CHUNKED_BODY)
-            + CHUNKED_BODY
-            + b"\r\n0\r\n\r\n"
-        ),
+        lambda: signed_chunked(CHUNKED_BODY),
         200,
     ),
     (
@@ -828,3 +833,71 @@ def test_front_requests_cuts_at_most_32_pieces() -> None:
     get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
     pieces = front_module._requests(get * 100)
     assert len(pieces) == 33 and pieces[:32] == [get] * 32 and pieces[32] == get * 68
+
+
+# A client in another process: it stops this (the server's) process with SIGSTOP after its first exchange (case
+# keep_alive) or after sending a head (cases body, chunked), sends the rest 0.2 s later, resumes the server 2 s
+# later (past read_timeout, 1 s) and prints what it was answered.
+_STALLING_CLIENT = """
+import os, signal, socket, sys, time
+port, server, case, first, second = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *map(bytes.fromhex, sys.argv[4:6])
+s = socket.create_connection(("127.0.0.1", port)); s.settimeout(10)
+def answer():
+    data = b""
+    try:
+        while b"\\r\\n\\r\\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data or b"<closed>"
+            data += chunk
+        head, _, body = data.partition(b"\\r\\n\\r\\n")
+        n = next(int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\\r\\n")) if k.lower() == b"content-length")
+        while len(body) < n:
+            body += s.recv(65536)
+        return head.split(b"\\r\\n")[0] + b" " + body
+    except OSError as exc:
+        return repr(exc).encode()
+s.sendall(first)
+if case == "keep_alive":
+    answer()
+else:
+    time.sleep(0.1)  # the head is read, the body not all
+os.kill(server, signal.SIGSTOP)
+try:
+    time.sleep(0.2); s.sendall(second); time.sleep(2.0)
+finally:
+    os.kill(server, signal.SIGCONT)
+print(answer().decode("latin-1"))
+"""
+
+
+@pytest.mark.parametrize("case", ["keep_alive", "body", "chunked"])
+async def test_front_a_request_that_came_in_time_during_a_stall_is_served(
+    client: Any, upstream: Upstream, case: str
+) -> None:
+    """A stall of the whole process (SIGSTOP, a frozen cgroup or VM, a long GC) past read_timeout (1 s), while a
+    request arrives in time: the next one on a keep-alive connection 0.2 s after the last answer, or the rest of a
+    body 0.2 s after its head. At the resume the sweep and the bytes were due together, and the loop ran the sweep
+    first: the connection was reset (keep-alive) or answered 408 (body). The sweep gives the sockets one more poll."""
+    import os
+    import sys
+
+    if case == "keep_alive":
+        first, second = signed("evt_stall_1"), signed("evt_stall_2")
+    else:
+        raw = signed("evt_stall_2") if case == "body" else signed_chunked(stripe_body("evt_stall_2"))
+        first, second = raw[:-10], raw[-10:]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _STALLING_CLIENT,
+        str(client.port),
+        str(os.getpid()),
+        case,
+        first.hex(),
+        second.hex(),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert out.startswith(b"HTTP/1.1 200"), out
+    assert "evt_stall_2" in upstream.ids()

@@ -5,7 +5,8 @@ race, oversized answers, non-ASCII header bytes, and a request not sent when its
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 from aiohttp import web
@@ -440,12 +441,10 @@ async def test_http1_a_response_head_is_bounded(raw_server, client, monkeypatch)
     assert exc.value.kind == "response_too_large"
 
 
-async def test_http1_an_answer_that_came_while_the_process_was_stopped_is_not_a_timeout() -> None:
-    """SIGSTOP (a paused container, a debugger) for longer than the timeout, while the upstream (another process,
-    still running) answers at once: on SIGCONT the deadline and the answer are due together, and the loop runs the
-    timer before it reads (the poll interrupted by the resume returns nothing). Failed then, the answer waiting in
-    the socket buffer was a timeout and the event was delivered again (a chaos soak: 10 of ~22k events twice)."""
-    import os
+@contextlib.contextmanager
+def receiver_in_another_process() -> Iterator[str]:
+    """A receiver in another process (it runs on while this one is stopped) that answers 200 `ok` 0.3 s after its
+    first request: its URL."""
     import subprocess
     import sys
 
@@ -464,18 +463,77 @@ async def test_http1_an_answer_that_came_while_the_process_was_stopped_is_not_a_
     )
     try:
         assert server.stdout is not None and server.stdout.readline() == b"ready\n"
-        pauser = subprocess.Popen(
-            ["sh", "-c", f"sleep 0.1; kill -STOP {os.getpid()}; sleep 2; kill -CONT {os.getpid()}"]
-        )
-        client = Http1Client(max_connections=4)
-        try:
-            resp = await client.post(f"http://127.0.0.1:{port}/hook", [], b"{}", timeout=1.0)
-        finally:
-            pauser.wait(10)
-            client.close()
-        assert (resp.status, resp.body) == (200, b"ok")
+        yield f"http://127.0.0.1:{port}/hook"
     finally:
         server.kill()
         server.wait()
         assert server.stdout is not None
         server.stdout.close()
+
+
+@contextlib.contextmanager
+def this_process_stopped() -> Iterator[None]:
+    """This process SIGSTOPped (a paused container, a debugger) from 0.1 s into the block, for 2 s."""
+    import os
+    import subprocess
+
+    pauser = subprocess.Popen(
+        ["sh", "-c", f"sleep 0.1; kill -STOP {os.getpid()}; sleep 2; kill -CONT {os.getpid()}"]
+    )
+    try:
+        yield
+    finally:
+        pauser.wait(10)
+
+
+async def test_http1_an_answer_that_came_while_the_process_was_stopped_is_not_a_timeout() -> None:
+    """SIGSTOP (a paused container, a debugger) for longer than the timeout, while the upstream (another process,
+    still running) answers at once: on SIGCONT the deadline and the answer are due together, and the loop runs the
+    timer before it reads (the poll interrupted by the resume returns nothing). Failed then, the answer waiting in
+    the socket buffer was a timeout and the event was delivered again (a chaos soak: 10 of ~22k events twice)."""
+    client = Http1Client(max_connections=4)
+    try:
+        with receiver_in_another_process() as url, this_process_stopped():
+            resp = await client.post(url, [], b"{}", timeout=1.0)
+    finally:
+        client.close()
+    assert (resp.status, resp.body) == (200, b"ok")
+
+
+async def test_a_pass_through_answer_that_came_while_the_process_was_stopped_is_not_a_timeout() -> None:
+    """The same for a GET passed through (aiohttp's client, whose own total timeout ran first: 502 timeout although
+    the receiver had answered in 0.3 s; a pause audit)."""
+    import aiohttp
+
+    from sidecar.forwarder import Forwarder, RetryPolicy
+
+    async with aiohttp.ClientSession() as session:
+        with receiver_in_another_process() as url, this_process_stopped():
+            out = await Forwarder(session, 1.0).send(url, "GET", [], b"", RetryPolicy())
+    assert (out.kind, out.status, out.body) == ("delivered", 200, b"ok")
+
+
+async def test_http1_a_slow_connect_does_not_shorten_the_exchange(raw_server, client, monkeypatch) -> None:
+    """The connect (nothing sent yet) and the exchange have a timeout each. With one deadline for both, a connect
+    that took long (a SYN retransmitted to a receiver whose accept queue was full, this process paused mid-connect)
+    left the request written with little time: a receiver answering in 0.3 s was a timeout, its event delivered
+    again (repro/connect_deadline.py in the pause audit)."""
+    got = []
+
+    async def answer(reader, writer):
+        got.append(await read_request(reader))
+        await asyncio.sleep(0.3)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    url = await raw_server(answer)
+    loop = asyncio.get_running_loop()
+    connect = loop.create_connection
+
+    async def slow_connect(*args, **kwargs):
+        await asyncio.sleep(0.8)  # 0.8 of the 1 s timeout
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "create_connection", slow_connect)
+    resp = await client.post(url, [], b"{}", timeout=1.0)
+    assert (resp.status, resp.body, len(got)) == (200, b"ok", 1)

@@ -515,6 +515,31 @@ async def test_ingress_answer_within_answers_202_and_the_attempt_goes_on(
     assert (await dup.json())["state"] == "delivered"
 
 
+async def test_ingress_answer_within_relays_an_answer_that_came_while_the_process_was_stopped(
+    sidecar_factory: Any,
+) -> None:
+    """The process stopped (SIGSTOP, a frozen container) past answer_within while the receiver answered in 0.3 s:
+    on the resume answer_within's timer ran before the answer in the socket's buffer was read, and the provider got
+    202 in_flight instead of the receiver's answer (a pause audit)."""
+    from tests.test_http1 import receiver_in_another_process, this_process_stopped
+
+    with receiver_in_another_process() as url:
+        client = await sidecar_factory(
+            f"""
+            - name: quick
+              path: /webhooks/quick
+              provider: stripe
+              secrets: ["{STRIPE_SECRET}"]
+              upstream: {url}
+              answer_within: 500ms
+            """
+        )
+        body = stripe_body("evt_stopped")
+        with this_process_stopped():
+            resp = await client.post("/webhooks/quick", data=body, headers=stripe_headers(body))
+        assert (resp.status, await resp.read()) == (200, b"ok")
+
+
 async def test_ingress_answer_within_relays_an_upstream_that_answers_in_time(
     sidecar_factory: Any, upstream: Upstream
 ) -> None:

@@ -127,6 +127,30 @@ async def test_pipeline_fails_closed_when_server_is_paused(server: ValkeyServer)
         client.close()
 
 
+async def test_pipeline_a_reply_that_came_while_this_process_was_stopped_is_not_a_timeout(
+    server: ValkeyServer,
+) -> None:
+    """This process stopped (SIGSTOP, a frozen container) past the client's timeout while the store answered: on
+    SIGCONT the watchdog and the reply were due together, and the loop ran the watchdog first: a claim the store had
+    stored was answered 503 (a pause audit). The watchdog gives the socket one more poll."""
+    import subprocess
+
+    client = PipelinedClient(server.connection_url, timeout=1.0)
+    try:
+        assert await client.execute(("PING",)) == b"PONG"
+        pauser = subprocess.Popen(
+            ["sh", "-c", f"sleep 0.1; kill -STOP {os.getpid()}; sleep 2; kill -CONT {os.getpid()}"]
+        )
+        try:
+            # the store answers 0.3 s after the call (an empty list's pop waits that long), while this is stopped
+            got = await client.execute(("BLPOP", "nothing", "0.3"))
+        finally:
+            pauser.wait(10)
+        assert got is None
+    finally:
+        client.close()
+
+
 async def test_pipeline_execute_nowait_sends_in_call_order_once_connected(server: ValkeyServer) -> None:
     client = PipelinedClient(server.connection_url, timeout=2.0)
     try:

@@ -28,6 +28,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 import hiredis
 from redis.crc import key_slot
 
+from sidecar.durations import EXPIRY_GRACE
 from sidecar.store.tls import ReloadingTLS, url_query
 
 
@@ -160,12 +161,18 @@ class Connection(asyncio.Protocol):
         if self._transport is not None and not self.closed:
             self._transport.writelines(out)
 
-    def _check(self) -> None:
+    def _check(self, final: bool = False) -> None:
         self._watchdog = None
         if not self._pending:
             return
         waited = time.monotonic() - self._pending[0][1]
-        if waited >= self.timeout:
+        if waited >= self.timeout and not final:
+            # One more poll of the socket first (as a forward's deadline, durations.EXPIRY_GRACE): after a
+            # pause of this process the watchdog and the replies that arrived meanwhile are due together, and
+            # the loop runs timers before it reads: a claim the store had answered was failed (503) although
+            # it was stored.
+            self._watchdog = self._loop.call_later(EXPIRY_GRACE, self._check, True)
+        elif waited >= self.timeout:
             self._fail(TimeoutError(f"store did not answer within {self.timeout}s"))
         else:
             self._watchdog = self._loop.call_later(self.timeout - waited, self._check)
