@@ -211,7 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"{path}: cannot read config: {exc.strerror}", file=sys.stderr)
+        # a worker's start config is its supervisor's copy (removed from under it: say so, not the user's file)
+        print(f"{exc.filename or path}: cannot read config: {exc.strerror}", file=sys.stderr)
         return 1
     setup_logging(args.log_level or config.logging.level, config.logging.format, worker=args.worker_index)
     from sidecar.supervisor import (

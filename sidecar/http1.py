@@ -289,8 +289,17 @@ class Http1Client:
         # receiver accepted it, and delivered again.
         connect_by = loop.time() + timeout
         await self._take_slot(timeout)
+        waited = loop.time() + timeout - connect_by
         try:
-            conn, reused = await self._acquire(origin, connect_by)
+            try:
+                conn, reused = await self._acquire(origin, connect_by)
+            except UpstreamError as exc:
+                if exc.kind == "timeout" and waited > 0.001:
+                    # the wait for a slot left the connect too little time: not sent, as a slot that came too late
+                    raise PoolTimeout(
+                        "no connection to the upstream in time after the wait for a slot"
+                    ) from None
+                raise
             deadline = loop.time() + timeout  # the exchange's own
             try:
                 return await self._exchange(conn, origin, data, deadline)
@@ -299,7 +308,8 @@ class Http1Client:
                     raise
             # The server had closed this idle connection before reading our request: once more, on a new one.
             conn, _ = await self._acquire(origin, deadline, fresh=True)
-            return await self._exchange(conn, origin, data, deadline)
+            # the connect does not eat this exchange's time either (all within twice the timeout, as the lease needs)
+            return await self._exchange(conn, origin, data, min(loop.time() + timeout, connect_by + timeout))
         finally:
             self._limit.release()
 

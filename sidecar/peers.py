@@ -22,7 +22,14 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from sidecar.supervisor import APPLIED_CONFIG_NAME, PARENT_ENV, PEERS_ENV, START_CONFIG_NAME, supervisor_gone
+from sidecar.supervisor import (
+    APPLIED_CONFIG_NAME,
+    LOCK_NAME,
+    PARENT_ENV,
+    PEERS_ENV,
+    START_CONFIG_NAME,
+    supervisor_gone,
+)
 from sidecar.telemetry import State, Telemetry, add_states
 
 __all__ = ["PEERS_ENV", "PeerCounts", "fetch_states", "leave_peers_dir", "serve_state"]
@@ -144,7 +151,10 @@ def leave_peers_dir(peers_dir: str, index: int | None) -> None:
         # the config copies too (secrets and all): the one the supervisor started with, the one reloads applied,
         # and an applied one a worker was still writing
         for path in [
-            *(Path(peers_dir) / name for name in (CARRY_NAME, CARRY_NAME + ".tmp", START_CONFIG_NAME)),
+            *(
+                Path(peers_dir) / name
+                for name in (CARRY_NAME, CARRY_NAME + ".tmp", START_CONFIG_NAME, LOCK_NAME)
+            ),
             *Path(peers_dir).glob(APPLIED_CONFIG_NAME + "*"),
         ]:
             with contextlib.suppress(OSError):

@@ -12,6 +12,7 @@ instead of serving on with no supervisor beside a new sidecar's workers on the s
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import os
 import shutil
@@ -34,6 +35,9 @@ PARENT_ENV = "SIDECAR_SUPERVISOR_PID"  # set for each child: the supervisor it m
 PEERS_ENV = "SIDECAR_PEERS_DIR"  # the directory of the workers' counter sockets (sidecar/peers.py)
 # the peers dir's name in the temporary dir: the prefix, then the supervisor's pid (to tell a dir left behind)
 PEERS_PREFIX = "sidecar-workers-"
+# in the peers dir: held locked (flock) by its supervisor for as long as it runs; a lock works across PID namespaces
+# (containers sharing /tmp), a pid does not
+LOCK_NAME = "supervisor.lock"
 # The store URL for each child: in its environment, not on its command line (a redis.url may carry a password, and
 # every local user can read a process's command line with `ps`; its environment is the owner's only)
 STORE_URL_ENV = "SIDECAR_STORE_URL"
@@ -123,6 +127,25 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _locked(path: Path) -> bool:
+    """Does a running supervisor (in any PID namespace) hold the lock at `path`? No lock file in a dir made in the
+    last minute: a supervisor about to make it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        try:
+            return time.time() - path.parent.stat().st_mtime < 60
+        except OSError:
+            return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def remove_stale_peers_dirs(tmp: str | None = None) -> list[Path]:
     """Remove the peers dirs that sidecars killed outright with all their workers left behind (SIGKILL of the whole
     group, the OOM killer): each holds a copy of the config, secrets and all. Only this user's, only those whose
@@ -141,6 +164,7 @@ def remove_stale_peers_dirs(tmp: str | None = None) -> list[Path]:
             or not stat.S_ISDIR(info.st_mode)
             or info.st_uid != os.geteuid()
             or _running(int(pid))
+            or _locked(path / LOCK_NAME)
             or any(_answers(sock) for sock in path.glob("worker-*.sock"))
         ):
             continue
@@ -193,6 +217,11 @@ class Supervisor:
         self._signal: int | None = None
         # where the workers answer their counters for worker 0's /metrics (sidecar/peers.py); 0700, this run's own
         self.peers_dir = tempfile.mkdtemp(prefix=f"{PEERS_PREFIX}{os.getpid()}-")
+        # held for this process's life (closed on exec: the workers do not hold it)
+        self._lock = os.open(
+            os.path.join(self.peers_dir, LOCK_NAME), os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o600
+        )
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         # The config this sidecar started with: every worker, a restarted one too, starts from it (restart-only
         # settings the same in all, a broken file no reason to stop) and then reloads the current file.
         self.start_config = os.path.join(self.peers_dir, START_CONFIG_NAME)

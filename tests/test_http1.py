@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -527,13 +528,77 @@ async def test_http1_a_slow_connect_does_not_shorten_the_exchange(raw_server, cl
         await writer.drain()
 
     url = await raw_server(answer)
+    slow_connects(monkeypatch, 0.8)  # 0.8 of the 1 s timeout
+    resp = await client.post(url, [], b"{}", timeout=1.0)
+    assert (resp.status, resp.body, len(got)) == (200, b"ok", 1)
+
+
+def slow_connects(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every new connection of this loop takes `seconds` more (a SYN retransmitted, a long round trip)."""
     loop = asyncio.get_running_loop()
     connect = loop.create_connection
 
-    async def slow_connect(*args, **kwargs):
-        await asyncio.sleep(0.8)  # 0.8 of the 1 s timeout
+    async def slow_connect(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(seconds)
         return await connect(*args, **kwargs)
 
     monkeypatch.setattr(loop, "create_connection", slow_connect)
-    resp = await client.post(url, [], b"{}", timeout=1.0)
-    assert (resp.status, resp.body, len(got)) == (200, b"ok", 1)
+
+
+async def test_http1_a_slow_reconnect_after_a_stale_connection_does_not_shorten_the_exchange(
+    raw_server, client, monkeypatch
+) -> None:
+    """The retry on a fresh connection after the keep-alive race connected within the exchange's deadline: a
+    reconnect taking 0.8 of the 1 s left a receiver answering in 0.3 s a timeout, the event sent again (a review)."""
+    got = []
+
+    async def answer(reader, writer):
+        first = not got
+        while True:
+            _, body = await read_request(reader)
+            if first and body == b"2":
+                writer.transport.abort()  # the idle connection is gone: request 2 unanswered
+                return
+            got.append(body)
+            await asyncio.sleep(0.3)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    url = await raw_server(answer)
+    assert (await client.post(url, [], b"1", timeout=1.0)).status == 200
+    slow_connects(monkeypatch, 0.8)
+    resp = await client.post(url, [], b"2", timeout=1.0)
+    assert (resp.status, got) == (200, [b"1", b"2"])
+
+
+async def test_http1_a_connect_cut_short_by_the_wait_for_a_slot_is_not_sent_not_a_timeout(
+    raw_server, monkeypatch
+) -> None:
+    """The wait for a slot and the connect share one timeout. A request that waited 0.8 s for the one slot and then
+    needed a 0.3 s connect ran out connecting: counted a receiver timeout (an attempt spent, a breaker failure)
+    though not a byte was sent (a review). It is a PoolTimeout: given back with its attempt number."""
+    from sidecar.http1 import PoolTimeout
+
+    got = []
+
+    async def answer(reader, writer):
+        _, body = await read_request(reader)
+        got.append(body)
+        if body == b"A":
+            await asyncio.sleep(0.5)  # with its own 0.3 s connect, A holds the only slot 0.8 s
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    url = await raw_server(answer)
+    client = Http1Client(max_connections=1)
+    slow_connects(monkeypatch, 0.3)
+    try:
+        a = asyncio.create_task(client.post(url, [], b"A", timeout=1.0))
+        await asyncio.sleep(0.01)
+        with pytest.raises(PoolTimeout):
+            await client.post(url, [], b"B", timeout=1.0)
+        assert (await a).status == 200
+    finally:
+        client.close()
+    assert got == [b"A"]

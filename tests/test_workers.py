@@ -464,6 +464,7 @@ def test_workers_stale_peers_dirs_only_are_removed(tmp_path: Path) -> None:
         path = tmp_path / name
         path.mkdir()
         (path / "start-config.yaml").write_text("secret")
+        (path / "supervisor.lock").write_text("")  # nobody holds it
         return path
 
     stale = made(f"sidecar-workers-{dead}-a")
@@ -483,3 +484,11 @@ def test_workers_stale_peers_dirs_only_are_removed(tmp_path: Path) -> None:
     assert not stale.exists()
     assert all(p.is_dir() for p in (running, answering, older, linked))
     assert (tmp_path / f"sidecar-workers-{dead}-e").is_file()
+    # a live supervisor in another PID namespace (its pid not ours, its workers not listening yet): its lock
+    import fcntl
+
+    other = made(f"sidecar-workers-{dead}-g")
+    with open(other / "supervisor.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert other not in remove_stale_peers_dirs(str(tmp_path))
+    assert other.is_dir()
