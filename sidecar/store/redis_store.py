@@ -347,6 +347,16 @@ class RedisStore:
         """The raw client, for tests and the admin's read-only inspection."""
         return self._r
 
+    @property
+    def fast(self) -> PipelinedClient:
+        """The pipelined client, for scripts whose answer must wait for the replicas (see `wait`)."""
+        return self._fast
+
+    @property
+    def wait(self) -> Wait | None:
+        """`redis.wait_replicas` as (replicas, timeout ms), or None."""
+        return self._wait
+
     async def close(self) -> None:
         if self._background:
             self._retries.hurry()
