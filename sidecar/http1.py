@@ -305,9 +305,17 @@ class Http1Client:
             except UpstreamError as exc:
                 if not (reused and exc.kind == "disconnected" and not conn.received_any):
                     raise
-            # The server had closed this idle connection before reading our request: once more, on a new one.
-            conn, _ = await self._acquire(origin, deadline, fresh=True)
-            # the connect does not eat this exchange's time either (all within twice the timeout, as the lease needs)
+            # The server had closed this idle connection before reading our request: once more, on a new one,
+            # connected within what the slot wait left of the connect's `timeout` (as the first connect), so that
+            # the exchange keeps its own; all within twice the timeout, as the lease needs
+            try:
+                conn, _ = await self._acquire(origin, connect_by, fresh=True)
+            except UpstreamError as exc:
+                if exc.kind == "timeout" and waited > 0.001:
+                    raise PoolTimeout(
+                        "no new connection to the upstream in time after the wait for a slot"
+                    ) from None
+                raise
             return await self._exchange(conn, origin, data, min(loop.time() + timeout, connect_by + timeout))
         finally:
             self._limit.release()

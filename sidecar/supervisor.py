@@ -160,7 +160,7 @@ def remove_stale_peers_dirs(tmp: str | None = None) -> list[Path]:
             continue
         if (
             # a name without a pid: an older sidecar's, whose supervisor there is no telling of
-            not pid.isdigit()
+            not (pid.isascii() and pid.isdigit() and int(pid) < 2**31)
             or not stat.S_ISDIR(info.st_mode)
             or info.st_uid != os.geteuid()
             or _running(int(pid))
@@ -217,11 +217,12 @@ class Supervisor:
         self._signal: int | None = None
         # where the workers answer their counters for worker 0's /metrics (sidecar/peers.py); 0700, this run's own
         self.peers_dir = tempfile.mkdtemp(prefix=f"{PEERS_PREFIX}{os.getpid()}-")
-        # held for this process's life (closed on exec: the workers do not hold it)
-        self._lock = os.open(
-            os.path.join(self.peers_dir, LOCK_NAME), os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o600
-        )
+        # held for this process's life (closed on exec: the workers do not hold it); locked before it has its
+        # name, so a sweep never finds it unlocked (until then: a young dir without one, which the sweep spares)
+        unnamed = os.path.join(self.peers_dir, LOCK_NAME + ".new")
+        self._lock = os.open(unnamed, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(self._lock, fcntl.LOCK_EX)
+        os.rename(unnamed, os.path.join(self.peers_dir, LOCK_NAME))
         # The config this sidecar started with: every worker, a restarted one too, starts from it (restart-only
         # settings the same in all, a broken file no reason to stop) and then reloads the current file.
         self.start_config = os.path.join(self.peers_dir, START_CONFIG_NAME)

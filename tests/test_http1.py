@@ -602,3 +602,44 @@ async def test_http1_a_connect_cut_short_by_the_wait_for_a_slot_is_not_sent_not_
     finally:
         client.close()
     assert got == [b"A"]
+
+
+async def test_http1_a_slow_reconnect_after_a_slot_wait_is_not_sent_not_a_timeout(
+    raw_server, monkeypatch
+) -> None:
+    """B waits 0.8 s for the one slot, reuses the keep-alive connection A left, which the receiver closed, then
+    reconnects in 0.8 s: the reconnect had until the first exchange's deadline and the exchange what was left of
+    the connect's, 0.4 s for a receiver answering in 0.5 s: B timed out after the receiver got it, sent again (a
+    review). The reconnect shares the slot wait's timeout like the first connect: B not sent, a PoolTimeout."""
+    from sidecar.http1 import PoolTimeout
+
+    got: list[bytes] = []
+    first_conn: list[object] = []
+
+    async def answer(reader, writer):
+        if not first_conn:
+            first_conn.append(writer)
+        first = writer is first_conn[0]
+        while True:
+            _, body = await read_request(reader)
+            if first and body == b"B":
+                writer.transport.abort()  # the idle connection is gone: B unanswered
+                return
+            got.append(body)
+            await asyncio.sleep(0.8 if body == b"A" else 0.5)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    url = await raw_server(answer)
+    client = Http1Client(max_connections=1)
+    try:
+        a = asyncio.create_task(client.post(url, [], b"A", timeout=1.0))
+        await asyncio.sleep(0.05)
+        slow_connects(monkeypatch, 0.8)  # every new connection from now on
+        with pytest.raises(PoolTimeout):
+            await client.post(url, [], b"B", timeout=1.0)
+        assert (await a).status == 200
+        await asyncio.sleep(0.6)  # the receiver would have finished B by now
+    finally:
+        client.close()
+    assert got == [b"A"]

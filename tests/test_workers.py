@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -492,3 +494,44 @@ def test_workers_stale_peers_dirs_only_are_removed(tmp_path: Path) -> None:
         fcntl.flock(held, fcntl.LOCK_EX)
         assert other not in remove_stale_peers_dirs(str(tmp_path))
     assert other.is_dir()
+    # names no pid has (the sweep raised: sidecar run stopped with a traceback)
+    odd = [made(f"sidecar-workers-{name}-h") for name in ("99999999999999999999", "\u00b2")]
+    assert remove_stale_peers_dirs(str(tmp_path)) == [other]  # its lock no longer held
+    assert all(p.is_dir() for p in odd)
+
+
+def test_workers_a_sweep_before_the_supervisor_locks_spares_its_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A supervisor (in another PID namespace: its pid not running here) between making its lock file and locking
+    it: another sidecar's sweep found an unlocked lock and removed the dir, the supervisor could not start (a
+    review). The lock has its name only once it is held; until then the dir is young and has none."""
+    import fcntl
+
+    from sidecar import supervisor
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait(timeout=10)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(os, "getpid", lambda: done.pid)
+    swept: list[list[Path]] = []
+    flock = fcntl.flock
+
+    def sweep_first(fd: int, op: int) -> None:
+        if op == fcntl.LOCK_EX and not swept:  # another sidecar's sweep runs just before the lock
+            swept.append(supervisor.remove_stale_peers_dirs(str(tmp_path)))
+        flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", sweep_first)
+    started = supervisor.Supervisor("/x.yaml", "redis://127.0.0.1:1", 2, 1.0, None, "secret: x\n")
+    monkeypatch.undo()
+    try:
+        assert swept == [[]]
+        assert sorted(p.name for p in Path(started.peers_dir).iterdir()) == [
+            "start-config.yaml",
+            "supervisor.lock",
+        ]
+        assert supervisor.remove_stale_peers_dirs(str(tmp_path)) == []
+    finally:
+        os.close(started._lock)
+        shutil.rmtree(started.peers_dir, ignore_errors=True)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
-from sidecar.errors import StoreError
-from sidecar.store.pipeline import FastScript
+from sidecar.errors import StoreError, StoreUnavailable
+from sidecar.store.pipeline import FastScript, NotReplicated
 from sidecar.store.records import history_dicts
 from sidecar.store.redis_store import RedisStore, script_source
 
@@ -331,7 +331,24 @@ class DeadLetters:
             k.dlq_gone(item.id, item.dead_ms),
         ]
         args = [item.id, item.dead_ms, secrets.token_hex(8), *owner]
-        return int(await self.store.guard(lambda: self._remove(keys=keys, args=args)))
+        return int(await self._waited(lambda: self._remove(keys=keys, args=args), wrote=(1,), what="removed"))
+
+    async def _waited(self, run: Callable[[], Any], wrote: tuple[Any, ...], what: str) -> Any:
+        """`run`'s reply. With `redis.wait_replicas`, when the replicas did not acknowledge in time: a reply that
+        wrote nothing (a refusal, not found) stands as it is, the replicas have nothing to catch up on; a write
+        (a reply in `wrote`) is a 503 that says it stands on the primary only (run again, it is not found there)."""
+        try:
+            return await self.store.guard(run)
+        except StoreUnavailable as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, NotReplicated) or cause.reply is None:
+                raise
+            if cause.reply not in wrote:
+                return cause.reply
+            raise StoreUnavailable(
+                f"{exc}: {what} on the primary, not yet on the replicas (a failover now could undo it); once they"
+                " catch up it is done, and run again it is not found"
+            ) from cause
 
     async def take(self, item: DeadLetter, owner: str, lease_ms: int) -> TakeOutcome:
         """Hold `item` (the version read) for `owner` for `lease_ms` by the store's clock (dlq_take.lua; a lease of
@@ -435,7 +452,8 @@ class DeadLetters:
         member = self.keys.member(route, dedupe_id)
         keys = [self.keys.event(shard, member), self.keys.schedule(shard), self.keys.forgot(shard, member)]
         args = [member, secrets.token_hex(8)]
-        st = (await self.store.guard(lambda: self._forget(keys=keys, args=args))).decode()
+        run = lambda: self._forget(keys=keys, args=args)  # noqa: E731
+        st = (await self._waited(run, wrote=(b"d", b"x"), what="forgotten")).decode()
         if st in ("f", "p"):
             return "pending"
         return "missing" if st == "" else "forgotten"
