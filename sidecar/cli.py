@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from sidecar.admin_client import add_dlq_parser
-from sidecar.config import check_config, load, load_text, load_with_text
+from sidecar.config import Config, check_config, load, load_text, load_with_text
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.logs import LEVELS, setup_logging
 
@@ -223,8 +223,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         resolve_workers,
     )
 
+    short = _open_files_limit(config)
     if not worker:  # the supervisor says it once for all its workers
-        for line in config.warnings():
+        for line in config.warnings() + short:
             logging.getLogger("sidecar.config").warning("%s", line)
         for left in remove_stale_peers_dirs():
             logging.getLogger("sidecar.supervisor").info(
@@ -276,6 +277,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def _open_files_limit(config: Config) -> list[str]:
+    """Raise this process's soft limit of open files to its hard limit (a container's soft limit is often 1024, or
+    less, under a hard one far above): out of descriptors, the sidecar resets the connections it cannot accept and
+    holds its idle upstream connections all the same. A warning when it stays below what the config can hold
+    open: a provider's connection and a receiver's per forward in flight, per receiver."""
+    import resource
+    from urllib.parse import urlsplit
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    except (ValueError, OSError):  # a hard limit the kernel does not allow (above fs.nr_open): kept as it was
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    origins = {urlsplit(r.upstream or config.upstream.url)[:2] for r in config.routes} or {("", "")}
+    needed = 2 * config.upstream.max_connections * len(origins) + 64
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        return [
+            f"open files limit {soft} (ulimit -n) is below the {needed} that upstream.max_connections"
+            f" ({config.upstream.max_connections} per receiver, {len(origins)} receiver(s)) can hold open: past it,"
+            " new connections are reset; raise the limit or lower upstream.max_connections"
+        ]
+    return []
 
 
 def _run_loop(coro: object) -> None:

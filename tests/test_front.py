@@ -88,6 +88,8 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
         rest = await asyncio.wait_for(reader.read(), seconds)
     except TimeoutError:
         return False
+    except ConnectionResetError:  # closed, while the client was still sending
+        return True
     return rest == b""
 
 
@@ -901,3 +903,41 @@ async def test_front_a_request_that_came_in_time_during_a_stall_is_served(
     out, _ = await asyncio.wait_for(proc.communicate(), 20)
     assert out.startswith(b"HTTP/1.1 200"), out
     assert "evt_stall_2" in upstream.ids()
+
+
+async def test_front_a_body_over_the_inflight_budget_is_refused_without_being_held(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """A body over `server.max_inflight_bytes` was handed to aiohttp, whose lingering read buffered it for the 503:
+    800 concurrent 1 MB uploads against a 64 MiB budget took 6x the budget (an audit). The front answers 503
+    itself, drops the rest of the body as it comes (holding none of it), and closes once it is all in."""
+    from sidecar.app import RUNTIME
+    from tests.test_ingress import _padded, hold_upstream
+
+    client = await sidecar_factory(ROUTES, server="max_inflight_bytes: 100000, read_timeout: 5s")
+    ingress = client.server.app[RUNTIME].ingress
+    front = front_of(client)
+    gate = hold_upstream(upstream)
+    first = _padded("evt_big1", 60_000)
+    held = asyncio.ensure_future(exchange(client, post("/webhooks/stripe", first, stripe_headers(first))))
+    await asyncio.wait_for(upstream.arrived.wait(), 10)
+    second = _padded("evt_big2", 60_000)
+    raw = post("/webhooks/stripe", second, stripe_headers(second))
+    reader, writer = await connect(client)
+    try:
+        writer.write(raw[:-20_000])  # over the budget; the rest of the body still to come
+        status, headers, body = await read_response(reader)
+        assert (status, json.loads(body), headers["connection"]) == (503, {"error": "overloaded"}, "close")
+        assert front.handed_over == 0  # answered by the front, not handed to aiohttp's lingering read
+        assert len(front.conns) == 2  # the held request's and this one, holding none of its body
+        assert all(not conn.buf and conn.pending is None for conn in front.conns)
+        assert ingress.inflight_bytes == len(first)  # none of the refused body counted
+        writer.write(raw[-20_000:])  # the rest, read and dropped: then the connection is closed
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
+        gate.set()
+    assert (await asyncio.wait_for(held, 10))[0] == 200
+    assert front.handed_over == 0
+    assert ingress.tel.requests[("stripe", "overloaded")] == 1
+    assert upstream.ids() == ["evt_big1"]

@@ -265,3 +265,87 @@ async def test_reliability_open_circuit_answers_without_waiting_for_timeouts(
         f"\n[figures] breaker open: 200 events, median {median * 1000:.2f} ms = {median / round_trip:.1f} redis"
         f" round trips ({round_trip * 1000:.2f} ms), slowest {slowest * 1000:.1f} ms, forward timeout {timeout:.0f} s"
     )
+
+
+async def test_reliability_store_refusing_writes_past_the_lease_does_not_deliver_the_event_again(
+    own_valkey: ValkeyServer, upstream: Upstream
+) -> None:
+    """The store refuses writes (a full disk: MISCONF on every write) from the moment the upstream takes an event
+    until after its lease has run out: its delivered mark could not land in time, and once the store took writes
+    again the retry worker took the event and delivered it a second time (os-resources audit, 1-4 duplicates per
+    fill of a 4 MB data dir). Here the refusal is NOREPLICAS (`min-replicas-to-write 1` with no replica): writes
+    refused, reads answered, as with a full disk."""
+    admin = redis.Redis(host=own_valkey.host, port=own_valkey.port)
+    try:
+        url = own_valkey.connection_url
+        routes = f'- {{name: stripe, path: /webhooks/stripe, provider: stripe, secrets: ["{SECRET}"]}}'
+        config = make_config(
+            routes,
+            upstream_url=upstream.url,
+            redis_url=url,
+            redis="timeout: 300ms",
+            retry="{base_delay: 100ms, jitter: 0, lease: 2s}",
+        )
+
+        def refuse_writes(_: Received) -> None:
+            admin.config_set("min-replicas-to-write", 1)
+
+        upstream.behaviour = refuse_writes
+        async with TestClient(TestServer(create_app(config, redis_url=url, run_worker=False))) as client:
+            store, worker = client.server.app[RUNTIME].store, client.server.app[RUNTIME].worker
+            body = body_for("evt_full")
+            resp = await client.post("/webhooks/stripe", data=body, headers=signed(body))
+            assert resp.status == 200
+            upstream.behaviour = None
+            await asyncio.sleep(3.0)  # past the lease (2 s): the mark's retries have given up
+            admin.config_set("min-replicas-to-write", 0)
+            await worker.run_once()
+            ev = await store.get_event("stripe", "evt_full")
+            assert ev is not None and ev["state"] == "delivered", ev
+        assert upstream.ids() == ["evt_full"], "delivered again after the store took writes again"
+    finally:
+        admin.config_set("min-replicas-to-write", 0)
+        admin.close()
+
+
+async def test_reliability_a_retry_delivered_while_the_store_refuses_writes_past_the_lease_is_not_sent_again(
+    own_valkey: ValkeyServer, upstream: Upstream
+) -> None:
+    """The same on the retry worker's path: attempt 2 delivered, its mark refused until after the lease (the store's
+    disk full): the next take of the event writes the mark kept for it instead of sending it a third time."""
+    admin = redis.Redis(host=own_valkey.host, port=own_valkey.port)
+    try:
+        url = own_valkey.connection_url
+        routes = f'- {{name: stripe, path: /webhooks/stripe, provider: stripe, secrets: ["{SECRET}"]}}'
+        config = make_config(
+            routes,
+            upstream_url=upstream.url,
+            redis_url=url,
+            redis="timeout: 300ms",
+            retry="{base_delay: 100ms, jitter: 0, lease: 2s}",
+        )
+        upstream.respond(503)
+        async with TestClient(TestServer(create_app(config, redis_url=url, run_worker=False))) as client:
+            store, worker = client.server.app[RUNTIME].store, client.server.app[RUNTIME].worker
+            body = body_for("evt_full2")
+            resp = await client.post("/webhooks/stripe", data=body, headers=signed(body))
+            assert resp.status == 202
+            await asyncio.sleep(0.2)  # due again
+
+            def refuse_writes(_: Received) -> None:
+                admin.config_set("min-replicas-to-write", 1)
+
+            upstream.behaviour = refuse_writes
+            await (
+                worker.run_once()
+            )  # attempt 2 delivered; its mark tried while the lease lasts, then given up
+            upstream.behaviour = None
+            await asyncio.sleep(2.5)  # past the lease
+            admin.config_set("min-replicas-to-write", 0)
+            await worker.run_once()
+            ev = await store.get_event("stripe", "evt_full2")
+            assert ev is not None and ev["state"] == "delivered", ev
+        assert upstream.ids() == ["evt_full2"] * 2, "delivered again after the store took writes again"
+    finally:
+        admin.config_set("min-replicas-to-write", 0)
+        admin.close()

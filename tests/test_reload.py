@@ -457,3 +457,44 @@ def test_a_config_named_by_a_process_descriptor_is_not_a_regular_file(tmp_path: 
     regular = tmp_path / "sidecar.yaml"
     regular.write_text("x")
     assert regular_or_missing(str(regular)) and regular_or_missing(str(tmp_path / "missing.yaml"))
+
+
+async def test_a_config_file_unreadable_for_lack_of_descriptors_is_not_a_change(
+    tmp_path: Path, upstream: Upstream, redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """`ulimit -n` reached (a flood of connections): the watcher's read of the untouched config file fails with
+    EMFILE. That is no change of the file: no reload refused (an error line, `rejected` counted), and no reload
+    applied once the descriptors are back (os-resources audit: both, every time the process ran out)."""
+    import errno as errno_
+
+    cfg_path = tmp_path / "sidecar.yaml"
+    text = settings_config(upstream.url, redis_url, "reload_interval: 1h")
+    cfg_path.write_text(text)
+    app = create_app(
+        load(cfg_path), redis_url=redis_url, run_worker=False, config_path=str(cfg_path), config_text=text
+    )
+    async with TestClient(TestServer(app)):
+        runtime = app[RUNTIME]
+        reloader = runtime.reloader
+        assert reloader is not None
+        assert not await reloader.check()
+
+        def out_of_descriptors(self: Path, *args: Any, **kwargs: Any) -> Any:
+            raise OSError(errno_.EMFILE, os.strerror(errno_.EMFILE), str(self))
+
+        with monkeypatch.context() as m:
+            m.setattr(Path, "read_text", out_of_descriptors)
+            m.setattr(Path, "read_bytes", out_of_descriptors)
+            with caplog.at_level(logging.WARNING, logger="sidecar.reload"):
+                assert not await reloader.check()
+            assert "cannot read" in caplog.text and "Too many open files" in caplog.text
+        assert (
+            not await reloader.check()
+        )  # the descriptors are back, the file is as it was: nothing to reload
+        assert runtime.telemetry.config_reloads["rejected"] == 0
+        assert runtime.telemetry.config_reloads["applied"] == 0
+        # an edit is still taken
+        cfg_path.write_text(
+            settings_config(upstream.url, redis_url, "reload_interval: 1h, max_body_bytes: 512")
+        )
+        assert await reloader.check()

