@@ -694,7 +694,8 @@ class AdminApi:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         if hold_ms:
             resp.headers[DRAIN_HEADER] = owner
-        await resp.prepare(request)
+        # prepared at the first line (or the end): a store that refuses the first take (NOREPLICAS, MISCONF, a
+        # failover) is answered a JSON error, not a 200 whose stream breaks off with nothing said
         drained, skipped, outcome = 0, 0, "complete"
         held: DeadLetter | None = None  # taken, its line not yet written (or, streaming, not acknowledged)
         try:
@@ -706,6 +707,8 @@ class AdminApi:
                         continue
                     held = item
                     line = json.dumps(render_full(item), separators=(",", ":")) + "\n"
+                    if not resp.prepared:
+                        await resp.prepare(request)
                     try:  # a client that stops reading a large line holds the write: bounded like the ack
                         await asyncio.wait_for(resp.write(line.encode()), DRAIN_LINE_TIMEOUT)
                     except TimeoutError as exc:
@@ -718,12 +721,16 @@ class AdminApi:
                     else:
                         drained += await dl.remove(item)
                     held = None
+            if not resp.prepared:
+                await resp.prepare(request)
             await resp.write_eof()
         except ConnectionError as exc:
             outcome = f"stopped: {exc}"
             cut_short(request)
         except StoreError as exc:
             outcome = f"store error: {exc}"
+            if not resp.prepared:
+                raise  # nothing streamed yet: the error answer (503 JSON), as every other admin call
             cut_short(request)
         except asyncio.CancelledError:  # the client went away while the handler waited
             outcome = "stopped: cancelled"

@@ -134,6 +134,10 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = make_store(config, app[REDIS_URL])
     await store.preload()
+    missing = await store.missing_permissions()
+    if missing is not None:
+        await store.close()
+        raise SidecarError(missing)
     written = await store.layout_conflict()
     if written is not None:
         await store.close()

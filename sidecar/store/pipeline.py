@@ -75,6 +75,8 @@ class Connection(asyncio.Protocol):
         while True:
             reply = self._reader.gets()
             if reply is False:
+                if self.closed and not pending and self._transport is not None:
+                    self._transport.abort()  # retired (READONLY), and every reply it owed is in
                 return
             if not pending:  # a reply nobody asked for: the stream is out of sync, start over
                 self._fail(ConnectionError("unexpected reply from the store"))
@@ -85,6 +87,8 @@ class Connection(asyncio.Protocol):
                     fut.set_exception(reply)
                 else:
                     fut.set_result(reply)
+            if isinstance(reply, ReplyError) and str(reply).startswith("READONLY"):
+                self._retire()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(exc or ConnectionError("store connection closed"))
@@ -176,6 +180,18 @@ class Connection(asyncio.Protocol):
             self._fail(TimeoutError(f"store did not answer within {self.timeout}s"))
         else:
             self._watchdog = self._loop.call_later(self.timeout - waited, self._check)
+
+    def _retire(self) -> None:
+        """The server refused a write as a replica (READONLY): a failover demoted it while this connection stayed
+        open (a managed service's primary endpoint, a DNS name or a virtual IP, now leads to the new primary, but
+        only for new connections). No new commands here: the next call opens a new connection, which reaches the
+        new primary (and, on a cluster or with Sentinel, the slot map or the primary is looked up again). The
+        replies still owed on this one are read first, then it is closed."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._on_lost is not None:
+            self._on_lost()
 
     def _fail(self, exc: BaseException, lost: bool = True) -> None:
         notify = lost and not self.closed and self._on_lost is not None

@@ -219,6 +219,10 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
         "socket_connect_timeout": timeout,
         "retry": retry,
         "decode_responses": False,
+        # RESP2, as the pipelined transport speaks: redis-py 8 opens with `HELLO 3` unless told, which a server or
+        # proxy without HELLO refuses (the hot path then claimed events while the retry worker, the admin API and
+        # /readyz could not run), and the replies' shapes would depend on the installed redis-py (>=5.0: RESP2)
+        "protocol": 2,
     }
     if url.startswith("redis+sentinel://"):
         spec = SentinelSpec.parse(url)
@@ -229,6 +233,7 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
             # on every discovery: one quick retry, then the next sentinel
             sentinel_kwargs={
                 **sentinel_auth,
+                "protocol": 2,
                 "socket_timeout": timeout,
                 "socket_connect_timeout": timeout,
                 "retry": retry,
@@ -267,7 +272,12 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
     # On uvloop a pooled connection that the store (or a proxy, a failover) reset while it was idle raises
     # RuntimeError ("the handler is closed") on its next write, before anything is sent: retried on a new
     # connection, as redis-py does for ConnectionError, instead of failing that call (a /readyz 503, an admin 503).
-    client = aioredis.from_url(url, max_connections=max_connections, retry_on_error=[RuntimeError], **common)
+    # A READONLY reply means a failover demoted the server while the pooled connection stayed open (a managed
+    # primary endpoint now leads to the new primary, for new connections only): dropped and sent again on a new
+    # connection (the write did not run), instead of every write failing until a restart.
+    client = aioredis.from_url(
+        url, max_connections=max_connections, retry_on_error=[RuntimeError, rexc.ReadOnlyError], **common
+    )
     if tls is not None:
         client.connection_pool.connection_class = _reloading(ReloadingTLS(tls))
     return client
@@ -320,6 +330,7 @@ class RedisStore:
         self._nonce = FastScript(fast, script_source("nonce"))  # Mailgun routes only: loaded on first use
         self._replay = FastScript(fast, script_source("replay"))  # the admin API's replays
         self._alias = FastScript(fast, script_source("alias"))  # lookup index of digest-keyed claims
+        self._probe = FastScript(fast, script_source("probe"))  # start-up: commands the user may not run
 
     @classmethod
     def connect(
@@ -396,6 +407,33 @@ class RedisStore:
         except (*_UNAVAILABLE, ReplyError) as exc:
             log.warning("could not preload the store's scripts (they load on first use): %s", exc)
 
+    async def missing_permissions(self) -> str | None:
+        """What this store's user may not run of what the sidecar needs (an ACL, a managed service's disabled or
+        renamed commands), in words naming it, or None. Probed on every node that holds a shard, the dead letters
+        or the layout key; a store that is down, full or refusing writes is no answer (None: best effort, as the
+        other start-up checks). A script meeting a refused command half way keeps what it wrote before it."""
+        slots = [f"{{{s}}}" for s in range(self.keys.shards)] + ["{dlq}", "{meta}"]
+        denied: set[str] = set()
+        for slot in slots:
+            base = f"{self.keys.prefix}:{slot}:probe"
+            try:
+                found = await self._probe([f"{base}:h", f"{base}:z", f"{base}:s"], [])
+            except ReplyError as exc:
+                text = str(exc)
+                if text.startswith("NOPERM") or "unknown command" in text.lower():
+                    return f"the store refuses what the sidecar needs: {text[:300]}"
+                return None
+            except _STORE_ERRORS:
+                return None
+            denied.update(c.decode() if isinstance(c, bytes) else str(c) for c in found or [])
+        if not denied:
+            return None
+        names = " ".join(sorted(denied))
+        return (
+            f"the store's user may not run (ACL, or disabled / renamed commands): {names}; the sidecar's scripts need "
+            f"them (ACL: +{' +'.join(sorted(denied))}; the full list is in README, Durability)"
+        )
+
     async def layout_conflict(self) -> int | None:
         """The shard count the store's keys were written with, when it is not this store's `redis.shards` (an
         event's keys are placed by its shard: with another count, queued retries are never found and resends of
@@ -459,6 +497,15 @@ class RedisStore:
         try:
             servers = await self._server_infos()
         except Exception as exc:  # never in the way of starting: the store may come up later
+            text = str(exc)
+            if isinstance(exc, rexc.NoPermissionError) or "unknown command" in text.lower():
+                # a managed store's user without INFO (`-@dangerous`, INFO renamed): said, not silently skipped
+                return [
+                    f"store: INFO is refused ({text[:200]}), so the store's settings are not checked: make sure "
+                    "it runs Redis 7.0 or later (or Valkey) with maxmemory-policy noeviction and append-only "
+                    "persistence (or replicas and redis.wait_replicas), or the store can lose events answered 2xx "
+                    "and evictions go unreported; or allow the sidecar's user INFO"
+                ]
             log.debug("store settings not checked: %s", exc)
             return []
         warnings = []

@@ -25,13 +25,16 @@ if held[1] then
 end
 local n = 1
 if ARGV[7] == 'p' then n = 0 end
-redis.call('HSET', KEYS[1], 'st', ARGV[7], 'n', n, 'first', ARGV[1], 'eid', ARGV[6], 'meta', ARGV[4], 'body', ARGV[5])
 local score = tonumber(ARGV[2])
 if ARGV[7] ~= 'p' then
   local t = redis.call('TIME')
   local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (score - tonumber(ARGV[1]))
   if floor > score + 1000 then score = floor end  -- behind by more than a round trip's slack
 end
+-- The schedule entry before the event: a script is not rolled back when a command fails half way (an ACL or a
+-- renamed command refusing TIME or ZADD), and an event stored without its entry would be answered `duplicate` to
+-- every resend and never delivered. An entry without its event is harmless: take.lua drops it.
 redis.call('ZADD', KEYS[2], string.format('%d', score), ARGV[3])
+redis.call('HSET', KEYS[1], 'st', ARGV[7], 'n', n, 'first', ARGV[1], 'eid', ARGV[6], 'meta', ARGV[4], 'body', ARGV[5])
 redis.call('HINCRBY', KEYS[3], ARGV[8] .. ':pending', 1)
 return {1}
