@@ -40,13 +40,17 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- Does a drain or replay hold item `id` at `version` (its score) now (dlq_take.lua: that version, a lease not ended)?
+-- (and, when it does, the end of that hold)
 local function held(id, version)
   local hold = redis.call('HGET', KEYS[6], id)
   if not hold or not version then
     return false
   end
   local v, ends = string.match(hold, '^%S+ (%S+) (%S+)$')
-  return v ~= nil and tonumber(v) == tonumber(version) and tonumber(ends) > now
+  if v ~= nil and tonumber(v) == tonumber(version) and tonumber(ends) > now then
+    return true, tonumber(ends)
+  end
+  return false
 end
 -- Item JSON `json` (written by RedisStore.bury: its "id" first) under id `to` instead of ARGV[1]; nil if not so
 local head = '{"id": "' .. ARGV[1] .. '"'
@@ -56,6 +60,7 @@ local function renamed(json, to)
   end
 end
 local new_id, item = ARGV[1], ARGV[3]
+local lowest = tonumber(ARGV[2])  -- the lowest dead_at written by this call (see the held prefix below)
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
 local seen = prev and string.match(prev, '"first_seen_ms": (%d+)')
 if prev and seen ~= ARGV[7] then
@@ -74,6 +79,7 @@ if prev and seen ~= ARGV[7] then
       if score then
         redis.call('ZADD', KEYS[1], score, kept)
         redis.call('ZADD', KEYS[4], score, kept)
+        lowest = math.min(lowest, tonumber(score))
       end
     end
   end
@@ -86,13 +92,43 @@ if KEYS[7] then
   redis.call('SET', KEYS[7], new_id, 'PX', ARGV[8])
 end
 local out = {new_id}  -- the id written, then what the cap evicted
+-- the held prefix (see below): an item written at or before its end (a clock behind, an earlier life moved) ends it
+local prefix_key = KEYS[6] .. ':prefix'
+local hint = redis.call('GET', prefix_key)
+local hs, hid, hend
+if hint then
+  hs, hid, hend = string.match(hint, '^(%S+) (%S+) (%S+)$')
+  if not hs or lowest <= tonumber(hs) then
+    redis.call('DEL', prefix_key)
+    hint = nil
+  end
+end
 local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[5])
 if over > 0 then
   -- The oldest items go first, but never one a drain or replay holds now (dlq_take.lua: its version, a lease not
   -- ended): a held drain's client may be storing it, and would then be told it is still in the DLQ. Held items
   -- met on the way (a drain takes the oldest first) do not count toward the cap: the DLQ may be over it by as
   -- many as are held, until they are removed or given back. The item being added is never the one evicted.
+  --
+  -- The held prefix: a drain takes the oldest first, so the items it holds are usually the DLQ's head, and while it
+  -- holds a full DLQ (a held drain: 10 minutes by default) every new dead letter would walk all of them again, one
+  -- script, the whole store waiting (~5-9 ms per dead letter at the default cap). KEYS[6]..':prefix' remembers
+  -- "<dead_at> <id> <earliest hold end>": every item up to that one (in the DLQ's order) was held when it was
+  -- written, none of those holds ending before the time given. It stands while that item is still there at that
+  -- version, that time has not come, and nothing was written before it since: dlq_take.lua deletes it when a hold
+  -- is given back or changed; this script when it writes an item at or before its dead_at.
   local skipped = 0
+  local walking_prefix = true  -- everything met so far is held (or was evicted): the head of the DLQ is held
+  local last_id, last_score, first_end
+  if hint then
+    local at = redis.call('ZSCORE', KEYS[1], hid)
+    if at and tonumber(at) == tonumber(hs) and tonumber(hend) > now then
+      local rank = redis.call('ZRANK', KEYS[1], hid)
+      skipped = rank + 1
+      over = over - (rank + 1)  -- held: they do not count toward the cap while held
+      last_id, last_score, first_end = hid, hs, tonumber(hend)
+    end
+  end
   while over > 0 do
     local batch = redis.call('ZRANGE', KEYS[1], skipped, skipped + over - 1, 'WITHSCORES')
     if #batch == 0 then
@@ -100,11 +136,20 @@ if over > 0 then
     end
     for i = 1, #batch, 2 do
       local id = batch[i]
+      local is_held, ends = false, nil
+      if id ~= new_id then
+        is_held, ends = held(id, batch[i + 1])
+      end
       if id == new_id then
         skipped = skipped + 1
-      elseif held(id, batch[i + 1]) then
+        walking_prefix = false
+      elseif is_held then
         skipped = skipped + 1
         over = over - 1  -- held: it does not count toward the cap while held
+        if walking_prefix then
+          last_id, last_score = id, batch[i + 1]
+          first_end = math.min(first_end or ends, ends)
+        end
       else
         local item = redis.call('HGET', KEYS[2], id)
         local route, eid = '', ''
@@ -127,6 +172,10 @@ if over > 0 then
         over = over - 1
       end
     end
+  end
+  if last_id then
+    redis.call('SET', prefix_key, last_score .. ' ' .. last_id .. ' ' .. string.format('%d', first_end),
+      'PXAT', string.format('%d', first_end))
   end
 end
 return out

@@ -27,6 +27,10 @@ if cur then
     return -1
   end
 end
+-- a hold given back or changed: the held prefix dlq_add.lua remembers (KEYS[2]..':prefix') may not stand any more
+if cur then
+  redis.call('DEL', KEYS[2] .. ':prefix')
+end
 if tonumber(ARGV[4]) == 0 then
   if owner ~= ARGV[3] or tonumber(version) ~= tonumber(ARGV[2]) then
     return 0
