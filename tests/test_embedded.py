@@ -268,6 +268,9 @@ def test_an_unusable_data_dir_is_named_not_a_traceback(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     with pytest.raises(EmbeddedStoreError, match=r"cannot use redis.data_dir .*a-file/data: Not a directory"):
         EmbeddedValkey(tmp_path / "a-file" / "data")
+    # the data dir itself a file: mkdir said "File exists"
+    with pytest.raises(EmbeddedStoreError, match=r"cannot use redis.data_dir .*a-file: not a directory"):
+        EmbeddedValkey(tmp_path / "a-file")
 
 
 def test_the_store_runs_in_a_process_group_of_its_own(tmp_path: Path) -> None:

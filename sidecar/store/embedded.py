@@ -99,6 +99,8 @@ class EmbeddedValkey:
         try:
             # 0700, and the server's files 0600 (see start): they hold every stored webhook body and its headers
             self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except FileExistsError as exc:  # mkdir's word for a file in the way
+            raise EmbeddedStoreError(f"cannot use redis.data_dir {self.data_dir}: not a directory") from exc
         except OSError as exc:
             raise EmbeddedStoreError(
                 f"cannot use redis.data_dir {self.data_dir}: {exc.strerror or exc}"
