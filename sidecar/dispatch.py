@@ -22,6 +22,7 @@ from sidecar.http1 import POOL_TIMEOUT
 from sidecar.logs import Tally
 from sidecar.routes import RouteTable, target_url
 from sidecar.store import AttemptRecord, Burial, EventRecord, RedisStore
+from sidecar.store.marks import run_of
 from sidecar.telemetry import AnySpan, Telemetry
 
 log = logging.getLogger("sidecar.dispatch")
@@ -311,7 +312,7 @@ class Dispatcher:
                 except StoreError as exc:
                     # The event stays in flight under its lease: this process's retry worker, taking it again,
                     # writes the mark kept here instead of sending it; another process re-delivers it.
-                    self.store.marks.keep((rec.route, rec.dedupe_id, entry), now_ms, rec.first_seen_ms)
+                    self.store.marks.keep((rec.route, rec.dedupe_id, entry), now_ms, run_of(rec))
                     log.warning("could not mark %s/%s delivered: %s", rec.route, rec.event_id, exc)
             return Disposition("delivered", outcome)
         if outcome.kind == "permanent":

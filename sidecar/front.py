@@ -511,6 +511,7 @@ class FastProtocol(asyncio.Protocol):
         remaining = parsed.end - len(self.buf)
         self.pending = None
         self.buf = bytearray()
+        self._give_back()  # none of the body is held while it is dropped
         if remaining <= 0:
             transport.close()
             return

@@ -101,6 +101,18 @@ def _digest(paths: list[str], loaded: str | None = None, files: Mapping[str, str
 CANNOT_LOOK_NOW = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 
+def _out_of(exc: BaseException) -> str | None:
+    """The words of the CANNOT_LOOK_NOW error behind `exc` (what it was raised from), if there is one."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in CANNOT_LOOK_NOW:
+            return seen.strerror or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def regular_or_missing(path: str) -> bool:
     """False only for a path that exists and is not a regular file (a missing one is the loader's to report), or
     that names a process's own descriptor (`--config <(…)`: /dev/fd/63 is not there at all in a worker)."""
@@ -220,6 +232,7 @@ class Reloader:
         """Load, validate and swap in the config at `path` (or `text`: the config the sibling workers applied, for
         a restarted worker whose file is refused). True when the new config is serving."""
         async with self._lock:
+            before = self._seen
             self._seen = self._look() or self._seen
             from_file = text is None
             if from_file and not regular_or_missing(self.path):
@@ -239,13 +252,15 @@ class Reloader:
                 else:
                     config = await asyncio.to_thread(load_text, text, self.path)
                 table = RouteTable.build(config)
-            except ConfigError as exc:
-                self.tel.config_reloads["rejected"] += 1
-                log.error("config reload (%s) refused, the previous config keeps serving:\n%s", reason, exc)
-                return False
-            except Exception as exc:  # a verifier that cannot be built, an unreadable file: same rule
-                self.tel.config_reloads["rejected"] += 1
-                log.error("config reload (%s) refused, the previous config keeps serving: %s", reason, exc)
+            except Exception as exc:
+                if (short := _out_of(exc)) is None:
+                    return self._refused(reason, exc)
+                # this process out of descriptors (or memory) while reading the file or a secret: not a refusal of
+                # the config; the next look takes the change again
+                self._seen = before
+                log.warning(
+                    "config reload (%s) put off: cannot read now (%s); trying again later", reason, short
+                )
                 return False
             self._report(reason, self.dispatcher.config, config)
             self.dispatcher.swap(table)
@@ -317,6 +332,13 @@ class Reloader:
             )
         for line in route_changes(old, new):
             log.info("config reload (%s): %s", reason, line)
+
+    def _refused(self, reason: str, exc: Exception) -> bool:
+        self.tel.config_reloads["rejected"] += 1
+        # a ConfigError lists its problems a line each; a verifier that cannot be built, an unreadable file: in a line
+        sep = "\n" if isinstance(exc, ConfigError) else " "
+        log.error("config reload (%s) refused, the previous config keeps serving:%s%s", reason, sep, exc)
+        return False
 
     def _look(self) -> str | None:
         """The watched files' digest now, or None when this process cannot read them at the moment (out of file

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import RUNTIME, create_app
 from sidecar.config import Config, load, load_with_text
+from sidecar.errors import ConfigError
 from sidecar.reload import APPLIED_LIVE, RESTART_ONLY, regular_or_missing, settings
 from tests.conftest import Upstream, watched_config
 from tests.procs import SidecarProcess, free_port, wait_until
@@ -498,3 +499,24 @@ async def test_a_config_file_unreadable_for_lack_of_descriptors_is_not_a_change(
             settings_config(upstream.url, redis_url, "reload_interval: 1h, max_body_bytes: 512")
         )
         assert await reloader.check()
+        # an edit seen, then its load out of descriptors (the file or a secret): put off, not refused, and taken at
+        # the next look (it was counted refused and, its digest already seen, not taken until the next edit)
+        import sidecar.reload
+
+        def load_out_of_descriptors(path: Any) -> Any:
+            try:
+                raise OSError(errno_.EMFILE, os.strerror(errno_.EMFILE), str(path))
+            except OSError as exc:
+                raise ConfigError(
+                    [f"{path}:1: <file>: cannot read the config file ({exc.strerror})"]
+                ) from exc
+
+        cfg_path.write_text(
+            settings_config(upstream.url, redis_url, "reload_interval: 1h, max_body_bytes: 1024")
+        )
+        with monkeypatch.context() as m:
+            m.setattr(sidecar.reload, "load_with_text", load_out_of_descriptors)
+            assert not await reloader.check()
+        assert runtime.telemetry.config_reloads["rejected"] == 0
+        assert await reloader.check()
+        assert runtime.dispatcher.config.server.max_body_bytes == 1024

@@ -31,6 +31,12 @@ Mark = tuple[str, str, AttemptRecord]  # route, dedupe id, the delivering attemp
 MAX_UNLANDED = 100_000  # marks kept past their leases (a few hundred bytes each)
 
 
+def run_of(rec: EventRecord) -> int:
+    """The run of attempts `rec` belongs to (replay.lua starts a new one, keeping `first_seen_ms`): a claim's run
+    is its first sight, which a record made at the claim does not carry as `run`."""
+    return rec.run or rec.first_seen_ms
+
+
 class DeliveredMarks:
     def __init__(
         self,
@@ -60,7 +66,7 @@ class DeliveredMarks:
     def add(self, rec: EventRecord, entry: AttemptRecord, lease_end_ms: int) -> None:
         """Queue the mark of `rec`, whose lease (held by this attempt) runs out at `lease_end_ms`."""
         self._queued.append((rec.route, rec.dedupe_id, entry))
-        self._firsts.append(rec.first_seen_ms)
+        self._firsts.append(run_of(rec))
         if lease_end_ms > self._lease_end:
             self._lease_end = lease_end_ms
         if len(self._queued) >= self.batch:
@@ -129,7 +135,7 @@ class DeliveredMarks:
         mark yet (the store failed for longer than the lease): the retry worker writes it instead of forwarding.
         Only for the claim it was made for: an event forgotten (admin) and claimed again is a new one."""
         held = self._unlanded.get((rec.route, rec.dedupe_id))
-        if held is None or held[2] != rec.first_seen_ms:
+        if held is None or held[2] != run_of(rec):
             return None
         return held[0], held[1]
 

@@ -190,6 +190,13 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        # commands queued and not written yet (their flush comes after this): never sent, failed now rather than
+        # left to the watchdog (a TimeoutError `timeout` later, for a command that never left this process)
+        unsent, self._out = len(self._out), []
+        for _ in range(unsent):
+            fut, _ = self._pending.pop()
+            if not fut.done():
+                fut.set_exception(ConnectionError("store connection retired (READONLY): not sent"))
         if self._on_lost is not None:
             self._on_lost()
 
