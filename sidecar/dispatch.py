@@ -346,6 +346,7 @@ class Dispatcher:
         what: str,
         lease_end_ms: int | None,
         background: bool = False,
+        on_landed: Callable[[T], None] | None = None,
     ) -> T:
         """`write`, tried again after a store failure while the lease lasts (see SETTLE_MARGIN); raises the first
         failure when it never lands. With `background` (attempt 1, whose provider is waiting), the tries go on
@@ -366,6 +367,10 @@ class Dispatcher:
             async def again() -> bool:
                 if await self.store.again_until(once, deadline):
                     log.info("%s landed after the store failure", what)
+                    if background and on_landed is not None:
+                        on_landed(
+                            landed[0]
+                        )  # what it did (a dead letter's evictions) is said off the path too
                     return True
                 log.warning("gave up %s before its lease ran out: the event is attempted again then", what)
                 return False
@@ -395,24 +400,30 @@ class Dispatcher:
         entry = entry or AttemptRecord(
             now_ms, attempt, outcome.status, outcome.error, outcome.duration * 1000
         )
-        item_id, evicted = await self._landing(
+        said = [f"status {outcome.status}"] if outcome.status is not None else []
+        if outcome.error is not None:
+            said.append(f"error {outcome.error}")
+
+        def report(written: tuple[str, list[Any]]) -> None:
+            log.warning(
+                "dead-lettered %s/%s after %d attempt(s): %s (%s)",
+                rec.route,
+                rec.event_id,
+                entry.attempt,
+                reason,
+                ", ".join(said) or "no answer",
+            )
+            for ev in written[1]:
+                log.error("dead-letter cap evicted %s/%s (item %s)", ev.route, ev.event_id, ev.id)
+                self.tel.dlq_evicted[ev.route] += 1
+
+        written = await self._landing(
             lambda: self.store.bury(rec, attempt, entry, history, now_ms, reason),  # both steps idempotent
             f"dead-lettering {rec.route}/{rec.event_id}",
             lease_end_ms,
             background,
+            on_landed=report,
         )
-        said = [f"status {outcome.status}"] if outcome.status is not None else []
-        if outcome.error is not None:
-            said.append(f"error {outcome.error}")
-        log.warning(
-            "dead-lettered %s/%s after %d attempt(s): %s (%s)",
-            rec.route,
-            rec.event_id,
-            entry.attempt,
-            reason,
-            ", ".join(said) or "no answer",
-        )
-        for ev in evicted:
-            log.error("dead-letter cap evicted %s/%s (item %s)", ev.route, ev.event_id, ev.id)
-            self.tel.dlq_evicted[ev.route] += 1
+        report(written)
+        item_id = written[0]
         return Disposition("dead", outcome, dead_letter_id=item_id)
