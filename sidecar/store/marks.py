@@ -52,8 +52,8 @@ class DeliveredMarks:
         self.window = window
         self.batch = batch
         self._queued: list[Mark] = []
-        # the queued marks' events' first sight (ms): which claim each mark is for
-        self._firsts: list[int] = []
+        # the queued marks' events' runs of attempts (`run_of`): which claim or replay each mark is for
+        self._runs: list[int] = []
         self._lease_end = 0  # ms: the latest lease end of the queued marks' events
         self._sending = 0  # marks sent and not settled: on their way, or waiting to be sent again
         self._timer: asyncio.TimerHandle | None = None
@@ -66,7 +66,7 @@ class DeliveredMarks:
     def add(self, rec: EventRecord, entry: AttemptRecord, lease_end_ms: int) -> None:
         """Queue the mark of `rec`, whose lease (held by this attempt) runs out at `lease_end_ms`."""
         self._queued.append((rec.route, rec.dedupe_id, entry))
-        self._firsts.append(run_of(rec))
+        self._runs.append(run_of(rec))
         if lease_end_ms > self._lease_end:
             self._lease_end = lease_end_ms
         if len(self._queued) >= self.batch:
@@ -82,35 +82,33 @@ class DeliveredMarks:
             self._timer.cancel()
             self._timer = None
         marks, self._queued = self._queued, []
-        firsts, self._firsts = self._firsts, []
+        runs, self._runs = self._runs, []
         lease_end, self._lease_end = self._lease_end, 0
         now_ms = self._now_ms()
         self._sending += len(marks)
-        task = asyncio.ensure_future(
-            self._outcome(self._send(marks, now_ms), marks, firsts, now_ms, lease_end)
-        )
+        task = asyncio.ensure_future(self._outcome(self._send(marks, now_ms), marks, runs, now_ms, lease_end))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
     async def _outcome(
-        self, sent: Awaitable[list[bool]], marks: list[Mark], firsts: list[int], now_ms: int, lease_end: int
+        self, sent: Awaitable[list[bool]], marks: list[Mark], runs: list[int], now_ms: int, lease_end: int
     ) -> None:
         try:
             await sent
         except StoreError as exc:
-            await self._again(marks, firsts, now_ms, lease_end, exc)
+            await self._again(marks, runs, now_ms, lease_end, exc)
         finally:
             self._sending -= len(marks)
 
     async def _again(
-        self, marks: list[Mark], firsts: list[int], now_ms: int, lease_end: int, exc: StoreError
+        self, marks: list[Mark], runs: list[int], now_ms: int, lease_end: int, exc: StoreError
     ) -> None:
         count = len(marks)
         log.warning(
             "could not mark %d event(s) delivered (trying again while their leases last): %s", count, exc
         )
-        for mark, first in zip(marks, firsts, strict=True):
-            self.keep(mark, now_ms, first)
+        for mark, run in zip(marks, runs, strict=True):
+            self.keep(mark, now_ms, run)
         # the lease end, on the monotonic clock
         deadline = time.monotonic() + (lease_end - self._now_ms()) / 1000
         if await self._retries.until(lambda: self._send(marks, now_ms), deadline):
@@ -123,17 +121,17 @@ class DeliveredMarks:
                 count,
             )
 
-    def keep(self, mark: Mark, now_ms: int, first_seen_ms: int) -> None:
-        """Keep `mark` (made at `now_ms`, for the claim first seen at `first_seen_ms`), which has not landed, to be
-        written when this process's retry worker takes its event again (see `unlanded`)."""
-        self._unlanded[(mark[0], mark[1])] = (mark, now_ms, first_seen_ms)
+    def keep(self, mark: Mark, now_ms: int, run: int) -> None:
+        """Keep `mark` (made at `now_ms`, in the event's run of attempts `run`: see `run_of`), which has not landed,
+        to be written when this process's retry worker takes its event again (see `unlanded`)."""
+        self._unlanded[(mark[0], mark[1])] = (mark, now_ms, run)
         while len(self._unlanded) > MAX_UNLANDED:  # the oldest go: at worst delivered again, as before
             del self._unlanded[next(iter(self._unlanded))]
 
     def unlanded(self, rec: EventRecord) -> tuple[Mark, int] | None:
         """The delivered mark of this event, with its time, if this process delivered it and could not write its
         mark yet (the store failed for longer than the lease): the retry worker writes it instead of forwarding.
-        Only for the claim it was made for: an event forgotten (admin) and claimed again is a new one."""
+        Only for the run it was made in: an event replayed, or forgotten (admin) and claimed again, is not."""
         held = self._unlanded.get((rec.route, rec.dedupe_id))
         if held is None or held[2] != run_of(rec):
             return None
