@@ -401,9 +401,14 @@ class FastProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.dropping:
-            self.dropping -= len(data)
-            if self.dropping <= 0 and self.transport is not None:
-                self.transport.close()
+            # refused: everything the client still sends (the rest of the body, requests it pipelined behind it)
+            # is read and dropped until its EOF or the deadline (the sweep): closed with bytes still coming, the
+            # connection is reset and a client still writing loses the answer it has not read yet
+            if self.dropping > 0:
+                self.dropping -= len(data)
+                if self.dropping <= 0:  # the refused body is all in: a short linger for what was pipelined
+                    self.dropping = -1
+                    self.deadline = min(self.deadline, time.monotonic() + LINGER_S)
             return
         if not self.buf and not self.busy:  # a request's first bytes: its head and body have read_timeout
             self.deadline = time.monotonic() + self._timeout()
@@ -502,9 +507,10 @@ class FastProtocol(asyncio.Protocol):
         self._refuse(serialize(answer, close=True), self.deadline or time.monotonic() + LINGER_S)
 
     def _refuse(self, answer: bytes, until: float) -> None:
-        """Write `answer` to the pending request, then read and drop the rest of its body until it is all in or
-        `until` (monotonic) comes, and close: closed with the client's bytes unread, the connection is reset, and a
-        client still sending may lose the answer to the reset (as aiohttp's lingering read, holding nothing)."""
+        """Write `answer` to the pending request, then read and drop the rest of its body and what the client
+        pipelined behind it, until the client closes, or `until` (monotonic), or LINGER_S after the body is in, and
+        close: closed with the client's bytes unread, the connection is reset, and a client still sending may lose
+        the answer to the reset (as aiohttp's lingering read, holding nothing)."""
         parsed, transport = self.pending, self.transport
         assert parsed is not None and transport is not None
         transport.write(answer)
@@ -512,13 +518,11 @@ class FastProtocol(asyncio.Protocol):
         self.pending = None
         self.buf = bytearray()
         self._give_back()  # none of the body is held while it is dropped
-        if remaining <= 0:
-            transport.close()
-            return
         if transport.can_write_eof():
             transport.write_eof()  # the answer is all the client gets: its read ends there
-        self.dropping = remaining
-        self.deadline = until
+        # the body all in (-1): only a pipelining client still sends, for a short linger at most
+        self.dropping = remaining if remaining > 0 else -1
+        self.deadline = until if remaining > 0 else min(until, time.monotonic() + LINGER_S)
 
     def _give_back(self) -> None:
         """The pending body's budget, for a connection that ends or leaves before its body is all in."""
