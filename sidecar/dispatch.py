@@ -350,9 +350,11 @@ class Dispatcher:
     ) -> T:
         """`write`, tried again after a store failure while the lease lasts (see SETTLE_MARGIN); raises the first
         failure when it never lands. With `background` (attempt 1, whose provider is waiting), the tries go on
-        off the request's path, and the failure is raised at once: the provider is told the event is queued."""
+        off the request's path, and the failure is raised at once: the provider is told the event is queued.
+        `on_landed` gets what the write answered whenever it lands, on the path or off it (what it did is said
+        either way: a dead letter's evictions)."""
         try:
-            return await write()
+            result = await write()
         except StoreError as exc:
             left = (lease_end_ms - self.store.clock.now_ms()) / 1000 - SETTLE_MARGIN if lease_end_ms else 0.0
             if left <= 0:
@@ -367,10 +369,8 @@ class Dispatcher:
             async def again() -> bool:
                 if await self.store.again_until(once, deadline):
                     log.info("%s landed after the store failure", what)
-                    if background and on_landed is not None:
-                        on_landed(
-                            landed[0]
-                        )  # what it did (a dead letter's evictions) is said off the path too
+                    if on_landed is not None:
+                        on_landed(landed[0])
                     return True
                 log.warning("gave up %s before its lease ran out: the event is attempted again then", what)
                 return False
@@ -381,6 +381,9 @@ class Dispatcher:
             if await again():
                 return landed[0]
             raise
+        if on_landed is not None:
+            on_landed(result)
+        return result
 
     async def _bury(
         self,
@@ -424,6 +427,4 @@ class Dispatcher:
             background,
             on_landed=report,
         )
-        report(written)
-        item_id = written[0]
-        return Disposition("dead", outcome, dead_letter_id=item_id)
+        return Disposition("dead", outcome, dead_letter_id=written[0])

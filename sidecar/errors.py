@@ -12,6 +12,8 @@ Signature failures are not here: they belong to the providers (`sidecar.provider
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class SidecarError(Exception):
     """Base of every error the sidecar raises on purpose."""
@@ -40,3 +42,14 @@ class StoreFull(StoreUnavailable):
 
 class EmbeddedStoreError(SidecarError):
     """Raised when `redis.url: embedded` cannot start the bundled Valkey server."""
+
+
+def causes(exc: BaseException, depth: int = 5) -> Iterator[BaseException]:
+    """`exc`, then what it was raised from (or while handling), up to `depth` in all: a client library keeps only
+    the message of the error it wraps."""
+    seen: BaseException | None = exc
+    for _ in range(depth):
+        if seen is None:
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__

@@ -503,7 +503,6 @@ class FastProtocol(asyncio.Protocol):
         result = Result(status=503)
         answer = ingress.overloaded(result)
         ingress.record(parsed.route, result, span, 0.0, self)
-        self._give_back()
         self._refuse(serialize(answer, close=True), self.deadline or time.monotonic() + LINGER_S)
 
     def _refuse(self, answer: bytes, until: float) -> None:

@@ -290,15 +290,7 @@ class Http1Client:
         connect_by = loop.time() + timeout
         waited = await self._take_slot(timeout)
         try:
-            try:
-                conn, reused = await self._acquire(origin, connect_by)
-            except UpstreamError as exc:
-                if exc.kind == "timeout" and waited > 0.001:
-                    # the wait for a slot left the connect too little time: not sent, as a slot that came too late
-                    raise PoolTimeout(
-                        "no connection to the upstream in time after the wait for a slot"
-                    ) from None
-                raise
+            conn, reused = await self._connect(origin, connect_by, waited)
             deadline = loop.time() + timeout  # the exchange's own
             try:
                 return await self._exchange(conn, origin, data, deadline)
@@ -308,17 +300,22 @@ class Http1Client:
             # The server had closed this idle connection before reading our request: once more, on a new one,
             # connected within what the slot wait left of the connect's `timeout` (as the first connect), so that
             # the exchange keeps its own; all within twice the timeout, as the lease needs
-            try:
-                conn, _ = await self._acquire(origin, connect_by, fresh=True)
-            except UpstreamError as exc:
-                if exc.kind == "timeout" and waited > 0.001:
-                    raise PoolTimeout(
-                        "no new connection to the upstream in time after the wait for a slot"
-                    ) from None
-                raise
+            conn, _ = await self._connect(origin, connect_by, waited, fresh=True)
             return await self._exchange(conn, origin, data, min(loop.time() + timeout, connect_by + timeout))
         finally:
             self._limit.release()
+
+    async def _connect(
+        self, origin: Origin, connect_by: float, waited: float, fresh: bool = False
+    ) -> tuple[_Connection, bool]:
+        """`_acquire` by `connect_by`; a connect cut short after a wait for a slot (`waited` seconds) is a
+        PoolTimeout: not sent, as a slot that came too late, not a receiver timeout."""
+        try:
+            return await self._acquire(origin, connect_by, fresh=fresh)
+        except UpstreamError as exc:
+            if exc.kind == "timeout" and waited > 0.001:
+                raise PoolTimeout("no connection to the upstream in time after the wait for a slot") from None
+            raise
 
     async def _take_slot(self, timeout: float) -> float:
         """Take a slot under `max_connections` within `timeout`: the seconds waited for it."""

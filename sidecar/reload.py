@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.config import Config, RouteConfig, load_text, load_with_text, redact_url
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, causes
 from sidecar.routes import RouteTable
 
 log = logging.getLogger("sidecar.reload")
@@ -103,13 +103,9 @@ CANNOT_LOOK_NOW = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 def _out_of(exc: BaseException) -> str | None:
     """The words of the CANNOT_LOOK_NOW error behind `exc` (what it was raised from), if there is one."""
-    seen: BaseException | None = exc
-    for _ in range(5):
-        if seen is None:
-            break
+    for seen in causes(exc):
         if isinstance(seen, OSError) and seen.errno in CANNOT_LOOK_NOW:
             return seen.strerror or str(seen)
-        seen = seen.__cause__ or seen.__context__
     return None
 
 

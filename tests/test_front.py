@@ -912,15 +912,12 @@ async def test_front_a_body_over_the_inflight_budget_is_refused_without_being_he
     800 concurrent 1 MB uploads against a 64 MiB budget took 6x the budget (an audit). The front answers 503
     itself, drops the rest of the body as it comes (holding none of it), and closes once it is all in."""
     from sidecar.app import RUNTIME
-    from tests.test_ingress import _padded, hold_upstream
+    from tests.test_ingress import _padded, held_by_upstream
 
     client = await sidecar_factory(ROUTES, server="max_inflight_bytes: 100000, read_timeout: 5s")
     ingress = client.server.app[RUNTIME].ingress
     front = front_of(client)
-    gate = hold_upstream(upstream)
-    first = _padded("evt_big1", 60_000)
-    held = asyncio.ensure_future(exchange(client, post("/webhooks/stripe", first, stripe_headers(first))))
-    await asyncio.wait_for(upstream.arrived.wait(), 10)
+    first, held, gate = await held_by_upstream(client, upstream, "evt_big1")
     second = _padded("evt_big2", 60_000)
     raw = post("/webhooks/stripe", second, stripe_headers(second))
     reader, writer = await connect(client)
@@ -937,7 +934,7 @@ async def test_front_a_body_over_the_inflight_budget_is_refused_without_being_he
     finally:
         writer.close()
         gate.set()
-    assert (await asyncio.wait_for(held, 10))[0] == 200
+    assert (await asyncio.wait_for(held, 10)).status == 200
     assert front.handed_over == 0
     assert ingress.tel.requests[("stripe", "overloaded")] == 1
     assert upstream.ids() == ["evt_big1"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from tests.conftest import Upstream
 from tests.test_front import post
-from tests.test_ingress import ROUTES, _padded, hold_upstream, stripe_headers
+from tests.test_ingress import ROUTES, _padded, held_by_upstream, stripe_headers
 
 
 def _pipelining_client(port: int, first: bytes, more: bytes) -> tuple[bytes, str | None]:
@@ -42,10 +42,7 @@ async def test_a_pipelining_client_refused_overloaded_is_not_reset(
 
     client = await sidecar_factory(ROUTES, server="max_inflight_bytes: 100000, read_timeout: 5s")
     ingress = client.server.app[RUNTIME].ingress
-    gate = hold_upstream(upstream)
-    big = _padded("evt_big", 60_000)
-    held = asyncio.ensure_future(client.post("/webhooks/stripe", data=big, headers=stripe_headers(big)))
-    await asyncio.wait_for(upstream.arrived.wait(), 10)
+    big, held, gate = await held_by_upstream(client, upstream, "evt_big")
     assert ingress.inflight_bytes == len(big)  # 60 KB of the 100 KB budget held
     one, two = _padded("evt_one", 60_000), _padded("evt_two", 60_000)
     first = post("/webhooks/stripe", one, stripe_headers(one))

@@ -656,6 +656,18 @@ def _padded(event_id: str, size: int) -> bytes:
     return json.dumps({"id": event_id, "type": "invoice.paid", "pad": "x" * size}).encode()
 
 
+async def held_by_upstream(
+    client: Any, upstream: Upstream, event_id: str
+) -> tuple[bytes, Any, asyncio.Event]:
+    """Post a 60 KB event the upstream holds, its body held against the in-flight budget meanwhile: the body, the
+    post (a future) and the gate that lets the upstream answer."""
+    gate = hold_upstream(upstream)
+    body = _padded(event_id, 60_000)
+    held = asyncio.ensure_future(client.post("/webhooks/stripe", data=body, headers=stripe_headers(body)))
+    await asyncio.wait_for(upstream.arrived.wait(), 10)
+    return body, held, gate
+
+
 async def test_ingress_bodies_over_the_inflight_budget_are_503_overloaded(
     sidecar_factory: Any, upstream: Upstream
 ) -> None:
@@ -666,10 +678,7 @@ async def test_ingress_bodies_over_the_inflight_budget_are_503_overloaded(
 
     client = await sidecar_factory(ROUTES, server="max_inflight_bytes: 100000")
     ingress = client.server.app[RUNTIME].ingress
-    gate = hold_upstream(upstream)
-    first = _padded("evt_big1", 60_000)
-    held = asyncio.ensure_future(client.post("/webhooks/stripe", data=first, headers=stripe_headers(first)))
-    await asyncio.wait_for(upstream.arrived.wait(), 10)
+    first, held, gate = await held_by_upstream(client, upstream, "evt_big1")
     assert ingress.inflight_bytes == len(first)
 
     second = _padded("evt_big2", 60_000)

@@ -9,6 +9,7 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +268,29 @@ async def test_reliability_open_circuit_answers_without_waiting_for_timeouts(
     )
 
 
+@contextlib.contextmanager
+def refusable_writes(server: ValkeyServer) -> Iterator[Callable[[bool], None]]:
+    """`refuse(True)`: from now on the store refuses writes and answers reads, as with a full disk (NOREPLICAS:
+    `min-replicas-to-write 1` with no replica); `refuse(False)` and the end take writes again."""
+    admin = redis.Redis(host=server.host, port=server.port)
+
+    def refuse(on: bool) -> None:
+        admin.config_set("min-replicas-to-write", 1 if on else 0)
+
+    try:
+        yield refuse
+    finally:
+        refuse(False)
+        admin.close()
+
+
+def leased_config(upstream: Upstream, server: ValkeyServer, retry: str) -> Any:
+    """One Stripe route on `server`, a 300 ms store timeout and the `retry` settings given (a short lease)."""
+    routes = f'- {{name: stripe, path: /webhooks/stripe, provider: stripe, secrets: ["{SECRET}"]}}'
+    url = server.connection_url
+    return make_config(routes, upstream_url=upstream.url, redis_url=url, redis="timeout: 300ms", retry=retry)
+
+
 async def test_reliability_store_refusing_writes_past_the_lease_does_not_deliver_the_event_again(
     own_valkey: ValkeyServer, upstream: Upstream
 ) -> None:
@@ -275,22 +299,10 @@ async def test_reliability_store_refusing_writes_past_the_lease_does_not_deliver
     again the retry worker took the event and delivered it a second time (os-resources audit, 1-4 duplicates per
     fill of a 4 MB data dir). Here the refusal is NOREPLICAS (`min-replicas-to-write 1` with no replica): writes
     refused, reads answered, as with a full disk."""
-    admin = redis.Redis(host=own_valkey.host, port=own_valkey.port)
-    try:
-        url = own_valkey.connection_url
-        routes = f'- {{name: stripe, path: /webhooks/stripe, provider: stripe, secrets: ["{SECRET}"]}}'
-        config = make_config(
-            routes,
-            upstream_url=upstream.url,
-            redis_url=url,
-            redis="timeout: 300ms",
-            retry="{base_delay: 100ms, jitter: 0, lease: 2s}",
-        )
-
-        def refuse_writes(_: Received) -> None:
-            admin.config_set("min-replicas-to-write", 1)
-
-        upstream.behaviour = refuse_writes
+    url = own_valkey.connection_url
+    config = leased_config(upstream, own_valkey, "{base_delay: 100ms, jitter: 0, lease: 2s}")
+    with refusable_writes(own_valkey) as refuse:
+        upstream.behaviour = lambda _: refuse(True)
         async with TestClient(TestServer(create_app(config, redis_url=url, run_worker=False))) as client:
             store, worker = client.server.app[RUNTIME].store, client.server.app[RUNTIME].worker
             body = body_for("evt_full")
@@ -298,14 +310,11 @@ async def test_reliability_store_refusing_writes_past_the_lease_does_not_deliver
             assert resp.status == 200
             upstream.behaviour = None
             await asyncio.sleep(3.0)  # past the lease (2 s): the mark's retries have given up
-            admin.config_set("min-replicas-to-write", 0)
+            refuse(False)
             await worker.run_once()
             ev = await store.get_event("stripe", "evt_full")
             assert ev is not None and ev["state"] == "delivered", ev
-        assert upstream.ids() == ["evt_full"], "delivered again after the store took writes again"
-    finally:
-        admin.config_set("min-replicas-to-write", 0)
-        admin.close()
+    assert upstream.ids() == ["evt_full"], "delivered again after the store took writes again"
 
 
 async def test_reliability_a_retry_delivered_while_the_store_refuses_writes_past_the_lease_is_not_sent_again(
@@ -313,39 +322,23 @@ async def test_reliability_a_retry_delivered_while_the_store_refuses_writes_past
 ) -> None:
     """The same on the retry worker's path: attempt 2 delivered, its mark refused until after the lease (the store's
     disk full): the next take of the event writes the mark kept for it instead of sending it a third time."""
-    admin = redis.Redis(host=own_valkey.host, port=own_valkey.port)
-    try:
-        url = own_valkey.connection_url
-        routes = f'- {{name: stripe, path: /webhooks/stripe, provider: stripe, secrets: ["{SECRET}"]}}'
-        config = make_config(
-            routes,
-            upstream_url=upstream.url,
-            redis_url=url,
-            redis="timeout: 300ms",
-            retry="{base_delay: 100ms, jitter: 0, lease: 2s}",
-        )
-        upstream.respond(503)
+    url = own_valkey.connection_url
+    config = leased_config(upstream, own_valkey, "{base_delay: 100ms, jitter: 0, lease: 2s}")
+    upstream.respond(503)
+    with refusable_writes(own_valkey) as refuse:
         async with TestClient(TestServer(create_app(config, redis_url=url, run_worker=False))) as client:
             store, worker = client.server.app[RUNTIME].store, client.server.app[RUNTIME].worker
             body = body_for("evt_full2")
             resp = await client.post("/webhooks/stripe", data=body, headers=signed(body))
             assert resp.status == 202
             await asyncio.sleep(0.2)  # due again
-
-            def refuse_writes(_: Received) -> None:
-                admin.config_set("min-replicas-to-write", 1)
-
-            upstream.behaviour = refuse_writes
-            await (
-                worker.run_once()
-            )  # attempt 2 delivered; its mark tried while the lease lasts, then given up
+            upstream.behaviour = lambda _: refuse(True)
+            # attempt 2 delivered; its mark tried while the lease lasts, then given up
+            await worker.run_once()
             upstream.behaviour = None
             await asyncio.sleep(2.5)  # past the lease
-            admin.config_set("min-replicas-to-write", 0)
+            refuse(False)
             await worker.run_once()
             ev = await store.get_event("stripe", "evt_full2")
             assert ev is not None and ev["state"] == "delivered", ev
-        assert upstream.ids() == ["evt_full2"] * 2, "delivered again after the store took writes again"
-    finally:
-        admin.config_set("min-replicas-to-write", 0)
-        admin.close()
+    assert upstream.ids() == ["evt_full2"] * 2, "delivered again after the store took writes again"

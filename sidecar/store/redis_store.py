@@ -27,7 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
-from sidecar.errors import StoreError, StoreFull, StoreUnavailable
+from sidecar.errors import StoreError, StoreFull, StoreUnavailable, causes
 from sidecar.keys import KeySpace, split_member
 from sidecar.logs import Tally
 from sidecar.store.clock import StoreClock
@@ -121,15 +121,11 @@ _SSL_REASON = re.compile(r"\[SSL: [A-Z0-9_]+\][^(]*")
 def _tls_failure(exc: BaseException) -> str | None:
     """Why a TLS handshake failed, if that is what `exc` (or what it was raised from) is: redis-py keeps only the
     message of the ssl error it wraps."""
-    seen: BaseException | None = exc
-    for _ in range(5):
-        if seen is None:
-            break
+    for seen in causes(exc):
         if isinstance(seen, ssl.SSLCertVerificationError):
             return seen.verify_message or seen.reason or str(seen)
         if isinstance(seen, ssl.SSLError):
             return seen.reason or str(seen)
-        seen = seen.__cause__ or seen.__context__
     found = _SSL_REASON.search(str(exc))
     return found.group(0).strip() if found else None
 
