@@ -1179,14 +1179,39 @@ def _check_data_dir(ctx: _Ctx, item: _Item | None, redis: Any) -> None:
     if redis is BAD or redis.url != "embedded":
         return
     resolved = os.path.abspath(redis.data_dir)
+    given = _items(item).get("data_dir") or item
+    line = given.line if given is not None else 0
     if re.search(r'[\s"\'\\\x00-\x1f\x7f]', resolved):
-        given = _items(item).get("data_dir") or item
         ctx.error(
-            given.line if given is not None else 0,
+            line,
             "redis.data_dir",
             f"must not hold spaces, quotes, backslashes or control characters, nor be under a directory that does "
             f"(the embedded store cannot use such a path: {resolved!r})",
         )
+    elif (problem := _unusable_dir(resolved)) is not None:
+        # said by check-config too, not only when `sidecar run` gets to start the store
+        ctx.error(line, "redis.data_dir", f"the embedded store cannot keep its data in {resolved}: {problem}")
+
+
+def _unusable_dir(path: str) -> str | None:
+    """Why a directory could not be used (or made) at `path`, as this process sees it now: a file in the way, or
+    no write access to it or to the directory it would be made in. None when usable, or when it cannot tell."""
+    probe = path
+    for _ in range(path.count(os.sep) + 1):  # up to the root at most
+        try:
+            info = os.stat(probe)
+        except (FileNotFoundError, NotADirectoryError):
+            probe = os.path.dirname(probe)
+            continue
+        except OSError as exc:
+            return f"{probe}: {exc.strerror or exc}"
+        where = "" if probe == path else f" (it would be made under {probe})"
+        if not stat.S_ISDIR(info.st_mode):
+            return f"{probe} is not a directory" + ("" if probe == path else f", on the way to {path}")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            return f"no write access to {probe}{where}"
+        return None
+    return None
 
 
 def _check_prefix(ctx: _Ctx, item: _Item | None, redis: Any) -> None:

@@ -811,6 +811,36 @@ def test_embedded_data_dir_resolved_under_a_directory_with_a_space_is_refused(
     )
 
 
+def test_embedded_data_dir_with_a_file_in_the_way_is_refused_by_check_config(tmp_path: Path) -> None:
+    """check-config said OK to a data_dir the embedded store could not use: only `sidecar run` found out."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    [error] = errors_of(f"redis: {{data_dir: {a_file}}}\n" + ROUTE)
+    assert error == (
+        f"cfg.yaml:1: redis.data_dir: the embedded store cannot keep its data in {a_file}: {a_file} is not a "
+        "directory"
+    )
+    [error] = errors_of(f"redis: {{data_dir: {a_file}/sub/data}}\n" + ROUTE)
+    assert error.endswith(f"{a_file} is not a directory, on the way to {a_file}/sub/data")
+    # one that does not exist yet is made at start: fine when what it would be made under is a writable directory
+    assert load_text(f"redis: {{data_dir: {tmp_path}/new/data}}\n" + ROUTE, env={}).redis.data_dir.endswith(
+        "/new/data"
+    )
+    # a store of its own does not use it
+    load_text(f"redis: {{url: redis://127.0.0.1:6379, data_dir: {a_file}}}\n" + ROUTE, env={})
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere: no directory it cannot write to")
+def test_embedded_data_dir_without_write_access_is_refused_by_check_config(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        [error] = errors_of(f"redis: {{data_dir: {locked}/data}}\n" + ROUTE)
+    finally:
+        locked.chmod(0o700)
+    assert error.endswith(f"no write access to {locked} (it would be made under {locked})")
+
+
 def test_route_path_with_a_literal_percent_loads() -> None:
     """Only `%XX` is ambiguous: a lone `%` is a literal one, which a request reaches as %25."""
     assert (
