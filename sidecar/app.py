@@ -133,8 +133,8 @@ class SettingsWatch:
 async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = make_store(config, app[REDIS_URL])
-    await store.preload()
-    missing = await store.missing_permissions()
+    unusable = await store.preload()
+    missing = unusable or await store.missing_permissions()
     if missing is not None:
         await store.close()
         raise SidecarError(missing)

@@ -29,6 +29,12 @@ State = Literal["closed", "open", "half_open"]
 
 log = logging.getLogger("sidecar.breaker")
 
+# What `Breaker.allow` answers: DENIED (falsy), FORWARD (closed), or a half-open breaker's probe, by its number
+# (> FORWARD), so that only that probe's own slot can be given back.
+Grant = int
+DENIED: Grant = 0
+FORWARD: Grant = 1
+
 WINDOW_S = 10.0  # how far back the failure share looks
 MIN_FAILURE_SHARE = 0.5
 WINDOW_CAP = 4096  # forwards remembered at most (a busy upstream: the last few seconds of them)
@@ -44,7 +50,8 @@ class Breaker:
     failures: int = 0
     opened_at: float | None = None
     _current_cooldown: float = field(default=0.0, init=False)
-    _probe_out: bool = field(default=False, init=False)
+    _probe_out: Grant = field(default=0, init=False)  # the number of the probe out now, 0 when none
+    _probes: Grant = field(default=FORWARD, init=False)  # the last probe's number
     # (end time, ok) of the forwards that ended in the last WINDOW_S, and how many of them failed
     _recent: deque[tuple[float, bool]] = field(default_factory=deque, init=False)
     _recent_failures: int = field(default=0, init=False)
@@ -63,26 +70,30 @@ class Breaker:
             return 0.0
         return max(0.0, self.opened_at + self._current_cooldown - self.clock())
 
-    def allow(self) -> bool:
-        """May a forward go out now? In half-open state only one probe at a time is allowed."""
+    def allow(self) -> Grant:
+        """May a forward go out now? In half-open state only one probe at a time is allowed. Falsy (DENIED) when
+        not; else FORWARD, or the probe's number: what `release` gives back."""
         state = self.state
         if state == "closed":
-            return True
+            return FORWARD
         if state == "half_open" and not self._probe_out:
-            self._probe_out = True
-            return True
-        return False
+            self._probes += 1
+            self._probe_out = self._probes
+            return self._probe_out
+        return DENIED
 
-    def release(self, allowed: bool) -> None:
-        """Give back a probe slot that `allow()` granted when no forward was made after all."""
-        if allowed:
-            self._probe_out = False
+    def release(self, grant: Grant) -> None:
+        """Give back the probe slot `grant` (what `allow()` answered) when no forward was made after all. Only that
+        probe's: a forward let through while the breaker was closed, whose slot wait ended after it had opened,
+        freed the slot of the probe out then and let a second probe through beside it."""
+        if grant > FORWARD and grant == self._probe_out:
+            self._probe_out = 0
 
     def record(self, ok: bool) -> None:
         """Report a forward's result: ok = the upstream answered at all with a non-retryable status."""
         now = self.clock()
         self._remember(now, ok)
-        probe_out, self._probe_out = self._probe_out, False
+        probe_out, self._probe_out = self._probe_out != 0, 0
         if ok:
             if self.opened_at is not None:
                 log.info("upstream %s: circuit closed, it answers again", self.name)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from sidecar.backoff import next_delay, parse_retry_after
-from sidecar.breaker import Breaker, Breakers
+from sidecar.breaker import DENIED, Breaker, Breakers, Grant
 from sidecar.config import Config, RouteConfig
 from sidecar.errors import StoreError
 from sidecar.forwarder import Forwarder, Outcome, upstream_headers
@@ -66,9 +66,10 @@ UNKNOWN_ROUTE_GRACE_MS = 15 * 60 * 1000
 REPORT_EVERY_S = 60.0
 
 
-def _past_max_age(route: RouteConfig, rec: EventRecord, now_ms: int, wait: float) -> bool:
-    """Would `rec`, attempted again `wait` seconds from now, be older than its route's `retry.max_age`?"""
-    return (now_ms - rec.first_seen_ms) / 1000 + wait > route.retry.max_age
+def _past_max_age(route: RouteConfig, since_ms: int, now_ms: int, wait: float) -> bool:
+    """Would an event counted from `since_ms`, attempted again `wait` seconds from now, be older than its route's
+    `retry.max_age`?"""
+    return (now_ms - since_ms) / 1000 + wait > route.retry.max_age
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,12 +137,14 @@ class Dispatcher:
         parent: AnySpan | None = None,
         lease_end_ms: int | None = None,
         burial: Burial | None = None,
+        grant: Grant = DENIED,
     ) -> Disposition:
         """Forward `rec` once and settle the result. `parent` is the inbound span (attempt 1 in the ingress);
         the worker's attempts have none: they start a trace linked to the one the event arrived with.
         `lease_end_ms` (store clock): when this attempt's hold on the event ends; attempt 1's is the claim's.
         `burial`: the event's burial was begun (its dead letter perhaps written) and cut short: it is finished,
-        and nothing is sent (sent again, the event could be delivered while its dead letter stays listed)."""
+        and nothing is sent (sent again, the event could be delivered while its dead letter stays listed).
+        `grant`: what the caller's `Breaker.allow()` answered, given back when nothing is sent after all."""
         if burial is not None:
             outcome = Outcome("permanent", burial.entry.status, burial.entry.error, 0.0)
             return await self._bury(
@@ -185,7 +188,7 @@ class Dispatcher:
             # its store write landing (its dead letter written, the event not marked dead). Not sent again: buried.
             # Nothing is forwarded: a half-open breaker's probe slot that the caller took for it is given back
             # (kept, the breaker would let no forward through again in this process).
-            self.breaker(route).release(True)
+            self.breaker(route).release(grant)
             outcome = Outcome("permanent", None, "attempts_spent", 0.0)
             return await self._bury(rec, attempt, outcome, history or [], "exhausted", lease_end_ms)
         if lease_end_ms <= self.store.clock.now_ms():
@@ -193,7 +196,7 @@ class Dispatcher:
             # event was that slow: redis-py trying an unreachable node again). Another worker may be taking the
             # event right now: not sent from here (no store write either, which could undo that worker's take). It
             # is due again already; the attempt number the take counted is spent.
-            self.breaker(route).release(True)  # not sent: a probe slot taken for it is given back
+            self.breaker(route).release(grant)  # not sent: a probe slot taken for it is given back
             self._lapsed.say(
                 log,
                 logging.WARNING,
@@ -220,7 +223,7 @@ class Dispatcher:
             # This process's connection slots were all busy and nothing was sent: no failure of the receiver's (its
             # breaker is not told; a probe slot is given back) and no attempt of the event's, which goes back with
             # its attempt number returned, due again in a moment (defer.lua).
-            breaker.release(True)
+            breaker.release(grant)
             due_ms = await self.defer(rec, attempt, NOT_SENT_WAIT)
             return Disposition("queued", outcome, next_attempt_ms=due_ms)
         labels = self.tel.count_forward(rec.route, outcome.kind, outcome.duration)
@@ -270,8 +273,14 @@ class Dispatcher:
         """Give a taken event back for `wait` seconds without attempting it (its upstream's circuit is open), or,
         when that is past its `retry.max_age`, dead-letter it (`expired`) as a failed attempt would be: without
         this an event waited for its turn at a probe for as long as the circuit stayed open, however old it got.
-        True if it was dead-lettered."""
-        if _past_max_age(route, rec, self.store.clock.now_ms(), wait):
+        True if it was dead-lettered.
+
+        A run that has made no attempt yet (attempt 1) counts its age from when the run began: a replay's own time,
+        not the event's first sight. Counted from first sight, a replay of events older than `max_age` while the
+        breaker was half-open buried again, at once and unsent, every one the probe did not take (the runbook
+        promises each one attempt per replay)."""
+        since_ms = max(rec.first_seen_ms, rec.run) if attempt <= 1 else rec.first_seen_ms
+        if _past_max_age(route, since_ms, self.store.clock.now_ms(), wait):
             outcome = Outcome("retryable", None, "circuit_open", 0.0)
             await self._bury(rec, attempt, outcome, history, "expired", lease_end_ms)
             return True
@@ -332,7 +341,7 @@ class Dispatcher:
             max_delay=retry.max_delay,
             jitter=retry.jitter,
         )
-        if _past_max_age(route, rec, now_ms, wait):
+        if _past_max_age(route, rec.first_seen_ms, now_ms, wait):
             return await self._bury(
                 rec, attempt, outcome, history, "expired", lease_end_ms, entry, background=background
             )

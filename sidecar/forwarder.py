@@ -1,8 +1,11 @@
 """The only aiohttp client user: sends a stored event upstream byte-for-byte and classifies what came back.
 
 Outcomes: `delivered` (2xx), `retryable` (connection error, timeout, no connection in time to send on
-(`pool_timeout`: nothing was sent), or a status in the route's `retry_on`: 408, 425, 429, 5xx by default),
-`permanent` (any other status: the upstream rejected the event and asking again will not change its mind).
+(`pool_timeout`: nothing was sent), a redirect (3xx), or a status in the route's `retry_on`: 408, 425, 429, 5xx by
+default), `permanent` (any other status: the upstream rejected the event and asking again will not change its
+mind). A redirect is no answer to the event (the receiver's URL moved, or a login proxy stands in front of it):
+it is not followed, and it is retried, as the providers themselves do (Stripe, Svix and GitHub count a 3xx as a
+failed delivery), so an operator who mends the URL finds the events still there.
 """
 
 from __future__ import annotations
@@ -261,7 +264,10 @@ def _classify(
     duration = time.perf_counter() - start
     if 200 <= status < 300:
         return Outcome("delivered", status, None, duration, retry_after, relay, payload)
-    kind: Literal["retryable", "permanent"] = "retryable" if policy.retryable(status) else "permanent"
+    # a redirect (3xx) is retried: it is not the receiver's answer to the event (see the module docstring); until
+    # then a 302 to a login page dead-lettered every event at once as "rejected"
+    retry = status < 400 or policy.retryable(status)
+    kind: Literal["retryable", "permanent"] = "retryable" if retry else "permanent"
     return Outcome(kind, status, None, duration, retry_after, relay, payload)
 
 

@@ -24,6 +24,7 @@ from aiohttp import HttpVersion11, web, web_urldispatcher
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
+from sidecar.breaker import Grant
 from sidecar.config import SIGNS_URL, RouteConfig
 from sidecar.dispatch import Dispatcher
 from sidecar.durations import EXPIRY_GRACE, graced_timeout
@@ -612,7 +613,9 @@ class Ingress:
             result.outcome, result.error = "queued", "circuit_open"
             return queued(event_id, schedule_at)
         lease_end = rec.first_seen_ms + lease_ms
-        return await self._first_attempt(rec, span, result, self.dispatcher.answer_within(cfg), lease_end)
+        return await self._first_attempt(
+            rec, span, result, self.dispatcher.answer_within(cfg), lease_end, forward_now
+        )
 
     def _rejected(self, route: str, exc: VerificationError, result: Result) -> web.Response:
         result.outcome, result.error, result.detail = "rejected_signature", exc.reason, exc.detail
@@ -679,17 +682,25 @@ class Ingress:
                 self.rejections[route] += n
 
     async def _first_attempt(
-        self, rec: EventRecord, span: AnySpan, result: Result, within: float | None, lease_end: int
+        self,
+        rec: EventRecord,
+        span: AnySpan,
+        result: Result,
+        within: float | None,
+        lease_end: int,
+        grant: Grant,
     ) -> web.StreamResponse:
         """`lease_end`: when the claim's lease runs out, so when the event is attempted again if this attempt
-        never settles it (the `next_attempt_at` of a 202 given before the attempt ended)."""
+        never settles it (the `next_attempt_at` of a 202 given before the attempt ended). `grant`: the breaker's
+        leave to forward it."""
         result.attempt = 1
         try:
             if within is None:
-                disp = await self.dispatcher.attempt(rec, 1, parent=span, lease_end_ms=lease_end)
+                disp = await self.dispatcher.attempt(rec, 1, parent=span, lease_end_ms=lease_end, grant=grant)
             else:
                 attempt = asyncio.create_task(
-                    self.dispatcher.attempt(rec, 1, parent=span, lease_end_ms=lease_end), name="first-attempt"
+                    self.dispatcher.attempt(rec, 1, parent=span, lease_end_ms=lease_end, grant=grant),
+                    name="first-attempt",
                 )
                 try:
                     done, _ = await asyncio.wait((attempt,), timeout=within)

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
+from sidecar.breaker import DENIED
 from sidecar.dispatch import Dispatcher
 from sidecar.errors import StoreError, StoreFull
 from sidecar.logs import Tally
@@ -144,17 +145,16 @@ class RetryWorker:
                 )
                 return True
             # (a burial cut short is finished whatever the breaker says: nothing is sent)
-            if (
-                route is not None
-                and taken.burial is None
-                and not (breaker := self.dispatcher.breaker(route)).allow()
-            ):
-                wait = max(breaker.retry_at(), 0.5)
-                return await self.dispatcher.put_back(
-                    route, rec, taken.attempt, taken.history, wait, lease_end_ms
-                )
+            grant = DENIED
+            if route is not None and taken.burial is None:
+                breaker = self.dispatcher.breaker(route)
+                if not (grant := breaker.allow()):
+                    wait = max(breaker.retry_at(), 0.5)
+                    return await self.dispatcher.put_back(
+                        route, rec, taken.attempt, taken.history, wait, lease_end_ms
+                    )
             await self.dispatcher.attempt(
-                rec, taken.attempt, taken.history, lease_end_ms=lease_end_ms, burial=taken.burial
+                rec, taken.attempt, taken.history, lease_end_ms=lease_end_ms, burial=taken.burial, grant=grant
             )
             if (unsaid := self._full.over()) is not None:
                 log.warning(

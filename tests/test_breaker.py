@@ -79,6 +79,26 @@ def test_a_failed_probe_doubles_the_cooldown_and_a_good_one_closes_it() -> None:
     assert b.state == "closed" and b.allow() and b.failures == 0
 
 
+def test_only_the_probe_gives_back_the_probe_slot() -> None:
+    """A forward let through while the breaker was closed waited for a connection slot; meanwhile the breaker
+    opened, went half-open and let its probe out. The first forward's slot wait ended with nothing sent and gave
+    back "the probe slot": a second probe went out beside the first (a review)."""
+    clock, b = breaker()
+    early = b.allow()  # closed: let through, then waits for a connection slot
+    for _ in range(5):
+        b.record(False)
+    clock.now += 2.0
+    probe = b.allow()
+    assert b.state == "half_open" and probe and probe != early
+    b.release(early)  # its slot wait ended, nothing sent
+    assert not b.allow()  # the probe is still out: no second one
+    b.release(probe)  # the probe not sent after all: its slot is free again
+    again = b.allow()
+    assert again and not b.allow()
+    b.release(probe)  # an old grant gives back nothing
+    assert not b.allow()
+
+
 def test_the_log_says_when_a_circuit_opens_and_closes(caplog: pytest.LogCaptureFixture) -> None:
     """Nothing was logged: an operator saw only 202s with `circuit_open` (an audit looked for the line)."""
     breakers = Breakers(threshold=2, cooldown=2.0)

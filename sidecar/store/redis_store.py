@@ -99,6 +99,13 @@ def script_source(name: str) -> str:
     return _INCLUDE.sub(lambda m: _lua(m.group(1)), _lua(name))
 
 
+def too_old(exc: BaseException) -> bool:
+    """Is `exc` a server older than Redis 7.0 refusing a script's `#!lua` first line? Redis 6.2 answers
+    `ERR Error compiling script (new function): user_script:1: unexpected symbol near '#'`."""
+    text = str(exc)
+    return "Error compiling script" in text and "near '#'" in text
+
+
 def version_warning(where: str, info: dict[str, Any]) -> str | None:
     """A server older than Redis 7.0 refuses the scripts that carry flags (`#!lua flags=allow-oom`): the ones that
     take retries, settle them, dead-letter and drain. Valkey reports a `redis_version` of 7.2 or later."""
@@ -382,10 +389,16 @@ class RedisStore:
             for client in sentinels.sentinels:
                 await client.aclose()
 
-    async def preload(self) -> None:
+    async def preload(self) -> str | None:
         """Load every hot-path script into the server before traffic, so a first use never answers NOSCRIPT (the
         re-sent command would fall behind commands issued after it on the same connection). Best effort: a store
-        that is down now gets its scripts on first use, as after any restart."""
+        that is down now gets its scripts on first use, as after any restart.
+
+        Returns why the sidecar cannot run on this store, or None: a server older than Redis 7.0 cannot compile a
+        script's `#!lua flags=` line. Started anyway (it only warned), claims were taken and answered while the
+        retry worker, the delivered marks and the dead-lettering all failed: on Redis 6.2 events answered 2xx were
+        never delivered nor dead-lettered (an audit), and /readyz said ready. Found here even when INFO is
+        refused."""
         scripts = (
             self._claim,
             self._take,
@@ -400,8 +413,16 @@ class RedisStore:
         try:
             for script in scripts:
                 await self._fast.load_script(script.source)
-        except (*_UNAVAILABLE, ReplyError) as exc:
+        except ReplyError as exc:
+            if too_old(exc):
+                return (
+                    f"the store cannot run the sidecar's scripts, it is older than Redis 7.0 ({str(exc)[:200]}): "
+                    "the sidecar needs Redis 7.0 or later, or Valkey"
+                )
             log.warning("could not preload the store's scripts (they load on first use): %s", exc)
+        except _UNAVAILABLE as exc:
+            log.warning("could not preload the store's scripts (they load on first use): %s", exc)
+        return None
 
     async def missing_permissions(self) -> str | None:
         """What this store's user may not run of what the sidecar needs (an ACL, a managed service's disabled or

