@@ -370,9 +370,11 @@ def parse_hold(value: Any) -> int:
     return int(seconds * 1000)
 
 
-def only_query(request: web.Request, allowed: set[str]) -> None:
+def only_query(request: web.Request, allowed: set[str]) -> dict[str, str]:
     """Refuse query parameters the endpoint does not take: a misspelled `?reasn=` on a delete would otherwise drop
-    the reason from the audit log without a word."""
+    the reason from the audit log without a word. Returns the given ones, an empty value counting as not given (the
+    contract writes the call `GET /admin/dlq?route=&limit=&cursor=`, and many clients send an absent optional
+    parameter so: `limit=` was refused, `route=` was "no route ''")."""
     unknown = sorted(set(request.query) - allowed)
     if unknown:
         raise bad_request(f"unknown query parameter(s): {', '.join(unknown)[:200]}")
@@ -380,6 +382,7 @@ def only_query(request: web.Request, allowed: set[str]) -> None:
     repeated = sorted(k for k in set(request.query) if len(request.query.getall(k)) > 1)
     if repeated:
         raise bad_request(f"query parameter(s) given more than once: {', '.join(repeated)[:200]}")
+    return {k: v for k, v in request.query.items() if v != ""}
 
 
 def parse_reason(value: Any) -> str:
@@ -543,8 +546,7 @@ class AdminApi:
     # -- dead letters ---------------------------------------------------------------------------------------------
 
     async def list_dlq(self, request: web.Request) -> web.Response:
-        q = request.query
-        only_query(request, {"route", "limit", "cursor", "since", "until", "status"})
+        q = only_query(request, {"route", "limit", "cursor", "since", "until", "status"})
         limit = parse_limit(q.get("limit"))
         cursor = parse_cursor(q.get("cursor"))
         since, until = parse_time("since", q.get("since")), parse_time("until", q.get("until"))
@@ -575,8 +577,7 @@ class AdminApi:
         return web.json_response(render_full(await self.item_or_404(request)))
 
     async def delete_dlq(self, request: web.Request) -> web.Response:
-        only_query(request, {"reason"})
-        reason = parse_reason(request.query.get("reason"))
+        reason = parse_reason(only_query(request, {"reason"}).get("reason"))
         item = await self.item_or_404(request)
         if not await self.dead_letters().remove(item):
             raise not_found(f"dead letter {item.id} was removed or replaced meanwhile")
@@ -881,8 +882,7 @@ class AdminApi:
         return None
 
     async def forget_event(self, request: web.Request) -> web.Response:
-        only_query(request, {"reason"})
-        reason = parse_reason(request.query.get("reason"))
+        reason = parse_reason(only_query(request, {"reason"}).get("reason"))
         route, event_id, dedupe_id = await self.event_location(request)
         outcome = await self.dead_letters().forget(route, dedupe_id)
         if outcome == "missing":
@@ -962,7 +962,9 @@ def create_admin_app(main: web.Application) -> web.Application:
     item = "/admin/dlq/{id:(?!(?:replay|drain)$)[^/]+}"
     admin.router.add_get(item, api.show_dlq, **get)
     admin.router.add_delete(item, api.delete_dlq)
-    admin.router.add_get("/admin/events/{route}/{event_id:.+}", api.show_event, **get)
-    admin.router.add_delete("/admin/events/{route}/{event_id:.+}", api.forget_event)
+    # any character, line breaks too (`.` stops at one: an id from a JSON body with a "\n" in it was the router's
+    # bare 404)
+    admin.router.add_get("/admin/events/{route}/{event_id:[\\s\\S]+}", api.show_event, **get)
+    admin.router.add_delete("/admin/events/{route}/{event_id:[\\s\\S]+}", api.forget_event)
     admin.router.add_get("/admin/stats", api.stats, **get)
     return admin

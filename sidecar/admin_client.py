@@ -48,6 +48,7 @@ from typing import IO, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from sidecar.admin_spec import DRAIN_HEADER, DRAIN_ID, MAX_HOLD, MAX_IDS
+from sidecar.logs import printable
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -566,7 +567,9 @@ REPLAY = Shape("a replay count (replayed or would_replay)", is_replay_answer)
 
 
 def _cell(value: Any) -> str:
-    return "-" if value is None or value == "" else str(value)
+    """One field for the terminal: control characters escaped, so an event id, route, error or reason a sender
+    or another operator chose cannot act on the terminal (an escape sequence clears it or sets its title)."""
+    return "-" if value is None or value == "" else printable(str(value))
 
 
 def table(rows: list[list[Any]], headers: list[str]) -> str:
@@ -600,7 +603,7 @@ def format_item(item: dict[str, Any]) -> str:
     ]
     lines = [f"{name + ':':<13}{_cell(value)}" for name, value in fields]
     lines.append("headers:")
-    lines += [f"  {name}: {value}" for name, value in item.get("headers", [])]
+    lines += [f"  {printable(str(name))}: {printable(str(value))}" for name, value in item.get("headers", [])]
     lines.append("history:")
     for h in item.get("history", []):
         if "replayed_at" in h:
@@ -614,8 +617,8 @@ def format_item(item: dict[str, Any]) -> str:
         lines += ["body (not UTF-8, base64):", item["body_base64"]]
     elif item.get("body_missing"):
         lines += ["body: (gone from the store: evicted; only the metadata and history are left)"]
-    else:
-        lines += ["body:", item.get("body", "")]
+    else:  # its line breaks and tabs kept, other control characters escaped (as in every other field)
+        lines += ["body:", printable(item.get("body", ""), keep="\n\t")]
     return "\n".join(lines)
 
 
@@ -1278,7 +1281,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         return code
     except ClientError as exc:
-        print(f"sidecar dlq {args.dlq_command}: {exc}", file=sys.stderr)
+        # the message may quote the server's answer, and that an id a sender chose
+        print(f"sidecar dlq {args.dlq_command}: {printable(str(exc))}", file=sys.stderr)
         return exc.code
     except BrokenPipeError:
         # `sidecar dlq list | head`: whatever is still buffered would fail again at exit, with a traceback

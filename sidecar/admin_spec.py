@@ -31,6 +31,17 @@ def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any
     return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
+_EMPTY = {"type": "string", "maxLength": 0}
+
+
+def _optional(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter whose empty value (`?cursor=`) is taken as not given."""
+    return {
+        **_query(name, f"{description}; empty: not given", {"anyOf": [schema, _EMPTY]}),
+        "allowEmptyValue": True,
+    }
+
+
 def _path(name: str, description: str) -> dict[str, Any]:
     return {
         "name": name,
@@ -406,18 +417,18 @@ PATHS: dict[str, Any] = {
                 **_STORE,
             },
             parameters=[
-                _query("route", "only this route's", {"type": "string"}),
-                _query(
+                _optional("route", "only this route's", {"type": "string"}),
+                _optional(
                     "limit", "page size", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
                 ),
-                _query(
+                _optional(
                     "cursor",
                     "next_cursor of the previous page",
                     {"type": "string", "pattern": f"^{CURSOR}$"},
                 ),
-                _query("since", "dead_at >= (RFC 3339 or epoch seconds)", _WHEN),
-                _query("until", "dead_at <= (RFC 3339 or epoch seconds)", _WHEN),
-                _query(
+                _optional("since", "dead_at >= (RFC 3339 or epoch seconds)", _WHEN),
+                _optional("until", "dead_at <= (RFC 3339 or epoch seconds)", _WHEN),
+                _optional(
                     "status",
                     "last_status: a code (503), a class (5xx) or `error` (none)",
                     {"type": "string", "pattern": "^(?:[1-5][0-9]{2}|[1-5][xX]{2}|[eE][rR]{2}[oO][rR])$"},

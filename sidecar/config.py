@@ -36,7 +36,7 @@ import yaml
 
 from sidecar.durations import parse_duration
 from sidecar.errors import ConfigError
-from sidecar.logs import LEVELS
+from sidecar.logs import LEVELS, printable
 
 __all__ = [
     "AdminConfig",
@@ -430,7 +430,8 @@ class _Ctx:
         for line, path, message, foreign in sorted(self.errors, key=lambda e: e[0]):
             if foreign:
                 message = message.format(*map(self.scrub, foreign))
-            out.append(f"{self.source}:{line}: {_one_line(path)}: {_one_line(message)}")
+            # control characters escaped (a YAML key may hold any): each error stays one `FILE:LINE:` line
+            out.append(f"{self.source}:{line}: {printable(path)}: {printable(message)}")
         return out
 
     def scrub(self, text: str) -> str:
@@ -438,11 +439,6 @@ class _Ctx:
         for secret in sorted((s for s in self.secrets if len(s) >= 4), key=len, reverse=True):
             text = text.replace(secret, "[redacted]")
         return text
-
-
-def _one_line(text: str) -> str:
-    """Control characters escaped (a YAML key may hold any), so each error stays one `FILE:LINE:` line."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 # ----------------------------------------------------------------------------- YAML nodes -> _Item tree

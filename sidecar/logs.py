@@ -47,16 +47,20 @@ def _plain(value: Any) -> str:
     return text if text.isprintable() and " " not in text and "=" not in text else repr(text)
 
 
-def _one_line(text: str) -> str:
-    """`text` with its line separators and other control characters escaped (as repr writes them)."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+def printable(text: str, keep: str = "") -> str:
+    """`text` with its line separators and other control characters escaped (as repr writes them), but those in
+    `keep`: one line of a log, of a config error, of a terminal (an escape sequence in an event's body or id would
+    act on the operator's terminal: clear it, retitle it)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
 
 
 def _escaped(args: Any) -> Any:
     """A log record's arguments (a tuple, or a mapping for `%(name)s`) with their strings made one line."""
     if isinstance(args, Mapping):
-        return {k: _one_line(v) if isinstance(v, str) else v for k, v in args.items()}
-    return tuple(_one_line(a) if isinstance(a, str) else a for a in args)
+        return {k: printable(v) if isinstance(v, str) else v for k, v in args.items()}
+    return tuple(printable(a) if isinstance(a, str) else a for a in args)
 
 
 class TextFormatter(logging.Formatter):

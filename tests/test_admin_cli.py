@@ -21,7 +21,7 @@ import pytest
 import redis
 from aiohttp import web
 
-from sidecar.admin_client import _time_arg, admin_url_from_listen
+from sidecar.admin_client import _time_arg, admin_url_from_listen, format_item, table
 from sidecar.keys import KeySpace
 from sidecar.store import RedisStore
 from tests.conftest import REPO, Upstream
@@ -166,6 +166,31 @@ async def test_admin_cli_list_and_show_table_json_and_not_found(sidecar: Running
     assert missing.code == 5 and missing.out == ""
     assert missing.err.count("\n") == 1 and "not found" in missing.err
     assert bad_filter.code == 1 and "bad_request" in bad_filter.err and "status" in bad_filter.err
+
+
+def test_admin_cli_show_and_list_escape_what_would_act_on_the_terminal() -> None:
+    """`dlq show` printed a body's bytes as they came: `\\x1b[2J\\x1b]0;pwned\\x07` in an event cleared the operator's
+    screen and retitled the terminal (a conformance audit). Every field is escaped; a body keeps its line breaks."""
+    evil = "\x1b[2J\x1b]0;pwned\x07"
+    item = {
+        "id": "0123456789abcdef01234567",
+        "route": "none",
+        "event_id": f"id{evil}",
+        "attempts": 1,
+        "last_status": 400,
+        "last_error": evil,
+        "headers": [["X-Id", f"v{evil}"]],
+        "history": [{"at": "2026-11-26T00:00:00Z", "attempt": 1, "status": 400, "duration_ms": 1.0}],
+        "body": '{\n\t"x": "' + evil + ' hi"\n}',
+    }
+    shown = format_item(item)
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "\\x1b[2J\\x1b]0;pwned\\x07" in shown  # escaped, still readable
+    assert '{\n\t"x": ' in shown  # the body's own line breaks and tabs kept
+    listed = table(
+        [[item["id"], item["route"], item["event_id"], item["last_error"]]], ["ID", "ROUTE", "EVENT", "E"]
+    )
+    assert "\x1b" not in listed and "\x07" not in listed and "\u202e" not in table([["\u202ert"]], ["X"])
 
 
 async def test_admin_cli_replay_dry_run_ids_and_route_deliver_each_once(
