@@ -7,6 +7,7 @@ through `Dispatcher.attempt`, so there is one code path from "we hold the event"
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -66,10 +67,11 @@ UNKNOWN_ROUTE_GRACE_MS = 15 * 60 * 1000
 REPORT_EVERY_S = 60.0
 
 
-def _past_max_age(route: RouteConfig, since_ms: int, now_ms: int, wait: float) -> bool:
-    """Would an event counted from `since_ms`, attempted again `wait` seconds from now, be older than its route's
-    `retry.max_age`?"""
-    return (now_ms - since_ms) / 1000 + wait > route.retry.max_age
+def _age_left(route: RouteConfig, since_ms: int, now_ms: int) -> float:
+    """Seconds until an event counted from `since_ms` is older than its route's `retry.max_age` (<= 0: it is).
+    Its last attempt is made then: a backoff reaching past it is cut short to it, rather than the event being
+    dead-lettered `expired` at once, before it was that old (with `max_delay: 6h`, up to 6 h early)."""
+    return route.retry.max_age - (now_ms - since_ms) / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,27 +272,29 @@ class Dispatcher:
         wait: float,
         lease_end_ms: int,
     ) -> bool:
-        """Give a taken event back for `wait` seconds without attempting it (its upstream's circuit is open), or,
-        when that is past its `retry.max_age`, dead-letter it (`expired`) as a failed attempt would be: without
-        this an event waited for its turn at a probe for as long as the circuit stayed open, however old it got.
-        True if it was dead-lettered.
+        """Give a taken event back for `wait` seconds without attempting it (its upstream's circuit is open; at most
+        until it reaches its `retry.max_age`), or, once it is past it, dead-letter it (`expired`) as a failed
+        attempt would be: without this an event waited for its turn at a probe for as long as the circuit stayed
+        open, however old it got. True if it was dead-lettered.
 
         A run that has made no attempt yet (attempt 1) counts its age from when the run began: a replay's own time,
         not the event's first sight. Counted from first sight, a replay of events older than `max_age` while the
         breaker was half-open buried again, at once and unsent, every one the probe did not take (the runbook
         promises each one attempt per replay)."""
         since_ms = max(rec.first_seen_ms, rec.run) if attempt <= 1 else rec.first_seen_ms
-        if _past_max_age(route, since_ms, self.store.clock.now_ms(), wait):
+        left = _age_left(route, since_ms, self.store.clock.now_ms())
+        if left <= 0:
             outcome = Outcome("retryable", None, "circuit_open", 0.0)
             await self._bury(rec, attempt, outcome, history, "expired", lease_end_ms)
             return True
-        await self.defer(rec, attempt, wait)
+        await self.defer(rec, attempt, min(wait, left))
         return False
 
     async def defer(self, rec: EventRecord, attempt: int, wait: float) -> int:
         """Put a taken event back without attempting it (its upstream's circuit is open, or no connection came in
         time); return when it is due again."""
-        due_ms = self.store.clock.now_ms() + int(wait * 1000)
+        # rounded up: a put-back until an event's max_age must find it past it, not a millisecond short of it
+        due_ms = self.store.clock.now_ms() + math.ceil(wait * 1000)
         await self.store.defer(rec.route, rec.dedupe_id, attempt, due_ms, rec.fence)
         return due_ms
 
@@ -341,11 +345,12 @@ class Dispatcher:
             max_delay=retry.max_delay,
             jitter=retry.jitter,
         )
-        if _past_max_age(route, rec.first_seen_ms, now_ms, wait):
+        left = _age_left(route, rec.first_seen_ms, now_ms)
+        if left <= 0:
             return await self._bury(
                 rec, attempt, outcome, history, "expired", lease_end_ms, entry, background=background
             )
-        due_ms = now_ms + int(wait * 1000)
+        due_ms = now_ms + math.ceil(min(wait, left) * 1000)
         await self.store.retry(rec.route, rec.dedupe_id, attempt, due_ms, entry, rec.fence)
         return Disposition("queued", outcome, next_attempt_ms=due_ms)
 

@@ -430,6 +430,29 @@ async def test_worker_dead_letters_events_past_max_age_while_the_circuit_stays_o
     assert ev["state"] == "dead"
 
 
+async def test_worker_an_event_is_not_dead_lettered_expired_before_it_is_max_age_old(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """`expired` means older than `retry.max_age`: an event whose next backoff reached past it was dead-lettered
+    at once, before it was that old (1.1 s old with `max_age: 2s`, a conformance audit; with `max_delay: 6h`, up to
+    6 h early). Its last attempt is made when it reaches max_age instead, then it is dead-lettered."""
+    client = await sidecar_factory(
+        ROUTE, retry="{base_delay: 1s, multiplier: 4, max_delay: 1h, jitter: 0, max_age: 2s, max_attempts: 8}"
+    )
+    upstream.respond(*([500] * 10))
+    assert (await send(client, "evt_aged")).status == 202
+    await drain(client, until=4.0, want=3, upstream=upstream)
+    await drain(client, until=0.3)
+    store = client.server.app[RUNTIME].store
+    ev = await store.get_event("stripe", "evt_aged")
+    assert ev["state"] == "dead"
+    # attempts at 0 s, 1 s, then (the next backoff, 4 s, reaching past max_age) at 2 s: then dead-lettered
+    assert [r.headers["x-sidecar-attempt"] for r in upstream.received] == ["1", "2", "3"]
+    [item] = await DeadLetters(store).get_many(await DeadLetters(store).ids())
+    assert item.data["reason"] == "expired"
+    assert item.dead_ms - int(item.data["first_seen_ms"]) >= 2000, item.data
+
+
 async def test_worker_replayed_events_older_than_max_age_each_get_an_attempt_while_the_breaker_is_half_open(
     sidecar_factory: Any, upstream: Upstream, aiohttp_client: Any
 ) -> None:
