@@ -1555,11 +1555,21 @@ def _check_providers(ctx: _Ctx, built: list[tuple[RouteConfig, str, _Item, list[
     except ImportError:  # the registry is optional at this layer; the ingress builds verifiers again anyway
         return
     for route, path, item, origins in built:
+        spec = route.signature
+        # a route with an event_id of its own needs no dedup_id (it was refused all the same)
+        needs_id = route.provider == "hmac" and route.event_id.kind == "auto" and isinstance(spec, Mapping)
+        if needs_id and not spec.get("dedup_id"):
+            ctx.error(
+                item.value["signature"].line,
+                f"{path}.signature.dedup_id",
+                "define at least one event-id extractor (header:NAME, json:PATH, …), or give the route an event_id",
+            )
         try:
             verifier = build_verifier(route.provider, route.secrets, route.tolerance, route.signature)
         except ProviderConfigError as exc:
-            key, line, message = _provider_where(str(exc), path, item.value, origins)
-            ctx.error(line, key, "{}", message or "invalid provider settings")
+            for problem in exc.problems:
+                key, line, message = _provider_where(problem, path, item.value, origins)
+                ctx.error(line, key, "{}", message or "invalid provider settings")
             continue
         except Exception as exc:
             # A foreign message could quote key material; the type is enough to start looking.

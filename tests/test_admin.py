@@ -1479,7 +1479,9 @@ async def test_admin_events_found_by_an_id_that_stands_in_as_its_digest(
     # a line break too: the router's pattern stopped at one (its bare 404, not the admin API's)
     for event_id in ("évt_ü", "evt\nline"):
         body = json.dumps({"id": event_id, "type": "invoice.paid"}).encode()
-        assert (await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 200
+        assert (
+            await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        ).status == 200
         path = "/admin/events/stripe/" + quote(event_id, safe="")
         resp = await admin.get(path)
         assert resp.status == 200, await resp.text()

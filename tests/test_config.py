@@ -691,6 +691,25 @@ def test_route_hmac_provider_needs_a_signature_spec() -> None:
     assert route.signature == {"sig_name": "x-sig", "dedup_id": ["json:id"], "tolerance_s": 300}
 
 
+def test_route_hmac_spec_errors_are_all_said_at_once_and_an_own_event_id_needs_no_dedup_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """check-config named the first bad `signature:` field only (five errors took four runs to see), and refused a
+    route with an `event_id` of its own for want of a `dedup_id` it does not use (a conformance audit)."""
+    monkeypatch.delitem(sys.modules, REGISTRY)  # the real one
+    spec = "signature:\n      sig_name: x-sig\n      digest: sha3\n      encoding: bogus\n      colour: red\n"
+    errors = errors_of(ROUTE.replace("provider: stripe", "provider: hmac") + "    " + spec)
+    assert [": ".join(e.split(": ")[:2]) for e in errors] == [
+        "cfg.yaml:6: routes[0].signature.dedup_id",
+        "cfg.yaml:8: routes[0].signature.digest",
+        "cfg.yaml:9: routes[0].signature.encoding",
+        "cfg.yaml:10: routes[0].signature.colour",
+    ]
+    own = "event_id: {header: X-Gen-Id}\n    signature: {sig_name: x-sig}\n"
+    route = load_text(ROUTE.replace("provider: stripe", "provider: hmac") + "    " + own, env={}).routes[0]
+    assert route.event_id.kind == "header" and route.signature == {"sig_name": "x-sig"}
+
+
 def test_retry_max_delay_shorter_than_base_delay_is_an_error() -> None:
     errors = errors_of(
         "retry:\n  base_delay: 10m\n  max_delay: 1m\n" + ROUTE + "    retry: {base_delay: 2h}\n"

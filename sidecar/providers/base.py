@@ -130,8 +130,13 @@ class TimestampError(VerificationError):
 class ProviderConfigError(ValueError):
     """A route's provider settings are unusable (unknown provider, undecodable key, missing public_url, …).
 
-    Raised by `build_verifier` at config load; the message names the problem but never the secret.
+    Raised by `build_verifier` at config load; the message names the problem but never the secret. `problems`:
+    each problem found (a `signature:` spec reports every bad field at once), each starting with its key.
     """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 class Verifier(Protocol):

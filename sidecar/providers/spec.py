@@ -132,16 +132,26 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def spec_from_mapping(signature: Mapping[str, Any]) -> SigSpec:
-    """A route's `signature:` mapping → a validated `SigSpec`; `ProviderConfigError` names the first bad field."""
+    """A route's `signature:` mapping → a validated `SigSpec`. `ProviderConfigError` names every field of the
+    wrong kind (unknown, or not of its type) at once, else the first rule the fields break together. Without a
+    `dedup_id` the route must take its id another way (its `event_id`: the config checks it)."""
     if not isinstance(signature, Mapping):
         raise ProviderConfigError("signature: must be a mapping of SigSpec fields (providers.md §23.1)")
-    unknown = sorted(str(k) for k in signature if k not in USER_FIELDS)
-    if unknown:
-        raise _bad(unknown[0], "unknown field (the fields are those of providers.md §23.1)")
-    spec = SigSpec(**{name: _coerce(name, value) for name, value in signature.items()})
+    problems = [
+        str(_bad(str(k), "unknown field (the fields are those of providers.md §23.1)"))
+        for k in sorted(str(k) for k in signature if k not in USER_FIELDS)
+    ]
+    fields: dict[str, Any] = {}
+    for name, value in signature.items():
+        if name in USER_FIELDS:
+            try:
+                fields[name] = _coerce(name, value)
+            except ProviderConfigError as exc:
+                problems.append(str(exc))
+    if problems:  # check-config lists them all, not one per run
+        raise ProviderConfigError(*problems)
+    spec = SigSpec(**fields)
     validate(spec)
-    if not spec.dedup_id:
-        raise _bad("dedup_id", "define at least one event-id extractor (header:NAME, json:PATH, …)")
     return spec
 
 
