@@ -544,7 +544,7 @@ class Ingress:
             # a handshake the sidecar refuses (X's crc_token that could be an event body) is answered here: passed
             # through, the receiver's own CRC answer would be the same signing oracle. An unsigned one passed
             # through (Slack ssl_check, X CRC) was never verified: not re-signed either.
-            if cfg.handshake == "pass" and handshake.status < 400:
+            if cfg.handshake == "pass" and handshake.status < 400 and handshake.relay:
                 return await self._pass_through(
                     request, route, body, None, span, result, verified=verified_request
                 )

@@ -400,6 +400,34 @@ async def test_ingress_slack_url_verification_answered_not_claimed(
     assert forged.status == 401
 
 
+async def test_ingress_github_ping_is_answered_not_claimed(
+    client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """providers.md §24: GitHub's ping (sent when a hook is made) is "just 2xx after verification", never claimed
+    or queued. It was stored and forwarded as an event (a conformance audit): with the receiver failing, retried
+    and dead-lettered; its resend answered `duplicate`."""
+    body = json.dumps({"zen": "Keep it logically awesome.", "hook_id": 1}).encode()
+    for delivery in ("ping-1", "ping-2", "ping-1"):
+        headers = {**github_headers(body, delivery), "X-GitHub-Event": "ping"}
+        resp = await client.post("/webhooks/github", data=body, headers=headers)
+        assert resp.status == 200 and await resp.json() == {"ping": True}
+    assert upstream.received == [] and stored_keys(rdb) == []
+    forged = {**github_headers(body, "ping-3"), "X-GitHub-Event": "ping", "X-Hub-Signature-256": "sha256=00"}
+    assert (await client.post("/webhooks/github", data=body, headers=forged)).status == 401
+
+
+async def test_ingress_slack_ssl_check_with_more_fields_is_answered_and_never_relayed(
+    client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """Bolt answers any `ssl_check=1` form 200 unverified; one with a `team_id` was refused 401 here. Its other
+    fields are unsigned: answered by the sidecar even with `handshake: pass`, never relayed."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for path in ("/webhooks/slack", "/webhooks/slackpass"):
+        resp = await client.post(path, data=b"ssl_check=1&token=t&team_id=T1", headers=form)
+        assert resp.status == 200 and await resp.read() == b""
+    assert upstream.received == [] and stored_keys(rdb) == []
+
+
 async def test_ingress_handshake_pass_mode_relays_upstream(
     client: Any, upstream: Upstream, rdb: redis.Redis
 ) -> None:

@@ -338,7 +338,19 @@ async def test_ingress_twilio_request_respelled_under_a_new_token_is_a_duplicate
     assert first.status == 200, await first.text()
     again = await post(client, "tw", respelled, {**form, "I-Twilio-Idempotency-Token": "idem-b"})
     assert again.status == 200 and (await again.json())["duplicate"] is True
+    # the token taken away: the same event too (it was keyed by the bare digest then: a second delivery)
+    bare = await post(client, "tw", real, form)
+    assert bare.status == 200 and (await bare.json())["duplicate"] is True, await bare.text()
     assert [r.body for r in upstream.received] == [real]
+    # and the other way round: first without a token, then with one
+    params[2] = ("Body", "another")
+    signature = RequestValidator(TWILIO_TOKEN).compute_signature("https://mycompany.com/in/tw", dict(params))
+    form["X-Twilio-Signature"] = signature
+    other = urlencode(params).encode()
+    assert (await post(client, "tw", other, form)).status == 200
+    tokened = await post(client, "tw", other, {**form, "I-Twilio-Idempotency-Token": "idem-c"})
+    assert tokened.status == 200 and (await tokened.json())["duplicate"] is True, await tokened.text()
+    assert [r.body for r in upstream.received] == [real, other]
 
 
 async def test_ingress_provider_none_with_auto_id_is_known_by_its_body(

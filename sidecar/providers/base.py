@@ -49,6 +49,9 @@ class Handshake:
     status: int
     body: bytes = b""
     content_type: str = "application/json"
+    # False: answered by the sidecar in `pass` mode too (an unsigned request with more in it than the handshake
+    # needs: nothing of it is for the upstream)
+    relay: bool = True
 
 
 # The longest event id taken as is (a key part, a header value, an admin URL segment).

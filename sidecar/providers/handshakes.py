@@ -90,9 +90,13 @@ def slack_ssl_check(req: Request, keys: tuple[Key, ...]) -> Handshake | None:
     ):
         return None
     form = req.form()
-    if form.get("ssl_check") == ["1"] and set(form) <= {"ssl_check", "token"}:
-        return Handshake(status=200, body=b"", content_type="text/plain")
-    return None
+    if form.get("ssl_check") != ["1"]:
+        return None
+    # Bolt looks at ssl_check alone: one with more fields (team_id, …) was refused 401 here. It is answered all
+    # the same, but never relayed (`handshake: pass`): its other fields are unsigned.
+    return Handshake(
+        status=200, body=b"", content_type="text/plain", relay=set(form) <= {"ssl_check", "token"}
+    )
 
 
 # The CRC answer is HMAC-SHA256(consumer secret, token), base64: exactly a POST's x-twitter-webhooks-signature over
@@ -137,7 +141,34 @@ def x_crc(req: Request, keys: tuple[Key, ...]) -> Handshake | None:
     return _json_answer({"response_token": "sha256=" + base64.b64encode(mac).decode()})
 
 
+# providers.md §24: test and ping notifications "just 2xx after verification", never claimed or queued (a GitHub
+# hook's first delivery, Intercom's test button, PagerDuty's ping were stored, forwarded and, with the receiver
+# failing, retried and dead-lettered like events; a resend was answered `duplicate`).
+PING = Handshake(status=200, body=b'{"ping": true}')
+
+
+def github_ping(req: Request, key: Key) -> Handshake | None:
+    """`X-GitHub-Event: ping`, sent when a hook is created."""
+    return PING if req.header("x-github-event") == "ping" else None
+
+
+def intercom_ping(req: Request, key: Key) -> Handshake | None:
+    """The Developer Hub's test button: a notification with `"topic": "ping"`."""
+    body = req.json()
+    return PING if isinstance(body, dict) and body.get("topic") == "ping" else None
+
+
+def pagerduty_ping(req: Request, key: Key) -> Handshake | None:
+    """The UI's test event: `event.event_type` `pagey.ping` (the name is UNCONFIRMED in providers.md §19)."""
+    body = req.json()
+    event = body.get("event") if isinstance(body, dict) else None
+    return PING if isinstance(event, dict) and event.get("event_type") == "pagey.ping" else None
+
+
 SIGNED: dict[str, SignedHandshake] = {
+    "github_ping": github_ping,
+    "intercom_ping": intercom_ping,
+    "pagerduty_ping": pagerduty_ping,
     "slack": slack_url_verification,
     "discord_interactions": discord_interactions,
     "discord_events": discord_events,

@@ -15,7 +15,17 @@ from typing import Any, Literal
 
 from sidecar.providers.base import ProviderConfigError
 
-HANDSHAKES = ("slack", "discord_interactions", "discord_events", "discord", "zoom", "x_crc")
+HANDSHAKES = (
+    "slack",
+    "discord_interactions",
+    "discord_events",
+    "discord",
+    "zoom",
+    "x_crc",
+    "github_ping",
+    "intercom_ping",
+    "pagerduty_ping",
+)
 PLACEHOLDERS = ("body", "ts", "id", "url", "method", "token")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 

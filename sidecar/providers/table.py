@@ -35,6 +35,7 @@ GITHUB = SigSpec(  # §2; octokit compares the whole "sha256=<hex>"
     include_prefix_in_compare=True,
     dedup_id=("header:x-github-delivery",),
     event_type=("header:x-github-event",),
+    handshake="github_ping",
 )
 GITHUB_SHA1 = replace(GITHUB, sig_name="x-hub-signature", prefix="sha1=", digest="sha1")
 
@@ -144,8 +145,9 @@ INTERCOM = SigSpec(  # §14
     sig_name="x-hub-signature",
     prefix="sha1=",
     digest="sha1",
-    dedup_id=("json:id", "body_sha256"),  # the Developer Hub's ping carries "id": null (§24: just 2xx)
+    dedup_id=("json:id", "body_sha256"),
     event_type=("json:topic",),
+    handshake="intercom_ping",  # the Developer Hub's ping (§24: just 2xx)
 )
 
 SQUARE = SigSpec(  # §15; the URL is the route's public URL, byte for byte
@@ -183,6 +185,7 @@ PAGERDUTY = SigSpec(  # §19; "v1=<hex>,v1=<hex>", one per active secret; the do
     include_prefix_in_compare=True,
     dedup_id=("header:x-webhook-id", "json:event.id"),
     event_type=("json:event.event_type",),
+    handshake="pagerduty_ping",
 )
 
 X = SigSpec(  # §22; POSTs carry no event id. The CRC GET is answered unsigned.

@@ -99,10 +99,11 @@ class TwilioVerifier:
         # The signed string is the delivery's identity, not the body: a form body reordered or re-encoded still
         # verifies (Twilio signs the decoded, sorted parameters). A JSON body is pinned by bodySHA256 in the URL.
         signed_digest = hashlib.sha256(signed).hexdigest()
+        # Deduped on that digest with or without the (unsigned) idempotency token: keyed by the bare digest without
+        # one, the same captured request sent again with a token added or taken away was a second delivery (an
+        # audit); the id shown is the token when there is one.
         token = req.header("i-twilio-idempotency-token")
-        if token:
-            return Verified(event_id=token, id_signed=False, signed_digest=signed_digest)
-        return Verified(event_id=signed_digest, id_signed=True)
+        return Verified(event_id=token or signed_digest, id_signed=False, signed_digest=signed_digest)
 
     @staticmethod
     def _matches(key: bytes, message: bytes, digest: str, signature: bytes) -> bool:

@@ -68,7 +68,7 @@ def test_slack_ssl_check_is_unsigned_handshake() -> None:
     form = {"Content-Type": "application/x-www-form-urlencoded"}
     answer = verifier.unsigned_handshake(inbound(b"ssl_check=1&token=abc", form))
     assert answer is not None
-    assert (answer.status, answer.body) == (200, b"")
+    assert (answer.status, answer.body, answer.relay) == (200, b"", True)
     assert verifier.unsigned_handshake(inbound(b"ssl_check=0&token=abc", form)) is None
     assert (
         verifier.unsigned_handshake(inbound(b'{"ssl_check":"1"}', {"Content-Type": "application/json"}))
@@ -77,6 +77,22 @@ def test_slack_ssl_check_is_unsigned_handshake() -> None:
     assert verifier.unsigned_handshake(inbound(b"ssl_check=1", form, method="GET")) is None
     duplicate = [("Content-Type", form["Content-Type"])] * 2
     assert verifier.unsigned_handshake(inbound(b"ssl_check=1", duplicate)) is None
+
+
+def test_intercom_and_pagerduty_pings_are_handshakes() -> None:
+    """providers.md §24: "Intercom, PagerDuty: test/ping notifications, just 2xx after verification"."""
+    intercom = CASES["intercom"]
+    body = b'{"type": "notification_event", "topic": "ping", "id": null, "data": {"item": {"message": "hi"}}}'
+    got = intercom.verify(*intercom.request(body=body))
+    assert got.handshake is not None and got.handshake.status == 200
+    event = b'{"type": "notification_event", "topic": "conversation.user.created", "id": "notif_1"}'
+    assert intercom.verify(*intercom.request(body=event)).handshake is None
+    pagerduty = CASES["pagerduty"]
+    ping = b'{"event": {"id": "01PING", "event_type": "pagey.ping", "data": {}}}'
+    got = pagerduty.verify(*pagerduty.request(body=ping))
+    assert got.handshake is not None and got.handshake.status == 200
+    other = b'{"event": {"id": "01INC", "event_type": "incident.triggered", "data": {}}}'
+    assert pagerduty.verify(*pagerduty.request(body=other)).handshake is None
 
 
 def _discord(body: bytes) -> dict[str, str]:
@@ -196,7 +212,9 @@ def test_x_crc_is_no_signing_oracle(provider: str) -> None:
         assert answer is not None and answer.status == 200 and b"response_token" in answer.body, token
 
 
-def test_github_ping_is_a_normal_event() -> None:
+def test_github_ping_is_a_handshake_after_verification() -> None:
+    """providers.md §24: "GitHub | X-GitHub-Event: ping | yes | just 2xx after verification"; it was taken as an
+    event (stored, forwarded, retried)."""
     body = b'{"zen":"Design for failure.","hook_id":1}'
     headers = {
         "X-Hub-Signature-256": "sha256=" + mac("gh", body).hex(),
@@ -204,7 +222,9 @@ def test_github_ping_is_a_normal_event() -> None:
         "X-GitHub-Delivery": "d-1",
     }
     got = verify("github", ["gh"], body, headers)
-    assert (got.handshake, got.event_type, got.event_id) == (None, "ping", "d-1")
+    assert got.handshake is not None and (got.handshake.status, got.event_id) == (200, None)
+    with pytest.raises(VerificationError):
+        verify("github", ["other"], body, headers)
 
 
 def test_unsigned_handshake_is_none_for_other_providers() -> None:
@@ -396,8 +416,8 @@ def test_linear_unparsable_body_timestamp_rejected() -> None:
 
 def test_twilio_is_identified_by_its_signed_string_not_its_body_bytes() -> None:
     """Twilio signs the URL and the decoded, sorted parameters: the same request reordered or re-encoded still
-    verifies, so its identity (the digest an unsigned token dedupes on, or the id itself without a token) is the
-    signed string's, the same for every spelling."""
+    verifies, so its identity (the digest it dedupes on, with an unsigned token or without one) is the signed
+    string's, the same for every spelling."""
     case = CASES["twilio"]
     body, headers = case.request()
     signed = hashlib.sha256(twilio_string(TWILIO_URL, TWILIO_PARAMS)).hexdigest()
@@ -408,7 +428,8 @@ def test_twilio_is_identified_by_its_signed_string_not_its_body_bytes() -> None:
     assert respelled != body
     for spelling in (body, respelled):
         got = case.verify(spelling, headers)
-        assert (got.event_id, got.id_signed) == (signed, True)
+        # deduped on the same digest as with a token (not on the bare id): see the ingress test
+        assert (got.event_id, got.id_signed, got.signed_digest) == (signed, False, signed)
 
 
 def test_standardwebhooks_type_from_body() -> None:
@@ -839,5 +860,7 @@ def test_a_form_with_more_fields_than_any_provider_sends_is_not_parsed() -> None
     slack = build_verifier("slack", ["s"], None, None)
     assert slack.unsigned_handshake(inbound(b"ssl_check=1&" + many, headers)) is None
     assert slack.unsigned_handshake(inbound(b"ssl_check=1&token=t", headers)) is not None
-    # a forged slash command dressed as an ssl_check is no handshake: it is verified like any request
-    assert slack.unsigned_handshake(inbound(b"ssl_check=1&command=%2Fdeploy&text=prod", headers)) is None
+    # a forged slash command dressed as an ssl_check is answered 200 (as Bolt does) and never relayed: not sent
+    # on to the receiver even with `handshake: pass`
+    dressed = slack.unsigned_handshake(inbound(b"ssl_check=1&command=%2Fdeploy&text=prod", headers))
+    assert dressed is not None and dressed.status == 200 and not dressed.relay

@@ -12,13 +12,19 @@ from sidecar.config import load_text
 from sidecar.errors import ConfigError
 
 
-def test_intercom_ping_with_null_id_has_an_event_id() -> None:
+def test_intercom_notification_with_null_id_has_an_event_id() -> None:
+    # (the ping, which carries "id": null too, is a handshake: test_provider_behaviour)
     body = json.dumps(
-        {"type": "notification_event", "id": None, "topic": "ping", "data": {"item": {"type": "ping"}}}
+        {
+            "type": "notification_event",
+            "id": None,
+            "topic": "contact.created",
+            "data": {"item": {"type": "x"}},
+        }
     )
     raw = body.encode()
     got = verify("intercom", ["s"], raw, {"X-Hub-Signature": "sha1=" + mac("s", raw, "sha1").hex()})
-    assert got.event_id is not None
+    assert got.event_id is not None and got.handshake is None
 
 
 def test_zoom_app_deauthorized_has_an_event_id() -> None:
