@@ -79,6 +79,7 @@ CONFIG_TEXT = web.AppKey("config_text", str)
 APPLIED_CONFIG = web.AppKey("applied_config", str)
 SETTINGS_EVERY_S = 300  # the store's settings and evictions looked at again (SettingsWatch)
 MARKS_GRACE = 1.0  # seconds the delivered marks get at shutdown even when the grace is spent
+BACKGROUND_GRACE = 5.0  # at most this long for writes still retrying in the background (store.close)
 
 
 def make_store(config: Config, url: str) -> RedisStore:
@@ -229,7 +230,9 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
                 await asyncio.wait({runtime.admin_closing}, timeout=max(runtime.grace_left(), MARKS_GRACE))
             http1.close()
             await session.close()
-            await store.close()
+            # within what is left of server.shutdown_grace (it waited 5 s past it for a dead-lettering the store kept
+            # refusing: an audit); at least the marks' own second
+            await store.close(within=min(BACKGROUND_GRACE, max(runtime.grace_left(), MARKS_GRACE)))
 
 
 async def _ingress(request: web.Request) -> web.StreamResponse:

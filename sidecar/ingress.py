@@ -811,7 +811,9 @@ class Ingress:
             sign_as = "sha256:" + hashlib.sha256(body).hexdigest()
         headers = upstream_headers(rec, 1, rec.traceparent, route.upstream_key, sign_as)
         if not event_id:
-            headers = [(k, v) for k, v in headers if k != EVENT_ID_HEADER]
+            # no event (a GET, a handshake): no event id, and no attempt number to mislead a receiver into taking
+            # it for a delivery
+            headers = [(k, v) for k, v in headers if k not in (EVENT_ID_HEADER, "X-Sidecar-Attempt")]
         url = target_url(self.dispatcher.config, route.cfg, rec.path_qs)
         outcome = await self.forwarder.send(url, request.method, headers, body, route.policy)
         self.tel.end(forward, outcome.error, outcome.status)

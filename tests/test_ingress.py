@@ -386,6 +386,8 @@ async def test_ingress_non_post_passes_through_untouched(
     [got] = upstream.received
     assert (got.method, got.path_qs) == ("GET", "/webhooks/stripe?probe=1")
     assert stored_keys(rdb) == []
+    # no event: nothing that reads as a delivery attempt (it carried X-Sidecar-Attempt: 1)
+    assert "x-sidecar-attempt" not in got.headers and "x-sidecar-event-id" not in got.headers
 
 
 async def test_ingress_slack_url_verification_answered_not_claimed(

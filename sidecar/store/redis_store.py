@@ -373,10 +373,12 @@ class RedisStore:
         """`redis.wait_replicas` as (replicas, timeout ms), or None."""
         return self._wait
 
-    async def close(self) -> None:
+    async def close(self, within: float = 5.0) -> None:
+        """`within`: how long writes still retrying in the background (an alias, a dead-lettering the store
+        refused) get to land; the rest are given up, as at any crash (their events' leases bring them back)."""
         if self._background:
             self._retries.hurry()
-            _, left = await asyncio.wait(set(self._background), timeout=5)
+            _, left = await asyncio.wait(set(self._background), timeout=within)
             for task in left:  # still retrying an alias the store refuses: given up, as at any crash
                 task.cancel()
             if left:
