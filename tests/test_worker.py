@@ -453,6 +453,24 @@ async def test_worker_an_event_is_not_dead_lettered_expired_before_it_is_max_age
     assert item.dead_ms - int(item.data["first_seen_ms"]) >= 2000, item.data
 
 
+async def test_worker_max_age_does_not_cut_a_receivers_retry_after_short(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """The backoff is cut short at max_age, the receiver's Retry-After is not (contract: honour it): asked for 60 s
+    with 3 s of max_age left, the event was sent again at 3 s (a review). It is dead-lettered `expired` at once."""
+    client = await sidecar_factory(
+        ROUTE, retry="{base_delay: 1s, multiplier: 1, max_delay: 1h, jitter: 0, max_age: 3s, max_attempts: 8}"
+    )
+    upstream.respond(503, 503, headers={"Retry-After": "60"})
+    assert (await send(client, "evt_ra")).status == 202
+    store = client.server.app[RUNTIME].store
+    assert (await store.get_event("stripe", "evt_ra"))["state"] == "dead"
+    await drain(client, until=3.5)
+    assert len(upstream.received) == 1  # not sent again before the receiver's Retry-After
+    [item] = await DeadLetters(store).get_many(await DeadLetters(store).ids())
+    assert item.data["reason"] == "expired"
+
+
 async def test_worker_replayed_events_older_than_max_age_each_get_an_attempt_while_the_breaker_is_half_open(
     sidecar_factory: Any, upstream: Upstream, aiohttp_client: Any
 ) -> None:

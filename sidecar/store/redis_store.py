@@ -314,6 +314,12 @@ class RedisStore:
         # scheduled events whose stored request the store no longer has (evicted): said once, then with a count
         self._vanished = Tally(ALIAS_REPORT_S)
         self._skew_said = False  # this host's clock said to be far from the store's (`_say_skew`)
+        # the scripts loaded once (`preload`); until then each claim first tries to (`usable`)
+        self._scripts_loaded = False
+        self._loading = asyncio.Lock()
+        self.unusable: str | None = (
+            None  # why the store cannot run the sidecar (older than Redis 7.0), once known
+        )
         self.keys = keys
         self._ttl_ms = int(dedupe_ttl * 1000)
         # a burial's record (dlq_add.lua) outlives any lease: a burial cut short is finished after its lease
@@ -391,7 +397,21 @@ class RedisStore:
             for client in sentinels.sentinels:
                 await client.aclose()
 
-    async def preload(self) -> str | None:
+    async def usable(self) -> str | None:
+        """Why this store cannot run the sidecar, or None (also when it cannot tell now: down). The start-up's
+        `preload`, made again on first use when the store was down at start: a Redis 6.2 that came up after the
+        sidecar took claims, answered 2xx, and nothing was retried, marked or dead-lettered (a review)."""
+        if not self._scripts_loaded and self.unusable is None:
+            async with self._loading:
+                if not self._scripts_loaded and self.unusable is None:
+                    problem = await self.preload(quiet=True)
+                    if problem is not None:
+                        log.critical(
+                            "%s; until it is, every webhook is answered 503 store_unavailable", problem
+                        )
+        return self.unusable
+
+    async def preload(self, quiet: bool = False) -> str | None:
         """Load every hot-path script into the server before traffic, so a first use never answers NOSCRIPT (the
         re-sent command would fall behind commands issued after it on the same connection). Best effort: a store
         that is down now gets its scripts on first use, as after any restart.
@@ -412,18 +432,24 @@ class RedisStore:
             self._defer,
             self._alias,
         )
+        level = logging.DEBUG if quiet else logging.WARNING
         try:
             for script in scripts:
                 await self._fast.load_script(script.source)
         except ReplyError as exc:
             if too_old(exc):
-                return (
+                self.unusable = (
                     f"the store cannot run the sidecar's scripts, it is older than Redis 7.0 ({str(exc)[:200]}): "
                     "the sidecar needs Redis 7.0 or later, or Valkey"
                 )
-            log.warning("could not preload the store's scripts (they load on first use): %s", exc)
+                return self.unusable
+            log.log(level, "could not preload the store's scripts (they load on first use): %s", exc)
         except _UNAVAILABLE as exc:
-            log.warning("could not preload the store's scripts (they load on first use): %s", exc)
+            log.log(
+                level, "could not preload the store's scripts (they load on first use; tried again): %s", exc
+            )
+        else:
+            self._scripts_loaded = True
         return None
 
     async def missing_permissions(self) -> str | None:
@@ -653,6 +679,8 @@ class RedisStore:
         # aiohttp hands non-UTF-8 header bytes over as surrogates; store those bytes as they came, not a 500.
         meta = rec.meta().encode("utf-8", "surrogateescape")
         args = [now_ms, score, member, meta, rec.body, rec.event_id, mode, rec.route]
+        if not self._scripts_loaded and await self.usable() is not None:
+            raise StoreUnavailable(self.unusable)
         self.marks.flush()  # queued delivered marks ride in this claim's write and run before it
         # With `redis.wait_replicas`, the claim is answered once that many replicas hold it: a claim acknowledged to
         # a provider must survive a failover. A duplicate's claim waits too (its counter write comes after the
