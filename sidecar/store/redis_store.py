@@ -398,9 +398,10 @@ class RedisStore:
                 await client.aclose()
 
     async def usable(self) -> str | None:
-        """Why this store cannot run the sidecar, or None (also when it cannot tell now: down). The start-up's
-        `preload`, made again on first use when the store was down at start: a Redis 6.2 that came up after the
-        sidecar took claims, answered 2xx, and nothing was retried, marked or dead-lettered (a review)."""
+        """Why this store cannot run the sidecar, or None (also when it cannot tell now: down): the start-up's
+        `preload`, made again (for /readyz) when the store was down at start. A Redis 6.2 that came up after the
+        sidecar took claims, answered 2xx, and nothing was retried, marked or dead-lettered (a review): claim.lua
+        now refuses itself on a server older than 7.0, and /readyz says why."""
         if not self._scripts_loaded and self.unusable is None:
             async with self._loading:
                 if not self._scripts_loaded and self.unusable is None:
@@ -444,6 +445,7 @@ class RedisStore:
                 )
                 return self.unusable
             log.log(level, "could not preload the store's scripts (they load on first use): %s", exc)
+            self._scripts_loaded = True  # (as far as this check goes: not to be tried again)
         except _UNAVAILABLE as exc:
             log.log(
                 level, "could not preload the store's scripts (they load on first use; tried again): %s", exc
@@ -679,8 +681,6 @@ class RedisStore:
         # aiohttp hands non-UTF-8 header bytes over as surrogates; store those bytes as they came, not a 500.
         meta = rec.meta().encode("utf-8", "surrogateescape")
         args = [now_ms, score, member, meta, rec.body, rec.event_id, mode, rec.route]
-        if not self._scripts_loaded and await self.usable() is not None:
-            raise StoreUnavailable(self.unusable)
         self.marks.flush()  # queued delivered marks ride in this claim's write and run before it
         # With `redis.wait_replicas`, the claim is answered once that many replicas hold it: a claim acknowledged to
         # a provider must survive a failover. A duplicate's claim waits too (its counter write comes after the

@@ -17,6 +17,11 @@
 -- ARGV[8] - route name (for the stats counters)
 -- returns {1} when claimed (attempt 1 is ours), or {0, state, public id of the stored event} for a duplicate
 -- (state: f|p|d|x)
+-- A server older than Redis 7.0 has no redis.REDIS_VERSION, and cannot compile the other scripts (their
+-- `#!lua flags=` line): a claim taken there would be answered 2xx and never retried, marked or dead-lettered.
+if not redis.REDIS_VERSION then
+  return redis.error_reply('UNSUPPORTED the store is older than Redis 7.0: the sidecar needs Redis 7.0 or later, or Valkey')
+end
 local held = redis.call('HMGET', KEYS[1], 'st', 'eid')
 if held[1] then
   -- pcall: a store refusing writes (maxmemory) still answers a duplicate as one; only the counter is lost
