@@ -42,6 +42,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from sidecar.admin_spec import (
     CURSOR,
@@ -51,6 +52,7 @@ from sidecar.admin_spec import (
     EPOCH,
     MAX_HOLD,
     MAX_IDS,
+    MAX_REASON,
     RFC3339,
     document,
 )
@@ -71,7 +73,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
-MAX_REASON = 1000
 REPLAY_BATCH = 100
 # Items of a batch replayed at a time: each runs a few store calls in turn on a connection of the store client's
 # pool, which keeps every connection it opened (with all 100 at once, a replay left ~100 idle connections per replica).
@@ -318,6 +319,15 @@ async def json_object(request: web.Request, timeout: float, *, empty_ok: bool = 
         raise ApiError(408, "read_timeout", "the body did not arrive within server.read_timeout") from None
     except HttpProcessingError as exc:  # its framing refused part way (a malformed chunk)
         raise bad_request(parse_error_detail(exc, BAD_BODY)) from None
+    except (
+        RequestPayloadError
+    ):  # a gzip Content-Encoding over bytes that are not: it was a 500 and a traceback
+        # the rest of the body is not read (aiohttp's lingering read would meet the same error, and log it as
+        # unhandled), and the connection ends with the answer: its bytes are in no known state
+        request.content.feed_eof()
+        refused = bad_request("the body does not match its Content-Encoding")
+        refused.headers = {"Connection": "close"}
+        raise refused from None
     if not raw.strip() and empty_ok:
         return {}
     try:
@@ -536,8 +546,10 @@ class AdminApi:
 
     async def known_route(self, route: Any) -> str:
         """A configured route, or one that still has dead letters (its config was removed); else 404."""
-        if not isinstance(route, str):
-            raise bad_request('"route" must be a route name (a string)')
+        if (
+            not isinstance(route, str) or not route
+        ):  # ("" was 404 "no route ''"; the document says minLength 1)
+            raise bad_request('"route" must be a route name (a non-empty string)')
         if not _ROUTE.fullmatch(route):
             raise not_found(f"no route {str(route)[:100]!r}")
         if route not in self.configured_routes() and not await self.dead_letters().count(route):
@@ -833,7 +845,9 @@ class AdminApi:
 
     async def event_location(self, request: web.Request) -> tuple[str, str, str]:
         route, event_id = request.match_info["route"], request.match_info["event_id"]
-        if not _ROUTE.fullmatch(route) or len(event_id) > 1024:
+        # (any length: an id over 256 characters is keyed by its digest, as the ingress keyed it; one over 1,024
+        # was "never seen" here although the ingress had taken it)
+        if not _ROUTE.fullmatch(route):
             raise not_found(f"no event {event_id[:100]!r} on route {route[:100]!r}")
         # this process's delivered marks still queued (they follow a 200 by a few ms) land first: an event just
         # delivered reads as delivered, and its forget is not refused as in flight

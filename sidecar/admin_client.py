@@ -33,6 +33,7 @@ import json
 import os
 import re
 import select
+import shlex
 import signal
 import socket
 import stat
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from sidecar.admin_spec import DRAIN_HEADER, DRAIN_ID, MAX_HOLD, MAX_IDS
+from sidecar.admin_spec import DEAD_ID, DRAIN_HEADER, DRAIN_ID, MAX_HOLD, MAX_IDS, MAX_REASON
 from sidecar.logs import printable
 
 EXIT_OK = 0
@@ -68,6 +69,7 @@ DRAIN_RCVBUF = 64 * 1024
 DEFAULT_HOLD = "10m"
 REMOVE_BATCH = 200
 _DRAIN_ID = re.compile(DRAIN_ID)
+_DEAD_ID = re.compile(DEAD_ID)
 
 
 class ClientError(Exception):
@@ -585,7 +587,9 @@ def outcome(item: dict[str, Any]) -> str:
 
 
 def print_json(payload: Any, out: IO[str]) -> None:
-    out.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    # ASCII: a C1 control (U+009B starts an escape sequence) or a header's lone surrogate (a non-UTF-8 byte) is
+    # written as a \u escape, not raw (which acted on the terminal, or crashed the write under a strict locale)
+    out.write(json.dumps(payload, indent=2, ensure_ascii=True) + "\n")
 
 
 def format_item(item: dict[str, Any]) -> str:
@@ -1149,12 +1153,30 @@ def cmd_list(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int
         for i in page["items"]
     ]
     out.write(table(rows, ["ID", "ROUTE", "EVENT ID", "ATTEMPTS", "LAST", "DEAD AT", "REASON"]) + "\n")
-    more = f"; next page: --cursor {page['next_cursor']}" if page["next_cursor"] else ""
+    # the same filters again with the cursor (alone, it paged the whole DLQ)
+    again = " ".join(
+        f"--{name} {shlex.quote(str(value))}"
+        for name, value in (
+            ("route", args.route),
+            ("since", args.since),
+            ("until", args.until),
+            ("status", args.status),
+        )
+        if value is not None
+    )
+    more = (
+        f"; next page: {again + ' ' if again else ''}--cursor {page['next_cursor']}"
+        if page["next_cursor"]
+        else ""
+    )
     print(f"{len(rows)} shown of {page['total']}{more}", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_show(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int:
+    if not _DEAD_ID.fullmatch(args.id.strip()):
+        # `show replay` reached the POST-only /admin/dlq/replay: "method not allowed", exit 1
+        raise ClientError(EXIT_NOT_FOUND, f"not found: no dead letter {printable(args.id)[:100]!r}")
     item = client.request("GET", f"/admin/dlq/{quote(args.id, safe='')}", shape=ITEM)
     if args.json:
         print_json(item, out)
@@ -1266,6 +1288,11 @@ def usage_problem(args: argparse.Namespace) -> str | None:
     ids = [args.id] if args.dlq_command == "show" else args.ids if args.dlq_command == "replay" else []
     if any(not i.strip() for i in ids):
         return "a dead-letter ID must not be empty (`sidecar dlq list` shows them)"
+    if getattr(args, "out", None) is not None and not args.out.strip():
+        # `--out "$ARCHIVE"` with ARCHIVE unset drained every item to stdout (to /dev/null in a cron job: gone)
+        return "--out must name a file; leave it out to write to stdout"
+    if len(getattr(args, "reason", None) or "") > MAX_REASON:
+        return f"--reason must be at most {MAX_REASON} characters"
     return None
 
 
@@ -1303,7 +1330,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _limit(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 1000:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1000:  # ("²" is a digit to isdigit)
         raise argparse.ArgumentTypeError("must be an integer from 1 to 1000")
     return int(text)
 
@@ -1341,14 +1368,18 @@ def add_dlq_parser(sub: Any) -> None:
         "--token", help="admin bearer token (default: $SIDECAR_ADMIN_TOKEN, then admin.token)"
     )
     common.add_argument("--config", help=f"config file (default: $SIDECAR_CONFIG, then {DEFAULT_CONFIG})")
-    common.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help="print the API's JSON (ASCII) instead of a table (drain: NDJSON always)",
+    )
     common.add_argument("--timeout", type=_positive, default=60.0, help="seconds (default 60)")
 
     dlq = sub.add_parser(
         "dlq",
         help="inspect, replay and drain the dead-letter list (admin API client)",
         description="Exit codes: 0 ok, 1 error answer or output failed, 2 usage, 3 unreachable or not the admin API, "
-        "4 unauthorized, 5 not found.",
+        "4 unauthorized, 5 not found, 130 interrupted (Ctrl-C).",
     )
     dlq.set_defaults(func=run)
     cmds = dlq.add_subparsers(dest="dlq_command", required=True)

@@ -63,12 +63,13 @@ RFC3339 = (
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?" r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
 MAX_IDS = 10000  # ids per call
+MAX_REASON = 1000  # characters of an admin mutation's logged reason
 # where the API expects dead-letter ids (a body's "ids" or "keep"): anything else is a 400
 _DEAD_ID = {"type": "string", "pattern": f"^{DEAD_ID}$"}
 _DEAD_IDS = {"type": "array", "items": _DEAD_ID, "minItems": 1, "maxItems": MAX_IDS}
 MAX_HOLD = 24 * 3600.0  # a held drain's items stay held this long at most (seconds)
 
-_REASON = _query("reason", "why (logged with the mutation)", {"type": "string", "maxLength": 1000})
+_REASON = _query("reason", "why (logged with the mutation)", {"type": "string", "maxLength": MAX_REASON})
 _ID = _path("id", "dead-letter id")
 _DRAIN = _path("drain", "a held drain's id: its answer's `Sidecar-Drain` header")
 _EVENT = [_path("route", "route name"), _path("event_id", "the provider's event id (may contain `/`)")]
@@ -193,7 +194,7 @@ SCHEMAS: dict[str, Any] = {
             "route": {"type": "string", "minLength": 1},
             "all": {"const": True},
             "dry_run": {"type": "boolean"},
-            "reason": {"type": "string", "maxLength": 1000},
+            "reason": {"type": "string", "maxLength": MAX_REASON},
         },
         "oneOf": [{"required": ["ids"]}, {"required": ["route"]}, {"required": ["all"]}],
     },
@@ -247,7 +248,7 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "route": {"type": "string"},
-            "reason": {"type": "string", "maxLength": 1000},
+            "reason": {"type": "string", "maxLength": MAX_REASON},
             "hold": {
                 "anyOf": [
                     {"type": "number", "minimum": 1, "maximum": 86400},
@@ -266,7 +267,7 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "ids": _DEAD_IDS,
-            "reason": {"type": "string", "maxLength": 1000, "description": "remove only: logged"},
+            "reason": {"type": "string", "maxLength": MAX_REASON, "description": "remove only: logged"},
         },
     },
     "HeldRelease": {

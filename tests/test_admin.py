@@ -1490,6 +1490,37 @@ async def test_admin_events_found_by_an_id_that_stands_in_as_its_digest(
         assert (await admin.delete(path)).status == 200
 
 
+async def test_admin_events_found_by_an_id_of_any_length(admin: Admin, upstream: Upstream) -> None:
+    """An id over 1,024 characters was "never seen" here although the ingress had taken it (keyed by its
+    digest, as every id over 256 characters is)."""
+    event_id = "L" * 5000
+    body = json.dumps({"id": event_id, "type": "invoice.paid"}).encode()
+    assert (await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 200
+    path = "/admin/events/stripe/" + event_id
+    resp = await admin.get(path)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["event_id"].startswith("id-sha256:")
+    assert (await admin.delete(path)).status == 200
+
+
+async def test_admin_bodies_refused_as_bad_requests_not_500(admin: Admin) -> None:
+    """A body that is not what its Content-Encoding says was a 500 `internal` and two tracebacks; a replay of the
+    route "" was 404 "no route ''" (the document says minLength 1): both are the client's mistakes, 400."""
+    for path in ("/admin/dlq/replay", "/admin/dlq/drain"):
+        resp = await admin.http.post(
+            path,
+            data=b'{"all": true, "dry_run": true}',
+            headers={**AUTH, "Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
+        assert resp.status == 400, (path, await resp.text())
+        assert (await resp.json())["error"] == "bad_request"
+    for body in ({"route": "", "dry_run": True}, {"route": ""}):
+        resp = await admin.post("/admin/dlq/replay", body)
+        assert resp.status == 400 and (await resp.json())["error"] == "bad_request"
+    resp = await admin.post("/admin/dlq/drain", {"route": ""})
+    assert resp.status == 400 and (await resp.json())["error"] == "bad_request"
+
+
 async def test_admin_events_forget_pending_is_409_and_keeps_event(admin: Admin, upstream: Upstream) -> None:
     upstream.respond(503)
     body = stripe_body("evt_wait")

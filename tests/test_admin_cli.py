@@ -4,6 +4,7 @@ a real upstream. Exit codes: 0 ok, 1 error answer, 2 usage, 3 unreachable, 4 una
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import pytest
 import redis
 from aiohttp import web
 
-from sidecar.admin_client import _time_arg, admin_url_from_listen, format_item, table
+from sidecar.admin_client import _time_arg, admin_url_from_listen, format_item, print_json, table
 from sidecar.keys import KeySpace
 from sidecar.store import RedisStore
 from tests.conftest import REPO, Upstream
@@ -146,6 +147,9 @@ async def test_admin_cli_list_and_show_table_json_and_not_found(sidecar: Running
     assert all(r.split()[0] in ids and "stripe" in r and "503" in r for r in rows)
     assert "3 shown of 3" in listed.err
 
+    hinted = await dlq("list", "--route", "stripe", "--limit", "1", *cfg)
+    # the next page's hint repeats the filters (alone, its cursor paged the whole DLQ)
+    assert hinted.code == 0 and "next page: --route stripe --cursor " in hinted.err, hinted.err
     as_json = await dlq("list", "--json", "--limit", "2", *cfg)
     page = json.loads(as_json.out)
     assert as_json.code == 0 and len(page["items"]) == 2 and page["total"] == 3 and page["next_cursor"]
@@ -191,6 +195,34 @@ def test_admin_cli_show_and_list_escape_what_would_act_on_the_terminal() -> None
         [[item["id"], item["route"], item["event_id"], item["last_error"]]], ["ID", "ROUTE", "EVENT", "E"]
     )
     assert "\x1b" not in listed and "\x07" not in listed and "\u202e" not in table([["\u202ert"]], ["X"])
+
+
+async def test_admin_cli_refuses_what_would_act_on_something_else_than_asked() -> None:
+    """Refused as usage errors (exit 2) before any call (nothing listens at the URL): `--out "$ARCHIVE"` with
+    ARCHIVE unset drained every item to stdout (to /dev/null in a cron job: gone); a reason the API refuses; a
+    `--limit` of a non-ASCII digit (its message named an internal function). `show replay` reached the POST-only
+    /admin/dlq/replay and said "method not allowed": not a dead-letter id, so not found (exit 5). (an audit)"""
+    target = ["--admin-url", "http://127.0.0.1:1", "--token", "t"]
+    empty_out, long_reason, odd_limit, show_replay = await asyncio.gather(
+        dlq("drain", "--out", "", *target),
+        dlq("replay", "--all", "--reason", "r" * 1001, *target),
+        dlq("list", "--limit", "\u00b2", *target),
+        dlq("show", "replay", *target),
+    )
+    assert empty_out.code == 2 and "--out must name a file" in empty_out.err
+    assert long_reason.code == 2 and "at most 1000 characters" in long_reason.err
+    assert odd_limit.code == 2 and "must be an integer from 1 to 1000" in odd_limit.err
+    assert show_replay.code == 5 and "no dead letter 'replay'" in show_replay.err
+
+
+def test_admin_cli_json_is_ascii_so_nothing_in_it_acts_on_the_terminal() -> None:
+    """`--json` wrote C1 controls (U+009B starts an escape sequence) and a header's lone surrogate (a non-UTF-8
+    byte) raw: the first could act on a terminal, the second crashed the write under a strict UTF-8 locale."""
+    out = io.StringIO()
+    print_json({"headers": [["X-Evil", "\u009b2J"], ["X-Name", "Jos\udce9"]], "route": "caf\u00e9"}, out)
+    text = out.getvalue()
+    assert text.isascii()
+    assert json.loads(text)["headers"][0][1] == "\u009b2J" and json.loads(text)["route"] == "caf\u00e9"
 
 
 async def test_admin_cli_replay_dry_run_ids_and_route_deliver_each_once(
