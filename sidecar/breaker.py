@@ -29,11 +29,27 @@ State = Literal["closed", "open", "half_open"]
 
 log = logging.getLogger("sidecar.breaker")
 
-# What `Breaker.allow` answers: DENIED (falsy), FORWARD (closed), or a half-open breaker's probe, by its number
-# (> FORWARD), so that only that probe's own slot can be given back.
-Grant = int
-DENIED: Grant = 0
-FORWARD: Grant = 1
+
+class Grant:
+    """Leave to forward, from `Breaker.allow`: FORWARD (the breaker was closed), or a half-open breaker's one probe.
+    Only a probe's own grant gives its slot back, and on its own breaker: a forward let through while the breaker
+    was closed, whose slot wait ended after it had opened, freed the probe's slot and let a second probe out beside
+    it; and one whose route moved to another receiver by a reload meanwhile gave back the new receiver's slot,
+    leaving the old one's taken for good (no forward to it, so no result to free it)."""
+
+    __slots__ = ("breaker",)
+
+    def __init__(self, breaker: Breaker | None = None) -> None:
+        self.breaker = breaker
+
+    def release(self) -> None:
+        """No forward was made after all: give the probe slot back (nothing for FORWARD, or a probe since ended)."""
+        breaker = self.breaker
+        if breaker is not None and breaker._probe_out is self:
+            breaker._probe_out = None
+
+
+FORWARD = Grant()
 
 WINDOW_S = 10.0  # how far back the failure share looks
 MIN_FAILURE_SHARE = 0.5
@@ -50,8 +66,7 @@ class Breaker:
     failures: int = 0
     opened_at: float | None = None
     _current_cooldown: float = field(default=0.0, init=False)
-    _probe_out: Grant = field(default=0, init=False)  # the number of the probe out now, 0 when none
-    _probes: Grant = field(default=FORWARD, init=False)  # the last probe's number
+    _probe_out: Grant | None = field(default=None, init=False)  # the probe out now
     # (end time, ok) of the forwards that ended in the last WINDOW_S, and how many of them failed
     _recent: deque[tuple[float, bool]] = field(default_factory=deque, init=False)
     _recent_failures: int = field(default=0, init=False)
@@ -70,30 +85,28 @@ class Breaker:
             return 0.0
         return max(0.0, self.opened_at + self._current_cooldown - self.clock())
 
-    def allow(self) -> Grant:
-        """May a forward go out now? In half-open state only one probe at a time is allowed. Falsy (DENIED) when
-        not; else FORWARD, or the probe's number: what `release` gives back."""
+    def allow(self) -> Grant | None:
+        """May a forward go out now? In half-open state only one probe at a time is allowed. None when not; else
+        FORWARD, or the probe's own grant (see `Grant.release`)."""
         state = self.state
         if state == "closed":
             return FORWARD
-        if state == "half_open" and not self._probe_out:
-            self._probes += 1
-            self._probe_out = self._probes
+        if state == "half_open" and self._probe_out is None:
+            self._probe_out = Grant(self)
             return self._probe_out
-        return DENIED
+        return None
 
-    def release(self, grant: Grant) -> None:
-        """Give back the probe slot `grant` (what `allow()` answered) when no forward was made after all. Only that
-        probe's: a forward let through while the breaker was closed, whose slot wait ended after it had opened,
-        freed the slot of the probe out then and let a second probe through beside it."""
-        if grant > FORWARD and grant == self._probe_out:
-            self._probe_out = 0
+    @staticmethod
+    def release(grant: Grant | None) -> None:
+        """Give back what `allow()` granted when no forward was made after all (see `Grant.release`)."""
+        if grant is not None:
+            grant.release()
 
     def record(self, ok: bool) -> None:
         """Report a forward's result: ok = the upstream answered at all with a non-retryable status."""
         now = self.clock()
         self._remember(now, ok)
-        probe_out, self._probe_out = self._probe_out != 0, 0
+        probe_out, self._probe_out = self._probe_out is not None, None
         if ok:
             if self.opened_at is not None:
                 log.info("upstream %s: circuit closed, it answers again", self.name)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from sidecar.backoff import next_delay, parse_retry_after
-from sidecar.breaker import DENIED, Breaker, Breakers, Grant
+from sidecar.breaker import Breaker, Breakers, Grant
 from sidecar.config import Config, RouteConfig
 from sidecar.errors import StoreError
 from sidecar.forwarder import Forwarder, Outcome, upstream_headers
@@ -139,7 +139,7 @@ class Dispatcher:
         parent: AnySpan | None = None,
         lease_end_ms: int | None = None,
         burial: Burial | None = None,
-        grant: Grant = DENIED,
+        grant: Grant | None = None,
     ) -> Disposition:
         """Forward `rec` once and settle the result. `parent` is the inbound span (attempt 1 in the ingress);
         the worker's attempts have none: they start a trace linked to the one the event arrived with.
@@ -190,7 +190,7 @@ class Dispatcher:
             # its store write landing (its dead letter written, the event not marked dead). Not sent again: buried.
             # Nothing is forwarded: a half-open breaker's probe slot that the caller took for it is given back
             # (kept, the breaker would let no forward through again in this process).
-            self.breaker(route).release(grant)
+            Breaker.release(grant)
             outcome = Outcome("permanent", None, "attempts_spent", 0.0)
             return await self._bury(rec, attempt, outcome, history or [], "exhausted", lease_end_ms)
         if lease_end_ms <= self.store.clock.now_ms():
@@ -198,7 +198,7 @@ class Dispatcher:
             # event was that slow: redis-py trying an unreachable node again). Another worker may be taking the
             # event right now: not sent from here (no store write either, which could undo that worker's take). It
             # is due again already; the attempt number the take counted is spent.
-            self.breaker(route).release(grant)  # not sent: a probe slot taken for it is given back
+            Breaker.release(grant)  # not sent: a probe slot taken for it is given back
             self._lapsed.say(
                 log,
                 logging.WARNING,
@@ -225,7 +225,7 @@ class Dispatcher:
             # This process's connection slots were all busy and nothing was sent: no failure of the receiver's (its
             # breaker is not told; a probe slot is given back) and no attempt of the event's, which goes back with
             # its attempt number returned, due again in a moment (defer.lua).
-            breaker.release(grant)
+            Breaker.release(grant)
             due_ms = await self.defer(rec, attempt, NOT_SENT_WAIT)
             return Disposition("queued", outcome, next_attempt_ms=due_ms)
         labels = self.tel.count_forward(rec.route, outcome.kind, outcome.duration)

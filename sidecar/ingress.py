@@ -688,7 +688,7 @@ class Ingress:
         result: Result,
         within: float | None,
         lease_end: int,
-        grant: Grant,
+        grant: Grant | None,
     ) -> web.StreamResponse:
         """`lease_end`: when the claim's lease runs out, so when the event is attempted again if this attempt
         never settles it (the `next_attempt_at` of a 202 given before the attempt ended). `grant`: the breaker's

@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
-from sidecar.breaker import DENIED
+from sidecar.breaker import Grant
 from sidecar.dispatch import Dispatcher
 from sidecar.errors import StoreError, StoreFull
 from sidecar.logs import Tally
@@ -145,7 +145,7 @@ class RetryWorker:
                 )
                 return True
             # (a burial cut short is finished whatever the breaker says: nothing is sent)
-            grant = DENIED
+            grant: Grant | None = None
             if route is not None and taken.burial is None:
                 breaker = self.dispatcher.breaker(route)
                 if not (grant := breaker.allow()):
