@@ -106,12 +106,16 @@ class ApiError(Exception):
         super().__init__(detail or error)
         self.status, self.error, self.detail, self.extra = status, error, detail, extra
         self.headers: dict[str, str] = {}
+        self.close = False  # end the connection with the answer (what follows on it is in no known state)
 
     def response(self) -> web.Response:
         body: dict[str, Any] = {"error": self.error}
         if self.detail:
             body["detail"] = self.detail
-        return web.json_response({**body, **self.extra}, status=self.status, headers=self.headers or None)
+        resp = web.json_response({**body, **self.extra}, status=self.status, headers=self.headers or None)
+        if self.close:
+            resp.force_close()  # (a Connection: close header set here, aiohttp does not act on)
+        return resp
 
 
 def bad_request(detail: str) -> ApiError:
@@ -326,7 +330,7 @@ async def json_object(request: web.Request, timeout: float, *, empty_ok: bool = 
         # unhandled), and the connection ends with the answer: its bytes are in no known state
         request.content.feed_eof()
         refused = bad_request("the body does not match its Content-Encoding")
-        refused.headers = {"Connection": "close"}
+        refused.close = True
         raise refused from None
     if not raw.strip() and empty_ok:
         return {}
@@ -952,14 +956,16 @@ def create_admin_app(main: web.Application) -> web.Application:
         runtime = main.get(RUNTIME)
         if runtime is None:
             return web.json_response({"ready": False, "reason": "starting"}, status=503)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT
         try:  # answered within a probe's timeout (k8s: 2 s), however the store hangs
             reachable = await asyncio.wait_for(runtime.store.ping(), READY_TIMEOUT)
         except TimeoutError:
             reachable = False
         if not reachable:
             return web.json_response({"ready": False, "reason": "store_unavailable"}, status=503)
-        with contextlib.suppress(TimeoutError):
-            unusable = await asyncio.wait_for(runtime.store.usable(), READY_TIMEOUT)
+        with contextlib.suppress(TimeoutError):  # within what the ping left of READY_TIMEOUT
+            unusable = await asyncio.wait_for(runtime.store.usable(), max(0.0, deadline - loop.time()))
             if unusable is not None:  # older than Redis 7.0: no retry, mark or dead letter would ever land
                 return web.json_response(
                     {"ready": False, "reason": "store_unsupported", "detail": unusable}, status=503

@@ -1158,6 +1158,7 @@ def cmd_list(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int
         f"--{name} {shlex.quote(str(value))}"
         for name, value in (
             ("route", args.route),
+            ("limit", args.limit),
             ("since", args.since),
             ("until", args.until),
             ("status", args.status),

@@ -230,6 +230,11 @@ class Dispatcher:
             return Disposition("queued", outcome, next_attempt_ms=due_ms)
         labels = self.tel.count_forward(rec.route, outcome.kind, outcome.duration)
         breaker.record(outcome.kind != "retryable")
+        if grant is not None and grant.breaker is not breaker:
+            # a reload moved the route to another receiver after the caller's allow(): the probe slot it took on
+            # the old receiver's breaker is given back (that receiver was not tried, so it learns nothing), else no
+            # forward would reach it again from this process
+            grant.release()
         disposition = await self.settle(
             route,
             rec,

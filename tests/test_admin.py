@@ -1514,6 +1514,21 @@ async def test_admin_bodies_refused_as_bad_requests_not_500(admin: Admin) -> Non
         )
         assert resp.status == 400, (path, await resp.text())
         assert (await resp.json())["error"] == "bad_request"
+    # and the connection ends with the answer (a Connection: close header alone left it open 10 s)
+    host, port = admin.http.server.host, admin.http.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        payload = b'{"all": true, "dry_run": true}'
+        writer.write(
+            b"POST /admin/dlq/replay HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+            + f"Authorization: {AUTH['Authorization']}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=5)  # to EOF: the server closed
+        assert answer.startswith(b"HTTP/1.1 400") and b"Content-Encoding" in answer
+    finally:
+        writer.close()
     for body in ({"route": "", "dry_run": True}, {"route": ""}):
         resp = await admin.post("/admin/dlq/replay", body)
         assert resp.status == 400 and (await resp.json())["error"] == "bad_request"

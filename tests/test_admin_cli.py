@@ -149,7 +149,7 @@ async def test_admin_cli_list_and_show_table_json_and_not_found(sidecar: Running
 
     hinted = await dlq("list", "--route", "stripe", "--limit", "1", *cfg)
     # the next page's hint repeats the filters (alone, its cursor paged the whole DLQ)
-    assert hinted.code == 0 and "next page: --route stripe --cursor " in hinted.err, hinted.err
+    assert hinted.code == 0 and "next page: --route stripe --limit 1 --cursor " in hinted.err, hinted.err
     as_json = await dlq("list", "--json", "--limit", "2", *cfg)
     page = json.loads(as_json.out)
     assert as_json.code == 0 and len(page["items"]) == 2 and page["total"] == 3 and page["next_cursor"]

