@@ -143,9 +143,12 @@ def leave_peers_dir(peers_dir: str, index: int | None) -> None:
         # no worker 0 will be started again to read them
         # every file but the other workers' sockets (each takes its own): the counters, the supervisor's lock and
         # the config copies, secrets and all (a list of names missed the one reloads applied: it stayed behind)
-        for path in Path(peers_dir).glob("*"):
-            if path.suffix != ".sock":
-                with contextlib.suppress(OSError):
-                    path.unlink()
+        # (the listing itself may fail: another worker removed the directory meanwhile; a FileNotFoundError out of
+        # the glob was a worker's critical exit, a soak)
+        with contextlib.suppress(OSError):
+            for path in Path(peers_dir).glob("*"):
+                if path.suffix != ".sock":
+                    with contextlib.suppress(OSError):
+                        path.unlink()
         with contextlib.suppress(OSError):  # not empty yet (another worker still runs), or gone already
             Path(peers_dir).rmdir()

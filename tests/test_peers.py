@@ -5,10 +5,13 @@ new: a worker that misses a scrape is counted with its last answer, a replaced w
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.peers import PeerCounts, serve_state
+from sidecar.peers import PeerCounts, leave_peers_dir, serve_state
+from sidecar.supervisor import PARENT_ENV
 from sidecar.telemetry import Telemetry
 
 
@@ -85,3 +88,24 @@ async def test_peer_counts_survive_worker_0_being_replaced(tmp_path: Path) -> No
 async def test_a_worker_whose_socket_cannot_be_made_still_serves(tmp_path: Path) -> None:
     gone = str(tmp_path / "removed")
     assert await serve_state(worker(103, 1), gone, 1) is None  # logged; the worker runs on
+
+
+def test_a_worker_leaving_a_peers_dir_another_worker_removes_meanwhile_does_not_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGKILLed supervisor's two workers both leave at once: one removed the directory between the other's
+    is-it-a-directory test and its listing, whose FileNotFoundError was the worker's critical exit (a soak: 1 in
+    40 supervisor kills). Here the listing fails so, for the worker that sees the supervisor gone."""
+    peers_dir = tmp_path / "sidecar-workers-1-x"
+    peers_dir.mkdir()
+    (peers_dir / "counts.json").write_text("{}")
+    monkeypatch.setenv(PARENT_ENV, "1")  # not this process's parent: the supervisor is gone
+    real_glob = Path.glob
+
+    def vanishing(self: Path, pattern: str) -> Any:
+        if self == peers_dir:
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_glob(self, pattern)
+
+    monkeypatch.setattr(Path, "glob", vanishing)
+    leave_peers_dir(str(peers_dir), 1)  # no exception

@@ -614,6 +614,36 @@ async def test_store_alias_of_a_claim_that_timed_out_but_landed_is_written_by_th
         )
 
 
+async def test_store_alias_of_a_claim_that_timed_out_is_written_by_a_resend_under_another_id(
+    own_valkey: ValkeyServer, own_store: RedisStore
+) -> None:
+    """As above, but the resends come under other ids only: a Twilio delivery first sent with an idempotency
+    token, its claim's answer lost, resent without one (or with another). Every duplicate answer named the stored
+    id, and the admin lookup by it answered 404 "never seen" (a soak)."""
+    s = own_store
+    now = int(time.time() * 1000)
+    assert (await s.claim(digest_record("sha256:warm2", "gh-warm2", now), now, 30_000)).claimed
+    await asyncio.sleep(0.1)
+    assert own_valkey._process is not None
+    os.kill(own_valkey._process.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await s.claim(digest_record("sha256:tw", "token-a", now), now, 30_000)
+    finally:
+        os.kill(own_valkey._process.pid, signal.SIGCONT)
+    ev = KEYS.locate("github", "sha256:tw")[0]
+    with redis.Redis(host=own_valkey.host, port=own_valkey.port) as direct:
+        assert await wait_until(lambda: direct.hget(ev, "eid") is not None, timeout=5), (
+            "the claim never landed"
+        )
+        again = await s.claim(digest_record("sha256:tw", "tw-digest", now), now, 30_000)
+        assert not again.claimed and again.stored_id == "token-a"  # the id the duplicate answer names
+        assert await resolves_to(s, "github", "token-a", "sha256:tw", timeout=5), (
+            "the id every answer named is not found by the admin lookup"
+        )
+        assert direct.exists(KEYS.alias("github", "tw-digest")) == 0  # no key for the resend's own id
+
+
 def test_attempt_record_json_is_compact_and_survives_any_error_text() -> None:
     plain = AttemptRecord(1700000000000, 2, 503, None, 12.34567)
     assert plain.to_json() == "[1700000000000,2,503,null,12.346]"

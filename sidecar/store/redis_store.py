@@ -15,6 +15,7 @@ import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import replace
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -704,15 +705,13 @@ class RedisStore:
         if int(res[0]) == 1:
             self._index_alias(rec)
             return ClaimResult(True)
-        if (
-            rec.dedupe_id != rec.event_id
-            and len(res) > 2
-            and res[2] == rec.event_id.encode("utf-8", "surrogateescape")
-        ):
-            # a resend under the stored event's own id: index it again, since the first claim's answer may have
-            # been lost (a claim that timed out here but landed in the store wrote no alias)
-            self._index_alias(rec)
         stored = res[2].decode("utf-8", "surrogateescape") if len(res) > 2 and res[2] else None
+        if stored is not None and stored != rec.dedupe_id:
+            # index the stored event's own id again, since the first claim's answer may have been lost (a claim
+            # that timed out here but landed in the store wrote no alias), whichever id this resend came under: a
+            # Twilio resend with another idempotency token, or none, left the id every answer named unfound (a
+            # soak). One key per event, whatever ids resends make up.
+            self._index_alias(rec if stored == rec.event_id else replace(rec, event_id=stored))
         return ClaimResult(False, STATE_NAMES.get(res[1].decode(), "pending"), stored)
 
     async def bind_nonce(self, provider: str, value: str, body_digest: str, ttl_ms: int) -> bool:
