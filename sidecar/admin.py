@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import fcntl
 import hmac
 import json
@@ -964,12 +963,16 @@ def create_admin_app(main: web.Application) -> web.Application:
             reachable = False
         if not reachable:
             return web.json_response({"ready": False, "reason": "store_unavailable"}, status=503)
-        with contextlib.suppress(TimeoutError):  # within what the ping left of READY_TIMEOUT
+        try:  # within what the ping left of READY_TIMEOUT
             unusable = await asyncio.wait_for(runtime.store.usable(), max(0.0, deadline - loop.time()))
-            if unusable is not None:  # older than Redis 7.0: no retry, mark or dead letter would ever land
-                return web.json_response(
-                    {"ready": False, "reason": "store_unsupported", "detail": unusable}, status=503
-                )
+        except (
+            TimeoutError
+        ):  # a slow store: the last verdict stands (it was "ready" on a store known unusable)
+            unusable = runtime.store.unusable
+        if unusable is not None:  # older than Redis 7.0: no retry, mark or dead letter would ever land
+            return web.json_response(
+                {"ready": False, "reason": "store_unsupported", "detail": unusable}, status=503
+            )
         stale = time.monotonic() - runtime.worker.last_beat
         if main[RUN_WORKER] and stale > 60:
             return web.json_response({"ready": False, "reason": "worker_stalled"}, status=503)

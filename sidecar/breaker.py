@@ -31,25 +31,24 @@ log = logging.getLogger("sidecar.breaker")
 
 
 class Grant:
-    """Leave to forward, from `Breaker.allow`: FORWARD (the breaker was closed), or a half-open breaker's one probe.
-    Only a probe's own grant gives its slot back, and on its own breaker: a forward let through while the breaker
-    was closed, whose slot wait ended after it had opened, freed the probe's slot and let a second probe out beside
-    it; and one whose route moved to another receiver by a reload meanwhile gave back the new receiver's slot,
-    leaving the old one's taken for good (no forward to it, so no result to free it)."""
+    """Leave to forward from one breaker (`Breaker.allow`): while it was closed (one grant per breaker, kept), or
+    its one probe while half-open. Only a probe's own grant gives its slot back, and on its own breaker: a forward
+    let through while the breaker was closed, whose slot wait ended after it had opened, freed the probe's slot and
+    let a second probe out beside it; and one whose route moved to another receiver by a reload meanwhile gave
+    back the new receiver's slot, leaving the old one's taken for good (no forward to it, so no result to free
+    it). The breaker it came from tells whether the route still leads to it (`Dispatcher.attempt`)."""
 
     __slots__ = ("breaker",)
 
-    def __init__(self, breaker: Breaker | None = None) -> None:
+    def __init__(self, breaker: Breaker) -> None:
         self.breaker = breaker
 
     def release(self) -> None:
-        """No forward was made after all: give the probe slot back (nothing for FORWARD, or a probe since ended)."""
-        breaker = self.breaker
-        if breaker is not None and breaker._probe_out is self:
-            breaker._probe_out = None
+        """No forward was made after all: give the probe slot back (nothing for a closed breaker's grant, or a
+        probe since ended)."""
+        if self.breaker._probe_out is self:
+            self.breaker._probe_out = None
 
-
-FORWARD = Grant()
 
 WINDOW_S = 10.0  # how far back the failure share looks
 MIN_FAILURE_SHARE = 0.5
@@ -67,6 +66,11 @@ class Breaker:
     opened_at: float | None = None
     _current_cooldown: float = field(default=0.0, init=False)
     _probe_out: Grant | None = field(default=None, init=False)  # the probe out now
+    _closed: Grant = field(init=False)  # what allow() answers while closed
+
+    def __post_init__(self) -> None:
+        self._closed = Grant(self)
+
     # (end time, ok) of the forwards that ended in the last WINDOW_S, and how many of them failed
     _recent: deque[tuple[float, bool]] = field(default_factory=deque, init=False)
     _recent_failures: int = field(default=0, init=False)
@@ -87,10 +91,10 @@ class Breaker:
 
     def allow(self) -> Grant | None:
         """May a forward go out now? In half-open state only one probe at a time is allowed. None when not; else
-        FORWARD, or the probe's own grant (see `Grant.release`)."""
+        a grant (see `Grant`)."""
         state = self.state
         if state == "closed":
-            return FORWARD
+            return self._closed
         if state == "half_open" and self._probe_out is None:
             self._probe_out = Grant(self)
             return self._probe_out

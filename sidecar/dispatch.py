@@ -62,6 +62,7 @@ NOT_SENT_WAIT = 1.0
 # newer config added on another replica or worker (a rolling update of k8s/base rolls every config edit): it is put
 # back for UNKNOWN_ROUTE_WAIT instead of being dead-lettered, until it is UNKNOWN_ROUTE_GRACE old.
 UNKNOWN_ROUTE_WAIT = 30.0
+CIRCUIT_WAIT = 0.5  # an event put back for an open circuit is taken again no sooner than this
 UNKNOWN_ROUTE_GRACE_MS = 15 * 60 * 1000
 # unknown-route put-backs and lapsed leases are logged once, then with a count at most this often
 REPORT_EVERY_S = 60.0
@@ -210,6 +211,19 @@ class Dispatcher:
             return Disposition(
                 "queued", Outcome("retryable", None, "lease_lapsed", 0.0), next_attempt_ms=lease_end_ms
             )
+        breaker = self.breaker(route)
+        if grant is not None and grant.breaker is not breaker:
+            # a reload moved the route to another receiver after the caller's allow(): the old receiver's probe
+            # slot is given back (it is not tried, so it learns nothing; kept, no forward would reach it again from
+            # this process), and the new receiver's breaker is asked (sent past it, a forward could go out beside
+            # its probe, or to a receiver whose circuit is open)
+            grant.release()
+            grant = breaker.allow()
+            if grant is None:
+                due_ms = await self.defer(rec, attempt, max(breaker.retry_at(), CIRCUIT_WAIT))
+                return Disposition(
+                    "queued", Outcome("retryable", None, "circuit_open", 0.0), next_attempt_ms=due_ms
+                )
         url = target_url(table.config, route, rec.path_qs)
         span = self.tel.start_forward(rec.route, rec.event_id, attempt, parent, rec.traceparent)
         outcome = await self.forwarder.send(
@@ -220,7 +234,6 @@ class Dispatcher:
             found.policy,
         )
         self.tel.end(span, outcome.error, outcome.status)
-        breaker = self.breaker(route)
         if outcome.error == POOL_TIMEOUT:
             # This process's connection slots were all busy and nothing was sent: no failure of the receiver's (its
             # breaker is not told; a probe slot is given back) and no attempt of the event's, which goes back with
@@ -230,11 +243,6 @@ class Dispatcher:
             return Disposition("queued", outcome, next_attempt_ms=due_ms)
         labels = self.tel.count_forward(rec.route, outcome.kind, outcome.duration)
         breaker.record(outcome.kind != "retryable")
-        if grant is not None and grant.breaker is not breaker:
-            # a reload moved the route to another receiver after the caller's allow(): the probe slot it took on
-            # the old receiver's breaker is given back (that receiver was not tried, so it learns nothing), else no
-            # forward would reach it again from this process
-            grant.release()
         disposition = await self.settle(
             route,
             rec,

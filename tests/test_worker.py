@@ -511,12 +511,14 @@ async def test_worker_replayed_events_older_than_max_age_each_get_an_attempt_whi
     assert breaker.state == "closed"
 
 
+@pytest.mark.parametrize("y_circuit", ["closed", "open"])
 async def test_a_probe_whose_route_a_reload_moves_gives_back_the_old_receivers_slot(
-    sidecar_factory: Any, upstream: Upstream, redis_url: str
+    sidecar_factory: Any, upstream: Upstream, redis_url: str, y_circuit: str
 ) -> None:
     """A half-open breaker's probe taken for receiver X; a reload moved the route to Y while the claim ran: the probe
     went to Y, its result was told Y's breaker, and X's slot stayed taken for good: every event of a route still
-    on X was put back unsent until a restart (a review)."""
+    on X was put back unsent until a restart (a review). Y's own breaker is asked now: with its circuit open, the
+    event is queued, not sent past it (another review)."""
     from sidecar.routes import RouteTable
 
     y = Upstream()
@@ -550,11 +552,20 @@ async def test_a_probe_whose_route_a_reload_moves_gives_back_the_old_receivers_s
             dispatcher.swap(moved)  # the reload lands while the claim's round trip is out
             return await claim(*args, **kwargs)
 
+        y_breaker = dispatcher.breakers.for_url(y.url)
+        if y_circuit == "open":
+            for _ in range(y_breaker.threshold):
+                y_breaker.record(False)
+            assert y_breaker.state == "open"
         runtime.store.claim = claim_while_reloading  # type: ignore[method-assign]
         body = stripe_body("evt_probe")
-        assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 200
+        resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
         runtime.store.claim = claim  # type: ignore[method-assign]
-        assert len(y.received) == 1 and upstream.received == []
+        if y_circuit == "closed":
+            assert resp.status == 200 and len(y.received) == 1
+        else:
+            assert resp.status == 202 and (await resp.json())["queued"] is True and y.received == []
+        assert upstream.received == []
         assert x_breaker.allow() is not None  # X's slot given back: a route still on X is tried again
     finally:
         await y_server.close()

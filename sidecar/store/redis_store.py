@@ -450,6 +450,7 @@ class RedisStore:
                 return self.unusable
             log.log(level, "could not preload the store's scripts (they load on first use): %s", exc)
             self._scripts_loaded = True  # (as far as this check goes: not to be tried again)
+            self.unusable = None  # (the store answers as a 7.0 or later would: not too old, whatever else)
         except _UNAVAILABLE as exc:
             log.log(
                 level, "could not preload the store's scripts (they load on first use; tried again): %s", exc
