@@ -322,11 +322,10 @@ async def json_object(request: web.Request, timeout: float, *, empty_ok: bool = 
         raise ApiError(408, "read_timeout", "the body did not arrive within server.read_timeout") from None
     except HttpProcessingError as exc:  # its framing refused part way (a malformed chunk)
         raise bad_request(parse_error_detail(exc, BAD_BODY)) from None
-    except (
-        RequestPayloadError
-    ):  # a gzip Content-Encoding over bytes that are not: it was a 500 and a traceback
-        # the rest of the body is not read (aiohttp's lingering read would meet the same error, and log it as
-        # unhandled), and the connection ends with the answer: its bytes are in no known state
+    except RequestPayloadError:
+        # a gzip Content-Encoding over bytes that are not (it was a 500 and a traceback): the rest of the body is
+        # not read (aiohttp's lingering read would meet the same error, and log it as unhandled), and the
+        # connection ends with the answer: its bytes are in no known state
         request.content.feed_eof()
         refused = bad_request("the body does not match its Content-Encoding")
         refused.close = True
@@ -549,9 +548,8 @@ class AdminApi:
 
     async def known_route(self, route: Any) -> str:
         """A configured route, or one that still has dead letters (its config was removed); else 404."""
-        if (
-            not isinstance(route, str) or not route
-        ):  # ("" was 404 "no route ''"; the document says minLength 1)
+        # ("" was 404 "no route ''"; the document says minLength 1)
+        if not isinstance(route, str) or not route:
             raise bad_request('"route" must be a route name (a non-empty string)')
         if not _ROUTE.fullmatch(route):
             raise not_found(f"no route {str(route)[:100]!r}")
@@ -965,9 +963,8 @@ def create_admin_app(main: web.Application) -> web.Application:
             return web.json_response({"ready": False, "reason": "store_unavailable"}, status=503)
         try:  # within what the ping left of READY_TIMEOUT
             unusable = await asyncio.wait_for(runtime.store.usable(), max(0.0, deadline - loop.time()))
-        except (
-            TimeoutError
-        ):  # a slow store: the last verdict stands (it was "ready" on a store known unusable)
+        except TimeoutError:
+            # a slow store: the last verdict stands (it said ready on a store known unusable)
             unusable = runtime.store.unusable
         if unusable is not None:  # older than Redis 7.0: no retry, mark or dead letter would ever land
             return web.json_response(

@@ -67,13 +67,12 @@ class Breaker:
     _current_cooldown: float = field(default=0.0, init=False)
     _probe_out: Grant | None = field(default=None, init=False)  # the probe out now
     _closed: Grant = field(init=False)  # what allow() answers while closed
-
-    def __post_init__(self) -> None:
-        self._closed = Grant(self)
-
     # (end time, ok) of the forwards that ended in the last WINDOW_S, and how many of them failed
     _recent: deque[tuple[float, bool]] = field(default_factory=deque, init=False)
     _recent_failures: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self._closed = Grant(self)
 
     @property
     def state(self) -> State:

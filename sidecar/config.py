@@ -1201,11 +1201,12 @@ def _unusable_dir(path: str) -> str | None:
             continue
         except OSError as exc:
             return f"{probe}: {exc.strerror or exc}"
-        where = "" if probe == path else f" (it would be made under {probe})"
         if not stat.S_ISDIR(info.st_mode):
             return f"{probe} is not a directory" + ("" if probe == path else f", on the way to {path}")
         if not os.access(probe, os.W_OK | os.X_OK):
-            return f"no write access to {probe}{where}"
+            return f"no write access to {probe}" + (
+                "" if probe == path else f" (it would be made under {probe})"
+            )
         return None
     return None
 
@@ -1557,8 +1558,10 @@ def _check_providers(ctx: _Ctx, built: list[tuple[RouteConfig, str, _Item, list[
     for route, path, item, origins in built:
         spec = route.signature
         # a route with an event_id of its own needs no dedup_id (it was refused all the same)
-        needs_id = route.provider == "hmac" and route.event_id.kind == "auto" and isinstance(spec, Mapping)
-        if needs_id and not spec.get("dedup_id"):
+        needs_dedup_id = (
+            route.provider == "hmac" and route.event_id.kind == "auto" and isinstance(spec, Mapping)
+        )
+        if needs_dedup_id and not spec.get("dedup_id"):
             ctx.error(
                 item.value["signature"].line,
                 f"{path}.signature.dedup_id",

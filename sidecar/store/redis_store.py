@@ -315,12 +315,11 @@ class RedisStore:
         # scheduled events whose stored request the store no longer has (evicted): said once, then with a count
         self._vanished = Tally(ALIAS_REPORT_S)
         self._skew_said = False  # this host's clock said to be far from the store's (`_say_skew`)
-        # the scripts loaded once (`preload`); until then each claim first tries to (`usable`)
+        # the scripts loaded once (`preload`); until then /readyz tries again (`usable`), as after a claim that
+        # found the store older than Redis 7.0; `unusable`: why the store cannot run the sidecar, once known
         self._scripts_loaded = False
         self._loading = asyncio.Lock()
-        self.unusable: str | None = (
-            None  # why the store cannot run the sidecar (older than Redis 7.0), once known
-        )
+        self.unusable: str | None = None
         self.keys = keys
         self._ttl_ms = int(dedupe_ttl * 1000)
         # a burial's record (dlq_add.lua) outlives any lease: a burial cut short is finished after its lease
@@ -448,16 +447,14 @@ class RedisStore:
                     "the sidecar needs Redis 7.0 or later, or Valkey"
                 )
                 return self.unusable
+            # another refusal: not too old, whatever else (the scripts load on first use); not tried again
             log.log(level, "could not preload the store's scripts (they load on first use): %s", exc)
-            self._scripts_loaded = True  # (as far as this check goes: not to be tried again)
-            self.unusable = None  # (the store answers as a 7.0 or later would: not too old, whatever else)
         except _UNAVAILABLE as exc:
             log.log(
                 level, "could not preload the store's scripts (they load on first use; tried again): %s", exc
             )
-        else:
-            self._scripts_loaded = True
-            self.unusable = None
+            return None
+        self._scripts_loaded, self.unusable = True, None
         return None
 
     async def missing_permissions(self) -> str | None:

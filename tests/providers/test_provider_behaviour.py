@@ -81,18 +81,22 @@ def test_slack_ssl_check_is_unsigned_handshake() -> None:
 
 def test_intercom_and_pagerduty_pings_are_handshakes() -> None:
     """providers.md §24: "Intercom, PagerDuty: test/ping notifications, just 2xx after verification"."""
-    intercom = CASES["intercom"]
-    body = b'{"type": "notification_event", "topic": "ping", "id": null, "data": {"item": {"message": "hi"}}}'
-    got = intercom.verify(*intercom.request(body=body))
-    assert got.handshake is not None and got.handshake.status == 200
-    event = b'{"type": "notification_event", "topic": "conversation.user.created", "id": "notif_1"}'
-    assert intercom.verify(*intercom.request(body=event)).handshake is None
-    pagerduty = CASES["pagerduty"]
-    ping = b'{"event": {"id": "01PING", "event_type": "pagey.ping", "data": {}}}'
-    got = pagerduty.verify(*pagerduty.request(body=ping))
-    assert got.handshake is not None and got.handshake.status == 200
-    other = b'{"event": {"id": "01INC", "event_type": "incident.triggered", "data": {}}}'
-    assert pagerduty.verify(*pagerduty.request(body=other)).handshake is None
+    for provider, ping, event in [
+        (
+            "intercom",
+            b'{"type": "notification_event", "topic": "ping", "id": null, "data": {"item": {"message": "hi"}}}',
+            b'{"type": "notification_event", "topic": "conversation.user.created", "id": "notif_1"}',
+        ),
+        (
+            "pagerduty",
+            b'{"event": {"id": "01PING", "event_type": "pagey.ping", "data": {}}}',
+            b'{"event": {"id": "01INC", "event_type": "incident.triggered", "data": {}}}',
+        ),
+    ]:
+        case = CASES[provider]
+        got = case.verify(*case.request(body=ping))
+        assert got.handshake is not None and got.handshake.status == 200, provider
+        assert case.verify(*case.request(body=event)).handshake is None, provider
 
 
 def _discord(body: bytes) -> dict[str, str]:
