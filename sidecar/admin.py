@@ -320,6 +320,17 @@ async def json_object(request: web.Request, timeout: float, *, empty_ok: bool = 
             raw = await request.read()
     except TimeoutError:
         raise ApiError(408, "read_timeout", "the body did not arrive within server.read_timeout") from None
+    except ConnectionResetError:
+        # the client went away part way through its body (it was an error and a traceback in the log): nothing was
+        # done, and there is no one left to answer
+        log.info(
+            "admin %s %s: the client closed the connection before its body ended",
+            request.method,
+            request.path,
+        )
+        gone = bad_request("the connection ended before the body did")
+        gone.close = True
+        raise gone from None
     except HttpProcessingError as exc:  # its framing refused part way (a malformed chunk)
         raise bad_request(parse_error_detail(exc, BAD_BODY)) from None
     except RequestPayloadError:

@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -209,7 +210,8 @@ class JsonErrorTestServer(TestServer):
     """The admin app served as `sidecar run` serves it (JsonErrorRunner)."""
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        return JsonErrorRunner(self.app, **kwargs)
+        # TestServer cancels a handler whose client went away; `sidecar run` lets it run on, as aiohttp does
+        return JsonErrorRunner(self.app, **{**kwargs, "handler_cancellation": False})
 
 
 @pytest.mark.parametrize("path", ["/admin/dlq/replay", "/admin/dlq/drain"])
@@ -1875,3 +1877,35 @@ async def test_admin_dlq_held_drain_release_all_gives_back_all_but_kept(
     assert sorted(ids) == sorted(i["id"] for i in items) and other
     again = await admin.post(f"/admin/dlq/drain/{drain_id}/release", {"all": True})
     assert (await again.json()) == {"released": 2}
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 100", b"Transfer-Encoding: chunked"])
+@pytest.mark.parametrize("reset", [False, True])
+async def test_admin_body_cut_short_by_the_client_logs_no_error(
+    sidecar_factory: Any, aiohttp_client: Any, caplog: pytest.LogCaptureFixture, framing: bytes, reset: bool
+) -> None:
+    """A client that goes away part way through its body is the client's business: it was an error-level
+    "admin POST /admin/dlq/replay failed" with a ConnectionResetError traceback in the sidecar's log."""
+    main = await sidecar_factory(ROUTES, retry=FAST)
+    http = await aiohttp_client(JsonErrorTestServer(create_admin_app(main.server.app)))
+    await bury_many(main.server.app[RUNTIME].store, 1)
+    host, port = http.server.host, http.server.port
+    _reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        f"POST /admin/dlq/replay HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH['Authorization']}\r\n".encode()
+        + framing
+        + b"\r\nContent-Type: application/json\r\n\r\n"
+        + (b"8\r\n" if b"chunked" in framing else b"")
+        + b'{"all": '
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the handler is reading the body
+    if reset:
+        writer.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+    writer.close()
+    await asyncio.sleep(0.3)  # the handler meets the end of the connection
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert await DeadLetters(main.server.app[RUNTIME].store).count() == 1  # nothing replayed
+    assert (await http.get("/admin/stats", headers=AUTH)).status == 200
