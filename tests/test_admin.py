@@ -21,7 +21,6 @@ from urllib.parse import quote
 import pytest
 import redis
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,11 +28,10 @@ from sidecar.admin import AdminApi, create_admin_app
 from sidecar.admin_spec import SCHEMAS, document
 from sidecar.app import RUNTIME, create_app
 from sidecar.config import AdminConfig
-from sidecar.front import JsonErrorRunner
 from sidecar.keys import KeySpace
 from sidecar.store import AttemptRecord, EventRecord, RedisStore
 from sidecar.store.dead_letters import DeadLetters
-from tests.conftest import Upstream, make_config
+from tests.conftest import JsonErrorTestServer, Upstream, make_config
 from tests.procs import dribbling, free_port
 from tests.test_ingress import GITHUB_SECRET, STRIPE_SECRET, github_headers, stripe_body, stripe_headers
 
@@ -85,7 +83,7 @@ class Admin:
 @pytest.fixture
 async def admin(sidecar_factory: Any, aiohttp_client: Any) -> Admin:
     main = await sidecar_factory(ROUTES, retry=FAST)
-    http = await aiohttp_client(create_admin_app(main.server.app))
+    http = await aiohttp_client(JsonErrorTestServer(create_admin_app(main.server.app)))
     return Admin(main, http)
 
 
@@ -206,14 +204,6 @@ async def test_admin_auth_header_that_is_not_utf8_is_401_not_500(
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-class JsonErrorTestServer(TestServer):
-    """The admin app served as `sidecar run` serves it (JsonErrorRunner)."""
-
-    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        # TestServer cancels a handler whose client went away; `sidecar run` lets it run on, as aiohttp does
-        return JsonErrorRunner(self.app, **{**kwargs, "handler_cancellation": False})
-
-
 @pytest.mark.parametrize("path", ["/admin/dlq/replay", "/admin/dlq/drain"])
 async def test_admin_body_dribble_gets_408_after_read_timeout_and_is_closed(
     sidecar_factory: Any, aiohttp_client: Any, path: str
@@ -264,7 +254,7 @@ async def test_admin_closed_when_no_token_configured(
     config = make_config(ROUTES, upstream_url=upstream.url, redis_url=redis_url)
     config = dataclasses.replace(config, admin=AdminConfig("127.0.0.1:0"))
     main = await aiohttp_client(create_app(config, redis_url=redis_url, run_worker=False))
-    http = await aiohttp_client(create_admin_app(main.server.app))
+    http = await aiohttp_client(JsonErrorTestServer(create_admin_app(main.server.app)))
     resp = await http.get("/admin/stats", headers={"Authorization": "Bearer "})
     assert resp.status == 401
     assert "not configured" in (await resp.json())["detail"]
@@ -1826,7 +1816,7 @@ async def test_admin_store_unreachable_is_503_json_not_a_traceback(
     dead = f"{scheme}://127.0.0.1:{free_port(below=55536)}"
     config = make_config(ROUTES, upstream_url=upstream.url, redis_url=dead)
     main = await aiohttp_client(create_app(config, redis_url=dead, run_worker=False))
-    http = await aiohttp_client(create_admin_app(main.server.app))
+    http = await aiohttp_client(JsonErrorTestServer(create_admin_app(main.server.app)))
     for method, path in [("GET", "/admin/stats"), ("GET", "/admin/dlq"), ("POST", "/admin/dlq/drain")]:
         resp = await http.request(method, path, headers=AUTH)
         assert resp.status == 503, await resp.text()

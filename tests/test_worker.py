@@ -20,7 +20,7 @@ from sidecar.admin import create_admin_app
 from sidecar.app import RUNTIME, create_app
 from sidecar.store.dead_letters import DeadLetters
 from sidecar.worker import RetryWorker
-from tests.conftest import Upstream, make_config
+from tests.conftest import JsonErrorTestServer, Upstream, make_config
 from tests.procs import free_port, wait_until
 from tests.test_admin import AUTH
 from tests.test_ingress import ROUTES, STRIPE_SECRET, stripe_body, stripe_headers
@@ -482,7 +482,7 @@ async def test_worker_replayed_events_older_than_max_age_each_get_an_attempt_whi
     client = await sidecar_factory(
         ROUTES, retry="{base_delay: 1h, multiplier: 1, max_delay: 1h, jitter: 0, max_age: 3s}"
     )
-    admin = await aiohttp_client(create_admin_app(client.server.app))
+    admin = await aiohttp_client(JsonErrorTestServer(create_admin_app(client.server.app)))
     runtime = client.server.app[RUNTIME]
     upstream.respond(*([400] * 30))
     for i in range(30):
@@ -668,7 +668,7 @@ async def test_worker_a_burial_finished_later_does_not_bring_back_what_an_operat
     from tests.test_admin import AUTH
 
     client = await sidecar_factory(ROUTE, retry=CUT_SHORT)
-    admin = await aiohttp_client(create_admin_app(client.server.app))
+    admin = await aiohttp_client(JsonErrorTestServer(create_admin_app(client.server.app)))
     store = client.server.app[RUNTIME].store
     upstream.respond(400)
     await cut_short(client, "evt_taken")
@@ -701,7 +701,7 @@ async def test_worker_a_burial_finished_later_writes_one_dead_letter_for_a_later
     from tests.test_admin import AUTH
 
     client = await sidecar_factory(ROUTE, retry=CUT_SHORT)
-    admin = await aiohttp_client(create_admin_app(client.server.app))
+    admin = await aiohttp_client(JsonErrorTestServer(create_admin_app(client.server.app)))
     store = client.server.app[RUNTIME].store
     upstream.respond(400)
     assert (await send(client, "evt_life")).status == 202
@@ -731,7 +731,7 @@ async def test_worker_a_later_life_buried_in_the_same_millisecond_still_gets_its
     from tests.test_admin import AUTH
 
     client = await sidecar_factory(ROUTE, retry=CUT_SHORT)
-    admin = await aiohttp_client(create_admin_app(client.server.app))
+    admin = await aiohttp_client(JsonErrorTestServer(create_admin_app(client.server.app)))
     store = client.server.app[RUNTIME].store
     stamp, bury = store.clock.now_ms(), store.bury
 
@@ -766,7 +766,7 @@ async def test_worker_a_burial_finished_after_a_short_dedupe_ttl_does_not_bring_
     from tests.test_admin import AUTH
 
     client = await sidecar_factory(ROUTE, retry=CUT_SHORT, extra="dedupe: {ttl: 500ms}")
-    admin = await aiohttp_client(create_admin_app(client.server.app))
+    admin = await aiohttp_client(JsonErrorTestServer(create_admin_app(client.server.app)))
     store = client.server.app[RUNTIME].store
     upstream.respond(400)
     await cut_short(client, "evt_short")

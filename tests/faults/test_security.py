@@ -23,7 +23,7 @@ from sidecar.admin import create_admin_app
 from sidecar.app import create_app
 from sidecar.config import AdminConfig, load_text
 from sidecar.config import is_loopback as _is_loopback
-from tests.conftest import REPO, Upstream, make_config
+from tests.conftest import REPO, JsonErrorTestServer, Upstream, make_config
 from tests.faults import logcheck
 from tests.faults.harness import (
     ADMIN_TOKEN,
@@ -52,7 +52,7 @@ routes:
 {stripe_route()}"""
     config = load_text(text, env={})
     main = await aiohttp_client(create_app(config, redis_url=redis_url, run_worker=False))
-    return await aiohttp_client(create_admin_app(main.server.app))
+    return await aiohttp_client(JsonErrorTestServer(create_admin_app(main.server.app)))
 
 
 async def test_security_admin_token_required_and_compared_in_constant_time(
