@@ -356,6 +356,13 @@ class AdminClient:
             port = parts.port
         except ValueError as exc:
             raise ClientError(EXIT_USAGE, f"{bad}: {exc}") from None
+        # each was dropped without a word: credentials in the URL were never sent, a query never applied
+        if parts.username is not None or parts.password is not None:
+            raise ClientError(EXIT_USAGE, f"{bad}: credentials in the URL are not sent (use --token)")
+        if parts.query or parts.fragment or self.base_url.endswith(("?", "#")):
+            raise ClientError(
+                EXIT_USAGE, f"{bad}: it has a query or fragment (filters are options: see --help)"
+            )
         if parts.scheme == "https":
             return _TLSConnection(parts.hostname or "", port, self.timeout)
         if parts.scheme != "http" or not parts.hostname:

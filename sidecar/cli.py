@@ -403,8 +403,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _own_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command's parser is recorded in the arguments it parses, so an unknown option is named against
+    the command given (`sidecar dlq list: error: ... (see sidecar dlq list --help)`), not the top level."""
+    parser.set_defaults(own_parser=parser)
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for sub in getattr(action, "choices", {}).values():
+            if isinstance(sub, argparse.ArgumentParser):
+                _own_parsers(sub)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    _own_parsers(parser)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.own_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     setup_logging(args.log_level or "info", "auto")
     return int(args.func(args))

@@ -397,6 +397,34 @@ BAD_ARGUMENTS = [
 ]
 
 
+async def test_admin_cli_admin_url_parts_it_would_drop_are_usage_errors() -> None:
+    """Credentials, a query or a fragment in --admin-url were dropped without a word (the call went out without
+    them: a 401 for `user:pass@`, the whole DLQ for `?route=stripe`)."""
+    cases = {
+        "http://ops:secret@127.0.0.1:9": "credentials in the URL are not sent (use --token)",
+        "https://ops@127.0.0.1:9/": "credentials in the URL are not sent (use --token)",
+        "http://127.0.0.1:9/?route=stripe": "it has a query or fragment",
+        "http://127.0.0.1:9/admin#x": "it has a query or fragment",
+        "http://127.0.0.1:9/?": "it has a query or fragment",
+    }
+    results = await asyncio.gather(*(dlq("list", "--admin-url", url, "--token", "t") for url in cases))
+    for (url, why), r in zip(cases.items(), results, strict=True):
+        assert r.code == 2 and why in r.err and r.err.count("\n") == 1, (url, r.code, r.err)
+
+
+async def test_admin_cli_unknown_option_is_named_against_the_subcommand() -> None:
+    """`sidecar dlq list --bogus` said `sidecar: error: ... (see sidecar --help)`, whose help does not list the
+    subcommand's options."""
+    listed, replayed = await asyncio.gather(
+        dlq("list", "--bogus", "--admin-url", "http://127.0.0.1:9", "--token", "t"),
+        dlq("replay", "abc", "--zz", "--admin-url", "http://127.0.0.1:9", "--token", "t"),
+    )
+    assert listed.code == 2 and listed.err == (
+        "sidecar dlq list: error: unrecognized arguments: --bogus (see sidecar dlq list --help)\n"
+    )
+    assert replayed.code == 2 and "sidecar dlq replay: error: unrecognized arguments: --zz" in replayed.err
+
+
 async def test_admin_cli_exit_2_on_bad_arguments() -> None:
     results = await asyncio.gather(*(dlq(*args) for args in BAD_ARGUMENTS))
     for args, r in zip(BAD_ARGUMENTS, results, strict=True):
