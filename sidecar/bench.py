@@ -617,10 +617,12 @@ def run_bench(
     out: Any = print,
     upstream: str = "lean",
     store_dir: Path | None = None,
+    rounds: int = 3,
 ) -> dict[str, Any]:
     """`upstream`: the receiver every scenario forwards to, `lean` (default) or `aiohttp` (the upstream of
     ../shared/PERFORMANCE.md, which takes ~3x the CPU of the lean one from the load core). `store_dir`: where the
-    embedded Valkey keeps its append-only file (default: a temporary directory, on whatever disk holds it)."""
+    embedded Valkey keeps its append-only file (default: a temporary directory, on whatever disk holds it).
+    `rounds`: how many alternating rounds each ratio is the median of (one is a smoke test, not a figure)."""
     from sidecar.store.embedded import EmbeddedValkey
 
     cores = os.cpu_count() or 1
@@ -652,7 +654,7 @@ def run_bench(
         # This machine's speed drifts by 20 % and more within minutes: the scenarios compared with each other run
         # in alternating rounds, and each ratio is the median of its per-round values.
         runs: dict[str, list[Result]] = {name: [] for name in ("passthrough", "new", "duplicate")}
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             runs["passthrough"].append(
                 bench.load("passthrough", pt_port, bench.fresh_ids(200_000), pid=pt.pid)
             )
@@ -661,7 +663,7 @@ def run_bench(
         # Open loop at a fixed rate: requests start on schedule whatever the answers do, and latency counts from
         # the scheduled start, so a slower server shows up as latency, not as a lower offered rate.
         rate = 0.35 * statistics.median(r.rps for r in runs["passthrough"])
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             runs.setdefault("passthrough@35%", []).append(
                 bench.open_loop("passthrough35", pt_port, 200_000, rate, pid=pt.pid)
             )
@@ -675,7 +677,7 @@ def run_bench(
         bench.stop(pt)
         w1_port, w1 = bench.sidecar(redis_url, up, workers=1, pinned=False)
         w2_port, w2 = bench.sidecar(redis_url, up, workers=2, pinned=False)
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             runs.setdefault("workers=1", []).append(
                 bench.load("w1", w1_port, bench.fresh_ids(bench.estimate()), pid=w1.pid)
             )
@@ -692,9 +694,6 @@ def run_bench(
         if data_dir:
             shutil.rmtree(data_dir, ignore_errors=True)
     return report(results, cores, bool(bench.wrk), out, runs)
-
-
-ROUNDS = 3
 
 
 def median_run(runs: list[Result], by_latency: bool = False) -> Result:

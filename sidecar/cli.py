@@ -341,7 +341,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if store_dir is not None and not store_dir.is_dir():
         print(f"sidecar bench: --store-dir {store_dir} is not a directory", file=sys.stderr)
         return 2
-    figures = run_bench(args.duration, args.connections, upstream=args.upstream, store_dir=store_dir)
+    if not 1 <= args.rounds <= 9:
+        print(f"sidecar bench: --rounds must be from 1 to 9, not {args.rounds}", file=sys.stderr)
+        return 2
+    figures = run_bench(
+        args.duration, args.connections, upstream=args.upstream, store_dir=store_dir, rounds=args.rounds
+    )
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(figures, f, indent=2)
@@ -382,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure the sidecar against a plain pass-through proxy on loopback")
     bench.add_argument("--duration", type=float, default=8.0, help="seconds per scenario (default 8)")
     bench.add_argument("--connections", type=int, default=64, help="concurrent connections (default 64)")
+    bench.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds each ratio is the median of (default 3)"
+    )
     bench.add_argument("--json", dest="json_out", help="also write the figures as JSON to this file")
     bench.add_argument(
         "--upstream",

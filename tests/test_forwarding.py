@@ -291,7 +291,7 @@ async def test_a_store_written_with_another_shard_count_is_refused_at_start(
 
 
 async def test_a_store_refusing_every_write_is_logged_once_with_a_count_not_per_request(
-    aiohttp_client: Any, upstream: Upstream, own_valkey: Any, caplog: pytest.LogCaptureFixture
+    own_valkey: Any, aiohttp_client: Any, upstream: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A store that refuses writes for one cause (MISCONF with its disk full; here NOREPLICAS) logged an ERROR line
     per refused request (2,194 in 12 s in an e2e audit): now once, then at most every 30 s with a count."""
