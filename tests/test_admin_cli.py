@@ -4,6 +4,7 @@ a real upstream. Exit codes: 0 ok, 1 error answer, 2 usage, 3 unreachable, 4 una
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -67,6 +68,34 @@ async def dlq(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO, *
         await proc.wait()
         raise
     return Result(int(proc.returncode or 0), out.decode(), err.decode())
+
+
+_IN_PROCESS = asyncio.Lock()
+
+
+async def dlq_here(*args: str) -> Result:
+    """`sidecar dlq ARGS` run in this process, in a thread, one call at a time (stdout and stderr are the
+    process's): the code `dlq` runs without a Python start per call, for tests that run the CLI dozens of times.
+    The environment is the test's own (no SIDECAR_CONFIG or SIDECAR_ADMIN_TOKEN: `cli_env` drops them too)."""
+    from sidecar.cli import build_parser
+
+    def run() -> Result:
+        out, err = (
+            io.TextIOWrapper(io.BytesIO(), encoding="utf-8"),
+            io.TextIOWrapper(io.BytesIO(), encoding="utf-8"),
+        )
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                parsed = build_parser().parse_args(["dlq", *args])
+                code = int(parsed.func(parsed))
+            except SystemExit as exc:
+                code = int(exc.code or 0)
+        out.flush(), err.flush()
+        return Result(code, out.buffer.getvalue().decode(), err.buffer.getvalue().decode())
+
+    assert not {"SIDECAR_CONFIG", "SIDECAR_ADMIN_TOKEN"} & set(os.environ)
+    async with _IN_PROCESS:
+        return await asyncio.to_thread(run)
 
 
 @dataclass
@@ -407,7 +436,7 @@ async def test_admin_cli_admin_url_parts_it_would_drop_are_usage_errors() -> Non
         "http://127.0.0.1:9/admin#x": "it has a query or fragment",
         "http://127.0.0.1:9/?": "it has a query or fragment",
     }
-    results = await asyncio.gather(*(dlq("list", "--admin-url", url, "--token", "t") for url in cases))
+    results = [await dlq_here("list", "--admin-url", url, "--token", "t") for url in cases]
     for (url, why), r in zip(cases.items(), results, strict=True):
         assert r.code == 2 and why in r.err and r.err.count("\n") == 1, (url, r.code, r.err)
 
@@ -426,7 +455,7 @@ async def test_admin_cli_unknown_option_is_named_against_the_subcommand() -> Non
 
 
 async def test_admin_cli_exit_2_on_bad_arguments() -> None:
-    results = await asyncio.gather(*(dlq(*args) for args in BAD_ARGUMENTS))
+    results = [await dlq_here(*args) for args in BAD_ARGUMENTS]
     for args, r in zip(BAD_ARGUMENTS, results, strict=True):
         assert r.code == 2, (args, r.code, r.err)
         assert r.err.strip() and "Traceback" not in r.err
@@ -521,7 +550,7 @@ async def test_admin_cli_exit_3_when_another_service_answers(foreign: Foreign, t
     ]
     for answer in answers:
         foreign.answer = answer
-        results = await asyncio.gather(*(dlq(*args, *auth, cwd=tmp_path) for args in commands))
+        results = [await dlq_here(*args, *auth) for args in commands]  # 42 calls: in process
         for args, r in zip(commands, results, strict=True):
             assert r.code == 3, (answer, args, r.code, r.err)
             assert one_line(r.err) and "is not the admin API" in r.err and r.out == "", (answer, args, r.err)
