@@ -12,10 +12,12 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import redis
+from aiohttp import web
 
 from sidecar.keys import KeySpace
 from sidecar.store.records import parse_meta
@@ -219,6 +221,61 @@ routes:
     for event in ("quick:evt_late", "stripe:evt_held"):  # both still leased: attempted again after the lease
         route = event.split(":")[0]
         assert rdb.hget(KEYS.event(KEYS.shard_of(route, event.split(":")[1]), event), "st") == b"f"
+
+
+@pytest.mark.slow
+async def test_crash_sigterm_with_a_dead_lettering_the_store_refuses_ends_within_the_grace(
+    own_valkey: Any, tmp_path: Path, upstream: Upstream, processes: list[SidecarProcess]
+) -> None:
+    """The receiver rejects an event (400: dead-lettered at once) and the store refuses writes from then on
+    (NOREPLICAS), so the burial goes on in the background, tried again and again. SIGTERM then waited 5 s past
+    `server.shutdown_grace` for it (exit after 5.1 s with a 1 s grace); the event stays stored and scheduled for
+    the next start, as any unfinished step's does."""
+    admin = redis.Redis(port=own_valkey.port)
+
+    def refuse_writes_from_now(_: object) -> web.Response:
+        admin.config_set("min-replicas-to-write", 1)
+        return web.Response(status=400)
+
+    upstream.behaviour = refuse_writes_from_now
+    port, grace = free_port(), 1.0
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(
+        f"""
+server: {{listen: "127.0.0.1:{port}", shutdown_grace: {grace}s}}
+admin: {{listen: "127.0.0.1:{free_port()}", token: "t"}}
+redis: {{url: "{own_valkey.connection_url}", shards: 4}}
+upstream: {{url: "{upstream.url}", timeout: 5s}}
+retry: {{base_delay: 1s, jitter: 0, lease: 30s}}
+routes:
+  - {{name: stripe, path: /webhooks/stripe, provider: stripe, secrets: ["{SECRET}"]}}
+"""
+    )
+    proc = SidecarProcess(cfg)
+    processes.append(proc)
+    proc.start(port)
+    assert proc.proc is not None
+    body = json.dumps({"id": "evt_refused_burial", "type": "invoice.paid"}).encode()
+    try:
+        async with aiohttp.ClientSession() as client:
+            url = f"http://127.0.0.1:{port}/webhooks/stripe"
+            async with client.post(url, data=body, headers=signed(body)) as resp:
+                # accepted: the receiver's 400 is the sidecar's to deal with, and so is the refused burial
+                assert resp.status in (200, 202), await resp.text()
+        await asyncio.sleep(0.5)  # the burial is refused and tried again in the background
+        started = time.monotonic()
+        proc.proc.terminate()
+        code = await asyncio.to_thread(proc.proc.wait, 15)
+        took = time.monotonic() - started
+    finally:
+        admin.config_set("min-replicas-to-write", 0)
+    assert code == 0
+    assert took < grace + 1.5, f"shutdown took {took:.2f}s with a grace of {grace}s"
+    event = admin.hgetall(
+        KEYS.event(KEYS.shard_of("stripe", "evt_refused_burial"), "stripe:evt_refused_burial")
+    )
+    assert event and event[b"st"] != b"d", event  # still stored, not marked delivered
+    admin.close()
 
 
 @pytest.mark.slow
