@@ -774,6 +774,10 @@ async def test_store_settings_that_can_lose_events_are_named(tmp_path) -> None:
         (redis.exceptions.ClusterError("TTL exhausted."), True),  # redirects during a failover or migration
         # redis-py's classes for READONLY and OOM drop the prefix from their text
         (redis.exceptions.ReadOnlyError("You can't write against a read only replica."), True),
+        # a write's WAIT that met its node demoted by a cluster failover (a chaos soak: it was an ERROR-level
+        # "store error" quoting the server's advice on writable replicas), from either client
+        ("ERR WAIT cannot be used with replica instances. Please also note that ...", True),
+        (redis.exceptions.ResponseError("WAIT cannot be used with replica instances. Please also ..."), True),
         ("OOM command not allowed when used memory > 'maxmemory'.", True),  # a full store: StoreFull
         (redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True),
         # mistakes in the call itself stay store errors (logged), whichever client met them

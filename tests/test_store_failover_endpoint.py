@@ -64,6 +64,24 @@ async def test_pipelined_client_leaves_a_demoted_primary_after_its_first_readonl
         client.close()
 
 
+async def test_pipelined_client_leaves_a_demoted_primary_whose_wait_meets_a_replica(
+    old_primary: ValkeyServer, new_primary: ValkeyServer, endpoint: ResettingProxy
+) -> None:
+    """A cluster failover (a chaos soak): a claim ran on the primary as its last write, and the WAIT sent after it
+    (`redis.wait_replicas`) met the node once it was a replica. The connection stayed on the old node, and the next
+    write on it was refused READONLY: one more 503 than needed."""
+    client = PipelinedClient(f"redis://127.0.0.1:{endpoint.port}/0", timeout=2)
+    try:
+        assert await client.execute(("SET", "k", "1")) == b"OK"
+        fail_over(old_primary, new_primary, endpoint)
+        with pytest.raises(ReplyError, match=r"^ERR WAIT cannot be used with replica"):
+            await client.execute(("WAIT", 1, 100))
+        assert await client.execute(("SET", "k", "3")) == b"OK"  # on a new connection: the new primary
+        assert redis.Redis(port=new_primary.port).get("k") == b"3"
+    finally:
+        client.close()
+
+
 async def test_redis_py_client_leaves_a_demoted_primary_and_sends_the_write_again(
     old_primary: ValkeyServer, new_primary: ValkeyServer, endpoint: ResettingProxy
 ) -> None:

@@ -31,6 +31,11 @@ from redis.crc import key_slot
 from sidecar.durations import EXPIRY_GRACE
 from sidecar.store.tls import ReloadingTLS, url_query
 
+# A server that is a replica now, met on a connection made while it was the primary (a failover demoted it): a write
+# refused (READONLY), or a write that ran as the primary's last and whose WAIT then met the replica (its write is
+# discarded when it syncs with the new primary). Either way this connection is left for a new one.
+DEMOTED = ("READONLY", "ERR WAIT cannot be used with replica")
+
 
 class ReplyError(Exception):
     """The server answered with an error (a script error, a wrong type, …). Not a reachability problem."""
@@ -87,7 +92,7 @@ class Connection(asyncio.Protocol):
                     fut.set_exception(reply)
                 else:
                     fut.set_result(reply)
-            if isinstance(reply, ReplyError) and str(reply).startswith("READONLY"):
+            if isinstance(reply, ReplyError) and str(reply).startswith(DEMOTED):
                 self._retire()
 
     def connection_lost(self, exc: Exception | None) -> None:

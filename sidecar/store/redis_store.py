@@ -71,8 +71,17 @@ _CLUSTER_UNREACHABLE = ("cannot be connected", "slots are not covered", "could n
 
 
 # passing states: a slot mid-migration (that outlasted the transport's wait), a cluster failover under way, a
-# server (re)loading its data set, a replica whose primary is gone, a primary just demoted (Sentinel)
-_PASSING = ("TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "READONLY")
+# server (re)loading its data set, a replica whose primary is gone, a primary just demoted (Sentinel, or a cluster
+# failover: a write's WAIT met the node once it had become a replica; redis-py drops the "ERR " of its text)
+_PASSING = (
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "LOADING",
+    "MASTERDOWN",
+    "READONLY",
+    "ERR WAIT cannot be used with replica",
+    "WAIT cannot be used with replica",
+)
 
 # How long an alias write the store failed is tried again: admin lookups of the event need it, but a store down
 # for longer is an outage, and one retrying task per event claimed just before it must not pile up for good.
