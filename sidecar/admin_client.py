@@ -1111,8 +1111,11 @@ class HeldDrain(Drain):
         text = f"{self.removed} item(s) written to {self.sink.name} and removed from the DLQ"
         if unconfirmed:
             text += (
-                f"; {unconfirmed} more written there are still in the DLQ, held by this drain until its hold "
-                "ends: a later drain brings them again (dedupe by id)"
+                # the removal call failed: how much of it ran is not known (a chaos soak: 19 of 23 said to be
+                # still in the DLQ were gone from it)
+                f"; {unconfirmed} more written there were not confirmed removed: up to {unconfirmed} may still be "
+                "in the DLQ, held by this drain until its hold ends, and a later drain brings those again (dedupe "
+                "by id); `sidecar dlq list` shows which"
             )
         if released and self.unreleased:
             return text + (
