@@ -986,7 +986,7 @@ def create_admin_app(main: web.Application) -> web.Application:
             return web.json_response({"ready": False, "reason": "worker_stalled"}, status=503)
         return web.json_response({"ready": True})
 
-    get = {"allow_head": False}
+    get: dict[str, Any] = {"allow_head": False}  # a dict[str, bool] would also be checked against `name: str`
     admin.router.add_get("/healthz", healthz, **get)
     admin.router.add_get("/readyz", readyz, **get)
     admin.router.add_get("/metrics", metrics_handler(main, READY_TIMEOUT), **get)

@@ -45,7 +45,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, cast
 from urllib.parse import quote, urlencode, urlsplit
 
 from sidecar.admin_spec import DEAD_ID, DRAIN_HEADER, DRAIN_ID, MAX_HOLD, MAX_IDS, MAX_REASON
@@ -372,7 +372,7 @@ class AdminClient:
     def _send(
         self, conn: http.client.HTTPConnection, method: str, path: str, body: Any
     ) -> http.client.HTTPResponse:
-        headers = {"Accept": "application/json"}
+        headers: dict[str, str | bytes] = {"Accept": "application/json"}
         if self.token:
             # as the sidecar reads it (UTF-8): http.client would encode a str as Latin-1 (a 401 for `é`, a
             # UnicodeEncodeError for `€`)
@@ -466,7 +466,7 @@ class AdminClient:
         """The JSON of a 200 answer; any other answer raised as the error it reports, once it is one the admin API
         gives: `{"error": code, …}` (exit 3 when it is not, e.g. the ingress's 404 `no_route`)."""
         try:
-            payload = json.loads(raw) if raw else None
+            payload: Any = json.loads(raw) if raw else None
         except (ValueError, RecursionError):
             raise not_the_admin_api(self.base_url, f"{call}: HTTP {status}, not JSON") from None
         if status == 200 and payload is not None:
@@ -559,7 +559,7 @@ def drained_id(line: bytes) -> str | None:
     except (ValueError, RecursionError):
         return None
     if isinstance(item, dict) and isinstance(item.get("id"), str) and isinstance(item.get("route"), str):
-        return item["id"]
+        return cast(str, item["id"])
     return None
 
 

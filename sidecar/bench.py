@@ -604,7 +604,10 @@ async def _builtin_load(name: str, url: str, reqs: Path, conns: int, duration: f
         await asyncio.gather(*(worker(session) for _ in range(conns)))
     elapsed = time.monotonic() - t0
     latencies.sort()
-    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0.0  # noqa: E731
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0.0
+
     return Result(name, len(latencies) / elapsed, pct(0.5), pct(0.99), len(latencies), non2xx)
 
 

@@ -29,7 +29,7 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 import yaml
@@ -1322,7 +1322,11 @@ def _event_id(ctx: _Ctx, item: _Item, path: str) -> Any:
     if value is BAD:
         return BAD
     if isinstance(value, str):
-        return EventIdSource(value) if value in ("auto", "body_sha256") else ctx.bad(item, path, expected)
+        return (
+            EventIdSource(cast('Literal["auto", "body_sha256"]', value))
+            if value in ("auto", "body_sha256")
+            else ctx.bad(item, path, expected)
+        )
     if not isinstance(value, dict):
         return ctx.bad(item, path, expected)
     values, ok = _section(ctx, item, path, {"header": _nonempty, "json": _nonempty})
@@ -1561,7 +1565,8 @@ def _check_providers(ctx: _Ctx, built: list[tuple[RouteConfig, str, _Item, list[
         needs_dedup_id = (
             route.provider == "hmac" and route.event_id.kind == "auto" and isinstance(spec, Mapping)
         )
-        if needs_dedup_id and not spec.get("dedup_id"):
+        # needs_dedup_id only for a Mapping spec
+        if needs_dedup_id and not cast("Mapping[str, Any]", spec).get("dedup_id"):
             ctx.error(
                 item.value["signature"].line,
                 f"{path}.signature.dedup_id",

@@ -21,8 +21,8 @@ from aiohttp import web
 
 from sidecar.app import RUNTIME, create_app
 from sidecar.config import load_text
+from sidecar.logs import setup_logging
 from sidecar.store.embedded import EmbeddedValkey
-from sidecar.telemetry import setup_logging
 
 SECRET = "whsec_demo_secret"
 CONFIG = """

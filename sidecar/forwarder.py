@@ -220,11 +220,11 @@ class Forwarder:
                     timeout=_NO_TIMEOUT,
                     allow_redirects=False,
                     skip_auto_headers=("Accept", "Content-Type", "Accept-Encoding", "User-Agent"),
-                ) as resp,
+                ) as answer,
             ):
                 # bounded as the POST client bounds it: a pass-through GET of a huge file must not sit in memory
                 chunks, size = [], 0
-                async for chunk in resp.content.iter_any():
+                async for chunk in answer.content.iter_any():
                     size += len(chunk)
                     if size > MAX_RESPONSE_BYTES:
                         return Outcome(
@@ -236,9 +236,9 @@ class Forwarder:
                         )
                     chunks.append(chunk)
                 payload = b"".join(chunks)
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After")
-                relay = end_to_end(resp.headers.items())
+                status = answer.status
+                retry_after = answer.headers.get("Retry-After")
+                relay = end_to_end(answer.headers.items())
         except TimeoutError:
             return Outcome("retryable", None, "timeout", time.perf_counter() - start)
         except (aiohttp.ClientError, OSError) as exc:

@@ -74,7 +74,8 @@ def _date_line() -> bytes:
     now = int(time.time())
     if _date[0] != now:
         _date[0], _date[1] = now, b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
-    return _date[1]
+    line: bytes = _date[1]
+    return line
 
 
 class FastRequest:
@@ -185,7 +186,8 @@ def _requests(data: bytes, limit: int = MAX_PIECES) -> list[bytes]:
     """`data` cut after each complete request whose end its head gives (a head llhttp takes, with a Content-Length
     or no body, no Transfer-Encoding, no websocket Upgrade), `limit` of them at most; what follows the last of them
     as one piece."""
-    pieces, pos = [], 0
+    pieces: list[bytes] = []
+    pos = 0
     while pos < len(data) and len(pieces) < limit:
         end = data.find(b"\r\n\r\n", pos)
         if end < 0:
@@ -227,7 +229,9 @@ def serialize(resp: web.StreamResponse, close: bool) -> bytes:
     body = resp.body if isinstance(resp, web.Response) else None
     if not isinstance(body, bytes | bytearray):
         body = b""
-    lines = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason.encode("latin-1", "replace"))]
+    lines: list[bytes | bytearray] = [
+        b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason.encode("latin-1", "replace"))
+    ]
     content_type = date = False
     for name, value in resp.headers.items():
         lower = name.lower()

@@ -332,6 +332,8 @@ class Http1Client:
 
     async def _exchange(self, conn: _Connection, origin: Origin, data: bytes, deadline: float) -> Response:
         loop = asyncio.get_running_loop()
+        # the deadline's, then (from `due`) the grace's: whichever is pending when the send ends is cancelled
+        timer: asyncio.TimerHandle
 
         def due() -> None:
             nonlocal timer

@@ -550,9 +550,9 @@ class Ingress:
                 )
             return answer_handshake(handshake)
         if verified.nonce is not None:
-            refused = await self._spend_nonce(cfg, verified, body, result)
-            if refused is not None:
-                return refused
+            replayed = await self._spend_nonce(cfg, verified, body, result)
+            if replayed is not None:
+                return replayed
         ids = resolve_event_id(cfg, verified, inbound)
         if not type_allowed(cfg, verified.event_type):
             # CONTRACT: every answer carries X-Sidecar-Event-Id when an id is known

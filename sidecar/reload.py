@@ -266,6 +266,7 @@ class Reloader:
                 # an edit since the read is still to be taken
                 with contextlib.suppress(OSError):  # out of descriptors: the next look reloads once more
                     self._seen = _digest(self._files, text, config.file_digests)
+                assert text is not None  # read with the config above (mypy loses it across the try)
                 self._keep_applied(text)
             else:  # the file stays refused until it changes again
                 self._seen = self._look() or self._seen

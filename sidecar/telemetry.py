@@ -340,6 +340,7 @@ class Telemetry:
         none, its series end (Prometheus marks them stale), so routes removed long ago do not linger. Such routes
         are found in the per-shard counters, which keep every route that ever had an event.
         """
+        stats: dict[str, dict[str, int]]  # route_stats()'s
         stats, self.evicted_in_store = await asyncio.gather(store.route_stats(), store.dlq_evicted())
         configured = set(routes)
         now_ms = store.clock.now_ms()  # dead_at is on the schedule's clock
@@ -407,7 +408,11 @@ class Telemetry:
         """A forward attempt: a child of the inbound span, or (a retry) a new trace linked to where it began."""
         if not self.recording:
             return parent.child() if isinstance(parent, LightSpan) else LightSpan.continue_from(None)
-        attributes = {"sidecar.route": route, "sidecar.event_id": event_id, "sidecar.attempt": attempt}
+        attributes: dict[str, str | int] = {
+            "sidecar.route": route,
+            "sidecar.event_id": event_id,
+            "sidecar.attempt": attempt,
+        }
         if parent is not None:
             return self.tracer.start_span(
                 SPAN_FORWARD,
@@ -525,9 +530,11 @@ OTLP_SERIES_LIMIT = 1_000_000
 def _otlp_metric_reader() -> MetricReader:
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.sdk.metrics import Histogram, ObservableCounter, ObservableGauge
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.metrics.export import CardinalityLimits, PeriodicExportingMetricReader
 
-    limits = dict.fromkeys((ObservableCounter, ObservableGauge, Histogram), OTLP_SERIES_LIMIT)
+    limits: CardinalityLimits = dict.fromkeys(
+        (ObservableCounter, ObservableGauge, Histogram), OTLP_SERIES_LIMIT
+    )
     return PeriodicExportingMetricReader(OTLPMetricExporter(), cardinality_limits=limits)
 
 
@@ -597,7 +604,7 @@ def _label_name(name: str) -> str:
 
 
 def _value(n: float) -> str:
-    return repr(float(n)) if 0 <= n < 1e6 else floatToGoString(n)
+    return repr(float(n)) if 0 <= n < 1e6 else floatToGoString(n)  # type: ignore[no-untyped-call]  # prometheus_client: unannotated
 
 
 def _family(
@@ -621,7 +628,10 @@ def _family(
 def _histogram(out: list[str], h: RouteHistogram, series: Mapping[str, list[float]]) -> None:
     """Prometheus' histogram format: cumulative `le` buckets, `_count`, `_sum`, a set per route."""
     out.append(f"# HELP {h.name} {h.description}\n# TYPE {h.name} histogram\n")
-    les = [f'{h.name}_bucket{{le="{floatToGoString(b)}",route="' for b in (*h.bounds, math.inf)]
+    les = [
+        f'{h.name}_bucket{{le="{floatToGoString(b)}",route="'  # type: ignore[no-untyped-call]  # prometheus_client: unannotated
+        for b in (*h.bounds, math.inf)
+    ]
     for route, live in series.items():
         row = list(live)  # one consistent copy: the event loop may be recording into it
         if len(row) != len(les) + 1:
@@ -632,7 +642,7 @@ def _histogram(out: list[str], h: RouteHistogram, series: Mapping[str, list[floa
             running += n
             out.append(f'{le}{label}"}} {_value(running)}\n')
         out.append(f'{h.name}_count{{route="{label}"}} {_value(running)}\n')
-        out.append(f'{h.name}_sum{{route="{label}"}} {floatToGoString(row[-1])}\n')
+        out.append(f'{h.name}_sum{{route="{label}"}} {floatToGoString(row[-1])}\n')  # type: ignore[no-untyped-call]  # prometheus_client: unannotated
 
 
 class LightSpan:
@@ -724,7 +734,7 @@ def metrics_handler(main: Any, budget: float) -> Any:
         telemetry, peer_counts = runtime.telemetry, runtime.peer_counts
 
         def render() -> bytes:
-            body = telemetry.render()
+            body: bytes = telemetry.render()
             if peer_counts is not None:  # what a replacement of this worker starts from
                 peer_counts.remember(telemetry.state())
             return body

@@ -251,8 +251,8 @@ class RetryWorker:
         finally:
             if self._running:  # cut short (the grace is spent): leased, attempted again later
                 cut = set(self._running)
-                for task in cut:
-                    task.cancel()
+                for attempt in cut:
+                    attempt.cancel()
                 await asyncio.wait(cut, timeout=1.0)  # let them unwind before the store and session close
 
     def stop(self) -> None:

@@ -143,12 +143,19 @@ class ProviderConfigError(ValueError):
 
 
 class Verifier(Protocol):
-    # Whether `Verified.event_type` can be set: a route's `types:` allow-list on a verifier that never reports a
-    # type would filter every event (200, never forwarded).
-    reports_types: bool
-    # Whether the signature carries a timestamp the route's `tolerance` bounds; set on a verifier without one, the
-    # key has no effect (no replay window at all), which an operator who wrote it would not expect.
-    checks_time: bool
+    # Read-only properties: a plain class attribute, an instance attribute or a property all provide them.
+
+    @property
+    def reports_types(self) -> bool:
+        """Whether `Verified.event_type` can be set: a route's `types:` allow-list on a verifier that never reports
+        a type would filter every event (200, never forwarded)."""
+        ...
+
+    @property
+    def checks_time(self) -> bool:
+        """Whether the signature carries a timestamp the route's `tolerance` bounds; set on a verifier without one,
+        the key has no effect (no replay window at all), which an operator who wrote it would not expect."""
+        ...
 
     def verify(self, req: Inbound) -> Verified:
         """Verify a POST (or other signed method). Raises VerificationError / TimestampError."""

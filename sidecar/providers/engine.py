@@ -82,6 +82,7 @@ class SpecVerifier:
         ts_text: str | None = None
         if self._ts_first:
             ts_text = self._timestamp(req, sig_ts, seen, required=True)
+            assert ts_text is not None  # required=True raises instead of returning None
             if spec.check_ts_before_sig:
                 self._check_fresh(ts_text, req.inbound.now)
         try:
@@ -398,14 +399,14 @@ def _batch(body: Any, parts: Parts, signed: bool) -> tuple[str, bool] | None:
     `"\\ud800"` cannot even be encoded for the digest). Per-element dedupe is the upstream's business."""
     if not isinstance(body, list) or not body:
         return None
-    keys = set()
+    keys: set[str] = set()
     for item in body:
         key = _composite(item, parts)
         if key is None or not key.isprintable():
             return None
         keys.add(key)
-    if len(keys) == 1 and usable_id(key := next(iter(keys))):
-        return key, signed
+    if len(keys) == 1 and usable_id(only := next(iter(keys))):
+        return only, signed
     return "batch:" + hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest(), signed
 
 

@@ -67,7 +67,7 @@ class Request:
     def __init__(self, inbound: Inbound) -> None:
         self.inbound = inbound
         self._json: Any = None
-        self._form: Any = None
+        self._form: dict[str, list[str]] | None = None
 
     @property
     def body(self) -> bytes:

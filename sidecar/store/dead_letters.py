@@ -179,7 +179,8 @@ class DeadLetters:
         """A status-filtered page, in bounded steps (dlq_scan.lua) over the whole window: the total needs them all."""
         keys = [self._index(route), self.keys.dlq_data()]
         position: tuple[Any, Any] = ("", "")
-        total, found = 0, []
+        total = 0
+        found: list[DeadLetter] = []
         for _ in range(_MAX_SCAN_STEPS):
             args = [
                 *position,
@@ -191,7 +192,7 @@ class DeadLetters:
                 max(limit + 1 - len(found), 0),  # one past the page tells whether more follow
                 _SCAN_STEP,
             ]
-            raw = await self.store.guard(lambda args=args: self._scan_step(keys=keys, args=args))
+            raw = await self.store.guard(partial(self._scan_step, keys=keys, args=args))
             total += int(raw[0])
             found += _items(raw[3:])
             if not raw[2]:

