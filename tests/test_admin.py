@@ -378,6 +378,9 @@ async def test_admin_dlq_list_filters_route_since_until_status(admin: Admin) -> 
     assert await total("status=error") == 2
     assert await total("route=stripe&status=5xx") == 4
     assert await total("since=1700000010") == 10  # epoch seconds, inclusive
+    # both bounds inclusive: one moment selects what died in it, it is no "since after until"
+    assert await total("since=1700000010&until=1700000010") == 3
+    assert await total("since=2023-11-14T22:13:30Z&until=2023-11-14T22:13:30Z") == 3
     assert await total("since=2023-11-14T22:13:30Z&until=2023-11-14T22:13:40.000Z") == 5
     assert await total("until=2023-11-14T23:13:20%2B01:00") == 4  # an offset other than Z
     # an empty value is a parameter not given: the contract's own `?route=&limit=&cursor=` was refused 400 (a
@@ -388,6 +391,9 @@ async def test_admin_dlq_list_filters_route_since_until_status(admin: Admin) -> 
     assert page["total"] == 9 and len(page["items"]) == 3 and page["next_cursor"]
     rest = await (await admin.get(f"/admin/dlq?status=5xx&limit=100&cursor={page['next_cursor']}")).json()
     assert len(rest["items"]) == 6 and rest["next_cursor"] is None
+    # a page that ends exactly with the last match names no next page (a cursor to an empty page is a lie)
+    exact = await (await admin.get("/admin/dlq?status=5xx&limit=9")).json()
+    assert len(exact["items"]) == 9 and exact["next_cursor"] is None
 
 
 async def test_admin_dlq_list_status_filter_pages_across_scan_steps(admin: Admin) -> None:
@@ -560,6 +566,23 @@ async def test_admin_dlq_replay_by_id_goes_through_worker_attempt_1_history_kept
     assert ev["history"][1]["reason"] == "receiver fixed" and ev["history"][1]["replayed_at"]
     [line] = [r.getMessage() for r in caplog.records if r.name == "sidecar.admin"]
     assert item_id in line and "receiver fixed" in line and "replayed=1" in line
+
+
+async def test_admin_dlq_replay_keeps_when_the_event_was_first_seen(admin: Admin, upstream: Upstream) -> None:
+    """A replay starts the attempts again, not the event's life: its `first_seen_at` stays the provider's first
+    send (what `retry.max_age`, the delivery lag and the dead letter's `first_seen_at` count from), also in the
+    dead letter it makes when it fails again."""
+    from sidecar.admin import rfc3339
+
+    seen_ms = int(time.time() * 1000) - 3_600_000  # an hour ago
+    [item_id] = await bury_many(admin.store, 1, seen_ms=seen_ms)
+    assert (await (await admin.post("/admin/dlq/replay", {"ids": [item_id]})).json())["replayed"] == 1
+    ev = await (await admin.get("/admin/events/stripe/evt_00000")).json()
+    assert ev["state"] == "pending" and ev["first_seen_at"] == rfc3339(seen_ms)
+    upstream.respond(400)  # rejected again: dead-lettered again
+    await deliver(admin, upstream, 1)
+    [item] = (await (await admin.get("/admin/dlq")).json())["items"]
+    assert item["event_id"] == "evt_00000" and item["first_seen_at"] == rfc3339(seen_ms)
 
 
 async def test_admin_dlq_replay_500_by_route_each_delivered_once(
@@ -740,7 +763,7 @@ async def test_dead_letters_replay_script_run_twice_schedules_once(admin: Admin,
     assert await dl.schedule(other, now + 10, "older copy") == "pending"
 
 
-@pytest.mark.parametrize("ran", ["ran", "ran-then-delivered", "not-run"])
+@pytest.mark.parametrize("ran", ["ran", "ran-then-delivered", "not-run", "not-run-pending-again"])
 async def test_admin_dlq_replay_whose_schedule_answer_was_lost_says_what_happened(
     admin: Admin, upstream: Upstream, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch, ran: str
 ) -> None:
@@ -748,14 +771,21 @@ async def test_admin_dlq_replay_whose_schedule_answer_was_lost_says_what_happene
     "0 of 1 replayed" and kept the item, though its event was on the schedule (a model-based test). The event
     remembers the dead letter it came from: the replay is counted and the item removed. Delivered before the
     read (another replica's worker), the item is obsolete and removed, as replay.lua run again would (a review).
-    When the script never ran, the 503 and the item stand."""
+    When the script never ran, the 503 and the item stand: also when the event is pending again meanwhile (forgotten
+    and sent again by its provider), which is no sign that this item was scheduled."""
     from sidecar.errors import StoreUnavailable
 
     [item_id] = await bury_many(admin.store, 1)
+    if ran == "not-run-pending-again":
+        assert (await admin.delete("/admin/events/stripe/evt_00000")).status == 200
+        upstream.respond(503)
+        body = stripe_body("evt_00000")
+        resp = await admin.main.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        assert resp.status == 202
     reschedule = RedisStore.reschedule
 
     async def answer_lost(self: RedisStore, keys: list[str], args: list[Any]) -> Any:
-        if ran != "not-run":
+        if not ran.startswith("not-run"):
             await reschedule(self, keys, args)
         if ran == "ran-then-delivered":
             await deliver(admin, upstream, 1)
@@ -775,6 +805,10 @@ async def test_admin_dlq_replay_whose_schedule_answer_was_lost_says_what_happene
         assert rdb.zcard(KEYS.schedule(shard)) == 1
         await deliver(admin, upstream, 1)
         assert upstream.ids() == ["evt_00000"]
+    elif ran == "not-run-pending-again":
+        assert resp.status == 503 and body["replayed"] == 0 and body["partial"] is True, body
+        # kept: nothing was scheduled from it
+        assert rdb.zrange(KEYS.dlq_items(), 0, -1) == [item_id.encode()]
     else:
         assert resp.status == 503 and body["replayed"] == 0 and body["partial"] is True, body
         assert rdb.zrange(KEYS.dlq_items(), 0, -1) == [item_id.encode()]
@@ -843,6 +877,23 @@ async def test_admin_dlq_replay_dry_run_leaves_out_what_a_drain_holds(admin: Adm
     again = await admin.post("/admin/dlq/replay", {"ids": held, "dry_run": True})
     assert (await again.json()) == {"would_replay": 3, "busy": 0}
     assert drain_id and rdb.zcard(KEYS.dlq_items()) == 3
+
+
+async def test_admin_dlq_replay_dry_run_leaves_out_what_has_lost_its_body(
+    admin: Admin, rdb: redis.Redis
+) -> None:
+    """An item whose stored body was evicted is kept by a replay (`body_missing`), not delivered empty: the dry run
+    must not count it as a would-be replay, and both answers say how many were left out that way."""
+    ids = await bury_many(admin.store, 3)
+    rdb.hdel(KEYS.dlq_body(), ids[0])  # what an allkeys-* maxmemory-policy does
+    dry = await admin.post("/admin/dlq/replay", {"all": True, "dry_run": True})
+    assert (await dry.json()) == {"would_replay": 2, "busy": 0, "body_missing": 1}
+    real = await admin.post("/admin/dlq/replay", {"all": True})
+    assert (await real.json()) == {
+        "replayed": 2,
+        "skipped": {"pending": 0, "delivered": 0, "busy": 0, "gone": 0, "body_missing": 1},
+    }
+    assert [m.decode() for m in rdb.zrange(KEYS.dlq_items(), 0, -1)] == [ids[0]]  # kept, the only record left
 
 
 @pytest.mark.parametrize(

@@ -223,3 +223,72 @@ async def test_held_drain_bad_hold_is_a_usage_error(tmp_path: Path) -> None:
     for bad in ("soon", "25h", "-1s", "0.5s"):
         r = await dlq("drain", "--hold", bad, "--admin-url", "http://127.0.0.1:9", "--token", "t")
         assert r.code == 2 and "--hold" in r.err, (bad, r.err)
+
+
+async def lossy_admin(aiohttp_server: Any, running: Running, lose: int, refuse: bool) -> str:
+    """A stand-in network path to the sidecar's admin API (its URL returned) on which a held drain's removals go
+    wrong: the first `lose` removals reach the sidecar and are carried out, their answers lost (a 503 comes
+    back instead); with `refuse`, no removal reaches it. Every other call passes through as it is."""
+    import aiohttp
+
+    from sidecar.admin_spec import DRAIN_HEADER
+
+    lost = 0
+
+    async def proxy(request: web.Request) -> web.Response:
+        nonlocal lost
+        removal = request.path.endswith("/remove")
+        unavailable = {"error": "store_unavailable", "detail": "connection reset by peer"}
+        if removal and refuse:
+            return web.json_response(unavailable, status=503)
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                request.method, running.admin_url + request.path_qs, data=body, headers=headers
+            ) as resp,
+        ):
+            payload = await resp.read()
+            keep = ("content-type", DRAIN_HEADER.lower())
+            passed = {k: v for k, v in resp.headers.items() if k.lower() in keep}
+        if removal and lost < lose:
+            lost += 1
+            return web.json_response(unavailable, status=503)
+        return web.Response(status=resp.status, body=payload, headers=passed)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    return f"http://127.0.0.1:{server.port}"
+
+
+async def test_held_drain_counts_a_removal_whose_answer_was_lost_once_it_is_confirmed(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """The answer to a batch's removal is lost (the sidecar removed it): the CLI sends the batch again with the
+    next one, and the sidecar answers those items `gone`. They were removed by this drain, not "handled
+    elsewhere": the count says every item drained, and no warning sends the operator looking for duplicates."""
+    ids = await bury_many(sidecar.store, 250)
+    url = await lossy_admin(aiohttp_server, sidecar, lose=1, refuse=False)
+    out = tmp_path / "dead.ndjson"
+    r = await dlq("drain", "--out", str(out), "--admin-url", url, "--token", TOKEN)
+    assert r.code == 0 and "drained 250 item(s)" in r.err, r.err
+    assert "handled elsewhere" not in r.err, r.err
+    assert sorted(line_ids(out.read_bytes())) == sorted(ids) and not remaining(rdb)
+
+
+async def test_held_drain_whose_removals_are_never_confirmed_fails(
+    sidecar: Running, rdb: redis.Redis, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """Every item was written out, but the sidecar never confirmed one removal: the items are still in the DLQ
+    (held until the hold ends, then drained again), so the drain is no success (exit 1, saying why), not "drained
+    0 item(s)" with exit 0."""
+    ids = await bury_many(sidecar.store, 5)
+    url = await lossy_admin(aiohttp_server, sidecar, lose=0, refuse=True)
+    out = tmp_path / "dead.ndjson"
+    r = await dlq("drain", "--out", str(out), "--hold", HOLD, "--admin-url", url, "--token", TOKEN)
+    assert r.code == 1 and "did not confirm the removal of written items" in r.err, r.err
+    assert "5 more written there were not confirmed removed: up to 5 may still be in the DLQ" in r.err, r.err
+    assert sorted(line_ids(out.read_bytes())) == sorted(ids)
+    assert remaining(rdb) == set(ids)

@@ -155,3 +155,29 @@ def test_breakers_one_per_origin_and_nothing_kept_per_query_string() -> None:
     finally:
         tracemalloc.stop()
     assert grown < 100_000
+
+
+def test_a_forward_sent_before_it_opened_failing_after_the_cooldown_does_not_reopen_it() -> None:
+    """Only the probe's failure reopens the breaker for longer. A forward sent while it was still closed can fail
+    after the cooldown is over (a timeout of 10 s against a 2 s cooldown): it is no probe, and must neither double
+    the cooldown nor restart it, or the probe that is due would be held back by a result older than the outage."""
+    clock, b = breaker()
+    for _ in range(5):
+        b.record(False)
+    clock.now += 2.5  # the cooldown is over, no probe out yet
+    b.record(False)  # the late one
+    assert b.state == "half_open" and b.retry_at() == 0.0
+    assert b.allow() is not None  # the probe goes out now
+
+
+def test_the_worker_pauses_only_when_every_receivers_circuit_is_open() -> None:
+    """`all_open` lets the retry worker leave the schedule alone: only when no receiver can take a forward. One
+    receiver down must not hold back the retries of routes whose receivers answer."""
+    breakers = Breakers(threshold=1, cooldown=60.0)
+    down = breakers.for_url("http://down:3000/hooks")
+    up = breakers.for_url("http://up:3000/hooks")
+    down.record(False)
+    assert down.state == "open" and up.state == "closed"
+    assert not breakers.all_open()
+    up.record(False)
+    assert breakers.all_open()

@@ -127,6 +127,43 @@ async def test_ingress_forwards_new_event_byte_for_byte(client: Any, upstream: U
     assert got.headers["x-forwarded-host"].startswith("127.0.0.1:")
 
 
+async def test_ingress_a_clients_own_sidecar_headers_do_not_reach_the_receiver(
+    client: Any, upstream: Upstream
+) -> None:
+    """`X-Sidecar-Event-Id`, `-Attempt` and `-Route` are the sidecar's word to the receiver: a sender's own lines of
+    those names are dropped, not forwarded beside ours (a receiver reading the first line would dedupe on an id
+    the sender chose)."""
+    body = stripe_body("evt_own")
+    headers = [
+        *stripe_headers(body).items(),
+        ("X-Sidecar-Event-Id", "evt_forged"),
+        ("X-Sidecar-Attempt", "9"),
+        ("X-Sidecar-Route", "other"),
+    ]
+    assert (await client.post("/webhooks/stripe", data=body, headers=headers)).status == 200
+    [got] = upstream.received
+    sidecar = [(k.lower(), v) for k, v in got.raw_headers if k.lower().startswith("x-sidecar-")]
+    assert sorted(sidecar) == [
+        ("x-sidecar-attempt", "1"),
+        ("x-sidecar-event-id", "evt_own"),
+        ("x-sidecar-route", "stripe"),
+    ]
+
+
+async def test_ingress_an_expect_header_is_answered_here_not_forwarded(
+    client: Any, upstream: Upstream
+) -> None:
+    """`Expect: 100-continue` belongs to the provider's connection, which the sidecar answered itself: the stored
+    event goes upstream without it (forwarding.NOT_FORWARDED), on the first attempt and every retry."""
+    body = stripe_body("evt_expect")
+    headers = {**stripe_headers(body), "Expect": "100-continue"}
+    resp = await client.post("/webhooks/stripe", data=body, headers=headers)
+    assert resp.status == 200 and await resp.json() == {"ok": True}
+    [got] = upstream.received
+    assert got.body == body
+    assert "expect" not in got.headers
+
+
 async def test_ingress_duplicate_after_delivery_reports_delivered(client: Any, upstream: Upstream) -> None:
     body = stripe_body("evt_dup")
     assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 200

@@ -777,3 +777,96 @@ async def test_worker_a_burial_finished_after_a_short_dedupe_ttl_does_not_bring_
     assert (await (await admin.post("/admin/dlq/drain", json={}, headers=AUTH)).text()) == ""
     said = [r.getMessage() for r in caplog.records if "dead-lettered stripe/evt_short" in r.getMessage()]
     assert said == ["dead-lettered stripe/evt_short after 1 attempt(s): rejected (status 400)"], said
+
+
+async def test_worker_stop_lets_an_attempt_under_way_finish_and_settle(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """stop() ends the loop, but what was taken is attempted (the caller bounds the wait by the shutdown grace):
+    an attempt under way at a rolling restart is answered and marked delivered, not cancelled and left in flight
+    for its lease to bring it back (then sent a second time by a replica)."""
+    client = await sidecar_factory(ROUTE, retry=FAST)
+    runtime = client.server.app[RUNTIME]
+    upstream.respond(503)
+    assert (await send(client, "evt_stop")).status == 202
+    await asyncio.sleep(0.15)  # attempt 2 is due
+    upstream.delay = 1.0  # attempt 2 is under way when stop() comes
+    worker = RetryWorker(runtime.store, runtime.dispatcher, poll_interval=0.05)
+    task = asyncio.create_task(worker.run())
+    try:
+        assert await wait_until(lambda: len(upstream.received) == 2, timeout=5)
+        worker.stop()
+        await asyncio.wait_for(task, timeout=10)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, timeout=10)
+    ev = await runtime.store.get_event("stripe", "evt_stop")
+    assert ev is not None and ev["state"] == "delivered", ev and ev["state"]
+    assert [h["status"] for h in ev["history"]] == [503, 200]
+
+
+async def test_worker_leases_a_batch_for_the_longest_lease_any_route_needs(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """One lease covers a whole take (routes differ only by `retry.lease`): the longest any route needs. Leased for
+    the shortest, an attempt of a route with a long lease (a slow receiver) was due again while it was still under
+    way, and another replica sent the event a second time."""
+    routes = (
+        ROUTE
+        + f"""
+- name: slow
+  path: /webhooks/slow
+  provider: stripe
+  secrets: ["{STRIPE_SECRET}"]
+  retry: {{lease: 30s}}
+"""
+    )
+    client = await sidecar_factory(
+        routes, retry="{base_delay: 100ms, multiplier: 1, max_delay: 1s, jitter: 0, lease: 1s}"
+    )
+    runtime = client.server.app[RUNTIME]
+    upstream.respond(503)
+    body = stripe_body("evt_long_lease")
+    assert (await client.post("/webhooks/slow", data=body, headers=stripe_headers(body))).status == 202
+    await asyncio.sleep(0.15)  # attempt 2 is due
+    upstream.delay = 2.0  # attempt 2 outlasts the other route's 1 s lease
+    a = RetryWorker(runtime.store, runtime.dispatcher)
+    b = RetryWorker(runtime.store, runtime.dispatcher)
+    first = asyncio.create_task(a.run_once())
+    try:
+        assert await wait_until(lambda: len(upstream.received) == 2, timeout=5)
+        await asyncio.sleep(1.3)  # past the short lease, well within the slow route's
+        assert await asyncio.wait_for(b.run_once(), timeout=10) == 0  # in flight: not taken again
+    finally:
+        assert await asyncio.wait_for(first, timeout=10) == 1
+    assert upstream.ids() == ["evt_long_lease", "evt_long_lease"]  # attempts 1 and 2, no third copy
+
+
+def _schedule_reads(rdb: redis.Redis) -> int:
+    """How many times the store was asked for due events (ZRANGEBYSCORE: the schedule's listing) so far."""
+    return int(rdb.info("commandstats").get("cmdstat_zrangebyscore", {}).get("calls", 0))
+
+
+async def test_worker_with_every_slot_busy_does_not_ask_the_store_for_more(
+    sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """A worker whose attempt slots are all taken ends its pass and waits for a slot (or its poll): it takes
+    nothing it cannot attempt at once. Asking the store for "up to 0" events instead never ends the pass: it
+    lists the schedule over and over, as fast as the store answers, for as long as the attempts last."""
+    client = await sidecar_factory(ROUTE, retry=FAST)
+    runtime = client.server.app[RUNTIME]
+    upstream.respond(503, 503)
+    for i in range(2):
+        assert (await send(client, f"evt_busy_{i}")).status == 202
+    await asyncio.sleep(0.15)  # both retries due
+    upstream.delay = 1.5
+    worker = RetryWorker(runtime.store, runtime.dispatcher, concurrency=1, poll_interval=0.05)
+    task = asyncio.create_task(worker.run())
+    try:
+        assert await wait_until(lambda: len(upstream.received) == 3, timeout=5)  # one retry under way
+        before = _schedule_reads(rdb)
+        await asyncio.sleep(0.5)
+        assert _schedule_reads(rdb) - before < 20  # polls of a full worker list nothing
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, timeout=10)

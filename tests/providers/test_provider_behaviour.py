@@ -635,6 +635,20 @@ def test_generic_kv_list_with_json_id_and_handshake() -> None:
         verify("hmac", ["k"], body, {"x-sig": header}, signature=spec, now=NOW + 61)
 
 
+def test_generic_base64url_signature_verifies_padded_or_not() -> None:
+    """A base64url signature travels with its `=` padding or without it (RFC 4648 §5 lets either be sent); the
+    digest is the same, so both verify, and a padded wrong one still does not."""
+    case = CASES["hmac"]
+    body, headers = case.request()
+    unpadded = headers["x-acme-signature"]
+    assert not unpadded.endswith("=")  # 64 bytes of SHA-512: 86 characters, and 2 of padding when padded
+    assert case.verify(body, {**headers, "x-acme-signature": unpadded + "=="}) is not None
+    assert case.verify(body, headers) is not None
+    wrong, wrong_headers = case.request("other")
+    with pytest.raises(VerificationError):
+        case.verify(wrong, {**wrong_headers, "x-acme-signature": wrong_headers["x-acme-signature"] + "=="})
+
+
 def test_generic_versioned_list_with_base64_key_and_id_header() -> None:
     key = bytes(range(32))
     spec = {

@@ -139,6 +139,17 @@ def test_provider_timestamp_just_inside_past_accepted(name: str) -> None:
     assert case.verify(*_with_ts(case, -(case.window or 0) + 1)) is not None
 
 
+@pytest.mark.parametrize("name", [n for n in WITH_WINDOW if n != "hubspot"])  # HubSpot: its own rule, below
+def test_provider_timestamp_exactly_at_the_window_accepted(name: str) -> None:
+    """The window's edge is inside it (providers.md §23.2 step 6: `abs(now - ts) <= tolerance_s`, past only
+    `ts >= now - tolerance_s`; Stripe's SDK fails only `t < now - tolerance`, Slack's only `abs(now - ts) > 300`):
+    a request exactly `tolerance` seconds off is accepted, not refused 401."""
+    case = CASES[name]
+    assert case.verify(*_with_ts(case, -(case.window or 0))) is not None
+    if name in BOTH_WAYS:
+        assert case.verify(*_with_ts(case, case.window or 0)) is not None
+
+
 @pytest.mark.parametrize("name", BOTH_WAYS)
 def test_provider_timestamp_just_outside_future_rejected(name: str) -> None:
     case = CASES[name]
@@ -261,3 +272,29 @@ def test_provider_list_only_bad_entries_rejected(name: str) -> None:
     combine = case.list_bad_good
     assert combine is not None
     _rejects(case, bad_body, {**bad_headers, header: combine(bad_headers[header])})
+
+
+@pytest.mark.parametrize("name", LISTS)
+def test_provider_list_of_more_than_32_signatures_rejected(name: str) -> None:
+    """Providers send one to three signatures; a header of thousands is an attempt to make the sidecar compute
+    forever (one comparison per candidate and key). Up to MAX_CANDIDATES (32) are tried, more are refused as
+    malformed before any is, a good one among them or not."""
+    from sidecar.providers.engine import MAX_CANDIDATES
+
+    case = CASES[name]
+    body, headers = case.request()
+    header = next(k for k in headers if k.lower() == case.sig_header)
+    combine = case.list_bad_good
+    assert combine is not None and MAX_CANDIDATES == 32
+    good = headers[header]
+    one_bad = combine(good)  # the good value with one bad entry put in: where, and what
+    at = next(i for i, (a, b) in enumerate(zip(good, one_bad, strict=False)) if a != b)
+    entry = one_bad[at : at + len(one_bad) - len(good)]
+    assert one_bad == good[:at] + entry + good[at:]
+
+    def with_bad(n: int) -> str:
+        return good[:at] + entry * n + good[at:]
+
+    # 31 bad ones and the good one: tried; one more bad one: refused
+    assert case.verify(body, {**headers, header: with_bad(MAX_CANDIDATES - 1)}) is not None
+    assert _rejects(case, body, {**headers, header: with_bad(MAX_CANDIDATES)}) == "malformed"
