@@ -105,27 +105,34 @@ class Breaker:
         if grant is not None:
             grant.release()
 
-    def record(self, ok: bool) -> None:
-        """Report a forward's result: ok = the upstream answered at all with a non-retryable status."""
+    def record(self, ok: bool, grant: Grant | None = None) -> None:
+        """Report a forward's result: ok = the upstream answered at all with a non-retryable status. `grant`: the
+        one `allow()` gave for it; only the probe's own result is the probe's (a forward sent while the breaker was
+        closed and failing after the cooldown, the probe still out, doubled the cooldown and freed the probe's
+        slot: a second probe went out beside the first; a mutation audit)."""
         now = self.clock()
         self._remember(now, ok)
-        probe_out, self._probe_out = self._probe_out is not None, None
+        probe = grant is not None and grant is self._probe_out
+        if probe:
+            self._probe_out = None
         if ok:
             if self.opened_at is not None:
                 log.info("upstream %s: circuit closed, it answers again", self.name)
             self.failures = 0
             self.opened_at = None
             self._current_cooldown = 0.0
+            self._probe_out = None  # a probe still out is a forward like any other once it is closed
             return
         self.failures += 1
         if self.opened_at is not None:
-            if probe_out and now - self.opened_at >= self._current_cooldown:  # the probe failed: longer
+            if probe and now - self.opened_at >= self._current_cooldown:  # the probe failed: longer
                 self._current_cooldown = min(self.max_cooldown, self._current_cooldown * 2)
                 self.opened_at = now
             return  # else a forward sent before the breaker opened, ending late: it is open already
         if self.failures >= self.threshold and self._recent_failures >= MIN_FAILURE_SHARE * len(self._recent):
             self._current_cooldown = self.cooldown
             self.opened_at = now
+            self._probe_out = None
             log.warning(
                 "upstream %s: circuit open after %d failed forwards in a row: new events are queued (202) and "
                 "retries wait, a probe every %gs or more",

@@ -242,7 +242,7 @@ class Dispatcher:
             due_ms = await self.defer(rec, attempt, NOT_SENT_WAIT)
             return Disposition("queued", outcome, next_attempt_ms=due_ms)
         labels = self.tel.count_forward(rec.route, outcome.kind, outcome.duration)
-        breaker.record(outcome.kind != "retryable")
+        breaker.record(outcome.kind != "retryable", grant)
         disposition = await self.settle(
             route,
             rec,

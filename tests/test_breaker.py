@@ -70,13 +70,36 @@ def test_a_failed_probe_doubles_the_cooldown_and_a_good_one_closes_it() -> None:
     for _ in range(5):
         b.record(False)
     clock.now += 2.0
-    assert b.state == "half_open" and b.allow() and not b.allow()  # one probe at a time
-    b.record(False)
+    probe = b.allow()
+    assert b.state == "half_open" and probe and not b.allow()  # one probe at a time
+    b.record(False, probe)
     assert b.state == "open" and b.retry_at() == 4.0
     clock.now += 4.0
-    assert b.allow()
-    b.record(True)
+    probe = b.allow()
+    assert probe
+    b.record(True, probe)
     assert b.state == "closed" and b.allow() and b.failures == 0
+
+
+def test_a_late_failure_beside_the_probe_neither_doubles_the_cooldown_nor_frees_its_slot() -> None:
+    """A forward let through while the breaker was closed fails after the cooldown, while the probe is still out
+    (a 10 s timeout against a 2 s cooldown): it is not the probe's result. It doubled the cooldown and freed the
+    probe slot, and once the doubled cooldown ended a second probe went out beside the first (a mutation audit)."""
+    clock, b = breaker()
+    early = b.allow()  # closed: let through; its answer takes long
+    for _ in range(5):
+        b.record(False)
+    clock.now += 2.0
+    probe = b.allow()
+    assert probe is not None and probe is not early
+    b.record(False, early)  # the early forward's timeout, the probe still out
+    assert b.state == "half_open" and b.retry_at() == 0.0  # the cooldown is not doubled
+    clock.now += 4.0
+    assert b.allow() is None  # the probe is still out: no second one
+    b.record(False, probe)
+    assert b.state == "open" and b.retry_at() == 4.0  # the probe's own failure doubles it
+    clock.now += 4.0
+    assert b.allow() is not None
 
 
 def test_only_the_probe_gives_back_the_probe_slot() -> None:
