@@ -625,10 +625,12 @@ class AdminApi:
         dl = self.dead_letters()
         selector, ids = await self.selection(body, selectors[0])
         if dry_run:
-            # what the replay would skip as busy now (another drain or replay holds it) is not counted in
-            busy = await dl.held(ids)
-            # and what it would keep because its body is gone from the store (evicted)
-            missing = await dl.bodies_missing(ids)
+            # what the replay would keep because its body is gone from the store (evicted), and of the rest, what
+            # it would skip as busy now (another drain or replay holds it), are not counted in: the replay looks
+            # at the body first, so an item both held and without its body is counted once, as body_missing
+            gone = await dl.bodies_missing(ids)
+            missing, without = len(gone), set(gone)
+            busy = await dl.held([i for i in ids if i not in without])
             would = max(0, len(ids) - busy - missing)
             log.info(
                 "dlq replay dry run: %s would_replay=%d busy=%d body_missing=%d reason=%r",

@@ -896,6 +896,23 @@ async def test_admin_dlq_replay_dry_run_leaves_out_what_has_lost_its_body(
     assert [m.decode() for m in rdb.zrange(KEYS.dlq_items(), 0, -1)] == [ids[0]]  # kept, the only record left
 
 
+async def test_admin_dlq_replay_dry_run_counts_an_item_held_and_without_its_body_once(
+    admin: Admin, rdb: redis.Redis
+) -> None:
+    """The replay looks at an item's body before it takes it: one both held by a drain and without its body is
+    skipped as `body_missing`. The dry run counted it under both (busy 3 and body_missing 1 of 3 items, where the
+    replay said busy 2; a mutation audit)."""
+    ids = await bury_many(admin.store, 3)
+    await held_drain(admin, {"hold": "30s"})  # a held drain holds all three
+    rdb.hdel(KEYS.dlq_body(), ids[0])  # one body evicted
+    dry = await (await admin.post("/admin/dlq/replay", {"all": True, "dry_run": True})).json()
+    real = await (await admin.post("/admin/dlq/replay", {"all": True})).json()
+    assert dry == {"would_replay": 0, "busy": 2, "body_missing": 1}, dry
+    assert real["replayed"] == 0 and real["skipped"]["busy"] == 2 and real["skipped"]["body_missing"] == 1, (
+        real
+    )
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -279,9 +279,9 @@ class DeadLetters:
         """`take(…, 0)` by id and version: True if `owner` held that version and gave it back."""
         return await self._take_version(item_id, version, owner, 0) == 1
 
-    async def bodies_missing(self, ids: list[str]) -> int:
-        """How many of `ids` exist without their body (evicted from the store): what a replay would keep and skip
-        as `body_missing`."""
+    async def bodies_missing(self, ids: list[str]) -> list[str]:
+        """Those of `ids` that exist without their body (evicted from the store): what a replay would keep and
+        skip as `body_missing`."""
         k = self.keys
 
         def queue(pipe: Any, chunk: list[str]) -> None:
@@ -289,12 +289,12 @@ class DeadLetters:
                 pipe.hexists(k.dlq_data(), item_id)
                 pipe.hexists(k.dlq_body(), item_id)
 
-        return sum(
-            1
-            for _, flags in await self._pipelined(ids, queue)
-            for data, body in zip(flags[::2], flags[1::2], strict=True)
+        return [
+            item_id
+            for chunk, flags in await self._pipelined(ids, queue)
+            for item_id, data, body in zip(chunk, flags[::2], flags[1::2], strict=True)
             if data and not body
-        )
+        ]
 
     async def ids(self, route: str | None = None) -> list[str]:
         """Every dead letter's id (a route's, or all), oldest first: a snapshot to work through in batches."""
