@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -413,8 +414,19 @@ async def serving_two(
     return proc, workers, peers_dir_of(workers[0])
 
 
+@pytest.fixture
+def own_tmpdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A temporary dir (TMPDIR) for the sidecars a test starts, so their peers dirs are in it. Any sidecar that
+    starts on the machine (another test run's) sweeps the shared one for dirs left by sidecars killed outright, and
+    took the one a test left to see its own next start sweep it. Short: the workers' Unix sockets are in it."""
+    path = Path(tempfile.mkdtemp(prefix="peers-test-"))
+    monkeypatch.setenv("TMPDIR", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 async def test_workers_killed_outright_leave_no_copy_of_the_config(
-    tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[Any]
+    own_tmpdir: Path, tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[Any]
 ) -> None:
     """The peers dir holds copies of the config, secrets and all. A supervisor SIGKILLed after a reload left the
     copy the reload applied, so the dir too (its last worker out removed the other files only: a chaos soak); one
@@ -423,6 +435,7 @@ async def test_workers_killed_outright_leave_no_copy_of_the_config(
     from sidecar.supervisor import APPLIED_CONFIG_NAME, START_CONFIG_NAME
 
     first, workers, peers = await serving_two(tmp_path, upstream, processes, redis_url)
+    assert peers.parent == own_tmpdir, peers
     cfg = tmp_path / "sidecar.yaml"
     cfg.write_text(
         cfg.read_text() + "  - {name: late, path: /webhooks/late, provider: none, event_id: {header: X-Id}}\n"
