@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -206,6 +207,7 @@ def teardown_module() -> None:
     global _VALKEY
     if _VALKEY is not None:
         _VALKEY.stop()
+        shutil.rmtree(_VALKEY.data_dir, ignore_errors=True)  # its log: a dir in /tmp per run otherwise
         _VALKEY = None
 
 
