@@ -328,6 +328,18 @@ async def test_admin_dlq_list_1000_items_pages_of_100_each_seen_once(admin: Admi
     assert cursor is None
 
 
+async def test_admin_dlq_list_a_last_page_exactly_full_has_no_next_cursor(admin: Admin) -> None:
+    """`next_cursor` only when items follow the page (dlq_page.lua's `more`): a DLQ of exactly `limit` items is
+    one page, not one page and a cursor to an empty one."""
+    await bury_many(admin.store, 10)
+    whole = await (await admin.get("/admin/dlq?limit=10")).json()
+    assert whole["total"] == 10 and len(whole["items"]) == 10 and whole["next_cursor"] is None
+    first = await (await admin.get("/admin/dlq?limit=5")).json()
+    assert len(first["items"]) == 5 and first["next_cursor"] is not None
+    rest = await (await admin.get(f"/admin/dlq?limit=5&cursor={first['next_cursor']}")).json()
+    assert len(rest["items"]) == 5 and rest["next_cursor"] is None
+
+
 async def test_admin_dlq_list_cursor_stays_valid_while_items_come_and_go(admin: Admin) -> None:
     base = int(time.time() * 1000) - 60_000
     await bury_many(admin.store, 30, dead_ms=base, same_ms=3)

@@ -40,6 +40,21 @@ async def test_a_scheduled_event_whose_hash_is_gone_is_dropped_and_said(
     assert len(said) == 1 and "gone from the store" in said[0] and member in said[0], said
 
 
+async def test_a_vanished_event_whose_counters_were_evicted_too_does_not_count_pending_below_zero(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    """An evicting policy may take the shard's stats hash as well as the event: dropping the stale entry then
+    counts nothing down (take.lua), rather than leave /admin/stats and the pending gauge at -1 for good."""
+    now = int(time.time() * 1000)
+    assert (await store.claim(record("evt_both"), now, 1_000)).claimed
+    ev, _, stats, member = store.keys.locate("stripe", "evt_both")
+    rdb.delete(ev, stats)  # both evicted
+    shard = store.keys.shard_of("stripe", "evt_both")
+    assert await store.take(shard, member, now + 2_000, 30_000) is None
+    assert rdb.hget(stats, "stripe:pending") is None
+    assert (await store.route_stats()).get("stripe", {}).get("pending", 0) == 0
+
+
 async def test_a_dead_letter_whose_body_is_gone_is_not_replayed_empty(
     store: RedisStore, rdb: redis.Redis
 ) -> None:

@@ -288,6 +288,46 @@ async def test_ingress_retryable_failure_queues_and_resend_is_pending(
     assert payload["next_attempt_at"].endswith("Z")
 
 
+async def test_ingress_first_attempt_settling_late_leaves_a_replayed_run_alone(
+    client: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """The ingress's attempt 1 belongs to the claim's run of attempts (its first sight): hung past its lease while
+    another replica's attempt 2 buried the event and an operator's replay took it again as the replay's attempt 1,
+    its late 503 must not pass the fence as that attempt 1 and pull the replayed event back onto the schedule (it
+    would be sent again while in flight)."""
+    from aiohttp import web
+
+    from sidecar.app import RUNTIME
+    from sidecar.store import AttemptRecord
+    from sidecar.store.dead_letters import DeadLetters
+
+    store = client.server.app[RUNTIME].dispatcher.store
+    gate = asyncio.Event()
+
+    async def hang_then_fail(_: Any) -> web.Response:
+        await gate.wait()
+        return web.Response(status=503)
+
+    upstream.behaviour = hang_then_fail
+    post = asyncio.create_task(client.post("/webhooks/plain", data=b"run", headers={"X-Event-Id": "e-run"}))
+    await asyncio.wait_for(upstream.arrived.wait(), 5)
+    shard = KEYS.shard_of("plain", "e-run")
+    later = store.clock.now_ms() + 60_000  # past the claim's lease (24 s here)
+    [second] = await store.take_due(shard, later, 30_000, 10)  # another replica's attempt 2
+    await store.bury(second.record, 2, AttemptRecord(later, 2, 400, None, 1.0), [], later + 100, "rejected")
+    dl = DeadLetters(store)
+    [item] = (await dl.page()).items
+    assert await dl.replay(await dl.get(item.id), later + 200, "fixed", "op") == "replayed"
+    [replayed] = await store.take_due(shard, later + 200, 30_000, 10)
+    assert replayed.attempt == 1
+    gate.set()
+    assert (await post).status == 202
+    member = "plain:e-run"
+    assert rdb.hget(KEYS.event(shard, member), "st") == b"f"
+    assert rdb.zscore(KEYS.schedule(shard), member) == replayed.lease_end_ms
+    assert len(upstream.received) == 1
+
+
 async def test_ingress_bug_in_first_attempt_answers_queued_not_500(
     client: Any, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -360,6 +400,30 @@ async def test_ingress_body_too_large_is_413_with_and_without_length(client: Any
     assert upstream.received == []
 
 
+async def test_ingress_body_of_exactly_max_body_bytes_is_taken_on_every_path(
+    client: Any, upstream: Upstream
+) -> None:
+    """`max_body_bytes` (65536 here) is the largest body taken, not the smallest refused: announced by its
+    Content-Length (the front's path, and aiohttp's under `Expect: 100-continue`) or chunked (counted as read)."""
+    limit = 65_536
+    body = b"z" * limit
+
+    async def chunked():
+        for i in range(0, limit, 4096):
+            yield body[i : i + 4096]
+
+    for i, (data, extra) in enumerate([(body, {}), (body, {"Expect": "100-continue"}), (chunked(), {})]):
+        resp = await client.post("/webhooks/plain", data=data, headers={"X-Event-Id": f"max-{i}", **extra})
+        assert resp.status == 200, (i, resp.status)
+    assert upstream.ids() == ["max-0", "max-1", "max-2"]
+    assert all(r.body == body for r in upstream.received)
+    over = b"z" * (limit + 1)
+    resp = await client.post(
+        "/webhooks/plain", data=over, headers={"X-Event-Id": "over", "Expect": "100-continue"}
+    )
+    assert resp.status == 413
+
+
 async def test_ingress_signed_body_without_id_is_400(
     client: Any, upstream: Upstream, rdb: redis.Redis
 ) -> None:
@@ -386,6 +450,55 @@ async def test_ingress_store_unreachable_is_503_fail_closed(sidecar_factory: Any
         assert (await resp.json())["error"] == "store_unavailable"
         assert int(resp.headers["Retry-After"]) > 0
     assert upstream.received == []
+
+
+async def test_ingress_a_claim_the_store_refused_gives_the_breakers_probe_slot_back(
+    upstream: Upstream,
+) -> None:
+    """Half-open, the upstream's breaker lets one probe forward out: a request that took it and whose claim the
+    store then refused (503) made no forward, so the slot is given back. Kept, no forward would be let out again
+    (every new event queued, every retry put back unsent) until a restart."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sidecar.app import RUNTIME, create_app
+    from tests.conftest import make_config
+
+    config = make_config(ROUTES, upstream_url=upstream.url, redis_url="redis://127.0.0.1:1")
+    app = create_app(config, redis_url="redis://127.0.0.1:1", run_worker=False)
+    async with TestClient(TestServer(app)) as client:
+        dispatcher = app[RUNTIME].dispatcher
+        breaker = dispatcher.breaker(dispatcher.table.by_name["stripe"].cfg)
+        for _ in range(breaker.threshold):
+            breaker.record(False)
+        assert breaker.opened_at is not None
+        breaker.opened_at -= 3600  # its cooldown over: the next request's forward is the probe
+        assert breaker.state == "half_open"
+        body = stripe_body("evt_probe")
+        resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        assert resp.status == 503
+        assert breaker.allow() is not None  # the probe slot is free again
+    assert upstream.received == []
+
+
+async def test_ingress_a_duplicate_gives_the_breakers_probe_slot_back(
+    client: Any, upstream: Upstream
+) -> None:
+    """A provider's resend of an event already held, arriving while the breaker is half-open, takes the probe slot
+    and is answered `duplicate` without a forward: the slot is given back, or no forward would be let out again."""
+    from sidecar.app import RUNTIME
+
+    assert (await client.post("/webhooks/plain", data=b"once", headers={"X-Event-Id": "e-dup"})).status == 200
+    dispatcher = client.server.app[RUNTIME].dispatcher
+    breaker = dispatcher.breaker(dispatcher.table.by_name["plain"].cfg)
+    for _ in range(breaker.threshold):
+        breaker.record(False)
+    assert breaker.opened_at is not None
+    breaker.opened_at -= 3600  # its cooldown over: the next forward is the probe
+    assert breaker.state == "half_open"
+    resp = await client.post("/webhooks/plain", data=b"once", headers={"X-Event-Id": "e-dup"})
+    assert resp.status == 200 and (await resp.json())["duplicate"] is True
+    assert breaker.allow() is not None  # the probe slot is free again
+    assert upstream.ids() == ["e-dup"]
 
 
 async def test_ingress_types_filter_answers_filtered(
@@ -538,6 +651,48 @@ async def test_ingress_json_id_in_body_nested_past_recursion_limit_is_400(
             "error": "no_event_id",
             "detail": "no usable event id from event_id: {json: id}",
         }
+    assert upstream.received == [] and stored_keys(rdb) == []
+
+
+async def test_ingress_json_id_path_through_a_list_takes_an_index_in_range_only(
+    sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """`{json: events.1.id}` indexes a list: an index past its end is no id (400 no_event_id), not a 500."""
+    client = await sidecar_factory(
+        """
+        - name: listed
+          path: /webhooks/listed
+          provider: none
+          event_id: {json: events.1.id}
+        """
+    )
+    found = await client.post("/webhooks/listed", data=b'{"events": [{"id": "a"}, {"id": "b"}]}')
+    assert found.status == 200 and found.headers["X-Sidecar-Event-Id"] == "b"
+    short = await client.post("/webhooks/listed", data=b'{"events": [{"id": "a"}]}')
+    assert short.status == 400
+    assert await short.json() == {
+        "error": "no_event_id",
+        "detail": "no usable event id from event_id: {json: events.1.id}",
+    }
+    assert upstream.ids() == ["b"]
+
+
+async def test_ingress_json_id_that_is_a_boolean_is_no_id(
+    sidecar_factory: Any, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """`{json: id}` finding `true` or `false` has no event id (400), not the id "True" that every such body shares
+    (each later one answered as its duplicate, never delivered)."""
+    client = await sidecar_factory(
+        """
+        - name: flagged
+          path: /webhooks/flagged
+          provider: none
+          event_id: {json: id}
+        """
+    )
+    for flag in (b"true", b"false"):
+        resp = await client.post("/webhooks/flagged", data=b'{"id": %s, "n": 1}' % flag)
+        assert resp.status == 400 and (await resp.json())["error"] == "no_event_id"
     assert upstream.received == [] and stored_keys(rdb) == []
 
 

@@ -163,6 +163,56 @@ async def test_store_delivered_after_retries_keeps_counts_and_the_whole_history(
     ]
 
 
+async def test_store_claim_with_the_circuit_open_leaves_attempt_1_to_the_first_take(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    """A claim made while the upstream's circuit is open makes no attempt (claim.lua's 'p' mode): the first take is
+    attempt 1, so X-Sidecar-Attempt, the history and the count toward max_attempts start at 1, not 2."""
+    now = int(time.time() * 1000)
+    assert (await store.claim(record("evt_open"), now, 30_000, schedule_at_ms=now + 1_000)).claimed
+    shard = KEYS.shard_of("stripe", "evt_open")
+    assert rdb.zscore(KEYS.schedule(shard), "stripe:evt_open") == now + 1_000
+    assert rdb.hget(KEYS.event(shard, "stripe:evt_open"), "n") == b"0"
+    taken = await store.take(shard, "stripe:evt_open", now + 1_000, 30_000)
+    assert taken is not None and taken.attempt == 1
+
+
+async def test_store_a_late_delivered_mark_leaves_a_dead_event_dead(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    """Attempt 1 ran past its lease, attempt 2 was refused for good and buried the event; attempt 1's delivered
+    mark landing afterwards finds the event final (ack.lua answers 0): it stays dead, its dead letter the one
+    record of it, and the route's counters move once (pending is not counted down a second time)."""
+    now = int(time.time() * 1000)
+    rec = record("evt_late")
+    await store.claim(rec, now, 1_000)
+    shard = KEYS.shard_of("stripe", "evt_late")
+    [second] = await store.take_due(shard, now + 2_000, 30_000, 10)
+    await store.bury(second.record, second.attempt, entry(2, 400), second.history, now + 2_100, "rejected")
+    assert not await store.ack("stripe", "evt_late", entry(1, 200), now + 2_200)
+    ev = await store.get_event("stripe", "evt_late")
+    assert ev is not None and ev["state"] == "dead" and ev["last_status"] == "400"
+    assert await store.route_stats() == {"stripe": {"pending": 0, "dead": 1}}
+
+
+async def test_store_defer_leaves_an_event_delivered_meanwhile_delivered(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    """Attempt 2 holds the event and gives it back unsent (its circuit open, no connection slot): when attempt 1's
+    late delivered mark landed first, the event is final (its body dropped). defer.lua must refuse, or the
+    delivered event goes back on the schedule, bodiless, and is sent again."""
+    now = int(time.time() * 1000)
+    await store.claim(record("evt_given"), now, 1_000)
+    shard = KEYS.shard_of("stripe", "evt_given")
+    [second] = await store.take_due(shard, now + 2_000, 30_000, 10)
+    # attempt 1 delivered it after all
+    assert await store.ack("stripe", "evt_given", entry(1, 200), now + 2_100)
+    assert not await store.defer("stripe", "evt_given", second.attempt, now + 5_000, second.record.fence)
+    assert rdb.hget(KEYS.event(shard, "stripe:evt_given"), "st") == b"d"
+    assert rdb.zscore(KEYS.schedule(shard), "stripe:evt_given") is None
+    assert await store.take_due(shard, now + 6_000, 30_000, 10) == []
+
+
 async def test_store_take_only_when_due_and_only_once(store: RedisStore) -> None:
     now = int(time.time() * 1000)
     rec = record()
@@ -177,6 +227,19 @@ async def test_store_take_only_when_due_and_only_once(store: RedisStore) -> None
     assert winners[0].record.body == rec.body
     assert winners[0].record.headers == rec.headers
     assert winners[0].history[0]["status"] == 503
+
+
+async def test_store_take_is_bounded_by_its_due_by_not_by_now(store: RedisStore) -> None:
+    """`take(due_by_ms=...)` takes an event only when due by that cutoff (the worker's `run_once`: a retry
+    scheduled while a pass runs waits for the next call), even though its lease starts from the later `now`."""
+    now = int(time.time() * 1000)
+    await store.claim(record("evt_cut"), now, 30_000)
+    assert await store.retry("stripe", "evt_cut", 1, now + 500, entry(1))
+    shard = KEYS.shard_of("stripe", "evt_cut")
+    assert await store.take(shard, "stripe:evt_cut", now + 1_000, 30_000, due_by_ms=now) is None
+    assert await store.take_due(shard, now + 1_000, 30_000, 10, due_by_ms=now) == []
+    taken = await store.take(shard, "stripe:evt_cut", now + 1_000, 30_000, due_by_ms=now + 500)
+    assert taken is not None and taken.attempt == 2 and taken.lease_end_ms == now + 31_000
 
 
 async def test_store_expired_lease_makes_event_takeable_again(store: RedisStore) -> None:
@@ -285,6 +348,102 @@ async def test_store_attempt_of_an_earlier_run_does_not_settle_a_replayed_one(
     assert await store.retry("stripe", "evt_run", 1, now + 3_300, entry(1), replayed.record.fence)
 
 
+async def test_store_a_stale_attempts_burial_notes_nothing_on_the_event(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    """Attempt 1 ran past its lease and attempt 2 holds the event now: attempt 1's 4xx must neither dead-letter it
+    nor leave a burial note (burying.lua is fenced by the attempt number), or the next take after attempt 2's
+    retryable failure would finish a burial nobody began, instead of sending the event again."""
+    now = int(time.time() * 1000)
+    rec = record("evt_note")
+    await store.claim(rec, now, 1_000)
+    shard = KEYS.shard_of("stripe", "evt_note")
+    [second] = await store.take_due(shard, now + 2_000, 30_000, 10)
+    await store.bury(rec, 1, entry(1, 400), [], now + 2_100, "rejected")  # attempt 1 reports late
+    assert not rdb.hexists(KEYS.event(shard, "stripe:evt_note"), "bur")
+    assert await store.dlq_length() == 0
+    assert await store.retry("stripe", "evt_note", second.attempt, now + 2_200, entry(2, 503))
+    third = await store.take(shard, "stripe:evt_note", now + 2_300, 30_000)
+    assert third is not None and third.attempt == 3 and third.burial is None
+
+
+async def test_store_dead_mark_of_an_earlier_run_landing_late_leaves_the_replayed_run_alone(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    """bury() reads the fence (burying.lua), writes the dead letter, then marks the event dead (dead.lua), three
+    calls: attempt 1 of the claim's run paused between the last two, while a later attempt buried the event, an
+    operator replayed it and the replay's own attempt 1 took it. The late mark must fail dead.lua's own run fence:
+    marked dead, the replayed event (its dead letter removed by the replay) would be neither retried nor in the
+    DLQ, an event answered 2xx that nobody holds."""
+    from sidecar.store.dead_letters import DeadLetters
+
+    now = int(time.time() * 1000)
+    rec = replace(record("evt_mark"), first_seen_ms=now, run=now)
+    await store.claim(rec, now, 1_000)  # attempt 1, on a replica that pauses before its dead.lua
+    shard = KEYS.shard_of("stripe", "evt_mark")
+    [second] = await store.take_due(shard, now + 2_000, 30_000, 10)
+    await store.bury(second.record, second.attempt, entry(2, 400), [], now + 2_100, "rejected")
+    dl = DeadLetters(store)
+    [item] = (await dl.page()).items
+    assert await dl.replay((await dl.get(item.id)), now + 3_000, "fixed", "op") == "replayed"
+    [replayed] = await store.take_due(shard, now + 3_000, 30_000, 10)
+    assert replayed.attempt == 1
+    ev, sched, stats, member = KEYS.locate("stripe", "evt_mark")
+    late = [now + 3_100, 3_600_000, member, 1, entry(1, 400).to_json(), "400", "", "stripe", rec.fence]
+    assert await store._dead(keys=[ev, sched, stats], args=late) == 0
+    assert rdb.hget(ev, "st") == b"f" and rdb.zscore(sched, member) == replayed.lease_end_ms
+    assert await store.retry("stripe", "evt_mark", 1, now + 3_200, entry(1), replayed.record.fence)
+
+
+async def test_store_a_replay_no_later_than_the_claim_still_starts_a_run_of_its_own(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    """A replay's run is the later of its own time and the run before it plus 1 (replay.lua): replayed at or before
+    the claim's first sight (the claiming replica's carried clock was ahead, or the same millisecond), the replay
+    must still not share the claim's run, or the claim's attempt 1 reporting late passes the fence of the replay's
+    attempt 1."""
+    from sidecar.store.dead_letters import DeadLetters
+
+    now = int(time.time() * 1000)
+    first = now + 10_000  # claimed by a replica whose clock ran ahead
+    rec = replace(record("evt_ahead"), first_seen_ms=first, run=first)
+    await store.claim(rec, first, 1_000)  # attempt 1, on a replica then paused
+    shard = KEYS.shard_of("stripe", "evt_ahead")
+    [second] = await store.take_due(shard, first + 2_000, 30_000, 10)
+    await store.bury(second.record, second.attempt, entry(2, 400), [], first + 2_100, "rejected")
+    dl = DeadLetters(store)
+    [item] = (await dl.page()).items
+    assert await dl.replay((await dl.get(item.id)), now, "fixed", "op") == "replayed"  # now < first
+    [replayed] = await store.take_due(shard, now, 30_000, 10)
+    assert replayed.attempt == 1
+    assert not await store.retry("stripe", "evt_ahead", 1, now + 100, entry(1), rec.fence)
+    assert rdb.zscore(KEYS.schedule(shard), "stripe:evt_ahead") == replayed.lease_end_ms
+
+
+async def test_store_replaying_the_dead_letter_of_an_earlier_life_leaves_a_delivered_event_alone(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    """Dead, forgotten by an operator, then resent by the provider and delivered: the earlier life's dead letter is
+    still in the DLQ. Replaying it must not schedule the delivered event again (replay.lua leaves a delivered event
+    alone: it would be delivered twice); the item is obsolete and goes."""
+    from sidecar.store.dead_letters import DeadLetters
+
+    now = int(time.time() * 1000)
+    first = replace(record("evt_lives"), first_seen_ms=now, run=now)
+    await store.claim(first, now, 30_000)
+    await store.bury(first, 1, entry(1, 400), [], now + 100, "rejected")
+    dl = DeadLetters(store)
+    assert await dl.forget("stripe", "evt_lives") == "forgotten"
+    second = replace(record("evt_lives"), first_seen_ms=now + 200, run=now + 200)
+    assert (await store.claim(second, now + 200, 30_000)).claimed
+    assert await store.ack("stripe", "evt_lives", entry(1, 200), now + 300)
+    [item] = (await dl.page()).items
+    assert await dl.replay((await dl.get(item.id)), now + 400, "fixed", "op") == "delivered"
+    shard = KEYS.shard_of("stripe", "evt_lives")
+    assert rdb.hget(KEYS.event(shard, "stripe:evt_lives"), "st") == b"d"
+    assert rdb.zcard(KEYS.schedule(shard)) == 0 and await store.dlq_length() == 0
+
+
 async def test_store_attempt_of_an_earlier_life_does_not_settle_a_new_claim(
     store: RedisStore, rdb: redis.Redis
 ) -> None:
@@ -338,6 +497,43 @@ async def test_store_bury_keeps_history_and_caps_with_evictions(store: RedisStor
     assert await store.dlq_length() == 4
     ev = await store.get_event("stripe", "evt_4")
     assert ev is not None and ev["state"] == "dead" and ev["scheduled_ms"] is None
+
+
+async def test_store_a_dead_event_keeps_its_claim_for_the_dedupe_window_without_its_body(
+    store: RedisStore, rdb: redis.Redis
+) -> None:
+    """Buried, the event's body lives on in its dead letter: the event hash drops it (dead.lua) and, like a
+    delivered one, keeps its claim only for the dedupe window (a TTL), not for good."""
+    now = int(time.time() * 1000)
+    rec = record("evt_buried", body=b'{"id":"evt_buried","pad":"' + b"x" * 1500 + b'"}')
+    await store.claim(rec, now, 30_000)
+    await store.bury(rec, 1, entry(1, 400), [], now + 1, "rejected")
+    key = KEYS.event(KEYS.shard_of("stripe", "evt_buried"), "stripe:evt_buried")
+    assert not rdb.hexists(key, "body")
+    assert 3500 < rdb.ttl(key) <= 3600
+    ev = await store.get_event("stripe", "evt_buried")
+    assert ev is not None and ev["state"] == "dead" and ev["body"] is None
+    assert not (await store.claim(rec, now + 2, 30_000)).claimed  # within the window: a duplicate
+
+
+async def test_store_the_cap_never_evicts_the_dead_letter_being_added(store: RedisStore) -> None:
+    """The cap evicts the oldest dead letters, but never the one being written (dlq_add.lua), even when it is the
+    oldest: buried by a replica whose clock is behind the others'. Evicted on arrival, its event would be marked
+    dead with nothing left to replay."""
+    now = int(time.time() * 1000)
+    for i in range(3):  # the cap (3) reached
+        rec = record(f"evt_c{i}")
+        await store.claim(rec, now, 30_000)
+        await store.bury(rec, 1, entry(1, 400), [], now + 10_000 + i, "rejected")
+    rec = record("evt_behind")
+    await store.claim(rec, now, 30_000)
+    item_id, evicted = await store.bury(rec, 1, entry(1, 400), [], now, "rejected")
+    assert [e.event_id for e in evicted] == ["evt_c0"]
+    from sidecar.store.dead_letters import DeadLetters
+
+    kept = await DeadLetters(store).get(item_id)
+    assert kept is not None and kept.event_id == "evt_behind"
+    assert await store.dlq_length() == 3
 
 
 async def test_store_unreachable_raises_store_unavailable() -> None:
@@ -405,6 +601,19 @@ def test_store_meta_round_trips_exactly() -> None:
     assert EventRecord.from_stored("r", "d", "e", legacy, b"", 0) == rec
 
 
+async def test_store_a_digest_keyed_event_is_retried_under_its_own_route_and_id(store: RedisStore) -> None:
+    """A dedupe id may hold ':' (`sha256:<digest>`, a provider's own ids): the schedule member `<route>:<id>` splits
+    at the first ':' (route names have none), so the retry worker's take rebuilds the event's route and id."""
+    now = int(time.time() * 1000)
+    rec = digest_record("sha256:ab:cd", "d-colon", first_seen_ms=now)
+    assert (await store.claim(rec, now, 30_000)).claimed
+    assert await store.retry("github", "sha256:ab:cd", 1, now, entry(1))
+    taken = await store.take(KEYS.shard_of("github", "sha256:ab:cd"), "github:sha256:ab:cd", now, 30_000)
+    assert taken is not None and taken.attempt == 2
+    again = taken.record
+    assert (again.route, again.dedupe_id, again.event_id) == ("github", "sha256:ab:cd", "d-colon")
+
+
 async def test_store_alias_is_written_only_for_a_claim_that_won(store: RedisStore, rdb: redis.Redis) -> None:
     def digest_rec(public_id: str) -> EventRecord:
         return digest_record("sha256:same-bytes", public_id)
@@ -415,6 +624,19 @@ async def test_store_alias_is_written_only_for_a_claim_that_won(store: RedisStor
     await asyncio.sleep(0.05)  # the index write is off the critical path
     assert await store.resolve("github", "d-1") == "sha256:same-bytes"
     assert rdb.keys("*alias*") == [KEYS.alias("github", "d-1").encode()]  # no key per replay
+
+
+async def test_store_alias_outlives_the_dedupe_window(store: RedisStore, rdb: redis.Redis) -> None:
+    """The provider's id -> digest index is kept at least as long as the claim it names (dedupe.ttl, 3600 s here):
+    expiring first, admin lookups and forgets by the provider's id would answer 404 "never seen" for an event the
+    store still holds."""
+    now = int(time.time() * 1000)
+    assert (await store.claim(digest_record("sha256:kept-bytes", "d-kept"), now, 30_000)).claimed
+    assert await wait_until(lambda: rdb.exists(KEYS.alias("github", "d-kept")) == 1, 5.0)
+    assert rdb.pttl(KEYS.alias("github", "d-kept")) > 3600 * 1000
+    await store.ack("github", "sha256:kept-bytes", entry(1, 200), now)
+    shard = KEYS.shard_of("github", "sha256:kept-bytes")
+    assert rdb.pttl(KEYS.alias("github", "d-kept")) > rdb.pttl(KEYS.event(shard, "github:sha256:kept-bytes"))
 
 
 def evalsha_calls(rdb: redis.Redis) -> int:
