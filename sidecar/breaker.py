@@ -105,11 +105,12 @@ class Breaker:
         if grant is not None:
             grant.release()
 
-    def record(self, ok: bool, grant: Grant | None = None) -> None:
+    def record(self, ok: bool, grant: Grant | None) -> None:
         """Report a forward's result: ok = the upstream answered at all with a non-retryable status. `grant`: the
         one `allow()` gave for it; only the probe's own result is the probe's (a forward sent while the breaker was
         closed and failing after the cooldown, the probe still out, doubled the cooldown and freed the probe's
-        slot: a second probe went out beside the first; a mutation audit)."""
+        slot: a second probe went out beside the first; a mutation audit). Required, not defaulted: a caller that
+        left it out would make a failed probe hold its slot for good (no probe again in the process)."""
         now = self.clock()
         self._remember(now, ok)
         probe = grant is not None and grant is self._probe_out

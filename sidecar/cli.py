@@ -341,8 +341,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if store_dir is not None and not store_dir.is_dir():
         print(f"sidecar bench: --store-dir {store_dir} is not a directory", file=sys.stderr)
         return 2
-    if not 1 <= args.rounds <= 9:
-        print(f"sidecar bench: --rounds must be from 1 to 9, not {args.rounds}", file=sys.stderr)
+    if args.rounds not in (1, 3, 5, 7, 9):  # odd: each ratio is one round's, the median's, as in the table
+        print(f"sidecar bench: --rounds must be 1, 3, 5, 7 or 9, not {args.rounds}", file=sys.stderr)
         return 2
     figures = run_bench(
         args.duration, args.connections, upstream=args.upstream, store_dir=store_dir, rounds=args.rounds
@@ -388,7 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration", type=float, default=8.0, help="seconds per scenario (default 8)")
     bench.add_argument("--connections", type=int, default=64, help="concurrent connections (default 64)")
     bench.add_argument(
-        "--rounds", type=int, default=3, help="alternating rounds each ratio is the median of (default 3)"
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternating rounds each ratio is the median of: 1, 3 (default), 5, 7 or 9",
     )
     bench.add_argument("--json", dest="json_out", help="also write the figures as JSON to this file")
     bench.add_argument(
@@ -411,21 +414,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _own_parsers(parser: argparse.ArgumentParser) -> None:
-    """Each (sub)command's parser is recorded in the arguments it parses, so an unknown option is named against
-    the command given (`sidecar dlq list: error: ... (see sidecar dlq list --help)`), not the top level."""
-    parser.set_defaults(own_parser=parser)
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    found: dict[str, argparse.ArgumentParser] = {}
     for action in parser._subparsers._group_actions if parser._subparsers else ():
-        for sub in getattr(action, "choices", {}).values():
+        for name, sub in getattr(action, "choices", {}).items():
             if isinstance(sub, argparse.ArgumentParser):
-                _own_parsers(sub)
+                found[name] = sub
+    return found
+
+
+def _parser_at(parser: argparse.ArgumentParser, argv: Sequence[str], token: str) -> argparse.ArgumentParser:
+    """The (sub)command parser in force where `token` first appears in `argv`, so an unknown option is named
+    against the command it was given to (`sidecar dlq list: error: ... (see sidecar dlq list --help)`, but
+    `sidecar: error: ...` for `sidecar --bogus dlq list`), not the top level or the deepest command."""
+    current = parser
+    for arg in argv:
+        if arg == token:
+            break
+        current = _subcommands(current).get(arg, current)
+    return current
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    _own_parsers(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        args.own_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        _parser_at(parser, argv, unknown[0]).error(f"unrecognized arguments: {' '.join(unknown)}")
     setup_logging(args.log_level or "info", "auto")
     return int(args.func(args))

@@ -454,6 +454,30 @@ async def test_admin_cli_unknown_option_is_named_against_the_subcommand() -> Non
     assert replayed.code == 2 and "sidecar dlq replay: error: unrecognized arguments: --zz" in replayed.err
 
 
+@pytest.mark.parametrize(
+    "argv, blamed",
+    [
+        (["--bogus", "dlq", "list"], "sidecar"),
+        (["dlq", "--bogus", "list"], "sidecar dlq"),
+        (["dlq", "list", "--bogus=1"], "sidecar dlq list"),
+        (["--log-level", "info", "dlq", "list", "--zz"], "sidecar dlq list"),
+    ],
+)
+def test_admin_cli_unknown_option_is_named_against_the_command_it_was_given_to(
+    argv: list[str], blamed: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unknown option given before the subcommand is the top level's (or `dlq`'s) to name: blaming the
+    deepest command pointed at a help page that does not list where it was given (a review)."""
+    from sidecar.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--admin-url", "http://127.0.0.1:9", "--token", "t"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"\n{blamed}: error: unrecognized arguments: " in "\n" + err, err
+    assert err.endswith(f"(see {blamed} --help)\n"), err
+
+
 async def test_admin_cli_exit_2_on_bad_arguments() -> None:
     results = [await dlq_here(*args) for args in BAD_ARGUMENTS]
     for args, r in zip(BAD_ARGUMENTS, results, strict=True):

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from sidecar import bench
 from tests.conftest import Upstream
 
@@ -251,3 +253,15 @@ def test_bench_command_refuses_a_store_dir_that_is_not_a_directory(tmp_path: Pat
     )
     assert proc.returncode == 2
     assert "--store-dir" in proc.stderr and "not a directory" in proc.stderr
+
+
+@pytest.mark.parametrize("rounds", ["0", "2", "4", "11"])
+def test_bench_command_takes_an_odd_number_of_rounds_only(
+    rounds: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each ratio is the median of the rounds' values and the table shows the median round: with an even count
+    the first is the mean of two middle rounds, which no row of the table shows (a review)."""
+    from sidecar.cli import main
+
+    assert main(["bench", "--rounds", rounds]) == 2
+    assert capsys.readouterr().err == f"sidecar bench: --rounds must be 1, 3, 5, 7 or 9, not {rounds}\n"

@@ -25,9 +25,9 @@ def breaker(clock: Clock | None = None) -> tuple[Clock, Breaker]:
 def test_a_dead_upstream_opens_the_breaker_after_threshold_failures() -> None:
     _, b = breaker()
     for _ in range(4):
-        b.record(False)
+        b.record(False, None)
     assert b.state == "closed" and b.allow()
-    b.record(False)
+    b.record(False, None)
     assert b.state == "open" and not b.allow() and b.retry_at() == 2.0
 
 
@@ -35,40 +35,40 @@ def test_timeouts_ending_together_after_a_healthy_batch_do_not_open_it() -> None
     """A retry batch of 140 concurrent forwards, 2 % too slow: 135 successes, then 5 timeouts at once."""
     clock, b = breaker()
     for _ in range(135):
-        b.record(True)
+        b.record(True, None)
     clock.now += 2.0
     for _ in range(5):
-        b.record(False)
+        b.record(False, None)
     assert b.state == "closed" and b.allow()
     clock.now += WINDOW_S + 1  # the healthy answers age out; a streak now is the upstream's state
     for _ in range(5):
-        b.record(False)
+        b.record(False, None)
     assert b.state == "open"
 
 
 def test_a_mostly_failing_upstream_opens_it() -> None:
     _, b = breaker()
     for _ in range(4):
-        b.record(True)
+        b.record(True, None)
     for _ in range(5):
-        b.record(False)  # 5 of 9 failed: over half
+        b.record(False, None)  # 5 of 9 failed: over half
     assert b.state == "open"
 
 
 def test_forwards_ending_late_while_open_do_not_lengthen_the_cooldown() -> None:
     clock, b = breaker()
     for _ in range(5):
-        b.record(False)
+        b.record(False, None)
     clock.now += 0.5
     for _ in range(20):  # sent before it opened, failing now
-        b.record(False)
+        b.record(False, None)
     assert b.retry_at() == 1.5  # still the first cooldown, from when it opened
 
 
 def test_a_failed_probe_doubles_the_cooldown_and_a_good_one_closes_it() -> None:
     clock, b = breaker()
     for _ in range(5):
-        b.record(False)
+        b.record(False, None)
     clock.now += 2.0
     probe = b.allow()
     assert b.state == "half_open" and probe and not b.allow()  # one probe at a time
@@ -88,7 +88,7 @@ def test_a_late_failure_beside_the_probe_neither_doubles_the_cooldown_nor_frees_
     clock, b = breaker()
     early = b.allow()  # closed: let through; its answer takes long
     for _ in range(5):
-        b.record(False)
+        b.record(False, None)
     clock.now += 2.0
     probe = b.allow()
     assert probe is not None and probe is not early
@@ -109,7 +109,7 @@ def test_only_the_probe_gives_back_the_probe_slot() -> None:
     clock, b = breaker()
     early = b.allow()  # closed: let through, then waits for a connection slot
     for _ in range(5):
-        b.record(False)
+        b.record(False, None)
     clock.now += 2.0
     probe = b.allow()
     assert b.state == "half_open" and probe is not None and probe is not early
@@ -130,7 +130,7 @@ def test_a_probe_gives_back_its_own_breakers_slot() -> None:
     _, new = breaker(clock)
     for b in (old, new):
         for _ in range(5):
-            b.record(False)
+            b.record(False, None)
     clock.now += 2.0
     taken_old, taken_new = old.allow(), new.allow()
     assert taken_old is not None and taken_new is not None
@@ -144,12 +144,12 @@ def test_the_log_says_when_a_circuit_opens_and_closes(caplog: pytest.LogCaptureF
     """Nothing was logged: an operator saw only 202s with `circuit_open` (an audit looked for the line)."""
     breakers = Breakers(threshold=2, cooldown=2.0)
     b = breakers.for_url("http://receiver:3000/hooks?x=1")
-    b.record(False)
+    b.record(False, None)
     assert not caplog.records
-    b.record(False)
-    b.record(False)  # open already: said once
+    b.record(False, None)
+    b.record(False, None)  # open already: said once
     b.opened_at = 0.0  # the cooldown is over: a probe goes out and is answered
-    b.record(True)
+    b.record(True, None)
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         (
             "WARNING",
@@ -186,9 +186,9 @@ def test_a_forward_sent_before_it_opened_failing_after_the_cooldown_does_not_reo
     the cooldown nor restart it, or the probe that is due would be held back by a result older than the outage."""
     clock, b = breaker()
     for _ in range(5):
-        b.record(False)
+        b.record(False, None)
     clock.now += 2.5  # the cooldown is over, no probe out yet
-    b.record(False)  # the late one
+    b.record(False, None)  # the late one
     assert b.state == "half_open" and b.retry_at() == 0.0
     assert b.allow() is not None  # the probe goes out now
 
@@ -199,8 +199,8 @@ def test_the_worker_pauses_only_when_every_receivers_circuit_is_open() -> None:
     breakers = Breakers(threshold=1, cooldown=60.0)
     down = breakers.for_url("http://down:3000/hooks")
     up = breakers.for_url("http://up:3000/hooks")
-    down.record(False)
+    down.record(False, None)
     assert down.state == "open" and up.state == "closed"
     assert not breakers.all_open()
-    up.record(False)
+    up.record(False, None)
     assert breakers.all_open()

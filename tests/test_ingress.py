@@ -469,7 +469,7 @@ async def test_ingress_a_claim_the_store_refused_gives_the_breakers_probe_slot_b
         dispatcher = app[RUNTIME].dispatcher
         breaker = dispatcher.breaker(dispatcher.table.by_name["stripe"].cfg)
         for _ in range(breaker.threshold):
-            breaker.record(False)
+            breaker.record(False, None)
         assert breaker.opened_at is not None
         breaker.opened_at -= 3600  # its cooldown over: the next request's forward is the probe
         assert breaker.state == "half_open"
@@ -491,7 +491,7 @@ async def test_ingress_a_duplicate_gives_the_breakers_probe_slot_back(
     dispatcher = client.server.app[RUNTIME].dispatcher
     breaker = dispatcher.breaker(dispatcher.table.by_name["plain"].cfg)
     for _ in range(breaker.threshold):
-        breaker.record(False)
+        breaker.record(False, None)
     assert breaker.opened_at is not None
     breaker.opened_at -= 3600  # its cooldown over: the next forward is the probe
     assert breaker.state == "half_open"

@@ -542,7 +542,7 @@ async def test_a_probe_whose_route_a_reload_moves_gives_back_the_old_receivers_s
         dispatcher = runtime.dispatcher
         x_breaker = dispatcher.breaker(dispatcher.table.by_name["stripe"].cfg)
         for _ in range(x_breaker.threshold):
-            x_breaker.record(False)
+            x_breaker.record(False, None)
         assert x_breaker.opened_at is not None
         x_breaker.opened_at -= 60  # its cooldown over: half-open, the next event is its probe
         moved = RouteTable.build(make_config(routes(y.url), upstream_url=upstream.url, redis_url=redis_url))
@@ -555,7 +555,7 @@ async def test_a_probe_whose_route_a_reload_moves_gives_back_the_old_receivers_s
         y_breaker = dispatcher.breakers.for_url(y.url)
         if y_circuit == "open":
             for _ in range(y_breaker.threshold):
-                y_breaker.record(False)
+                y_breaker.record(False, None)
             assert y_breaker.state == "open"
         runtime.store.claim = claim_while_reloading  # type: ignore[method-assign]
         body = stripe_body("evt_probe")
@@ -586,7 +586,7 @@ async def test_worker_an_event_with_its_attempts_spent_gives_back_the_breakers_p
     route = runtime.dispatcher.table.by_name["stripe"].cfg
     breaker = runtime.dispatcher.breaker(route)
     for _ in range(breaker.threshold):
-        breaker.record(False)
+        breaker.record(False, None)
     assert breaker.opened_at is not None
     breaker.opened_at -= 60  # its cooldown over: half-open, the worker's `allow()` takes the probe slot
     key, sched, _, member = runtime.store.keys.locate("stripe", "evt_spent")
@@ -595,6 +595,32 @@ async def test_worker_an_event_with_its_attempts_spent_gives_back_the_breakers_p
     await drain(client, until=1.0)
     assert (await runtime.store.get_event("stripe", "evt_spent"))["state"] == "dead"
     assert breaker.state == "half_open" and breaker.allow()  # given back: the next probe may go
+
+
+async def test_worker_a_failed_probe_reopens_the_circuit_longer_and_a_later_probe_goes_out(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """The worker's probe failing reopens the circuit with the cooldown doubled and frees the probe's slot, so the
+    next probe goes out once that cooldown has passed. Dispatch must tell the breaker which grant the result is
+    for: a result without it is not the probe's (a review found no test failing when dispatch left it out, and
+    then a failed probe kept its slot: no forward to that upstream again in the process)."""
+    client = await sidecar_factory(ROUTE, retry=FAST)
+    runtime = client.server.app[RUNTIME]
+    breaker = runtime.dispatcher.breaker(runtime.dispatcher.table.by_name["stripe"].cfg)
+    upstream.respond(503, 503, 503, 503)
+    assert (await send(client, "evt_probe_1")).status == 202  # forwarded while closed: 503, queued
+    for _ in range(breaker.threshold):
+        breaker.record(False, None)
+    assert breaker.state == "open"
+    first_cooldown = breaker._current_cooldown
+    breaker.opened_at -= 60  # its cooldown over: the worker's next attempt is the probe
+    await drain(client, want=2, upstream=upstream)
+    assert len(upstream.received) == 2  # the probe went out and failed (503)
+    assert breaker.state == "open" and breaker._current_cooldown == 2 * first_cooldown
+    breaker.opened_at -= 60  # the doubled cooldown over too
+    await drain(client, want=3, upstream=upstream)
+    assert len(upstream.received) == 3  # a second probe
+    assert [r.headers["x-sidecar-attempt"] for r in upstream.received] == ["1", "2", "3"]
 
 
 CUT_SHORT = "{max_attempts: 5, base_delay: 50ms, jitter: 0, lease: 1s}"
