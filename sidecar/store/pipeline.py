@@ -187,7 +187,7 @@ class Connection(asyncio.Protocol):
             self._watchdog = self._loop.call_later(self.timeout - waited, self._check)
 
     def _retire(self) -> None:
-        """The server refused a write as a replica (READONLY): a failover demoted it while this connection stayed
+        """The server refused a write as a replica (READONLY, or a WAIT on a replica): a failover demoted it while this connection stayed
         open (a managed service's primary endpoint, a DNS name or a virtual IP, now leads to the new primary, but
         only for new connections). No new commands here: the next call opens a new connection, which reaches the
         new primary (and, on a cluster or with Sentinel, the slot map or the primary is looked up again). The
@@ -201,7 +201,9 @@ class Connection(asyncio.Protocol):
         for _ in range(unsent):
             fut, _ = self._pending.pop()
             if not fut.done():
-                fut.set_exception(ConnectionError("store connection retired (READONLY): not sent"))
+                fut.set_exception(
+                    ConnectionError("store connection retired (its node is a replica now): not sent")
+                )
         if self._on_lost is not None:
             self._on_lost()
 
