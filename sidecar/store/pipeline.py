@@ -187,11 +187,11 @@ class Connection(asyncio.Protocol):
             self._watchdog = self._loop.call_later(self.timeout - waited, self._check)
 
     def _retire(self) -> None:
-        """The server refused a write as a replica (READONLY, or a WAIT on a replica): a failover demoted it while
-        this connection stayed open (a managed service's primary endpoint, a DNS name or a virtual IP, now leads to
-        the new primary, but only for new connections). No new commands here: the next call opens a new connection, which reaches the
-        new primary (and, on a cluster or with Sentinel, the slot map or the primary is looked up again). The
-        replies still owed on this one are read first, then it is closed."""
+        """The server refused a write as a replica (READONLY, or a WAIT on a replica): a failover demoted it
+        while this connection stayed open (a managed service's primary endpoint, a DNS name or a virtual IP,
+        now leads to the new primary, but only for new connections). No new commands here: the next call opens
+        a new connection, which reaches the new primary (and, on a cluster or with Sentinel, the slot map or
+        the primary is looked up again). The replies still owed on this one are read first, then it is closed."""
         if self.closed:
             return
         self.closed = True
