@@ -12,6 +12,9 @@ decompression or proxies — and `forwarder.py` keeps aiohttp for everything els
               not that it failed
     stale     a reused connection that the server had already closed (the keep-alive race) is retried once on a
               fresh connection, but only if not a single byte of response arrived
+    idle      a connection idle for IDLE_TIMEOUT_S is not reused but closed: a NAT, conntrack table or load
+              balancer between here and the receiver may have dropped it without a word (no FIN), and a request
+              written into it would wait its whole `timeout` for an answer that cannot come
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import httptools
 from sidecar.durations import EXPIRY_GRACE
 
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+IDLE_TIMEOUT_S = 30.0  # under the usual idle cut-offs of what sits between (350 s NAT gateways, 4 min LBs)
 MAX_HEAD_BYTES = 1024 * 1024  # status line + header section (+ trailers): not buffered without a bound either
 # What describes a body: not relayed with a 2xx whose body was too large to relay (it goes without one)
 _REPRESENTATION = frozenset(
@@ -118,6 +122,7 @@ class _Connection(asyncio.Protocol):
         self.received_any = False
         self.closed = False
         self.reusable = False
+        self.idle_since = 0.0  # loop time it went back to the pool
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -259,8 +264,11 @@ class _Connection(asyncio.Protocol):
 
 
 class Http1Client:
-    def __init__(self, max_connections: int = 100, idle_per_origin: int = 100) -> None:
+    def __init__(
+        self, max_connections: int = 100, idle_per_origin: int = 100, idle_timeout: float = IDLE_TIMEOUT_S
+    ) -> None:
         self._limit = asyncio.Semaphore(max_connections)
+        self._idle_timeout = idle_timeout
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}  # by `Origin.pool`
         self._idle_max = idle_per_origin
         self._origins: dict[str, Origin] = {}
@@ -354,6 +362,7 @@ class Http1Client:
         """Back to the origin's idle connections, or closed when it has enough of them."""
         idle = self._idle.setdefault(origin.pool, collections.deque())
         if len(idle) < self._idle_max:
+            conn.idle_since = asyncio.get_running_loop().time()
             idle.append(conn)
         else:
             conn.close()
@@ -362,11 +371,16 @@ class Http1Client:
         self, origin: Origin, deadline: float, fresh: bool = False
     ) -> tuple[_Connection, bool]:
         idle = self._idle.get(origin.pool)
-        while idle and not fresh:
-            conn = idle.pop()
-            if not conn.closed:
-                return conn, True
         loop = asyncio.get_running_loop()
+        if idle and not fresh:
+            stale_before = loop.time() - self._idle_timeout
+            # the oldest are on the left: those idle too long are closed when their origin is next asked for
+            while idle and idle[0].idle_since < stale_before:
+                idle.popleft().close()
+            while idle:
+                conn = idle.pop()
+                if not conn.closed:
+                    return conn, True
         context = None
         if origin.scheme == "https":
             context = self._ssl = self._ssl or ssl.create_default_context()

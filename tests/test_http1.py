@@ -222,6 +222,33 @@ async def test_http1_retries_once_when_a_kept_alive_connection_was_closed(
     assert len(served) == 2
 
 
+async def test_http1_a_connection_idle_past_the_idle_timeout_is_not_reused(raw_server) -> None:
+    """A NAT or load balancer between here and the receiver may drop an idle connection without a FIN: a request
+    written into it waits its whole timeout for nothing. Past `idle_timeout` a pooled connection is closed, not
+    reused; within it, it is reused."""
+    connections: list[int] = []
+
+    async def answers_once_per_connection(reader, writer):  # then silent, as a connection dropped in between
+        connections.append(1)
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    url = await raw_server(answers_once_per_connection)
+    client = Http1Client(max_connections=10, idle_timeout=0.2)
+    try:
+        assert (await client.post(url, [], b"a", 5.0)).body == b"ok"
+        await asyncio.sleep(0.3)  # past the idle timeout
+        assert (await client.post(url, [], b"b", 5.0)).body == b"ok"  # on a new connection, at once
+        assert len(connections) == 2
+        with pytest.raises(UpstreamError) as raised:  # within it: the pooled (silent) connection is reused
+            await client.post(url, [], b"c", 0.3)
+        assert raised.value.kind == "timeout" and len(connections) == 2
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("status", [400, 503])
 async def test_http1_an_oversized_refusal_keeps_its_status(
     raw_server, client: Http1Client, monkeypatch, status
