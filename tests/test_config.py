@@ -667,6 +667,53 @@ def test_retry_on_rejects_other_entries(entry: str) -> None:
     assert error.startswith("cfg.yaml:1: retry.retry_on[0]: expected a status code")
 
 
+KEY_ALPHABET = "may only hold letters, digits and _ . : - (no braces or spaces)"
+ROUTE_NAME_ERROR = "must match [a-z0-9_-]+ (it is used in Redis keys, metrics and the admin API)"
+
+
+@pytest.mark.parametrize(
+    ("head", "error"),
+    [
+        # shard = crc32 % redis.shards: 0 is a division by zero at every claim
+        ("redis: {shards: 0}", "cfg.yaml:1: redis.shards: must be from 1 to 16384"),
+        ("redis: {shards: 16385}", "cfg.yaml:1: redis.shards: must be from 1 to 16384"),
+        # a brace in the prefix is a second hash tag in every key: a shard's keys no longer share one slot
+        ('redis: {prefix: "app{1}"}', f"cfg.yaml:1: redis.prefix: {KEY_ALPHABET}"),
+        ('redis: {prefix: "my app"}', f"cfg.yaml:1: redis.prefix: {KEY_ALPHABET}"),
+        # backoff = base_delay * multiplier**(attempt-1): below 1, every retry comes sooner than the last
+        ("retry: {multiplier: 0.5}", "cfg.yaml:1: retry.multiplier: must be at least 1"),
+    ],
+)
+def test_store_layout_and_backoff_settings_out_of_range_are_errors(head: str, error: str) -> None:
+    assert errors_of(head + "\n" + ROUTE) == [error]
+
+
+def test_store_layout_settings_at_their_bounds_load() -> None:
+    assert one_route(head="redis: {shards: 1}\n").redis.shards == 1
+    assert one_route(head="redis: {shards: 16384}\n").redis.shards == 16384
+    assert one_route(head='redis: {prefix: "team-a.sidecar:v2_1"}\n').redis.prefix == "team-a.sidecar:v2_1"
+    assert one_route(head="retry: {multiplier: 1}\n").retry.multiplier == 1.0
+
+
+@pytest.mark.parametrize("name", ["stripe:eu", "Stripe", "stripe eu", "stripe.eu", "strípe"])
+def test_route_names_outside_the_key_alphabet_are_errors(name: str) -> None:
+    """A schedule member is `<route>:<dedupe id>`, split at its first colon: a route name with a colon in it would
+    take its events back under another route (one that does not exist: dead-lettered as removed)."""
+    assert errors_of(ROUTE.replace("name: stripe", f'name: "{name}"')) == [
+        f"cfg.yaml:2: routes[0].name: {ROUTE_NAME_ERROR}"
+    ]
+
+
+@pytest.mark.parametrize(
+    "path", ["/webhooks/stripe?x=1", "/webhooks/#stripe", "/webhooks/str ipe", "webhooks"]
+)
+def test_route_paths_with_a_query_fragment_or_space_are_errors(path: str) -> None:
+    """Requests are matched on their path alone: a route path holding a query could never be matched."""
+    assert errors_of(ROUTE.replace("path: /webhooks/stripe", f'path: "{path}"')) == [
+        "cfg.yaml:3: routes[0].path: must start with / and hold no query, fragment or spaces"
+    ]
+
+
 def test_route_provider_other_than_none_needs_a_secret() -> None:
     errors = errors_of(ROUTE.replace('"whsec_test"', '"${OLD:-}"'))
     assert errors == ["cfg.yaml:5: routes[0].secrets: provider stripe needs at least one non-empty secret"]

@@ -119,6 +119,25 @@ def test_a_store_that_dies_is_started_again_on_its_port_with_its_data(
         os.kill(second or 0, 0)  # stop() stops the server that was started again
 
 
+def test_redis_appendfsync_reaches_the_server_and_its_restart(tmp_path: Path) -> None:
+    """`redis.appendfsync: always` is the setting that loses nothing acknowledged on a power loss: the server runs
+    with it, and so does the one started again after a death (not the default everysec)."""
+    store = EmbeddedValkey(tmp_path / "valkey", "always")
+    url = store.start()
+    try:
+        with redis.Redis.from_url(url) as client:
+            assert client.config_get("appendfsync") == {"appendfsync": "always"}
+            assert client.config_get("appendonly") == {"appendonly": "yes"}
+        first = store.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        _wait_restarted(store, 1)
+        with redis.Redis.from_url(url) as client:
+            assert client.config_get("appendfsync") == {"appendfsync": "always"}
+    finally:
+        store.stop()
+
+
 def test_a_restart_that_fails_is_tried_again_until_the_store_starts(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -218,6 +237,12 @@ def test_a_server_left_by_a_killed_sidecar_is_stopped_and_its_data_kept(
         with redis.Redis.from_url(url) as client:
             assert client.get("accepted") == b"by the server left behind"
         assert any(f"embedded valkey pid {left} is still running" in r.getMessage() for r in caplog.records)
+        # stopped with SIGTERM, not SIGKILL: it fsynced its append-only file before it exited (what it had
+        # accepted, not yet fsynced under everysec, is on disk before the new server reads the file)
+        log = (data / "valkey.log").read_text(errors="replace").splitlines()
+        theirs = [line for line in log if line.startswith(f"{left}:")]
+        assert any("Received SIGTERM" in line for line in theirs), theirs
+        assert any("Calling fsync() on the AOF file" in line for line in theirs), theirs
     finally:
         store.stop()
         for pid in _servers_in(data):  # the orphan, should the test fail before it was stopped
@@ -246,6 +271,7 @@ def test_a_server_whose_sidecar_is_alive_without_the_lock_is_refused_not_stopped
     child = subprocess.Popen(
         [sys.executable, "-c", PRE_LOCK_SIDECAR + "# sidecar", str(data)], cwd=REPO, stdout=subprocess.PIPE
     )
+    ours = EmbeddedValkey(data)
     try:
         assert child.stdout is not None
         theirs = int(child.stdout.readline())
@@ -253,12 +279,13 @@ def test_a_server_whose_sidecar_is_alive_without_the_lock_is_refused_not_stopped
             EmbeddedStoreError,
             match=rf"in use by a running sidecar \(pid {child.pid}, its valkey pid {theirs}\)",
         ):
-            EmbeddedValkey(data).start()
+            ours.start()
         assert _servers_in(data) == [theirs]  # untouched
         free = EmbeddedValkey(data)  # the refused start left the data dir's lock free
         free._lock()
         free._unlock()
     finally:
+        ours.stop()  # started after all (the refusal failing): its watcher would start it again past the kill
         child.kill()
         child.wait()
         if child.stdout is not None:

@@ -520,3 +520,33 @@ async def test_a_config_file_unreadable_for_lack_of_descriptors_is_not_a_change(
         assert runtime.telemetry.config_reloads["rejected"] == 0
         assert await reloader.check()
         assert runtime.dispatcher.config.server.max_body_bytes == 1024
+
+
+async def test_a_worker_that_takes_its_siblings_config_over_a_broken_file_does_not_refuse_it_again(
+    tmp_path: Path, upstream: Upstream, redis_url: str
+) -> None:
+    """A restarted worker whose config file is broken takes the config its siblings applied (`reload(text=…)`),
+    which may watch secret files the start-up config did not: the file stays refused until it changes again, not
+    refused once more (an error line, `rejected` counted) at the next look because the watched set grew."""
+    cfg_path, secret = tmp_path / "sidecar.yaml", tmp_path / "route.secret"
+    secret.write_text("whsec_rotated-secret\n")
+    started = settings_config(upstream.url, redis_url, "reload_interval: 1h")
+    cfg_path.write_text(started)
+    app = create_app(
+        load(cfg_path), redis_url=redis_url, run_worker=False, config_path=str(cfg_path), config_text=started
+    )
+    async with TestClient(TestServer(app)):
+        runtime = app[RUNTIME]
+        reloader = runtime.reloader
+        assert reloader is not None
+        applied = started + (
+            f"  - {{name: filed, path: /webhooks/filed, provider: stripe, secret_files: ['{secret}']}}\n"
+        )
+        cfg_path.write_text("routes: [\n")  # broken since the siblings applied `applied`
+        assert await reloader.reload("worker start, the config the other workers run", text=applied)
+        assert [r.name for r in runtime.dispatcher.config.routes] == ["plain", "filed"]
+        assert not await reloader.check()
+        assert runtime.telemetry.config_reloads == {"applied": 1, "rejected": 0}
+        secret.write_text("whsec_rotated-again\n")  # a change of a file it now watches is still taken
+        assert not await reloader.check()  # refused: the config file is still broken
+        assert runtime.telemetry.config_reloads == {"applied": 1, "rejected": 1}

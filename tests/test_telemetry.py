@@ -260,6 +260,25 @@ async def test_telemetry_traceparent_propagates_without_a_span_exporter(
     assert (await client.post("/webhooks/stripe", data=body, headers=headers)).status == 200
     sent = upstream.received[0].headers["traceparent"]
     assert sent.startswith(f"00-{trace}-") and not sent.endswith("b7ad6b7169203331-01")
+    # the caller's sampling decision goes on with its trace: a receiver that records sampled traces records this one
+    assert sent.endswith("-01"), sent
+
+
+@pytest.mark.parametrize(("ratio", "recorded"), [("0", 0), ("1", 1), ("0.0", 0), ("1.5", 1), ("often", 1)])
+def test_telemetry_trace_sample_ratio_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, ratio: str, recorded: int
+) -> None:
+    """SIDECAR_TRACE_SAMPLE_RATIO: 0 records no trace the sidecar starts (tracing kept for the traces callers
+    sample); a value outside [0, 1] or not a number is said and every trace recorded."""
+    monkeypatch.setenv("SIDECAR_TRACE_SAMPLE_RATIO", ratio)
+    exporter = InMemorySpanExporter()
+    tel = Telemetry(span_processors=[SimpleSpanProcessor(exporter)])
+    try:
+        for _ in range(20):
+            Telemetry.end_inbound(tel.start_inbound("stripe", "POST", None), "forwarded", "evt_1", None, 200)
+        assert len(exporter.get_finished_spans()) == 20 * recorded
+    finally:
+        tel.shutdown()
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -548,3 +549,96 @@ def test_workers_a_sweep_before_the_supervisor_locks_spares_its_dir(
     finally:
         os.close(started._lock)
         shutil.rmtree(started.peers_dir, ignore_errors=True)
+
+
+def test_workers_restarts_are_limited_to_five_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MAX_RESTARTS a minute: the sixth restart within a minute is refused (a worker that cannot start does not
+    spin), and once the oldest restart is a minute old a worker that dies is replaced again."""
+    from sidecar import supervisor
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    sup = supervisor.Supervisor("/x.yaml", "redis://127.0.0.1:1", 2, 1.0, None, "routes: []\n")
+    try:
+        assert [sup._may_restart() for _ in range(5)] == [True] * 5
+        assert sup._may_restart() is False
+        sup._restarts = deque(t - 61 for t in sup._restarts)  # a minute has passed since all of them
+        assert sup._may_restart() is True
+    finally:
+        os.close(sup._lock)
+        shutil.rmtree(sup.peers_dir, ignore_errors=True)
+
+
+def test_workers_a_supervisor_that_is_a_zombie_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A supervisor SIGKILLed with a thread still running is a zombie while its threads exit, and its workers still
+    see its pid as their parent's: they must stop all the same (`follow_parent`, `leave_peers_dir`)."""
+    from sidecar import supervisor
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while process_state(zombie.pid) != "Z":  # exited, not reaped
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        monkeypatch.setattr(os, "getppid", lambda: zombie.pid)
+        assert supervisor.supervisor_gone(str(zombie.pid))
+        monkeypatch.setattr(os, "getppid", lambda: os.getpid())  # a parent that runs
+        assert not supervisor.supervisor_gone(str(os.getpid()))
+    finally:
+        zombie.wait(timeout=10)
+
+
+async def test_workers_sighup_reloads_every_worker_at_once(
+    tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[Any]
+) -> None:
+    """SIGHUP to the supervisor reloads every worker now, not at their next look at the file (here an hour away)."""
+    port, cfg = free_port(), tmp_path / "sidecar.yaml"
+    write_config(cfg, upstream_url=upstream.url, port=port, secret=SECRET, workers=2, redis_url=redis_url,
+                 admin_port=free_port())  # fmt: skip
+    cfg.write_text(cfg.read_text().replace("workers: 2}", "workers: 2, reload_interval: 1h}"))
+    proc = SidecarProcess(cfg)
+    processes.append(proc)
+    proc.start(port)
+    assert proc.proc is not None
+    await wait_for_log(proc, "sidecar listening on", 2)
+    cfg.write_text(
+        cfg.read_text() + "  - {name: late, path: /webhooks/late, provider: none, event_id: body_sha256}\n"
+    )
+    proc.proc.send_signal(signal.SIGHUP)
+    await wait_for_log(proc, "config reloaded (SIGHUP)", 2)
+    statuses = []
+    for n in range(8):  # each on a connection of its own: SO_REUSEPORT spreads connections over the workers
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+            session.post(f"http://127.0.0.1:{port}/webhooks/late", data=f"late {n}".encode()) as resp,
+        ):
+            statuses.append(resp.status)
+    assert set(statuses) == {200}, statuses  # no worker without the route (404)
+
+
+async def test_workers_a_worker_dying_over_and_over_stops_the_sidecar_with_exit_1(
+    tmp_path: Path, upstream: Upstream, redis_url: str, processes: list[Any]
+) -> None:
+    """Five restarts a minute are made; the sixth death stops the sidecar, with a non-zero exit status (an
+    orchestrator restarts it and counts the failure)."""
+    parent, _ = await start_two_workers(
+        tmp_path, upstream, processes, 2, redis_url=redis_url, admin_port=free_port()
+    )
+    assert parent.proc is not None
+    for kill in range(6):
+        old = None
+        deadline = time.monotonic() + 20
+        while old is None:
+            old = worker_pid(parent.proc.pid, 1)
+            assert time.monotonic() < deadline, parent.log()
+            await asyncio.sleep(0.05)
+        os.kill(old, signal.SIGKILL)
+        if kill < 5:
+            while worker_pid(parent.proc.pid, 1) in (None, old):  # replaced
+                assert parent.proc.poll() is None and time.monotonic() < deadline, parent.log()
+                await asyncio.sleep(0.05)
+    assert parent.proc.wait(timeout=30) == 1
+    log = parent.log()
+    assert log.count("exited with -9; restarting it") == 5, log
+    assert "worker 1 exited with -9; too many restarts, stopping" in log, log
