@@ -733,6 +733,8 @@ async def test_front_bytes_after_a_refused_request_are_not_held_in_reference_cyc
         writer.write(b"POST /webhooks/stripe HTTP/1.1\r\nHost: sidecar.test\r\n\r\n")
         with contextlib.suppress(ConnectionError):
             for _ in range(32):
+                if writer.is_closing():  # the sidecar reset it: uvloop raises RuntimeError on a write after that
+                    break
                 writer.write(b"z" * 65536)
                 await writer.drain()
                 await asyncio.sleep(0.005)
