@@ -206,7 +206,7 @@ async def dribbling(writer: asyncio.StreamWriter, piece: bytes, every: float = 0
 
     async def drip() -> None:
         with contextlib.suppress(ConnectionError):
-            while True:  # until cancelled on exit
+            while not writer.is_closing():  # until cancelled on exit (uvloop: RuntimeError on a closed one)
                 writer.write(piece)
                 await writer.drain()
                 await asyncio.sleep(every)
