@@ -783,6 +783,44 @@ async def test_cluster_delivered_mark_and_replay_while_their_slot_is_migrating_k
         assert replayed is not None and replayed["state"] == "pending"
 
 
+async def test_cluster_a_script_started_on_a_migrating_slot_waits_out_its_tryagain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script sent ahead with `FastScript.start` (the batched delivered marks) that meets a slot mid-migration
+    with its keys split (TRYAGAIN, not run) goes the full path in `finish`, which waits the migration out (up to
+    0.5 s) and runs it on the new owner, as a call made the full way does; not failed at once."""
+    from redis.crc import key_slot
+
+    from sidecar.store import pipeline
+    from sidecar.store.pipeline import FastScript, PipelinedClient
+
+    monkeypatch.setattr(pipeline, "TRYAGAIN_TRIES", 400)  # a stall of this machine must not outlast the wait
+    async with store_on_a_cluster(tmp_path / "tryagain") as (nodes, clients, _):
+        client = PipelinedClient(url_of(nodes[:3]), timeout=2.0)
+        try:
+            script = FastScript(client, "return redis.call('INCR', KEYS[1]) + redis.call('EXISTS', KEYS[2])")
+            keys = ["{ta}here", "{ta}missing"]
+            assert await script(keys, []) == 1  # loaded; `here` exists on the slot's owner, `missing` never
+            slot = key_slot(b"ta")
+            src = next(i for i, (a, b) in enumerate(RANGES) if a <= slot <= b)
+            dst = (src + 1) % 3
+            begin_migration(clients, slot, src, dst)
+            started = script.start(keys, [])
+            assert started is not None
+            finished = asyncio.ensure_future(script.finish(started, keys, []))
+            await asyncio.sleep(0.1)
+            assert not finished.done()  # waiting out the migration, not failed
+            clients[src].execute_command("MIGRATE", "127.0.0.1", nodes[dst].port, keys[0], 0, 5000)
+            for c in clients:
+                c.execute_command(
+                    "CLUSTER", "SETSLOT", slot, "NODE", clients[dst].execute_command("CLUSTER", "MYID")
+                )
+            assert await asyncio.wait_for(finished, 5) == 2  # run once, on the new owner
+            assert clients[dst].get(keys[0]) == b"2"
+        finally:
+            client.close()
+
+
 async def test_cluster_seed_that_serves_no_slots_is_passed_over(tmp_path: Path) -> None:
     """A primary removed with `redis-cli --cluster del-node` is reset and left running, serving no slot. Named first
     in redis.url, its empty CLUSTER SLOTS was taken as the map: every call went to it (CLUSTERDOWN), every webhook

@@ -248,6 +248,43 @@ async def test_front_hands_what_it_does_not_serve_to_aiohttp(
         assert json.loads(body)["error"] == "bad_request", (name, body)
 
 
+@pytest.mark.parametrize(("count", "served"), [(128, (1, 0)), (129, (0, 1))])
+async def test_front_serves_up_to_aiohttps_header_count_and_no_more(
+    client: Any, upstream: Upstream, count: int, served: tuple[int, int]
+) -> None:
+    """aiohttp takes 128 header lines and refuses the 129th with 400: the front serves exactly what aiohttp takes
+    (one more served here would be claimed and forwarded where aiohttp refuses it)."""
+    event_id = f"evt_headers_{count}"
+    raw = signed(event_id, extra="".join(f"X-Pad-{i}: y\r\n" for i in range(count - 4)))
+    assert raw.split(b"\r\n\r\n")[0].count(b"\r\n") == count  # header lines after the request line
+    got, _, body = await exchange(client, raw)
+    front = front_of(client)
+    assert (front.fast_requests, front.handed_over) == served, body
+    if count > 128:
+        assert got == 400 and json.loads(body)["error"] == "bad_request", body
+        assert upstream.received == []
+    else:  # claimed (the test upstream, an aiohttp too, refuses the forward for the headers the sidecar adds)
+        assert got != 400, body
+
+
+@pytest.mark.parametrize(("extra", "status", "served"), [(0, 200, (1, 0)), (1, 413, (0, 1))])
+async def test_front_serves_a_body_of_max_body_bytes_and_no_more(
+    client: Any, upstream: Upstream, extra: int, status: int, served: tuple[int, int]
+) -> None:
+    """`server.max_body_bytes` (65536 here) is the largest body taken: served by the front; one byte more is
+    aiohttp's 413, never claimed nor forwarded."""
+    from tests.test_ingress import _padded
+
+    event_id = f"evt_size_{extra}"
+    body = _padded(event_id, 0)
+    body = _padded(event_id, 65536 + extra - len(body))
+    assert len(body) == 65536 + extra
+    got, _, answer = await exchange(client, post("/webhooks/stripe", body, stripe_headers(body)))
+    front = front_of(client)
+    assert (got, (front.fast_requests, front.handed_over)) == (status, served), answer
+    assert upstream.ids() == ([event_id] if status == 200 else [])
+
+
 async def test_front_unparsable_requests_log_one_info_line_not_an_error_traceback(
     client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -319,6 +356,25 @@ async def test_front_connection_close_is_honoured_without_a_body(client: Any, up
     finally:
         writer.close()
     assert upstream.ids() == ["evt_empty_close"]
+
+
+@pytest.mark.parametrize(
+    "lines", ["Connection: close\r\nConnection: X-Hop\r\n", "Connection: X-Hop, close\r\n"]
+)
+async def test_front_connection_close_in_any_connection_line_is_honoured(
+    client: Any, upstream: Upstream, lines: str
+) -> None:
+    """The lines of a list field are one list (RFC 9110 §5.3): `close` in the first of two `Connection` lines, or
+    not first in its line, closes the connection as aiohttp does; the later line does not undo it."""
+    reader, writer = await connect(client)
+    try:
+        writer.write(signed("evt_close_lines", extra=lines + "X-Hop: 1\r\n"))
+        status, headers, _ = await read_response(reader)
+        assert status == 200 and headers["connection"] == "close"
+        assert await closed_within(reader, 0.5)  # at once, not after read_timeout (1 s here)
+    finally:
+        writer.close()
+    assert upstream.ids() == ["evt_close_lines"] and front_of(client).fast_requests == 1
 
 
 async def test_front_body_dribble_gets_408_after_read_timeout(client: Any, upstream: Upstream) -> None:
@@ -463,6 +519,16 @@ def test_front_serialize_drops_what_utf8_cannot_carry() -> None:
     resp = web.Response(body=b"x", headers={"X-Raw": "caf\udce9", "X-\udcff": "v"})
     wire = serialize(resp, close=False)
     assert b"\r\nX-Raw: caf\r\n" in wire and b"\r\nX-: v\r\n" in wire
+
+
+def test_front_serialize_drops_a_header_that_would_split_the_answer() -> None:
+    """A CR or LF in a header's name or value would end the line and start another header (or the body) on the
+    wire: aiohttp's writer refuses it; the front leaves that header out and sends the rest."""
+    resp = web.Response(body=b"x", headers={"X-A": "a\r\nX-Injected: 1", "X-B\nX-Evil": "v", "X-Ok": "1"})
+    wire = serialize(resp, close=False)
+    head, _, body = wire.partition(b"\r\n\r\n")
+    assert body == b"x" and b"X-Ok: 1\r\n" in wire
+    assert b"Injected" not in wire and b"Evil" not in wire and b"\n" not in head.replace(b"\r\n", b"")
 
 
 async def test_front_body_in_pieces_parses_the_head_once(
@@ -733,7 +799,8 @@ async def test_front_bytes_after_a_refused_request_are_not_held_in_reference_cyc
         writer.write(b"POST /webhooks/stripe HTTP/1.1\r\nHost: sidecar.test\r\n\r\n")
         with contextlib.suppress(ConnectionError):
             for _ in range(32):
-                if writer.is_closing():  # the sidecar reset it: uvloop raises RuntimeError on a write after that
+                # the sidecar reset it: uvloop raises RuntimeError on a write after that
+                if writer.is_closing():
                     break
                 writer.write(b"z" * 65536)
                 await writer.drain()
@@ -940,3 +1007,121 @@ async def test_front_a_body_over_the_inflight_budget_is_refused_without_being_he
     assert front.handed_over == 0
     assert ingress.tel.requests[("stripe", "overloaded")] == 1
     assert upstream.ids() == ["evt_big1"]
+
+
+async def test_front_a_refused_body_that_ends_on_a_read_boundary_serves_nothing_behind_it(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """The rest of a body refused 503 arriving in reads that end exactly where the body ends: the connection lingers
+    LINGER_S for what the client pipelined, then closes; a request pipelined behind the refused one is dropped
+    unread (the client was answered 503 and EOF), not claimed and forwarded, nor the connection held to its
+    read_timeout."""
+    from tests.test_ingress import _padded, held_by_upstream
+
+    client = await sidecar_factory(ROUTES, server="max_inflight_bytes: 100000, read_timeout: 10s")
+    front = front_of(client)
+    _, held, gate = await held_by_upstream(client, upstream, "evt_big1")
+    second = _padded("evt_big2", 60_000)
+    raw = post("/webhooks/stripe", second, stripe_headers(second))
+    reader, writer = await connect(client)
+    try:
+        writer.write(raw[:-20_000])
+        status, _, body = await read_response(reader)
+        assert (status, json.loads(body)) == (503, {"error": "overloaded"})
+        [refused] = [conn for conn in front.conns if conn.dropping]
+        gate.set()
+        writer.write(raw[-20_000:])  # the rest of the refused body, on its own
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        writer.write(signed("evt_behind_refused"))  # pipelined behind it, in a later read
+        await writer.drain()
+        while refused in front.conns and time.monotonic() - started < 8:
+            await asyncio.sleep(0.05)
+        assert refused not in front.conns, "the refused connection still open"
+        assert time.monotonic() - started < front_module.LINGER_S + 2
+    finally:
+        writer.close()
+        gate.set()
+    assert (await asyncio.wait_for(held, 10)).status == 200
+    await asyncio.sleep(0.2)
+    assert upstream.ids() == ["evt_big1"]
+
+
+async def test_front_a_refused_body_all_in_lingers_briefly_not_until_its_read_timeout(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """A body refused 503 overloaded that had all arrived: only a client pipelining behind it still sends, so the
+    connection lingers LINGER_S at most, not the request's whole read_timeout (10 s here)."""
+    from tests.test_ingress import _padded, held_by_upstream
+
+    client = await sidecar_factory(ROUTES, server="max_inflight_bytes: 100000, read_timeout: 10s")
+    front = front_of(client)
+    _, held, gate = await held_by_upstream(client, upstream, "evt_big1")
+    second = _padded("evt_big2", 60_000)
+    reader, writer = await connect(client)
+    try:
+        writer.write(post("/webhooks/stripe", second, stripe_headers(second)))  # all of it in one write
+        status, _, body = await read_response(reader)
+        started = time.monotonic()
+        assert (status, json.loads(body)) == (503, {"error": "overloaded"})
+        [refused] = [conn for conn in front.conns if conn.dropping]
+        gate.set()
+        while refused in front.conns and time.monotonic() - started < 8:
+            await asyncio.sleep(0.05)
+        assert refused not in front.conns, "the refused connection still open"
+        assert time.monotonic() - started < front_module.LINGER_S + 2
+    finally:
+        writer.close()
+        gate.set()
+    assert (await asyncio.wait_for(held, 10)).status == 200
+
+
+async def test_front_a_body_growing_past_the_inflight_budget_is_refused_as_it_arrives(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """A body whose first bytes fit the in-flight budget and whose later ones do not: refused 503 overloaded when
+    the piece that crosses the budget arrives, not buffered uncounted until its end (or its 408)."""
+    from sidecar.app import RUNTIME
+    from tests.test_ingress import _padded, held_by_upstream
+
+    client = await sidecar_factory(ROUTES, server="max_inflight_bytes: 100000, read_timeout: 5s")
+    ingress = client.server.app[RUNTIME].ingress
+    first, held, gate = await held_by_upstream(client, upstream, "evt_big1")
+    second = _padded("evt_big2", 60_000)
+    raw = post("/webhooks/stripe", second, stripe_headers(second))
+    body_at = raw.index(b"\r\n\r\n") + 4
+    reader, writer = await connect(client)
+    try:
+        writer.write(raw[: body_at + 1000])  # within the budget: 60 KB held + 1 KB
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        assert ingress.inflight_bytes == len(first) + 1000
+        started = time.monotonic()
+        writer.write(raw[body_at + 1000 : body_at + 41_000])  # past it; 19 KB of the body still to come
+        status, _, body = await asyncio.wait_for(read_response(reader), 10)
+        assert (status, json.loads(body)) == (503, {"error": "overloaded"})
+        assert time.monotonic() - started < 1.0
+        assert ingress.inflight_bytes == len(first)
+    finally:
+        writer.close()
+        gate.set()
+    assert (await asyncio.wait_for(held, 10)).status == 200
+    assert upstream.ids() == ["evt_big1"]
+
+
+async def test_front_a_request_pipelined_after_connection_close_is_not_served(
+    client: Any, upstream: Upstream
+) -> None:
+    """RFC 9112 §9.6: nothing after a request with `Connection: close` is served. A request pipelined behind it
+    was claimed and forwarded, its answer written to a connection already closing (never read)."""
+    reader, writer = await connect(client)
+    try:
+        writer.write(signed("evt_close_first", extra="Connection: close\r\n") + signed("evt_after_close"))
+        status, headers, _ = await read_response(reader)
+        assert status == 200 and headers["connection"] == "close"
+        assert await closed_within(reader, 2)
+    finally:
+        writer.close()
+    await asyncio.sleep(0.3)
+    assert upstream.ids() == ["evt_close_first"]

@@ -670,3 +670,197 @@ async def test_http1_a_slow_reconnect_after_a_slot_wait_is_not_sent_not_a_timeou
     finally:
         client.close()
     assert got == [b"A"]
+
+
+async def test_http1_a_second_answer_in_the_same_read_closes_the_connection(raw_server, client) -> None:
+    """The start of a second answer in the same read as the one awaited (not in a later read, which
+    `test_http1_stray_bytes_on_an_idle_connection_close_it` covers): the connection is out of step and goes; kept,
+    the next request's answer was read as the rest of that stray body (a timeout, the event sent again)."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def stray(reader, writer):
+        connections.append(writer)
+        first = len(connections) == 1
+        while True:
+            await read_request(reader)
+            if first:
+                first = False
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc"  # one write: one read for the client
+                )
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nmine")
+            await writer.drain()
+
+    url = await raw_server(stray)
+    assert (await client.post(url, [], b"a", 1.0)).body == b"ok"
+    resp = await client.post(url, [], b"b", 1.0)
+    assert (resp.status, resp.body, len(connections)) == (200, b"mine", 2)
+
+
+async def test_http1_skips_a_100_continue(raw_server, client) -> None:
+    """`100 Continue` is an interim answer like any other 1xx (a receiver may send it unasked): the final answer
+    follows; taken for the answer, the event was relayed as a 100 and its real status lost."""
+
+    async def continue_first(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    resp = await client.post(await raw_server(continue_first), [], b"x", 2.0)
+    assert (resp.status, resp.body) == (201, b"ok")
+
+
+async def test_http1_an_answer_that_says_connection_close_is_not_reused(raw_server, client) -> None:
+    """RFC 9112 §9.6: after an answer with `Connection: close` no further request goes on that connection, even
+    while the server has not closed it yet."""
+    seen: list[tuple[int, bytes]] = []
+    connections: list[asyncio.StreamWriter] = []
+
+    async def closing(reader, writer):
+        connections.append(writer)
+        number = len(connections)
+        while True:
+            _, body = await read_request(reader)
+            seen.append((number, body))
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()  # and the socket left open a while, as a server closing lazily does
+
+    url = await raw_server(closing)
+    for body in (b"1", b"2"):
+        assert (await client.post(url, [], body, 1.0)).body == b"ok"
+    assert seen == [(1, b"1"), (2, b"2")]
+
+
+async def test_http1_the_size_limits_count_each_answer_alone(raw_server, client, monkeypatch) -> None:
+    """The head and body limits bound one answer, not the sum of the answers a kept-alive connection gave: counted
+    across them, the fourth small answer on a connection was `response_too_large` (or, a 2xx, relayed bare)."""
+    monkeypatch.setattr("sidecar.http1.MAX_HEAD_BYTES", 1000)
+    monkeypatch.setattr("sidecar.http1.MAX_RESPONSE_BYTES", 1000)
+    connections: list[asyncio.StreamWriter] = []
+
+    async def answer(reader, writer):
+        connections.append(writer)
+        while True:
+            await read_request(reader)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Pad: " + b"p" * 300 + b"\r\n"
+                b"Content-Length: 400\r\n\r\n" + b"b" * 400
+            )
+            await writer.drain()
+
+    url = await raw_server(answer)
+    for _ in range(6):
+        resp = await client.post(url, [], b"x", 1.0)
+        assert (resp.status, resp.body) == (200, b"b" * 400)
+        assert ("Content-Type", "text/plain") in resp.headers
+    assert len(connections) == 1  # all on one kept-alive connection
+
+
+async def test_http1_a_body_exactly_at_the_limit_is_relayed_whole(raw_server, client, monkeypatch) -> None:
+    monkeypatch.setattr("sidecar.http1.MAX_RESPONSE_BYTES", 1000)
+
+    async def answer(reader, writer):
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\n" + b"z" * 1000
+        )
+        await writer.drain()
+
+    resp = await client.post(await raw_server(answer), [], b"x", 1.0)
+    assert (resp.status, resp.body) == (200, b"z" * 1000) and ("Content-Type", "text/plain") in resp.headers
+
+
+async def test_http1_a_kept_alive_connection_closed_after_part_of_an_answer_is_not_sent_again(
+    raw_server, client
+) -> None:
+    """Only a reused connection that closed before a single byte of answer is the keep-alive race (sent again on a
+    new connection): one that closed after part of an answer had the request, and the receiver may have acted on
+    it, so it is a failure (`disconnected`), sent again only by the retry schedule."""
+    seen: list[bytes] = []
+
+    async def answer(reader, writer):
+        while True:
+            _, body = await read_request(reader)
+            seen.append(body)
+            if body == b"2":
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 100\r\n\r\npart")
+                await writer.drain()
+                writer.transport.abort()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    url = await raw_server(answer)
+    assert (await client.post(url, [], b"1", 1.0)).body == b"ok"
+    with pytest.raises(UpstreamError) as exc:
+        await client.post(url, [], b"2", 1.0)
+    assert exc.value.kind == "disconnected"
+    assert seen == [b"1", b"2"]  # not sent a second time
+
+
+async def test_http1_a_new_connection_closed_without_an_answer_is_not_sent_again(raw_server, client) -> None:
+    """A connection made for this request and closed before any answer is no keep-alive race: the receiver read
+    the request (it may have acted on it). `disconnected`, not sent again at once."""
+    seen: list[bytes] = []
+
+    async def crash(reader, writer):
+        _, body = await read_request(reader)
+        seen.append(body)
+        writer.transport.abort()
+
+    with pytest.raises(UpstreamError) as exc:
+        await client.post(await raw_server(crash), [], b"1", 1.0)
+    assert exc.value.kind == "disconnected"
+    await asyncio.sleep(0.1)
+    assert seen == [b"1"]
+
+
+async def test_http1_a_connect_that_times_out_without_a_slot_wait_is_a_timeout(
+    raw_server, client, monkeypatch
+) -> None:
+    """A connect that takes longer than the timeout, with a slot free at once, is the receiver's timeout (an
+    attempt spent, a breaker failure), not a PoolTimeout (a slot that came too late, given back with its attempt
+    number: a receiver that never accepts a connection would be tried for ever and never trip its breaker)."""
+
+    async def answer(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    url = await raw_server(answer)
+    slow_connects(monkeypatch, 1.0)
+    with pytest.raises(UpstreamError) as exc:
+        await client.post(url, [], b"x", timeout=0.2)
+    assert exc.value.kind == "timeout"
+
+
+async def test_http1_the_send_again_after_a_stale_connection_has_one_timeout_from_its_write(
+    raw_server, client
+) -> None:
+    """The request sent again on a fresh connection after the keep-alive race has `timeout` from that write, as any
+    exchange, not what is left of the connect's deadline on top (a receiver 1.5 timeouts late was waited for)."""
+    got: list[bytes] = []
+
+    async def answer(reader, writer):
+        first = not got
+        while True:
+            _, body = await read_request(reader)
+            if first and body == b"2":
+                writer.transport.abort()  # the idle connection is gone: request 2 unanswered
+                return
+            got.append(body)
+            if body == b"2":
+                await asyncio.sleep(0.75)  # 1.5 timeouts
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    url = await raw_server(answer)
+    assert (await client.post(url, [], b"1", timeout=0.5)).status == 200
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(UpstreamError) as exc:
+        await client.post(url, [], b"2", timeout=0.5)
+    assert exc.value.kind == "timeout"
+    assert asyncio.get_running_loop().time() - started < 0.7
+    assert got == [b"1", b"2"]

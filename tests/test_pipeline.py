@@ -523,3 +523,80 @@ async def test_store_without_the_password_a_store_wants_says_noauth(server: Valk
     finally:
         with redis.Redis(port=server.port, password="s3cret") as admin:
             admin.config_set("requirepass", "")
+
+
+async def test_pipeline_a_retired_connection_gives_each_owed_reply_to_its_own_caller(
+    server: ValkeyServer,
+) -> None:
+    """READONLY retires the connection: the commands queued and not written yet are failed (never sent), and the
+    replies still owed to the commands already written go to those commands, in order. Failing the oldest waiting
+    commands instead of the unsent ones gave every later reply to the wrong caller (one GET answered with another
+    key's value)."""
+    import redis
+
+    client = PipelinedClient(server.connection_url, timeout=2.0)
+    try:
+        await client.execute(("SET", "x", "vx"))
+        await client.execute(("SET", "y", "vy"))
+        with redis.Redis(port=server.port) as admin:  # a replica now (of no one): writes refused READONLY
+            admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        conn = client._single
+        assert conn is not None
+        unsent: list[asyncio.Future[Any]] = []
+        real = conn._reader
+
+        class Hooked:  # another caller's command issued in the iteration that reads the replies, before them
+            def feed(self, data: bytes) -> None:
+                if not unsent:
+                    unsent.append(conn.execute(("GET", "x")))
+                real.feed(data)
+
+            def gets(self) -> object:
+                return real.gets()
+
+        conn._reader = Hooked()  # type: ignore[assignment]
+        written = [conn.execute(("SET", "k", "1")), conn.execute(("GET", "x")), conn.execute(("GET", "y"))]
+        results = await asyncio.wait_for(asyncio.gather(*written, return_exceptions=True), 5)
+        results += await asyncio.gather(*unsent, return_exceptions=True)
+        assert isinstance(results[0], ReplyError) and str(results[0]).startswith("READONLY"), results
+        assert results[1:3] == [b"vx", b"vy"], results
+        assert len(results) == 4 and isinstance(results[3], ConnectionError), results
+        assert "not sent" in str(results[3])
+    finally:
+        client.close()
+
+
+async def test_pipeline_a_caller_that_gave_up_leaves_the_others_their_replies(server: ValkeyServer) -> None:
+    """A caller cancelled (its own timeout) before its reply came: the reply is read and dropped, and the commands
+    behind it on the connection still get theirs (setting a result on the cancelled future raised in
+    data_received, which closed the connection and failed every command behind it)."""
+    client = PipelinedClient(server.connection_url, timeout=2.0)
+    try:
+        await client.execute(("PING",))
+        slow = asyncio.ensure_future(client.execute(("BLPOP", "nothing", "0.3")))
+        behind = asyncio.ensure_future(client.execute(("ECHO", "mine")))
+        await asyncio.sleep(0.1)
+        slow.cancel()
+        assert await asyncio.wait_for(behind, 2) == b"mine"
+        assert await client.execute(("ECHO", "again")) == b"again"
+    finally:
+        client.close()
+
+
+async def test_pipeline_a_command_fails_within_the_timeout_of_its_own_start(server: ValkeyServer) -> None:
+    """The watchdog armed by an earlier command that was answered re-arms for what is left of the oldest waiting
+    command's timeout, not a whole timeout more: a command sent to a stopped server just after another one fails
+    about `timeout` after it was sent (it waited up to twice that)."""
+    client = PipelinedClient(server.connection_url, timeout=1.0)
+    try:
+        assert await client.execute(("PING",)) == b"PONG"  # arms the watchdog, answered at once
+        assert server._process is not None
+        os.kill(server._process.pid, signal.SIGSTOP)
+        await asyncio.sleep(0.4)  # the watchdog comes due 0.6 s into the next command's wait
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await client.execute(("PING",))
+        assert time.monotonic() - started < 1.3
+    finally:
+        os.kill(server._process.pid, signal.SIGCONT)
+        client.close()

@@ -142,6 +142,31 @@ async def test_one_wait_at_a_time_holds_the_connection(pair: tuple[ValkeyServer,
         client.close()
 
 
+async def test_a_caller_cancelled_during_a_shared_wait_leaves_the_others_their_answer(
+    pair: tuple[ValkeyServer, ValkeyServer],
+) -> None:
+    """Callers of one tick share one WAIT: one of them cancelled (its request's own deadline, a client gone) must
+    not cancel the WAIT the others await. They get its answer (here NotReplicated, the replica stalled), not a
+    CancelledError of a cancellation that was not theirs."""
+    primary, replica = pair
+    client = PipelinedClient(primary.connection_url, timeout=2.0)
+    try:
+        assert await client.execute(("PING",)) == b"PONG"
+        _pause(replica, True)  # the shared WAIT takes its whole 400 ms
+        gone = asyncio.ensure_future(client.execute(("SET", "gone", 1), wait=(1, 400)))
+        kept = asyncio.ensure_future(client.execute(("SET", "kept", 2), wait=(1, 400)))
+        await asyncio.sleep(0.1)
+        assert not kept.done()
+        gone.cancel()
+        [result] = await asyncio.gather(kept, return_exceptions=True)
+        assert isinstance(result, NotReplicated) and result.reply == b"OK", repr(result)
+        _pause(replica, False)
+        assert await client.execute(("SET", "after", 3), wait=(1, 1000)) == b"OK"
+    finally:
+        _pause(replica, False)
+        client.close()
+
+
 async def test_sidecar_answers_2xx_only_once_the_replica_holds_the_claim(
     pair: tuple[ValkeyServer, ValkeyServer], upstream: Upstream
 ) -> None:
