@@ -209,6 +209,16 @@ def test_upstream_url_with_a_query_gets_the_request_path_on_its_path(
     assert target_url(config, config.routes[0], path_qs) == expected
 
 
+@pytest.mark.parametrize("base", ["http://127.0.0.1:3000/base", "http://127.0.0.1:3000/base?k=v"])
+def test_an_absolute_form_target_without_a_path_asks_for_the_root(base: str) -> None:
+    """RFC 9112 §3.2.2/RFC 3986 §6.2.3: `POST http://elsewhere?a=1` has the empty path, which is `/`: it is
+    forwarded as `/?a=1` would be."""
+    config = _config(base=base)
+    route = config.routes[0]
+    assert target_url(config, route, "http://elsewhere.test?a=1") == target_url(config, route, "/?a=1")
+    assert target_url(config, route, "http://elsewhere.test") == target_url(config, route, "/")
+
+
 @pytest.mark.parametrize("key", ["upstream.url", "routes[0].upstream"])
 def test_an_upstream_url_with_credentials_is_refused_at_load(key: str) -> None:
     """POSTs went without them and pass-through requests with them (a 500 when the request had its own

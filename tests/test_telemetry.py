@@ -432,7 +432,7 @@ async def test_telemetry_refusals_are_logged_with_the_client_and_forwarded_for(
 
 
 def test_telemetry_worker_processes_put_their_index_on_every_line() -> None:
-    for worker, expect in ((1, 1), (None, None)):
+    for worker, expect in ((1, 1), (0, 0), (None, None)):  # worker 0 is a worker too
         stream = io.StringIO()
         setup_logging("info", "json", stream=stream, worker=worker)
         try:
@@ -441,6 +441,51 @@ def test_telemetry_worker_processes_put_their_index_on_every_line() -> None:
             setup_logging("warning", "text")
         [entry] = [json.loads(line) for line in stream.getvalue().splitlines()]
         assert entry["msg"] == "hello there" and entry.get("worker") == expect
+
+
+def test_json_log_lines_carry_the_traceback() -> None:
+    import sys
+
+    from sidecar.logs import JsonFormatter
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("sidecar", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["msg"] == "failed" and "Traceback" in entry["exc"] and "ValueError: boom" in entry["exc"]
+
+
+def test_log_format_from_the_environment_wins_over_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIDECAR_LOG_FORMAT", "JSON")
+    stream = io.StringIO()
+    setup_logging("info", "text", stream=stream)
+    try:
+        logging.getLogger("sidecar.test").info("hello")
+    finally:
+        monkeypatch.delenv("SIDECAR_LOG_FORMAT")
+        setup_logging("warning", "text")
+    assert json.loads(stream.getvalue())["msg"] == "hello"
+
+
+def test_printable_escapes_control_characters_but_those_it_keeps() -> None:
+    """`sidecar dlq show` prints a body with its newlines and tabs, never a terminal escape sequence."""
+    from sidecar.logs import printable
+
+    assert printable("a\nb\tc\x1b[2J") == "a\\nb\\tc\\x1b[2J"
+    assert printable("a\nb\tc\x1b[2J", keep="\n\t") == "a\nb\tc\\x1b[2J"
+
+
+def test_tally_says_the_first_at_once_then_counts_then_says_once_it_is_over() -> None:
+    from sidecar.logs import Tally
+
+    tally = Tally(every=3600)
+    assert tally.over() is None  # nothing happened: nothing to say
+    assert tally.count() == 1 and tally.began is not None  # the first occurrence is said at once
+    assert [tally.count(), tally.count()] == [None, None] and tally.total == 3
+    assert tally.over() == 2 and tally.began is None  # the two not said yet, once
+    assert tally.over() is None
+    assert tally.count() == 1  # it starts again: said at once again
 
 
 @pytest.fixture
@@ -691,6 +736,8 @@ def test_text_log_fields_a_client_sets_cannot_forge_a_field_or_a_line() -> None:
     line = TextFormatter().format(record)
     assert len(line.splitlines()) == 1 and "\r" not in line and "\u2028" not in line, line
     assert " route=stripe status=401 " in line, line
+    record.__dict__.update(path="/in?outcome=forwarded", forwarded_for=None)
+    assert "path='/in?outcome=forwarded'" in TextFormatter().format(record)  # a value with `=` is quoted too
     assert line.endswith(" forwarded_for='10.0.0.1 outcome=forwarded status=200'"), line
     assert "path='/x\\rERROR sidecar.admin: dlq drain\\u2028next'" in line, line
     # an event id from a signed body, in a message's arguments: no second line either; a traceback keeps its lines

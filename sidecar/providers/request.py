@@ -104,7 +104,9 @@ class Request:
             try:
                 self._json = orjson.loads(self.inbound.body)  # ~5x the stdlib's speed on a webhook body
             except orjson.JSONDecodeError:
-                try:  # what orjson refuses but the stdlib takes (integers past 64 bits, NaN…)
+                # what orjson refuses but the stdlib takes: lone surrogate escapes, NaN… (an integer past 64 bits
+                # orjson reads as a float, so a numeric id that long is no id)
+                try:
                     self._json = json.loads(self.inbound.body)
                 except (ValueError, RecursionError):
                     self._json = _INVALID

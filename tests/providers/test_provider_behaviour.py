@@ -25,7 +25,7 @@ from provider_cases import (
 )
 
 from sidecar.providers import request as request_module
-from sidecar.providers.base import ProviderConfigError, VerificationError, usable_id
+from sidecar.providers.base import ProviderConfigError, TimestampError, VerificationError, usable_id
 from sidecar.providers.registry import PROVIDERS, Guarded, build_verifier
 
 
@@ -77,6 +77,12 @@ def test_slack_ssl_check_is_unsigned_handshake() -> None:
     assert verifier.unsigned_handshake(inbound(b"ssl_check=1", form, method="GET")) is None
     duplicate = [("Content-Type", form["Content-Type"])] * 2
     assert verifier.unsigned_handshake(inbound(b"ssl_check=1", duplicate)) is None
+    # Slack's is `ssl_check=1&token=…`: a large form, or ssl_check given twice, is no ssl_check (verified instead)
+    assert verifier.unsigned_handshake(inbound(b"ssl_check=1&token=" + b"a" * 4096, form)) is None
+    assert verifier.unsigned_handshake(inbound(b"ssl_check=0&ssl_check=1", form)) is None
+    # a field beyond ssl_check and token, even an empty one: answered, never relayed (nothing of it is signed)
+    blank = verifier.unsigned_handshake(inbound(b"ssl_check=1&token=t&team_id=", form))
+    assert blank is not None and blank.status == 200 and not blank.relay
 
 
 def test_intercom_and_pagerduty_pings_are_handshakes() -> None:
@@ -157,6 +163,17 @@ def test_zoom_url_validation_answered_with_the_verifying_secret() -> None:
     }
 
 
+def test_zoom_url_validation_without_a_plain_token_is_refused_not_taken_as_an_event() -> None:
+    """A signed `endpoint.url_validation` with no string `payload.plainToken` cannot be answered: a 401, not an
+    event claimed and forwarded under its body's digest."""
+    case = CASES["zoom"]
+    for payload in (b"{}", b'{"plainToken":7}', b"null"):
+        body = b'{"payload":%s,"event_ts":1654503849680,"event":"endpoint.url_validation"}' % payload
+        with pytest.raises(VerificationError) as info:
+            case.verify(*case.request(body=body))
+        assert info.value.reason == "malformed", payload
+
+
 def test_zoom_event_composite_id() -> None:
     body = (
         b'{"event":"meeting.started","event_ts":1700000000123,'
@@ -209,6 +226,10 @@ def test_x_crc_is_no_signing_oracle(provider: str) -> None:
     twice = URL + "&crc_token=a&crc_token=b"
     answer = verifier.unsigned_handshake(inbound(b"", {}, url=twice, method="GET"))
     assert answer is not None and answer.status == 400
+    for length, status in ((512, 200), (513, 400)):  # MAX_CRC_TOKEN: X's tokens are short
+        url = URL + "&crc_token=" + "a" * length
+        answer = verifier.unsigned_handshake(inbound(b"", {}, url=url, method="GET"))
+        assert answer is not None and answer.status == status, length
     # X's own tokens (a UUID, base64 whose + arrived as a space, a word) are still answered
     for token in ("9b4507b3-9040-4669-9ca3-6b94edb50553", "ab cd/ef==", "test-token!", "nullable"):
         url = URL + "&crc_token=" + urllib.parse.quote(token, safe="")
@@ -361,6 +382,20 @@ def test_guarded_logs_the_exception_it_turns_into_a_401(caplog: pytest.LogCaptur
     assert "KeyError at test_provider_behaviour.py:" in record.getMessage()
 
 
+def test_guarded_unsigned_handshake_never_raises() -> None:
+    """An unsigned handshake is looked for before any verification, for every request: a bug in it is "not a
+    handshake" (the request is then verified), never a 500."""
+
+    class Buggy:
+        def verify(self, req: Any) -> Any:
+            raise VerificationError("mismatch", "no")
+
+        def unsigned_handshake(self, req: Any) -> None:
+            return {}["no such key"]
+
+    assert Guarded(Buggy()).unsigned_handshake(inbound(b"{}", {})) is None  # type: ignore[arg-type]
+
+
 def test_zoom_participant_events_of_one_meeting_in_one_millisecond_are_distinct() -> None:
     case = CASES["zoom"]
 
@@ -381,6 +416,31 @@ def test_zoom_participant_events_of_one_meeting_in_one_millisecond_are_distinct(
     # events without a participant or registrant keep the key they had
     started = b'{"event":"meeting.started","event_ts":1,"payload":{"account_id":"a","object":{"uuid":"u"}}}'
     assert case.verify(*case.request(body=started)).event_id == "meeting.started:1:a:u"
+
+
+def test_zoom_registrations_of_one_meeting_in_one_millisecond_are_distinct() -> None:
+    """Registrant events name the meeting as their object: who registered is part of the key, or the second of two
+    registrations in one millisecond was answered `duplicate` and never delivered."""
+    case = CASES["zoom"]
+
+    def registered(who: str) -> bytes:
+        return json.dumps(
+            {
+                "event": "meeting.registration_created",
+                "event_ts": 1732530000123,
+                "payload": {
+                    "account_id": "acc1",
+                    "object": {
+                        "uuid": "mtg==",
+                        "id": 85,
+                        "registrant": {"id": who, "email": who + "@x.test"},
+                    },
+                },
+            }
+        ).encode()
+
+    alice, bob = (case.verify(*case.request(body=registered(w))).event_id for w in ("alice", "bob"))
+    assert alice == "meeting.registration_created:1732530000123:acc1:mtg==::alice" and bob != alice
 
 
 def test_pagerduty_header_id_then_signed_body_id() -> None:
@@ -416,6 +476,11 @@ def test_linear_unparsable_body_timestamp_rejected() -> None:
     body = b'{"type":"Issue","webhookTimestamp":"soon"}'
     with pytest.raises(VerificationError):
         case.verify(*case.request(body=body))
+    # providers.md §23.2 step 6: digits only, a non-negative JSON integer: a negative one is malformed, not stale
+    for bad in (b"-1", b"true", b"1.5"):
+        with pytest.raises(VerificationError) as info:
+            case.verify(*case.request(body=b'{"type":"Issue","webhookTimestamp":%s}' % bad))
+        assert info.value.reason == "malformed", bad
 
 
 def test_twilio_is_identified_by_its_signed_string_not_its_body_bytes() -> None:
@@ -559,6 +624,14 @@ def test_hubspot_timestamp_boundary_is_the_sdks() -> None:
         case.verify(body, headers)
     body, headers = case.request(ts=NOW - 299)
     assert case.verify(body, headers) is not None
+    # 299.001 s old, but the SDK floors the milliseconds to whole seconds first: 300, rejected
+    ms = b"%d" % ((NOW - 300) * 1000 + 999)
+    headers = {
+        "X-HubSpot-Signature-v3": b64(mac("hs-good", b"POST" + URL.encode() + body + ms)),
+        "X-HubSpot-Request-Timestamp": ms.decode(),
+    }
+    with pytest.raises(TimestampError):
+        case.verify(body, headers)
 
 
 def test_twilio_repeated_params_sorted_and_deduplicated() -> None:
@@ -570,6 +643,35 @@ def test_twilio_repeated_params_sorted_and_deduplicated() -> None:
         "Content-Type": "application/x-www-form-urlencoded",
     }
     assert verify("twilio", ["tok"], body, headers, url="https://t.example.com/sms") is not None
+
+
+def test_twilio_unknown_signature_algorithm_is_refused_not_read_as_sha1() -> None:
+    case = CASES["twilio"]
+    body, headers = case.request()  # a valid HMAC-SHA1 signature
+    headers["X-Twilio-Webhooks-Signature-Settings"] = "key=k1,algorithm=HMAC_SHA512"
+    with pytest.raises(VerificationError) as info:
+        case.verify(body, headers)
+    assert info.value.reason == "malformed"
+    headers["X-Twilio-Webhooks-Signature-Settings"] = "key=k1"  # no algorithm: legacy HMAC-SHA1
+    assert case.verify(body, headers) is not None
+
+
+def test_twilio_empty_signature_header_is_missing() -> None:
+    case = CASES["twilio"]
+    body, headers = case.request()
+    headers["X-Twilio-Signature"] = ""
+    with pytest.raises(VerificationError) as info:
+        case.verify(body, headers)
+    assert info.value.reason == "missing"
+
+
+def test_twilio_form_media_type_is_case_insensitive() -> None:
+    """RFC 9110 §8.3.1: a media type's name is case-insensitive; a form sent as `Application/X-WWW-Form-Urlencoded`
+    is still a form (else: a POST body nothing signs, refused 401)."""
+    case = CASES["twilio"]
+    body, headers = case.request()
+    headers["Content-Type"] = "Application/X-WWW-Form-Urlencoded; charset=UTF-8"
+    assert case.verify(body, headers).event_id == "idem-1"
 
 
 def test_twilio_fragment_in_public_url_tried_both_ways() -> None:
@@ -608,6 +710,25 @@ def test_twilio_body_hash_mismatch_rejected() -> None:
     with pytest.raises(VerificationError) as info:
         verify("twilio", ["tok"], b"{}", headers, url=url)
     assert info.value.reason == "mismatch"
+
+
+def test_mailgun_legacy_form_timestamp_window_is_checked_both_ways_and_the_routes() -> None:
+    """A form post's timestamp passes the same window as a JSON one: both ways, the route's `tolerance` when set."""
+    window = CASES["mailgun"].window or 0
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+
+    def form(ts: int) -> bytes:
+        sig = mac("mg-good", b"%d" % ts + b"a" * 50).hex()
+        return urlencode(
+            {"timestamp": str(ts), "token": "a" * 50, "signature": sig, "event": "opened"}
+        ).encode()
+
+    assert verify("mailgun", ["mg-good"], form(NOW - int(window)), headers) is not None
+    assert verify("mailgun", ["mg-good"], form(NOW + int(window)), headers) is not None
+    with pytest.raises(TimestampError):
+        verify("mailgun", ["mg-good"], form(NOW + int(window) + 1), headers)
+    with pytest.raises(TimestampError):
+        verify("mailgun", ["mg-good"], form(NOW - 100), headers, tolerance=60)
 
 
 # ---- the generic engine -------------------------------------------------------------------------------------------
@@ -687,6 +808,25 @@ def test_generic_ed25519_hex() -> None:
     assert (got.event_id, got.id_signed) == ("7", False)
 
 
+def test_generic_ecdsa_key_prefix_is_stripped() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from provider_cases import EC_GOOD, ec_public_b64
+
+    spec = {
+        "sig_name": "x-ec",
+        "scheme": "ecdsa_p256_sha256",
+        "encoding": "base64",
+        "key_decoding": "strip_prefix_then_base64",
+        "key_prefix": "pk_",
+        "dedup_id": ["json:id"],
+    }
+    body = b'{"id":"e1"}'
+    headers = {"x-ec": b64(EC_GOOD.sign(body, ec.ECDSA(hashes.SHA256())))}
+    got = verify("hmac", ["pk_" + ec_public_b64(EC_GOOD)], body, headers, signature=spec)
+    assert (got.event_id, got.id_signed) == ("e1", True)
+
+
 def test_generic_form_body_location() -> None:
     spec = {"sig_location": "form_body", "sig_name": "sig", "template": "{url}", "dedup_id": ["header:x-id"]}
     body = b"a=1&sig=" + mac("k", URL.encode()).hex().encode()
@@ -706,6 +846,7 @@ SECRET = "do-not-leak-this-secret"
         ("stripe", ["  ", ""], None, "secret"),
         ("svix", ["whsec_" + SECRET + "!!"], None, "base64"),
         ("svix", ["whsec_" + b64(b"short")], None, "24 to 64"),
+        ("svix", ["whsec_" + b64(bytes(65))], None, "24 to 64"),
         ("svix", ["whsk_" + b64(bytes(32))], None, "whpk_"),
         ("svix", ["whpk_" + b64(bytes(31))], None, "32 bytes"),
         ("discord", [SECRET], None, "hex"),
@@ -802,6 +943,99 @@ SECRET = "do-not-leak-this-secret"
             },
             "signature.handshake",
         ),
+        (
+            "hmac",
+            [SECRET],
+            {
+                "sig_name": "x",
+                "dedup_id": ["json:id"],
+                "scheme": "ed25519",
+                "key_decoding": "hex",
+                "handshake": "x_crc",
+            },
+            "signature.handshake",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {
+                "sig_name": "x",
+                "dedup_id": ["json:id"],
+                "scheme": "ed25519",
+                "key_decoding": "hex",
+                "compare_on": "decoded",
+            },
+            "signature.compare_on",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "scheme": "ecdsa_p256_sha256", "key_decoding": "hex"},
+            "signature.key_decoding",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "key_prefix": "k_"},
+            "signature.key_prefix",
+        ),
+        ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["json:id"], "ts_key": "t"}, "signature.ts_key"),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "id_header": ""},
+            "signature.id_header",
+        ),
+        # a template without a placeholder signs a constant: one signature seen would carry any body
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "template": "static"},
+            "signature.template",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {"sig_name": "x", "dedup_id": ["json:id"], "sig_format": "kv_list", "sig_keys": []},
+            "signature.sig_keys",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {
+                "sig_name": "x",
+                "dedup_id": ["json:id"],
+                "sig_format": "versioned_list",
+                "accepted_versions": [],
+            },
+            "signature.accepted_versions",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {
+                "sig_name": "x",
+                "dedup_id": ["json:id"],
+                "sig_format": "kv_list",
+                "ts_key": "t",
+                "ts_source": "sig:ts",
+                "template": "{ts}{body}",
+                "tolerance_s": 60,
+            },
+            "signature.ts_source",
+        ),
+        (
+            "hmac",
+            [SECRET],
+            {
+                "sig_name": "x",
+                "dedup_id": ["json:id"],
+                "ts_source": "json:ts",
+                "tolerance_s": 60,
+                "check_ts_before_sig": True,
+            },
+            "signature.check_ts_before_sig",
+        ),
     ],
 )
 def test_registry_config_errors_name_the_problem_never_the_secret(
@@ -829,6 +1063,31 @@ def test_registry_secrets_must_be_a_list() -> None:
 def test_registry_secrets_are_stripped() -> None:
     case = CASES["github"]
     assert case.verify(*case.request(), secrets=[" gh-good\n", ""]) is not None
+
+
+def test_registry_a_secret_is_used_as_its_utf8_bytes() -> None:
+    """providers.md §0.4: "Everything else in this file: opaque string → the string as UTF-8"."""
+    secret = "gh-s\u00e9cret-\u2603"
+    body = b'{"zen":"x"}'
+    headers = {
+        "X-Hub-Signature-256": "sha256=" + mac(secret.encode("utf-8"), body).hex(),
+        "X-GitHub-Delivery": "d-1",
+        "X-GitHub-Event": "push",
+    }
+    assert verify("github", [secret], body, headers).event_id == "d-1"
+
+
+def test_usable_id_is_printable_ascii_up_to_256_characters() -> None:
+    assert usable_id("x" * 256) and not usable_id("x" * 257) and not usable_id("")
+
+
+def test_json_body_that_only_the_stdlib_parses_still_has_its_id() -> None:
+    """orjson refuses a lone surrogate escape (JavaScript's JSON.stringify writes one for a string cut in the middle
+    of an emoji); the stdlib takes it: such a body is still JSON, with its id (else 400 no_event_id for a validly
+    signed event)."""
+    case = CASES["stripe"]
+    body = b'{"id":"evt_cut","type":"invoice.paid","note":"caf\\u00e9 \\ud83d"}'
+    assert case.verify(*case.request(body=body)).event_id == "evt_cut"
 
 
 def test_registry_provider_names() -> None:

@@ -194,6 +194,24 @@ def test_provider_no_sdk_window_unless_configured(name: str) -> None:
     assert case.verify(*_with_ts(case, 86400), tolerance=300) is not None  # past only
 
 
+# The SDKs that check the timestamp before the signature (slack_sdk, standardwebhooks/svix, workos, paddle, HubSpot's
+# utils.signature) say "stale" of a stale request whatever its signature; Stripe's checks the signature first.
+TS_FIRST = ["slack", "standardwebhooks", "svix", "standardwebhooks-v1a", "workos", "paddle", "hubspot"]
+
+
+@pytest.mark.parametrize("name", TS_FIRST)
+def test_provider_stale_request_with_a_bad_signature_is_refused_as_stale_like_the_sdk(name: str) -> None:
+    case = CASES[name]
+    assert _rejects(case, *case.request("other", ts=int(NOW - (case.window or 0) - 60))) == "timestamp"
+    assert _rejects(case, *case.request("other")) == "mismatch"
+
+
+def test_provider_stripe_stale_request_with_a_bad_signature_is_a_mismatch_like_the_sdk() -> None:
+    case = CASES["stripe"]
+    assert _rejects(case, *case.request("other", ts=NOW - 360)) == "mismatch"
+    assert _rejects(case, *case.request("good", ts=NOW - 360)) == "timestamp"
+
+
 @pytest.mark.parametrize("name", [n for n in ALL if CASES[n].ts_header])
 def test_provider_timestamp_not_digits_rejected(name: str) -> None:
     case = CASES[name]

@@ -140,6 +140,31 @@ def test_standardwebhooks_sdk_and_we_reject_out_of_window(offset: int) -> None:
         verify("standardwebhooks", [SW_SECRET], BODY.encode(), headers, now=time.time())
 
 
+def test_standardwebhooks_sdk_and_we_agree_on_a_timestamp_with_a_leading_zero() -> None:
+    """The SDK signs `floor(float(webhook-timestamp))`: a header `0<ts>` is signed as `<ts>` (ts_render int)."""
+    ts = _now()
+    webhook = standardwebhooks.webhooks.Webhook(SW_SECRET)
+    headers = _sw_headers("webhook", webhook.sign("m", datetime.fromtimestamp(ts, UTC), BODY), ts, "m")
+    headers["webhook-timestamp"] = "0" + str(ts)
+    webhook.verify(BODY.encode(), headers)
+    assert verify("standardwebhooks", [SW_SECRET], BODY.encode(), headers, now=time.time()).event_id == "m"
+
+
+def test_standardwebhooks_sdk_and_we_agree_on_a_non_canonical_base64_signature() -> None:
+    """The SDK compares decoded bytes (providers.md §0.2: "Standard Webhooks decodes first, so it tolerates some
+    non-canonical input"): the unused low bits of the last base64 character do not count, for us either."""
+    ts = _now()
+    webhook = standardwebhooks.webhooks.Webhook(SW_SECRET)
+    encoded = webhook.sign("m", datetime.fromtimestamp(ts, UTC), BODY).removeprefix("v1,")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    assert len(encoded) == 44 and encoded.endswith("=")  # 32 bytes: the 43rd character carries 2 unused bits
+    loose = encoded[:42] + alphabet[alphabet.index(encoded[42]) ^ 1] + encoded[43:]
+    assert loose != encoded and base64.b64decode(loose) == base64.b64decode(encoded)
+    headers = _sw_headers("webhook", "v1," + loose, ts, "m")
+    webhook.verify(BODY.encode(), headers)
+    assert verify("standardwebhooks", [SW_SECRET], BODY.encode(), headers, now=time.time()).event_id == "m"
+
+
 # ---- Slack --------------------------------------------------------------------------------------------------------
 
 

@@ -399,6 +399,14 @@ def test_shopify_empty_body_rejected() -> None:
         verify("shopify", ["shpss_test_secret"], b"", headers)
 
 
+def test_square_empty_body_rejected() -> None:
+    """providers.md §15: "An empty body returns `False`" in Square's SDK, however the URL is signed."""
+    url = "https://webhook.site/webhooks"
+    headers = {"x-square-hmacsha256-signature": b64(mac("signature-key", url.encode()))}  # validly signed
+    with pytest.raises(VerificationError):
+        verify("square", ["signature-key"], b"", headers, url=url)
+
+
 def test_linear_self_computed_vector() -> None:
     headers = {
         "Linear-Signature": "15f4ed469d70578addaae2e26d132988baf157d66e7731053e8dac6750469e7a",
