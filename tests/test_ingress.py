@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from sidecar.keys import KeySpace
-from tests.conftest import Upstream
+from tests.conftest import Upstream, open_circuit
 
 STRIPE_SECRET = "whsec_test_secret"
 STRIPE_OLD = "whsec_old_secret"
@@ -468,10 +468,7 @@ async def test_ingress_a_claim_the_store_refused_gives_the_breakers_probe_slot_b
     async with TestClient(TestServer(app)) as client:
         dispatcher = app[RUNTIME].dispatcher
         breaker = dispatcher.breaker(dispatcher.table.by_name["stripe"].cfg)
-        for _ in range(breaker.threshold):
-            breaker.record(False, None)
-        assert breaker.opened_at is not None
-        breaker.opened_at -= 3600  # its cooldown over: the next request's forward is the probe
+        open_circuit(breaker)  # its cooldown over: the next request's forward is the probe
         assert breaker.state == "half_open"
         body = stripe_body("evt_probe")
         resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
@@ -490,10 +487,7 @@ async def test_ingress_a_duplicate_gives_the_breakers_probe_slot_back(
     assert (await client.post("/webhooks/plain", data=b"once", headers={"X-Event-Id": "e-dup"})).status == 200
     dispatcher = client.server.app[RUNTIME].dispatcher
     breaker = dispatcher.breaker(dispatcher.table.by_name["plain"].cfg)
-    for _ in range(breaker.threshold):
-        breaker.record(False, None)
-    assert breaker.opened_at is not None
-    breaker.opened_at -= 3600  # its cooldown over: the next forward is the probe
+    open_circuit(breaker)  # its cooldown over: the next forward is the probe
     assert breaker.state == "half_open"
     resp = await client.post("/webhooks/plain", data=b"once", headers={"X-Event-Id": "e-dup"})
     assert resp.status == 200 and (await resp.json())["duplicate"] is True

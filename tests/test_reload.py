@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -11,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,20 @@ from sidecar.errors import ConfigError
 from sidecar.reload import APPLIED_LIVE, RESTART_ONLY, regular_or_missing, settings
 from tests.conftest import Upstream, watched_config
 from tests.procs import SidecarProcess, free_port, wait_until
+
+
+@contextlib.asynccontextmanager
+async def reloading(
+    config: Config, path: Path, text: str, redis_url: str
+) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """A sidecar (no retry worker) started from `config`, read as `text` from `path`: (its test client, its
+    runtime, its reloader, which watches `path`)."""
+    app = create_app(config, redis_url=redis_url, run_worker=False, config_path=str(path), config_text=text)
+    async with TestClient(TestServer(app)) as client:
+        reloader = app[RUNTIME].reloader
+        assert reloader is not None
+        yield client, app[RUNTIME], reloader
+
 
 OLD, NEW = "whsec_old_rotation_secret", "whsec_new_rotation_secret"
 
@@ -379,12 +395,7 @@ async def test_an_edit_made_after_the_config_was_read_at_start_is_taken_by_the_w
     cfg_path.write_text(text)
     config = load(cfg_path)
     cfg_path.write_text(settings_config(upstream.url, redis_url, "reload_interval: 1h, max_body_bytes: 512"))
-    app = create_app(
-        config, redis_url=redis_url, run_worker=False, config_path=str(cfg_path), config_text=text
-    )
-    async with TestClient(TestServer(app)) as client:
-        reloader = app[RUNTIME].reloader
-        assert reloader is not None
+    async with reloading(config, cfg_path, text, redis_url) as (client, _, reloader):
         assert await reloader.check()  # the edit is a change against what was loaded
         assert (await client.post("/webhooks/plain", data=b"b" * 1000)).status == 413
         assert not await reloader.check()  # and taken once
@@ -407,10 +418,7 @@ async def test_a_secret_file_rotated_after_it_was_read_at_start_is_taken_by_the_
     )
     config, text = load_with_text(cfg)  # what `sidecar run` does first
     secret.write_text("whsec_new\n")  # rotated while the process is still starting
-    app = create_app(config, redis_url=redis_url, run_worker=False, config_path=str(cfg), config_text=text)
-    async with TestClient(TestServer(app)) as client:
-        reloader = app[RUNTIME].reloader
-        assert reloader is not None
+    async with reloading(config, cfg, text, redis_url) as (client, _, reloader):
         assert await reloader.check()  # a change against what was loaded
         body = stripe_body("evt_rotated")
         resp = await client.post(
@@ -438,10 +446,7 @@ async def test_a_config_read_from_a_pipe_is_not_watched(
     config, loaded = load_with_text(fifo)
     await asyncio.wait_for(writer, 5)
     assert loaded == text
-    app = create_app(config, redis_url=redis_url, run_worker=False, config_path=str(fifo), config_text=loaded)
-    async with TestClient(TestServer(app)):
-        reloader = app[RUNTIME].reloader
-        assert reloader is not None
+    async with reloading(config, fifo, loaded, redis_url) as (_, _, reloader):
         # no change, and no read of the pipe (no writer now)
         assert not await asyncio.wait_for(reloader.check(), 5)
         # SIGHUP: refused, saying why, instead of a reader blocked for good (and the shutdown waiting for it)
@@ -471,13 +476,7 @@ async def test_a_config_file_unreadable_for_lack_of_descriptors_is_not_a_change(
     cfg_path = tmp_path / "sidecar.yaml"
     text = settings_config(upstream.url, redis_url, "reload_interval: 1h")
     cfg_path.write_text(text)
-    app = create_app(
-        load(cfg_path), redis_url=redis_url, run_worker=False, config_path=str(cfg_path), config_text=text
-    )
-    async with TestClient(TestServer(app)):
-        runtime = app[RUNTIME]
-        reloader = runtime.reloader
-        assert reloader is not None
+    async with reloading(load(cfg_path), cfg_path, text, redis_url) as (_, runtime, reloader):
         assert not await reloader.check()
 
         def out_of_descriptors(self: Path, *args: Any, **kwargs: Any) -> Any:
@@ -532,13 +531,7 @@ async def test_a_worker_that_takes_its_siblings_config_over_a_broken_file_does_n
     secret.write_text("whsec_rotated-secret\n")
     started = settings_config(upstream.url, redis_url, "reload_interval: 1h")
     cfg_path.write_text(started)
-    app = create_app(
-        load(cfg_path), redis_url=redis_url, run_worker=False, config_path=str(cfg_path), config_text=started
-    )
-    async with TestClient(TestServer(app)):
-        runtime = app[RUNTIME]
-        reloader = runtime.reloader
-        assert reloader is not None
+    async with reloading(load(cfg_path), cfg_path, started, redis_url) as (_, runtime, reloader):
         applied = started + (
             f"  - {{name: filed, path: /webhooks/filed, provider: stripe, secret_files: ['{secret}']}}\n"
         )

@@ -20,7 +20,7 @@ from sidecar.admin import create_admin_app
 from sidecar.app import RUNTIME, create_app
 from sidecar.store.dead_letters import DeadLetters
 from sidecar.worker import RetryWorker
-from tests.conftest import JsonErrorTestServer, Upstream, make_config
+from tests.conftest import JsonErrorTestServer, Upstream, make_config, open_circuit
 from tests.procs import free_port, wait_until
 from tests.test_admin import AUTH
 from tests.test_ingress import ROUTES, STRIPE_SECRET, stripe_body, stripe_headers
@@ -541,10 +541,7 @@ async def test_a_probe_whose_route_a_reload_moves_gives_back_the_old_receivers_s
         runtime = client.server.app[RUNTIME]
         dispatcher = runtime.dispatcher
         x_breaker = dispatcher.breaker(dispatcher.table.by_name["stripe"].cfg)
-        for _ in range(x_breaker.threshold):
-            x_breaker.record(False, None)
-        assert x_breaker.opened_at is not None
-        x_breaker.opened_at -= 60  # its cooldown over: half-open, the next event is its probe
+        open_circuit(x_breaker)  # its cooldown over: half-open, the next event is its probe
         moved = RouteTable.build(make_config(routes(y.url), upstream_url=upstream.url, redis_url=redis_url))
         claim = runtime.store.claim
 
@@ -554,8 +551,7 @@ async def test_a_probe_whose_route_a_reload_moves_gives_back_the_old_receivers_s
 
         y_breaker = dispatcher.breakers.for_url(y.url)
         if y_circuit == "open":
-            for _ in range(y_breaker.threshold):
-                y_breaker.record(False, None)
+            open_circuit(y_breaker, cooled=False)
             assert y_breaker.state == "open"
         runtime.store.claim = claim_while_reloading  # type: ignore[method-assign]
         body = stripe_body("evt_probe")
@@ -585,10 +581,7 @@ async def test_worker_an_event_with_its_attempts_spent_gives_back_the_breakers_p
     assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 202
     route = runtime.dispatcher.table.by_name["stripe"].cfg
     breaker = runtime.dispatcher.breaker(route)
-    for _ in range(breaker.threshold):
-        breaker.record(False, None)
-    assert breaker.opened_at is not None
-    breaker.opened_at -= 60  # its cooldown over: half-open, the worker's `allow()` takes the probe slot
+    open_circuit(breaker)  # its cooldown over: half-open, the worker's `allow()` takes the probe slot
     key, sched, _, member = runtime.store.keys.locate("stripe", "evt_spent")
     rdb.hset(key, mapping={"st": "p", "n": 2})  # attempts spent: the next take is attempt 3 > max_attempts
     rdb.zadd(sched, {member: 0})  # due now
@@ -609,11 +602,8 @@ async def test_worker_a_failed_probe_reopens_the_circuit_longer_and_a_later_prob
     breaker = runtime.dispatcher.breaker(runtime.dispatcher.table.by_name["stripe"].cfg)
     upstream.respond(503, 503, 503, 503)
     assert (await send(client, "evt_probe_1")).status == 202  # forwarded while closed: 503, queued
-    for _ in range(breaker.threshold):
-        breaker.record(False, None)
-    assert breaker.state == "open"
+    open_circuit(breaker)  # its cooldown over: the worker's next attempt is the probe
     first_cooldown = breaker._current_cooldown
-    breaker.opened_at -= 60  # its cooldown over: the worker's next attempt is the probe
     await drain(client, want=2, upstream=upstream)
     assert len(upstream.received) == 2  # the probe went out and failed (503)
     assert breaker.state == "open" and breaker._current_cooldown == 2 * first_cooldown

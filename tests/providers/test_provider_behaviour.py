@@ -838,6 +838,12 @@ def test_generic_form_body_location() -> None:
 SECRET = "do-not-leak-this-secret"
 
 
+def bad_hmac(needle: str, **signature: Any) -> tuple[str, list[str], dict[str, Any], str]:
+    """A generic `hmac` case refused for `signature` (added to a valid name and dedup id), its error naming
+    `needle`."""
+    return ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["json:id"], **signature}, needle)
+
+
 @pytest.mark.parametrize(
     ("provider", "secrets", "signature", "needle"),
     [
@@ -855,8 +861,8 @@ SECRET = "do-not-leak-this-secret"
         ("sendgrid", [b64(b"\x30\x03\x02\x01\x01")], None, "public key"),
         ("github", [SECRET], {"sig_name": "x"}, "only provider hmac"),
         ("hmac", [SECRET], None, "signature"),
-        ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["json:id"], "colour": "red"}, "signature.colour"),
-        ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["json:id"], "digest": "md5"}, "signature.digest"),
+        bad_hmac("signature.colour", colour="red"),
+        bad_hmac("signature.digest", digest="md5"),
         ("hmac", [SECRET], {"sig_name": "", "dedup_id": ["json:id"]}, "signature.sig_name"),
         # (no dedup_id at all is the config's to refuse: a route with an event_id of its own needs none)
         ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["body:id"]}, "signature.dedup_id"),
@@ -864,177 +870,39 @@ SECRET = "do-not-leak-this-secret"
         ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["composite:a,,b"]}, "signature.dedup_id"),
         ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["json[]:a|.b"]}, "signature.dedup_id"),
         ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["composite:?a,?b"]}, "signature.dedup_id"),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "template": "{bdy}"},
-            "signature.template",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "template": "{token}"},
-            "signature.template",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "template": "{ts}{body}"},
-            "signature.ts_source",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "template": "{ts}{body}", "ts_source": "header:t"},
-            "signature.tolerance_s",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "ts_source": "query:t"},
-            "signature.ts_source",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "template": "{id}"},
-            "signature.id_header",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "handshake": "teams"},
-            "signature.handshake",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "tolerance_s": -1},
-            "signature.tolerance_s",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "prefix": "v1=", "sig_format": "kv_list"},
-            "signature.prefix",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "include_prefix_in_compare": "yes"},
-            "signature.include_prefix_in_compare",
-        ),
-        ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["json:id"], "key_decoding": "hex"}, "secrets[0]"),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "scheme": "ed25519"},
-            "signature.key_decoding",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {
-                "sig_name": "x",
-                "dedup_id": ["json:id"],
-                "scheme": "ed25519",
-                "key_decoding": "hex",
-                "handshake": "zoom",
-            },
-            "signature.handshake",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {
-                "sig_name": "x",
-                "dedup_id": ["json:id"],
-                "scheme": "ed25519",
-                "key_decoding": "hex",
-                "handshake": "x_crc",
-            },
-            "signature.handshake",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {
-                "sig_name": "x",
-                "dedup_id": ["json:id"],
-                "scheme": "ed25519",
-                "key_decoding": "hex",
-                "compare_on": "decoded",
-            },
-            "signature.compare_on",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "scheme": "ecdsa_p256_sha256", "key_decoding": "hex"},
-            "signature.key_decoding",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "key_prefix": "k_"},
-            "signature.key_prefix",
-        ),
-        ("hmac", [SECRET], {"sig_name": "x", "dedup_id": ["json:id"], "ts_key": "t"}, "signature.ts_key"),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "id_header": ""},
-            "signature.id_header",
-        ),
+        bad_hmac("signature.template", template="{bdy}"),
+        bad_hmac("signature.template", template="{token}"),
+        bad_hmac("signature.ts_source", template="{ts}{body}"),
+        bad_hmac("signature.tolerance_s", template="{ts}{body}", ts_source="header:t"),
+        bad_hmac("signature.ts_source", ts_source="query:t"),
+        bad_hmac("signature.id_header", template="{id}"),
+        bad_hmac("signature.handshake", handshake="teams"),
+        bad_hmac("signature.tolerance_s", tolerance_s=-1),
+        bad_hmac("signature.prefix", prefix="v1=", sig_format="kv_list"),
+        bad_hmac("signature.include_prefix_in_compare", include_prefix_in_compare="yes"),
+        bad_hmac("secrets[0]", key_decoding="hex"),
+        bad_hmac("signature.key_decoding", scheme="ed25519"),
+        bad_hmac("signature.handshake", scheme="ed25519", key_decoding="hex", handshake="zoom"),
+        bad_hmac("signature.handshake", scheme="ed25519", key_decoding="hex", handshake="x_crc"),
+        bad_hmac("signature.compare_on", scheme="ed25519", key_decoding="hex", compare_on="decoded"),
+        bad_hmac("signature.key_decoding", scheme="ecdsa_p256_sha256", key_decoding="hex"),
+        bad_hmac("signature.key_prefix", key_prefix="k_"),
+        bad_hmac("signature.ts_key", ts_key="t"),
+        bad_hmac("signature.id_header", id_header=""),
         # a template without a placeholder signs a constant: one signature seen would carry any body
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "template": "static"},
-            "signature.template",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {"sig_name": "x", "dedup_id": ["json:id"], "sig_format": "kv_list", "sig_keys": []},
-            "signature.sig_keys",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {
-                "sig_name": "x",
-                "dedup_id": ["json:id"],
-                "sig_format": "versioned_list",
-                "accepted_versions": [],
-            },
-            "signature.accepted_versions",
-        ),
-        (
-            "hmac",
-            [SECRET],
-            {
-                "sig_name": "x",
-                "dedup_id": ["json:id"],
-                "sig_format": "kv_list",
-                "ts_key": "t",
-                "ts_source": "sig:ts",
-                "template": "{ts}{body}",
-                "tolerance_s": 60,
-            },
+        bad_hmac("signature.template", template="static"),
+        bad_hmac("signature.sig_keys", sig_format="kv_list", sig_keys=[]),
+        bad_hmac("signature.accepted_versions", sig_format="versioned_list", accepted_versions=[]),
+        bad_hmac(
             "signature.ts_source",
+            sig_format="kv_list",
+            ts_key="t",
+            ts_source="sig:ts",
+            template="{ts}{body}",
+            tolerance_s=60,
         ),
-        (
-            "hmac",
-            [SECRET],
-            {
-                "sig_name": "x",
-                "dedup_id": ["json:id"],
-                "ts_source": "json:ts",
-                "tolerance_s": 60,
-                "check_ts_before_sig": True,
-            },
-            "signature.check_ts_before_sig",
+        bad_hmac(
+            "signature.check_ts_before_sig", ts_source="json:ts", tolerance_s=60, check_ts_before_sig=True
         ),
     ],
 )
