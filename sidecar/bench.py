@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import http
 import json
@@ -281,6 +280,11 @@ def _body_parts() -> tuple[str, str]:
     return prefix, suffix_head + pad + '"}}'
 
 
+def _signature(key: bytes, t: int, body: bytes) -> str:
+    """The Stripe-Signature header for `body` signed at `t` (one-shot HMAC: ~3x faster than an hmac object)."""
+    return f"t={t},v1={hmac.digest(key, b'%d.' % t + body, 'sha256').hex()}"
+
+
 def write_requests(path: Path, ids: list[str]) -> None:
     """One line per request: `<event id>\\t<Stripe-Signature>`; the body is prefix + id + suffix (lines 1, 2)."""
     prefix, suffix = _body_parts()
@@ -289,9 +293,7 @@ def write_requests(path: Path, ids: list[str]) -> None:
     with open(path, "w") as f:
         f.write(prefix + "\n" + suffix + "\n")
         for event_id in ids:
-            body = (prefix + event_id + suffix).encode()
-            sig = hmac.new(key, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-            f.write(f"{event_id}\tt={t},v1={sig}\n")
+            f.write(f"{event_id}\t{_signature(key, t, (prefix + event_id + suffix).encode())}\n")
 
 
 def _parse_wrk(name: str, out: str) -> Result:
@@ -647,7 +649,7 @@ def run_bench(
         )
         up_sut = bench.upstream(core_sut, role)
         results["upstream"] = bench.load(
-            "upstream", up_sut, bench.fresh_ids(200_000), pid=bench.procs[-1].pid
+            "upstream", up_sut, bench.fresh_ids(bench.estimate()), pid=bench.procs[-1].pid
         )
         up = bench.upstream(core_load, role)
         pt_port, pt = bench.passthrough(up)
@@ -659,7 +661,7 @@ def run_bench(
         runs: dict[str, list[Result]] = {name: [] for name in ("passthrough", "new", "duplicate")}
         for _ in range(rounds):
             runs["passthrough"].append(
-                bench.load("passthrough", pt_port, bench.fresh_ids(200_000), pid=pt.pid)
+                bench.load("passthrough", pt_port, bench.fresh_ids(bench.estimate()), pid=pt.pid)
             )
             runs["new"].append(bench.load("new", sc_port, bench.fresh_ids(bench.estimate()), pid=sc.pid))
             runs["duplicate"].append(bench.load("duplicate", sc_port, dup_ids, pid=sc.pid))
@@ -714,21 +716,27 @@ def _per_round(
 
 
 def _prime(port: int, ids: list[str]) -> None:
-    """Deliver the duplicate scenario's events once, so every request of the run is a duplicate."""
+    """Deliver the duplicate scenario's events once, so every request of the run is a duplicate (eight at a
+    time: one by one took 4 s of the bench's 23 s smoke run)."""
     import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
 
     prefix, suffix = _body_parts()
     t = int(time.time())
-    for event_id in ids:
+    key = SECRET.encode()
+
+    def deliver(event_id: str) -> None:
         body = (prefix + event_id + suffix).encode()
-        sig = hmac.new(SECRET.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/webhooks/stripe",
             data=body,
-            headers={"Content-Type": "application/json", "Stripe-Signature": f"t={t},v1={sig}"},
+            headers={"Content-Type": "application/json", "Stripe-Signature": _signature(key, t, body)},
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
             resp.read()
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(deliver, ids))  # raises the first failure
 
 
 def _set_mode(port: int, status: int) -> None:

@@ -47,13 +47,18 @@ class Sentinelled:
 
 @pytest.fixture
 def sentinelled(tmp_path: Path) -> Iterator[Sentinelled]:
-    primary = ValkeyServer(port=free_port(), data_dir=tmp_path / "primary", appendonly="no")
+    # no 5 s wait before a replica's first sync (Valkey's default), on the replica too: it syncs the demoted
+    # primary once a failover has promoted it
+    quick_sync = {"repl-diskless-sync-delay": "0"}
+    primary = ValkeyServer(
+        port=free_port(), data_dir=tmp_path / "primary", appendonly="no", config=quick_sync
+    )
     primary.start(timeout=30)
     replica = ValkeyServer(
         port=free_port(),
         data_dir=tmp_path / "replica",
         appendonly="no",
-        config={"replicaof": f"127.0.0.1 {primary.port}"},
+        config={"replicaof": f"127.0.0.1 {primary.port}", **quick_sync},
     )
     sentinel_port = free_port()
     conf = tmp_path / "sentinel.conf"

@@ -743,13 +743,17 @@ async def test_hostile_slow_clients_are_cut_off_by_read_timeout(target: Target) 
             writer.close()
         return time.monotonic() - started, got
 
-    took, got = await dribble(b"POST /webhooks/stripe HTTP/1.1\r\nHost: h\r\nX-Slow: ", b"a")
-    assert got == b"" and 1.5 < took < 4.5, (took, got)  # closed, no request was ever complete
-    took, got = await dribble(
-        b"POST /webhooks/stripe HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\n", b"a"
+    # the three clients at once (each on its own connection, each cut off by its own timer)
+    headers, body, idle = await asyncio.gather(
+        dribble(b"POST /webhooks/stripe HTTP/1.1\r\nHost: h\r\nX-Slow: ", b"a"),
+        dribble(b"POST /webhooks/stripe HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\n", b"a"),
+        dribble(b"", b""),
     )
+    took, got = headers
+    assert got == b"" and 1.5 < took < 4.5, (took, got)  # closed, no request was ever complete
+    took, got = body
     assert got.startswith(b"HTTP/1.1 408") and b'"read_timeout"' in got and 1.5 < took < 4.5, (took, got)
-    took, got = await dribble(b"", b"")
+    took, got = idle
     assert got == b"" and 1.5 < took < 4.5, (took, got)
     assert not target.upstream.received
     report("hostile_slow_clients", read_timeout_s=2, header_dribble="closed", body_dribble=408, idle="closed")
