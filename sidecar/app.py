@@ -134,77 +134,100 @@ class SettingsWatch:
 async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = make_store(config, app[REDIS_URL])
-    unusable = await store.preload()
-    missing = unusable or await store.missing_permissions()
-    if missing is not None:
-        await store.close()
-        raise SidecarError(missing)
-    written = await store.layout_conflict()
-    if written is not None:
-        await store.close()
-        key = store.keys.layout()
-        raise SidecarError(
-            f"redis.shards is {config.redis.shards} but the store's events were written with {written} shards: "
-            "queued retries would never be found and resends of delivered events would be delivered again. Keep "
-            f"redis.shards: {written}; to change it, stop the traffic, let the retry schedule and the dead letters "
-            f"drain and dedupe.ttl pass, then delete the key {key} in the store"
-        )
-    await store.sync_clock()  # the schedule's clock (store/clock.py); the worker reads it again every minute
-    settings = None
-    if app[WARN_SETTINGS]:
-        settings = SettingsWatch(store)
-        await settings.check()
-    connector = aiohttp.TCPConnector(limit=config.upstream.max_connections, limit_per_host=0)
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-    telemetry = app[TELEMETRY]
-    http1 = Http1Client(config.upstream.max_connections)
-    forwarder = Forwarder(session, config.upstream.timeout, http1)
-    dispatcher = Dispatcher(config, store, forwarder, telemetry)
-    ingress = Ingress(dispatcher, telemetry)
-    worker = RetryWorker(store, dispatcher, concurrency=config.upstream.max_connections)
-    worker.periodic.append(ingress.flush_rejections)
+    session: aiohttp.ClientSession | None = None
+    http1: Http1Client | None = None
+    started: list[asyncio.Task[Any]] = []
+    try:
+        unusable = await store.preload()
+        missing = unusable or await store.missing_permissions()
+        if missing is not None:
+            raise SidecarError(missing)
+        written = await store.layout_conflict()
+        if written is not None:
+            key = store.keys.layout()
+            raise SidecarError(
+                f"redis.shards is {config.redis.shards} but the store's events were written with "
+                f"{written} shards: queued retries would never be found and resends of delivered events "
+                f"would be delivered again. Keep redis.shards: {written}; to change it, stop the traffic, "
+                "let the retry schedule and the dead letters drain and dedupe.ttl pass, then delete the key "
+                f"{key} in the store"
+            )
+        await (
+            store.sync_clock()
+        )  # the schedule's clock (store/clock.py); the worker reads it again every minute
+        settings = None
+        if app[WARN_SETTINGS]:
+            settings = SettingsWatch(store)
+            await settings.check()
+        connector = aiohttp.TCPConnector(limit=config.upstream.max_connections, limit_per_host=0)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        telemetry = app[TELEMETRY]
+        http1 = Http1Client(config.upstream.max_connections)
+        forwarder = Forwarder(session, config.upstream.timeout, http1)
+        dispatcher = Dispatcher(config, store, forwarder, telemetry)
+        ingress = Ingress(dispatcher, telemetry)
+        worker = RetryWorker(store, dispatcher, concurrency=config.upstream.max_connections)
+        worker.periodic.append(ingress.flush_rejections)
 
-    async def resync() -> None:
-        if store.clock.due_for_sync():
-            await store.sync_clock()
+        async def resync() -> None:
+            if store.clock.due_for_sync():
+                await store.sync_clock()
 
-    worker.periodic.append(resync)
-    if settings is not None:
-        worker.periodic.append(settings.check)
-    runtime = Runtime(config, store, session, dispatcher, ingress, worker, telemetry)
-    app[RUNTIME] = runtime
-    task = asyncio.create_task(worker.run(), name="retry-worker") if app[RUN_WORKER] else None
-    # The store gauges over OTLP: refreshed here, by the one process that serves /metrics (its scrapes refresh
-    # them too); the other workers export only their own counters.
-    gauges = None
-    # from the start, not from the first scrape: an OTLP-only setup may never be scraped
-    telemetry.zero_series(dispatcher.config.routes)
-    if telemetry.otlp_metrics and app[WARN_SETTINGS]:
-        gauges = asyncio.create_task(
-            keep_gauges_fresh(telemetry, store, lambda: dispatcher.config.routes, otlp_export_interval()),
-            name="otlp-gauges",
-        )
-    watch = None
-    if app.get(CONFIG_PATH):
-        runtime.reloader = Reloader(
-            app[CONFIG_PATH],
-            dispatcher,
-            telemetry,
-            interval=config.server.reload_interval,
-            loaded_text=app.get(CONFIG_TEXT),
-            applied_path=app.get(APPLIED_CONFIG),
-        )
-        if app.get(RELOAD_AT_START):
-            # a worker (re)started from its supervisor's start-up config: take what of the current file applies
-            # live (routes, secrets, retry, ...); restart-only settings stay those the other workers run with, and
-            # a file that does not load is refused as any reload is, instead of stopping the worker. Then the
-            # config its siblings applied last is the one to run, not the start-up one (a rotated-out secret).
-            reloader = runtime.reloader
-            if not await reloader.reload("worker start"):
-                applied = reloader.applied()
-                if applied is not None and applied != app.get(CONFIG_TEXT):
-                    await reloader.reload("worker start, the config the other workers run", applied)
-        watch = asyncio.create_task(runtime.reloader.run(), name="config-watch")
+        worker.periodic.append(resync)
+        if settings is not None:
+            worker.periodic.append(settings.check)
+        runtime = Runtime(config, store, session, dispatcher, ingress, worker, telemetry)
+        app[RUNTIME] = runtime
+        task = asyncio.create_task(worker.run(), name="retry-worker") if app[RUN_WORKER] else None
+        if task is not None:
+            started.append(task)
+        # The store gauges over OTLP: refreshed here, by the one process that serves /metrics (its scrapes
+        # refresh them too); the other workers export only their own counters.
+        gauges = None
+        # from the start, not from the first scrape: an OTLP-only setup may never be scraped
+        telemetry.zero_series(dispatcher.config.routes)
+        if telemetry.otlp_metrics and app[WARN_SETTINGS]:
+            gauges = asyncio.create_task(
+                keep_gauges_fresh(telemetry, store, lambda: dispatcher.config.routes, otlp_export_interval()),
+                name="otlp-gauges",
+            )
+            started.append(gauges)
+        watch = None
+        if app.get(CONFIG_PATH):
+            runtime.reloader = Reloader(
+                app[CONFIG_PATH],
+                dispatcher,
+                telemetry,
+                interval=config.server.reload_interval,
+                loaded_text=app.get(CONFIG_TEXT),
+                applied_path=app.get(APPLIED_CONFIG),
+            )
+            if app.get(RELOAD_AT_START):
+                # a worker (re)started from its supervisor's start-up config: take what of the current
+                # file applies live (routes, secrets, retry, ...); restart-only settings stay those the
+                # other workers run with, and a file that does not load is refused as any reload is,
+                # instead of stopping the worker. Then the config its siblings applied last is the one to
+                # run, not the start-up one (a rotated-out secret).
+                reloader = runtime.reloader
+                if not await reloader.reload("worker start"):
+                    applied = reloader.applied()
+                    if applied is not None and applied != app.get(CONFIG_TEXT):
+                        await reloader.reload("worker start, the config the other workers run", applied)
+            watch = asyncio.create_task(runtime.reloader.run(), name="config-watch")
+            started.append(watch)
+    except BaseException:
+        # a start cut short (refused, a store gone between two calls, a bug): what it opened is closed
+        # here, not left to the event loop's close (which waited ~2 min on an unclosed session's
+        # transports in a test)
+        for job in started:
+            job.cancel()
+        await asyncio.gather(*started, return_exceptions=True)
+        if http1 is not None:
+            http1.close()
+        if session is not None:
+            await session.close()
+        await store.close(within=0)
+        raise
     try:
         yield
     finally:

@@ -452,6 +452,49 @@ async def test_ingress_store_unreachable_is_503_fail_closed(sidecar_factory: Any
     assert upstream.received == []
 
 
+async def test_ingress_a_start_cut_short_closes_what_it_opened(
+    upstream: Upstream, redis_url: str, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start that fails once the store, the upstream session and the retry worker are up (here an error injected
+    where the metric series are zeroed) closes all three before the error goes on. Left open, the process (or a
+    test) that built the app waited ~2 min for the session's transports when its event loop closed (an audit)."""
+    from aiohttp import web
+
+    import sidecar.app as app_module
+    from sidecar.telemetry import Telemetry
+    from tests.conftest import make_config
+    from tests.procs import wait_until
+
+    def connected() -> int:
+        return len(rdb.client_list())
+
+    before = connected()
+    opened: list[Any] = []
+
+    class Recording(app_module.Forwarder):  # type: ignore[misc]
+        def __init__(self, session: Any, timeout: float, http1: Any) -> None:
+            opened.append(session)
+            super().__init__(session, timeout, http1)
+
+    monkeypatch.setattr(app_module, "Forwarder", Recording)
+    telemetry = Telemetry()
+
+    def fail(routes: Any) -> None:
+        raise RuntimeError("injected at start")
+
+    monkeypatch.setattr(telemetry, "zero_series", fail)
+    config = make_config(ROUTES, upstream_url=upstream.url, redis_url=redis_url)
+    app = app_module.create_app(config, redis_url=redis_url, run_worker=True, telemetry=telemetry)
+    runner = web.AppRunner(app)
+    with pytest.raises(RuntimeError, match="injected at start"):
+        await runner.setup()
+    [session] = opened
+    assert session.closed
+    await asyncio.sleep(0)
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "retry-worker"]
+    assert await wait_until(lambda: connected() <= before, 5.0, 0.05), rdb.client_list()
+
+
 async def test_ingress_a_claim_the_store_refused_gives_the_breakers_probe_slot_back(
     upstream: Upstream,
 ) -> None:
