@@ -219,14 +219,16 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         # a start cut short (refused, a store gone between two calls, a bug): what it opened is closed
         # here, not left to the event loop's close (which waited ~2 min on an unclosed session's
         # transports in a test)
-        for job in started:
+        for job in started:  # the retry worker's attempts cut short: leased, attempted again later
             job.cancel()
         await asyncio.gather(*started, return_exceptions=True)
+        # a delivered mark not written would deliver its event again once the lease runs out
+        await store.marks.drain(timeout=MARKS_GRACE)
         if http1 is not None:
             http1.close()
         if session is not None:
             await session.close()
-        await store.close(within=0)
+        await store.close(within=MARKS_GRACE)
         raise
     try:
         yield
