@@ -426,12 +426,23 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 def _parser_at(parser: argparse.ArgumentParser, argv: Sequence[str], token: str) -> argparse.ArgumentParser:
     """The (sub)command parser in force where `token` first appears in `argv`, so an unknown option is named
     against the command it was given to (`sidecar dlq list: error: ... (see sidecar dlq list --help)`, but
-    `sidecar: error: ...` for `sidecar --bogus dlq list`), not the top level or the deepest command."""
+    `sidecar: error: ...` for `sidecar --bogus dlq list`), not the top level or the deepest command. A word
+    that names a subcommand where it stands, or is an option's value, is not the unknown one, even when it is
+    the same word (`sidecar dlq list dlq`, `sidecar --log-level info dlq list info`)."""
     current = parser
+    value_next = False
     for arg in argv:
+        if value_next:
+            value_next = False
+            continue
+        sub = _subcommands(current).get(arg)
+        if sub is not None:
+            current = sub
+            continue
         if arg == token:
             break
-        current = _subcommands(current).get(arg, current)
+        option = current._option_string_actions.get(arg)
+        value_next = option is not None and option.nargs in (None, 1)  # `--opt VALUE` (not `--opt=VALUE`)
     return current
 
 

@@ -461,6 +461,11 @@ async def test_admin_cli_unknown_option_is_named_against_the_subcommand() -> Non
         (["dlq", "--bogus", "list"], "sidecar dlq"),
         (["dlq", "list", "--bogus=1"], "sidecar dlq list"),
         (["--log-level", "info", "dlq", "list", "--zz"], "sidecar dlq list"),
+        # the unknown word also given before, as a subcommand or an option's value (review18)
+        (["dlq", "list", "dlq"], "sidecar dlq list"),
+        (["dlq", "list", "list"], "sidecar dlq list"),
+        (["--log-level", "info", "dlq", "list", "info"], "sidecar dlq list"),
+        (["run", "run"], "sidecar run"),
     ],
 )
 def test_admin_cli_unknown_option_is_named_against_the_command_it_was_given_to(
