@@ -152,9 +152,8 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
                 "let the retry schedule and the dead letters drain and dedupe.ttl pass, then delete the key "
                 f"{key} in the store"
             )
-        await (
-            store.sync_clock()
-        )  # the schedule's clock (store/clock.py); the worker reads it again every minute
+        # the schedule's clock (store/clock.py); the worker reads it again every minute
+        await store.sync_clock()
         settings = None
         if app[WARN_SETTINGS]:
             settings = SettingsWatch(store)

@@ -495,6 +495,72 @@ async def test_ingress_a_start_cut_short_closes_what_it_opened(
     assert await wait_until(lambda: connected() <= before, 5.0, 0.05), rdb.client_list()
 
 
+async def test_ingress_a_start_cancelled_while_its_worker_forwards_loses_nothing(
+    upstream: Upstream, redis_url: str, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """A start cancelled while a worker started with `reload_at_start` still reloads, its retry worker already
+    forwarding a queued event into a receiver that hangs: the start ends at once and leaves no task or store
+    connection behind; the event, leased by the cut attempt, is delivered by the next start (a review)."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sidecar.app import create_app
+    from sidecar.reload import Reloader
+    from tests.conftest import make_config
+    from tests.procs import wait_until
+
+    retry = "{base_delay: 100ms, multiplier: 1, max_delay: 1s, jitter: 0, lease: 1s}"
+    config = make_config(ROUTES, upstream_url=upstream.url, redis_url=redis_url, retry=retry)
+    upstream.respond(503)  # the first attempt fails: the event waits in the schedule
+    async with TestClient(TestServer(create_app(config, redis_url=redis_url, run_worker=False))) as client:
+        body = stripe_body("evt_cut_start")
+        assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 202
+    released = asyncio.Event()
+
+    async def hang(rec: Any) -> None:
+        await released.wait()  # then 200
+
+    upstream.behaviour = hang
+    held = asyncio.Event()
+
+    async def held_reload(self: Reloader, reason: str, text: str | None = None) -> bool:
+        await held.wait()
+        return True
+
+    monkeypatch.setattr(Reloader, "reload", held_reload)
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("routes: []\n")
+    before = len(rdb.client_list())
+    app = create_app(
+        config, redis_url=redis_url, run_worker=True, config_path=str(path), reload_at_start=True
+    )
+    setup = asyncio.create_task(web.AppRunner(app).setup())
+    try:
+        assert await wait_until(lambda: len(upstream.received) == 2, 10.0)  # the retry, hanging
+        started = time.monotonic()
+        setup.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await setup
+        assert time.monotonic() - started < 2.0
+        names = {t.get_name() for t in asyncio.all_tasks()}
+        assert not names & {"retry-worker", "config-watch", "otlp-gauges"}, names
+        assert await wait_until(lambda: len(rdb.client_list()) <= before, 5.0), rdb.client_list()
+    finally:
+        released.set()
+        held.set()
+    upstream.behaviour = None
+    runner = web.AppRunner(create_app(config, redis_url=redis_url, run_worker=True))
+    await runner.setup()
+    try:
+        assert await wait_until(
+            lambda: len(upstream.received) == 3, 10.0
+        )  # once the cut attempt's lease is over
+        assert upstream.ids() == ["evt_cut_start"] * 3
+        assert [r.headers["x-sidecar-attempt"] for r in upstream.received] == ["1", "2", "3"]
+    finally:
+        await runner.cleanup()
+
+
 async def test_ingress_a_claim_the_store_refused_gives_the_breakers_probe_slot_back(
     upstream: Upstream,
 ) -> None:

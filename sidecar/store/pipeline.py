@@ -81,7 +81,8 @@ class Connection(asyncio.Protocol):
             reply = self._reader.gets()
             if reply is False:
                 if self.closed and not pending and self._transport is not None:
-                    self._transport.abort()  # retired (READONLY), and every reply it owed is in
+                    # retired (READONLY, or a WAIT met a replica), and every reply it owed is in
+                    self._transport.abort()
                 return
             if not pending:  # a reply nobody asked for: the stream is out of sync, start over
                 self._fail(ConnectionError("unexpected reply from the store"))
