@@ -271,6 +271,9 @@ class Http1Client:
         self._idle_timeout = idle_timeout
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}  # by `Origin.pool`
         self._idle_max = idle_per_origin
+        self._sweep_at = (
+            0.0  # next look at every origin's idle connections, those no request asks for included
+        )
         self._origins: dict[str, Origin] = {}
         self._ssl: ssl.SSLContext | None = None
 
@@ -361,11 +364,26 @@ class Http1Client:
     def _keep(self, origin: Origin, conn: _Connection) -> None:
         """Back to the origin's idle connections, or closed when it has enough of them."""
         idle = self._idle.setdefault(origin.pool, collections.deque())
+        now = asyncio.get_running_loop().time()
         if len(idle) < self._idle_max:
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = now
             idle.append(conn)
         else:
             conn.close()
+        if now >= self._sweep_at:
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Close the connections idle too long of every origin, once per `idle_timeout`: those of an origin
+        no request asks for any more (a reload moved its routes away) are not trimmed by `_acquire`, and each
+        would hold its file descriptor for the life of the process (a review)."""
+        self._sweep_at = now + self._idle_timeout
+        stale_before = now - self._idle_timeout
+        for pool, idle in list(self._idle.items()):
+            while idle and (idle[0].idle_since < stale_before or idle[0].closed):
+                idle.popleft().close()
+            if not idle:
+                del self._idle[pool]
 
     async def _acquire(
         self, origin: Origin, deadline: float, fresh: bool = False

@@ -249,6 +249,42 @@ async def test_http1_a_connection_idle_past_the_idle_timeout_is_not_reused(raw_s
         client.close()
 
 
+async def test_http1_idle_connections_of_an_origin_no_longer_asked_for_are_closed(raw_server) -> None:
+    """Idle connections are trimmed when their origin is asked for again; those of an origin no request goes
+    to any more (a reload moved its routes away) were kept for the life of the process, each holding a file
+    descriptor, a NAT's dropped ones included (a review). A forward to any origin past `idle_timeout` closes
+    them."""
+    closed = asyncio.Event()
+
+    async def old_receiver(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()  # until the client closes the connection
+        closed.set()
+
+    async def new_receiver(reader, writer):
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await read_request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+
+    old, new = await raw_server(old_receiver), await raw_server(new_receiver)
+    client = Http1Client(max_connections=10, idle_timeout=0.2)
+    try:
+        assert (await client.post(old, [], b"a", 5.0)).body == b"ok"
+        assert (await client.post(new, [], b"b", 5.0)).body == b"ok"
+        await asyncio.sleep(0.1)
+        assert (await client.post(new, [], b"c", 5.0)).body == b"ok"
+        assert not closed.is_set()  # within the idle timeout: kept
+        await asyncio.sleep(0.3)
+        assert (await client.post(new, [], b"d", 5.0)).body == b"ok"
+        await asyncio.wait_for(closed.wait(), 2.0)
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("status", [400, 503])
 async def test_http1_an_oversized_refusal_keeps_its_status(
     raw_server, client: Http1Client, monkeypatch, status
