@@ -43,22 +43,16 @@ def _start(root: Path, name: str) -> ValkeyServer:
     return server
 
 
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[ValkeyServer, ValkeyServer]]:
-    """A primary and its replica, in sync."""
-    primary, replica = _start(tmp_path, "primary"), _start(tmp_path, "replica")
+@pytest.fixture(scope="module")
+def started_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ValkeyServer, ValkeyServer]]:
+    """A primary and its replica, in sync, for the module: a fresh pair cost each test ~1.2 s, the replica's
+    replication cron (its first acknowledgement, up to 1 s after the link is up). `pair` resets it between tests."""
+    root = tmp_path_factory.mktemp("pair")
+    primary, replica = _start(root, "primary"), _start(root, "replica")
     try:
         with redis.Redis(port=replica.port) as r:
             r.execute_command("REPLICAOF", "127.0.0.1", primary.port)
-            deadline = time.monotonic() + 30
-            while r.info("replication").get("master_link_status") != "up":
-                assert time.monotonic() < deadline, "the replica did not sync within 30 s"
-                time.sleep(0.1)
-        # Redis 7.0 streams writes to a replica that loaded its copy only from the replica's first acknowledgement
-        # (up to 1 s after the link is up; Valkey at once): until then every replicated write would fail
-        with redis.Redis(port=primary.port) as p:
-            while p.set("sidecar-test:synced", 1) and int(p.execute_command("WAIT", 1, 100)) < 1:
-                assert time.monotonic() < deadline, "the primary did not count the replica within 30 s"
+        _in_sync(primary, replica)
         yield primary, replica
     finally:
         # the replica first: a primary stopped with a replica attached waits for its next acknowledgement (~1 s)
@@ -66,6 +60,42 @@ def pair(tmp_path: Path) -> Iterator[tuple[ValkeyServer, ValkeyServer]]:
             if server._process is not None and server._process.poll() is None:
                 os.kill(server._process.pid, signal.SIGCONT)
                 server.stop()
+
+
+def _in_sync(primary: ValkeyServer, replica: ValkeyServer) -> None:
+    """Wait until the replica's link is up and the primary counts it as holding every write so far."""
+    deadline = time.monotonic() + 30
+    with redis.Redis(port=replica.port) as r:
+        while r.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica did not sync within 30 s"
+            time.sleep(0.01)
+    # Redis 7.0 streams writes to a replica that loaded its copy only from the replica's first acknowledgement
+    # (up to 1 s after the link is up; Valkey at once): until then every replicated write would fail
+    with redis.Redis(port=primary.port) as p:
+        while p.set("sidecar-test:synced", 1) and int(p.execute_command("WAIT", 1, 100)) < 1:
+            assert time.monotonic() < deadline, "the primary did not count the replica within 30 s"
+
+
+@pytest.fixture
+def pair(started_pair: tuple[ValkeyServer, ValkeyServer]) -> Iterator[tuple[ValkeyServer, ValkeyServer]]:
+    """The module's primary and replica, both running, in sync and empty, their command counts reset."""
+    primary, replica = started_pair
+    for server in (primary, replica):  # a test that failed while one was SIGSTOPped
+        assert server._process is not None and server._process.poll() is None, "a server of the pair exited"
+        os.kill(server._process.pid, signal.SIGCONT)
+    with redis.Redis(port=primary.port) as p:
+        p.flushall()
+    _in_sync(primary, replica)
+    for server in (primary, replica):
+        with redis.Redis(port=server.port) as c:
+            assert c.dbsize() == 1  # sidecar-test:synced only: nothing of an earlier test
+            c.config_resetstat()
+    try:
+        yield primary, replica
+    finally:
+        for server in (primary, replica):
+            if server._process is not None and server._process.poll() is None:
+                os.kill(server._process.pid, signal.SIGCONT)
 
 
 def _pause(server: ValkeyServer, on: bool) -> None:

@@ -85,7 +85,8 @@ async def test_worker_exhausts_after_max_attempts_into_dlq(
     client = await sidecar_factory(ROUTE.rstrip() + "\n  retry: {max_attempts: 3}\n", retry=FAST)
     upstream.respond(*([503] * 10))
     assert (await send(client, "evt_dead")).status == 202
-    await drain(client, until=3)
+    await drain(client, until=3, want=3, upstream=upstream)
+    await drain(client, until=0.5)  # five of its 100 ms backoffs: room for a fourth attempt to show
     assert len(upstream.received) == 3
     store = client.server.app[RUNTIME].store
     ev = await store.get_event("stripe", "evt_dead")
@@ -504,7 +505,13 @@ async def test_worker_replayed_events_older_than_max_age_each_get_an_attempt_whi
         "/admin/dlq/replay", json={"route": "stripe", "reason": "after the outage"}, headers=AUTH
     )
     assert (await resp.json())["replayed"] == 30
-    await drain(client, until=3.0)
+    replayed = {f"evt_old_{i}" for i in range(30)}
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:  # drain() until the 30 were sent (run_once waits for their attempts)
+        await runtime.worker.run_once()
+        if replayed <= {r.headers["x-sidecar-event-id"] for r in upstream.received[before:]}:
+            break
+        await asyncio.sleep(0.02)
     sent = {r.headers["x-sidecar-event-id"] for r in upstream.received[before:]}
     assert {f"evt_old_{i}" for i in range(30)} <= sent
     assert await runtime.store.dlq_length("stripe") == 0
