@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from sidecar import __version__
 from sidecar.admin_client import add_dlq_parser
 from sidecar.config import Config, check_config, load, load_text, load_with_text
 from sidecar.errors import ConfigError, SidecarError
@@ -375,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LEVELS,
         help="default: the config's logging.level, then info",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve")
     run.add_argument("--config", help=f"config file (default: $SIDECAR_CONFIG, then {DEFAULT_CONFIG})")

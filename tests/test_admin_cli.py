@@ -483,6 +483,17 @@ def test_admin_cli_unknown_option_is_named_against_the_command_it_was_given_to(
     assert err.endswith(f"(see {blamed} --help)\n"), err
 
 
+def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """`sidecar --version` prints the version (it was "the following arguments are required: command")."""
+    from sidecar import __version__
+    from sidecar.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"sidecar {__version__}\n"
+
+
 async def test_admin_cli_exit_2_on_bad_arguments() -> None:
     results = [await dlq_here(*args) for args in BAD_ARGUMENTS]
     for args, r in zip(BAD_ARGUMENTS, results, strict=True):

@@ -154,7 +154,8 @@ class SpecVerifier:
         spec = self.spec
         texts = self._sig_texts(req)
         if not texts:
-            raise VerificationError("missing", f"no {spec.sig_name} signature")
+            where = "header" if spec.sig_location == "header" else "body field"
+            raise VerificationError("missing", f"no {spec.sig_name} {where}")
         candidates: list[Candidate] = []
         ts: str | None = None
         for text in texts:

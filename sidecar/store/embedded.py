@@ -217,7 +217,8 @@ class EmbeddedValkey:
             ) from exc
         self._port = self._server.port  # a restart takes the same one: the sidecar's clients know only it
         self._started_at = time.monotonic()
-        log.info("embedded valkey started at %s (data in %s)", self.url, self.data_dir)
+        # the data dir in full: a relative redis.data_dir is the working directory's, not the config file's
+        log.info("embedded valkey started at %s (data in %s)", self.url, os.path.abspath(self.data_dir))
         self._watch_stop.clear()
         self._watcher = threading.Thread(target=self._watch, name="valkey-watch", daemon=True)
         self._watcher.start()

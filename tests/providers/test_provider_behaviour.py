@@ -665,6 +665,36 @@ def test_twilio_empty_signature_header_is_missing() -> None:
     assert info.value.reason == "missing"
 
 
+@pytest.mark.parametrize(
+    "provider, drop, detail",
+    [
+        ("stripe", "Stripe-Signature", "no stripe-signature header"),
+        ("twilio", "X-Twilio-Signature", "no X-Twilio-Signature header"),
+    ],
+)
+def test_a_missing_signature_is_named_by_where_it_was_looked_for(
+    provider: str, drop: str, detail: str
+) -> None:
+    """The 401's detail names the header that is missing ("no stripe-signature signature" read oddly to a new
+    user: a walkthrough)."""
+    case = CASES[provider]
+    body, headers = case.request()
+    headers = {k: v for k, v in headers.items() if k.lower() != drop.lower()}
+    with pytest.raises(VerificationError) as info:
+        case.verify(body, headers)
+    assert (info.value.reason, info.value.detail) == ("missing", detail)
+
+
+def test_a_missing_body_signature_is_named_as_a_body_field() -> None:
+    case = CASES["mailgun"]
+    body, headers = case.request()
+    payload = json.loads(body)
+    del payload["signature"]["signature"]
+    with pytest.raises(VerificationError) as info:
+        case.verify(json.dumps(payload).encode(), headers)
+    assert (info.value.reason, info.value.detail) == ("missing", "no signature.signature body field")
+
+
 def test_twilio_form_media_type_is_case_insensitive() -> None:
     """RFC 9110 §8.3.1: a media type's name is case-insensitive; a form sent as `Application/X-WWW-Form-Urlencoded`
     is still a form (else: a POST body nothing signs, refused 401)."""
