@@ -380,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve")
     run.add_argument("--config", help=f"config file (default: $SIDECAR_CONFIG, then {DEFAULT_CONFIG})")
+    # also after `run` (a walkthrough: `sidecar run --log-level debug` was refused); not given here, the top level's
+    run.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LEVELS,
+        default=argparse.SUPPRESS,
+        help="as `sidecar --log-level`",
+    )
     # Set by the supervisor for its children (server.workers > 1); not for people.
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     run.add_argument("--start-config", help=argparse.SUPPRESS)

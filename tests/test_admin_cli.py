@@ -494,6 +494,16 @@ def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == f"sidecar {__version__}\n"
 
 
+def test_cli_log_level_before_or_after_run() -> None:
+    from sidecar.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["run", "--log-level", "DEBUG"]).log_level == "debug"
+    assert parser.parse_args(["--log-level", "warning", "run"]).log_level == "warning"
+    assert parser.parse_args(["--log-level", "warning", "run", "--log-level", "error"]).log_level == "error"
+    assert parser.parse_args(["run"]).log_level is None
+
+
 async def test_admin_cli_exit_2_on_bad_arguments() -> None:
     results = [await dlq_here(*args) for args in BAD_ARGUMENTS]
     for args, r in zip(BAD_ARGUMENTS, results, strict=True):
