@@ -223,11 +223,7 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(*started, return_exceptions=True)
         # a delivered mark not written would deliver its event again once the lease runs out
         await store.marks.drain(timeout=MARKS_GRACE)
-        if http1 is not None:
-            http1.close()
-        if session is not None:
-            await session.close()
-        await store.close(within=MARKS_GRACE)
+        await _close_clients(http1, session, store, within=MARKS_GRACE)
         raise
     try:
         yield
@@ -252,11 +248,22 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
             await ingress.flush_rejections()
             if runtime.admin_closing is not None:  # admin calls still running use the store and the session
                 await asyncio.wait({runtime.admin_closing}, timeout=max(runtime.grace_left(), MARKS_GRACE))
-            http1.close()
-            await session.close()
             # within what is left of server.shutdown_grace (it waited 5 s past it for a dead-lettering the store kept
             # refusing: an audit); at least the marks' own second
-            await store.close(within=min(BACKGROUND_GRACE, max(runtime.grace_left(), MARKS_GRACE)))
+            within = min(BACKGROUND_GRACE, max(runtime.grace_left(), MARKS_GRACE))
+            await _close_clients(http1, session, store, within=within)
+
+
+async def _close_clients(
+    http1: Http1Client | None, session: aiohttp.ClientSession | None, store: RedisStore, within: float
+) -> None:
+    """The last step of a stop, whole or a start cut short: the upstream connections, then the store (its
+    writes still retrying in the background get `within` seconds)."""
+    if http1 is not None:
+        http1.close()
+    if session is not None:
+        await session.close()
+    await store.close(within=within)
 
 
 async def _ingress(request: web.Request) -> web.StreamResponse:

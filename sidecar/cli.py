@@ -368,26 +368,18 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+LOG_LEVEL: dict[str, Any] = {"type": str.lower, "choices": LEVELS}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="sidecar", description="Webhook reliability sidecar.")
-    parser.add_argument(
-        "--log-level",
-        type=str.lower,
-        choices=LEVELS,
-        help="default: the config's logging.level, then info",
-    )
+    parser.add_argument("--log-level", **LOG_LEVEL, help="default: the config's logging.level, then info")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve")
     run.add_argument("--config", help=f"config file (default: $SIDECAR_CONFIG, then {DEFAULT_CONFIG})")
     # also after `run` (a walkthrough: `sidecar run --log-level debug` was refused); not given here, the top level's
-    run.add_argument(
-        "--log-level",
-        type=str.lower,
-        choices=LEVELS,
-        default=argparse.SUPPRESS,
-        help="as `sidecar --log-level`",
-    )
+    run.add_argument("--log-level", **LOG_LEVEL, default=argparse.SUPPRESS, help="as `sidecar --log-level`")
     # Set by the supervisor for its children (server.workers > 1); not for people.
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     run.add_argument("--start-config", help=argparse.SUPPRESS)

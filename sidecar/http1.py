@@ -263,6 +263,13 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
 
 
+def _trim(idle: collections.deque[_Connection], stale_before: float) -> None:
+    """Close an origin's idle connections that went back to the pool before `stale_before` (the oldest are on
+    the left), and closed ones there."""
+    while idle and (idle[0].idle_since < stale_before or idle[0].closed):
+        idle.popleft().close()
+
+
 class Http1Client:
     def __init__(
         self, max_connections: int = 100, idle_per_origin: int = 100, idle_timeout: float = IDLE_TIMEOUT_S
@@ -271,9 +278,8 @@ class Http1Client:
         self._idle_timeout = idle_timeout
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}  # by `Origin.pool`
         self._idle_max = idle_per_origin
-        self._sweep_at = (
-            0.0  # next look at every origin's idle connections, those no request asks for included
-        )
+        # next look at every origin's idle connections, those no request asks for included
+        self._sweep_at = 0.0
         self._origins: dict[str, Origin] = {}
         self._ssl: ssl.SSLContext | None = None
 
@@ -378,10 +384,8 @@ class Http1Client:
         no request asks for any more (a reload moved its routes away) are not trimmed by `_acquire`, and each
         would hold its file descriptor for the life of the process (a review)."""
         self._sweep_at = now + self._idle_timeout
-        stale_before = now - self._idle_timeout
         for pool, idle in list(self._idle.items()):
-            while idle and (idle[0].idle_since < stale_before or idle[0].closed):
-                idle.popleft().close()
+            _trim(idle, now - self._idle_timeout)
             if not idle:
                 del self._idle[pool]
 
@@ -391,10 +395,8 @@ class Http1Client:
         idle = self._idle.get(origin.pool)
         loop = asyncio.get_running_loop()
         if idle and not fresh:
-            stale_before = loop.time() - self._idle_timeout
-            # the oldest are on the left: those idle too long are closed when their origin is next asked for
-            while idle and idle[0].idle_since < stale_before:
-                idle.popleft().close()
+            # those idle too long are closed when their origin is next asked for (and by `_sweep`)
+            _trim(idle, loop.time() - self._idle_timeout)
             while idle:
                 conn = idle.pop()
                 if not conn.closed:
