@@ -8,11 +8,13 @@ request in flight finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httptools
@@ -974,6 +976,37 @@ async def test_front_a_request_that_came_in_time_during_a_stall_is_served(
     assert "evt_stall_2" in upstream.ids()
 
 
+@dataclass
+class Taken:
+    client: Any
+    first: bytes  # the held event's body, counted against the budget
+    gate: asyncio.Event  # set: the upstream answers the held event
+    raw: bytes  # the second event's request, which does not fit
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+
+@contextlib.asynccontextmanager
+async def budget_taken(sidecar_factory: Any, upstream: Upstream, read_timeout: str) -> AsyncIterator[Taken]:
+    """A sidecar whose in-flight budget (100,000 bytes) holds a 60 KB event its upstream keeps (evt_big1), a raw
+    connection to it, and a second 60 KB event (evt_big2), which does not fit, as request bytes. On leaving: the
+    connection closed, the upstream let go, and the held event answered 200."""
+    from tests.test_ingress import _padded, held_by_upstream
+
+    client = await sidecar_factory(ROUTES, server=f"max_inflight_bytes: 100000, read_timeout: {read_timeout}")
+    first, held, gate = await held_by_upstream(client, upstream, "evt_big1")
+    second = _padded("evt_big2", 60_000)
+    reader, writer = await connect(client)
+    try:
+        yield Taken(
+            client, first, gate, post("/webhooks/stripe", second, stripe_headers(second)), reader, writer
+        )
+    finally:
+        writer.close()
+        gate.set()
+    assert (await asyncio.wait_for(held, 10)).status == 200
+
+
 async def test_front_a_body_over_the_inflight_budget_is_refused_without_being_held(
     sidecar_factory: Any, upstream: Upstream
 ) -> None:
@@ -981,29 +1014,19 @@ async def test_front_a_body_over_the_inflight_budget_is_refused_without_being_he
     800 concurrent 1 MB uploads against a 64 MiB budget took 6x the budget (an audit). The front answers 503
     itself, drops the rest of the body as it comes (holding none of it), and closes once it is all in."""
     from sidecar.app import RUNTIME
-    from tests.test_ingress import _padded, held_by_upstream
 
-    client = await sidecar_factory(ROUTES, server="max_inflight_bytes: 100000, read_timeout: 5s")
-    ingress = client.server.app[RUNTIME].ingress
-    front = front_of(client)
-    first, held, gate = await held_by_upstream(client, upstream, "evt_big1")
-    second = _padded("evt_big2", 60_000)
-    raw = post("/webhooks/stripe", second, stripe_headers(second))
-    reader, writer = await connect(client)
-    try:
-        writer.write(raw[:-20_000])  # over the budget; the rest of the body still to come
-        status, headers, body = await read_response(reader)
+    async with budget_taken(sidecar_factory, upstream, "5s") as t:
+        ingress = t.client.server.app[RUNTIME].ingress
+        front = front_of(t.client)
+        t.writer.write(t.raw[:-20_000])  # over the budget; the rest of the body still to come
+        status, headers, body = await read_response(t.reader)
         assert (status, json.loads(body), headers["connection"]) == (503, {"error": "overloaded"}, "close")
         assert front.handed_over == 0  # answered by the front, not handed to aiohttp's lingering read
         assert len(front.conns) == 2  # the held request's and this one, holding none of its body
         assert all(not conn.buf and conn.pending is None for conn in front.conns)
-        assert ingress.inflight_bytes == len(first)  # none of the refused body counted
-        writer.write(raw[-20_000:])  # the rest, read and dropped: then the connection is closed
-        assert await asyncio.wait_for(reader.read(), 10) == b""
-    finally:
-        writer.close()
-        gate.set()
-    assert (await asyncio.wait_for(held, 10)).status == 200
+        assert ingress.inflight_bytes == len(t.first)  # none of the refused body counted
+        t.writer.write(t.raw[-20_000:])  # the rest, read and dropped: then the connection is closed
+        assert await asyncio.wait_for(t.reader.read(), 10) == b""
     assert front.handed_over == 0
     assert ingress.tel.requests[("stripe", "overloaded")] == 1
     assert upstream.ids() == ["evt_big1"]
@@ -1016,32 +1039,21 @@ async def test_front_a_refused_body_that_ends_on_a_read_boundary_serves_nothing_
     LINGER_S for what the client pipelined, then closes; a request pipelined behind the refused one is dropped
     unread (the client was answered 503 and EOF), not claimed and forwarded, nor the connection held to its
     read_timeout."""
-    from tests.test_ingress import _padded, held_by_upstream
-
-    client = await sidecar_factory(ROUTES, server="max_inflight_bytes: 100000, read_timeout: 10s")
-    front = front_of(client)
-    _, held, gate = await held_by_upstream(client, upstream, "evt_big1")
-    second = _padded("evt_big2", 60_000)
-    raw = post("/webhooks/stripe", second, stripe_headers(second))
-    reader, writer = await connect(client)
-    try:
-        writer.write(raw[:-20_000])
-        status, _, body = await read_response(reader)
+    async with budget_taken(sidecar_factory, upstream, "10s") as t:
+        front = front_of(t.client)
+        t.writer.write(t.raw[:-20_000])
+        status, _, body = await read_response(t.reader)
         assert (status, json.loads(body)) == (503, {"error": "overloaded"})
         [refused] = [conn for conn in front.conns if conn.dropping]
-        gate.set()
-        writer.write(raw[-20_000:])  # the rest of the refused body, on its own
-        await writer.drain()
+        t.gate.set()
+        t.writer.write(t.raw[-20_000:])  # the rest of the refused body, on its own
+        await t.writer.drain()
         await asyncio.sleep(0.3)
         started = time.monotonic()
-        writer.write(signed("evt_behind_refused"))  # pipelined behind it, in a later read
-        await writer.drain()
+        t.writer.write(signed("evt_behind_refused"))  # pipelined behind it, in a later read
+        await t.writer.drain()
         assert await wait_until(lambda: refused not in front.conns, 8), "the refused connection still open"
         assert time.monotonic() - started < front_module.LINGER_S + 2
-    finally:
-        writer.close()
-        gate.set()
-    assert (await asyncio.wait_for(held, 10)).status == 200
     await asyncio.sleep(0.2)
     assert upstream.ids() == ["evt_big1"]
 
@@ -1051,26 +1063,16 @@ async def test_front_a_refused_body_all_in_lingers_briefly_not_until_its_read_ti
 ) -> None:
     """A body refused 503 overloaded that had all arrived: only a client pipelining behind it still sends, so the
     connection lingers LINGER_S at most, not the request's whole read_timeout (10 s here)."""
-    from tests.test_ingress import _padded, held_by_upstream
-
-    client = await sidecar_factory(ROUTES, server="max_inflight_bytes: 100000, read_timeout: 10s")
-    front = front_of(client)
-    _, held, gate = await held_by_upstream(client, upstream, "evt_big1")
-    second = _padded("evt_big2", 60_000)
-    reader, writer = await connect(client)
-    try:
-        writer.write(post("/webhooks/stripe", second, stripe_headers(second)))  # all of it in one write
-        status, _, body = await read_response(reader)
+    async with budget_taken(sidecar_factory, upstream, "10s") as t:
+        front = front_of(t.client)
+        t.writer.write(t.raw)  # all of it in one write
+        status, _, body = await read_response(t.reader)
         started = time.monotonic()
         assert (status, json.loads(body)) == (503, {"error": "overloaded"})
         [refused] = [conn for conn in front.conns if conn.dropping]
-        gate.set()
+        t.gate.set()
         assert await wait_until(lambda: refused not in front.conns, 8), "the refused connection still open"
         assert time.monotonic() - started < front_module.LINGER_S + 2
-    finally:
-        writer.close()
-        gate.set()
-    assert (await asyncio.wait_for(held, 10)).status == 200
 
 
 async def test_front_a_body_growing_past_the_inflight_budget_is_refused_as_it_arrives(
@@ -1079,30 +1081,20 @@ async def test_front_a_body_growing_past_the_inflight_budget_is_refused_as_it_ar
     """A body whose first bytes fit the in-flight budget and whose later ones do not: refused 503 overloaded when
     the piece that crosses the budget arrives, not buffered uncounted until its end (or its 408)."""
     from sidecar.app import RUNTIME
-    from tests.test_ingress import _padded, held_by_upstream
 
-    client = await sidecar_factory(ROUTES, server="max_inflight_bytes: 100000, read_timeout: 5s")
-    ingress = client.server.app[RUNTIME].ingress
-    first, held, gate = await held_by_upstream(client, upstream, "evt_big1")
-    second = _padded("evt_big2", 60_000)
-    raw = post("/webhooks/stripe", second, stripe_headers(second))
-    body_at = raw.index(b"\r\n\r\n") + 4
-    reader, writer = await connect(client)
-    try:
-        writer.write(raw[: body_at + 1000])  # within the budget: 60 KB held + 1 KB
-        await writer.drain()
+    async with budget_taken(sidecar_factory, upstream, "5s") as t:
+        ingress = t.client.server.app[RUNTIME].ingress
+        body_at = t.raw.index(b"\r\n\r\n") + 4
+        t.writer.write(t.raw[: body_at + 1000])  # within the budget: 60 KB held + 1 KB
+        await t.writer.drain()
         await asyncio.sleep(0.2)
-        assert ingress.inflight_bytes == len(first) + 1000
+        assert ingress.inflight_bytes == len(t.first) + 1000
         started = time.monotonic()
-        writer.write(raw[body_at + 1000 : body_at + 41_000])  # past it; 19 KB of the body still to come
-        status, _, body = await asyncio.wait_for(read_response(reader), 10)
+        t.writer.write(t.raw[body_at + 1000 : body_at + 41_000])  # past it; 19 KB of the body still to come
+        status, _, body = await asyncio.wait_for(read_response(t.reader), 10)
         assert (status, json.loads(body)) == (503, {"error": "overloaded"})
         assert time.monotonic() - started < 1.0
-        assert ingress.inflight_bytes == len(first)
-    finally:
-        writer.close()
-        gate.set()
-    assert (await asyncio.wait_for(held, 10)).status == 200
+        assert ingress.inflight_bytes == len(t.first)
     assert upstream.ids() == ["evt_big1"]
 
 
