@@ -296,15 +296,24 @@ class SpecVerifier:
                 return found[1], found[0] in self._signable_headers
 
             return from_header
-        if kind == "json":
-            path = tuple(arg.split("."))
-            return lambda req: _scalar(json_path(req.json(), path), body_signed)
         if kind == "body_sha256":  # no id in the payload: the signed bytes are the delivery's identity
             return lambda req: (hashlib.sha256(req.body).hexdigest(), body_signed)
-        parts = _parts(arg)
-        if kind == "composite":
-            return lambda req: _signed(_composite(req.json(), parts), body_signed)
-        return lambda req: _batch(req.json(), parts, body_signed)  # json[]: a batch
+        if kind == "json":
+            path = tuple(arg.split("."))
+
+            def read(body: Any) -> tuple[str, bool] | None:
+                return _scalar(json_path(body, path), body_signed)
+
+        else:
+            parts = _parts(arg)
+            batch = kind != "composite"  # json[]: a batch
+
+            def read(body: Any) -> tuple[str, bool] | None:
+                if batch:
+                    return _batch(body, parts, body_signed)
+                return _signed(_composite(body, parts), body_signed)
+
+        return lambda req: _exactly(req, read)
 
 
 _BODY_ONLY: tuple[bytes | str, ...] = ("body",)
@@ -348,11 +357,26 @@ def _parse_versioned(spec: SigSpec, text: str, out: list[Candidate]) -> None:
             out.append(Candidate(version, sig))
 
 
+class _Inexact(Exception):
+    """An id field that orjson read as a whole float: maybe an integer past 64 bits (which it reads as one)."""
+
+
+def _exactly(req: Request, read: Callable[[Any], tuple[str, bool] | None]) -> tuple[str, bool] | None:
+    """`read` the parsed body; when it meets a whole float where an id goes, read the stdlib's exact parse instead,
+    which has no floats (so a Stripe-like id of 2**64 is "18446744073709551616", not no id)."""
+    try:
+        return read(req.json())
+    except _Inexact:
+        return read(req.exact_json())
+
+
 def _scalar(value: Any, signed: bool) -> tuple[str, bool] | None:
     if isinstance(value, str) and value:
         return value, signed
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value), signed
+    if isinstance(value, float) and value.is_integer():
+        raise _Inexact
     return None
 
 
