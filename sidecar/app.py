@@ -221,7 +221,8 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         for job in started:  # the retry worker's attempts cut short: leased, attempted again later
             job.cancel()
         await asyncio.gather(*started, return_exceptions=True)
-        # a delivered mark not written would deliver its event again once the lease runs out
+        # Nothing is queued today (the retry worker writes its marks itself, the ingress has not served yet);
+        # kept so that a mark queued here later is written: one lost delivers its event again after the lease
         await store.marks.drain(timeout=MARKS_GRACE)
         await _close_clients(http1, session, store, within=MARKS_GRACE)
         raise

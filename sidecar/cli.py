@@ -430,7 +430,8 @@ def _parser_at(parser: argparse.ArgumentParser, argv: Sequence[str], token: str)
     against the command it was given to (`sidecar dlq list: error: ... (see sidecar dlq list --help)`, but
     `sidecar: error: ...` for `sidecar --bogus dlq list`), not the top level or the deepest command. A word
     that names a subcommand where it stands, or is an option's value, is not the unknown one, even when it is
-    the same word (`sidecar dlq list dlq`, `sidecar --log-level info dlq list info`)."""
+    the same word (`sidecar dlq list dlq`, `sidecar --log-level info dlq list info`, or `--log info`, as argparse
+    takes an option's unambiguous prefix)."""
     current = parser
     value_next = False
     for arg in argv:
@@ -444,6 +445,11 @@ def _parser_at(parser: argparse.ArgumentParser, argv: Sequence[str], token: str)
         if arg == token:
             break
         option = current._option_string_actions.get(arg)
+        if option is None and arg.startswith("--") and current.allow_abbrev:  # `--log` for `--log-level`
+            named = {
+                action for name, action in current._option_string_actions.items() if name.startswith(arg)
+            }
+            option = named.pop() if len(named) == 1 else None
         value_next = option is not None and option.nargs in (None, 1)  # `--opt VALUE` (not `--opt=VALUE`)
     return current
 

@@ -466,6 +466,8 @@ async def test_admin_cli_unknown_option_is_named_against_the_subcommand() -> Non
         (["dlq", "list", "list"], "sidecar dlq list"),
         (["--log-level", "info", "dlq", "list", "info"], "sidecar dlq list"),
         (["run", "run"], "sidecar run"),
+        # an option's prefix takes its value as the whole name does (review19)
+        (["--log", "info", "dlq", "list", "info"], "sidecar dlq list"),
     ],
 )
 def test_admin_cli_unknown_option_is_named_against_the_command_it_was_given_to(

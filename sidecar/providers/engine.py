@@ -3,7 +3,8 @@
 Per request: find the candidate signatures → read the timestamp → build the signed bytes from the template → ask
 each key whether any candidate verifies → check freshness → recognise a handshake → extract the event id and type.
 Everything the spec allows is resolved once here at construction (template split, header aliases, extractors), so
-the per-request work is header lookups, one HMAC per key and, only when something needs it, one JSON parse.
+the per-request work is header lookups, one HMAC per key and, only when something needs it, one JSON parse (and a
+second, exact one when an id reads as a whole float: an integer past 64 bits, see `_exactly`).
 """
 
 from __future__ import annotations
