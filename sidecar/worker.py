@@ -44,6 +44,10 @@ class RetryWorker:
         self.poll_interval = poll_interval
         self.concurrency = concurrency  # attempts at once (the app gives upstream.max_connections)
         self._running: set[asyncio.Task[bool]] = set()
+        # body bytes of the running attempts (each holds its event's body until it ends), kept within
+        # server.max_inflight_bytes as the ingress keeps the bodies it reads
+        self._held: dict[asyncio.Task[bool], int] = {}
+        self.held_bytes = 0
         self._full = Tally(STORE_REPORT_EVERY)  # attempts a full store could not settle
         self._wake = asyncio.Event()  # a slot freed, or stop(): the loop need not wait out its poll
         self._made = 0  # attempts made, for run_once's count
@@ -92,7 +96,7 @@ class RetryWorker:
             while True:
                 if self._stopping.is_set():  # shutting down: take nothing more (what is taken is attempted)
                     return taken_now
-                free = self.concurrency - len(self._running)
+                free = min(self.concurrency - len(self._running), self._room())
                 if free <= 0:
                     return taken_now
                 limit = min(self.batch, free)
@@ -108,6 +112,8 @@ class RetryWorker:
                 for t in taken:
                     task = asyncio.create_task(self._attempt(t), name="retry-attempt")
                     self._running.add(task)
+                    self._held[task] = size = len(t.record.body)
+                    self.held_bytes += size
                     task.add_done_callback(self._finished)
                 taken_now += len(taken)
                 if len(taken) < limit:
@@ -116,8 +122,18 @@ class RetryWorker:
             raise failed
         return taken_now
 
+    def _room(self) -> int:
+        """How many more events may be taken with the bodies held within `server.max_inflight_bytes`, each counted
+        as large as `server.max_body_bytes` until taken (a take returns the bodies); at least one when none is
+        held. A backlog of 1 MiB events, 100 at once (`upstream.max_connections`), took a process past a 256 MiB
+        memory limit; small bodies still fill every slot, a take or two later."""
+        server = self.dispatcher.config.server
+        room = (server.max_inflight_bytes - self.held_bytes) // max(server.max_body_bytes, 1)
+        return room if self.held_bytes else max(room, 1)
+
     def _finished(self, task: asyncio.Task[bool]) -> None:
         self._running.discard(task)
+        self.held_bytes -= self._held.pop(task, 0)
         if not task.cancelled() and task.exception() is None and task.result():
             self._made += 1
         self._wake.set()

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -543,7 +544,12 @@ def test_service_targets_the_sidecar_never_the_receiver(objs: Objects, tmp_path:
     config = shipped_config(objs, tmp_path)
     sidecar, receiver = objs.container("sidecar"), objs.container("legacy-receiver")
     labels = objs.deployment["spec"]["template"]["metadata"]["labels"]
-    receiver_ports = {p["containerPort"] for p in receiver.get("ports", [])} | {3000}
+    upstream_port = urlsplit(config.upstream.url).port
+    declared = {p["containerPort"] for p in receiver.get("ports", [])}
+    assert declared <= {upstream_port}, (
+        f"the receiver listens on {declared}, upstream.url says {upstream_port}"
+    )
+    receiver_ports = declared | {upstream_port}
     services = [s for s in objs.all("Service") if s["spec"].get("selector", {}).items() <= labels.items()]
     assert services, "no Service selects the pods"
     for service in services:
@@ -567,6 +573,14 @@ def test_probes_hit_the_admin_port_healthz_and_readyz(objs: Objects, tmp_path: P
         assert objs.port(sidecar, probe["port"]) == config.admin.port == 9090
         assert probe.get("scheme", "HTTP") == "HTTP"
     assert {p["containerPort"] for p in sidecar["ports"]} == {config.server.port, config.admin.port}
+
+    # The start can take ~18 s with the store hung (the deploy audit): a startup budget shorter than that, or a
+    # liveness probe quicker to give up than a stalled event loop takes to recover, restarts healthy pods.
+    start = sidecar.get("startupProbe", {})
+    if start:
+        assert start.get("periodSeconds", 10) * start.get("failureThreshold", 3) >= 30
+    alive = sidecar["livenessProbe"]
+    assert alive.get("periodSeconds", 10) * alive.get("failureThreshold", 3) >= 20
 
 
 def test_pod_and_containers_are_locked_down(objs: Objects) -> None:
@@ -599,6 +613,25 @@ def test_every_container_has_requests_and_limits(objs: Objects) -> None:
             resources = container["resources"]
             for bound in ("requests", "limits"):
                 assert {"cpu", "memory"} <= resources[bound].keys(), f"{container['name']}: {bound}"
+
+
+def _mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    for unit, scale in units.items():
+        if quantity.endswith(unit):
+            return float(quantity.removesuffix(unit)) * scale
+    return float(quantity) / 2**20
+
+
+def test_sidecar_memory_limit_holds_what_the_process_may_hold(objs: Objects, tmp_path: Path) -> None:
+    """About 3 x server.max_inflight_bytes for the ingress's bodies and their send buffers, as much again for the
+    retry worker's attempts (2 x), and ~70 MiB for the process itself (README). The retry worker's bodies were
+    left out: a backlog of 100 1 MiB events took the sidecar past its 256Mi and it was OOM-killed (the deploy
+    audit)."""
+    config = shipped_config(objs, tmp_path)
+    limit = _mebibytes(objs.container("sidecar")["resources"]["limits"]["memory"])
+    budget = config.server.max_inflight_bytes / 2**20
+    assert limit >= 5 * budget + 70, f"{limit} MiB < 5 x {budget} MiB + 70 MiB"
 
 
 def _sleep_seconds(container: dict[str, Any]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -893,3 +894,42 @@ async def test_worker_with_every_slot_busy_does_not_ask_the_store_for_more(
     finally:
         worker.stop()
         await asyncio.wait_for(task, timeout=10)
+
+
+@pytest.mark.parametrize(("pad", "at_once"), [(50_000, 3), (0, 4)])
+async def test_worker_holds_no_more_bodies_than_the_inflight_budget(
+    sidecar_factory: Any, upstream: Upstream, pad: int, at_once: int
+) -> None:
+    """The worker's attempts hold their events' bodies: a backlog of 1 MiB events, 100 at once
+    (`upstream.max_connections`), took a pod past its 256 MiB limit (the deploy audit: OOM-killed, then every
+    event in flight delivered again). It takes no more than fit in `server.max_inflight_bytes` counted at
+    `server.max_body_bytes` each (here 192 KiB / 64 KiB: 3 of ~50 KB at once), and small bodies still fill every slot."""
+    client = await sidecar_factory(ROUTE, retry=FAST, server="max_inflight_bytes: 196608")
+    runtime = client.server.app[RUNTIME]
+    upstream.respond(*[503] * 4)  # four failures: the circuit (threshold 5) stays closed
+    for i in range(4):
+        body = json.dumps({"id": f"evt_big_{i}", "type": "invoice.paid", "pad": "x" * pad}).encode()
+        resp = await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))
+        assert resp.status == 202
+    await asyncio.sleep(0.15)  # every retry due
+    first = len(upstream.received)
+    release = asyncio.Event()
+
+    async def hold(_: Any) -> None:
+        await asyncio.wait_for(release.wait(), 1.5)  # within the 2 s upstream.timeout
+
+    upstream.behaviour = hold
+    worker = RetryWorker(runtime.store, runtime.dispatcher, concurrency=10, poll_interval=0.02)
+    task = asyncio.create_task(worker.run())
+    try:
+        assert await wait_until(lambda: len(upstream.received) - first >= at_once, timeout=5)
+        await asyncio.sleep(0.3)  # a worker past its budget would have taken the rest by now
+        assert len(upstream.received) - first == at_once
+        assert 0 < worker.held_bytes <= 196608
+        release.set()
+        assert await wait_until(lambda: len(upstream.received) - first == 4, timeout=5)
+        assert await wait_until(lambda: worker.held_bytes == 0, timeout=5)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, timeout=10)
+    assert sorted(upstream.ids()[first:]) == sorted(f"evt_big_{i}" for i in range(4))
