@@ -117,6 +117,11 @@ class Pair:
     plain: Any
     upstream: Upstream
 
+    def __repr__(self) -> str:
+        # Hypothesis prints the arguments of a failing example: the upstream's every recorded request made it
+        # ~75 kB, which Hypothesis refuses with a HypothesisWarning (an error here) instead of the failure
+        return f"Pair(upstream received {len(self.upstream.received)} requests)"
+
 
 @pytest.fixture
 async def pair(aiohttp_client: Any, upstream: Upstream, redis_url: str, rdb: Any) -> Pair:
