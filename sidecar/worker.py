@@ -245,6 +245,9 @@ class RetryWorker:
             while not self._stopping.is_set():
                 self.last_beat = time.monotonic()
                 self._reached_store = False
+                # cleared before the pass, not before the wait: an attempt that ends during the pass or the
+                # housekeeping frees its slot for the next pass at once (it waited out a whole poll)
+                self._wake.clear()
                 taken = 0
                 try:
                     taken = await self._pass()
@@ -264,7 +267,6 @@ class RetryWorker:
                     log.exception("retry worker: housekeeping failed; carrying on")
                 if taken == 0 or len(self._running) >= self.concurrency:
                     # nothing due, or no free slot: wait for the next poll, a freed slot or stop()
-                    self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.poll_interval)
             if self._running:  # what was taken is attempted (the caller bounds this by the shutdown grace)

@@ -944,3 +944,38 @@ async def test_worker_holds_no_more_bodies_than_the_inflight_budget(
         worker.stop()
         await asyncio.wait_for(task, timeout=10)
     assert sorted(upstream.ids()[first:]) == sorted(f"evt_big_{i}" for i in range(4))
+
+
+async def test_worker_an_attempt_ending_during_housekeeping_wakes_the_next_pass(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """The loop cleared its wake-up just before waiting, so an attempt that ended during the pass or the
+    housekeeping was forgotten and the next take waited out a whole poll (review20). Here the second pass finds
+    nothing due, and during its housekeeping the first event's attempt ends and the second event comes due: it is
+    taken at once, not after the 5 s poll."""
+    client = await sidecar_factory(ROUTE, retry=FAST)
+    runtime = client.server.app[RUNTIME]
+    upstream.respond(503)
+    assert (await send(client, "evt_wake_a")).status == 202
+    upstream.respond(503, headers={"Retry-After": "1"})
+    assert (await send(client, "evt_wake_b")).status == 202
+    b_due = time.monotonic() + 1.0
+    await asyncio.sleep(0.15)  # evt_wake_a due
+    upstream.delay = 0.2
+    worker = RetryWorker(runtime.store, runtime.dispatcher, concurrency=2, poll_interval=5.0)
+    passes = 0
+
+    async def housekeeping() -> None:
+        nonlocal passes
+        passes += 1
+        if passes == 2:  # the pass after the one that took evt_wake_a: nothing was due
+            await wait_until(lambda: not worker._running and time.monotonic() > b_due, timeout=3)
+
+    worker.periodic.append(housekeeping)
+    task = asyncio.create_task(worker.run())
+    try:
+        assert await wait_until(lambda: upstream.ids().count("evt_wake_b") == 2, timeout=3.5)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, timeout=10)
+    assert upstream.ids() == ["evt_wake_a", "evt_wake_b", "evt_wake_a", "evt_wake_b"]
