@@ -979,3 +979,104 @@ async def test_worker_an_attempt_ending_during_housekeeping_wakes_the_next_pass(
         worker.stop()
         await asyncio.wait_for(task, timeout=10)
     assert upstream.ids() == ["evt_wake_a", "evt_wake_b", "evt_wake_a", "evt_wake_b"]
+
+
+def _lower(runtime: Any, **server: int) -> None:
+    """What a reload that changes the server limits does to the worker's view (the dispatcher's table)."""
+    config = runtime.dispatcher.config
+    smaller = dataclasses.replace(config.server, **server)
+    runtime.dispatcher.swap(RouteTable.build(dataclasses.replace(config, server=smaller)))
+
+
+async def _at_once(
+    sidecar_factory: Any, upstream: Upstream, *, one_shard: bool, lower_first: bool, **kw: Any
+) -> int:
+    """Four due events of ~50 KB (max_body_bytes 64 KiB, budget 192 KiB): how many the worker attempts at once."""
+    client = await sidecar_factory(ROUTE, retry=FAST, server="max_inflight_bytes: 196608")
+    runtime = client.server.app[RUNTIME]
+    names = (f"evt_b_{i}" for i in range(400))
+    ids = [n for n in names if not one_shard or runtime.store.keys.shard_of("stripe", n) == 0][:4]
+    upstream.respond(*[503] * 4)
+    for event_id in ids:
+        body = json.dumps({"id": event_id, "type": "invoice.paid", "pad": "x" * 50_000}).encode()
+        assert (await client.post("/webhooks/stripe", data=body, headers=stripe_headers(body))).status == 202
+    await asyncio.sleep(0.15)
+    first, release = len(upstream.received), asyncio.Event()
+
+    async def hold(_: Any) -> None:
+        await asyncio.wait_for(release.wait(), 1.5)
+
+    upstream.behaviour = hold
+    if lower_first:
+        _lower(runtime, max_body_bytes=16384)  # before the worker ever ran with the 64 KiB limit
+    worker = RetryWorker(runtime.store, runtime.dispatcher, concurrency=10, poll_interval=0.02, **kw)
+    task = asyncio.create_task(worker.run())
+    try:
+        assert await wait_until(lambda: len(upstream.received) - first >= 3, timeout=5)
+        await asyncio.sleep(0.3)
+        return len(upstream.received) - first
+    finally:
+        release.set()
+        worker.stop()
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def test_worker_budget_counts_the_bodies_it_has_taken_and_the_first_take_at_max_body(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """(mut6) A taken body larger than the limit now raises what each event is counted at (one event a take, after
+    a lowered limit the worker never ran with): three at once. The next test: four events on one shard, which one
+    take could return together, are counted at max_body_bytes: three at once too."""
+    assert await _at_once(sidecar_factory, upstream, one_shard=False, lower_first=True, batch=1) == 3
+
+
+async def test_worker_budget_first_take_of_one_shard_is_counted_at_max_body(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    assert await _at_once(sidecar_factory, upstream, one_shard=True, lower_first=False) == 3
+
+
+async def test_worker_budget_below_an_old_body_limit_still_takes_one(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """(mut6) A reload lowering both limits below the largest body limit the worker ran with: with nothing held it
+    still takes one event at a time, never none (it would take nothing again until a restart)."""
+    client = await sidecar_factory(ROUTE, retry=FAST, server="max_inflight_bytes: 196608")
+    runtime = client.server.app[RUNTIME]
+    upstream.respond(503)
+    assert (await send(client, "evt_stalled")).status == 202
+    await asyncio.sleep(0.15)
+    worker = RetryWorker(runtime.store, runtime.dispatcher, poll_interval=0.05)
+    worker._room()  # it ran before the reload: 64 KiB is the largest limit it has seen
+    _lower(runtime, max_body_bytes=16384, max_inflight_bytes=32768)
+    assert await asyncio.wait_for(worker.run_once(), timeout=10) == 1
+
+
+async def test_worker_idle_after_an_attempt_waits_out_its_poll(
+    sidecar_factory: Any, upstream: Upstream
+) -> None:
+    """(mut6) The wake-up cleared at the top of the loop is also cleared: a worker whose attempt has ended polls
+    (about 5 loops a second at 0.2 s), it does not ask the store as fast as it answers."""
+    client = await sidecar_factory(ROUTE, retry=FAST)
+    runtime = client.server.app[RUNTIME]
+    upstream.respond(503)
+    assert (await send(client, "evt_spin")).status == 202
+    await asyncio.sleep(0.15)
+    worker = RetryWorker(runtime.store, runtime.dispatcher, poll_interval=0.2)
+    loops = 0
+
+    async def count() -> None:
+        nonlocal loops
+        loops += 1
+
+    worker.periodic.append(count)
+    task = asyncio.create_task(worker.run())
+    try:
+        assert await wait_until(lambda: upstream.ids().count("evt_spin") == 2, timeout=5)
+        await asyncio.sleep(0.2)
+        before = loops
+        await asyncio.sleep(1.0)
+        assert loops - before <= 10, loops - before
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, timeout=10)

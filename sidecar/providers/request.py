@@ -119,7 +119,8 @@ class Request:
         if self._exact is None:
             try:
                 self._exact = json.loads(self.inbound.body, parse_float=Decimal)
-            except (ValueError, RecursionError):  # an integer past 4,300 digits is a ValueError too
+            # (an ArithmeticError: Decimal refuses an exponent such as 1e99999999999999999999)
+            except (ValueError, RecursionError, ArithmeticError):
                 self._exact = _INVALID
         return None if self._exact is _INVALID else self._exact
 

@@ -1008,6 +1008,12 @@ def test_json_body_that_only_the_stdlib_parses_still_has_its_id() -> None:
         ("stripe", b'{"id":1e30,"type":"t"}', None),
         ("stripe", b'{"id":1.5,"type":"t"}', None),
         ("stripe", b'{"id":%s,"type":"t"}' % (b"9" * 5000), None),
+        # what the exact parse cannot read is no id either, never a 401 (mut6): NaN and infinities, a body nested
+        # deeper than the stdlib recurses, an exponent Decimal refuses (it was 401 "unverifiable request")
+        ("stripe", b'{"id":NaN,"type":"t"}', None),
+        ("stripe", b'{"id":-Infinity,"type":"t"}', None),
+        ("stripe", b'{"id":12.0,"type":"t","x":' + b"[" * 1000 + b"]" * 1000 + b"}", None),
+        ("stripe", b'{"id":12.0,"type":"t","x":1e99999999999999999999}', None),
         ("stripe", b'{"id":-18446744073709551617}', "-18446744073709551617"),
     ],
 )
