@@ -43,10 +43,9 @@ class RetryWorker:
         self.batch = batch
         self.poll_interval = poll_interval
         self.concurrency = concurrency  # attempts at once (the app gives upstream.max_connections)
-        self._running: set[asyncio.Task[bool]] = set()
-        # body bytes of the running attempts (each holds its event's body until it ends), kept within
+        # the running attempts, each with the size of the body it holds until it ends; their sum is kept within
         # server.max_inflight_bytes as the ingress keeps the bodies it reads
-        self._held: dict[asyncio.Task[bool], int] = {}
+        self._running: dict[asyncio.Task[bool], int] = {}
         self.held_bytes = 0
         self._largest = 1  # the largest body an event may have (see _room)
         self._full = Tally(STORE_REPORT_EVERY)  # attempts a full store could not settle
@@ -112,8 +111,7 @@ class RetryWorker:
                 self._reached_store = True
                 for t in taken:
                     task = asyncio.create_task(self._attempt(t), name="retry-attempt")
-                    self._running.add(task)
-                    self._held[task] = size = len(t.record.body)
+                    self._running[task] = size = len(t.record.body)
                     self.held_bytes += size
                     self._largest = max(self._largest, size)
                     task.add_done_callback(self._finished)
@@ -137,8 +135,7 @@ class RetryWorker:
         return room if self.held_bytes else max(room, 1)
 
     def _finished(self, task: asyncio.Task[bool]) -> None:
-        self._running.discard(task)
-        self.held_bytes -= self._held.pop(task, 0)
+        self.held_bytes -= self._running.pop(task, 0)
         if not task.cancelled() and task.exception() is None and task.result():
             self._made += 1
         self._wake.set()

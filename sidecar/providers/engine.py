@@ -305,14 +305,17 @@ class SpecVerifier:
             def read(body: Any) -> tuple[str, bool] | None:
                 return _scalar(json_path(body, path), body_signed)
 
-        else:
+        elif kind == "composite":
             parts = _parts(arg)
-            batch = kind != "composite"  # json[]: a batch
 
             def read(body: Any) -> tuple[str, bool] | None:
-                if batch:
-                    return _batch(body, parts, body_signed)
                 return _signed(_composite(body, parts), body_signed)
+
+        else:  # json[]: a batch
+            parts = _parts(arg)
+
+            def read(body: Any) -> tuple[str, bool] | None:
+                return _batch(body, parts, body_signed)
 
         return lambda req: _exactly(req, read)
 
